@@ -1,0 +1,59 @@
+"""Text rendering of the format registry for ``python -m jqx formats``."""
+
+from __future__ import annotations
+
+from jqx import formats as _formats
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.4g}"
+    return f"{v:g}"
+
+
+def table() -> str:
+    head = f"{'name':<9} {'kind':<6} {'bits':>4}  {'layout':<20} {'bias':>5} {'max':>11} {'min normal':>11} {'min subnorm':>11} {'eps':>9}  inf nan  storage"
+    lines = [head, "-" * len(head)]
+    for f in _formats.FORMATS.values():
+        lines.append(
+            f"{f.name:<9} {f.kind:<6} {f.bits:>4}  {f.layout():<20} "
+            f"{'' if f.bias is None else f.bias:>5} {_num(f.max):>11} {_num(f.smallest_normal):>11} "
+            f"{_num(f.smallest_subnormal):>11} {_num(f.eps):>9}  {'y' if f.has_inf else 'n':>3} "
+            f"{'y' if f.has_nan else 'n':>3}  {f.storage_dtype}{' x2/byte' if f.packed else ''}"
+        )
+    lines.append("")
+    lines.append("python -m jqx formats NAME shows one format with its value grid.")
+    return "\n".join(lines)
+
+
+def one(name: str) -> str:
+    f = _formats.get(name)
+    out = [
+        f"{f.name}: {f.description}",
+        f"  aliases        {', '.join(f.aliases) or '-'}",
+        f"  kind           {f.kind} ({f.bits} bits, {'signed' if f.signed else 'unsigned'})",
+        f"  bit layout     {f.layout()}",
+        f"  exponent bias  {'-' if f.bias is None else f.bias}",
+        f"  range          [{_num(f.qmin)}, {_num(f.qmax)}]",
+    ]
+    if f.kind == "int" and f.signed:
+        out.append(f"  symmetric      [{_num(f.qmin_symmetric)}, {_num(f.qmax)}] (sign-magnitude option)")
+    out += [
+        f"  smallest normal    {_num(f.smallest_normal)}",
+        f"  smallest subnormal {_num(f.smallest_subnormal)}",
+        f"  eps            {_num(f.eps)}",
+        f"  inf / NaN      {'yes' if f.has_inf else 'no'} / {'yes' if f.has_nan else 'no'}",
+        f"  storage        {f.storage_dtype}{', two codes per byte' if f.packed else ''}",
+    ]
+    if f.values is not None:
+        out.append(f"  {len(f.values)} distinct values:")
+        vals = [_num(v) for v in f.values]
+        for i in range(0, len(vals), 8):
+            out.append("    " + " ".join(f"{v:>10}" for v in vals[i : i + 8]))
+    return "\n".join(out)
+
+
+def render(name: str | None) -> str:
+    return table() if name is None else one(name)

@@ -1,0 +1,197 @@
+"""Pytree API: quantize a whole parameter tree, dequantize it, count its bytes.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jqx
+    >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
+    >>> q = jqx.quantize(params, jqx.int8_weight_only())
+    >>> type(q["dense"]["kernel"]).__name__, type(q["dense"]["bias"]).__name__
+    ('QArray', 'ArrayImpl')
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqx.qarray import QArray, is_qarray
+from jqx.recipes import Recipe
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "tree_nbytes",
+    "summary",
+    "path_str",
+    "default_filter",
+    "select",
+]
+
+Rules = Mapping[str, "Recipe | None"]
+
+
+def path_str(path) -> str:
+    """``params/dense/kernel`` for a jax key path (nnx's trailing ``.value`` dropped)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    if parts and parts[-1] == "value" and len(parts) > 1:
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def default_filter(path: str, leaf) -> bool:
+    """Matmul weights: leaves named ``kernel`` with ndim >= 2 and a float dtype."""
+    return (
+        path.rsplit("/", 1)[-1] == "kernel"
+        and getattr(leaf, "ndim", 0) >= 2
+        and jnp.issubdtype(leaf.dtype, jnp.floating)
+    )
+
+
+def _check_recipe(r, where):
+    if r is not None and not isinstance(r, Recipe):
+        raise TypeError(
+            f"{where} must be a jqx recipe (e.g. jqx.int8_weight_only()) or None, got "
+            f"{type(r).__name__}: {r!r}"
+        )
+
+
+def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool] | None = None):
+    """Yields ``(path, leaf, recipe)`` for every leaf the recipe/rules select,
+    and warns about rules that matched nothing. Shared with ``jqx.calibrate``."""
+    if isinstance(recipe, Mapping):
+        rules = []
+        for pat, r in recipe.items():
+            _check_recipe(r, f"rules[{pat!r}]")
+            try:
+                rules.append((pat, re.compile(pat), r))
+            except re.error as e:
+                raise ValueError(f"rules key {pat!r} is not a valid regular expression: {e}") from e
+    else:
+        _check_recipe(recipe, "recipe")
+        if recipe is None:
+            raise TypeError("recipe must be a jqx recipe or a dict of rules, got None.")
+        rules = None
+    used = set()
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+        if is_qarray(leaf):
+            continue  # already quantized
+        p = path_str(path)
+        if rules is None:
+            take = filter_fn(p, leaf) if filter_fn else default_filter(p, leaf)
+            if take:
+                out.append((p, leaf, recipe))
+            continue
+        if filter_fn is not None and not filter_fn(p, leaf):
+            continue
+        for pat, rx, r in rules:
+            if rx.search(p):
+                used.add(pat)
+                if r is not None:
+                    if filter_fn is None and getattr(leaf, "ndim", 0) < 1:
+                        break
+                    out.append((p, leaf, r))
+                break
+    if rules is not None:
+        unused = [pat for pat, _, _ in rules if pat not in used]
+        if unused:
+            warnings.warn(
+                f"jqx.quantize: rule(s) {unused} matched no leaf. Paths look like "
+                f"{[path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]}.",
+                stacklevel=3,
+            )
+    return out
+
+
+def quantize(
+    params,
+    recipe: Recipe | Rules,
+    filter_fn: Callable[[str, Any], bool] | None = None,
+):
+    """Returns ``params`` with the selected leaves replaced by QArrays (pure).
+
+    Args:
+      params: any pytree of arrays (Flax linen variables, an nnx State, dicts).
+      recipe: a recipe, or rules ``{regex_on_path: recipe_or_None}``; the first
+        rule whose regex matches (``re.search``) a leaf's path decides, and None
+        leaves it in float. Rules that match no leaf are reported with a warning.
+      filter_fn: ``(path, leaf) -> bool``; default: :func:`default_filter` for a
+        single recipe. With rules, it further restricts the leaves considered.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> p = {"a": {"kernel": jnp.ones((8, 8))}, "b": {"kernel": jnp.ones((8, 8))}}
+        >>> q = jqx.quantize(p, {"a/": jqx.int4_weight_only(group_size=4), ".*": jqx.int8_weight_only()})
+        >>> q["a"]["kernel"].format, q["b"]["kernel"].format
+        ('uint4', 'int8')
+    """
+    chosen = select(params, recipe, filter_fn)
+    for p, _, r in chosen:
+        if r.needs_calibration:
+            raise ValueError(
+                f"recipe {r.name!r} selected for {p} needs calibration data; use "
+                "jqx.calibrate(fn, params, batches, recipe) instead of jqx.quantize."
+            )
+    replace = {p: r.quantize_weight(leaf, path=p) for p, leaf, r in chosen}
+
+    def f(path, leaf):
+        return replace.get(path_str(path), leaf)
+
+    return jax.tree_util.tree_map_with_path(f, params, is_leaf=is_qarray)
+
+
+def dequantize(tree, dtype=None):
+    """Replaces every QArray in ``tree`` (or a single QArray) by its float value."""
+    return jax.tree_util.tree_map(
+        lambda x: x.dequantize(dtype) if is_qarray(x) else x, tree, is_leaf=is_qarray
+    )
+
+
+def tree_nbytes(tree) -> int:
+    """Total storage bytes of a tree (QArrays counted by their packed footprint)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
+        if is_qarray(leaf):
+            total += leaf.nbytes
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def summary(tree) -> str:
+    """One line: leaves, quantized leaves, bytes, and bytes by format."""
+    by_fmt: dict[str, int] = {}
+    n = nq = 0
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
+        n += 1
+        if is_qarray(leaf):
+            nq += 1
+            by_fmt[leaf.format] = by_fmt.get(leaf.format, 0) + leaf.nbytes
+        elif hasattr(leaf, "dtype"):
+            k = np.dtype(leaf.dtype).name
+            by_fmt[k] = by_fmt.get(k, 0) + int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    parts = ", ".join(f"{k}: {_human(v)}" for k, v in sorted(by_fmt.items()))
+    return f"{n} leaves ({nq} quantized), {_human(tree_nbytes(tree))} [{parts}]"
+
+
+def _human(b: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1024
+    return f"{b} B"
