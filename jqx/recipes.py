@@ -71,6 +71,18 @@ class Recipe:
         GPTQ, AWQ, SmoothQuant) are applied with ``jqx.calibrate``."""
         return self.act is not None and self.act.kind == "static"
 
+    @property
+    def stats_needed(self) -> tuple[str, ...]:
+        """Statistics (see ``jqx.stats.STAT_NAMES``) ``jqx.calibrate`` gathers
+        for this recipe; min/max are always gathered."""
+        return ("hist",) if self.needs_calibration else ()
+
+    @property
+    def sequential(self) -> bool:
+        """Quantize layers in forward order, each calibrated on the outputs of
+        the already-quantized earlier layers (GPTQ)."""
+        return False
+
     def __post_init__(self):
         fmt = _formats.get(self.format)
         object.__setattr__(self, "format", fmt.name)
