@@ -34,6 +34,7 @@ from jqx.recipes import int8_weight_only
 from jqx.recipes import llm_int8
 from jqx.recipes import nf4_weight_only
 from jqx.recipes import weight_only
+from jqx.report import report
 from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
@@ -69,6 +70,7 @@ __all__ = [
     "llm_int8",
     "nf4_weight_only",
     "weight_only",
+    "report",
     "dequantize",
     "quantize",
     "summary",
