@@ -101,14 +101,18 @@ class Format:
         return f"Format({self.name})"
 
     def layout(self) -> str:
-        """The bit layout, e.g. ``S EEEE MMM``."""
-        if self.kind == "int" or self.name == "nf4":
-            return ("S" if self.signed and self.kind == "int" else "") + (
-                f" {'I' * (self.bits - (1 if self.signed and self.kind == 'int' else 0))}"
-                if self.kind == "int"
-                else "IIII (table index)"
-            )
-        return f"S {'E' * self.exponent_bits} {'M' * self.mantissa_bits}".replace("  ", " ")
+        """The bit layout: ``S EEEE MMM`` for floats, ``S IIIIIII`` for signed
+        ints, ``IIII`` for unsigned ints, ``IIII (table index)`` for NF4; long
+        fields are written as counts (``S E8 M23``)."""
+        if self.kind == "int":
+            mag = "I" * (self.bits - 1 if self.signed else self.bits)
+            return f"S {mag}" if self.signed else mag
+        if self.name == "nf4":
+            return "IIII (table index)"
+        if self.exponent_bits + self.mantissa_bits > 10:
+            return f"S E{self.exponent_bits} M{self.mantissa_bits}"
+        parts = ["S", "E" * self.exponent_bits, "M" * self.mantissa_bits]
+        return " ".join(p for p in parts if p)
 
 
 # --------------------------------------------------------------------------- builders
@@ -218,8 +222,20 @@ def minifloat_values(exponent_bits: int, mantissa_bits: int, bias: int) -> np.nd
     return out
 
 
+def _ml_dtypes_table(dtype) -> np.ndarray:
+    """Values of the 16 codes of a 4-bit ml_dtypes float, in code order."""
+    return np.arange(16, dtype=np.uint8).view(dtype).astype(np.float64)
+
+
 def _table_format(
-    name: str, table: np.ndarray, e: int, m: int, bias: int | None, aliases=(), description=""
+    name: str,
+    table: np.ndarray,
+    e: int,
+    m: int,
+    bias: int | None,
+    aliases=(),
+    description="",
+    info=None,
 ) -> Format:
     table = np.asarray(table, np.float64)
     order: dict[float, int] = {}
@@ -242,6 +258,15 @@ def _table_format(
         smallest_normal = smallest_sub = float(pos.min())
         # NF4's spacing near 1.0 plays the role of eps.
         eps = float(1.0 - pos[pos < 1.0].max())
+    if info is not None:
+        # ml_dtypes has this type: its finfo is the authority for the limits.
+        if float(info.max) != mx:
+            raise AssertionError(f"{name}: table max {mx} != ml_dtypes finfo max {info.max}")
+        mx = float(info.max)
+        smallest_normal = float(info.smallest_normal)
+        smallest_sub = float(info.smallest_subnormal)
+        eps = float(info.eps)
+        bias = int(1 - info.minexp)
     return Format(
         name=name,
         kind="table",
@@ -311,12 +336,13 @@ def _build() -> dict[str, Format]:
         ),
         _table_format(
             "fp4_e2m1",
-            minifloat_values(2, 1, 1),
+            _ml_dtypes_table(ml_dtypes.float4_e2m1fn),
             2,
             1,
             1,
             ("e2m1", "float4_e2m1fn", "fp4", "mxfp4"),
             "OCP MX FP4 E2M1: bias 1, one subnormal (0.5), no inf/NaN",
+            info=ml_dtypes.finfo(ml_dtypes.float4_e2m1fn),
         ),
         _table_format(
             "fp4_e1m2",
@@ -380,19 +406,50 @@ def get(fmt: str | Format) -> Format:
 # --------------------------------------------------------------------------- rounding
 
 
+def _boundaries(fmt: Format) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decision boundaries between neighbouring values of a table format.
+
+    Returns ``(m, up_on_tie, step)`` (float32, bool, int32), one entry per gap:
+    ``x`` belongs above gap ``k`` when ``x > m[k]``, or ``x == m[k]`` and
+    ``up_on_tie[k]``; crossing gap ``k`` changes the code by ``step[k]``.
+    ``m[k]`` is the exact midpoint rounded down to float32, so the strict
+    comparison of a float32 ``x`` is exact nearest rounding; an exact tie is only
+    possible where the midpoint is a float32, and then goes to the even code.
+    """
+    vals = np.array(fmt.values, np.float64)
+    codes = np.array(fmt.codes, np.int64)
+    mid = (vals[1:] + vals[:-1]) / 2  # exact: neighbours share a small exponent range
+    m = mid.astype(np.float32)
+    too_high = m.astype(np.float64) > mid
+    m[too_high] = np.nextafter(m[too_high], np.float32(-np.inf))
+    exact = m.astype(np.float64) == mid
+    up_on_tie = exact & (codes[1:] % 2 == 0)
+    step = (codes[1:] - codes[:-1]).astype(np.int32)
+    return m, up_on_tie, step
+
+
 def _nearest_index(x: jax.Array, fmt: Format) -> jax.Array:
     """Index into ``fmt.values`` of the nearest value; ties go to the even code
     (even mantissa, i.e. IEEE round-half-to-even; even index for NF4/ints)."""
-    vals = jnp.asarray(np.array(fmt.values, np.float32))
-    even = jnp.asarray(np.array([(c % 2) == 0 for c in fmt.codes]))
-    n = len(fmt.values)
+    m, up_on_tie, _ = _boundaries(fmt)
     x = x.astype(jnp.float32)
-    hi = jnp.clip(jnp.searchsorted(vals, x, side="left"), 0, n - 1)
-    lo = jnp.clip(hi - 1, 0, n - 1)
-    dlo = jnp.abs(x - vals[lo])
-    dhi = jnp.abs(vals[hi] - x)
-    pick_hi = (dhi < dlo) | ((dhi == dlo) & even[hi])
-    return jnp.where(pick_hi, hi, lo)
+    idx = jnp.zeros(x.shape, jnp.int32)
+    for mk, tk in zip(m.tolist(), up_on_tie.tolist()):
+        above = (x >= mk) if tk else (x > mk)
+        idx = idx + above.astype(jnp.int32)
+    return idx
+
+
+def _table_encode(x: jax.Array, fmt: Format) -> jax.Array:
+    # One fused elementwise chain of compares (no searchsorted, no gather): this is
+    # ~10x faster than a binary search on CPU for a 16-entry table.
+    m, up_on_tie, step = _boundaries(fmt)
+    x = x.astype(jnp.float32)
+    code = jnp.full(x.shape, fmt.codes[0], jnp.int32)
+    for mk, tk, sk in zip(m.tolist(), up_on_tie.tolist(), step.tolist()):
+        above = (x >= mk) if tk else (x > mk)
+        code = code + jnp.where(above, jnp.int32(sk), jnp.int32(0))
+    return code.astype(jnp.uint8)
 
 
 def encode(x: jax.Array, fmt: str | Format) -> jax.Array:
@@ -412,8 +469,7 @@ def encode(x: jax.Array, fmt: str | Format) -> jax.Array:
     if fmt.kind == "float":
         xf = x.astype(jnp.float32) if fmt.bits < 32 else x
         return jnp.clip(xf, -fmt.max, fmt.max).astype(fmt.dtype)
-    idx = _nearest_index(x, fmt)
-    return jnp.asarray(np.array(fmt.codes, np.uint8))[idx]
+    return _table_encode(x, fmt)
 
 
 def decode(codes: jax.Array, fmt: str | Format, dtype=jnp.float32) -> jax.Array:

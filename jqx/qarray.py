@@ -90,18 +90,19 @@ def unpack_4bit(packed: jax.Array, n: int) -> jax.Array:
 
 
 def _granularity_name(shape, block) -> str:
+    """``per-tensor``, ``per-channel(axis 1)`` (one scale per index of axis 1),
+    ``group128(axis 0)`` or ``block64x64``."""
+    shape, block = tuple(shape), tuple(block)
     if all(b == s for b, s in zip(block, shape)):
         return "per-tensor"
     partial = [i for i, (b, s) in enumerate(zip(block, shape)) if 1 < b < s]
-    if len(partial) == 1 and sum(1 for b in block if b > 1) == 1:
-        return f"group{block[partial[0]]}(axis {partial[0]})"
+    if len(partial) == 1 and all(b in (1, s) for i, (b, s) in enumerate(zip(block, shape)) if i != partial[0]):
+        if all(b == 1 for i, b in enumerate(block) if i != partial[0]):
+            return f"group{block[partial[0]]}(axis {partial[0]})"
     if partial:
         return "block" + "x".join(str(b) for b in block)
-    full = [i for i, (b, s) in enumerate(zip(block, shape)) if b == s and s > 1]
-    if len(shape) >= 1 and full == [len(shape) - 1]:
-        return "per-token" if len(shape) > 1 else "per-tensor"
-    reduced = ",".join(str(i) for i in full)
-    return f"per-channel(reduce axis {reduced})"
+    kept = [i for i, (b, s) in enumerate(zip(block, shape)) if b == 1 and s > 1]
+    return f"per-channel(axis {','.join(str(i) for i in kept)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,7 @@ class QArray:
 
     @property
     def granularity(self) -> str:
+        """Readable granularity, e.g. ``per-channel(axis 1)`` or ``group128(axis 0)``."""
         return _granularity_name(self.shape, self.block)
 
     @property
@@ -155,13 +157,31 @@ class QArray:
         )
 
     # ------------------------------------------------------------------ values
+    def _layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Logical (shape, block) of the arrays actually held.
+
+        Under ``jax.vmap`` the children gain or lose leading axes while the
+        static metadata stays as it was: a vmapped ``quantize_array`` returns
+        codes with an extra leading batch axis, and vmapping over a stacked
+        QArray (``in_axes=0``) strips its leading axis. Leading batch axes get
+        block size 1 (each batch element has its own scales).
+        """
+        extra = self.qvalue.ndim - len(self.shape)
+        if extra > 0:
+            lead = tuple(self.qvalue.shape[:extra])
+            return lead + tuple(self.shape), (1,) * extra + tuple(self.block)
+        if extra < 0:
+            return tuple(self.shape[-extra:]), tuple(self.block[-extra:])
+        return tuple(self.shape), tuple(self.block)
+
     def codes(self) -> jax.Array:
         """Unpacked stored codes with the logical shape."""
         fmt = self.fmt
         q = self.qvalue
+        shape, _ = self._layout()
         if fmt.packed:
-            n = self.shape[-1] if self.shape else 1
-            q = unpack_4bit(q, n).reshape(self.shape)
+            n = shape[-1] if shape else 1
+            q = unpack_4bit(q, n).reshape(shape)
         return q
 
     def values(self) -> jax.Array:
@@ -171,7 +191,7 @@ class QArray:
     def blocked(self, a: jax.Array) -> jax.Array:
         """Reshape ``a`` (logical shape) to (n0, b0, n1, b1, ...)."""
         dims = []
-        for s, b in zip(self.shape, self.block):
+        for s, b in zip(*self._layout()):
             dims += [s // b, b]
         return a.reshape(dims)
 
@@ -183,12 +203,20 @@ class QArray:
         return per_block.reshape(dims)
 
     def dequantize(self, dtype=None) -> jax.Array:
-        """The logical array (pure): ``(values - zero_point) * scale / in_scale``."""
+        """The logical array (pure): ``(values - zero_point) * scale / in_scale``.
+
+        Example:
+            >>> import jax.numpy as jnp, jqx
+            >>> q = jqx.quantize_array(jnp.array([127.0, -64.0]), "int8")
+            >>> q.dequantize().tolist()
+            [127.0, -64.0]
+        """
+        shape, _ = self._layout()
         v = self.blocked(self.values())
         if self.zero_point is not None:
             v = v - self.expand(self.zero_point.astype(jnp.float32))
         v = v * self.expand(self.scale.astype(jnp.float32))
-        v = v.reshape(self.shape)
+        v = v.reshape(shape)
         if self.in_scale is not None:
             v = v / self.in_scale.astype(jnp.float32)
         return v.astype(dtype or self.dtype)

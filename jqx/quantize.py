@@ -83,6 +83,14 @@ class Granularity:
     group_size: int | None = None
     block_shape: tuple[int, ...] = ()
 
+    def __post_init__(self):
+        kinds = ("tensor", "channel", "token", "group", "block")
+        if self.kind not in kinds:
+            raise ValueError(
+                f"Granularity kind={self.kind!r} is not supported; use one of {', '.join(kinds)} "
+                "(or the constructors jqx.per_tensor/per_channel/per_token/per_group/per_block)."
+            )
+
     def resolve(self, shape: Sequence[int], path: str | None = None) -> tuple[int, ...]:
         shape = tuple(int(s) for s in shape)
         nd = len(shape)
@@ -236,7 +244,9 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
     fmt = _formats.get(fmt_name)
     finite = jnp.all(jnp.isfinite(x))
     if fmt.is_wide_float:
-        q = x.astype(fmt.dtype)
+        # encode() clips before the cast, so a value beyond the format's max
+        # saturates instead of becoming inf.
+        q = _formats.encode(x, fmt)
         return q, jnp.ones(tuple(s // b for s, b in zip(x.shape, block)), scale_dtype), None, finite
     s, z = compute_scale(x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention)
     if jnp.dtype(scale_dtype) != jnp.float32:
@@ -260,10 +270,31 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
 def _check_float_input(x, path):
     where = f" at {path}" if path else ""
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"only floating-point arrays can be quantized; got dtype={x.dtype}{where}. "
-            "Exclude this leaf with a rule (e.g. {{'{path}': None}}) or a filter_fn."
+        fix = (
+            f"Exclude this leaf with a rule mapping it to None (e.g. {{{path!r}: None}}) or a "
+            "filter_fn that rejects it."
+            if path
+            else "Cast it to a float dtype first (e.g. x.astype(jnp.float32))."
         )
+        raise TypeError(
+            f"only floating-point arrays can be quantized; got dtype={x.dtype}{where}. {fix}"
+        )
+
+
+_SCALE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_scale_dtype(scale_dtype) -> np.dtype:
+    try:
+        dt = jnp.dtype(scale_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in _SCALE_DTYPES:
+        raise ValueError(
+            f"scale_dtype={scale_dtype!r} is not supported; use one of {', '.join(_SCALE_DTYPES)} "
+            "(float32 is the default)."
+        )
+    return dt
 
 
 def quantize_array(
@@ -298,7 +329,7 @@ def quantize_array(
         >>> import jax.numpy as jnp
         >>> q = quantize_array(jnp.arange(8.0).reshape(2, 4), "uint4", scheme="zero_point",
         ...                    granularity=per_token())
-        >>> q.dequantize().tolist()
+        >>> jnp.round(q.dequantize(), 4).tolist()
         [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
     """
     fmt = _formats.get(fmt)
@@ -308,6 +339,12 @@ def quantize_array(
         raise ValueError(f"scheme={scheme!r} is not supported; use 'absmax' or 'zero_point'.")
     if convention not in ("jqx", "torchao"):
         raise ValueError(f"convention={convention!r} is not supported; use 'jqx' or 'torchao'.")
+    scale_dtype = _check_scale_dtype(scale_dtype)
+    if granularity is not None and not isinstance(granularity, Granularity):
+        raise TypeError(
+            f"granularity={granularity!r} is not a jqx.Granularity; use jqx.per_tensor(), "
+            "per_channel(axis), per_token(), per_group(group_size, axis) or per_block(shape)."
+        )
     if scheme == "zero_point" and fmt.kind != "int":
         raise ValueError(
             f"scheme='zero_point' needs an integer format, got format={fmt.name!r}; use "
@@ -317,7 +354,7 @@ def quantize_array(
     if fmt.is_wide_float:
         block = tuple(x.shape)  # a plain cast: one unit scale
     q, s, z, finite = _quantize_core(
-        x, fmt.name, block, scheme, bool(symmetric_range), convention, jnp.dtype(scale_dtype)
+        x, fmt.name, block, scheme, bool(symmetric_range), convention, scale_dtype
     )
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
         where = path or "the input array"
@@ -381,7 +418,7 @@ def _fake_quant(x, fmt_name, block, scheme, symmetric_range, convention):
 def _fq_value(x, fmt_name, block, scheme, symmetric_range, convention):
     fmt = _formats.get(fmt_name)
     if fmt.is_wide_float:
-        return x.astype(fmt.dtype).astype(x.dtype)
+        return _formats.encode(x, fmt).astype(x.dtype)
     s, z = compute_scale(x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention)
     xb = _blocked(x.astype(jnp.float32), block)
     codes = _encode_blocked(xb, s, z, fmt, symmetric_range)

@@ -53,13 +53,20 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+def _is_matmul_weight(path: str, leaf) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
 def default_filter(path: str, leaf) -> bool:
-    """Matmul weights: leaves named ``kernel`` with ndim >= 2 and a float dtype."""
-    return (
-        path.rsplit("/", 1)[-1] == "kernel"
-        and getattr(leaf, "ndim", 0) >= 2
-        and jnp.issubdtype(leaf.dtype, jnp.floating)
-    )
+    """Matmul weights: leaves named ``kernel`` with ndim >= 2 and a float dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> default_filter("params/Dense_0/kernel", jnp.ones((4, 4))), default_filter(
+        ...     "params/Dense_0/bias", jnp.ones(4))
+        (True, False)
+    """
+    return _is_matmul_weight(path, leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def _check_recipe(r, where):
@@ -71,48 +78,85 @@ def _check_recipe(r, where):
 
 
 def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool] | None = None):
-    """Yields ``(path, leaf, recipe)`` for every leaf the recipe/rules select,
-    and warns about rules that matched nothing. Shared with ``jqx.calibrate``."""
+    """Lists ``(path, leaf, recipe)`` for every leaf the recipe/rules select,
+    and warns about rules that matched nothing. Shared with ``jqx.calibrate``.
+
+    Candidates are the leaves ``filter_fn(path, leaf)`` accepts; without a
+    filter_fn, the matmul weights (``kernel`` leaves with ndim >= 2; with a
+    single recipe, float ones only). With rules, the first rule whose regex
+    matches (``re.search``) a candidate's path decides; a candidate no rule
+    matches stays as it is. A non-float leaf that ends up selected raises.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> p = {"a": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+        >>> [path for path, _, _ in select(p, jqx.int8_weight_only())]
+        ['a/kernel']
+    """
     if isinstance(recipe, Mapping):
         rules = []
         for pat, r in recipe.items():
+            if not isinstance(pat, str):
+                raise TypeError(
+                    f"rules key {pat!r} must be a regex string on paths like 'layers/0/kernel'."
+                )
             _check_recipe(r, f"rules[{pat!r}]")
             try:
                 rules.append((pat, re.compile(pat), r))
             except re.error as e:
-                raise ValueError(f"rules key {pat!r} is not a valid regular expression: {e}") from e
+                raise ValueError(
+                    f"rules key {pat!r} is not a valid regular expression ({e}); escape special "
+                    "characters with re.escape or a raw string."
+                ) from e
     else:
-        _check_recipe(recipe, "recipe")
         if recipe is None:
-            raise TypeError("recipe must be a jqx recipe or a dict of rules, got None.")
+            raise TypeError(
+                "recipe must be a jqx recipe (e.g. jqx.int8_weight_only()) or a dict of rules "
+                "{regex_on_path: recipe_or_None}, got None."
+            )
+        _check_recipe(recipe, "recipe")
         rules = None
     used = set()
     out = []
+    candidates = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
-        if is_qarray(leaf):
-            continue  # already quantized
+        if is_qarray(leaf) or not hasattr(leaf, "dtype"):
+            continue  # already quantized, or not an array
         p = path_str(path)
-        if rules is None:
-            take = filter_fn(p, leaf) if filter_fn else default_filter(p, leaf)
-            if take:
-                out.append((p, leaf, recipe))
+        if filter_fn is not None:
+            take = filter_fn(p, leaf)
+        elif rules is None:
+            take = default_filter(p, leaf)
+        else:
+            # Non-float kernels stay candidates so a rule that selects one errors.
+            take = _is_matmul_weight(p, leaf)
+        if not take:
             continue
-        if filter_fn is not None and not filter_fn(p, leaf):
+        candidates.append(p)
+        if rules is None:
+            out.append((p, leaf, recipe))
             continue
         for pat, rx, r in rules:
             if rx.search(p):
                 used.add(pat)
                 if r is not None:
-                    if filter_fn is None and getattr(leaf, "ndim", 0) < 1:
-                        break
                     out.append((p, leaf, r))
                 break
+    for p, leaf, _ in out:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"{p} (dtype={leaf.dtype}) was selected for quantization but only float arrays "
+                f"can be quantized; map it to None with a rule placed first (e.g. "
+                f"{{{re.escape(p) + '$'!r}: None}}) or pass a filter_fn that rejects it."
+            )
     if rules is not None:
         unused = [pat for pat, _, _ in rules if pat not in used]
         if unused:
             warnings.warn(
-                f"jqx.quantize: rule(s) {unused} matched no leaf. Paths look like "
-                f"{[path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]}.",
+                f"jqx.quantize: rule(s) {unused} matched no leaf (earlier rules win). Candidate "
+                f"paths look like {candidates[:3]}"
+                + ("" if filter_fn else " (by default only 'kernel' leaves with ndim >= 2)")
+                + ".",
                 stacklevel=3,
             )
     return out
@@ -128,10 +172,21 @@ def quantize(
     Args:
       params: any pytree of arrays (Flax linen variables, an nnx State, dicts).
       recipe: a recipe, or rules ``{regex_on_path: recipe_or_None}``; the first
-        rule whose regex matches (``re.search``) a leaf's path decides, and None
-        leaves it in float. Rules that match no leaf are reported with a warning.
-      filter_fn: ``(path, leaf) -> bool``; default: :func:`default_filter` for a
-        single recipe. With rules, it further restricts the leaves considered.
+        rule whose regex matches (``re.search``) a candidate's path decides, and
+        None leaves it in float. Rules that match no leaf are reported with a
+        warning (``UserWarning``).
+      filter_fn: ``(path, leaf) -> bool`` choosing the candidate leaves; default:
+        matmul weights (``kernel`` leaves with ndim >= 2, see
+        :func:`default_filter`). Paths look like ``params/Dense_0/kernel``
+        (linen) or ``layers/0/kernel`` (nnx State).
+
+    Returns:
+      The same tree structure, with QArrays in place of the selected leaves.
+
+    Raises:
+      ValueError: NaN/Inf in a selected weight (names its path), a group size that
+        does not divide the axis, or a recipe that needs calibration.
+      TypeError: a non-float leaf selected, or a recipe that is not a jqx recipe.
 
     Example:
         >>> import jax.numpy as jnp, jqx
@@ -156,14 +211,27 @@ def quantize(
 
 
 def dequantize(tree, dtype=None):
-    """Replaces every QArray in ``tree`` (or a single QArray) by its float value."""
+    """Replaces every QArray in ``tree`` (or a single QArray) by its float value.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> q = jqx.quantize({"kernel": jnp.ones((4, 4))}, jqx.int8_weight_only())
+        >>> jqx.dequantize(q)["kernel"].dtype
+        dtype('float32')
+    """
     return jax.tree_util.tree_map(
         lambda x: x.dequantize(dtype) if is_qarray(x) else x, tree, is_leaf=is_qarray
     )
 
 
 def tree_nbytes(tree) -> int:
-    """Total storage bytes of a tree (QArrays counted by their packed footprint)."""
+    """Total storage bytes of a tree (QArrays counted by their packed footprint).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> jqx.tree_nbytes(jqx.quantize({"kernel": jnp.ones((4, 4))}, jqx.int8_weight_only()))
+        32
+    """
     total = 0
     for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
         if is_qarray(leaf):
@@ -174,7 +242,13 @@ def tree_nbytes(tree) -> int:
 
 
 def summary(tree) -> str:
-    """One line: leaves, quantized leaves, bytes, and bytes by format."""
+    """One line: leaves, quantized leaves, bytes, and bytes by format.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> jqx.summary(jqx.quantize({"kernel": jnp.ones((4, 4))}, jqx.int8_weight_only()))
+        '1 leaves (1 quantized), 32 B [int8: 32 B]'
+    """
     by_fmt: dict[str, int] = {}
     n = nq = 0
     for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
