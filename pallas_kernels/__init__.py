@@ -1,0 +1,1 @@
+"""Pallas (Triton backend) GPU kernels for quantized matmuls; depends on jax only."""
