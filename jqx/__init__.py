@@ -39,6 +39,9 @@ from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
 from jqx.tree import tree_nbytes
+from jqx import ops
+from jqx import transform
+from jqx.transform import quantized
 
 __version__ = "0.1.0"
 
@@ -75,4 +78,7 @@ __all__ = [
     "quantize",
     "summary",
     "tree_nbytes",
+    "ops",
+    "transform",
+    "quantized",
 ]
