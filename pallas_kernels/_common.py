@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 # Triton's tl.dot needs every tile dimension >= 16.
@@ -95,3 +96,86 @@ def lower_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> str:
     """
     lowered = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
     return lowered.as_text()
+
+
+def scaled_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, *rest, m, k, n, bm, bn, bk, acc_dtype,
+                         has_bias):
+    """``(x @ w) * x_scale[:, None] * w_scale[None, :] (+ bias)`` for one (bm, bn) tile.
+
+    Shared by the int8 (int32 accumulator) and fp8 (f32 accumulator) kernels. Every edge
+    (M, N, K) is masked with zero fill, so no operand is padded or copied.
+    """
+    if has_bias:
+        b_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    i = pl.program_id(0)
+    j = pl.program_id(1)
+    mask_m, mask_n, mask_k = m % bm != 0, n % bn != 0, k % bk != 0
+    rows = i * bm + jnp.arange(bm)
+    cols = j * bn + jnp.arange(bn)
+    row_ok = rows < m
+    col_ok = cols < n
+
+    def body(t, acc):
+        k0 = t * bk
+        k_ok = (k0 + jnp.arange(bk)) < k
+        xmask = row_ok[:, None] & k_ok[None, :] if (mask_m or mask_k) else None
+        wmask = k_ok[:, None] & col_ok[None, :] if (mask_n or mask_k) else None
+        x = pl_triton.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)], mask=xmask,
+                           other=None if xmask is None else jnp.zeros((), x_ref.dtype))
+        w = pl_triton.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)], mask=wmask,
+                           other=None if wmask is None else jnp.zeros((), w_ref.dtype))
+        return acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=acc_dtype)
+
+    acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), acc_dtype))
+    rmask = row_ok[:, None] if mask_m else None
+    cmask = col_ok[None, :] if mask_n else None
+    xs = pl_triton.load(xs_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], mask=rmask,
+                        other=None if rmask is None else 0.0)
+    ws = pl_triton.load(ws_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask,
+                        other=None if cmask is None else 0.0)
+    out = acc.astype(jnp.float32) * xs * ws
+    if has_bias:
+        out = out + pl_triton.load(b_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask,
+                                   other=None if cmask is None else 0.0)
+    omask = None
+    if mask_m or mask_n:
+        omask = row_ok[:, None] & col_ok[None, :]
+    pl_triton.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(o_ref.dtype),
+                    mask=omask)
+
+
+def as_row_scale(arg: str, s: jax.Array, m: int) -> jax.Array:
+    """Per-row (M, 1) f32 scale from a scalar, (1,), (1, 1), (M,) or (M, 1) array."""
+    s = jnp.asarray(s)
+    require_dtype(arg, s.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
+    if s.size == 1:
+        return jnp.broadcast_to(s.reshape(1, 1).astype(jnp.float32), (m, 1))
+    if s.shape in ((m,), (m, 1)):
+        return s.reshape(m, 1).astype(jnp.float32)
+    raise NotImplementedError(
+        f"{arg} has shape {s.shape}; supported: per-tensor (scalar, (1,), (1, 1)) or per-row "
+        f"({m},) / ({m}, 1).")
+
+
+def as_col_scale(arg: str, s: jax.Array, n: int) -> jax.Array:
+    """Per-column (1, N) f32 scale from a scalar, (1,), (1, 1), (N,) or (1, N) array."""
+    s = jnp.asarray(s)
+    require_dtype(arg, s.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
+    if s.size == 1:
+        return jnp.broadcast_to(s.reshape(1, 1).astype(jnp.float32), (1, n))
+    if s.shape in ((n,), (1, n)):
+        return s.reshape(1, n).astype(jnp.float32)
+    raise NotImplementedError(
+        f"{arg} has shape {s.shape}; supported: per-tensor (scalar, (1,), (1, 1)) or "
+        f"per-column ({n},) / (1, {n}).")
+
+
+def check_matmul_operands(x: jax.Array, w: jax.Array, xname: str, wname: str) -> tuple:
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"{xname} has shape {x.shape} and {wname} has shape {w.shape}; expected (M, K) and "
+            "(K, N) with the same K. Reshape leading axes into M first.")
+    return x.shape[0], x.shape[1], w.shape[1]
