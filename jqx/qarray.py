@@ -228,6 +228,15 @@ class QArray:
             "model.apply))), or call jqx.dequantize(tree) first."
         )
 
+    def __getitem__(self, key):
+        # flax.nnx reads params as `variable[...]`; a full read is the QArray itself.
+        if key is Ellipsis:
+            return self
+        raise TypeError(
+            f"A jqx.QArray {self.shape} cannot be indexed with {key!r}; only q[...] (the whole "
+            "array) is supported. Wrap the function with jqx.quantized(fn), or dequantize first."
+        )
+
     def replace(self, **kw) -> "QArray":
         return dataclasses.replace(self, **kw)
 
