@@ -35,6 +35,7 @@ from jqx.recipes import llm_int8
 from jqx.recipes import nf4_weight_only
 from jqx.recipes import weight_only
 from jqx.report import report
+from jqx.calibrate import calibrate
 from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
@@ -74,6 +75,7 @@ __all__ = [
     "nf4_weight_only",
     "weight_only",
     "report",
+    "calibrate",
     "dequantize",
     "quantize",
     "summary",
