@@ -23,8 +23,18 @@ def _promote(args: Sequence[Any], dtype, inexact: bool) -> list:
             dtype = jnp.promote_types(jnp.float32, dtype)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(f"promote_dtype: dtype must be inexact (a float type), got {dtype}.")
-    # QArrays pass through untouched: jqx.ops.dot_general dequantizes (or not) itself.
-    return [a if a is None or is_qarray(a) else jnp.asarray(a, dtype) for a in args]
+    # QArrays keep their codes: jqx.ops.dot_general dequantizes (or not) itself. Only
+    # the static dtype they dequantize to follows the compute dtype, as a float
+    # kernel would be cast.
+    name = jnp.dtype(dtype).name
+    return [
+        a if a is None else (_with_dtype(a, name) if is_qarray(a) else jnp.asarray(a, dtype))
+        for a in args
+    ]
+
+
+def _with_dtype(q, name: str):
+    return q if q.dtype == name else q.replace(dtype=name)
 
 
 def promote_dtype(*args, dtype=None, inexact: bool = True) -> list:
@@ -39,6 +49,8 @@ def promote_dtype(*args, dtype=None, inexact: bool = True) -> list:
         >>> x, k, b = promote_dtype(jnp.ones(2, jnp.float32), q, None)
         >>> k is q, b is None
         (True, True)
+        >>> promote_dtype(q, dtype=jnp.bfloat16)[0].dtype  # codes untouched, metadata only
+        'bfloat16'
     """
     return _promote(args, dtype, inexact)
 
