@@ -1,1 +1,35 @@
-"""Pallas (Triton backend) GPU kernels for quantized matmuls; depends on jax only."""
+"""Pallas (Triton backend) GPU kernels for quantized matmuls; depends on jax only.
+
+Each kernel runs natively on a CUDA GPU and in interpret mode elsewhere (``interpret=None``
+picks). ``jqx.ops`` imports this package lazily and consults :mod:`pallas_kernels.dispatch`.
+"""
+
+from pallas_kernels.dispatch import choose as choose
+from pallas_kernels.fp8_matmul import fp8_matmul as fp8_matmul
+from pallas_kernels.fp8_matmul import fp8_matmul_reference as fp8_matmul_reference
+from pallas_kernels.int8_matmul import int8_matmul as int8_matmul
+from pallas_kernels.int8_matmul import int8_matmul_dynamic as int8_matmul_dynamic
+from pallas_kernels.int8_matmul import (
+    int8_matmul_dynamic_reference as int8_matmul_dynamic_reference,
+)
+from pallas_kernels.int8_matmul import int8_matmul_reference as int8_matmul_reference
+from pallas_kernels.int8_matmul import quantize_rows as quantize_rows
+from pallas_kernels.int8_matmul import quantize_rows_reference as quantize_rows_reference
+from pallas_kernels.w4a16_matmul import dequantize_w4 as dequantize_w4
+from pallas_kernels.w4a16_matmul import w4a16_matmul as w4a16_matmul
+from pallas_kernels.w4a16_matmul import w4a16_matmul_reference as w4a16_matmul_reference
+
+__all__ = [
+    "choose",
+    "dequantize_w4",
+    "fp8_matmul",
+    "fp8_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_dynamic",
+    "int8_matmul_dynamic_reference",
+    "int8_matmul_reference",
+    "quantize_rows",
+    "quantize_rows_reference",
+    "w4a16_matmul",
+    "w4a16_matmul_reference",
+]
