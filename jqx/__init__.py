@@ -34,6 +34,11 @@ from jqx.recipes import int8_weight_only
 from jqx.recipes import llm_int8
 from jqx.recipes import nf4_weight_only
 from jqx.recipes import weight_only
+from jqx.algorithms.awq import awq
+from jqx.algorithms.gptq import gptq
+from jqx.algorithms.hqq import hqq
+from jqx.algorithms.llm_int8 import llm_int8_matmul
+from jqx.algorithms.smoothquant import smoothquant
 from jqx.report import report
 from jqx.calibrate import calibrate
 from jqx.tree import dequantize
@@ -83,4 +88,9 @@ __all__ = [
     "ops",
     "transform",
     "quantized",
+    "awq",
+    "gptq",
+    "hqq",
+    "llm_int8_matmul",
+    "smoothquant",
 ]
