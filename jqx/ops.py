@@ -1,19 +1,405 @@
-"""Quantized matmuls: ``jqx.ops.dot_general`` on QArray operands (placeholder)."""
+"""Quantized matmuls: ``jqx.ops.dot_general`` with QArray operands.
+
+Same semantics as ``jax.lax.dot_general`` on the dequantized value (within
+the quantization error), honouring the weight's activation spec ``q.act`` and
+its ``in_scale``. The XLA formulation of each path was picked by measurement
+on a 2-core XLA:CPU (``python benchmarks/ops.py``, see docs/sections/transform.md):
+
+- weight-only, scale constant along the contraction (per output channel): the
+  dot runs on the decoded codes (``codes - zero_point``, exact in the compute
+  dtype) and the output columns are scaled afterwards;
+- weight-only, group-wise (int4/uint4, fp4, nf4 groups along K):
+  dequantize-then-dot; a grouped ``(G, M, g) x (G, g, N)`` dot followed by a
+  scaled sum over G measured 4-5x slower at M >= 256 and no faster at small M;
+- W8A8 int8 (dynamic, static, LLM.int8()): int8 x int8 -> int32
+  ``dot_general`` (the fastest matmul on this CPU for M >= 2; a single row is
+  padded to two), rescaled in float32;
+- W8A8 fp8: both operands' fp8 codes are exactly representable in bfloat16, so
+  the dot runs in bfloat16 with float32 accumulation (exact products; measured
+  ~2x faster than the f32 dot at M=256, while the native fp8 dot is no faster
+  than f32);
+- anything else (scales that vary along the contraction in a layout the fast
+  paths do not cover): dequantize-then-dot, always correct.
+
+``backend="pallas"`` sends 2-D matmuls to the kernels in ``pallas_kernels``
+(imported lazily); a kernel raising NotImplementedError falls back to XLA.
+``backend=None`` asks ``pallas_kernels.dispatch.choose`` on GPU and uses XLA on
+CPU.
+
+Example:
+    >>> import jax.numpy as jnp, jqx
+    >>> w = jqx.int8_weight_only().quantize_weight(jnp.ones((8, 4)))
+    >>> DN = (((1,), (0,)), ((), ()))
+    >>> jqx.ops.dot_general(jnp.ones((2, 8)), w, DN).tolist()[0]
+    [8.0, 8.0, 8.0, 8.0]
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import jax
+import jax.numpy as jnp
 from jax import lax
 
+from jqx import formats as _formats
 from jqx.qarray import QArray, is_qarray
+from jqx.quantize import quantize_activation
 
 __all__ = ["dot_general"]
 
+_BACKENDS = (None, "xla", "pallas")
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, backend=None):
-    """Reference: dequantize then dot."""
-    if is_qarray(lhs):
-        lhs = lhs.dequantize()
-    if is_qarray(rhs):
-        rhs = rhs.dequantize()
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
+
+def dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    backend: str | None = None,
+) -> jax.Array:
+    """``lax.dot_general`` where either operand may be a :class:`jqx.QArray`.
+
+    Args:
+      lhs, rhs: arrays or QArrays (usually the weight is ``rhs``, as in ``x @ W``).
+      dimension_numbers: as for ``lax.dot_general``: ``((lhs_contract,
+        rhs_contract), (lhs_batch, rhs_batch))``.
+      precision: passed to the float dots.
+      preferred_element_type: output dtype; default the float operand's dtype.
+      backend: ``None`` (auto: XLA on CPU, the measured winner on GPU),
+        ``"xla"`` or ``"pallas"``.
+
+    Returns:
+      The product, with ``lax.dot_general``'s output layout (batch dims, lhs
+      free dims, rhs free dims). Bias is not added (Flax adds it).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> w = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.ones((8, 4)))
+        >>> y = jqx.ops.dot_general(jnp.ones((3, 8)), w, (((1,), (0,)), ((), ())))
+        >>> y.shape, y.dtype
+        ((3, 4), dtype('float32'))
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'."
+        )
+    (lc, rc), (lb, rb) = dimension_numbers
+    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    lq, rq = is_qarray(lhs), is_qarray(rhs)
+    if not lq and not rq:
+        return lax.dot_general(
+            lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type
+        )
+    if lq and rq:
+        lhs = lhs.dequantize()  # keep one side quantized; weight x weight is rare
+        lq = False
+    if rq:
+        return _x_dot_w(lhs, rhs, dn, precision, preferred_element_type, backend)
+    # Weight on the left: compute x . W and move W's free dims in front of x's.
+    (wc, xc), (wb, xb) = dn
+    y = _x_dot_w(rhs, lhs, ((xc, wc), (xb, wb)), precision, preferred_element_type, backend)
+    nb = len(xb)
+    x_free = rhs.ndim - len(xc) - len(xb)
+    w_free = len(lhs.shape) - len(wc) - len(wb)
+    perm = list(range(nb)) + [nb + x_free + i for i in range(w_free)] + [nb + i for i in range(x_free)]
+    return jnp.transpose(y, perm)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _out_dtype(x, pet):
+    if pet is not None:
+        return jnp.dtype(pet)
+    return jnp.dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def _compute_dtype(x):
+    """Dtype the float dot runs in: x's float dtype (bf16/f16 inputs are
+    multiplied in 16 bits with a float32 result, as DESIGN.md advises)."""
+    return jnp.dtype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def _const_along(q: QArray, axes: Sequence[int]) -> bool:
+    """The block covers the whole axis for each of ``axes``: scale/zero point are
+    constant along them."""
+    return all(q.block[a] == q.shape[a] for a in axes)
+
+
+def _w_out_scale(s: jax.Array, wc, wb, n_xfree: int) -> jax.Array:
+    """A per-block weight array (1 along the contraction dims ``wc``) laid out to
+    broadcast against the output (batch, x free, w free)."""
+    nd = s.ndim
+    wfree = [i for i in range(nd) if i not in wc and i not in wb]
+    keep = list(wb) + wfree
+    s = jnp.transpose(s, keep + list(wc))
+    s = s.reshape(s.shape[: len(keep)])
+    return s.reshape(s.shape[: len(wb)] + (1,) * n_xfree + s.shape[len(wb) :])
+
+
+def _x_out_scale(s: jax.Array, xc, xb, n_wfree: int) -> jax.Array:
+    """A per-row activation scale (1 along the contraction dims ``xc``) laid out
+    to broadcast against the output (batch, x free, w free)."""
+    nd = s.ndim
+    xfree = [i for i in range(nd) if i not in xc and i not in xb]
+    keep = list(xb) + xfree
+    s = jnp.transpose(s, keep + list(xc))
+    s = s.reshape(s.shape[: len(keep)] + (1,) * n_wfree)
+    return s
+
+
+def _divide_in_scale(x, q: QArray, xc, wc):
+    """``x / in_scale`` along the contraction; None when the stored in_scale is
+    not a pure function of the contraction index (then dequantize instead)."""
+    ins = q.in_scale.astype(jnp.float32)
+    ins = ins.reshape((1,) * (q.ndim - ins.ndim) + ins.shape)
+    for a in range(q.ndim):
+        if a not in wc and ins.shape[a] != 1:
+            return None
+    ins = ins.reshape([ins.shape[a] for a in sorted(wc)])
+    # order the remaining (contraction) axes as x's contraction axes appear in x
+    pairs = sorted(zip(xc, wc))
+    perm = [sorted(wc).index(w) for _, w in pairs]
+    ins = jnp.transpose(ins, perm)
+    shape = [1] * x.ndim
+    for i, (xa, _) in enumerate(pairs):
+        shape[xa] = ins.shape[i]
+    xf = x.astype(jnp.float32) / ins.reshape(shape)
+    return xf.astype(_compute_dtype(x))
+
+
+def _decoded(q: QArray, dtype) -> jax.Array:
+    """``codes - zero_point`` (no scale) in ``dtype``: exact for 8-bit ints,
+    4-bit codes and fp8 in float32 and bfloat16 (table formats are exact in
+    float32)."""
+    v = q.values()
+    if q.zero_point is not None:
+        v = (q.blocked(v) - q.expand(q.zero_point.astype(jnp.float32))).reshape(q.shape)
+    return v.astype(dtype)
+
+
+def _dequantized_no_in_scale(q: QArray, dtype) -> jax.Array:
+    return q.replace(in_scale=None).dequantize(dtype)
+
+
+def _act_scale_dyn(xf, xc, fmt, granularity):
+    amax = jnp.max(jnp.abs(xf), axis=tuple(xc) if granularity == "per_token" else None, keepdims=True)
+    if granularity != "per_token":
+        amax = amax.reshape((1,) * xf.ndim)
+    s = amax / fmt.max
+    return jnp.where(s > 0, s, 1.0).astype(jnp.float32)
+
+
+def _quantize_x(xf, q: QArray, xc):
+    """Activation codes and scale (shape of x with 1 on the contraction dims, or
+    all ones per tensor) for a W8A8 weight."""
+    act = q.act
+    fmt = _formats.get(act.format)
+    if act.kind == "static":
+        if q.act_scale is None:
+            raise ValueError(
+                f"QArray {q.shape} has a static activation spec (act={act}) but act_scale is "
+                "None: its activation scale was never calibrated. Run jqx.calibrate(fn, params, "
+                "batches, recipe) to set it, or use a dynamic recipe such as "
+                "jqx.int8_dynamic_activation_int8_weight()."
+            )
+        s = q.act_scale.astype(jnp.float32).reshape((1,) * xf.ndim)
+    else:
+        s = _act_scale_dyn(xf, xc, fmt, act.granularity)
+    codes, s = quantize_activation(xf, fmt, scale=s)
+    return codes, s
+
+
+def _pad_single_row(xq, xc, xb):
+    """int8 dots with one row fall off XLA:CPU's fast path: pad to two rows.
+    Returns (padded, dims shift) or (xq, 0) when not needed."""
+    free = [i for i in range(xq.ndim) if i not in xc and i not in xb]
+    if xb or math.prod(xq.shape[i] for i in free) != 1:
+        return xq, False
+    xq2 = jnp.concatenate([xq[None], jnp.zeros_like(xq)[None]], axis=0)
+    return xq2, True
+
+
+# --------------------------------------------------------------------------- main path
+
+
+def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
+    (xc, wc), (xb, wb) = dn
+    x = jnp.asarray(x)
+    if len(xc) != len(wc) or any(x.shape[a] != q.shape[b] for a, b in zip(xc, wc)):
+        raise ValueError(
+            f"jqx.ops.dot_general: contracting dims {tuple(xc)} of the activation "
+            f"{tuple(x.shape)} do not match dims {tuple(wc)} of the quantized weight {q.shape} "
+            f"({q.format}); check the weight's orientation (Flax kernels are (in, out))."
+        )
+    out_dtype = _out_dtype(x, pet)
+    n_xfree = x.ndim - len(xc) - len(xb)
+    n_wfree = q.ndim - len(wc) - len(wb)
+
+    if backend == "pallas" or backend is None:
+        y = _maybe_pallas(x, q, dn, out_dtype, forced=backend == "pallas")
+        if y is not None:
+            return y
+
+    if q.in_scale is not None:
+        xs = _divide_in_scale(x, q, xc, wc)
+        if xs is None:
+            return _fallback(x, q, dn, precision, out_dtype)
+        x = xs
+
+    act = q.act
+    if act is None:
+        return _weight_only(x, q, dn, precision, out_dtype, n_xfree)
+    if act.kind == "llm_int8":
+        return _llm_int8(x, q, dn, precision, out_dtype)
+    # dynamic / static W8A8
+    if not _const_along(q, wc) or q.zero_point is not None:
+        # Scales vary along K: no integer dot can use them; simulate exactly.
+        xf = x.astype(jnp.float32)
+        codes, s = _quantize_x(xf, q, xc)
+        xh = _formats.decode(codes, _formats.get(act.format), jnp.float32) * s
+        return _fallback(xh, q, dn, precision, out_dtype)
+    xf = x.astype(jnp.float32)
+    codes, xs = _quantize_x(xf, q, xc)
+    wfmt = q.fmt
+    if wfmt.name == "int8" and act.format == "int8":
+        codes2, padded = _pad_single_row(codes, xc, xb)
+        dn2 = dn
+        if padded:
+            dn2 = ((tuple(a + 1 for a in xc), wc), ((), ()))
+        acc = lax.dot_general(codes2, q.qvalue, dn2, preferred_element_type=jnp.int32)
+        if padded:
+            acc = acc[0]
+        y = acc.astype(jnp.float32)
+    elif wfmt.kind == "float" and act.format.startswith("fp8"):
+        # fp8 (and bf16) codes are exact in bfloat16; products exact, f32 accumulation.
+        y = lax.dot_general(
+            codes.astype(jnp.bfloat16),
+            q.qvalue.astype(jnp.bfloat16),
+            dn,
+            preferred_element_type=jnp.float32,
+        )
+    else:
+        xh = _formats.decode(codes, _formats.get(act.format), jnp.float32)
+        y = lax.dot_general(xh, _decoded(q, jnp.float32), dn, precision=precision,
+                            preferred_element_type=jnp.float32)
+    y = y * _x_out_scale(xs, xc, xb, n_wfree)
+    y = y * _w_out_scale(q.scale.astype(jnp.float32), wc, wb, n_xfree)
+    return y.astype(out_dtype)
+
+
+def _fallback(x, q, dn, precision, out_dtype):
+    """Dequantize-then-dot (in_scale already applied to x when present)."""
+    cdt = _compute_dtype(x)
+    w = _dequantized_no_in_scale(q, cdt)
+    return lax.dot_general(
+        x.astype(cdt), w, dn, precision=precision, preferred_element_type=out_dtype
+    ).astype(out_dtype)
+
+
+def _weight_only(x, q, dn, precision, out_dtype, n_xfree):
+    (xc, wc), (xb, wb) = dn
+    cdt = _compute_dtype(x)
+    acc_dt = jnp.float32 if cdt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else cdt
+    fmt = q.fmt
+    # Table formats (nf4/fp4) decode to non-dyadic values: not exact in 16 bits.
+    exact_in_cdt = cdt == jnp.dtype(jnp.float32) or fmt.kind != "table"
+    if _const_along(q, wc) and exact_in_cdt and not fmt.is_wide_float:
+        w = _decoded(q, cdt)
+        y = lax.dot_general(x, w, dn, precision=precision, preferred_element_type=acc_dt)
+        y = y.astype(jnp.float32) * _w_out_scale(q.scale.astype(jnp.float32), wc, wb, n_xfree)
+        return y.astype(out_dtype)
+    w = _dequantized_no_in_scale(q, cdt)
+    y = lax.dot_general(x.astype(cdt), w, dn, precision=precision, preferred_element_type=acc_dt)
+    return y.astype(out_dtype)
+
+
+def _llm_int8(x, q, dn, precision, out_dtype):
+    """LLM.int8() via jqx.algorithms.llm_int8 for the canonical layout
+    (x (..., K) @ W (K, N)); other layouts are moved into it."""
+    from jqx.algorithms.llm_int8 import llm_int8_matmul  # noqa: PLC0415
+
+    (xc, wc), (xb, wb) = dn
+    if xb or wb or len(wc) != 1 or q.ndim != 2 or q.block != (q.shape[0], 1) or q.format != "int8":
+        raise NotImplementedError(
+            f"LLM.int8() matmul supports a 2-D int8 weight (K, N) quantized per output channel "
+            f"contracted on one axis without batch dims; got weight {q.shape} block {q.block} "
+            f"format {q.format} with dimension_numbers {dn}. Quantize it with jqx.llm_int8() and "
+            "use it as x @ W or x @ W.T."
+        )
+    qq = q
+    if wc[0] == 1:  # W used transposed (x @ W.T): the stored layout is (N, K)
+        raise NotImplementedError(
+            f"LLM.int8() with the weight {q.shape} contracted on its last axis (x @ W.T) is not "
+            "supported; store the weight as (K, N)."
+        )
+    xm = jnp.moveaxis(x, xc[0], -1)
+    # in_scale was already divided out of x by the caller.
+    y = llm_int8_matmul(xm, qq.replace(in_scale=None), out_dtype=out_dtype)
+    return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- pallas hook
+
+
+def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
+    """Runs a Pallas kernel for a 2-D (M, K) x (K, N) matmul when asked
+    (``forced``) or when dispatch measured it faster on this device; None means
+    "use XLA"."""
+    (xc, wc), (xb, wb) = dn
+    plain = (
+        x.ndim == 2 and q.ndim == 2 and tuple(xc) == (1,) and tuple(wc) == (0,) and not xb and not wb
+        and q.in_scale is None
+    )
+    platform = jax.default_backend()
+    if not forced:
+        if platform == "cpu" or not plain:
+            return None
+    elif not plain:
+        return None  # layouts the kernels do not take: XLA
+    try:
+        import pallas_kernels as pk  # noqa: PLC0415
+    except ImportError as e:
+        if forced:
+            raise ImportError(
+                "backend='pallas' needs the pallas_kernels package (shipped next to jqx in the "
+                "source tree); use backend='xla' or None."
+            ) from e
+        return None
+    m, k = x.shape
+    n = q.shape[1]
+    act, fmt = q.act, q.fmt
+    if act is None and fmt.name in ("uint4", "int4") and q.block[1] == 1:
+        op = "w4a16"
+    elif act is not None and act.kind == "dynamic" and fmt.name == "int8" and act.format == "int8" \
+            and act.granularity == "per_token" and q.block == (k, 1):
+        op = "int8_dynamic"
+    elif act is not None and act.kind == "dynamic" and fmt.name == "fp8_e4m3" \
+            and act.format == "fp8_e4m3" and q.block == (k, 1):
+        op = "fp8"
+    else:
+        return None
+    if not forced:
+        kind = jax.devices()[0].device_kind
+        if pk.choose(op, m, k, n, platform, kind) != "pallas":
+            return None
+    kdt = out_dtype if out_dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                     jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+    try:
+        if op == "w4a16":
+            y = pk.w4a16_matmul(
+                x, q.qvalue, q.scale, q.zero_point, group_size=q.block[0],
+                signed=fmt.name == "int4", out_dtype=kdt,
+            )
+        elif op == "int8_dynamic":
+            y = pk.int8_matmul_dynamic(x, q.qvalue, q.scale.reshape(1, n), out_dtype=kdt)
+        else:
+            xq, xs = quantize_activation(x, "fp8_e4m3", "per_token")
+            y = pk.fp8_matmul(xq, q.qvalue, xs, q.scale.reshape(1, n), out_dtype=kdt)
+    except NotImplementedError:
+        return None
+    return y.astype(out_dtype)
