@@ -29,8 +29,13 @@ forward order: layer ``i``'s statistics are gathered with layers ``0..i-1``
 already replaced by their dequantized quantized values, so ``fn`` needs no
 wrapping. This costs one pass over the batches per layer. A stacked weight
 used inside ``scan`` (its records are ``(L, rows, K)``) is the exception: all
-its slices are calibrated in the same pass (each slice gets its own
-statistics, passed as a list), with earlier weights already substituted.
+its slices are calibrated in the same pass, with the weights before the scan
+already substituted but the earlier slices of the same stack still in float.
+
+Stacked weights in general: each slice ``w[i]`` gets its own statistics and
+its own ``recipe.quantize_weight(w[i], path=f"{path}[{i}]", stats=...)``
+call; the per-slice QArrays are stacked along a new leading axis (block size
+1 there, static ``act_scale`` of shape ``(L, 1)``).
 
 Example:
     >>> import jax, jax.numpy as jnp, jqx
@@ -289,23 +294,42 @@ class _Gatherer:
         return a.result(path)
 
 
-def _run(g, params, batch, argnum, i, order_hint):
+def _run(g, params, batch, argnum, i, order_hint, ks=()):
     try:
         return g(*_call_args(params, batch, argnum))
     except (TypeError, ValueError) as e:
         if "calibration batch" in str(e):
             raise
-        where = (
-            f"the first quantized layer is {order_hint[0]} (expects inputs of size "
-            f"{order_hint[1]}); "
-            if order_hint
-            else ""
-        )
+        if order_hint:
+            where = (
+                f"the first quantized layer is {order_hint[0]} (expects inputs of size "
+                f"{order_hint[1]}); "
+            )
+        else:
+            sizes = {a.shape[-1] for a in _as_args(batch) if getattr(a, "ndim", 0) >= 1}
+            odd = [f"{p} (input size {k})" for p, k in ks if k not in sizes]
+            where = (
+                f"selected weights whose input size matches no last axis {sorted(sizes)} of the "
+                f"batch: {', '.join(odd)}; "
+                if odd
+                else ""
+            )
         raise ValueError(
             f"calibration batch {i} (argument shapes {_shapes(batch)}) does not fit fn: {where}"
             f"{type(e).__name__}: {e}. Give batches shaped like fn's inputs (params are passed "
             f"as positional argument {argnum})."
         ) from e
+
+
+def _stack(qs: list[QArray]) -> QArray:
+    """Stacks per-slice QArrays of a scanned weight along a new leading axis
+    (block size 1 there: each slice keeps its own scales)."""
+    q0 = qs[0]
+    kids = {}
+    for f in ("qvalue", "scale", "zero_point", "in_scale", "act_scale"):
+        v = getattr(q0, f)
+        kids[f] = None if v is None else jnp.stack([getattr(q, f) for q in qs])
+    return q0.replace(**kids, shape=(len(qs),) + tuple(q0.shape), block=(1,) + tuple(q0.block))
 
 
 def _quantize_one(path, w, r: Recipe, stats, observer, percentile, momentum):
@@ -315,15 +339,25 @@ def _quantize_one(path, w, r: Recipe, stats, observer, percentile, momentum):
             "reached this weight (it feeds no dot_general of fn); map it to None in the rules "
             "or choose a recipe that needs no data for it."
         )
+    if isinstance(stats, list):
+        # A stacked weight used inside scan: one slice per step, each with its own stats.
+        if w.shape[0] != len(stats):
+            raise ValueError(
+                f"{path} has leading axis {w.shape[0]} but was scanned over {len(stats)} steps; "
+                "a scanned weight must be stacked along its first axis."
+            )
+        return _stack(
+            [
+                _quantize_one(f"{path}[{i}]", w[i], r, s, observer, percentile, momentum)
+                for i, s in enumerate(stats)
+            ]
+        )
     q = r.quantize_weight(w, path=path, stats=stats)
     act = getattr(q, "act", None)
     if act is not None and act.kind == "static":
         qmax = _formats.get(act.format).max
-        per = stats if isinstance(stats, list) else [stats]
-        cs = [observe_clip(s, observer, percentile=percentile, momentum=momentum, qmax=qmax) for s in per]
-        scale = jnp.asarray(cs, jnp.float32) / jnp.float32(qmax)
-        scale = scale.reshape(len(cs), 1) if isinstance(stats, list) else scale.reshape(1)
-        q = q.replace(act_scale=scale)
+        c = observe_clip(stats, observer, percentile=percentile, momentum=momentum, qmax=qmax)
+        q = q.replace(act_scale=jnp.asarray([c / qmax], jnp.float32))
     return q
 
 
@@ -403,6 +437,7 @@ def calibrate(
                 "of at least one batch, e.g. [x0, x1] or [(x0, mask0), ...]."
             )
     out: dict[str, QArray] = {}
+    ks = [(p, _k_of(w)) for p, w, _ in chosen]
     g = _transform.capture_inputs(fn, paths, argnum=argnum)
 
     # Pass 1 (all weights at once; for sequential recipes it also fixes the order).
@@ -411,7 +446,7 @@ def calibrate(
     order_hint = None
     total = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(_progress(batches, total, "calibrate", progress)):
-        _, rec = _run(g, params, batch, argnum, i, order_hint)
+        _, rec = _run(g, params, batch, argnum, i, order_hint, ks)
         gat.feed(rec, i, batch)
         if order_hint is None and gat.order:
             first = gat.order[0]

@@ -1,0 +1,262 @@
+"""jqx.calibrate and its observers, each checked against a float / numpy reference."""
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jqx
+from jqx.calibrate import observe_clip
+from jqx.stats import StatsAccumulator
+
+K, H, N = 16, 32, 8
+
+
+def _params():
+    ka, kb = jax.random.split(jax.random.key(0))
+    return {
+        "a": {"kernel": jax.random.normal(ka, (K, H)) / 4.0},
+        "b": {"kernel": jax.random.normal(kb, (H, N)) / 4.0},
+    }
+
+
+def _mlp(p, x):
+    return jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+
+
+BATCHES = [jax.random.normal(jax.random.key(10 + i), (8, K)) * (1.0 + i) for i in range(3)]
+
+
+# --------------------------------------------------------------------------- observers
+
+
+def _acc(batches, need=("hist",)):
+    acc = StatsAccumulator(batches[0].shape[-1], need)
+    for b in batches:
+        acc.update(b)
+    return acc.result("w")
+
+
+def test_minmax_and_ema_observers_match_reference():
+    st = _acc(BATCHES, ())
+    allx = np.concatenate([np.asarray(b) for b in BATCHES])
+    assert observe_clip(st, "minmax") == pytest.approx(np.abs(allx).max(), rel=1e-7)
+    mn, mx = float(BATCHES[0].min()), float(BATCHES[0].max())
+    for b in BATCHES[1:]:
+        mn = 0.9 * mn + 0.1 * float(b.min())
+        mx = 0.9 * mx + 0.1 * float(b.max())
+    assert observe_clip(st, "ema") == pytest.approx(max(abs(mn), abs(mx)), rel=1e-6)
+    assert observe_clip(st, "moving_average_minmax", momentum=0.5) < observe_clip(st, "minmax")
+
+
+def test_percentile_observer_within_three_bins_of_numpy():
+    # The estimate lies in the histogram bin holding the sample of that rank
+    # (one bin); growing ranges force re-binning, which moves each count by
+    # less than one bin per re-bin, by at most two in total here (widths grow).
+    bs = [jax.random.normal(jax.random.key(i), (512, 16)) * (1.0 + 0.5 * i) for i in range(4)]
+    st = _acc(bs)
+    allx = np.abs(np.concatenate([np.asarray(b) for b in bs]))
+    width = allx.max() / 2048
+    for p in (50.0, 99.0, 99.99):
+        ref = np.percentile(allx, p, method="inverted_cdf")
+        assert abs(observe_clip(st, "percentile", percentile=p) - ref) <= 3 * width
+    assert observe_clip(st, "percentile", percentile=100.0) == pytest.approx(allx.max(), rel=1e-6)
+
+
+def _int8_mse(x, c):
+    s = c / 127.0
+    return float(np.mean((np.clip(np.round(x / s), -127, 127) * s - x) ** 2))
+
+
+def test_mse_observer_beats_minmax_with_outliers_and_is_near_grid_optimum():
+    x = np.array(jax.random.normal(jax.random.key(3), (4096, 16)))
+    x[0, :4] = [40.0, -35.0, 30.0, 25.0]  # a few outliers stretch min/max
+    st = _acc([jnp.asarray(x)])
+    c_mse = observe_clip(st, "mse")
+    c_max = observe_clip(st, "minmax")
+    assert c_mse < c_max
+    grid = np.linspace(0.5, 40.0, 400)
+    best = min(_int8_mse(x, c) for c in grid)
+    assert _int8_mse(x, c_mse) <= 1.10 * best
+    assert _int8_mse(x, c_mse) < 0.85 * _int8_mse(x, c_max)
+
+
+def test_observer_bad_input():
+    st = _acc(BATCHES, ())
+    with pytest.raises(ValueError, match="observer='median'.*minmax"):
+        observe_clip(st, "median")
+    with pytest.raises(ValueError, match="histogram"):
+        observe_clip(st, "percentile")
+    with pytest.raises(ValueError, match="percentile=0"):
+        observe_clip(_acc(BATCHES), "percentile", percentile=0)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def test_static_scales_are_max_input_over_batches():
+    p = _params()
+    q = jqx.calibrate(_mlp, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False)
+    xa = np.concatenate([np.asarray(b) for b in BATCHES])
+    xb = np.asarray(jax.nn.relu(jnp.asarray(xa) @ p["a"]["kernel"]))
+    for name, x in (("a", xa), ("b", xb)):
+        qa = q[name]["kernel"]
+        assert qa.act.kind == "static" and qa.act_scale.dtype == jnp.float32
+        assert qa.act_scale.shape == (1,)
+        np.testing.assert_allclose(float(qa.act_scale[0]), np.abs(x).max() / 127.0, rtol=1e-6)
+        # The weights themselves are the plain int8 per-channel weights.
+        ref = jqx.int8_static_activation_int8_weight().quantize_weight(p[name]["kernel"])
+        np.testing.assert_array_equal(np.asarray(qa.qvalue), np.asarray(ref.qvalue))
+
+
+def test_calibrated_model_output_within_static_quantization_bound():
+    p = {"a": _params()["a"]}
+    fn = lambda p, x: x @ p["a"]["kernel"]  # noqa: E731
+    q = jqx.calibrate(fn, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False)
+    x = BATCHES[1]
+    y = jax.jit(jqx.quantized(fn))(q, x)
+    w_hat = q["a"]["kernel"].dequantize()
+    s = float(q["a"]["kernel"].act_scale[0])
+    # x is within the calibrated range: |x - x_hat| <= s/2 per element.
+    tol = s / 2 * jnp.sum(jnp.abs(w_hat), axis=0) + 1e-4 * (jnp.abs(x) @ jnp.abs(w_hat)) + 1e-5
+    assert bool(jnp.all(jnp.abs(y - x @ w_hat) <= tol))
+
+
+def test_batches_as_tuples_generators_and_argnum():
+    p = _params()
+
+    def fn(x, scale, params):
+        return _mlp(params, x * scale)
+
+    gen = ((b, jnp.float32(2.0)) for b in BATCHES)
+    q = jqx.calibrate(fn, p, gen, jqx.int8_static_activation_int8_weight(), argnum=2, progress=False)
+    xa = np.concatenate([np.asarray(b) for b in BATCHES]) * 2.0
+    np.testing.assert_allclose(float(q["a"]["kernel"].act_scale[0]), np.abs(xa).max() / 127, rtol=1e-6)
+
+
+def test_weight_only_recipe_through_calibrate_equals_quantize():
+    p = _params()
+    q1 = jqx.calibrate(_mlp, p, BATCHES, jqx.int4_weight_only(group_size=8), progress=False)
+    q2 = jqx.quantize(p, jqx.int4_weight_only(group_size=8))
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(
+            np.asarray(q1[name]["kernel"].dequantize()), np.asarray(q2[name]["kernel"].dequantize())
+        )
+
+
+def test_rules_mix_and_unmatched_rule_is_reported():
+    p = _params()
+    rules = {
+        "a/kernel": jqx.int8_static_activation_int8_weight(),
+        "b/kernel": jqx.int8_weight_only(),
+        "nothing/here": jqx.int8_weight_only(),
+    }
+    with pytest.warns(UserWarning, match="nothing/here"):
+        q = jqx.calibrate(_mlp, p, BATCHES, rules, progress=False)
+    assert q["a"]["kernel"].act_scale is not None and q["b"]["kernel"].act_scale is None
+
+
+def test_no_batches_is_a_clear_error():
+    with pytest.raises(ValueError, match="no calibration batches"):
+        jqx.calibrate(_mlp, _params(), [], jqx.int8_static_activation_int8_weight(), progress=False)
+    with pytest.raises(ValueError, match="no calibration batches"):
+        jqx.calibrate(_mlp, _params(), iter([]), jqx.int8_weight_only(), progress=False)
+
+
+def test_mismatched_batch_names_the_layer():
+    bad = jnp.ones((8, K + 3))
+    with pytest.raises(ValueError, match=r"batch 0.*a/kernel \(input size 16\)"):
+        jqx.calibrate(_mlp, _params(), [bad], jqx.int8_static_activation_int8_weight(), progress=False)
+    with pytest.raises(ValueError, match=r"batch 1.*first quantized layer is a/kernel"):
+        jqx.calibrate(
+            _mlp, _params(), [BATCHES[0], bad], jqx.int8_static_activation_int8_weight(), progress=False
+        )
+
+
+def test_static_weight_unused_by_fn_is_an_error():
+    p = _params()
+    with pytest.raises(ValueError, match="b/kernel.*no calibration rows"):
+        jqx.calibrate(
+            lambda p, x: x @ p["a"]["kernel"], p, BATCHES, jqx.int8_static_activation_int8_weight(),
+            progress=False,
+        )
+
+
+def test_progress_bar_shows_and_can_be_silenced(capsys):
+    jqx.calibrate(_mlp, _params(), BATCHES, jqx.int8_weight_only(), progress=True)
+    assert "calibrate" in capsys.readouterr().err
+    jqx.calibrate(_mlp, _params(), BATCHES, jqx.int8_weight_only(), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- sequential and scan
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeqRecorder(jqx.Recipe):
+    """A sequential recipe (like GPTQ) that keeps the X^T X it was given."""
+
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    @property
+    def sequential(self):
+        return True
+
+    @property
+    def stats_needed(self):
+        return ("xtx",)
+
+    def quantize_weight(self, w, path=None, stats=None):
+        self.seen.append((path, stats))
+        return super().quantize_weight(w, path=path, stats=stats)
+
+
+def test_sequential_recipe_sees_earlier_layers_quantized():
+    p = _params()
+    r = _SeqRecorder(format="int4", group_size=8)
+    q = jqx.calibrate(_mlp, p, BATCHES, r, progress=False)
+    assert [path for path, _ in r.seen] == ["a/kernel", "b/kernel"]
+    xa = jnp.concatenate(BATCHES)
+    np.testing.assert_allclose(r.seen[0][1].xtx, xa.T @ xa, rtol=1e-5, atol=1e-3)
+    # Layer b's statistics come from layer a's *quantized* output ...
+    hq = jax.nn.relu(xa @ q["a"]["kernel"].dequantize())
+    np.testing.assert_allclose(r.seen[1][1].xtx, hq.T @ hq, rtol=1e-5, atol=1e-3)
+    # ... which differs measurably from the float one (int4 g8 error).
+    hf = jax.nn.relu(xa @ p["a"]["kernel"])
+    assert float(jnp.max(jnp.abs(r.seen[1][1].xtx - hf.T @ hf))) > 1e-2
+
+
+def _scan_fn(p, x):
+    def step(h, w):
+        return jnp.tanh(h @ w), None
+
+    h, _ = jax.lax.scan(step, x @ p["embed"]["kernel"], p["layers"]["kernel"])
+    return h
+
+
+def test_scanned_stacked_weight_gets_per_slice_static_scales():
+    L = 3
+    ke, kl = jax.random.split(jax.random.key(5))
+    p = {
+        "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
+        "layers": {"kernel": jax.random.normal(kl, (L, H, H)) / 4.0},
+    }
+    q = jqx.calibrate(_scan_fn, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False)
+    ql = q["layers"]["kernel"]
+    assert ql.shape == (L, H, H) and ql.act_scale.shape == (L, 1)
+    h = jnp.concatenate(BATCHES) @ p["embed"]["kernel"]
+    for i in range(L):
+        np.testing.assert_allclose(float(ql.act_scale[i, 0]), float(jnp.max(jnp.abs(h))) / 127, rtol=1e-5)
+        h = jnp.tanh(h @ p["layers"]["kernel"][i])
+    # Each slice keeps its own weight scales: same as quantizing the stack directly.
+    ref = jqx.int8_weight_only().quantize_weight(p["layers"]["kernel"])
+    np.testing.assert_allclose(
+        np.asarray(ql.dequantize()), np.asarray(ref.dequantize()), rtol=0, atol=1e-7
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(jqx.quantized(_scan_fn))(q, BATCHES[0])
+    assert y.shape == (8, H)
