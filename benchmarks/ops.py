@@ -1,0 +1,154 @@
+"""Quantized matmul formulations on this CPU, as ratios to the float32 dot.
+
+For a K x N weight and several M, times each XLA formulation under jit
+(median of repeats, block_until_ready) and prints time / time(f32 dot)
+measured in the same run. ``jqx.ops.dot_general`` picks its formulations
+from this table.
+
+Usage:
+    python benchmarks/ops.py                 # K = N = 4096, M in 1 2 16 256 4096
+    python benchmarks/ops.py --k 1024 --n 1024 --m 1 16 256 --only jqx
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import jqx
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def _time(f, *args, reps: int) -> float:
+    out = f(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def formulations(k: int, n: int, key):
+    """name -> (fn(x, params), params). Each fn is jitted by the caller."""
+    kw, _ = jax.random.split(key)
+    w = jax.random.normal(kw, (k, n), jnp.float32) / k**0.5
+    q8 = jqx.int8_weight_only().quantize_weight(w)
+    q4 = jqx.int4_weight_only(group_size=128).quantize_weight(w)
+    qnf4 = jqx.nf4_weight_only(group_size=64).quantize_weight(w)
+    qfp8 = jqx.fp8_weight_only().quantize_weight(w)
+    qw8a8 = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+    qf8a8 = jqx.fp8_dynamic_activation_fp8_weight().quantize_weight(w)
+    s8 = q8.scale.reshape(1, n)
+
+    def deq_dot(x, q):
+        return x @ q.dequantize()
+
+    def codes_then_scale(x, q):
+        # scale is constant along K: dot on raw codes, scale the output columns
+        return lax.dot_general(x, q.qvalue, DN, preferred_element_type=jnp.float32) * q.scale.reshape(1, -1)
+
+    def codes_f32_then_scale(x, q):
+        return (x @ q.qvalue.astype(jnp.float32)) * q.scale.reshape(1, -1)
+
+    def grouped_int4(x, q):
+        g = q.block[0]
+        G = k // g
+        v = q.codes().astype(jnp.float32).reshape(G, g, n)
+        xg = x.reshape(-1, G, g)
+        y = jnp.einsum("mGg,Ggn->Gmn", xg, v, preferred_element_type=jnp.float32)
+        xs = xg.sum(-1)  # (m, G)
+        z = q.zero_point.astype(jnp.float32)  # (G, n)
+        s = q.scale.astype(jnp.float32)
+        y = y - xs.T[:, :, None] * z[:, None, :]
+        return jnp.einsum("Gmn,Gn->mn", y, s)
+
+    def w8a8_int(x, q):
+        xq, xs = jqx.quantize_activation(x, "int8")
+        y = lax.dot_general(xq, q.qvalue, DN, preferred_element_type=jnp.int32)
+        return y.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
+
+    def fp8_as_bf16(x, q):
+        xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
+        y = lax.dot_general(
+            xq.astype(jnp.bfloat16), q.qvalue.astype(jnp.bfloat16), DN, preferred_element_type=jnp.float32
+        )
+        return y * xs * q.scale.reshape(1, -1)
+
+    def fp8_native(x, q):
+        xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
+        y = lax.dot_general(xq, q.qvalue, DN, preferred_element_type=jnp.float32)
+        return y * xs * q.scale.reshape(1, -1)
+
+    def fp8_as_f32(x, q):
+        xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
+        y = xq.astype(jnp.float32) @ q.qvalue.astype(jnp.float32)
+        return y * xs * q.scale.reshape(1, -1)
+
+    def jqx_ops(x, q):
+        return jqx.ops.dot_general(x, q, DN)
+
+    del s8
+    return {
+        "f32 dot": (lambda x, w: x @ w, w),
+        "int8 A16 dequant-then-dot": (deq_dot, q8),
+        "int8 A16 mixed dot(int8 codes)*scale": (codes_then_scale, q8),
+        "int8 A16 dot(f32(codes))*scale": (codes_f32_then_scale, q8),
+        "int8 A16 jqx.ops": (jqx_ops, q8),
+        "uint4 g128 A16 dequant-then-dot": (deq_dot, q4),
+        "uint4 g128 A16 grouped dot": (grouped_int4, q4),
+        "uint4 g128 A16 jqx.ops": (jqx_ops, q4),
+        "nf4 g64 A16 dequant-then-dot": (deq_dot, qnf4),
+        "nf4 g64 A16 jqx.ops": (jqx_ops, qnf4),
+        "fp8 A16 dequant-then-dot": (deq_dot, qfp8),
+        "fp8 A16 mixed dot(fp8 codes)*scale": (codes_then_scale, qfp8),
+        "fp8 A16 jqx.ops": (jqx_ops, qfp8),
+        "W8A8 int8 int32-dot": (w8a8_int, qw8a8),
+        "W8A8 int8 jqx.ops": (jqx_ops, qw8a8),
+        "W8A8 fp8 native fp8 dot": (fp8_native, qf8a8),
+        "W8A8 fp8 via bf16 dot": (fp8_as_bf16, qf8a8),
+        "W8A8 fp8 via f32 dot": (fp8_as_f32, qf8a8),
+        "W8A8 fp8 jqx.ops": (jqx_ops, qf8a8),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 16, 256, 4096])
+    ap.add_argument("--only", default="", help="substring filter on formulation names")
+    ap.add_argument("--reps", type=int, default=7)
+    a = ap.parse_args(argv)
+    key = jax.random.key(0)
+    forms = formulations(a.k, a.n, key)
+    names = [nm for nm in forms if nm == "f32 dot" or a.only in nm]
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, K={a.k} N={a.n}; "
+          "time / time(f32 dot) in the same run (lower is faster)")
+    jitted = {nm: jax.jit(forms[nm][0]) for nm in names}
+    header = f"{'formulation':42s}" + "".join(f"{'M=' + str(m):>10s}" for m in a.m)
+    print(header)
+    rows = {nm: [] for nm in names}
+    base_ms = []
+    for m in a.m:
+        x = jax.random.normal(jax.random.key(1), (m, a.k), jnp.float32)
+        reps = a.reps if m < 1024 else max(2, a.reps // 3)
+        t0 = _time(jitted["f32 dot"], x, forms["f32 dot"][1], reps=reps)
+        base_ms.append(t0 * 1e3)
+        for nm in names:
+            t = t0 if nm == "f32 dot" else _time(jitted[nm], x, forms[nm][1], reps=reps)
+            rows[nm].append(t / t0)
+    print(f"{'(f32 dot, ms)':42s}" + "".join(f"{b:10.2f}" for b in base_ms))
+    for nm in names:
+        print(f"{nm:42s}" + "".join(f"{r:10.2f}" for r in rows[nm]))
+
+
+if __name__ == "__main__":
+    main()

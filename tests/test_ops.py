@@ -1,0 +1,239 @@
+"""jqx.ops.dot_general: every path against lax.dot_general on the dequantized
+weight (weight-only: tight) and against the float product (W8A8: the bound
+from the activation rounding error)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+
+import jqx
+
+DN = (((1,), (0,)), ((), ()))
+K, N, M = 64, 32, 5
+HI = lax.Precision.HIGHEST
+
+
+def _w(seed=0, shape=(K, N)):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _x(seed=1, shape=(M, K)):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _ref(x, w_hat, dn=DN):
+    return lax.dot_general(x, w_hat, dn, precision=HI)
+
+
+def _tight(x, w_hat, dn=DN):
+    """f32 rounding bound for a K-term dot: a few ulps of sum |x| |w|."""
+    mag = lax.dot_general(jnp.abs(x), jnp.abs(w_hat), dn, precision=HI)
+    return 1e-5 * mag + 1e-6
+
+
+WEIGHT_ONLY = {
+    "int8": jqx.int8_weight_only(),
+    "int8_g16": jqx.int8_weight_only(group_size=16),
+    "uint4_g16": jqx.int4_weight_only(group_size=16),
+    "int4_absmax_perchannel": jqx.int4_weight_only(group_size=None, scheme="absmax"),
+    "fp8_e4m3": jqx.fp8_weight_only(),
+    "fp8_e5m2": jqx.fp8_weight_only("e5m2"),
+    "fp4_e2m1": jqx.fp4_weight_only("e2m1"),
+    "fp4_e1m2": jqx.fp4_weight_only("e1m2"),
+    "fp4_e3m0": jqx.fp4_weight_only("e3m0", group_size=16),
+    "nf4": jqx.nf4_weight_only(group_size=16),
+    "bf16": jqx.weight_only("bf16"),
+    "fp16": jqx.weight_only("fp16"),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_ONLY))
+def test_weight_only_matches_dequantized(name):
+    q = WEIGHT_ONLY[name].quantize_weight(_w())
+    x = _x()
+    w_hat = q.dequantize()
+    for xx in (x, x[:1]):
+        y = jax.jit(lambda a, b: jqx.ops.dot_general(a, b, DN))(xx, q)
+        assert y.dtype == jnp.float32 and y.shape == (xx.shape[0], N)
+        assert np.all(np.abs(y - _ref(xx, w_hat)) <= _tight(xx, w_hat)), name
+
+
+def test_weight_only_bf16_activations():
+    q = jqx.int8_weight_only().quantize_weight(_w())
+    x = _x().astype(jnp.bfloat16)
+    y = jqx.ops.dot_general(x, q, DN)
+    assert y.dtype == jnp.bfloat16
+    ref = _ref(x.astype(jnp.float32), q.dequantize())
+    # one bf16 rounding of the output
+    assert np.all(np.abs(y.astype(jnp.float32) - ref) <= 2**-8 * np.abs(ref) + 1e-5)
+    y32 = jqx.ops.dot_general(x, q, DN, preferred_element_type=jnp.float32)
+    assert y32.dtype == jnp.float32
+    assert np.all(np.abs(y32 - ref) <= _tight(x.astype(jnp.float32), q.dequantize()))
+
+
+def _dn_cases():
+    """(x shape, weight shape, dimension numbers, weight is lhs)."""
+    return [
+        ((M, K), (K, N), DN, False),  # x @ W
+        ((M, K), (N, K), (((1,), (1,)), ((), ())), False),  # x @ W.T (tied embedding)
+        ((M, K), (K, N), (((0,), (1,)), ((), ())), True),  # W on the lhs: W^T-contract
+        ((3, M, K), (3, K, N), (((2,), (1,)), ((0,), (0,))), False),  # einsum bmk,bkn->bmn
+        ((2, M, K), (K, N), (((2,), (0,)), ((), ())), False),  # leading batch of rows
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("recipe", ["int8", "uint4_g16", "nf4"])
+def test_dimension_numbers(case, recipe):
+    xs, ws, dn, w_lhs = _dn_cases()[case]
+    w = _w(shape=ws)
+    r = WEIGHT_ONLY[recipe]
+    if ws == (N, K):  # contraction on the last axis: group along it
+        r = r.replace(axis=-1)
+    q = r.quantize_weight(w)
+    x = _x(shape=xs)
+    w_hat = q.dequantize()
+    if w_lhs:
+        y = jqx.ops.dot_general(q, x, dn)
+        ref = lax.dot_general(w_hat, x, dn, precision=HI)
+        bound = 1e-5 * lax.dot_general(jnp.abs(w_hat), jnp.abs(x), dn, precision=HI) + 1e-6
+    else:
+        y = jqx.ops.dot_general(x, q, dn)
+        ref = _ref(x, w_hat, dn)
+        bound = _tight(x, w_hat, dn)
+    assert y.shape == ref.shape
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+def _int8_act_bound(x, w_hat, s_row):
+    """|x - x_hat| <= s/2 per element, so |y - x @ w_hat| <= s/2 * sum_k |w_hat|."""
+    return (s_row / 2) * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) * 1.001 + _tight(x, w_hat)
+
+
+def test_w8a8_int8_dynamic_bound_and_int32_dot():
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
+    x = _x()
+    w_hat = q.dequantize()
+    for xx in (x, x[:1]):
+        y = jqx.ops.dot_general(xx, q, DN)
+        s = jnp.max(jnp.abs(xx), axis=1, keepdims=True) / 127
+        assert np.all(np.abs(y - _ref(xx, w_hat)) <= _int8_act_bound(xx, w_hat, s))
+    jaxpr = str(jax.make_jaxpr(lambda a: jqx.ops.dot_general(a, q, DN))(x))
+    assert "preferred_element_type=int32" in jaxpr
+    # and it is not exact: the activations really were quantized
+    assert float(jnp.max(jnp.abs(jqx.ops.dot_general(x, q, DN) - _ref(x, w_hat)))) > 1e-4
+
+
+@given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
+def test_w8a8_int8_property(seed, scale):
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
+    x = _x() * scale + jax.random.normal(jax.random.key(seed), (M, K)) * scale
+    w_hat = q.dequantize()
+    y = jqx.ops.dot_general(x, q, DN)
+    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, s))
+
+
+def test_w8a8_per_tensor_granularity():
+    q = jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor").quantize_weight(_w())
+    x = _x()
+    w_hat = q.dequantize()
+    s = jnp.max(jnp.abs(x)) / 127
+    y = jqx.ops.dot_general(x, q, DN)
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, s))
+
+
+def test_w8a8_fp8_bound():
+    q = jqx.fp8_dynamic_activation_fp8_weight().quantize_weight(_w())
+    x = _x()
+    w_hat = q.dequantize()
+    y = jqx.ops.dot_general(x, q, DN)
+    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 448
+    # E4M3: half an ulp is 2^-4 relative for normals, 2^-10 * s for subnormals
+    err_x = 2.0**-4 * jnp.abs(x) + 2.0**-10 * s
+    bound = lax.dot_general(err_x, jnp.abs(w_hat), DN, precision=HI) * 1.001 + _tight(x, w_hat)
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+
+
+def test_static_activation_scale():
+    q = jqx.int8_static_activation_int8_weight().quantize_weight(_w())
+    x = _x()
+    with pytest.raises(ValueError, match="jqx.calibrate"):
+        jqx.ops.dot_general(x, q, DN)
+    amax = jnp.max(jnp.abs(x))
+    q = q.replace(act_scale=(amax / 127).reshape(1))
+    y = jqx.ops.dot_general(x, q, DN)
+    w_hat = q.dequantize()
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, amax / 127))
+    # a scale calibrated too small clips: the error grows beyond the bound
+    q_small = q.replace(act_scale=(amax / 127 / 4).reshape(1))
+    y2 = jqx.ops.dot_general(x, q_small, DN)
+    assert float(jnp.max(jnp.abs(y2 - _ref(x, w_hat)))) > float(jnp.max(jnp.abs(y - _ref(x, w_hat))))
+
+
+def test_llm_int8_outliers_computed_in_16_bits():
+    q = jqx.llm_int8(threshold=6.0).quantize_weight(_w())
+    x = _x()
+    x = x.at[:, 3].set(jnp.array([50.0, -80.0, 0.5, 20.0, 7.0]))  # an outlier feature
+    w_hat = q.dequantize()
+    y = jqx.ops.dot_general(x, q, DN)
+    x_reg = x.at[:, 3].set(0.0)
+    s = jnp.max(jnp.abs(x_reg), axis=1, keepdims=True) / 127
+    out_part = jnp.abs(x[:, 3:4]) * jnp.abs(w_hat[3:4]) * 2.0**-9  # f16 rounding of x and w
+    bound = _int8_act_bound(x_reg, w_hat, s) + out_part + _tight(x, w_hat)
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+    # plain W8A8 on the same input is much worse: the outlier sets the row scale
+    qd = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
+    yd = jqx.ops.dot_general(x, qd, DN)
+    assert float(jnp.max(jnp.abs(yd - _ref(x, w_hat)))) > 3 * float(jnp.max(jnp.abs(y - _ref(x, w_hat))))
+
+
+@pytest.mark.parametrize("name", ["int8", "uint4_g16", "w8a8"])
+def test_in_scale(name):
+    r = WEIGHT_ONLY.get(name) or jqx.int8_dynamic_activation_int8_weight()
+    q = r.quantize_weight(_w())
+    ins = jnp.linspace(0.5, 2.0, K).reshape(K, 1)
+    q = q.replace(in_scale=ins)
+    x = _x()
+    w_hat = q.dequantize()  # divides by in_scale
+    y = jqx.ops.dot_general(x, q, DN)
+    if name == "w8a8":
+        xs = x / ins.reshape(1, K)
+        s = jnp.max(jnp.abs(xs), axis=1, keepdims=True) / 127
+        bound = _int8_act_bound(xs, w_hat * ins, s)
+    else:
+        bound = 2 * _tight(x, w_hat)
+    assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+
+
+def test_pallas_backend_matches_xla():
+    x = _x(shape=(16, K))
+    for r in (jqx.int4_weight_only(group_size=32), jqx.int8_dynamic_activation_int8_weight()):
+        q = r.quantize_weight(_w())
+        y_x = jqx.ops.dot_general(x, q, DN, backend="xla")
+        y_p = jqx.ops.dot_general(x, q, DN, backend="pallas")
+        w_hat = q.dequantize()
+        # both within the same error budget of the dequantized product
+        s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
+        bound = _int8_act_bound(x, w_hat, s) if q.act else 2 * _tight(x, w_hat)
+        assert np.all(np.abs(y_p - _ref(x, w_hat)) <= bound + 1e-4)
+        assert np.all(np.abs(y_x - _ref(x, w_hat)) <= bound)
+
+
+def test_bad_input():
+    q = jqx.int8_weight_only().quantize_weight(_w())
+    with pytest.raises(ValueError, match="backend="):
+        jqx.ops.dot_general(_x(), q, DN, backend="cuda")
+    with pytest.raises(ValueError, match="contracting dims"):
+        jqx.ops.dot_general(_x(shape=(M, 7)), q, DN)
+    with pytest.raises(TypeError, match="jqx.quantized"):
+        _x() @ q
+
+
+def test_plain_arrays_pass_through():
+    x, w = _x(), _w()
+    np.testing.assert_array_equal(jqx.ops.dot_general(x, w, DN), lax.dot_general(x, w, DN))
