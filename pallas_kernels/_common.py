@@ -179,3 +179,52 @@ def check_matmul_operands(x: jax.Array, w: jax.Array, xname: str, wname: str) ->
             f"{xname} has shape {x.shape} and {wname} has shape {w.shape}; expected (M, K) and "
             "(K, N) with the same K. Reshape leading axes into M first.")
     return x.shape[0], x.shape[1], w.shape[1]
+
+
+def triton_kernels_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> list[dict]:
+    """Lowers ``fn`` for CUDA (sm_90 when no GPU is attached) and returns each Pallas kernel
+    as ``{"name", "grid", "num_warps", "num_stages", "ir"}`` with the Triton IR as text.
+
+    This checks everything jax does for the GPU build (Pallas -> Triton IR, types of every
+    ``tt.dot``); what it cannot check is Triton's own compilation of that IR to PTX, which
+    XLA runs only on a GPU. Uses jax's private Triton dialect bindings (``jax._src.lib``),
+    so it may need updating with jax.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> triton_kernels_for_cuda(lambda a: a + 1, jax.ShapeDtypeStruct((2,), jnp.float32))
+        []
+    """
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    lowered = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
+    module = lowered.compiler_ir("stablehlo")
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        target = ir.StringAttr(child.operation.attributes["call_target_name"])
+                        if target.value == "__gpu$xla.gpu.triton":
+                            calls.append(child.operation)
+                    walk(child.operation)
+
+    walk(module.operation)
+    out = []
+    for call in calls:
+        cfg = ir.DictAttr(call.attributes["mhlo.backend_config"])
+        with jax_mlir.make_ir_context() as ctx:
+            tt_dialect.register_dialect(ctx)
+            text = str(ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes))
+        out.append({
+            "name": ir.StringAttr(cfg["name"]).value if "name" in cfg else "",
+            "grid": tuple(ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"),
+            "num_warps": ir.IntegerAttr(cfg["num_warps"]).value,
+            "num_stages": ir.IntegerAttr(cfg["num_stages"]).value,
+            "ir": text,
+        })
+    return out

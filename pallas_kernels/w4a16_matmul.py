@@ -117,12 +117,14 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, *rest, m, k, n, n_packed, group_size, sig
             wmask = k_ok[:, None] & pcol_ok[None, :]
         p = pl_triton.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * half, half)], mask=wmask,
                            other=0 if wmask is not None else None)
-        p = p.astype(jnp.int32)
-        lo = p & 0xF
-        hi = (p >> 4) & 0xF
+        # Unpack in 8-bit registers (not int32) to keep the tile small.
         if signed:
-            lo = (lo ^ 8) - 8
-            hi = (hi ^ 8) - 8
+            # Arithmetic shifts on int8 sign-extend the two's-complement nibbles.
+            lo = (p << 4).astype(jnp.int8) >> 4
+            hi = p.astype(jnp.int8) >> 4
+        else:
+            lo = p & 0xF
+            hi = p >> 4
         codes = jnp.stack([lo, hi], axis=-1).reshape(bk, bn).astype(jnp.float32)
 
         smask = col_ok[None, :] if mask_n else None
