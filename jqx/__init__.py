@@ -41,6 +41,9 @@ from jqx.algorithms.llm_int8 import llm_int8_matmul
 from jqx.algorithms.smoothquant import smoothquant
 from jqx.report import report
 from jqx.calibrate import calibrate
+from jqx import sharding
+from jqx.sharding import shard
+from jqx.training import mixed_precision
 from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
@@ -81,6 +84,9 @@ __all__ = [
     "weight_only",
     "report",
     "calibrate",
+    "sharding",
+    "shard",
+    "mixed_precision",
     "dequantize",
     "quantize",
     "summary",
