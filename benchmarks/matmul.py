@@ -1,0 +1,266 @@
+"""Quantized matmul benchmark: jnp bf16 dot vs XLA's quantized paths vs the Pallas kernels.
+
+For each M and K = N it prints the median time, the ratio to the bf16 dot measured in the
+same run (>1 = faster), the achieved fraction of the memory roofline (bytes moved / time,
+against a copy bandwidth measured in this run) and of the tensor-core peak (a constant per
+known device). Inputs rotate through a pool larger than L2 so caches do not flatter the
+numbers; each timing is the median over trials of a back-to-back batch of calls, with one
+``block_until_ready`` per batch.
+
+GPU run (the numbers that fill ``pallas_kernels/dispatch.py``)::
+
+    python benchmarks/matmul.py --json matmul_gpu.json --emit-dispatch
+
+Without a GPU the script runs a CPU smoke test automatically (tiny sizes, kernels in
+interpret mode; the timings say nothing about kernel speed), or force it with
+``--cpu-smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels.fp8_matmul import fp8_matmul  # noqa: E402
+from pallas_kernels.int8_matmul import (  # noqa: E402
+    int8_matmul,
+    int8_matmul_dynamic,
+    quantize_rows_reference,
+)
+from pallas_kernels.w4a16_matmul import dequantize_w4, w4a16_matmul  # noqa: E402
+
+# Dense tensor-core peaks in FLOP/s (datasheet numbers, no sparsity).
+PEAKS = {
+    "H200": {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12},
+    "H100": {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12},
+    "A100": {"bf16": 312e12, "int8": 624e12, "fp8": None},
+    "L4": {"bf16": 121e12, "int8": 242e12, "fp8": 242e12},
+}
+GROUP = 128
+# op name in the dispatch table -> (Pallas candidate, XLA candidate it must beat)
+DISPATCH_PAIRS = {
+    "w4a16": ("pallas_w4a16", "xla_w4a16"),
+    "int8_dynamic": ("pallas_w8a8_dyn", "xla_w8a8_dyn"),
+    "int8": ("pallas_w8a8", "xla_w8a8"),
+    "fp8": ("pallas_fp8", "xla_fp8"),
+}
+
+
+def _peaks(kind: str) -> dict:
+    for name, p in PEAKS.items():
+        if name.lower() in kind.lower():
+            return p
+    return {}
+
+
+def _time(fn, pool, reps: int, trials: int) -> float:
+    """Median seconds per call; calls rotate through ``pool`` (lists of arg tuples)."""
+    jax.block_until_ready(fn(*pool[0]))  # compile + warm up
+    per_call = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        out = None
+        for r in range(reps):
+            out = fn(*pool[r % len(pool)])
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t0) / reps)
+    return statistics.median(per_call)
+
+
+def copy_bandwidth(nbytes: int, reps: int, trials: int) -> float:
+    """Bytes/s of a read+write elementwise pass over ``nbytes`` (the achievable roofline)."""
+    n = nbytes // 4
+    pool = [(jnp.arange(n, dtype=jnp.float32) + i,) for i in range(2)]
+    f = jax.jit(lambda a: a + 1.0)
+    return 2 * n * 4 / _time(f, pool, reps, trials)
+
+
+def _pool_size(bytes_per_set: int, target: int) -> int:
+    return int(min(32, max(2, math.ceil(target / max(bytes_per_set, 1)))))
+
+
+def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
+    """(name, jitted fn, make_args(i), bytes moved, peak kind) per candidate."""
+    interpret = True if smoke else None
+    g = min(GROUP, k)
+
+    def rng(i):
+        return np.random.default_rng(seed + i)
+
+    def x_bf16(i):
+        return jnp.asarray(rng(i).standard_normal((m, k)), jnp.bfloat16)
+
+    def w4(i):
+        r = rng(1000 + i)
+        return (jnp.asarray(r.integers(0, 256, (k, n // 2)), jnp.uint8),
+                jnp.asarray(r.uniform(0.01, 0.1, (k // g, n)), jnp.float32),
+                jnp.asarray(r.integers(0, 16, (k // g, n)), jnp.float32))
+
+    def w8(i):
+        r = rng(2000 + i)
+        return (jnp.asarray(r.integers(-127, 128, (k, n)), jnp.int8),
+                jnp.asarray(r.uniform(0.01, 0.1, (n,)), jnp.float32))
+
+    def x8(i):
+        r = rng(3000 + i)
+        return (jnp.asarray(r.integers(-127, 128, (m, k)), jnp.int8),
+                jnp.asarray(r.uniform(0.01, 0.1, (m, 1)), jnp.float32))
+
+    def f8(i, shape):
+        return jnp.asarray(rng(4000 + i).standard_normal(shape), jnp.float8_e4m3fn)
+
+    out_b = m * n * 2
+    x_b = m * k * 2
+    s_b = 2 * (k // g) * n * 4
+    f32 = jnp.float32
+
+    def dot_bf16(x, w):
+        return jnp.dot(x, w, preferred_element_type=f32).astype(jnp.bfloat16)
+
+    def xla_w4a16(x, pw, s, z):
+        w = dequantize_w4(pw, s, z, group_size=g).astype(jnp.bfloat16)
+        return jnp.dot(x, w, preferred_element_type=f32).astype(jnp.bfloat16)
+
+    def xla_w8a8(xq, xs, wq, ws):
+        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return (acc.astype(f32) * xs * ws[None, :]).astype(jnp.bfloat16)
+
+    def xla_w8a8_dyn(x, wq, ws):
+        xq, xs = quantize_rows_reference(x)
+        return xla_w8a8(xq, xs, wq, ws)
+
+    def xla_fp8(xq, wq, xs, ws):
+        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        return (acc * xs * ws).astype(jnp.bfloat16)
+
+    one = jnp.ones((), f32)
+    return [
+        ("bf16_dot", jax.jit(dot_bf16),
+         lambda i: (x_bf16(i), jnp.asarray(rng(5000 + i).standard_normal((k, n)), jnp.bfloat16)),
+         x_b + k * n * 2 + out_b, "bf16"),
+        ("xla_w4a16", jax.jit(xla_w4a16), lambda i: (x_bf16(i), *w4(i)),
+         x_b + k * n // 2 + s_b + out_b, "bf16"),
+        ("pallas_w4a16", jax.jit(lambda x, pw, s, z: w4a16_matmul(
+            x, pw, s, z, group_size=g, out_dtype=jnp.bfloat16, interpret=interpret)),
+         lambda i: (x_bf16(i), *w4(i)), x_b + k * n // 2 + s_b + out_b, "bf16"),
+        ("xla_w8a8", jax.jit(xla_w8a8), lambda i: (*x8(i), *w8(i)),
+         m * k + k * n + out_b, "int8"),
+        ("pallas_w8a8", jax.jit(lambda xq, xs, wq, ws: int8_matmul(
+            xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
+         lambda i: (*x8(i), *w8(i)), m * k + k * n + out_b, "int8"),
+        ("xla_w8a8_dyn", jax.jit(xla_w8a8_dyn), lambda i: (x_bf16(i), *w8(i)),
+         x_b + 2 * m * k + k * n + out_b, "int8"),
+        ("pallas_w8a8_dyn", jax.jit(lambda x, wq, ws: int8_matmul_dynamic(
+            x, wq, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
+         lambda i: (x_bf16(i), *w8(i)), x_b + 2 * m * k + k * n + out_b, "int8"),
+        ("xla_fp8", jax.jit(xla_fp8),
+         lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one), m * k + k * n + out_b, "fp8"),
+        ("pallas_fp8", jax.jit(lambda xq, wq, xs, ws: fp8_matmul(
+            xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
+         lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one), m * k + k * n + out_b, "fp8"),
+    ]
+
+
+def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None) -> list[dict]:
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    peaks = _peaks(kind)
+    bw = copy_bandwidth(min(pool_bytes, 1 << 30), reps, trials)
+    mode = "CPU SMOKE (kernels in interpret mode; timings say nothing about GPU speed)" \
+        if smoke else "native"
+    print(f"# device: {kind} ({jax.default_backend()}), jax {jax.__version__}, mode: {mode}")
+    print(f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s; peaks: {peaks or 'unknown device'}")
+    print(f"# reps per trial {reps}, trials {trials}, rotation pool >= {pool_bytes >> 20} MiB")
+    hdr = f"{'M':>5} {'K=N':>5} {'candidate':<16} {'time_us':>10} {'vs_bf16':>8} " \
+          f"{'mem_roof':>8} {'tc_peak':>8}"
+    print(hdr)
+    rows = []
+    for kn in kns:
+        for m in ms:
+            base = None
+            for name, fn, make, nbytes, pk in candidates(m, kn, kn, smoke):
+                if only and name not in only and name != "bf16_dot":
+                    continue
+                pool = [make(i) for i in range(_pool_size(nbytes, pool_bytes))]
+                try:
+                    t = _time(fn, pool, reps, trials)
+                except Exception as e:  # noqa: BLE001 - report and keep benchmarking
+                    print(f"{m:>5} {kn:>5} {name:<16} failed: {type(e).__name__}: {e}"[:200])
+                    continue
+                finally:
+                    del pool
+                base = t if name == "bf16_dot" else base
+                flops = 2.0 * m * kn * kn
+                peak = peaks.get(pk)
+                row = dict(m=m, k=kn, n=kn, candidate=name, time_s=t,
+                           vs_bf16=(base / t) if base else None,
+                           mem_roofline=(nbytes / t) / bw,
+                           tc_peak=(flops / t / peak) if peak else None,
+                           device=kind, smoke=smoke)
+                rows.append(row)
+                tcs = f"{row['tc_peak']:.3f}" if peak else "-"
+                vs = f"{row['vs_bf16']:.2f}" if row["vs_bf16"] else "-"
+                print(f"{m:>5} {kn:>5} {name:<16} {t * 1e6:>10.1f} {vs:>8} "
+                      f"{row['mem_roofline']:>8.3f} {tcs:>8}", flush=True)
+    return rows
+
+
+def dispatch_table(rows: list[dict]) -> dict:
+    """{op: {m_bucket: winner}}: "pallas" only if it beat XLA's path at every K = N."""
+    t = {(r["m"], r["k"], r["candidate"]): r["time_s"] for r in rows}
+    table: dict[str, dict[int, str]] = {}
+    for op, (pallas_name, xla_name) in DISPATCH_PAIRS.items():
+        for m in sorted({r["m"] for r in rows}):
+            wins = [t[(m, k, pallas_name)] < t[(m, k, xla_name)]
+                    for k in sorted({r["k"] for r in rows})
+                    if (m, k, pallas_name) in t and (m, k, xla_name) in t]
+            if wins:
+                table.setdefault(op, {})[dispatch.m_bucket(m)] = \
+                    "pallas" if all(wins) else "xla"
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny sizes, interpret mode (automatic without a GPU)")
+    p.add_argument("--m", type=int, nargs="*", help="override the M list")
+    p.add_argument("--kn", type=int, nargs="*", help="override the K = N list")
+    p.add_argument("--only", nargs="*", help="candidate names to run (bf16_dot always runs)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--trials", type=int, default=None)
+    p.add_argument("--json", type=str, default=None, help="write the rows here")
+    p.add_argument("--emit-dispatch", action="store_true",
+                   help="print a MEASURED entry for pallas_kernels/dispatch.py")
+    a = p.parse_args(argv)
+    smoke = a.cpu_smoke or jax.default_backend() != "gpu"
+    if smoke:
+        ms, kns = a.m or [1, 16], a.kn or [256]
+        reps, trials, pool_bytes = a.reps or 2, a.trials or 3, 1 << 20
+    else:
+        ms, kns = a.m or [1, 16, 64, 256, 1024, 4096], a.kn or [4096, 8192]
+        reps, trials, pool_bytes = a.reps or 20, a.trials or 15, 512 << 20
+    rows = run(ms, kns, smoke, reps, trials, pool_bytes, only=a.only)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.emit_dispatch:
+        kind = jax.devices()[0].device_kind
+        print(f"# MEASURED[{kind!r}] = {dispatch_table(rows)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
