@@ -1,0 +1,299 @@
+"""jqx.quantized / map_dots / capture_inputs: the jaxpr interpreter on plain
+functions, flax.linen and flax.nnx, against the float function run on the
+dequantized parameters."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+import jqx
+from jqx import transform
+
+K, N, M = 32, 16, 4
+HI = lax.Precision.HIGHEST
+ALL = lambda p, x: getattr(x, "ndim", 0) >= 2  # noqa: E731  quantize every matrix
+
+
+def _x(shape=(M, K), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _close(a, b, rel=1e-5):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    tol = rel * (1.0 + float(jnp.max(jnp.abs(b))))
+    assert float(jnp.max(jnp.abs(a - b))) <= tol, (float(jnp.max(jnp.abs(a - b))), tol)
+
+
+def _deq_ref(fn, qparams, *args):
+    with jax.default_matmul_precision("highest"):
+        return fn(jqx.dequantize(qparams), *args)
+
+
+# --------------------------------------------------------------------------- plain functions
+
+PLAIN = {
+    "x@W": lambda p, x: x @ p["w"],
+    "W.T tied": lambda p, x: (x @ p["w"]) @ p["w"].T,
+    "cast bf16": lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16),
+    "einsum batch": lambda p, x: jnp.einsum("bk,lkn->lbn", x, p["s"]),
+    "W lhs": lambda p, x: jnp.dot(p["w"].T, x.T),
+    "jit inside": lambda p, x: jax.jit(lambda w, y: jnp.tanh(y @ w))(p["w"], x),
+    "non-dot use": lambda p, x: x @ p["w"] + jnp.sum(p["w"]),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAIN))
+@pytest.mark.parametrize("recipe", ["int8", "int4", "w8a8"])
+def test_plain_functions(name, recipe):
+    params = {"w": _x((K, N), 0), "s": _x((3, K, N), 2)}
+    r = {
+        "int8": jqx.int8_weight_only(),
+        "int4": jqx.int4_weight_only(group_size=8),
+        "w8a8": jqx.int8_dynamic_activation_int8_weight(),
+    }[recipe]
+    q = jqx.quantize(params, r, filter_fn=ALL)
+    fn = PLAIN[name]
+    x = _x()
+    y = jax.jit(jqx.quantized(fn))(q, x)
+    ref = _deq_ref(fn, q, x)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    if recipe == "w8a8" and name != "non-dot use":
+        _close(y, ref, rel=0.03)  # activation rounding error
+    elif name == "cast bf16":
+        _close(y, ref, rel=2e-2)
+    elif recipe != "w8a8":
+        _close(y, ref)
+
+
+def test_dot_goes_to_ops_not_dequantize():
+    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
+    jaxpr = str(jax.make_jaxpr(jqx.quantized(lambda p, x: x @ p["w"].T.T))(q, _x()))
+    assert "preferred_element_type=int32" in jaxpr
+    # the double transpose was folded into the dimension numbers: no (N, K) copy of the codes
+    assert f"i8[{N},{K}]" not in jaxpr and f"f32[{N},{K}]" not in jaxpr
+
+
+def test_tied_transpose_uses_int_dot():
+    q = jqx.quantize({"e": _x((N, K), 0)}, jqx.int8_dynamic_activation_int8_weight(axis=-1),
+                     filter_fn=ALL)
+    f = jqx.quantized(lambda p, x: x @ p["e"].T)
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(f)(q, _x()))
+    _close(f(q, _x()), _deq_ref(lambda p, x: x @ p["e"].T, q, _x()), rel=0.03)
+
+
+def test_unwrapped_qarray_error():
+    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
+    with pytest.raises(TypeError, match="jqx.quantized"):
+        jax.jit(lambda p, x: x @ p["w"])(q, _x())
+
+
+def test_cond_and_while_fall_back_to_dequantize():
+    q = jqx.quantize({"w": _x((K, K), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
+
+    def f(p, x):
+        y = lax.cond(x[0, 0] > 0, lambda w: x @ w, lambda w: -(x @ w), p["w"])
+        z = lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c @ p["w"]), x)
+        return y + z
+
+    _close(jax.jit(jqx.quantized(f))(q, _x()), _deq_ref(f, q, _x()))
+
+
+def test_custom_vjp_and_custom_jvp_and_remat():
+    @jax.custom_vjp
+    def mm(x, w):
+        return x @ w
+
+    mm.defvjp(lambda x, w: (mm(x, w), (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+    @jax.custom_jvp
+    def act(x):
+        return jax.nn.relu(x)
+
+    act.defjvp(lambda p, t: (act(p[0]), t[0]))
+
+    def f(p, x):
+        h = jax.checkpoint(lambda y: act(y @ p["a"]))(x)
+        return mm(h, p["b"])
+
+    params = {"a": _x((K, K), 0), "b": _x((K, N), 3)}
+    q = jqx.quantize(params, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
+    jaxpr = str(jax.make_jaxpr(jqx.quantized(f))(q, _x()))
+    assert jaxpr.count("preferred_element_type=int32") == 2
+    _close(jax.jit(jqx.quantized(f))(q, _x()), _deq_ref(f, q, _x()), rel=0.05)
+    # gradients w.r.t. the activations flow through the quantized function
+    g = jax.grad(lambda x: jqx.quantized(f)(q, x).sum())(_x())
+    assert g.shape == (M, K) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_no_retrace():
+    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int4_weight_only(group_size=8), filter_fn=ALL)
+
+    @chex.assert_max_traces(n=1)
+    def fn(p, x):
+        return x @ p["w"]
+
+    f = jax.jit(jqx.quantized(fn))
+    for s in range(3):
+        f(q, _x(seed=s))
+    chex.clear_trace_counter()
+
+
+# --------------------------------------------------------------------------- flax.linen
+
+
+class _Linen(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(50, K)
+        h = emb(tok)
+        h = nn.Dense(K)(h)
+        h = nn.DenseGeneral((2, 8), axis=-1)(h)  # (..., 2, 8)
+        h = nn.DenseGeneral(K, axis=(-2, -1))(h)
+        h = nn.Einsum((K, N), "...k,kn->...n")(h)
+        h = nn.Dense(K)(h)
+        return emb.attend(h)  # tied embedding: h @ embedding.T
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [jqx.int8_weight_only(), jqx.int4_weight_only(group_size=8), jqx.int8_dynamic_activation_int8_weight()],
+    ids=["int8", "int4", "w8a8"],
+)
+def test_linen_layers(recipe):
+    m = _Linen()
+    tok = jnp.arange(12).reshape(3, 4) % 50
+    v = m.init(jax.random.key(0), tok)
+    rules = {
+        "embedding": recipe.replace(axis=-1),
+        # (2, 8, K): contracted over its first two axes; per axis-0 channel blocks
+        # vary along the contraction, which exercises the dequantize fallback.
+        "DenseGeneral_1": recipe.replace(axis=0, group_size=None),
+        "kernel": recipe.replace(axis=0),
+    }
+    qv = jqx.quantize(v, rules, filter_fn=lambda p, x: x.ndim >= 2)
+    assert jqx.is_qarray(qv["params"]["Embed_0"]["embedding"])
+    y = jax.jit(jqx.quantized(m.apply))(qv, tok)
+    ref = _deq_ref(m.apply, qv, tok)
+    _close(y, ref, rel=0.05 if recipe.act else 1e-4)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return nn.relu(nn.Dense(K)(c)), None
+
+
+def test_linen_scan_stacked_layers_and_remat():
+    Scanned = nn.scan(
+        nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+    )
+    m = Scanned()
+    x = _x()
+    v = m.init(jax.random.key(0), x, None)
+    qv = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight())
+    (k,) = [a for a in jax.tree.leaves(qv, is_leaf=jqx.is_qarray) if jqx.is_qarray(a)]
+    assert k.shape == (3, K, K)
+    f = jqx.quantized(lambda v, x: m.apply(v, x, None)[0])
+    jaxpr = str(jax.make_jaxpr(f)(qv, x))
+    assert "preferred_element_type=int32" in jaxpr  # the scan body runs the int8 dot
+    _close(jax.jit(f)(qv, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qv, x), rel=0.05)
+    qw = jqx.quantize(v, jqx.int4_weight_only(group_size=8))
+    _close(jax.jit(f)(qw, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qw, x))
+
+
+# --------------------------------------------------------------------------- flax.nnx
+
+
+class _Nnx(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(K, K, rngs=rngs)
+        self.b = nnx.Linear(K, N, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(nnx.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("recipe", [jqx.int8_weight_only(), jqx.int8_dynamic_activation_int8_weight()],
+                         ids=["int8", "w8a8"])
+def test_nnx_split_merge_and_nnx_jit(recipe):
+    model = _Nnx(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    qstate = jqx.quantize(state, recipe)
+    assert sum(jqx.is_qarray(a) for a in jax.tree.leaves(qstate, is_leaf=jqx.is_qarray)) == 2
+
+    def fwd(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    x = _x()
+    ref = _deq_ref(fwd, qstate, x)
+    rel = 0.05 if recipe.act else 1e-5
+    _close(jax.jit(jqx.quantized(fwd))(qstate, x), ref, rel)
+    _close(nnx.jit(jqx.quantized(fwd))(qstate, x), ref, rel)
+
+
+# --------------------------------------------------------------------------- map_dots / capture_inputs
+
+
+def test_capture_inputs_order_and_shapes():
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(K, name="second")(nn.Dense(K, name="first")(x))  # forward order != name order
+            return nn.Dense(N, name="a_last")(h)
+
+    m = Mlp()
+    x = _x((2, 3, K))
+    v = m.init(jax.random.key(0), x)
+    paths = ["params/a_last/kernel", "params/first/kernel", "params/second/kernel"]
+    out, rec = transform.capture_inputs(m.apply, paths)(v, x)
+    assert list(rec) == ["params/first/kernel", "params/second/kernel", "params/a_last/kernel"]
+    np.testing.assert_allclose(rec["params/first/kernel"][0], x.reshape(6, K))
+    assert all(r[0].shape == (6, K) for r in rec.values())
+    _close(out, m.apply(v, x))
+    with pytest.raises(ValueError, match="not leaves"):
+        transform.capture_inputs(m.apply, ["params/nope/kernel"])(v, x)
+
+
+def test_capture_inputs_through_transpose_cast_and_scan():
+    params = {"e": _x((N, K), 0), "s": _x((3, K, K), 4)}
+
+    def f(p, x):
+        h, _ = lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, p["s"])
+        return h.astype(jnp.bfloat16) @ p["e"].T.astype(jnp.bfloat16)
+
+    x = _x()
+    out, rec = transform.capture_inputs(f, ["e", "s"])(params, x)
+    assert list(rec) == ["s", "e"]
+    assert rec["s"][0].shape == (3, M, K)
+    np.testing.assert_allclose(rec["s"][0][0], x)
+    assert rec["e"][0].shape == (M, K) and rec["e"][0].dtype == jnp.bfloat16
+    _close(out, f(params, x), rel=1e-2)
+
+
+def test_capture_inputs_with_quantized_params():
+    """GPTQ-style sequential use: earlier layers already quantized."""
+    params = {"a": _x((K, K), 0), "b": _x((K, N), 3)}
+    q = {"a": jqx.int8_weight_only().quantize_weight(params["a"]), "b": params["b"]}
+    f = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]  # noqa: E731
+    _, rec = transform.capture_inputs(f, ["b"])(q, _x())
+    with jax.default_matmul_precision("highest"):
+        _close(rec["b"][0], jnp.tanh(_x() @ q["a"].dequantize()))
+
+
+def test_map_dots_rule_sees_stored_layout():
+    params = {"e": _x((N, K), 0)}
+    seen = []
+
+    def rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
+        seen.append((path, rhs.shape, dn, w_is_lhs))
+        return 2.0 * lax.dot_general(lhs, rhs, dn, precision=precision, preferred_element_type=pet)
+
+    f = lambda p, x: x @ p["e"].T  # noqa: E731
+    y = jax.jit(transform.map_dots(f, ["e"], rule))(params, _x())
+    _close(y, 2.0 * f(params, _x()))
+    assert seen == [("e", (N, K), (((1,), (1,)), ((), ())), False)]
