@@ -13,6 +13,7 @@ benchmark run (see docs/sections/kernels.md).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 OPS = ("w4a16", "int8", "int8_dynamic", "fp8")
@@ -42,7 +43,14 @@ def m_bucket(m: int) -> int:
 
 
 def choose(
-    op: str, m: int, k: int, n: int, platform: str, device_kind: str | None = None
+    op: str,
+    m: int,
+    k: int,
+    n: int,
+    platform: str,
+    device_kind: str | None = None,
+    *,
+    table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None,
 ) -> Literal["pallas", "xla"]:
     """``"pallas"`` where the kernel was measured faster than XLA for this bucket, else ``"xla"``.
 
@@ -51,6 +59,7 @@ def choose(
       m, k, n: the matmul's (M, K) x (K, N) sizes (M = all leading rows).
       platform: ``jax.default_backend()`` style name: "cpu", "gpu"/"cuda", "tpu", ...
       device_kind: ``jax.devices()[0].device_kind``; None matches no measured row.
+      table: measured winners to consult; defaults to :data:`MEASURED`.
 
     Returns:
       ``"pallas"`` or ``"xla"``.
@@ -68,8 +77,8 @@ def choose(
         return "xla"
     if device_kind is None or k * n < MIN_WEIGHT_ELEMENTS:
         return "xla"
-    for kind, table in MEASURED.items():
+    for kind, per_op in (MEASURED if table is None else table).items():
         if kind.lower() in device_kind.lower():
-            winner = table.get(op, {}).get(m_bucket(m), "xla")
+            winner = per_op.get(op, {}).get(m_bucket(m), "xla")
             return "pallas" if winner == "pallas" else "xla"
     return "xla"
