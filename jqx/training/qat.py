@@ -21,9 +21,11 @@ Two ways to get the scale:
   stay frozen at their initial value.
 
 ``convert(params, recipe, scales)`` turns the trained weights into real
-QArrays whose ``jqx.quantized`` forward equals the fake-quant forward: the
-QAT forward *is* ``QArray.dequantize()`` of the QArray that ``convert``
-builds, so codes and scales are identical by construction.
+QArrays whose ``jqx.quantized`` forward equals the fake-quant forward bit for
+bit: each matmul of a selected weight runs, in the QAT forward,
+``jqx.ops.dot_general`` on the same QArray that ``convert`` builds (found with
+``jqx.transform.map_dots``), and its backward is the plain matmul VJP at the
+fake-quantized weight ``QArray.dequantize()`` (STE).
 
 Example:
     >>> import jax, jax.numpy as jnp, jqx
@@ -369,18 +371,56 @@ def _lookup_scale(scales, p):
     return e["scale"], e.get("zero_point")
 
 
-def _fake_params(params, sel: dict[str, Recipe], scales):
+def _fake_params(params, sel: dict[str, Recipe], scales, act_default):
+    """The params with each selected weight replaced by its fake-quant value
+    (STE gradient), and ``{path: QArray}`` of the same quantization (no
+    gradient) for the matmuls to run on."""
+    qarrays: dict[str, QArray] = {}
+
     def f(path, leaf):
         p = path_str(path)
         if p not in sel:
             return leaf
         r = sel[p]
         if scales is None:
-            return _fq_rtn(leaf, r, p)
-        s, z = _lookup_scale(scales, p)
-        return fake_quant_weight_lsq(leaf, s, r, z)
+            out = _fq_rtn(leaf, r, p)
+            q = r.quantize_weight(jax.lax.stop_gradient(leaf), path=p)
+        else:
+            s, z = _lookup_scale(scales, p)
+            out = fake_quant_weight_lsq(leaf, s, r, z)
+            sg = jax.lax.stop_gradient
+            q = _build_qarray(sg(leaf), r, _block_of(r, leaf, p), sg(s), None if z is None else sg(z))
+        qarrays[p] = q.replace(act=act_default(r))
+        return out
 
-    return jax.tree_util.tree_map_with_path(f, params, is_leaf=is_qarray)
+    new = jax.tree_util.tree_map_with_path(f, params, is_leaf=is_qarray)
+    return new, qarrays
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _exact_dot(lhs, rhs, q, dimension_numbers, precision, preferred_element_type, w_is_lhs):
+    from jqx import ops as _ops  # noqa: PLC0415 (training sits above ops)
+
+    a, b = (q, rhs) if w_is_lhs else (lhs, q)
+    return _ops.dot_general(a, b, dimension_numbers, precision, preferred_element_type)
+
+
+def _exact_dot_fwd(lhs, rhs, q, dn, precision, pet, w_is_lhs):
+    return _exact_dot(lhs, rhs, q, dn, precision, pet, w_is_lhs), (lhs, rhs)
+
+
+def _exact_dot_bwd(dn, precision, pet, w_is_lhs, res, g):
+    lhs, rhs = res
+    y, vjp = jax.vjp(
+        lambda a, b: jax.lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet),
+        lhs,
+        rhs,
+    )
+    gl, gr = vjp(g.astype(y.dtype))
+    return gl, gr, None
+
+
+_exact_dot.defvjp(_exact_dot_fwd, _exact_dot_bwd)
 
 
 def fake_quantized(
@@ -394,16 +434,24 @@ def fake_quantized(
 ) -> Callable:
     """Wraps ``fn`` so the selected weights of its params are fake-quantized.
 
+    Every matmul that uses a selected weight (found with
+    ``jqx.transform.map_dots``) computes its forward value with
+    ``jqx.ops.dot_general`` on the very QArray that :func:`convert` returns,
+    so the QAT forward equals the ``jqx.quantized`` forward bit for bit; its
+    backward is the matmul's own VJP at the fake-quantized weight (and, with
+    activations quantized, the unquantized activation: STE). Any other use of
+    the weight sees the fake-quant value ``QArray.dequantize()``.
+
     Args:
       fn: any function taking a params pytree at positional ``argnum``
         (a linen ``apply``, ``lambda state, x: nnx.merge(gdef, state)(x)``, ...).
       recipe: a recipe or rules ``{regex: recipe_or_None}``, selected exactly as
         ``jqx.quantize`` selects (``jqx.tree.select``).
       argnum: which positional argument of ``fn`` holds the params.
-      quantize_activations: also fake-quantize the other operand of every
-        matmul that uses a selected weight (via ``jqx.transform.map_dots``),
-        per the recipe's ``act`` spec, or dynamic per-token int8 for
-        weight-only recipes.
+      quantize_activations: also quantize the other operand of those matmuls
+        as the recipe's ``act`` spec says (dynamic per-token int8 for
+        weight-only recipes). Off: weight-only fake quant, even for a recipe
+        with an ``act`` spec.
       filter_fn: ``(path, leaf) -> bool``, as in ``jqx.quantize``.
       lsq: learned step size. The returned function then takes the scales
         (``init_scales``) as an extra first positional argument.
@@ -428,6 +476,11 @@ def fake_quantized(
     if isinstance(recipe, Recipe):
         _check_recipe(recipe, "recipe")
 
+    def act_default(r: Recipe):
+        if not quantize_activations:
+            return None
+        return r.act or ActSpec("dynamic", "int8", "per_token")
+
     def run(scales, args, kw):
         if not -len(args) <= argnum < len(args):
             raise ValueError(
@@ -437,24 +490,18 @@ def fake_quantized(
         params = args[argnum]
         sel = _selected(params, recipe, filter_fn)
         new_args = list(args)
-        new_args[argnum] = _fake_params(params, sel, scales)
-        inner = fn
-        if quantize_activations and sel:
-            from jqx import transform as _transform  # noqa: PLC0415 (training sits above it)
+        new_args[argnum], qarrays = _fake_params(params, sel, scales, act_default)
+        if not sel:
+            return fn(*new_args, **kw)
+        from jqx import transform as _transform  # noqa: PLC0415 (training sits above it)
 
-            def rule(path, x, w, dimension_numbers, precision, preferred_element_type, w_is_lhs):
-                spec = sel[path].act or ActSpec("dynamic", "int8", "per_token")
-                (lc, rc), _ = dimension_numbers
-                x_axes = rc if w_is_lhs else lc
-                xq = fake_quant_activation(x, spec, tuple(x_axes))
-                lhs, rhs = (w, xq) if w_is_lhs else (xq, w)
-                return jax.lax.dot_general(
-                    lhs, rhs, dimension_numbers, precision=precision,
-                    preferred_element_type=preferred_element_type,
-                )
+        def rule(path, lhs, rhs, dimension_numbers, precision, preferred_element_type, w_is_lhs):
+            return _exact_dot(
+                lhs, rhs, qarrays[path], dimension_numbers, precision, preferred_element_type,
+                w_is_lhs,
+            )
 
-            inner = _transform.map_dots(fn, list(sel), rule, argnum=argnum)
-        return inner(*new_args, **kw)
+        return _transform.map_dots(fn, list(sel), rule, argnum=argnum)(*new_args, **kw)
 
     if lsq:
 
