@@ -104,19 +104,25 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
 
     def w4(i):
         r = rng(1000 + i)
-        return (jnp.asarray(r.integers(0, 256, (k, n // 2)), jnp.uint8),
-                jnp.asarray(r.uniform(0.01, 0.1, (k // g, n)), jnp.float32),
-                jnp.asarray(r.integers(0, 16, (k // g, n)), jnp.float32))
+        return (
+            jnp.asarray(r.integers(0, 256, (k, n // 2)), jnp.uint8),
+            jnp.asarray(r.uniform(0.01, 0.1, (k // g, n)), jnp.float32),
+            jnp.asarray(r.integers(0, 16, (k // g, n)), jnp.float32),
+        )
 
     def w8(i):
         r = rng(2000 + i)
-        return (jnp.asarray(r.integers(-127, 128, (k, n)), jnp.int8),
-                jnp.asarray(r.uniform(0.01, 0.1, (n,)), jnp.float32))
+        return (
+            jnp.asarray(r.integers(-127, 128, (k, n)), jnp.int8),
+            jnp.asarray(r.uniform(0.01, 0.1, (n,)), jnp.float32),
+        )
 
     def x8(i):
         r = rng(3000 + i)
-        return (jnp.asarray(r.integers(-127, 128, (m, k)), jnp.int8),
-                jnp.asarray(r.uniform(0.01, 0.1, (m, 1)), jnp.float32))
+        return (
+            jnp.asarray(r.integers(-127, 128, (m, k)), jnp.int8),
+            jnp.asarray(r.uniform(0.01, 0.1, (m, 1)), jnp.float32),
+        )
 
     def f8(i, shape):
         return jnp.asarray(rng(4000 + i).standard_normal(shape), jnp.float8_e4m3fn)
@@ -134,8 +140,9 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
         return jnp.dot(x, w, preferred_element_type=f32).astype(jnp.bfloat16)
 
     def xla_w8a8(xq, xs, wq, ws):
-        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.int32)
+        acc = jax.lax.dot_general(
+            xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+        )
         return (acc.astype(f32) * xs * ws[None, :]).astype(jnp.bfloat16)
 
     def xla_w8a8_dyn(x, wq, ws):
@@ -148,29 +155,79 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
 
     one = jnp.ones((), f32)
     return [
-        ("bf16_dot", jax.jit(dot_bf16),
-         lambda i: (x_bf16(i), jnp.asarray(rng(5000 + i).standard_normal((k, n)), jnp.bfloat16)),
-         x_b + k * n * 2 + out_b, "bf16"),
-        ("xla_w4a16", jax.jit(xla_w4a16), lambda i: (x_bf16(i), *w4(i)),
-         x_b + k * n // 2 + s_b + out_b, "bf16"),
-        ("pallas_w4a16", jax.jit(lambda x, pw, s, z: w4a16_matmul(
-            x, pw, s, z, group_size=g, out_dtype=jnp.bfloat16, interpret=interpret)),
-         lambda i: (x_bf16(i), *w4(i)), x_b + k * n // 2 + s_b + out_b, "bf16"),
-        ("xla_w8a8", jax.jit(xla_w8a8), lambda i: (*x8(i), *w8(i)),
-         m * k + k * n + out_b, "int8"),
-        ("pallas_w8a8", jax.jit(lambda xq, xs, wq, ws: int8_matmul(
-            xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
-         lambda i: (*x8(i), *w8(i)), m * k + k * n + out_b, "int8"),
-        ("xla_w8a8_dyn", jax.jit(xla_w8a8_dyn), lambda i: (x_bf16(i), *w8(i)),
-         x_b + 2 * m * k + k * n + out_b, "int8"),
-        ("pallas_w8a8_dyn", jax.jit(lambda x, wq, ws: int8_matmul_dynamic(
-            x, wq, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
-         lambda i: (x_bf16(i), *w8(i)), x_b + 2 * m * k + k * n + out_b, "int8"),
-        ("xla_fp8", jax.jit(xla_fp8),
-         lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one), m * k + k * n + out_b, "fp8"),
-        ("pallas_fp8", jax.jit(lambda xq, wq, xs, ws: fp8_matmul(
-            xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret)),
-         lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one), m * k + k * n + out_b, "fp8"),
+        (
+            "bf16_dot",
+            jax.jit(dot_bf16),
+            lambda i: (x_bf16(i), jnp.asarray(rng(5000 + i).standard_normal((k, n)), jnp.bfloat16)),
+            x_b + k * n * 2 + out_b,
+            "bf16",
+        ),
+        (
+            "xla_w4a16",
+            jax.jit(xla_w4a16),
+            lambda i: (x_bf16(i), *w4(i)),
+            x_b + k * n // 2 + s_b + out_b,
+            "bf16",
+        ),
+        (
+            "pallas_w4a16",
+            jax.jit(
+                lambda x, pw, s, z: w4a16_matmul(
+                    x, pw, s, z, group_size=g, out_dtype=jnp.bfloat16, interpret=interpret
+                )
+            ),
+            lambda i: (x_bf16(i), *w4(i)),
+            x_b + k * n // 2 + s_b + out_b,
+            "bf16",
+        ),
+        ("xla_w8a8", jax.jit(xla_w8a8), lambda i: (*x8(i), *w8(i)), m * k + k * n + out_b, "int8"),
+        (
+            "pallas_w8a8",
+            jax.jit(
+                lambda xq, xs, wq, ws: int8_matmul(
+                    xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret
+                )
+            ),
+            lambda i: (*x8(i), *w8(i)),
+            m * k + k * n + out_b,
+            "int8",
+        ),
+        (
+            "xla_w8a8_dyn",
+            jax.jit(xla_w8a8_dyn),
+            lambda i: (x_bf16(i), *w8(i)),
+            x_b + 2 * m * k + k * n + out_b,
+            "int8",
+        ),
+        (
+            "pallas_w8a8_dyn",
+            jax.jit(
+                lambda x, wq, ws: int8_matmul_dynamic(
+                    x, wq, ws, out_dtype=jnp.bfloat16, interpret=interpret
+                )
+            ),
+            lambda i: (x_bf16(i), *w8(i)),
+            x_b + 2 * m * k + k * n + out_b,
+            "int8",
+        ),
+        (
+            "xla_fp8",
+            jax.jit(xla_fp8),
+            lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one),
+            m * k + k * n + out_b,
+            "fp8",
+        ),
+        (
+            "pallas_fp8",
+            jax.jit(
+                lambda xq, wq, xs, ws: fp8_matmul(
+                    xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret
+                )
+            ),
+            lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one),
+            m * k + k * n + out_b,
+            "fp8",
+        ),
     ]
 
 
@@ -179,13 +236,18 @@ def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None
     kind = dev.device_kind
     peaks = _peaks(kind)
     bw = copy_bandwidth(min(pool_bytes, 1 << 30), reps, trials)
-    mode = "CPU SMOKE (kernels in interpret mode; timings say nothing about GPU speed)" \
-        if smoke else "native"
+    mode = (
+        "CPU SMOKE (kernels in interpret mode; timings say nothing about GPU speed)"
+        if smoke
+        else "native"
+    )
     print(f"# device: {kind} ({jax.default_backend()}), jax {jax.__version__}, mode: {mode}")
     print(f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s; peaks: {peaks or 'unknown device'}")
     print(f"# reps per trial {reps}, trials {trials}, rotation pool >= {pool_bytes >> 20} MiB")
-    hdr = f"{'M':>5} {'K=N':>5} {'candidate':<16} {'time_us':>10} {'vs_bf16':>8} " \
-          f"{'mem_roof':>8} {'tc_peak':>8}"
+    hdr = (
+        f"{'M':>5} {'K=N':>5} {'candidate':<16} {'time_us':>10} {'vs_bf16':>8} "
+        f"{'mem_roof':>8} {'tc_peak':>8}"
+    )
     print(hdr)
     rows = []
     for kn in kns:
@@ -205,16 +267,26 @@ def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None
                 base = t if name == "bf16_dot" else base
                 flops = 2.0 * m * kn * kn
                 peak = peaks.get(pk)
-                row = dict(m=m, k=kn, n=kn, candidate=name, time_s=t,
-                           vs_bf16=(base / t) if base else None,
-                           mem_roofline=(nbytes / t) / bw,
-                           tc_peak=(flops / t / peak) if peak else None,
-                           device=kind, smoke=smoke)
+                row = dict(
+                    m=m,
+                    k=kn,
+                    n=kn,
+                    candidate=name,
+                    time_s=t,
+                    vs_bf16=(base / t) if base else None,
+                    mem_roofline=(nbytes / t) / bw,
+                    tc_peak=(flops / t / peak) if peak else None,
+                    device=kind,
+                    smoke=smoke,
+                )
                 rows.append(row)
                 tcs = f"{row['tc_peak']:.3f}" if peak else "-"
                 vs = f"{row['vs_bf16']:.2f}" if row["vs_bf16"] else "-"
-                print(f"{m:>5} {kn:>5} {name:<16} {t * 1e6:>10.1f} {vs:>8} "
-                      f"{row['mem_roofline']:>8.3f} {tcs:>8}", flush=True)
+                print(
+                    f"{m:>5} {kn:>5} {name:<16} {t * 1e6:>10.1f} {vs:>8} "
+                    f"{row['mem_roofline']:>8.3f} {tcs:>8}",
+                    flush=True,
+                )
     return rows
 
 
@@ -224,27 +296,34 @@ def dispatch_table(rows: list[dict]) -> dict:
     table: dict[str, dict[int, str]] = {}
     for op, (pallas_name, xla_name) in DISPATCH_PAIRS.items():
         for m in sorted({r["m"] for r in rows}):
-            wins = [t[(m, k, pallas_name)] < t[(m, k, xla_name)]
-                    for k in sorted({r["k"] for r in rows})
-                    if (m, k, pallas_name) in t and (m, k, xla_name) in t]
+            wins = [
+                t[(m, k, pallas_name)] < t[(m, k, xla_name)]
+                for k in sorted({r["k"] for r in rows})
+                if (m, k, pallas_name) in t and (m, k, xla_name) in t
+            ]
             if wins:
-                table.setdefault(op, {})[dispatch.m_bucket(m)] = \
-                    "pallas" if all(wins) else "xla"
+                table.setdefault(op, {})[dispatch.m_bucket(m)] = "pallas" if all(wins) else "xla"
     return table
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny sizes, interpret mode (automatic without a GPU)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes, interpret mode (automatic without a GPU)",
+    )
     p.add_argument("--m", type=int, nargs="*", help="override the M list")
     p.add_argument("--kn", type=int, nargs="*", help="override the K = N list")
     p.add_argument("--only", nargs="*", help="candidate names to run (bf16_dot always runs)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--json", type=str, default=None, help="write the rows here")
-    p.add_argument("--emit-dispatch", action="store_true",
-                   help="print a MEASURED entry for pallas_kernels/dispatch.py")
+    p.add_argument(
+        "--emit-dispatch",
+        action="store_true",
+        help="print a MEASURED entry for pallas_kernels/dispatch.py",
+    )
     a = p.parse_args(argv)
     smoke = a.cpu_smoke or jax.default_backend() != "gpu"
     if smoke:

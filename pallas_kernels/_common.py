@@ -98,8 +98,9 @@ def lower_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> str:
     return lowered.as_text()
 
 
-def scaled_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, *rest, m, k, n, bm, bn, bk, acc_dtype,
-                         has_bias):
+def scaled_matmul_kernel(
+    x_ref, w_ref, xs_ref, ws_ref, *rest, m, k, n, bm, bn, bk, acc_dtype, has_bias
+):
     """``(x @ w) * x_scale[:, None] * w_scale[None, :] (+ bias)`` for one (bm, bn) tile.
 
     Shared by the int8 (int32 accumulator) and fp8 (f32 accumulator) kernels. Every edge
@@ -122,29 +123,42 @@ def scaled_matmul_kernel(x_ref, w_ref, xs_ref, ws_ref, *rest, m, k, n, bm, bn, b
         k_ok = (k0 + jnp.arange(bk)) < k
         xmask = row_ok[:, None] & k_ok[None, :] if (mask_m or mask_k) else None
         wmask = k_ok[:, None] & col_ok[None, :] if (mask_n or mask_k) else None
-        x = pl_triton.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)], mask=xmask,
-                           other=None if xmask is None else jnp.zeros((), x_ref.dtype))
-        w = pl_triton.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)], mask=wmask,
-                           other=None if wmask is None else jnp.zeros((), w_ref.dtype))
-        return acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
-                                         preferred_element_type=acc_dtype)
+        x = pl_triton.load(
+            x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)],
+            mask=xmask,
+            other=None if xmask is None else jnp.zeros((), x_ref.dtype),
+        )
+        w = pl_triton.load(
+            w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)],
+            mask=wmask,
+            other=None if wmask is None else jnp.zeros((), w_ref.dtype),
+        )
+        return acc + jax.lax.dot_general(
+            x, w, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype
+        )
 
     acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), acc_dtype))
     rmask = row_ok[:, None] if mask_m else None
     cmask = col_ok[None, :] if mask_n else None
-    xs = pl_triton.load(xs_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], mask=rmask,
-                        other=None if rmask is None else 0.0)
-    ws = pl_triton.load(ws_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask,
-                        other=None if cmask is None else 0.0)
+    xs = pl_triton.load(
+        xs_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], mask=rmask, other=None if rmask is None else 0.0
+    )
+    ws = pl_triton.load(
+        ws_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask, other=None if cmask is None else 0.0
+    )
     out = acc.astype(jnp.float32) * xs * ws
     if has_bias:
-        out = out + pl_triton.load(b_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask,
-                                   other=None if cmask is None else 0.0)
+        out = out + pl_triton.load(
+            b_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)],
+            mask=cmask,
+            other=None if cmask is None else 0.0,
+        )
     omask = None
     if mask_m or mask_n:
         omask = row_ok[:, None] & col_ok[None, :]
-    pl_triton.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(o_ref.dtype),
-                    mask=omask)
+    pl_triton.store(
+        o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(o_ref.dtype), mask=omask
+    )
 
 
 def as_row_scale(arg: str, s: jax.Array, m: int) -> jax.Array:
@@ -157,7 +171,8 @@ def as_row_scale(arg: str, s: jax.Array, m: int) -> jax.Array:
         return s.reshape(m, 1).astype(jnp.float32)
     raise NotImplementedError(
         f"{arg} has shape {s.shape}; supported: per-tensor (scalar, (1,), (1, 1)) or per-row "
-        f"({m},) / ({m}, 1).")
+        f"({m},) / ({m}, 1)."
+    )
 
 
 def as_col_scale(arg: str, s: jax.Array, n: int) -> jax.Array:
@@ -170,14 +185,16 @@ def as_col_scale(arg: str, s: jax.Array, n: int) -> jax.Array:
         return s.reshape(1, n).astype(jnp.float32)
     raise NotImplementedError(
         f"{arg} has shape {s.shape}; supported: per-tensor (scalar, (1,), (1, 1)) or "
-        f"per-column ({n},) / (1, {n}).")
+        f"per-column ({n},) / (1, {n})."
+    )
 
 
 def check_matmul_operands(x: jax.Array, w: jax.Array, xname: str, wname: str) -> tuple:
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(
             f"{xname} has shape {x.shape} and {wname} has shape {w.shape}; expected (M, K) and "
-            "(K, N) with the same K. Reshape leading axes into M first.")
+            "(K, N) with the same K. Reshape leading axes into M first."
+        )
     return x.shape[0], x.shape[1], w.shape[1]
 
 
@@ -220,11 +237,13 @@ def triton_kernels_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct
         with jax_mlir.make_ir_context() as ctx:
             tt_dialect.register_dialect(ctx)
             text = str(ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes))
-        out.append({
-            "name": ir.StringAttr(cfg["name"]).value if "name" in cfg else "",
-            "grid": tuple(ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"),
-            "num_warps": ir.IntegerAttr(cfg["num_warps"]).value,
-            "num_stages": ir.IntegerAttr(cfg["num_stages"]).value,
-            "ir": text,
-        })
+        out.append(
+            {
+                "name": ir.StringAttr(cfg["name"]).value if "name" in cfg else "",
+                "grid": tuple(ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"),
+                "num_warps": ir.IntegerAttr(cfg["num_warps"]).value,
+                "num_stages": ir.IntegerAttr(cfg["num_stages"]).value,
+                "ir": text,
+            }
+        )
     return out

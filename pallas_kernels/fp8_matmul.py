@@ -39,7 +39,7 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def get_default(cls, m: int, k: int, n: int) -> "BlockSizes":
+    def get_default(cls, m: int, k: int, n: int) -> BlockSizes:
         """Heuristic defaults (not tuned on a GPU yet: the GPU numbers are outstanding).
 
         Example:
@@ -49,8 +49,7 @@ class BlockSizes:
         bm = min(max(c.next_pow2(m), 16), 128)
         bn = min(128, max(16, c.next_pow2(n)))
         bk = min(128 if m <= 64 else 64, max(32, c.next_pow2(k)))
-        return cls(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm <= 32 else 8,
-                   num_stages=3)
+        return cls(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm <= 32 else 8, num_stages=3)
 
 
 def fp8_matmul(
@@ -103,10 +102,19 @@ def fp8_matmul(
     for name in ("block_m", "block_n", "block_k"):
         c.check_block(f"block_sizes.{name}", getattr(bs, name))
     kernel = functools.partial(
-        c.scaled_matmul_kernel, m=m, k=k, n=n, bm=bs.block_m, bn=bs.block_n, bk=bs.block_k,
-        acc_dtype=jnp.float32, has_bias=False)
+        c.scaled_matmul_kernel,
+        m=m,
+        k=k,
+        n=n,
+        bm=bs.block_m,
+        bn=bs.block_n,
+        bk=bs.block_k,
+        acc_dtype=jnp.float32,
+        has_bias=False,
+    )
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(c.cdiv(m, bs.block_m), c.cdiv(n, bs.block_n)),
         interpret=c.resolve_interpret(interpret),
         compiler_params=c.compiler_params(bs.num_warps, bs.num_stages),
@@ -131,7 +139,6 @@ def fp8_matmul_reference(
         Array(32., dtype=float32)
     """
     m, _, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q")
-    acc = jnp.dot(x_q.astype(jnp.float32), w_q.astype(jnp.float32),
-                  precision=lax.Precision.HIGHEST)
+    acc = jnp.dot(x_q.astype(jnp.float32), w_q.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     out = acc * c.as_row_scale("x_scale", x_scale, m) * c.as_col_scale("w_scale", w_scale, n)
     return out.astype(out_dtype)

@@ -48,7 +48,7 @@ class BlockSizes:
     quant_block_k: int = 512
 
     @classmethod
-    def get_default(cls, m: int, k: int, n: int) -> "BlockSizes":
+    def get_default(cls, m: int, k: int, n: int) -> BlockSizes:
         """Heuristic defaults (not tuned on a GPU yet: the GPU numbers are outstanding).
 
         Example:
@@ -58,8 +58,15 @@ class BlockSizes:
         bm = min(max(c.next_pow2(m), 16), 128)
         bn = min(128, max(16, c.next_pow2(n)))
         bk = min(128 if m <= 64 else 64, max(16, c.next_pow2(k)))
-        return cls(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm <= 32 else 8,
-                   num_stages=3, quant_block_m=16, quant_block_k=min(512, max(16, c.next_pow2(k))))
+        return cls(
+            block_m=bm,
+            block_n=bn,
+            block_k=bk,
+            num_warps=4 if bm <= 32 else 8,
+            num_stages=3,
+            quant_block_m=16,
+            quant_block_k=min(512, max(16, c.next_pow2(k))),
+        )
 
 
 def _check_blocks(bs: BlockSizes) -> None:
@@ -127,11 +134,20 @@ def int8_matmul(
     bs = block_sizes or BlockSizes.get_default(m, k, n)
     _check_blocks(bs)
     kernel = functools.partial(
-        c.scaled_matmul_kernel, m=m, k=k, n=n, bm=bs.block_m, bn=bs.block_n, bk=bs.block_k,
-        acc_dtype=jnp.int32, has_bias=b is not None)
+        c.scaled_matmul_kernel,
+        m=m,
+        k=k,
+        n=n,
+        bm=bs.block_m,
+        bn=bs.block_n,
+        bk=bs.block_k,
+        acc_dtype=jnp.int32,
+        has_bias=b is not None,
+    )
     args = (x_q, w_q, xs, ws) + ((b,) if b is not None else ())
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(c.cdiv(m, bs.block_m), c.cdiv(n, bs.block_n)),
         interpret=c.resolve_interpret(interpret),
         compiler_params=c.compiler_params(bs.num_warps, bs.num_stages),
@@ -153,8 +169,11 @@ def _quantize_rows_kernel(x_ref, q_ref, s_ref, *, m, k, bm, bk):
 
     def load(t):
         msk = tile_mask(t * bk)
-        x = pl_triton.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)], mask=msk,
-                           other=None if msk is None else jnp.zeros((), x_ref.dtype))
+        x = pl_triton.load(
+            x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)],
+            mask=msk,
+            other=None if msk is None else jnp.zeros((), x_ref.dtype),
+        )
         return x.astype(jnp.float32), msk
 
     def amax_body(t, amax):
@@ -173,8 +192,11 @@ def _quantize_rows_kernel(x_ref, q_ref, s_ref, *, m, k, bm, bk):
         return carry
 
     lax.fori_loop(0, nk, quant_body, 0)
-    pl_triton.store(s_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], scale[:, None],
-                    mask=row_ok[:, None] if mask_m else None)
+    pl_triton.store(
+        s_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)],
+        scale[:, None],
+        mask=row_ok[:, None] if mask_m else None,
+    )
 
 
 def quantize_rows(
@@ -206,12 +228,15 @@ def quantize_rows(
     m, k = x.shape
     bs = block_sizes or BlockSizes.get_default(m, k, 128)
     _check_blocks(bs)
-    kernel = functools.partial(_quantize_rows_kernel, m=m, k=k, bm=bs.quant_block_m,
-                               bk=bs.quant_block_k)
+    kernel = functools.partial(
+        _quantize_rows_kernel, m=m, k=k, bm=bs.quant_block_m, bk=bs.quant_block_k
+    )
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((m, k), jnp.int8),
-                   jax.ShapeDtypeStruct((m, 1), jnp.float32)),
+        out_shape=(
+            jax.ShapeDtypeStruct((m, k), jnp.int8),
+            jax.ShapeDtypeStruct((m, 1), jnp.float32),
+        ),
         grid=(c.cdiv(m, bs.quant_block_m),),
         interpret=c.resolve_interpret(interpret),
         compiler_params=c.compiler_params(4, 2),
@@ -258,8 +283,9 @@ def int8_matmul_dynamic(
     m, k, n = c.check_matmul_operands(x, w_q, "x", "w_q")
     bs = block_sizes or BlockSizes.get_default(m, k, n)
     x_q, x_scale = quantize_rows(x, block_sizes=bs, interpret=interpret)
-    return int8_matmul(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype, block_sizes=bs,
-                       interpret=interpret)
+    return int8_matmul(
+        x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype, block_sizes=bs, interpret=interpret
+    )
 
 
 def quantize_rows_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -53,7 +53,7 @@ class BlockSizes:
     num_stages: int = 3
 
     @classmethod
-    def get_default(cls, m: int, k: int, n: int, group_size: int) -> "BlockSizes":
+    def get_default(cls, m: int, k: int, n: int, group_size: int) -> BlockSizes:
         """Heuristic defaults (not yet tuned on a GPU: the GPU numbers are outstanding).
 
         Example:
@@ -70,8 +70,14 @@ class BlockSizes:
         # Decode shapes leave most SMs idle: split K until there are ~128 programs.
         while n_tiles * split < 128 and nk % (2 * split) == 0 and split < 8:
             split *= 2
-        return cls(block_m=bm, block_n=bn, block_k=bk, split_k=split,
-                   num_warps=4 if m <= 64 else 8, num_stages=3)
+        return cls(
+            block_m=bm,
+            block_n=bn,
+            block_k=bk,
+            split_k=split,
+            num_warps=4 if m <= 64 else 8,
+            num_stages=3,
+        )
 
 
 def _pick_block_k(pref: int, group_size: int, k: int) -> int:
@@ -81,8 +87,25 @@ def _pick_block_k(pref: int, group_size: int, k: int) -> int:
     return c.largest_pow2_divisor(group_size, pref)
 
 
-def _w4a16_kernel(x_ref, w_ref, s_ref, *rest, m, k, n, n_packed, group_size, signed,
-                  has_zeros, bm, bn, bk, nk_per_split, split_k, dot_precision):
+def _w4a16_kernel(
+    x_ref,
+    w_ref,
+    s_ref,
+    *rest,
+    m,
+    k,
+    n,
+    n_packed,
+    group_size,
+    signed,
+    has_zeros,
+    bm,
+    bn,
+    bk,
+    nk_per_split,
+    split_k,
+    dot_precision,
+):
     if has_zeros:
         z_ref, o_ref = rest
     else:
@@ -110,13 +133,19 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, *rest, m, k, n, n_packed, group_size, sig
         xmask = None
         if mask_m or mask_k:
             xmask = row_ok[:, None] & k_ok[None, :]
-        x = pl_triton.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)], mask=xmask,
-                           other=0 if xmask is not None else None)
+        x = pl_triton.load(
+            x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)],
+            mask=xmask,
+            other=0 if xmask is not None else None,
+        )
         wmask = None
         if mask_n or mask_k:
             wmask = k_ok[:, None] & pcol_ok[None, :]
-        p = pl_triton.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * half, half)], mask=wmask,
-                           other=0 if wmask is not None else None)
+        p = pl_triton.load(
+            w_ref.at[pl.ds(k0, bk), pl.ds(j * half, half)],
+            mask=wmask,
+            other=0 if wmask is not None else None,
+        )
         # Unpack in 8-bit registers (not int32) to keep the tile small.
         if signed:
             # Arithmetic shifts on int8 sign-extend the two's-complement nibbles.
@@ -159,16 +188,21 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, *rest, m, k, n, n_packed, group_size, sig
             w = codes * sc
         w = w.astype(x.dtype)
         return acc + lax.dot_general(
-            x, w, (((1,), (0,)), ((), ())), precision=dot_precision,
-            preferred_element_type=jnp.float32)
+            x,
+            w,
+            (((1,), (0,)), ((), ())),
+            precision=dot_precision,
+            preferred_element_type=jnp.float32,
+        )
 
     acc = lax.fori_loop(0, nk_per_split, body, jnp.zeros((bm, bn), jnp.float32))
     omask = None
     if mask_m or mask_n:
         omask = row_ok[:, None] & col_ok[None, :]
     if split_k == 1:
-        pl_triton.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)],
-                        acc.astype(o_ref.dtype), mask=omask)
+        pl_triton.store(
+            o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype), mask=omask
+        )
     else:
         pl_triton.store(o_ref.at[s_id, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=omask)
 
@@ -177,7 +211,8 @@ def _validate(x, packed_w, scales, zeros, group_size, signed, out_dtype):
     if x.ndim != 2:
         raise NotImplementedError(
             f"x has shape {x.shape}; w4a16_matmul takes a 2-D (M, K) activation. Reshape "
-            "leading axes into M first.")
+            "leading axes into M first."
+        )
     c.require_dtype("x", x.dtype, _X_DTYPES)
     c.require_dtype("packed_w", packed_w.dtype, (jnp.uint8,))
     c.require_dtype("scales", scales.dtype, _SCALE_DTYPES)
@@ -186,33 +221,41 @@ def _validate(x, packed_w, scales, zeros, group_size, signed, out_dtype):
     if packed_w.ndim != 2 or packed_w.shape[0] != k:
         raise ValueError(
             f"packed_w has shape {packed_w.shape}; expected (K, ceil(N/2)) with K={k} from x "
-            "(4-bit codes packed two per byte along N, as in jqx's QArray).")
+            "(4-bit codes packed two per byte along N, as in jqx's QArray)."
+        )
     if scales.ndim != 2:
         raise ValueError(f"scales has shape {scales.shape}; expected (K // group_size, N).")
     n = scales.shape[1]
     if packed_w.shape[1] != c.cdiv(n, 2):
         raise ValueError(
             f"packed_w has {packed_w.shape[1]} packed columns but scales has N={n} columns; "
-            f"expected ceil(N/2)={c.cdiv(n, 2)}.")
+            f"expected ceil(N/2)={c.cdiv(n, 2)}."
+        )
     if not isinstance(group_size, int) or group_size <= 0 or k % group_size != 0:
         raise NotImplementedError(
             f"group_size={group_size!r} does not divide K={k}; supported: a positive divisor of "
-            "K (32, 64, 128 are the tuned ones). Use backend='xla' for other layouts.")
+            "K (32, 64, 128 are the tuned ones). Use backend='xla' for other layouts."
+        )
     if not c.is_pow2(group_size) and c.largest_pow2_divisor(group_size, 128) < c.MIN_DOT_TILE:
         raise NotImplementedError(
             f"group_size={group_size} is not supported: it must be a power of two >= 16 or a "
-            "multiple of 16 (e.g. per-channel with K % 16 == 0). Use backend='xla'.")
+            "multiple of 16 (e.g. per-channel with K % 16 == 0). Use backend='xla'."
+        )
     if scales.shape[0] != k // group_size:
         raise ValueError(
             f"scales has shape {scales.shape}; expected ({k // group_size}, {n}) for K={k}, "
-            f"group_size={group_size}.")
+            f"group_size={group_size}."
+        )
     if zeros is not None:
         if signed:
             raise NotImplementedError(
                 "signed=True takes no zero points (int4 two's-complement codes are symmetric); "
-                "pass zeros=None, or signed=False for uint4 codes with zero points.")
+                "pass zeros=None, or signed=False for uint4 codes with zero points."
+            )
         if zeros.shape != scales.shape:
-            raise ValueError(f"zeros has shape {zeros.shape}; expected scales' shape {scales.shape}.")
+            raise ValueError(
+                f"zeros has shape {zeros.shape}; expected scales' shape {scales.shape}."
+            )
         c.require_dtype("zeros", zeros.dtype, _SCALE_DTYPES)
     return m, k, n
 
@@ -269,22 +312,36 @@ def w4a16_matmul(
     bs = block_sizes or BlockSizes.get_default(m, k, n, group_size)
     for name in ("block_m", "block_n", "block_k"):
         c.check_block(f"block_sizes.{name}", getattr(bs, name))
-    if not (group_size % bs.block_k == 0 or
-            (bs.block_k % group_size == 0 and c.is_pow2(group_size))):
+    if not (
+        group_size % bs.block_k == 0 or (bs.block_k % group_size == 0 and c.is_pow2(group_size))
+    ):
         raise NotImplementedError(
             f"block_sizes.block_k={bs.block_k} with group_size={group_size}: block_k must divide "
-            "group_size, or be a multiple of a power-of-two group_size.")
+            "group_size, or be a multiple of a power-of-two group_size."
+        )
     nk = c.cdiv(k, bs.block_k)
     if bs.split_k < 1 or nk % bs.split_k != 0:
         raise NotImplementedError(
-            f"block_sizes.split_k={bs.split_k} must be >= 1 and divide the {nk} K tiles.")
+            f"block_sizes.split_k={bs.split_k} must be >= 1 and divide the {nk} K tiles."
+        )
     interpret = c.resolve_interpret(interpret)
     dot_precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _w4a16_kernel, m=m, k=k, n=n, n_packed=packed_w.shape[1], group_size=group_size,
-        signed=signed, has_zeros=zeros is not None, bm=bs.block_m, bn=bs.block_n,
-        bk=bs.block_k, nk_per_split=nk // bs.split_k, split_k=bs.split_k,
-        dot_precision=dot_precision)
+        _w4a16_kernel,
+        m=m,
+        k=k,
+        n=n,
+        n_packed=packed_w.shape[1],
+        group_size=group_size,
+        signed=signed,
+        has_zeros=zeros is not None,
+        bm=bs.block_m,
+        bn=bs.block_n,
+        bk=bs.block_k,
+        nk_per_split=nk // bs.split_k,
+        split_k=bs.split_k,
+        dot_precision=dot_precision,
+    )
     grid = (c.cdiv(m, bs.block_m), c.cdiv(n, bs.block_n), bs.split_k)
     if bs.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -292,7 +349,10 @@ def w4a16_matmul(
         out_shape = jax.ShapeDtypeStruct((bs.split_k, m, n), jnp.float32)
     args = (x, packed_w, scales) + ((zeros,) if zeros is not None else ())
     out = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        interpret=interpret,
         compiler_params=c.compiler_params(bs.num_warps, bs.num_stages),
         name="w4a16_matmul",
     )(*args)

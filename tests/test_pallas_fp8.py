@@ -53,8 +53,15 @@ def test_per_row_per_column_scales(shape, out_dtype, interpret):
     y = fp8_matmul(xq, wq, xs, ws, out_dtype=out_dtype, interpret=interpret)
     assert y.shape == (m, n) and y.dtype == jnp.dtype(out_dtype)
     _check(y, xq, wq, xs, ws, out_dtype, ACC_REL[interpret])
-    _check(fp8_matmul_reference(xq, wq, xs, ws, out_dtype=out_dtype), xq, wq, xs, ws,
-           out_dtype, 2.0**-20)
+    _check(
+        fp8_matmul_reference(xq, wq, xs, ws, out_dtype=out_dtype),
+        xq,
+        wq,
+        xs,
+        ws,
+        out_dtype,
+        2.0**-20,
+    )
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -80,14 +87,25 @@ def test_property_fixed_shape(seed, mag):
 @pytest.mark.parametrize(
     "xq, wq, xs, match",
     [
-        (jnp.zeros((2, 64), jnp.float8_e5m2), jnp.zeros((64, 32), E4M3), jnp.ones(()),
-         "x_q has dtype float8_e5m2"),
-        (jnp.zeros((2, 64), E4M3), jnp.zeros((64, 32), jnp.bfloat16), jnp.ones(()),
-         "w_q has dtype bfloat16"),
-        (jnp.zeros((2, 64), E4M3), jnp.zeros((64, 32), E4M3), jnp.ones((5,)),
-         "x_scale has shape"),
-        (jnp.zeros((2, 64), E4M3), jnp.zeros((64, 32), E4M3), jnp.ones((), jnp.int32),
-         "x_scale has dtype int32"),
+        (
+            jnp.zeros((2, 64), jnp.float8_e5m2),
+            jnp.zeros((64, 32), E4M3),
+            jnp.ones(()),
+            "x_q has dtype float8_e5m2",
+        ),
+        (
+            jnp.zeros((2, 64), E4M3),
+            jnp.zeros((64, 32), jnp.bfloat16),
+            jnp.ones(()),
+            "w_q has dtype bfloat16",
+        ),
+        (jnp.zeros((2, 64), E4M3), jnp.zeros((64, 32), E4M3), jnp.ones((5,)), "x_scale has shape"),
+        (
+            jnp.zeros((2, 64), E4M3),
+            jnp.zeros((64, 32), E4M3),
+            jnp.ones((), jnp.int32),
+            "x_scale has dtype int32",
+        ),
     ],
 )
 def test_bad_input_raises_not_implemented(xq, wq, xs, match):
@@ -97,5 +115,10 @@ def test_bad_input_raises_not_implemented(xq, wq, xs, match):
 
 def test_mismatched_k_raises_value_error():
     with pytest.raises(ValueError, match="same K"):
-        fp8_matmul(jnp.zeros((2, 64), E4M3), jnp.zeros((32, 32), E4M3), jnp.ones(()),
-                   jnp.ones(()), interpret=True)
+        fp8_matmul(
+            jnp.zeros((2, 64), E4M3),
+            jnp.zeros((32, 32), E4M3),
+            jnp.ones(()),
+            jnp.ones(()),
+            interpret=True,
+        )

@@ -35,7 +35,9 @@ def _operands(m, k, n, seed=0):
 def _exact(xq, wq, xs, ws, b):
     """f64 numpy: the int products are exact, so this is the true value."""
     acc = np.asarray(xq, np.int64) @ np.asarray(wq, np.int64)
-    out = acc * np.asarray(xs, np.float64).reshape(-1, 1) * np.asarray(ws, np.float64).reshape(1, -1)
+    out = (
+        acc * np.asarray(xs, np.float64).reshape(-1, 1) * np.asarray(ws, np.float64).reshape(1, -1)
+    )
     return out + (0.0 if b is None else np.asarray(b, np.float64).reshape(1, -1))
 
 
@@ -73,8 +75,9 @@ def test_per_tensor_scales_and_small_blocks(interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("shape", [(1, 256, 128), (17, 200, 96), (100, 256, 256)],
-                         ids=lambda s: "m{}k{}n{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 256, 128), (17, 200, 96), (100, 256, 256)], ids=lambda s: "m{}k{}n{}".format(*s)
+)
 def test_int8_matmul_dynamic(shape, x_dtype, interpret):
     m, k, n = shape
     rng = np.random.default_rng(1)
@@ -84,7 +87,9 @@ def test_int8_matmul_dynamic(shape, x_dtype, interpret):
     qr, sr = quantize_rows_reference(x)
     assert q.dtype == jnp.int8 and s.shape == (m, 1)
     # Same formula; a tie may round the other way only under GPU approximate division.
-    assert int(jnp.max(jnp.abs(q.astype(jnp.int32) - qr.astype(jnp.int32)))) <= (1 if not interpret else 0)
+    assert int(jnp.max(jnp.abs(q.astype(jnp.int32) - qr.astype(jnp.int32)))) <= (
+        1 if not interpret else 0
+    )
     np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=1e-7)
     y = int8_matmul_dynamic(x, wq, ws, b, out_dtype=jnp.float32, interpret=interpret)
     ref = int8_matmul_dynamic_reference(x, wq, ws, b, out_dtype=jnp.float32)
@@ -141,11 +146,22 @@ def test_bad_input_raises_not_implemented(args, match):
     xs = args.get("xs", jnp.ones((2, 1)))
     ws = args.get("ws", jnp.ones((32,)))
     with pytest.raises(NotImplementedError, match=match):
-        int8_matmul(xq, wq, xs, ws, out_dtype=args.get("out_dtype", jnp.float32),
-                    block_sizes=args.get("bs"), interpret=True)
+        int8_matmul(
+            xq,
+            wq,
+            xs,
+            ws,
+            out_dtype=args.get("out_dtype", jnp.float32),
+            block_sizes=args.get("bs"),
+            interpret=True,
+        )
 
 
 def test_dynamic_bad_activation_dtype():
     with pytest.raises(NotImplementedError, match="x has dtype int8"):
-        int8_matmul_dynamic(jnp.zeros((2, 64), jnp.int8), jnp.zeros((64, 32), jnp.int8),
-                            jnp.ones((32,)), interpret=True)
+        int8_matmul_dynamic(
+            jnp.zeros((2, 64), jnp.int8),
+            jnp.zeros((64, 32), jnp.int8),
+            jnp.ones((32,)),
+            interpret=True,
+        )

@@ -46,8 +46,9 @@ def test_w4a16_lowers(m, k, n, g, signed, x_dtype):
     dots = _dots(kern["ir"])
     assert len(dots) == 1
     xt = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[x_dtype]
-    assert re.search(rf"tensor<\d+x\d+x{xt}> \* tensor<\d+x\d+x{xt}> -> tensor<\d+x\d+xf32>",
-                     dots[0]), dots[0]
+    assert re.search(
+        rf"tensor<\d+x\d+x{xt}> \* tensor<\d+x\d+x{xt}> -> tensor<\d+x\d+xf32>", dots[0]
+    ), dots[0]
     if x_dtype == jnp.float32:
         # IEEE is Triton's default and is printed by omission; TF32 would be spelled out.
         assert "tf32" not in dots[0]
@@ -76,8 +77,9 @@ def test_int8_lowers(m, k, n, with_bias):
 @pytest.mark.parametrize("m, k, n", [(1, 4096, 4096), (100, 384, 130)])
 def test_int8_dynamic_lowers_two_kernels(m, k, n):
     f = functools.partial(int8_matmul_dynamic, out_dtype=jnp.bfloat16, interpret=False)
-    kernels = triton_kernels_for_cuda(f, S((m, k), jnp.bfloat16), S((k, n), jnp.int8),
-                                      S((n,), jnp.float32))
+    kernels = triton_kernels_for_cuda(
+        f, S((m, k), jnp.bfloat16), S((k, n), jnp.int8), S((n,), jnp.float32)
+    )
     names = [kk["name"] for kk in kernels]
     assert names == ["int8_quantize_rows", "int8_matmul"], names
     quant, mm = kernels
@@ -90,9 +92,13 @@ def test_int8_dynamic_lowers_two_kernels(m, k, n):
 @pytest.mark.parametrize("m, k, n", [(1, 4096, 4096), (17, 200, 96), (4096, 8192, 8192)])
 def test_fp8_lowers(m, k, n):
     f = functools.partial(fp8_matmul, out_dtype=jnp.bfloat16, interpret=False)
-    [kern] = triton_kernels_for_cuda(f, S((m, k), jnp.float8_e4m3fn),
-                                     S((k, n), jnp.float8_e4m3fn), S((), jnp.float32),
-                                     S((1, n), jnp.float32))
+    [kern] = triton_kernels_for_cuda(
+        f,
+        S((m, k), jnp.float8_e4m3fn),
+        S((k, n), jnp.float8_e4m3fn),
+        S((), jnp.float32),
+        S((1, n), jnp.float32),
+    )
     [dot] = _dots(kern["ir"])
     assert re.search(r"xf8E4M3FN> \* tensor<\d+x\d+xf8E4M3FN> -> tensor<\d+x\d+xf32>", dot), dot
 
@@ -102,16 +108,22 @@ def test_grid_matches_block_sizes():
 
     bs = BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2)
     f = functools.partial(int8_matmul, out_dtype=jnp.float32, block_sizes=bs, interpret=False)
-    [kern] = triton_kernels_for_cuda(f, S((100, 256), jnp.int8), S((256, 300), jnp.int8),
-                                     S((100, 1), jnp.float32), S((300,), jnp.float32))
+    [kern] = triton_kernels_for_cuda(
+        f,
+        S((100, 256), jnp.int8),
+        S((256, 300), jnp.int8),
+        S((100, 1), jnp.float32),
+        S((300,), jnp.float32),
+    )
     assert kern["grid"] == (2, 3, 1)
     assert (kern["num_warps"], kern["num_stages"]) == (4, 2)
 
 
 def test_stablehlo_has_triton_custom_call():
     f = functools.partial(w4a16_matmul, group_size=32, interpret=False)
-    txt = lower_for_cuda(f, S((1, 256), jnp.bfloat16), S((256, 64), jnp.uint8),
-                         S((8, 128), jnp.float32))
+    txt = lower_for_cuda(
+        f, S((1, 256), jnp.bfloat16), S((256, 64), jnp.uint8), S((8, 128), jnp.float32)
+    )
     assert txt.count("__gpu$xla.gpu.triton") == 1
 
 
@@ -130,7 +142,13 @@ def test_dispatch_table():
     assert dispatch.choose("w4a16", 1, *big, "gpu", "NVIDIA A100", table=table) == "xla"
     assert dispatch.choose("w4a16", 1, *big, "cpu", "NVIDIA H200", table=table) == "xla"
     assert dispatch.choose("w4a16", 1, 256, 256, "gpu", "NVIDIA H200", table=table) == "xla"
-    assert [dispatch.m_bucket(m) for m in (1, 2, 16, 17, 4096, 10**6)] == [1, 16, 16, 64, 4096,
-                                                                         4096]
+    assert [dispatch.m_bucket(m) for m in (1, 2, 16, 17, 4096, 10**6)] == [
+        1,
+        16,
+        16,
+        64,
+        4096,
+        4096,
+    ]
     with pytest.raises(ValueError, match="op='int4'"):
         dispatch.choose("int4", 1, *big, "gpu")

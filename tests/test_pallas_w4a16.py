@@ -81,24 +81,24 @@ def test_matches_reference(case, interpret):
 def test_block_sizes_and_split_k(bs, interpret):
     m, k, n, g = 17, 256, 96, 64
     x, pw, s, z = _inputs(m, k, n, g, False, True, jnp.bfloat16, scale_dtype=jnp.bfloat16)
-    y = w4a16_matmul(x, pw, s, z, group_size=g, out_dtype=jnp.float32, block_sizes=bs,
-                     interpret=interpret)
+    y = w4a16_matmul(
+        x, pw, s, z, group_size=g, out_dtype=jnp.float32, block_sizes=bs, interpret=interpret
+    )
     ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, out_dtype=jnp.float32)
     w = dequantize_w4(pw, s, z, group_size=g)
     assert bool(jnp.all(jnp.abs(y - ref) <= _bound(x, w, ref, jnp.float32, 1e-5) + 1e-6))
 
 
 @settings(max_examples=8)
-@given(seed=st.integers(0, 2**31 - 1), mag=st.sampled_from([1e-3, 1.0, 1e3]),
-       signed=st.booleans())
+@given(seed=st.integers(0, 2**31 - 1), mag=st.sampled_from([1e-3, 1.0, 1e3]), signed=st.booleans())
 def test_property_fixed_shape(seed, mag, signed):
     m, k, n, g = 3, 128, 64, 32
     x, pw, s, z = _inputs(m, k, n, g, signed, not signed, jnp.bfloat16, seed=seed)
     s = s * jnp.float32(mag)
-    y = w4a16_matmul(x, pw, s, z, group_size=g, signed=signed, out_dtype=jnp.float32,
-                     interpret=True)
-    ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, signed=signed,
-                                 out_dtype=jnp.float32)
+    y = w4a16_matmul(
+        x, pw, s, z, group_size=g, signed=signed, out_dtype=jnp.float32, interpret=True
+    )
+    ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, signed=signed, out_dtype=jnp.float32)
     w = dequantize_w4(pw, s, z, group_size=g, signed=signed)
     assert bool(jnp.all(jnp.abs(y - ref) <= _bound(x, w, ref, jnp.float32, 1e-5) + 1e-30))
 
@@ -114,8 +114,11 @@ def test_jit_and_qarray_layout():
     del jqx
     for fmt, scheme, signed in (("uint4", "zero_point", False), ("int4", "absmax", True)):
         q = quantize_array(w, fmt, scheme=scheme, granularity=per_group(32, axis=-2))
-        f = jax.jit(functools.partial(w4a16_matmul, group_size=32, signed=signed,
-                                      out_dtype=jnp.float32, interpret=True))
+        f = jax.jit(
+            functools.partial(
+                w4a16_matmul, group_size=32, signed=signed, out_dtype=jnp.float32, interpret=True
+            )
+        )
         y = f(x, q.qvalue, q.scale, q.zero_point)
         wd = q.dequantize().astype(jnp.float32)
         exact = jnp.dot(x.astype(jnp.float32), wd, precision="highest")
