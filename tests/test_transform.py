@@ -297,3 +297,24 @@ def test_map_dots_rule_sees_stored_layout():
     y = jax.jit(transform.map_dots(f, ["e"], rule))(params, _x())
     _close(y, 2.0 * f(params, _x()))
     assert seen == [("e", (N, K), (((1,), (1,)), ((), ())), False)]
+
+
+def test_nnx_scan_stacked_layers():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(K, K, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.lin(x))
+
+    blocks = nnx.vmap(lambda key: Block(nnx.Rngs(key)))(jax.random.split(jax.random.key(0), 3))
+    graphdef, state = nnx.split(blocks)
+
+    def fwd(s, x):
+        step = nnx.scan(lambda b, c: b(c), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        return step(nnx.merge(graphdef, s), x)
+
+    qstate = jqx.quantize(state, jqx.int8_dynamic_activation_int8_weight())
+    x = _x((M, K))
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(jqx.quantized(fwd))(qstate, x))
+    _close(jax.jit(jqx.quantized(fwd))(qstate, x), _deq_ref(fwd, qstate, x), rel=0.05)
