@@ -43,6 +43,7 @@ from jqx.report import report
 from jqx.calibrate import calibrate
 from jqx import sharding
 from jqx.sharding import shard
+from jqx.training import mixed_precision
 from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
@@ -85,6 +86,7 @@ __all__ = [
     "calibrate",
     "sharding",
     "shard",
+    "mixed_precision",
     "dequantize",
     "quantize",
     "summary",

@@ -1,0 +1,11 @@
+"""Training with quantization and reduced precision (optax- and Flax-compatible).
+
+Example:
+    >>> from jqx.training import mixed_precision
+    >>> mixed_precision.get_policy("bf16").compute_dtype.name
+    'bfloat16'
+"""
+
+from jqx.training import mixed_precision
+
+__all__ = ["mixed_precision"]
