@@ -211,6 +211,17 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
             "int8",
         ),
         (
+            "pallas_w8a8_inl",
+            jax.jit(
+                lambda x, wq, ws: int8_matmul_dynamic(
+                    x, wq, ws, out_dtype=jnp.bfloat16, interpret=interpret, fuse="inline"
+                )
+            ),
+            lambda i: (x_bf16(i), *w8(i)),
+            x_b + k * n + out_b,
+            "int8",
+        ),
+        (
             "xla_fp8",
             jax.jit(xla_fp8),
             lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one),

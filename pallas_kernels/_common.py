@@ -99,12 +99,27 @@ def lower_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> str:
 
 
 def scaled_matmul_kernel(
-    x_ref, w_ref, xs_ref, ws_ref, *rest, m, k, n, bm, bn, bk, acc_dtype, has_bias
+    x_ref,
+    w_ref,
+    xs_ref,
+    ws_ref,
+    *rest,
+    m,
+    k,
+    n,
+    bm,
+    bn,
+    bk,
+    acc_dtype,
+    has_bias,
+    quantize_x=False,
 ):
     """``(x @ w) * x_scale[:, None] * w_scale[None, :] (+ bias)`` for one (bm, bn) tile.
 
     Shared by the int8 (int32 accumulator) and fp8 (f32 accumulator) kernels. Every edge
-    (M, N, K) is masked with zero fill, so no operand is padded or copied.
+    (M, N, K) is masked with zero fill, so no operand is padded or copied. With
+    ``quantize_x`` the x tiles arrive in high precision and are quantized to int8 in
+    registers with the given per-row scale (``clip(round(x / scale), -127, 127)``).
     """
     if has_bias:
         b_ref, o_ref = rest
@@ -117,6 +132,12 @@ def scaled_matmul_kernel(
     cols = j * bn + jnp.arange(bn)
     row_ok = rows < m
     col_ok = cols < n
+    rmask = row_ok[:, None] if mask_m else None
+    cmask = col_ok[None, :] if mask_n else None
+    # Masked rows get scale 1 so an inline quantizer never divides 0 by 0.
+    xs = pl_triton.load(
+        xs_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], mask=rmask, other=None if rmask is None else 1.0
+    )
 
     def body(t, acc):
         k0 = t * bk
@@ -133,16 +154,14 @@ def scaled_matmul_kernel(
             mask=wmask,
             other=None if wmask is None else jnp.zeros((), w_ref.dtype),
         )
+        if quantize_x:
+            q = round_half_even(x.astype(jnp.float32) / xs)
+            x = jnp.clip(q, -127.0, 127.0).astype(jnp.int8)
         return acc + jax.lax.dot_general(
             x, w, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype
         )
 
     acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), acc_dtype))
-    rmask = row_ok[:, None] if mask_m else None
-    cmask = col_ok[None, :] if mask_n else None
-    xs = pl_triton.load(
-        xs_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)], mask=rmask, other=None if rmask is None else 0.0
-    )
     ws = pl_triton.load(
         ws_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], mask=cmask, other=None if cmask is None else 0.0
     )

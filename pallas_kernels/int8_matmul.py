@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,11 @@ def int8_matmul(
     )(*args)
 
 
-def _quantize_rows_kernel(x_ref, q_ref, s_ref, *, m, k, bm, bk):
+def _quantize_rows_kernel(x_ref, *out_refs, m, k, bm, bk, write_codes):
+    if write_codes:
+        q_ref, s_ref = out_refs
+    else:
+        (s_ref,) = out_refs
     i = pl.program_id(0)
     rows = i * bm + jnp.arange(bm)
     row_ok = rows < m
@@ -191,7 +196,8 @@ def _quantize_rows_kernel(x_ref, q_ref, s_ref, *, m, k, bm, bk):
         pl_triton.store(q_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)], q, mask=msk)
         return carry
 
-    lax.fori_loop(0, nk, quant_body, 0)
+    if write_codes:
+        lax.fori_loop(0, nk, quant_body, 0)
     pl_triton.store(
         s_ref.at[pl.ds(i * bm, bm), pl.ds(0, 1)],
         scale[:, None],
@@ -228,19 +234,28 @@ def quantize_rows(
     m, k = x.shape
     bs = block_sizes or BlockSizes.get_default(m, k, 128)
     _check_blocks(bs)
+    return _row_quantizer_call(x, bs, interpret, write_codes=True)
+
+
+def _row_quantizer_call(x, bs, interpret, *, write_codes):
+    m, k = x.shape
     kernel = functools.partial(
-        _quantize_rows_kernel, m=m, k=k, bm=bs.quant_block_m, bk=bs.quant_block_k
+        _quantize_rows_kernel,
+        m=m,
+        k=k,
+        bm=bs.quant_block_m,
+        bk=bs.quant_block_k,
+        write_codes=write_codes,
     )
+    scale_shape = jax.ShapeDtypeStruct((m, 1), jnp.float32)
+    out_shape = (jax.ShapeDtypeStruct((m, k), jnp.int8), scale_shape)
     return pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((m, k), jnp.int8),
-            jax.ShapeDtypeStruct((m, 1), jnp.float32),
-        ),
+        out_shape=out_shape if write_codes else scale_shape,
         grid=(c.cdiv(m, bs.quant_block_m),),
         interpret=c.resolve_interpret(interpret),
         compiler_params=c.compiler_params(4, 2),
-        name="int8_quantize_rows",
+        name="int8_quantize_rows" if write_codes else "int8_row_scales",
     )(x)
 
 
@@ -253,9 +268,18 @@ def int8_matmul_dynamic(
     out_dtype: jnp.dtype = jnp.bfloat16,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    fuse: Literal["prologue", "inline"] = "prologue",
 ) -> jax.Array:
-    """W8A8 with dynamic per-token activation quantization: :func:`quantize_rows` (one
-    Pallas prologue kernel) then :func:`int8_matmul`.
+    """W8A8 with dynamic per-token activation quantization, two ways (``fuse``):
+
+    - ``"prologue"``: :func:`quantize_rows` (one Pallas kernel: absmax and int8 codes, x
+      read from HBM once in high precision) then :func:`int8_matmul` on the int8 codes.
+    - ``"inline"``: a scale-only kernel (absmax per row, writes M floats), then the matmul
+      reads x in high precision and quantizes each tile in registers before the int8 dot,
+      so the int8 activations never go to HBM (x tiles are re-read per N tile, mostly
+      from L2). Which is faster per shape is for the GPU benchmark to say.
+
+    Both give bit-identical results.
 
     Precision: as :func:`int8_matmul`, plus the activation rounding error (at most half a
     step, ``max|x_row| / 254``, per element).
@@ -268,9 +292,13 @@ def int8_matmul_dynamic(
       out_dtype: bfloat16, float16 or float32.
       block_sizes: tiles for both kernels.
       interpret: None = interpret mode off-GPU, native Triton on GPU.
+      fuse: ``"prologue"`` or ``"inline"`` (see above).
 
     Returns:
       (M, N) array of ``out_dtype``.
+
+    Raises:
+      NotImplementedError: unsupported dtypes, scale layouts, block sizes or ``fuse``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -282,10 +310,46 @@ def int8_matmul_dynamic(
     c.require_dtype("w_q", w_q.dtype, (jnp.int8,))
     m, k, n = c.check_matmul_operands(x, w_q, "x", "w_q")
     bs = block_sizes or BlockSizes.get_default(m, k, n)
-    x_q, x_scale = quantize_rows(x, block_sizes=bs, interpret=interpret)
-    return int8_matmul(
-        x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype, block_sizes=bs, interpret=interpret
+    if fuse == "prologue":
+        x_q, x_scale = quantize_rows(x, block_sizes=bs, interpret=interpret)
+        return int8_matmul(
+            x_q,
+            w_q,
+            x_scale,
+            w_scale,
+            bias,
+            out_dtype=out_dtype,
+            block_sizes=bs,
+            interpret=interpret,
+        )
+    if fuse != "inline":
+        raise NotImplementedError(f"fuse={fuse!r} is not supported; use 'prologue' or 'inline'.")
+    c.require_dtype("out_dtype", out_dtype, _OUT_DTYPES)
+    _check_blocks(bs)
+    x_scale = _row_quantizer_call(x, bs, interpret, write_codes=False)
+    ws = c.as_col_scale("w_scale", w_scale, n)
+    b = _as_bias(bias, n)
+    kernel = functools.partial(
+        c.scaled_matmul_kernel,
+        m=m,
+        k=k,
+        n=n,
+        bm=bs.block_m,
+        bn=bs.block_n,
+        bk=bs.block_k,
+        acc_dtype=jnp.int32,
+        has_bias=b is not None,
+        quantize_x=True,
     )
+    args = (x, w_q, x_scale, ws) + ((b,) if b is not None else ())
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(c.cdiv(m, bs.block_m), c.cdiv(n, bs.block_n)),
+        interpret=c.resolve_interpret(interpret),
+        compiler_params=c.compiler_params(bs.num_warps, bs.num_stages),
+        name="int8_matmul_inline_quant",
+    )(*args)
 
 
 def quantize_rows_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -89,6 +89,19 @@ def test_int8_dynamic_lowers_two_kernels(m, k, n):
     assert re.search(r"xi8> \* tensor<\d+x\d+xi8> -> tensor<\d+x\d+xi32>", _dots(mm["ir"])[0])
 
 
+def test_int8_dynamic_inline_quantizes_in_registers():
+    f = functools.partial(int8_matmul_dynamic, fuse="inline", interpret=False)
+    kernels = triton_kernels_for_cuda(
+        f, S((17, 4096), jnp.bfloat16), S((4096, 4096), jnp.int8), S((4096,), jnp.float32)
+    )
+    assert [kk["name"] for kk in kernels] == ["int8_row_scales", "int8_matmul_inline_quant"]
+    scales, mm = kernels
+    assert "ptr<i8>" not in scales["ir"]  # writes only the (M, 1) scales
+    assert re.search(r"tt\.load .*ptr<bf16>>", mm["ir"])  # reads x in bf16 ...
+    assert re.search(r"arith\.fptosi .* to tensor<\d+x\d+xi8>", mm["ir"])  # ... quantizes
+    assert re.search(r"xi8> \* tensor<\d+x\d+xi8> -> tensor<\d+x\d+xi32>", _dots(mm["ir"])[0])
+
+
 @pytest.mark.parametrize("m, k, n", [(1, 4096, 4096), (17, 200, 96), (4096, 8192, 8192)])
 def test_fp8_lowers(m, k, n):
     f = functools.partial(fp8_matmul, out_dtype=jnp.bfloat16, interpret=False)
