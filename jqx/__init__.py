@@ -44,6 +44,8 @@ from jqx.calibrate import calibrate
 from jqx import sharding
 from jqx.sharding import shard
 from jqx.training import mixed_precision
+from jqx.training import qat
+from jqx.training import fp8
 from jqx.tree import dequantize
 from jqx.tree import quantize
 from jqx.tree import summary
@@ -87,6 +89,8 @@ __all__ = [
     "sharding",
     "shard",
     "mixed_precision",
+    "qat",
+    "fp8",
     "dequantize",
     "quantize",
     "summary",

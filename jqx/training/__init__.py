@@ -7,5 +7,6 @@ Example:
 """
 
 from jqx.training import mixed_precision
+from jqx.training import fp8, qat
 
-__all__ = ["mixed_precision"]
+__all__ = ["mixed_precision", "qat", "fp8"]
