@@ -237,3 +237,20 @@ def test_bad_input():
 def test_plain_arrays_pass_through():
     x, w = _x(), _w()
     np.testing.assert_array_equal(jqx.ops.dot_general(x, w, DN), lax.dot_general(x, w, DN))
+
+
+def test_int8_weight_only_small_m_two_level_split():
+    """Few rows x a large int8 weight: the activations are split into two int8
+    levels (two int32 dots) instead of converting the weight; the extra error
+    is at most max|x_row| / 64516 per element."""
+    kk = 1024
+    q = jqx.int8_weight_only().quantize_weight(_w(shape=(kk, kk)))
+    w_hat = q.dequantize()
+    for m in (1, 16):
+        x = _x(shape=(m, kk))
+        y = jqx.ops.dot_general(x, q, DN)
+        s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+        bound = s / 64516 * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) + _tight(x, w_hat)
+        assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+    jaxpr = str(jax.make_jaxpr(lambda a: jqx.ops.dot_general(a, q, DN))(x))
+    assert "preferred_element_type=int32" in jaxpr and f"f32[{kk},{kk}]" not in jaxpr
