@@ -4,8 +4,8 @@ For each M and K = N it prints the median time, the ratio to the bf16 dot measur
 same run (>1 = faster), the achieved fraction of the memory roofline (bytes moved / time,
 against a copy bandwidth measured in this run) and of the tensor-core peak (a constant per
 known device). Inputs rotate through a pool larger than L2 so caches do not flatter the
-numbers; each timing is the median over trials of a back-to-back batch of calls, with one
-``block_until_ready`` per batch.
+numbers; each timing is the median over trials of one jitted launch that runs the
+candidate on every input set of the pool (>= 16 calls), with ``block_until_ready``.
 
 GPU run (the numbers that fill ``pallas_kernels/dispatch.py``)::
 
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,67 +64,80 @@ def _peaks(kind: str) -> dict:
     return {}
 
 
-def _time(fn, pool, reps: int, trials: int) -> float:
-    """Median seconds per call; calls rotate through ``pool`` (lists of arg tuples)."""
-    jax.block_until_ready(fn(*pool[0]))  # compile + warm up
+def _time(fn, pool, trials: int) -> float:
+    """Median seconds per call of ``fn`` over ``trials``.
+
+    One jitted launch runs ``fn`` once on every argument set of ``pool`` (distinct
+    buffers, so caches do not help and XLA cannot merge the calls) and returns every
+    output (so nothing is dead code); Python dispatch overhead is paid once per launch,
+    not per call.
+    """
+
+    def many(*sets):
+        return tuple(fn(*args) for args in sets)
+
+    many = jax.jit(many)
+    jax.block_until_ready(many(*pool))  # compile + warm up
     per_call = []
     for _ in range(trials):
         t0 = time.perf_counter()
-        out = None
-        for r in range(reps):
-            out = fn(*pool[r % len(pool)])
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / reps)
+        jax.block_until_ready(many(*pool))
+        per_call.append((time.perf_counter() - t0) / len(pool))
     return statistics.median(per_call)
 
 
-def copy_bandwidth(nbytes: int, reps: int, trials: int) -> float:
+def copy_bandwidth(nbytes: int, pool_len: int, trials: int) -> float:
     """Bytes/s of a read+write elementwise pass over ``nbytes`` (the achievable roofline)."""
     n = nbytes // 4
-    pool = [(jnp.arange(n, dtype=jnp.float32) + i,) for i in range(2)]
-    f = jax.jit(lambda a: a + 1.0)
-    return 2 * n * 4 / _time(f, pool, reps, trials)
+    pool = [(jnp.full((n,), i, jnp.float32),) for i in range(pool_len)]
+    return 2 * n * 4 / _time(lambda a: a + 1.0, pool, trials)
 
 
-def _pool_size(bytes_per_set: int, target: int) -> int:
-    return int(min(32, max(2, math.ceil(target / max(bytes_per_set, 1)))))
+def _pool_size(bytes_per_set: int, target: int, lo: int) -> int:
+    return int(min(32, max(lo, math.ceil(target / max(bytes_per_set, 1)))))
 
 
 def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
-    """(name, jitted fn, make_args(i), bytes moved, peak kind) per candidate."""
+    """(name, fn, make_args(i), bytes moved, peak kind) per candidate.
+
+    Inputs are drawn on the device (jax.random), so large pools are cheap to build.
+    """
     interpret = True if smoke else None
     g = min(GROUP, k)
 
-    def rng(i):
-        return np.random.default_rng(seed + i)
+    def key(i, salt):
+        return jax.random.fold_in(jax.random.key(seed + salt), i)
+
+    def normal(i, salt, shape, dtype):
+        return jax.random.normal(key(i, salt), shape, jnp.float32).astype(dtype)
+
+    def ints(i, salt, shape, lo, hi, dtype):
+        return jax.random.randint(key(i, salt), shape, lo, hi, jnp.int32).astype(dtype)
+
+    def uniform(i, salt, shape):
+        return jax.random.uniform(key(i, salt), shape, jnp.float32, 0.01, 0.1)
 
     def x_bf16(i):
-        return jnp.asarray(rng(i).standard_normal((m, k)), jnp.bfloat16)
+        return normal(i, 0, (m, k), jnp.bfloat16)
 
     def w4(i):
-        r = rng(1000 + i)
         return (
-            jnp.asarray(r.integers(0, 256, (k, n // 2)), jnp.uint8),
-            jnp.asarray(r.uniform(0.01, 0.1, (k // g, n)), jnp.float32),
-            jnp.asarray(r.integers(0, 16, (k // g, n)), jnp.float32),
+            ints(i, 1, (k, n // 2), 0, 256, jnp.uint8),
+            uniform(i, 2, (k // g, n)),
+            ints(i, 3, (k // g, n), 0, 16, jnp.float32),
         )
 
     def w8(i):
-        r = rng(2000 + i)
-        return (
-            jnp.asarray(r.integers(-127, 128, (k, n)), jnp.int8),
-            jnp.asarray(r.uniform(0.01, 0.1, (n,)), jnp.float32),
-        )
+        return ints(i, 4, (k, n), -127, 128, jnp.int8), uniform(i, 5, (n,))
 
     def x8(i):
-        r = rng(3000 + i)
-        return (
-            jnp.asarray(r.integers(-127, 128, (m, k)), jnp.int8),
-            jnp.asarray(r.uniform(0.01, 0.1, (m, 1)), jnp.float32),
-        )
+        return ints(i, 6, (m, k), -127, 128, jnp.int8), uniform(i, 7, (m, 1))
 
-    def f8(i, shape):
-        return jnp.asarray(rng(4000 + i).standard_normal(shape), jnp.float8_e4m3fn)
+    def f8(i, salt, shape):
+        return normal(i, salt, shape, jnp.float8_e4m3fn)
+
+    def w_bf16(i):
+        return normal(i, 9, (k, n), jnp.bfloat16)
 
     out_b = m * n * 2
     x_b = m * k * 2
@@ -158,7 +170,7 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
         (
             "bf16_dot",
             jax.jit(dot_bf16),
-            lambda i: (x_bf16(i), jnp.asarray(rng(5000 + i).standard_normal((k, n)), jnp.bfloat16)),
+            lambda i: (x_bf16(i), w_bf16(i)),
             x_b + k * n * 2 + out_b,
             "bf16",
         ),
@@ -224,7 +236,7 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
         (
             "xla_fp8",
             jax.jit(xla_fp8),
-            lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one),
+            lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
             m * k + k * n + out_b,
             "fp8",
         ),
@@ -235,18 +247,18 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
                     xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret
                 )
             ),
-            lambda i: (f8(i, (m, k)), f8(50 + i, (k, n)), one, one),
+            lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
             m * k + k * n + out_b,
             "fp8",
         ),
     ]
 
 
-def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None) -> list[dict]:
+def run(ms, kns, smoke: bool, min_pool: int, trials: int, pool_bytes: int, only=None) -> list[dict]:
     dev = jax.devices()[0]
     kind = dev.device_kind
     peaks = _peaks(kind)
-    bw = copy_bandwidth(min(pool_bytes, 1 << 30), reps, trials)
+    bw = copy_bandwidth(min(pool_bytes // 4, 1 << 27), min_pool, trials)
     mode = (
         "CPU SMOKE (kernels in interpret mode; timings say nothing about GPU speed)"
         if smoke
@@ -254,7 +266,10 @@ def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None
     )
     print(f"# device: {kind} ({jax.default_backend()}), jax {jax.__version__}, mode: {mode}")
     print(f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s; peaks: {peaks or 'unknown device'}")
-    print(f"# reps per trial {reps}, trials {trials}, rotation pool >= {pool_bytes >> 20} MiB")
+    print(
+        f"# median of {trials} launches; each launch runs >= {min_pool} calls on distinct "
+        f"inputs (pool >= {pool_bytes >> 20} MiB when that fits in 32 copies)"
+    )
     hdr = (
         f"{'M':>5} {'K=N':>5} {'candidate':<16} {'time_us':>10} {'vs_bf16':>8} "
         f"{'mem_roof':>8} {'tc_peak':>8}"
@@ -267,9 +282,9 @@ def run(ms, kns, smoke: bool, reps: int, trials: int, pool_bytes: int, only=None
             for name, fn, make, nbytes, pk in candidates(m, kn, kn, smoke):
                 if only and name not in only and name != "bf16_dot":
                     continue
-                pool = [make(i) for i in range(_pool_size(nbytes, pool_bytes))]
+                pool = [make(i) for i in range(_pool_size(nbytes, pool_bytes, min_pool))]
                 try:
-                    t = _time(fn, pool, reps, trials)
+                    t = _time(fn, pool, trials)
                 except Exception as e:  # noqa: BLE001 - report and keep benchmarking
                     print(f"{m:>5} {kn:>5} {name:<16} failed: {type(e).__name__}: {e}"[:200])
                     continue
@@ -327,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, nargs="*", help="override the M list")
     p.add_argument("--kn", type=int, nargs="*", help="override the K = N list")
     p.add_argument("--only", nargs="*", help="candidate names to run (bf16_dot always runs)")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--min-pool", type=int, default=None, help="calls per timed launch (min)")
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--json", type=str, default=None, help="write the rows here")
     p.add_argument(
@@ -339,11 +354,11 @@ def main(argv=None) -> int:
     smoke = a.cpu_smoke or jax.default_backend() != "gpu"
     if smoke:
         ms, kns = a.m or [1, 16], a.kn or [256]
-        reps, trials, pool_bytes = a.reps or 2, a.trials or 3, 1 << 20
+        min_pool, trials, pool_bytes = a.min_pool or 2, a.trials or 3, 1 << 20
     else:
         ms, kns = a.m or [1, 16, 64, 256, 1024, 4096], a.kn or [4096, 8192]
-        reps, trials, pool_bytes = a.reps or 20, a.trials or 15, 512 << 20
-    rows = run(ms, kns, smoke, reps, trials, pool_bytes, only=a.only)
+        min_pool, trials, pool_bytes = a.min_pool or 16, a.trials or 15, 512 << 20
+    rows = run(ms, kns, smoke, min_pool, trials, pool_bytes, only=a.only)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.emit_dispatch:
