@@ -211,6 +211,9 @@ class QArray:
             >>> q.dequantize().tolist()
             [127.0, -64.0]
         """
+        return _dequantize_jit(self, None if dtype is None else jnp.dtype(dtype))
+
+    def _dequantize(self, dtype) -> jax.Array:
         shape, _ = self._layout()
         v = self.blocked(self.values())
         if self.zero_point is not None:
@@ -242,6 +245,11 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(QArray)
+
+
+# One compiled program per layout instead of a dozen eager op dispatches; under an
+# outer jit it is simply inlined.
+_dequantize_jit = jax.jit(QArray._dequantize, static_argnums=1)
 
 
 def is_qarray(x) -> bool:

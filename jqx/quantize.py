@@ -106,7 +106,8 @@ class Granularity:
             ax = _norm_axis(self.axes[0], nd, "axis", path)
             g = shape[ax] if self.group_size is None else int(self.group_size)
             if g <= 0 or shape[ax] % g:
-                divs = [d for d in (16, 32, 64, 96, 128, 256) if shape[ax] % d == 0 and d < shape[ax]]
+                common = (8, 16, 32, 64, 96, 128, 256)
+                divs = [d for d in common if shape[ax] % d == 0 and d < shape[ax]][-4:]
                 divs = divs or [d for d in range(1, shape[ax] + 1) if shape[ax] % d == 0][-4:]
                 raise ValueError(
                     f"group_size={self.group_size} does not divide axis {ax}{where} "
@@ -168,6 +169,9 @@ def per_block(block_shape: Sequence[int]) -> Granularity:
 # --------------------------------------------------------------------------- core math
 
 
+_TINY = float(np.finfo(np.float32).tiny)
+
+
 def _blocked(x: jax.Array, block: tuple[int, ...]) -> jax.Array:
     dims = []
     for s, b in zip(x.shape, block):
@@ -184,7 +188,20 @@ def compute_scale(
     symmetric_range: bool = False,
     convention: Convention = "jqx",
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (and zero point) per block, in the blocked view (n0,1,n1,1,...)."""
+    """Scale (and zero point) per block, in the blocked view ``(n0, 1, n1, 1, ...)``.
+
+    The seed formulas (see the module docstring), plus two guards: a constant
+    block gets ``S = |c|`` (1 for all-zero) so it reconstructs exactly, and a
+    scale below float32's smallest normal is raised to it (XLA:CPU flushes
+    subnormals to zero, which would divide by zero).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> s, z = compute_scale(jnp.array([[-1.0, 4.0]]), jqx.formats.get("uint4"), (1, 2),
+        ...                      "zero_point")
+        >>> round(float(s.ravel()[0]), 6), float(z.ravel()[0])
+        (0.333333, 3.0)
+    """
     xb = _blocked(x.astype(jnp.float32), block)
     red = tuple(range(1, xb.ndim, 2))
     mx = jnp.max(xb, axis=red, keepdims=True)
@@ -203,8 +220,8 @@ def compute_scale(
                 denom = qmax
         else:
             denom = fmt.max
-        s = amax / denom
-        s = jnp.where(constant | (s == 0), const_scale, s)
+        s = jnp.maximum(amax / denom, _TINY)
+        s = jnp.where(constant, const_scale, s)
         return s, None
     if scheme == "zero_point":
         if fmt.kind != "int":
@@ -216,8 +233,12 @@ def compute_scale(
             mn = jnp.minimum(mn, 0.0)
             mx = jnp.maximum(mx, 0.0)
             constant = mx == mn
-        s = (mx - mn) / (qmax - qmin)
-        s = jnp.where(constant | (s == 0), const_scale, s)
+        d = qmax - qmin
+        rng = mx - mn
+        # mx - mn overflows to inf when both ends are near float32 max.
+        s = jnp.where(jnp.isfinite(rng), rng / d, mx / d - mn / d)
+        s = jnp.maximum(s, _TINY)
+        s = jnp.where(constant, const_scale, s)
         z = jnp.round(qmin - mn / s)
         if convention == "torchao":
             z = jnp.clip(z, qmin, qmax)

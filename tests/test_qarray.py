@@ -1,0 +1,165 @@
+"""QArray: packing, footprint, pytree behaviour (jit, vmap, device_put,
+flatten/unflatten, tree_map), repr and misuse."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jqx
+from jqx.qarray import pack_4bit, unpack_4bit
+
+W = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 8), (2, 3, 5)])
+@given(data=st.data())
+def test_pack_unpack_round_trip(shape, data):
+    codes = data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 15)))
+    packed = pack_4bit(jnp.asarray(codes))
+    assert packed.dtype == jnp.uint8
+    assert packed.shape == shape[:-1] + ((shape[-1] + 1) // 2,)
+    np.testing.assert_array_equal(np.asarray(unpack_4bit(packed, shape[-1])), codes)
+    # low nibble = even index
+    flat = codes.reshape(-1, shape[-1])
+    np.testing.assert_array_equal(np.asarray(packed).reshape(flat.shape[0], -1)[:, 0] & 0xF, flat[:, 0])
+
+
+def test_packing_matches_ml_dtypes_uint4_bitcast():
+    # DESIGN: lax.bitcast_convert_type(uint8 -> uint4) unpacks low nibble first
+    codes = jnp.arange(16, dtype=jnp.uint8).reshape(2, 8)
+    packed = pack_4bit(codes)
+    nib = jax.lax.bitcast_convert_type(packed, jnp.uint4).reshape(2, 8)
+    np.testing.assert_array_equal(np.asarray(nib.astype(jnp.uint8)), np.asarray(codes))
+
+
+@pytest.mark.parametrize(
+    "fmt,scheme,code_bytes",
+    [("int8", "absmax", 128), ("int4", "absmax", 64), ("uint4", "zero_point", 64), ("nf4", "absmax", 64), ("fp8_e4m3", "absmax", 128)],
+)
+def test_nbytes_is_the_true_footprint(fmt, scheme, code_bytes):
+    q = jqx.quantize_array(W, fmt, scheme=scheme, granularity=jqx.per_group(4, axis=0))
+    n_scales = 4 * 8
+    assert q.nbytes == code_bytes + n_scales * 4 * (2 if scheme == "zero_point" else 1)
+    assert q.nbytes == sum(a.nbytes for a in jax.tree_util.tree_leaves(q))
+
+
+def test_flatten_unflatten_round_trip():
+    q = jqx.quantize_array(W, "uint4", scheme="zero_point", granularity=jqx.per_group(4, 0), act=jqx.ActSpec())
+    leaves, treedef = jax.tree_util.tree_flatten(q)
+    assert len(leaves) == 3  # qvalue, scale, zero_point (None children are empty)
+    q2 = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(q2, jqx.QArray)
+    assert (q2.format, q2.shape, q2.block, q2.act) == (q.format, q.shape, q.block, q.act)
+    chex.assert_trees_all_equal(q2.dequantize(), q.dequantize())
+    # static metadata is part of the tree structure, so jit specialises on it
+    assert jax.tree_util.tree_structure(jqx.quantize_array(W, "int8")) != jax.tree_util.tree_structure(
+        jqx.quantize_array(W, "int4")
+    )
+
+
+def test_tree_map_keeps_a_qarray():
+    q = jqx.quantize_array(W, "int8", granularity=jqx.per_channel(-1))
+    q2 = jax.tree_util.tree_map(lambda a: a, q)
+    assert isinstance(q2, jqx.QArray)
+    halved = jax.tree_util.tree_map(lambda a: a / 2 if a.dtype == jnp.float32 else a, q)
+    np.testing.assert_allclose(np.asarray(halved.dequantize()), np.asarray(q.dequantize()) / 2, rtol=1e-6)
+
+
+def test_device_put_and_jit():
+    q = jqx.quantize_array(W, "nf4", granularity=jqx.per_group(8, 0))
+    qd = jax.device_put(q, jax.devices()[0])
+    assert isinstance(qd, jqx.QArray)
+    chex.assert_trees_all_equal(qd, q)
+    f = jax.jit(lambda q, x: x @ q.dequantize())
+    x = jnp.ones((2, 16), jnp.float32)
+    chex.assert_trees_all_close(f(qd, x), x @ q.dequantize(), rtol=1e-6)
+    # a jitted function returning a QArray
+    out = jax.jit(lambda q: q)(q)
+    assert isinstance(out, jqx.QArray) and out.shape == q.shape
+
+
+def test_jit_does_not_retrace_for_new_values():
+    calls = chex.assert_max_traces(n=1)(lambda q: q.dequantize())
+    f = jax.jit(calls)
+    for k in range(3):
+        f(jqx.quantize_array(W + k, "int8", granularity=jqx.per_channel(-1)))
+
+
+def test_vmap_over_a_stacked_qarray():
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 16, 8)).astype(np.float32))
+    q = jqx.quantize_array(w, "uint4", scheme="zero_point", granularity=jqx.per_group(4, axis=-2))
+    per_layer = jax.vmap(lambda qi: qi.dequantize())(q)
+    chex.assert_trees_all_equal(per_layer, q.dequantize())
+    x = jnp.ones((3, 2, 16), jnp.float32)
+    y = jax.vmap(lambda qi, xi: xi @ qi.dequantize())(q, x)
+    chex.assert_trees_all_close(y, jnp.einsum("lmk,lkn->lmn", x, q.dequantize()), rtol=1e-5)
+    S = np.repeat(np.asarray(q.scale), 4, axis=1)
+    assert np.all(np.abs(np.asarray(per_layer - w)) <= S / 2 * (1 + 1e-5))
+
+
+def test_vmap_of_quantize_array_gives_a_stacked_qarray():
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(3, 16, 7)).astype(np.float32))
+    q = jax.vmap(lambda a: jqx.quantize_array(a, "int4", granularity=jqx.per_channel(-1)))(w)
+    assert q.qvalue.shape == (3, 16, 4) and q.scale.shape == (3, 1, 7)
+    ref = jnp.stack([jqx.quantize_array(a, "int4", granularity=jqx.per_channel(-1)).dequantize() for a in w])
+    chex.assert_trees_all_equal(q.dequantize(), ref)
+    assert np.all(np.abs(np.asarray(q.dequantize() - w)) <= np.asarray(q.scale) / 2 * (1 + 1e-5))
+
+
+def test_grad_free_tree_map_and_stop_gradient():
+    q = jqx.quantize_array(W, "int8")
+    g = jax.grad(lambda x, q: jnp.sum(x * q.dequantize()))(jnp.ones_like(W), q)
+    chex.assert_trees_all_close(g, q.dequantize())
+
+
+def test_dequantize_dtype_and_in_scale():
+    q = jqx.quantize_array(W.astype(jnp.bfloat16), "int8", granularity=jqx.per_channel(-1))
+    assert q.dtype == "bfloat16" and q.dequantize().dtype == jnp.bfloat16
+    assert q.dequantize(jnp.float32).dtype == jnp.float32
+    s = jnp.full((16, 1), 2.0, jnp.float32)
+    q2 = jqx.quantize_array(W * s, "int8", granularity=jqx.per_channel(-1)).replace(in_scale=s)
+    np.testing.assert_allclose(np.asarray(q2.dequantize()), np.asarray(W), atol=float(q2.scale.max()))
+    assert q2.nbytes == 128 + 8 * 4 + 16 * 4
+
+
+@pytest.mark.parametrize(
+    "gran,name",
+    [
+        (jqx.per_tensor(), "per-tensor"),
+        (jqx.per_channel(-1), "per-channel(axis 1)"),
+        (jqx.per_token(), "per-channel(axis 0)"),
+        (jqx.per_group(4, axis=0), "group4(axis 0)"),
+        (jqx.per_block((4, 4)), "block4x4"),
+    ],
+)
+def test_repr_names_shape_format_granularity_bytes(gran, name):
+    q = jqx.quantize_array(W, "int8", granularity=gran, act=jqx.ActSpec("dynamic", "int8"))
+    r = repr(q)
+    assert q.granularity == name
+    assert f"shape=(16, 8)" in r and "format=int8" in r and f"granularity={name}" in r
+    assert f"nbytes={q.nbytes}" in r and "act=dynamic:int8" in r
+
+
+def test_using_a_qarray_as_an_array_explains_the_fix():
+    q = jqx.quantize_array(W, "int8")
+    with pytest.raises(TypeError, match=r"jqx.quantized\(fn\).*jqx.dequantize\(tree\)"):
+        jnp.dot(jnp.ones((2, 16)), q)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(kind="lazy"), r"kind='lazy' is not supported; use 'dynamic', 'static' or 'llm_int8'"),
+        (dict(granularity="row"), r"granularity='row' is not supported; use 'per_token' or"),
+        (dict(format="nf4"), r"format='nf4': activations are quantized to int8, fp8_e4m3"),
+    ],
+)
+def test_actspec_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        jqx.ActSpec(**kw)
+    assert jqx.ActSpec(format="e4m3").format == "fp8_e4m3"
