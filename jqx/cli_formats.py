@@ -13,7 +13,19 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
+def _code_value(f: _formats.Format, code: int) -> float:
+    if f.decode_table is not None:
+        return f.decode_table[code]
+    return float(code - 16 if f.signed and code >= 8 else code)  # int4 two's complement
+
+
 def table() -> str:
+    """The anatomy of every format, one row each.
+
+    Example:
+        >>> "fp8_e4m3" in table()
+        True
+    """
     head = f"{'name':<9} {'kind':<6} {'bits':>4}  {'layout':<20} {'bias':>5} {'max':>11} {'min normal':>11} {'min subnorm':>11} {'eps':>9}  inf nan  storage"
     lines = [head, "-" * len(head)]
     for f in _formats.FORMATS.values():
@@ -29,6 +41,13 @@ def table() -> str:
 
 
 def one(name: str) -> str:
+    """One format: facts, the code of each bit pattern (4-bit formats) and the
+    sorted value grid.
+
+    Example:
+        >>> one("e3m0").splitlines()[0]
+        'fp4_e3m0: FP4 E3M0 (emulated): bias 3, powers of two 2^-2..2^4, no subnormals, no inf/NaN'
+    """
     f = _formats.get(name)
     out = [
         f"{f.name}: {f.description}",
@@ -47,6 +66,10 @@ def one(name: str) -> str:
         f"  inf / NaN      {'yes' if f.has_inf else 'no'} / {'yes' if f.has_nan else 'no'}",
         f"  storage        {f.storage_dtype}{', two codes per byte' if f.packed else ''}",
     ]
+    if f.bits == 4:
+        out.append("  codes (bits -> value):")
+        for c in range(16):
+            out.append(f"    {c:>2}  {c:04b}  {_num(_code_value(f, c)):>10}")
     if f.values is not None:
         out.append(f"  {len(f.values)} distinct values:")
         vals = [_num(v) for v in f.values]
@@ -56,4 +79,10 @@ def one(name: str) -> str:
 
 
 def render(name: str | None) -> str:
+    """``table()`` when ``name`` is None, else ``one(name)``.
+
+    Example:
+        >>> render(None) == table()
+        True
+    """
     return table() if name is None else one(name)

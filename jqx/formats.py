@@ -6,6 +6,25 @@ Limits of formats that ml_dtypes provides come from `ml_dtypes.finfo` /
 derived from their sign/exponent/mantissa split (or their published table)
 and stored as 4-bit codes decoded with a 16-entry table.
 
+The emulated minifloats follow the usual sign/exponent/mantissa rule with the
+IEEE bias ``2^(E-1) - 1``, every code finite (no inf, no NaN, like the OCP
+``fn`` formats), exponent field 0 subnormal: ``(-1)^s * m/2^M * 2^(1-bias)``,
+otherwise ``(-1)^s * (1 + m/2^M) * 2^(e-bias)``:
+
+- FP4 E1M2: bias 0; subnormals 0.5, 1, 1.5; normals 2 .. 3.5 (max 3.5).
+- FP4 E3M0: bias 3; no mantissa bits, so exponent field 0 is only +-0 (no
+  subnormals); normals are the powers of two 2^-2 .. 2^4 (max 16).
+- FP4 E2M1 is ml_dtypes' ``float4_e2m1fn`` (bias 1, subnormal 0.5, max 6);
+  the same rule reproduces its table exactly.
+
+Both zero codes (+0 and -0) decode to 0. Rounding onto every grid is to the
+nearest value with ties to the even code (even mantissa; for E3M0 the even
+exponent field; for NF4 the even index), saturating at +-max. Where ml_dtypes
+has the type this equals its own cast for every finite input (tested
+exhaustively on the value grid, its midpoints and their neighbours). XLA:CPU
+flushes float32 subnormals to zero, so subnormals of bf16/fp32 do not survive a
+cast there.
+
 Example:
     >>> import jqx
     >>> jqx.formats.get("e4m3").max

@@ -48,6 +48,15 @@ def test_value_grid_is_the_exact_value_set(capsys):
     assert [float(v) for v in grid] == list(F.get("e2m1").values)
 
 
+def test_four_bit_formats_list_every_code(capsys):
+    main(["formats", "e3m0"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[1]: line.split()[2] for line in lines if len(line.split()) == 3 and line.split()[0].isdigit()}
+    assert len(rows) == 16
+    # S EEE: 0111 is exponent 7 - bias 3 = 2^4; 1001 is -2^(1-3); 0000 and 1000 are zero
+    assert (rows["0111"], rows["1001"], rows["0000"], rows["1000"]) == ("16", "-0.25", "0", "0")
+
+
 def test_unknown_name_exits_2_and_lists_valid_names(capsys):
     assert main(["formats", "fp5"]) == 2
     err = capsys.readouterr().err
