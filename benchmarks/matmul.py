@@ -205,6 +205,15 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
             "int8",
         ),
         (
+            "pallas_w8a8_nk",
+            lambda xq, xs, wq, ws: int8_matmul(
+                xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret, w_layout="nk"
+            ),
+            lambda i: (*x8(i), ints(i, 4, (n, k), -127, 128, jnp.int8), uniform(i, 5, (n,))),
+            m * k + k * n + out_b,
+            "int8",
+        ),
+        (
             "xla_w8a8_dyn",
             jax.jit(xla_w8a8_dyn),
             lambda i: (x_bf16(i), *w8(i)),
@@ -248,6 +257,15 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
                 )
             ),
             lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
+            m * k + k * n + out_b,
+            "fp8",
+        ),
+        (
+            "pallas_fp8_nk",
+            lambda xq, wq, xs, ws: fp8_matmul(
+                xq, wq, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret, w_layout="nk"
+            ),
+            lambda i: (f8(i, 10, (m, k)), f8(i, 11, (n, k)), one, one),
             m * k + k * n + out_b,
             "fp8",
         ),

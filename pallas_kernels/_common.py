@@ -113,6 +113,7 @@ def scaled_matmul_kernel(
     acc_dtype,
     has_bias,
     quantize_x=False,
+    w_nk=False,
 ):
     """``(x @ w) * x_scale[:, None] * w_scale[None, :] (+ bias)`` for one (bm, bn) tile.
 
@@ -120,6 +121,8 @@ def scaled_matmul_kernel(
     (M, N, K) is masked with zero fill, so no operand is padded or copied. With
     ``quantize_x`` the x tiles arrive in high precision and are quantized to int8 in
     registers with the given per-row scale (``clip(round(x / scale), -127, 127)``).
+    With ``w_nk`` the weight is stored (N, K) (K contiguous), the operand layout Hopper's
+    8-bit tensor-core instructions read directly.
     """
     if has_bias:
         b_ref, o_ref = rest
@@ -143,23 +146,25 @@ def scaled_matmul_kernel(
         k0 = t * bk
         k_ok = (k0 + jnp.arange(bk)) < k
         xmask = row_ok[:, None] & k_ok[None, :] if (mask_m or mask_k) else None
-        wmask = k_ok[:, None] & col_ok[None, :] if (mask_n or mask_k) else None
         x = pl_triton.load(
             x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)],
             mask=xmask,
             other=None if xmask is None else jnp.zeros((), x_ref.dtype),
         )
+        if w_nk:
+            wmask = col_ok[:, None] & k_ok[None, :] if (mask_n or mask_k) else None
+            w_at = w_ref.at[pl.ds(j * bn, bn), pl.ds(k0, bk)]
+        else:
+            wmask = k_ok[:, None] & col_ok[None, :] if (mask_n or mask_k) else None
+            w_at = w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)]
         w = pl_triton.load(
-            w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)],
-            mask=wmask,
-            other=None if wmask is None else jnp.zeros((), w_ref.dtype),
+            w_at, mask=wmask, other=None if wmask is None else jnp.zeros((), w_ref.dtype)
         )
         if quantize_x:
             q = round_half_even(x.astype(jnp.float32) / xs)
             x = jnp.clip(q, -127.0, 127.0).astype(jnp.int8)
-        return acc + jax.lax.dot_general(
-            x, w, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype
-        )
+        dims = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
+        return acc + jax.lax.dot_general(x, w, dims, preferred_element_type=acc_dtype)
 
     acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), acc_dtype))
     ws = pl_triton.load(
@@ -208,13 +213,23 @@ def as_col_scale(arg: str, s: jax.Array, n: int) -> jax.Array:
     )
 
 
-def check_matmul_operands(x: jax.Array, w: jax.Array, xname: str, wname: str) -> tuple:
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+def check_matmul_operands(
+    x: jax.Array, w: jax.Array, xname: str, wname: str, w_layout: str = "kn"
+) -> tuple:
+    """(M, K, N) of ``x @ w`` where w is (K, N) (``w_layout="kn"``) or (N, K) (``"nk"``)."""
+    if w_layout not in ("kn", "nk"):
+        raise NotImplementedError(
+            f"w_layout={w_layout!r} is not supported; use 'kn' for a (K, N) weight or 'nk' "
+            "for (N, K)."
+        )
+    wk = 0 if w_layout == "kn" else 1
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[wk]:
+        want = "(K, N)" if w_layout == "kn" else "(N, K)"
         raise ValueError(
             f"{xname} has shape {x.shape} and {wname} has shape {w.shape}; expected (M, K) and "
-            "(K, N) with the same K. Reshape leading axes into M first."
+            f"{want} (w_layout={w_layout!r}) with the same K. Reshape leading axes into M first."
         )
-    return x.shape[0], x.shape[1], w.shape[1]
+    return x.shape[0], x.shape[1], w.shape[1 - wk]
 
 
 def triton_kernels_for_cuda(fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> list[dict]:

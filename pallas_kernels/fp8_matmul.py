@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as c
@@ -61,6 +61,7 @@ def fp8_matmul(
     out_dtype: jnp.dtype = jnp.bfloat16,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """``(x_q @ w_q) * x_scale * w_scale`` for float8_e4m3fn operands.
 
@@ -79,6 +80,8 @@ def fp8_matmul(
       out_dtype: bfloat16, float16 or float32.
       block_sizes: tiles; defaults from :meth:`BlockSizes.get_default`.
       interpret: None = interpret mode off-GPU, native Triton on GPU.
+      w_layout: ``"kn"``: w_q is (K, N); ``"nk"``: w_q is (N, K), K contiguous (what
+        Hopper's 8-bit tensor-core instructions read without a transpose).
 
     Returns:
       (M, N) array of ``out_dtype``.
@@ -95,7 +98,7 @@ def fp8_matmul(
     c.require_dtype("x_q", x_q.dtype, FP8_DTYPES)
     c.require_dtype("w_q", w_q.dtype, FP8_DTYPES)
     c.require_dtype("out_dtype", out_dtype, _OUT_DTYPES)
-    m, k, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q")
+    m, k, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q", w_layout)
     xs = c.as_row_scale("x_scale", x_scale, m)
     ws = c.as_col_scale("w_scale", w_scale, n)
     bs = block_sizes or BlockSizes.get_default(m, k, n)
@@ -111,6 +114,7 @@ def fp8_matmul(
         bk=bs.block_k,
         acc_dtype=jnp.float32,
         has_bias=False,
+        w_nk=w_layout == "nk",
     )
     return pl.pallas_call(
         kernel,
@@ -129,6 +133,7 @@ def fp8_matmul_reference(
     w_scale: jax.Array,
     *,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """Plain-jnp reference: upcast the codes to f32, HIGHEST-precision dot, f32 scales.
 
@@ -138,7 +143,8 @@ def fp8_matmul_reference(
         >>> fp8_matmul_reference(x, w, jnp.float32(1), jnp.float32(1), out_dtype=jnp.float32)[0, 0]
         Array(32., dtype=float32)
     """
-    m, _, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q")
-    acc = jnp.dot(x_q.astype(jnp.float32), w_q.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    m, _, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q", w_layout)
+    w = w_q.astype(jnp.float32)
+    acc = jnp.dot(x_q.astype(jnp.float32), w if w_layout == "kn" else w.T, precision="highest")
     out = acc * c.as_row_scale("x_scale", x_scale, m) * c.as_col_scale("w_scale", w_scale, n)
     return out.astype(out_dtype)

@@ -94,6 +94,7 @@ def int8_matmul(
     out_dtype: jnp.dtype = jnp.bfloat16,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """``(x_q @ w_q) * x_scale * w_scale + bias`` with int32 accumulation.
 
@@ -112,6 +113,8 @@ def int8_matmul(
       out_dtype: bfloat16, float16 or float32.
       block_sizes: tiles; defaults from :meth:`BlockSizes.get_default`.
       interpret: None = interpret mode off-GPU, native Triton on GPU.
+      w_layout: ``"kn"``: w_q is (K, N); ``"nk"``: w_q is (N, K), K contiguous (what
+        Hopper's 8-bit tensor-core instructions read without a transpose).
 
     Returns:
       (M, N) array of ``out_dtype``.
@@ -128,7 +131,7 @@ def int8_matmul(
     c.require_dtype("x_q", x_q.dtype, (jnp.int8,))
     c.require_dtype("w_q", w_q.dtype, (jnp.int8,))
     c.require_dtype("out_dtype", out_dtype, _OUT_DTYPES)
-    m, k, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q")
+    m, k, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q", w_layout)
     xs = c.as_row_scale("x_scale", x_scale, m)
     ws = c.as_col_scale("w_scale", w_scale, n)
     b = _as_bias(bias, n)
@@ -144,6 +147,7 @@ def int8_matmul(
         bk=bs.block_k,
         acc_dtype=jnp.int32,
         has_bias=b is not None,
+        w_nk=w_layout == "nk",
     )
     args = (x_q, w_q, xs, ws) + ((b,) if b is not None else ())
     return pl.pallas_call(
@@ -269,6 +273,7 @@ def int8_matmul_dynamic(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     fuse: Literal["prologue", "inline"] = "prologue",
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """W8A8 with dynamic per-token activation quantization, two ways (``fuse``):
 
@@ -292,6 +297,8 @@ def int8_matmul_dynamic(
       out_dtype: bfloat16, float16 or float32.
       block_sizes: tiles for both kernels.
       interpret: None = interpret mode off-GPU, native Triton on GPU.
+      w_layout: ``"kn"``: w_q is (K, N); ``"nk"``: w_q is (N, K), K contiguous (what
+        Hopper's 8-bit tensor-core instructions read without a transpose).
       fuse: ``"prologue"`` or ``"inline"`` (see above).
 
     Returns:
@@ -308,7 +315,7 @@ def int8_matmul_dynamic(
     """
     c.require_dtype("x", x.dtype, _X_DTYPES)
     c.require_dtype("w_q", w_q.dtype, (jnp.int8,))
-    m, k, n = c.check_matmul_operands(x, w_q, "x", "w_q")
+    m, k, n = c.check_matmul_operands(x, w_q, "x", "w_q", w_layout)
     bs = block_sizes or BlockSizes.get_default(m, k, n)
     if fuse == "prologue":
         x_q, x_scale = quantize_rows(x, block_sizes=bs, interpret=interpret)
@@ -321,6 +328,7 @@ def int8_matmul_dynamic(
             out_dtype=out_dtype,
             block_sizes=bs,
             interpret=interpret,
+            w_layout=w_layout,
         )
     if fuse != "inline":
         raise NotImplementedError(f"fuse={fuse!r} is not supported; use 'prologue' or 'inline'.")
@@ -339,6 +347,7 @@ def int8_matmul_dynamic(
         bk=bs.block_k,
         acc_dtype=jnp.int32,
         has_bias=b is not None,
+        w_nk=w_layout == "nk",
         quantize_x=True,
     )
     args = (x, w_q, x_scale, ws) + ((b,) if b is not None else ())
@@ -375,6 +384,7 @@ def int8_matmul_reference(
     bias: jax.Array | None = None,
     *,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """Plain-jnp reference: exact int32 dot, then f32 scales and bias.
 
@@ -385,8 +395,9 @@ def int8_matmul_reference(
         ...                       out_dtype=jnp.float32)[1, 3]
         Array(64., dtype=float32)
     """
-    m, _, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q")
-    acc = lax.dot_general(x_q, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    m, _, n = c.check_matmul_operands(x_q, w_q, "x_q", "w_q", w_layout)
+    dims = (((1,), (0,)) if w_layout == "kn" else ((1,), (1,)), ((), ()))
+    acc = lax.dot_general(x_q, w_q, dims, preferred_element_type=jnp.int32)
     out = acc.astype(jnp.float32) * c.as_row_scale("x_scale", x_scale, m)
     out = out * c.as_col_scale("w_scale", w_scale, n)
     if bias is not None:
@@ -401,6 +412,7 @@ def int8_matmul_dynamic_reference(
     bias: jax.Array | None = None,
     *,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    w_layout: Literal["kn", "nk"] = "kn",
 ) -> jax.Array:
     """Plain-jnp reference of :func:`int8_matmul_dynamic`.
 
@@ -411,4 +423,6 @@ def int8_matmul_dynamic_reference(
         Array(64., dtype=float32)
     """
     x_q, x_scale = quantize_rows_reference(x)
-    return int8_matmul_reference(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype)
+    return int8_matmul_reference(
+        x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype, w_layout=w_layout
+    )

@@ -122,3 +122,15 @@ def test_mismatched_k_raises_value_error():
             jnp.ones(()),
             interpret=True,
         )
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_nk_weight_layout(interpret):
+    """A (N, K) weight gives the same result as its (K, N) transpose."""
+    m, k, n = 17, 200, 96
+    xq, wq = _operands(m, k, n, seed=4)
+    xs, ws = jnp.float32(0.5), jnp.linspace(0.1, 1.0, n, dtype=jnp.float32)
+    y = fp8_matmul(xq, wq.T, xs, ws, out_dtype=jnp.float32, interpret=interpret, w_layout="nk")
+    _check(y, xq, wq, xs, ws, jnp.float32, ACC_REL[interpret])
+    with pytest.raises(NotImplementedError, match="w_layout='kt'"):
+        fp8_matmul(xq, wq, xs, ws, w_layout="kt")

@@ -180,3 +180,20 @@ def test_dynamic_bad_activation_dtype():
             jnp.ones((32,)),
             interpret=True,
         )
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("fuse", ["prologue", "inline"])
+def test_nk_weight_layout(fuse, interpret):
+    """A (N, K) weight gives the same result as its (K, N) transpose."""
+    m, k, n = 17, 200, 96
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    _, wq, _, ws, b = _operands(m, k, n, seed=5)
+    y = int8_matmul_dynamic(
+        x, wq.T, ws, b, out_dtype=jnp.float32, interpret=interpret, fuse=fuse, w_layout="nk"
+    )
+    ref = int8_matmul_dynamic_reference(x, wq, ws, b, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w_layout='nk'"):
+        int8_matmul(jnp.zeros((m, k), jnp.int8), wq, jnp.ones(()), ws, w_layout="nk")

@@ -102,18 +102,21 @@ def test_int8_dynamic_inline_quantizes_in_registers():
     assert re.search(r"xi8> \* tensor<\d+x\d+xi8> -> tensor<\d+x\d+xi32>", _dots(mm["ir"])[0])
 
 
+@pytest.mark.parametrize("w_layout", ["kn", "nk"])
 @pytest.mark.parametrize("m, k, n", [(1, 4096, 4096), (17, 200, 96), (4096, 8192, 8192)])
-def test_fp8_lowers(m, k, n):
-    f = functools.partial(fp8_matmul, out_dtype=jnp.bfloat16, interpret=False)
+def test_fp8_lowers(m, k, n, w_layout):
+    f = functools.partial(fp8_matmul, out_dtype=jnp.bfloat16, interpret=False, w_layout=w_layout)
     [kern] = triton_kernels_for_cuda(
         f,
         S((m, k), jnp.float8_e4m3fn),
-        S((k, n), jnp.float8_e4m3fn),
+        S((k, n) if w_layout == "kn" else (n, k), jnp.float8_e4m3fn),
         S((), jnp.float32),
         S((1, n), jnp.float32),
     )
     [dot] = _dots(kern["ir"])
     assert re.search(r"xf8E4M3FN> \* tensor<\d+x\d+xf8E4M3FN> -> tensor<\d+x\d+xf32>", dot), dot
+    # An (N, K) tile is fed to the dot through a register transpose of a K-contiguous load.
+    assert ("tt.trans" in kern["ir"]) == (w_layout == "nk")
 
 
 def test_grid_matches_block_sizes():
