@@ -147,10 +147,8 @@ def main(argv=None):
     forms = formulations(a.k, a.n, key)
     names = [nm for nm in forms if nm == "f32 dot" or a.only in nm]
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, K={a.k} N={a.n}; "
-          "time / time(f32 dot) in the same run (lower is faster)")
+          "time / time(f32 dot) in the same run (lower is faster)", flush=True)
     jitted = {nm: jax.jit(forms[nm][0]) for nm in names}
-    header = f"{'formulation':42s}" + "".join(f"{'M=' + str(m):>10s}" for m in a.m)
-    print(header)
     rows = {nm: [] for nm in names}
     base_ms = []
     for m in a.m:
@@ -161,10 +159,16 @@ def main(argv=None):
         base_ms.append(t0 * 1e3)
         for nm, t in zip(names, ts):
             rows[nm].append(t / t0)
-    print(f"{'(f32 dot, ms)':42s}" + "".join(f"{b:10.2f}" for b in base_ms))
+        print(f"  M={m}: f32 dot {t0 * 1e3:.2f} ms; "
+              + ", ".join(f"{nm} {t / t0:.2f}" for nm, t in zip(names, ts) if nm != "f32 dot"),
+              flush=True)
+    print()
+    print("| formulation | " + " | ".join(f"M={m}" for m in a.m) + " |")
+    print("|---|" + "---:|" * len(a.m))
+    print("| f32 dot (ms) | " + " | ".join(f"{b:.2f}" for b in base_ms) + " |")
     for nm in names:
-        print(f"{nm:42s}" + "".join(f"{r:10.2f}" for r in rows[nm]))
-
+        if nm != "f32 dot":
+            print(f"| {nm} | " + " | ".join(f"{r:.2f}" for r in rows[nm]) + " |")
 
 if __name__ == "__main__":
     main()
