@@ -52,6 +52,8 @@ from jqx.recipes import Recipe
 __all__ = ["GPTQConfig", "GPTQ", "gptq", "gptq_quantize", "gptq_hessian"]
 
 _HI = lax.Precision.HIGHEST
+# Up to this many blocks the block loop is unrolled (see _gptq_core_perm).
+_MAX_UNROLLED_BLOCKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +151,8 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups):
         zrow = None if zrow is None else jnp.pad(zrow, ((0, pad), (0, 0)))
     rows = jnp.arange(kp)
 
-    def block(bi, carry):
-        wp, codes, sall, zall = carry
-        i1 = bi * bsz
-        w1 = lax.dynamic_slice_in_dim(wp, i1, bsz, 0)
-        u1 = lax.dynamic_slice(up, (i1, i1), (bsz, bsz))
+    def quantize_block(i1, w1, u1):
+        """GPTQ inside one block (eager row updates); i1 may be traced."""
 
         def row(i, c):
             w1, err1, q1, s_cur, z_cur, sb, zb = c
@@ -185,7 +184,31 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups):
 
         zb0 = jnp.zeros((bsz, n), jnp.float32)
         init = (w1, zb0, zb0, jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32), zb0, zb0)
-        w1, err1, q1, _, _, sb, zb = lax.fori_loop(0, bsz, row, init)
+        _, err1, q1, _, _, sb, zb = lax.fori_loop(0, bsz, row, init)
+        return err1, q1, sb, zb
+
+    if nblk <= _MAX_UNROLLED_BLOCKS:
+        # Static block offsets: the lazy update touches only the rows after the
+        # block (half the flops of the masked full update), at the price of
+        # one inner loop per block in the compiled program.
+        qs, ss, zs = [], [], []
+        for i1 in range(0, kp, bsz):
+            i2 = i1 + bsz
+            err1, q1, sb, zb = quantize_block(i1, wp[i1:i2], up[i1:i2, i1:i2])
+            if i2 < kp:
+                wp = wp.at[i2:].add(-jnp.matmul(up[i1:i2, i2:].T, err1, precision=_HI))
+            qs.append(q1)
+            ss.append(sb)
+            zs.append(zb)
+        codes, sall, zall = (jnp.concatenate(a, 0) for a in (qs, ss, zs))
+        return codes[:k][invperm], sall[:k][invperm], zall[:k][invperm]
+
+    def block(bi, carry):
+        wp, codes, sall, zall = carry
+        i1 = bi * bsz
+        w1 = lax.dynamic_slice_in_dim(wp, i1, bsz, 0)
+        u1 = lax.dynamic_slice(up, (i1, i1), (bsz, bsz))
+        err1, q1, sb, zb = quantize_block(i1, w1, u1)
         # Lazy batch update of every later row: W[i2:] -= U[i1:i2, i2:]^T Err1.
         ublk = lax.dynamic_slice_in_dim(up, i1, bsz, 0)
         upd = jnp.matmul(ublk.T, err1, precision=_HI)
