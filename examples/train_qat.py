@@ -67,6 +67,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None)
     ap.add_argument("--float-steps", type=int, default=600, help="only without a checkpoint")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--control", action="store_true",
+                    help="also fine-tune in float for the same steps and batches, then RTN-quantize: "
+                         "separates what QAT adds from what more training adds")
     args = ap.parse_args(argv)
 
     data = load_shakespeare()
@@ -112,6 +115,18 @@ def main(argv=None) -> dict:
         qparams = jqx.qat.convert(_train(loss, params, opt, it, args.steps, 25, "qat"), recipe)
     qat_s = time.time() - t0
     qat_loss = ev(lambda t: qfwd(qparams, t))
+    control = {}
+    if args.control:
+        def floss(p, b):
+            return charlm.cross_entropy(apply(p, b[:, :-1]), b[:, 1:])
+
+        ft = _train(floss, params, opt, batches(data.train, args.batch, args.seq, seed=args.seed),
+                    args.steps, 25, "float ft")
+        control = {"control_float_ft_val_nats": round(float(ev(lambda t: apply(ft, t))), 4),
+                   "control_float_ft_then_ptq_val_nats": round(
+                       float(ev(lambda t: qfwd(jqx.quantize(ft, recipe), t))), 4)}
+        print(f"control: float fine-tune {control['control_float_ft_val_nats']:.4f} nats, then RTN PTQ "
+              f"{control['control_float_ft_then_ptq_val_nats']:.4f} nats", flush=True)
     recovered = (ptq_loss - qat_loss) / (ptq_loss - float_loss)
     print(f"QAT{' + LSQ' if args.lsq else ''} ({args.steps} steps, {qat_s:.0f}s): {qat_loss:.4f} nats; "
           f"recovered {100 * recovered:.0f}% of the float-to-PTQ gap (goal: >= 50%)")
@@ -120,7 +135,7 @@ def main(argv=None) -> dict:
         "lsq": args.lsq, "qat_steps": args.steps, "lr": args.lr,
         "float_val_nats": round(float_loss, 4), "ptq_val_nats": round(float(ptq_loss), 4),
         "qat_val_nats": round(float(qat_loss), 4), "gap_recovered": round(float(recovered), 3),
-        "qat_seconds": round(qat_s, 1),
+        "qat_seconds": round(qat_s, 1), **control,
     }
     print(json.dumps(out))
     return out
