@@ -286,3 +286,12 @@ def test_int_encode_rounds_half_to_even_and_clamps():
 )
 def test_layout(name, layout):
     assert F.get(name).layout() == layout
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
+@given(xs=st.lists(finite, min_size=32, max_size=32), k=st.integers(-12, 8))
+def test_cast_equals_ml_dtypes_for_random_in_range_inputs(name, xs, k):
+    f = F.get(name)
+    x = np.clip(np.float32(xs) * np.float32(2.0**k), -f.max, f.max).astype(np.float32)
+    ref = x.astype(ML_FLOAT[name]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(F.round_to_format(jnp.asarray(x), f)), ref)

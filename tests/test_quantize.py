@@ -113,7 +113,10 @@ def _check_properties(x, fmt, scheme, sym, gran):
     assert np.all((v2 == v) | const)
     np.testing.assert_array_equal(np.asarray(q2.dequantize())[const], xh[const].astype(np.float32))
     S2 = _full(q2, q2.scale)
-    np.testing.assert_allclose(S2[~const], S[~const], rtol=1e-5)
+    # When min/S lands on an exact .5 the seed rounding can leave one end code
+    # unused, so re-quantizing may shrink the scale by one step of qmax - qmin.
+    rtol = 1e-5 + (1 / (f.qmax - f.qmin) if scheme == "zero_point" else 0.0)
+    np.testing.assert_allclose(S2[~const], S[~const], rtol=rtol)
     symmetric_grid = set(f.values) == {-a for a in f.values}  # not NF4 (8 positive, 7 negative)
     if scheme == "absmax" and f.signed and symmetric_grid:  # sign symmetry
         qn = jqx.quantize_array(-jnp.asarray(x), fmt, granularity=gran, symmetric_range=sym)
