@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         help="quantize a sentence encoder (all-MiniLM-L6-v2 if installed) with every recipe",
     )
     d.add_argument("--recipes", default="all", help="comma-separated keys (int8,int4-g32,...) or 'all'")
-    d.add_argument("--sentences", type=int, default=None, help="evaluation sentences (default: all)")
+    d.add_argument("--sentences", type=int, default=256, help="evaluation sentences (max 374)")
     d.add_argument("--batch", type=int, default=32, help="latency batch size")
     d.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
-    d.add_argument("--repeats", type=int, default=3, help="timed calls per recipe (0: no timing)")
+    d.add_argument("--repeats", type=int, default=2, help="timed calls per recipe (0: no timing)")
     d.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs size to this PNG")
     d.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     d.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -47,7 +47,7 @@ RECIPES: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {
     "nf4": ("nf4 g64 weight-only", lambda: jqx.nf4_weight_only(group_size=64)),
     "w8a8-int8": ("W8A8 int8 dynamic", lambda: jqx.int8_dynamic_activation_int8_weight()),
     "w8a8-fp8": ("W8A8 fp8 dynamic", lambda: jqx.fp8_dynamic_activation_fp8_weight()),
-    "w8a8-static": ("W8A8 int8 static (calibrated)", lambda: jqx.int8_static_activation_int8_weight()),
+    "w8a8-static": ("W8A8 int8 static (mse calib.)", lambda: jqx.int8_static_activation_int8_weight()),
 }
 
 
@@ -163,7 +163,9 @@ def run(
         t0 = time.perf_counter()
         if recipe.needs_calibration:
             cb = [(ids, mask) for ids, mask, _ in _batches(enc, calib_sents, eval_batch, eval_len)]
-            qp = jqx.calibrate(enc.module.apply, params, cb, recipe, progress=False)
+            # On MiniLM the MSE-optimal clip beats min/max (0.983 vs 0.979 cosine
+            # on 128 sentences): per-tensor scales suffer from outlier channels.
+            qp = jqx.calibrate(enc.module.apply, params, cb, recipe, observer="mse", progress=False)
         else:
             qp = jqx.quantize(params, recipe)
         t = jqx.report(params, qp).totals()
