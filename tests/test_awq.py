@@ -27,7 +27,7 @@ def _out_err(x, w, q):
 
 
 def test_beats_rtn_and_clip_helps():
-    """Measured: AWQ 0.64x RTN output error (0.69x without the clip search)."""
+    """Measured: AWQ 0.686x RTN output error (0.761x without the clip search)."""
     w, x = _layer()
     e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128))
     q = awq_quantize(w, x, AWQConfig(bits=4, group_size=128))

@@ -124,7 +124,7 @@ def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp):
     hp = h[perm][:, perm]
     u = _upper_inverse_factor(hp)
     ok = jnp.all(jnp.isfinite(u))
-    # _gptq_core permutes w itself; hand it the permuted factor.
+    # The factor is of the permuted H; _gptq_core_perm permutes w itself.
     codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups)
     return codes, srow, zrow, ok
 

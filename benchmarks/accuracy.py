@@ -1,0 +1,192 @@
+"""Accuracy of the post-training quantization algorithms.
+
+Part 1 (always): the issue's synthetic goals, on the layers the tests use:
+GPTQ / act_order vs round to nearest (output error), HQQ vs RTN (weight
+error), AWQ vs RTN (output error), LLM.int8() and SmoothQuant vs plain W8A8
+(relative output error).
+
+Part 2 (when the char LM checkpoint exists, ``python examples/train_charlm.py``):
+validation bits/char and perplexity of the Shakespeare char LM for float,
+RTN, GPTQ, GPTQ act_order, HQQ and AWQ at 4 and 3 bits (g128 and per
+channel), and W8A8 / SmoothQuant W8A8 / LLM.int8(), with the seconds each
+method took (calibration included).
+
+Usage:
+    python benchmarks/accuracy.py            # both parts
+    python benchmarks/accuracy.py --synthetic-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jqx
+from jqx.algorithms._common import rtn_quantize
+from jqx.algorithms.awq import AWQConfig, awq_quantize
+from jqx.algorithms.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.algorithms.hqq import HQQConfig, hqq_quantize
+from jqx.algorithms.llm_int8 import llm_int8_matmul
+from jqx.algorithms.smoothquant import smoothquant_quantize
+
+
+def _gptq_layer(seed, outliers):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    k, n, m = 256, 64, 1024
+    w = jax.random.normal(ks[0], (k, n)) * 0.05
+    x = jax.random.normal(ks[1], (m, 64)) @ jax.random.normal(ks[2], (64, k)) / 8
+    x = x + 0.3 * jax.random.normal(ks[3], (m, k))
+    if outliers == "scattered":
+        idx = jax.random.choice(jax.random.fold_in(ks[0], 1), k, (8,), replace=False)
+    else:
+        idx = jnp.arange(8)
+    return w, x.at[:, idx].multiply(10.0)
+
+
+def _out_err(x, w, wq):
+    d = x @ w - x @ wq
+    return float(jnp.sum(d * d))
+
+
+def _w8a8(x, q):
+    if q.in_scale is not None:
+        x = x / q.in_scale[:, 0]
+    xc, xs = jqx.quantize_activation(x, "int8", "per_token")
+    acc = jax.lax.dot_general(xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
+
+
+def synthetic() -> None:
+    rows = []
+    for layout in ("scattered", "front"):
+        for seed in (0, 1, 2):
+            w, x = _gptq_layer(seed, layout)
+            h = gptq_hessian(x.T @ x, x.shape[0])
+            e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128).dequantize())
+            for name, cfg in [
+                ("GPTQ", GPTQConfig(group_size=128)),
+                ("GPTQ act_order", GPTQConfig(group_size=128, act_order=True)),
+                ("GPTQ act_order static_groups", GPTQConfig(group_size=128, act_order=True, static_groups=True)),
+            ]:
+                r = _out_err(x, w, gptq_quantize(w, h, cfg).dequantize()) / e_rtn
+                rows.append((f"{name}, 4-bit g128, outliers {layout}, seed {seed}",
+                             "output error / RTN", f"{r:.3f}", "<= 0.25"))
+    for dist in ("normal", "student-t(4)"):
+        key = jax.random.key(0)
+        w = (jax.random.normal(key, (1024, 512)) if dist == "normal"
+             else jax.random.t(key, 4.0, (1024, 512))) * 0.02
+        e_r = float(jnp.sum((w - rtn_quantize(w, 4, 64).dequantize()) ** 2))
+        for opt in (False, True):
+            e_h = float(jnp.sum((w - hqq_quantize(w, HQQConfig(group_size=64, optimize_scale=opt))
+                                 .dequantize()) ** 2))
+            rows.append((f"HQQ{' +scale' if opt else ''}, 4-bit g64, {dist} weights",
+                         "weight sq. error / RTN", f"{e_h / e_r:.3f}", "<= 0.96"))
+    ks = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(ks[0], (256, 64)) * 0.05
+    x = jax.random.normal(ks[1], (512, 256)) * jnp.exp(jax.random.normal(ks[2], (256,)) * 0.8)
+    e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128).dequantize())
+    e_awq = _out_err(x, w, awq_quantize(w, x, AWQConfig(group_size=128)).dequantize())
+    rows.append(("AWQ, 4-bit g128, log-normal channel scales", "output error / RTN",
+                 f"{e_awq / e_rtn:.3f}", "< 1"))
+    w = jax.random.normal(jax.random.key(0), (1024, 256)) * 0.05
+    q = jqx.quantize({"kernel": w}, jqx.llm_int8())["kernel"]
+    for seed in (1, 2, 3):
+        ks = jax.random.split(jax.random.key(seed), 4)
+        x = jax.random.normal(ks[0], (256, 1024))
+        cols = jax.random.choice(ks[1], 1024, (6,), replace=False)
+        mag = jax.random.uniform(ks[2], (256, 6), minval=8.0, maxval=20.0)
+        x = x.at[:, cols].set(mag * jnp.sign(jax.random.normal(ks[3], (256, 6))))
+        y = jnp.matmul(x, w, precision="highest")
+        rel = lambda a: float(jnp.linalg.norm(a - y) / jnp.linalg.norm(y))  # noqa: E731
+        rows.append((f"LLM.int8(), 6 outlier cols 8-20, seed {seed}", "rel. output error",
+                     f"{rel(llm_int8_matmul(x, q)):.4f}", "< 0.01"))
+        rows.append((f"plain W8A8, same input, seed {seed}", "rel. output error",
+                     f"{rel(_w8a8(x, q)):.4f}", "> 0.025"))
+        sq = smoothquant_quantize(w, jnp.max(jnp.abs(x), axis=0), 0.5)
+        rows.append((f"SmoothQuant(0.5) W8A8, same input, seed {seed}", "rel. output error",
+                     f"{rel(_w8a8(x, sq)):.4f}", "-"))
+    print("| case | metric | value | goal |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def charlm(n_windows: int) -> None:
+    from jqx.models import charlm as cl  # noqa: PLC0415
+
+    try:
+        cfg, params, _ = cl.load_params()
+    except FileNotFoundError as e:
+        print(f"\n(char LM table skipped: {e})")
+        return
+    from jqx.models.shakespeare import load_shakespeare  # noqa: PLC0415
+
+    data = load_shakespeare()
+    f = cl.apply_fn(cfg)
+    # Calibration: 32 windows of the training text (never the validation text).
+    seq = min(128, cfg.max_len)
+    starts = range(0, 32 * 997, 997)
+    calib = [jnp.asarray([data.train[s:s + seq] for s in starts[i:i + 8]], jnp.int32)
+             for i in range(0, 32, 8)]
+
+    def score(p):
+        fq = jax.jit(jqx.quantized(f))
+        loss, bpc = cl.evaluate(lambda t: fq(p, t), data.val, seq_len=seq, n_windows=n_windows)
+        return bpc, math.exp(loss)
+
+    methods = [("float", None)]
+    for bits in (4, 3):
+        for g in (128, None):
+            gs = f"g{g}" if g else "per-channel"
+            methods += [
+                (f"RTN {bits}-bit {gs}", ("rtn", bits, g)),
+                (f"GPTQ {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g)),
+                (f"GPTQ act_order {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g, act_order=True)),
+                (f"HQQ {bits}-bit {gs}", jqx.hqq(bits=bits, group_size=g)),
+                (f"AWQ {bits}-bit {gs}", jqx.awq(bits=bits, group_size=g)),
+            ]
+    methods += [
+        ("W8A8 int8 dynamic", jqx.int8_dynamic_activation_int8_weight()),
+        ("SmoothQuant(0.5) W8A8", jqx.smoothquant(alpha=0.5)),
+        ("LLM.int8() t=6", jqx.llm_int8(threshold=6.0)),
+    ]
+    print(f"\nchar LM ({cfg}), validation: {n_windows} windows of {seq} characters")
+    print("| method | bits/char | perplexity | seconds |")
+    print("|---|---|---|---|")
+    for name, recipe in methods:
+        t = time.perf_counter()
+        if recipe is None:
+            qp = params
+        elif isinstance(recipe, tuple):  # RTN on the same integer grid as GPTQ/AWQ (also 3-bit)
+            _, bits, g = recipe
+            qp = jax.tree_util.tree_map_with_path(
+                lambda path, leaf, bits=bits, g=g: rtn_quantize(leaf, bits, g)
+                if jqx.tree.default_filter(jqx.tree.path_str(path), leaf) else leaf,
+                params,
+            )
+        elif recipe.needs_calibration:
+            qp = jqx.calibrate(f, params, calib, recipe, progress=False)
+        else:
+            qp = jqx.quantize(params, recipe)
+        jax.block_until_ready(jax.tree_util.tree_leaves(qp))
+        secs = time.perf_counter() - t
+        bpc, ppl = score(qp)
+        print(f"| {name} | {bpc:.4f} | {ppl:.3f} | {secs:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--synthetic-only", action="store_true")
+    ap.add_argument("--windows", type=int, default=256)
+    args = ap.parse_args()
+    synthetic()
+    if not args.synthetic_only:
+        charlm(args.windows)
+
+
+if __name__ == "__main__":
+    main()
