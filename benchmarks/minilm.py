@@ -38,7 +38,9 @@ def _cos(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def qwix_variants(enc: minilm.Encoder, ids, mask):
@@ -79,7 +81,9 @@ def main(argv=None) -> int:
 
     if args.tiny or not minilm.weights_available():
         if not args.tiny:
-            print(f"all-MiniLM-L6-v2 is not installed ({minilm.INSTALL_HINT}); using the tiny encoder")
+            print(
+                f"all-MiniLM-L6-v2 is not installed ({minilm.INSTALL_HINT}); using the tiny encoder"
+            )
         enc = minilm.load_tiny()
     else:
         enc = minilm.load_minilm()
@@ -87,7 +91,9 @@ def main(argv=None) -> int:
     sents = minilm.load_sentences(args.sentences)
     eval_b = demo._batches(enc, sents, 64, 64)
     rng = np.random.default_rng(0)
-    lat_ids = jnp.asarray(rng.integers(1, enc.config.vocab_size, (args.batch, args.seq_len)), jnp.int32)
+    lat_ids = jnp.asarray(
+        rng.integers(1, enc.config.vocab_size, (args.batch, args.seq_len)), jnp.int32
+    )
     lat_mask = jnp.ones((args.batch, args.seq_len), jnp.int32)
 
     float_fwd = jax.jit(enc.module.apply)
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
     for name, (f, v, _) in variants.items():
         c = _cos(demo._embed_all(f, v, eval_b), ref)
         acc[name] = (float(c.mean()), float(c.min()))
-    for name, (f, v, _) in variants.items():
+    for f, v, _ in variants.values():
         jax.block_until_ready(f(v, lat_ids, lat_mask))  # compile + warm up
     best = {k: float("inf") for k in variants}
     for _ in range(args.repeats):
@@ -151,35 +157,70 @@ def main(argv=None) -> int:
 
     print("\ngoals (issue section 7):")
     ok = [
-        goal("W8A8 int8 dynamic >= 2x faster than float32", speedup("jqx W8A8 int8 dynamic") >= 2.0,
-             f"{speedup('jqx W8A8 int8 dynamic'):.2f}x"),
-        goal("int8 weight-only <= 1.25x slower than float32", 1 / speedup("jqx int8 weight-only") <= 1.25,
-             f"{1 / speedup('jqx int8 weight-only'):.2f}x the float32 time"),
-        goal("int4 g128 weight-only <= 1.25x slower than float32",
-             1 / speedup("jqx int4 g128 weight-only") <= 1.25,
-             f"{1 / speedup('jqx int4 g128 weight-only'):.2f}x the float32 time"),
-        goal("int4 g32 weight-only <= 1.25x slower than float32",
-             1 / speedup("jqx int4 g32 weight-only") <= 1.25,
-             f"{1 / speedup('jqx int4 g32 weight-only'):.2f}x the float32 time"),
-        goal("int8 weight-only >= 3.5x smaller (matmul weights)", ratio("jqx int8 weight-only") >= 3.5,
-             f"{ratio('jqx int8 weight-only'):.2f}x"),
-        goal("int4 g128 weight-only >= 6x smaller (matmul weights)",
-             ratio("jqx int4 g128 weight-only") >= 6.0, f"{ratio('jqx int4 g128 weight-only'):.2f}x"),
-        goal("int8 weight-only cosine >= 0.999", acc["jqx int8 weight-only"][0] >= 0.999,
-             f"{acc['jqx int8 weight-only'][0]:.5f}"),
-        goal("W8A8 dynamic cosine >= 0.995", acc["jqx W8A8 int8 dynamic"][0] >= 0.995,
-             f"{acc['jqx W8A8 int8 dynamic'][0]:.5f}"),
-        goal("int4 g32 cosine >= 0.99", acc["jqx int4 g32 weight-only"][0] >= 0.99,
-             f"{acc['jqx int4 g32 weight-only'][0]:.5f}"),
+        goal(
+            "W8A8 int8 dynamic >= 2x faster than float32",
+            speedup("jqx W8A8 int8 dynamic") >= 2.0,
+            f"{speedup('jqx W8A8 int8 dynamic'):.2f}x",
+        ),
+        goal(
+            "int8 weight-only <= 1.25x slower than float32",
+            1 / speedup("jqx int8 weight-only") <= 1.25,
+            f"{1 / speedup('jqx int8 weight-only'):.2f}x the float32 time",
+        ),
+        goal(
+            "int4 g128 weight-only <= 1.25x slower than float32",
+            1 / speedup("jqx int4 g128 weight-only") <= 1.25,
+            f"{1 / speedup('jqx int4 g128 weight-only'):.2f}x the float32 time",
+        ),
+        goal(
+            "int4 g32 weight-only <= 1.25x slower than float32",
+            1 / speedup("jqx int4 g32 weight-only") <= 1.25,
+            f"{1 / speedup('jqx int4 g32 weight-only'):.2f}x the float32 time",
+        ),
+        goal(
+            "int8 weight-only >= 3.5x smaller (matmul weights)",
+            ratio("jqx int8 weight-only") >= 3.5,
+            f"{ratio('jqx int8 weight-only'):.2f}x",
+        ),
+        goal(
+            "int4 g128 weight-only >= 6x smaller (matmul weights)",
+            ratio("jqx int4 g128 weight-only") >= 6.0,
+            f"{ratio('jqx int4 g128 weight-only'):.2f}x",
+        ),
+        goal(
+            "int8 weight-only cosine >= 0.999",
+            acc["jqx int8 weight-only"][0] >= 0.999,
+            f"{acc['jqx int8 weight-only'][0]:.5f}",
+        ),
+        goal(
+            "W8A8 dynamic cosine >= 0.995",
+            acc["jqx W8A8 int8 dynamic"][0] >= 0.995,
+            f"{acc['jqx W8A8 int8 dynamic'][0]:.5f}",
+        ),
+        goal(
+            "int4 g32 cosine >= 0.99",
+            acc["jqx int4 g32 weight-only"][0] >= 0.99,
+            f"{acc['jqx int4 g32 weight-only'][0]:.5f}",
+        ),
     ]
     for mode in ("int8 weight-only", "W8A8 int8 dynamic"):
         j, q = f"jqx {mode}", f"qwix {mode}"
         if q in variants:
-            ok.append(goal(f"jqx {mode} at least as fast as qwix", best[j] <= best[q],
-                           f"jqx {1e3 * best[j]:.0f} ms vs qwix {1e3 * best[q]:.0f} ms "
-                           f"({best[q] / best[j]:.2f}x)"))
-            ok.append(goal(f"jqx {mode} at least as accurate as qwix", acc[j][0] >= acc[q][0],
-                           f"cosine jqx {acc[j][0]:.5f} vs qwix {acc[q][0]:.5f}"))
+            ok.append(
+                goal(
+                    f"jqx {mode} at least as fast as qwix",
+                    best[j] <= best[q],
+                    f"jqx {1e3 * best[j]:.0f} ms vs qwix {1e3 * best[q]:.0f} ms "
+                    f"({best[q] / best[j]:.2f}x)",
+                )
+            )
+            ok.append(
+                goal(
+                    f"jqx {mode} at least as accurate as qwix",
+                    acc[j][0] >= acc[q][0],
+                    f"cosine jqx {acc[j][0]:.5f} vs qwix {acc[q][0]:.5f}",
+                )
+            )
     print(f"\n{sum(ok)}/{len(ok)} goals met ({time.perf_counter() - t_start:.0f}s)")
     return 0
 

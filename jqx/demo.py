@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,10 @@ RECIPES: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {
     "nf4": ("nf4 g64 weight-only", lambda: jqx.nf4_weight_only(group_size=64)),
     "w8a8-int8": ("W8A8 int8 dynamic", lambda: jqx.int8_dynamic_activation_int8_weight()),
     "w8a8-fp8": ("W8A8 fp8 dynamic", lambda: jqx.fp8_dynamic_activation_fp8_weight()),
-    "w8a8-static": ("W8A8 int8 static (mse calib.)", lambda: jqx.int8_static_activation_int8_weight()),
+    "w8a8-static": (
+        "W8A8 int8 static (mse calib.)",
+        lambda: jqx.int8_static_activation_int8_weight(),
+    ),
 }
 
 
@@ -175,8 +178,17 @@ def run(
         )
         qb, qa = t["quantized_bytes_before"], t["quantized_bytes_after"]
         rows.append(
-            Row(k, label, qa, qb / qa, t["bytes_after"], float_bytes / t["bytes_after"],
-                float(cos.mean()), float(cos.min()), float("nan"))
+            Row(
+                k,
+                label,
+                qa,
+                qb / qa,
+                t["bytes_after"],
+                float_bytes / t["bytes_after"],
+                float(cos.mean()),
+                float(cos.min()),
+                float("nan"),
+            )
         )
         rows[0].matmul_bytes = qb
         runners[k] = (fwd_q, qp)
@@ -205,13 +217,29 @@ def _mb(b: int) -> str:
 
 def format_table(rows: Sequence[Row], title: str = "") -> str:
     """The demo table as text (latency < 1.0 means faster than float32)."""
-    head = ("recipe", "matmul MiB", "x smaller", "model MiB", "x smaller", "cosine mean",
-            "cosine min", "latency ms", "latency / f32")
+    head = (
+        "recipe",
+        "matmul MiB",
+        "x smaller",
+        "model MiB",
+        "x smaller",
+        "cosine mean",
+        "cosine min",
+        "latency ms",
+        "latency / f32",
+    )
     body = [
-        (r.label, _mb(r.matmul_bytes), f"{r.matmul_ratio:.2f}", _mb(r.model_bytes),
-         f"{r.model_ratio:.2f}", f"{r.cosine_mean:.5f}", f"{r.cosine_min:.5f}",
-         "-" if np.isnan(r.seconds) else f"{1e3 * r.seconds:.0f}",
-         "-" if np.isnan(r.latency_ratio) else f"{r.latency_ratio:.2f}")
+        (
+            r.label,
+            _mb(r.matmul_bytes),
+            f"{r.matmul_ratio:.2f}",
+            _mb(r.model_bytes),
+            f"{r.model_ratio:.2f}",
+            f"{r.cosine_mean:.5f}",
+            f"{r.cosine_min:.5f}",
+            "-" if np.isnan(r.seconds) else f"{1e3 * r.seconds:.0f}",
+            "-" if np.isnan(r.latency_ratio) else f"{r.latency_ratio:.2f}",
+        )
         for r in rows
     ]
     w = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
@@ -239,8 +267,13 @@ def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         ax.scatter(r.matmul_bytes / 2**20, 1.0 - r.cosine_mean + 1e-7, s=30)
-        ax.annotate(r.label, (r.matmul_bytes / 2**20, 1.0 - r.cosine_mean + 1e-7), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.annotate(
+            r.label,
+            (r.matmul_bytes / 2**20, 1.0 - r.cosine_mean + 1e-7),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("matmul weight size (MiB)")
@@ -254,7 +287,11 @@ def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
 
 def main(args) -> int:
     """Entry for ``python -m jqx demo`` (argparse namespace from ``jqx.__main__``)."""
-    keys = list(RECIPES) if args.recipes in (None, "all") else [k.strip() for k in args.recipes.split(",")]
+    keys = (
+        list(RECIPES)
+        if args.recipes in (None, "all")
+        else [k.strip() for k in args.recipes.split(",")]
+    )
     _check_keys(keys)
     t0 = time.perf_counter()
     enc = minilm.load_tiny() if args.tiny else default_encoder()
@@ -265,8 +302,15 @@ def main(args) -> int:
         f"latency at batch {args.batch} x {args.seq_len} tokens under jit "
         f"({jax.default_backend()}, fastest of {args.repeats})"
     )
-    rows = run(enc, keys, n_sentences=args.sentences, batch=args.batch, seq_len=args.seq_len,
-               repeats=args.repeats, log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    rows = run(
+        enc,
+        keys,
+        n_sentences=args.sentences,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        repeats=args.repeats,
+        log=None if args.quiet else (lambda s: print(s, file=sys.stderr)),
+    )
     print(format_table(rows, title))
     if args.plot:
         plot(rows, args.plot, title=f"jqx on {enc.name}")

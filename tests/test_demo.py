@@ -13,8 +13,18 @@ from jqx.models import minilm
 @pytest.fixture(scope="module")
 def tiny_rows():
     enc = minilm.load_tiny()
-    return demo.run(enc, list(demo.RECIPES), n_sentences=16, n_calibration=16, eval_batch=16,
-                    eval_len=32, batch=2, seq_len=16, repeats=1, log=None)
+    return demo.run(
+        enc,
+        list(demo.RECIPES),
+        n_sentences=16,
+        n_calibration=16,
+        eval_batch=16,
+        eval_len=32,
+        batch=2,
+        seq_len=16,
+        repeats=1,
+        log=None,
+    )
 
 
 def test_every_recipe_has_a_row(tiny_rows):
@@ -39,8 +49,17 @@ def test_sizes_follow_bits(tiny_rows):
 def test_accuracy_bounds(tiny_rows):
     by = {r.key: r for r in tiny_rows}
     # Measured on the tiny encoder (python -m jqx demo --tiny); bounds with margin.
-    bounds = {"int8": 0.9995, "w8a8-int8": 0.999, "fp8": 0.995, "w8a8-fp8": 0.99,
-              "w8a8-static": 0.995, "int4-g32": 0.97, "int4-g128": 0.96, "nf4": 0.96, "fp4": 0.95}
+    bounds = {
+        "int8": 0.9995,
+        "w8a8-int8": 0.999,
+        "fp8": 0.995,
+        "w8a8-fp8": 0.99,
+        "w8a8-static": 0.995,
+        "int4-g32": 0.97,
+        "int4-g128": 0.96,
+        "nf4": 0.96,
+        "fp4": 0.95,
+    }
     for k, b in bounds.items():
         assert b < by[k].cosine_mean < 1.0, (k, by[k].cosine_mean)
         assert by[k].cosine_min <= by[k].cosine_mean
@@ -57,8 +76,23 @@ def test_table_and_plot(tiny_rows, tmp_path):
 
 
 def test_cli_tiny(capsys):
-    rc = main(["demo", "--tiny", "--recipes", "int8,w8a8-int8", "--sentences", "8", "--batch", "2",
-               "--seq-len", "16", "--repeats", "1", "--quiet"])
+    rc = main(
+        [
+            "demo",
+            "--tiny",
+            "--recipes",
+            "int8,w8a8-int8",
+            "--sentences",
+            "8",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--repeats",
+            "1",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "tiny" in out and "int8 weight-only" in out and "W8A8 int8 dynamic" in out
@@ -76,11 +110,27 @@ def test_cli_formats_still_works(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not minilm.weights_available(),
-                    reason=f"all-MiniLM-L6-v2 weights are not installed ({minilm.INSTALL_HINT})")
+@pytest.mark.skipif(
+    not minilm.weights_available(),
+    reason=f"all-MiniLM-L6-v2 weights are not installed ({minilm.INSTALL_HINT})",
+)
 def test_cli_real_model(capsys):
-    rc = main(["demo", "--recipes", "int8", "--sentences", "8", "--batch", "2", "--seq-len", "16",
-               "--repeats", "1", "--quiet"])
+    rc = main(
+        [
+            "demo",
+            "--recipes",
+            "int8",
+            "--sentences",
+            "8",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--repeats",
+            "1",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "all-MiniLM-L6-v2" in out
     line = next(s for s in out.splitlines() if s.startswith("int8 weight-only"))

@@ -66,7 +66,10 @@ def test_quantized_minilm_cosine_bounds(real):
     fwd = jax.jit(jqx.quantized(real.module.apply))
     # Bounds from benchmarks/minilm.py on 128 sentences (int8 0.9994, int4 g32
     # 0.970) less a margin for the 16 used here.
-    for recipe, bound in [(jqx.int8_weight_only(), 0.999), (jqx.int4_weight_only(group_size=32), 0.95)]:
+    for recipe, bound in [
+        (jqx.int8_weight_only(), 0.999),
+        (jqx.int4_weight_only(group_size=32), 0.95),
+    ]:
         e = np.asarray(fwd(jqx.quantize(real.variables, recipe), ids, mask))
         assert _cos(e, ref).mean() > bound, recipe.name
 
@@ -107,7 +110,10 @@ def test_tiny_quantized_cosine_bounds(tiny):
     ref = np.asarray(jax.jit(tiny.module.apply)(tiny.variables, ids, mask))
     fwd = jax.jit(jqx.quantized(tiny.module.apply))
     # Measured (python -m jqx demo --tiny): int8 0.99995, int4 g32 0.989.
-    for recipe, bound in [(jqx.int8_weight_only(), 0.9995), (jqx.int4_weight_only(group_size=32), 0.97)]:
+    for recipe, bound in [
+        (jqx.int8_weight_only(), 0.9995),
+        (jqx.int4_weight_only(group_size=32), 0.97),
+    ]:
         e = np.asarray(fwd(jqx.quantize(tiny.variables, recipe), ids, mask))
         c = _cos(e, ref)
         assert c.mean() > bound, (recipe.name, c.mean())

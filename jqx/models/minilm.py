@@ -27,8 +27,9 @@ import dataclasses
 import importlib.resources
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,7 +79,7 @@ class BertConfig:
             )
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "BertConfig":
+    def from_hf(cls, cfg: dict) -> BertConfig:
         """From a Hugging Face ``config.json`` dict."""
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -333,7 +334,9 @@ def load_minilm(path: str | Path | None = None) -> Encoder:
     d = Path(path) if path is not None else minilm_dir()
     config = BertConfig.from_hf(json.loads((d / "config.json").read_text()))
     variables = params_from_hf(load_file(str(d / "model.safetensors")), config)
-    return Encoder("all-MiniLM-L6-v2", SentenceEncoder(config), variables, _tokenizer(d / "tokenizer.json"))
+    return Encoder(
+        "all-MiniLM-L6-v2", SentenceEncoder(config), variables, _tokenizer(d / "tokenizer.json")
+    )
 
 
 def _data(name: str) -> Path:
@@ -347,7 +350,9 @@ def load_tiny() -> Encoder:
     cfg = json.loads(_data("tiny_encoder.json").read_text())
     config = BertConfig(**cfg)
     variables = _params_from_flat(load_file(str(_data("tiny_encoder.safetensors"))))
-    return Encoder("tiny", SentenceEncoder(config), variables, _tokenizer(_data("tiny_tokenizer.json")))
+    return Encoder(
+        "tiny", SentenceEncoder(config), variables, _tokenizer(_data("tiny_tokenizer.json"))
+    )
 
 
 def load_default() -> Encoder:
@@ -358,5 +363,7 @@ def load_default() -> Encoder:
 def load_sentences(n: int | None = None) -> list[str]:
     """The shipped evaluation sentences (438 lines from Shakespeare's plays,
     public-domain Project Gutenberg texts), optionally the first ``n``."""
-    lines = [s for s in _data("sentences.txt").read_text(encoding="utf-8").splitlines() if s.strip()]
+    lines = [
+        s for s in _data("sentences.txt").read_text(encoding="utf-8").splitlines() if s.strip()
+    ]
     return lines[:n] if n is not None else lines
