@@ -210,6 +210,10 @@ def _eval_eqn(ctx: _Ctx, eqn, invals) -> list:
         return _remat(ctx, eqn, invals)
     if name == "scan":
         return _scan(ctx, eqn, invals)
+    if name == "gather":
+        y = _gather_rows(eqn, invals)
+        if y is not None:
+            return [y]
     # Everything else (cond, while, elementwise, gather, ...): the dequantized value.
     vals = [_mat(x) for x in invals]
     ans = prim.bind(*vals, **prim.get_bind_params(p))
@@ -269,6 +273,51 @@ def _dot(ctx: _Ctx, eqn, invals):
     if y.dtype != out_aval.dtype:
         y = y.astype(out_aval.dtype)
     return y
+
+
+def _gather_rows(eqn, invals):
+    """Embedding lookup (``jnp.take(table, ids, axis=0)``, ``table[ids]``) on a
+    QArray with one scale per row block: gather the codes and scales of the
+    selected rows and decode only those, instead of dequantizing the table."""
+    w, idx = invals
+    if not _is_w(w) or _is_w(idx) or not is_qarray(w.base):
+        return None
+    q, p = w.base, eqn.params
+    dn = p["dimension_numbers"]
+    if (
+        q.ndim != 2
+        or w.perm != (0, 1)
+        or q.block[0] != 1
+        or q.in_scale is not None
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(dn.operand_batching_dims)
+        or tuple(dn.offset_dims) != (idx.ndim - 1,)
+        or tuple(p["slice_sizes"]) != (1, q.shape[1])
+    ):
+        return None
+    def take(a, fill):
+        return lax.gather(
+            a,
+            idx,
+            dn,
+            (1, a.shape[1]),
+            indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"],
+            mode=p["mode"],
+            fill_value=fill,
+        )
+
+    lead = tuple(idx.shape[:-1])
+    rows = q.replace(
+        qvalue=take(q.qvalue, 0),
+        scale=take(q.scale, p.get("fill_value")),
+        zero_point=None if q.zero_point is None else take(q.zero_point, p.get("fill_value")),
+        act_scale=None,
+        shape=lead + (q.shape[1],),
+        block=(1,) * len(lead) + (q.block[1],),
+    )
+    return rows.dequantize(w.dtype)
 
 
 def _pack_records(ctx: _Ctx, store: list):

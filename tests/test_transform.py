@@ -318,3 +318,21 @@ def test_nnx_scan_stacked_layers():
     x = _x((M, K))
     assert "preferred_element_type=int32" in str(jax.make_jaxpr(jqx.quantized(fwd))(qstate, x))
     _close(jax.jit(jqx.quantized(fwd))(qstate, x), _deq_ref(fwd, qstate, x), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "recipe", [jqx.int8_weight_only(axis=-1), jqx.int4_weight_only(group_size=8, axis=-1)],
+    ids=["int8", "int4"],
+)
+def test_embedding_lookup_decodes_only_the_gathered_rows(recipe):
+    vocab = 1000
+    m = nn.Embed(vocab, K)
+    ids = jnp.array([[1, 5, 999], [0, 0, 7]])
+    v = m.init(jax.random.key(0), ids)
+    qv = jqx.quantize(v, recipe, filter_fn=ALL)
+    f = jqx.quantized(m.apply)
+    assert f"f32[{vocab},{K}]" not in str(jax.make_jaxpr(f)(qv, ids))
+    y = jax.jit(f)(qv, ids)
+    np.testing.assert_array_equal(y, m.apply(jqx.dequantize(qv), ids))
+    g = jqx.quantized(lambda p, i: p["params"]["embedding"][i])
+    np.testing.assert_array_equal(g(qv, ids), y)
