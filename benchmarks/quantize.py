@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         deq = jax.jit(lambda q: q.dequantize())
         td = _median_seconds(deq, f(w), repeats=args.repeats)
         rows.append((name, tq / tb, td / tb, tb))
-    print(f"jax {jax.__version__}, {jax.default_backend()}, weight {args.n}x{args.n} float32, "
-          f"median of {args.repeats}")
+    print(
+        f"jax {jax.__version__}, {jax.default_backend()}, weight {args.n}x{args.n} float32, "
+        f"median of {args.repeats}"
+    )
     print(f"{'recipe':<38} {'quantize / pass':>16} {'dequantize / pass':>18} {'pass ms':>8}")
     for name, rq, rd, tb in rows:
         print(f"{name:<38} {rq:>15.2f}x {rd:>17.2f}x {tb * 1e3:>8.1f}")

@@ -58,7 +58,9 @@ def one(name: str) -> str:
         f"  range          [{_num(f.qmin)}, {_num(f.qmax)}]",
     ]
     if f.kind == "int" and f.signed:
-        out.append(f"  symmetric      [{_num(f.qmin_symmetric)}, {_num(f.qmax)}] (sign-magnitude option)")
+        out.append(
+            f"  symmetric      [{_num(f.qmin_symmetric)}, {_num(f.qmax)}] (sign-magnitude option)"
+        )
     out += [
         f"  smallest normal    {_num(f.smallest_normal)}",
         f"  smallest subnormal {_num(f.smallest_subnormal)}",

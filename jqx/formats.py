@@ -98,8 +98,10 @@ class Format:
     @property
     def dtype(self):
         """The numpy/ml_dtypes dtype of stored codes (before 4-bit packing)."""
-        return np.dtype(self.storage_dtype) if self.storage_dtype != "bfloat16" else np.dtype(
-            ml_dtypes.bfloat16
+        return (
+            np.dtype(self.storage_dtype)
+            if self.storage_dtype != "bfloat16"
+            else np.dtype(ml_dtypes.bfloat16)
         )
 
     @property
@@ -150,7 +152,7 @@ def _float_format(name: str, dtype, aliases=(), description="") -> Format:
         finite = np.isfinite(f)
         # One entry per distinct value; +0 (the even code) represents zero.
         order = {}
-        for c, v in zip(raw[finite], f[finite]):
+        for c, v in zip(raw[finite], f[finite], strict=True):
             v = float(v)
             if v == 0.0:
                 v = 0.0
@@ -453,7 +455,7 @@ def _nearest_index(x: jax.Array, fmt: Format) -> jax.Array:
     m, up_on_tie, _ = _boundaries(fmt)
     x = x.astype(jnp.float32)
     idx = jnp.zeros(x.shape, jnp.int32)
-    for mk, tk in zip(m.tolist(), up_on_tie.tolist()):
+    for mk, tk in zip(m.tolist(), up_on_tie.tolist(), strict=True):
         above = (x >= mk) if tk else (x > mk)
         idx = idx + above.astype(jnp.int32)
     return idx
@@ -465,7 +467,7 @@ def _table_encode(x: jax.Array, fmt: Format) -> jax.Array:
     m, up_on_tie, step = _boundaries(fmt)
     x = x.astype(jnp.float32)
     code = jnp.full(x.shape, fmt.codes[0], jnp.int32)
-    for mk, tk, sk in zip(m.tolist(), up_on_tie.tolist(), step.tolist()):
+    for mk, tk, sk in zip(m.tolist(), up_on_tie.tolist(), step.tolist(), strict=True):
         above = (x >= mk) if tk else (x > mk)
         code = code + jnp.where(above, jnp.int32(sk), jnp.int32(0))
     return code.astype(jnp.uint8)

@@ -93,15 +93,17 @@ def _granularity_name(shape, block) -> str:
     """``per-tensor``, ``per-channel(axis 1)`` (one scale per index of axis 1),
     ``group128(axis 0)`` or ``block64x64``."""
     shape, block = tuple(shape), tuple(block)
-    if all(b == s for b, s in zip(block, shape)):
+    if all(b == s for b, s in zip(block, shape, strict=True)):
         return "per-tensor"
-    partial = [i for i, (b, s) in enumerate(zip(block, shape)) if 1 < b < s]
-    if len(partial) == 1 and all(b in (1, s) for i, (b, s) in enumerate(zip(block, shape)) if i != partial[0]):
+    partial = [i for i, (b, s) in enumerate(zip(block, shape, strict=True)) if 1 < b < s]
+    if len(partial) == 1 and all(
+        b in (1, s) for i, (b, s) in enumerate(zip(block, shape, strict=True)) if i != partial[0]
+    ):
         if all(b == 1 for i, b in enumerate(block) if i != partial[0]):
             return f"group{block[partial[0]]}(axis {partial[0]})"
     if partial:
         return "block" + "x".join(str(b) for b in block)
-    kept = [i for i, (b, s) in enumerate(zip(block, shape)) if b == 1 and s > 1]
+    kept = [i for i, (b, s) in enumerate(zip(block, shape, strict=True)) if b == 1 and s > 1]
     return f"per-channel(axis {','.join(str(i) for i in kept)})"
 
 
@@ -191,7 +193,7 @@ class QArray:
     def blocked(self, a: jax.Array) -> jax.Array:
         """Reshape ``a`` (logical shape) to (n0, b0, n1, b1, ...)."""
         dims = []
-        for s, b in zip(*self._layout()):
+        for s, b in zip(*self._layout(), strict=True):
             dims += [s // b, b]
         return a.reshape(dims)
 
@@ -240,7 +242,7 @@ class QArray:
             "array) is supported. Wrap the function with jqx.quantized(fn), or dequantize first."
         )
 
-    def replace(self, **kw) -> "QArray":
+    def replace(self, **kw) -> QArray:
         return dataclasses.replace(self, **kw)
 
 

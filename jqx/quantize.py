@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ class Granularity:
                     f"block={self.block_shape} has {len(self.block_shape)} dims but the array"
                     f"{where} has shape {shape}; give one block size per axis."
                 )
-            for i, (s, b) in enumerate(zip(shape, self.block_shape)):
+            for i, (s, b) in enumerate(zip(shape, self.block_shape, strict=True)):
                 if b <= 0 or s % b:
                     raise ValueError(
                         f"block={self.block_shape}: {b} does not divide axis {i}{where} (size {s});"
@@ -156,7 +157,9 @@ def per_group(group_size: int | None, axis: int = -2) -> Granularity:
     With ``group_size=None`` the whole axis is one group: for weights this is
     per-channel that also keeps stacked (scanned) layers apart.
     """
-    if group_size is not None and (not isinstance(group_size, (int, np.integer)) or group_size <= 0):
+    if group_size is not None and (
+        not isinstance(group_size, (int, np.integer)) or group_size <= 0
+    ):
         raise ValueError(f"group_size={group_size!r} must be a positive int or None.")
     return Granularity("group", axes=(axis,), group_size=group_size)
 
@@ -174,7 +177,7 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 def _blocked(x: jax.Array, block: tuple[int, ...]) -> jax.Array:
     dims = []
-    for s, b in zip(x.shape, block):
+    for s, b in zip(x.shape, block, strict=True):
         dims += [s // b, b]
     return x.reshape(dims)
 
@@ -268,12 +271,21 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
         # encode() clips before the cast, so a value beyond the format's max
         # saturates instead of becoming inf.
         q = _formats.encode(x, fmt)
-        return q, jnp.ones(tuple(s // b for s, b in zip(x.shape, block)), scale_dtype), None, finite
-    s, z = compute_scale(x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention)
+        return (
+            q,
+            jnp.ones(tuple(s // b for s, b in zip(x.shape, block, strict=True)), scale_dtype),
+            None,
+            finite,
+        )
+    s, z = compute_scale(
+        x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention
+    )
     if jnp.dtype(scale_dtype) != jnp.float32:
         # Round a narrow stored scale up, so the largest value still fits the grid.
         sr = s.astype(scale_dtype)
-        s = jnp.where(sr.astype(jnp.float32) < s, jnp.nextafter(sr, jnp.asarray(jnp.inf, sr.dtype)), sr)
+        s = jnp.where(
+            sr.astype(jnp.float32) < s, jnp.nextafter(sr, jnp.asarray(jnp.inf, sr.dtype)), sr
+        )
     s = s.astype(scale_dtype)
     # Quantize with the scale as stored, so dequantization sees the same number.
     sf = s.astype(jnp.float32)
@@ -281,7 +293,7 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
     q = q.reshape(x.shape)
     if fmt.packed:
         q = pack_4bit(q)
-    nblocks = tuple(sz // b for sz, b in zip(x.shape, block))
+    nblocks = tuple(sz // b for sz, b in zip(x.shape, block, strict=True))
     s = s.reshape(nblocks)
     if z is not None:
         z = z.reshape(nblocks).astype(scale_dtype)
@@ -440,7 +452,9 @@ def _fq_value(x, fmt_name, block, scheme, symmetric_range, convention):
     fmt = _formats.get(fmt_name)
     if fmt.is_wide_float:
         return _formats.encode(x, fmt).astype(x.dtype)
-    s, z = compute_scale(x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention)
+    s, z = compute_scale(
+        x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention
+    )
     xb = _blocked(x.astype(jnp.float32), block)
     codes = _encode_blocked(xb, s, z, fmt, symmetric_range)
     v = _formats.decode(codes, fmt, jnp.float32)

@@ -106,7 +106,9 @@ class Recipe:
                 " for per-channel."
             )
         if self.convention not in ("jqx", "torchao"):
-            raise ValueError(f"convention={self.convention!r} is not supported; use 'jqx' or 'torchao'.")
+            raise ValueError(
+                f"convention={self.convention!r} is not supported; use 'jqx' or 'torchao'."
+            )
         _check_scale_dtype(self.scale_dtype)
         if self.granularity is not None and not isinstance(self.granularity, Granularity):
             raise TypeError(
@@ -137,7 +139,7 @@ class Recipe:
             path=path,
         )
 
-    def replace(self, **kw) -> "Recipe":
+    def replace(self, **kw) -> Recipe:
         return dataclasses.replace(self, **kw)
 
 
@@ -165,7 +167,10 @@ def weight_only(fmt: str = "int8", *, group_size: int | None = None, **kw) -> Re
         'fp4_e3m0'
     """
     return _make(
-        "weight_only", kw, name=f"{_formats.get(fmt).name}_weight_only", format=fmt,
+        "weight_only",
+        kw,
+        name=f"{_formats.get(fmt).name}_weight_only",
+        format=fmt,
         group_size=group_size,
     )
 
@@ -177,7 +182,9 @@ def int8_weight_only(*, group_size: int | None = None, **kw) -> Recipe:
         >>> int8_weight_only().format, int8_weight_only().group_size
         ('int8', None)
     """
-    return _make("int8_weight_only", kw, name="int8_weight_only", format="int8", group_size=group_size)
+    return _make(
+        "int8_weight_only", kw, name="int8_weight_only", format="int8", group_size=group_size
+    )
 
 
 def int4_weight_only(
@@ -202,7 +209,11 @@ def int4_weight_only(
 
         return hqq(bits=4, group_size=group_size, **kw)
     return _make(
-        "int4_weight_only", kw, name="int4_weight_only", format=fmt, scheme=scheme,
+        "int4_weight_only",
+        kw,
+        name="int4_weight_only",
+        format=fmt,
+        scheme=scheme,
         group_size=group_size,
     )
 
@@ -217,7 +228,9 @@ def fp8_weight_only(fmt: str = "fp8_e4m3", *, group_size: int | None = None, **k
     f = _formats.get(fmt)
     if f.name not in ("fp8_e4m3", "fp8_e5m2"):
         raise ValueError(f"fp8_weight_only(fmt={fmt!r}): use 'fp8_e4m3' or 'fp8_e5m2'.")
-    return _make("fp8_weight_only", kw, name="fp8_weight_only", format=f.name, group_size=group_size)
+    return _make(
+        "fp8_weight_only", kw, name="fp8_weight_only", format=f.name, group_size=group_size
+    )
 
 
 def fp4_weight_only(fmt: str = "e2m1", *, group_size: int | None = 32, **kw) -> Recipe:
@@ -231,7 +244,10 @@ def fp4_weight_only(fmt: str = "e2m1", *, group_size: int | None = 32, **kw) -> 
     if f.name not in ("fp4_e2m1", "fp4_e1m2", "fp4_e3m0"):
         raise ValueError(f"fp4_weight_only(fmt={fmt!r}): use 'e2m1', 'e1m2' or 'e3m0'.")
     return _make(
-        "fp4_weight_only", kw, name=f"fp4_weight_only({f.name})", format=f.name,
+        "fp4_weight_only",
+        kw,
+        name=f"fp4_weight_only({f.name})",
+        format=f.name,
         group_size=group_size,
     )
 
@@ -303,7 +319,9 @@ def llm_int8(threshold: float = 6.0, **kw) -> Recipe:
         6.0
     """
     if not threshold > 0:
-        raise ValueError(f"llm_int8(threshold={threshold!r}): the threshold must be > 0 (paper: 6.0).")
+        raise ValueError(
+            f"llm_int8(threshold={threshold!r}): the threshold must be > 0 (paper: 6.0)."
+        )
     return _make(
         "llm_int8",
         kw,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqx.qarray import QArray, is_qarray
+from jqx.qarray import is_qarray
 from jqx.recipes import Recipe
 
 __all__ = [

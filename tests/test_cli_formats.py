@@ -67,7 +67,11 @@ def test_unknown_name_exits_2_and_lists_valid_names(capsys):
 def test_python_dash_m_runs():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run(
-        [sys.executable, "-m", "jqx", "formats", "nf4"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "jqx", "formats", "nf4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("nf4: QLoRA NormalFloat4")

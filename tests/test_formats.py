@@ -96,7 +96,11 @@ def test_int_limits_come_from_ml_dtypes_iinfo(name):
 
 def test_int_formats_expose_both_encodings():
     # two's complement [-2^(n-1), 2^(n-1)-1] and sign-magnitude [-2^(n-1)+1, 2^(n-1)-1]
-    assert (F.get("int8").qmin, F.get("int8").qmin_symmetric, F.get("int8").qmax) == (-128, -127, 127)
+    assert (F.get("int8").qmin, F.get("int8").qmin_symmetric, F.get("int8").qmax) == (
+        -128,
+        -127,
+        127,
+    )
     assert (F.get("int4").qmin, F.get("int4").qmin_symmetric, F.get("int4").qmax) == (-8, -7, 7)
     assert F.get("uint4").qmin_symmetric == 0
 

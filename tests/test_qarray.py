@@ -26,7 +26,9 @@ def test_pack_unpack_round_trip(shape, data):
     np.testing.assert_array_equal(np.asarray(unpack_4bit(packed, shape[-1])), codes)
     # low nibble = even index
     flat = codes.reshape(-1, shape[-1])
-    np.testing.assert_array_equal(np.asarray(packed).reshape(flat.shape[0], -1)[:, 0] & 0xF, flat[:, 0])
+    np.testing.assert_array_equal(
+        np.asarray(packed).reshape(flat.shape[0], -1)[:, 0] & 0xF, flat[:, 0]
+    )
 
 
 def test_packing_matches_ml_dtypes_uint4_bitcast():
@@ -39,7 +41,13 @@ def test_packing_matches_ml_dtypes_uint4_bitcast():
 
 @pytest.mark.parametrize(
     "fmt,scheme,code_bytes",
-    [("int8", "absmax", 128), ("int4", "absmax", 64), ("uint4", "zero_point", 64), ("nf4", "absmax", 64), ("fp8_e4m3", "absmax", 128)],
+    [
+        ("int8", "absmax", 128),
+        ("int4", "absmax", 64),
+        ("uint4", "zero_point", 64),
+        ("nf4", "absmax", 64),
+        ("fp8_e4m3", "absmax", 128),
+    ],
 )
 def test_nbytes_is_the_true_footprint(fmt, scheme, code_bytes):
     q = jqx.quantize_array(W, fmt, scheme=scheme, granularity=jqx.per_group(4, axis=0))
@@ -49,7 +57,9 @@ def test_nbytes_is_the_true_footprint(fmt, scheme, code_bytes):
 
 
 def test_flatten_unflatten_round_trip():
-    q = jqx.quantize_array(W, "uint4", scheme="zero_point", granularity=jqx.per_group(4, 0), act=jqx.ActSpec())
+    q = jqx.quantize_array(
+        W, "uint4", scheme="zero_point", granularity=jqx.per_group(4, 0), act=jqx.ActSpec()
+    )
     leaves, treedef = jax.tree_util.tree_flatten(q)
     assert len(leaves) == 3  # qvalue, scale, zero_point (None children are empty)
     q2 = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -57,9 +67,9 @@ def test_flatten_unflatten_round_trip():
     assert (q2.format, q2.shape, q2.block, q2.act) == (q.format, q.shape, q.block, q.act)
     chex.assert_trees_all_equal(q2.dequantize(), q.dequantize())
     # static metadata is part of the tree structure, so jit specialises on it
-    assert jax.tree_util.tree_structure(jqx.quantize_array(W, "int8")) != jax.tree_util.tree_structure(
-        jqx.quantize_array(W, "int4")
-    )
+    assert jax.tree_util.tree_structure(
+        jqx.quantize_array(W, "int8")
+    ) != jax.tree_util.tree_structure(jqx.quantize_array(W, "int4"))
 
 
 def test_tree_map_keeps_a_qarray():
@@ -67,7 +77,9 @@ def test_tree_map_keeps_a_qarray():
     q2 = jax.tree_util.tree_map(lambda a: a, q)
     assert isinstance(q2, jqx.QArray)
     halved = jax.tree_util.tree_map(lambda a: a / 2 if a.dtype == jnp.float32 else a, q)
-    np.testing.assert_allclose(np.asarray(halved.dequantize()), np.asarray(q.dequantize()) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(halved.dequantize()), np.asarray(q.dequantize()) / 2, rtol=1e-6
+    )
 
 
 def test_device_put_and_jit():
@@ -106,7 +118,9 @@ def test_vmap_of_quantize_array_gives_a_stacked_qarray():
     w = jnp.asarray(np.random.default_rng(2).normal(size=(3, 16, 7)).astype(np.float32))
     q = jax.vmap(lambda a: jqx.quantize_array(a, "int4", granularity=jqx.per_channel(-1)))(w)
     assert q.qvalue.shape == (3, 16, 4) and q.scale.shape == (3, 1, 7)
-    ref = jnp.stack([jqx.quantize_array(a, "int4", granularity=jqx.per_channel(-1)).dequantize() for a in w])
+    ref = jnp.stack(
+        [jqx.quantize_array(a, "int4", granularity=jqx.per_channel(-1)).dequantize() for a in w]
+    )
     chex.assert_trees_all_equal(q.dequantize(), ref)
     assert np.all(np.abs(np.asarray(q.dequantize() - w)) <= np.asarray(q.scale) / 2 * (1 + 1e-5))
 
@@ -123,7 +137,9 @@ def test_dequantize_dtype_and_in_scale():
     assert q.dequantize(jnp.float32).dtype == jnp.float32
     s = jnp.full((16, 1), 2.0, jnp.float32)
     q2 = jqx.quantize_array(W * s, "int8", granularity=jqx.per_channel(-1)).replace(in_scale=s)
-    np.testing.assert_allclose(np.asarray(q2.dequantize()), np.asarray(W), atol=float(q2.scale.max()))
+    np.testing.assert_allclose(
+        np.asarray(q2.dequantize()), np.asarray(W), atol=float(q2.scale.max())
+    )
     assert q2.nbytes == 128 + 8 * 4 + 16 * 4
 
 
@@ -141,7 +157,7 @@ def test_repr_names_shape_format_granularity_bytes(gran, name):
     q = jqx.quantize_array(W, "int8", granularity=gran, act=jqx.ActSpec("dynamic", "int8"))
     r = repr(q)
     assert q.granularity == name
-    assert f"shape=(16, 8)" in r and "format=int8" in r and f"granularity={name}" in r
+    assert "shape=(16, 8)" in r and "format=int8" in r and f"granularity={name}" in r
     assert f"nbytes={q.nbytes}" in r and "act=dynamic:int8" in r
 
 

@@ -72,8 +72,10 @@ def _check_properties(x, fmt, scheme, sym, gran):
         x = np.abs(x)  # unsigned absmax covers [0, max] only
     x = x.copy()
     x[0, 0] = 0.0  # the block holding it includes zero: zero must reconstruct exactly
-    q = jqx.quantize_array(jnp.asarray(x), fmt, scheme=scheme, granularity=gran, symmetric_range=sym)
-    assert q.scale.shape == tuple(s // b for s, b in zip(SHAPE, q.block))
+    q = jqx.quantize_array(
+        jnp.asarray(x), fmt, scheme=scheme, granularity=gran, symmetric_range=sym
+    )
+    assert q.scale.shape == tuple(s // b for s, b in zip(SHAPE, q.block, strict=True))
     S = _full(q, q.scale)
     Z = _full(q, q.zero_point) if q.zero_point is not None else 0.0
     v = np.asarray(q.values(), np.float64)
@@ -142,9 +144,13 @@ def test_odd_last_axis_packs_exactly(fmt, gran):
     scheme = "zero_point" if fmt == "uint4" else "absmax"
     q = jqx.quantize_array(x, fmt, scheme=scheme, granularity=gran)
     assert q.qvalue.shape == (5, 4) and q.qvalue.dtype == jnp.uint8
-    ref = jqx.formats.encode(
-        (x / _full(q, q.scale)) + (0 if q.zero_point is None else _full(q, q.zero_point)), fmt
-    ) if fmt != "uint4" else None
+    ref = (
+        jqx.formats.encode(
+            (x / _full(q, q.scale)) + (0 if q.zero_point is None else _full(q, q.zero_point)), fmt
+        )
+        if fmt != "uint4"
+        else None
+    )
     if ref is not None:
         np.testing.assert_array_equal(np.asarray(q.codes()), np.asarray(ref))
     S = _full(q, q.scale)
@@ -220,7 +226,9 @@ def test_per_channel_with_several_axes():
     x = np.random.default_rng(2).normal(size=(2, 3, 4)).astype(np.float32)
     q = jqx.quantize_array(jnp.asarray(x), "int8", granularity=jqx.per_channel((0, 2)))
     assert q.scale.shape == (2, 1, 4)
-    np.testing.assert_allclose(np.asarray(q.scale), np.abs(x).max(axis=1, keepdims=True) / 127, 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(q.scale), np.abs(x).max(axis=1, keepdims=True) / 127, 1e-6
+    )
 
 
 # ------------------------------------------------------------------ golden tests
@@ -327,7 +335,10 @@ def test_torchao_asymmetric_range_includes_zero():
 @given(x=arrays)
 def test_torchao_zero_point_always_within_code_range(x):
     q = jqx.quantize_array(
-        jnp.asarray(x), "int8", scheme="zero_point", convention="torchao",
+        jnp.asarray(x),
+        "int8",
+        scheme="zero_point",
+        convention="torchao",
         granularity=jqx.per_channel(0),
     )
     z = np.asarray(q.zero_point)
@@ -351,14 +362,19 @@ def test_bf16_scale_is_rounded_up_so_max_fits():
 # ------------------------------------------------------------------ fake quant
 
 
-@pytest.mark.parametrize("fmt,scheme", [("int8", "absmax"), ("uint4", "zero_point"), ("nf4", "absmax"), ("bf16", "absmax")])
+@pytest.mark.parametrize(
+    "fmt,scheme",
+    [("int8", "absmax"), ("uint4", "zero_point"), ("nf4", "absmax"), ("bf16", "absmax")],
+)
 def test_fake_quant_value_and_straight_through_gradient(fmt, scheme):
     x = jnp.asarray(np.random.default_rng(6).normal(size=SHAPE).astype(np.float32))
     gran = jqx.per_group(4, axis=0)
     y = jqx.fake_quant(x, fmt, scheme=scheme, granularity=gran)
     ref = jqx.quantize_array(x, fmt, scheme=scheme, granularity=gran).dequantize()
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-7)
-    g = jax.grad(lambda a: jnp.sum(jqx.fake_quant(a, fmt, scheme=scheme, granularity=gran) * 3.0))(x)
+    g = jax.grad(lambda a: jnp.sum(jqx.fake_quant(a, fmt, scheme=scheme, granularity=gran) * 3.0))(
+        x
+    )
     np.testing.assert_array_equal(np.asarray(g), np.full(SHAPE, 3.0, np.float32))
     yj = jax.jit(lambda a: jqx.fake_quant(a, fmt, scheme=scheme, granularity=gran))(x)
     np.testing.assert_array_equal(np.asarray(yj), np.asarray(y))
@@ -407,7 +423,9 @@ def test_nan_or_inf_names_the_path(bad):
         jqx.quantize_array(jnp.asarray(x), "nf4")
 
 
-@pytest.mark.parametrize("fmt,scheme", [(f, s) for f, s, sym in CONFIGS if not sym] + [("uint8", "absmax")])
+@pytest.mark.parametrize(
+    "fmt,scheme", [(f, s) for f, s, sym in CONFIGS if not sym] + [("uint8", "absmax")]
+)
 @pytest.mark.parametrize("value", [0.0, 3.7, -0.125, 1e-30, 5e5])
 def test_constant_and_all_zero_blocks_reconstruct_exactly(fmt, scheme, value):
     x = jnp.full(SHAPE, value, jnp.float32)
@@ -442,11 +460,15 @@ def test_extreme_magnitudes_give_finite_scales():
 def test_group_size_not_dividing_names_axis_size_and_valid_sizes():
     x = jnp.ones((384, 8), jnp.float32)
     with pytest.raises(ValueError) as e:
-        jqx.quantize_array(x, "int4", granularity=jqx.per_group(100, axis=-2), path="params/dense/kernel")
+        jqx.quantize_array(
+            x, "int4", granularity=jqx.per_group(100, axis=-2), path="params/dense/kernel"
+        )
     msg = str(e.value)
     assert "group_size=100 does not divide axis 0 of params/dense/kernel (size 384)" in msg
     assert "32, 64, 96, 128" in msg and "group_size=None" in msg
-    with pytest.raises(ValueError, match=r"group_size=4 does not divide axis 1 \(size 7\).*such as 1, 7"):
+    with pytest.raises(
+        ValueError, match=r"group_size=4 does not divide axis 1 \(size 7\).*such as 1, 7"
+    ):
         jqx.quantize_array(jnp.ones((2, 7)), "int8", granularity=jqx.per_group(4, axis=1))
 
 
@@ -456,8 +478,14 @@ def test_group_size_not_dividing_names_axis_size_and_valid_sizes():
         (dict(fmt="int9"), r"format='int9' is not a known format.*Valid names: int8, uint8"),
         (dict(scheme="minmax"), r"scheme='minmax' is not supported; use 'absmax' or 'zero_point'"),
         (dict(convention="bnb"), r"convention='bnb' is not supported; use 'jqx' or 'torchao'"),
-        (dict(scale_dtype="int8"), r"scale_dtype='int8' is not supported; use one of float32, bfloat16"),
-        (dict(fmt="nf4", scheme="zero_point"), r"zero_point' needs an integer format, got format='nf4'"),
+        (
+            dict(scale_dtype="int8"),
+            r"scale_dtype='int8' is not supported; use one of float32, bfloat16",
+        ),
+        (
+            dict(fmt="nf4", scheme="zero_point"),
+            r"zero_point' needs an integer format, got format='nf4'",
+        ),
         (dict(granularity=jqx.per_channel(2)), r"axis=2 is out of range.*use an axis in \[-2, 1\]"),
         (dict(granularity=jqx.per_block((3, 3))), r"block=\(3, 3\): 3 does not divide axis 0"),
         (dict(granularity=jqx.per_block((4,))), r"block=\(4,\) has 1 dims but the array has shape"),
@@ -472,12 +500,16 @@ def test_bad_arguments_list_what_is_accepted(kw, match):
 def test_bad_granularity_constructors():
     with pytest.raises(ValueError, match=r"group_size=0 must be a positive int or None"):
         jqx.per_group(0)
-    with pytest.raises(ValueError, match=r"kind='rows' is not supported; use one of tensor, channel"):
+    with pytest.raises(
+        ValueError, match=r"kind='rows' is not supported; use one of tensor, channel"
+    ):
         jqx.Granularity("rows")
 
 
 def test_non_float_input_is_a_type_error():
-    with pytest.raises(TypeError, match=r"got dtype=int32 at layer/kernel.*\{'layer/kernel': None\}"):
+    with pytest.raises(
+        TypeError, match=r"got dtype=int32 at layer/kernel.*\{'layer/kernel': None\}"
+    ):
         jqx.quantize_array(jnp.ones((4, 4), jnp.int32), "int8", path="layer/kernel")
     with pytest.raises(TypeError, match=r"got dtype=int32\. Cast it to a float dtype"):
         jqx.quantize_array(jnp.ones((4, 4), jnp.int32), "int8")

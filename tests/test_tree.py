@@ -82,7 +82,9 @@ def test_rules_first_match_wins_and_none_keeps_float(linen_params):
     assert isinstance(q["down"]["kernel"], jax.Array)
     # the catch-all rule sees only matmul weights: biases and norms stay float
     assert isinstance(q["up"]["bias"], jax.Array) and isinstance(q["norm"]["scale"], jax.Array)
-    q2 = jqx.quantize(linen_params, {"up": jqx.fp8_weight_only(), ".*": jqx.nf4_weight_only(group_size=16)})
+    q2 = jqx.quantize(
+        linen_params, {"up": jqx.fp8_weight_only(), ".*": jqx.nf4_weight_only(group_size=16)}
+    )
     assert q2["params"]["up"]["kernel"].format == "fp8_e4m3"
     assert q2["params"]["down"]["kernel"].format == "nf4"
 
@@ -97,13 +99,19 @@ def test_unused_rule_warns_and_names_it(linen_params):
 
 def test_filter_fn_selects_other_leaves(linen_params):
     q = jqx.quantize(
-        linen_params, jqx.int8_weight_only(granularity=jqx.per_tensor()), filter_fn=lambda p, x: p.endswith("bias")
+        linen_params,
+        jqx.int8_weight_only(granularity=jqx.per_tensor()),
+        filter_fn=lambda p, x: p.endswith("bias"),
     )["params"]
     assert isinstance(q["up"]["bias"], jqx.QArray) and isinstance(q["up"]["kernel"], jax.Array)
 
 
 def test_stacked_kernels_get_per_layer_scales():
-    params = {"layers": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 8)), jnp.float32)}}
+    params = {
+        "layers": {
+            "kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 8)), jnp.float32)
+        }
+    }
     params["layers"]["kernel"] = params["layers"]["kernel"].at[2].multiply(50.0)
     q = jqx.quantize(params, jqx.int8_weight_only())["layers"]["kernel"]
     assert q.scale.shape == (4, 1, 8)
@@ -131,9 +139,13 @@ def test_tree_nbytes_and_summary(linen_params):
 
 
 def test_activation_spec_is_recorded(linen_params):
-    q = jqx.quantize(linen_params, jqx.int8_dynamic_activation_int8_weight())["params"]["up"]["kernel"]
+    q = jqx.quantize(linen_params, jqx.int8_dynamic_activation_int8_weight())["params"]["up"][
+        "kernel"
+    ]
     assert q.act == jqx.ActSpec("dynamic", "int8", "per_token")
-    q = jqx.quantize(linen_params, jqx.fp8_dynamic_activation_fp8_weight())["params"]["up"]["kernel"]
+    q = jqx.quantize(linen_params, jqx.fp8_dynamic_activation_fp8_weight())["params"]["up"][
+        "kernel"
+    ]
     assert q.act.format == "fp8_e4m3" and q.format == "fp8_e4m3"
 
 
@@ -143,7 +155,9 @@ def test_activation_spec_is_recorded(linen_params):
 def test_nan_in_a_weight_names_the_leaf_path(linen_params):
     bad = jax.tree_util.tree_map(lambda x: x, linen_params)
     bad["params"]["down"]["kernel"] = bad["params"]["down"]["kernel"].at[0, 0].set(jnp.nan)
-    with pytest.raises(ValueError, match=r"params/down/kernel contains NaN or Inf.*rule mapping its path to None"):
+    with pytest.raises(
+        ValueError, match=r"params/down/kernel contains NaN or Inf.*rule mapping its path to None"
+    ):
         jqx.quantize(bad, jqx.int8_weight_only())
     # excluding the leaf with a rule is the documented fix
     q = jqx.quantize(bad, {"down": None, ".*": jqx.int8_weight_only()})
@@ -161,7 +175,9 @@ def test_group_size_error_names_leaf_axis_size_and_divisors(linen_params):
 
 def test_non_float_leaf_selected_is_an_error():
     params = {"emb": {"kernel": jnp.ones((8, 4), jnp.int32)}, "d": {"kernel": jnp.ones((8, 4))}}
-    with pytest.raises(TypeError, match=r"emb/kernel \(dtype=int32\) was selected.*only float arrays.*None"):
+    with pytest.raises(
+        TypeError, match=r"emb/kernel \(dtype=int32\) was selected.*only float arrays.*None"
+    ):
         jqx.quantize(params, {"emb": jqx.int8_weight_only()})
     with pytest.raises(TypeError, match=r"emb/kernel \(dtype=int32\) was selected"):
         jqx.quantize(params, jqx.int8_weight_only(), filter_fn=lambda p, x: x.ndim == 2)
@@ -174,10 +190,22 @@ def test_non_float_leaf_selected_is_an_error():
     "recipe,exc,match",
     [
         (None, TypeError, r"recipe must be a jqx recipe.*or a dict of rules"),
-        ("int8", TypeError, r"recipe must be a jqx recipe \(e.g. jqx.int8_weight_only\(\)\) or None, got str"),
-        ({"(": jqx.int8_weight_only()}, ValueError, r"rules key '\(' is not a valid regular expression"),
+        (
+            "int8",
+            TypeError,
+            r"recipe must be a jqx recipe \(e.g. jqx.int8_weight_only\(\)\) or None, got str",
+        ),
+        (
+            {"(": jqx.int8_weight_only()},
+            ValueError,
+            r"rules key '\(' is not a valid regular expression",
+        ),
         ({"up": "int8"}, TypeError, r"rules\['up'\] must be a jqx recipe"),
-        (jqx.int8_static_activation_int8_weight(), ValueError, r"needs calibration data; use jqx.calibrate"),
+        (
+            jqx.int8_static_activation_int8_weight(),
+            ValueError,
+            r"needs calibration data; use jqx.calibrate",
+        ),
     ],
 )
 def test_bad_recipe_arguments(linen_params, recipe, exc, match):
