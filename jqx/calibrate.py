@@ -239,9 +239,12 @@ def _progress(it, total, desc, enabled):
 class _Gatherer:
     """Accumulators for a set of weights; one per slice for stacked (scan) records."""
 
-    def __init__(self, chosen, need_of):
+    def __init__(self, chosen, need_of, full_stats_for_first_only: bool = False):
         self.chosen = {p: (w, r) for p, w, r in chosen}
         self.need_of = need_of
+        # Sequential mode: only the first layer's statistics from this pass are
+        # used; the others are re-gathered after upstream quantization.
+        self.first_only = full_stats_for_first_only
         self.acc: dict[str, Any] = {}
         self.order: list[str] = []
 
@@ -250,7 +253,10 @@ class _Gatherer:
             if path not in self.chosen:
                 continue
             w, _ = self.chosen[path]
+            need = self.need_of[path]
             if path not in self.acc:
+                if self.first_only and self.order:
+                    need = ()
                 self.order.append(path)
             for x in xs:
                 x = jnp.asarray(x)
@@ -258,7 +264,7 @@ class _Gatherer:
                 if stacked:
                     n = x.shape[0]
                     accs = self.acc.setdefault(
-                        path, [StatsAccumulator(x.shape[-1], self.need_of[path]) for _ in range(n)]
+                        path, [StatsAccumulator(x.shape[-1], need) for _ in range(n)]
                     )
                     if not isinstance(accs, list) or len(accs) != n:
                         raise ValueError(
@@ -266,7 +272,7 @@ class _Gatherer:
                             "different lengths); calibrate it with a rule mapping it to None."
                         )
                 else:
-                    accs = self.acc.setdefault(path, StatsAccumulator(x.shape[-1], self.need_of[path]))
+                    accs = self.acc.setdefault(path, StatsAccumulator(x.shape[-1], need))
                     if isinstance(accs, list):
                         raise ValueError(
                             f"{path} is used both inside and outside a scan; calibrate it with a "
@@ -292,6 +298,26 @@ class _Gatherer:
         if isinstance(a, list):
             return [s.result(f"{path}[{i}]") for i, s in enumerate(a)]
         return a.result(path)
+
+
+def _jit_or_eager(g):
+    """``jax.jit(g)`` (one compile per batch shape, reused across batches and, in
+    sequential mode, across layers); eager ``g`` when the batch holds arguments
+    jit cannot take (e.g. strings), which only costs speed."""
+    jg = jax.jit(g)
+    state = {"jit": True}
+
+    def call(*args):
+        if state["jit"]:
+            try:
+                return jg(*args)
+            except TypeError as e:
+                if "not a valid JAX type" not in str(e):
+                    raise
+                state["jit"] = False
+        return g(*args)
+
+    return call
 
 
 def _run(g, params, batch, argnum, i, order_hint, ks=()):
@@ -438,10 +464,10 @@ def calibrate(
             )
     out: dict[str, QArray] = {}
     ks = [(p, _k_of(w)) for p, w, _ in chosen]
-    g = _transform.capture_inputs(fn, paths, argnum=argnum)
+    g = _jit_or_eager(_transform.capture_inputs(fn, paths, argnum=argnum))
 
     # Pass 1 (all weights at once; for sequential recipes it also fixes the order).
-    gat = _Gatherer(chosen, need_of)
+    gat = _Gatherer(chosen, need_of, full_stats_for_first_only=sequential)
     n = 0
     order_hint = None
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -474,11 +500,11 @@ def calibrate(
         if first or p not in gat.acc:
             stats = gat.stats(p)  # nothing upstream changed yet (or never used)
         else:
-            g1 = _transform.capture_inputs(fn, [p], argnum=argnum)
+            # The same compiled capture for every layer: only the values change.
             one = _Gatherer([(p, w, r)], need_of)
             for i, batch in enumerate(batches):
-                _, rec = _run(g1, current, batch, argnum, i, order_hint)
-                one.feed(rec, i, batch)
+                _, rec = _run(g, current, batch, argnum, i, order_hint, ks)
+                one.feed({p: rec.get(p, [])}, i, batch)
             stats = one.stats(p)
         first = False
         q = _quantize_one(p, w, r, stats, observer, percentile, momentum)
