@@ -58,11 +58,13 @@ def run(arm: str, args, cfg, data, init_params) -> dict:
         @jax.jit
         def step(p, o, s, b):
             # the "gradient" w.r.t. the fp8 state is its updated value
-            l, (g, s) = jax.value_and_grad(loss, argnums=(0, 1))(p, s, b)
+            lv, (g, s) = jax.value_and_grad(loss, argnums=(0, 1))(p, s, b)
             u, o = opt.update(g, o, p)
-            return optax.apply_updates(p, u), o, s, l
+            return optax.apply_updates(p, u), o, s, lv
 
-        evaluate_fn = lambda p, s: (lambda t: f8(s, p, t))
+        def evaluate_fn(p, s):
+            return lambda t: f8(s, p, t)
+
     else:
         fp8_state = None
 
@@ -71,18 +73,20 @@ def run(arm: str, args, cfg, data, init_params) -> dict:
 
         @jax.jit
         def step(p, o, s, b):
-            l, g = jax.value_and_grad(loss)(p, b)
+            lv, g = jax.value_and_grad(loss)(p, b)
             u, o = opt.update(g, o, p)
-            return optax.apply_updates(p, u), o, s, l
+            return optax.apply_updates(p, u), o, s, lv
 
-        evaluate_fn = lambda p, s: (lambda t: fwd(p, t))
+        def evaluate_fn(p, s):
+            return lambda t: fwd(p, t)
+
 
     it = batches(data.train, args.batch, args.seq, seed=args.seed)
     t0 = time.time()
     for i in range(1, args.steps + 1):
-        params, opt_state, fp8_state, l = step(params, opt_state, fp8_state, next(it))
+        params, opt_state, fp8_state, lv = step(params, opt_state, fp8_state, next(it))
         if i % args.log_every == 0 or i == args.steps:
-            print(f"  {arm:4s} step {i:4d}  train {float(l):.4f}  {time.time() - t0:5.0f}s", flush=True)
+            print(f"  {arm:4s} step {i:4d}  train {float(lv):.4f}  {time.time() - t0:5.0f}s", flush=True)
     secs = time.time() - t0
     val, bpc = charlm.evaluate(evaluate_fn(params, fp8_state), data.val, seq_len=args.seq,
                                n_windows=args.eval_windows)

@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -43,15 +42,15 @@ def _train(loss, params, opt, data_iter, steps, log_every=50, tag=""):
 
     @jax.jit
     def step(p, s, batch):
-        l, g = jax.value_and_grad(loss)(p, batch)
+        lv, g = jax.value_and_grad(loss)(p, batch)
         u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, l
+        return optax.apply_updates(p, u), s, lv
 
     t0 = time.time()
     for i in range(1, steps + 1):
-        params, state, l = step(params, state, next(data_iter))
+        params, state, lv = step(params, state, next(data_iter))
         if i % log_every == 0 or i == steps:
-            print(f"  {tag} step {i:4d}  train loss {float(l):.4f}  {time.time() - t0:5.0f}s", flush=True)
+            print(f"  {tag} step {i:4d}  train loss {float(lv):.4f}  {time.time() - t0:5.0f}s", flush=True)
     return params
 
 
@@ -88,7 +87,9 @@ def main(argv=None) -> dict:
         source = f"trained here ({args.float_steps} steps)"
     apply = charlm.apply_fn(cfg)
     recipe = jqx.int4_weight_only(group_size=args.group_size)
-    ev = lambda fn: charlm.evaluate(fn, data.val, seq_len=args.seq, n_windows=args.eval_windows)[0]
+    def ev(fn):
+        return charlm.evaluate(fn, data.val, seq_len=args.seq, n_windows=args.eval_windows)[0]
+
 
     float_loss = ev(lambda t: apply(params, t))
     qfwd = jqx.quantized(apply)

@@ -148,7 +148,9 @@ def test_nnx_model_and_errors():
             return self.a(x) + x @ self.a.kernel[...]  # a second matmul with a.kernel
 
     gdef, state = nnx.split(Net(nnx.Rngs(0)))
-    apply = lambda s, x: nnx.merge(gdef, s)(x)
+    def apply(s, x):
+        return nnx.merge(gdef, s)(x)
+
     st = fp8.init_state(state, history_len=4)
     assert list(st) == ["a/kernel"]
     with pytest.raises(ValueError, match="more than one matmul"):
@@ -162,7 +164,9 @@ def test_nnx_model_and_errors():
             return nnx.relu(self.a(x))
 
     gdef, state = nnx.split(One(nnx.Rngs(0)))
-    apply = lambda s, x: nnx.merge(gdef, s)(x)
+    def apply(s, x):
+        return nnx.merge(gdef, s)(x)
+
     st = fp8.init_state(state, history_len=4)
     f = fp8.delayed_scaling(apply)
     _, st = jax.jit(jax.grad(lambda s, f8: jnp.sum(f(f8, s, X)), argnums=(0, 1)))(state, st)

@@ -170,7 +170,7 @@ def test_convert_bit_identical(recipe, lsq):
     q = qat.convert(v, recipe, scales)
     if not lsq:  # same codes and scales as plain PTQ
         ptq = jqx.quantize(v, recipe)
-        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ptq)):
+        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ptq), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the converted tree's quantized forward equals the fake forward bit for bit
     out = jax.jit(jqx.quantized(m.apply))(q, x)
@@ -209,7 +209,9 @@ def test_activation_fake_quant_changes_forward_and_keeps_ste():
     # gradient w.r.t. the input of one matmul: STE through the activation
     # quantizer, i.e. the same as without it
     p = {"l": {"kernel": v["params"]["Dense_0"]["kernel"]}}
-    lin = lambda p, x: x @ p["l"]["kernel"]
+    def lin(p, x):
+        return x @ p["l"]["kernel"]
+
     up = jax.random.normal(jax.random.key(5), (x.shape[0], 32))
     ga = jax.grad(lambda x: jnp.sum(qat.fake_quantized(lin, r)(p, x) * up))(x)
     gb = jax.grad(lambda x: jnp.sum(qat.fake_quantized(lin, r, quantize_activations=True)(p, x) * up))(x)
@@ -225,14 +227,14 @@ def _train(loss, params, steps, lr=3e-3):
 
     @jax.jit
     def step(p, s):
-        l, g = jax.value_and_grad(loss)(p)
+        lv, g = jax.value_and_grad(loss)(p)
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int/float
             u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, l
+        return optax.apply_updates(p, u), s, lv
 
     for _ in range(steps):
-        params, st_, l = step(params, st_)
-    return params, float(l)
+        params, st_, lv = step(params, st_)
+    return params, float(lv)
 
 
 @pytest.mark.parametrize("lsq", [False, True])
@@ -244,7 +246,9 @@ def test_qat_recovers_ptq_loss_linen(lsq):
     m, v, x = _mlp()
     y = jnp.sin(x[:, :4] * 2.0)
     recipe = jqx.int4_weight_only(group_size=8, scheme="absmax")
-    mse = lambda out: jnp.mean((out - y) ** 2)
+    def mse(out):
+        return jnp.mean((out - y) ** 2)
+
     v, _ = _train(lambda p: mse(m.apply(p, x)), v, 300, 1e-2)
     float_loss = float(mse(m.apply(v, x)))
     ptq_loss = float(mse(jqx.quantized(m.apply)(jqx.quantize(v, recipe), x)))
@@ -272,7 +276,9 @@ def test_qat_nnx_model():
             return self.b(nnx.relu(self.a(x)))
 
     gdef, state = nnx.split(Net(nnx.Rngs(0)))
-    apply = lambda st_, x: nnx.merge(gdef, st_)(x)
+    def apply(st_, x):
+        return nnx.merge(gdef, st_)(x)
+
     x = jax.random.normal(jax.random.key(1), (16, 16))
     recipe = jqx.int8_weight_only()
     f = jax.jit(qat.fake_quantized(apply, recipe))

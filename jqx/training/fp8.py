@@ -44,16 +44,16 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jqx.qarray import is_qarray
-from jqx.tree import select
 from jqx.recipes import Recipe
+from jqx.tree import select
 
 __all__ = [
     "init_state",
@@ -76,7 +76,9 @@ def _fmt_max(dtype) -> float:
 # --------------------------------------------------------------------------- scaling math
 
 
-def compute_scale(amax_history: jax.Array, scale: jax.Array, fp8_dtype, margin: int = 0) -> jax.Array:
+def compute_scale(
+    amax_history: jax.Array, scale: jax.Array, fp8_dtype, margin: int = 0
+) -> jax.Array:
     """Delayed scale from an amax history: ``fmt_max / (max(history) * 2^margin)``.
 
     Where the history's max is 0 or not finite, the old scale is kept.
@@ -200,9 +202,15 @@ def fp8_dot_general(
     wq = _in_qdq(fwd_dtype, w, meta["kernel_scale"], meta["kernel_amax_history"], margin)
     lhs, rhs = (wq, xq) if w_is_lhs else (xq, wq)
     y = jax.lax.dot_general(
-        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
-    return _out_qdq(bwd_dtype, y, meta["output_grad_scale"], meta["output_grad_amax_history"], margin)
+    return _out_qdq(
+        bwd_dtype, y, meta["output_grad_scale"], meta["output_grad_amax_history"], margin
+    )
 
 
 # --------------------------------------------------------------------------- the transform
@@ -313,9 +321,16 @@ def delayed_scaling(
                 )
             x, w = (rhs, lhs) if w_is_lhs else (lhs, rhs)
             return fp8_dot_general(
-                x, w, dimension_numbers, state[path], precision=precision,
-                preferred_element_type=preferred_element_type, w_is_lhs=w_is_lhs,
-                margin=margin, fwd_dtype=fwd_dtype, bwd_dtype=bwd_dtype,
+                x,
+                w,
+                dimension_numbers,
+                state[path],
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                w_is_lhs=w_is_lhs,
+                margin=margin,
+                fwd_dtype=fwd_dtype,
+                bwd_dtype=bwd_dtype,
             )
 
         from jqx import transform as _transform  # noqa: PLC0415 (training sits above it)

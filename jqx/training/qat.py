@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jqx import formats as _formats
 from jqx.qarray import ActSpec, QArray, is_qarray, pack_4bit
@@ -136,7 +136,7 @@ def _build_qarray(w, recipe: Recipe, block, s, z) -> QArray:
     as the QArray ``convert`` returns. ``s`` is rounded to the recipe's scale
     dtype first, so the fake forward sees the scale that will be stored."""
     fmt = recipe.fmt
-    nblocks = tuple(a // b for a, b in zip(w.shape, block))
+    nblocks = tuple(a // b for a, b in zip(w.shape, block, strict=True))
     s = jnp.asarray(s).reshape(nblocks).astype(jnp.dtype(recipe.scale_dtype))
     if z is not None:
         z = jnp.asarray(z).reshape(nblocks).astype(jnp.dtype(recipe.scale_dtype))
@@ -280,7 +280,7 @@ def fake_quant_weight_lsq(
     """
     _check_recipe(recipe, "recipe")
     block = _block_of(recipe, w)
-    nblocks = tuple(a // b for a, b in zip(w.shape, block))
+    nblocks = tuple(a // b for a, b in zip(w.shape, block, strict=True))
     if tuple(scale.shape) != nblocks:
         raise ValueError(
             f"scale has shape {tuple(scale.shape)} but a {tuple(w.shape)} weight under "
@@ -389,7 +389,9 @@ def _fake_params(params, sel: dict[str, Recipe], scales, act_default):
             s, z = _lookup_scale(scales, p)
             out = fake_quant_weight_lsq(leaf, s, r, z)
             sg = jax.lax.stop_gradient
-            q = _build_qarray(sg(leaf), r, _block_of(r, leaf, p), sg(s), None if z is None else sg(z))
+            q = _build_qarray(
+                sg(leaf), r, _block_of(r, leaf, p), sg(s), None if z is None else sg(z)
+            )
         qarrays[p] = q.replace(act=act_default(r))
         return out
 
@@ -497,7 +499,12 @@ def fake_quantized(
 
         def rule(path, lhs, rhs, dimension_numbers, precision, preferred_element_type, w_is_lhs):
             return _exact_dot(
-                lhs, rhs, qarrays[path], dimension_numbers, precision, preferred_element_type,
+                lhs,
+                rhs,
+                qarrays[path],
+                dimension_numbers,
+                precision,
+                preferred_element_type,
                 w_is_lhs,
             )
 
