@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from jqx.algorithms._common import rtn_quantize
 from jqx.algorithms.gptq import GPTQConfig, gptq_hessian, gptq_quantize
 
-
 _CPU: dict = {}
 
 

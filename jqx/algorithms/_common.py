@@ -154,7 +154,7 @@ def build_qarray(
     q = _formats.encode(codes.astype(jnp.float32), fmt)
     if fmt.packed:
         q = pack_4bit(q)
-    nb = tuple(s // b for s, b in zip(shape, block))
+    nb = tuple(s // b for s, b in zip(shape, block, strict=True))
     return QArray(
         qvalue=q,
         scale=scale.reshape(nb).astype(jnp.float32),

@@ -111,7 +111,7 @@ def _search_clip(w, x, grid, g, n_grid, max_shrink):
 
 
 def awq_search_scale(
-    w: jax.Array, x: jax.Array, mean_abs: jax.Array | None = None, cfg: "AWQConfig" = None
+    w: jax.Array, x: jax.Array, mean_abs: jax.Array | None = None, cfg: AWQConfig | None = None
 ) -> tuple[jax.Array, float]:
     """The AWQ input-channel scales ``s`` (K,) and the chosen alpha."""
     cfg = cfg or AWQConfig()
