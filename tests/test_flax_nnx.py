@@ -116,3 +116,28 @@ def test_nnx_jit_does_not_retrace():
     fmodel, _ = _make("Linear", nnx.Linear, nnx.Einsum)
     y_ref = nnx.merge(nnx.split(fmodel)[0], jqx.dequantize(qstate))(X * 2.0)
     assert float(jnp.max(jnp.abs(y - y_ref))) <= 1e-4 * float(jnp.max(jnp.abs(y_ref)))
+
+
+def test_calibrate_an_nnx_model_built_from_jqx_layers():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.a = qnnx.Linear(K, N, rngs=nnx.Rngs(0))
+            self.b = qnnx.Linear(N, 8, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    gdef, state = nnx.split(Net())
+
+    def fn(s, x):
+        return nnx.merge(gdef, s)(x)
+
+    batches = [X, X * 2.0]
+    qstate = jqx.calibrate(fn, state, batches, jqx.int8_static_activation_int8_weight(), progress=False)
+    qa = qstate["a"]["kernel"].get_value()
+    assert jqx.is_qarray(qa) and qa.act.kind == "static"
+    assert abs(float(qa.act_scale[0]) - float(jnp.max(jnp.abs(X * 2.0))) / 127.0) <= 1e-6
+    y = nnx.merge(gdef, qstate)(X)
+    y_ref = fn(state, X)
+    # int8 weights and int8 activations at two calibrated per-tensor scales: ~1% of the output.
+    assert float(jnp.max(jnp.abs(y - y_ref))) <= 0.03 * float(jnp.max(jnp.abs(y_ref)))
