@@ -168,7 +168,9 @@ class QArray:
         QArray (``in_axes=0``) strips its leading axis. Leading batch axes get
         block size 1 (each batch element has its own scales).
         """
-        extra = self.qvalue.ndim - len(self.shape)
+        # pack_4bit stores a 0-d array as one byte of shape (1,)
+        own_ndim = len(self.shape) if self.shape or not self.fmt.packed else 1
+        extra = self.qvalue.ndim - own_ndim
         if extra > 0:
             lead = tuple(self.qvalue.shape[:extra])
             return lead + tuple(self.shape), (1,) * extra + tuple(self.block)

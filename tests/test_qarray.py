@@ -179,3 +179,10 @@ def test_actspec_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         jqx.ActSpec(**kw)
     assert jqx.ActSpec(format="e4m3").format == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp8_e4m3", "bf16"])
+def test_scalars(fmt):
+    q = jqx.quantize_array(jnp.float32(-2.5), fmt)
+    assert q.shape == () and q.dequantize().shape == ()
+    assert float(q.dequantize()) == -2.5  # a constant block reconstructs exactly
