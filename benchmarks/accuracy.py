@@ -11,9 +11,16 @@ RTN, GPTQ, GPTQ act_order, HQQ and AWQ at 4 and 3 bits (g128 and per
 channel), and W8A8 / SmoothQuant W8A8 / LLM.int8(), with the seconds each
 method took (calibration included).
 
+Part 3: the same methods on the sentence encoder all-MiniLM-L6-v2 (or the
+shipped tiny encoder without the weights package): mean / min cosine of the
+sentence embeddings to float, calibrated on 64 of the shipped sentences and
+evaluated on the next ``--sentences``.
+
 Usage:
-    python benchmarks/accuracy.py            # both parts
+    python benchmarks/accuracy.py                  # all three parts
     python benchmarks/accuracy.py --synthetic-only
+    python benchmarks/accuracy.py --lm-only [--checkpoint PATH] [--windows 256]
+    python benchmarks/accuracy.py --minilm-only [--tiny-encoder] [--sentences 128]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jqx
 from jqx.algorithms._common import rtn_quantize
@@ -115,6 +123,49 @@ def synthetic() -> None:
         print("| " + " | ".join(r) + " |")
 
 
+_BITS, _GROUPS = (4, 3), (128, None)
+
+
+def _methods(bits_list=None, groups=None):
+    bits_list, groups = bits_list or _BITS, groups or _GROUPS
+    methods = [("float", None)]
+    for bits in bits_list:
+        for g in groups:
+            gs = f"g{g}" if g else "per-channel"
+            methods += [
+                (f"RTN {bits}-bit {gs}", ("rtn", bits, g)),
+                (f"GPTQ {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g)),
+                (f"GPTQ act_order {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g, act_order=True)),
+                (f"HQQ {bits}-bit {gs}", jqx.hqq(bits=bits, group_size=g)),
+                (f"AWQ {bits}-bit {gs}", jqx.awq(bits=bits, group_size=g)),
+            ]
+    return methods + [
+        ("W8A8 int8 dynamic", jqx.int8_dynamic_activation_int8_weight()),
+        ("SmoothQuant(0.5) W8A8", jqx.smoothquant(alpha=0.5)),
+        ("LLM.int8() t=6", jqx.llm_int8(threshold=6.0)),
+    ]
+
+
+def _apply_method(recipe, fn, params, calib):
+    """Quantized params and the seconds it took (calibration included)."""
+    t = time.perf_counter()
+    if recipe is None:
+        qp = params
+    elif isinstance(recipe, tuple):  # RTN on the same integer grid as GPTQ/AWQ (also 3-bit)
+        _, bits, g = recipe
+        qp = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: rtn_quantize(leaf, bits, g)
+            if jqx.tree.default_filter(jqx.tree.path_str(path), leaf) else leaf,
+            params,
+        )
+    elif recipe.needs_calibration:
+        qp = jqx.calibrate(fn, params, calib, recipe, progress=False)
+    else:
+        qp = jqx.quantize(params, recipe)
+    jax.block_until_ready(jax.tree_util.tree_leaves(qp))
+    return qp, time.perf_counter() - t
+
+
 def charlm(n_windows: int, checkpoint: str | None = None) -> None:
     from jqx.models import charlm as cl  # noqa: PLC0415
 
@@ -138,57 +189,80 @@ def charlm(n_windows: int, checkpoint: str | None = None) -> None:
         loss, bpc = cl.evaluate(lambda t: fq(p, t), data.val, seq_len=seq, n_windows=n_windows)
         return bpc, math.exp(loss)
 
-    methods = [("float", None)]
-    for bits in (4, 3):
-        for g in (128, None):
-            gs = f"g{g}" if g else "per-channel"
-            methods += [
-                (f"RTN {bits}-bit {gs}", ("rtn", bits, g)),
-                (f"GPTQ {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g)),
-                (f"GPTQ act_order {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g, act_order=True)),
-                (f"HQQ {bits}-bit {gs}", jqx.hqq(bits=bits, group_size=g)),
-                (f"AWQ {bits}-bit {gs}", jqx.awq(bits=bits, group_size=g)),
-            ]
-    methods += [
-        ("W8A8 int8 dynamic", jqx.int8_dynamic_activation_int8_weight()),
-        ("SmoothQuant(0.5) W8A8", jqx.smoothquant(alpha=0.5)),
-        ("LLM.int8() t=6", jqx.llm_int8(threshold=6.0)),
-    ]
     print(f"\nchar LM ({cfg}), validation: {n_windows} windows of {seq} characters")
     print("| method | bits/char | perplexity | seconds |")
     print("|---|---|---|---|")
-    for name, recipe in methods:
-        t = time.perf_counter()
-        if recipe is None:
-            qp = params
-        elif isinstance(recipe, tuple):  # RTN on the same integer grid as GPTQ/AWQ (also 3-bit)
-            _, bits, g = recipe
-            qp = jax.tree_util.tree_map_with_path(
-                lambda path, leaf, bits=bits, g=g: rtn_quantize(leaf, bits, g)
-                if jqx.tree.default_filter(jqx.tree.path_str(path), leaf) else leaf,
-                params,
-            )
-        elif recipe.needs_calibration:
-            qp = jqx.calibrate(f, params, calib, recipe, progress=False)
-        else:
-            qp = jqx.quantize(params, recipe)
-        jax.block_until_ready(jax.tree_util.tree_leaves(qp))
-        secs = time.perf_counter() - t
+    for name, recipe in _methods():
+        qp, secs = _apply_method(recipe, f, params, calib)
         bpc, ppl = score(qp)
         print(f"| {name} | {bpc:.4f} | {ppl:.3f} | {secs:.1f} |")
+
+
+def minilm_table(n_eval: int, tiny: bool = False) -> None:
+    from jqx.models import minilm  # noqa: PLC0415
+
+    enc = minilm.load_tiny() if tiny or not minilm.weights_available() else minilm.load_minilm()
+    sents = minilm.load_sentences()
+    calib_s, eval_s = sents[:64], sents[64:64 + n_eval]
+
+    def batches(ss, bs=16):
+        out = []
+        for i in range(0, len(ss), bs):
+            chunk = ss[i:i + bs]
+            ids, mask = enc.tokenize(chunk, max_len=128, pad_to=128)
+            if len(chunk) < bs:  # one shape: one compilation
+                pad = bs - len(chunk)
+                ids = np.concatenate([ids, np.zeros((pad, 128), np.int32)])
+                mask = np.concatenate([mask, np.zeros((pad, 128), np.int32)])
+                mask[len(chunk):, 0] = 1
+            out.append((jnp.asarray(ids), jnp.asarray(mask), len(chunk)))
+        return out
+
+    calib = [(ids, mask) for ids, mask, _ in batches(calib_s)]
+    ev = batches(eval_s)
+    fn = enc.module.apply
+    fq = jax.jit(jqx.quantized(fn))
+
+    def embed(v):
+        return np.concatenate([np.asarray(fq(v, ids, mask))[:n] for ids, mask, n in ev])
+
+    ref = embed(enc.variables)
+    print(f"\nsentence encoder {enc.name}: cosine of {len(eval_s)} sentence embeddings to float")
+    print("| method | mean cosine | min cosine | seconds |")
+    print("|---|---|---|---|")
+    for name, recipe in _methods():
+        try:
+            qv, secs = _apply_method(recipe, fn, enc.variables, calib)
+        except ValueError as e:  # e.g. a group size that does not divide a kernel
+            print(f"| {name} | - | - | ({str(e)[:60]}...) |")
+            continue
+        e = embed(qv)
+        cos = np.sum(e * ref, -1) / (np.linalg.norm(e, axis=-1) * np.linalg.norm(ref, axis=-1))
+        print(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} | {secs:.1f} |")
 
 
 def main() -> None:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic-only", action="store_true")
     ap.add_argument("--lm-only", action="store_true")
+    ap.add_argument("--minilm-only", action="store_true")
+    ap.add_argument("--tiny-encoder", action="store_true", help="the shipped tiny encoder (quick)")
+    ap.add_argument("--sentences", type=int, default=128, help="evaluation sentences (MiniLM)")
+    ap.add_argument("--bits", default="4,3", help="weight bits of the weight-only rows, e.g. 4")
+    ap.add_argument("--groups", default="128,none", help="group sizes, e.g. 128 or 128,none")
     ap.add_argument("--windows", type=int, default=256)
     ap.add_argument("--checkpoint", default=None, help="char LM .safetensors (default: the cached one)")
     args = ap.parse_args()
-    if not args.lm_only:
+    global _BITS, _GROUPS
+    _BITS = tuple(int(b) for b in args.bits.split(","))
+    _GROUPS = tuple(None if g.lower() == "none" else int(g) for g in args.groups.split(","))
+    only = args.synthetic_only or args.lm_only or args.minilm_only
+    if args.synthetic_only or not only:
         synthetic()
-    if not args.synthetic_only:
+    if args.lm_only or not only:
         charlm(args.windows, args.checkpoint)
+    if args.minilm_only or not only:
+        minilm_table(args.sentences, args.tiny_encoder)
 
 
 if __name__ == "__main__":
