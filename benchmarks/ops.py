@@ -28,11 +28,11 @@ DN = (((1,), (0,)), ((), ()))
 def _round_robin(fns, args, reps: int) -> list[float]:
     """Median time of each fn; the fns run interleaved, one call each per round,
     so load from other processes on this shared machine hits all of them alike."""
-    for f, a in zip(fns, args):
+    for f, a in zip(fns, args, strict=True):
         jax.block_until_ready(f(*a))  # compile + warm up
     ts = [[] for _ in fns]
     for _ in range(reps):
-        for i, (f, a) in enumerate(zip(fns, args)):
+        for i, (f, a) in enumerate(zip(fns, args, strict=True)):
             t0 = time.perf_counter()
             jax.block_until_ready(f(*a))
             ts[i].append(time.perf_counter() - t0)
@@ -56,7 +56,9 @@ def formulations(k: int, n: int, key):
 
     def codes_then_scale(x, q):
         # scale is constant along K: dot on raw codes, scale the output columns
-        return lax.dot_general(x, q.qvalue, DN, preferred_element_type=jnp.float32) * q.scale.reshape(1, -1)
+        return lax.dot_general(
+            x, q.qvalue, DN, preferred_element_type=jnp.float32
+        ) * q.scale.reshape(1, -1)
 
     def codes_f32_then_scale(x, q):
         return (x @ q.qvalue.astype(jnp.float32)) * q.scale.reshape(1, -1)
@@ -81,7 +83,10 @@ def formulations(k: int, n: int, key):
     def fp8_as_bf16(x, q):
         xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
         y = lax.dot_general(
-            xq.astype(jnp.bfloat16), q.qvalue.astype(jnp.bfloat16), DN, preferred_element_type=jnp.float32
+            xq.astype(jnp.bfloat16),
+            q.qvalue.astype(jnp.bfloat16),
+            DN,
+            preferred_element_type=jnp.float32,
         )
         return y * xs * q.scale.reshape(1, -1)
 
@@ -103,7 +108,9 @@ def formulations(k: int, n: int, key):
         s2 = s1 / 254
         q2 = jnp.clip(jnp.round((x - q1 * s1) / s2), -127, 127)
         both = jnp.concatenate([q1, q2]).astype(jnp.int8)
-        a = lax.dot_general(both, q.qvalue, DN, preferred_element_type=jnp.int32).astype(jnp.float32)
+        a = lax.dot_general(both, q.qvalue, DN, preferred_element_type=jnp.int32).astype(
+            jnp.float32
+        )
         m = x.shape[0]
         return (a[:m] * s1 + a[m:] * s2) * q.scale.reshape(1, -1)
 
@@ -146,8 +153,11 @@ def main(argv=None):
     key = jax.random.key(0)
     forms = formulations(a.k, a.n, key)
     names = [nm for nm in forms if nm == "f32 dot" or a.only in nm]
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, K={a.k} N={a.n}; "
-          "time / time(f32 dot) in the same run (lower is faster)", flush=True)
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, K={a.k} N={a.n}; "
+        "time / time(f32 dot) in the same run (lower is faster)",
+        flush=True,
+    )
     jitted = {nm: jax.jit(forms[nm][0]) for nm in names}
     rows = {nm: [] for nm in names}
     base_ms = []
@@ -157,11 +167,15 @@ def main(argv=None):
         ts = _round_robin([jitted[nm] for nm in names], [(x, forms[nm][1]) for nm in names], reps)
         t0 = ts[names.index("f32 dot")]
         base_ms.append(t0 * 1e3)
-        for nm, t in zip(names, ts):
+        for nm, t in zip(names, ts, strict=True):
             rows[nm].append(t / t0)
-        print(f"  M={m}: f32 dot {t0 * 1e3:.2f} ms; "
-              + ", ".join(f"{nm} {t / t0:.2f}" for nm, t in zip(names, ts) if nm != "f32 dot"),
-              flush=True)
+        print(
+            f"  M={m}: f32 dot {t0 * 1e3:.2f} ms; "
+            + ", ".join(
+                f"{nm} {t / t0:.2f}" for nm, t in zip(names, ts, strict=True) if nm != "f32 dot"
+            ),
+            flush=True,
+        )
     print()
     print("| formulation | " + " | ".join(f"M={m}" for m in a.m) + " |")
     print("|---|" + "---:|" * len(a.m))
@@ -169,6 +183,7 @@ def main(argv=None):
     for nm in names:
         if nm != "f32 dot":
             print(f"| {nm} | " + " | ".join(f"{r:.2f}" for r in rows[nm]) + " |")
+
 
 if __name__ == "__main__":
     main()

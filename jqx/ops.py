@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +105,9 @@ def dot_general(
     nb = len(xb)
     x_free = rhs.ndim - len(xc) - len(xb)
     w_free = len(lhs.shape) - len(wc) - len(wb)
-    perm = list(range(nb)) + [nb + x_free + i for i in range(w_free)] + [nb + i for i in range(x_free)]
+    perm = (
+        list(range(nb)) + [nb + x_free + i for i in range(w_free)] + [nb + i for i in range(x_free)]
+    )
     return jnp.transpose(y, perm)
 
 
@@ -162,7 +164,7 @@ def _divide_in_scale(x, q: QArray, xc, wc):
             return None
     ins = ins.reshape([ins.shape[a] for a in sorted(wc)])
     # order the remaining (contraction) axes as x's contraction axes appear in x
-    pairs = sorted(zip(xc, wc))
+    pairs = sorted(zip(xc, wc, strict=True))
     perm = [sorted(wc).index(w) for _, w in pairs]
     ins = jnp.transpose(ins, perm)
     shape = [1] * x.ndim
@@ -187,7 +189,9 @@ def _dequantized_no_in_scale(q: QArray, dtype) -> jax.Array:
 
 
 def _act_scale_dyn(xf, xc, fmt, granularity):
-    amax = jnp.max(jnp.abs(xf), axis=tuple(xc) if granularity == "per_token" else None, keepdims=True)
+    amax = jnp.max(
+        jnp.abs(xf), axis=tuple(xc) if granularity == "per_token" else None, keepdims=True
+    )
     if granularity != "per_token":
         amax = amax.reshape((1,) * xf.ndim)
     s = amax / fmt.max
@@ -230,7 +234,7 @@ def _pad_single_row(xq, xc, xb):
 def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
     (xc, wc), (xb, wb) = dn
     x = jnp.asarray(x)
-    if len(xc) != len(wc) or any(x.shape[a] != q.shape[b] for a, b in zip(xc, wc)):
+    if len(xc) != len(wc) or any(x.shape[a] != q.shape[b] for a, b in zip(xc, wc, strict=True)):
         raise ValueError(
             f"jqx.ops.dot_general: contracting dims {tuple(xc)} of the activation "
             f"{tuple(x.shape)} do not match dims {tuple(wc)} of the quantized weight {q.shape} "
@@ -285,8 +289,13 @@ def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
         )
     else:
         xh = _formats.decode(codes, _formats.get(act.format), jnp.float32)
-        y = lax.dot_general(xh, _decoded(q, jnp.float32), dn, precision=precision,
-                            preferred_element_type=jnp.float32)
+        y = lax.dot_general(
+            xh,
+            _decoded(q, jnp.float32),
+            dn,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
     y = y * _x_out_scale(xs, xc, xb, n_wfree)
     y = y * _w_out_scale(q.scale.astype(jnp.float32), wc, wb, n_xfree)
     return y.astype(out_dtype)
@@ -395,7 +404,12 @@ def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
     "use XLA"."""
     (xc, wc), (xb, wb) = dn
     plain = (
-        x.ndim == 2 and q.ndim == 2 and tuple(xc) == (1,) and tuple(wc) == (0,) and not xb and not wb
+        x.ndim == 2
+        and q.ndim == 2
+        and tuple(xc) == (1,)
+        and tuple(wc) == (0,)
+        and not xb
+        and not wb
         and q.in_scale is None
     )
     platform = jax.default_backend()
@@ -418,11 +432,22 @@ def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
     act, fmt = q.act, q.fmt
     if act is None and fmt.name in ("uint4", "int4") and q.block[1] == 1:
         op = "w4a16"
-    elif act is not None and act.kind == "dynamic" and fmt.name == "int8" and act.format == "int8" \
-            and act.granularity == "per_token" and q.block == (k, 1):
+    elif (
+        act is not None
+        and act.kind == "dynamic"
+        and fmt.name == "int8"
+        and act.format == "int8"
+        and act.granularity == "per_token"
+        and q.block == (k, 1)
+    ):
         op = "int8_dynamic"
-    elif act is not None and act.kind == "dynamic" and fmt.name == "fp8_e4m3" \
-            and act.format == "fp8_e4m3" and q.block == (k, 1):
+    elif (
+        act is not None
+        and act.kind == "dynamic"
+        and fmt.name == "fp8_e4m3"
+        and act.format == "fp8_e4m3"
+        and q.block == (k, 1)
+    ):
         op = "fp8"
     else:
         return None
@@ -430,13 +455,21 @@ def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
         kind = jax.devices()[0].device_kind
         if pk.choose(op, m, k, n, platform, kind) != "pallas":
             return None
-    kdt = out_dtype if out_dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                                     jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+    kdt = (
+        out_dtype
+        if out_dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        else jnp.dtype(jnp.float32)
+    )
     try:
         if op == "w4a16":
             y = pk.w4a16_matmul(
-                x, q.qvalue, q.scale, q.zero_point, group_size=q.block[0],
-                signed=fmt.name == "int4", out_dtype=kdt,
+                x,
+                q.qvalue,
+                q.scale,
+                q.zero_point,
+                group_size=q.block[0],
+                signed=fmt.name == "int4",
+                out_dtype=kdt,
             )
         elif op == "int8_dynamic":
             y = pk.int8_matmul_dynamic(x, q.qvalue, q.scale.reshape(1, n), out_dtype=kdt)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jqx.qarray import QArray, is_qarray
+from jqx.qarray import is_qarray
 from jqx.tree import path_str
 
 __all__ = ["quantized", "map_dots", "capture_inputs", "DotRule"]
@@ -76,7 +77,7 @@ class _W:
             v = jnp.transpose(v, self.perm)
         return v
 
-    def slice_leading(self) -> "_W":
+    def slice_leading(self) -> _W:
         """After ``lax.scan`` slices the children of ``base`` along axis 0, fix the
         static metadata (shape, block) and the view."""
         b = self.base
@@ -126,7 +127,7 @@ class _Ctx:
         self.capture = capture
         self.records: list[tuple[str, jax.Array]] = []
 
-    def child(self) -> "_Ctx":
+    def child(self) -> _Ctx:
         return _Ctx(self.rule, self.paths, self.backend, self.capture)
 
 
@@ -159,9 +160,9 @@ def _mat(x):
 
 def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
     env: dict = {}
-    for v, x in zip(jaxpr.constvars, consts):
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = x
-    for v, x in zip(jaxpr.invars, args):
+    for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
@@ -172,7 +173,7 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
             with eqn.ctx.manager:
                 ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, x in zip(eqn.outvars, outs):
+        for v, x in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
     return [_read(env, v) for v in jaxpr.outvars]
@@ -296,6 +297,7 @@ def _gather_rows(eqn, invals):
         or tuple(p["slice_sizes"]) != (1, q.shape[1])
     ):
         return None
+
     def take(a, fill):
         return lax.gather(
             a,
@@ -340,7 +342,7 @@ def _remat(ctx: _Ctx, eqn, invals):
     outs, recs = jax.checkpoint(f, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
         list(invals)
     )
-    ctx.records.extend(zip(store[0], recs))
+    ctx.records.extend(zip(store[0], recs, strict=True))
     return outs
 
 
@@ -351,12 +353,12 @@ def _scan(ctx: _Ctx, eqn, invals):
     init = [_mat(x) for x in invals[nc : nc + ncar]]
     xs = list(invals[nc + ncar :])
     sliced = [_is_w(x) and _scan_sliceable(x, length) for x in xs]
-    xs = [x if s else _mat(x) for x, s in zip(xs, sliced)]
+    xs = [x if s else _mat(x) for x, s in zip(xs, sliced, strict=True)]
     closed = p["jaxpr"]
     store: list = []
 
     def body(carry, x_t):
-        x_t = [x.slice_leading() if s else x for x, s in zip(x_t, sliced)]
+        x_t = [x.slice_leading() if s else x for x, s in zip(x_t, sliced, strict=True)]
         sub = ctx.child()
         outs = _eval_closed(sub, closed, consts + list(carry) + x_t)
         outs = [_mat(o) for o in outs]
@@ -365,7 +367,7 @@ def _scan(ctx: _Ctx, eqn, invals):
     carry, (ys, recs) = lax.scan(
         body, init, xs, length=length, reverse=p["reverse"], unroll=p.get("unroll", 1)
     )
-    ctx.records.extend(zip(store[0], recs))
+    ctx.records.extend(zip(store[0], recs, strict=True))
     return list(carry) + list(ys)
 
 
@@ -411,7 +413,7 @@ def _interpret(fn, ctx_factory, argnum: int | None, paths: frozenset):
             full = [None] * len(leaves)
             for i, v in static.items():
                 full[i] = v
-            for i, v in zip(dyn_idx, dyn):
+            for i, v in zip(dyn_idx, dyn, strict=True):
                 full[i] = v
             a, k = jax.tree_util.tree_unflatten(treedef, full)
             out = fn(*a, **k)
@@ -437,7 +439,9 @@ def _interpret(fn, ctx_factory, argnum: int | None, paths: frozenset):
         # A QArray returned untouched stays a QArray; any other view is materialised.
         outs = [
             o.base
-            if _is_w(o) and is_qarray(o.base) and o.perm == tuple(range(len(o.perm)))
+            if _is_w(o)
+            and is_qarray(o.base)
+            and o.perm == tuple(range(len(o.perm)))
             and o.dtype == jnp.dtype(o.base.dtype)
             else _mat(o)
             for o in outs
@@ -474,7 +478,9 @@ def quantized(fn: Callable, *, backend: str | None = None) -> Callable:
         (2, 4)
     """
     if backend not in (None, "xla", "pallas"):
-        raise ValueError(f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'.")
+        raise ValueError(
+            f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'."
+        )
     inner = _interpret(fn, lambda: _Ctx(None, frozenset(), backend), None, frozenset())
 
     @functools.wraps(fn)
@@ -550,7 +556,9 @@ def map_dots(fn: Callable, paths: Sequence[str], rule: DotRule, *, argnum: int =
     return wrapped
 
 
-def _rows_k(x: jax.Array, x_contract: Sequence[int], w_contract: Sequence[int], x_batch) -> jax.Array:
+def _rows_k(
+    x: jax.Array, x_contract: Sequence[int], w_contract: Sequence[int], x_batch
+) -> jax.Array:
     """The other operand as (rows, K): K ordered as the weight's contracting dims."""
     order = sorted(range(len(w_contract)), key=lambda i: w_contract[i])
     xc = [x_contract[i] for i in order]

@@ -172,7 +172,9 @@ def test_static_activation_scale():
     # a scale calibrated too small clips: the error grows beyond the bound
     q_small = q.replace(act_scale=(amax / 127 / 4).reshape(1))
     y2 = jqx.ops.dot_general(x, q_small, DN)
-    assert float(jnp.max(jnp.abs(y2 - _ref(x, w_hat)))) > float(jnp.max(jnp.abs(y - _ref(x, w_hat))))
+    assert float(jnp.max(jnp.abs(y2 - _ref(x, w_hat)))) > float(
+        jnp.max(jnp.abs(y - _ref(x, w_hat)))
+    )
 
 
 def test_llm_int8_outliers_computed_in_16_bits():
@@ -189,7 +191,9 @@ def test_llm_int8_outliers_computed_in_16_bits():
     # plain W8A8 on the same input is much worse: the outlier sets the row scale
     qd = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
     yd = jqx.ops.dot_general(x, qd, DN)
-    assert float(jnp.max(jnp.abs(yd - _ref(x, w_hat)))) > 3 * float(jnp.max(jnp.abs(y - _ref(x, w_hat))))
+    assert float(jnp.max(jnp.abs(yd - _ref(x, w_hat)))) > 3 * float(
+        jnp.max(jnp.abs(y - _ref(x, w_hat)))
+    )
 
 
 @pytest.mark.parametrize("name", ["int8", "uint4_g16", "w8a8"])

@@ -79,8 +79,9 @@ def test_dot_goes_to_ops_not_dequantize():
 
 
 def test_tied_transpose_uses_int_dot():
-    q = jqx.quantize({"e": _x((N, K), 0)}, jqx.int8_dynamic_activation_int8_weight(axis=-1),
-                     filter_fn=ALL)
+    q = jqx.quantize(
+        {"e": _x((N, K), 0)}, jqx.int8_dynamic_activation_int8_weight(axis=-1), filter_fn=ALL
+    )
     f = jqx.quantized(lambda p, x: x @ p["e"].T)
     assert "preferred_element_type=int32" in str(jax.make_jaxpr(f)(q, _x()))
     _close(f(q, _x()), _deq_ref(lambda p, x: x @ p["e"].T, q, _x()), rel=0.03)
@@ -161,7 +162,11 @@ class _Linen(nn.Module):
 
 @pytest.mark.parametrize(
     "recipe",
-    [jqx.int8_weight_only(), jqx.int4_weight_only(group_size=8), jqx.int8_dynamic_activation_int8_weight()],
+    [
+        jqx.int8_weight_only(),
+        jqx.int4_weight_only(group_size=8),
+        jqx.int8_dynamic_activation_int8_weight(),
+    ],
     ids=["int8", "int4", "w8a8"],
 )
 def test_linen_layers(recipe):
@@ -218,8 +223,11 @@ class _Nnx(nnx.Module):
         return self.b(nnx.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("recipe", [jqx.int8_weight_only(), jqx.int8_dynamic_activation_int8_weight()],
-                         ids=["int8", "w8a8"])
+@pytest.mark.parametrize(
+    "recipe",
+    [jqx.int8_weight_only(), jqx.int8_dynamic_activation_int8_weight()],
+    ids=["int8", "w8a8"],
+)
 def test_nnx_split_merge_and_nnx_jit(recipe):
     model = _Nnx(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -243,7 +251,9 @@ def test_capture_inputs_order_and_shapes():
     class Mlp(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = nn.Dense(K, name="second")(nn.Dense(K, name="first")(x))  # forward order != name order
+            h = nn.Dense(K, name="second")(
+                nn.Dense(K, name="first")(x)
+            )  # forward order != name order
             return nn.Dense(N, name="a_last")(h)
 
     m = Mlp()
@@ -321,7 +331,8 @@ def test_nnx_scan_stacked_layers():
 
 
 @pytest.mark.parametrize(
-    "recipe", [jqx.int8_weight_only(axis=-1), jqx.int4_weight_only(group_size=8, axis=-1)],
+    "recipe",
+    [jqx.int8_weight_only(axis=-1), jqx.int4_weight_only(group_size=8, axis=-1)],
     ids=["int8", "int4"],
 )
 def test_embedding_lookup_decodes_only_the_gathered_rows(recipe):
