@@ -346,19 +346,54 @@ def _remat(ctx: _Ctx, eqn, invals):
     return outs
 
 
+def _split_shared(w: _W, length: int):
+    """Per-weight factors that do not carry the stacked axis (an ``in_scale``
+    stored as ``(K, 1)``, a per-tensor ``act_scale`` of shape ``(1,)``) apply to
+    every layer: keep them out of the scanned operand and re-attach per step."""
+    b = w.base
+    if not is_qarray(b):
+        return w, {}
+    shared = {}
+    for name in ("in_scale", "act_scale"):
+        c = getattr(b, name)
+        if c is None:
+            continue
+        if name == "in_scale":
+            carries = c.ndim == b.ndim and c.shape[0] == length
+        else:
+            carries = length > 1 and c.ndim >= 1 and c.shape[0] == length
+        if not carries:
+            shared[name] = c
+    if not shared:
+        return w, {}
+    return dataclasses.replace(w, base=b.replace(**{k: None for k in shared})), shared
+
+
+def _join_shared(w, shared: dict):
+    if not shared:
+        return w
+    return dataclasses.replace(w, base=w.base.replace(**shared))
+
+
 def _scan(ctx: _Ctx, eqn, invals):
     p = eqn.params
     nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
     consts = list(invals[:nc])
     init = [_mat(x) for x in invals[nc : nc + ncar]]
     xs = list(invals[nc + ncar :])
+    split = [_split_shared(x, length) if _is_w(x) else (x, {}) for x in xs]
+    xs = [x for x, _ in split]
+    shared = [c for _, c in split]
     sliced = [_is_w(x) and _scan_sliceable(x, length) for x in xs]
-    xs = [x if s else _mat(x) for x, s in zip(xs, sliced, strict=True)]
+    xs = [x if s else _mat(_join_shared(x, c)) for x, s, c in zip(xs, sliced, shared, strict=True)]
     closed = p["jaxpr"]
     store: list = []
 
     def body(carry, x_t):
-        x_t = [x.slice_leading() if s else x for x, s in zip(x_t, sliced, strict=True)]
+        x_t = [
+            _join_shared(x.slice_leading(), c) if s else x
+            for x, s, c in zip(x_t, sliced, shared, strict=True)
+        ]
         sub = ctx.child()
         outs = _eval_closed(sub, closed, consts + list(carry) + x_t)
         outs = [_mat(o) for o in outs]

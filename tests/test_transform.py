@@ -347,3 +347,35 @@ def test_embedding_lookup_decodes_only_the_gathered_rows(recipe):
     np.testing.assert_array_equal(y, m.apply(jqx.dequantize(qv), ids))
     g = jqx.quantized(lambda p, i: p["params"]["embedding"][i])
     np.testing.assert_array_equal(g(qv, ids), y)
+
+
+def test_scan_static_act_scale_and_in_scale_shared_across_layers():
+    """A per-tensor act_scale (1,) and an in_scale (K, 1) of a stacked weight
+    apply to every layer: the scanned body still runs the int8 dot."""
+    Scanned = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    m = Scanned()
+    x = _x()
+    v = m.init(jax.random.key(0), x, None)
+    q = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight())
+    (path,) = [
+        jqx.tree.path_str(kp)
+        for kp, a in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0]
+        if jqx.is_qarray(a)
+    ]
+    qs = jax.tree.map(
+        lambda a: (
+            a.replace(
+                act=jqx.ActSpec("static", "int8", "per_tensor"),
+                act_scale=jnp.array([4.0 / 127], jnp.float32),
+                in_scale=jnp.linspace(0.5, 2.0, K).reshape(K, 1),
+            )
+            if jqx.is_qarray(a)
+            else a
+        ),
+        q,
+        is_leaf=jqx.is_qarray,
+    )
+    f = jqx.quantized(lambda v, x: m.apply(v, x, None)[0])
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(f)(qs, x))
+    _close(jax.jit(f)(qs, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qs, x), rel=0.05)
+    assert path.endswith("kernel")
