@@ -131,6 +131,20 @@ def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02, bias: bool
     )
 
 
+class Embed(nnx.Module):
+    """Token embedding table; returns rows in the table's own dtype.
+
+    (``nnx.Embed`` casts its output back to the dtype it was built with, which
+    would undo a bf16/fp16 policy's cast of the parameters.)
+    """
+
+    def __init__(self, vocab_size: int, d: int, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, d), jnp.float32))
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm whose statistics are always computed in float32 (output in the input's dtype)."""
 
@@ -215,7 +229,7 @@ class CharLM(nnx.Module):
             raise TypeError(f"config must be a CharLMConfig, got {type(config).__name__}.")
         self.config = config
         d = config.d_model
-        self.embed = nnx.Embed(config.vocab_size, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.embed = Embed(config.vocab_size, d, rngs)
         self.pos_embedding = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (config.max_len, d)))
         self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
         self.ln_f = LayerNorm(d)
