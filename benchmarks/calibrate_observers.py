@@ -68,15 +68,22 @@ def main() -> None:
     ):
         t0 = time.perf_counter()
         qp = jqx.calibrate(
-            enc.module.apply, params, calib, jqx.int8_static_activation_int8_weight(),
-            observer=obs, progress=False, **kw,
+            enc.module.apply,
+            params,
+            calib,
+            jqx.int8_static_activation_int8_weight(),
+            observer=obs,
+            progress=False,
+            **kw,
         )
         t_cal = time.perf_counter() - t0
         c = _cos(np.concatenate([np.asarray(qfwd(qp, *b)) for b in evalb]), ref)
         label = obs + (f" {kw['percentile']}" if kw else "")
         rows.append((f"static, {label}", c.mean(), c.min(), t_cal / t_fwd))
     print(f"model: {enc.name}; {a.n_eval} eval / {a.n_calib} calibration sentences, length {a.len}")
-    print(f"| W8A8 int8 activation scales | mean cosine | min cosine | calibration time / float pass |")
+    print(
+        "| W8A8 int8 activation scales | mean cosine | min cosine | calibration time / float pass |"
+    )
     print("|---|---|---|---|")
     for name, m, mn, t in rows:
         ts = "-" if np.isnan(t) else f"{t:.0f}x"

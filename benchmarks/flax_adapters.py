@@ -51,7 +51,9 @@ def main() -> None:
     lin = qnnx.Linear(a.k, a.n, rngs=nnx.Rngs(0))
     gdef, state = nnx.split(lin)
     print(f"Dense {a.m}x{a.k} @ {a.k}x{a.n}")
-    print("| recipe | linen rel. err | nnx rel. err | linen latency / float | jqx.quantized(nn.Dense) latency / float |")
+    print(
+        "| recipe | linen rel. err | nnx rel. err | linen latency / float | jqx.quantized(nn.Dense) latency / float |"
+    )
     print("|---|---|---|---|---|")
     for name, r in RECIPES.items():
         qv = jqx.quantize(v, r)

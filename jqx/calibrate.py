@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -447,7 +448,7 @@ def calibrate(
             stacklevel=2,
         )
     need_of = {}
-    for p, w, r in chosen:
+    for p, _, r in chosen:
         need = set(getattr(r, "stats_needed", ()) or ())
         if r.act is not None and r.act.kind == "static":
             need |= set(_OBSERVER_STATS[observer])

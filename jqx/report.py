@@ -80,7 +80,17 @@ class Report:
         }
 
     def __str__(self) -> str:
-        head = ("path", "shape", "format", "granularity", "act", "before", "after", "rel.err", "SQNR dB")
+        head = (
+            "path",
+            "shape",
+            "format",
+            "granularity",
+            "act",
+            "before",
+            "after",
+            "rel.err",
+            "SQNR dB",
+        )
         rows = [
             (
                 lr.path,
@@ -114,7 +124,8 @@ class Report:
 
         def fmt(r):
             return "  ".join(
-                str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                str(c).rjust(w) if i in right else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
             ).rstrip()
 
         sep = "  ".join("-" * w for w in widths)
@@ -177,7 +188,8 @@ def report(params, qparams) -> Report:
         0.0
     """
     flat_p = {
-        path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
+        path_str(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
     }
     flat_q = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qarray)[0]
     layers = []
@@ -222,4 +234,6 @@ def report(params, qparams) -> Report:
                 sqnr_db=sqnr,
             )
         )
-    return Report(layers=tuple(layers), bytes_before=before, bytes_after=after, n_leaves=len(flat_q))
+    return Report(
+        layers=tuple(layers), bytes_before=before, bytes_after=after, n_leaves=len(flat_q)
+    )

@@ -16,13 +16,14 @@ Example:
     ...                        granularity=jqx.per_group(16, axis=0))
     >>> specs = jqx.sharding.qarray_specs(q, P(None, "model"), {"model": 2})
     >>> specs.qvalue, specs.scale
-    (PartitionSpec(None, 'model'), PartitionSpec(None, 'model'))
+    (P(None, 'model'), P(None, 'model'))
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -56,7 +57,9 @@ def _child_spec(child_shape, logical_shape, entries, sizes, path, child) -> Part
     return PartitionSpec(*out)
 
 
-def qarray_specs(q: QArray, spec: PartitionSpec | None, axis_sizes: Mapping[str, int], path: str = "") -> QArray:
+def qarray_specs(
+    q: QArray, spec: PartitionSpec | None, axis_sizes: Mapping[str, int], path: str = ""
+) -> QArray:
     """PartitionSpecs for each child of ``q``, from the spec of the logical array.
 
     Args:
@@ -74,7 +77,7 @@ def qarray_specs(q: QArray, spec: PartitionSpec | None, axis_sizes: Mapping[str,
         >>> from jax.sharding import PartitionSpec as P
         >>> q = jqx.quantize_array(jnp.ones((8, 4)), "int8", granularity=jqx.per_channel(-1))
         >>> jqx.sharding.qarray_specs(q, P(None, "m"), {"m": 2}).scale
-        PartitionSpec(None, 'm')
+        P(None, 'm')
     """
     entries = tuple(spec) if spec is not None else ()
     if len(entries) > len(q.shape):
@@ -83,14 +86,14 @@ def qarray_specs(q: QArray, spec: PartitionSpec | None, axis_sizes: Mapping[str,
             f"array has shape {q.shape}; give at most one entry per axis."
         )
     for e in entries:
-        for n in (e if isinstance(e, tuple) else (e,)):
+        for n in e if isinstance(e, tuple) else (e,):
             if n is not None and n not in axis_sizes:
                 raise ValueError(
                     f"the PartitionSpec {spec} for {path or 'a QArray'} names mesh axis {n!r}, but "
                     f"the mesh has axes {tuple(axis_sizes)}."
                 )
     entries = entries + (None,) * (len(q.shape) - len(entries))
-    for i, (e, s) in enumerate(zip(entries, q.shape)):
+    for i, (e, s) in enumerate(zip(entries, q.shape, strict=True)):
         if e is not None and s % _axis_size(e, axis_sizes):
             raise ValueError(
                 f"{path or 'a QArray'}: axis {i} (size {s}) does not divide over mesh axis {e!r} "
@@ -136,7 +139,7 @@ def tree_shardings(tree, mesh: Mesh, spec_fn: SpecFn):
         >>> t = jqx.quantize({"kernel": jnp.ones((8, 4))}, jqx.int8_weight_only())
         >>> s = jqx.sharding.tree_shardings(t, mesh, lambda p, x: P(None, "model"))
         >>> s["kernel"].qvalue.spec
-        PartitionSpec(None, 'model')
+        P(None, 'model')
     """
     sizes = dict(mesh.shape)
 
@@ -146,7 +149,9 @@ def tree_shardings(tree, mesh: Mesh, spec_fn: SpecFn):
         if is_qarray(leaf):
             specs = qarray_specs(leaf, spec, sizes, p)
             return jax.tree_util.tree_map(
-                lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+                lambda s: NamedSharding(mesh, s),
+                specs,
+                is_leaf=lambda x: isinstance(x, PartitionSpec),
             )
         if spec is not None and len(tuple(spec)) > getattr(leaf, "ndim", 0):
             raise ValueError(
@@ -168,6 +173,6 @@ def shard(tree, mesh: Mesh, spec_fn: SpecFn):
         >>> t = jqx.shard(jqx.quantize({"kernel": jnp.ones((8, 4))}, jqx.int8_weight_only()),
         ...               mesh, lambda p, x: P(None, "model"))
         >>> t["kernel"].qvalue.sharding.spec
-        PartitionSpec(None, 'model')
+        P(None, 'model')
     """
     return jax.device_put(tree, tree_shardings(tree, mesh, spec_fn))

@@ -10,11 +10,12 @@ Prints one line per case and exits non-zero on the first failure.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -119,7 +120,9 @@ def main() -> int:
         diff = float(np.max(np.abs(np.asarray(f(qp8, x8)) - y1)))
         ok = placed and diff <= 1e-5 * scale
         failed += not ok
-        print(f"{'OK  ' if ok else 'FAIL'} row-parallel down   {name:12s} 8-dev vs 1-dev max|diff|={diff:.2e}")
+        print(
+            f"{'OK  ' if ok else 'FAIL'} row-parallel down   {name:12s} 8-dev vs 1-dev max|diff|={diff:.2e}"
+        )
     return 1 if failed else 0
 
 

@@ -132,9 +132,13 @@ def test_batches_as_tuples_generators_and_argnum():
         return _mlp(params, x * scale)
 
     gen = ((b, jnp.float32(2.0)) for b in BATCHES)
-    q = jqx.calibrate(fn, p, gen, jqx.int8_static_activation_int8_weight(), argnum=2, progress=False)
+    q = jqx.calibrate(
+        fn, p, gen, jqx.int8_static_activation_int8_weight(), argnum=2, progress=False
+    )
     xa = np.concatenate([np.asarray(b) for b in BATCHES]) * 2.0
-    np.testing.assert_allclose(float(q["a"]["kernel"].act_scale[0]), np.abs(xa).max() / 127, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(q["a"]["kernel"].act_scale[0]), np.abs(xa).max() / 127, rtol=1e-6
+    )
 
 
 def test_weight_only_recipe_through_calibrate_equals_quantize():
@@ -169,10 +173,16 @@ def test_no_batches_is_a_clear_error():
 def test_mismatched_batch_names_the_layer():
     bad = jnp.ones((8, K + 3))
     with pytest.raises(ValueError, match=r"batch 0.*a/kernel \(input size 16\)"):
-        jqx.calibrate(_mlp, _params(), [bad], jqx.int8_static_activation_int8_weight(), progress=False)
+        jqx.calibrate(
+            _mlp, _params(), [bad], jqx.int8_static_activation_int8_weight(), progress=False
+        )
     with pytest.raises(ValueError, match=r"batch 1.*first quantized layer is a/kernel"):
         jqx.calibrate(
-            _mlp, _params(), [BATCHES[0], bad], jqx.int8_static_activation_int8_weight(), progress=False
+            _mlp,
+            _params(),
+            [BATCHES[0], bad],
+            jqx.int8_static_activation_int8_weight(),
+            progress=False,
         )
 
 
@@ -180,7 +190,10 @@ def test_static_weight_unused_by_fn_is_an_error():
     p = _params()
     with pytest.raises(ValueError, match="b/kernel.*no calibration rows"):
         jqx.calibrate(
-            lambda p, x: x @ p["a"]["kernel"], p, BATCHES, jqx.int8_static_activation_int8_weight(),
+            lambda p, x: x @ p["a"]["kernel"],
+            p,
+            BATCHES,
+            jqx.int8_static_activation_int8_weight(),
             progress=False,
         )
 
@@ -233,7 +246,10 @@ def test_gptq_through_calibrate_beats_round_to_nearest():
     """The library's GPTQ recipe (sequential, X^T X) run by calibrate: lower output
     error on the calibration data than round-to-nearest at the same format."""
     k1, k2 = jax.random.split(jax.random.key(7))
-    p = {"a": {"kernel": jax.random.normal(k1, (64, 64)) / 8}, "b": {"kernel": jax.random.normal(k2, (64, 16)) / 8}}
+    p = {
+        "a": {"kernel": jax.random.normal(k1, (64, 64)) / 8},
+        "b": {"kernel": jax.random.normal(k2, (64, 16)) / 8},
+    }
     xs = [jax.random.normal(jax.random.key(20 + i), (64, 64)) for i in range(2)]
     x = jnp.concatenate(xs)
     y = _mlp(p, x)
@@ -263,12 +279,16 @@ def test_scanned_stacked_weight_gets_per_slice_static_scales():
         "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
         "layers": {"kernel": jax.random.normal(kl, (L, H, H)) / 4.0},
     }
-    q = jqx.calibrate(_scan_fn, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False)
+    q = jqx.calibrate(
+        _scan_fn, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False
+    )
     ql = q["layers"]["kernel"]
     assert ql.shape == (L, H, H) and ql.act_scale.shape == (L, 1)
     h = jnp.concatenate(BATCHES) @ p["embed"]["kernel"]
     for i in range(L):
-        np.testing.assert_allclose(float(ql.act_scale[i, 0]), float(jnp.max(jnp.abs(h))) / 127, rtol=1e-5)
+        np.testing.assert_allclose(
+            float(ql.act_scale[i, 0]), float(jnp.max(jnp.abs(h))) / 127, rtol=1e-5
+        )
         h = jnp.tanh(h @ p["layers"]["kernel"][i])
     # Each slice keeps its own weight scales: same as quantizing the stack directly.
     ref = jqx.int8_weight_only().quantize_weight(p["layers"]["kernel"])

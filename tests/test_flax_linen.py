@@ -119,7 +119,9 @@ def test_mismatched_input_size_names_the_layer():
 
 def test_promote_dtype_passes_qarray_and_casts_floats():
     q = jqx.quantize_array(jnp.ones((K, N)), "int8")
-    x, k, b = jqx.flax.promote_dtype(jnp.ones((2, K), jnp.bfloat16), q, jnp.zeros(N), dtype=jnp.float32)
+    x, k, b = jqx.flax.promote_dtype(
+        jnp.ones((2, K), jnp.bfloat16), q, jnp.zeros(N), dtype=jnp.float32
+    )
     assert k is q and x.dtype == jnp.float32 and b.dtype == jnp.float32
     x, k, b = jqx.flax.promote_dtype(jnp.ones((2, K)), q, None)
     assert k is q and b is None and x.dtype == jnp.float32

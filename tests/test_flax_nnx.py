@@ -89,7 +89,9 @@ def test_update_from_quantized_float_checkpoint():
     y_ref = fmodel(X)
     w = fmodel.kernel.get_value()
     # int8 per-channel: |dW| <= scale / 2 = max|W[:, n]| / 254.
-    tol = jnp.abs(X) @ (jnp.max(jnp.abs(w), axis=0, keepdims=True) / 254.0 * jnp.ones_like(w)) + 1e-5
+    tol = (
+        jnp.abs(X) @ (jnp.max(jnp.abs(w), axis=0, keepdims=True) / 254.0 * jnp.ones_like(w)) + 1e-5
+    )
     assert bool(jnp.all(jnp.abs(y - y_ref) <= tol))
 
 
@@ -133,7 +135,9 @@ def test_calibrate_an_nnx_model_built_from_jqx_layers():
         return nnx.merge(gdef, s)(x)
 
     batches = [X, X * 2.0]
-    qstate = jqx.calibrate(fn, state, batches, jqx.int8_static_activation_int8_weight(), progress=False)
+    qstate = jqx.calibrate(
+        fn, state, batches, jqx.int8_static_activation_int8_weight(), progress=False
+    )
     qa = qstate["a"]["kernel"].get_value()
     assert jqx.is_qarray(qa) and qa.act.kind == "static"
     assert abs(float(qa.act_scale[0]) - float(jnp.max(jnp.abs(X * 2.0))) / 127.0) <= 1e-6

@@ -36,7 +36,11 @@ def test_specs_follow_codes_blocks_and_packing():
     # int4 group-wise along the input axis, sharded on the output axis.
     q = jqx.int4_weight_only(group_size=16).quantize_weight(w)
     s = jqx.sharding.qarray_specs(q, P(None, "model"), sizes)
-    assert s.qvalue == P(None, "model") and s.scale == P(None, "model") and s.zero_point == P(None, "model")
+    assert (
+        s.qvalue == P(None, "model")
+        and s.scale == P(None, "model")
+        and s.zero_point == P(None, "model")
+    )
     # Sharded on the input axis: 4 groups over 4 devices keep the groups whole.
     s = jqx.sharding.qarray_specs(q, P("data", None), sizes)
     assert s.qvalue == P("data", None) and s.scale == P("data", None)

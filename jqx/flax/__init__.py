@@ -18,10 +18,8 @@ Example:
     (2, 4)
 """
 
-from jqx.flax import linen
-from jqx.flax import nnx
-from jqx.flax.linen import dot_general
-from jqx.flax.linen import promote_dtype
+from jqx.flax import linen, nnx
+from jqx.flax.linen import dot_general, promote_dtype
 
 __all__ = [
     "linen",

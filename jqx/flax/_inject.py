@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,11 @@ __all__ = ["promote_dtype", "promote_dtype_tuple", "dot_general", "make_dot_gene
 def _promote(args: Sequence[Any], dtype, inexact: bool) -> list:
     if dtype is None:
         # A QArray takes part with the dtype it dequantizes to.
-        dts = [jnp.dtype(a.dtype) if is_qarray(a) else jnp.asarray(a).dtype for a in args if a is not None]
+        dts = [
+            jnp.dtype(a.dtype) if is_qarray(a) else jnp.asarray(a).dtype
+            for a in args
+            if a is not None
+        ]
         dtype = jnp.result_type(*dts)
         if inexact and not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
@@ -142,7 +147,11 @@ def einsum(
     """
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     f = functools.partial(
-        jnp.einsum, subscripts, precision=precision, preferred_element_type=preferred_element_type, **kw
+        jnp.einsum,
+        subscripts,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kw,
     )
     if is_qarray(inputs) or is_qarray(kernel):
         from jqx.transform import quantized

@@ -58,7 +58,9 @@ class Einsum(_nnx.Einsum):
         (1, 2)
     """
 
-    def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, *, backend: str | None = None, **kw):
+    def __init__(
+        self, einsum_str: str, kernel_shape, bias_shape=None, *, backend: str | None = None, **kw
+    ):
         kw.setdefault("einsum_op", functools.partial(einsum, backend=backend))
         kw.setdefault("promote_dtype", promote_dtype_tuple)
         super().__init__(einsum_str, kernel_shape, bias_shape, **kw)
