@@ -498,6 +498,13 @@ def calibrate(
     first = True
     for p in _progress(order, len(order), "calibrate layers", progress):
         w, r = by_path[p]
+        if isinstance(gat.acc.get(p), list) and getattr(r, "sequential", False):
+            warnings.warn(
+                f"jqx.calibrate: {p} is a stacked weight used inside scan; its {w.shape[0]} "
+                "slices are calibrated in one pass (layers before the scan are already "
+                "quantized, earlier slices of the same stack are not).",
+                stacklevel=2,
+            )
         if first or p not in gat.acc:
             stats = gat.stats(p)  # nothing upstream changed yet (or never used)
         else:

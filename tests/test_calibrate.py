@@ -299,3 +299,20 @@ def test_scanned_stacked_weight_gets_per_slice_static_scales():
         warnings.simplefilter("error")
         y = jax.jit(jqx.quantized(_scan_fn))(q, BATCHES[0])
     assert y.shape == (8, H)
+
+
+def test_sequential_recipe_on_a_scanned_stack_falls_back_to_one_pass():
+    L = 2
+    ke, kl = jax.random.split(jax.random.key(6))
+    p = {
+        "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
+        "layers": {"kernel": jax.random.normal(kl, (L, H, H)) / 4.0},
+    }
+    with pytest.warns(UserWarning, match="layers/kernel is a stacked weight used inside scan"):
+        q = jqx.calibrate(_scan_fn, p, BATCHES, jqx.gptq(bits=8, group_size=None), progress=False)
+    ql = q["layers"]["kernel"]
+    assert ql.shape == (L, H, H)
+    y_ref = _scan_fn(p, BATCHES[0])
+    y = jqx.quantized(_scan_fn)(q, BATCHES[0])
+    # 8-bit GPTQ: outputs within 2% of the float model's scale.
+    assert float(jnp.max(jnp.abs(y - y_ref))) <= 0.02 * float(jnp.max(jnp.abs(y_ref)))
