@@ -349,9 +349,10 @@ def test_embedding_lookup_decodes_only_the_gathered_rows(recipe):
     np.testing.assert_array_equal(g(qv, ids), y)
 
 
-def test_scan_static_act_scale_and_in_scale_shared_across_layers():
-    """A per-tensor act_scale (1,) and an in_scale (K, 1) of a stacked weight
-    apply to every layer: the scanned body still runs the int8 dot."""
+@pytest.mark.parametrize("act_scale_shape", [(1,), (3, 1)], ids=["shared", "per_layer"])
+def test_scan_static_act_scale_and_in_scale_shared_across_layers(act_scale_shape):
+    """A per-tensor act_scale (1,) or one per layer (L, 1), and an in_scale
+    (K, 1) of a stacked weight: the scanned body still runs the int8 dot."""
     Scanned = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
     m = Scanned()
     x = _x()
@@ -366,7 +367,7 @@ def test_scan_static_act_scale_and_in_scale_shared_across_layers():
         lambda a: (
             a.replace(
                 act=jqx.ActSpec("static", "int8", "per_tensor"),
-                act_scale=jnp.array([4.0 / 127], jnp.float32),
+                act_scale=jnp.full(act_scale_shape, 4.0 / 127, jnp.float32),
                 in_scale=jnp.linspace(0.5, 2.0, K).reshape(K, 1),
             )
             if jqx.is_qarray(a)
