@@ -211,6 +211,13 @@ def _quantize_x(xf, q: QArray, xc):
                 "batches, recipe) to set it, or use a dynamic recipe such as "
                 "jqx.int8_dynamic_activation_int8_weight()."
             )
+        if q.act_scale.size != 1:
+            raise NotImplementedError(
+                f"QArray {q.shape} has act_scale of shape {tuple(q.act_scale.shape)} (one static "
+                "scale per stacked layer); it is applied per layer when the stacked weight is "
+                "scanned (nn.scan / nnx.scan / lax.scan under jqx.quantized). Used directly, it "
+                "needs a single scale: slice the layer first or use a dynamic recipe."
+            )
         s = q.act_scale.astype(jnp.float32).reshape((1,) * xf.ndim)
     else:
         s = _act_scale_dyn(xf, xc, fmt, act.granularity)
