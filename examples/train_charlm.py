@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
@@ -27,7 +26,9 @@ from jqx.models import charlm  # noqa: E402
 from jqx.models.shakespeare import batches, eval_windows, load_shakespeare  # noqa: E402
 
 
-def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float, steps: int, warmup: int, weight_decay: float
+) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
     return optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -36,7 +37,9 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float) -> o
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -52,7 +55,9 @@ def main(argv=None) -> None:
     data = load_shakespeare()
     params = charlm.get_params(charlm.CharLM(cfg, rngs=nnx.Rngs(args.seed)))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"CharLM {cfg}: {n_params:,} parameters; train {len(data.train):,} chars, val {len(data.val):,}")
+    print(
+        f"CharLM {cfg}: {n_params:,} parameters; train {len(data.train):,} chars, val {len(data.val):,}"
+    )
 
     opt = make_optimizer(args.lr, args.steps, args.warmup, args.weight_decay)
     opt_state = opt.init(params)
@@ -83,7 +88,9 @@ def main(argv=None) -> None:
 
     f = charlm.apply_fn(cfg)
     loss, bpc = charlm.evaluate(lambda t: f(params, t), data.val, seq_len=args.seq)
-    print(f"final validation: {loss:.4f} nats/char = {bpc:.4f} bits/char (bigram model: 3.67 bits/char)")
+    print(
+        f"final validation: {loss:.4f} nats/char = {bpc:.4f} bits/char (bigram model: 3.67 bits/char)"
+    )
     charlm.save_checkpoint(
         params,
         args.out,
@@ -96,7 +103,8 @@ def main(argv=None) -> None:
         lr=args.lr,
         seed=args.seed,
         train_seconds=round(train_s, 1),
-        command="python examples/train_charlm.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        command="python examples/train_charlm.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     )
     size = args.out.stat().st_size
     print(f"saved {args.out.name} ({size / 1e6:.1f} MB) after {train_s:.0f}s of training")

@@ -26,7 +26,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -50,8 +49,12 @@ def run(name: str, args, cfg, data) -> dict:
     def loss_fn(params, batch):
         return charlm.cross_entropy(fwd(params, batch[:, :-1]), batch[:, 1:])
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1)
-    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1
+    )
+    inner = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01)
+    )
     opt = policy.wrap_optimizer(inner)  # fp16: dynamic loss scaling; bf16/f32: none
     grad_fn = mp.value_and_grad(loss_fn)
 
@@ -76,7 +79,9 @@ def run(name: str, args, cfg, data) -> dict:
     seconds = time.time() - t0
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)), "non-finite params"
     val_own, _ = charlm.evaluate(lambda t: fwd(params, t), data.val, seq_len=args.seq)
-    val_f32, _ = charlm.evaluate(lambda t: charlm.apply_fn(cfg)(params, t), data.val, seq_len=args.seq)
+    val_f32, _ = charlm.evaluate(
+        lambda t: charlm.apply_fn(cfg)(params, t), data.val, seq_len=args.seq
+    )
     return {
         "policy": str(policy),
         "val_loss": val_own,
@@ -88,7 +93,9 @@ def run(name: str, args, cfg, data) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -98,7 +105,10 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=sorted(POLICIES), nargs="*", default=list(POLICIES))
     ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     ap.add_argument(
-        "--report", type=pathlib.Path, nargs="+", default=None,
+        "--report",
+        type=pathlib.Path,
+        nargs="+",
+        default=None,
         help="print the table from --json files of earlier runs (e.g. one process per precision)",
     )
     args = ap.parse_args(argv)
@@ -120,7 +130,9 @@ def main(argv=None) -> None:
 
     ref = results.get("f32", {}).get("val_loss")
     print(f"\n{args.steps} steps x batch {args.batch} x seq {args.seq}, seed {args.seed}\n")
-    print("| run | val loss (nats/char, own dtype) | vs f32 | val loss, f32 eval | skipped steps | final loss scale | train s |")
+    print(
+        "| run | val loss (nats/char, own dtype) | vs f32 | val loss, f32 eval | skipped steps | final loss scale | train s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         rel = f"{100 * (r['val_loss'] / ref - 1):+.2f}%" if ref else "n/a"
@@ -129,7 +141,9 @@ def main(argv=None) -> None:
             f"{r['final_loss_scale']:g} | {r['train_seconds']:.0f} |"
         )
     if args.json:
-        saved_args = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+        saved_args = {
+            k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()
+        }
         args.json.write_text(json.dumps({"args": saved_args, "results": results}, indent=1))
 
 

@@ -108,10 +108,16 @@ def test_default_selection_finds_exactly_the_matmul_kernels(tiny):
     _, params = tiny
     q = jqx.quantize(params, jqx.int8_weight_only())
     quantized = sorted(
-        jqx.tree.path_str(p) for p, leaf in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0] if jqx.is_qarray(leaf)
+        jqx.tree.path_str(p)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0]
+        if jqx.is_qarray(leaf)
     )
     expected = sorted(
-        [f"blocks/{i}/{m}" for i in range(2) for m in ("attn/qkv/kernel", "attn/out/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel")]
+        [
+            f"blocks/{i}/{m}"
+            for i in range(2)
+            for m in ("attn/qkv/kernel", "attn/out/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel")
+        ]
         + ["head/kernel"]
     )
     assert quantized == expected
@@ -166,7 +172,7 @@ def test_checkpoint_roundtrip_and_errors(tiny, tmp_path):
     charlm.save_checkpoint(model, path, steps=7)
     cfg, loaded, meta = charlm.load_params(path)
     assert cfg == TINY and meta["steps"] == 7
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     m2 = charlm.load_checkpoint(path)
     np.testing.assert_array_equal(np.asarray(m2(tokens())), np.asarray(model(tokens())))
@@ -174,8 +180,8 @@ def test_checkpoint_roundtrip_and_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="train_charlm.py"):
         charlm.load_params(tmp_path / "absent.safetensors")
     # A checkpoint whose shapes disagree with its config is refused by name.
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     arrays = load_file(str(path))
     with safe_open(str(path), framework="numpy") as f:

@@ -23,8 +23,14 @@ POLICY_F16 = mp.get_policy("params=float32,compute=float16,output=float32")
 def init_params(seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
     return {
-        "l1": {"kernel": jax.random.normal(k1, (D_IN, D_H), jnp.float32) * 0.3, "bias": jnp.zeros((D_H,), jnp.float32)},
-        "l2": {"kernel": jax.random.normal(k2, (D_H, 1), jnp.float32) * 0.3, "bias": jnp.zeros((1,), jnp.float32)},
+        "l1": {
+            "kernel": jax.random.normal(k1, (D_IN, D_H), jnp.float32) * 0.3,
+            "bias": jnp.zeros((D_H,), jnp.float32),
+        },
+        "l2": {
+            "kernel": jax.random.normal(k2, (D_H, 1), jnp.float32) * 0.3,
+            "bias": jnp.zeros((1,), jnp.float32),
+        },
     }
 
 
@@ -70,7 +76,11 @@ def bits(tree):
 
 
 def tree_all_finite(tree):
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree) if np.asarray(x).dtype.kind == "f")
+    return all(
+        bool(np.all(np.isfinite(np.asarray(x))))
+        for x in jax.tree.leaves(tree)
+        if np.asarray(x).dtype.kind == "f"
+    )
 
 
 # ---------------------------------------------------------------- policies
@@ -78,7 +88,11 @@ def tree_all_finite(tree):
 
 def test_policy_parse_forms():
     p = mp.get_policy("params=float32,compute=bfloat16,output=float32")
-    assert (p.param_dtype, p.compute_dtype, p.output_dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    assert (p.param_dtype, p.compute_dtype, p.output_dtype) == (
+        jnp.float32,
+        jnp.bfloat16,
+        jnp.float32,
+    )
     assert p.loss_scale == "none"  # bf16 needs no loss scaling
     assert mp.get_policy("p=f32,c=f16,o=f16").loss_scale == "dynamic"
     assert mp.get_policy("c=half").compute_dtype == jnp.float16
@@ -108,9 +122,17 @@ def test_policy_bad_specs_explain(spec, match):
 
 def test_policy_casts_only_floats():
     p = mp.get_policy("p=f32,c=bf16,o=f32")
-    tree = {"w": jnp.ones((2, 2), jnp.float32), "ids": jnp.ones((3,), jnp.int32), "h": jnp.ones((2,), jnp.float16)}
+    tree = {
+        "w": jnp.ones((2, 2), jnp.float32),
+        "ids": jnp.ones((3,), jnp.int32),
+        "h": jnp.ones((2,), jnp.float16),
+    }
     c = p.cast_to_compute(tree)
-    assert c["w"].dtype == jnp.bfloat16 and c["h"].dtype == jnp.bfloat16 and c["ids"].dtype == jnp.int32
+    assert (
+        c["w"].dtype == jnp.bfloat16
+        and c["h"].dtype == jnp.bfloat16
+        and c["ids"].dtype == jnp.int32
+    )
     assert p.cast_to_param(c)["w"].dtype == jnp.float32
     out = p.apply(lambda w, x: x @ w)(tree["w"], jnp.ones((1, 2), jnp.float32))
     assert out.dtype == jnp.float32
@@ -160,7 +182,7 @@ def test_f16_grads_with_scaling_close_to_f32_and_without_underflow():
         _, g = mp.value_and_grad(tiny(POLICY_F16))(opt.init(params), params, x, y)
         return max(
             float(jnp.max(jnp.abs(a - b))) / float(jnp.max(jnp.abs(b)))
-            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref))
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True)
         )
 
     with_scaling = rel_err(mp.static_loss_scale(optax.sgd(0.1), 2.0**12))
@@ -261,7 +283,9 @@ def test_scale_floor_and_growth():
 def test_dynamic_scale_follows_reference_model(finite_steps):
     """Scale/counter/skipped match a plain-Python model of the documented rule."""
     params = {"w": jnp.zeros((4,), jnp.float32)}
-    opt = mp.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**4, period=3, factor=2.0, min_scale=1.0)
+    opt = mp.dynamic_loss_scale(
+        optax.sgd(0.1), initial_scale=2.0**4, period=3, factor=2.0, min_scale=1.0
+    )
     state = opt.init(params)
     upd = _jitted_update(opt)
     scale, counter, skipped = 16.0, 0, 0
@@ -338,8 +362,13 @@ def test_bf16_policy_wraps_without_scaling():
     ref = jax.grad(make_loss(mp.get_policy("float32")))(params, x, y)
     expect = jax.tree.map(lambda p, g: p - 0.1 * g, params, ref)
     # bf16 compute: 8 mantissa bits, so the step matches f32 to about 1%.
-    for a, b, p in zip(jax.tree.leaves(new), jax.tree.leaves(expect), jax.tree.leaves(params)):
-        assert float(jnp.max(jnp.abs((a - p) - (b - p)))) <= 2e-2 * float(jnp.max(jnp.abs(b - p))) + 1e-7
+    for a, b, p in zip(
+        jax.tree.leaves(new), jax.tree.leaves(expect), jax.tree.leaves(params), strict=True
+    ):
+        assert (
+            float(jnp.max(jnp.abs((a - p) - (b - p))))
+            <= 2e-2 * float(jnp.max(jnp.abs(b - p))) + 1e-7
+        )
 
 
 def test_errors_name_the_problem():

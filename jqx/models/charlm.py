@@ -34,7 +34,8 @@ import functools
 import json
 import math
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,11 +100,13 @@ class CharLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CharLMConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CharLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown CharLMConfig fields {sorted(unknown)}; known: {sorted(known)}.")
+            raise ValueError(
+                f"unknown CharLMConfig fields {sorted(unknown)}; known: {sorted(known)}."
+            )
         return cls(**{k: int(v) for k, v in d.items()})
 
 
@@ -112,15 +115,27 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     # a bf16-output dot is 3-5x slower than one with an f32 result.
     if preferred_element_type is None and lhs.dtype in _HALF and rhs.dtype == lhs.dtype:
         out = jax.lax.dot_general(
-            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32, **kw
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+            **kw,
         )
         return out.astype(lhs.dtype)
     return jax.lax.dot_general(
-        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kw,
     )
 
 
-def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02, bias: bool = True) -> nnx.Linear:
+def _linear(
+    d_in: int, d_out: int, rngs: nnx.Rngs, std: float = 0.02, bias: bool = True
+) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
@@ -139,7 +154,9 @@ class Embed(nnx.Module):
     """
 
     def __init__(self, vocab_size: int, d: int, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, d), jnp.float32))
+        self.embedding = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, d), jnp.float32)
+        )
 
     def __call__(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0)
@@ -230,14 +247,18 @@ class CharLM(nnx.Module):
         self.config = config
         d = config.d_model
         self.embed = Embed(config.vocab_size, d, rngs)
-        self.pos_embedding = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (config.max_len, d)))
+        self.pos_embedding = nnx.Param(
+            nnx.initializers.normal(0.01)(rngs.params(), (config.max_len, d))
+        )
         self.blocks = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
         self.ln_f = LayerNorm(d)
         self.head = _linear(d, config.vocab_size, rngs, bias=False)
 
     def __call__(self, tokens):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an int array of shape (batch, time), got {tokens.dtype}{tokens.shape}.")
+            raise ValueError(
+                f"tokens must be an int array of shape (batch, time), got {tokens.dtype}{tokens.shape}."
+            )
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(
@@ -262,7 +283,7 @@ def get_params(model: CharLM) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apply_fn(config: CharLMConfig) -> Callable[[dict, jax.Array], jax.Array]:
     """The forward pass as a pure function ``f(params, tokens) -> logits``.
 
@@ -276,7 +297,9 @@ def apply_fn(config: CharLMConfig) -> Callable[[dict, jax.Array], jax.Array]:
         >>> apply_fn(cfg)(p, jnp.ones((2, 8), jnp.int32)).shape
         (2, 8, 84)
     """
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CharLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: CharLM(config, rngs=nnx.Rngs(0))), nnx.Param
+    )
 
     def f(params, tokens):
         state = jax.tree.map(lambda x: x, abstract)  # fresh copy: replace_by_pure_dict mutates
@@ -361,7 +384,9 @@ def evaluate(
     elif callable(model_or_fn):
         fn = model_or_fn
     else:
-        raise TypeError(f"model_or_fn must be a CharLM or a callable tokens -> logits, got {type(model_or_fn).__name__}.")
+        raise TypeError(
+            f"model_or_fn must be a CharLM or a callable tokens -> logits, got {type(model_or_fn).__name__}."
+        )
     windows = eval_windows(val_ids, seq_len, n_windows)
 
     @jax.jit
@@ -395,7 +420,12 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(model_or_params: CharLM | dict, path: str | pathlib.Path, config: CharLMConfig | None = None, **metadata) -> None:
+def save_checkpoint(
+    model_or_params: CharLM | dict,
+    path: str | pathlib.Path,
+    config: CharLMConfig | None = None,
+    **metadata,
+) -> None:
     """Writes float32 params + config (+ any JSON-able metadata) to a safetensors file.
 
     Example:
@@ -415,7 +445,10 @@ def save_checkpoint(model_or_params: CharLM | dict, path: str | pathlib.Path, co
         params = model_or_params
         if config is None:
             raise ValueError("save_checkpoint(params_dict, ...) needs config=CharLMConfig(...).")
-    flat = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in _flatten(params).items()}
+    flat = {
+        k: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
+        for k, v in _flatten(params).items()
+    }
     meta = {"config": json.dumps(config.to_dict()), "vocab": json.dumps(VOCAB)}
     meta.update({k: json.dumps(v) for k, v in metadata.items()})
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -444,12 +477,20 @@ def load_params(path: str | pathlib.Path | None = None) -> tuple[CharLMConfig, d
         raw_meta = f.metadata() or {}
         arrays = {k: f.get_tensor(k) for k in f.keys()}
     if "config" not in raw_meta:
-        raise ValueError(f"{path} has no 'config' metadata; it was not written by jqx.models.charlm.save_checkpoint.")
+        raise ValueError(
+            f"{path} has no 'config' metadata; it was not written by jqx.models.charlm.save_checkpoint."
+        )
     meta = {k: json.loads(v) for k, v in raw_meta.items()}
     config = CharLMConfig.from_dict(meta.pop("config"))
     if meta.get("vocab", VOCAB) != VOCAB:
-        raise ValueError(f"{path} was trained with a different vocabulary than jqx.models.shakespeare.VOCAB.")
-    expected = _flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CharLM(config, rngs=nnx.Rngs(0))), nnx.Param)))
+        raise ValueError(
+            f"{path} was trained with a different vocabulary than jqx.models.shakespeare.VOCAB."
+        )
+    expected = _flatten(
+        nnx.to_pure_dict(
+            nnx.state(nnx.eval_shape(lambda: CharLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+        )
+    )
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -458,7 +499,9 @@ def load_params(path: str | pathlib.Path | None = None) -> tuple[CharLMConfig, d
     for key, spec in expected.items():
         a = arrays[key]
         if tuple(a.shape) != tuple(spec.shape):
-            raise ValueError(f"{path}: {key} has shape {a.shape}, the config expects {tuple(spec.shape)}.")
+            raise ValueError(
+                f"{path}: {key} has shape {a.shape}, the config expects {tuple(spec.shape)}."
+            )
         node = params
         parts = key.split("/")
         for p in parts[:-1]:

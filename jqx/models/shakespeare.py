@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,9 +41,7 @@ __all__ = [
 
 # The 84 characters of the corpus, sorted; fixed here so that a checkpoint's
 # token ids never depend on which files happen to be installed.
-VOCAB = (
-    "\n !\"&'()*,-./0123456789:;?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz{}"
-)
+VOCAB = "\n !\"&'()*,-./0123456789:;?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz{}"
 _INDEX = {c: i for i, c in enumerate(VOCAB)}
 
 VAL_WORKS = (
@@ -147,7 +146,9 @@ def load_shakespeare() -> ShakespeareData:
     return _load()
 
 
-def sample_batch(ids: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+def sample_batch(
+    ids: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
+) -> np.ndarray:
     """``(batch_size, seq_len + 1)`` int32 windows at random offsets of ``ids``.
 
     Inputs are ``w[:, :-1]`` and next-character targets ``w[:, 1:]``.
@@ -188,5 +189,7 @@ def eval_windows(ids: np.ndarray, seq_len: int, n_windows: int | None = None) ->
     n_max = len(ids) // (seq_len + 1)
     n = n_max if n_windows is None else min(int(n_windows), n_max)
     if n < 1:
-        raise ValueError(f"ids has {len(ids)} entries, fewer than one window of seq_len+1={seq_len + 1}.")
+        raise ValueError(
+            f"ids has {len(ids)} entries, fewer than one window of seq_len+1={seq_len + 1}."
+        )
     return np.asarray(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,9 @@ def _to_dtype(value: Any, what: str) -> jnp.dtype:
     try:
         dt = jnp.dtype(value)
     except TypeError:
-        raise TypeError(f"{what} must be a dtype or a dtype name, got {type(value).__name__}: {value!r}.") from None
+        raise TypeError(
+            f"{what} must be a dtype or a dtype name, got {type(value).__name__}: {value!r}."
+        ) from None
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"{what}={dt.name} is not supported; use float32, bfloat16 or float16.")
     return dt
@@ -168,7 +171,9 @@ class Policy:
         if ls is None:
             ls = "dynamic" if self.compute_dtype == jnp.dtype(jnp.float16) else "none"
         if ls not in ("none", "static", "dynamic"):
-            raise ValueError(f"loss_scale={ls!r} is not accepted; use 'none', 'static' or 'dynamic'.")
+            raise ValueError(
+                f"loss_scale={ls!r} is not accepted; use 'none', 'static' or 'dynamic'."
+            )
         object.__setattr__(self, "loss_scale", ls)
 
     def cast_to_param(self, tree):
@@ -183,7 +188,7 @@ class Policy:
         """Floating leaves of ``tree`` cast to ``output_dtype``."""
         return _cast_tree(tree, self.output_dtype)
 
-    def with_output_dtype(self, dtype) -> "Policy":
+    def with_output_dtype(self, dtype) -> Policy:
         """A copy with another output dtype (e.g. float32 logits for the loss)."""
         return dataclasses.replace(self, output_dtype=dtype)
 
@@ -204,7 +209,9 @@ class Policy:
 
         return wrapped
 
-    def wrap_optimizer(self, optimizer: optax.GradientTransformation, *, scale: float = 2.0**15, **dynamic_kw):
+    def wrap_optimizer(
+        self, optimizer: optax.GradientTransformation, *, scale: float = 2.0**15, **dynamic_kw
+    ):
         """The optimizer wrapped with this policy's loss scaling.
 
         ``"dynamic"`` -> :func:`dynamic_loss_scale` (``scale`` is its start,
@@ -214,7 +221,9 @@ class Policy:
         if self.loss_scale == "dynamic":
             return dynamic_loss_scale(optimizer, initial_scale=scale, **dynamic_kw)
         if dynamic_kw:
-            raise ValueError(f"{sorted(dynamic_kw)} only apply to loss_scale='dynamic', this policy has {self.loss_scale!r}.")
+            raise ValueError(
+                f"{sorted(dynamic_kw)} only apply to loss_scale='dynamic', this policy has {self.loss_scale!r}."
+            )
         if self.loss_scale == "static":
             return static_loss_scale(optimizer, scale)
         return no_loss_scale(optimizer)
@@ -266,7 +275,9 @@ def get_policy(spec: str | Policy) -> Policy:
             raise ValueError(f"policy spec {spec!r} sets {_KEYS[key]} twice.")
         fields[_KEYS[key]] = val
     if not fields:
-        raise ValueError(f"policy spec {spec!r} is empty; write e.g. 'params=float32,compute=bfloat16,output=float32'.")
+        raise ValueError(
+            f"policy spec {spec!r} is empty; write e.g. 'params=float32,compute=bfloat16,output=float32'."
+        )
     return Policy(**fields)
 
 
@@ -323,7 +334,11 @@ def all_finite(tree) -> jax.Array:
         >>> bool(all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf])}))
         False
     """
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     if not leaves:
         return jnp.array(True)
     return jnp.all(jnp.stack(leaves))
@@ -479,17 +494,23 @@ def dynamic_loss_scale(
     """
     _check_inner(optimizer)
     if not (isinstance(period, int) and period >= 1):
-        raise ValueError(f"period={period!r} must be a positive int (steps between scale increases), e.g. 2000.")
+        raise ValueError(
+            f"period={period!r} must be a positive int (steps between scale increases), e.g. 2000."
+        )
     if not factor > 1.0:
         raise ValueError(f"factor={factor!r} must be > 1, e.g. 2.0.")
     if not (min_scale > 0 and initial_scale >= min_scale):
         raise ValueError(
             f"need 0 < min_scale <= initial_scale, got min_scale={min_scale!r}, initial_scale={initial_scale!r}."
         )
-    return _wrap(optimizer, _Config(float(initial_scale), True, period, float(factor), float(min_scale)))
+    return _wrap(
+        optimizer, _Config(float(initial_scale), True, period, float(factor), float(min_scale))
+    )
 
 
-def static_loss_scale(optimizer: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
+def static_loss_scale(
+    optimizer: optax.GradientTransformation, scale: float
+) -> optax.GradientTransformation:
     """Wraps ``optimizer`` with a fixed loss scale; non-finite steps are skipped as in :func:`dynamic_loss_scale`.
 
     Example:
@@ -499,7 +520,9 @@ def static_loss_scale(optimizer: optax.GradientTransformation, scale: float) -> 
     """
     _check_inner(optimizer)
     if not (isinstance(scale, (int, float)) and scale > 0 and scale < float("inf")):
-        raise ValueError(f"scale={scale!r} must be a finite positive number, e.g. 128.0 or 2.0**15.")
+        raise ValueError(
+            f"scale={scale!r} must be a finite positive number, e.g. 128.0 or 2.0**15."
+        )
     return _wrap(optimizer, _Config(float(scale), False, 1, 1.0, float(scale)))
 
 
