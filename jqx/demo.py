@@ -264,14 +264,30 @@ def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
         raise ImportError(
             "--plot needs matplotlib; install it with `pip install matplotlib` (or jqx[plot])."
         ) from e
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r.matmul_bytes / 2**20, 1.0 - r.cosine_mean + 1e-7, s=30)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    # float32 is the reference (error 0 has no place on a log axis): drawn as a line.
+    f32 = [r for r in rows if r.key == "float32"]
+    if f32:
+        ax.axvline(f32[0].matmul_bytes / 2**20, color="gray", ls="--", lw=1)
+        ax.annotate(
+            "float32",
+            (f32[0].matmul_bytes / 2**20, 0.5),
+            xycoords=("data", "axes fraction"),
+            fontsize=8,
+            rotation=90,
+            xytext=(-10, 0),
+            textcoords="offset points",
+        )
+    for i, r in enumerate(x for x in rows if x.key != "float32"):
+        xy = (r.matmul_bytes / 2**20, max(1.0 - r.cosine_mean, 1e-7))
+        ax.scatter(*xy, s=30)
+        # Rows share sizes (all 8-bit recipes): alternate label sides.
         ax.annotate(
             r.label,
-            (r.matmul_bytes / 2**20, 1.0 - r.cosine_mean + 1e-7),
+            xy,
             fontsize=7,
-            xytext=(4, 3),
+            xytext=(6 if i % 2 else -6, 2),
+            ha="left" if i % 2 else "right",
             textcoords="offset points",
         )
     ax.set_xscale("log")
