@@ -64,7 +64,14 @@ def run(name: str, args, cfg, data) -> dict:
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    params = charlm.get_params(charlm.CharLM(cfg, rngs=nnx.Rngs(args.seed)))
+    if args.from_checkpoint:  # continue training the cached float32 model
+        ckpt_cfg, params, _ = charlm.load_params()
+        if ckpt_cfg != cfg:
+            raise ValueError(
+                f"--from-checkpoint needs --seq {ckpt_cfg.max_len}; the checkpoint is {ckpt_cfg}."
+            )
+    else:
+        params = charlm.get_params(charlm.CharLM(cfg, rngs=nnx.Rngs(args.seed)))
     state = opt.init(params)
     it = batches(data.train, args.batch, args.seq, seed=args.seed)
     t0 = time.time()
@@ -103,6 +110,11 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=sorted(POLICIES), nargs="*", default=list(POLICIES))
+    ap.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="start every run from the cached float32 checkpoint instead of a fresh init",
+    )
     ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     ap.add_argument(
         "--report",
@@ -118,8 +130,8 @@ def main(argv=None) -> None:
         for path in args.report:
             saved = json.loads(path.read_text())
             results.update(saved["results"])
-            for k in ("steps", "batch", "seq", "seed"):
-                setattr(args, k, saved["args"][k])
+            for k in ("steps", "batch", "seq", "seed", "lr", "from_checkpoint"):
+                setattr(args, k, saved["args"].get(k, getattr(args, k)))
         results = {k: results[k] for k in POLICIES if k in results}
     else:
         cfg = charlm.CharLMConfig(max_len=args.seq)
@@ -129,7 +141,10 @@ def main(argv=None) -> None:
             results[name] = run(name, args, cfg, data)
 
     ref = results.get("f32", {}).get("val_loss")
-    print(f"\n{args.steps} steps x batch {args.batch} x seq {args.seq}, seed {args.seed}\n")
+    start = "the cached checkpoint" if args.from_checkpoint else f"a fresh init (seed {args.seed})"
+    print(
+        f"\n{args.steps} steps x batch {args.batch} x seq {args.seq}, lr {args.lr}, from {start}\n"
+    )
     print(
         "| run | val loss (nats/char, own dtype) | vs f32 | val loss, f32 eval | skipped steps | final loss scale | train s |"
     )
