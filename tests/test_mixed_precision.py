@@ -391,3 +391,26 @@ def test_errors_name_the_problem():
 def test_exported_from_jqx():
     assert jqx.mixed_precision is mp
     assert "mixed_precision" in jqx.__all__
+
+
+def test_extra_args_reach_an_inner_optimizer_that_takes_them():
+    params = {"w": jnp.ones((2,), jnp.float32)}
+    seen = {}
+
+    def update(updates, state, params=None, *, value=None):
+        seen["value"] = value
+        return updates, state
+
+    inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    opt = mp.dynamic_loss_scale(inner)
+    u, _ = opt.update(
+        {"w": jnp.full((2,), 0.5, jnp.float32)}, opt.init(params), params, value=jnp.float32(3.0)
+    )
+    assert float(seen["value"]) == 3.0
+    assert u["w"].tolist() == [0.5, 0.5]
+    # And a plain optax optimizer ignores them.
+    opt2 = mp.dynamic_loss_scale(optax.sgd(1.0))
+    u2, _ = opt2.update(
+        {"w": jnp.full((2,), 0.5, jnp.float32)}, opt2.init(params), params, value=jnp.float32(3.0)
+    )
+    assert u2["w"].tolist() == [-0.5, -0.5]

@@ -417,6 +417,9 @@ class _Config(NamedTuple):
 
 
 def _wrap(inner: optax.GradientTransformation, cfg: _Config) -> optax.GradientTransformation:
+    # Extra keyword args (e.g. value=loss for optax.contrib optimizers) pass through.
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
         return MixedPrecisionState(
             loss_scale=LossScaleState(
