@@ -1,6 +1,6 @@
 """Train the Shakespeare char LM in float32, bfloat16 and float16 (dynamic loss scaling).
 
-    python examples/train_mixed_precision.py              # 300 steps per precision
+    python examples/train_mixed_precision.py              # 150 steps per precision
     python examples/train_mixed_precision.py --steps 50   # a smoke run
     # the same, one process per precision, then one table:
     for p in f32 bf16 fp16; do python examples/train_mixed_precision.py --only $p --json mp_$p.json & done; wait
@@ -103,11 +103,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=sorted(POLICIES), nargs="*", default=list(POLICIES))
     ap.add_argument(
