@@ -462,8 +462,9 @@ def load_params(path: str | pathlib.Path | None = None) -> tuple[CharLMConfig, d
       path: a ``.safetensors`` file; default: the cached ``examples/checkpoints/charlm.safetensors``.
 
     Example:
-        >>> cfg, params, meta = load_params()  # doctest: +SKIP
-        >>> meta["val_bits_per_char"]  # doctest: +SKIP
+        >>> cfg, params, meta = load_params()  # the cached checkpoint
+        >>> meta["steps"], params["head"]["kernel"].shape
+        (1200, (128, 84))
     """
     from safetensors import safe_open
 
@@ -516,8 +517,10 @@ def load_checkpoint(path: str | pathlib.Path | None = None) -> CharLM:
     Raises FileNotFoundError (with the command that makes it) when absent.
 
     Example:
-        >>> model = load_checkpoint()  # doctest: +SKIP
-        >>> evaluate(model)  # doctest: +SKIP
+        >>> model = load_checkpoint()
+        >>> model.config.d_model
+        128
+        >>> loss, bpc = evaluate(model)  # doctest: +SKIP
     """
     config, params, _ = load_params(path)
     model = CharLM(config, rngs=nnx.Rngs(0))
