@@ -64,7 +64,9 @@ def _w8a8(x, q):
     if q.in_scale is not None:
         x = x / q.in_scale[:, 0]
     xc, xs = jqx.quantize_activation(x, "int8", "per_token")
-    acc = jax.lax.dot_general(xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(
+        xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
     return acc.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
 
 
@@ -78,28 +80,56 @@ def synthetic() -> None:
             for name, cfg in [
                 ("GPTQ", GPTQConfig(group_size=128)),
                 ("GPTQ act_order", GPTQConfig(group_size=128, act_order=True)),
-                ("GPTQ act_order static_groups", GPTQConfig(group_size=128, act_order=True, static_groups=True)),
+                (
+                    "GPTQ act_order static_groups",
+                    GPTQConfig(group_size=128, act_order=True, static_groups=True),
+                ),
             ]:
                 r = _out_err(x, w, gptq_quantize(w, h, cfg).dequantize()) / e_rtn
-                rows.append((f"{name}, 4-bit g128, outliers {layout}, seed {seed}",
-                             "output error / RTN", f"{r:.3f}", "<= 0.25"))
+                rows.append(
+                    (
+                        f"{name}, 4-bit g128, outliers {layout}, seed {seed}",
+                        "output error / RTN",
+                        f"{r:.3f}",
+                        "<= 0.25",
+                    )
+                )
     for dist in ("normal", "student-t(4)"):
         key = jax.random.key(0)
-        w = (jax.random.normal(key, (1024, 512)) if dist == "normal"
-             else jax.random.t(key, 4.0, (1024, 512))) * 0.02
+        w = (
+            jax.random.normal(key, (1024, 512))
+            if dist == "normal"
+            else jax.random.t(key, 4.0, (1024, 512))
+        ) * 0.02
         e_r = float(jnp.sum((w - rtn_quantize(w, 4, 64).dequantize()) ** 2))
         for opt in (False, True):
-            e_h = float(jnp.sum((w - hqq_quantize(w, HQQConfig(group_size=64, optimize_scale=opt))
-                                 .dequantize()) ** 2))
-            rows.append((f"HQQ{' +scale' if opt else ''}, 4-bit g64, {dist} weights",
-                         "weight sq. error / RTN", f"{e_h / e_r:.3f}", "<= 0.96"))
+            e_h = float(
+                jnp.sum(
+                    (w - hqq_quantize(w, HQQConfig(group_size=64, optimize_scale=opt)).dequantize())
+                    ** 2
+                )
+            )
+            rows.append(
+                (
+                    f"HQQ{' +scale' if opt else ''}, 4-bit g64, {dist} weights",
+                    "weight sq. error / RTN",
+                    f"{e_h / e_r:.3f}",
+                    "<= 0.96",
+                )
+            )
     ks = jax.random.split(jax.random.key(0), 3)
     w = jax.random.normal(ks[0], (256, 64)) * 0.05
     x = jax.random.normal(ks[1], (512, 256)) * jnp.exp(jax.random.normal(ks[2], (256,)) * 0.8)
     e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128).dequantize())
     e_awq = _out_err(x, w, awq_quantize(w, x, AWQConfig(group_size=128)).dequantize())
-    rows.append(("AWQ, 4-bit g128, log-normal channel scales", "output error / RTN",
-                 f"{e_awq / e_rtn:.3f}", "< 1"))
+    rows.append(
+        (
+            "AWQ, 4-bit g128, log-normal channel scales",
+            "output error / RTN",
+            f"{e_awq / e_rtn:.3f}",
+            "< 1",
+        )
+    )
     w = jax.random.normal(jax.random.key(0), (1024, 256)) * 0.05
     q = jqx.quantize({"kernel": w}, jqx.llm_int8())["kernel"]
     for seed in (1, 2, 3):
@@ -110,13 +140,31 @@ def synthetic() -> None:
         x = x.at[:, cols].set(mag * jnp.sign(jax.random.normal(ks[3], (256, 6))))
         y = jnp.matmul(x, w, precision="highest")
         rel = lambda a, y=y: float(jnp.linalg.norm(a - y) / jnp.linalg.norm(y))  # noqa: E731
-        rows.append((f"LLM.int8(), 6 outlier cols 8-20, seed {seed}", "rel. output error",
-                     f"{rel(llm_int8_matmul(x, q)):.4f}", "< 0.01"))
-        rows.append((f"plain W8A8, same input, seed {seed}", "rel. output error",
-                     f"{rel(_w8a8(x, q)):.4f}", "> 0.025"))
+        rows.append(
+            (
+                f"LLM.int8(), 6 outlier cols 8-20, seed {seed}",
+                "rel. output error",
+                f"{rel(llm_int8_matmul(x, q)):.4f}",
+                "< 0.01",
+            )
+        )
+        rows.append(
+            (
+                f"plain W8A8, same input, seed {seed}",
+                "rel. output error",
+                f"{rel(_w8a8(x, q)):.4f}",
+                "> 0.025",
+            )
+        )
         sq = smoothquant_quantize(w, jnp.max(jnp.abs(x), axis=0), 0.5)
-        rows.append((f"SmoothQuant(0.5) W8A8, same input, seed {seed}", "rel. output error",
-                     f"{rel(_w8a8(x, sq)):.4f}", "-"))
+        rows.append(
+            (
+                f"SmoothQuant(0.5) W8A8, same input, seed {seed}",
+                "rel. output error",
+                f"{rel(_w8a8(x, sq)):.4f}",
+                "-",
+            )
+        )
     print("| case | metric | value | goal |")
     print("|---|---|---|---|")
     for r in rows:
@@ -135,7 +183,10 @@ def _methods(bits_list=None, groups=None):
             methods += [
                 (f"RTN {bits}-bit {gs}", ("rtn", bits, g)),
                 (f"GPTQ {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g)),
-                (f"GPTQ act_order {bits}-bit {gs}", jqx.gptq(bits=bits, group_size=g, act_order=True)),
+                (
+                    f"GPTQ act_order {bits}-bit {gs}",
+                    jqx.gptq(bits=bits, group_size=g, act_order=True),
+                ),
                 (f"HQQ {bits}-bit {gs}", jqx.hqq(bits=bits, group_size=g)),
                 (f"AWQ {bits}-bit {gs}", jqx.awq(bits=bits, group_size=g)),
             ]
@@ -154,8 +205,11 @@ def _apply_method(recipe, fn, params, calib):
     elif isinstance(recipe, tuple):  # RTN on the same integer grid as GPTQ/AWQ (also 3-bit)
         _, bits, g = recipe
         qp = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: rtn_quantize(leaf, bits, g)
-            if jqx.tree.default_filter(jqx.tree.path_str(path), leaf) else leaf,
+            lambda path, leaf: (
+                rtn_quantize(leaf, bits, g)
+                if jqx.tree.default_filter(jqx.tree.path_str(path), leaf)
+                else leaf
+            ),
             params,
         )
     elif recipe.needs_calibration:
@@ -181,8 +235,10 @@ def charlm(n_windows: int, checkpoint: str | None = None) -> None:
     # Calibration: 32 windows of the training text (never the validation text).
     seq = min(128, cfg.max_len)
     starts = range(0, 32 * 997, 997)
-    calib = [jnp.asarray([data.train[s:s + seq] for s in starts[i:i + 8]], jnp.int32)
-             for i in range(0, 32, 8)]
+    calib = [
+        jnp.asarray([data.train[s : s + seq] for s in starts[i : i + 8]], jnp.int32)
+        for i in range(0, 32, 8)
+    ]
 
     def score(p):
         fq = jax.jit(jqx.quantized(f))
@@ -203,18 +259,18 @@ def minilm_table(n_eval: int, tiny: bool = False) -> None:
 
     enc = minilm.load_tiny() if tiny or not minilm.weights_available() else minilm.load_minilm()
     sents = minilm.load_sentences()
-    calib_s, eval_s = sents[:64], sents[64:64 + n_eval]
+    calib_s, eval_s = sents[:64], sents[64 : 64 + n_eval]
 
     def batches(ss, bs=16):
         out = []
         for i in range(0, len(ss), bs):
-            chunk = ss[i:i + bs]
+            chunk = ss[i : i + bs]
             ids, mask = enc.tokenize(chunk, max_len=128, pad_to=128)
             if len(chunk) < bs:  # one shape: one compilation
                 pad = bs - len(chunk)
                 ids = np.concatenate([ids, np.zeros((pad, 128), np.int32)])
                 mask = np.concatenate([mask, np.zeros((pad, 128), np.int32)])
-                mask[len(chunk):, 0] = 1
+                mask[len(chunk) :, 0] = 1
             out.append((jnp.asarray(ids), jnp.asarray(mask), len(chunk)))
         return out
 
@@ -251,7 +307,9 @@ def main() -> None:  # noqa: D103
     ap.add_argument("--bits", default="4,3", help="weight bits of the weight-only rows, e.g. 4")
     ap.add_argument("--groups", default="128,none", help="group sizes, e.g. 128 or 128,none")
     ap.add_argument("--windows", type=int, default=256)
-    ap.add_argument("--checkpoint", default=None, help="char LM .safetensors (default: the cached one)")
+    ap.add_argument(
+        "--checkpoint", default=None, help="char LM .safetensors (default: the cached one)"
+    )
     args = ap.parse_args()
     global _BITS, _GROUPS
     _BITS = tuple(int(b) for b in args.bits.split(","))

@@ -63,13 +63,17 @@ def main() -> None:
     y = x @ w
     e_g = float(jnp.sum((y - x @ q.dequantize()) ** 2))
     e_r = float(jnp.sum((y - x @ q_rtn.dequantize()) ** 2))
-    print(f"GPTQ {args.bits}-bit g{args.group_size}{' act_order' if args.act_order else ''}: "
-          f"K={args.k} N={args.n} M={args.m}, {jax.device_count()} {jax.default_backend()} device(s)")
+    print(
+        f"GPTQ {args.bits}-bit g{args.group_size}{' act_order' if args.act_order else ''}: "
+        f"K={args.k} N={args.n} M={args.m}, {jax.device_count()} {jax.default_backend()} device(s)"
+    )
     print("| step | wall s | process CPU s | wall ratio to RTN |")
     print("|---|---|---|---|")
     print(f"| H = 2 X^T X / M | {t_h:.2f} | {_CPU[f_h]:.2f} | {t_h / t_rtn:.1f}x |")
     print(f"| RTN (compiled) | {t_rtn:.3f} | {_CPU[f_r]:.3f} | 1.0x |")
-    print(f"| GPTQ, first call (with compile) | {t_g0:.2f} | {_CPU[f_g0]:.2f} | {t_g0 / t_rtn:.0f}x |")
+    print(
+        f"| GPTQ, first call (with compile) | {t_g0:.2f} | {_CPU[f_g0]:.2f} | {t_g0 / t_rtn:.0f}x |"
+    )
     print(f"| GPTQ, compiled | {t_g:.2f} | {_CPU[f_g]:.2f} | {t_g / t_rtn:.0f}x |")
     print(f"output error GPTQ / RTN: {e_g / e_r:.3f}")
 

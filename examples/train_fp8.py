@@ -45,8 +45,12 @@ def bf16_apply(cfg):
 
 def run(arm: str, args, cfg, data, init_params) -> dict:
     fwd = bf16_apply(cfg)
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=0.01))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1
+    )
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=0.01)
+    )
     params, opt_state = init_params, opt.init(init_params)
     if arm == "fp8":
         f8 = jqx.fp8.delayed_scaling(fwd)
@@ -80,22 +84,30 @@ def run(arm: str, args, cfg, data, init_params) -> dict:
         def evaluate_fn(p, s):
             return lambda t: fwd(p, t)
 
-
     it = batches(data.train, args.batch, args.seq, seed=args.seed)
     t0 = time.time()
     for i in range(1, args.steps + 1):
         params, opt_state, fp8_state, lv = step(params, opt_state, fp8_state, next(it))
         if i % args.log_every == 0 or i == args.steps:
-            print(f"  {arm:4s} step {i:4d}  train {float(lv):.4f}  {time.time() - t0:5.0f}s", flush=True)
+            print(
+                f"  {arm:4s} step {i:4d}  train {float(lv):.4f}  {time.time() - t0:5.0f}s",
+                flush=True,
+            )
     secs = time.time() - t0
-    val, bpc = charlm.evaluate(evaluate_fn(params, fp8_state), data.val, seq_len=args.seq,
-                               n_windows=args.eval_windows)
-    print(f"{arm}: val {val:.4f} nats ({bpc:.3f} bits/char) after {args.steps} steps, {secs:.0f}s", flush=True)
+    val, bpc = charlm.evaluate(
+        evaluate_fn(params, fp8_state), data.val, seq_len=args.seq, n_windows=args.eval_windows
+    )
+    print(
+        f"{arm}: val {val:.4f} nats ({bpc:.3f} bits/char) after {args.steps} steps, {secs:.0f}s",
+        flush=True,
+    )
     return {"val_nats": round(float(val), 4), "seconds": round(secs, 1)}
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -114,7 +126,13 @@ def main(argv=None) -> dict:
     res = {arm: run(arm, args, cfg, data, init) for arm in ("bf16", "fp8")}
     rel = res["fp8"]["val_nats"] / res["bf16"]["val_nats"] - 1.0
     print(f"fp8 vs bf16 validation loss: {100 * rel:+.2f}% (goal: within 2%)")
-    out = {"steps": args.steps, "batch": args.batch, "seq": args.seq, **res, "fp8_vs_bf16": round(rel, 4)}
+    out = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq": args.seq,
+        **res,
+        "fp8_vs_bf16": round(rel, 4),
+    }
     print(json.dumps(out))
     return out
 

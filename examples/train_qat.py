@@ -53,12 +53,17 @@ def _train(loss, params, opt, data_iter, steps, log_every=50, tag=""):
     for i in range(1, steps + 1):
         params, state, lv = step(params, state, next(data_iter))
         if i % log_every == 0 or i == steps:
-            print(f"  {tag} step {i:4d}  train loss {float(lv):.4f}  {time.time() - t0:5.0f}s", flush=True)
+            print(
+                f"  {tag} step {i:4d}  train loss {float(lv):.4f}  {time.time() - t0:5.0f}s",
+                flush=True,
+            )
     return params
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=150, help="QAT fine-tune steps")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=16)
@@ -69,9 +74,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", type=pathlib.Path, default=None)
     ap.add_argument("--float-steps", type=int, default=600, help="only without a checkpoint")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--control", action="store_true",
-                    help="also fine-tune in float for the same steps and batches, then RTN-quantize: "
-                         "separates what QAT adds from what more training adds")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also fine-tune in float for the same steps and batches, then RTN-quantize: "
+        "separates what QAT adds from what more training adds",
+    )
     args = ap.parse_args(argv)
 
     data = load_shakespeare()
@@ -83,22 +91,36 @@ def main(argv=None) -> dict:
         cfg = charlm.CharLMConfig(max_len=args.seq)
         params = charlm.get_params(charlm.CharLM(cfg, rngs=nnx.Rngs(0)))
         warm = min(50, args.float_steps // 4)
-        sched = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warm, args.float_steps, end_value=3e-4)
-        opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=0.01))
-        params = _train(lambda p, b: charlm.loss_fn(p, b, cfg), params, opt,
-                        batches(data.train, args.batch, args.seq, seed=0), args.float_steps, 100, "float")
+        sched = optax.warmup_cosine_decay_schedule(
+            0.0, 3e-3, warm, args.float_steps, end_value=3e-4
+        )
+        opt = optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=0.01)
+        )
+        params = _train(
+            lambda p, b: charlm.loss_fn(p, b, cfg),
+            params,
+            opt,
+            batches(data.train, args.batch, args.seq, seed=0),
+            args.float_steps,
+            100,
+            "float",
+        )
         source = f"trained here ({args.float_steps} steps)"
     apply = charlm.apply_fn(cfg)
     recipe = jqx.int4_weight_only(group_size=args.group_size)
+
     def ev(fn):
         return charlm.evaluate(fn, data.val, seq_len=args.seq, n_windows=args.eval_windows)[0]
-
 
     float_loss = ev(lambda t: apply(params, t))
     qfwd = jqx.quantized(apply)
     ptq = jqx.quantize(params, recipe)
     ptq_loss = ev(lambda t: qfwd(ptq, t))
-    print(f"float {float_loss:.4f} nats   int4 g{args.group_size} RTN PTQ {ptq_loss:.4f} nats", flush=True)
+    print(
+        f"float {float_loss:.4f} nats   int4 g{args.group_size} RTN PTQ {ptq_loss:.4f} nats",
+        flush=True,
+    )
 
     fq = jqx.qat.fake_quantized(apply, recipe, lsq=args.lsq)
     sched = optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1)
@@ -106,6 +128,7 @@ def main(argv=None) -> dict:
     it = batches(data.train, args.batch, args.seq, seed=args.seed)
     t0 = time.time()
     if args.lsq:
+
         def loss(tr, b):
             return charlm.cross_entropy(fq(tr["scales"], tr["params"], b[:, :-1]), b[:, 1:])
 
@@ -113,6 +136,7 @@ def main(argv=None) -> dict:
         tr = _train(loss, tr, opt, it, args.steps, 25, "qat")
         qparams = jqx.qat.convert(tr["params"], recipe, tr["scales"])
     else:
+
         def loss(p, b):
             return charlm.cross_entropy(fq(p, b[:, :-1]), b[:, 1:])
 
@@ -121,29 +145,54 @@ def main(argv=None) -> dict:
     qat_loss = ev(lambda t: qfwd(qparams, t))
     control = {}
     if args.control:
+
         def floss(p, b):
             return charlm.cross_entropy(apply(p, b[:, :-1]), b[:, 1:])
 
-        ft = _train(floss, params, opt, batches(data.train, args.batch, args.seq, seed=args.seed),
-                    args.steps, 25, "float ft")
-        control = {"control_float_ft_val_nats": round(float(ev(lambda t: apply(ft, t))), 4),
-                   "control_float_ft_then_ptq_val_nats": round(
-                       float(ev(lambda t: qfwd(jqx.quantize(ft, recipe), t))), 4)}
-        print(f"control: float fine-tune {control['control_float_ft_val_nats']:.4f} nats, then RTN PTQ "
-              f"{control['control_float_ft_then_ptq_val_nats']:.4f} nats", flush=True)
+        ft = _train(
+            floss,
+            params,
+            opt,
+            batches(data.train, args.batch, args.seq, seed=args.seed),
+            args.steps,
+            25,
+            "float ft",
+        )
+        control = {
+            "control_float_ft_val_nats": round(float(ev(lambda t: apply(ft, t))), 4),
+            "control_float_ft_then_ptq_val_nats": round(
+                float(ev(lambda t: qfwd(jqx.quantize(ft, recipe), t))), 4
+            ),
+        }
+        print(
+            f"control: float fine-tune {control['control_float_ft_val_nats']:.4f} nats, then RTN PTQ "
+            f"{control['control_float_ft_then_ptq_val_nats']:.4f} nats",
+            flush=True,
+        )
         cf, cq = control["control_float_ft_val_nats"], control["control_float_ft_then_ptq_val_nats"]
         control["gap_recovered_vs_control"] = round((cq - float(qat_loss)) / (cq - cf), 3)
-        print(f"QAT recovers {100 * control['gap_recovered_vs_control']:.0f}% of the gap between the "
-              "float fine-tune and its RTN PTQ (same steps and batches)", flush=True)
+        print(
+            f"QAT recovers {100 * control['gap_recovered_vs_control']:.0f}% of the gap between the "
+            "float fine-tune and its RTN PTQ (same steps and batches)",
+            flush=True,
+        )
     recovered = (ptq_loss - qat_loss) / (ptq_loss - float_loss)
-    print(f"QAT{' + LSQ' if args.lsq else ''} ({args.steps} steps, {qat_s:.0f}s): {qat_loss:.4f} nats; "
-          f"recovered {100 * recovered:.0f}% of the float-to-PTQ gap (goal: >= 50%)")
+    print(
+        f"QAT{' + LSQ' if args.lsq else ''} ({args.steps} steps, {qat_s:.0f}s): {qat_loss:.4f} nats; "
+        f"recovered {100 * recovered:.0f}% of the float-to-PTQ gap (goal: >= 50%)"
+    )
     out = {
-        "float_source": source, "recipe": f"int4_weight_only(group_size={args.group_size})",
-        "lsq": args.lsq, "qat_steps": args.steps, "lr": args.lr,
-        "float_val_nats": round(float_loss, 4), "ptq_val_nats": round(float(ptq_loss), 4),
-        "qat_val_nats": round(float(qat_loss), 4), "gap_recovered": round(float(recovered), 3),
-        "qat_seconds": round(qat_s, 1), **control,
+        "float_source": source,
+        "recipe": f"int4_weight_only(group_size={args.group_size})",
+        "lsq": args.lsq,
+        "qat_steps": args.steps,
+        "lr": args.lr,
+        "float_val_nats": round(float_loss, 4),
+        "ptq_val_nats": round(float(ptq_loss), 4),
+        "qat_val_nats": round(float(qat_loss), 4),
+        "gap_recovered": round(float(recovered), 3),
+        "qat_seconds": round(qat_s, 1),
+        **control,
     }
     print(json.dumps(out))
     return out

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +144,9 @@ class StatsAccumulator:
                 # bin holding their old centre).
                 new_max = amax
                 centres = (np.arange(self.hist_bins) + 0.5) * self.hist_max / self.hist_bins
-                idx = np.minimum((centres / new_max * self.hist_bins).astype(int), self.hist_bins - 1)
+                idx = np.minimum(
+                    (centres / new_max * self.hist_bins).astype(int), self.hist_bins - 1
+                )
                 rebinned = np.zeros_like(self.hist)
                 np.add.at(rebinned, idx, self.hist)
                 self.hist, self.hist_max = rebinned, new_max

@@ -45,8 +45,9 @@ def test_in_scale_semantics():
     assert q.in_scale.shape == (K, 1) and q.block == (64, 1) and q.format == "uint4"
     raw = q.replace(in_scale=None).dequantize()
     s = q.in_scale[:, 0]
-    np.testing.assert_allclose(np.asarray(x @ q.dequantize()), np.asarray((x / s) @ raw),
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(x @ q.dequantize()), np.asarray((x / s) @ raw), rtol=1e-4, atol=1e-3
+    )
     s2, alpha = awq_search_scale(w, x, cfg=AWQConfig(bits=4, group_size=64))
     np.testing.assert_allclose(np.asarray(s2), np.asarray(s), rtol=1e-6)
     ma = jnp.mean(jnp.abs(x), axis=0)
@@ -64,8 +65,9 @@ def test_recipe_with_stats_and_calibrate():
     acc.update(x[256:])
     q = r.quantize_weight(w, path="k", stats=acc.result("k"))
     assert _out_err(x, w, q) < _out_err(x, w, rtn_quantize(w, 4, 128))
-    qc = jqx.calibrate(lambda p, xb: xb @ p["kernel"], {"kernel": w}, [x[:256], x[256:]], r,
-                       progress=False)["kernel"]
+    qc = jqx.calibrate(
+        lambda p, xb: xb @ p["kernel"], {"kernel": w}, [x[:256], x[256:]], r, progress=False
+    )["kernel"]
     assert qc.in_scale is not None
     assert _out_err(x, w, qc) < _out_err(x, w, rtn_quantize(w, 4, 128))
 

@@ -22,7 +22,9 @@ def test_scale_formula_and_history_roll():
     # roll by one towards the front, newest amax at index 0
     assert new.tolist() == [5.0, 0.0, 2.0, 1.0]
     for margin in (0, 1, 3):
-        s = jax.jit(fp8.compute_scale, static_argnums=(2, 3))(new, jnp.ones(1), jnp.float8_e4m3fn, margin)
+        s = jax.jit(fp8.compute_scale, static_argnums=(2, 3))(
+            new, jnp.ones(1), jnp.float8_e4m3fn, margin
+        )
         np.testing.assert_allclose(np.asarray(s), [E4M3_MAX / (5.0 * 2**margin)], rtol=1e-7)
     s = fp8.compute_scale(new, jnp.ones(1), jnp.float8_e5m2)
     np.testing.assert_allclose(np.asarray(s), [E5M2_MAX / 5.0], rtol=1e-7)
@@ -79,8 +81,9 @@ def test_state_update_one_step():
     _, st2 = step(v["params"], st1)
     e2 = st2["params/Dense_0/kernel"]
     # delayed: step 2 uses the amax recorded at step 1
-    np.testing.assert_allclose(np.asarray(e2["kernel_scale"]),
-                               [E4M3_MAX / float(jnp.max(jnp.abs(w0)))], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(e2["kernel_scale"]), [E4M3_MAX / float(jnp.max(jnp.abs(w0)))], rtol=1e-6
+    )
     og = float(e["output_grad_amax_history"][0])
     np.testing.assert_allclose(np.asarray(e2["output_grad_scale"]), [E5M2_MAX / og], rtol=1e-6)
     assert e2["kernel_amax_history"][:2].tolist() == [float(jnp.max(jnp.abs(w0))), 0.0]
@@ -110,7 +113,9 @@ def test_matches_flax_fp8_dot_general_op():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         fv = MLP(fp8_ops.Fp8DotGeneralOp).init(jax.random.key(0), X)
-        hl = fv["_overwrite_with_gradient"]["Dense_0"]["Fp8DotGeneralOp_0"]["input_amax_history"].shape[0]
+        hl = fv["_overwrite_with_gradient"]["Dense_0"]["Fp8DotGeneralOp_0"][
+            "input_amax_history"
+        ].shape[0]
         p = fv["params"]
         st = fp8.init_state({"params": p}, history_len=hl)
         assert hl == 1024  # both default to Transformer Engine's length
@@ -120,21 +125,31 @@ def test_matches_flax_fp8_dot_general_op():
         for i in range(4):
             xs = X * (1.0 + i)  # growing activations exercise the delayed scales
             lo, (gp, st) = ours(p, st, xs)
-            lf, gf = theirs({"params": pf, "_overwrite_with_gradient": fv["_overwrite_with_gradient"]}, xs, Y)
+            lf, gf = theirs(
+                {"params": pf, "_overwrite_with_gradient": fv["_overwrite_with_gradient"]}, xs, Y
+            )
             fv = {"params": pf, "_overwrite_with_gradient": gf["_overwrite_with_gradient"]}
             # same loss and parameter gradients, bit for bit on CPU
             assert float(lo) == float(lf), (i, float(lo), float(lf))
-            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         gp, gf["params"])
+            jax.tree.map(
+                lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                gp,
+                gf["params"],
+            )
             for layer in ("Dense_0", "Dense_1"):
                 mine = st[f"params/{layer}/kernel"]
                 flax_meta = gf["_overwrite_with_gradient"][layer]["Fp8DotGeneralOp_0"]
                 for role in ("input", "kernel", "output_grad"):
-                    np.testing.assert_array_equal(np.asarray(mine[f"{role}_amax_history"]),
-                                                  np.asarray(flax_meta[f"{role}_amax_history"]))
+                    np.testing.assert_array_equal(
+                        np.asarray(mine[f"{role}_amax_history"]),
+                        np.asarray(flax_meta[f"{role}_amax_history"]),
+                    )
                     # Flax stores the inverse scale
-                    np.testing.assert_allclose(np.asarray(mine[f"{role}_scale"]),
-                                               1.0 / np.asarray(flax_meta[f"{role}_scale"]), rtol=1e-6)
+                    np.testing.assert_allclose(
+                        np.asarray(mine[f"{role}_scale"]),
+                        1.0 / np.asarray(flax_meta[f"{role}_scale"]),
+                        rtol=1e-6,
+                    )
             p = jax.tree.map(lambda a, g: a - 0.1 * g, p, gp)
             pf = jax.tree.map(lambda a, g: a - 0.1 * g, pf, gf["params"])
 
@@ -148,6 +163,7 @@ def test_nnx_model_and_errors():
             return self.a(x) + x @ self.a.kernel[...]  # a second matmul with a.kernel
 
     gdef, state = nnx.split(Net(nnx.Rngs(0)))
+
     def apply(s, x):
         return nnx.merge(gdef, s)(x)
 
@@ -164,13 +180,16 @@ def test_nnx_model_and_errors():
             return nnx.relu(self.a(x))
 
     gdef, state = nnx.split(One(nnx.Rngs(0)))
+
     def apply(s, x):
         return nnx.merge(gdef, s)(x)
 
     st = fp8.init_state(state, history_len=4)
     f = fp8.delayed_scaling(apply)
     _, st = jax.jit(jax.grad(lambda s, f8: jnp.sum(f(f8, s, X)), argnums=(0, 1)))(state, st)
-    assert float(st["a/kernel"]["input_amax_history"][0]) == pytest.approx(float(jnp.max(jnp.abs(X))))
+    assert float(st["a/kernel"]["input_amax_history"][0]) == pytest.approx(
+        float(jnp.max(jnp.abs(X)))
+    )
     with pytest.raises(ValueError, match="init_state"):
         f({}, state, X)
     with pytest.raises(ValueError, match="fp8 dtype"):

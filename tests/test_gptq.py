@@ -41,15 +41,18 @@ def test_identity_hessian_equals_rtn(sym):
     assert q.format == r.format and q.block == r.block
     np.testing.assert_array_equal(np.asarray(q.codes()), np.asarray(r.codes()))
     np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(r.scale))
-    np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(r.dequantize()), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        np.asarray(q.dequantize()), np.asarray(r.dequantize()), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rtn_baseline_equals_quantize_array(bits):
     w = jax.random.normal(jax.random.key(2), (64, 32))
     r = rtn_quantize(w, bits, 32)
-    ref = jqx.quantize_array(w, "uint4" if bits == 4 else "uint8", scheme="zero_point",
-                             granularity=jqx.per_group(32))
+    ref = jqx.quantize_array(
+        w, "uint4" if bits == 4 else "uint8", scheme="zero_point", granularity=jqx.per_group(32)
+    )
     np.testing.assert_array_equal(np.asarray(r.codes()), np.asarray(ref.codes()))
 
 
@@ -70,7 +73,7 @@ def _reference_gptq(w, h, bits, g, damp, act_order, static_groups):
         s = np.where(s == 0, np.where(np.abs(mx) > 0, np.abs(mx), 1.0), s)
         return s, np.round(grid.qmin - mn / s)
 
-    groups = [params(wt[:, i:i + g]) for i in range(0, k, g)] if static_groups else None
+    groups = [params(wt[:, i : i + g]) for i in range(0, k, g)] if static_groups else None
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     wt, h = wt[:, perm], h[perm][:, perm]
     h = h + damp * np.mean(np.diag(h)) * np.eye(k)
@@ -81,7 +84,7 @@ def _reference_gptq(w, h, bits, g, damp, act_order, static_groups):
         if static_groups:
             s, z = groups[perm[i] // g]
         elif i % g == 0:
-            s, z = params(wt[:, i:i + g])
+            s, z = params(wt[:, i : i + g])
         col = wt[:, i]
         c = np.clip(np.round(col / s) + z, grid.qmin, grid.qmax)
         deq = (c - z) * s
@@ -98,8 +101,9 @@ def _reference_gptq(w, h, bits, g, damp, act_order, static_groups):
 def test_matches_unblocked_reference(act_order, static_groups, block):
     w, x = _layer(k=64, n=16, m=256, seed=3)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    cfg = GPTQConfig(bits=4, group_size=16, act_order=act_order, static_groups=static_groups,
-                     block_size=block)
+    cfg = GPTQConfig(
+        bits=4, group_size=16, act_order=act_order, static_groups=static_groups, block_size=block
+    )
     got = np.asarray(gptq_quantize(w, h, cfg).dequantize())
     ref = _reference_gptq(w, h, 4, 16, 0.01, act_order, static_groups)
     # float32 vs float64: a rare rounding flip is allowed, nothing more.
@@ -185,15 +189,18 @@ def test_recipe_from_streamed_stats_and_calibrate():
     assert r.needs_calibration and r.sequential and r.stats_needed == ("xtx",)
     q = r.quantize_weight(w, path="k", stats=acc.result("k"))
     q_direct = gptq_quantize(w, gptq_hessian(x.T @ x, 256), GPTQConfig(group_size=16))
-    np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(q_direct.dequantize()),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(q.dequantize()), np.asarray(q_direct.dequantize()), atol=1e-5
+    )
     with pytest.raises(ValueError, match="calibrat"):
         jqx.quantize({"kernel": w}, r)
     params = {"kernel": w}
-    qc = jqx.calibrate(lambda p, xb: xb @ p["kernel"], params, [x[:128], x[128:]], r,
-                       progress=False)["kernel"]
-    np.testing.assert_allclose(np.asarray(qc.dequantize()), np.asarray(q_direct.dequantize()),
-                               atol=1e-5)
+    qc = jqx.calibrate(
+        lambda p, xb: xb @ p["kernel"], params, [x[:128], x[128:]], r, progress=False
+    )["kernel"]
+    np.testing.assert_allclose(
+        np.asarray(qc.dequantize()), np.asarray(q_direct.dequantize()), atol=1e-5
+    )
 
 
 def test_bad_input():
@@ -202,8 +209,11 @@ def test_bad_input():
         gptq_quantize(w, jnp.eye(32), GPTQConfig(group_size=16))
     x = jax.random.normal(jax.random.key(0), (8, 64))  # rank 8 < 64: singular
     with pytest.raises(ValueError, match="not positive definite.*damp"):
-        gptq_quantize(jax.random.normal(jax.random.key(1), (64, 16)), x.T @ x,
-                      GPTQConfig(group_size=16, damp=0.0))
+        gptq_quantize(
+            jax.random.normal(jax.random.key(1), (64, 16)),
+            x.T @ x,
+            GPTQConfig(group_size=16, damp=0.0),
+        )
     with pytest.raises(ValueError, match=r"bits=5 .*\(2, 3, 4, 8\)"):
         jqx.gptq(bits=5)
     with pytest.raises(ValueError, match="group_size=24 does not divide"):
@@ -230,7 +240,8 @@ def test_rolled_and_unrolled_block_loops_agree(monkeypatch):
     cfg = GPTQConfig(bits=4, group_size=16, block_size=32, act_order=True)
     unrolled = gptq_quantize(w, h, cfg).dequantize()
     monkeypatch.setattr(gptq_mod, "_MAX_UNROLLED_BLOCKS", 0)
-    rolled = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16, block_size=32, act_order=True,
-                                            damp=0.0100001)).dequantize()
+    rolled = gptq_quantize(
+        w, h, GPTQConfig(bits=4, group_size=16, block_size=32, act_order=True, damp=0.0100001)
+    ).dequantize()
     same = np.isclose(np.asarray(unrolled), np.asarray(rolled), rtol=1e-4, atol=1e-6)
     assert same.mean() > 0.99

@@ -51,7 +51,9 @@ def test_goal_reconstruction_error_vs_rtn(dist):
     """
     key = jax.random.key(0)
     shape = (1024, 512)
-    w = (jax.random.normal(key, shape) if dist == "normal" else jax.random.t(key, 4.0, shape)) * 0.02
+    w = (
+        jax.random.normal(key, shape) if dist == "normal" else jax.random.t(key, 4.0, shape)
+    ) * 0.02
     r = jqx.quantize_array(w, "uint4", scheme="zero_point", granularity=jqx.per_group(64))
     h = jqx.quantize({"kernel": w}, jqx.hqq(bits=4, group_size=64))["kernel"]
     e_r = float(jnp.sum((w - r.dequantize()) ** 2))
@@ -68,7 +70,9 @@ def test_int4_weight_only_use_hqq_and_stacked_axes():
     assert q.format == "uint4" and q.block == (1, 64, 1) and q.scale.shape == (2, 2, 32)
     # each stacked layer is its own set of groups
     q0 = hqq_quantize(w[0], HQQConfig(group_size=64))
-    np.testing.assert_allclose(np.asarray(q.dequantize()[0]), np.asarray(q0.dequantize()), atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(q.dequantize()[0]), np.asarray(q0.dequantize()), atol=1e-7
+    )
     err = jnp.abs(q.dequantize() - w)
     assert float(jnp.max(err)) <= float(jnp.max(q.scale)) * 1.5
     # groups along the last axis

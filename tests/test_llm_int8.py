@@ -29,7 +29,9 @@ def _inputs(seed=1, n_out=6):
 
 def _w8a8(x, q):
     xc, xs = jqx.quantize_activation(x, "int8", "per_token")
-    acc = jax.lax.dot_general(xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(
+        xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
     return acc.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
 
 
@@ -37,8 +39,9 @@ def test_no_outliers_equals_w8a8():
     _, q = _weight()
     x = jnp.clip(jax.random.normal(jax.random.key(2), (M, K)), -5.0, 5.0)
     assert not bool(jnp.any(outlier_columns(x, 6.0)))
-    np.testing.assert_allclose(np.asarray(llm_int8_matmul(x, q)), np.asarray(_w8a8(x, q)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(llm_int8_matmul(x, q)), np.asarray(_w8a8(x, q)), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -69,14 +72,17 @@ def test_jit_static_shapes_and_threshold():
     f = jax.jit(chex.assert_max_traces(lambda x, q: llm_int8_matmul(x, q), n=1))
     y1 = f(x, q)
     y2 = f(x * 0.1, q)  # different outlier set (none), same trace
-    np.testing.assert_allclose(np.asarray(y1), np.asarray(llm_int8_matmul(x, q)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(y1), np.asarray(llm_int8_matmul(x, q)), rtol=1e-5, atol=1e-4
+    )
     np.testing.assert_allclose(np.asarray(y2), np.asarray(_w8a8(x * 0.1, q)), rtol=1e-5, atol=1e-5)
     # leading dims and dtypes
     y3 = llm_int8_matmul(x.reshape(4, M // 4, K).astype(jnp.bfloat16), q)
     assert y3.shape == (4, M // 4, N) and y3.dtype == jnp.bfloat16
     # a threshold above every value: plain W8A8
-    np.testing.assert_allclose(np.asarray(llm_int8_matmul(x, q, 100.0)), np.asarray(_w8a8(x, q)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(llm_int8_matmul(x, q, 100.0)), np.asarray(_w8a8(x, q)), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_bad_input():

@@ -29,8 +29,9 @@ def _weights(seed, scale=1.0):
 @functools.partial(jax.jit, static_argnums=0)
 def _lsq_grads(recipe, w, s, z, up):
     """(dL/dw, dL/ds) of L = sum(fake_quant_lsq(w, s) * up); one compile per recipe."""
-    return jax.grad(lambda w, s: jnp.sum(qat.fake_quant_weight_lsq(w, s, recipe, z) * up),
-                    argnums=(0, 1))(w, s)
+    return jax.grad(
+        lambda w, s: jnp.sum(qat.fake_quant_weight_lsq(w, s, recipe, z) * up), argnums=(0, 1)
+    )(w, s)
 
 
 @settings(max_examples=10)
@@ -97,8 +98,12 @@ def _round_to_grid(v, recipe):
 
 @pytest.mark.parametrize(
     "recipe",
-    [jqx.int8_weight_only(), jqx.int4_weight_only(group_size=8), jqx.fp8_weight_only(),
-     jqx.fp4_weight_only(group_size=8)],
+    [
+        jqx.int8_weight_only(),
+        jqx.int4_weight_only(group_size=8),
+        jqx.fp8_weight_only(),
+        jqx.fp4_weight_only(group_size=8),
+    ],
     ids=lambda r: r.name,
 )
 @settings(max_examples=6)
@@ -127,7 +132,9 @@ def test_lsq_scale_gradient_matches_formula(recipe, seed, shrink):
         inside = np.abs(v) <= hi
         d = np.where(inside, _round_to_grid(v, recipe) - v, np.sign(v) * hi)
     g = 1.0 / np.sqrt(block[0] * block[1] * hi)  # LSQ: 1 / sqrt(n * qmax)
-    want = (np.asarray(up, np.float64) * d).reshape(nb[0], block[0], nb[1], block[1]).sum((1, 3)) * g
+    want = (np.asarray(up, np.float64) * d).reshape(nb[0], block[0], nb[1], block[1]).sum(
+        (1, 3)
+    ) * g
     np.testing.assert_allclose(np.asarray(gs), want, rtol=1e-4, atol=1e-5)
 
 
@@ -152,8 +159,11 @@ def _mlp():
     return m, m.init(jax.random.key(0), x), x
 
 
-INT_RECIPES = [jqx.int8_weight_only(), jqx.int4_weight_only(group_size=8),
-               jqx.int4_weight_only(group_size=8, scheme="absmax")]
+INT_RECIPES = [
+    jqx.int8_weight_only(),
+    jqx.int4_weight_only(group_size=8),
+    jqx.int4_weight_only(group_size=8, scheme="absmax"),
+]
 
 
 @pytest.mark.parametrize("recipe", INT_RECIPES, ids=lambda r: f"{r.name}-{r.format}")
@@ -163,8 +173,10 @@ def test_convert_bit_identical(recipe, lsq):
     scales = qat.init_scales(v, recipe) if lsq else None
     if lsq:  # trained scales differ from RTN: perturb them
         scales = jax.tree.map(lambda s: s * 1.1, scales)
-        scales = {p: {**e, "zero_point": e["zero_point"] / 1.1} if "zero_point" in e else e
-                  for p, e in scales.items()}
+        scales = {
+            p: {**e, "zero_point": e["zero_point"] / 1.1} if "zero_point" in e else e
+            for p, e in scales.items()
+        }
     f = qat.fake_quantized(m.apply, recipe, lsq=lsq)
     fake = jax.jit(f)(scales, v, x) if lsq else jax.jit(f)(v, x)
     q = qat.convert(v, recipe, scales)
@@ -182,8 +194,13 @@ def test_convert_bit_identical(recipe, lsq):
 
 @pytest.mark.parametrize(
     "recipe",
-    [jqx.fp8_weight_only(), jqx.nf4_weight_only(group_size=8), jqx.fp4_weight_only(group_size=8),
-     jqx.int8_dynamic_activation_int8_weight(), jqx.fp8_dynamic_activation_fp8_weight()],
+    [
+        jqx.fp8_weight_only(),
+        jqx.nf4_weight_only(group_size=8),
+        jqx.fp4_weight_only(group_size=8),
+        jqx.int8_dynamic_activation_int8_weight(),
+        jqx.fp8_dynamic_activation_fp8_weight(),
+    ],
     ids=lambda r: r.name,
 )
 def test_other_recipes_match_quantized_forward(recipe):
@@ -209,12 +226,15 @@ def test_activation_fake_quant_changes_forward_and_keeps_ste():
     # gradient w.r.t. the input of one matmul: STE through the activation
     # quantizer, i.e. the same as without it
     p = {"l": {"kernel": v["params"]["Dense_0"]["kernel"]}}
+
     def lin(p, x):
         return x @ p["l"]["kernel"]
 
     up = jax.random.normal(jax.random.key(5), (x.shape[0], 32))
     ga = jax.grad(lambda x: jnp.sum(qat.fake_quantized(lin, r)(p, x) * up))(x)
-    gb = jax.grad(lambda x: jnp.sum(qat.fake_quantized(lin, r, quantize_activations=True)(p, x) * up))(x)
+    gb = jax.grad(
+        lambda x: jnp.sum(qat.fake_quantized(lin, r, quantize_activations=True)(p, x) * up)
+    )(x)
     np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
 
 
@@ -246,6 +266,7 @@ def test_qat_recovers_ptq_loss_linen(lsq):
     m, v, x = _mlp()
     y = jnp.sin(x[:, :4] * 2.0)
     recipe = jqx.int4_weight_only(group_size=8, scheme="absmax")
+
     def mse(out):
         return jnp.mean((out - y) ** 2)
 
@@ -276,6 +297,7 @@ def test_qat_nnx_model():
             return self.b(nnx.relu(self.a(x)))
 
     gdef, state = nnx.split(Net(nnx.Rngs(0)))
+
     def apply(st_, x):
         return nnx.merge(gdef, st_)(x)
 

@@ -26,7 +26,9 @@ def _w8a8(x, q):
     if q.in_scale is not None:
         x = x / q.in_scale[:, 0]
     xc, xs = jqx.quantize_activation(x, "int8", "per_token")
-    acc = jax.lax.dot_general(xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(
+        xc, q.qvalue, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
     return acc.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
 
 
@@ -75,8 +77,9 @@ def test_recipe_with_stats_and_calibrate():
     q = r.quantize_weight(w, path="k", stats=acc.result("k"))
     ref = smoothquant_quantize(w, jnp.max(jnp.abs(x), axis=0), 0.5)
     np.testing.assert_array_equal(np.asarray(q.qvalue), np.asarray(ref.qvalue))
-    qc = jqx.calibrate(lambda p, xb: xb @ p["kernel"], {"kernel": w}, [x[:128], x[128:]], r,
-                       progress=False)["kernel"]
+    qc = jqx.calibrate(
+        lambda p, xb: xb @ p["kernel"], {"kernel": w}, [x[:128], x[128:]], r, progress=False
+    )["kernel"]
     np.testing.assert_allclose(np.asarray(qc.in_scale), np.asarray(ref.in_scale), rtol=1e-6)
 
 

@@ -54,7 +54,9 @@ def int_grid(bits: int, sym: bool, *, who: str = "bits") -> IntGrid:
             "stored in the 4-bit container with a narrower code range)."
         )
     if bits == 8:
-        return IntGrid(8, sym, "int8" if sym else "uint8", -128.0 if sym else 0.0, 127.0 if sym else 255.0)
+        return IntGrid(
+            8, sym, "int8" if sym else "uint8", -128.0 if sym else 0.0, 127.0 if sym else 255.0
+        )
     if sym:
         return IntGrid(bits, True, "int4", -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1))
     return IntGrid(bits, False, "uint4", 0.0, float(2**bits - 1))

@@ -119,8 +119,14 @@ def awq_search_scale(
     g = _common.check_group(w.shape[0], cfg.group_size, "awq", None)
     x = jnp.asarray(x, jnp.float32)
     ma = jnp.mean(jnp.abs(x), axis=0) if mean_abs is None else jnp.asarray(mean_abs, jnp.float32)
-    s, a, _ = _search_scale(w.astype(jnp.float32), x[: cfg.max_rows_scale], ma,
-                            _common.int_grid(cfg.bits, cfg.sym), g, cfg.n_grid)
+    s, a, _ = _search_scale(
+        w.astype(jnp.float32),
+        x[: cfg.max_rows_scale],
+        ma,
+        _common.int_grid(cfg.bits, cfg.sym),
+        g,
+        cfg.n_grid,
+    )
     return s, float(a)
 
 
@@ -173,12 +179,22 @@ def awq_quantize(
     s, _, _ = _search_scale(wf, xf[: cfg.max_rows_scale], ma, grid, g, cfg.n_grid)
     ws = wf * s[:, None]
     if cfg.clip and int(cfg.max_shrink * cfg.n_grid) > 0:
-        mv = _search_clip(ws, xf[: cfg.max_rows_clip] / s, grid, g, cfg.n_grid, float(cfg.max_shrink))
+        mv = _search_clip(
+            ws, xf[: cfg.max_rows_clip] / s, grid, g, cfg.n_grid, float(cfg.max_shrink)
+        )
         mv = jnp.repeat(mv, g, axis=0)
         ws = jnp.clip(ws, -mv, mv)
     codes, sc, zp, _ = jax.jit(_common.rtn_codes, static_argnums=(1, 2))(ws, grid, g)
     return _common.build_qarray(
-        codes, sc, zp, grid, shape=w.shape, dtype=w.dtype, block=(g, 1), in_scale=s[:, None], act=act
+        codes,
+        sc,
+        zp,
+        grid,
+        shape=w.shape,
+        dtype=w.dtype,
+        block=(g, 1),
+        in_scale=s[:, None],
+        act=act,
     )
 
 
@@ -194,7 +210,9 @@ class AWQ(Recipe):
 
     @property
     def config(self) -> AWQConfig:
-        return AWQConfig(self.bits, self.group_size, self.sym, self.n_grid, self.max_shrink, self.clip)
+        return AWQConfig(
+            self.bits, self.group_size, self.sym, self.n_grid, self.max_shrink, self.clip
+        )
 
     @property
     def needs_calibration(self) -> bool:
@@ -211,11 +229,20 @@ class AWQ(Recipe):
                 f"awq needs the calibration statistic 'sample' for {path or 'this weight'}; run "
                 "it with jqx.calibrate(fn, params, batches, jqx.awq(...))."
             )
-        return awq_quantize(w, stats.sample, self.config, mean_abs=stats.mean_abs, path=path, act=self.act)
+        return awq_quantize(
+            w, stats.sample, self.config, mean_abs=stats.mean_abs, path=path, act=self.act
+        )
 
 
-def awq(bits: int = 4, group_size: int | None = 128, *, sym: bool = False, n_grid: int = 20,
-        max_shrink: float = 0.5, clip: bool = True) -> AWQ:
+def awq(
+    bits: int = 4,
+    group_size: int | None = 128,
+    *,
+    sym: bool = False,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    clip: bool = True,
+) -> AWQ:
     """AWQ weight-only quantization (activation-aware scales + clip search).
 
     Args:

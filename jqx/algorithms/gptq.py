@@ -75,10 +75,18 @@ class GPTQConfig:
                 f"gptq: damp={self.damp!r} must be a float >= 0 (fraction of mean(diag H); the "
                 "paper uses 0.01)."
             )
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"gptq: block_size={self.block_size!r} must be a positive int (e.g. 128).")
+        if (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size <= 0
+        ):
+            raise ValueError(
+                f"gptq: block_size={self.block_size!r} must be a positive int (e.g. 128)."
+            )
         if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size <= 0
         ):
             raise ValueError(
                 f"gptq: group_size={self.group_size!r} must be a positive int (e.g. 128) or None "
@@ -112,7 +120,9 @@ def _upper_inverse_factor(h):
     return jnp.linalg.cholesky(hinv).T
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "g", "bsz", "act_order", "static_groups", "damp"))
+@functools.partial(
+    jax.jit, static_argnames=("grid", "g", "bsz", "act_order", "static_groups", "damp")
+)
 def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp):
     k = w.shape[0]
     diag = jnp.diag(h)
@@ -279,7 +289,9 @@ def gptq_quantize(
         )
     scale = srow[::g]
     zero = None if grid.sym else zrow[::g]
-    return _common.build_qarray(codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=(g, 1), act=act)
+    return _common.build_qarray(
+        codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=(g, 1), act=act
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +308,12 @@ class GPTQ(Recipe):
     @property
     def config(self) -> GPTQConfig:
         return GPTQConfig(
-            self.bits, self.group_size, self.act_order, self.damp, self.block_size, self.sym,
+            self.bits,
+            self.group_size,
+            self.act_order,
+            self.damp,
+            self.block_size,
+            self.sym,
             self.static_groups,
         )
 

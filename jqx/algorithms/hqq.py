@@ -136,7 +136,16 @@ def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
         still = active & ((err < prev_err) if cfg.early_stop else True)
         s = jnp.where(active, s_new, s)
         z = jnp.where(active, z_new, z)
-        return s, z, best_s, best_z, best_obj, jnp.where(active, err, prev_err), beta * cfg.kappa, still
+        return (
+            s,
+            z,
+            best_s,
+            best_z,
+            best_obj,
+            jnp.where(active, err, prev_err),
+            beta * cfg.kappa,
+            still,
+        )
 
     init = (s, z, s, z, obj0[:, None], err0, jnp.float32(cfg.beta), jnp.bool_(True))
     _, _, bs, bz, _, _, _, _ = lax.fori_loop(0, cfg.iters, step, init)
@@ -189,7 +198,9 @@ def hqq_quantize(
     scale = jnp.moveaxis(s.reshape(nb_moved), -1, ax)
     zero = jnp.moveaxis(z.reshape(nb_moved), -1, ax)
     block = tuple(g if i == ax else 1 for i in range(w.ndim))
-    return _common.build_qarray(codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=block, act=act)
+    return _common.build_qarray(
+        codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=block, act=act
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +218,15 @@ class HQQ(Recipe):
     @property
     def config(self) -> HQQConfig:
         return HQQConfig(
-            self.bits, self.group_size, self.axis, self.lp_norm, self.beta, self.kappa,
-            self.iters, self.early_stop, self.optimize_scale,
+            self.bits,
+            self.group_size,
+            self.axis,
+            self.lp_norm,
+            self.beta,
+            self.kappa,
+            self.iters,
+            self.early_stop,
+            self.optimize_scale,
         )
 
     @property

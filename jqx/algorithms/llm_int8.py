@@ -117,7 +117,7 @@ def llm_int8_matmul(
     )
     y = acc.astype(jnp.float32) * x_scale * w_scale
     # Outlier part: only the masked rows of the dequantized weight take part.
-    w_deq = (w_codes.astype(jnp.float32) * w_scale)
+    w_deq = w_codes.astype(jnp.float32) * w_scale
     x_out = jnp.where(mask[None, :], xf, 0.0).astype(outlier_dtype)
     w_out = jnp.where(mask[:, None], w_deq, 0.0).astype(outlier_dtype)
     y = y + lax.dot_general(

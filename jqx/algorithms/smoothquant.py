@@ -86,7 +86,9 @@ def smoothquant_quantize(
     w = _common.check_kernel(w, "smoothquant", path)
     s = smoothquant_scales(act_absmax, w, alpha)
     ws = (w.astype(jnp.float32) * s[:, None]).astype(w.dtype)
-    q = quantize_array(ws, "int8", scheme="absmax", granularity=per_group(None, -2), act=act, path=path)
+    q = quantize_array(
+        ws, "int8", scheme="absmax", granularity=per_group(None, -2), act=act, path=path
+    )
     return q.replace(in_scale=s[:, None].astype(jnp.float32))
 
 

@@ -6,7 +6,6 @@ Example:
     'bfloat16'
 """
 
-from jqx.training import mixed_precision
-from jqx.training import fp8, qat
+from jqx.training import fp8, mixed_precision, qat
 
 __all__ = ["mixed_precision", "qat", "fp8"]
