@@ -12,8 +12,11 @@ on a 2-core XLA:CPU (``python benchmarks/ops.py``, see docs/sections/transform.m
   dequantize-then-dot; a grouped ``(G, M, g) x (G, g, N)`` dot followed by a
   scaled sum over G measured 4-5x slower at M >= 256 and no faster at small M;
 - W8A8 int8 (dynamic, static, LLM.int8()): int8 x int8 -> int32
-  ``dot_general`` (the fastest matmul on this CPU for M >= 2; a single row is
-  padded to two), rescaled in float32;
+  ``dot_general`` (faster than the f32 dot for M >= 2; a single row is padded
+  to two), rescaled in float32; from 1024 rows on (e.g. 32 x 128 tokens) the
+  same int8 codes go through a bf16 x bf16 -> f32 dot instead (exact
+  products, f32 accumulation): XLA:CPU's bf16 dot measured 10-30% faster
+  than its int8 one at those sizes (``benchmarks/w8a8_profile.py``);
 - W8A8 fp8: both operands' fp8 codes are exactly representable in bfloat16, so
   the dot runs in bfloat16 with float32 accumulation (exact products; measured
   ~2x faster than the f32 dot at M=256, while the native fp8 dot is no faster
@@ -235,6 +238,27 @@ def _pad_single_row(xq, xc, xb):
     return xq2, True
 
 
+# Many-row int8 W8A8: XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16) beats its
+# int8 x int8 -> int32 dot at >= 1024 rows (0.57-0.64x vs 0.68-0.87x the f32
+# dot at MiniLM's 4096-row layers; benchmarks/w8a8_profile.py). Below that the
+# per-call int8 -> bf16 weight conversion is not amortised (at K = N = 4096,
+# M = 256 the int32 dot wins, 0.67x vs 0.82x).
+_W8A8_BF16_MIN_ROWS = 1024
+
+
+def _w8a8_in_bf16(x, xc) -> bool:
+    """Run an int8 x int8 W8A8 product as a bf16 dot with f32 accumulation.
+
+    int8 codes are exact in bfloat16 and their products (|p| <= 127^2) exact
+    in float32, so the result equals the int32 dot converted to float32 while
+    partial sums stay below 2^24 in magnitude (always for K <= 1040); beyond
+    that, a partial sum may round by 1 part in 2^24, the same rounding the
+    int32 -> float32 conversion of the int32 path applies to its result.
+    """
+    rows = math.prod(x.shape[i] for i in range(x.ndim) if i not in xc)
+    return rows >= _W8A8_BF16_MIN_ROWS
+
+
 # --------------------------------------------------------------------------- main path
 
 
@@ -277,7 +301,15 @@ def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
     xf = x.astype(jnp.float32)
     codes, xs = _quantize_x(xf, q, xc)
     wfmt = q.fmt
-    if wfmt.name == "int8" and act.format == "int8":
+    if wfmt.name == "int8" and act.format == "int8" and _w8a8_in_bf16(x, xc):
+        # int8 codes are exact in bfloat16: exact products, f32 accumulation.
+        y = lax.dot_general(
+            codes.astype(jnp.bfloat16),
+            q.qvalue.astype(jnp.bfloat16),
+            dn,
+            preferred_element_type=jnp.float32,
+        )
+    elif wfmt.name == "int8" and act.format == "int8":
         codes2, padded = _pad_single_row(codes, xc, xb)
         dn2 = dn
         if padded:

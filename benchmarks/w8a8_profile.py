@@ -1,0 +1,305 @@
+"""Where W8A8 int8 dynamic time goes on MiniLM at batch x seq tokens, against float32.
+
+    python benchmarks/w8a8_profile.py                     # all parts, all-MiniLM-L6-v2
+    python benchmarks/w8a8_profile.py --part matmul       # per-matmul-shape formulations only
+    python benchmarks/w8a8_profile.py --part model --repeats 9
+    python benchmarks/w8a8_profile.py --tiny              # the shipped tiny encoder, quick
+
+Three parts, each timed under ``jit`` with calls interleaved across variants
+(median of ``--repeats``; wall clock and process CPU time, since this 2-core
+machine is shared and wall times swing with other jobs' load):
+
+- ``matmul``: at each of MiniLM's matmul shapes ((rows, 384) x (384, 384),
+  (384, 1536), (1536, 384) with rows = batch x seq): the f32 dot, the int8 x
+  int8 -> int32 dot, the same int8 codes as a bf16 x bf16 -> f32 dot, the
+  per-token activation quantization alone, the whole W8A8 product with the
+  int32 dot and with the bf16 dot, and ``jqx.ops.dot_general`` as shipped;
+  as ratios to the f32 dot.
+- ``model``: the whole encoder: float32, W8A8 through ``jqx.ops`` as shipped,
+  W8A8 forced onto the int32 dot, and a floor with every weight matmul
+  replaced by zeros (what attention, softmax, GELU, LayerNorm and the
+  embeddings cost on their own, i.e. the time no matmul formulation can
+  remove).
+- ``hlo``: the optimized HLO of the W8A8 model: how many activation
+  quantizations there are for the 36 matmuls (query/key/value share one input:
+  quantized once when XLA CSEs it), and which int32/float conversions are
+  left as separate passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jqx  # noqa: E402
+import jqx.ops as jops  # noqa: E402
+from jqx.models import minilm  # noqa: E402
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def _round_robin(fns: dict, reps: int) -> dict:
+    """name -> (median wall s, median CPU s); one call of each per round."""
+    for f, a in fns.values():
+        jax.block_until_ready(f(*a))  # compile + warm up
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, (f, a) in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(f(*a))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+def _print_ratios(res: dict, base: str, unit_ms: bool = True) -> None:
+    bw, bc = res[base]
+    print(f"  {'variant':34s} {'wall ms':>9s} {'/ f32':>6s} {'cpu ms':>9s} {'/ f32':>6s}")
+    for k, (w, c) in res.items():
+        print(f"  {k:34s} {1e3 * w:9.2f} {w / bw:6.2f} {1e3 * c:9.2f} {c / bc:6.2f}")
+
+
+def _quant(x):
+    """Per-token absmax int8 codes (as float) and scale, as jqx.ops computes them."""
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    s = amax / 127.0
+    s = jnp.where(s > 0, s, 1.0)
+    return jnp.clip(jnp.round(x / s), -127, 127), s
+
+
+def part_matmul(rows: int, shapes, reps: int) -> None:
+    print(f"\n== matmul formulations at {rows} rows (ratios to the f32 dot, same run)")
+    r = np.random.default_rng(0)
+    for k, n in shapes:
+        x = jnp.asarray(r.normal(size=(rows, k)), jnp.float32)
+        w = jnp.asarray(r.normal(size=(k, n)) / k**0.5, jnp.float32)
+        q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+        x8 = jnp.asarray(r.integers(-127, 128, (rows, k)), jnp.int8)
+        ws = q.scale.reshape(1, n)
+
+        def w8a8_int32(x, w8, ws):
+            c, s = _quant(x)
+            acc = lax.dot_general(c.astype(jnp.int8), w8, DN, preferred_element_type=jnp.int32)
+            return acc.astype(jnp.float32) * s * ws
+
+        def w8a8_bf16(x, w8, ws):
+            c, s = _quant(x)
+            y = lax.dot_general(
+                c.astype(jnp.bfloat16),
+                w8.astype(jnp.bfloat16),
+                DN,
+                preferred_element_type=jnp.float32,
+            )
+            return y * s * ws
+
+        fns = {
+            "f32 dot": (jax.jit(lambda a, b: a @ b), (x, w)),
+            "int8 x int8 -> int32 dot": (
+                jax.jit(lambda a, b: lax.dot_general(a, b, DN, preferred_element_type=jnp.int32)),
+                (x8, q.qvalue),
+            ),
+            "int8 codes as bf16 -> f32 dot": (
+                jax.jit(
+                    lambda a, b: lax.dot_general(
+                        a.astype(jnp.bfloat16),
+                        b.astype(jnp.bfloat16),
+                        DN,
+                        preferred_element_type=jnp.float32,
+                    )
+                ),
+                (x8, q.qvalue),
+            ),
+            "quantize x only": (jax.jit(lambda a: _quant(a)[0].astype(jnp.int8)), (x,)),
+            "W8A8 int32 dot + rescale": (jax.jit(w8a8_int32), (x, q.qvalue, ws)),
+            "W8A8 bf16 dot + rescale": (jax.jit(w8a8_bf16), (x, q.qvalue, ws)),
+            "jqx.ops.dot_general W8A8": (
+                jax.jit(lambda a, b: jops.dot_general(a, b, DN)),
+                (x, q),
+            ),
+        }
+        print(f"\n(rows {rows}) x ({k}, {n})")
+        _print_ratios(_round_robin(fns, reps), "f32 dot")
+
+
+def _zero_rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
+    """A matmul that costs (almost) nothing: x's own columns, tiled or cut to the
+    product's shape (x (..., K) @ W (K, N)). Not zeros or a broadcast, which
+    XLA would fold through the attention that follows."""
+    (xc, wc), (xb, wb) = dn
+    x, w = (rhs, lhs) if w_is_lhs else (lhs, rhs)
+    if w_is_lhs or xb or tuple(wc) != (0,) or len(w.shape) != 2:
+        raise NotImplementedError(f"floor rule expects x @ W (K, N); got dn={dn} at {path}")
+    k, n = w.shape
+    y = x if n <= k else jnp.concatenate([x] * (-(-n // k)), axis=-1)
+    return y[..., :n].astype(pet or x.dtype)
+
+
+@contextlib.contextmanager
+def _int32_switch(on: bool):
+    """While tracing: ``on`` sends every int8 W8A8 product to the int32 dot (the
+    formulation ops.py used for every row count before the bf16 path)."""
+    saved = jops._W8A8_BF16_MIN_ROWS
+    if on:
+        jops._W8A8_BF16_MIN_ROWS = 1 << 62
+    try:
+        yield
+    finally:
+        jops._W8A8_BF16_MIN_ROWS = saved
+
+
+class _int32_w8a8:
+    """``jit(quantized(fn))`` traced with the int32-dot formulation."""
+
+    def __init__(self, fn):
+        self.inner = jax.jit(jqx.quantized(fn))
+
+    def __call__(self, *args):
+        with _int32_switch(True):  # only read while tracing
+            return self.inner(*args)
+
+    def lower(self, *args):
+        with _int32_switch(True):
+            return self.inner.lower(*args)
+
+
+def part_model(enc, ids, mask, reps: int) -> None:
+    print(f"\n== whole model at {ids.shape[0]} x {ids.shape[1]} tokens (ratios to float32)")
+    qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
+    paths = [
+        jqx.tree.path_str(p)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(enc.variables)[0]
+        if jqx.tree.path_str(p).endswith("kernel") and leaf.ndim == 2
+    ]
+    fns = {
+        "float32": (jax.jit(enc.module.apply), enc.variables),
+        "W8A8 jqx.ops (shipped)": (jax.jit(jqx.quantized(enc.module.apply)), qp),
+        "W8A8 int32 dot (previous)": (_int32_w8a8(enc.module.apply), qp),
+        "floor: weight matmuls ~ free": (
+            jax.jit(jqx.transform.map_dots(enc.module.apply, paths, _zero_rule)),
+            enc.variables,
+        ),
+    }
+    ref = np.asarray(fns["float32"][0](enc.variables, ids, mask))
+    for name in ("W8A8 jqx.ops (shipped)", "W8A8 int32 dot (previous)"):
+        f, v = fns[name]
+        e = np.asarray(f(v, ids, mask))
+        cos = np.mean(np.sum(e * ref, -1))
+        print(f"  {name}: embedding cosine to float32 (random ids) {cos:.5f}")
+    res = _round_robin({k: (f, (v, ids, mask)) for k, (f, v) in fns.items()}, reps)
+    _print_ratios(res, "float32")
+    bw, bc = res["float32"]
+    for k, (w, c) in res.items():
+        print(f"  speedup vs float32: {k:34s} wall {bw / w:5.2f}x  cpu {bc / c:5.2f}x")
+
+
+def _computations(txt: str) -> dict:
+    """name -> body text of each HLO computation."""
+    out, name, body = {}, None, []
+    for ln in txt.splitlines():
+        m = re.match(r"^(?:ENTRY )?%(\S+) \(.*\{$", ln)
+        if m:
+            name, body = m.group(1), []
+        elif ln.startswith("}") and name:
+            out[name] = "\n".join(body)
+            name = None
+        elif name:
+            body.append(ln)
+    return out
+
+
+def part_hlo(enc, ids, mask, dump: str | None) -> None:
+    qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
+    for label, fn in (
+        ("jqx.ops as shipped", jax.jit(jqx.quantized(enc.module.apply))),
+        ("int32 dot (previous)", _int32_w8a8(enc.module.apply)),
+    ):
+        print(f"\n== optimized HLO of the W8A8 model, {label}")
+        with _int32_switch(label.startswith("int32")):
+            txt = fn.lower(qp, ids, mask).compile().as_text()
+        _hlo_stats(txt, qp)
+        if dump and label.startswith("jqx"):
+            with open(dump, "w") as fh:
+                fh.write(txt)
+            print(f"  full optimized HLO written to {dump}")
+
+
+def _hlo_stats(txt: str, qp) -> None:
+    leaves = jax.tree_util.tree_leaves(qp, is_leaf=jqx.is_qarray)
+    n_mm = sum(1 for leaf in leaves if jqx.is_qarray(leaf))
+    comps = _computations(txt)
+    entry = next(v for k, v in comps.items() if k.startswith("main"))
+
+    def has(comp, op, seen=()):
+        body = comps.get(comp, "")
+        if op in body:
+            return True
+        return any(
+            has(c, op, seen + (comp,))
+            for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body)
+            if c not in seen
+        )
+
+    calls = [
+        (ln.strip(), m.group(1))
+        for ln in entry.splitlines()
+        if (m := re.search(r"calls=%([\w.\-]+)", ln))
+    ]
+    quant = [ln for ln, c in calls if has(c, "round-nearest-even")]
+    quant_in_dot = [ln for ln in quant if has(re.search(r"calls=%([\w.\-]+)", ln).group(1), " dot(")]
+    s32_out = [ln for ln, _ in calls if re.match(r"%\S+ = s32\[", ln)]
+    s32_cvt = [ln for ln, c in calls if "wrapped_convert" in ln and "s32[" in comps.get(c, "")]
+    w_cvt = [ln for ln, _ in calls if re.match(r"%\S+ = bf16\[\d+,\d+\]", ln) and "qvalue" in ln]
+    print(f"  quantized matmul weights: {n_mm}")
+    print(f"  fusions that quantize activations (contain round-nearest-even): {len(quant)}")
+    print(f"    of which also hold the matmul (quantize + dot in one fusion): {len(quant_in_dot)}")
+    print(f"  matmul outputs written as int32: {len(s32_out)}, "
+          f"converted to f32 in a pass of their own: {len(s32_cvt)}")
+    print(f"  int8 -> bf16 weight conversions as fusions of their own: {len(w_cvt)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("all", "matmul", "model", "hlo"), default="all")
+    ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--dump-hlo", default=None, help="write the W8A8 model's optimized HLO here")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    enc = minilm.load_tiny() if args.tiny or not minilm.weights_available() else minilm.load_minilm()
+    c = enc.config
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, c.vocab_size, (args.batch, args.seq_len)), jnp.int32)
+    mask = jnp.ones((args.batch, args.seq_len), jnp.int32)
+    print(
+        f"{enc.name}: {c.num_layers} layers, hidden {c.hidden_size}, {args.batch} x {args.seq_len} "
+        f"tokens, median of {args.repeats}, {jax.default_backend()} x {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    h, i = c.hidden_size, c.intermediate_size
+    if args.part in ("all", "hlo"):
+        part_hlo(enc, ids, mask, args.dump_hlo)
+    if args.part in ("all", "matmul"):
+        part_matmul(args.batch * args.seq_len, [(h, h), (h, i), (i, h)], args.repeats)
+    if args.part in ("all", "model"):
+        part_model(enc, ids, mask, args.repeats)
+    print(f"\n({time.perf_counter() - t0:.0f}s, load average now {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
