@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,6 +221,122 @@ def _computations(txt: str) -> dict:
     return out
 
 
+def part_floor(cfg, batch: int, seq: int, reps: int) -> None:
+    """The non-matmul work of one encoder layer, piece by piece, times the layer count."""
+    b, t, h, i = batch, seq, cfg.hidden_size, cfg.intermediate_size
+    nh = cfg.num_heads
+    hd = h // nh
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.normal(size=(b, t, nh, hd)), jnp.float32) for _ in range(3))
+    bias = jnp.zeros((b, 1, 1, t), jnp.float32)
+    x = jnp.asarray(r.normal(size=(b, t, h)), jnp.float32)
+    y = jnp.asarray(r.normal(size=(b, t, i)), jnp.float32)
+    ln = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
+    lnp = ln.init(jax.random.key(0), x)
+
+    def attention(q, k, v, bias):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(hd)) + bias
+        probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
+
+    def attention_sdpa(q, k, v, bias):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(b, t, h)
+
+    fns = {
+        "attention (einsum, softmax, einsum)": (jax.jit(attention), (q, k, v, bias)),
+        "  same via jax.nn.dot_product_attention": (jax.jit(attention_sdpa), (q, k, v, bias)),
+        "erf GELU (b, t, 1536)": (jax.jit(lambda a: nn.gelu(a, approximate=False)), (y,)),
+        "  tanh GELU (b, t, 1536)": (jax.jit(lambda a: nn.gelu(a, approximate=True)), (y,)),
+        "residual + LayerNorm (b, t, 384)": (jax.jit(lambda a, c: ln.apply(lnp, a + c)), (x, x)),
+    }
+    print(f"\n== non-matmul pieces of one layer at {b} x {t} tokens (x {cfg.num_layers} layers)")
+    res = _round_robin(fns, reps)
+    print(f"  {'piece':42s} {'wall ms':>9s} {'x layers':>9s} {'cpu ms':>9s}")
+    for name, (w, c) in res.items():
+        print(f"  {name:42s} {1e3 * w:9.2f} {1e3 * w * cfg.num_layers:9.1f} {1e3 * c:9.2f}")
+
+
+class _FastAttentionLayer(minilm._Layer):
+    """What-if for jqx/models/minilm.py (not used by jqx): the same layer and
+    parameter names, with softmax's normalisation moved after the P.V product
+    and the context kept as (b, h, q, d) until one final transpose. Same
+    function (to float32 rounding); measured ~5x faster attention on XLA:CPU."""
+
+    @nn.compact
+    def __call__(self, x, bias):
+        c = self.config
+        b, t, h = x.shape
+        nh, hd = c.num_heads, c.hidden_size // c.num_heads
+
+        def heads(name):
+            return nn.Dense(h, name=name)(x).reshape(b, t, nh, hd)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(hd)) + bias
+        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        ctx = jnp.einsum("bhqk,bkhd->bhqd", e, v) / jnp.sum(e, axis=-1)[..., None]
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, h)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_norm")(
+            x + nn.Dense(h, name="attention_out")(ctx)
+        )
+        y = nn.gelu(nn.Dense(c.intermediate_size, name="intermediate")(x), approximate=False)
+        return nn.LayerNorm(epsilon=c.layer_norm_eps, name="output_norm")(
+            x + nn.Dense(h, name="output")(y)
+        )
+
+
+@contextlib.contextmanager
+def _fast_attention():
+    saved = minilm._Layer
+    minilm._Layer = _FastAttentionLayer
+    try:
+        yield
+    finally:
+        minilm._Layer = saved
+
+
+class _Traced:
+    """A jitted fn whose first call (the trace) runs inside ``ctx()``."""
+
+    def __init__(self, fn, ctx):
+        # a fresh function: jit caches traces by function, and a bound method
+        # compares equal to the one the plain float32 variant jitted
+        self.fn, self.ctx = jax.jit(lambda *a: fn(*a)), ctx
+
+    def __call__(self, *args):
+        with self.ctx():
+            return self.fn(*args)
+
+
+def part_whatif(enc, ids, mask, reps: int) -> None:
+    print("\n== what-if: MiniLM with the faster attention formulation (minilm.py unchanged)")
+    qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
+    fns = {
+        "float32": (jax.jit(enc.module.apply), enc.variables),
+        "W8A8 jqx.ops": (jax.jit(jqx.quantized(enc.module.apply)), qp),
+        "float32, fast attention": (_Traced(enc.module.apply, _fast_attention), enc.variables),
+        "W8A8 jqx.ops, fast attention": (
+            _Traced(jqx.quantized(enc.module.apply), _fast_attention),
+            qp,
+        ),
+    }
+    ref = np.asarray(fns["float32"][0](enc.variables, ids, mask))
+    for name in ("float32, fast attention", "W8A8 jqx.ops, fast attention"):
+        f, v = fns[name]
+        e = np.asarray(f(v, ids, mask))
+        print(f"  {name}: max |embedding - float32| {np.max(np.abs(e - ref)):.2e}")
+    res = _round_robin({k: (f, (v, ids, mask)) for k, (f, v) in fns.items()}, reps)
+    _print_ratios(res, "float32")
+    for base, q in (
+        ("float32", "W8A8 jqx.ops"),
+        ("float32, fast attention", "W8A8 jqx.ops, fast attention"),
+    ):
+        print(
+            f"  W8A8 speedup over {base:24s} wall {res[base][0] / res[q][0]:5.2f}x  "
+            f"cpu {res[base][1] / res[q][1]:5.2f}x"
+        )
+
+
 def part_hlo(enc, ids, mask, dump: str | None) -> None:
     qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
     for label, fn in (
@@ -258,21 +375,27 @@ def _hlo_stats(txt: str, qp) -> None:
         if (m := re.search(r"calls=%([\w.\-]+)", ln))
     ]
     quant = [ln for ln, c in calls if has(c, "round-nearest-even")]
-    quant_in_dot = [ln for ln in quant if has(re.search(r"calls=%([\w.\-]+)", ln).group(1), " dot(")]
+    quant_in_dot = [
+        ln for ln in quant if has(re.search(r"calls=%([\w.\-]+)", ln).group(1), " dot(")
+    ]
     s32_out = [ln for ln, _ in calls if re.match(r"%\S+ = s32\[", ln)]
     s32_cvt = [ln for ln, c in calls if "wrapped_convert" in ln and "s32[" in comps.get(c, "")]
     w_cvt = [ln for ln, _ in calls if re.match(r"%\S+ = bf16\[\d+,\d+\]", ln) and "qvalue" in ln]
     print(f"  quantized matmul weights: {n_mm}")
     print(f"  fusions that quantize activations (contain round-nearest-even): {len(quant)}")
     print(f"    of which also hold the matmul (quantize + dot in one fusion): {len(quant_in_dot)}")
-    print(f"  matmul outputs written as int32: {len(s32_out)}, "
-          f"converted to f32 in a pass of their own: {len(s32_cvt)}")
+    print(
+        f"  matmul outputs written as int32: {len(s32_out)}, "
+        f"converted to f32 in a pass of their own: {len(s32_cvt)}"
+    )
     print(f"  int8 -> bf16 weight conversions as fusions of their own: {len(w_cvt)}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("all", "matmul", "model", "hlo"), default="all")
+    ap.add_argument(
+        "--part", choices=("all", "matmul", "model", "floor", "whatif", "hlo"), default="all"
+    )
     ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -280,7 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-hlo", default=None, help="write the W8A8 model's optimized HLO here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    enc = minilm.load_tiny() if args.tiny or not minilm.weights_available() else minilm.load_minilm()
+    enc = (
+        minilm.load_tiny() if args.tiny or not minilm.weights_available() else minilm.load_minilm()
+    )
     c = enc.config
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, c.vocab_size, (args.batch, args.seq_len)), jnp.int32)
@@ -295,8 +420,12 @@ def main(argv=None) -> int:
         part_hlo(enc, ids, mask, args.dump_hlo)
     if args.part in ("all", "matmul"):
         part_matmul(args.batch * args.seq_len, [(h, h), (h, i), (i, h)], args.repeats)
+    if args.part in ("all", "floor"):
+        part_floor(c, args.batch, args.seq_len, args.repeats)
     if args.part in ("all", "model"):
         part_model(enc, ids, mask, args.repeats)
+    if args.part in ("all", "whatif"):
+        part_whatif(enc, ids, mask, args.repeats)
     print(f"\n({time.perf_counter() - t0:.0f}s, load average now {os.getloadavg()[0]:.1f})")
     return 0
 
