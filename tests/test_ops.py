@@ -128,6 +128,26 @@ def test_w8a8_int8_dynamic_bound_and_int32_dot():
     assert float(jnp.max(jnp.abs(jqx.ops.dot_general(x, q, DN) - _ref(x, w_hat)))) > 1e-4
 
 
+def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
+    """>= 1024 rows run the int8 codes through a bf16 x bf16 -> f32 dot; the
+    products are exact, so it must equal the int32 path bit for bit."""
+    k, n, m = 384, 64, 1024
+    w = jax.random.normal(jax.random.key(3), (k, n), jnp.float32)
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+    x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32)
+    x = x.at[:, :3].multiply(40.0)  # push some activation codes to +-127
+    f = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+    y_bf16 = f(x)
+    assert "bf16" in str(jax.make_jaxpr(f)(x))
+    monkeypatch.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
+    g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(g)(x))
+    np.testing.assert_array_equal(np.asarray(y_bf16), np.asarray(g(x)))
+    w_hat = q.dequantize()
+    s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
+    assert np.all(np.abs(y_bf16 - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, s))
+
+
 @given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 def test_w8a8_int8_property(seed, scale):
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
