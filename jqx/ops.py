@@ -50,7 +50,7 @@ from jqx import formats as _formats
 from jqx.qarray import QArray, is_qarray
 from jqx.quantize import quantize_activation
 
-__all__ = ["dot_general"]
+__all__ = ["dot_general", "dynamic_dot_general"]
 
 _BACKENDS = (None, "xla", "pallas")
 
@@ -517,4 +517,78 @@ def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
             y = pk.fp8_matmul(xq, q.qvalue, xs, q.scale.reshape(1, n), out_dtype=kdt)
     except NotImplementedError:
         return None
+    return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- activation x activation
+
+
+def _absmax_codes(x: jax.Array, axes: Sequence[int], fmt: _formats.Format):
+    """Symmetric codes of ``x`` with one scale per index of the non-``axes`` dims."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=tuple(axes), keepdims=True)
+    s = amax / fmt.max
+    s = jnp.where(s > 0, s, 1.0)
+    return _formats.encode(xf / s, fmt), s
+
+
+def dynamic_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    preferred_element_type=None,
+    *,
+    fmt: str = "int8",
+) -> jax.Array:
+    """A matmul of two activations with both operands quantized on the fly.
+
+    Each operand gets one absmax scale per row, i.e. per index of its batch
+    and free dims (constant along the contraction), so the product is an
+    integer (or fp8) dot followed by an outer-product rescale. This is what
+    ``jqx.quantized(fn, activation_matmuls="int8")`` runs for matmuls with no
+    weight operand (attention's ``q @ k^T`` and ``p @ v``), as qwix's
+    ``.*`` rules do.
+
+    Args:
+      lhs, rhs: float arrays.
+      dimension_numbers: as for ``jax.lax.dot_general``.
+      preferred_element_type: output dtype (default: ``lhs``'s float dtype).
+      fmt: ``"int8"`` or ``"fp8_e4m3"``.
+
+    Returns:
+      The approximate product, error at most ``s_l/2 * sum|rhs| + s_r/2 * sum|lhs|``
+      (plus the second-order term) per output element.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> a = jnp.array([[1.0, 2.0], [3.0, -4.0]])
+        >>> y = dynamic_dot_general(a, a, (((1,), (0,)), ((), ())))
+        >>> bool(jnp.allclose(y, a @ a, atol=0.1))
+        True
+    """
+    f = _formats.get(fmt)
+    if f.name not in ("int8", "fp8_e4m3"):
+        raise ValueError(
+            f"dynamic_dot_general(fmt={fmt!r}): activation matmuls are quantized to 'int8' or "
+            "'fp8_e4m3'."
+        )
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    (lc, rc), (lb, rb) = dimension_numbers
+    out_dtype = _out_dtype(lhs, preferred_element_type)
+    lq, ls = _absmax_codes(lhs, lc, f)
+    rq, rs = _absmax_codes(rhs, rc, f)
+    if f.name == "int8":
+        acc = lax.dot_general(lq, rq, dimension_numbers, preferred_element_type=jnp.int32)
+        y = acc.astype(jnp.float32)
+    else:
+        y = lax.dot_general(
+            lq.astype(jnp.bfloat16),
+            rq.astype(jnp.bfloat16),
+            dimension_numbers,
+            preferred_element_type=jnp.float32,
+        )
+    n_lfree = lhs.ndim - len(lc) - len(lb)
+    n_rfree = rhs.ndim - len(rc) - len(rb)
+    y = y * _x_out_scale(ls, lc, lb, n_rfree)
+    y = y * _w_out_scale(rs, rc, rb, n_lfree)
     return y.astype(out_dtype)

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jqx import formats as _formats
 from jqx.qarray import is_qarray
 from jqx.tree import path_str
 
@@ -119,16 +120,22 @@ class _Ctx:
     backend, and the records (path, array) produced in forward order."""
 
     def __init__(
-        self, rule: DotRule | None, paths: frozenset, backend: str | None, capture: bool = False
+        self,
+        rule: DotRule | None,
+        paths: frozenset,
+        backend: str | None,
+        capture: bool = False,
+        act_matmuls: str | None = None,
     ):
         self.rule = rule
         self.paths = paths
         self.backend = backend
         self.capture = capture
+        self.act_matmuls = act_matmuls
         self.records: list[tuple[str, jax.Array]] = []
 
     def child(self) -> _Ctx:
-        return _Ctx(self.rule, self.paths, self.backend, self.capture)
+        return _Ctx(self.rule, self.paths, self.backend, self.capture, self.act_matmuls)
 
 
 def _default_dot(backend):
@@ -166,7 +173,9 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
-        if any(_is_w(x) for x in invals):
+        if any(_is_w(x) for x in invals) or (
+            ctx.act_matmuls is not None and eqn.primitive.name in _ACT_MATMUL_PRIMS
+        ):
             with eqn.ctx.manager:
                 outs = _eval_eqn(ctx, eqn, invals)
         else:
@@ -187,6 +196,8 @@ def _eval_eqn(ctx: _Ctx, eqn, invals) -> list:
     prim = eqn.primitive
     p = eqn.params
     name = prim.name
+    if name == "dot_general" and not any(_is_w(x) for x in invals):
+        return [_act_dot(ctx, eqn, invals)]
     if name == "dot_general":
         return [_dot(ctx, eqn, invals)]
     if name == "convert_element_type":
@@ -219,6 +230,38 @@ def _eval_eqn(ctx: _Ctx, eqn, invals) -> list:
     vals = [_mat(x) for x in invals]
     ans = prim.bind(*vals, **prim.get_bind_params(p))
     return ans if prim.multiple_results else [ans]
+
+
+# Primitives entered without a weight operand when activation matmuls are
+# quantized: the matmul itself and the calls that may hold one (jnp.einsum is
+# a jit). remat and scan bodies without weights stay float.
+_ACT_MATMUL_PRIMS = frozenset(
+    {
+        "dot_general",
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+    }
+)
+
+
+def _act_dot(ctx: _Ctx, eqn, invals):
+    """A matmul with no QArray operand, under ``activation_matmuls``."""
+    lhs, rhs = invals
+    p = eqn.params
+    floating = all(jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in (lhs, rhs))
+    if not floating:
+        return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(p))
+    from jqx import ops  # noqa: PLC0415
+
+    y = ops.dynamic_dot_general(
+        lhs, rhs, p["dimension_numbers"], p.get("preferred_element_type"), fmt=ctx.act_matmuls
+    )
+    return y.astype(eqn.outvars[0].aval.dtype)
 
 
 def _dot(ctx: _Ctx, eqn, invals):
@@ -486,7 +529,9 @@ def _interpret(fn, ctx_factory, argnum: int | None, paths: frozenset):
     return g
 
 
-def quantized(fn: Callable, *, backend: str | None = None) -> Callable:
+def quantized(
+    fn: Callable, *, backend: str | None = None, activation_matmuls: str | None = None
+) -> Callable:
     """Makes ``fn`` accept QArray leaves anywhere in its arguments.
 
     Matmuls (``dot_general``, so ``@``, ``jnp.dot``, ``einsum``, Flax layers)
@@ -499,6 +544,11 @@ def quantized(fn: Callable, *, backend: str | None = None) -> Callable:
       fn: any function of arrays (a plain function, ``model.apply`` of
         flax.linen, or a function that ``nnx.merge``s a State).
       backend: passed to :func:`jqx.ops.dot_general` (``None``/``"xla"``/``"pallas"``).
+      activation_matmuls: ``None`` (default: matmuls without a QArray operand
+        stay float), or ``"int8"`` / ``"fp8_e4m3"``: every matmul with no QArray
+        operand (attention's ``q @ k^T`` and ``p @ v``, and any float weight left
+        unquantized) runs with both operands quantized per row on the fly
+        (:func:`jqx.ops.dynamic_dot_general`), as qwix's ``.*`` rules do.
 
     Returns:
       A function with the signature of ``fn``.
@@ -516,7 +566,19 @@ def quantized(fn: Callable, *, backend: str | None = None) -> Callable:
         raise ValueError(
             f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'."
         )
-    inner = _interpret(fn, lambda: _Ctx(None, frozenset(), backend), None, frozenset())
+    if activation_matmuls is not None:
+        activation_matmuls = _formats.get(activation_matmuls).name
+        if activation_matmuls not in ("int8", "fp8_e4m3"):
+            raise ValueError(
+                f"activation_matmuls={activation_matmuls!r} is not supported; use None, 'int8' "
+                "or 'fp8_e4m3'."
+            )
+    inner = _interpret(
+        fn,
+        lambda: _Ctx(None, frozenset(), backend, act_matmuls=activation_matmuls),
+        None,
+        frozenset(),
+    )
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):

@@ -380,3 +380,38 @@ def test_scan_static_act_scale_and_in_scale_shared_across_layers(act_scale_shape
     assert "preferred_element_type=int32" in str(jax.make_jaxpr(f)(qs, x))
     _close(jax.jit(f)(qs, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qs, x), rel=0.05)
     assert path.endswith("kernel")
+
+
+def test_activation_matmuls_quantizes_attention_like_dots():
+    """activation_matmuls="int8": a matmul of two activations (attention's
+    q @ k^T inside a jnp.einsum jit) runs on per-row int8 codes, within the
+    bound of both operands' rounding; without it the product stays float."""
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    w = jax.random.normal(k1, (16, 16), jnp.float32)
+    x = jax.random.normal(k2, (2, 8, 16), jnp.float32)
+    qw = jqx.quantize_array(w, "int8", granularity=jqx.per_channel(-1))
+
+    def f(w, x):
+        q = x @ w
+        return jnp.einsum("bqd,bkd->bqk", q, x)
+
+    ref_q = x @ qw.dequantize()
+    ref = jnp.einsum("bqd,bkd->bqk", ref_q, x)
+    y_float = jax.jit(jqx.quantized(f))(qw, x)
+    y_int8 = jax.jit(jqx.quantized(f, activation_matmuls="int8"))(qw, x)
+    np.testing.assert_allclose(np.asarray(y_float), np.asarray(ref), rtol=1e-5, atol=1e-4)
+    # per-row absmax int8 on both operands: |err| <= sa/2 sum|b| + sb/2 sum|a| + sa sb K/4
+    sa = jnp.max(jnp.abs(ref_q), -1, keepdims=True) / 127  # (b, q, 1)
+    sb = jnp.max(jnp.abs(x), -1)[:, None, :] / 127  # (b, 1, k)
+    bound = (
+        sa / 2 * jnp.sum(jnp.abs(x), -1)[:, None, :]
+        + sb / 2 * jnp.sum(jnp.abs(ref_q), -1)[..., None]
+        + sa * sb * 16 / 4
+    )
+    err = jnp.abs(y_int8 - ref)
+    assert bool(jnp.all(err <= bound * 1.01 + 1e-4))
+    assert float(jnp.max(err)) > 1e-4  # really quantized
+    jaxpr = str(jax.make_jaxpr(jqx.quantized(f, activation_matmuls="int8"))(qw, x))
+    assert jaxpr.count("preferred_element_type=int32") >= 1
+    with pytest.raises(ValueError, match="activation_matmuls"):
+        jqx.quantized(f, activation_matmuls="int4")
