@@ -32,3 +32,8 @@ def pytest_report_header(config):
 @pytest.fixture
 def rng():
     return jax.random.key(0)
+
+
+# A script the sharding test runs in its own process (it sets XLA_FLAGS at
+# import): never import it into the test process, not even for doctests.
+collect_ignore = ["_sharding_check.py"]

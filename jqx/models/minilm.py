@@ -159,8 +159,8 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> mean_pool(jnp.ones((1, 3, 2)), jnp.array([[1, 1, 0]])).round(4).tolist()
-        [[0.7071, 0.7071]]
+        >>> [round(v, 4) for v in mean_pool(jnp.ones((1, 3, 2)), jnp.array([[1, 1, 0]]))[0].tolist()]
+        [0.7071, 0.7071]
     """
     m = attention_mask.astype(hidden.dtype)[..., None]
     s = (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
