@@ -489,7 +489,7 @@ def dynamic_loss_scale(
       min_scale: the scale never goes below this (1).
 
     Example:
-        >>> opt = dynamic_loss_scale(optax.adam(1e-3))
+        >>> opt = dynamic_loss_scale(optax.sgd(1e-3))
         >>> state = opt.init({"w": jnp.zeros(3)})
         >>> _, state = opt.update({"w": jnp.array([1.0, jnp.nan, 0.0])}, state, {"w": jnp.zeros(3)})
         >>> float(loss_scale(state)), int(state.loss_scale.skipped)
