@@ -260,6 +260,14 @@ def _encode_blocked(xb, s, z, fmt, symmetric_range):
     return _formats.encode(xb / s, fmt)
 
 
+def _encode_codes(x, fmt, block, s, z, symmetric_range) -> jax.Array:
+    """Stored codes of ``x`` (packed when 4-bit) under a per-block scale ``s``
+    and zero point ``z`` given in the blocked view (n0, 1, n1, 1, ...)."""
+    q = _encode_blocked(_blocked(x.astype(jnp.float32), block), s, z, fmt, symmetric_range)
+    q = q.reshape(x.shape)
+    return pack_4bit(q) if fmt.packed else q
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("fmt_name", "block", "scheme", "symmetric_range", "convention", "scale_dtype"),
@@ -289,10 +297,7 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
     s = s.astype(scale_dtype)
     # Quantize with the scale as stored, so dequantization sees the same number.
     sf = s.astype(jnp.float32)
-    q = _encode_blocked(_blocked(x.astype(jnp.float32), block), sf, z, fmt, symmetric_range)
-    q = q.reshape(x.shape)
-    if fmt.packed:
-        q = pack_4bit(q)
+    q = _encode_codes(x, fmt, block, sf, z, symmetric_range)
     nblocks = tuple(sz // b for sz, b in zip(x.shape, block, strict=True))
     s = s.reshape(nblocks)
     if z is not None:

@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from jqx import formats as _formats
-from jqx.qarray import ActSpec, QArray, is_qarray, pack_4bit
-from jqx.quantize import _blocked, _encode_blocked
+from jqx.qarray import ActSpec, QArray, is_qarray
+from jqx.quantize import _blocked, _encode_codes
 from jqx.recipes import Recipe
 from jqx.tree import path_str, select
 
@@ -148,11 +148,7 @@ def _build_qarray(w, recipe: Recipe, block, s, z) -> QArray:
             dims += [n, 1]
         sb = s.astype(jnp.float32).reshape(dims)
         zb = None if z is None else z.astype(jnp.float32).reshape(dims)
-        codes = _encode_blocked(
-            _blocked(w.astype(jnp.float32), block), sb, zb, fmt, recipe.symmetric_range
-        ).reshape(w.shape)
-        if fmt.packed:
-            codes = pack_4bit(codes)
+        codes = _encode_codes(w, fmt, block, sb, zb, recipe.symmetric_range)
     return QArray(
         qvalue=codes,
         scale=s,
