@@ -210,6 +210,22 @@ def _call_args(params, batch, argnum: int) -> tuple:
     return tuple(args)
 
 
+def _row_mask_of(row_mask, batch, i: int):
+    """The flat bool mask ``row_mask(*batch)`` (None without a row_mask)."""
+    if row_mask is None:
+        return None
+    m = np.asarray(row_mask(*_as_args(batch)))
+    if m.dtype != np.bool_:
+        ok = np.issubdtype(m.dtype, np.number) and bool(np.all((m == 0) | (m == 1)))
+        if not ok:
+            raise ValueError(
+                f"row_mask returned a {m.dtype} array with values other than 0/1 for calibration "
+                f"batch {i} (shapes {_shapes(batch)}); it must return a bool or 0/1 array with "
+                "one entry per token row, e.g. row_mask=lambda ids, mask: mask."
+            )
+    return m.reshape(-1).astype(bool)
+
+
 def _set_leaves(params, values: Mapping[str, Any]):
     def f(path, leaf):
         return values.get(path_str(path), leaf)
@@ -242,6 +258,7 @@ class _Gatherer:
 
     def __init__(self, chosen, need_of, full_stats_for_first_only: bool = False):
         self.chosen = {p: (w, r) for p, w, r in chosen}
+        self.masked = 0  # inputs a row mask was applied to
         self.need_of = need_of
         # Sequential mode: only the first layer's statistics from this pass are
         # used; the others are re-gathered after upstream quantization.
@@ -249,7 +266,7 @@ class _Gatherer:
         self.acc: dict[str, Any] = {}
         self.order: list[str] = []
 
-    def feed(self, records: Mapping[str, list], batch_index: int, batch):
+    def feed(self, records: Mapping[str, list], batch_index: int, batch, mask=None):
         for path, xs in records.items():
             if path not in self.chosen:
                 continue
@@ -286,11 +303,13 @@ class _Gatherer:
                         f"of {path} has feature size {x.shape[-1]}, but earlier batches gave "
                         f"{expected}; every batch must have the same feature sizes."
                     )
+                m = mask if mask is not None and mask.shape[0] == x.shape[-2] else None
+                self.masked += m is not None
                 if stacked:
                     for i, a in enumerate(accs):
-                        a.update(x[i])
+                        a.update(x[i], m)
                 else:
-                    accs.update(x)
+                    accs.update(x, m)
 
     def stats(self, path):
         a = self.acc.get(path)
@@ -400,6 +419,7 @@ def calibrate(
     momentum: float = 0.9,
     argnum: int = 0,
     progress: bool = True,
+    row_mask: Callable[..., Any] | None = None,
 ):
     """Quantizes ``params`` using statistics of each weight's matmul input.
 
@@ -419,6 +439,14 @@ def calibrate(
       momentum: EMA momentum for ``observer="moving_average_minmax"``.
       argnum: position of ``params`` among ``fn``'s positional arguments.
       progress: show tqdm progress bars (batches; layers in sequential mode).
+      row_mask: ``row_mask(*batch) -> mask`` with one bool (or 0/1) entry per
+        token row, e.g. ``lambda ids, mask: mask`` for padded text: rows where
+        it is false (padding) are left out of every statistic (GPTQ's
+        Hessian, AWQ/SmoothQuant channel statistics, observers). It applies
+        to each matmul input with ``mask.size`` rows (inputs shaped like the
+        batch's tokens); inputs with another row count (e.g. a pooled
+        ``(batch, K)``) are counted whole. A warning says so when it applied
+        to no input.
 
     Returns:
       ``params`` with the selected weights replaced by QArrays.
@@ -474,7 +502,7 @@ def calibrate(
     total = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(_progress(batches, total, "calibrate", progress)):
         _, rec = _run(g, params, batch, argnum, i, order_hint, ks)
-        gat.feed(rec, i, batch)
+        gat.feed(rec, i, batch, _row_mask_of(row_mask, batch, i))
         if order_hint is None and gat.order:
             first = gat.order[0]
             order_hint = (first, _k_of(gat.chosen[first][0]))
@@ -485,6 +513,13 @@ def calibrate(
             "least one batch, e.g. [x0, x1] or [(x0, mask0), ...]."
         )
 
+    if row_mask is not None and chosen and gat.masked == 0:
+        warnings.warn(
+            "jqx.calibrate: row_mask was given but no selected weight's input has one row per "
+            "mask entry, so no row was left out; return a mask shaped like the batch's token "
+            "positions (e.g. (batch, seq)).",
+            stacklevel=2,
+        )
     if not sequential:
         for p, w, r in chosen:
             out[p] = _quantize_one(p, w, r, gat.stats(p), observer, percentile, momentum)
@@ -512,7 +547,7 @@ def calibrate(
             one = _Gatherer([(p, w, r)], need_of)
             for i, batch in enumerate(batches):
                 _, rec = _run(g, current, batch, argnum, i, order_hint, ks)
-                one.feed({p: rec.get(p, [])}, i, batch)
+                one.feed({p: rec.get(p, [])}, i, batch, _row_mask_of(row_mask, batch, i))
             stats = one.stats(p)
         first = False
         q = _quantize_one(p, w, r, stats, observer, percentile, momentum)

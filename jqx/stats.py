@@ -14,6 +14,9 @@ Example:
     >>> st = acc.result("w")
     >>> st.absmax.tolist(), st.n
     ([3.0, 2.0], 2)
+    >>> acc.update(jnp.array([[9.0, 9.0], [0.0, 1.0]]), mask=[False, True])  # row 0: padding
+    >>> acc.result("w").absmax.tolist(), acc.result("w").n
+    ([3.0, 2.0], 3)
 """
 
 from __future__ import annotations
@@ -105,13 +108,26 @@ class StatsAccumulator:
         self.hist_max = 0.0
         self._rng = np.random.default_rng(seed)
 
-    def update(self, x: jax.Array) -> None:
+    def update(self, x: jax.Array, mask=None) -> None:
+        """Adds the rows of ``x`` (rows, K); with ``mask`` (rows,) only the rows
+        where it is true (e.g. not padding) count, in every statistic."""
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.k:
             raise ValueError(
                 f"calibration rows have shape {tuple(x.shape)}, expected (rows, {self.k}); the "
                 "batch's feature size does not match the weight's input size."
             )
+        if mask is not None:
+            m = np.asarray(mask).reshape(-1).astype(bool)
+            if m.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"mask has {m.shape[0]} entries for {x.shape[0]} calibration rows; give one "
+                    "entry per row."
+                )
+            if not m.any():
+                return
+            if not m.all():
+                x = x[np.flatnonzero(m)]
         xf = x.astype(jnp.float32)
         bmin, bmax = float(jnp.min(xf)), float(jnp.max(xf))
         if not (np.isfinite(bmin) and np.isfinite(bmax)):

@@ -316,3 +316,94 @@ def test_sequential_recipe_on_a_scanned_stack_falls_back_to_one_pass():
     y = jqx.quantized(_scan_fn)(q, BATCHES[0])
     # 8-bit GPTQ: outputs within 2% of the float model's scale.
     assert float(jnp.max(jnp.abs(y - y_ref))) <= 0.02 * float(jnp.max(jnp.abs(y_ref)))
+
+
+# --------------------------------------------------------------------------- row_mask (padding)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    rows=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    keep=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_masked_update_equals_update_on_kept_rows(rows, seed, keep):
+    x = jax.random.normal(jax.random.key(seed), (rows, 4)) * 3.0
+    m = np.asarray(keep[:rows])
+    need = ("xtx", "absmax", "mean_abs", "hist")
+    a = StatsAccumulator(4, need)
+    a.update(x, mask=m)
+    if not m.any():
+        assert a.n == 0
+        with pytest.raises(ValueError, match="no calibration rows"):
+            a.result("w")
+        return
+    b = StatsAccumulator(4, need)
+    b.update(x[np.flatnonzero(m)])
+    ra, rb = a.result("w"), b.result("w")
+    assert (ra.n, ra.min, ra.max) == (rb.n, rb.min, rb.max)
+    for f in ("xtx", "absmax", "mean_abs", "hist"):
+        np.testing.assert_allclose(np.asarray(getattr(ra, f)), np.asarray(getattr(rb, f)))
+
+
+def _seq_model(p, x, mask):
+    # A token model: (batch, seq, K) -> (batch, N); padded rows carry large junk.
+    h = jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+    return jnp.sum(h * mask[..., None].astype(h.dtype), axis=1)
+
+
+def _padded_batches():
+    """Two (batch, seq=6, K) batches whose padding rows are 50x larger junk,
+    and the same real rows without padding."""
+    out, real = [], []
+    for i, lens in enumerate(([6, 2, 4], [3, 5, 1])):
+        x = jax.random.normal(jax.random.key(30 + i), (3, 6, K))
+        mask = (np.arange(6)[None] < np.asarray(lens)[:, None]).astype(np.int32)
+        x = jnp.where(jnp.asarray(mask)[..., None] > 0, x, 50.0)
+        out.append((x, jnp.asarray(mask)))
+        real.append(jnp.concatenate([x[r, :n] for r, n in enumerate(lens)])[None])
+    return out, real
+
+
+def test_row_mask_leaves_padding_out_of_static_scales_and_gptq():
+    p = _params()
+    padded, real = _padded_batches()
+    unpadded = [(x, jnp.ones(x.shape[:2], jnp.int32)) for x in real]
+    rm = lambda x, mask: mask  # noqa: E731
+    for recipe in (jqx.int8_static_activation_int8_weight(), jqx.gptq(bits=4, group_size=8)):
+        q_mask = jqx.calibrate(_seq_model, p, padded, recipe, progress=False, row_mask=rm)
+        q_real = jqx.calibrate(_seq_model, p, unpadded, recipe, progress=False)
+        q_junk = jqx.calibrate(_seq_model, p, padded, recipe, progress=False)
+        for name in ("a", "b"):
+            qm, qr, qj = (t[name]["kernel"] for t in (q_mask, q_real, q_junk))
+            if recipe.act is not None:
+                np.testing.assert_allclose(qm.act_scale, qr.act_scale, rtol=1e-6)
+                assert float(qj.act_scale[0]) > 10 * float(qr.act_scale[0])  # junk counted
+            else:
+                np.testing.assert_allclose(qm.dequantize(), qr.dequantize(), rtol=1e-5, atol=1e-6)
+                assert not np.allclose(qj.dequantize(), qr.dequantize(), atol=1e-3)
+
+
+def test_row_mask_bad_values_and_unmatched_shape():
+    padded, _ = _padded_batches()
+    with pytest.raises(ValueError, match=r"row_mask returned .* values other than 0/1"):
+        jqx.calibrate(
+            _seq_model,
+            _params(),
+            padded,
+            jqx.int8_weight_only(),
+            progress=False,
+            row_mask=lambda x, mask: mask * 2,
+        )
+    with pytest.warns(UserWarning, match="no row was left out"):
+        jqx.calibrate(
+            _seq_model,
+            _params(),
+            padded,
+            jqx.int8_weight_only(),
+            progress=False,
+            row_mask=lambda x, mask: mask[:, :3],
+        )

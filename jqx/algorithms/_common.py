@@ -78,6 +78,49 @@ def group_params(wg: jax.Array, grid: IntGrid, axis: int = 0) -> tuple[jax.Array
     return s, jnp.round(grid.qmin - mn / s)
 
 
+#: Range shrink factors tried by :func:`search_group_params` (1.0 first).
+CLIP_SEARCH_STEPS = 100
+CLIP_SEARCH_MAX_SHRINK = 0.8
+CLIP_SEARCH_NORM = 2.4
+
+
+def search_group_params(
+    wg: jax.Array, grid: IntGrid, axis: int = 0
+) -> tuple[jax.Array, jax.Array | None]:
+    """Like :func:`group_params`, with the range shrunk to minimise the error.
+
+    Tries ``p = 1, 0.99, ..., 0.21`` (``CLIP_SEARCH_STEPS`` steps up to
+    ``CLIP_SEARCH_MAX_SHRINK``) on ``[p * min, p * max]`` and keeps, per
+    group, the scale (and zero point) with the least ``sum |w - w_hat|^2.4``
+    over the group, as the reference GPTQ's ``--mse`` option does. ``p = 1``
+    is among the candidates, so no group ends worse than :func:`group_params`
+    by this measure.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.array([[-1.0], [0.02], [0.05], [0.1], [0.2], [0.3], [0.4], [8.0]])
+        >>> g = int_grid(2, sym=False)
+        >>> s0, _ = group_params(w, g); s1, _ = search_group_params(w, g)
+        >>> bool(s1[0, 0] < s0[0, 0])
+        True
+    """
+    wg = wg.astype(jnp.float32)
+    n_try = int(CLIP_SEARCH_MAX_SHRINK * CLIP_SEARCH_STEPS)
+    ps = 1.0 - jnp.arange(n_try, dtype=jnp.float32) / CLIP_SEARCH_STEPS
+
+    def err_of(p):
+        s, z = group_params(wg * p, grid, axis)
+        q = quant_codes(wg, s, z, grid)
+        e = jnp.sum(jnp.abs(dequant(q, s, z) - wg) ** CLIP_SEARCH_NORM, axis=axis, keepdims=True)
+        return e, s, (jnp.zeros_like(s) if z is None else z)
+
+    errs, ss, zs = jax.lax.map(err_of, ps)
+    best = jnp.argmin(errs, axis=0)[None]
+    s = jnp.take_along_axis(ss, best, axis=0)[0]
+    z = jnp.take_along_axis(zs, best, axis=0)[0]
+    return s, (None if grid.sym else z)
+
+
 def quant_codes(
     w: jax.Array, s: jax.Array, z: jax.Array | None, grid: IntGrid, *, float_zero: bool = False
 ) -> jax.Array:

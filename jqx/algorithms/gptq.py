@@ -15,6 +15,8 @@ the upper Cholesky factor of ``H^-1``:
 6. Group-wise scales: ``static_groups=True`` computes every group's scale
    from ``W`` up front; otherwise a group's scale is computed when its first
    row is reached, from the weights as updated so far ("dynamic groups").
+   ``clip_search=True`` picks each group's range by a search over shrink
+   factors (``_common.search_group_params``) instead of its min/max.
 7. ``act_order``: rows are processed by descending ``diag H``; the
    permutation is undone in the stored QArray.
 
@@ -67,6 +69,7 @@ class GPTQConfig:
     block_size: int = 128
     sym: bool = False
     static_groups: bool = False
+    clip_search: bool = False
 
     def __post_init__(self):
         _common.int_grid(self.bits, self.sym, who="gptq: bits")
@@ -83,6 +86,8 @@ class GPTQConfig:
             raise ValueError(
                 f"gptq: block_size={self.block_size!r} must be a positive int (e.g. 128)."
             )
+        if not isinstance(self.clip_search, bool):
+            raise ValueError(f"gptq: clip_search={self.clip_search!r} must be True or False.")
         if self.group_size is not None and (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, int)
@@ -121,9 +126,10 @@ def _upper_inverse_factor(h):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("grid", "g", "bsz", "act_order", "static_groups", "damp")
+    jax.jit,
+    static_argnames=("grid", "g", "bsz", "act_order", "static_groups", "damp", "clip_search"),
 )
-def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp):
+def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp, clip_search=False):
     k = w.shape[0]
     diag = jnp.diag(h)
     dead = diag == 0
@@ -135,17 +141,18 @@ def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp):
     u = _upper_inverse_factor(hp)
     ok = jnp.all(jnp.isfinite(u))
     # The factor is of the permuted H; _gptq_core_perm permutes w itself.
-    codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups)
+    codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups, clip_search)
     return codes, srow, zrow, ok
 
 
-def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups):
+def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=False):
     k, n = w.shape
+    group_params = _common.search_group_params if clip_search else _common.group_params
     invperm = jnp.argsort(perm)
     dynamic = g < k and not static_groups
     wp = w[perm]
     if not dynamic:
-        s0, z0 = _common.group_params(w.reshape(k // g, g, n), grid, axis=1)
+        s0, z0 = group_params(w.reshape(k // g, g, n), grid, axis=1)
         srow = jnp.repeat(s0[:, 0], g, axis=0)[perm]
         zrow = None if z0 is None else jnp.repeat(z0[:, 0], g, axis=0)[perm]
     nblk = -(-k // bsz)
@@ -172,7 +179,7 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups):
                 # updated so far (the group lies inside this block: bsz % g == 0).
                 def fresh(_):
                     wg = lax.dynamic_slice_in_dim(w1, i, g, 0)
-                    s, z = _common.group_params(wg, grid, axis=0)
+                    s, z = group_params(wg, grid, axis=0)
                     return s[0], (jnp.zeros_like(s[0]) if z is None else z[0])
 
                 s_cur, z_cur = lax.cond(gi % g == 0, fresh, lambda _: (s_cur, z_cur), None)
@@ -279,7 +286,15 @@ def gptq_quantize(
     if dynamic and bsz % g:
         bsz = g  # groups must start inside a block to see their updated weights
     codes, srow, zrow, ok = _gptq_full(
-        w, h, grid, g, bsz, bool(cfg.act_order), bool(cfg.static_groups), float(cfg.damp)
+        w,
+        h,
+        grid,
+        g,
+        bsz,
+        bool(cfg.act_order),
+        bool(cfg.static_groups),
+        float(cfg.damp),
+        bool(cfg.clip_search),
     )
     if not isinstance(ok, jax.core.Tracer) and not bool(ok):
         raise ValueError(
@@ -304,6 +319,7 @@ class GPTQ(Recipe):
     block_size: int = 128
     sym: bool = False
     static_groups: bool = False
+    clip_search: bool = False
 
     @property
     def config(self) -> GPTQConfig:
@@ -315,6 +331,7 @@ class GPTQ(Recipe):
             self.block_size,
             self.sym,
             self.static_groups,
+            self.clip_search,
         )
 
     @property
@@ -348,6 +365,7 @@ def gptq(
     block_size: int = 128,
     sym: bool = False,
     static_groups: bool = False,
+    clip_search: bool = False,
 ) -> GPTQ:
     """GPTQ weight-only quantization (Frantar et al., 2022).
 
@@ -359,6 +377,9 @@ def gptq(
       block_size: rows per lazy batch update.
       sym: absmax int codes (True) or unsigned codes with zero points (False).
       static_groups: compute group scales up front from the float weights.
+      clip_search: choose each group's range by a search over shrink factors
+        (least ``|err|^2.4``, the reference GPTQ's ``--mse``) instead of its
+        min/max; ~1.3x the time, better at 3-4 bits.
 
     Example:
         >>> import jqx
@@ -366,10 +387,11 @@ def gptq(
         >>> r.needs_calibration, r.stats_needed, r.format
         (True, ('xtx',), 'uint4')
     """
-    cfg = GPTQConfig(bits, group_size, act_order, damp, block_size, sym, static_groups)
+    cfg = GPTQConfig(bits, group_size, act_order, damp, block_size, sym, static_groups, clip_search)
     grid = _common.int_grid(cfg.bits, cfg.sym)
     return GPTQ(
-        name=f"gptq(bits={bits}, group_size={group_size}{', act_order' if act_order else ''})",
+        name=f"gptq(bits={bits}, group_size={group_size}{', act_order' if act_order else ''}"
+        f"{', clip_search' if clip_search else ''})",
         format=grid.format,
         scheme="absmax" if sym else "zero_point",
         group_size=group_size,
@@ -379,4 +401,5 @@ def gptq(
         block_size=block_size,
         sym=sym,
         static_groups=static_groups,
+        clip_search=clip_search,
     )
