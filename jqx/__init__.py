@@ -7,7 +7,7 @@ Example:
     True
 """
 
-from jqx import formats, ops, sharding, transform
+from jqx import formats, native, ops, sharding, transform
 from jqx.algorithms.awq import awq
 from jqx.algorithms.gptq import gptq
 from jqx.algorithms.hqq import hqq
@@ -52,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "formats",
+    "native",
     "Format",
     "ActSpec",
     "QArray",

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import jqx
+from jqx import native
 
 DN = (((1,), (0,)), ((), ()))
 K, N, M = 64, 32, 5
@@ -131,6 +132,7 @@ def test_w8a8_int8_dynamic_bound_and_int32_dot():
 def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
     """>= 1024 rows run the int8 codes through a bf16 x bf16 -> f32 dot; the
     products are exact, so it must equal the int32 path bit for bit."""
+    monkeypatch.setattr(jqx.ops, "_NATIVE_MIN_ROWS", 10**9)  # (the native kernel: below)
     k, n, m = 384, 64, 1024
     w = jax.random.normal(jax.random.key(3), (k, n), jnp.float32)
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
@@ -146,6 +148,33 @@ def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
     w_hat = q.dequantize()
     s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
     assert np.all(np.abs(y_bf16 - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, s))
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_w8a8_many_rows_native_kernel_equals_int32_dot(monkeypatch):
+    """On a CPU with AVX512-VNNI, >= 1024 rows go to jqx.native's int8 GEMM
+    (exact int32 sums), also for a 3-D activation contracted on its last axis
+    and on a middle axis; it must equal the XLA int32 path bit for bit."""
+    k, n = 100, 80  # K not a multiple of 4, N not of 16
+    w = jax.random.normal(jax.random.key(5), (k, n), jnp.float32)
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+    x = jax.random.normal(jax.random.key(6), (4, 300, k), jnp.float32).at[..., :3].multiply(40.0)
+    for xx, dn in [
+        (x, (((2,), (0,)), ((), ()))),
+        (jnp.swapaxes(x, 1, 2), (((1,), (0,)), ((), ()))),
+    ]:
+        f = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
+        assert native.TARGET in str(jax.make_jaxpr(f)(xx))
+        y = f(xx)
+        with monkeypatch.context() as mp:
+            mp.setattr(jqx.ops, "_NATIVE_MIN_ROWS", 10**9)
+            mp.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
+            g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
+            assert native.TARGET not in str(jax.make_jaxpr(g)(xx))
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(g(xx)))
+    # Fewer rows keep XLA's int32 dot.
+    h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+    assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))

@@ -1,0 +1,203 @@
+// int8 GEMM for x86 CPUs with AVX512-VNNI, as an XLA FFI custom call.
+//
+// C[M, N] (int32) = A[M, Kp] (uint8) . B[Kp, N] (int8), exact integer sums.
+// A is the int8 activation codes plus 128 (VNNI's vpdpbusd multiplies
+// unsigned by signed bytes); the caller subtracts 128 * column sums of B.
+// B is the (K, N) int8 weight as stored (K <= Kp < K + 4). Each thread packs
+// NB panels of 16 columns at a time into its own buffer: for each group of 4
+// consecutive k the 16 columns' 4 bytes side by side, one 64-byte zmm
+// register per (panel, k/4), zero beyond K.
+//
+// Blocking: threads split the rows (blocks of MR rows); each thread walks the
+// column panels NB at a time and, inside, its row blocks, so the packed slice
+// of B stays in cache while A rows stream. MR x NB accumulators (6 x 4 = 24
+// zmm registers).
+//
+// Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
+// -mavx512vnni); jqx checks the CPU before registering it.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int MR = 6;
+constexpr int NB = 4;
+
+// rows <= R rows of A (row stride lda) times nb panels; writes the valid
+// rows x cols of C (row stride ldc).
+template <int R, int NBT>
+inline void Micro(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
+                  int64_t pstride, int32_t* c, int64_t ldc, int rows, int cols) {
+  // Every loop over r and b is unrolled so the accumulators live in registers.
+  __m512i acc[R][NBT];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NBT; ++b) acc[r][b] = _mm512_setzero_si512();
+  for (int64_t kq = 0; kq < kq_n; ++kq) {
+    __m512i bv[NBT];
+#pragma GCC unroll 16
+    for (int b = 0; b < NBT; ++b)
+      bv[b] = _mm512_loadu_si512(static_cast<const void*>(bp + b * pstride + kq * 64));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int32_t a4;
+      memcpy(&a4, a + r * lda + kq * 4, 4);
+      const __m512i av = _mm512_set1_epi32(a4);
+#pragma GCC unroll 16
+      for (int b = 0; b < NBT; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, bv[b]);
+    }
+  }
+  if (rows == R && cols == NBT * 16) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int b = 0; b < NBT; ++b)
+        _mm512_storeu_si512(static_cast<void*>(c + r * ldc + b * 16), acc[r][b]);
+    return;
+  }
+  alignas(64) int32_t tmp[R][NBT * 16];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int b = 0; b < NBT; ++b) _mm512_store_si512(static_cast<void*>(&tmp[r][b * 16]), acc[r][b]);
+  for (int r = 0; r < rows; ++r) memcpy(c + r * ldc, tmp[r], static_cast<size_t>(cols) * 4);
+}
+
+// Packs columns [j0, j0 + 16 * nbh) of B (K x N int8, row-major) into
+// nbh panels of (Kp/4) x 64 bytes: 16 columns x 4 consecutive k each.
+void PackPanels(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t j0, int64_t nbh,
+                int8_t* dst) {
+  const int64_t kq_n = Kp / 4;
+  for (int64_t q = 0; q < nbh; ++q) {
+    const int64_t jb = j0 + q * 16;
+    const int64_t nc = std::min<int64_t>(16, N - jb);
+    int8_t* d = dst + q * kq_n * 64;
+    for (int64_t kq = 0; kq < kq_n; ++kq, d += 64) {
+      const int64_t k0 = kq * 4;
+      if (nc == 16 && k0 + 4 <= K) {
+        // Interleave 4 rows of 16 bytes into 16 groups of 4 bytes.
+        const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (k0 + 0) * N + jb));
+        const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (k0 + 1) * N + jb));
+        const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (k0 + 2) * N + jb));
+        const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (k0 + 3) * N + jb));
+        const __m128i a_lo = _mm_unpacklo_epi8(r0, r1), a_hi = _mm_unpackhi_epi8(r0, r1);
+        const __m128i b_lo = _mm_unpacklo_epi8(r2, r3), b_hi = _mm_unpackhi_epi8(r2, r3);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 0), _mm_unpacklo_epi16(a_lo, b_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 16), _mm_unpackhi_epi16(a_lo, b_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 32), _mm_unpacklo_epi16(a_hi, b_hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 48), _mm_unpackhi_epi16(a_hi, b_hi));
+      } else {
+        memset(d, 0, 64);
+        for (int64_t kr = 0; kr < 4 && k0 + kr < K; ++kr)
+          for (int64_t c = 0; c < nc; ++c) d[c * 4 + kr] = B[(k0 + kr) * N + jb + c];
+      }
+    }
+  }
+}
+
+// Row blocks [mb0, mb1) x column panels [p0, p1) of C: for each slice of NB
+// panels, pack it once into this thread's buffer, then run every row block
+// against it.
+void Blocks(const uint8_t* A, int64_t M, int64_t K, int64_t Kp, const int8_t* B, int64_t N,
+            int32_t* C, int64_t mb0, int64_t mb1, int64_t p0, int64_t p1) {
+  if (mb0 >= mb1 || p0 >= p1) return;
+  const int64_t kq_n = Kp / 4;
+  const int64_t pstride = kq_n * 64;
+  std::vector<int8_t> panel(static_cast<size_t>(NB * pstride));
+  std::vector<uint8_t> edge;  // zero-padded copy of a last, partial row block
+  for (int64_t p = p0; p < p1; p += NB) {
+    const int64_t nbh = std::min<int64_t>(NB, p1 - p);
+    const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
+    PackPanels(B, K, N, Kp, p * 16, nbh, panel.data());
+    const int8_t* bpp = panel.data();
+    for (int64_t mb = mb0; mb < mb1; ++mb) {
+      const int64_t i0 = mb * MR;
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
+      const uint8_t* a = A + i0 * Kp;
+      int32_t* c = C + i0 * N + p * 16;
+      if (rows < MR) {
+        if (edge.empty()) edge.assign(static_cast<size_t>(MR * Kp), 0);
+        memcpy(edge.data(), a, static_cast<size_t>(rows * Kp));
+        a = edge.data();
+      }
+      if (nbh == NB) {
+        Micro<MR, NB>(a, Kp, bpp, kq_n, pstride, c, N, rows, cols);
+      } else {
+        for (int64_t q = 0; q < nbh; ++q) {
+          const int c2 = static_cast<int>(std::min<int64_t>(16, N - (p + q) * 16));
+          Micro<MR, 1>(a, Kp, bpp + q * pstride, kq_n, pstride, c + q * 16, N, rows, c2);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
+                        ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  const auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("jqx_int8_gemm: expected A (M, Kp), B (K, N), C (M, N)");
+  const int64_t M = ad[0], Kp = ad[1], K = bd[0], N = bd[1];
+  if (Kp % 4 != 0 || K > Kp || Kp - K >= 4 || cd[0] != M || cd[1] != N)
+    return ffi::Error::InvalidArgument("jqx_int8_gemm: inconsistent shapes");
+  const uint8_t* A = a.typed_data();
+  const int8_t* B = b.typed_data();
+  int32_t* C = c->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t nmb = (M + MR - 1) / MR;
+  const int64_t np = (N + 15) / 16;
+  // Small products are not worth a thread each (~2M multiply-adds minimum).
+  const int64_t work = M * N * Kp;
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  // Many row blocks: threads split the rows (each packs all of B once). Few
+  // (decode-like M): threads split the column panels, so B is packed once.
+  const bool by_rows = nmb >= 4 * t;
+  t = std::min<int64_t>(t, by_rows ? nmb : (np + NB - 1) / NB);
+  if (t <= 1) {
+    Blocks(A, M, K, Kp, B, N, C, 0, nmb, 0, np);
+    return ffi::Error::Success();
+  }
+  auto part = [&](int64_t i) {
+    if (by_rows) {
+      Blocks(A, M, K, Kp, B, N, C, nmb * i / t, nmb * (i + 1) / t, 0, np);
+    } else {
+      const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
+      Blocks(A, M, K, Kp, B, N, C, 0, nmb, std::min(np, ng * i / t * NB),
+             std::min(np, ng * (i + 1) / t * NB));
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(t - 1));
+  for (int64_t i = 1; i < t; ++i) pool.emplace_back(part, i);
+  part(0);
+  for (auto& th : pool) th.join();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads"));
+
+extern "C" int jqx_cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}

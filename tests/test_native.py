@@ -1,0 +1,151 @@
+"""jqx.native: the AVX512-VNNI int8 GEMM (exact against int32 references),
+its build cache, and the fallback when it is unavailable."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jqx import native
+
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native int8 GEMM unavailable: {native.status()}"
+)
+
+
+def _ref(a, b):
+    return np.asarray(a, np.int64) @ np.asarray(b, np.int64)
+
+
+# Shapes: ragged rows (row blocks of 6, thread split by rows or by columns),
+# K not a multiple of 4, N not a multiple of 16 (partial panels), tiny and
+# MiniLM-like.
+SHAPES = [
+    (1, 1, 1),
+    (2, 3, 5),
+    (7, 9, 33),
+    (13, 70, 100),
+    (6, 64, 64),
+    (100, 384, 1536),
+    (25, 130, 67),
+    (1024, 384, 384),
+    (4099, 36, 80),
+    (3, 4096, 64),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_exact_against_int64_reference(m, k, n):
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    c = jax.jit(native.int8_matmul)(jnp.asarray(a), jnp.asarray(b))
+    assert c.dtype == jnp.int32 and c.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(c), _ref(a, b))
+
+
+@needs_native
+def test_extreme_codes_do_not_overflow():
+    # All -128 x -128 over K = 4096: 67,108,864 per output, far inside int32.
+    for va, vb in [(-128, -128), (127, -128), (-128, 127), (127, 127)]:
+        a = jnp.full((8, 4096), va, jnp.int8)
+        b = jnp.full((4096, 20), vb, jnp.int8)
+        np.testing.assert_array_equal(
+            np.asarray(native.int8_matmul(a, b)), np.full((8, 20), va * vb * 4096)
+        )
+
+
+@needs_native
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 2**31 - 1), m=st.sampled_from([1, 5, 12, 37]))
+def test_property_random_codes(seed, m):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (m, 48), dtype=np.int8)
+    b = rng.integers(-128, 128, (48, 40), dtype=np.int8)
+    np.testing.assert_array_equal(
+        np.asarray(native.int8_matmul(jnp.asarray(a), jnp.asarray(b))), _ref(a, b)
+    )
+
+
+@needs_native
+def test_under_vmap_loops():
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (3, 5, 8), dtype=np.int8)
+    b = rng.integers(-128, 128, (8, 16), dtype=np.int8)
+    c = jax.vmap(native.int8_matmul, in_axes=(0, None))(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_array_equal(np.asarray(c), np.stack([_ref(x, b) for x in a]))
+
+
+def test_bad_input():
+    a = jnp.zeros((4, 8), jnp.int8)
+    with pytest.raises(TypeError, match=r"expected a \(M, K\) and b \(K, N\)"):
+        native.int8_matmul(a, jnp.zeros((7, 3), jnp.int8))
+    with pytest.raises(TypeError, match="expected int8 operands, got float32"):
+        native.int8_matmul(a.astype(jnp.float32), jnp.zeros((8, 3), jnp.int8))
+
+
+def _run(code: str, env: dict) -> str:
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_disabled_by_env_and_ops_falls_back_to_xla():
+    out = _run(
+        """
+        import jax, jax.numpy as jnp, numpy as np, jqx
+        from jqx import native
+        print(native.available(), native.status())
+        w = jax.random.normal(jax.random.key(0), (64, 32))
+        x = jax.random.normal(jax.random.key(1), (2048, 64))
+        q = jqx.quantize({"kernel": w}, jqx.int8_dynamic_activation_int8_weight())["kernel"]
+        y = jax.jit(jqx.ops.dot_general, static_argnums=2)(x, q, (((1,), (0,)), ((), ())))
+        print(float(jnp.max(jnp.abs(y - x @ w)) / jnp.max(jnp.abs(x @ w))) < 0.05)
+        """,
+        {"JQX_NATIVE": "0"},
+    )
+    assert out.split() == ["False", "disabled", "by", "JQX_NATIVE=0", "True"]
+
+
+@needs_native
+def test_build_is_cached_and_atomic(tmp_path):
+    code = """
+        import time; t = time.perf_counter()
+        from jqx import native
+        print(native.available(), round(time.perf_counter() - t, 1))
+        """
+    env = {"JQX_CACHE_DIR": str(tmp_path)}
+    assert _run(code, env).split()[0] == "True"
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("int8_gemm-") and files[0].endswith(".so")
+    mtime = (tmp_path / files[0]).stat().st_mtime_ns
+    assert _run(code, env).split()[0] == "True"  # second process: loads the cached build
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    assert (tmp_path / files[0]).stat().st_mtime_ns == mtime
+
+
+def test_missing_compiler_is_reported_not_raised(tmp_path):
+    out = _run(
+        """
+        from jqx import native
+        print(native.available()); print(native.status())
+        """,
+        {"JQX_CACHE_DIR": str(tmp_path), "CXX": "/nonexistent/c++"},
+    )
+    ok, reason = out.splitlines()
+    assert ok == "False" and "no C++ compiler" in reason
+    assert list(tmp_path.iterdir()) == []
