@@ -14,13 +14,15 @@ method took (calibration included).
 Part 3: the same methods on the sentence encoder all-MiniLM-L6-v2 (or the
 shipped tiny encoder without the weights package): mean / min cosine of the
 sentence embeddings to float, calibrated on 64 of the shipped sentences and
-evaluated on the next ``--sentences``.
+evaluated on the next ``--sentences`` (``--calib N`` > 64 adds the sentences
+after the evaluation set; padding is left out of the statistics with
+``row_mask`` unless ``--no-row-mask``).
 
 Usage:
     python benchmarks/accuracy.py                  # all three parts
     python benchmarks/accuracy.py --synthetic-only
     python benchmarks/accuracy.py --lm-only [--checkpoint PATH] [--windows 256]
-    python benchmarks/accuracy.py --minilm-only [--tiny-encoder] [--sentences 128]
+    python benchmarks/accuracy.py --minilm-only [--tiny-encoder] [--sentences 128] [--calib 64]
 """
 
 from __future__ import annotations
@@ -187,6 +189,10 @@ def _methods(bits_list=None, groups=None):
                     f"GPTQ act_order {bits}-bit {gs}",
                     jqx.gptq(bits=bits, group_size=g, act_order=True),
                 ),
+                (
+                    f"GPTQ act_order clip_search {bits}-bit {gs}",
+                    jqx.gptq(bits=bits, group_size=g, act_order=True, clip_search=True),
+                ),
                 (f"HQQ {bits}-bit {gs}", jqx.hqq(bits=bits, group_size=g)),
                 (f"AWQ {bits}-bit {gs}", jqx.awq(bits=bits, group_size=g)),
             ]
@@ -197,7 +203,7 @@ def _methods(bits_list=None, groups=None):
     ]
 
 
-def _apply_method(recipe, fn, params, calib):
+def _apply_method(recipe, fn, params, calib, row_mask=None):
     """Quantized params and the seconds it took (calibration included)."""
     t = time.perf_counter()
     if recipe is None:
@@ -213,7 +219,7 @@ def _apply_method(recipe, fn, params, calib):
             params,
         )
     elif recipe.needs_calibration:
-        qp = jqx.calibrate(fn, params, calib, recipe, progress=False)
+        qp = jqx.calibrate(fn, params, calib, recipe, progress=False, row_mask=row_mask)
     else:
         qp = jqx.quantize(params, recipe)
     jax.block_until_ready(jax.tree_util.tree_leaves(qp))
@@ -254,12 +260,15 @@ def charlm(n_windows: int, checkpoint: str | None = None) -> None:
         print(f"| {name} | {bpc:.4f} | {ppl:.3f} | {secs:.1f} |")
 
 
-def minilm_table(n_eval: int, tiny: bool = False) -> None:
+def minilm_table(n_eval: int, tiny: bool = False, n_calib: int = 64, mask: bool = True) -> None:
     from jqx.models import minilm  # noqa: PLC0415
 
     enc = minilm.load_tiny() if tiny or not minilm.weights_available() else minilm.load_minilm()
     sents = minilm.load_sentences()
-    calib_s, eval_s = sents[:64], sents[64 : 64 + n_eval]
+    # Calibration: the first 64 sentences, then (for n_calib > 64) the ones after
+    # the evaluation set; never an evaluated sentence.
+    eval_s = sents[64 : 64 + n_eval]
+    calib_s = sents[: min(64, n_calib)] + sents[64 + n_eval :][: max(0, n_calib - 64)]
 
     def batches(ss, bs=16):
         out = []
@@ -274,7 +283,11 @@ def minilm_table(n_eval: int, tiny: bool = False) -> None:
             out.append((jnp.asarray(ids), jnp.asarray(mask), len(chunk)))
         return out
 
-    calib = [(ids, mask) for ids, mask, _ in batches(calib_s)]
+    calib = [
+        tuple(jnp.asarray(a) for a in enc.tokenize(calib_s[i : i + 16], max_len=128, pad_to=128))
+        for i in range(0, len(calib_s), 16)
+    ]
+    row_mask = (lambda ids, m: m) if mask else None  # padding out of the statistics
     ev = batches(eval_s)
     fn = enc.module.apply
     fq = jax.jit(jqx.quantized(fn))
@@ -283,12 +296,16 @@ def minilm_table(n_eval: int, tiny: bool = False) -> None:
         return np.concatenate([np.asarray(fq(v, ids, mask))[:n] for ids, mask, n in ev])
 
     ref = embed(enc.variables)
-    print(f"\nsentence encoder {enc.name}: cosine of {len(eval_s)} sentence embeddings to float")
+    print(
+        f"\nsentence encoder {enc.name}: cosine of {len(eval_s)} sentence embeddings to float; "
+        f"{len(calib_s)} calibration sentences (padded to 128, "
+        f"{'padding masked out' if mask else 'padding counted'})"
+    )
     print("| method | mean cosine | min cosine | seconds |")
     print("|---|---|---|---|")
     for name, recipe in _methods():
         try:
-            qv, secs = _apply_method(recipe, fn, enc.variables, calib)
+            qv, secs = _apply_method(recipe, fn, enc.variables, calib, row_mask)
         except ValueError as e:  # e.g. a group size that does not divide a kernel
             print(f"| {name} | - | - | ({str(e)[:60]}...) |")
             continue
@@ -304,6 +321,12 @@ def main() -> None:  # noqa: D103
     ap.add_argument("--minilm-only", action="store_true")
     ap.add_argument("--tiny-encoder", action="store_true", help="the shipped tiny encoder (quick)")
     ap.add_argument("--sentences", type=int, default=128, help="evaluation sentences (MiniLM)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration sentences (MiniLM)")
+    ap.add_argument(
+        "--no-row-mask",
+        action="store_true",
+        help="count the padding tokens in the calibration statistics (as before row_mask)",
+    )
     ap.add_argument("--bits", default="4,3", help="weight bits of the weight-only rows, e.g. 4")
     ap.add_argument("--groups", default="128,none", help="group sizes, e.g. 128 or 128,none")
     ap.add_argument("--windows", type=int, default=256)
@@ -320,7 +343,7 @@ def main() -> None:  # noqa: D103
     if args.lm_only or not only:
         charlm(args.windows, args.checkpoint)
     if args.minilm_only or not only:
-        minilm_table(args.sentences, args.tiny_encoder)
+        minilm_table(args.sentences, args.tiny_encoder, args.calib, not args.no_row_mask)
 
 
 if __name__ == "__main__":
