@@ -12,11 +12,12 @@ machine is shared and wall times swing with other jobs' load):
 - ``matmul``: at each of MiniLM's matmul shapes ((rows, 384) x (384, 384),
   (384, 1536), (1536, 384) with rows = batch x seq): the f32 dot, the int8 x
   int8 -> int32 dot, the same int8 codes as a bf16 x bf16 -> f32 dot, the
-  per-token activation quantization alone, the whole W8A8 product with the
-  int32 dot and with the bf16 dot, and ``jqx.ops.dot_general`` as shipped;
-  as ratios to the f32 dot.
-- ``model``: the whole encoder: float32, W8A8 through ``jqx.ops`` as shipped,
-  W8A8 forced onto the int32 dot, and a floor with every weight matmul
+  per-token activation quantization alone, ``jqx.native``'s VNNI int8 GEMM
+  (when built), the whole W8A8 product with the int32 dot and with the bf16
+  dot, and ``jqx.ops.dot_general`` as shipped; as ratios to the f32 dot.
+- ``model``: the whole encoder: float32, W8A8 through ``jqx.ops`` as shipped
+  (the native GEMM when built), W8A8 forced onto XLA's bf16 dot and onto its
+  int32 dot, and a floor with every weight matmul
   replaced by zeros (what attention, softmax, GELU, LayerNorm and the
   embeddings cost on their own, i.e. the time no matmul formulation can
   remove).
@@ -124,6 +125,16 @@ def part_matmul(rows: int, shapes, reps: int) -> None:
                 (x8, q.qvalue),
             ),
             "quantize x only": (jax.jit(lambda a: _quant(a)[0].astype(jnp.int8)), (x,)),
+            **(
+                {
+                    "jqx.native int8 GEMM (VNNI)": (
+                        jax.jit(jqx.native.int8_matmul),
+                        (x8, q.qvalue),
+                    )
+                }
+                if jqx.native.available()
+                else {}
+            ),
             "W8A8 int32 dot + rescale": (jax.jit(w8a8_int32), (x, q.qvalue, ws)),
             "W8A8 bf16 dot + rescale": (jax.jit(w8a8_bf16), (x, q.qvalue, ws)),
             "jqx.ops.dot_general W8A8": (
@@ -148,31 +159,39 @@ def _zero_rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
     return y[..., :n].astype(pet or x.dtype)
 
 
+# What each formulation sets in jqx.ops (rows thresholds; huge = never).
+_FORMULATIONS = {
+    "native": {},  # as shipped: jqx.native's VNNI GEMM when built, else bf16
+    "bf16": {"_NATIVE_MIN_ROWS": 1 << 62},  # XLA's bf16 dot (before jqx.native)
+    "int32": {"_NATIVE_MIN_ROWS": 1 << 62, "_W8A8_BF16_MIN_ROWS": 1 << 62},
+}
+
+
 @contextlib.contextmanager
-def _int32_switch(on: bool):
-    """While tracing: ``on`` sends every int8 W8A8 product to the int32 dot (the
-    formulation ops.py used for every row count before the bf16 path)."""
-    saved = jops._W8A8_BF16_MIN_ROWS
-    if on:
-        jops._W8A8_BF16_MIN_ROWS = 1 << 62
+def _formulation(name: str):
+    """While tracing: send every int8 W8A8 product to one formulation."""
+    saved = {k: getattr(jops, k) for k in ("_NATIVE_MIN_ROWS", "_W8A8_BF16_MIN_ROWS")}
+    for k, v in _FORMULATIONS[name].items():
+        setattr(jops, k, v)
     try:
         yield
     finally:
-        jops._W8A8_BF16_MIN_ROWS = saved
+        for k, v in saved.items():
+            setattr(jops, k, v)
 
 
-class _int32_w8a8:
-    """``jit(quantized(fn))`` traced with the int32-dot formulation."""
+class _W8A8As:
+    """``jit(quantized(fn))`` traced with one W8A8 formulation."""
 
-    def __init__(self, fn):
-        self.inner = jax.jit(jqx.quantized(fn))
+    def __init__(self, fn, name: str):
+        self.inner, self.name = jax.jit(jqx.quantized(fn)), name
 
     def __call__(self, *args):
-        with _int32_switch(True):  # only read while tracing
+        with _formulation(self.name):  # only read while tracing
             return self.inner(*args)
 
     def lower(self, *args):
-        with _int32_switch(True):
+        with _formulation(self.name):
             return self.inner.lower(*args)
 
 
@@ -187,14 +206,16 @@ def part_model(enc, ids, mask, reps: int) -> None:
     fns = {
         "float32": (jax.jit(enc.module.apply), enc.variables),
         "W8A8 jqx.ops (shipped)": (jax.jit(jqx.quantized(enc.module.apply)), qp),
-        "W8A8 int32 dot (previous)": (_int32_w8a8(enc.module.apply), qp),
+        "W8A8 bf16 dot (XLA only)": (_W8A8As(enc.module.apply, "bf16"), qp),
+        "W8A8 int32 dot (XLA only)": (_W8A8As(enc.module.apply, "int32"), qp),
         "floor: weight matmuls ~ free": (
             jax.jit(jqx.transform.map_dots(enc.module.apply, paths, _zero_rule)),
             enc.variables,
         ),
     }
     ref = np.asarray(fns["float32"][0](enc.variables, ids, mask))
-    for name in ("W8A8 jqx.ops (shipped)", "W8A8 int32 dot (previous)"):
+    print(f"  jqx.native: {jqx.native.status()}")
+    for name in ("W8A8 jqx.ops (shipped)", "W8A8 bf16 dot (XLA only)", "W8A8 int32 dot (XLA only)"):
         f, v = fns[name]
         e = np.asarray(f(v, ids, mask))
         cos = np.mean(np.sum(e * ref, -1))
@@ -343,12 +364,12 @@ def part_whatif(enc, ids, mask, reps: int) -> None:
 def part_hlo(enc, ids, mask, dump: str | None) -> None:
     qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
     for label, fn in (
-        ("jqx.ops as shipped", jax.jit(jqx.quantized(enc.module.apply))),
-        ("int32 dot (previous)", _int32_w8a8(enc.module.apply)),
+        ("jqx.ops as shipped", _W8A8As(enc.module.apply, "native")),
+        ("bf16 dot (XLA only)", _W8A8As(enc.module.apply, "bf16")),
+        ("int32 dot (XLA only)", _W8A8As(enc.module.apply, "int32")),
     ):
         print(f"\n== optimized HLO of the W8A8 model, {label}")
-        with _int32_switch(label.startswith("int32")):
-            txt = fn.lower(qp, ids, mask).compile().as_text()
+        txt = fn.lower(qp, ids, mask).compile().as_text()
         _hlo_stats(txt, qp)
         if dump and label.startswith("jqx"):
             with open(dump, "w") as fh:
@@ -392,6 +413,8 @@ def _hlo_stats(txt: str, qp) -> None:
         f"converted to f32 in a pass of their own: {len(s32_cvt)}"
     )
     print(f"  int8 -> bf16 weight conversions as fusions of their own: {len(w_cvt)}")
+    n_native = txt.count('custom_call_target="jqx_int8_gemm"')
+    print(f"  jqx.native int8 GEMM custom calls: {n_native}")
 
 
 def main(argv=None) -> int:
