@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--recipes", default="all", help="comma-separated keys (int8,int4-g32,...) or 'all'"
     )
-    d.add_argument("--sentences", type=int, default=256, help="evaluation sentences (max 374)")
+    d.add_argument("--sentences", type=int, default=256, help="evaluation sentences")
+    d.add_argument(
+        "--calibration",
+        type=int,
+        default=182,
+        help="further sentences held out to calibrate static W8A8 and GPTQ "
+        "(with --sentences at most the 438 shipped)",
+    )
     d.add_argument("--batch", type=int, default=32, help="latency batch size")
     d.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
     d.add_argument("--repeats", type=int, default=2, help="timed calls per recipe (0: no timing)")

@@ -146,6 +146,13 @@ def run(
     _check_keys(keys)
     say = log or (lambda s: None)
     sentences = minilm.load_sentences()
+    if n_calibration < 0 or n_calibration + (n_sentences or 1) > len(sentences):
+        raise ValueError(
+            f"n_calibration={n_calibration} with n_sentences={n_sentences}: the demo ships "
+            f"{len(sentences)} sentences, and calibration and evaluation sentences must not "
+            f"overlap; use n_calibration + n_sentences <= {len(sentences)} (e.g. --sentences "
+            f"{len(sentences) - n_calibration} --calibration {n_calibration})."
+        )
     calib_sents = sentences[len(sentences) - n_calibration :] if n_calibration else []
     eval_sents = sentences[: len(sentences) - n_calibration]
     if n_sentences is not None:
@@ -336,6 +343,7 @@ def main(args) -> int:
         enc,
         keys,
         n_sentences=args.sentences,
+        n_calibration=args.calibration,
         batch=args.batch,
         seq_len=args.seq_len,
         repeats=args.repeats,

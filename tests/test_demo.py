@@ -56,6 +56,7 @@ def test_accuracy_bounds(tiny_rows):
         "w8a8-fp8": 0.99,
         "w8a8-static": 0.995,
         "int4-g32": 0.97,
+        "int4-g32-gptq": 0.985,  # measured 0.9931 (RTN g32: 0.9885)
         "int4-g128": 0.96,
         "nf4": 0.96,
         "fp4": 0.95,
@@ -63,6 +64,9 @@ def test_accuracy_bounds(tiny_rows):
     for k, b in bounds.items():
         assert b < by[k].cosine_mean < 1.0, (k, by[k].cosine_mean)
         assert by[k].cosine_min <= by[k].cosine_mean
+    # Calibrated rounding beats round-to-nearest on the same grid and size.
+    assert by["int4-g32-gptq"].cosine_mean > by["int4-g32"].cosine_mean
+    assert by["int4-g32-gptq"].matmul_bytes == by["int4-g32"].matmul_bytes
 
 
 def test_table_and_plot(tiny_rows, tmp_path):
@@ -102,6 +106,13 @@ def test_cli_unknown_recipe(capsys):
     rc = main(["demo", "--tiny", "--recipes", "int3", "--quiet"])
     assert rc == 2
     assert "int3" in capsys.readouterr().err
+
+
+def test_cli_overlapping_calibration_is_an_error(capsys):
+    rc = main(["demo", "--tiny", "--sentences", "400", "--calibration", "100", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "n_calibration=100 with n_sentences=400" in err and "--calibration 100" in err
 
 
 def test_cli_formats_still_works(capsys):
