@@ -80,30 +80,25 @@ def formulations(k: int, n: int, key):
         y = lax.dot_general(xq, q.qvalue, DN, preferred_element_type=jnp.int32)
         return y.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
 
-    def w8a8_bf16(x, q):
-        xq, xs = jqx.quantize_activation(x, "int8")
-        y = lax.dot_general(
-            xq.astype(jnp.bfloat16),
-            q.qvalue.astype(jnp.bfloat16),
-            DN,
-            preferred_element_type=jnp.float32,
-        )
-        return y * xs * q.scale.reshape(1, -1)
+    def via_bf16(fmt):
+        """W8A8 with ``fmt`` activation codes, both code sets exact in bfloat16."""
+
+        def f(x, q):
+            xq, xs = jqx.quantize_activation(x, fmt)
+            y = lax.dot_general(
+                xq.astype(jnp.bfloat16),
+                q.qvalue.astype(jnp.bfloat16),
+                DN,
+                preferred_element_type=jnp.float32,
+            )
+            return y * xs * q.scale.reshape(1, -1)
+
+        return f
 
     def w8a8_native(x, q):
         xq, xs = jqx.quantize_activation(x, "int8")
         y = jqx.native.int8_matmul(xq, q.qvalue)
         return y.astype(jnp.float32) * xs * q.scale.reshape(1, -1)
-
-    def fp8_as_bf16(x, q):
-        xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
-        y = lax.dot_general(
-            xq.astype(jnp.bfloat16),
-            q.qvalue.astype(jnp.bfloat16),
-            DN,
-            preferred_element_type=jnp.float32,
-        )
-        return y * xs * q.scale.reshape(1, -1)
 
     def fp8_native(x, q):
         xq, xs = jqx.quantize_activation(x, "fp8_e4m3")
@@ -149,7 +144,7 @@ def formulations(k: int, n: int, key):
         "fp8 A16 mixed dot(fp8 codes)*scale": (codes_then_scale, qfp8),
         "fp8 A16 jqx.ops": (jqx_ops, qfp8),
         "W8A8 int8 int32-dot": (w8a8_int, qw8a8),
-        "W8A8 int8 bf16-dot": (w8a8_bf16, qw8a8),
+        "W8A8 int8 bf16-dot": (via_bf16("int8"), qw8a8),
         **(
             {"W8A8 int8 jqx.native VNNI GEMM": (w8a8_native, qw8a8)}
             if jqx.native.available()
@@ -157,7 +152,7 @@ def formulations(k: int, n: int, key):
         ),
         "W8A8 int8 jqx.ops": (jqx_ops, qw8a8),
         "W8A8 fp8 native fp8 dot": (fp8_native, qf8a8),
-        "W8A8 fp8 via bf16 dot": (fp8_as_bf16, qf8a8),
+        "W8A8 fp8 via bf16 dot": (via_bf16("fp8_e4m3"), qf8a8),
         "W8A8 fp8 via f32 dot": (fp8_as_f32, qf8a8),
         "W8A8 fp8 jqx.ops": (jqx_ops, qf8a8),
     }

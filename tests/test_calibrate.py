@@ -389,21 +389,13 @@ def test_row_mask_leaves_padding_out_of_static_scales_and_gptq():
 
 def test_row_mask_bad_values_and_unmatched_shape():
     padded, _ = _padded_batches()
+
+    def cal(row_mask):
+        jqx.calibrate(
+            _seq_model, _params(), padded, jqx.int8_weight_only(), progress=False, row_mask=row_mask
+        )
+
     with pytest.raises(ValueError, match=r"row_mask returned .* values other than 0/1"):
-        jqx.calibrate(
-            _seq_model,
-            _params(),
-            padded,
-            jqx.int8_weight_only(),
-            progress=False,
-            row_mask=lambda x, mask: mask * 2,
-        )
+        cal(lambda x, mask: mask * 2)
     with pytest.warns(UserWarning, match="no row was left out"):
-        jqx.calibrate(
-            _seq_model,
-            _params(),
-            padded,
-            jqx.int8_weight_only(),
-            progress=False,
-            row_mask=lambda x, mask: mask[:, :3],
-        )
+        cal(lambda x, mask: mask[:, :3])
