@@ -159,18 +159,18 @@ def _zero_rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
     return y[..., :n].astype(pet or x.dtype)
 
 
-# What each formulation sets in jqx.ops (rows thresholds; huge = never).
+# What each formulation sets in jqx.ops (switch and rows threshold; huge = never).
 _FORMULATIONS = {
     "native": {},  # as shipped: jqx.native's VNNI GEMM when built, else bf16
-    "bf16": {"_NATIVE_MIN_ROWS": 1 << 62},  # XLA's bf16 dot (before jqx.native)
-    "int32": {"_NATIVE_MIN_ROWS": 1 << 62, "_W8A8_BF16_MIN_ROWS": 1 << 62},
+    "bf16": {"_NATIVE": False},  # XLA's bf16 dot (before jqx.native)
+    "int32": {"_NATIVE": False, "_W8A8_BF16_MIN_ROWS": 1 << 62},
 }
 
 
 @contextlib.contextmanager
 def _formulation(name: str):
     """While tracing: send every int8 W8A8 product to one formulation."""
-    saved = {k: getattr(jops, k) for k in ("_NATIVE_MIN_ROWS", "_W8A8_BF16_MIN_ROWS")}
+    saved = {k: getattr(jops, k) for k in ("_NATIVE", "_W8A8_BF16_MIN_ROWS")}
     for k, v in _FORMULATIONS[name].items():
         setattr(jops, k, v)
     try:

@@ -1,15 +1,16 @@
 """Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM.
 
-XLA:CPU runs ``int8 x int8 -> int32`` dots at 0.5-1x the time of the float32
-dot (``benchmarks/w8a8_profile.py``), far from the 4x that VNNI's
+XLA:CPU runs ``int8 x int8 -> int32`` dots at 0.5-1.4x the time of the float32
+dot (``benchmarks/w8a8_profile.py``), far from the 1/4 that VNNI's
 ``vpdpbusd`` (64 byte products per instruction) allows. This module compiles
 ``jqx/_native/int8_gemm.cc`` (a register-blocked VNNI GEMM, threaded over
 rows) with the system C++ compiler into a cached shared library, registers it
 as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 :func:`int8_matmul`, an exact ``int8 x int8 -> int32`` matmul usable under
 ``jit``. ``jqx.ops`` uses it for W8A8 int8 products on CPU when
-:func:`available` (see ``_NATIVE_MIN_ROWS`` there); everything falls back to
-XLA's own dots otherwise.
+:func:`available` and the product is big enough to pay for the per-call
+packing (``_NATIVE_MIN_WORK`` / ``_NATIVE_MIN_WEIGHT`` there); everything
+falls back to XLA's own dots otherwise.
 
 Availability needs: an x86-64 CPU with AVX512F/BW/VNNI, a C++17 compiler
 (``$CXX``, else ``g++``/``clang++``) and a writable cache directory
@@ -171,4 +172,4 @@ def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     acc = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32), vmap_method="sequential"
     )(au, b, threads=np.int64(_threads()))
-    return acc - 128 * jnp.sum(b.astype(jnp.int32), axis=0)[None, :]
+    return acc  # the kernel already subtracted 128 * column sums

@@ -260,22 +260,29 @@ def _w8a8_in_bf16(x, xc) -> bool:
     return rows >= _W8A8_BF16_MIN_ROWS
 
 
-# Many-row int8 W8A8 on a CPU with AVX512-VNNI: jqx.native's int8 GEMM
-# (0.26-0.41x the f32 dot at MiniLM's 4096-row layers and at 1024 x 4096 x
-# 4096, against 0.5-0.7x for the bf16 and int32 dots; benchmarks/ops.py
-# --native). It packs the weight per call and per thread, so few rows do not
-# amortise that (at M = 256, K = N = 4096: 0.86x vs the int32 dot's 0.71x).
-_NATIVE_MIN_ROWS = 1024
+# int8 W8A8 on a CPU with AVX512-VNNI: jqx.native's int8 GEMM. Measured
+# against XLA's int32 dot (single rows padded to two) and its bf16 dot, ratios
+# to the f32 dot (benchmarks/ops.py, benchmarks/w8a8_profile.py): K = N =
+# 4096: M = 1 1.24x vs 3.28x, M = 16 0.54x vs 1.38x, M = 256 0.30x vs 0.78x,
+# M = 1024 0.25x vs 0.68x; MiniLM's 4096-row layers 0.21-0.28x vs 0.50-0.76x.
+# Tiny products lose to the per-call packing and threads (64 x 384 x 1536:
+# 1.28x vs 0.82x), hence a floor on the work or on the weight's size.
+_NATIVE = True  # tests and benchmarks switch it off to compare with XLA
+_NATIVE_MIN_WORK = 1 << 26  # rows * K * N multiply-adds
+_NATIVE_MIN_WEIGHT = 1 << 22  # K * N: XLA's int8 dot is slow at few rows
 
 
 def _w8a8_native_ok(x, q: QArray, dn) -> bool:
     """A plain 2-D product (one contraction dim, weight (K, N) contracted on
-    axis 0, no batch dims) with enough rows, on CPU, with the kernel built."""
+    axis 0, no batch dims) big enough to pay, on CPU, with the kernel built."""
     (xc, wc), (xb, wb) = dn
-    if xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
+    if not _NATIVE or xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
         return False
     rows = math.prod(x.shape[i] for i in range(x.ndim) if i != xc[0])
-    if rows < _NATIVE_MIN_ROWS or jax.default_backend() != "cpu":
+    k, n = q.shape
+    if rows * k * n < _NATIVE_MIN_WORK and k * n < _NATIVE_MIN_WEIGHT:
+        return False
+    if jax.default_backend() != "cpu":
         return False
     return _native.available()  # builds the kernel on first use
 
@@ -331,7 +338,7 @@ def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
     codes, xs = _quantize_x(xf, q, xc)
     wfmt = q.fmt
     if wfmt.name == "int8" and act.format == "int8" and _w8a8_native_ok(x, q, dn):
-        # AVX512-VNNI int8 GEMM (jqx.native): exact int32 sums, ~1/3 the f32 dot.
+        # AVX512-VNNI int8 GEMM (jqx.native): exact int32 sums, 0.2-0.6x the f32 dot.
         y = _w8a8_native(codes, q, xc[0]).astype(jnp.float32)
     elif wfmt.name == "int8" and act.format == "int8" and _w8a8_in_bf16(x, xc):
         # int8 codes are exact in bfloat16: exact products, f32 accumulation.
@@ -384,7 +391,10 @@ def _fallback(x, q, dn, precision, out_dtype):
 # Small-M int8 weight-only: converting a large int8 weight to float costs more
 # than the matmul itself (3.5x the f32 dot at M=16, K=N=4096), while two int8
 # dots on a two-level split of the activations cost ~1.2x. Measured crossover
-# (benchmarks/ops.py): the split loses above a few hundred rows.
+# (benchmarks/ops.py): with XLA's int32 dot the split loses above a few
+# hundred rows. On jqx.native's VNNI GEMM it wins at every row count
+# (K = N = 4096: M = 1 1.05x, M = 16 0.57x the f32 dot), so there the split
+# is used whenever the product is big enough for the native kernel.
 _TWO_LEVEL_MAX_ROWS = 64
 _TWO_LEVEL_MIN_WEIGHT = 1 << 20
 
@@ -403,8 +413,13 @@ def _int8_two_level(x, q, dn, out_dtype, n_xfree):
     s2 = s1 / 254.0
     q2 = jnp.clip(jnp.round((xf - q1 * s1) / s2), -127, 127)
     both = jnp.stack([q1, q2]).astype(jnp.int8)
-    dn2 = ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))
-    acc = lax.dot_general(both, q.qvalue, dn2, preferred_element_type=jnp.int32).astype(jnp.float32)
+    if _w8a8_native_ok(both, q, ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))):
+        # Both levels in one VNNI GEMM (exact, like the int32 dot below).
+        acc = _w8a8_native(both, q, xc[0] + 1).astype(jnp.float32)
+    else:
+        dn2 = ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))
+        acc = lax.dot_general(both, q.qvalue, dn2, preferred_element_type=jnp.int32)
+        acc = acc.astype(jnp.float32)
     y = acc[0] * _x_out_scale(s1, xc, (), q.ndim - len(wc)) + acc[1] * _x_out_scale(
         s2, xc, (), q.ndim - len(wc)
     )
@@ -421,8 +436,11 @@ def _weight_only(x, q, dn, precision, out_dtype, n_xfree):
         and q.zero_point is None
         and not xb
         and _const_along(q, wc)
-        and rows <= _TWO_LEVEL_MAX_ROWS
-        and q.size >= _TWO_LEVEL_MIN_WEIGHT
+        and (
+            (rows <= _TWO_LEVEL_MAX_ROWS and q.size >= _TWO_LEVEL_MIN_WEIGHT)
+            # On the native VNNI GEMM the split pays at every row count.
+            or _w8a8_native_ok(x, q, dn)
+        )
         and cdt == jnp.dtype(jnp.float32)
         and precision is None
     ):

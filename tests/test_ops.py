@@ -132,7 +132,7 @@ def test_w8a8_int8_dynamic_bound_and_int32_dot():
 def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
     """>= 1024 rows run the int8 codes through a bf16 x bf16 -> f32 dot; the
     products are exact, so it must equal the int32 path bit for bit."""
-    monkeypatch.setattr(jqx.ops, "_NATIVE_MIN_ROWS", 10**9)  # (the native kernel: below)
+    monkeypatch.setattr(jqx.ops, "_NATIVE", False)  # (the native kernel: below)
     k, n, m = 384, 64, 1024
     w = jax.random.normal(jax.random.key(3), (k, n), jnp.float32)
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
@@ -152,9 +152,10 @@ def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
 def test_w8a8_many_rows_native_kernel_equals_int32_dot(monkeypatch):
-    """On a CPU with AVX512-VNNI, >= 1024 rows go to jqx.native's int8 GEMM
-    (exact int32 sums), also for a 3-D activation contracted on its last axis
-    and on a middle axis; it must equal the XLA int32 path bit for bit."""
+    """On a CPU with AVX512-VNNI, big enough products go to jqx.native's int8
+    GEMM (exact int32 sums), also for a 3-D activation contracted on its last
+    axis and on a middle axis; it must equal the XLA int32 path bit for bit."""
+    monkeypatch.setattr(jqx.ops, "_NATIVE_MIN_WORK", 1 << 23)  # 1200 x 100 x 80 passes
     k, n = 100, 80  # K not a multiple of 4, N not of 16
     w = jax.random.normal(jax.random.key(5), (k, n), jnp.float32)
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
@@ -167,12 +168,12 @@ def test_w8a8_many_rows_native_kernel_equals_int32_dot(monkeypatch):
         assert native.TARGET in str(jax.make_jaxpr(f)(xx))
         y = f(xx)
         with monkeypatch.context() as mp:
-            mp.setattr(jqx.ops, "_NATIVE_MIN_ROWS", 10**9)
+            mp.setattr(jqx.ops, "_NATIVE", False)
             mp.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
             g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
             assert native.TARGET not in str(jax.make_jaxpr(g)(xx))
             np.testing.assert_array_equal(np.asarray(y), np.asarray(g(xx)))
-    # Fewer rows keep XLA's int32 dot.
+    # Small products keep XLA's int32 dot.
     h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
     assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
 
@@ -287,15 +288,40 @@ def test_bad_input():
         _x() @ q
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_int8_weight_only_small_m_two_level_on_native_kernel(monkeypatch):
+    """Few rows x a large int8 weight (>= 4M elements) on a VNNI CPU: both
+    activation levels go through jqx.native's GEMM in one call; the sums are
+    exact, so the output equals the XLA int32 formulation bit for bit."""
+    kk = 2048
+    q = jqx.int8_weight_only().quantize_weight(_w(shape=(kk, kk)))
+    w_hat = q.dequantize()
+    for m in (1, 16):
+        x = _x(shape=(m, kk))
+        f = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+        assert native.TARGET in str(jax.make_jaxpr(f)(x))
+        y = f(x)
+        s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+        bound = s / 64516 * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) + _tight(x, w_hat)
+        assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+        with monkeypatch.context() as mp:
+            mp.setattr(jqx.ops, "_NATIVE", False)
+            g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+            assert native.TARGET not in str(jax.make_jaxpr(g)(x))
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(g(x)))
+
+
 def test_plain_arrays_pass_through():
     x, w = _x(), _w()
     np.testing.assert_array_equal(jqx.ops.dot_general(x, w, DN), lax.dot_general(x, w, DN))
 
 
-def test_int8_weight_only_small_m_two_level_split():
+def test_int8_weight_only_small_m_two_level_split(monkeypatch):
     """Few rows x a large int8 weight: the activations are split into two int8
     levels (two int32 dots) instead of converting the weight; the extra error
-    is at most max|x_row| / 64516 per element."""
+    is at most max|x_row| / 64516 per element. (XLA's formulation; the native
+    kernel's is below.)"""
+    monkeypatch.setattr(jqx.ops, "_NATIVE", False)
     kk = 1024
     q = jqx.int8_weight_only().quantize_weight(_w(shape=(kk, kk)))
     w_hat = q.dequantize()

@@ -1,24 +1,27 @@
 // int8 GEMM for x86 CPUs with AVX512-VNNI, as an XLA FFI custom call.
 //
-// C[M, N] (int32) = A[M, Kp] (uint8) . B[Kp, N] (int8), exact integer sums.
+// C[M, N] (int32) = (A[M, Kp] - 128) . B[Kp, N] (int8), exact integer sums.
 // A is the int8 activation codes plus 128 (VNNI's vpdpbusd multiplies
-// unsigned by signed bytes); the caller subtracts 128 * column sums of B.
-// B is the (K, N) int8 weight as stored (K <= Kp < K + 4). Each thread packs
-// NB panels of 16 columns at a time into its own buffer: for each group of 4
-// consecutive k the 16 columns' 4 bytes side by side, one 64-byte zmm
-// register per (panel, k/4), zero beyond K.
+// unsigned by signed bytes); the kernel subtracts 128 * column sums of B,
+// computed with the same instruction, so C is the plain int8 product.
+// B is the (K, N) int8 weight as stored (K <= Kp < K + 4). It is packed once
+// per call (threads splitting the k range, rows read in order) into panels of
+// 16 columns: for each group of 4 consecutive k the 16 columns' 4 bytes side
+// by side, one 64-byte zmm register per (panel, k/4), zero beyond K and N.
 //
-// Blocking: threads split the rows (blocks of MR rows); each thread walks the
-// column panels NB at a time and, inside, its row blocks, so the packed slice
-// of B stays in cache while A rows stream. MR x NB accumulators (6 x 4 = 24
-// zmm registers).
+// Blocking: threads split the rows (blocks of MR rows), or the column panels
+// when there are few rows; each thread walks its panels NB at a time and,
+// inside, its row blocks, so the panels stay in cache while A rows stream.
+// MR x NB accumulators (6 x 4 = 24 zmm registers).
 //
 // Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
 // -mavx512vnni); jqx checks the CPU before registering it.
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <thread>
@@ -37,13 +40,17 @@ constexpr int NB = 4;
 // rows x cols of C (row stride ldc).
 template <int R, int NBT>
 inline void Micro(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
-                  int64_t pstride, int32_t* c, int64_t ldc, int rows, int cols) {
+                  int64_t pstride, const int32_t* neg_corr, int32_t* c, int64_t ldc, int rows,
+                  int cols) {
   // Every loop over r and b is unrolled so the accumulators live in registers.
+  // The activations come in as int8 + 128: the accumulators start at
+  // -128 * column sums of B (``neg_corr``), so they end at the int8 product.
   __m512i acc[R][NBT];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int b = 0; b < NBT; ++b) acc[r][b] = _mm512_setzero_si512();
+    for (int b = 0; b < NBT; ++b)
+      acc[r][b] = _mm512_loadu_si512(static_cast<const void*>(neg_corr + b * 16));
   for (int64_t kq = 0; kq < kq_n; ++kq) {
     __m512i bv[NBT];
 #pragma GCC unroll 16
@@ -76,15 +83,21 @@ inline void Micro(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
 
 // Packs columns [j0, j0 + 16 * nbh) of B (K x N int8, row-major) into
 // nbh panels of (Kp/4) x 64 bytes: 16 columns x 4 consecutive k each.
-void PackPanels(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t j0, int64_t nbh,
-                int8_t* dst) {
+// Packs k-quads [kq0, kq1) of every 16-column panel of B (K x N int8,
+// row-major) into dst[NP][Kp/4][64]: 16 columns x 4 consecutive k per
+// 64-byte group, zero beyond K and N. B's rows are read in order, four at a
+// time, across all N columns (sequential reads; strided reads of a column
+// panel measured ~1 GB/s).
+void PackRows(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t kq0, int64_t kq1,
+              int8_t* dst) {
   const int64_t kq_n = Kp / 4;
-  for (int64_t q = 0; q < nbh; ++q) {
-    const int64_t jb = j0 + q * 16;
-    const int64_t nc = std::min<int64_t>(16, N - jb);
-    int8_t* d = dst + q * kq_n * 64;
-    for (int64_t kq = 0; kq < kq_n; ++kq, d += 64) {
-      const int64_t k0 = kq * 4;
+  const int64_t np = (N + 15) / 16;
+  for (int64_t kq = kq0; kq < kq1; ++kq) {
+    const int64_t k0 = kq * 4;
+    for (int64_t q = 0; q < np; ++q) {
+      const int64_t jb = q * 16;
+      const int64_t nc = std::min<int64_t>(16, N - jb);
+      int8_t* d = dst + (q * kq_n + kq) * 64;
       if (nc == 16 && k0 + 4 <= K) {
         // Interleave 4 rows of 16 bytes into 16 groups of 4 bytes.
         const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (k0 + 0) * N + jb));
@@ -106,21 +119,31 @@ void PackPanels(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t j0, i
   }
 }
 
-// Row blocks [mb0, mb1) x column panels [p0, p1) of C: for each slice of NB
-// panels, pack it once into this thread's buffer, then run every row block
-// against it.
-void Blocks(const uint8_t* A, int64_t M, int64_t K, int64_t Kp, const int8_t* B, int64_t N,
-            int32_t* C, int64_t mb0, int64_t mb1, int64_t p0, int64_t p1) {
+// Row blocks [mb0, mb1) x column panels [p0, p1) of C from the packed B:
+// NB panels at a time, every row block against them while they are in cache.
+void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* C,
+            int64_t mb0, int64_t mb1, int64_t p0, int64_t p1) {
   if (mb0 >= mb1 || p0 >= p1) return;
   const int64_t kq_n = Kp / 4;
   const int64_t pstride = kq_n * 64;
-  std::vector<int8_t> panel(static_cast<size_t>(NB * pstride));
   std::vector<uint8_t> edge;  // zero-padded copy of a last, partial row block
   for (int64_t p = p0; p < p1; p += NB) {
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
-    PackPanels(B, K, N, Kp, p * 16, nbh, panel.data());
-    const int8_t* bpp = panel.data();
+    const int8_t* bpp = Bp + p * pstride;
+    // -128 * column sums of these panels (vpdpbusd with all bytes 128), one
+    // pass over the slice that the row blocks then reuse from cache.
+    alignas(64) int32_t corr[NB * 16];
+    const __m512i v128 = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t q = 0; q < NB; ++q) {
+      __m512i cs = _mm512_setzero_si512();
+      if (q < nbh)
+        for (int64_t kq = 0; kq < kq_n; ++kq)
+          cs = _mm512_dpbusd_epi32(
+              cs, v128, _mm512_loadu_si512(static_cast<const void*>(bpp + q * pstride + kq * 64)));
+      _mm512_store_si512(static_cast<void*>(corr + q * 16),
+                         _mm512_sub_epi32(_mm512_setzero_si512(), cs));
+    }
     for (int64_t mb = mb0; mb < mb1; ++mb) {
       const int64_t i0 = mb * MR;
       const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
@@ -132,15 +155,60 @@ void Blocks(const uint8_t* A, int64_t M, int64_t K, int64_t Kp, const int8_t* B,
         a = edge.data();
       }
       if (nbh == NB) {
-        Micro<MR, NB>(a, Kp, bpp, kq_n, pstride, c, N, rows, cols);
+        Micro<MR, NB>(a, Kp, bpp, kq_n, pstride, corr, c, N, rows, cols);
       } else {
         for (int64_t q = 0; q < nbh; ++q) {
           const int c2 = static_cast<int>(std::min<int64_t>(16, N - (p + q) * 16));
-          Micro<MR, 1>(a, Kp, bpp + q * pstride, kq_n, pstride, c + q * 16, N, rows, c2);
+          Micro<MR, 1>(a, Kp, bpp + q * pstride, kq_n, pstride, corr + q * 16, c + q * 16, N,
+                       rows, c2);
         }
       }
     }
   }
+}
+
+// The packed weight: one buffer per calling thread, grown as needed and kept
+// across calls, 2 MB aligned with transparent huge pages requested: the
+// packing writes 16-column panels far apart, which with 4 KB pages costs a
+// TLB miss per 64-byte write.
+class PackBuffer {
+ public:
+  ~PackBuffer() { Release(); }
+  int8_t* get(size_t bytes) {
+    if (bytes <= size_) return ptr_;
+    Release();
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t n = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, n) != 0) return nullptr;
+    madvise(p, n, MADV_HUGEPAGE);  // advisory: fine if refused
+    ptr_ = static_cast<int8_t*>(p);
+    size_ = n;
+    return ptr_;
+  }
+
+ private:
+  void Release() {
+    free(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+  }
+  int8_t* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Runs f(0..t-1), f(0) on the calling thread.
+template <typename F>
+void Parallel(int64_t t, F f) {
+  if (t <= 1) {
+    f(0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(t - 1));
+  for (int64_t i = 1; i < t; ++i) pool.emplace_back(f, i);
+  f(0);
+  for (auto& th : pool) th.join();
 }
 
 ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
@@ -159,31 +227,29 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int64_t nmb = (M + MR - 1) / MR;
   const int64_t np = (N + 15) / 16;
+  const int64_t kq_n = Kp / 4;
   // Small products are not worth a thread each (~2M multiply-adds minimum).
   const int64_t work = M * N * Kp;
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
-  // Many row blocks: threads split the rows (each packs all of B once). Few
-  // (decode-like M): threads split the column panels, so B is packed once.
-  const bool by_rows = nmb >= 4 * t;
-  t = std::min<int64_t>(t, by_rows ? nmb : (np + NB - 1) / NB);
-  if (t <= 1) {
-    Blocks(A, M, K, Kp, B, N, C, 0, nmb, 0, np);
-    return ffi::Error::Success();
-  }
-  auto part = [&](int64_t i) {
+  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  // Pack B once per call (this thread's buffer, reused across calls),
+  // threads splitting the k-quads.
+  thread_local PackBuffer packed;
+  int8_t* Bp = packed.get(static_cast<size_t>(np * kq_n * 64));
+  if (Bp == nullptr) return ffi::Error::Internal("jqx_int8_gemm: out of memory");
+  const int64_t tp = std::min<int64_t>(t_max, kq_n);
+  Parallel(tp, [&](int64_t i) { PackRows(B, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, Bp); });
+  // Many row blocks: threads split the rows. Few (decode-like M): the panels.
+  const bool by_rows = nmb >= 4 * t_max;
+  const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
+  const int64_t t = std::min<int64_t>(t_max, by_rows ? nmb : ng);
+  Parallel(t, [&](int64_t i) {
     if (by_rows) {
-      Blocks(A, M, K, Kp, B, N, C, nmb * i / t, nmb * (i + 1) / t, 0, np);
+      Blocks(A, M, Kp, Bp, N, C, nmb * i / t, nmb * (i + 1) / t, 0, np);
     } else {
-      const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
-      Blocks(A, M, K, Kp, B, N, C, 0, nmb, std::min(np, ng * i / t * NB),
+      Blocks(A, M, Kp, Bp, N, C, 0, nmb, std::min(np, ng * i / t * NB),
              std::min(np, ng * (i + 1) / t * NB));
     }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(t - 1));
-  for (int64_t i = 1; i < t; ++i) pool.emplace_back(part, i);
-  part(0);
-  for (auto& th : pool) th.join();
+  });
   return ffi::Error::Success();
 }
 
