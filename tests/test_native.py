@@ -38,6 +38,7 @@ SHAPES = [
     (1024, 384, 384),
     (4099, 36, 80),
     (3, 4096, 64),
+    (5, 2048, 520),  # one row block, enough work for 2 threads: they split the panels
 ]
 
 
