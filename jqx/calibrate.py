@@ -500,9 +500,11 @@ def calibrate(
     n = 0
     order_hint = None
     total = len(batches) if hasattr(batches, "__len__") else None
+    masks = []  # per batch, kept for the sequential passes
     for i, batch in enumerate(_progress(batches, total, "calibrate", progress)):
         _, rec = _run(g, params, batch, argnum, i, order_hint, ks)
-        gat.feed(rec, i, batch, _row_mask_of(row_mask, batch, i))
+        masks.append(_row_mask_of(row_mask, batch, i))
+        gat.feed(rec, i, batch, masks[-1])
         if order_hint is None and gat.order:
             first = gat.order[0]
             order_hint = (first, _k_of(gat.chosen[first][0]))
@@ -547,7 +549,7 @@ def calibrate(
             one = _Gatherer([(p, w, r)], need_of)
             for i, batch in enumerate(batches):
                 _, rec = _run(g, current, batch, argnum, i, order_hint, ks)
-                one.feed({p: rec.get(p, [])}, i, batch, _row_mask_of(row_mask, batch, i))
+                one.feed({p: rec.get(p, [])}, i, batch, masks[i])
             stats = one.stats(p)
         first = False
         q = _quantize_one(p, w, r, stats, observer, percentile, momentum)

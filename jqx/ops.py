@@ -337,26 +337,8 @@ def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
     xf = x.astype(jnp.float32)
     codes, xs = _quantize_x(xf, q, xc)
     wfmt = q.fmt
-    if wfmt.name == "int8" and act.format == "int8" and _w8a8_native_ok(x, q, dn):
-        # AVX512-VNNI int8 GEMM (jqx.native): exact int32 sums, 0.2-0.6x the f32 dot.
-        y = _w8a8_native(codes, q, xc[0]).astype(jnp.float32)
-    elif wfmt.name == "int8" and act.format == "int8" and _w8a8_in_bf16(x, xc):
-        # int8 codes are exact in bfloat16: exact products, f32 accumulation.
-        y = lax.dot_general(
-            codes.astype(jnp.bfloat16),
-            q.qvalue.astype(jnp.bfloat16),
-            dn,
-            preferred_element_type=jnp.float32,
-        )
-    elif wfmt.name == "int8" and act.format == "int8":
-        codes2, padded = _pad_single_row(codes, xc, xb)
-        dn2 = dn
-        if padded:
-            dn2 = ((tuple(a + 1 for a in xc), wc), ((), ()))
-        acc = lax.dot_general(codes2, q.qvalue, dn2, preferred_element_type=jnp.int32)
-        if padded:
-            acc = acc[0]
-        y = acc.astype(jnp.float32)
+    if wfmt.name == "int8" and act.format == "int8":
+        y = _int8_codes_dot(x, codes, q, dn)
     elif wfmt.kind == "float" and act.format.startswith("fp8"):
         # fp8 (and bf16) codes are exact in bfloat16; products exact, f32 accumulation.
         y = lax.dot_general(
@@ -377,6 +359,29 @@ def _x_dot_w(x, q: QArray, dn, precision, pet, backend):
     y = y * _x_out_scale(xs, xc, xb, n_wfree)
     y = y * _w_out_scale(q.scale.astype(jnp.float32), wc, wb, n_xfree)
     return y.astype(out_dtype)
+
+
+def _int8_codes_dot(x, codes, q: QArray, dn) -> jax.Array:
+    """The exact product of int8 activation codes with an int8 weight, as
+    float32, by the fastest formulation measured for its shape."""
+    (xc, wc), (xb, _) = dn
+    if _w8a8_native_ok(x, q, dn):
+        # AVX512-VNNI int8 GEMM (jqx.native): exact int32 sums, 0.2-0.6x the f32 dot.
+        return _w8a8_native(codes, q, xc[0]).astype(jnp.float32)
+    if _w8a8_in_bf16(x, xc):
+        # int8 codes are exact in bfloat16: exact products, f32 accumulation.
+        return lax.dot_general(
+            codes.astype(jnp.bfloat16),
+            q.qvalue.astype(jnp.bfloat16),
+            dn,
+            preferred_element_type=jnp.float32,
+        )
+    codes2, padded = _pad_single_row(codes, xc, xb)
+    dn2 = ((tuple(a + 1 for a in xc), wc), ((), ())) if padded else dn
+    acc = lax.dot_general(codes2, q.qvalue, dn2, preferred_element_type=jnp.int32)
+    if padded:
+        acc = acc[0]
+    return acc.astype(jnp.float32)
 
 
 def _fallback(x, q, dn, precision, out_dtype):
@@ -407,17 +412,16 @@ def _int8_two_level(x, q, dn, out_dtype, n_xfree):
     int8 -> int32 dot."""
     (xc, wc), _ = dn
     xf = x.astype(jnp.float32)
-    s1 = jnp.max(jnp.abs(xf), axis=tuple(xc), keepdims=True) / 127.0
-    s1 = jnp.where(s1 > 0, s1, 1.0)
+    s1 = _act_scale_dyn(xf, xc, _formats.get("int8"), "per_token")
     q1 = jnp.clip(jnp.round(xf / s1), -127, 127)
     s2 = s1 / 254.0
     q2 = jnp.clip(jnp.round((xf - q1 * s1) / s2), -127, 127)
     both = jnp.stack([q1, q2]).astype(jnp.int8)
-    if _w8a8_native_ok(both, q, ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))):
+    dn2 = ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))
+    if _w8a8_native_ok(both, q, dn2):
         # Both levels in one VNNI GEMM (exact, like the int32 dot below).
         acc = _w8a8_native(both, q, xc[0] + 1).astype(jnp.float32)
     else:
-        dn2 = ((tuple(a + 1 for a in xc), tuple(wc)), ((), ()))
         acc = lax.dot_general(both, q.qvalue, dn2, preferred_element_type=jnp.int32)
         acc = acc.astype(jnp.float32)
     y = acc[0] * _x_out_scale(s1, xc, (), q.ndim - len(wc)) + acc[1] * _x_out_scale(
@@ -576,9 +580,7 @@ def _maybe_pallas(x, q: QArray, dn, out_dtype, forced: bool):
 def _absmax_codes(x: jax.Array, axes: Sequence[int], fmt: _formats.Format):
     """Symmetric codes of ``x`` with one scale per index of the non-``axes`` dims."""
     xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=tuple(axes), keepdims=True)
-    s = amax / fmt.max
-    s = jnp.where(s > 0, s, 1.0)
+    s = _act_scale_dyn(xf, axes, fmt, "per_token")
     return _formats.encode(xf / s, fmt), s
 
 

@@ -272,13 +272,17 @@ def _scan_fn(p, x):
     return h
 
 
+def _scan_params(n_layers: int, seed: int):
+    ke, kl = jax.random.split(jax.random.key(seed))
+    return {
+        "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
+        "layers": {"kernel": jax.random.normal(kl, (n_layers, H, H)) / 4.0},
+    }
+
+
 def test_scanned_stacked_weight_gets_per_slice_static_scales():
     L = 3
-    ke, kl = jax.random.split(jax.random.key(5))
-    p = {
-        "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
-        "layers": {"kernel": jax.random.normal(kl, (L, H, H)) / 4.0},
-    }
+    p = _scan_params(L, 5)
     q = jqx.calibrate(
         _scan_fn, p, BATCHES, jqx.int8_static_activation_int8_weight(), progress=False
     )
@@ -303,11 +307,7 @@ def test_scanned_stacked_weight_gets_per_slice_static_scales():
 
 def test_sequential_recipe_on_a_scanned_stack_falls_back_to_one_pass():
     L = 2
-    ke, kl = jax.random.split(jax.random.key(6))
-    p = {
-        "embed": {"kernel": jax.random.normal(ke, (K, H)) / 4.0},
-        "layers": {"kernel": jax.random.normal(kl, (L, H, H)) / 4.0},
-    }
+    p = _scan_params(L, 6)
     with pytest.warns(UserWarning, match="layers/kernel is a stacked weight used inside scan"):
         q = jqx.calibrate(_scan_fn, p, BATCHES, jqx.gptq(bits=8, group_size=None), progress=False)
     ql = q["layers"]["kernel"]

@@ -79,24 +79,14 @@ def test_table_and_plot(tiny_rows, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _small_demo(*args):
+    """``python -m jqx demo`` at small sizes (8 sentences, 2 x 16 latency batch)."""
+    small = ["--sentences", "8", "--batch", "2", "--seq-len", "16", "--repeats", "1", "--quiet"]
+    return main(["demo", *args, *small])
+
+
 def test_cli_tiny(capsys):
-    rc = main(
-        [
-            "demo",
-            "--tiny",
-            "--recipes",
-            "int8,w8a8-int8",
-            "--sentences",
-            "8",
-            "--batch",
-            "2",
-            "--seq-len",
-            "16",
-            "--repeats",
-            "1",
-            "--quiet",
-        ]
-    )
+    rc = _small_demo("--tiny", "--recipes", "int8,w8a8-int8")
     out = capsys.readouterr().out
     assert rc == 0
     assert "tiny" in out and "int8 weight-only" in out and "W8A8 int8 dynamic" in out
@@ -126,22 +116,7 @@ def test_cli_formats_still_works(capsys):
     reason=f"all-MiniLM-L6-v2 weights are not installed ({minilm.INSTALL_HINT})",
 )
 def test_cli_real_model(capsys):
-    rc = main(
-        [
-            "demo",
-            "--recipes",
-            "int8",
-            "--sentences",
-            "8",
-            "--batch",
-            "2",
-            "--seq-len",
-            "16",
-            "--repeats",
-            "1",
-            "--quiet",
-        ]
-    )
+    rc = _small_demo("--recipes", "int8")
     out = capsys.readouterr().out
     assert rc == 0 and "all-MiniLM-L6-v2" in out
     line = next(s for s in out.splitlines() if s.startswith("int8 weight-only"))
