@@ -12,7 +12,7 @@ as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 packing (``_NATIVE_MIN_WORK`` / ``_NATIVE_MIN_WEIGHT`` there); everything
 falls back to XLA's own dots otherwise.
 
-Availability needs: an x86-64 CPU with AVX512F/BW/VNNI, a C++17 compiler
+Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI, a C++17 compiler
 (``$CXX``, else ``g++``/``clang++``) and a writable cache directory
 (``$JQX_CACHE_DIR``, else ``~/.cache/jqx``). The library is built once per
 source, compiler and flags (a hash in its file name), written to a temporary
@@ -51,7 +51,16 @@ __all__ = ["available", "status", "int8_matmul", "TARGET"]
 
 TARGET = "jqx_int8_gemm"
 _SRC = Path(__file__).parent / "_native" / "int8_gemm.cc"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vnni")
+_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+)
 _lock = threading.Lock()
 _state: dict = {"ok": None, "reason": "not built yet", "lib": None}
 
@@ -119,7 +128,7 @@ def _load() -> None:
         raise RuntimeError(f"needs an x86-64 CPU, this is {platform.machine()}")
     lib = ctypes.CDLL(str(_build()))
     if not lib.jqx_cpu_supported():
-        raise RuntimeError("this CPU lacks AVX512F/AVX512BW/AVX512-VNNI")
+        raise RuntimeError("this CPU lacks AVX512F/AVX512BW/AVX512VL/AVX512-VNNI")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JqxInt8Gemm), platform="cpu")
     _state["lib"] = lib
 

@@ -39,6 +39,13 @@ SHAPES = [
     (4099, 36, 80),
     (3, 4096, 64),
     (5, 2048, 520),  # one row block, enough work for 2 threads: they split the panels
+    # <= 6 rows take the unpacked decode path: odd K (a last row paired with
+    # zeros), several k chunks, N edges inside a 64-column block, column threads.
+    (1, 4097, 4099),
+    (2, 257, 65),
+    (3, 513, 130),
+    (4, 1031, 2050),
+    (6, 700, 300),
 ]
 
 
@@ -57,16 +64,17 @@ def test_exact_against_int64_reference(m, k, n):
 def test_extreme_codes_do_not_overflow():
     # All -128 x -128 over K = 4096: 67,108,864 per output, far inside int32.
     for va, vb in [(-128, -128), (127, -128), (-128, 127), (127, 127)]:
-        a = jnp.full((8, 4096), va, jnp.int8)
-        b = jnp.full((4096, 20), vb, jnp.int8)
-        np.testing.assert_array_equal(
-            np.asarray(native.int8_matmul(a, b)), np.full((8, 20), va * vb * 4096)
-        )
+        for m in (1, 4, 8):  # the unpacked decode path and the packed one
+            a = jnp.full((m, 4096), va, jnp.int8)
+            b = jnp.full((4096, 20), vb, jnp.int8)
+            np.testing.assert_array_equal(
+                np.asarray(native.int8_matmul(a, b)), np.full((m, 20), va * vb * 4096)
+            )
 
 
 @needs_native
 @settings(deadline=None, max_examples=20)
-@given(seed=st.integers(0, 2**31 - 1), m=st.sampled_from([1, 5, 12, 37]))
+@given(seed=st.integers(0, 2**31 - 1), m=st.sampled_from([1, 3, 5, 12, 37]))
 def test_property_random_codes(seed, m):
     rng = np.random.default_rng(seed)
     a = rng.integers(-128, 128, (m, 48), dtype=np.int8)

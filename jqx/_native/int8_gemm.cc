@@ -14,8 +14,10 @@
 // inside, its row blocks, so the panels stay in cache while A rows stream.
 // MR x NB accumulators (6 x 4 = 24 zmm registers).
 //
+// Up to kSmallM (6) rows (decode) skip the packing: see SmallM below.
+//
 // Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
-// -mavx512vnni); jqx checks the CPU before registering it.
+// -mavx512vl -mavx512vnni); jqx checks the CPU before registering it.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -197,6 +199,109 @@ class PackBuffer {
   size_t size_ = 0;
 };
 
+// Decode-sized M (<= kSmallM rows): no packing, B is read once, in place.
+// Two rows of B at a time are sign-extended to int16 and interleaved in
+// registers (vpmovsxbw + vpunpck{l,h}wd), then multiplied by the broadcast
+// pair of activations with vpdpwssd (int16 x int16 -> int32, exact; the
+// activations are A - 128, so no column-sum correction is needed). Within
+// each 128-bit lane the unpacks leave columns in a fixed order that
+// vpermt2d undoes before the store. k runs in chunks (kChunkPairs pairs of
+// rows) so a chunk of rows stays in cache while every 64-column block of the
+// thread's range walks it; C is written by the first chunk and added to by
+// the later ones.
+constexpr int64_t kSmallM = 6;
+constexpr int64_t kChunkPairs = 8;
+
+template <int R>
+void SmallM(const uint8_t* A, int64_t Kp, const int8_t* B, int64_t K, int64_t N, int32_t* C,
+            int64_t j0, int64_t j1) {
+  if (j0 >= j1) return;
+  const int64_t np = (K + 1) / 2;  // row pairs; an odd K pairs its last row with zeros
+  // xp[r][p]: the int16 pair (x[2p], x[2p+1]) as one int32 for the broadcast.
+  std::vector<int32_t> xp(static_cast<size_t>(R * np));
+  for (int r = 0; r < R; ++r)
+    for (int64_t p = 0; p < np; ++p) {
+      const int32_t lo = static_cast<int32_t>(A[r * Kp + 2 * p]) - 128;
+      const int32_t hi = 2 * p + 1 < K ? static_cast<int32_t>(A[r * Kp + 2 * p + 1]) - 128 : 0;
+      xp[r * np + p] = static_cast<int32_t>((static_cast<uint32_t>(hi) << 16) |
+                                            (static_cast<uint32_t>(lo) & 0xFFFFu));
+    }
+  // Output column c of a 32-column half lives in lane c/8 of the low (c%8 < 4)
+  // or high unpack, element c%4.
+  alignas(64) int32_t idx[2][16];
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 16; ++e) {
+      const int c = h * 16 + e, l = c / 8, i = c % 8;
+      idx[h][e] = i < 4 ? l * 4 + i : 16 + l * 4 + (i - 4);
+    }
+  const __m512i perm0 = _mm512_load_si512(static_cast<const void*>(idx[0]));
+  const __m512i perm1 = _mm512_load_si512(static_cast<const void*>(idx[1]));
+  for (int64_t p0 = 0; p0 < np; p0 += kChunkPairs) {
+    const int64_t p1 = std::min(np, p0 + kChunkPairs);
+    for (int64_t jb = j0; jb < j1; jb += 64) {
+      const int64_t nc = std::min<int64_t>(64, j1 - jb);
+      __m512i acc[R][4];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_si512();
+      // Byte masks of the two 32-column halves (all ones except at the edge).
+      __mmask32 m[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t v = std::max<int64_t>(0, std::min<int64_t>(32, nc - 32 * h));
+        m[h] = v >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << v) - 1);
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int8_t* b0 = B + (2 * p) * N + jb;
+        const bool has1 = 2 * p + 1 < K;
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m[h], b0 + 32 * h));
+          const __m512i w1 = has1 ? _mm512_cvtepi8_epi16(
+                                        _mm256_maskz_loadu_epi8(m[h], b0 + N + 32 * h))
+                                  : _mm512_setzero_si512();
+          const __m512i lo = _mm512_unpacklo_epi16(w0, w1);
+          const __m512i hi = _mm512_unpackhi_epi16(w0, w1);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) {
+            const __m512i xv = _mm512_set1_epi32(xp[r * np + p]);
+            acc[r][2 * h] = _mm512_dpwssd_epi32(acc[r][2 * h], lo, xv);
+            acc[r][2 * h + 1] = _mm512_dpwssd_epi32(acc[r][2 * h + 1], hi, xv);
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 2
+          for (int q = 0; q < 2; ++q) {
+            const int64_t c0 = 32 * h + 16 * q;  // first of these 16 columns
+            const int64_t v = std::max<int64_t>(0, std::min<int64_t>(16, nc - c0));
+            if (v == 0) continue;
+            const __mmask16 sm = static_cast<__mmask16>((1u << v) - 1);
+            __m512i out =
+                _mm512_permutex2var_epi32(acc[r][2 * h], q ? perm1 : perm0, acc[r][2 * h + 1]);
+            int32_t* c = C + r * N + jb + c0;
+            if (p0 > 0) out = _mm512_add_epi32(out, _mm512_maskz_loadu_epi32(sm, c));
+            _mm512_mask_storeu_epi32(c, sm, out);
+          }
+    }
+  }
+}
+
+void SmallMAny(int64_t M, const uint8_t* A, int64_t Kp, const int8_t* B, int64_t K, int64_t N,
+               int32_t* C, int64_t j0, int64_t j1) {
+  switch (M) {
+    case 1: return SmallM<1>(A, Kp, B, K, N, C, j0, j1);
+    case 2: return SmallM<2>(A, Kp, B, K, N, C, j0, j1);
+    case 3: return SmallM<3>(A, Kp, B, K, N, C, j0, j1);
+    case 4: return SmallM<4>(A, Kp, B, K, N, C, j0, j1);
+    case 5: return SmallM<5>(A, Kp, B, K, N, C, j0, j1);
+    default: return SmallM<6>(A, Kp, B, K, N, C, j0, j1);
+  }
+}
+
 // Runs f(0..t-1), f(0) on the calling thread.
 template <typename F>
 void Parallel(int64_t t, F f) {
@@ -231,6 +336,16 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
   // Small products are not worth a thread each (~2M multiply-adds minimum).
   const int64_t work = M * N * Kp;
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  if (M <= kSmallM) {
+    // Threads split the columns in multiples of 64.
+    const int64_t nb = (N + 63) / 64;
+    const int64_t t = std::min<int64_t>(t_max, nb);
+    Parallel(t, [&](int64_t i) {
+      SmallMAny(M, A, Kp, B, K, N, C, std::min(N, nb * i / t * 64),
+                std::min(N, nb * (i + 1) / t * 64));
+    });
+    return ffi::Error::Success();
+  }
   // Pack B once per call (this thread's buffer, reused across calls),
   // threads splitting the k-quads.
   thread_local PackBuffer packed;
@@ -265,5 +380,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
 extern "C" int jqx_cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
