@@ -178,6 +178,33 @@ def test_w8a8_many_rows_native_kernel_equals_int32_dot(monkeypatch):
     assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
+    """Up to 6 rows the kernel reads the weight in place, so it is used from
+    2^18 weight elements on: W8A8 and int8 weight-only (two-level split, 2 x rows)
+    equal the XLA int32 path bit for bit; one row more stays on XLA."""
+    k, n = 515, 520  # K odd, N not a multiple of 64: K * N >= 2^18
+    w = jax.random.normal(jax.random.key(7), (k, n), jnp.float32)
+    for recipe, max_rows in (
+        (jqx.int8_dynamic_activation_int8_weight(), 6),
+        (jqx.int8_weight_only(), 3),  # its two levels double the rows
+    ):
+        q = recipe.quantize_weight(w)
+        for rows in (1, max_rows):
+            x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32)
+            f = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
+            assert native.TARGET in str(jax.make_jaxpr(f)(x))
+            with monkeypatch.context() as mp:
+                mp.setattr(jqx.ops, "_NATIVE", False)
+                mp.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
+                mp.setattr(jqx.ops, "_TWO_LEVEL_MIN_WEIGHT", 0)  # the same split on XLA
+                g = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
+                np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
+        x_more = jnp.ones((max_rows + 1, k), jnp.float32)
+        h = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
+        assert native.TARGET not in str(jax.make_jaxpr(h)(x_more))
+
+
 @given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 def test_w8a8_int8_property(seed, scale):
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())
