@@ -1,4 +1,5 @@
-"""Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM.
+"""Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM and a
+4-bit weight-only kernel for decode-sized products.
 
 XLA:CPU runs ``int8 x int8 -> int32`` dots at 0.5-1.4x the time of the float32
 dot (``benchmarks/w8a8_profile.py``), far from the 1/4 that VNNI's
@@ -10,7 +11,12 @@ as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 ``jit``. ``jqx.ops`` uses it for W8A8 int8 products on CPU when
 :func:`available` and the product is big enough to pay for the per-call
 packing (``_NATIVE_MIN_WORK`` / ``_NATIVE_MIN_WEIGHT`` there); everything
-falls back to XLA's own dots otherwise.
+falls back to XLA's own dots otherwise. The same library registers
+``jqx_w4_gemv`` (:func:`w4_matmul`): f32 activations of up to
+:data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any 4-bit format,
+group-wise along K), read in place; ``jqx.ops`` uses it for 4-bit
+weight-only products at decode sizes, where dequantize-then-dot costs ~5x
+the f32 dot.
 
 Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI, a C++17 compiler
 (``$CXX``, else ``g++``/``clang++``) and a writable cache directory
@@ -47,9 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["available", "status", "int8_matmul", "TARGET"]
+__all__ = ["available", "status", "int8_matmul", "w4_matmul", "TARGET", "W4_TARGET", "W4_MAX_ROWS"]
 
 TARGET = "jqx_int8_gemm"
+W4_TARGET = "jqx_w4_gemv"
+W4_MAX_ROWS = 8  # kW4MaxRows in the kernel
 _SRC = Path(__file__).parent / "_native" / "int8_gemm.cc"
 _FLAGS = (
     "-O3",
@@ -130,6 +138,7 @@ def _load() -> None:
     if not lib.jqx_cpu_supported():
         raise RuntimeError("this CPU lacks AVX512F/AVX512BW/AVX512VL/AVX512-VNNI")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JqxInt8Gemm), platform="cpu")
+    jax.ffi.register_ffi_target(W4_TARGET, jax.ffi.pycapsule(lib.JqxW4Gemv), platform="cpu")
     _state["lib"] = lib
 
 
@@ -182,3 +191,70 @@ def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
         TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32), vmap_method="sequential"
     )(au, b, threads=np.int64(_threads()))
     return acc  # the kernel already subtracted 128 * column sums
+
+
+def w4_matmul(
+    x: jax.Array,
+    packed: jax.Array,
+    table: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array | None,
+    *,
+    n: int,
+    group_size: int,
+) -> jax.Array:
+    """``x @ W`` for a 4-bit group-wise weight, f32, for up to
+    :data:`W4_MAX_ROWS` rows (decode), reading the packed weight in place.
+
+    ``W[k, j] = (table[code[k, j]] - zero[g, j]) * scale[g, j]`` with
+    ``g = k // group_size``; codes are packed two per byte along N, low nibble
+    first (jqx's QArray layout). Sums are f32 (each group's codes first, then
+    its zero and scale), so the result equals ``x @ W`` up to f32 rounding.
+
+    Args:
+      x: (M, K) float32, M <= W4_MAX_ROWS.
+      packed: (K, ceil(n / 2)) uint8.
+      table: (16,) float32, the value of each code.
+      scale: (K // group_size, n) float32.
+      zero: like ``scale``, or None.
+      n: the weight's N.
+      group_size: rows of K per scale; must divide K.
+
+    Raises:
+      TypeError: shapes or dtypes that do not match.
+    """
+    m, k = x.shape
+    if x.ndim != 2 or m > W4_MAX_ROWS or x.dtype != jnp.float32:
+        raise TypeError(
+            f"w4_matmul: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
+            f"{tuple(x.shape)}."
+        )
+    if group_size <= 0 or k % group_size:
+        raise TypeError(f"w4_matmul: group_size={group_size} must divide K={k}.")
+    want = {
+        "packed": (packed, (k, -(-n // 2)), jnp.uint8),
+        "table": (table, (16,), jnp.float32),
+        "scale": (scale, (k // group_size, n), jnp.float32),
+    }
+    if zero is not None:
+        want["zero"] = (zero, (k // group_size, n), jnp.float32)
+    for name, (a, shape, dt) in want.items():
+        if tuple(a.shape) != shape or a.dtype != dt:
+            raise TypeError(
+                f"w4_matmul: {name} must be {jnp.dtype(dt).name} {shape}, got {a.dtype} "
+                f"{tuple(a.shape)}."
+            )
+    if not available():
+        raise RuntimeError(f"the native kernels are not available: {status()}")
+    return jax.ffi.ffi_call(
+        W4_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        packed,
+        table,
+        scale,
+        scale if zero is None else zero,
+        group=np.int64(group_size),
+        has_zero=np.int64(zero is not None),
+        threads=np.int64(_threads()),
+    )

@@ -439,10 +439,56 @@ def _int8_two_level(x, q, dn, out_dtype, n_xfree):
     return y.astype(out_dtype)
 
 
+# 4-bit weight-only at decode-sized M on CPU: jqx.native's w4 kernel reads the
+# packed codes in place (f32 FMA, group zero/scale applied once per group).
+# K = N = 4096, g128: M = 1 ~0.4x the f32 dot, where dequantize-then-dot took
+# ~5x; it pays from 2^18 weight elements on.
+_W4_NATIVE_MIN_WEIGHT = 1 << 18
+
+
+def _w4_native_ok(x, q: QArray, dn, rows: int, cdt) -> bool:
+    """A plain 2-D f32 product with a packed 4-bit (K, N) weight, scaled in
+    groups along K only, at <= native.W4_MAX_ROWS rows, on CPU, kernel built."""
+    (xc, wc), (xb, wb) = dn
+    if not _NATIVE or xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
+        return False
+    k, n = q.shape
+    if not (q.fmt.packed and q.fmt.bits == 4) or cdt != jnp.dtype(jnp.float32):
+        return False
+    g = q.block[0]
+    if q.block[1] != 1 or k % g or q.scale.shape != (k // g, n) or q.in_scale is not None:
+        return False
+    if rows > _native.W4_MAX_ROWS or rows == 0 or k * n < _W4_NATIVE_MIN_WEIGHT:
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    return _native.available()
+
+
+def _w4_native(x, q: QArray, xc: int, out_dtype) -> jax.Array:
+    """``x @ q`` through the native 4-bit kernel, in dot_general's layout."""
+    k, n = q.shape
+    c = jnp.moveaxis(x, xc, -1).astype(jnp.float32)
+    table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
+    zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
+    y = _native.w4_matmul(
+        c.reshape(-1, k),
+        q.qvalue,
+        table,
+        q.scale.astype(jnp.float32),
+        zero,
+        n=n,
+        group_size=q.block[0],
+    )
+    return y.reshape(*c.shape[:-1], n).astype(out_dtype)
+
+
 def _weight_only(x, q, dn, precision, out_dtype, n_xfree):
     (xc, wc), (xb, wb) = dn
     cdt = _compute_dtype(x)
     rows = math.prod(x.shape[i] for i in range(x.ndim) if i not in xc)
+    if _w4_native_ok(x, q, dn, rows, cdt):
+        return _w4_native(x, q, xc[0], out_dtype)
     if (
         q.format == "int8"
         and q.zero_point is None

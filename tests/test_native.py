@@ -101,6 +101,85 @@ def test_bad_input():
         native.int8_matmul(a.astype(jnp.float32), jnp.zeros((8, 3), jnp.int8))
 
 
+# --------------------------------------------------------------------------- w4
+
+
+def _w4_case(m, k, n, g, fmt, zero, seed):
+    """Random packed codes, table, scales (and zeros) and their f64 product."""
+    from jqx import formats
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    padded = np.concatenate([codes, np.zeros((k, n % 2), np.uint8)], axis=1)
+    packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+    table = np.asarray(formats.decode(jnp.arange(16, dtype=jnp.uint8), fmt, jnp.float32))
+    s = rng.uniform(0.01, 2.0, (k // g, n)).astype(np.float32)
+    z = rng.uniform(0.0, 15.0, (k // g, n)).astype(np.float32) if zero else None
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = table[codes].astype(np.float64)
+    if zero:
+        w = w - np.repeat(z, g, axis=0)
+    w = w * np.repeat(s, g, axis=0)
+    args = (jnp.asarray(x), jnp.asarray(packed), jnp.asarray(table), jnp.asarray(s))
+    args += (None if z is None else jnp.asarray(z),)
+    return args, x.astype(np.float64) @ w, np.abs(x).astype(np.float64) @ np.abs(w)
+
+
+# M = 1..8; odd N (a padding nibble), N = 1, N edges inside a 64-column block;
+# groups that are not powers of two and groups of more than one 16-row chunk;
+# per-channel (g = K); enough columns for the threads to split them.
+W4_SHAPES = [
+    (1, 32, 1, 32, "uint4", True),
+    (1, 256, 64, 128, "uint4", True),
+    (3, 384, 1536, 32, "int4", False),
+    (8, 130, 67, 13, "nf4", False),
+    (2, 4096, 4099, 4096, "int4", False),
+    (5, 64, 129, 64, "fp4_e2m1", True),
+    (7, 96, 200, 48, "fp4_e3m0", False),
+    (4, 1024, 2048, 128, "fp4_e1m2", True),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n,g,fmt,zero", W4_SHAPES)
+def test_w4_matmul_against_f64(m, k, n, g, fmt, zero):
+    args, ref, mag = _w4_case(m, k, n, g, fmt, zero, seed=m + k + n)
+    y = jax.jit(native.w4_matmul, static_argnames=("n", "group_size"))(*args, n=n, group_size=g)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    # f32 sums of K terms: a few ulps of sum |x| |w| (the f64 reference).
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * mag + 1e-30)
+
+
+@needs_native
+@settings(deadline=None, max_examples=20)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 8),
+    n=st.integers(1, 150),
+    g=st.sampled_from([8, 16, 24, 48]),
+    zero=st.booleans(),
+)
+def test_w4_property(seed, m, n, g, zero):
+    args, ref, mag = _w4_case(m, 96, n, g, "uint4", zero, seed)
+    y = native.w4_matmul(*args, n=n, group_size=g)
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * mag + 1e-30)
+
+
+@needs_native
+def test_w4_bad_input():
+    (x, p, t, s, z), _, _ = _w4_case(2, 64, 10, 32, "uint4", True, 0)
+    with pytest.raises(TypeError, match="M <= 8"):
+        native.w4_matmul(jnp.zeros((9, 64)), p, t, s, z, n=10, group_size=32)
+    with pytest.raises(TypeError, match="x must be float32"):
+        native.w4_matmul(x.astype(jnp.bfloat16), p, t, s, z, n=10, group_size=32)
+    with pytest.raises(TypeError, match="group_size=24 must divide K=64"):
+        native.w4_matmul(x, p, t, s, z, n=10, group_size=24)
+    with pytest.raises(TypeError, match=r"packed must be uint8 \(64, 5\)"):
+        native.w4_matmul(x, p[:, :4], t, s, z, n=10, group_size=32)
+    with pytest.raises(TypeError, match=r"zero must be float32 \(2, 10\)"):
+        native.w4_matmul(x, p, t, s, z[:1], n=10, group_size=32)
+
+
 def _run(code: str, env: dict) -> str:
     r = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -205,6 +205,43 @@ def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
         assert native.TARGET not in str(jax.make_jaxpr(h)(x_more))
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+@pytest.mark.parametrize(
+    "name,recipe",
+    [
+        ("uint4_g128", jqx.int4_weight_only(group_size=128)),
+        ("int4_absmax_perchannel", jqx.int4_weight_only(group_size=None, scheme="absmax")),
+        ("nf4_g64", jqx.nf4_weight_only(group_size=64)),
+        ("fp4_g32", jqx.fp4_weight_only(group_size=32)),
+    ],
+)
+def test_w4_decode_rows_take_native_kernel(name, recipe, monkeypatch):
+    """f32 activations with <= 8 rows and a packed 4-bit weight of >= 2^18
+    elements go to jqx.native's w4 kernel: within f32 rounding of x @ dequantize(W),
+    also for a 3-D activation and one contracted on a middle axis; 9 rows stay on XLA."""
+    k, n = 512, 520
+    w = jax.random.normal(jax.random.key(11), (k, n), jnp.float32)
+    q = recipe.quantize_weight(w)
+    w_hat = q.dequantize()
+    x = jax.random.normal(jax.random.key(12), (2, 4, k), jnp.float32)
+    for xx, dn in [
+        (x[0, :1], DN),
+        (x, (((2,), (0,)), ((), ()))),
+        (jnp.swapaxes(x, 1, 2), (((1,), (0,)), ((), ()))),
+    ]:
+        f = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
+        assert native.W4_TARGET in str(jax.make_jaxpr(f)(xx))
+        y = f(xx)
+        assert np.all(np.abs(y - _ref(xx, w_hat, dn)) <= _tight(xx, w_hat, dn))
+        with monkeypatch.context() as mp:
+            mp.setattr(jqx.ops, "_NATIVE", False)
+            g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
+            assert native.W4_TARGET not in str(jax.make_jaxpr(g)(xx))
+    h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+    assert native.W4_TARGET not in str(jax.make_jaxpr(h)(jnp.ones((9, k))))
+    assert native.W4_TARGET not in str(jax.make_jaxpr(h)(jnp.ones((1, k), jnp.bfloat16)))
+
+
 @given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 def test_w8a8_int8_property(seed, scale):
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(_w())

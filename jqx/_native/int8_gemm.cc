@@ -368,6 +368,167 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// 4-bit weight-only, decode-sized M: Y[M, N] (f32) = X[M, K] (f32) . W, with
+// W[k, n] = (table[code[k, n]] - zero[g, n]) * scale[g, n], g = k / gs.
+// Codes are packed two per byte along N (low nibble = even column), as in
+// jqx's QArray: P[K, ceil(N/2)]. ``table`` (16 floats) decodes every 4-bit
+// format (uint4, int4, nf4, fp4) with one vpermps. Per group the kernel sums
+// x[k] * table[code] in f32 and applies the group's zero and scale once:
+// y += scale * (sum - zero * sum_k x[k]). The weight is read once, in place:
+// 16 packed bytes (32 columns) are zero-extended to int32, split into even
+// (low nibble) and odd (high nibble) columns, decoded and multiplied by the
+// broadcast x[k] (f32 FMA); vpermt2ps interleaves even and odd back at the
+// group's end. k runs in chunks of kW4ChunkRows rows (partial sums kept per
+// thread) so each chunk streams in order; threads split the columns.
+constexpr int64_t kW4ChunkRows = 16;
+
+template <int R>
+void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
+             const float* table, const float* S, const float* Z, int64_t gs, float* Y,
+             int64_t j0, int64_t j1) {
+  if (j0 >= j1) return;
+  const int64_t G = K / gs;
+  const int64_t width = j1 - j0;
+  const int64_t nblk = (width + 63) / 64;  // 64-column blocks: two 32-column units
+  std::vector<float> xs(static_cast<size_t>(R * G), 0.0f);
+  for (int r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) xs[r * G + k / gs] += X[r * K + k];
+  // Partial group sums, per row and block: [r][blk][even0, odd0, even1, odd1] x 16.
+  std::vector<float> part(static_cast<size_t>(R * nblk * 64));
+  const __m512 tab = _mm512_loadu_ps(table);
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  alignas(64) int32_t il[2][16];
+  for (int e = 0; e < 16; ++e) {
+    il[0][e] = (e % 2 ? 16 : 0) + e / 2;      // columns 0..15 of a unit
+    il[1][e] = (e % 2 ? 16 : 0) + 8 + e / 2;  // columns 16..31
+  }
+  const __m512i il0 = _mm512_load_si512(static_cast<const void*>(il[0]));
+  const __m512i il1 = _mm512_load_si512(static_cast<const void*>(il[1]));
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kW4ChunkRows) {
+      const int64_t k1 = std::min<int64_t>(k0 + kW4ChunkRows, (g + 1) * gs);
+      const bool first = k0 == g * gs, last = k1 == (g + 1) * gs;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t jb = j0 + blk * 64;
+        const int64_t nc = std::min<int64_t>(64, j1 - jb);  // valid columns
+        __mmask16 bm[2];  // packed bytes of each 32-column unit
+        for (int u = 0; u < 2; ++u) {
+          const int64_t cu = std::max<int64_t>(0, std::min<int64_t>(32, nc - 32 * u));
+          const int64_t bytes = std::min<int64_t>((cu + 1) / 2, N2 - (jb + 32 * u) / 2);
+          bm[u] = bytes <= 0 ? 0 : static_cast<__mmask16>((1u << bytes) - 1);
+        }
+        __m512 acc[R][4];
+        float* pp = part.data() + blk * 64;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+          for (int s = 0; s < 4; ++s)
+            acc[r][s] = first ? _mm512_setzero_ps()
+                              : _mm512_loadu_ps(pp + r * nblk * 64 + s * 16);
+        const uint8_t* pk = P + jb / 2;
+        for (int64_t k = k0; k < k1; ++k) {
+#pragma GCC unroll 2
+          for (int u = 0; u < 2; ++u) {
+            const __m512i b =
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(bm[u], pk + k * N2 + 16 * u));
+            const __m512 ev = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tab);
+            const __m512 od = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+              const __m512 xv = _mm512_set1_ps(X[r * K + k]);
+              acc[r][2 * u] = _mm512_fmadd_ps(ev, xv, acc[r][2 * u]);
+              acc[r][2 * u + 1] = _mm512_fmadd_ps(od, xv, acc[r][2 * u + 1]);
+            }
+          }
+        }
+        if (!last) {
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; ++s) _mm512_storeu_ps(pp + r * nblk * 64 + s * 16, acc[r][s]);
+          continue;
+        }
+        // Group end: interleave, then y += scale * (sum - zero * sum(x)).
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 xsv = _mm512_set1_ps(xs[r * G + g]);
+#pragma GCC unroll 2
+          for (int u = 0; u < 2; ++u)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+              const int64_t c0 = 32 * u + 16 * h;
+              const int64_t v = std::max<int64_t>(0, std::min<int64_t>(16, nc - c0));
+              if (v == 0) continue;
+              const __mmask16 m = static_cast<__mmask16>((1u << v) - 1);
+              __m512 sum = _mm512_permutex2var_ps(acc[r][2 * u], h ? il1 : il0, acc[r][2 * u + 1]);
+              const int64_t col = jb + c0;
+              if (Z != nullptr)
+                sum = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, Z + g * N + col), xsv, sum);
+              const __m512 sc = _mm512_maskz_loadu_ps(m, S + g * N + col);
+              float* y = Y + r * N + col;
+              const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y);
+              _mm512_mask_storeu_ps(y, m, _mm512_fmadd_ps(sum, sc, prev));
+            }
+        }
+      }
+    }
+  }
+}
+
+constexpr int64_t kW4MaxRows = 8;
+
+void W4Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
+           const float* table, const float* S, const float* Z, int64_t gs, float* Y, int64_t j0,
+           int64_t j1) {
+  switch (M) {
+    case 1: return W4Small<1>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 2: return W4Small<2>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 3: return W4Small<3>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 4: return W4Small<4>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 5: return W4Small<5>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 6: return W4Small<6>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 7: return W4Small<7>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    default: return W4Small<8>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+  }
+}
+
+ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t has_zero,
+                      int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto pd = p.dimensions();
+  const auto sd = scale.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || pd.size() != 2 || sd.size() != 2 || yd.size() != 2 ||
+      table.element_count() != 16)
+    return ffi::Error::InvalidArgument(
+        "jqx_w4_gemv: expected x (M, K), packed (K, ceil(N/2)), table (16), scale (K/g, N), "
+        "y (M, N)");
+  const int64_t M = xd[0], K = xd[1], N = yd[1], N2 = pd[1];
+  if (pd[0] != K || yd[0] != M || N2 != (N + 1) / 2 || group <= 0 || K % group != 0 ||
+      sd[0] != K / group || sd[1] != N || M > kW4MaxRows ||
+      (has_zero && zero.element_count() != scale.element_count()))
+    return ffi::Error::InvalidArgument("jqx_w4_gemv: inconsistent shapes");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  float* Y = y->typed_data();
+  if (K == 0) {
+    memset(Y, 0, static_cast<size_t>(M * N) * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const int64_t nb = (N + 63) / 64;
+  const int64_t work = M * K * N;
+  const int64_t t = std::max<int64_t>(
+      1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
+  const float* Z = has_zero ? zero.typed_data() : nullptr;
+  Parallel(t, [&](int64_t i) {
+    W4Any(M, x.typed_data(), K, p.typed_data(), N2, N, table.typed_data(), scale.typed_data(), Z,
+          group, Y, std::min(N, nb * i / t * 64), std::min(N, nb * (i + 1) / t * 64));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
@@ -375,6 +536,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("has_zero")
                                   .Attr<int64_t>("threads"));
 
 extern "C" int jqx_cpu_supported() {
