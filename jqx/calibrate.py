@@ -320,6 +320,26 @@ class _Gatherer:
         return a.result(path)
 
 
+# Sequential mode quantizes weights that read the same input (attention's
+# query/key/value, a gated MLP's gate/up) after one shared statistics pass:
+# their inputs do not depend on each other, so the result is the same as one
+# pass per weight, with fewer passes. Tests switch it off to compare.
+_GROUP_SHARED_INPUTS = True
+
+
+def _same_inputs(rec: Mapping[str, list], a: str, b: str) -> bool:
+    """Whether weights ``a`` and ``b`` read identical (non-scanned) inputs in
+    this batch's records."""
+    xa, xb = rec.get(a), rec.get(b)
+    if not xa or not xb or len(xa) != len(xb):
+        return False
+    for u, v in zip(xa, xb, strict=True):
+        u, v = jnp.asarray(u), jnp.asarray(v)
+        if u.shape != v.shape or u.ndim == 3 or not bool(jnp.array_equal(u, v)):
+            return False
+    return True
+
+
 def _jit_or_eager(g):
     """``jax.jit(g)`` (one compile per batch shape, reused across batches and, in
     sequential mode, across layers); eager ``g`` when the batch holds arguments
@@ -493,7 +513,23 @@ def calibrate(
             )
     out: dict[str, QArray] = {}
     ks = [(p, _k_of(w)) for p, w, _ in chosen]
-    g = _jit_or_eager(_transform.capture_inputs(fn, paths, argnum=argnum))
+    cap = _transform.capture_inputs(fn, paths, argnum=argnum)
+    # jit returns the records' dict with sorted keys; the forward order (first
+    # use) is read while tracing and restored after every call.
+    first_use: list[str] = []
+
+    def traced(*args):
+        out, rec = cap(*args)
+        if not first_use:
+            first_use.extend(rec)
+        return out, rec
+
+    jg = _jit_or_eager(traced)
+
+    def g(*args):
+        out, rec = jg(*args)
+        rank = {p: i for i, p in enumerate(first_use)}
+        return out, dict(sorted(rec.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
     # Pass 1 (all weights at once; for sequential recipes it also fixes the order).
     gat = _Gatherer(chosen, need_of, full_stats_for_first_only=sequential)
@@ -501,10 +537,16 @@ def calibrate(
     order_hint = None
     total = len(batches) if hasattr(batches, "__len__") else None
     masks = []  # per batch, kept for the sequential passes
+    same: dict[tuple[str, str], bool] = {}  # neighbours in order with equal inputs
     for i, batch in enumerate(_progress(batches, total, "calibrate", progress)):
         _, rec = _run(g, params, batch, argnum, i, order_hint, ks)
         masks.append(_row_mask_of(row_mask, batch, i))
         gat.feed(rec, i, batch, masks[-1])
+        if sequential and _GROUP_SHARED_INPUTS:
+            for a, b in zip(gat.order, gat.order[1:], strict=False):
+                # Equal on every batch (a pair first seen after batch 0 is not trusted).
+                seen = same.get((a, b), i == 0)
+                same[(a, b)] = seen and _same_inputs(rec, a, b)
         if order_hint is None and gat.order:
             first = gat.order[0]
             order_hint = (first, _k_of(gat.chosen[first][0]))
@@ -532,27 +574,43 @@ def calibrate(
     order = gat.order + [p for p in paths if p not in gat.order]
     current = params
     by_path = {p: (w, r) for p, w, r in chosen}
+    groups: list[list[str]] = []  # consecutive weights reading the same input
+    for p in order:
+        if groups and same.get((groups[-1][-1], p), False):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
     first = True
-    for p in _progress(order, len(order), "calibrate layers", progress):
-        w, r = by_path[p]
-        if isinstance(gat.acc.get(p), list) and getattr(r, "sequential", False):
+    for group in _progress(groups, len(groups), "calibrate layers", progress):
+        lead = group[0]
+        w, r = by_path[lead]
+        if isinstance(gat.acc.get(lead), list) and getattr(r, "sequential", False):
             warnings.warn(
-                f"jqx.calibrate: {p} is a stacked weight used inside scan; its {w.shape[0]} "
+                f"jqx.calibrate: {lead} is a stacked weight used inside scan; its {w.shape[0]} "
                 "slices are calibrated in one pass (layers before the scan are already "
                 "quantized, earlier slices of the same stack are not).",
                 stacklevel=2,
             )
-        if first or p not in gat.acc:
-            stats = gat.stats(p)  # nothing upstream changed yet (or never used)
+        need = tuple(sorted({s for m in group for s in need_of[m]}))
+        if lead not in gat.acc or (first and set(need) <= set(need_of[lead])):
+            acc = gat.acc.get(lead)  # nothing upstream changed yet (or never used)
         else:
             # The same compiled capture for every layer: only the values change.
-            one = _Gatherer([(p, w, r)], need_of)
+            one = _Gatherer([(lead, w, r)], {lead: need})
             for i, batch in enumerate(batches):
                 _, rec = _run(g, current, batch, argnum, i, order_hint, ks)
-                one.feed({p: rec.get(p, [])}, i, batch, masks[i])
-            stats = one.stats(p)
+                one.feed({lead: rec.get(lead, [])}, i, batch, masks[i])
+            acc = one.acc.get(lead)
         first = False
-        q = _quantize_one(p, w, r, stats, observer, percentile, momentum)
-        out[p] = q
-        current = _set_leaves(current, {p: q.dequantize(jnp.dtype(w.dtype))})
+        for p in group:  # a group's members read the lead's input: the same statistics
+            wp, rp = by_path[p]
+            if acc is None:
+                stats = None
+            elif isinstance(acc, list):
+                stats = [a.result(f"{p}[{i}]") for i, a in enumerate(acc)]
+            else:
+                stats = acc.result(p)
+            q = _quantize_one(p, wp, rp, stats, observer, percentile, momentum)
+            out[p] = q
+            current = _set_leaves(current, {p: q.dequantize(jnp.dtype(wp.dtype))})
     return _set_leaves(params, out)

@@ -1,6 +1,7 @@
 """jqx.calibrate and its observers, each checked against a float / numpy reference."""
 
 import dataclasses
+import sys
 import warnings
 
 import jax
@@ -242,6 +243,26 @@ def test_sequential_recipe_sees_earlier_layers_quantized():
     assert float(jnp.max(jnp.abs(r.seen[1][1].xtx - hf.T @ hf))) > 1e-2
 
 
+def test_sequential_order_is_the_forward_order_not_the_alphabetical_one():
+    """Layers are calibrated in the order the model first uses them (jit hands
+    the records back with sorted keys; "layer_10" sorts before "layer_2")."""
+    names = ["layer_2", "layer_10", "b", "a"]  # forward order, far from sorted
+    keys = jax.random.split(jax.random.key(3), len(names))
+    p = {
+        n: {"kernel": jax.random.normal(kk, (K, K)) / 4.0}
+        for n, kk in zip(names, keys, strict=True)
+    }
+
+    def fn(pp, x):
+        for n in names:
+            x = jnp.tanh(x @ pp[n]["kernel"])
+        return x
+
+    r = _SeqRecorder(format="int4", group_size=8)
+    jqx.calibrate(fn, p, BATCHES, r, progress=False)
+    assert [path for path, _ in r.seen] == [f"{n}/kernel" for n in names]
+
+
 def test_gptq_through_calibrate_beats_round_to_nearest():
     """The library's GPTQ recipe (sequential, X^T X) run by calibrate: lower output
     error on the calibration data than round-to-nearest at the same format."""
@@ -262,6 +283,48 @@ def test_gptq_through_calibrate_beats_round_to_nearest():
     assert jqx.is_qarray(q_gptq["a"]["kernel"]) and jqx.is_qarray(q_gptq["b"]["kernel"])
     assert rel_err(q_gptq) < 0.9 * rel_err(q_rtn)
     assert rel_err(q_gptq) < 0.05
+
+
+def _attn_like(p, x, calls=None):
+    """q/k/v read one input (h); o reads their mix. ``calls`` counts executions."""
+    if calls is not None:
+        jax.debug.callback(lambda: calls.append(1))
+    h = jnp.tanh(x @ p["in"]["kernel"])
+    q, k, v = (h @ p[n]["kernel"] for n in ("q", "k", "v"))
+    return (jnp.tanh(q) * k + v) @ p["o"]["kernel"]
+
+
+def test_sequential_weights_sharing_an_input_share_one_pass(monkeypatch):
+    """GPTQ through calibrate: query/key/value read the same input, so they are
+    calibrated after one statistics pass (3 passes in all instead of 5), with
+    results identical to one pass per weight."""
+    keys = jax.random.split(jax.random.key(9), 5)
+    p = {
+        n: {"kernel": jax.random.normal(kk, (K if n == "in" else H, H)) / 4.0}
+        for n, kk in zip(("in", "q", "k", "v", "o"), keys, strict=True)
+    }
+
+    def run():
+        calls = []
+        q = jqx.calibrate(
+            lambda pp, x: _attn_like(pp, x, calls),
+            p,
+            BATCHES,
+            jqx.gptq(bits=4, group_size=8),
+            progress=False,
+        )
+        return q, len(calls) // len(BATCHES)
+
+    grouped, passes = run()
+    assert passes == 3  # all weights; then q/k/v together; then o
+    monkeypatch.setattr(sys.modules["jqx.calibrate"], "_GROUP_SHARED_INPUTS", False)
+    single, passes_single = run()
+    assert passes_single == 5
+    for n in p:
+        a, b = grouped[n]["kernel"], single[n]["kernel"]
+        np.testing.assert_array_equal(np.asarray(a.qvalue), np.asarray(b.qvalue))
+        np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+        np.testing.assert_array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
 
 
 def _scan_fn(p, x):
