@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from pallas_kernels.fp8_matmul import BlockSizes, fp8_matmul, fp8_matmul_reference
 
 ON_GPU = jax.default_backend() == "gpu"
-MODES = [True, pytest.param(False, marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU"))]
+# The native twins carry the "gpu" marker: `pytest -m gpu` runs only them on a GPU.
+MODES = [
+    True,
+    pytest.param(
+        False, marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]
+    ),
+]
 OUT_EPS = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-22}
 E4M3 = jnp.float8_e4m3fn
 

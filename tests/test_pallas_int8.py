@@ -18,7 +18,13 @@ from pallas_kernels.int8_matmul import (
 )
 
 ON_GPU = jax.default_backend() == "gpu"
-MODES = [True, pytest.param(False, marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU"))]
+# The native twins carry the "gpu" marker: `pytest -m gpu` runs only them on a GPU.
+MODES = [
+    True,
+    pytest.param(
+        False, marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]
+    ),
+]
 OUT_EPS = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-22}
 
 
