@@ -447,13 +447,16 @@ _W4_NATIVE_MIN_WEIGHT = 1 << 18
 
 
 def _w4_native_ok(x, q: QArray, dn, rows: int, cdt) -> bool:
-    """A plain 2-D f32 product with a packed 4-bit (K, N) weight, scaled in
-    groups along K only, at <= native.W4_MAX_ROWS rows, on CPU, kernel built."""
+    """A plain 2-D product with a packed 4-bit (K, N) weight, scaled in groups
+    along K only, at <= native.W4_MAX_ROWS rows, on CPU, kernel built."""
     (xc, wc), (xb, wb) = dn
     if not _NATIVE or xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
         return False
     k, n = q.shape
-    if not (q.fmt.packed and q.fmt.bits == 4) or cdt != jnp.dtype(jnp.float32):
+    # bf16/f16 activations are widened to f32 (exact); the weight is then not
+    # rounded to 16 bits, so the result is closer to x @ W than XLA's 16-bit dot.
+    wide = cdt in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if not (q.fmt.packed and q.fmt.bits == 4) or not wide:
         return False
     g = q.block[0]
     if q.block[1] != 1 or k % g or q.scale.shape != (k // g, n) or q.in_scale is not None:

@@ -216,9 +216,10 @@ def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
     ],
 )
 def test_w4_decode_rows_take_native_kernel(name, recipe, monkeypatch):
-    """f32 activations with <= 8 rows and a packed 4-bit weight of >= 2^18
-    elements go to jqx.native's w4 kernel: within f32 rounding of x @ dequantize(W),
-    also for a 3-D activation and one contracted on a middle axis; 9 rows stay on XLA."""
+    """Activations with <= 8 rows and a packed 4-bit weight of >= 2^18 elements go
+    to jqx.native's w4 kernel: within f32 rounding of x @ dequantize(W), also for a
+    3-D activation, one contracted on a middle axis and bf16 (widened to f32);
+    9 rows stay on XLA."""
     k, n = 512, 520
     w = jax.random.normal(jax.random.key(11), (k, n), jnp.float32)
     q = recipe.quantize_weight(w)
@@ -239,7 +240,14 @@ def test_w4_decode_rows_take_native_kernel(name, recipe, monkeypatch):
             assert native.W4_TARGET not in str(jax.make_jaxpr(g)(xx))
     h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
     assert native.W4_TARGET not in str(jax.make_jaxpr(h)(jnp.ones((9, k))))
-    assert native.W4_TARGET not in str(jax.make_jaxpr(h)(jnp.ones((1, k), jnp.bfloat16)))
+    # bf16 activations are widened to f32: a bf16 result of the f32 product.
+    xb = x[0, :2].astype(jnp.bfloat16)
+    assert native.W4_TARGET in str(jax.make_jaxpr(h)(xb))
+    yb = h(xb)
+    assert yb.dtype == jnp.bfloat16
+    ref = _ref(xb.astype(jnp.float32), w_hat)
+    bound = _tight(xb.astype(jnp.float32), w_hat) + 2.0**-8 * jnp.abs(ref)  # one bf16 rounding
+    assert np.all(np.abs(yb.astype(jnp.float32) - ref) <= bound)
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
