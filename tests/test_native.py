@@ -1,5 +1,6 @@
-"""jqx.native: the AVX512-VNNI int8 GEMM (exact against int32 references),
-its build cache, and the fallback when it is unavailable."""
+"""jqx.native: the AVX512-VNNI int8 GEMM (exact against int32 references), the
+4-bit weight-only decode kernel (against f64), the build cache, and the
+fallback when the kernels are unavailable."""
 
 import os
 import subprocess
