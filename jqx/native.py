@@ -57,7 +57,7 @@ __all__ = ["available", "status", "int8_matmul", "w4_matmul", "TARGET", "W4_TARG
 
 TARGET = "jqx_int8_gemm"
 W4_TARGET = "jqx_w4_gemv"
-W4_MAX_ROWS = 8  # kW4MaxRows in the kernel
+W4_MAX_ROWS = 16  # kW4MaxRows in the kernel (register blocks of 8 rows)
 _SRC = Path(__file__).parent / "_native" / "int8_gemm.cc"
 _FLAGS = (
     "-O3",

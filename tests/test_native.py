@@ -126,7 +126,7 @@ def _w4_case(m, k, n, g, fmt, zero, seed):
     return args, x.astype(np.float64) @ w, np.abs(x).astype(np.float64) @ np.abs(w)
 
 
-# M = 1..8; odd N (a padding nibble), N = 1, N edges inside a 64-column block;
+# M = 1..16 (register blocks of 8 rows); odd N (a padding nibble), N = 1, N edges inside a 64-column block;
 # groups that are not powers of two and groups of more than one 16-row chunk;
 # per-channel (g = K); enough columns for the threads to split them.
 W4_SHAPES = [
@@ -138,6 +138,8 @@ W4_SHAPES = [
     (5, 64, 129, 64, "fp4_e2m1", True),
     (7, 96, 200, 48, "fp4_e3m0", False),
     (4, 1024, 2048, 128, "fp4_e1m2", True),
+    (13, 200, 300, 40, "uint4", True),  # two register blocks of rows (8 + 5)
+    (16, 512, 1000, 128, "int4", False),
 ]
 
 
@@ -155,7 +157,7 @@ def test_w4_matmul_against_f64(m, k, n, g, fmt, zero):
 @settings(deadline=None, max_examples=20)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    m=st.integers(1, 8),
+    m=st.integers(1, 16),
     n=st.integers(1, 150),
     g=st.sampled_from([8, 16, 24, 48]),
     zero=st.booleans(),
@@ -169,8 +171,8 @@ def test_w4_property(seed, m, n, g, zero):
 @needs_native
 def test_w4_bad_input():
     (x, p, t, s, z), _, _ = _w4_case(2, 64, 10, 32, "uint4", True, 0)
-    with pytest.raises(TypeError, match="M <= 8"):
-        native.w4_matmul(jnp.zeros((9, 64)), p, t, s, z, n=10, group_size=32)
+    with pytest.raises(TypeError, match="M <= 16"):
+        native.w4_matmul(jnp.zeros((17, 64)), p, t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match="x must be float32"):
         native.w4_matmul(x.astype(jnp.bfloat16), p, t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match="group_size=24 must divide K=64"):

@@ -476,7 +476,8 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
   }
 }
 
-constexpr int64_t kW4MaxRows = 8;
+constexpr int64_t kW4BlockRows = 8;  // rows per register block
+constexpr int64_t kW4MaxRows = 16;   // more rows: XLA's dequantize-then-dot wins
 
 void W4Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
            const float* table, const float* S, const float* Z, int64_t gs, float* Y, int64_t j0,
@@ -523,8 +524,12 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
       1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
   const float* Z = has_zero ? zero.typed_data() : nullptr;
   Parallel(t, [&](int64_t i) {
-    W4Any(M, x.typed_data(), K, p.typed_data(), N2, N, table.typed_data(), scale.typed_data(), Z,
-          group, Y, std::min(N, nb * i / t * 64), std::min(N, nb * (i + 1) / t * 64));
+    // Blocks of up to kW4BlockRows rows, each over the thread's columns (the
+    // weight slice is read again per block, from cache).
+    for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows)
+      W4Any(std::min(kW4BlockRows, M - r0), x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
+            table.typed_data(), scale.typed_data(), Z, group, Y + r0 * N,
+            std::min(N, nb * i / t * 64), std::min(N, nb * (i + 1) / t * 64));
   });
   return ffi::Error::Success();
 }
