@@ -461,6 +461,8 @@ def _w4_native_ok(x, q: QArray, dn, rows: int, cdt) -> bool:
     g = q.block[0]
     if q.block[1] != 1 or k % g or q.scale.shape != (k // g, n) or q.in_scale is not None:
         return False
+    if q.zero_point is not None and q.zero_point.shape != q.scale.shape:
+        return False
     if rows > _native.W4_MAX_ROWS or rows == 0 or k * n < _W4_NATIVE_MIN_WEIGHT:
         return False
     if jax.default_backend() != "cpu":
