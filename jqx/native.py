@@ -143,7 +143,7 @@ def _load() -> None:
 
 
 def available() -> bool:
-    """Whether the native int8 GEMM is built, loaded and registered (builds it
+    """Whether the native kernels are built, loaded and registered (builds them
     on the first call; a failure is remembered, see :func:`status`)."""
     if _state["ok"] is None:
         with _lock:
@@ -223,12 +223,12 @@ def w4_matmul(
     Raises:
       TypeError: shapes or dtypes that do not match.
     """
-    m, k = x.shape
-    if x.ndim != 2 or m > W4_MAX_ROWS or x.dtype != jnp.float32:
+    if x.ndim != 2 or x.shape[0] > W4_MAX_ROWS or x.dtype != jnp.float32:
         raise TypeError(
             f"w4_matmul: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
             f"{tuple(x.shape)}."
         )
+    m, k = x.shape
     if group_size <= 0 or k % group_size:
         raise TypeError(f"w4_matmul: group_size={group_size} must divide K={k}.")
     want = {

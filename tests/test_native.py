@@ -173,6 +173,8 @@ def test_w4_bad_input():
     (x, p, t, s, z), _, _ = _w4_case(2, 64, 10, 32, "uint4", True, 0)
     with pytest.raises(TypeError, match="M <= 16"):
         native.w4_matmul(jnp.zeros((17, 64)), p, t, s, z, n=10, group_size=32)
+    with pytest.raises(TypeError, match=r"x must be float32 \(M, K\).*\(1, 2, 64\)"):
+        native.w4_matmul(jnp.zeros((1, 2, 64)), p, t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match="x must be float32"):
         native.w4_matmul(x.astype(jnp.bfloat16), p, t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match="group_size=24 must divide K=64"):
