@@ -263,8 +263,9 @@ def _w8a8_in_bf16(x, xc) -> bool:
 # int8 W8A8 on a CPU with AVX512-VNNI: jqx.native's int8 GEMM. Measured
 # against XLA's int32 dot (single rows padded to two) and its bf16 dot, ratios
 # to the f32 dot (benchmarks/ops.py, benchmarks/w8a8_profile.py): K = N =
-# 4096: M = 1 1.24x vs 3.28x, M = 16 0.54x vs 1.38x, M = 256 0.30x vs 0.78x,
-# M = 1024 0.25x vs 0.68x; MiniLM's 4096-row layers 0.21-0.28x vs 0.50-0.76x.
+# 4096: M = 1 0.20x vs 4.91x (the unpacked decode path), M = 16 0.54x vs
+# 1.38x, M = 256 0.30x vs 0.78x, M = 1024 0.25x vs 0.68x; MiniLM's 4096-row
+# layers 0.21-0.28x vs 0.50-0.76x.
 # Tiny products lose to the per-call packing and threads (64 x 384 x 1536:
 # 1.28x vs 0.82x), hence a floor on the work or on the weight's size.
 _NATIVE = True  # tests and benchmarks switch it off to compare with XLA
@@ -277,30 +278,43 @@ _NATIVE_DECODE_ROWS = 6
 _NATIVE_MIN_WEIGHT_DECODE = 1 << 18
 
 
+def _native_plain(q: QArray, dn) -> bool:
+    """The native kernels take plain 2-D products: one contraction dim, the
+    weight (K, N) contracted on axis 0, no batch dims (and ``_NATIVE`` on)."""
+    (xc, wc), (xb, wb) = dn
+    return _NATIVE and not xb and not wb and len(xc) == 1 and tuple(wc) == (0,) and q.ndim == 2
+
+
+def _native_here() -> bool:
+    """On the CPU backend with the kernels built (builds them on first use)."""
+    return jax.default_backend() == "cpu" and _native.available()
+
+
+def _native_rows(x, xc: int, n: int, kernel) -> jax.Array:
+    """``kernel`` on x as (rows, K), back in dot_general's output layout (x's
+    free dims, then N)."""
+    c = jnp.moveaxis(x, xc, -1)
+    return kernel(c.reshape(-1, c.shape[-1])).reshape(*c.shape[:-1], n)
+
+
 def _w8a8_native_ok(x, q: QArray, dn, row_factor: int = 1) -> bool:
-    """A plain 2-D product (one contraction dim, weight (K, N) contracted on
-    axis 0, no batch dims) big enough to pay, on CPU, with the kernel built.
+    """A plain 2-D product big enough to pay, on CPU, with the kernel built.
     ``row_factor``: the kernel will see that many times x's rows (2 for the
     two-level split)."""
-    (xc, wc), (xb, wb) = dn
-    if not _NATIVE or xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
+    if not _native_plain(q, dn):
         return False
+    (xc, _), _ = dn
     rows = row_factor * math.prod(x.shape[i] for i in range(x.ndim) if i != xc[0])
     k, n = q.shape
     decode = rows <= _NATIVE_DECODE_ROWS and k * n >= _NATIVE_MIN_WEIGHT_DECODE
     if rows * k * n < _NATIVE_MIN_WORK and k * n < _NATIVE_MIN_WEIGHT and not decode:
         return False
-    if jax.default_backend() != "cpu":
-        return False
-    return _native.available()  # builds the kernel on first use
+    return _native_here()
 
 
 def _w8a8_native(codes, q: QArray, xc: int) -> jax.Array:
-    """int32 ``codes @ q.qvalue`` through the native kernel, in dot_general's
-    output layout (x's free dims, then N)."""
-    c = jnp.moveaxis(codes, xc, -1)
-    acc = _native.int8_matmul(c.reshape(-1, c.shape[-1]), q.qvalue)
-    return acc.reshape(*c.shape[:-1], q.shape[1])
+    """int32 ``codes @ q.qvalue`` through the native kernel."""
+    return _native_rows(codes, xc, q.shape[1], lambda c: _native.int8_matmul(c, q.qvalue))
 
 
 # --------------------------------------------------------------------------- main path
@@ -406,7 +420,7 @@ def _fallback(x, q, dn, precision, out_dtype):
 # dots on a two-level split of the activations cost ~1.2x. Measured crossover
 # (benchmarks/ops.py): with XLA's int32 dot the split loses above a few
 # hundred rows. On jqx.native's VNNI GEMM it wins at every row count
-# (K = N = 4096: M = 1 1.05x, M = 16 0.57x the f32 dot), so there the split
+# (K = N = 4096: M = 1 0.24x, M = 16 0.68x the f32 dot), so there the split
 # is used whenever the product is big enough for the native kernel.
 _TWO_LEVEL_MAX_ROWS = 64
 _TWO_LEVEL_MIN_WEIGHT = 1 << 20
@@ -449,8 +463,7 @@ _W4_NATIVE_MIN_WEIGHT = 1 << 18
 def _w4_native_ok(x, q: QArray, dn, rows: int, cdt) -> bool:
     """A plain 2-D product with a packed 4-bit (K, N) weight, scaled in groups
     along K only, at <= native.W4_MAX_ROWS rows, on CPU, kernel built."""
-    (xc, wc), (xb, wb) = dn
-    if not _NATIVE or xb or wb or len(xc) != 1 or tuple(wc) != (0,) or q.ndim != 2:
+    if not _native_plain(q, dn):
         return False
     k, n = q.shape
     # bf16/f16 activations are widened to f32 (exact); the weight is then not
@@ -465,27 +478,22 @@ def _w4_native_ok(x, q: QArray, dn, rows: int, cdt) -> bool:
         return False
     if rows > _native.W4_MAX_ROWS or rows == 0 or k * n < _W4_NATIVE_MIN_WEIGHT:
         return False
-    if jax.default_backend() != "cpu":
-        return False
-    return _native.available()
+    return _native_here()
 
 
 def _w4_native(x, q: QArray, xc: int, out_dtype) -> jax.Array:
-    """``x @ q`` through the native 4-bit kernel, in dot_general's layout."""
-    k, n = q.shape
-    c = jnp.moveaxis(x, xc, -1).astype(jnp.float32)
+    """``x @ q`` through the native 4-bit kernel."""
+    n = q.shape[1]
     table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
     zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
-    y = _native.w4_matmul(
-        c.reshape(-1, k),
-        q.qvalue,
-        table,
-        q.scale.astype(jnp.float32),
-        zero,
-        n=n,
-        group_size=q.block[0],
-    )
-    return y.reshape(*c.shape[:-1], n).astype(out_dtype)
+    scale = q.scale.astype(jnp.float32)
+
+    def kernel(rows):
+        return _native.w4_matmul(
+            rows.astype(jnp.float32), q.qvalue, table, scale, zero, n=n, group_size=q.block[0]
+        )
+
+    return _native_rows(x, xc, n, kernel).astype(out_dtype)
 
 
 def _weight_only(x, q, dn, precision, out_dtype, n_xfree):
