@@ -16,6 +16,9 @@
 //
 // Up to kSmallM (6) rows (decode) skip the packing: see SmallM below.
 //
+// The same library holds jqx_w4_gemv, 4-bit weight-only x @ W for up to 16
+// rows (W4Small / W4GemvImpl below).
+//
 // Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
 // -mavx512vl -mavx512vnni); jqx checks the CPU before registering it.
 
@@ -83,8 +86,6 @@ inline void Micro(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
   for (int r = 0; r < rows; ++r) memcpy(c + r * ldc, tmp[r], static_cast<size_t>(cols) * 4);
 }
 
-// Packs columns [j0, j0 + 16 * nbh) of B (K x N int8, row-major) into
-// nbh panels of (Kp/4) x 64 bytes: 16 columns x 4 consecutive k each.
 // Packs k-quads [kq0, kq1) of every 16-column panel of B (K x N int8,
 // row-major) into dst[NP][Kp/4][64]: 16 columns x 4 consecutive k per
 // 64-byte group, zero beyond K and N. B's rows are read in order, four at a
