@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jqx
-from jqx.algorithms._common import rtn_quantize
-from jqx.algorithms.awq import AWQConfig, awq_quantize
-from jqx.algorithms.gptq import GPTQConfig, gptq_hessian, gptq_quantize
-from jqx.algorithms.hqq import HQQConfig, hqq_quantize
-from jqx.algorithms.llm_int8 import llm_int8_matmul
-from jqx.algorithms.smoothquant import smoothquant_quantize
+from jqx.recipes.awq import AWQConfig, awq_quantize
+from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.grid import rtn_quantize
+from jqx.recipes.hqq import HQQConfig, hqq_quantize
+from jqx.recipes.llm_int8 import llm_int8_matmul
+from jqx.recipes.smoothquant import smoothquant_quantize
 
 
 def _gptq_layer(seed, outliers):
@@ -213,7 +213,7 @@ def _apply_method(recipe, fn, params, calib, row_mask=None):
         qp = jax.tree_util.tree_map_with_path(
             lambda path, leaf: (
                 rtn_quantize(leaf, bits, g)
-                if jqx.tree.default_filter(jqx.tree.path_str(path), leaf)
+                if jqx.default_filter(jqx.path_str(path), leaf)
                 else leaf
             ),
             params,
@@ -227,14 +227,14 @@ def _apply_method(recipe, fn, params, calib, row_mask=None):
 
 
 def charlm(n_windows: int, checkpoint: str | None = None) -> None:
-    from jqx.models import charlm as cl  # noqa: PLC0415
+    from jqx_demo import charlm as cl  # noqa: PLC0415
 
     try:
         cfg, params, _ = cl.load_params(checkpoint)
     except FileNotFoundError as e:
         print(f"\n(char LM table skipped: {e})")
         return
-    from jqx.models.shakespeare import load_shakespeare  # noqa: PLC0415
+    from jqx_demo.shakespeare import load_shakespeare  # noqa: PLC0415
 
     data = load_shakespeare()
     f = cl.apply_fn(cfg)
@@ -261,7 +261,7 @@ def charlm(n_windows: int, checkpoint: str | None = None) -> None:
 
 
 def minilm_table(n_eval: int, tiny: bool = False, n_calib: int = 64, mask: bool = True) -> None:
-    from jqx.models import minilm  # noqa: PLC0415
+    from jqx_demo import minilm  # noqa: PLC0415
 
     enc = minilm.load_tiny() if tiny or not minilm.weights_available() else minilm.load_minilm()
     sents = minilm.load_sentences()

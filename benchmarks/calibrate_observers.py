@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jqx
-from jqx.models import minilm
+from jqx_demo import minilm
 
 
 def _batches(enc, sents, bs, length):

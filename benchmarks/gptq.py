@@ -18,8 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jqx.algorithms._common import rtn_quantize
-from jqx.algorithms.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.grid import rtn_quantize
 
 _CPU: dict = {}
 

@@ -31,14 +31,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import dispatch  # noqa: E402
-from pallas_kernels.fp8_matmul import fp8_matmul  # noqa: E402
-from pallas_kernels.int8_matmul import (  # noqa: E402
+from jqx.kernels.pallas import dispatch  # noqa: E402
+from jqx.kernels.pallas.fp8_matmul import fp8_matmul  # noqa: E402
+from jqx.kernels.pallas.int8_matmul import (  # noqa: E402
     int8_matmul,
     int8_matmul_dynamic,
     quantize_rows_reference,
 )
-from pallas_kernels.w4a16_matmul import dequantize_w4, w4a16_matmul  # noqa: E402
+from jqx.kernels.pallas.w4a16_matmul import dequantize_w4, w4a16_matmul  # noqa: E402
 
 # Dense tensor-core peaks in FLOP/s (datasheet numbers, no sparsity).
 PEAKS = {

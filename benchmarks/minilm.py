@@ -30,8 +30,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jqx  # noqa: E402
-from jqx import demo  # noqa: E402
-from jqx.models import minilm  # noqa: E402
+from jqx_demo import (
+    demo,  # noqa: E402
+    minilm,  # noqa: E402
+)
 
 GPTQ_G32 = "jqx int4 g32 GPTQ"
 TORCHAO_INT8 = "jqx int8 w-only (torchao)"

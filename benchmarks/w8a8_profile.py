@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jqx  # noqa: E402
 import jqx.ops as jops  # noqa: E402
-from jqx.models import minilm  # noqa: E402
+from jqx_demo import minilm  # noqa: E402
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -199,9 +199,9 @@ def part_model(enc, ids, mask, reps: int) -> None:
     print(f"\n== whole model at {ids.shape[0]} x {ids.shape[1]} tokens (ratios to float32)")
     qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
     paths = [
-        jqx.tree.path_str(p)
+        jqx.path_str(p)
         for p, leaf in jax.tree_util.tree_flatten_with_path(enc.variables)[0]
-        if jqx.tree.path_str(p).endswith("kernel") and leaf.ndim == 2
+        if jqx.path_str(p).endswith("kernel") and leaf.ndim == 2
     ]
     fns = {
         "float32": (jax.jit(enc.module.apply), enc.variables),

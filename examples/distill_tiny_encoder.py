@@ -1,4 +1,4 @@
-"""Distill all-MiniLM-L6-v2 into the tiny encoder that ships in ``jqx/data``.
+"""Distill all-MiniLM-L6-v2 into the tiny encoder that ships in ``jqx_demo/data``.
 
 ``python -m jqx demo`` runs on this tiny encoder when the MiniLM weights
 package is absent. This script is how the shipped files were made; rerun it
@@ -13,7 +13,7 @@ be narrower than the teacher). Writes
 ``tiny_encoder.safetensors`` (float16), ``tiny_encoder.json`` (config) and
 ``tiny_tokenizer.json``.
 
-    python examples/distill_tiny_encoder.py --out jqx/data   # about 2 minutes on 2 idle cores
+    python examples/distill_tiny_encoder.py --out jqx_demo/data   # about 2 minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import optax
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from jqx.models import minilm
+from jqx_demo import minilm
 
 TINY = dict(
     vocab_size=2048,
@@ -92,7 +92,7 @@ def train_tokenizer(text: list[str], vocab_size: int) -> Tokenizer:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="jqx/data")
+    ap.add_argument("--out", default="jqx_demo/data")
     ap.add_argument("--sentences", type=int, default=3072)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=64)

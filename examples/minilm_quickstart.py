@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 import jqx
-from jqx.models import minilm
+from jqx_demo import minilm
 
 enc = minilm.load_default()  # all-MiniLM-L6-v2 if installed, else the shipped tiny encoder
 sentences = [

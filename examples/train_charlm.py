@@ -5,7 +5,7 @@
 
 AdamW with linear warm-up and cosine decay, jit-compiled steps, random
 windows of the training plays; the held-out plays are scored at the end with
-``jqx.models.charlm.evaluate`` (the same windows every evaluation uses) and the
+``jqx_demo.charlm.evaluate`` (the same windows every evaluation uses) and the
 numbers are stored in the checkpoint's metadata.
 """
 
@@ -22,8 +22,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jqx.models import charlm  # noqa: E402
-from jqx.models.shakespeare import batches, eval_windows, load_shakespeare  # noqa: E402
+from jqx_demo import charlm  # noqa: E402
+from jqx_demo.shakespeare import batches, eval_windows, load_shakespeare  # noqa: E402
 
 
 def make_optimizer(

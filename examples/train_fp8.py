@@ -28,8 +28,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jqx  # noqa: E402
-from jqx.models import charlm  # noqa: E402
-from jqx.models.shakespeare import batches, load_shakespeare  # noqa: E402
+from jqx_demo import charlm  # noqa: E402
+from jqx_demo.shakespeare import batches, load_shakespeare  # noqa: E402
 
 
 def bf16_apply(cfg):

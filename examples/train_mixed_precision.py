@@ -32,8 +32,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from jqx import mixed_precision as mp  # noqa: E402
-from jqx.models import charlm  # noqa: E402
-from jqx.models.shakespeare import batches, load_shakespeare  # noqa: E402
+from jqx_demo import charlm  # noqa: E402
+from jqx_demo.shakespeare import batches, load_shakespeare  # noqa: E402
 
 POLICIES = {
     "f32": "params=float32,compute=float32,output=float32",

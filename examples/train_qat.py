@@ -36,8 +36,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jqx  # noqa: E402
-from jqx.models import charlm  # noqa: E402
-from jqx.models.shakespeare import batches, load_shakespeare  # noqa: E402
+from jqx_demo import charlm  # noqa: E402
+from jqx_demo.shakespeare import batches, load_shakespeare  # noqa: E402
 
 
 def _train(loss, params, opt, data_iter, steps, log_every=50, tag=""):

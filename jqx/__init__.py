@@ -1,5 +1,11 @@
 """jqx: quantization for JAX.
 
+One public namespace: every public name is re-exported here, one per line.
+``import jqx`` needs only jax, jaxlib, ml_dtypes and numpy; the parts that
+need an extra (``jqx.flax`` needs flax, ``jqx.mixed_precision`` needs optax)
+load on first use. The packages follow the layers of
+``docs/internals/layout.md``.
+
 Example:
     >>> import jax.numpy as jnp, jqx
     >>> q = jqx.quantize({"kernel": jnp.ones((16, 8))}, jqx.int8_weight_only())
@@ -7,95 +13,129 @@ Example:
     True
 """
 
-from jqx import formats, native, ops, sharding, transform
-from jqx.algorithms.awq import awq
-from jqx.algorithms.gptq import gptq
-from jqx.algorithms.hqq import hqq
-from jqx.algorithms.llm_int8 import llm_int8_matmul
-from jqx.algorithms.smoothquant import smoothquant
-from jqx.calibrate import calibrate
-from jqx.formats import Format
-from jqx.qarray import ActSpec, QArray, is_qarray
-from jqx.quantize import (
-    Granularity,
-    compute_scale,
-    dequantize_array,
-    fake_quant,
-    per_block,
-    per_channel,
-    per_group,
-    per_tensor,
-    per_token,
-    quantize_activation,
-    quantize_array,
+import importlib as _importlib
+
+from jqx import ops as ops
+from jqx import transform as transform
+from jqx.calibration.engine import calibrate as calibrate
+from jqx.core import formats as formats
+from jqx.core import sharding as sharding
+from jqx.core.formats import Format as Format
+from jqx.core.numerics import Granularity as Granularity
+from jqx.core.numerics import compute_scale as compute_scale
+from jqx.core.numerics import dequantize_array as dequantize_array
+from jqx.core.numerics import fake_quant as fake_quant
+from jqx.core.numerics import per_block as per_block
+from jqx.core.numerics import per_channel as per_channel
+from jqx.core.numerics import per_group as per_group
+from jqx.core.numerics import per_tensor as per_tensor
+from jqx.core.numerics import per_token as per_token
+from jqx.core.numerics import quantize_activation as quantize_activation
+from jqx.core.numerics import quantize_array as quantize_array
+from jqx.core.qarray import ActSpec as ActSpec
+from jqx.core.qarray import QArray as QArray
+from jqx.core.qarray import is_qarray as is_qarray
+from jqx.core.report import report as report
+from jqx.core.sharding import shard as shard
+from jqx.core.tree import dequantize as dequantize
+from jqx.core.tree import path_str as path_str
+from jqx.core.tree import summary as summary
+from jqx.core.tree import tree_nbytes as tree_nbytes
+from jqx.kernels.cpu import native as native
+from jqx.recipes.apply import default_filter as default_filter
+from jqx.recipes.apply import quantize as quantize
+from jqx.recipes.awq import awq as awq
+from jqx.recipes.gptq import gptq as gptq
+from jqx.recipes.hqq import hqq as hqq
+from jqx.recipes.llm_int8 import llm_int8_matmul as llm_int8_matmul
+from jqx.recipes.presets import Recipe as Recipe
+from jqx.recipes.presets import fp4_weight_only as fp4_weight_only
+from jqx.recipes.presets import (
+    fp8_dynamic_activation_fp8_weight as fp8_dynamic_activation_fp8_weight,
 )
-from jqx.recipes import (
-    Recipe,
-    fp4_weight_only,
-    fp8_dynamic_activation_fp8_weight,
-    fp8_weight_only,
-    int4_weight_only,
-    int8_dynamic_activation_int8_weight,
-    int8_static_activation_int8_weight,
-    int8_weight_only,
-    llm_int8,
-    nf4_weight_only,
-    weight_only,
+from jqx.recipes.presets import fp8_weight_only as fp8_weight_only
+from jqx.recipes.presets import int4_weight_only as int4_weight_only
+from jqx.recipes.presets import (
+    int8_dynamic_activation_int8_weight as int8_dynamic_activation_int8_weight,
 )
-from jqx.report import report
-from jqx.sharding import shard
-from jqx.training import fp8, mixed_precision, qat
-from jqx.transform import quantized
-from jqx.tree import dequantize, quantize, summary, tree_nbytes
+from jqx.recipes.presets import (
+    int8_static_activation_int8_weight as int8_static_activation_int8_weight,
+)
+from jqx.recipes.presets import int8_weight_only as int8_weight_only
+from jqx.recipes.presets import llm_int8 as llm_int8
+from jqx.recipes.presets import nf4_weight_only as nf4_weight_only
+from jqx.recipes.presets import weight_only as weight_only
+from jqx.recipes.smoothquant import smoothquant as smoothquant
+from jqx.training import fp8 as fp8
+from jqx.training import qat as qat
+from jqx.transform import quantized as quantized
 
 __version__ = "0.1.0"
 
+# Modules that need an extra: loaded on first attribute access.
+_LAZY = {
+    "flax": "jqx.flax",  # flax
+    "mixed_precision": "jqx.training.mixed_precision",  # optax
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        mod = _importlib.import_module(_LAZY[name])
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'jqx' has no attribute {name!r}")
+
+
 __all__ = [
-    "formats",
-    "native",
-    "Format",
     "ActSpec",
-    "QArray",
-    "is_qarray",
+    "Format",
     "Granularity",
+    "QArray",
+    "Recipe",
+    "awq",
+    "calibrate",
     "compute_scale",
+    "default_filter",
+    "dequantize",
     "dequantize_array",
     "fake_quant",
+    "flax",
+    "formats",
+    "fp4_weight_only",
+    "fp8",
+    "fp8_dynamic_activation_fp8_weight",
+    "fp8_weight_only",
+    "gptq",
+    "hqq",
+    "int4_weight_only",
+    "int8_dynamic_activation_int8_weight",
+    "int8_static_activation_int8_weight",
+    "int8_weight_only",
+    "is_qarray",
+    "llm_int8",
+    "llm_int8_matmul",
+    "mixed_precision",
+    "native",
+    "nf4_weight_only",
+    "ops",
+    "path_str",
     "per_block",
     "per_channel",
     "per_group",
     "per_tensor",
     "per_token",
+    "qat",
+    "quantize",
     "quantize_activation",
     "quantize_array",
-    "Recipe",
-    "fp4_weight_only",
-    "fp8_dynamic_activation_fp8_weight",
-    "fp8_weight_only",
-    "int4_weight_only",
-    "int8_dynamic_activation_int8_weight",
-    "int8_static_activation_int8_weight",
-    "int8_weight_only",
-    "llm_int8",
-    "nf4_weight_only",
-    "weight_only",
-    "report",
-    "calibrate",
-    "sharding",
-    "shard",
-    "mixed_precision",
-    "qat",
-    "fp8",
-    "dequantize",
-    "quantize",
-    "summary",
-    "tree_nbytes",
-    "ops",
-    "transform",
     "quantized",
-    "awq",
-    "gptq",
-    "hqq",
-    "llm_int8_matmul",
+    "report",
+    "shard",
+    "sharding",
     "smoothquant",
+    "summary",
+    "transform",
+    "tree_nbytes",
+    "weight_only",
 ]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.algorithms._common import rtn_quantize
-from jqx.algorithms.awq import AWQConfig, awq_quantize, awq_search_scale
-from jqx.stats import StatsAccumulator
+from jqx.calibration.stats import StatsAccumulator
+from jqx.recipes.awq import AWQConfig, awq_quantize, awq_search_scale
+from jqx.recipes.grid import rtn_quantize
 
 K, N, M = 256, 64, 512
 

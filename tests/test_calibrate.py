@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.calibrate import observe_clip
-from jqx.stats import StatsAccumulator
+from jqx.calibration.engine import observe_clip
+from jqx.calibration.stats import StatsAccumulator
 
 K, H, N = 16, 32, 8
 
@@ -317,7 +317,7 @@ def test_sequential_weights_sharing_an_input_share_one_pass(monkeypatch):
 
     grouped, passes = run()
     assert passes == 3  # all weights; then q/k/v together; then o
-    monkeypatch.setattr(sys.modules["jqx.calibrate"], "_GROUP_SHARED_INPUTS", False)
+    monkeypatch.setattr(sys.modules["jqx.calibration.engine"], "_GROUP_SHARED_INPUTS", False)
     single, passes_single = run()
     assert passes_single == 5
     for n in p:

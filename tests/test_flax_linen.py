@@ -61,7 +61,7 @@ def test_quantized_layer_matches_float_layer_on_dequantized_weights(layer_name, 
     v = flayer.init(jax.random.key(0), X)
     # A non-zero bias so the bias path is checked too.
     v = jax.tree_util.tree_map_with_path(
-        lambda p, a: a + 0.1 if jqx.tree.path_str(p).endswith("bias") else a, v
+        lambda p, a: a + 0.1 if jqx.path_str(p).endswith("bias") else a, v
     )
     qv = jqx.quantize(v, RECIPES[recipe_name](axis))
     assert jqx.is_qarray(qv["params"]["kernel"])

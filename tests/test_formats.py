@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jqx import formats as F
+from jqx.core import formats as F
 
 ALL = [
     "int8",

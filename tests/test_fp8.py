@@ -22,22 +22,24 @@ def test_scale_formula_and_history_roll():
     # roll by one towards the front, newest amax at index 0
     assert new.tolist() == [5.0, 0.0, 2.0, 1.0]
     for margin in (0, 1, 3):
-        s = jax.jit(fp8.compute_scale, static_argnums=(2, 3))(
+        s = jax.jit(fp8.multiplier_from_history, static_argnums=(2, 3))(
             new, jnp.ones(1), jnp.float8_e4m3fn, margin
         )
         np.testing.assert_allclose(np.asarray(s), [E4M3_MAX / (5.0 * 2**margin)], rtol=1e-7)
-    s = fp8.compute_scale(new, jnp.ones(1), jnp.float8_e5m2)
+    s = fp8.multiplier_from_history(new, jnp.ones(1), jnp.float8_e5m2)
     np.testing.assert_allclose(np.asarray(s), [E5M2_MAX / 5.0], rtol=1e-7)
     # an all-zero (or non-finite) history keeps the old scale
     old = jnp.array([7.0])
-    assert fp8.compute_scale(jnp.zeros(4), old, jnp.float8_e4m3fn).tolist() == [7.0]
-    assert fp8.compute_scale(jnp.array([jnp.inf, 1.0]), old, jnp.float8_e4m3fn).tolist() == [7.0]
+    assert fp8.multiplier_from_history(jnp.zeros(4), old, jnp.float8_e4m3fn).tolist() == [7.0]
+    assert fp8.multiplier_from_history(
+        jnp.array([jnp.inf, 1.0]), old, jnp.float8_e4m3fn
+    ).tolist() == [7.0]
 
 
 def test_qdq_on_the_fp8_grid():
     x = jax.random.normal(jax.random.key(0), (64,)) * 3
     scale = jnp.array([E4M3_MAX / 12.0])
-    y = jax.jit(fp8.qdq, static_argnums=1)(x, jnp.float8_e4m3fn, scale)
+    y = jax.jit(fp8.fake_quant, static_argnums=1)(x, jnp.float8_e4m3fn, scale)
     # every value is an e4m3 number times 1/scale, within half an e4m3 ulp
     # (relative 2^-4) of x, and saturation happens only beyond amax 12
     codes = np.asarray(y) * float(scale[0])

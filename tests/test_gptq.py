@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.algorithms._common import int_grid, rtn_quantize
-from jqx.algorithms.gptq import GPTQConfig, gptq_hessian, gptq_quantize
-from jqx.stats import StatsAccumulator
+from jqx.calibration.stats import StatsAccumulator
+from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.grid import int_grid, rtn_quantize
 
 
 def _layer(k=256, n=64, m=1024, seed=0, outliers="scattered"):
@@ -233,7 +233,7 @@ def test_rolled_and_unrolled_block_loops_agree(monkeypatch):
     """Large K runs the block loop as lax.fori_loop with a masked lazy update;
     small K unrolls it. Both give the same result (shape (80, 24) is unique to
     this test, so each path compiles fresh)."""
-    import jqx.algorithms.gptq as gptq_mod
+    import jqx.recipes.gptq as gptq_mod
 
     w, x = _layer(k=80, n=24, m=256, seed=8)
     h = gptq_hessian(x.T @ x, x.shape[0])
@@ -252,7 +252,7 @@ def test_rolled_and_unrolled_block_loops_agree(monkeypatch):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from jqx.algorithms import _common  # noqa: E402
+from jqx.recipes import grid as _common  # noqa: E402
 
 
 @settings(deadline=None, max_examples=30)

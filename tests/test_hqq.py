@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jqx
-from jqx.algorithms import _common
-from jqx.algorithms.hqq import HQQConfig, hqq_optimize, hqq_quantize, lp_objective, shrink_lp
+from jqx.recipes import grid as _common
+from jqx.recipes.hqq import HQQConfig, hqq_optimize, hqq_quantize, lp_objective, shrink_lp
 
 SHAPE = (256, 64)  # (groups, group_size): one fixed shape for the property test
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.algorithms.llm_int8 import llm_int8_matmul, outlier_columns
+from jqx.recipes.llm_int8 import llm_int8_matmul, outlier_columns
 
 K, N, M = 1024, 256, 256
 

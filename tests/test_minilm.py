@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.models import minilm
+from jqx_demo import minilm
 
 needs_weights = pytest.mark.skipif(
     not minilm.weights_available(),

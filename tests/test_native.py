@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jqx import native
+from jqx.kernels.cpu import native
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason=f"native int8 GEMM unavailable: {native.status()}"
@@ -107,7 +107,7 @@ def test_bad_input():
 
 def _w4_case(m, k, n, g, fmt, zero, seed):
     """Random packed codes, table, scales (and zeros) and their f64 product."""
-    from jqx import formats
+    from jqx.core import formats
 
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
@@ -201,7 +201,7 @@ def test_disabled_by_env_and_ops_falls_back_to_xla():
     out = _run(
         """
         import jax, jax.numpy as jnp, numpy as np, jqx
-        from jqx import native
+        from jqx.kernels.cpu import native
         print(native.available(), native.status())
         w = jax.random.normal(jax.random.key(0), (64, 32))
         x = jax.random.normal(jax.random.key(1), (2048, 64))
@@ -218,7 +218,7 @@ def test_disabled_by_env_and_ops_falls_back_to_xla():
 def test_build_is_cached_and_atomic(tmp_path):
     code = """
         import time; t = time.perf_counter()
-        from jqx import native
+        from jqx.kernels.cpu import native
         print(native.available(), round(time.perf_counter() - t, 1))
         """
     env = {"JQX_CACHE_DIR": str(tmp_path)}
@@ -234,7 +234,7 @@ def test_build_is_cached_and_atomic(tmp_path):
 def test_missing_compiler_is_reported_not_raised(tmp_path):
     out = _run(
         """
-        from jqx import native
+        from jqx.kernels.cpu import native
         print(native.available()); print(native.status())
         """,
         {"JQX_CACHE_DIR": str(tmp_path), "CXX": "/nonexistent/c++"},

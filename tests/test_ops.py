@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import jqx
-from jqx import native
+from jqx.kernels.cpu import native
 
 DN = (((1,), (0,)), ((), ()))
 K, N, M = 64, 32, 5

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.fp8_matmul import BlockSizes, fp8_matmul, fp8_matmul_reference
+from jqx.kernels.pallas.fp8_matmul import BlockSizes, fp8_matmul, fp8_matmul_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 # The native twins carry the "gpu" marker: `pytest -m gpu` runs only them on a GPU.

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.int8_matmul import (
+from jqx.kernels.pallas.int8_matmul import (
     BlockSizes,
     int8_matmul,
     int8_matmul_dynamic,

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import fp8_matmul, int8_matmul, int8_matmul_dynamic, w4a16_matmul
-from pallas_kernels._common import lower_for_cuda, triton_kernels_for_cuda
-from pallas_kernels.w4a16_matmul import BlockSizes as W4BlockSizes
+from jqx.kernels.pallas import fp8_matmul, int8_matmul, int8_matmul_dynamic, w4a16_matmul
+from jqx.kernels.pallas._common import lower_for_cuda, triton_kernels_for_cuda
+from jqx.kernels.pallas.w4a16_matmul import BlockSizes as W4BlockSizes
 
 S = jax.ShapeDtypeStruct
 
@@ -120,7 +120,7 @@ def test_fp8_lowers(m, k, n, w_layout):
 
 
 def test_grid_matches_block_sizes():
-    from pallas_kernels.int8_matmul import BlockSizes
+    from jqx.kernels.pallas.int8_matmul import BlockSizes
 
     bs = BlockSizes(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=2)
     f = functools.partial(int8_matmul, out_dtype=jnp.float32, block_sizes=bs, interpret=False)
@@ -144,7 +144,7 @@ def test_stablehlo_has_triton_custom_call():
 
 
 def test_dispatch_table():
-    from pallas_kernels import dispatch
+    from jqx.ops import pallas_table as dispatch
 
     big = (4096, 4096)
     # Off-GPU, and on GPU without a measurement, XLA is used.

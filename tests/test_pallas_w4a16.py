@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.w4a16_matmul import (
+from jqx.kernels.pallas.w4a16_matmul import (
     BlockSizes,
     dequantize_w4,
     w4a16_matmul,
@@ -112,7 +112,7 @@ def test_property_fixed_shape(seed, mag, signed):
 def test_jit_and_qarray_layout():
     """The kernel reads jqx's QArray layout as is (uint4 + zero point and int4 absmax)."""
     jqx = pytest.importorskip("jqx")
-    from jqx.quantize import per_group, quantize_array
+    from jqx.core.numerics import per_group, quantize_array
 
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((256, 96)), jnp.float32)

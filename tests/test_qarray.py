@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jqx
-from jqx.qarray import pack_4bit, unpack_4bit
+from jqx.core.qarray import pack_4bit, unpack_4bit
 
 W = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
 

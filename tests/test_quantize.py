@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jqx
-from jqx import formats as F
+from jqx.core import formats as F
 
 SHAPE = (8, 16)
 

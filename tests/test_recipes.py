@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx import formats as F
+from jqx.core import formats as F
 
 W = jnp.asarray(np.random.default_rng(0).normal(size=(128, 16)).astype(np.float32))
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jqx
-from jqx.algorithms.smoothquant import smoothquant_quantize, smoothquant_scales
-from jqx.stats import StatsAccumulator
+from jqx.calibration.stats import StatsAccumulator
+from jqx.recipes.smoothquant import smoothquant_quantize, smoothquant_scales
 
 K, N, M = 256, 64, 256
 

@@ -359,7 +359,7 @@ def test_scan_static_act_scale_and_in_scale_shared_across_layers(act_scale_shape
     v = m.init(jax.random.key(0), x, None)
     q = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight())
     (path,) = [
-        jqx.tree.path_str(kp)
+        jqx.path_str(kp)
         for kp, a in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0]
         if jqx.is_qarray(a)
     ]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jqx.qarray import is_qarray
+from jqx.core.qarray import is_qarray
 
 __all__ = ["promote_dtype", "promote_dtype_tuple", "dot_general", "make_dot_general", "einsum"]
 
@@ -154,7 +154,7 @@ def einsum(
         **kw,
     )
     if is_qarray(inputs) or is_qarray(kernel):
-        from jqx.transform import quantized
+        from jqx.transform.interpreter import quantized
 
         return quantized(f, backend=backend)(inputs, kernel)
     return f(inputs, kernel)

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import module as _module
 
+from jqx.core.qarray import is_qarray
 from jqx.flax._inject import dot_general, einsum, make_dot_general, promote_dtype
-from jqx.qarray import is_qarray
 
 __all__ = ["Dense", "DenseGeneral", "Einsum", "dot_general", "promote_dtype", "make_dot_general"]
 

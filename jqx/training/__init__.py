@@ -1,11 +1,10 @@
-"""Training with quantization and reduced precision (optax- and Flax-compatible).
+"""Training layer: quantization-aware training (:mod:`jqx.training.qat`), FP8
+training (:mod:`jqx.training.fp8`) and mixed precision with loss scaling
+(:mod:`jqx.training.mixed_precision`, which needs optax and is imported on
+its own).
 
 Example:
     >>> from jqx.training import mixed_precision
     >>> mixed_precision.get_policy("bf16").compute_dtype.name
     'bfloat16'
 """
-
-from jqx.training import fp8, mixed_precision, qat
-
-__all__ = ["mixed_precision", "qat", "fp8"]

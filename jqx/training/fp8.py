@@ -52,16 +52,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jqx.recipes import Recipe
-from jqx.tree import select
+from jqx.recipes.apply import select
+from jqx.recipes.presets import Recipe
 
 __all__ = [
     "init_state",
     "delayed_scaling",
     "fp8_dot_general",
-    "compute_scale",
+    "multiplier_from_history",
     "update_amax_history",
-    "qdq",
+    "fake_quant",
 ]
 
 E4M3 = jnp.float8_e4m3fn
@@ -76,7 +76,7 @@ def _fmt_max(dtype) -> float:
 # --------------------------------------------------------------------------- scaling math
 
 
-def compute_scale(
+def multiplier_from_history(
     amax_history: jax.Array, scale: jax.Array, fp8_dtype, margin: int = 0
 ) -> jax.Array:
     """Delayed scale from an amax history: ``fmt_max / (max(history) * 2^margin)``.
@@ -85,7 +85,7 @@ def compute_scale(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> compute_scale(jnp.array([2.0, 4.0]), jnp.ones(1), jnp.float8_e4m3fn).tolist()
+        >>> multiplier_from_history(jnp.array([2.0, 4.0]), jnp.ones(1), jnp.float8_e4m3fn).tolist()
         [112.0]
     """
     amax = jnp.max(amax_history, axis=0)
@@ -107,7 +107,7 @@ def update_amax_history(x: jax.Array, amax_history: jax.Array) -> jax.Array:
     return jnp.roll(amax_history, shift=-1, axis=0).at[0].set(amax)
 
 
-def qdq(x: jax.Array, fp8_dtype, scale: jax.Array) -> jax.Array:
+def fake_quant(x: jax.Array, fp8_dtype, scale: jax.Array) -> jax.Array:
     """Quantize to ``fp8_dtype`` with multiplicative ``scale`` (saturating) and
     dequantize back to ``x.dtype``.
 
@@ -117,7 +117,7 @@ def qdq(x: jax.Array, fp8_dtype, scale: jax.Array) -> jax.Array:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> qdq(jnp.array([0.3, 1000.0]), jnp.float8_e4m3fn, jnp.ones(1)).tolist()
+        >>> fake_quant(jnp.array([0.3, 1000.0]), jnp.float8_e4m3fn, jnp.ones(1)).tolist()
         [0.3125, 448.0]
     """
     cdt = x.dtype
@@ -128,19 +128,19 @@ def qdq(x: jax.Array, fp8_dtype, scale: jax.Array) -> jax.Array:
 
 
 def _update(x, fp8_dtype, scale, hist, margin):
-    new_scale = compute_scale(hist, scale, fp8_dtype, margin)
+    new_scale = multiplier_from_history(hist, scale, fp8_dtype, margin)
     return new_scale, update_amax_history(x, hist)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _in_qdq(fp8_dtype, x, scale, hist, margin):
     new_scale, _ = _update(x, fp8_dtype, scale, hist, margin)
-    return qdq(x, fp8_dtype, new_scale)
+    return fake_quant(x, fp8_dtype, new_scale)
 
 
 def _in_qdq_fwd(fp8_dtype, x, scale, hist, margin):
     new_scale, new_hist = _update(x, fp8_dtype, scale, hist, margin)
-    return qdq(x, fp8_dtype, new_scale), (new_scale, new_hist)
+    return fake_quant(x, fp8_dtype, new_scale), (new_scale, new_hist)
 
 
 def _in_qdq_bwd(fp8_dtype, margin, res, g):
@@ -164,7 +164,7 @@ def _out_qdq_fwd(fp8_dtype, y, scale, hist, margin):
 def _out_qdq_bwd(fp8_dtype, margin, res, g):
     scale, hist = res
     new_scale, new_hist = _update(g, fp8_dtype, scale, hist, margin)
-    return qdq(g, fp8_dtype, new_scale), new_scale, new_hist
+    return fake_quant(g, fp8_dtype, new_scale), new_scale, new_hist
 
 
 _out_qdq.defvjp(_out_qdq_fwd, _out_qdq_bwd)

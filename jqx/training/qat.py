@@ -46,11 +46,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jqx import formats as _formats
-from jqx.qarray import ActSpec, QArray, is_qarray
-from jqx.quantize import _blocked, _encode_codes
-from jqx.recipes import Recipe
-from jqx.tree import path_str, select
+from jqx.core import formats as _formats
+from jqx.core.numerics import _blocked, _encode_codes
+from jqx.core.qarray import ActSpec, QArray, is_qarray
+from jqx.core.tree import path_str
+from jqx.recipes.apply import select
+from jqx.recipes.presets import Recipe
 
 __all__ = [
     "fake_quantized",
@@ -543,7 +544,7 @@ def convert(
         'int8'
     """
     if scales is None:
-        from jqx.tree import quantize  # noqa: PLC0415
+        from jqx.recipes.apply import quantize  # noqa: PLC0415
 
         for p, _, r in select(params, recipe, filter_fn):
             _check_recipe(r, f"recipe for {p}")

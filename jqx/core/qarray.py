@@ -1,0 +1,260 @@
+"""QArray: a quantized array as a self-describing pytree.
+
+Children (arrays, traced under jit): ``qvalue`` (stored codes; 4-bit codes
+packed two per uint8 along the last axis, low nibble first), ``scale``,
+``zero_point`` (or None), ``in_scale`` (per-input-channel AWQ/SmoothQuant
+factor, broadcastable to the logical shape, or None) and ``act_scale`` (the
+static activation scale from calibration, or None).
+
+Static metadata: ``format`` (name), logical ``shape`` and ``dtype``, ``block``
+(per-axis block sizes: ``scale.shape == shape // block``) and ``act`` (how the
+activations of this weight's matmul are quantized; None for weight-only).
+
+Example:
+    >>> import jax.numpy as jnp, jqx
+    >>> q = jqx.quantize_array(jnp.ones((4, 6)), "int4", granularity=jqx.per_tensor())
+    >>> q.nbytes < 4 * 6
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqx.core import formats as _formats
+
+__all__ = ["QArray", "ActSpec", "pack_4bit", "unpack_4bit", "is_qarray"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSpec:
+    """How the activations entering a quantized weight's matmul are quantized.
+
+    Attributes:
+      kind: ``"dynamic"`` (scale computed per call), ``"static"`` (scale from
+        calibration, stored in ``QArray.act_scale``) or ``"llm_int8"`` (dynamic
+        int8 with 16-bit outlier columns above ``threshold``).
+      format: activation format name, ``"int8"`` or ``"fp8_e4m3"``.
+      granularity: ``"per_token"`` (one scale per row) or ``"per_tensor"``.
+      threshold: LLM.int8() outlier threshold on |x|.
+    """
+
+    kind: Literal["dynamic", "static", "llm_int8"] = "dynamic"
+    format: str = "int8"
+    granularity: Literal["per_token", "per_tensor"] = "per_token"
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("dynamic", "static", "llm_int8"):
+            raise ValueError(
+                f"ActSpec kind={self.kind!r} is not supported; use 'dynamic', 'static' or 'llm_int8'."
+            )
+        if self.granularity not in ("per_token", "per_tensor"):
+            raise ValueError(
+                f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token' or "
+                "'per_tensor'."
+            )
+        fmt = _formats.get(self.format)
+        if fmt.name not in ("int8", "fp8_e4m3", "fp8_e5m2"):
+            raise ValueError(
+                f"ActSpec format={self.format!r}: activations are quantized to int8, fp8_e4m3 or "
+                "fp8_e5m2."
+            )
+        object.__setattr__(self, "format", fmt.name)
+
+
+def pack_4bit(codes: jax.Array) -> jax.Array:
+    """Packs 4-bit codes (uint8 values 0..15) two per byte along the last axis,
+    low nibble first. An odd last axis is padded with one zero nibble."""
+    if codes.ndim == 0:
+        codes = codes.reshape(1)
+    n = codes.shape[-1]
+    if n % 2:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def unpack_4bit(packed: jax.Array, n: int) -> jax.Array:
+    """Inverse of :func:`pack_4bit`: uint8 codes 0..15, last axis of length ``n``."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    c = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return c[..., :n]
+
+
+def _granularity_name(shape, block) -> str:
+    """``per-tensor``, ``per-channel(axis 1)`` (one scale per index of axis 1),
+    ``group128(axis 0)`` or ``block64x64``."""
+    shape, block = tuple(shape), tuple(block)
+    if all(b == s for b, s in zip(block, shape, strict=True)):
+        return "per-tensor"
+    partial = [i for i, (b, s) in enumerate(zip(block, shape, strict=True)) if 1 < b < s]
+    if len(partial) == 1 and all(
+        b in (1, s) for i, (b, s) in enumerate(zip(block, shape, strict=True)) if i != partial[0]
+    ):
+        if all(b == 1 for i, b in enumerate(block) if i != partial[0]):
+            return f"group{block[partial[0]]}(axis {partial[0]})"
+    if partial:
+        return "block" + "x".join(str(b) for b in block)
+    kept = [i for i, (b, s) in enumerate(zip(block, shape, strict=True)) if b == 1 and s > 1]
+    return f"per-channel(axis {','.join(str(i) for i in kept)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized array. See the module docstring for the fields."""
+
+    qvalue: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    in_scale: jax.Array | None
+    act_scale: jax.Array | None
+    format: str = dataclasses.field(metadata=dict(static=True), default="int8")
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
+    block: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    act: ActSpec | None = dataclasses.field(metadata=dict(static=True), default=None)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def fmt(self) -> _formats.Format:
+        return _formats.get(self.format)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def granularity(self) -> str:
+        """Readable granularity, e.g. ``per-channel(axis 1)`` or ``group128(axis 0)``."""
+        return _granularity_name(self.shape, self.block)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage footprint in bytes: codes, scales, zero points and any
+        per-channel factors."""
+        total = 0
+        for a in (self.qvalue, self.scale, self.zero_point, self.in_scale, self.act_scale):
+            if a is not None:
+                total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        return total
+
+    def __repr__(self) -> str:
+        extra = f", act={self.act.kind}:{self.act.format}" if self.act else ""
+        extra += ", in_scale" if self.in_scale is not None else ""
+        return (
+            f"QArray(shape={self.shape}, dtype={self.dtype}, format={self.format}, "
+            f"granularity={self.granularity}, nbytes={self.nbytes}{extra})"
+        )
+
+    # ------------------------------------------------------------------ values
+    def _layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Logical (shape, block) of the arrays actually held.
+
+        Under ``jax.vmap`` the children gain or lose leading axes while the
+        static metadata stays as it was: a vmapped ``quantize_array`` returns
+        codes with an extra leading batch axis, and vmapping over a stacked
+        QArray (``in_axes=0``) strips its leading axis. Leading batch axes get
+        block size 1 (each batch element has its own scales).
+        """
+        # pack_4bit stores a 0-d array as one byte of shape (1,)
+        own_ndim = len(self.shape) if self.shape or not self.fmt.packed else 1
+        extra = self.qvalue.ndim - own_ndim
+        if extra > 0:
+            lead = tuple(self.qvalue.shape[:extra])
+            return lead + tuple(self.shape), (1,) * extra + tuple(self.block)
+        if extra < 0:
+            return tuple(self.shape[-extra:]), tuple(self.block[-extra:])
+        return tuple(self.shape), tuple(self.block)
+
+    def codes(self) -> jax.Array:
+        """Unpacked stored codes with the logical shape."""
+        fmt = self.fmt
+        q = self.qvalue
+        shape, _ = self._layout()
+        if fmt.packed:
+            n = shape[-1] if shape else 1
+            q = unpack_4bit(q, n).reshape(shape)
+        return q
+
+    def values(self) -> jax.Array:
+        """Grid values of the codes (before scaling), float32, logical shape."""
+        return _formats.decode(self.codes(), self.fmt, jnp.float32)
+
+    def blocked(self, a: jax.Array) -> jax.Array:
+        """Reshape ``a`` (logical shape) to (n0, b0, n1, b1, ...)."""
+        dims = []
+        for s, b in zip(*self._layout(), strict=True):
+            dims += [s // b, b]
+        return a.reshape(dims)
+
+    def expand(self, per_block: jax.Array) -> jax.Array:
+        """Broadcasts a per-block array (shape // block) to the blocked view."""
+        dims = []
+        for n in per_block.shape:
+            dims += [n, 1]
+        return per_block.reshape(dims)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The logical array (pure): ``(values - zero_point) * scale / in_scale``.
+
+        Example:
+            >>> import jax.numpy as jnp, jqx
+            >>> q = jqx.quantize_array(jnp.array([127.0, -64.0]), "int8")
+            >>> q.dequantize().tolist()
+            [127.0, -64.0]
+        """
+        return _dequantize_jit(self, None if dtype is None else jnp.dtype(dtype))
+
+    def _dequantize(self, dtype) -> jax.Array:
+        shape, _ = self._layout()
+        v = self.blocked(self.values())
+        if self.zero_point is not None:
+            v = v - self.expand(self.zero_point.astype(jnp.float32))
+        v = v * self.expand(self.scale.astype(jnp.float32))
+        v = v.reshape(shape)
+        if self.in_scale is not None:
+            v = v / self.in_scale.astype(jnp.float32)
+        return v.astype(dtype or self.dtype)
+
+    def __jax_array__(self):
+        raise TypeError(
+            f"A jqx.QArray {self.shape} ({self.format}) was used as a plain array. Wrap the "
+            "function that uses it with jqx.quantized(fn) (e.g. jax.jit(jqx.quantized("
+            "model.apply))), or call jqx.dequantize(tree) first."
+        )
+
+    def __getitem__(self, key):
+        # flax.nnx reads params as `variable[...]`; a full read is the QArray itself.
+        if key is Ellipsis:
+            return self
+        raise TypeError(
+            f"A jqx.QArray {self.shape} cannot be indexed with {key!r}; only q[...] (the whole "
+            "array) is supported. Wrap the function with jqx.quantized(fn), or dequantize first."
+        )
+
+    def replace(self, **kw) -> QArray:
+        return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(QArray)
+
+
+# One compiled program per layout instead of a dozen eager op dispatches; under an
+# outer jit it is simply inlined.
+_dequantize_jit = jax.jit(QArray._dequantize, static_argnums=1)
+
+
+def is_qarray(x) -> bool:
+    return isinstance(x, QArray)

@@ -1,0 +1,285 @@
+"""HQQ: half-quadratic quantization (Badri & Shaji, 2023), calibration-free.
+
+Round to nearest picks each group's zero point from its min and max. HQQ
+instead minimises the weight reconstruction error under an lp norm with
+p < 1 (robust to the few large errors of outlier weights), by half-quadratic
+splitting with an auxiliary error variable ``W_e`` and alternating:
+
+    W_q = clamp(round(W / S + Z))                     (codes)
+    W_e = shrink_p(W - (W_q - Z) S, beta)             (proximal step of |.|^p)
+    Z   = mean(W_q - (W - W_e) / S)                   (closed-form zero point)
+    beta *= kappa
+
+with ``shrink_p(x, beta) = sign(x) relu(|x| - |x|^(p-1) / beta)`` and the
+paper's defaults p=0.7, beta=10, kappa=1.01, 20 iterations, stopping early
+once the mean |W - W_hat| stops decreasing. ``optimize_scale=True`` also refits
+``S`` (with ``Z``) per group by least squares against ``W - W_e``.
+
+jqx specifics: the iteration starts from jqx's round-to-nearest grid (same
+``S``, rounded ``Z``) and returns, per group, the iterate with the lowest lp
+objective ``sum |W - W_hat|^p`` seen (the start included), so the result is
+never worse than round to nearest in that objective. The zero point stays a
+float (as in HQQ). All groups are optimised at once in one jit-compiled loop.
+
+Example:
+    >>> import jax, jqx
+    >>> w = jax.random.normal(jax.random.key(0), (128, 64)) * 0.02
+    >>> q = jqx.quantize({"kernel": w}, jqx.hqq(bits=4, group_size=64))["kernel"]
+    >>> q.format, q.scale.shape
+    ('uint4', (2, 64))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jqx.core.qarray import QArray
+from jqx.recipes import grid as _common
+from jqx.recipes.presets import Recipe
+
+__all__ = ["HQQConfig", "HQQ", "hqq", "hqq_quantize", "hqq_optimize", "lp_objective", "shrink_lp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HQQConfig:
+    """HQQ settings (paper defaults)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    axis: int = -2
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+    early_stop: bool = True
+    optimize_scale: bool = False
+
+    def __post_init__(self):
+        _common.int_grid(self.bits, False, who="hqq: bits")
+        if not 0.0 < float(self.lp_norm) <= 1.0:
+            raise ValueError(f"hqq: lp_norm={self.lp_norm!r} must be in (0, 1] (paper: 0.7).")
+        if not float(self.beta) > 0 or not float(self.kappa) >= 1.0:
+            raise ValueError(
+                f"hqq: beta={self.beta!r} must be > 0 and kappa={self.kappa!r} >= 1 "
+                "(paper: beta=10, kappa=1.01)."
+            )
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"hqq: iters={self.iters!r} must be an int >= 0 (paper: 20).")
+
+
+def shrink_lp(x: jax.Array, beta: float | jax.Array, p: float) -> jax.Array:
+    """Generalised soft-thresholding, the proximal operator HQQ uses for |x|^p."""
+    ax = jnp.abs(x)
+    if p == 1.0:
+        return jnp.sign(x) * jnp.maximum(ax - 1.0 / beta, 0.0)
+    # |x|^(p-1) is inf at 0; the shrink there is 0 anyway.
+    t = jnp.where(ax > 0, jnp.power(jnp.where(ax > 0, ax, 1.0), p - 1.0), jnp.inf) / beta
+    return jnp.sign(x) * jnp.maximum(ax - t, 0.0)
+
+
+def lp_objective(err: jax.Array, p: float, axis: int = -1) -> jax.Array:
+    """``sum |err|^p`` over ``axis``."""
+    return jnp.sum(jnp.power(jnp.abs(err), p), axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "cfg"))
+def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
+    """Optimises rows of groups ``wg`` (G, g) (one group per row).
+
+    Returns ``(codes, scale (G, 1), zero (G, 1), w_hat)``.
+    """
+    wg = wg.astype(jnp.float32)
+    p = float(cfg.lp_norm)
+    s, z = _common.group_params(wg, grid, axis=1)
+
+    def recon(s, z):
+        q = _common.quant_codes(wg, s, z, grid, float_zero=True)
+        return q, _common.dequant(q, s, z)
+
+    # The start is exactly round to nearest (integer zero added after rounding).
+    q0 = _common.quant_codes(wg, s, z, grid)
+    r0 = _common.dequant(q0, s, z)
+    obj0 = lp_objective(wg - r0, p)
+    err0 = jnp.mean(jnp.abs(wg - r0))
+
+    def step(i, c):
+        s, z, best_s, best_z, best_obj, prev_err, beta, active = c
+        q, r = recon(s, z)
+        we = shrink_lp(wg - r, beta, p)
+        target = wg - we
+        if cfg.optimize_scale:
+            qm = jnp.mean(q, axis=1, keepdims=True)
+            tm = jnp.mean(target, axis=1, keepdims=True)
+            cov = jnp.mean((q - qm) * (target - tm), axis=1, keepdims=True)
+            var = jnp.mean((q - qm) ** 2, axis=1, keepdims=True)
+            a = jnp.where(var > 0, cov / jnp.where(var > 0, var, 1.0), 0.0)
+            ok = a > 0
+            s_new = jnp.where(ok, a, s)
+            z_new = jnp.where(ok, qm - tm / s_new, z)
+        else:
+            s_new = s
+            z_new = jnp.mean(q - target / s, axis=1, keepdims=True)
+        _, r_new = recon(s_new, z_new)
+        obj = lp_objective(wg - r_new, p)[:, None]
+        err = jnp.mean(jnp.abs(wg - r_new))
+        better = (obj < best_obj) & active
+        best_s = jnp.where(better, s_new, best_s)
+        best_z = jnp.where(better, z_new, best_z)
+        best_obj = jnp.where(better, obj, best_obj)
+        # The paper's early stop: the whole tensor's mean |error| stopped improving.
+        still = active & ((err < prev_err) if cfg.early_stop else True)
+        s = jnp.where(active, s_new, s)
+        z = jnp.where(active, z_new, z)
+        return (
+            s,
+            z,
+            best_s,
+            best_z,
+            best_obj,
+            jnp.where(active, err, prev_err),
+            beta * cfg.kappa,
+            still,
+        )
+
+    init = (s, z, s, z, obj0[:, None], err0, jnp.float32(cfg.beta), jnp.bool_(True))
+    _, _, bs, bz, _, _, _, _ = lax.fori_loop(0, cfg.iters, step, init)
+    q, r = recon(bs, bz)
+    moved = jnp.any(bz != z, axis=1, keepdims=True) | jnp.any(bs != s, axis=1, keepdims=True)
+    q = jnp.where(moved, q, q0)
+    return q, bs, bz, jnp.where(moved, r, r0)
+
+
+def hqq_quantize(
+    w: jax.Array, cfg: HQQConfig = HQQConfig(), *, path: str | None = None, act=None
+) -> QArray:
+    """Quantizes ``w`` with HQQ: groups of ``cfg.group_size`` along ``cfg.axis``.
+
+    Args:
+      w: float array of any rank >= 1 (Flax kernels: axis -2 is the input axis).
+      cfg: :class:`HQQConfig`.
+      path: the weight's name, for error messages.
+      act: ActSpec recorded on the result.
+
+    Returns:
+      A zero-point QArray (uint4 for 2-4 bits, uint8 for 8 bits) with block
+      ``group_size`` along ``axis``.
+
+    Example:
+        >>> import jax
+        >>> w = jax.random.normal(jax.random.key(0), (64, 16))
+        >>> hqq_quantize(w, HQQConfig(group_size=32)).block
+        (32, 1)
+    """
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"hqq: {path or 'the weight'} has dtype {w.dtype}; only float weights.")
+    if w.ndim == 0:
+        raise NotImplementedError("hqq: scalars are not supported; quantize arrays of rank >= 1.")
+    if not -w.ndim <= cfg.axis < w.ndim:
+        raise ValueError(
+            f"hqq: axis={cfg.axis} is out of range for {path or 'the weight'} with shape "
+            f"{tuple(w.shape)}; use an axis in [{-w.ndim}, {w.ndim - 1}] (Flax kernels: -2)."
+        )
+    _common.check_finite(w, "hqq", path)
+    ax = cfg.axis % w.ndim
+    g = _common.check_group(w.shape[ax], cfg.group_size, "hqq", path)
+    grid = _common.int_grid(cfg.bits, False, who="hqq: bits")
+    wm = jnp.moveaxis(w, ax, -1)
+    moved = wm.shape
+    q, s, z, _ = hqq_optimize(wm.reshape(-1, g), grid, cfg)
+    codes = jnp.moveaxis(q.reshape(moved), -1, ax)
+    nb_moved = moved[:-1] + (moved[-1] // g,)
+    scale = jnp.moveaxis(s.reshape(nb_moved), -1, ax)
+    zero = jnp.moveaxis(z.reshape(nb_moved), -1, ax)
+    block = tuple(g if i == ax else 1 for i in range(w.ndim))
+    return _common.build_qarray(
+        codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=block, act=act
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HQQ(Recipe):
+    """HQQ recipe; build it with :func:`hqq`. Calibration-free (works with ``jqx.quantize``)."""
+
+    bits: int = 4
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+    early_stop: bool = True
+    optimize_scale: bool = False
+
+    @property
+    def config(self) -> HQQConfig:
+        return HQQConfig(
+            self.bits,
+            self.group_size,
+            self.axis,
+            self.lp_norm,
+            self.beta,
+            self.kappa,
+            self.iters,
+            self.early_stop,
+            self.optimize_scale,
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    @property
+    def stats_needed(self) -> tuple[str, ...]:
+        return ()
+
+    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
+        """HQQ on one weight (statistics are ignored)."""
+        return hqq_quantize(w, self.config, path=path, act=self.act)
+
+
+def hqq(
+    bits: int = 4,
+    group_size: int | None = 64,
+    axis: int = -2,
+    *,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: bool = True,
+    optimize_scale: bool = False,
+) -> HQQ:
+    """HQQ weight-only quantization with zero points (uint codes).
+
+    Args:
+      bits: 2, 3, 4 or 8.
+      group_size: elements along ``axis`` sharing a scale/zero; None = whole axis.
+      axis: the grouped axis (-2: the input axis of a Flax kernel).
+      lp_norm, beta, kappa, iters, early_stop: the optimiser (paper defaults).
+      optimize_scale: also refit the scale (least squares) at each step.
+
+    Example:
+        >>> import jqx
+        >>> jqx.hqq(bits=4, group_size=64).needs_calibration
+        False
+    """
+    cfg = HQQConfig(bits, group_size, axis, lp_norm, beta, kappa, iters, early_stop, optimize_scale)
+    return HQQ(
+        name=f"hqq(bits={bits}, group_size={group_size})",
+        format=_common.int_grid(cfg.bits, False).format,
+        scheme="zero_point",
+        group_size=group_size,
+        axis=axis,
+        bits=bits,
+        lp_norm=float(lp_norm),
+        beta=float(beta),
+        kappa=float(kappa),
+        iters=iters,
+        early_stop=early_stop,
+        optimize_scale=optimize_scale,
+    )

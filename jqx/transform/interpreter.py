@@ -1,0 +1,718 @@
+"""``jqx.quantized(fn)``: run any JAX function on a parameter tree holding QArrays.
+
+The transform traces ``fn`` to a jaxpr with every QArray replaced by a float
+placeholder of its logical shape, then re-evaluates that jaxpr (at trace
+time, once per outer ``jit`` trace) with the real QArrays:
+
+- a ``dot_general`` with a QArray operand goes to :func:`jqx.ops.dot_general`;
+- the weight is followed through ``convert_element_type`` (Flax's
+  ``promote_dtype``) and ``transpose`` (tied embeddings): a transposed weight
+  is never materialised, the dimension numbers are remapped instead;
+- ``jit``/``pjit`` and ``custom_jvp``/``custom_vjp`` calls are inlined,
+  ``remat`` is re-applied with ``jax.checkpoint``, ``scan`` is re-run with
+  stacked QArrays sliced per step (Flax ``nn.scan`` / ``nnx.scan``);
+- any other use of a QArray (``cond``, ``while``, elementwise math, ...) sees
+  ``q.dequantize()``.
+
+The same interpreter serves calibration and QAT through
+:func:`capture_inputs` (record the inputs of the matmuls of chosen weights)
+and :func:`map_dots` (replace those matmuls by a rule).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jqx
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> q = jqx.quantize(params, jqx.int8_weight_only(), filter_fn=lambda p, x: x.ndim == 2)
+    >>> f = jax.jit(jqx.quantized(lambda p, x: x @ p["w"]))
+    >>> f(q, jnp.ones((2, 8))).shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from jqx.core import formats as _formats
+from jqx.core.qarray import is_qarray
+from jqx.core.tree import path_str
+
+__all__ = ["quantized", "map_dots", "capture_inputs", "DotRule"]
+
+# rule(path, x, w, dimension_numbers, precision, preferred_element_type, w_is_lhs) -> result
+DotRule = Callable[..., jax.Array]
+
+_P = jcore.primitives
+
+
+# --------------------------------------------------------------------------- tracked weights
+
+
+@dataclasses.dataclass(frozen=True)
+class _W:
+    """A weight seen through a chain of cheap views: ``view = transpose(base, perm)``
+    cast to ``dtype``. ``base`` is a QArray or a float array (a params leaf the
+    caller asked to track by ``path``)."""
+
+    base: Any
+    path: str | None = None
+    perm: tuple[int, ...] = ()
+    dtype: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape[p] for p in self.perm)
+
+    def materialize(self) -> jax.Array:
+        b = self.base
+        v = b.dequantize() if is_qarray(b) else b
+        v = v.astype(self.dtype)
+        if self.perm != tuple(range(len(self.perm))):
+            v = jnp.transpose(v, self.perm)
+        return v
+
+    def slice_leading(self) -> _W:
+        """After ``lax.scan`` slices the children of ``base`` along axis 0, fix the
+        static metadata (shape, block) and the view."""
+        b = self.base
+        if is_qarray(b):
+            b = b.replace(shape=tuple(b.shape[1:]), block=tuple(b.block[1:]))
+        return _W(b, self.path, tuple(p - 1 for p in self.perm[1:]), self.dtype)
+
+
+jax.tree_util.register_dataclass(_W, data_fields=["base"], meta_fields=["path", "perm", "dtype"])
+
+
+def _is_w(x) -> bool:
+    return isinstance(x, _W)
+
+
+def _scan_sliceable(w: _W, length: int) -> bool:
+    """A stacked weight can be sliced per scan step when the stacked axis is the
+    view's leading axis, untouched by the view, and (for a QArray) every child
+    carries that axis with one block per layer."""
+    if not w.perm or w.perm[0] != 0 or w.base.shape[0] != length:
+        return False
+    b = w.base
+    if not is_qarray(b):
+        return True
+    if b.block[0] != 1:
+        return False
+    for name in ("qvalue", "scale", "zero_point", "in_scale", "act_scale"):
+        c = getattr(b, name)
+        if c is not None and (c.ndim == 0 or c.shape[0] != length):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- context
+
+
+class _Ctx:
+    """Interpretation state: which weight paths get ``rule``, the default
+    backend, and the records (path, array) produced in forward order."""
+
+    def __init__(
+        self,
+        rule: DotRule | None,
+        paths: frozenset,
+        backend: str | None,
+        capture: bool = False,
+        act_matmuls: str | None = None,
+    ):
+        self.rule = rule
+        self.paths = paths
+        self.backend = backend
+        self.capture = capture
+        self.act_matmuls = act_matmuls
+        self.records: list[tuple[str, jax.Array]] = []
+
+    def child(self) -> _Ctx:
+        return _Ctx(self.rule, self.paths, self.backend, self.capture, self.act_matmuls)
+
+
+def _default_dot(backend):
+    def dot(x_or_w_lhs, rhs, dimension_numbers, precision, preferred_element_type):
+        from jqx import ops  # noqa: PLC0415 (ops imports nothing from here; lazy keeps import light)
+
+        return ops.dot_general(
+            x_or_w_lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            backend=backend,
+        )
+
+    return dot
+
+
+# --------------------------------------------------------------------------- interpreter
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _mat(x):
+    return x.materialize() if _is_w(x) else x
+
+
+def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
+    env: dict = {}
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        if any(_is_w(x) for x in invals) or (
+            ctx.act_matmuls is not None and eqn.primitive.name in _ACT_MATMUL_PRIMS
+        ):
+            with eqn.ctx.manager:
+                outs = _eval_eqn(ctx, eqn, invals)
+        else:
+            with eqn.ctx.manager:
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs = ans if eqn.primitive.multiple_results else [ans]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = x
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _eval_closed(ctx, closed, args):
+    return _eval_jaxpr(ctx, closed.jaxpr, closed.consts, args)
+
+
+def _eval_eqn(ctx: _Ctx, eqn, invals) -> list:
+    prim = eqn.primitive
+    p = eqn.params
+    name = prim.name
+    if name == "dot_general" and not any(_is_w(x) for x in invals):
+        return [_act_dot(ctx, eqn, invals)]
+    if name == "dot_general":
+        return [_dot(ctx, eqn, invals)]
+    if name == "convert_element_type":
+        (w,) = invals
+        return [dataclasses.replace(w, dtype=jnp.dtype(p["new_dtype"]))]
+    if name == "transpose":
+        (w,) = invals
+        return [dataclasses.replace(w, perm=tuple(w.perm[i] for i in p["permutation"]))]
+    if name == "copy" or name == "copy_p":
+        return list(invals)
+    if name in ("jit", "pjit", "closed_call", "core_call"):
+        inner = p.get("jaxpr", p.get("call_jaxpr"))
+        if isinstance(inner, jcore.ClosedJaxpr):
+            return _eval_closed(ctx, inner, invals)
+        return _eval_jaxpr(ctx, inner, (), invals)
+    if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+        # The custom rule was written for float operands; the primal computation
+        # is what a quantized forward pass needs.
+        inner = p["call_jaxpr"] if "call_jaxpr" in p else p["fun_jaxpr"]
+        return _eval_closed(ctx, inner, invals)
+    if name in ("remat", "remat2", "checkpoint"):
+        return _remat(ctx, eqn, invals)
+    if name == "scan":
+        return _scan(ctx, eqn, invals)
+    if name == "gather":
+        y = _gather_rows(eqn, invals)
+        if y is not None:
+            return [y]
+    # Everything else (cond, while, elementwise, gather, ...): the dequantized value.
+    vals = [_mat(x) for x in invals]
+    ans = prim.bind(*vals, **prim.get_bind_params(p))
+    return ans if prim.multiple_results else [ans]
+
+
+# Primitives entered without a weight operand when activation matmuls are
+# quantized: the matmul itself and the calls that may hold one (jnp.einsum is
+# a jit). remat and scan bodies without weights stay float.
+_ACT_MATMUL_PRIMS = frozenset(
+    {
+        "dot_general",
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+    }
+)
+
+
+def _act_dot(ctx: _Ctx, eqn, invals):
+    """A matmul with no QArray operand, under ``activation_matmuls``."""
+    lhs, rhs = invals
+    p = eqn.params
+    floating = all(jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in (lhs, rhs))
+    if not floating:
+        return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(p))
+    from jqx import ops  # noqa: PLC0415
+
+    y = ops.dynamic_dot_general(
+        lhs, rhs, p["dimension_numbers"], p.get("preferred_element_type"), fmt=ctx.act_matmuls
+    )
+    return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _dot(ctx: _Ctx, eqn, invals):
+    lhs, rhs = invals
+    p = eqn.params
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    out_aval = eqn.outvars[0].aval
+    if _is_w(lhs) and _is_w(rhs):
+        # Two weights multiplied together: keep the rhs quantized, dequantize the lhs.
+        lhs = lhs.materialize()
+    w_is_lhs = _is_w(lhs)
+    w, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
+    wc, wb = (lc, lb) if w_is_lhs else (rc, rb)
+    perm = w.perm
+    # Express the dot on the untransposed base: remap the weight's dims, then
+    # permute the weight's free output dims back into the view's order.
+    wc2 = tuple(perm[i] for i in wc)
+    wb2 = tuple(perm[i] for i in wb)
+    view_free = [i for i in range(len(perm)) if i not in wc and i not in wb]
+    want = [perm[i] for i in view_free]
+    have = sorted(want)
+    nb = len(lb)
+    x_free = x.ndim - len(wc) - len(wb)
+    if w_is_lhs:
+        dn = ((wc2, rc), (wb2, rb))
+        block_start = nb
+    else:
+        dn = ((lc, wc2), (lb, wb2))
+        block_start = nb + x_free
+    out_perm = list(range(nb + x_free + len(want)))
+    for j, d in enumerate(want):
+        out_perm[block_start + j] = block_start + have.index(d)
+
+    base = w.base
+    if not is_qarray(base):
+        base = base.astype(w.dtype)
+    pet = p.get("preferred_element_type")
+    prec = p.get("precision")
+    if w.path is not None and w.path in ctx.paths and ctx.rule is not None:
+        ops_ = (base, x) if w_is_lhs else (x, base)
+        y = ctx.rule(w.path, *ops_, dn, prec, pet, w_is_lhs)
+        if ctx.capture:  # the rule returned (result, record)
+            y, rec = y
+            ctx.records.append((w.path, rec))
+    elif is_qarray(base):
+        ops_ = (base, x) if w_is_lhs else (x, base)
+        y = _default_dot(ctx.backend)(*ops_, dn, prec, pet)
+    else:
+        ops_ = (base, x) if w_is_lhs else (x, base)
+        y = lax.dot_general(*ops_, dn, precision=prec, preferred_element_type=pet)
+    if out_perm != sorted(out_perm):
+        y = jnp.transpose(y, out_perm)
+    if y.dtype != out_aval.dtype:
+        y = y.astype(out_aval.dtype)
+    return y
+
+
+def _gather_rows(eqn, invals):
+    """Embedding lookup (``jnp.take(table, ids, axis=0)``, ``table[ids]``) on a
+    QArray with one scale per row block: gather the codes and scales of the
+    selected rows and decode only those, instead of dequantizing the table."""
+    w, idx = invals
+    if not _is_w(w) or _is_w(idx) or not is_qarray(w.base):
+        return None
+    q, p = w.base, eqn.params
+    dn = p["dimension_numbers"]
+    if (
+        q.ndim != 2
+        or w.perm != (0, 1)
+        or q.block[0] != 1
+        or q.in_scale is not None
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(dn.operand_batching_dims)
+        or tuple(dn.offset_dims) != (idx.ndim - 1,)
+        or tuple(p["slice_sizes"]) != (1, q.shape[1])
+    ):
+        return None
+
+    def take(a, fill):
+        return lax.gather(
+            a,
+            idx,
+            dn,
+            (1, a.shape[1]),
+            indices_are_sorted=p["indices_are_sorted"],
+            unique_indices=p["unique_indices"],
+            mode=p["mode"],
+            fill_value=fill,
+        )
+
+    lead = tuple(idx.shape[:-1])
+    rows = q.replace(
+        qvalue=take(q.qvalue, 0),
+        scale=take(q.scale, p.get("fill_value")),
+        zero_point=None if q.zero_point is None else take(q.zero_point, p.get("fill_value")),
+        act_scale=None,
+        shape=lead + (q.shape[1],),
+        block=(1,) * len(lead) + (q.block[1],),
+    )
+    return rows.dequantize(w.dtype)
+
+
+def _pack_records(ctx: _Ctx, store: list):
+    """Records made inside a nested trace leave it as outputs; their paths go
+    to ``store`` (the nested function is traced exactly once)."""
+    store.append([pth for pth, _ in ctx.records])
+    return [r for _, r in ctx.records]
+
+
+def _remat(ctx: _Ctx, eqn, invals):
+    p = eqn.params
+    inner = p["jaxpr"]
+    store: list = []
+
+    def f(vals):
+        sub = ctx.child()
+        outs = _eval_jaxpr(sub, inner, (), vals)
+        return [_mat(o) for o in outs], _pack_records(sub, store)
+
+    outs, recs = jax.checkpoint(f, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(
+        list(invals)
+    )
+    ctx.records.extend(zip(store[0], recs, strict=True))
+    return outs
+
+
+def _split_shared(w: _W, length: int):
+    """Per-weight factors that do not carry the stacked axis (an ``in_scale``
+    stored as ``(K, 1)``, a per-tensor ``act_scale`` of shape ``(1,)``) apply to
+    every layer: keep them out of the scanned operand and re-attach per step."""
+    b = w.base
+    if not is_qarray(b):
+        return w, {}
+    shared = {}
+    for name in ("in_scale", "act_scale"):
+        c = getattr(b, name)
+        if c is None:
+            continue
+        if name == "in_scale":
+            carries = c.ndim == b.ndim and c.shape[0] == length
+        else:
+            carries = length > 1 and c.ndim >= 1 and c.shape[0] == length
+        if not carries:
+            shared[name] = c
+    if not shared:
+        return w, {}
+    return dataclasses.replace(w, base=b.replace(**{k: None for k in shared})), shared
+
+
+def _join_shared(w, shared: dict):
+    if not shared:
+        return w
+    return dataclasses.replace(w, base=w.base.replace(**shared))
+
+
+def _scan(ctx: _Ctx, eqn, invals):
+    p = eqn.params
+    nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+    consts = list(invals[:nc])
+    init = [_mat(x) for x in invals[nc : nc + ncar]]
+    xs = list(invals[nc + ncar :])
+    split = [_split_shared(x, length) if _is_w(x) else (x, {}) for x in xs]
+    xs = [x for x, _ in split]
+    shared = [c for _, c in split]
+    sliced = [_is_w(x) and _scan_sliceable(x, length) for x in xs]
+    xs = [x if s else _mat(_join_shared(x, c)) for x, s, c in zip(xs, sliced, shared, strict=True)]
+    closed = p["jaxpr"]
+    store: list = []
+
+    def body(carry, x_t):
+        x_t = [
+            _join_shared(x.slice_leading(), c) if s else x
+            for x, s, c in zip(x_t, sliced, shared, strict=True)
+        ]
+        sub = ctx.child()
+        outs = _eval_closed(sub, closed, consts + list(carry) + x_t)
+        outs = [_mat(o) for o in outs]
+        return outs[:ncar], (outs[ncar:], _pack_records(sub, store))
+
+    carry, (ys, recs) = lax.scan(
+        body, init, xs, length=length, reverse=p["reverse"], unroll=p.get("unroll", 1)
+    )
+    ctx.records.extend(zip(store[0], recs, strict=True))
+    return list(carry) + list(ys)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _is_dynamic(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _interpret(fn, ctx_factory, argnum: int | None, paths: frozenset):
+    """Returns ``g(*args, **kw) -> (out, ctx)``."""
+
+    def g(*args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_qarray)
+        specs, dyn_idx, static = [], [], {}
+        leaf_paths: list[str | None] = []
+        for i, (kp, leaf) in enumerate(leaves):
+            pth = None
+            if (
+                argnum is not None
+                and len(kp) >= 2
+                and kp[0] == jax.tree_util.SequenceKey(0)
+                and kp[1] == jax.tree_util.SequenceKey(argnum)
+            ):
+                pth = path_str(kp[2:])
+            leaf_paths.append(pth)
+            if is_qarray(leaf):
+                specs.append(jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype)))
+                dyn_idx.append(i)
+            elif _is_dynamic(leaf):
+                specs.append(
+                    jax.ShapeDtypeStruct(
+                        np.shape(leaf), leaf.dtype, weak_type=getattr(leaf, "weak_type", False)
+                    )
+                )
+                dyn_idx.append(i)
+            else:
+                static[i] = leaf
+        out_tree_box = []
+
+        def flat_fn(*dyn):
+            full = [None] * len(leaves)
+            for i, v in static.items():
+                full[i] = v
+            for i, v in zip(dyn_idx, dyn, strict=True):
+                full[i] = v
+            a, k = jax.tree_util.tree_unflatten(treedef, full)
+            out = fn(*a, **k)
+            out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+            out_tree_box.append(out_tree)
+            return out_leaves
+
+        closed = jax.make_jaxpr(flat_fn)(*specs)
+        out_tree = out_tree_box[-1]
+        vals = []
+        for i in dyn_idx:
+            leaf = leaves[i][1]
+            pth = leaf_paths[i]
+            if is_qarray(leaf):
+                vals.append(_W(leaf, pth, tuple(range(len(leaf.shape))), jnp.dtype(leaf.dtype)))
+            elif pth is not None and pth in paths:
+                leaf = jnp.asarray(leaf)
+                vals.append(_W(leaf, pth, tuple(range(leaf.ndim)), leaf.dtype))
+            else:
+                vals.append(leaf)
+        ctx = ctx_factory()
+        outs = _eval_closed(ctx, closed, vals)
+        # A QArray returned untouched stays a QArray; any other view is materialised.
+        outs = [
+            o.base
+            if _is_w(o)
+            and is_qarray(o.base)
+            and o.perm == tuple(range(len(o.perm)))
+            and o.dtype == jnp.dtype(o.base.dtype)
+            else _mat(o)
+            for o in outs
+        ]
+        return jax.tree_util.tree_unflatten(out_tree, outs), ctx
+
+    return g
+
+
+def quantized(
+    fn: Callable, *, backend: str | None = None, activation_matmuls: str | None = None
+) -> Callable:
+    """Makes ``fn`` accept QArray leaves anywhere in its arguments.
+
+    Matmuls (``dot_general``, so ``@``, ``jnp.dot``, ``einsum``, Flax layers)
+    with a QArray operand run through :func:`jqx.ops.dot_general` on the
+    quantized codes; any other use of a QArray sees ``q.dequantize()``. The
+    interpretation happens while tracing: under ``jax.jit`` it costs nothing
+    per call and does not cause retracing.
+
+    Args:
+      fn: any function of arrays (a plain function, ``model.apply`` of
+        flax.linen, or a function that ``nnx.merge``s a State).
+      backend: passed to :func:`jqx.ops.dot_general` (``None``/``"xla"``/``"pallas"``).
+      activation_matmuls: ``None`` (default: matmuls without a QArray operand
+        stay float), or ``"int8"`` / ``"fp8_e4m3"``: every matmul with no QArray
+        operand (attention's ``q @ k^T`` and ``p @ v``, and any float weight left
+        unquantized) runs with both operands quantized per row on the fly
+        (:func:`jqx.ops.dynamic_dot_general`), as qwix's ``.*`` rules do.
+
+    Returns:
+      A function with the signature of ``fn``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jqx
+        >>> import flax.linen as nn
+        >>> m = nn.Dense(4)
+        >>> v = m.init(jax.random.key(0), jnp.ones((1, 8)))
+        >>> qv = jqx.quantize(v, jqx.int8_weight_only())
+        >>> jax.jit(jqx.quantized(m.apply))(qv, jnp.ones((2, 8))).shape
+        (2, 4)
+    """
+    if backend not in (None, "xla", "pallas"):
+        raise ValueError(
+            f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'."
+        )
+    if activation_matmuls is not None:
+        activation_matmuls = _formats.get(activation_matmuls).name
+        if activation_matmuls not in ("int8", "fp8_e4m3"):
+            raise ValueError(
+                f"activation_matmuls={activation_matmuls!r} is not supported; use None, 'int8' "
+                "or 'fp8_e4m3'."
+            )
+    inner = _interpret(
+        fn,
+        lambda: _Ctx(None, frozenset(), backend, act_matmuls=activation_matmuls),
+        None,
+        frozenset(),
+    )
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return inner(*args, **kwargs)[0]
+
+    return wrapped
+
+
+def _check_paths(paths) -> frozenset:
+    if isinstance(paths, str):
+        paths = [paths]
+    paths = list(paths)
+    for p in paths:
+        if not isinstance(p, str):
+            raise TypeError(
+                f"paths must be strings as jqx.tree.path_str writes them (e.g. "
+                f"'params/Dense_0/kernel'), got {type(p).__name__}: {p!r}"
+            )
+    return frozenset(paths)
+
+
+def _check_found(paths: frozenset, args, argnum: int, what: str):
+    if argnum >= len(args):
+        raise ValueError(
+            f"{what}: argnum={argnum} but the function was called with {len(args)} positional "
+            "arguments; pass the params tree positionally or set argnum."
+        )
+    have = {
+        path_str(kp)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(args[argnum], is_leaf=is_qarray)[0]
+    }
+    missing = sorted(paths - have)
+    if missing:
+        raise ValueError(
+            f"{what}: path(s) {missing} are not leaves of positional argument {argnum}. Paths "
+            f"look like {sorted(have)[:4]}; write them as jqx.tree.path_str does."
+        )
+
+
+def map_dots(fn: Callable, paths: Sequence[str], rule: DotRule, *, argnum: int = 0) -> Callable:
+    """Replaces every ``dot_general`` that uses a params leaf at ``paths`` by ``rule``.
+
+    ``rule(path, lhs, rhs, dimension_numbers, precision, preferred_element_type,
+    w_is_lhs) -> result`` receives the weight in its stored layout (a
+    transpose applied in ``fn`` is folded into ``dimension_numbers`` and undone
+    on the result), cast to the dtype the matmul uses (a QArray weight is passed
+    as the QArray). The weight is ``lhs`` when ``w_is_lhs``, else ``rhs``.
+    QArray leaves elsewhere are handled as in :func:`quantized`.
+
+    Args:
+      fn: the function, e.g. ``model.apply``.
+      paths: ``jqx.tree.path_str`` paths of leaves of positional argument ``argnum``.
+      rule: the replacement.
+      argnum: which positional argument holds the params.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jqx
+        >>> def rule(path, x, w, dn, precision, pet, w_is_lhs):
+        ...     return 2.0 * jax.lax.dot_general(x, w, dn, preferred_element_type=pet)
+        >>> f = jqx.transform.map_dots(lambda p, x: x @ p["w"], ["w"], rule)
+        >>> f({"w": jnp.ones((3, 2))}, jnp.ones((1, 3))).tolist()
+        [[6.0, 6.0]]
+    """
+    pset = _check_paths(paths)
+    inner = _interpret(fn, lambda: _Ctx(rule, pset, None), argnum, pset)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        _check_found(pset, args, argnum, "map_dots")
+        return inner(*args, **kwargs)[0]
+
+    return wrapped
+
+
+def _rows_k(
+    x: jax.Array, x_contract: Sequence[int], w_contract: Sequence[int], x_batch
+) -> jax.Array:
+    """The other operand as (rows, K): K ordered as the weight's contracting dims."""
+    order = sorted(range(len(w_contract)), key=lambda i: w_contract[i])
+    xc = [x_contract[i] for i in order]
+    rest = [i for i in range(x.ndim) if i not in x_contract]
+    # batch dims first, then the free dims: all of them are rows.
+    rest = list(x_batch) + [i for i in rest if i not in x_batch]
+    xt = jnp.transpose(x, rest + xc)
+    k = int(np.prod([x.shape[i] for i in xc])) if xc else 1
+    return xt.reshape(-1, k)
+
+
+def capture_inputs(fn: Callable, paths: Sequence[str], *, argnum: int = 0) -> Callable:
+    """Records the inputs of the matmuls that use the params leaves at ``paths``.
+
+    Returns ``g(*args, **kw) -> (out, {path: [x2d, ...]})`` where each ``x2d``
+    is the other operand of one ``dot_general`` using the weight, as
+    ``(rows, K)`` with K the product of the weight's contracting dims in the
+    weight's axis order. Inside ``scan`` over a stacked weight ``(L, K, N)``
+    the record is ``(L, rows, K)``. The dict is ordered by first use in the
+    forward pass. Matmuls inside ``cond``/``while`` are not recorded.
+
+    Args:
+      fn: the function, e.g. ``model.apply``.
+      paths: ``jqx.tree.path_str`` paths of leaves of positional argument ``argnum``.
+      argnum: which positional argument holds the params.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> g = jqx.transform.capture_inputs(lambda p, x: x @ p["w"], ["w"])
+        >>> out, rec = g({"w": jnp.ones((3, 2))}, jnp.ones((4, 3)))
+        >>> rec["w"][0].shape
+        (4, 3)
+    """
+    pset = _check_paths(paths)
+
+    def rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
+        (lc, rc), (lb, rb) = dn
+        if w_is_lhs:
+            w, x, xc, wc, xb = lhs, rhs, rc, lc, rb
+        else:
+            w, x, xc, wc, xb = rhs, lhs, lc, rc, lb
+        rec = _rows_k(x, xc, wc, xb)
+        if is_qarray(w):
+            y = _default_dot(None)(lhs, rhs, dn, precision, pet)
+        else:
+            y = lax.dot_general(lhs, rhs, dn, precision=precision, preferred_element_type=pet)
+        return y, rec
+
+    inner = _interpret(fn, lambda: _Ctx(rule, pset, None, capture=True), argnum, pset)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        _check_found(pset, args, argnum, "capture_inputs")
+        out, ctx = inner(*args, **kwargs)
+        recs: dict[str, list] = {}
+        for pth, r in ctx.records:
+            recs.setdefault(pth, []).append(r)
+        return out, recs
+
+    return wrapped
