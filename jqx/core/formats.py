@@ -424,6 +424,29 @@ def get(fmt: str | Format) -> Format:
     )
 
 
+def int_container(bits: int, signed: bool) -> tuple[Format, float, float]:
+    """The integer storage format for ``bits``-bit codes and their code range.
+
+    Codes of 2 and 3 bits live in the 4-bit container with a narrower range;
+    4 and 8 bits use the container's own range. The range of the narrower
+    codes is the two's-complement (signed) or unsigned range of ``bits`` bits,
+    the same rule ml_dtypes' ``iinfo`` applies to the full-width containers.
+
+    Example:
+        >>> fmt, lo, hi = int_container(3, signed=True)
+        >>> fmt.name, lo, hi
+        ('int4', -4.0, 3.0)
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits={bits!r} is not supported; use one of (2, 3, 4, 8).")
+    fmt = get(("int" if signed else "uint") + ("8" if bits == 8 else "4"))
+    if bits == fmt.bits:
+        return fmt, fmt.qmin, fmt.qmax
+    if signed:
+        return fmt, -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+    return fmt, 0.0, float(2**bits - 1)
+
+
 # --------------------------------------------------------------------------- rounding
 
 

@@ -55,6 +55,90 @@ Scheme = Literal["absmax", "zero_point"]
 Convention = Literal["jqx", "torchao"]
 
 
+# --------------------------------------------------------------------------- validation
+# One text per mistake: every layer (recipes, algorithms, QAT) raises through these.
+
+_COMMON_GROUPS = (8, 16, 32, 64, 96, 128, 256)
+
+
+def check_scheme(scheme: str, fmt: _formats.Format) -> None:
+    """``scheme`` is ``absmax`` or ``zero_point``, and zero points need an integer format."""
+    if scheme not in ("absmax", "zero_point"):
+        raise ValueError(f"scheme={scheme!r} is not supported; use 'absmax' or 'zero_point'.")
+    if scheme == "zero_point" and fmt.kind != "int":
+        raise ValueError(
+            f"scheme='zero_point' needs an integer format, got format={fmt.name!r}; use "
+            "scheme='absmax' for float and table formats."
+        )
+
+
+def check_convention(convention: str) -> None:
+    if convention not in ("jqx", "torchao"):
+        raise ValueError(f"convention={convention!r} is not supported; use 'jqx' or 'torchao'.")
+
+
+def check_group_size(group_size, who: str | None = None) -> None:
+    """``group_size`` is a positive int or None (one group spanning the axis)."""
+    if group_size is not None and (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, (int, np.integer))
+        or group_size <= 0
+    ):
+        pre = f"{who}: " if who else ""
+        raise ValueError(
+            f"{pre}group_size={group_size!r} must be a positive int (e.g. 32, 64, 128) or None "
+            "for per-channel."
+        )
+
+
+def check_group_divides(
+    group_size: int | None, size: int, *, axis: int | str, path: str | None = None,
+    who: str | None = None,
+) -> int:
+    """The effective group size along an axis of length ``size`` (``None`` = the
+    whole axis); raises with divisors to use when it does not divide.
+
+    Example:
+        >>> check_group_divides(None, 384, axis=0)
+        384
+    """
+    check_group_size(group_size, who)
+    if size == 0:
+        where = f" of {path}" if path else ""
+        raise ValueError(
+            f"axis {axis}{where} has size 0: there is nothing to quantize. Exclude this leaf "
+            "with a rule mapping its path to None, or a filter_fn that rejects it."
+        )
+    g = size if group_size is None else int(group_size)
+    if size % g:
+        where = f" of {path}" if path else ""
+        pre = f"{who}: " if who else ""
+        divs = [d for d in _COMMON_GROUPS if size % d == 0 and d < size][-4:]
+        divs = divs or [d for d in range(1, size + 1) if size % d == 0][-4:]
+        raise ValueError(
+            f"{pre}group_size={group_size} does not divide axis {axis}{where} (size {size}); use "
+            f"a divisor such as {', '.join(str(d) for d in divs)}, or group_size=None for "
+            "per-channel."
+        )
+    return g
+
+
+def check_finite(x, path: str | None = None, who: str | None = None) -> None:
+    """Raises on NaN/Inf in a concrete array (a traced one cannot be checked here)."""
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        raise_not_finite(path, who)
+
+
+def raise_not_finite(path: str | None = None, who: str | None = None):
+    """The NaN/Inf error (for callers that computed the finiteness flag themselves)."""
+    pre = f"{who}: " if who else ""
+    raise ValueError(
+        f"{pre}{path or 'the input array'} contains NaN or Inf; quantizing it would give "
+        "garbage. Fix the weights (e.g. jnp.nan_to_num) or exclude this leaf with a rule "
+        "mapping its path to None."
+    )
+
+
 # --------------------------------------------------------------------------- granularity
 
 
@@ -105,16 +189,7 @@ class Granularity:
             return tuple(1 for _ in shape[:-1]) + (shape[-1],)
         if self.kind == "group":
             ax = _norm_axis(self.axes[0], nd, "axis", path)
-            g = shape[ax] if self.group_size is None else int(self.group_size)
-            if g <= 0 or shape[ax] % g:
-                common = (8, 16, 32, 64, 96, 128, 256)
-                divs = [d for d in common if shape[ax] % d == 0 and d < shape[ax]][-4:]
-                divs = divs or [d for d in range(1, shape[ax] + 1) if shape[ax] % d == 0][-4:]
-                raise ValueError(
-                    f"group_size={self.group_size} does not divide axis {ax}{where} "
-                    f"(size {shape[ax]}); use a divisor such as "
-                    f"{', '.join(str(d) for d in divs)}, or group_size=None for per-channel."
-                )
+            g = check_group_divides(self.group_size, shape[ax], axis=ax, path=path)
             return tuple(g if i == ax else 1 for i in range(nd))
         if self.kind == "block":
             if len(self.block_shape) != nd:
@@ -157,10 +232,7 @@ def per_group(group_size: int | None, axis: int = -2) -> Granularity:
     With ``group_size=None`` the whole axis is one group: for weights this is
     per-channel that also keeps stacked (scanned) layers apart.
     """
-    if group_size is not None and (
-        not isinstance(group_size, (int, np.integer)) or group_size <= 0
-    ):
-        raise ValueError(f"group_size={group_size!r} must be a positive int or None.")
+    check_group_size(group_size)
     return Granularity("group", axes=(axis,), group_size=group_size)
 
 
@@ -182,56 +254,63 @@ def _blocked(x: jax.Array, block: tuple[int, ...]) -> jax.Array:
     return x.reshape(dims)
 
 
-def compute_scale(
-    x: jax.Array,
-    fmt: _formats.Format,
-    block: tuple[int, ...],
-    scheme: Scheme = "absmax",
+def scale_from_minmax(
+    mn: jax.Array,
+    mx: jax.Array,
     *,
-    symmetric_range: bool = False,
+    qmin: float,
+    qmax: float,
+    scheme: Scheme = "absmax",
+    denom: float | None = None,
     convention: Convention = "jqx",
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (and zero point) per block, in the blocked view ``(n0, 1, n1, 1, ...)``.
+    """The seed formulas from a block's min and max: the one home of scale and zero point.
 
-    The seed formulas (see the module docstring), plus two guards: a constant
-    block gets ``S = |c|`` (1 for all-zero) so it reconstructs exactly, and a
-    scale below float32's smallest normal is raised to it (XLA:CPU flushes
-    subnormals to zero, which would divide by zero).
+    Every scale and zero point in jqx (round to nearest, GPTQ, HQQ's start,
+    AWQ, QAT's initial scales) comes from here.
+
+    - ``scheme="absmax"``: ``S = max(|mn|, |mx|) / denom`` with ``denom``
+      ``qmax`` for integer grids (the default), ``(qmax - qmin) / 2`` with
+      ``convention="torchao"``, or the format's largest magnitude for float and
+      table formats (pass it as ``denom``). No zero point.
+    - ``scheme="zero_point"``: ``S = (mx - mn) / (qmax - qmin)``,
+      ``Z = round(qmin - mn / S)``; ``convention="torchao"`` widens the range
+      to include 0 and clamps ``Z`` into ``[qmin, qmax]``.
+
+    Guards: a constant block gets ``S = |c|`` (1 for all-zero), so it
+    reconstructs exactly; a scale below float32's smallest normal is raised to
+    it (XLA:CPU flushes subnormals, which would divide by zero); ``mx - mn`` is
+    formed without overflow near float32's limit.
+
+    Args:
+      mn, mx: per-block minimum and maximum (any broadcastable shapes).
+      qmin, qmax: the code range.
+      scheme: ``"absmax"`` or ``"zero_point"``.
+      denom: the absmax divisor (see above); default ``qmax``.
+      convention: ``"jqx"`` or ``"torchao"``.
+
+    Returns:
+      ``(scale, zero_point)`` as float32 (``zero_point`` None for absmax).
 
     Example:
-        >>> import jax.numpy as jnp, jqx
-        >>> s, z = compute_scale(jnp.array([[-1.0, 4.0]]), jqx.formats.get("uint4"), (1, 2),
-        ...                      "zero_point")
-        >>> round(float(s.ravel()[0]), 6), float(z.ravel()[0])
+        >>> import jax.numpy as jnp
+        >>> s, z = scale_from_minmax(jnp.array(-1.0), jnp.array(4.0), qmin=0, qmax=15,
+        ...                          scheme="zero_point")
+        >>> round(float(s), 6), float(z)
         (0.333333, 3.0)
     """
-    xb = _blocked(x.astype(jnp.float32), block)
-    red = tuple(range(1, xb.ndim, 2))
-    mx = jnp.max(xb, axis=red, keepdims=True)
-    mn = jnp.min(xb, axis=red, keepdims=True)
+    mn = jnp.asarray(mn, jnp.float32)
+    mx = jnp.asarray(mx, jnp.float32)
     constant = mx == mn
     cabs = jnp.abs(mx)
     const_scale = jnp.where(cabs > 0, cabs, 1.0)
-    qmin = fmt.qmin_symmetric if symmetric_range else fmt.qmin
-    qmax = fmt.qmax
     if scheme == "absmax":
+        if denom is None:
+            denom = (qmax - qmin) / 2.0 if convention == "torchao" else qmax
         amax = jnp.maximum(jnp.abs(mx), jnp.abs(mn))
-        if fmt.kind == "int":
-            if convention == "torchao":
-                denom = (qmax - qmin) / 2.0
-            else:
-                denom = qmax
-        else:
-            denom = fmt.max
         s = jnp.maximum(amax / denom, _TINY)
-        s = jnp.where(constant, const_scale, s)
-        return s, None
+        return jnp.where(constant, const_scale, s), None
     if scheme == "zero_point":
-        if fmt.kind != "int":
-            raise ValueError(
-                f"scheme='zero_point' needs an integer format, got format={fmt.name!r}; use "
-                "scheme='absmax' for float and table formats."
-            )
         if convention == "torchao":
             mn = jnp.minimum(mn, 0.0)
             mx = jnp.maximum(mx, 0.0)
@@ -249,42 +328,195 @@ def compute_scale(
     raise ValueError(f"scheme={scheme!r} is not supported; use 'absmax' or 'zero_point'.")
 
 
+def compute_scale(
+    x: jax.Array,
+    fmt: _formats.Format,
+    block: tuple[int, ...],
+    scheme: Scheme = "absmax",
+    *,
+    symmetric_range: bool = False,
+    convention: Convention = "jqx",
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale (and zero point) per block, in the blocked view ``(n0, 1, n1, 1, ...)``.
+
+    :func:`scale_from_minmax` on each block's min and max, with the code range
+    of ``fmt`` (the sign-magnitude range with ``symmetric_range``).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> s, z = compute_scale(jnp.array([[-1.0, 4.0]]), jqx.formats.get("uint4"), (1, 2),
+        ...                      "zero_point")
+        >>> round(float(s.ravel()[0]), 6), float(z.ravel()[0])
+        (0.333333, 3.0)
+    """
+    check_scheme(scheme, fmt)
+    xb = _blocked(x.astype(jnp.float32), block)
+    red = tuple(range(1, xb.ndim, 2))
+    mx = jnp.max(xb, axis=red, keepdims=True)
+    mn = jnp.min(xb, axis=red, keepdims=True)
+    qmin, qmax = code_range(fmt, symmetric_range)
+    denom = None if fmt.kind == "int" else fmt.max
+    return scale_from_minmax(
+        mn, mx, qmin=qmin, qmax=qmax, scheme=scheme, denom=denom, convention=convention
+    )
+
+
+def code_range(fmt: _formats.Format, symmetric_range: bool = False) -> tuple[float, float]:
+    """``(qmin, qmax)`` of ``fmt``'s codes; signed ints lose their lowest code
+    with ``symmetric_range`` (sign-magnitude range). Float and table formats:
+    ``(-max, max)``.
+
+    Example:
+        >>> import jqx
+        >>> code_range(jqx.formats.get("int8"), symmetric_range=True)
+        (-127.0, 127.0)
+    """
+    if fmt.kind == "int":
+        return float(fmt.qmin_symmetric if symmetric_range else fmt.qmin), float(fmt.qmax)
+    return -float(fmt.max), float(fmt.max)
+
+
+def encode_int(
+    x: jax.Array,
+    s: jax.Array,
+    z: jax.Array | None,
+    *,
+    qmin: float,
+    qmax: float,
+    float_zero: bool = False,
+) -> jax.Array:
+    """Integer codes (as float32) of ``x`` under scale ``s`` and zero point ``z``:
+    ``clamp(round(x / s) + z)``, round half to even.
+
+    An integer zero point is added after rounding (the seed formula); a float
+    zero point (HQQ, ``float_zero=True``) before rounding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> encode_int(jnp.array([0.5, 1.5, 9.0]), jnp.array(1.0), None, qmin=-8, qmax=7).tolist()
+        [0.0, 2.0, 7.0]
+    """
+    if float_zero and z is not None:
+        return jnp.clip(jnp.round(x / s + z), qmin, qmax)
+    q = jnp.round(x / s)
+    if z is not None:
+        q = q + z
+    return jnp.clip(q, qmin, qmax)
+
+
+def absmax_scale(x: jax.Array, axes, fmt: str | _formats.Format) -> jax.Array:
+    """Dynamic activation scale: ``max|x|`` over ``axes`` (kept as size-1 dims)
+    divided by the format's largest magnitude; an all-zero row gets scale 1.
+
+    ``axes=None`` reduces over everything (per tensor; the result has ``x``'s
+    rank with all dims 1). Per token is ``axes=-1`` (or the contraction axes).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> absmax_scale(jnp.array([[1.0, -254.0], [0.0, 0.0]]), -1, "int8").ravel().tolist()
+        [2.0, 1.0]
+    """
+    fmt = _formats.get(fmt)
+    xf = jnp.abs(x.astype(jnp.float32))
+    if axes is None:
+        amax = jnp.max(xf).reshape((1,) * x.ndim)
+    else:
+        amax = jnp.max(xf, axis=axes, keepdims=True)
+    s = amax / fmt.max
+    return jnp.where(s > 0, s, 1.0).astype(jnp.float32)
+
+
 def _encode_blocked(xb, s, z, fmt, symmetric_range):
     if fmt.kind == "int":
-        qmin = fmt.qmin_symmetric if symmetric_range else fmt.qmin
-        q = jnp.round(xb / s)
-        if z is not None:
-            q = q + z
-        q = jnp.clip(q, qmin, fmt.qmax)
-        return _formats.encode(q, fmt)
+        qmin, qmax = code_range(fmt, symmetric_range)
+        return _formats.encode(encode_int(xb, s, z, qmin=qmin, qmax=qmax), fmt)
     return _formats.encode(xb / s, fmt)
 
 
-def _encode_codes(x, fmt, block, s, z, symmetric_range) -> jax.Array:
-    """Stored codes of ``x`` (packed when 4-bit) under a per-block scale ``s``
-    and zero point ``z`` given in the blocked view (n0, 1, n1, 1, ...)."""
+def encode_codes(x, fmt, block, s, z, symmetric_range=False) -> jax.Array:
+    """Stored codes of ``x`` (logical shape, not packed) under a per-block scale
+    ``s`` and zero point ``z`` given in the blocked view (n0, 1, n1, 1, ...)."""
     q = _encode_blocked(_blocked(x.astype(jnp.float32), block), s, z, fmt, symmetric_range)
-    q = q.reshape(x.shape)
-    return pack_4bit(q) if fmt.packed else q
+    return q.reshape(x.shape)
+
+
+def make_qarray(
+    codes: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None = None,
+    *,
+    fmt: str | _formats.Format,
+    shape: Sequence[int],
+    dtype,
+    block: Sequence[int],
+    in_scale: jax.Array | None = None,
+    act_scale: jax.Array | None = None,
+    act: ActSpec | None = None,
+    scale_dtype=jnp.float32,
+) -> QArray:
+    """The one place a :class:`QArray` is built from codes and scales.
+
+    Args:
+      codes: codes in the logical ``shape``: either already stored codes (the
+        format's storage dtype, e.g. from :func:`jqx.formats.encode`) or exact
+        code values in any dtype (e.g. float32 integers from a GPTQ loop), which
+        are encoded here. 4-bit codes are packed two per byte here.
+      scale, zero_point: per block, any shape with ``prod(shape // block)``
+        elements; stored as ``scale_dtype``.
+      fmt: the format of the codes.
+      shape, dtype: the logical array's shape and dtype.
+      block: per-axis block sizes (``scale.shape == shape // block``).
+      in_scale: per-input-channel factor (AWQ/SmoothQuant), stored as float32.
+      act_scale, act: the static activation scale and the activation spec.
+      scale_dtype: dtype of the stored scale and zero point.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = make_qarray(jnp.array([[3.0, -2.0]]), jnp.array(0.5), fmt="int4", shape=(1, 2),
+        ...                 dtype="float32", block=(1, 2))
+        >>> q.qvalue.shape, q.dequantize().tolist()
+        ((1, 1), [[1.5, -1.0]])
+    """
+    fmt = _formats.get(fmt)
+    shape = tuple(int(s) for s in shape)
+    block = tuple(int(b) for b in block)
+    codes = jnp.asarray(codes)
+    if codes.dtype != jnp.dtype(fmt.dtype):
+        codes = _formats.encode(codes, fmt)
+    if fmt.packed:
+        codes = pack_4bit(codes)
+    nb = tuple(s // b for s, b in zip(shape, block, strict=True))
+    return QArray(
+        qvalue=codes,
+        scale=jnp.asarray(scale).reshape(nb).astype(scale_dtype),
+        zero_point=None if zero_point is None else jnp.asarray(zero_point).reshape(nb).astype(scale_dtype),
+        in_scale=None if in_scale is None else jnp.asarray(in_scale).astype(jnp.float32),
+        act_scale=act_scale,
+        format=fmt.name,
+        shape=shape,
+        dtype=jnp.dtype(dtype).name,
+        block=block,
+        act=act,
+    )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("fmt_name", "block", "scheme", "symmetric_range", "convention", "scale_dtype"),
+    static_argnames=(
+        "fmt_name", "block", "scheme", "symmetric_range", "convention", "scale_dtype", "act"
+    ),
 )
-def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scale_dtype):
+def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scale_dtype, act):
     fmt = _formats.get(fmt_name)
     finite = jnp.all(jnp.isfinite(x))
+    common = dict(fmt=fmt, shape=x.shape, dtype=x.dtype, block=block, act=act)
     if fmt.is_wide_float:
         # encode() clips before the cast, so a value beyond the format's max
         # saturates instead of becoming inf.
-        q = _formats.encode(x, fmt)
-        return (
-            q,
-            jnp.ones(tuple(s // b for s, b in zip(x.shape, block, strict=True)), scale_dtype),
-            None,
-            finite,
-        )
+        nb = tuple(s // b for s, b in zip(x.shape, block, strict=True))
+        return make_qarray(
+            _formats.encode(x, fmt), jnp.ones(nb), scale_dtype=scale_dtype, **common
+        ), finite
     s, z = compute_scale(
         x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention
     )
@@ -296,13 +528,8 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
         )
     s = s.astype(scale_dtype)
     # Quantize with the scale as stored, so dequantization sees the same number.
-    sf = s.astype(jnp.float32)
-    q = _encode_codes(x, fmt, block, sf, z, symmetric_range)
-    nblocks = tuple(sz // b for sz, b in zip(x.shape, block, strict=True))
-    s = s.reshape(nblocks)
-    if z is not None:
-        z = z.reshape(nblocks).astype(scale_dtype)
-    return q, s, z, finite
+    q = encode_codes(x, fmt, block, s.astype(jnp.float32), z, symmetric_range)
+    return make_qarray(q, s, z, scale_dtype=scale_dtype, **common), finite
 
 
 def _check_float_input(x, path):
@@ -373,45 +600,23 @@ def quantize_array(
     fmt = _formats.get(fmt)
     x = jnp.asarray(x)
     _check_float_input(x, path)
-    if scheme not in ("absmax", "zero_point"):
-        raise ValueError(f"scheme={scheme!r} is not supported; use 'absmax' or 'zero_point'.")
-    if convention not in ("jqx", "torchao"):
-        raise ValueError(f"convention={convention!r} is not supported; use 'jqx' or 'torchao'.")
+    check_scheme(scheme, fmt)
+    check_convention(convention)
     scale_dtype = _check_scale_dtype(scale_dtype)
     if granularity is not None and not isinstance(granularity, Granularity):
         raise TypeError(
             f"granularity={granularity!r} is not a jqx.Granularity; use jqx.per_tensor(), "
             "per_channel(axis), per_token(), per_group(group_size, axis) or per_block(shape)."
         )
-    if scheme == "zero_point" and fmt.kind != "int":
-        raise ValueError(
-            f"scheme='zero_point' needs an integer format, got format={fmt.name!r}; use "
-            "scheme='absmax' for float and table formats."
-        )
     block = (granularity or per_tensor()).resolve(x.shape, path)
     if fmt.is_wide_float:
         block = tuple(x.shape)  # a plain cast: one unit scale
-    q, s, z, finite = _quantize_core(
-        x, fmt.name, block, scheme, bool(symmetric_range), convention, scale_dtype
+    q, finite = _quantize_core(
+        x, fmt.name, block, scheme, bool(symmetric_range), convention, scale_dtype, act
     )
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        where = path or "the input array"
-        raise ValueError(
-            f"{where} contains NaN or Inf; quantizing it would give garbage. Fix the weights "
-            "(e.g. jnp.nan_to_num) or exclude this leaf with a rule mapping its path to None."
-        )
-    return QArray(
-        qvalue=q,
-        scale=s,
-        zero_point=z,
-        in_scale=None,
-        act_scale=None,
-        format=fmt.name,
-        shape=tuple(x.shape),
-        dtype=jnp.dtype(x.dtype).name,
-        block=block,
-        act=act,
-    )
+        raise_not_finite(path)
+    return q
 
 
 def dequantize_array(q: QArray, dtype=None) -> jax.Array:
@@ -503,16 +708,11 @@ def quantize_activation(
     fmt = _formats.get(fmt)
     xf = x.astype(jnp.float32)
     if scale is None:
-        if granularity == "per_token":
-            amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-        elif granularity == "per_tensor":
-            amax = jnp.max(jnp.abs(xf)).reshape((1,) * x.ndim)
-        else:
+        if granularity not in ("per_token", "per_tensor"):
             raise ValueError(
                 f"granularity={granularity!r} is not supported; use 'per_token' or 'per_tensor'."
             )
-        scale = amax / fmt.max
-        scale = jnp.where(scale > 0, scale, 1.0)
+        scale = absmax_scale(xf, -1 if granularity == "per_token" else None, fmt)
     else:
         scale = jnp.asarray(scale, jnp.float32)
     return _formats.encode(xf / scale, fmt), scale

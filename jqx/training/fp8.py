@@ -49,9 +49,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from jqx.core import formats as _formats
 from jqx.recipes.apply import select
 from jqx.recipes.presets import Recipe
 
@@ -70,7 +70,7 @@ _ROLES = ("input", "kernel", "output_grad")
 
 
 def _fmt_max(dtype) -> float:
-    return float(ml_dtypes.finfo(dtype).max)
+    return _formats.get(jnp.dtype(dtype).name).max
 
 
 # --------------------------------------------------------------------------- scaling math

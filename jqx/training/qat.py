@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jqx.core import formats as _formats
-from jqx.core.numerics import _blocked, _encode_codes
+from jqx.core.numerics import _blocked, absmax_scale, code_range, encode_codes, make_qarray
 from jqx.core.qarray import ActSpec, QArray, is_qarray
 from jqx.core.tree import path_str
 from jqx.recipes.apply import select
@@ -108,11 +108,7 @@ def _block_of(recipe: Recipe, w, path=None) -> tuple[int, ...]:
 
 
 def _qrange(recipe: Recipe) -> tuple[float, float]:
-    fmt = recipe.fmt
-    if fmt.kind == "int":
-        lo = fmt.qmin_symmetric if recipe.symmetric_range else fmt.qmin
-        return float(lo), float(fmt.qmax)
-    return -float(fmt.max), float(fmt.max)
+    return code_range(recipe.fmt, recipe.symmetric_range)
 
 
 def lsq_grad_scale(recipe: Recipe, block: tuple[int, ...]) -> float:
@@ -137,30 +133,21 @@ def _build_qarray(w, recipe: Recipe, block, s, z) -> QArray:
     as the QArray ``convert`` returns. ``s`` is rounded to the recipe's scale
     dtype first, so the fake forward sees the scale that will be stored."""
     fmt = recipe.fmt
+    sdt = jnp.dtype(recipe.scale_dtype)
     nblocks = tuple(a // b for a, b in zip(w.shape, block, strict=True))
-    s = jnp.asarray(s).reshape(nblocks).astype(jnp.dtype(recipe.scale_dtype))
+    s = jnp.asarray(s).reshape(nblocks).astype(sdt)
     if z is not None:
-        z = jnp.asarray(z).reshape(nblocks).astype(jnp.dtype(recipe.scale_dtype))
+        z = jnp.asarray(z).reshape(nblocks).astype(sdt)
     if fmt.is_wide_float:
         codes = _formats.encode(w, fmt)
     else:
-        dims = []
-        for n in nblocks:
-            dims += [n, 1]
-        sb = s.astype(jnp.float32).reshape(dims)
-        zb = None if z is None else z.astype(jnp.float32).reshape(dims)
-        codes = _encode_codes(w, fmt, block, sb, zb, recipe.symmetric_range)
-    return QArray(
-        qvalue=codes,
-        scale=s,
-        zero_point=z,
-        in_scale=None,
-        act_scale=None,
-        format=fmt.name,
-        shape=tuple(w.shape),
-        dtype=jnp.dtype(w.dtype).name,
-        block=tuple(block),
-        act=recipe.act,
+        ones = (1,) * len(nblocks)  # the blocked view (n0, 1, n1, 1, ...)
+        sb = _blocked(s.astype(jnp.float32), ones)
+        zb = None if z is None else _blocked(z.astype(jnp.float32), ones)
+        codes = encode_codes(w, fmt, block, sb, zb, recipe.symmetric_range)
+    return make_qarray(
+        codes, s, z, fmt=fmt, shape=w.shape, dtype=w.dtype, block=block, act=recipe.act,
+        scale_dtype=sdt,
     )
 
 
@@ -294,12 +281,7 @@ def fake_quant_weight_lsq(
 def _fq_act(x, spec: ActSpec, axes: tuple[int, ...]):
     fmt = _formats.get(spec.format)
     xf = x.astype(jnp.float32)
-    if spec.granularity == "per_token":
-        amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-    else:
-        amax = jnp.max(jnp.abs(xf)).reshape((1,) * x.ndim)
-    s = amax / fmt.max
-    s = jnp.where(s > 0, s, 1.0)
+    s = absmax_scale(xf, axes if spec.granularity == "per_token" else None, fmt)
     return (_formats.decode(_formats.encode(xf / s, fmt), fmt, jnp.float32) * s).astype(x.dtype)
 
 
