@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     fwd = jax.jit(jqx.quantized(forward))
     mib = {n: jqx.tree_nbytes(t) / 2**20 for n, t in trees.items()}
     print(
-        f"jax {jax.__version__}, {jax.default_backend()}, jqx.native: {jqx.native.status()}; "
+        f"jax {jax.__version__}, {jax.default_backend()}, jqx.native: {jqx.ops.native_status()}; "
         f"{a.layers} blocks, d {a.d}, ff {a.ff} ({mib['float32']:.0f} MiB float32)"
     )
     cols = {}

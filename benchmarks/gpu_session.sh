@@ -2,9 +2,9 @@
 # One call on a lent GPU (issue "Pallas kernels"): what the GPU is, the
 # kernels' native test twins, then the matmul benchmark at K = N = 4096 and
 # 8192 (one JSON file each, so a stage that runs out of time loses only
-# itself), each with the dispatch entries to paste into
-# pallas_kernels/dispatch.py. Every stage has its own time limit; the whole
-# script fits one 10-minute device call. Logs and JSON go to $OUT (default
+# itself), each with the entries to paste into MEASURED in
+# jqx/ops/dispatch.py (docs/internals/dispatch.md). Every stage has its own
+# time limit; the whole script fits one 10-minute device call. Logs and JSON go to $OUT (default
 # gpu_out/). Run from the repository root:
 #
 #     bash benchmarks/gpu_session.sh                  # every stage

@@ -7,7 +7,7 @@ known device). Inputs rotate through a pool larger than L2 so caches do not flat
 numbers; each timing is the median over trials of one jitted launch that runs the
 candidate on every input set of the pool (>= 16 calls), with ``block_until_ready``.
 
-GPU run (the numbers that fill ``pallas_kernels/dispatch.py``)::
+GPU run (the numbers that fill ``MEASURED`` in ``jqx/ops/dispatch.py``)::
 
     python benchmarks/matmul.py --json matmul_gpu.json --emit-dispatch
 
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jqx.kernels.pallas import dispatch  # noqa: E402
 from jqx.kernels.pallas.fp8_matmul import fp8_matmul  # noqa: E402
 from jqx.kernels.pallas.int8_matmul import (  # noqa: E402
     int8_matmul,
@@ -39,6 +38,7 @@ from jqx.kernels.pallas.int8_matmul import (  # noqa: E402
     quantize_rows_reference,
 )
 from jqx.kernels.pallas.w4a16_matmul import dequantize_w4, w4a16_matmul  # noqa: E402
+from jqx.ops import dispatch  # noqa: E402
 
 # Dense tensor-core peaks in FLOP/s (datasheet numbers, no sparsity).
 PEAKS = {
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--emit-dispatch",
         action="store_true",
-        help="print a MEASURED entry for pallas_kernels/dispatch.py",
+        help="print a MEASURED entry for jqx/ops/dispatch.py (the Pallas table)",
     )
     a = p.parse_args(argv)
     smoke = a.cpu_smoke or jax.default_backend() != "gpu"

@@ -2,8 +2,10 @@
 
 For a K x N weight and several M, times each XLA formulation under jit
 (median of repeats, block_until_ready) and prints time / time(f32 dot)
-measured in the same run. ``jqx.ops.dot_general`` picks its formulations
-from this table.
+measured in the same run. The CPU thresholds of ``jqx.ops``' dispatcher
+(``jqx.ops.Policy``, docs/internals/dispatch.md) come from this table;
+``jqx.ops`` rows run the dispatcher's choice, ``jqx.ops xla`` rows the same
+with ``backend="xla"`` (no native kernel).
 
 Usage:
     python benchmarks/ops.py                 # K = N = 4096, M in 1 2 16 256 4096
@@ -127,6 +129,9 @@ def formulations(k: int, n: int, key):
     def jqx_ops(x, q):
         return jqx.ops.dot_general(x, q, DN)
 
+    def jqx_ops_xla(x, q):
+        return jqx.ops.dot_general(x, q, DN, backend="xla")
+
     del s8
     return {
         "f32 dot": (lambda x, w: x @ w, w),
@@ -135,9 +140,11 @@ def formulations(k: int, n: int, key):
         "int8 A16 dot(f32(codes))*scale": (codes_f32_then_scale, q8),
         "int8 A16 two-level int8 activations": (int8_two_level, q8),
         "int8 A16 jqx.ops": (jqx_ops, q8),
+        "int8 A16 jqx.ops xla": (jqx_ops_xla, q8),
         "uint4 g128 A16 dequant-then-dot": (deq_dot, q4),
         "uint4 g128 A16 grouped dot": (grouped_int4, q4),
         "uint4 g128 A16 jqx.ops": (jqx_ops, q4),
+        "uint4 g128 A16 jqx.ops xla": (jqx_ops_xla, q4),
         "nf4 g64 A16 dequant-then-dot": (deq_dot, qnf4),
         "nf4 g64 A16 jqx.ops": (jqx_ops, qnf4),
         "fp8 A16 dequant-then-dot": (deq_dot, qfp8),
@@ -147,10 +154,11 @@ def formulations(k: int, n: int, key):
         "W8A8 int8 bf16-dot": (via_bf16("int8"), qw8a8),
         **(
             {"W8A8 int8 jqx.native VNNI GEMM": (w8a8_native, qw8a8)}
-            if jqx.native.available()
+            if jqx.ops.native_status() == "available"
             else {}
         ),
         "W8A8 int8 jqx.ops": (jqx_ops, qw8a8),
+        "W8A8 int8 jqx.ops xla": (jqx_ops_xla, qw8a8),
         "W8A8 fp8 native fp8 dot": (fp8_native, qf8a8),
         "W8A8 fp8 via bf16 dot": (via_bf16("fp8_e4m3"), qf8a8),
         "W8A8 fp8 via f32 dot": (fp8_as_f32, qf8a8),

@@ -46,7 +46,6 @@ from jax import lax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jqx  # noqa: E402
-import jqx.ops as jops  # noqa: E402
 from jqx_demo import minilm  # noqa: E402
 
 DN = (((1,), (0,)), ((), ()))
@@ -132,13 +131,13 @@ def part_matmul(rows: int, shapes, reps: int) -> None:
                         (x8, q.qvalue),
                     )
                 }
-                if jqx.native.available()
+                if jqx.ops.native_status() == "available"
                 else {}
             ),
             "W8A8 int32 dot + rescale": (jax.jit(w8a8_int32), (x, q.qvalue, ws)),
             "W8A8 bf16 dot + rescale": (jax.jit(w8a8_bf16), (x, q.qvalue, ws)),
             "jqx.ops.dot_general W8A8": (
-                jax.jit(lambda a, b: jops.dot_general(a, b, DN)),
+                jax.jit(lambda a, b: jqx.ops.dot_general(a, b, DN)),
                 (x, q),
             ),
         }
@@ -159,39 +158,28 @@ def _zero_rule(path, lhs, rhs, dn, precision, pet, w_is_lhs):
     return y[..., :n].astype(pet or x.dtype)
 
 
-# What each formulation sets in jqx.ops (switch and rows threshold; huge = never).
+# Each int8 W8A8 formulation as jqx.ops' public switches: (backend, policy overrides).
+# The policy is read while tracing (docs/internals/dispatch.md); huge = never.
 _FORMULATIONS = {
-    "native": {},  # as shipped: jqx.native's VNNI GEMM when built, else bf16
-    "bf16": {"_NATIVE": False},  # XLA's bf16 dot (before jqx.native)
-    "int32": {"_NATIVE": False, "_W8A8_BF16_MIN_ROWS": 1 << 62},
+    "native": (None, {}),  # as shipped: jqx.native's VNNI GEMM when it pays, else XLA's choice
+    "bf16": ("xla", {}),  # XLA only: its bf16 dot from 1024 rows on CPU (before jqx.native)
+    "int32": ("xla", {"w8a8_bf16_min_rows": 1 << 62}),  # XLA's int32 dot at every size
 }
 
 
-@contextlib.contextmanager
-def _formulation(name: str):
-    """While tracing: send every int8 W8A8 product to one formulation."""
-    saved = {k: getattr(jops, k) for k in ("_NATIVE", "_W8A8_BF16_MIN_ROWS")}
-    for k, v in _FORMULATIONS[name].items():
-        setattr(jops, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(jops, k, v)
-
-
 class _W8A8As:
-    """``jit(quantized(fn))`` traced with one W8A8 formulation."""
+    """``jit(quantized(fn, backend=...))`` traced under one W8A8 formulation's policy."""
 
     def __init__(self, fn, name: str):
-        self.inner, self.name = jax.jit(jqx.quantized(fn)), name
+        backend, self.overrides = _FORMULATIONS[name]
+        self.inner = jax.jit(jqx.quantized(fn, backend=backend))
 
     def __call__(self, *args):
-        with _formulation(self.name):  # only read while tracing
+        with jqx.ops.policy(**self.overrides):  # only read while tracing
             return self.inner(*args)
 
     def lower(self, *args):
-        with _formulation(self.name):
+        with jqx.ops.policy(**self.overrides):
             return self.inner.lower(*args)
 
 
@@ -214,7 +202,7 @@ def part_model(enc, ids, mask, reps: int) -> None:
         ),
     }
     ref = np.asarray(fns["float32"][0](enc.variables, ids, mask))
-    print(f"  jqx.native: {jqx.native.status()}")
+    print(f"  jqx.native (as jqx.ops sees it): {jqx.ops.native_status()}")
     for name in ("W8A8 jqx.ops (shipped)", "W8A8 bf16 dot (XLA only)", "W8A8 int32 dot (XLA only)"):
         f, v = fns[name]
         e = np.asarray(f(v, ids, mask))

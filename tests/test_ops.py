@@ -129,57 +129,57 @@ def test_w8a8_int8_dynamic_bound_and_int32_dot():
     assert float(jnp.max(jnp.abs(jqx.ops.dot_general(x, q, DN) - _ref(x, w_hat)))) > 1e-4
 
 
-def test_w8a8_many_rows_bf16_dot_equals_int32_dot(monkeypatch):
+def test_w8a8_many_rows_bf16_dot_equals_int32_dot():
     """>= 1024 rows run the int8 codes through a bf16 x bf16 -> f32 dot; the
     products are exact, so it must equal the int32 path bit for bit."""
-    monkeypatch.setattr(jqx.ops, "_NATIVE", False)  # (the native kernel: below)
     k, n, m = 384, 64, 1024
     w = jax.random.normal(jax.random.key(3), (k, n), jnp.float32)
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
     x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32)
     x = x.at[:, :3].multiply(40.0)  # push some activation codes to +-127
-    f = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
-    y_bf16 = f(x)
-    assert "bf16" in str(jax.make_jaxpr(f)(x))
-    monkeypatch.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
-    g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
-    assert "preferred_element_type=int32" in str(jax.make_jaxpr(g)(x))
-    np.testing.assert_array_equal(np.asarray(y_bf16), np.asarray(g(x)))
+    # XLA only (the native kernel: below); the policy measured on CPU.
+    with jqx.ops.policy(platform="cpu"):
+        f = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN, backend="xla"))
+        y_bf16 = f(x)
+        assert "bf16" in str(jax.make_jaxpr(f)(x))
+    with jqx.ops.policy(platform="cpu", w8a8_bf16_min_rows=10**9):
+        g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN, backend="xla"))
+        assert "preferred_element_type=int32" in str(jax.make_jaxpr(g)(x))
+        y_int32 = g(x)
+    np.testing.assert_array_equal(np.asarray(y_bf16), np.asarray(y_int32))
     w_hat = q.dequantize()
     s = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127
     assert np.all(np.abs(y_bf16 - _ref(x, w_hat)) <= _int8_act_bound(x, w_hat, s))
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
-def test_w8a8_many_rows_native_kernel_equals_int32_dot(monkeypatch):
+def test_w8a8_many_rows_native_kernel_equals_int32_dot():
     """On a CPU with AVX512-VNNI, big enough products go to jqx.native's int8
     GEMM (exact int32 sums), also for a 3-D activation contracted on its last
     axis and on a middle axis; it must equal the XLA int32 path bit for bit."""
-    monkeypatch.setattr(jqx.ops, "_NATIVE_MIN_WORK", 1 << 23)  # 1200 x 100 x 80 passes
     k, n = 100, 80  # K not a multiple of 4, N not of 16
     w = jax.random.normal(jax.random.key(5), (k, n), jnp.float32)
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
     x = jax.random.normal(jax.random.key(6), (4, 300, k), jnp.float32).at[..., :3].multiply(40.0)
-    for xx, dn in [
-        (x, (((2,), (0,)), ((), ()))),
-        (jnp.swapaxes(x, 1, 2), (((1,), (0,)), ((), ()))),
-    ]:
-        f = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
-        assert native.TARGET in str(jax.make_jaxpr(f)(xx))
-        y = f(xx)
-        with monkeypatch.context() as mp:
-            mp.setattr(jqx.ops, "_NATIVE", False)
-            mp.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
-            g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
-            assert native.TARGET not in str(jax.make_jaxpr(g)(xx))
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(g(xx)))
-    # Small products keep XLA's int32 dot.
-    h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
-    assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
+    with jqx.ops.policy(native_min_work=1 << 23):  # 1200 x 100 x 80 passes
+        for xx, dn in [
+            (x, (((2,), (0,)), ((), ()))),
+            (jnp.swapaxes(x, 1, 2), (((1,), (0,)), ((), ()))),
+        ]:
+            f = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
+            assert native.TARGET in str(jax.make_jaxpr(f)(xx))
+            y = f(xx)
+            with jqx.ops.policy(w8a8_bf16_min_rows=10**9):
+                g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn, backend="xla"))
+                assert native.TARGET not in str(jax.make_jaxpr(g)(xx))
+                np.testing.assert_array_equal(np.asarray(y), np.asarray(g(xx)))
+        # Small products keep XLA's int32 dot.
+        h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
+        assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
-def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
+def test_decode_rows_native_kernel_equals_int32_dot():
     """Up to 6 rows the kernel reads the weight in place, so it is used from
     2^18 weight elements on: W8A8 and int8 weight-only (two-level split, 2 x rows)
     equal the XLA int32 path bit for bit; one row more stays on XLA."""
@@ -194,11 +194,9 @@ def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
             x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32)
             f = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
             assert native.TARGET in str(jax.make_jaxpr(f)(x))
-            with monkeypatch.context() as mp:
-                mp.setattr(jqx.ops, "_NATIVE", False)
-                mp.setattr(jqx.ops, "_W8A8_BF16_MIN_ROWS", 10**9)
-                mp.setattr(jqx.ops, "_TWO_LEVEL_MIN_WEIGHT", 0)  # the same split on XLA
-                g = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
+            # the same split on XLA
+            with jqx.ops.policy(w8a8_bf16_min_rows=10**9, two_level_min_weight=0):
+                g = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN, backend="xla"))
                 np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
         x_more = jnp.ones((max_rows + 1, k), jnp.float32)
         h = jax.jit(lambda a, q=q: jqx.ops.dot_general(a, q, DN))
@@ -215,7 +213,7 @@ def test_decode_rows_native_kernel_equals_int32_dot(monkeypatch):
         ("fp4_g32", jqx.fp4_weight_only(group_size=32)),
     ],
 )
-def test_w4_decode_rows_take_native_kernel(name, recipe, monkeypatch):
+def test_w4_decode_rows_take_native_kernel(name, recipe):
     """Activations with <= 16 rows and a packed 4-bit weight of >= 2^18 elements go
     to jqx.native's w4 kernel: within f32 rounding of x @ dequantize(W), also for a
     3-D activation, one contracted on a middle axis and bf16 (widened to f32);
@@ -234,10 +232,8 @@ def test_w4_decode_rows_take_native_kernel(name, recipe, monkeypatch):
         assert native.W4_TARGET in str(jax.make_jaxpr(f)(xx))
         y = f(xx)
         assert np.all(np.abs(y - _ref(xx, w_hat, dn)) <= _tight(xx, w_hat, dn))
-        with monkeypatch.context() as mp:
-            mp.setattr(jqx.ops, "_NATIVE", False)
-            g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
-            assert native.W4_TARGET not in str(jax.make_jaxpr(g)(xx))
+        g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn, backend="xla"))
+        assert native.W4_TARGET not in str(jax.make_jaxpr(g)(xx))
     h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
     assert native.W4_TARGET not in str(jax.make_jaxpr(h)(jnp.ones((17, k))))
     # bf16 activations are widened to f32: a bf16 result of the f32 product.
@@ -361,7 +357,7 @@ def test_bad_input():
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
-def test_int8_weight_only_small_m_two_level_on_native_kernel(monkeypatch):
+def test_int8_weight_only_small_m_two_level_on_native_kernel():
     """Few rows x a large int8 weight (>= 4M elements) on a VNNI CPU: both
     activation levels go through jqx.native's GEMM in one call; the sums are
     exact, so the output equals the XLA int32 formulation bit for bit."""
@@ -376,11 +372,9 @@ def test_int8_weight_only_small_m_two_level_on_native_kernel(monkeypatch):
         s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
         bound = s / 64516 * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) + _tight(x, w_hat)
         assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
-        with monkeypatch.context() as mp:
-            mp.setattr(jqx.ops, "_NATIVE", False)
-            g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
-            assert native.TARGET not in str(jax.make_jaxpr(g)(x))
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(g(x)))
+        g = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN, backend="xla"))
+        assert native.TARGET not in str(jax.make_jaxpr(g)(x))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(g(x)))
 
 
 def test_plain_arrays_pass_through():
@@ -388,20 +382,232 @@ def test_plain_arrays_pass_through():
     np.testing.assert_array_equal(jqx.ops.dot_general(x, w, DN), lax.dot_general(x, w, DN))
 
 
-def test_int8_weight_only_small_m_two_level_split(monkeypatch):
+def test_int8_weight_only_small_m_two_level_split():
     """Few rows x a large int8 weight: the activations are split into two int8
     levels (two int32 dots) instead of converting the weight; the extra error
-    is at most max|x_row| / 64516 per element. (XLA's formulation; the native
-    kernel's is below.)"""
-    monkeypatch.setattr(jqx.ops, "_NATIVE", False)
+    is at most max|x_row| / 64516 per element. (XLA's formulation on CPU; the
+    native kernel's is above.)"""
     kk = 1024
     q = jqx.int8_weight_only().quantize_weight(_w(shape=(kk, kk)))
     w_hat = q.dequantize()
-    for m in (1, 16):
-        x = _x(shape=(m, kk))
-        y = jqx.ops.dot_general(x, q, DN)
-        s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-        bound = s / 64516 * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) + _tight(x, w_hat)
-        assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
-    jaxpr = str(jax.make_jaxpr(lambda a: jqx.ops.dot_general(a, q, DN))(x))
+    with jqx.ops.policy(platform="cpu"):
+        for m in (1, 16):
+            x = _x(shape=(m, kk))
+            y = jqx.ops.dot_general(x, q, DN, backend="xla")
+            s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+            bound = s / 64516 * jnp.sum(jnp.abs(w_hat), axis=0, keepdims=True) + _tight(x, w_hat)
+            assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
+        jaxpr = str(jax.make_jaxpr(lambda a: jqx.ops.dot_general(a, q, DN, backend="xla"))(x))
     assert "preferred_element_type=int32" in jaxpr and f"f32[{kk},{kk}]" not in jaxpr
+
+
+# --------------------------------------------------------------------------- dispatch
+#
+# Which implementation runs is decided once per product by jqx.ops.dispatch; these
+# tests check the decision through the public switches (backend=, jqx.ops.policy) and
+# jqx.ops.explain, without running the native or GPU kernels, so they run everywhere.
+
+W8A8 = jqx.int8_dynamic_activation_int8_weight()
+
+
+def _explain(x, q, dn=DN, **kw):
+    return jqx.ops.explain(x, q, dn, **kw)
+
+
+def _abstract(recipe, shape):
+    """A QArray of ShapeDtypeStructs: explain reads only shapes and dtypes."""
+    return jax.eval_shape(recipe.quantize_weight, jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def test_dispatch_native_routing():
+    """Where the native kernels pay (the shapes of the native tests above), decided
+    with the policy saying they are available."""
+    dn_last, dn_mid = (((2,), (0,)), ((), ())), (((1,), (0,)), ((), ()))
+    with jqx.ops.policy(platform="cpu", native_available=True):
+        q = _abstract(W8A8, (100, 80))
+        x = jnp.ones((4, 300, 100))
+        with jqx.ops.policy(native_min_work=1 << 23):
+            assert _explain(x, q, dn_last) == "native.int8_gemm"
+            assert _explain(jnp.swapaxes(x, 1, 2), q, dn_mid) == "native.int8_gemm"
+            assert _explain(x[0], q) == "xla.int32_dot"  # small products stay on XLA
+            assert _explain(x, q, dn_last, backend="xla") == "xla.bf16_dot"  # 1200 rows
+        assert _explain(x, q, dn_last) == "xla.bf16_dot"  # below the default work floor
+        # Up to 6 rows the GEMM reads the weight in place: from 2^18 weight elements on.
+        q8a8, q8 = _abstract(W8A8, (515, 520)), _abstract(jqx.int8_weight_only(), (515, 520))
+        for rows in range(1, 7):
+            assert _explain(jnp.ones((rows, 515)), q8a8) == "native.int8_gemm"
+        assert _explain(jnp.ones((7, 515)), q8a8) == "xla.int32_dot"
+        assert _explain(jnp.ones((1, 515)), q8a8, backend="xla") == "xla.int32_dot_padded"
+        # int8 weight-only: its two levels double the rows.
+        for rows in (1, 3):
+            assert _explain(jnp.ones((rows, 515)), q8) == "native.two_level_int8"
+        assert _explain(jnp.ones((4, 515)), q8) == "xla.decoded_dot"
+        assert _explain(jnp.ones((1, 515)), q8, backend="xla") == "xla.decoded_dot"
+        with jqx.ops.policy(two_level_min_weight=0):
+            assert _explain(jnp.ones((1, 515)), q8, backend="xla") == "xla.two_level_int8"
+        # 4-bit weight-only at <= 16 rows, any 4-bit format; bf16 activations too.
+        for recipe in (
+            jqx.int4_weight_only(group_size=128),
+            jqx.int4_weight_only(group_size=None, scheme="absmax"),
+            jqx.nf4_weight_only(group_size=64),
+            jqx.fp4_weight_only(group_size=32),
+        ):
+            q4 = _abstract(recipe, (512, 520))
+            assert _explain(jnp.ones((3, 4, 512)), q4, dn_last) == "native.w4"
+            assert _explain(jnp.ones((2, 512), jnp.bfloat16), q4) == "native.w4"
+            assert _explain(jnp.ones((17, 512)), q4) != "native.w4"
+            assert _explain(jnp.ones((1, 512)), q4, backend="xla").startswith("xla.")
+        # Layouts the kernels do not take stay on XLA.
+        q3 = _abstract(W8A8, (2, 515, 520))
+        dn_batch = (((2,), (1,)), ((0,), (0,)))
+        assert _explain(jnp.ones((2, 3, 515)), q3, dn_batch) == "xla.int32_dot"
+        # backend="native" forces the kernel whatever the size; XLA where none applies.
+        q_small = _abstract(W8A8, (K, N))
+        assert _explain(_x(), q_small) == "xla.int32_dot"
+        assert _explain(_x(), q_small, backend="native") == "native.int8_gemm"
+        q_fp8 = _abstract(jqx.fp8_dynamic_activation_fp8_weight(), (K, N))
+        assert _explain(_x(), q_fp8, backend="native") == "xla.bf16_dot"
+        # backend="xla" never picks a native or Pallas kernel.
+        for qq in (q8a8, q8, q_small):
+            assert _explain(jnp.ones((2, qq.shape[0])), qq, backend="xla").startswith("xla.")
+
+
+def test_dispatch_cpu_thresholds_apply_only_on_cpu():
+    """The bf16 route, the two-level split, single-row padding and the native kernels
+    were measured on XLA:CPU: another platform gets XLA's direct formulations."""
+    q8a8 = _abstract(W8A8, (384, 64))
+    q8 = _abstract(jqx.int8_weight_only(), (1024, 1024))
+    x1024, x1 = jnp.ones((1024, 384)), jnp.ones((1, 384))
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        assert _explain(x1024, q8a8) == "xla.bf16_dot"
+        assert _explain(x1, q8a8) == "xla.int32_dot_padded"
+        assert _explain(jnp.ones((16, 1024)), q8) == "xla.two_level_int8"
+        assert _explain(jnp.ones((65, 1024)), q8) == "xla.decoded_dot"
+        with jqx.ops.policy(pad_single_row=False, w8a8_bf16_min_rows=2048):
+            assert _explain(x1024, q8a8) == "xla.int32_dot"
+            assert _explain(x1, q8a8) == "xla.int32_dot"
+    for platform in ("gpu", "tpu"):
+        with jqx.ops.policy(platform=platform, device_kind="NVIDIA H200", native_available=True):
+            assert _explain(x1024, q8a8) == "xla.int32_dot"
+            assert _explain(x1, q8a8) == "xla.int32_dot"
+            assert _explain(jnp.ones((16, 1024)), q8) == "xla.decoded_dot"
+            with pytest.raises(RuntimeError, match=f"CPU backend and this one is '{platform}'"):
+                _explain(x1, q8a8, backend="native")
+
+
+def test_dispatch_pallas_table():
+    """backend=None on a GPU runs a Pallas kernel only where the table measured it
+    faster on this device; backend="pallas" runs it wherever it applies."""
+    big = (4096, 4096)
+    q4 = _abstract(jqx.int4_weight_only(group_size=128), big)
+    q8a8 = _abstract(W8A8, big)
+    qf8 = _abstract(jqx.fp8_dynamic_activation_fp8_weight(), big)
+    table = {"H200": {"w4a16": {1: "pallas"}, "int8_dynamic": {16: "pallas"}, "fp8": {1: "xla"}}}
+    x1, x16 = jnp.ones((1, 4096), jnp.bfloat16), jnp.ones((16, 4096), jnp.bfloat16)
+    with jqx.ops.policy(platform="gpu", device_kind="NVIDIA H200", pallas_table=table):
+        assert _explain(x1, q4) == "pallas.w4a16"
+        assert _explain(x16, q4) == "xla.dequantize_dot"  # bucket not measured
+        assert _explain(x16, q8a8) == "pallas.int8_dynamic"
+        assert _explain(x1, qf8) == "xla.bf16_dot"  # measured: XLA wins
+        assert _explain(x1, q4, backend="xla") == "xla.dequantize_dot"
+        assert _explain(jnp.ones((1, 1, 4096)), q4, (((2,), (0,)), ((), ()))) != "pallas.w4a16"
+    with jqx.ops.policy(platform="gpu", device_kind="NVIDIA A100", pallas_table=table):
+        assert _explain(x1, q4) == "xla.dequantize_dot"
+    with jqx.ops.policy(platform="gpu", device_kind="NVIDIA H200"):  # the shipped table
+        shipped = jqx.ops.dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200")
+        assert _explain(x1, q4) == ("pallas.w4a16" if shipped == "pallas" else "xla.dequantize_dot")
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        assert _explain(x1, q4) == "xla.dequantize_dot"
+        assert _explain(x1, q4, backend="pallas") == "pallas.w4a16"
+        assert _explain(x16, q8a8, backend="pallas") == "pallas.int8_dynamic"
+        assert _explain(x16, qf8, backend="pallas") == "pallas.fp8"
+        # Layouts and specs the kernels do not take run on XLA.
+        assert _explain(x16, q8a8.replace(in_scale=jnp.ones((4096, 1))), backend="pallas") == (
+            "xla.int32_dot"
+        )
+        per_tensor = _abstract(
+            jqx.fp8_dynamic_activation_fp8_weight(act_granularity="per_tensor"), big
+        )
+        assert _explain(x16, per_tensor, backend="pallas") == "xla.bf16_dot"
+        q_g24 = _abstract(jqx.int4_weight_only(group_size=24), (96, 64))
+        assert _explain(jnp.ones((2, 96)), q_g24, backend="pallas") == "xla.dequantize_dot"
+
+
+@pytest.fixture
+def pretend_native_kernels(monkeypatch):
+    """The native kernel wrappers believe their library is loaded, so tracing shows their
+    FFI calls (make_jaxpr needs no registered target); running them would fail. This
+    checks the native adapters' wiring on machines without AVX512-VNNI."""
+    monkeypatch.setattr(native, "available", lambda: True)
+
+
+def test_native_adapters_trace_to_the_ffi_targets(pretend_native_kernels):
+    dn_last, dn_mid = (((2,), (0,)), ((), ())), (((1,), (0,)), ((), ()))
+    x = jnp.ones((3, 4, 515))
+    cases = [
+        (W8A8, (515, 520), native.TARGET),
+        (jqx.int8_weight_only(), (515, 520), native.TARGET),
+        (jqx.int4_weight_only(group_size=103), (515, 520), native.W4_TARGET),
+    ]
+    with jqx.ops.policy(platform="cpu", native_available=True):
+        for recipe, shape, target in cases:
+            q = recipe.quantize_weight(_w(shape=shape))
+            for xx, dn in [
+                (x[0, :1], DN),
+                (x[:, :1], dn_last),
+                (jnp.swapaxes(x[:, :1], 1, 2), dn_mid),
+            ]:
+                f = jax.jit(lambda a, q=q, dn=dn: jqx.ops.dot_general(a, q, dn, backend="native"))
+                g = jax.jit(lambda a, q=q, dn=dn: jqx.ops.dot_general(a, q, dn, backend="xla"))
+                assert target in str(jax.make_jaxpr(f)(xx))
+                assert target not in str(jax.make_jaxpr(g)(xx))
+                assert jax.eval_shape(f, xx) == jax.eval_shape(g, xx)
+
+
+def test_native_backend_needs_the_kernels():
+    q = W8A8.quantize_weight(_w())
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        with pytest.raises(RuntimeError, match=r"backend='native'.*native_available=False"):
+            jqx.ops.dot_general(_x(), q, DN, backend="native")
+    if jqx.ops.native_status() != "available":
+        with pytest.raises(RuntimeError, match="backend='native'"):
+            jqx.ops.dot_general(_x(), q, DN, backend="native")
+
+
+def test_policy_is_read_at_trace_time():
+    q = W8A8.quantize_weight(_w())
+    x = _x()
+    f = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN, backend="xla"))
+    with jqx.ops.policy(platform="cpu", w8a8_bf16_min_rows=1) as pol:
+        assert pol.w8a8_bf16_min_rows == 1 and jqx.ops.current_policy() is pol
+        assert "bf16" in str(jax.make_jaxpr(f)(x))
+        y = f(x)  # traced here: keeps the bf16 route
+    assert jqx.ops.current_policy() == jqx.ops.Policy()
+    np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(y))
+    with pytest.raises(TypeError, match="'bf16_rows', which is not a Policy field"):
+        with jqx.ops.policy(bf16_rows=1):
+            pass
+
+
+def test_explain_front_half():
+    q = jqx.int8_weight_only().quantize_weight(_w())
+    x = _x()
+    assert _explain(x, _w()) == "lax.dot_general"
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        assert jqx.ops.explain(q, x, (((0,), (1,)), ((), ()))) == "xla.decoded_dot"
+        assert jqx.ops.explain(q, q, (((0,), (0,)), ((), ()))) == "xla.decoded_dot"
+        with pytest.raises(ValueError, match="'native'"):
+            _explain(x, q, backend="cuda")
+
+
+def test_in_scale_off_the_contraction_is_dequantized_with_it():
+    """An in_scale that varies along a free dim cannot divide x: the weight is
+    dequantized with it (x . dequantize(W))."""
+    q = jqx.int8_weight_only().quantize_weight(_w(shape=(N, K)))
+    q = q.replace(in_scale=jnp.linspace(0.5, 2.0, N).reshape(N, 1))
+    x = _x()
+    dn = (((1,), (1,)), ((), ()))
+    assert _explain(x, q, dn) == "xla.dequantize_dot"
+    y = jqx.ops.dot_general(x, q, dn)
+    w_hat = q.dequantize()
+    assert np.all(np.abs(y - _ref(x, w_hat, dn)) <= 2 * _tight(x, w_hat, dn))

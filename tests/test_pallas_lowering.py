@@ -144,20 +144,26 @@ def test_stablehlo_has_triton_custom_call():
 
 
 def test_dispatch_table():
-    from jqx.ops import pallas_table as dispatch
+    from jqx.ops import dispatch
 
     big = (4096, 4096)
     # Off-GPU, and on GPU without a measurement, XLA is used.
-    assert dispatch.choose("w4a16", 1, *big, "cpu") == "xla"
-    assert dispatch.choose("w4a16", 1, *big, "gpu", "NVIDIA H200") == "xla"
+    assert dispatch.measured_winner("w4a16", 1, *big, "cpu") == "xla"
+    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200") == "xla"
     table = {"H200": {"w4a16": {1: "pallas", 16: "pallas"}, "fp8": {4096: "pallas"}}}
-    assert dispatch.choose("w4a16", 1, *big, "gpu", "NVIDIA H200", table=table) == "pallas"
-    assert dispatch.choose("w4a16", 9, *big, "cuda", "NVIDIA H200", table=table) == "pallas"
-    assert dispatch.choose("w4a16", 64, *big, "gpu", "NVIDIA H200", table=table) == "xla"
-    assert dispatch.choose("fp8", 9000, *big, "gpu", "NVIDIA H200", table=table) == "pallas"
-    assert dispatch.choose("w4a16", 1, *big, "gpu", "NVIDIA A100", table=table) == "xla"
-    assert dispatch.choose("w4a16", 1, *big, "cpu", "NVIDIA H200", table=table) == "xla"
-    assert dispatch.choose("w4a16", 1, 256, 256, "gpu", "NVIDIA H200", table=table) == "xla"
+    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200", table=table) == "pallas"
+    assert (
+        dispatch.measured_winner("w4a16", 9, *big, "cuda", "NVIDIA H200", table=table) == "pallas"
+    )
+    assert dispatch.measured_winner("w4a16", 64, *big, "gpu", "NVIDIA H200", table=table) == "xla"
+    assert (
+        dispatch.measured_winner("fp8", 9000, *big, "gpu", "NVIDIA H200", table=table) == "pallas"
+    )
+    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA A100", table=table) == "xla"
+    assert dispatch.measured_winner("w4a16", 1, *big, "cpu", "NVIDIA H200", table=table) == "xla"
+    assert (
+        dispatch.measured_winner("w4a16", 1, 256, 256, "gpu", "NVIDIA H200", table=table) == "xla"
+    )
     assert [dispatch.m_bucket(m) for m in (1, 2, 16, 17, 4096, 10**6)] == [
         1,
         16,
@@ -167,4 +173,4 @@ def test_dispatch_table():
         4096,
     ]
     with pytest.raises(ValueError, match="op='int4'"):
-        dispatch.choose("int4", 1, *big, "gpu")
+        dispatch.measured_winner("int4", 1, *big, "gpu")

@@ -84,6 +84,8 @@ class _W:
         b = self.base
         if is_qarray(b):
             b = b.replace(shape=tuple(b.shape[1:]), block=tuple(b.block[1:]))
+            if b.super_block is not None:
+                b = b.replace(super_block=tuple(b.super_block[1:]))
         return _W(b, self.path, tuple(p - 1 for p in self.perm[1:]), self.dtype)
 
 
@@ -103,9 +105,10 @@ def _scan_sliceable(w: _W, length: int) -> bool:
     b = w.base
     if not is_qarray(b):
         return True
-    if b.block[0] != 1:
+    if b.block[0] != 1 or (b.super_block is not None and b.super_block[0] != 1):
         return False
-    for name in ("qvalue", "scale", "zero_point", "in_scale", "act_scale"):
+    children = ("qvalue", "scale", "zero_point", "in_scale", "act_scale")
+    for name in children + ("qhigh", "super_scale", "super_zero"):
         c = getattr(b, name)
         if c is not None and (c.ndim == 0 or c.shape[0] != length):
             return False
@@ -332,6 +335,7 @@ def _gather_rows(eqn, invals):
         q.ndim != 2
         or w.perm != (0, 1)
         or q.block[0] != 1
+        or (q.super_block is not None and q.super_block[0] != 1)
         or q.in_scale is not None
         or tuple(dn.collapsed_slice_dims) != (0,)
         or tuple(dn.start_index_map) != (0,)
@@ -362,6 +366,17 @@ def _gather_rows(eqn, invals):
         shape=lead + (q.shape[1],),
         block=(1,) * len(lead) + (q.block[1],),
     )
+    if q.qhigh is not None:  # GGUF's 5- and 6-bit codes (jqx.io.gguf)
+        rows = rows.replace(qhigh=take(q.qhigh, 0))
+    if q.super_scale is not None:  # two-level scales: integer codes, float super-scales
+        two_level_zero = q.super_zero is not None
+        rows = rows.replace(
+            scale=take(q.scale, 0),
+            zero_point=take(q.zero_point, 0) if two_level_zero else rows.zero_point,
+            super_scale=take(q.super_scale, p.get("fill_value")),
+            super_zero=take(q.super_zero, p.get("fill_value")) if two_level_zero else None,
+            super_block=(1,) * len(lead) + (q.super_block[1],),
+        )
     return rows.dequantize(w.dtype)
 
 
@@ -543,7 +558,8 @@ def quantized(
     Args:
       fn: any function of arrays (a plain function, ``model.apply`` of
         flax.linen, or a function that ``nnx.merge``s a State).
-      backend: passed to :func:`jqx.ops.dot_general` (``None``/``"xla"``/``"pallas"``).
+      backend: passed to :func:`jqx.ops.dot_general`: ``None`` (the measured choice),
+        ``"xla"``, ``"native"`` or ``"pallas"`` (see docs/internals/dispatch.md).
       activation_matmuls: ``None`` (default: matmuls without a QArray operand
         stay float), or ``"int8"`` / ``"fp8_e4m3"``: every matmul with no QArray
         operand (attention's ``q @ k^T`` and ``p @ v``, and any float weight left
@@ -562,9 +578,10 @@ def quantized(
         >>> jax.jit(jqx.quantized(m.apply))(qv, jnp.ones((2, 8))).shape
         (2, 4)
     """
-    if backend not in (None, "xla", "pallas"):
+    if backend not in (None, "xla", "native", "pallas"):
         raise ValueError(
-            f"backend={backend!r} is not supported; use None (auto), 'xla' or 'pallas'."
+            f"backend={backend!r} is not supported; use None (the measured choice), 'xla', "
+            "'native' (jqx's CPU kernels) or 'pallas'."
         )
     if activation_matmuls is not None:
         activation_matmuls = _formats.get(activation_matmuls).name

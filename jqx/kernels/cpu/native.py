@@ -1,30 +1,29 @@
 """Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM and a
 4-bit weight-only kernel for decode-sized products.
 
-XLA:CPU runs ``int8 x int8 -> int32`` dots at 0.5-1.4x the time of the float32
-dot (``benchmarks/w8a8_profile.py``), far from the 1/4 that VNNI's
-``vpdpbusd`` (64 byte products per instruction) allows. This module compiles
-``jqx/_native/int8_gemm.cc`` (a register-blocked VNNI GEMM, threaded over
+XLA:CPU's own ``int8 x int8 -> int32`` dot runs far from the 1/4 of the
+float32 dot that VNNI's ``vpdpbusd`` (64 byte products per instruction)
+allows (measurements: docs/internals/native-kernels.md). This module compiles
+``int8_gemm.cc`` (beside it: a register-blocked VNNI GEMM, threaded over
 rows) with the system C++ compiler into a cached shared library, registers it
 as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 :func:`int8_matmul`, an exact ``int8 x int8 -> int32`` matmul usable under
-``jit``. ``jqx.ops`` uses it for W8A8 int8 products on CPU when
-:func:`available` and the product is big enough to pay for the per-call
-packing (``_NATIVE_MIN_WORK`` / ``_NATIVE_MIN_WEIGHT`` there); everything
-falls back to XLA's own dots otherwise. The same library registers
-``jqx_w4_gemv`` (:func:`w4_matmul`): f32 activations of up to
-:data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any 4-bit format,
-group-wise along K), read in place; ``jqx.ops`` uses it for 4-bit
-weight-only products at decode sizes, where dequantize-then-dot costs ~5x
-the f32 dot.
+``jit``. The same library registers ``jqx_w4_gemv`` (:func:`w4_matmul`): f32
+activations of up to :data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any
+4-bit format, group-wise along K), read in place.
+
+When ``jqx.ops`` uses them (W8A8 int8 and int8 weight-only products big
+enough to pay for the per-call packing, 4-bit weight-only products at decode
+sizes), and the ``JQX_NATIVE=0`` switch that turns that off, are decided in
+``jqx.ops.dispatch`` (docs/internals/dispatch.md); this module only builds
+the kernels and reports whether they work.
 
 Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI, a C++17 compiler
 (``$CXX``, else ``g++``/``clang++``) and a writable cache directory
 (``$JQX_CACHE_DIR``, else ``~/.cache/jqx``). The library is built once per
 source, compiler and flags (a hash in its file name), written to a temporary
 file and renamed into place, so a failed or concurrent build never leaves a
-half-written library. ``JQX_NATIVE=0`` turns the native path off.
-:func:`status` says why it is unavailable.
+half-written library. :func:`status` says why it is unavailable.
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -130,8 +129,6 @@ def _build() -> Path:
 
 
 def _load() -> None:
-    if os.environ.get("JQX_NATIVE", "1") == "0":
-        raise RuntimeError("disabled by JQX_NATIVE=0")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"needs an x86-64 CPU, this is {platform.machine()}")
     lib = ctypes.CDLL(str(_build()))

@@ -1,7 +1,8 @@
 """Pallas (Triton backend) GPU kernels for quantized matmuls; depends on jax only.
 
 Each kernel runs natively on a CUDA GPU and in interpret mode elsewhere (``interpret=None``
-picks). ``jqx.ops`` imports this package lazily and consults :mod:`pallas_kernels.dispatch`.
+picks). ``jqx.ops`` imports this package lazily; whether a kernel runs is decided in
+:mod:`jqx.ops.dispatch` (docs/internals/dispatch.md).
 """
 
 from .fp8_matmul import fp8_matmul as fp8_matmul

@@ -1,0 +1,374 @@
+"""The one place that decides which implementation runs a quantized matmul.
+
+``jqx.ops.dot_general`` describes its product as a :class:`~jqx.ops.problem.Problem` and
+calls :func:`choose` once. Everything that depends on where and how fast is here and
+nowhere else: the platform, the shape thresholds measured on XLA:CPU (applied only on
+CPU), the table of measured Pallas wins on GPUs, the ``JQX_NATIVE`` environment variable
+and the availability of the native CPU kernels. The thresholds live in :class:`Policy`,
+which :func:`policy` overrides for the code traced inside it.
+
+``backend`` means exactly what it says:
+
+- ``None``: the measured choice: on CPU, the native kernels where they are available
+  and the product is big enough to pay for them, else the fastest XLA formulation for
+  the shape; on a GPU, a Pallas kernel where the table says it beat XLA on this device;
+  elsewhere XLA's direct formulations.
+- ``"xla"``: XLA formulations only (never a native or Pallas kernel), chosen by the same
+  policy.
+- ``"native"``: the native CPU kernel wherever one supports the product, whatever its
+  size; XLA for products no native kernel computes. Raises when the kernels are not
+  available (see :func:`native_status`).
+- ``"pallas"``: the Pallas kernel wherever one supports the product (interpret mode off
+  GPU); XLA for the rest.
+
+Why each threshold has its value, and the benchmark that measures it:
+docs/internals/dispatch.md.
+
+Example:
+    >>> import jax.numpy as jnp, jqx
+    >>> q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.ones((64, 32)))
+    >>> x = jnp.ones((2048, 64))
+    >>> DN = (((1,), (0,)), ((), ()))
+    >>> with jqx.ops.policy(platform="cpu", native_available=False):
+    ...     jqx.ops.explain(x, q, DN)
+    'xla.bf16_dot'
+    >>> with jqx.ops.policy(platform="cpu", native_available=False, w8a8_bf16_min_rows=4096):
+    ...     jqx.ops.explain(x, q, DN)
+    'xla.int32_dot'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+import jax
+
+from jqx.kernels.cpu import native as _native_kernels
+from jqx.ops import impl_native, impl_pallas, impl_xla
+from jqx.ops.problem import Implementation, Problem
+
+__all__ = [
+    "BACKENDS",
+    "MEASURED",
+    "Policy",
+    "choose",
+    "current_policy",
+    "m_bucket",
+    "measured_winner",
+    "native_status",
+    "policy",
+]
+
+BACKENDS = (None, "xla", "native", "pallas")
+
+# --------------------------------------------------------------------------- GPU table
+
+OPS = ("w4a16", "int8", "int8_dynamic", "fp8")
+# Upper bounds (inclusive) of the M buckets; the last bucket is open-ended.
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
+
+# MEASURED[device_kind][op][m_bucket] = "pallas" | "xla", for K = N >= 4096 weights, from
+# ``python benchmarks/matmul.py --emit-dispatch`` on the GPU (a kernel wins a bucket only
+# if it beat XLA's path at every K = N measured). device_kind is matched as a
+# case-insensitive substring of jax's Device.device_kind ("H200" matches "NVIDIA H200").
+# Empty: no GPU measurement has been recorded yet, so every GPU query answers "xla".
+MEASURED: dict[str, dict[str, dict[int, str]]] = {}
+
+# Below this many weight elements the launch overhead dominates; XLA wins or ties.
+MIN_WEIGHT_ELEMENTS = 4096 * 4096
+
+
+def m_bucket(m: int) -> int:
+    """The bucket (upper bound) that ``m`` falls into.
+
+    Example:
+        >>> m_bucket(3), m_bucket(5000)
+        (16, 4096)
+    """
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def measured_winner(
+    op: str,
+    m: int,
+    k: int,
+    n: int,
+    platform: str,
+    device_kind: str | None = None,
+    *,
+    table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None,
+) -> Literal["pallas", "xla"]:
+    """``"pallas"`` where the kernel was measured faster than XLA for this bucket, else ``"xla"``.
+
+    Args:
+      op: one of ``"w4a16"``, ``"int8"``, ``"int8_dynamic"``, ``"fp8"``.
+      m, k, n: the matmul's (M, K) x (K, N) sizes (M = all leading rows).
+      platform: ``jax.default_backend()`` style name: "cpu", "gpu"/"cuda", "tpu", ...
+      device_kind: ``jax.devices()[0].device_kind``; None matches no measured row.
+      table: measured winners to consult; defaults to :data:`MEASURED`.
+
+    Returns:
+      ``"pallas"`` or ``"xla"``.
+
+    Raises:
+      ValueError: unknown ``op``.
+
+    Example:
+        >>> measured_winner("w4a16", 1, 4096, 4096, "cpu")
+        'xla'
+    """
+    if op not in OPS:
+        raise ValueError(f"op={op!r} is not a Pallas kernel; use one of {OPS}.")
+    if platform not in ("gpu", "cuda"):
+        return "xla"
+    if device_kind is None or k * n < MIN_WEIGHT_ELEMENTS:
+        return "xla"
+    for kind, per_op in (MEASURED if table is None else table).items():
+        if kind.lower() in device_kind.lower():
+            winner = per_op.get(op, {}).get(m_bucket(m), "xla")
+            return "pallas" if winner == "pallas" else "xla"
+    return "xla"
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The dispatcher's inputs besides the product itself; defaults are the measured ones.
+
+    The size thresholds were measured on a 2-core XLA:CPU (docs/internals/dispatch.md
+    says how, and why each has its value); they apply only when the platform is CPU.
+    Override fields with :func:`policy`, e.g. to force a formulation in a test or a
+    benchmark. A policy is read while tracing: a ``jax.jit`` function keeps the choice
+    made when it was traced.
+
+    Attributes:
+      platform: the platform whose measurements apply; None: ``jax.default_backend()``
+        (set it when lowering for another platform, e.g. "cuda" on a CPU-only host).
+      device_kind: the GPU model matched against the Pallas table; None: that of
+        ``jax.devices()[0]``.
+      native_available: whether the native CPU kernels may run. None: unless
+        ``JQX_NATIVE=0``, when ``jqx.kernels.cpu.native.available()`` (built on first
+        need); False: never; True: treat them as available without asking (routing
+        tests on machines without the kernels; running them there raises).
+      native_min_work: rows x K x N from which the native int8 GEMM beats XLA.
+      native_min_weight: K x N from which it beats XLA at any number of rows.
+      native_decode_rows: up to this many rows the GEMM reads the weight in place...
+      native_min_weight_decode: ...so it pays from this K x N on.
+      w4_native_min_weight: K x N from which the native 4-bit kernel beats XLA.
+      w8a8_bf16_min_rows: rows from which an int8 W8A8 product runs as a bf16 dot
+        rather than an int32 one (XLA:CPU).
+      two_level_max_rows: rows up to which int8 weight-only products split the
+        activations into two int8 levels on XLA...
+      two_level_min_weight: ...for weights of at least this many elements.
+      pad_single_row: pad a one-row int8 dot to two rows (XLA:CPU's one-row int8 dot is
+        off its fast path).
+      pallas_table: measured Pallas winners ``{device_kind: {op: {m_bucket: winner}}}``;
+        None: :data:`MEASURED`.
+    """
+
+    platform: str | None = None
+    device_kind: str | None = None
+    native_available: bool | None = None
+    native_min_work: int = 1 << 26
+    native_min_weight: int = 1 << 22
+    native_decode_rows: int = 6
+    native_min_weight_decode: int = 1 << 18
+    w4_native_min_weight: int = 1 << 18
+    w8a8_bf16_min_rows: int = 1024
+    two_level_max_rows: int = 64
+    two_level_min_weight: int = 1 << 20
+    pad_single_row: bool = True
+    pallas_table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None
+
+
+_DEFAULT = Policy()
+_CURRENT: contextvars.ContextVar[Policy | None] = contextvars.ContextVar(
+    "jqx_ops_policy", default=None
+)
+
+
+def current_policy() -> Policy:
+    """The :class:`Policy` in force (the defaults, or the innermost :func:`policy`).
+
+    Example:
+        >>> import jqx
+        >>> jqx.ops.current_policy().w8a8_bf16_min_rows
+        1024
+    """
+    return _CURRENT.get() or _DEFAULT
+
+
+@contextlib.contextmanager
+def policy(**overrides) -> Iterator[Policy]:
+    """Overrides :class:`Policy` fields for the matmuls traced inside the ``with`` block.
+
+    A trace-time setting: it affects functions traced inside the block (a fresh
+    ``jax.jit`` wrapper, or a first call), not ``jit`` functions already traced.
+
+    Args:
+      **overrides: :class:`Policy` fields and their values.
+
+    Yields:
+      The policy in force inside the block.
+
+    Raises:
+      TypeError: a name that is not a Policy field.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jqx
+        >>> q = jqx.int8_weight_only().quantize_weight(jnp.ones((1024, 1024)))
+        >>> DN = (((1,), (0,)), ((), ()))
+        >>> with jqx.ops.policy(platform="cpu", native_available=False):
+        ...     jqx.ops.explain(jnp.ones((1, 1024)), q, DN)
+        'xla.two_level_int8'
+        >>> with jqx.ops.policy(platform="cpu", two_level_min_weight=1 << 30):
+        ...     jqx.ops.explain(jnp.ones((1, 1024)), q, DN, backend="xla")
+        'xla.decoded_dot'
+    """
+    fields = {f.name for f in dataclasses.fields(Policy)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"jqx.ops.policy got {', '.join(map(repr, unknown))}, which "
+            f"{'is not a Policy field' if len(unknown) == 1 else 'are not Policy fields'}; "
+            f"the fields are {', '.join(sorted(fields))}."
+        )
+    in_force = dataclasses.replace(current_policy(), **overrides)
+    token = _CURRENT.set(in_force)
+    try:
+        yield in_force
+    finally:
+        _CURRENT.reset(token)
+
+
+def _platform(pol: Policy) -> str:
+    return pol.platform or jax.default_backend()
+
+
+def _native_reason(pol: Policy, platform: str) -> str:
+    """``"available"``, or why the native kernels may not run."""
+    if platform != "cpu":
+        return f"they run on the CPU backend and this one is {platform!r}"
+    if pol.native_available is not None:
+        return "available" if pol.native_available else "off (policy native_available=False)"
+    if os.environ.get("JQX_NATIVE", "1") == "0":
+        return "disabled by JQX_NATIVE=0"
+    return _native_kernels.status()
+
+
+def native_status() -> str:
+    """``"available"``, or why ``jqx.ops`` does not run the native CPU kernels here
+    (``JQX_NATIVE=0``, the policy, another platform, or the kernel module's own
+    reason: no compiler, no AVX512-VNNI, not x86-64). Builds them on first call.
+
+    Example:
+        >>> import jqx
+        >>> with jqx.ops.policy(native_available=False, platform="cpu"):
+        ...     jqx.ops.native_status()
+        'off (policy native_available=False)'
+    """
+    pol = current_policy()
+    return _native_reason(pol, _platform(pol))
+
+
+def _first(impls, p: Problem) -> Implementation | None:
+    return next((i for i in impls if i.supports(p)), None)
+
+
+def _xla(p: Problem, pol: Policy, cpu: bool) -> Implementation:
+    """The XLA formulation: on CPU by the measured thresholds, elsewhere the direct one
+    (no CPU measurement transfers to another platform)."""
+    if p.kind == "weight_only":
+        if (
+            cpu
+            and impl_xla.TWO_LEVEL_INT8.supports(p)
+            and p.rows <= pol.two_level_max_rows
+            and p.weight_size >= pol.two_level_min_weight
+        ):
+            return impl_xla.TWO_LEVEL_INT8
+        if impl_xla.DECODED_DOT.supports(p):
+            return impl_xla.DECODED_DOT
+        return impl_xla.DEQUANTIZE_DOT
+    if p.kind == "w8a8":
+        if impl_xla.INT32_DOT.supports(p):
+            if cpu and p.rows >= pol.w8a8_bf16_min_rows:
+                return impl_xla.BF16_DOT
+            if cpu and pol.pad_single_row and impl_xla.INT32_DOT_PADDED.supports(p):
+                return impl_xla.INT32_DOT_PADDED
+            return impl_xla.INT32_DOT
+        return _first((impl_xla.BF16_DOT, impl_xla.DECODED_F32_DOT, impl_xla.SIMULATED_W8A8), p)
+    if p.kind == "llm_int8":
+        return impl_xla.LLM_INT8
+    return impl_xla.DEQUANTIZE_DOT
+
+
+def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
+    """The native kernel for ``p`` if one supports it and ``p`` is big enough to pay."""
+    kn = p.k * p.n
+
+    def gemm_pays(rows: int) -> bool:
+        decode = rows <= pol.native_decode_rows and kn >= pol.native_min_weight_decode
+        return rows * kn >= pol.native_min_work or kn >= pol.native_min_weight or decode
+
+    if impl_native.W4_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
+        return impl_native.W4_DECODE
+    if impl_native.INT8_GEMM.supports(p) and gemm_pays(p.rows):
+        return impl_native.INT8_GEMM
+    # The two-level split feeds the GEMM twice x's rows.
+    if impl_native.TWO_LEVEL.supports(p) and gemm_pays(2 * p.rows):
+        return impl_native.TWO_LEVEL
+    return None
+
+
+def choose(p: Problem, backend: str | None = None) -> Implementation:
+    """The implementation that runs ``p`` under ``backend`` and the current policy.
+
+    Args:
+      p: the product, as ``jqx.ops.dot_general`` describes it.
+      backend: ``None``, ``"xla"``, ``"native"`` or ``"pallas"`` (see the module doc).
+
+    Returns:
+      An implementation whose ``supports(p)`` is true.
+
+    Raises:
+      RuntimeError: ``backend="native"`` where the native kernels cannot run.
+    """
+    pol = current_policy()
+    platform = _platform(pol)
+    cpu = platform == "cpu"
+    if backend == "xla":
+        return _xla(p, pol, cpu)
+    if backend == "pallas":
+        return _first(impl_pallas.ALL, p) or _xla(p, pol, cpu)
+    if backend == "native":
+        reason = _native_reason(pol, platform)
+        if reason != "available":
+            raise RuntimeError(
+                f"backend='native' asks for jqx's native CPU kernels, which cannot run here: "
+                f"{reason}. Use backend=None (the measured choice) or backend='xla'."
+            )
+        return _first(impl_native.ALL, p) or _xla(p, pol, cpu)
+    if cpu:
+        impl = _native_pays(p, pol)
+        # Availability last: asking builds the kernels, only once a product needs them.
+        if impl is not None and _native_reason(pol, platform) == "available":
+            return impl
+    elif platform in ("gpu", "cuda"):
+        kind = pol.device_kind or jax.devices()[0].device_kind
+        for impl in impl_pallas.ALL:
+            if impl.supports(p) and (
+                measured_winner(impl.op, p.rows, p.k, p.n, platform, kind, table=pol.pallas_table)
+                == "pallas"
+            ):
+                return impl
+    return _xla(p, pol, cpu)

@@ -1,0 +1,109 @@
+"""The native CPU kernels (``jqx.kernels.cpu.native``) as implementations (adapters).
+
+``supports`` says which products a kernel can compute; whether the kernels are
+available (built, loaded, not switched off by ``JQX_NATIVE=0``) and whether a product is
+big enough to pay for them is the dispatcher's decision (``jqx.ops.dispatch``; see
+docs/internals/dispatch.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqx.core import formats as _formats
+from jqx.core.qarray import QArray
+from jqx.kernels.cpu import native as _kernels
+from jqx.ops.impl_xla import TWO_LEVEL_INT8, two_level_split
+from jqx.ops.problem import Implementation, Problem, w8a8_product
+
+_WIDENED = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def _rows(x, xc: int, n: int, kernel) -> jax.Array:
+    """``kernel`` on x as (rows, K), back in dot_general's output layout (x's free
+    dims, then N)."""
+    c = jnp.moveaxis(x, xc, -1)
+    return kernel(c.reshape(-1, c.shape[-1])).reshape(*c.shape[:-1], n)
+
+
+def _int8_gemm(codes, q: QArray, xc: int) -> jax.Array:
+    """int32 ``codes . q.qvalue`` through the VNNI GEMM."""
+    return _rows(codes, xc, q.shape[1], lambda c: _kernels.int8_matmul(c, q.qvalue))
+
+
+class Int8Gemm(Implementation):
+    """W8A8 int8 on the AVX512-VNNI int8 GEMM (exact int32 sums)."""
+
+    name = "native.int8_gemm"
+
+    def supports(self, p: Problem) -> bool:
+        return p.int8_codes and p.plain and p.rows >= 1
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        return w8a8_product(x, q, p, lambda codes: _int8_gemm(codes, q, xc).astype(jnp.float32))
+
+
+class TwoLevelInt8(Implementation):
+    """int8 weight-only per channel: the two-level split of the activations (see
+    ``impl_xla.two_level_split``), both levels in one VNNI GEMM call."""
+
+    name = "native.two_level_int8"
+
+    def supports(self, p: Problem) -> bool:
+        return TWO_LEVEL_INT8.supports(p) and p.plain and p.rows >= 1
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+
+        def int_dot(both, _dn):
+            # ``both`` stacks the two levels in front of x's dims: x's axis moved by one.
+            return _int8_gemm(both, q, xc + 1).astype(jnp.float32)
+
+        return two_level_split(x, q, p, int_dot)
+
+
+class W4(Implementation):
+    """Packed 4-bit weight-only (any 4-bit format, grouped along K) for up to
+    ``W4_MAX_ROWS`` rows, read in place. bf16/f16 activations are widened to f32
+    (exact); the weight is then not rounded to 16 bits, so the result is closer to
+    ``x . W`` than a 16-bit XLA dot."""
+
+    name = "native.w4"
+
+    def supports(self, p: Problem) -> bool:
+        if p.kind != "weight_only" or not p.plain or p.in_scale:
+            return False
+        fmt = p.fmt
+        if not (fmt.packed and fmt.bits == 4) or p.compute_dtype not in _WIDENED:
+            return False
+        k, n = p.weight_shape
+        g = p.block[0]
+        if p.block[1] != 1 or k % g or p.scale_shape != (k // g, n):
+            return False
+        if p.zero_point and p.zero_shape != p.scale_shape:
+            return False
+        return 1 <= p.rows <= _kernels.W4_MAX_ROWS
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        n = q.shape[1]
+        table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
+        zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
+        scale = q.scale.astype(jnp.float32)
+
+        def kernel(rows):
+            return _kernels.w4_matmul(
+                rows.astype(jnp.float32), q.qvalue, table, scale, zero, n=n, group_size=q.block[0]
+            )
+
+        return _rows(x, xc, n, kernel).astype(p.out_dtype)
+
+
+INT8_GEMM = Int8Gemm()
+TWO_LEVEL = TwoLevelInt8()
+W4_DECODE = W4()
+
+ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)

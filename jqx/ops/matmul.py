@@ -1,0 +1,369 @@
+"""Quantized matmuls: what ``jqx.ops.dot_general`` computes.
+
+Same semantics as ``jax.lax.dot_general`` on the dequantized value (within the
+quantization error), honouring the weight's activation spec ``q.act`` and its
+``in_scale``. This module states the product (normalises the dimension numbers, moves a
+weight on the left to the right, divides ``in_scale`` out of the activations, decides
+what is computed) as a :class:`~jqx.ops.problem.Problem` and asks the dispatcher
+(:func:`jqx.ops.dispatch.choose`) once which implementation runs it. How each
+implementation is chosen: docs/internals/dispatch.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jqx.core import formats as _formats
+from jqx.core.numerics import absmax_scale, quantize_activation
+from jqx.core.qarray import QArray, is_qarray
+from jqx.ops import dispatch
+from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale
+
+__all__ = ["dot_general", "dynamic_dot_general", "explain"]
+
+
+def dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    backend: str | None = None,
+) -> jax.Array:
+    """``lax.dot_general`` where either operand may be a :class:`jqx.QArray`.
+
+    Args:
+      lhs, rhs: arrays or QArrays (usually the weight is ``rhs``, as in ``x @ W``).
+      dimension_numbers: as for ``lax.dot_general``: ``((lhs_contract,
+        rhs_contract), (lhs_batch, rhs_batch))``.
+      precision: passed to the float dots.
+      preferred_element_type: output dtype; default the float operand's dtype.
+      backend: which implementations may run: ``None`` (the measured choice for this
+        platform and shape), ``"xla"`` (XLA formulations only), ``"native"`` (the native
+        CPU kernels where they compute the product; raises where they are unavailable)
+        or ``"pallas"`` (the Pallas kernels where they compute the product). Products a
+        kernel does not compute run on XLA. See docs/internals/dispatch.md.
+
+    Returns:
+      The product, with ``lax.dot_general``'s output layout (batch dims, lhs
+      free dims, rhs free dims). Bias is not added (Flax adds it).
+
+    Raises:
+      ValueError: an unknown ``backend``, or contracting dims of different sizes.
+      RuntimeError: ``backend="native"`` where the native kernels cannot run.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> w = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.ones((8, 4)))
+        >>> y = jqx.ops.dot_general(jnp.ones((3, 8)), w, (((1,), (0,)), ((), ())))
+        >>> y.shape, y.dtype
+        ((3, 4), dtype('float32'))
+    """
+    _check_backend(backend)
+    dn = _normalise(dimension_numbers)
+    lq, rq = is_qarray(lhs), is_qarray(rhs)
+    if not lq and not rq:
+        return lax.dot_general(
+            lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type
+        )
+    if lq and rq:
+        lhs = lhs.dequantize()  # keep one side quantized; weight x weight is rare
+        lq = False
+    if rq:
+        return _x_dot_w(jnp.asarray(lhs), rhs, dn, precision, preferred_element_type, backend)
+    # Weight on the left: compute x . W and move W's free dims in front of x's.
+    x = jnp.asarray(rhs)
+    y = _x_dot_w(x, lhs, _swapped(dn), precision, preferred_element_type, backend)
+    return jnp.transpose(y, _weight_first(dn, lhs.ndim, x.ndim))
+
+
+def explain(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    backend: str | None = None,
+) -> str:
+    """The name of the implementation :func:`dot_general` would run for these operands.
+
+    Takes :func:`dot_general`'s arguments (only shapes and dtypes are read; nothing is
+    computed) and asks the dispatcher under the current :func:`jqx.ops.policy`. Names
+    are listed in docs/internals/dispatch.md: ``"xla.*"`` (XLA formulations),
+    ``"native.*"`` (native CPU kernels), ``"pallas.*"``, or ``"lax.dot_general"`` when no
+    operand is quantized.
+
+    Raises:
+      RuntimeError: ``backend="native"`` where the native kernels cannot run.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> q = jqx.int4_weight_only(group_size=32).quantize_weight(jnp.ones((64, 8)))
+        >>> jqx.ops.explain(jnp.ones((2, 64)), q, (((1,), (0,)), ((), ())), backend="xla")
+        'xla.dequantize_dot'
+        >>> jqx.ops.explain(jnp.ones((2, 64)), q, (((1,), (0,)), ((), ())), backend="pallas")
+        'pallas.w4a16'
+    """
+    _check_backend(backend)
+    dn = _normalise(dimension_numbers)
+    lq, rq = is_qarray(lhs), is_qarray(rhs)
+    if not lq and not rq:
+        return "lax.dot_general"
+    if lq and rq:
+        lhs, lq = jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), False
+    x, q, dn = (lhs, rhs, dn) if rq else (rhs, lhs, _swapped(dn))
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = jnp.asarray(x)
+    p = describe(tuple(x.shape), np.dtype(x.dtype), q, dn, precision, preferred_element_type)
+    return dispatch.choose(p, backend).name
+
+
+# --------------------------------------------------------------------------- the product
+
+
+def _check_backend(backend) -> None:
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not supported; use None (the measured choice), 'xla', "
+            "'native' (jqx's CPU kernels) or 'pallas'."
+        )
+
+
+def _normalise(dimension_numbers) -> DimensionNumbers:
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+
+
+def _swapped(dn: DimensionNumbers) -> DimensionNumbers:
+    """The dimension numbers of ``x . W`` for a product given as ``W . x``."""
+    (wc, xc), (wb, xb) = dn
+    return ((xc, wc), (xb, wb))
+
+
+def _weight_first(dn: DimensionNumbers, w_ndim: int, x_ndim: int) -> list[int]:
+    """The permutation from ``x . W``'s output layout to ``W . x``'s."""
+    (wc, xc), (wb, xb) = dn
+    nb = len(xb)
+    x_free = x_ndim - len(xc) - len(xb)
+    w_free = w_ndim - len(wc) - len(wb)
+    return (
+        list(range(nb)) + [nb + x_free + i for i in range(w_free)] + [nb + i for i in range(x_free)]
+    )
+
+
+def _out_dtype(x_dtype, pet) -> np.dtype:
+    if pet is not None:
+        return np.dtype(pet)
+    return np.dtype(x_dtype) if jnp.issubdtype(x_dtype, jnp.floating) else np.dtype(np.float32)
+
+
+def _compute_dtype(x_dtype) -> np.dtype:
+    """Dtype the float dots take x in: x's float dtype (bf16/f16 inputs are multiplied
+    in 16 bits with a float32 result), else float32."""
+    return np.dtype(x_dtype) if jnp.issubdtype(x_dtype, jnp.floating) else np.dtype(np.float32)
+
+
+def _in_scale_on_contraction(q: QArray, wc) -> bool:
+    """The stored in_scale is a function of the contraction index alone (so it can
+    divide x instead of the weight)."""
+    shape = (1,) * (q.ndim - q.in_scale.ndim) + tuple(q.in_scale.shape)
+    return all(shape[a] == 1 for a in range(q.ndim) if a not in wc)
+
+
+def describe(
+    x_shape: tuple[int, ...],
+    x_dtype,
+    q: QArray,
+    dn: DimensionNumbers,
+    precision=None,
+    preferred_element_type=None,
+) -> Problem:
+    """The :class:`Problem` for ``x . q`` (x of ``x_shape``/``x_dtype``), after checking
+    that the operands define one."""
+    (xc, wc), (xb, wb) = dn
+    if len(xc) != len(wc) or any(x_shape[a] != q.shape[b] for a, b in zip(xc, wc, strict=True)):
+        raise ValueError(
+            f"jqx.ops.dot_general: contracting dims {tuple(xc)} of the activation "
+            f"{tuple(x_shape)} do not match dims {tuple(wc)} of the quantized weight {q.shape} "
+            f"({q.format}); check the weight's orientation (Flax kernels are (in, out))."
+        )
+    act = q.act
+    if q.extensions:
+        # Layouts no fast path reads (float minimum, two-level scales, split code
+        # planes, e.g. GGUF imports): only q.dequantize() knows them.
+        if act is not None:
+            raise NotImplementedError(
+                f"jqx.ops.dot_general: the weight {q.shape} ({q.format}, layout extensions "
+                f"{q.extensions}) carries an activation spec ({act}); activation quantization "
+                "is supported only on plain QArrays. Use it weight-only (act=None)."
+            )
+        kind = "dequantize"
+    elif q.in_scale is not None and not _in_scale_on_contraction(q, wc):
+        kind = "dequantize"
+    elif act is None:
+        kind = "weight_only"
+    elif act.kind == "llm_int8":
+        kind = "llm_int8"
+        _check_llm_int8(q, dn)
+    else:
+        kind = "w8a8"
+        _check_static_scale(q)
+    return Problem(
+        kind=kind,
+        dimension_numbers=dn,
+        x_shape=tuple(x_shape),
+        rows=math.prod(x_shape[i] for i in range(len(x_shape)) if i not in xc),
+        k=math.prod(x_shape[i] for i in xc),
+        n=math.prod(q.shape[i] for i in range(q.ndim) if i not in wc and i not in wb),
+        weight_format=q.format,
+        weight_shape=tuple(q.shape),
+        block=tuple(q.block),
+        scale_shape=tuple(q.scale.shape),
+        scale_dtype=np.dtype(q.scale.dtype),
+        zero_shape=None if q.zero_point is None else tuple(q.zero_point.shape),
+        zero_dtype=None if q.zero_point is None else np.dtype(q.zero_point.dtype),
+        in_scale=q.in_scale is not None,
+        act_format=None if act is None else _formats.get(act.format).name,
+        act_kind=None if act is None else act.kind,
+        act_granularity=None if act is None else act.granularity,
+        compute_dtype=_compute_dtype(x_dtype),
+        out_dtype=_out_dtype(x_dtype, preferred_element_type),
+        precision=precision,
+    )
+
+
+def _check_static_scale(q: QArray) -> None:
+    if q.act.kind != "static":
+        return
+    if q.act_scale is None:
+        raise ValueError(
+            f"QArray {q.shape} has a static activation spec (act={q.act}) but act_scale is "
+            "None: its activation scale was never calibrated. Run jqx.calibrate(fn, params, "
+            "batches, recipe) to set it, or use a dynamic recipe such as "
+            "jqx.int8_dynamic_activation_int8_weight()."
+        )
+    if q.act_scale.size != 1:
+        raise NotImplementedError(
+            f"QArray {q.shape} has act_scale of shape {tuple(q.act_scale.shape)} (one static "
+            "scale per stacked layer); it is applied per layer when the stacked weight is "
+            "scanned (nn.scan / nnx.scan / lax.scan under jqx.quantized). Used directly, it "
+            "needs a single scale: slice the layer first or use a dynamic recipe."
+        )
+
+
+def _check_llm_int8(q: QArray, dn: DimensionNumbers) -> None:
+    """LLM.int8() is defined for x (..., K) . W (K, N), W int8 per output channel."""
+    (_, wc), (xb, wb) = dn
+    if xb or wb or len(wc) != 1 or q.ndim != 2 or q.block != (q.shape[0], 1) or q.format != "int8":
+        raise NotImplementedError(
+            f"LLM.int8() matmul supports a 2-D int8 weight (K, N) quantized per output channel "
+            f"contracted on one axis without batch dims; got weight {q.shape} block {q.block} "
+            f"format {q.format} with dimension_numbers {dn}. Quantize it with jqx.llm_int8() and "
+            "use it as x @ W or x @ W.T."
+        )
+    if wc[0] == 1:  # W used transposed (x @ W.T): the stored layout is (N, K)
+        raise NotImplementedError(
+            f"LLM.int8() with the weight {q.shape} contracted on its last axis (x @ W.T) is not "
+            "supported; store the weight as (K, N)."
+        )
+
+
+def _divide_in_scale(x: jax.Array, q: QArray, p: Problem) -> jax.Array:
+    """``x / in_scale`` along the contraction (in_scale is a function of it alone)."""
+    (xc, wc), _ = p.dimension_numbers
+    ins = q.in_scale.astype(jnp.float32)
+    ins = ins.reshape((1,) * (q.ndim - ins.ndim) + ins.shape)
+    ins = ins.reshape([ins.shape[a] for a in sorted(wc)])
+    # order the remaining (contraction) axes as x's contraction axes appear in x
+    pairs = sorted(zip(xc, wc, strict=True))
+    perm = [sorted(wc).index(w) for _, w in pairs]
+    ins = jnp.transpose(ins, perm)
+    shape = [1] * x.ndim
+    for i, (xa, _) in enumerate(pairs):
+        shape[xa] = ins.shape[i]
+    return (x.astype(jnp.float32) / ins.reshape(shape)).astype(p.compute_dtype)
+
+
+def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+    p = describe(tuple(x.shape), x.dtype, q, dn, precision, pet)
+    impl = dispatch.choose(p, backend)
+    if p.in_scale and p.kind != "dequantize":
+        x, q = _divide_in_scale(x, q, p), q.replace(in_scale=None)
+    return impl.run(x, q, p)
+
+
+# --------------------------------------------------------------------------- activation x activation
+
+
+def _absmax_codes(x: jax.Array, axes, fmt: _formats.Format):
+    """Symmetric codes of ``x`` with one scale per index of the non-``axes`` dims."""
+    return quantize_activation(x, fmt, scale=absmax_scale(x, tuple(axes), fmt))
+
+
+def dynamic_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    preferred_element_type=None,
+    *,
+    fmt: str = "int8",
+) -> jax.Array:
+    """A matmul of two activations with both operands quantized on the fly.
+
+    Each operand gets one absmax scale per row, i.e. per index of its batch
+    and free dims (constant along the contraction), so the product is an
+    integer (or fp8) dot followed by an outer-product rescale. This is what
+    ``jqx.quantized(fn, activation_matmuls="int8")`` runs for matmuls with no
+    weight operand (attention's ``q @ k^T`` and ``p @ v``), as qwix's
+    ``.*`` rules do.
+
+    Args:
+      lhs, rhs: float arrays.
+      dimension_numbers: as for ``jax.lax.dot_general``.
+      preferred_element_type: output dtype (default: ``lhs``'s float dtype).
+      fmt: ``"int8"`` or ``"fp8_e4m3"``.
+
+    Returns:
+      The approximate product, error at most ``s_l/2 * sum|rhs| + s_r/2 * sum|lhs|``
+      (plus the second-order term) per output element.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> a = jnp.array([[1.0, 2.0], [3.0, -4.0]])
+        >>> y = jqx.ops.dynamic_dot_general(a, a, (((1,), (0,)), ((), ())))
+        >>> bool(jnp.allclose(y, a @ a, atol=0.1))
+        True
+    """
+    f = _formats.get(fmt)
+    if f.name not in ("int8", "fp8_e4m3"):
+        raise ValueError(
+            f"dynamic_dot_general(fmt={fmt!r}): activation matmuls are quantized to 'int8' or "
+            "'fp8_e4m3'."
+        )
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    (lc, rc), (lb, rb) = dimension_numbers
+    out_dtype = _out_dtype(lhs.dtype, preferred_element_type)
+    lq, ls = _absmax_codes(lhs, lc, f)
+    rq, rs = _absmax_codes(rhs, rc, f)
+    if f.name == "int8":
+        acc = lax.dot_general(lq, rq, dimension_numbers, preferred_element_type=jnp.int32)
+        y = acc.astype(jnp.float32)
+    else:
+        y = lax.dot_general(
+            lq.astype(jnp.bfloat16),
+            rq.astype(jnp.bfloat16),
+            dimension_numbers,
+            preferred_element_type=jnp.float32,
+        )
+    n_lfree = lhs.ndim - len(lc) - len(lb)
+    n_rfree = rhs.ndim - len(rc) - len(rb)
+    y = y * x_out_scale(ls, lc, lb, n_rfree)
+    y = y * w_out_scale(rs, rc, rb, n_lfree)
+    return y.astype(out_dtype)
