@@ -7,7 +7,7 @@ import pytest
 
 import jqx
 from jqx.calibration.stats import StatsAccumulator
-from jqx.recipes.awq import AWQConfig, awq_quantize, awq_search_scale
+from jqx.recipes.awq import AWQ, awq_quantize, awq_search_scale
 from jqx.recipes.grid import rtn_quantize
 
 K, N, M = 256, 64, 512
@@ -30,8 +30,8 @@ def test_beats_rtn_and_clip_helps():
     """Measured: AWQ 0.686x RTN output error (0.761x without the clip search)."""
     w, x = _layer()
     e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128))
-    q = awq_quantize(w, x, AWQConfig(bits=4, group_size=128))
-    q_noclip = awq_quantize(w, x, AWQConfig(bits=4, group_size=128, clip=False))
+    q = awq_quantize(w, x, AWQ(bits=4, group_size=128))
+    q_noclip = awq_quantize(w, x, AWQ(bits=4, group_size=128, clip=False))
     assert _out_err(x, w, q) <= 0.8 * e_rtn, _out_err(x, w, q) / e_rtn
     assert _out_err(x, w, q) <= _out_err(x, w, q_noclip)
     # the scale search includes alpha = 0 (plain RTN), so it is never worse than RTN
@@ -41,14 +41,14 @@ def test_beats_rtn_and_clip_helps():
 def test_in_scale_semantics():
     """x @ dequantize() == (x / in_scale) @ (stored grid values), and in_scale is mean|x|^alpha."""
     w, x = _layer(1)
-    q = awq_quantize(w, x, AWQConfig(bits=4, group_size=64))
+    q = awq_quantize(w, x, AWQ(bits=4, group_size=64))
     assert q.in_scale.shape == (K, 1) and q.block == (64, 1) and q.format == "uint4"
     raw = q.replace(in_scale=None).dequantize()
     s = q.in_scale[:, 0]
     np.testing.assert_allclose(
         np.asarray(x @ q.dequantize()), np.asarray((x / s) @ raw), rtol=1e-4, atol=1e-3
     )
-    s2, alpha = awq_search_scale(w, x, cfg=AWQConfig(bits=4, group_size=64))
+    s2, alpha = awq_search_scale(w, x, recipe=AWQ(bits=4, group_size=64))
     np.testing.assert_allclose(np.asarray(s2), np.asarray(s), rtol=1e-6)
     ma = jnp.mean(jnp.abs(x), axis=0)
     ref = jnp.maximum(ma**alpha, 1e-4)

@@ -209,8 +209,8 @@ def test_progress_bar_shows_and_can_be_silenced(capsys):
 # --------------------------------------------------------------------------- sequential and scan
 
 
-@dataclasses.dataclass(frozen=True)
-class _SeqRecorder(jqx.Recipe):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _SeqRecorder(jqx.RTN):
     """A sequential recipe (like GPTQ) that keeps the X^T X it was given."""
 
     seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)

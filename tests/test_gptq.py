@@ -7,7 +7,8 @@ import pytest
 
 import jqx
 from jqx.calibration.stats import StatsAccumulator
-from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.core.numerics import encode_int
+from jqx.recipes.gptq import GPTQ, gptq_hessian, gptq_quantize
 from jqx.recipes.grid import int_grid, rtn_quantize
 
 
@@ -35,7 +36,7 @@ def _out_err(x, w, q):
 @pytest.mark.parametrize("sym", [False, True])
 def test_identity_hessian_equals_rtn(sym):
     w = jax.random.normal(jax.random.key(1), (64, 32))
-    q = gptq_quantize(w, jnp.eye(64), GPTQConfig(bits=4, group_size=16, sym=sym, block_size=32))
+    q = gptq_quantize(w, jnp.eye(64), GPTQ(bits=4, group_size=16, sym=sym, block_size=32))
     fmt, scheme = ("int4", "absmax") if sym else ("uint4", "zero_point")
     r = jqx.quantize_array(w, fmt, scheme=scheme, granularity=jqx.per_group(16))
     assert q.format == r.format and q.block == r.block
@@ -101,7 +102,7 @@ def _reference_gptq(w, h, bits, g, damp, act_order, static_groups):
 def test_matches_unblocked_reference(act_order, static_groups, block):
     w, x = _layer(k=64, n=16, m=256, seed=3)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    cfg = GPTQConfig(
+    cfg = GPTQ(
         bits=4, group_size=16, act_order=act_order, static_groups=static_groups, block_size=block
     )
     got = np.asarray(gptq_quantize(w, h, cfg).dequantize())
@@ -132,9 +133,9 @@ def test_goal_error_vs_rtn_and_act_order(seed):
         h = gptq_hessian(x.T @ x, x.shape[0])
         e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128))
         for name, cfg in [
-            ("plain", GPTQConfig(bits=4, group_size=128)),
-            ("ao", GPTQConfig(bits=4, group_size=128, act_order=True)),
-            ("ao_static", GPTQConfig(bits=4, group_size=128, act_order=True, static_groups=True)),
+            ("plain", GPTQ(bits=4, group_size=128)),
+            ("ao", GPTQ(bits=4, group_size=128, act_order=True)),
+            ("ao_static", GPTQ(bits=4, group_size=128, act_order=True, static_groups=True)),
         ]:
             res[layout, name] = _out_err(x, w, gptq_quantize(w, h, cfg)) / e_rtn
     assert res["front", "plain"] <= 0.25, res
@@ -148,15 +149,15 @@ def test_goal_error_vs_rtn_and_act_order(seed):
 def test_three_bit_codes_and_accuracy():
     w, x = _layer(k=64, n=16, m=256, seed=4)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    q = gptq_quantize(w, h, GPTQConfig(bits=3, group_size=16))
+    q = gptq_quantize(w, h, GPTQ(bits=3, group_size=16))
     assert q.format == "uint4" and int(q.codes().max()) <= 7
     r = rtn_quantize(w, 3, 16)
     assert int(r.codes().max()) <= 7
     assert _out_err(x, w, q) < 0.75 * _out_err(x, w, r)  # measured 0.66
-    qs = gptq_quantize(w, h, GPTQConfig(bits=3, group_size=16, sym=True))
+    qs = gptq_quantize(w, h, GPTQ(bits=3, group_size=16, sym=True))
     c = np.asarray(qs.values())
     assert qs.format == "int4" and c.min() >= -4 and c.max() <= 3
-    q2 = gptq_quantize(w, h, GPTQConfig(bits=2, group_size=16))
+    q2 = gptq_quantize(w, h, GPTQ(bits=2, group_size=16))
     assert int(q2.codes().max()) <= 3
 
 
@@ -164,9 +165,9 @@ def test_per_channel_and_padding_block():
     """group_size=None, K not a multiple of block_size (padded internally)."""
     w, x = _layer(k=96, n=32, m=256, seed=5)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=None, block_size=64))
+    q = gptq_quantize(w, h, GPTQ(bits=4, group_size=None, block_size=64))
     assert q.block == (96, 1) and q.scale.shape == (1, 32)
-    q2 = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=None, block_size=96))
+    q2 = gptq_quantize(w, h, GPTQ(bits=4, group_size=None, block_size=96))
     np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(q2.dequantize()), atol=1e-5)
     assert _out_err(x, w, q) < _out_err(x, w, rtn_quantize(w, 4, None))
 
@@ -175,7 +176,7 @@ def test_dead_inputs():
     w, x = _layer(k=64, n=16, m=256, seed=6)
     x = x.at[:, 5].set(0.0)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    q = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=16))
+    q = gptq_quantize(w, h, GPTQ(bits=4, group_size=16))
     d = np.asarray(q.dequantize())
     assert np.all(np.isfinite(d)) and np.all(d[5] == 0.0)
 
@@ -188,7 +189,7 @@ def test_recipe_from_streamed_stats_and_calibrate():
     r = jqx.gptq(bits=4, group_size=16)
     assert r.needs_calibration and r.sequential and r.stats_needed == ("xtx",)
     q = r.quantize_weight(w, path="k", stats=acc.result("k"))
-    q_direct = gptq_quantize(w, gptq_hessian(x.T @ x, 256), GPTQConfig(group_size=16))
+    q_direct = gptq_quantize(w, gptq_hessian(x.T @ x, 256), GPTQ(group_size=16))
     np.testing.assert_allclose(
         np.asarray(q.dequantize()), np.asarray(q_direct.dequantize()), atol=1e-5
     )
@@ -206,18 +207,18 @@ def test_recipe_from_streamed_stats_and_calibrate():
 def test_bad_input():
     w = jnp.ones((64, 16))
     with pytest.raises(ValueError, match=r"Hessian has shape \(32, 32\).*K=64"):
-        gptq_quantize(w, jnp.eye(32), GPTQConfig(group_size=16))
+        gptq_quantize(w, jnp.eye(32), GPTQ(group_size=16))
     x = jax.random.normal(jax.random.key(0), (8, 64))  # rank 8 < 64: singular
     with pytest.raises(ValueError, match="not positive definite.*damp"):
         gptq_quantize(
             jax.random.normal(jax.random.key(1), (64, 16)),
             x.T @ x,
-            GPTQConfig(group_size=16, damp=0.0),
+            GPTQ(group_size=16, damp=0.0),
         )
     with pytest.raises(ValueError, match=r"bits=5 .*\(2, 3, 4, 8\)"):
         jqx.gptq(bits=5)
     with pytest.raises(ValueError, match="group_size=24 does not divide"):
-        gptq_quantize(w, jnp.eye(64), GPTQConfig(group_size=24))
+        gptq_quantize(w, jnp.eye(64), GPTQ(group_size=24))
     with pytest.raises(NotImplementedError, match="only 2-D kernels"):
         gptq_quantize(jnp.ones((2, 64, 16)), jnp.eye(64))
     with pytest.raises(ValueError, match="damp"):
@@ -237,11 +238,11 @@ def test_rolled_and_unrolled_block_loops_agree(monkeypatch):
 
     w, x = _layer(k=80, n=24, m=256, seed=8)
     h = gptq_hessian(x.T @ x, x.shape[0])
-    cfg = GPTQConfig(bits=4, group_size=16, block_size=32, act_order=True)
+    cfg = GPTQ(bits=4, group_size=16, block_size=32, act_order=True)
     unrolled = gptq_quantize(w, h, cfg).dequantize()
     monkeypatch.setattr(gptq_mod, "_MAX_UNROLLED_BLOCKS", 0)
     rolled = gptq_quantize(
-        w, h, GPTQConfig(bits=4, group_size=16, block_size=32, act_order=True, damp=0.0100001)
+        w, h, GPTQ(bits=4, group_size=16, block_size=32, act_order=True, damp=0.0100001)
     ).dequantize()
     same = np.isclose(np.asarray(unrolled), np.asarray(rolled), rtol=1e-4, atol=1e-6)
     assert same.mean() > 0.99
@@ -252,7 +253,7 @@ def test_rolled_and_unrolled_block_loops_agree(monkeypatch):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from jqx.recipes import grid as _common  # noqa: E402
+from jqx.recipes import grid as _grid  # noqa: E402
 
 
 @settings(deadline=None, max_examples=30)
@@ -262,11 +263,11 @@ def test_search_group_params_never_worse_than_minmax(seed, bits, sym):
     grid = int_grid(bits, sym)
 
     def err(s, z):
-        q = _common.quant_codes(w, s, z, grid)
-        return jnp.sum(jnp.abs(_common.dequant(q, s, z) - w) ** 2.4, axis=0)
+        q = encode_int(w, s, z, qmin=grid.qmin, qmax=grid.qmax)
+        return jnp.sum(jnp.abs(_grid.dequant(q, s, z) - w) ** 2.4, axis=0)
 
-    e_mm = err(*_common.group_params(w, grid, axis=0))
-    e_cs = err(*_common.search_group_params(w, grid, axis=0))
+    e_mm = err(*_grid.group_params(w, grid, axis=0))
+    e_cs = err(*_grid.search_group_params(w, grid, axis=0))
     assert bool(jnp.all(e_cs <= e_mm * (1 + 1e-6)))
     if bits <= 4:  # heavy tails: clipping pays somewhere
         assert float(jnp.sum(e_cs)) < float(jnp.sum(e_mm))
@@ -280,13 +281,13 @@ def test_clip_search_lowers_output_error_on_heavy_tailed_weights(seed):
     x = jax.random.normal(jax.random.key(200 + seed), (1024, 256))
     w = jax.random.t(jax.random.key(100 + seed), 3.0, (256, 64)) * 0.05
     h = gptq_hessian(x.T @ x, x.shape[0])
-    e0 = _out_err(x, w, gptq_quantize(w, h, GPTQConfig(group_size=32)))
-    e1 = _out_err(x, w, gptq_quantize(w, h, GPTQConfig(group_size=32, clip_search=True)))
+    e0 = _out_err(x, w, gptq_quantize(w, h, GPTQ(group_size=32)))
+    e1 = _out_err(x, w, gptq_quantize(w, h, GPTQ(group_size=32, clip_search=True)))
     assert e1 < 0.98 * e0, (e1, e0)  # measured 0.94-0.96 over 3 seeds
 
 
 def test_clip_search_recipe_and_bad_value():
     r = jqx.gptq(bits=4, group_size=32, clip_search=True)
-    assert r.config.clip_search and "clip_search" in r.name
+    assert r.clip_search and "clip_search" in r.name
     with pytest.raises(ValueError, match="clip_search='yes'"):
-        GPTQConfig(clip_search="yes")
+        GPTQ(clip_search="yes")

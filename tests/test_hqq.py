@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jqx
-from jqx.recipes import grid as _common
-from jqx.recipes.hqq import HQQConfig, hqq_optimize, hqq_quantize, lp_objective, shrink_lp
+from jqx.core.numerics import encode_int
+from jqx.recipes import grid as _grid
+from jqx.recipes.hqq import HQQ, hqq_optimize, hqq_quantize, lp_objective, shrink_lp
 
 SHAPE = (256, 64)  # (groups, group_size): one fixed shape for the property test
 
@@ -23,10 +24,10 @@ SHAPE = (256, 64)  # (groups, group_size): one fixed shape for the property test
 def test_lp_objective_never_worse_than_rtn_start(seed, scale, heavy, bits):
     key = jax.random.key(seed)
     w = (jax.random.t(key, 3.0, SHAPE) if heavy else jax.random.normal(key, SHAPE)) * scale
-    grid = _common.int_grid(bits, False)
-    q, s, z, r = hqq_optimize(w, grid, HQQConfig(bits=bits))
-    s0, z0 = _common.group_params(w, grid, axis=1)
-    r0 = _common.dequant(_common.quant_codes(w, s0, z0, grid), s0, z0)
+    grid = _grid.int_grid(bits, False)
+    q, s, z, r = hqq_optimize(w, grid, HQQ(bits=bits))
+    s0, z0 = _grid.group_params(w, grid, axis=1)
+    r0 = _grid.dequant(encode_int(w, s0, z0, qmin=grid.qmin, qmax=grid.qmax), s0, z0)
     obj, obj0 = lp_objective(w - r, 0.7), lp_objective(w - r0, 0.7)
     assert bool(jnp.all(obj <= obj0)), float(jnp.max(obj - obj0))
     # codes, scale and zero reproduce the returned reconstruction
@@ -36,7 +37,7 @@ def test_lp_objective_never_worse_than_rtn_start(seed, scale, heavy, bits):
 
 def test_zero_iterations_is_rtn():
     w = jax.random.normal(jax.random.key(0), (128, 32)) * 0.02
-    q = hqq_quantize(w, HQQConfig(group_size=64, iters=0))
+    q = hqq_quantize(w, HQQ(group_size=64, iters=0))
     r = jqx.quantize_array(w, "uint4", scheme="zero_point", granularity=jqx.per_group(64))
     np.testing.assert_array_equal(np.asarray(q.codes()), np.asarray(r.codes()))
     np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(r.dequantize()))
@@ -59,7 +60,7 @@ def test_goal_reconstruction_error_vs_rtn(dist):
     e_r = float(jnp.sum((w - r.dequantize()) ** 2))
     e_h = float(jnp.sum((w - h.dequantize()) ** 2))
     assert e_h <= 0.96 * e_r, e_h / e_r
-    hs = hqq_quantize(w, HQQConfig(group_size=64, optimize_scale=True))
+    hs = hqq_quantize(w, HQQ(group_size=64, optimize_scale=True))
     assert float(jnp.sum((w - hs.dequantize()) ** 2)) < e_h
 
 
@@ -69,17 +70,17 @@ def test_int4_weight_only_use_hqq_and_stacked_axes():
     q = jqx.quantize(params, jqx.int4_weight_only(group_size=64, use_hqq=True))["layers"]["kernel"]
     assert q.format == "uint4" and q.block == (1, 64, 1) and q.scale.shape == (2, 2, 32)
     # each stacked layer is its own set of groups
-    q0 = hqq_quantize(w[0], HQQConfig(group_size=64))
+    q0 = hqq_quantize(w[0], HQQ(group_size=64))
     np.testing.assert_allclose(
         np.asarray(q.dequantize()[0]), np.asarray(q0.dequantize()), atol=1e-7
     )
     err = jnp.abs(q.dequantize() - w)
     assert float(jnp.max(err)) <= float(jnp.max(q.scale)) * 1.5
     # groups along the last axis
-    q_last = hqq_quantize(w[0], HQQConfig(group_size=16, axis=-1))
+    q_last = hqq_quantize(w[0], HQQ(group_size=16, axis=-1))
     assert q_last.block == (1, 16) and q_last.scale.shape == (128, 2)
     assert float(jnp.mean(jnp.abs(q_last.dequantize() - w[0]))) < 0.005
-    q8 = hqq_quantize(w[0], HQQConfig(bits=8, group_size=64))
+    q8 = hqq_quantize(w[0], HQQ(bits=8, group_size=64))
     assert q8.format == "uint8" and float(jnp.max(jnp.abs(q8.dequantize() - w[0]))) < 1e-3
 
 
@@ -99,8 +100,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="lp_norm"):
         jqx.hqq(lp_norm=1.5)
     with pytest.raises(ValueError, match="group_size=48 does not divide"):
-        hqq_quantize(jnp.ones((64, 8)), HQQConfig(group_size=48))
+        hqq_quantize(jnp.ones((64, 8)), HQQ(group_size=48))
     with pytest.raises(ValueError, match="axis=2 is out of range"):
-        hqq_quantize(jnp.ones((64, 8)), HQQConfig(axis=2))
+        hqq_quantize(jnp.ones((64, 8)), HQQ(axis=2))
     with pytest.raises(ValueError, match="NaN"):
-        hqq_quantize(jnp.full((64, 8), jnp.nan), HQQConfig())
+        hqq_quantize(jnp.full((64, 8), jnp.nan), HQQ())

@@ -39,7 +39,7 @@ def _lsq_grads(recipe, w, s, z, up):
 def test_clipped_ste_identity_inside_zero_outside(seed, frac):
     # int8 per-tensor with a fixed (LSQ) scale: the representable range is
     # [-128 s, 127 s]; weights beyond it are clamped and get no gradient.
-    r = jqx.Recipe(format="int8", granularity=jqx.per_tensor())
+    r = jqx.RTN(format="int8", granularity=jqx.per_tensor())
     w = _weights(seed, 3.0)
     s = (jnp.max(jnp.abs(w)) * frac / 127.0).reshape(1, 1)  # clamps the largest weights
     up = jax.random.normal(jax.random.key(seed + 1), (K, N))

@@ -64,7 +64,7 @@ from jqx.core import formats as _formats
 from jqx.core.qarray import QArray, is_qarray
 from jqx.core.tree import path_str
 from jqx.recipes.apply import select
-from jqx.recipes.presets import Recipe
+from jqx.recipes.base import Recipe
 
 __all__ = ["calibrate", "OBSERVERS", "observe_clip"]
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jqx.core.qarray import is_qarray
 from jqx.core.tree import path_str
-from jqx.recipes.presets import Recipe
+from jqx.recipes.base import Recipe
 
 __all__ = ["quantize", "default_filter", "select"]
 

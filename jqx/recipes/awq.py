@@ -20,7 +20,7 @@ Example:
     >>> import jax
     >>> x = jax.random.normal(jax.random.key(0), (128, 64))
     >>> w = jax.random.normal(jax.random.key(1), (64, 32))
-    >>> q = awq_quantize(w, x, AWQConfig(bits=4, group_size=32))
+    >>> q = awq_quantize(w, x, AWQ(bits=4, group_size=32))
     >>> q.in_scale.shape
     (64, 1)
 """
@@ -35,18 +35,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jqx.core.numerics import check_finite, check_group_divides, check_group_size, make_qarray
 from jqx.core.qarray import QArray
-from jqx.recipes import grid as _common
-from jqx.recipes.presets import Recipe
+from jqx.recipes import grid as _grid
+from jqx.recipes.base import Recipe, build
 
-__all__ = ["AWQConfig", "AWQ", "awq", "awq_quantize", "awq_search_scale"]
+__all__ = ["AWQ", "awq", "awq_quantize", "awq_search_scale"]
 
 _HI = lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
-class AWQConfig:
-    """AWQ settings (paper defaults: 20 alphas, clip shrink up to 50% in steps of 5%)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AWQ(Recipe):
+    """AWQ weight-only recipe and settings; build it with :func:`awq`.
+
+    Needs ``jqx.calibrate`` (statistics ``mean_abs`` and ``sample``). The
+    fields are the arguments of :func:`awq`; the defaults are the paper's (20
+    alphas, clip shrink up to 50% in steps of 5%).
+
+    Example:
+        >>> r = AWQ(bits=4, group_size=64, sym=True)
+        >>> r.name, r.format, r.scheme
+        ('awq(bits=4, group_size=64)', 'int4', 'absmax')
+    """
 
     bits: int = 4
     group_size: int | None = 128
@@ -58,11 +69,79 @@ class AWQConfig:
     max_rows_clip: int = 512
 
     def __post_init__(self):
-        _common.int_grid(self.bits, self.sym, who="awq: bits")
-        if not isinstance(self.n_grid, int) or self.n_grid < 1:
+        _grid.int_grid(self.bits, self.sym, who="awq")
+        check_group_size(self.group_size, who="awq")
+        if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise ValueError(f"awq: n_grid={self.n_grid!r} must be a positive int (paper: 20).")
         if not 0.0 <= float(self.max_shrink) < 1.0:
             raise ValueError(f"awq: max_shrink={self.max_shrink!r} must be in [0, 1) (paper: 0.5).")
+        object.__setattr__(self, "max_shrink", float(self.max_shrink))
+        for f in ("max_rows_scale", "max_rows_clip"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"awq: {f}={v!r} must be a positive int (calibration rows used by the search)."
+                )
+
+    @property
+    def grid(self) -> _grid.IntGrid:
+        """The integer grid of the codes (container format and code range)."""
+        return _grid.int_grid(self.bits, self.sym)
+
+    @property
+    def format(self) -> str:
+        return self.grid.format
+
+    @property
+    def scheme(self) -> str:
+        return "absmax" if self.sym else "zero_point"
+
+    @property
+    def name(self) -> str:
+        return f"awq(bits={self.bits}, group_size={self.group_size})"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    @property
+    def stats_needed(self) -> tuple[str, ...]:
+        return ("mean_abs", "sample")
+
+    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
+        """AWQ on one kernel from its LayerStats (``sample`` rows and ``mean_abs``)."""
+        if stats is None or getattr(stats, "sample", None) is None:
+            raise ValueError(
+                f"awq needs the calibration statistic 'sample' for {path or 'this weight'}; run "
+                "it with jqx.calibrate(fn, params, batches, jqx.awq(...))."
+            )
+        return awq_quantize(w, stats.sample, self, mean_abs=stats.mean_abs, path=path, act=self.act)
+
+
+def awq(**kw) -> AWQ:
+    """AWQ weight-only quantization (activation-aware scales + clip search),
+    keyword arguments only.
+
+    Args:
+      bits: 2, 3, 4 (default) or 8.
+      group_size: rows of K sharing a scale (default 128); None = per output channel.
+      sym: absmax codes instead of zero points (default False).
+      n_grid: alphas searched (``i / n_grid``) and clip step (``1 / n_grid``);
+        default 20.
+      max_shrink: largest clip shrink ratio searched (default 0.5).
+      clip: run the clipping search (default True).
+      max_rows_scale, max_rows_clip: calibration rows used by the scale and
+        the clip search (default 2048 and 512).
+
+    Returns:
+      An :class:`AWQ` recipe (apply it with ``jqx.calibrate``).
+
+    Example:
+        >>> import jqx
+        >>> jqx.awq(bits=4, group_size=128).stats_needed
+        ('mean_abs', 'sample')
+    """
+    return build(AWQ, "awq", kw)
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "g", "n_grid"))
@@ -77,7 +156,7 @@ def _search_scale(w, x, mean_abs, grid, g, n_grid):
 
     def loss(alpha):
         s = scales(alpha)
-        _, _, _, wq = _common.rtn_codes(w * s[:, None], grid, g)
+        _, _, _, wq = _grid.rtn_codes(w * s[:, None], grid, g)
         d = jnp.matmul(x, wq / s[:, None], precision=_HI) - y
         return jnp.mean(d * d)
 
@@ -99,7 +178,7 @@ def _search_clip(w, x, grid, g, n_grid, max_shrink):
     def err(i):
         mv = org_max * (1.0 - i / n_grid)
         cur = jnp.clip(wg, -mv[:, None, :], mv[:, None, :])
-        _, _, _, q = _common.rtn_codes(cur.reshape(k, n), grid, g)
+        _, _, _, q = _grid.rtn_codes(cur.reshape(k, n), grid, g)
         d = q.reshape(ng, g, n) - wg
         out = jnp.einsum("rGg,GgN->rGN", xg, d, precision=_HI)
         return jnp.mean(out * out, axis=0)
@@ -110,22 +189,38 @@ def _search_clip(w, x, grid, g, n_grid, max_shrink):
     return org_max * (1.0 - steps[best] / n_grid)
 
 
+def _check_recipe(recipe, who: str) -> AWQ:
+    if not isinstance(recipe, AWQ):
+        raise TypeError(
+            f"{who}: recipe must be a jqx.AWQ (e.g. jqx.awq(bits=4)), got "
+            f"{type(recipe).__name__}: {recipe!r}"
+        )
+    return recipe
+
+
 def awq_search_scale(
-    w: jax.Array, x: jax.Array, mean_abs: jax.Array | None = None, cfg: AWQConfig | None = None
+    w: jax.Array, x: jax.Array, mean_abs: jax.Array | None = None, recipe: AWQ | None = None
 ) -> tuple[jax.Array, float]:
-    """The AWQ input-channel scales ``s`` (K,) and the chosen alpha."""
-    cfg = cfg or AWQConfig()
-    w = _common.check_kernel(w, "awq", None)
-    g = _common.check_group(w.shape[0], cfg.group_size, "awq", None)
+    """The AWQ input-channel scales ``s`` (K,) and the chosen alpha.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s, alpha = awq_search_scale(jnp.ones((8, 4)), jnp.ones((16, 8)), recipe=AWQ(group_size=4))
+        >>> s.shape
+        (8,)
+    """
+    recipe = _check_recipe(recipe or AWQ(), "awq_search_scale")
+    w = _grid.check_kernel(w, "awq", None)
+    g = check_group_divides(recipe.group_size, w.shape[0], axis=0, who="awq")
     x = jnp.asarray(x, jnp.float32)
     ma = jnp.mean(jnp.abs(x), axis=0) if mean_abs is None else jnp.asarray(mean_abs, jnp.float32)
     s, a, _ = _search_scale(
         w.astype(jnp.float32),
-        x[: cfg.max_rows_scale],
+        x[: recipe.max_rows_scale],
         ma,
-        _common.int_grid(cfg.bits, cfg.sym),
+        recipe.grid,
         g,
-        cfg.n_grid,
+        recipe.n_grid,
     )
     return s, float(a)
 
@@ -133,7 +228,7 @@ def awq_search_scale(
 def awq_quantize(
     w: jax.Array,
     x: jax.Array,
-    cfg: AWQConfig = AWQConfig(),
+    recipe: AWQ = AWQ(),
     *,
     mean_abs: jax.Array | None = None,
     path: str | None = None,
@@ -143,8 +238,8 @@ def awq_quantize(
 
     Args:
       w: float kernel used as ``x @ w``.
-      x: calibration input rows (a sample is enough; ``cfg.max_rows_*`` cap it).
-      cfg: :class:`AWQConfig`.
+      x: calibration input rows (a sample is enough; ``recipe.max_rows_*`` cap it).
+      recipe: the :class:`AWQ` settings.
       mean_abs: per-input-channel mean |x| over all calibration rows (K,);
         computed from ``x`` when None.
       path: the weight's name, for error messages.
@@ -155,11 +250,12 @@ def awq_quantize(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> q = awq_quantize(jnp.ones((8, 4)), jnp.ones((16, 8)), AWQConfig(group_size=4))
+        >>> q = awq_quantize(jnp.ones((8, 4)), jnp.ones((16, 8)), AWQ(group_size=4))
         >>> float(abs(q.dequantize() - 1.0).max()) < 1e-6
         True
     """
-    w = _common.check_kernel(w, "awq", path)
+    recipe = _check_recipe(recipe, "awq_quantize")
+    w = _grid.check_kernel(w, "awq", path)
     k, n = w.shape
     x = jnp.asarray(x)
     if x.ndim != 2 or x.shape[1] != k:
@@ -170,103 +266,29 @@ def awq_quantize(
         )
     if mean_abs is not None and tuple(jnp.shape(mean_abs)) != (k,):
         raise ValueError(f"awq: mean_abs has shape {tuple(jnp.shape(mean_abs))}; expected ({k},).")
-    _common.check_finite(w, "awq", path)
-    grid = _common.int_grid(cfg.bits, cfg.sym, who="awq: bits")
-    g = _common.check_group(k, cfg.group_size, "awq", path)
+    check_finite(w, path, who="awq")
+    grid = recipe.grid
+    g = check_group_divides(recipe.group_size, k, axis=0, path=path, who="awq")
     wf = w.astype(jnp.float32)
     xf = x.astype(jnp.float32)
     ma = jnp.mean(jnp.abs(xf), axis=0) if mean_abs is None else jnp.asarray(mean_abs, jnp.float32)
-    s, _, _ = _search_scale(wf, xf[: cfg.max_rows_scale], ma, grid, g, cfg.n_grid)
+    s, _, _ = _search_scale(wf, xf[: recipe.max_rows_scale], ma, grid, g, recipe.n_grid)
     ws = wf * s[:, None]
-    if cfg.clip and int(cfg.max_shrink * cfg.n_grid) > 0:
+    if recipe.clip and int(recipe.max_shrink * recipe.n_grid) > 0:
         mv = _search_clip(
-            ws, xf[: cfg.max_rows_clip] / s, grid, g, cfg.n_grid, float(cfg.max_shrink)
+            ws, xf[: recipe.max_rows_clip] / s, grid, g, recipe.n_grid, float(recipe.max_shrink)
         )
         mv = jnp.repeat(mv, g, axis=0)
         ws = jnp.clip(ws, -mv, mv)
-    codes, sc, zp, _ = jax.jit(_common.rtn_codes, static_argnums=(1, 2))(ws, grid, g)
-    return _common.build_qarray(
+    codes, sc, zp, _ = jax.jit(_grid.rtn_codes, static_argnums=(1, 2))(ws, grid, g)
+    return make_qarray(
         codes,
         sc,
         zp,
-        grid,
+        fmt=grid.format,
         shape=w.shape,
         dtype=w.dtype,
         block=(g, 1),
         in_scale=s[:, None],
         act=act,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class AWQ(Recipe):
-    """AWQ recipe; build it with :func:`awq`. Needs ``jqx.calibrate``."""
-
-    bits: int = 4
-    sym: bool = False
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    clip: bool = True
-
-    @property
-    def config(self) -> AWQConfig:
-        return AWQConfig(
-            self.bits, self.group_size, self.sym, self.n_grid, self.max_shrink, self.clip
-        )
-
-    @property
-    def needs_calibration(self) -> bool:
-        return True
-
-    @property
-    def stats_needed(self) -> tuple[str, ...]:
-        return ("mean_abs", "sample")
-
-    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
-        """AWQ on one kernel from its LayerStats (``sample`` rows and ``mean_abs``)."""
-        if stats is None or getattr(stats, "sample", None) is None:
-            raise ValueError(
-                f"awq needs the calibration statistic 'sample' for {path or 'this weight'}; run "
-                "it with jqx.calibrate(fn, params, batches, jqx.awq(...))."
-            )
-        return awq_quantize(
-            w, stats.sample, self.config, mean_abs=stats.mean_abs, path=path, act=self.act
-        )
-
-
-def awq(
-    bits: int = 4,
-    group_size: int | None = 128,
-    *,
-    sym: bool = False,
-    n_grid: int = 20,
-    max_shrink: float = 0.5,
-    clip: bool = True,
-) -> AWQ:
-    """AWQ weight-only quantization (activation-aware scales + clip search).
-
-    Args:
-      bits: 2, 3, 4 or 8.
-      group_size: rows of K sharing a scale; None = per output channel.
-      sym: absmax codes instead of zero points.
-      n_grid: alphas searched (``i / n_grid``) and clip step (``1 / n_grid``).
-      max_shrink: largest clip shrink ratio searched.
-      clip: run the clipping search.
-
-    Example:
-        >>> import jqx
-        >>> jqx.awq(bits=4, group_size=128).stats_needed
-        ('mean_abs', 'sample')
-    """
-    cfg = AWQConfig(bits, group_size, sym, n_grid, max_shrink, clip)
-    return AWQ(
-        name=f"awq(bits={bits}, group_size={group_size})",
-        format=_common.int_grid(cfg.bits, cfg.sym).format,
-        scheme="absmax" if sym else "zero_point",
-        group_size=group_size,
-        bits=bits,
-        sym=sym,
-        n_grid=n_grid,
-        max_shrink=float(max_shrink),
-        clip=clip,
     )

@@ -16,7 +16,7 @@ the upper Cholesky factor of ``H^-1``:
    from ``W`` up front; otherwise a group's scale is computed when its first
    row is reached, from the weights as updated so far ("dynamic groups").
    ``clip_search=True`` picks each group's range by a search over shrink
-   factors (``_common.search_group_params``) instead of its min/max.
+   factors (``grid.search_group_params``) instead of its min/max.
 7. ``act_order``: rows are processed by descending ``diag H``; the
    permutation is undone in the stored QArray.
 
@@ -32,7 +32,7 @@ Example:
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (256, 64))
     >>> w = jax.random.normal(jax.random.key(1), (64, 32))
-    >>> q = gptq_quantize(w, 2 * x.T @ x / 256, GPTQConfig(bits=4, group_size=32))
+    >>> q = gptq_quantize(w, 2 * x.T @ x / 256, GPTQ(bits=4, group_size=32))
     >>> q.shape, q.format
     ((64, 32), 'uint4')
 """
@@ -47,20 +47,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jqx.core.numerics import (
+    check_finite,
+    check_group_divides,
+    check_group_size,
+    encode_int,
+    make_qarray,
+)
 from jqx.core.qarray import QArray
-from jqx.recipes import grid as _common
-from jqx.recipes.presets import Recipe
+from jqx.recipes import grid as _grid
+from jqx.recipes.base import Recipe, build
 
-__all__ = ["GPTQConfig", "GPTQ", "gptq", "gptq_quantize", "gptq_hessian"]
+__all__ = ["GPTQ", "gptq", "gptq_quantize", "gptq_hessian"]
 
 _HI = lax.Precision.HIGHEST
 # Up to this many blocks the block loop is unrolled (see _gptq_core_perm).
 _MAX_UNROLLED_BLOCKS = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class GPTQConfig:
-    """GPTQ settings (see :func:`gptq`)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(Recipe):
+    """GPTQ weight-only recipe and settings; build it with :func:`gptq`.
+
+    Needs ``jqx.calibrate`` (statistic ``xtx``); quantizes layers in forward
+    order (``sequential``). The fields are the arguments of :func:`gptq`.
+
+    Example:
+        >>> r = GPTQ(bits=3, group_size=64, act_order=True)
+        >>> r.name, r.format, r.scheme
+        ('gptq(bits=3, group_size=64, act_order)', 'uint4', 'zero_point')
+    """
 
     bits: int = 4
     group_size: int | None = 128
@@ -72,12 +88,18 @@ class GPTQConfig:
     clip_search: bool = False
 
     def __post_init__(self):
-        _common.int_grid(self.bits, self.sym, who="gptq: bits")
-        if not (isinstance(self.damp, (int, float)) and 0.0 <= float(self.damp) < 1e6):
+        _grid.int_grid(self.bits, self.sym, who="gptq")
+        check_group_size(self.group_size, who="gptq")
+        if (
+            isinstance(self.damp, bool)
+            or not isinstance(self.damp, (int, float))
+            or not 0.0 <= float(self.damp) < 1e6
+        ):
             raise ValueError(
                 f"gptq: damp={self.damp!r} must be a float >= 0 (fraction of mean(diag H); the "
                 "paper uses 0.01)."
             )
+        object.__setattr__(self, "damp", float(self.damp))
         if (
             isinstance(self.block_size, bool)
             or not isinstance(self.block_size, int)
@@ -88,15 +110,78 @@ class GPTQConfig:
             )
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"gptq: clip_search={self.clip_search!r} must be True or False.")
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int)
-            or self.group_size <= 0
-        ):
+
+    @property
+    def grid(self) -> _grid.IntGrid:
+        """The integer grid of the codes (container format and code range)."""
+        return _grid.int_grid(self.bits, self.sym)
+
+    @property
+    def format(self) -> str:
+        return self.grid.format
+
+    @property
+    def scheme(self) -> str:
+        return "absmax" if self.sym else "zero_point"
+
+    @property
+    def name(self) -> str:
+        flags = (", act_order" if self.act_order else "") + (
+            ", clip_search" if self.clip_search else ""
+        )
+        return f"gptq(bits={self.bits}, group_size={self.group_size}{flags})"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    @property
+    def stats_needed(self) -> tuple[str, ...]:
+        return ("xtx",)
+
+    @property
+    def sequential(self) -> bool:
+        return True
+
+    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
+        """GPTQ on one kernel from its :class:`jqx.calibration.stats.LayerStats` (``xtx``, ``n``)."""
+        if stats is None or getattr(stats, "xtx", None) is None:
             raise ValueError(
-                f"gptq: group_size={self.group_size!r} must be a positive int (e.g. 128) or None "
-                "for per-channel."
+                f"gptq needs the calibration statistic 'xtx' for {path or 'this weight'}; run it "
+                "with jqx.calibrate(fn, params, batches, jqx.gptq(...))."
             )
+        h = gptq_hessian(stats.xtx, stats.n)
+        return gptq_quantize(w, h, self, path=path, act=self.act)
+
+
+def gptq(**kw) -> GPTQ:
+    """GPTQ weight-only quantization (Frantar et al., 2022), keyword arguments only.
+
+    Args:
+      bits: 2, 3, 4 (default) or 8 (2/3-bit codes live in the 4-bit container).
+      group_size: rows of K sharing a scale (default 128); None = per output channel.
+      act_order: process inputs by descending ``diag H`` (see module docstring);
+        default False.
+      damp: dampening as a fraction of ``mean(diag H)`` (default 0.01).
+      block_size: rows per lazy batch update (default 128).
+      sym: absmax int codes (True) or unsigned codes with zero points (False,
+        the default).
+      static_groups: compute group scales up front from the float weights
+        (default False).
+      clip_search: choose each group's range by a search over shrink factors
+        (least ``|err|^2.4``, the reference GPTQ's ``--mse``) instead of its
+        min/max (default False); slower, better at 3-4 bits.
+
+    Returns:
+      A :class:`GPTQ` recipe (apply it with ``jqx.calibrate``).
+
+    Example:
+        >>> import jqx
+        >>> r = jqx.gptq(bits=4, group_size=128)
+        >>> r.needs_calibration, r.stats_needed, r.format
+        (True, ('xtx',), 'uint4')
+    """
+    return build(GPTQ, "gptq", kw)
 
 
 def gptq_hessian(xtx: jax.Array, n: int) -> jax.Array:
@@ -147,7 +232,7 @@ def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp, clip_search=F
 
 def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=False):
     k, n = w.shape
-    group_params = _common.search_group_params if clip_search else _common.group_params
+    group_params = _grid.search_group_params if clip_search else _grid.group_params
     invperm = jnp.argsort(perm)
     dynamic = g < k and not static_groups
     wp = w[perm]
@@ -188,8 +273,8 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=Fals
                 s = lax.dynamic_index_in_dim(srow, gi, 0, keepdims=False)
                 z = None if zrow is None else lax.dynamic_index_in_dim(zrow, gi, 0, keepdims=False)
             wr = w1[i]
-            q = _common.quant_codes(wr, s, z, grid)
-            e = (wr - _common.dequant(q, s, z)) / u1[i, i]
+            q = encode_int(wr, s, z, qmin=grid.qmin, qmax=grid.qmax)
+            e = (wr - _grid.dequant(q, s, z)) / u1[i, i]
             # u1 is upper triangular, so rows before i are left alone.
             w1 = w1 - jnp.outer(u1[i], e)
             err1 = err1.at[i].set(e)
@@ -243,7 +328,7 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=Fals
 def gptq_quantize(
     w: jax.Array,
     h: jax.Array,
-    cfg: GPTQConfig = GPTQConfig(),
+    recipe: GPTQ = GPTQ(),
     *,
     path: str | None = None,
     act=None,
@@ -253,7 +338,7 @@ def gptq_quantize(
     Args:
       w: float kernel used as ``x @ w``.
       h: ``2 X^T X / n`` (see :func:`gptq_hessian`), float32 (K, K).
-      cfg: :class:`GPTQConfig`.
+      recipe: the :class:`GPTQ` settings.
       path: the weight's name, for error messages.
       act: ActSpec recorded on the result (None: weight-only).
 
@@ -263,11 +348,16 @@ def gptq_quantize(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> q = gptq_quantize(jnp.ones((8, 4)), jnp.eye(8), GPTQConfig(group_size=4))
+        >>> q = gptq_quantize(jnp.ones((8, 4)), jnp.eye(8), GPTQ(group_size=4))
         >>> float(abs(q.dequantize() - 1.0).max())
         0.0
     """
-    w = _common.check_kernel(w, "gptq", path)
+    if not isinstance(recipe, GPTQ):
+        raise TypeError(
+            f"gptq_quantize: recipe must be a jqx.GPTQ (e.g. jqx.gptq(bits=4)), got "
+            f"{type(recipe).__name__}: {recipe!r}"
+        )
+    w = _grid.check_kernel(w, "gptq", path)
     k, n = w.shape
     h = jnp.asarray(h, jnp.float32)
     if h.shape != (k, k):
@@ -276,13 +366,13 @@ def gptq_quantize(
             f"has K={k} inputs; expected ({k}, {k}). The calibration data's feature size must "
             "match the weight's input size (axis 0 of the (K, N) kernel)."
         )
-    _common.check_finite(w, "gptq", path)
+    check_finite(w, path, who="gptq")
     if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
         raise ValueError("gptq: the Hessian contains NaN or Inf; check the calibration data.")
-    grid = _common.int_grid(cfg.bits, cfg.sym, who="gptq: bits")
-    g = _common.check_group(k, cfg.group_size, "gptq", path)
-    dynamic = g < k and not cfg.static_groups
-    bsz = min(cfg.block_size, k)
+    grid = recipe.grid
+    g = check_group_divides(recipe.group_size, k, axis=0, path=path, who="gptq")
+    dynamic = g < k and not recipe.static_groups
+    bsz = min(recipe.block_size, k)
     if dynamic and bsz % g:
         bsz = g  # groups must start inside a block to see their updated weights
     codes, srow, zrow, ok = _gptq_full(
@@ -291,115 +381,19 @@ def gptq_quantize(
         grid,
         g,
         bsz,
-        bool(cfg.act_order),
-        bool(cfg.static_groups),
-        float(cfg.damp),
-        bool(cfg.clip_search),
+        bool(recipe.act_order),
+        bool(recipe.static_groups),
+        float(recipe.damp),
+        bool(recipe.clip_search),
     )
     if not isinstance(ok, jax.core.Tracer) and not bool(ok):
         raise ValueError(
             f"gptq: the Hessian of {path or 'this weight'} is not positive definite after "
-            f"dampening (damp={cfg.damp}); it is singular or ill-conditioned. Increase damp "
+            f"dampening (damp={recipe.damp}); it is singular or ill-conditioned. Increase damp "
             "(e.g. 0.1) or give more, more varied calibration rows."
         )
     scale = srow[::g]
     zero = None if grid.sym else zrow[::g]
-    return _common.build_qarray(
-        codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=(g, 1), act=act
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTQ(Recipe):
-    """GPTQ recipe; build it with :func:`gptq`. Needs ``jqx.calibrate``."""
-
-    bits: int = 4
-    act_order: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    sym: bool = False
-    static_groups: bool = False
-    clip_search: bool = False
-
-    @property
-    def config(self) -> GPTQConfig:
-        return GPTQConfig(
-            self.bits,
-            self.group_size,
-            self.act_order,
-            self.damp,
-            self.block_size,
-            self.sym,
-            self.static_groups,
-            self.clip_search,
-        )
-
-    @property
-    def needs_calibration(self) -> bool:
-        return True
-
-    @property
-    def stats_needed(self) -> tuple[str, ...]:
-        return ("xtx",)
-
-    @property
-    def sequential(self) -> bool:
-        return True
-
-    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
-        """GPTQ on one kernel from its :class:`jqx.calibration.stats.LayerStats` (``xtx``, ``n``)."""
-        if stats is None or getattr(stats, "xtx", None) is None:
-            raise ValueError(
-                f"gptq needs the calibration statistic 'xtx' for {path or 'this weight'}; run it "
-                "with jqx.calibrate(fn, params, batches, jqx.gptq(...))."
-            )
-        h = gptq_hessian(stats.xtx, stats.n)
-        return gptq_quantize(w, h, self.config, path=path, act=self.act)
-
-
-def gptq(
-    bits: int = 4,
-    group_size: int | None = 128,
-    act_order: bool = False,
-    damp: float = 0.01,
-    block_size: int = 128,
-    sym: bool = False,
-    static_groups: bool = False,
-    clip_search: bool = False,
-) -> GPTQ:
-    """GPTQ weight-only quantization (Frantar et al., 2022).
-
-    Args:
-      bits: 2, 3, 4 or 8 (2/3-bit codes live in the 4-bit container).
-      group_size: rows of K sharing a scale; None = per output channel.
-      act_order: process inputs by descending ``diag H`` (see module docstring).
-      damp: dampening as a fraction of ``mean(diag H)``.
-      block_size: rows per lazy batch update.
-      sym: absmax int codes (True) or unsigned codes with zero points (False).
-      static_groups: compute group scales up front from the float weights.
-      clip_search: choose each group's range by a search over shrink factors
-        (least ``|err|^2.4``, the reference GPTQ's ``--mse``) instead of its
-        min/max; ~1.3x the time, better at 3-4 bits.
-
-    Example:
-        >>> import jqx
-        >>> r = jqx.gptq(bits=4, group_size=128)
-        >>> r.needs_calibration, r.stats_needed, r.format
-        (True, ('xtx',), 'uint4')
-    """
-    cfg = GPTQConfig(bits, group_size, act_order, damp, block_size, sym, static_groups, clip_search)
-    grid = _common.int_grid(cfg.bits, cfg.sym)
-    return GPTQ(
-        name=f"gptq(bits={bits}, group_size={group_size}{', act_order' if act_order else ''}"
-        f"{', clip_search' if clip_search else ''})",
-        format=grid.format,
-        scheme="absmax" if sym else "zero_point",
-        group_size=group_size,
-        bits=bits,
-        act_order=act_order,
-        damp=float(damp),
-        block_size=block_size,
-        sym=sym,
-        static_groups=static_groups,
-        clip_search=clip_search,
+    return make_qarray(
+        codes, scale, zero, fmt=grid.format, shape=w.shape, dtype=w.dtype, block=(g, 1), act=act
     )

@@ -1,4 +1,4 @@
-"""Shared pieces of the algorithms: integer grids, group parameters, QArray assembly.
+"""Shared pieces of the algorithms: integer grids and group parameters.
 
 Grids. The algorithms quantize to ``bits`` in {2, 3, 4, 8}. Codes narrower
 than the storage container keep the container's format and use a sub-range
@@ -17,9 +17,10 @@ bits      sym (absmax)          asym (zero point)       container
 A 3-bit QArray therefore reports ``format='uint4'`` (or ``'int4'``) and takes
 4 bits per code in memory; only the range of codes is 3-bit.
 
-The scale formulas are the seed formulas of DESIGN.md with this range:
-absmax ``S = max|x| / qmax``; zero point ``S = (max - min) / (qmax - qmin)``,
-``Z = round(qmin - min / S)``; a constant group gets ``S = |c|`` (1 for 0).
+Containers and ranges come from :func:`jqx.formats.int_container`; scales,
+zero points and codes from :mod:`jqx.core.numerics` (the seed formulas of
+DESIGN.md with this range, and their guards), and the QArray from
+:func:`jqx.core.numerics.make_qarray`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from jqx.core import formats as _formats
-from jqx.core.qarray import ActSpec, QArray, pack_4bit
-
-SUPPORTED_BITS = (2, 3, 4, 8)
+from jqx.core.numerics import (
+    check_group_divides,
+    encode_int,
+    make_qarray,
+    scale_from_minmax,
+)
+from jqx.core.qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,36 +51,36 @@ class IntGrid:
     qmax: float
 
 
-def int_grid(bits: int, sym: bool, *, who: str = "bits") -> IntGrid:
-    """The grid for ``bits`` codes, symmetric (absmax) or with a zero point."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+def int_grid(bits: int, sym: bool, *, who: str | None = None) -> IntGrid:
+    """The grid for ``bits`` codes, symmetric (absmax) or with a zero point;
+    container and range from :func:`jqx.formats.int_container`.
+
+    Example:
+        >>> g = int_grid(3, sym=False)
+        >>> g.format, g.qmin, g.qmax
+        ('uint4', 0.0, 7.0)
+    """
+    try:
+        fmt, qmin, qmax = _formats.int_container(bits, signed=sym)
+    except ValueError as e:
+        pre = f"{who}: " if who else ""
         raise ValueError(
-            f"{who}={bits!r} is not supported; use one of {SUPPORTED_BITS} (2/3-bit codes are "
-            "stored in the 4-bit container with a narrower code range)."
-        )
-    if bits == 8:
-        return IntGrid(
-            8, sym, "int8" if sym else "uint8", -128.0 if sym else 0.0, 127.0 if sym else 255.0
-        )
-    if sym:
-        return IntGrid(bits, True, "int4", -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1))
-    return IntGrid(bits, False, "uint4", 0.0, float(2**bits - 1))
+            f"{pre}{e} 2/3-bit codes are stored in the 4-bit container with a narrower code range."
+        ) from None
+    return IntGrid(bits, sym, fmt.name, float(qmin), float(qmax))
 
 
 def group_params(wg: jax.Array, grid: IntGrid, axis: int = 0) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (and zero point) of the values of ``wg`` reduced over ``axis`` (keepdims)."""
+    """Scale (and zero point) of the values of ``wg`` reduced over ``axis``
+    (keepdims): :func:`jqx.core.numerics.scale_from_minmax` on the grid's range."""
     wg = wg.astype(jnp.float32)
-    mx = jnp.max(wg, axis=axis, keepdims=True)
-    mn = jnp.min(wg, axis=axis, keepdims=True)
-    constant = mx == mn
-    cabs = jnp.abs(mx)
-    const_scale = jnp.where(cabs > 0, cabs, 1.0)
-    if grid.sym:
-        s = jnp.maximum(jnp.abs(mx), jnp.abs(mn)) / grid.qmax
-        return jnp.where(constant | (s == 0), const_scale, s), None
-    s = (mx - mn) / (grid.qmax - grid.qmin)
-    s = jnp.where(constant | (s == 0), const_scale, s)
-    return s, jnp.round(grid.qmin - mn / s)
+    return scale_from_minmax(
+        jnp.min(wg, axis=axis, keepdims=True),
+        jnp.max(wg, axis=axis, keepdims=True),
+        qmin=grid.qmin,
+        qmax=grid.qmax,
+        scheme="absmax" if grid.sym else "zero_point",
+    )
 
 
 #: Range shrink factors tried by :func:`search_group_params` (1.0 first).
@@ -110,7 +115,7 @@ def search_group_params(
 
     def err_of(p):
         s, z = group_params(wg * p, grid, axis)
-        q = quant_codes(wg, s, z, grid)
+        q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
         e = jnp.sum(jnp.abs(dequant(q, s, z) - wg) ** CLIP_SEARCH_NORM, axis=axis, keepdims=True)
         return e, s, (jnp.zeros_like(s) if z is None else z)
 
@@ -121,23 +126,9 @@ def search_group_params(
     return s, (None if grid.sym else z)
 
 
-def quant_codes(
-    w: jax.Array, s: jax.Array, z: jax.Array | None, grid: IntGrid, *, float_zero: bool = False
-) -> jax.Array:
-    """Integer codes (as float32) of ``w`` on the grid (round half to even, clamped).
-
-    An integer zero point is added after rounding (the seed formula, so ties
-    match ``jqx.quantize_array``); a float zero point (HQQ) before rounding.
-    """
-    if float_zero and z is not None:
-        return jnp.clip(jnp.round(w / s + z), grid.qmin, grid.qmax)
-    q = jnp.round(w / s)
-    if z is not None:
-        q = q + z
-    return jnp.clip(q, grid.qmin, grid.qmax)
-
-
 def dequant(q: jax.Array, s: jax.Array, z: jax.Array | None) -> jax.Array:
+    """``(q - z) * s`` (``q * s`` without a zero point): the inverse of
+    :func:`jqx.core.numerics.encode_int` on the grid."""
     return (q - z) * s if z is not None else q * s
 
 
@@ -157,63 +148,6 @@ def check_kernel(w, who: str, path: str | None) -> jax.Array:
     return w
 
 
-def check_group(k: int, group_size: int | None, who: str, path: str | None) -> int:
-    """The effective group size along K (``None`` = the whole axis)."""
-    if group_size is None:
-        return k
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"{who}: group_size={group_size!r} must be a positive int or None.")
-    if k % group_size:
-        where = f" of {path}" if path else ""
-        divs = [d for d in (16, 32, 64, 96, 128, 256) if k % d == 0 and d < k]
-        raise ValueError(
-            f"{who}: group_size={group_size} does not divide the input size K={k}{where}; use a "
-            f"divisor such as {', '.join(map(str, divs)) or k}, or group_size=None for per-channel."
-        )
-    return group_size
-
-
-def check_finite(w, who: str, path: str | None) -> None:
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-        raise ValueError(
-            f"{who}: {path or 'the weight'} contains NaN or Inf; fix the weights (e.g. "
-            "jnp.nan_to_num) or exclude this leaf with a rule mapping its path to None."
-        )
-
-
-def build_qarray(
-    codes: jax.Array,
-    scale: jax.Array,
-    zero: jax.Array | None,
-    grid: IntGrid,
-    *,
-    shape: tuple[int, ...],
-    dtype,
-    block: tuple[int, ...],
-    in_scale: jax.Array | None = None,
-    act: ActSpec | None = None,
-) -> QArray:
-    """An ordinary QArray from integer codes (float or int array in the grid range),
-    per-block ``scale``/``zero`` of shape ``shape // block``."""
-    fmt = _formats.get(grid.format)
-    q = _formats.encode(codes.astype(jnp.float32), fmt)
-    if fmt.packed:
-        q = pack_4bit(q)
-    nb = tuple(s // b for s, b in zip(shape, block, strict=True))
-    return QArray(
-        qvalue=q,
-        scale=scale.reshape(nb).astype(jnp.float32),
-        zero_point=None if zero is None else zero.reshape(nb).astype(jnp.float32),
-        in_scale=None if in_scale is None else in_scale.astype(jnp.float32),
-        act_scale=None,
-        format=fmt.name,
-        shape=tuple(int(s) for s in shape),
-        dtype=jnp.dtype(dtype).name,
-        block=tuple(int(b) for b in block),
-        act=act,
-    )
-
-
 def rtn_codes(w: jax.Array, grid: IntGrid, group_size: int):
     """Round to nearest, group-wise along axis 0 of a (K, N) weight.
 
@@ -222,7 +156,7 @@ def rtn_codes(w: jax.Array, grid: IntGrid, group_size: int):
     k, n = w.shape
     wg = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
     s, z = group_params(wg, grid, axis=1)
-    q = quant_codes(wg, s, z, grid)
+    q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
     w_hat = dequant(q, s, z).reshape(k, n)
     return q.reshape(k, n), s[:, 0], None if z is None else z[:, 0], w_hat
 
@@ -241,7 +175,7 @@ def rtn_quantize(
         'uint4'
     """
     w = check_kernel(w, "rtn_quantize", None)
-    grid = int_grid(bits, sym)
-    g = check_group(w.shape[0], group_size, "rtn_quantize", None)
+    grid = int_grid(bits, sym, who="rtn_quantize")
+    g = check_group_divides(group_size, w.shape[0], axis=0, who="rtn_quantize")
     q, s, z, _ = jax.jit(rtn_codes, static_argnums=(1, 2))(w, grid, g)
-    return build_qarray(q, s, z, grid, shape=w.shape, dtype=w.dtype, block=(g, 1))
+    return make_qarray(q, s, z, fmt=grid.format, shape=w.shape, dtype=w.dtype, block=(g, 1))

@@ -39,16 +39,32 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jqx.core.numerics import (
+    check_finite,
+    check_group_divides,
+    check_group_size,
+    encode_int,
+    make_qarray,
+)
 from jqx.core.qarray import QArray
-from jqx.recipes import grid as _common
-from jqx.recipes.presets import Recipe
+from jqx.recipes import grid as _grid
+from jqx.recipes.base import Recipe, build
 
-__all__ = ["HQQConfig", "HQQ", "hqq", "hqq_quantize", "hqq_optimize", "lp_objective", "shrink_lp"]
+__all__ = ["HQQ", "hqq", "hqq_quantize", "hqq_optimize", "lp_objective", "shrink_lp"]
 
 
-@dataclasses.dataclass(frozen=True)
-class HQQConfig:
-    """HQQ settings (paper defaults)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HQQ(Recipe):
+    """HQQ weight-only recipe and settings (paper defaults); build it with :func:`hqq`.
+
+    Calibration-free: works with ``jqx.quantize``. The fields are the
+    arguments of :func:`hqq`.
+
+    Example:
+        >>> r = HQQ(bits=3, group_size=32)
+        >>> r.name, r.format, r.needs_calibration
+        ('hqq(bits=3, group_size=32)', 'uint4', False)
+    """
 
     bits: int = 4
     group_size: int | None = 64
@@ -61,7 +77,10 @@ class HQQConfig:
     optimize_scale: bool = False
 
     def __post_init__(self):
-        _common.int_grid(self.bits, False, who="hqq: bits")
+        _grid.int_grid(self.bits, False, who="hqq")
+        check_group_size(self.group_size, who="hqq")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise ValueError(f"hqq: axis={self.axis!r} must be an int (Flax kernels: -2).")
         if not 0.0 < float(self.lp_norm) <= 1.0:
             raise ValueError(f"hqq: lp_norm={self.lp_norm!r} must be in (0, 1] (paper: 0.7).")
         if not float(self.beta) > 0 or not float(self.kappa) >= 1.0:
@@ -71,6 +90,53 @@ class HQQConfig:
             )
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"hqq: iters={self.iters!r} must be an int >= 0 (paper: 20).")
+        for f in ("lp_norm", "beta", "kappa"):
+            object.__setattr__(self, f, float(getattr(self, f)))
+
+    @property
+    def grid(self) -> _grid.IntGrid:
+        """The integer grid of the codes (always with a zero point)."""
+        return _grid.int_grid(self.bits, False)
+
+    @property
+    def format(self) -> str:
+        return self.grid.format
+
+    @property
+    def scheme(self) -> str:
+        return "zero_point"
+
+    @property
+    def name(self) -> str:
+        return f"hqq(bits={self.bits}, group_size={self.group_size})"
+
+    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
+        """HQQ on one weight (statistics are not used)."""
+        return hqq_quantize(w, self, path=path, act=self.act)
+
+
+def hqq(**kw) -> HQQ:
+    """HQQ weight-only quantization with zero points (uint codes), keyword arguments only.
+
+    Args:
+      bits: 2, 3, 4 (default) or 8.
+      group_size: elements along ``axis`` sharing a scale/zero (default 64);
+        None = the whole axis.
+      axis: the grouped axis (default -2: the input axis of a Flax kernel).
+      lp_norm, beta, kappa, iters, early_stop: the optimiser (paper defaults
+        0.7, 10.0, 1.01, 20, True).
+      optimize_scale: also refit the scale (least squares) at each step
+        (default False).
+
+    Returns:
+      An :class:`HQQ` recipe (calibration-free: apply it with ``jqx.quantize``).
+
+    Example:
+        >>> import jqx
+        >>> jqx.hqq(bits=4, group_size=64).needs_calibration
+        False
+    """
+    return build(HQQ, "hqq", kw)
 
 
 def shrink_lp(x: jax.Array, beta: float | jax.Array, p: float) -> jax.Array:
@@ -88,23 +154,23 @@ def lp_objective(err: jax.Array, p: float, axis: int = -1) -> jax.Array:
     return jnp.sum(jnp.power(jnp.abs(err), p), axis=axis)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "cfg"))
-def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
+@functools.partial(jax.jit, static_argnames=("grid", "recipe"))
+def hqq_optimize(wg: jax.Array, grid: _grid.IntGrid, recipe: HQQ):
     """Optimises rows of groups ``wg`` (G, g) (one group per row).
 
     Returns ``(codes, scale (G, 1), zero (G, 1), w_hat)``.
     """
     wg = wg.astype(jnp.float32)
-    p = float(cfg.lp_norm)
-    s, z = _common.group_params(wg, grid, axis=1)
+    p = float(recipe.lp_norm)
+    s, z = _grid.group_params(wg, grid, axis=1)
 
     def recon(s, z):
-        q = _common.quant_codes(wg, s, z, grid, float_zero=True)
-        return q, _common.dequant(q, s, z)
+        q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=True)
+        return q, _grid.dequant(q, s, z)
 
     # The start is exactly round to nearest (integer zero added after rounding).
-    q0 = _common.quant_codes(wg, s, z, grid)
-    r0 = _common.dequant(q0, s, z)
+    q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
+    r0 = _grid.dequant(q0, s, z)
     obj0 = lp_objective(wg - r0, p)
     err0 = jnp.mean(jnp.abs(wg - r0))
 
@@ -113,7 +179,7 @@ def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
         q, r = recon(s, z)
         we = shrink_lp(wg - r, beta, p)
         target = wg - we
-        if cfg.optimize_scale:
+        if recipe.optimize_scale:
             qm = jnp.mean(q, axis=1, keepdims=True)
             tm = jnp.mean(target, axis=1, keepdims=True)
             cov = jnp.mean((q - qm) * (target - tm), axis=1, keepdims=True)
@@ -133,7 +199,7 @@ def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
         best_z = jnp.where(better, z_new, best_z)
         best_obj = jnp.where(better, obj, best_obj)
         # The paper's early stop: the whole tensor's mean |error| stopped improving.
-        still = active & ((err < prev_err) if cfg.early_stop else True)
+        still = active & ((err < prev_err) if recipe.early_stop else True)
         s = jnp.where(active, s_new, s)
         z = jnp.where(active, z_new, z)
         return (
@@ -143,26 +209,24 @@ def hqq_optimize(wg: jax.Array, grid: _common.IntGrid, cfg: HQQConfig):
             best_z,
             best_obj,
             jnp.where(active, err, prev_err),
-            beta * cfg.kappa,
+            beta * recipe.kappa,
             still,
         )
 
-    init = (s, z, s, z, obj0[:, None], err0, jnp.float32(cfg.beta), jnp.bool_(True))
-    _, _, bs, bz, _, _, _, _ = lax.fori_loop(0, cfg.iters, step, init)
+    init = (s, z, s, z, obj0[:, None], err0, jnp.float32(recipe.beta), jnp.bool_(True))
+    _, _, bs, bz, _, _, _, _ = lax.fori_loop(0, recipe.iters, step, init)
     q, r = recon(bs, bz)
     moved = jnp.any(bz != z, axis=1, keepdims=True) | jnp.any(bs != s, axis=1, keepdims=True)
     q = jnp.where(moved, q, q0)
     return q, bs, bz, jnp.where(moved, r, r0)
 
 
-def hqq_quantize(
-    w: jax.Array, cfg: HQQConfig = HQQConfig(), *, path: str | None = None, act=None
-) -> QArray:
-    """Quantizes ``w`` with HQQ: groups of ``cfg.group_size`` along ``cfg.axis``.
+def hqq_quantize(w: jax.Array, recipe: HQQ = HQQ(), *, path: str | None = None, act=None) -> QArray:
+    """Quantizes ``w`` with HQQ: groups of ``recipe.group_size`` along ``recipe.axis``.
 
     Args:
       w: float array of any rank >= 1 (Flax kernels: axis -2 is the input axis).
-      cfg: :class:`HQQConfig`.
+      recipe: the :class:`HQQ` settings.
       path: the weight's name, for error messages.
       act: ActSpec recorded on the result.
 
@@ -173,113 +237,36 @@ def hqq_quantize(
     Example:
         >>> import jax
         >>> w = jax.random.normal(jax.random.key(0), (64, 16))
-        >>> hqq_quantize(w, HQQConfig(group_size=32)).block
+        >>> hqq_quantize(w, HQQ(group_size=32)).block
         (32, 1)
     """
+    if not isinstance(recipe, HQQ):
+        raise TypeError(
+            f"hqq_quantize: recipe must be a jqx.HQQ (e.g. jqx.hqq(bits=4)), got "
+            f"{type(recipe).__name__}: {recipe!r}"
+        )
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"hqq: {path or 'the weight'} has dtype {w.dtype}; only float weights.")
     if w.ndim == 0:
         raise NotImplementedError("hqq: scalars are not supported; quantize arrays of rank >= 1.")
-    if not -w.ndim <= cfg.axis < w.ndim:
+    if not -w.ndim <= recipe.axis < w.ndim:
         raise ValueError(
-            f"hqq: axis={cfg.axis} is out of range for {path or 'the weight'} with shape "
+            f"hqq: axis={recipe.axis} is out of range for {path or 'the weight'} with shape "
             f"{tuple(w.shape)}; use an axis in [{-w.ndim}, {w.ndim - 1}] (Flax kernels: -2)."
         )
-    _common.check_finite(w, "hqq", path)
-    ax = cfg.axis % w.ndim
-    g = _common.check_group(w.shape[ax], cfg.group_size, "hqq", path)
-    grid = _common.int_grid(cfg.bits, False, who="hqq: bits")
+    check_finite(w, path, who="hqq")
+    ax = recipe.axis % w.ndim
+    g = check_group_divides(recipe.group_size, w.shape[ax], axis=ax, path=path, who="hqq")
+    grid = recipe.grid
     wm = jnp.moveaxis(w, ax, -1)
     moved = wm.shape
-    q, s, z, _ = hqq_optimize(wm.reshape(-1, g), grid, cfg)
+    q, s, z, _ = hqq_optimize(wm.reshape(-1, g), grid, recipe)
     codes = jnp.moveaxis(q.reshape(moved), -1, ax)
     nb_moved = moved[:-1] + (moved[-1] // g,)
     scale = jnp.moveaxis(s.reshape(nb_moved), -1, ax)
     zero = jnp.moveaxis(z.reshape(nb_moved), -1, ax)
     block = tuple(g if i == ax else 1 for i in range(w.ndim))
-    return _common.build_qarray(
-        codes, scale, zero, grid, shape=w.shape, dtype=w.dtype, block=block, act=act
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class HQQ(Recipe):
-    """HQQ recipe; build it with :func:`hqq`. Calibration-free (works with ``jqx.quantize``)."""
-
-    bits: int = 4
-    lp_norm: float = 0.7
-    beta: float = 10.0
-    kappa: float = 1.01
-    iters: int = 20
-    early_stop: bool = True
-    optimize_scale: bool = False
-
-    @property
-    def config(self) -> HQQConfig:
-        return HQQConfig(
-            self.bits,
-            self.group_size,
-            self.axis,
-            self.lp_norm,
-            self.beta,
-            self.kappa,
-            self.iters,
-            self.early_stop,
-            self.optimize_scale,
-        )
-
-    @property
-    def needs_calibration(self) -> bool:
-        return False
-
-    @property
-    def stats_needed(self) -> tuple[str, ...]:
-        return ()
-
-    def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
-        """HQQ on one weight (statistics are ignored)."""
-        return hqq_quantize(w, self.config, path=path, act=self.act)
-
-
-def hqq(
-    bits: int = 4,
-    group_size: int | None = 64,
-    axis: int = -2,
-    *,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    iters: int = 20,
-    early_stop: bool = True,
-    optimize_scale: bool = False,
-) -> HQQ:
-    """HQQ weight-only quantization with zero points (uint codes).
-
-    Args:
-      bits: 2, 3, 4 or 8.
-      group_size: elements along ``axis`` sharing a scale/zero; None = whole axis.
-      axis: the grouped axis (-2: the input axis of a Flax kernel).
-      lp_norm, beta, kappa, iters, early_stop: the optimiser (paper defaults).
-      optimize_scale: also refit the scale (least squares) at each step.
-
-    Example:
-        >>> import jqx
-        >>> jqx.hqq(bits=4, group_size=64).needs_calibration
-        False
-    """
-    cfg = HQQConfig(bits, group_size, axis, lp_norm, beta, kappa, iters, early_stop, optimize_scale)
-    return HQQ(
-        name=f"hqq(bits={bits}, group_size={group_size})",
-        format=_common.int_grid(cfg.bits, False).format,
-        scheme="zero_point",
-        group_size=group_size,
-        axis=axis,
-        bits=bits,
-        lp_norm=float(lp_norm),
-        beta=float(beta),
-        kappa=float(kappa),
-        iters=iters,
-        early_stop=early_stop,
-        optimize_scale=optimize_scale,
+    return make_qarray(
+        codes, scale, zero, fmt=grid.format, shape=w.shape, dtype=w.dtype, block=block, act=act
     )

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from jqx.core.numerics import per_group, quantize_array
 from jqx.core.qarray import ActSpec, QArray
-from jqx.recipes import grid as _common
-from jqx.recipes.presets import Recipe
+from jqx.recipes import grid as _grid
+from jqx.recipes.base import Recipe, build
 
 __all__ = ["SmoothQuant", "smoothquant", "smoothquant_scales", "smoothquant_quantize"]
 
@@ -52,7 +52,7 @@ def smoothquant_scales(act_absmax: jax.Array, w: jax.Array, alpha: float = 0.5) 
         [1.5]
     """
     _check_alpha(alpha)
-    w = _common.check_kernel(w, "smoothquant", None)
+    w = _grid.check_kernel(w, "smoothquant", None)
     a = jnp.asarray(act_absmax, jnp.float32)
     if a.shape != (w.shape[0],):
         raise ValueError(
@@ -83,7 +83,7 @@ def smoothquant_quantize(
         >>> q.act.kind, q.in_scale.shape
         ('dynamic', (4, 1))
     """
-    w = _common.check_kernel(w, "smoothquant", path)
+    w = _grid.check_kernel(w, "smoothquant", path)
     s = smoothquant_scales(act_absmax, w, alpha)
     ws = (w.astype(jnp.float32) * s[:, None]).astype(w.dtype)
     q = quantize_array(
@@ -92,11 +92,42 @@ def smoothquant_quantize(
     return q.replace(in_scale=s[:, None].astype(jnp.float32))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SmoothQuant(Recipe):
-    """SmoothQuant W8A8 recipe; build it with :func:`smoothquant`."""
+    """SmoothQuant W8A8 recipe and settings; build it with :func:`smoothquant`.
+
+    int8 weights per output channel, dynamic int8 activations; needs
+    ``jqx.calibrate`` (statistic ``absmax``).
+
+    Example:
+        >>> r = SmoothQuant(alpha=0.8)
+        >>> r.name, r.format, r.act.granularity
+        ('smoothquant(alpha=0.8)', 'int8', 'per_token')
+    """
 
     alpha: float = 0.5
+    act_granularity: str = "per_token"
+
+    def __post_init__(self):
+        _check_alpha(self.alpha)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        ActSpec("dynamic", "int8", self.act_granularity)  # checks act_granularity
+
+    @property
+    def format(self) -> str:
+        return "int8"
+
+    @property
+    def scheme(self) -> str:
+        return "absmax"
+
+    @property
+    def name(self) -> str:
+        return f"smoothquant(alpha={self.alpha})"
+
+    @property
+    def act(self) -> ActSpec:
+        return ActSpec("dynamic", "int8", self.act_granularity)
 
     @property
     def needs_calibration(self) -> bool:
@@ -116,24 +147,22 @@ class SmoothQuant(Recipe):
         return smoothquant_quantize(w, stats.absmax, self.alpha, act=self.act, path=path)
 
 
-def smoothquant(alpha: float = 0.5, *, act_granularity: str = "per_token") -> SmoothQuant:
-    """SmoothQuant + W8A8 int8 (per-channel weights, dynamic int8 activations).
+def smoothquant(**kw) -> SmoothQuant:
+    """SmoothQuant + W8A8 int8 (per-channel weights, dynamic int8 activations),
+    keyword arguments only.
 
     Args:
-      alpha: migration strength (0: plain W8A8, 1: all difficulty to weights).
-      act_granularity: ``"per_token"`` or ``"per_tensor"`` dynamic activation scales.
+      alpha: migration strength (0: plain W8A8, 1: all difficulty to weights);
+        default 0.5.
+      act_granularity: ``"per_token"`` (default) or ``"per_tensor"`` dynamic
+        activation scales.
+
+    Returns:
+      A :class:`SmoothQuant` recipe (apply it with ``jqx.calibrate``).
 
     Example:
         >>> import jqx
         >>> jqx.smoothquant(alpha=0.5).stats_needed
         ('absmax',)
     """
-    _check_alpha(alpha)
-    return SmoothQuant(
-        name=f"smoothquant(alpha={alpha})",
-        format="int8",
-        scheme="absmax",
-        group_size=None,
-        act=ActSpec("dynamic", "int8", act_granularity),
-        alpha=float(alpha),
-    )
+    return build(SmoothQuant, "smoothquant", kw)

@@ -53,7 +53,7 @@ import numpy as np
 
 from jqx.core import formats as _formats
 from jqx.recipes.apply import select
-from jqx.recipes.presets import Recipe
+from jqx.recipes.base import RTN
 
 __all__ = [
     "init_state",
@@ -218,7 +218,7 @@ def fp8_dot_general(
 
 def _paths(params, filter_fn) -> list[str]:
     # Same selection as jqx.quantize; the recipe only decides "which leaves".
-    return [p for p, _, _ in select(params, Recipe(), filter_fn)]
+    return [p for p, _, _ in select(params, RTN(), filter_fn)]
 
 
 def init_state(

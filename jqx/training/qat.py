@@ -51,7 +51,7 @@ from jqx.core.numerics import _blocked, absmax_scale, code_range, encode_codes, 
 from jqx.core.qarray import ActSpec, QArray, is_qarray
 from jqx.core.tree import path_str
 from jqx.recipes.apply import select
-from jqx.recipes.presets import Recipe
+from jqx.recipes.base import RTN, Recipe
 
 __all__ = [
     "fake_quantized",
@@ -69,13 +69,13 @@ Scales = dict  # {path: {"scale": array, "zero_point": array (zero_point recipes
 # --------------------------------------------------------------------------- checks
 
 
-def _check_recipe(r: Any, where: str) -> Recipe:
+def _check_recipe(r: Any, where: str) -> RTN:
     if not isinstance(r, Recipe):
         raise TypeError(
             f"{where} must be a jqx recipe (e.g. jqx.int4_weight_only(group_size=32)), got "
             f"{type(r).__name__}: {r!r}"
         )
-    if type(r) is not Recipe:
+    if type(r) is not RTN:
         raise NotImplementedError(
             f"{where}={r.name!r} is an algorithm recipe ({type(r).__name__}); QAT trains with "
             "round-to-nearest recipes (int8/int4/fp8/fp4/nf4 *_weight_only, or the dynamic "
@@ -96,22 +96,22 @@ def _check_recipe(r: Any, where: str) -> Recipe:
     return r
 
 
-def _selected(params, recipe, filter_fn) -> dict[str, Recipe]:
+def _selected(params, recipe, filter_fn) -> dict[str, RTN]:
     chosen = select(params, recipe, filter_fn)
     return {p: _check_recipe(r, f"recipe for {p}") for p, _, r in chosen}
 
 
-def _block_of(recipe: Recipe, w, path=None) -> tuple[int, ...]:
+def _block_of(recipe: RTN, w, path=None) -> tuple[int, ...]:
     if recipe.fmt.is_wide_float:
         return tuple(w.shape)
     return recipe.weight_granularity().resolve(w.shape, path)
 
 
-def _qrange(recipe: Recipe) -> tuple[float, float]:
+def _qrange(recipe: RTN) -> tuple[float, float]:
     return code_range(recipe.fmt, recipe.symmetric_range)
 
 
-def lsq_grad_scale(recipe: Recipe, block: tuple[int, ...]) -> float:
+def lsq_grad_scale(recipe: RTN, block: tuple[int, ...]) -> float:
     """The LSQ gradient scale ``1 / sqrt(n * qmax)`` for one scale.
 
     ``n`` is the number of weights sharing the scale (the block size) and
@@ -128,7 +128,7 @@ def lsq_grad_scale(recipe: Recipe, block: tuple[int, ...]) -> float:
 # --------------------------------------------------------------------------- weight fake quant
 
 
-def _build_qarray(w, recipe: Recipe, block, s, z) -> QArray:
+def _build_qarray(w, recipe: RTN, block, s, z) -> QArray:
     """Codes of ``w`` under scale ``s`` (and zero point ``z``), both per block,
     as the QArray ``convert`` returns. ``s`` is rounded to the recipe's scale
     dtype first, so the fake forward sees the scale that will be stored."""
@@ -146,12 +146,19 @@ def _build_qarray(w, recipe: Recipe, block, s, z) -> QArray:
         zb = None if z is None else _blocked(z.astype(jnp.float32), ones)
         codes = encode_codes(w, fmt, block, sb, zb, recipe.symmetric_range)
     return make_qarray(
-        codes, s, z, fmt=fmt, shape=w.shape, dtype=w.dtype, block=block, act=recipe.act,
+        codes,
+        s,
+        z,
+        fmt=fmt,
+        shape=w.shape,
+        dtype=w.dtype,
+        block=block,
+        act=recipe.act,
         scale_dtype=sdt,
     )
 
 
-def _inside_and_edge(w, q: QArray, recipe: Recipe):
+def _inside_and_edge(w, q: QArray, recipe: RTN):
     """Per element (blocked view): whether the clamp left the rounded value
     alone, and the clamped grid value ``c - z`` used where it did not."""
     lo, hi = _qrange(recipe)
@@ -171,7 +178,7 @@ def _inside_and_edge(w, q: QArray, recipe: Recipe):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fq_rtn(w, recipe: Recipe, path):
+def _fq_rtn(w, recipe: RTN, path):
     return recipe.quantize_weight(w, path=path).dequantize()
 
 
@@ -190,7 +197,7 @@ def _fq_rtn_bwd(recipe, path, inside, g):
 _fq_rtn.defvjp(_fq_rtn_fwd, _fq_rtn_bwd)
 
 
-def fake_quant_weight(w: jax.Array, recipe: Recipe, path: str | None = None) -> jax.Array:
+def fake_quant_weight(w: jax.Array, recipe: RTN, path: str | None = None) -> jax.Array:
     """Round-to-nearest fake quant of one weight with the clipped STE.
 
     The value is exactly ``recipe.quantize_weight(w).dequantize()``; the
@@ -208,7 +215,7 @@ def fake_quant_weight(w: jax.Array, recipe: Recipe, path: str | None = None) -> 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fq_lsq(w, s, z, recipe: Recipe, block):
+def _fq_lsq(w, s, z, recipe: RTN, block):
     return _build_qarray(w, recipe, block, s, z).dequantize()
 
 
@@ -245,7 +252,7 @@ _fq_lsq.defvjp(_fq_lsq_fwd, _fq_lsq_bwd)
 
 
 def fake_quant_weight_lsq(
-    w: jax.Array, scale: jax.Array, recipe: Recipe, zero_point: jax.Array | None = None
+    w: jax.Array, scale: jax.Array, recipe: RTN, zero_point: jax.Array | None = None
 ) -> jax.Array:
     """LSQ fake quant of one weight with a learned per-block ``scale``.
 
@@ -315,7 +322,7 @@ def fake_quant_activation(x: jax.Array, spec: ActSpec, contracting_axes=(-1,)) -
 
 
 def init_scales(
-    params, recipe: Recipe | Mapping[str, Recipe | None], filter_fn: Callable | None = None
+    params, recipe: RTN | Mapping[str, RTN | None], filter_fn: Callable | None = None
 ) -> Scales:
     """LSQ scales initialised from round-to-nearest (the scales ``jqx.quantize``
     would store): ``{path: {"scale": s}}`` (plus ``"zero_point"`` for
@@ -350,7 +357,7 @@ def _lookup_scale(scales, p):
     return e["scale"], e.get("zero_point")
 
 
-def _fake_params(params, sel: dict[str, Recipe], scales, act_default):
+def _fake_params(params, sel: dict[str, RTN], scales, act_default):
     """The params with each selected weight replaced by its fake-quant value
     (STE gradient), and ``{path: QArray}`` of the same quantization (no
     gradient) for the matmuls to run on."""
@@ -406,7 +413,7 @@ _exact_dot.defvjp(_exact_dot_fwd, _exact_dot_bwd)
 
 def fake_quantized(
     fn: Callable,
-    recipe: Recipe | Mapping[str, Recipe | None],
+    recipe: RTN | Mapping[str, RTN | None],
     *,
     argnum: int = 0,
     quantize_activations: bool = False,
@@ -457,7 +464,7 @@ def fake_quantized(
     if isinstance(recipe, Recipe):
         _check_recipe(recipe, "recipe")
 
-    def act_default(r: Recipe):
+    def act_default(r: RTN):
         if not quantize_activations:
             return None
         return r.act or ActSpec("dynamic", "int8", "per_token")
@@ -506,7 +513,7 @@ def fake_quantized(
 
 def convert(
     params,
-    recipe: Recipe | Mapping[str, Recipe | None],
+    recipe: RTN | Mapping[str, RTN | None],
     scales: Scales | None = None,
     *,
     filter_fn: Callable[[str, Any], bool] | None = None,
