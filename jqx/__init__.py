@@ -41,14 +41,19 @@ from jqx.core.tree import dequantize as dequantize
 from jqx.core.tree import path_str as path_str
 from jqx.core.tree import summary as summary
 from jqx.core.tree import tree_nbytes as tree_nbytes
+from jqx.io.gguf import load as load_gguf
 from jqx.kernels.cpu import native as native
 from jqx.recipes.apply import default_filter as default_filter
 from jqx.recipes.apply import quantize as quantize
+from jqx.recipes.awq import AWQ as AWQ
 from jqx.recipes.awq import awq as awq
+from jqx.recipes.base import RTN as RTN
+from jqx.recipes.base import Recipe as Recipe
+from jqx.recipes.gptq import GPTQ as GPTQ
 from jqx.recipes.gptq import gptq as gptq
+from jqx.recipes.hqq import HQQ as HQQ
 from jqx.recipes.hqq import hqq as hqq
 from jqx.recipes.llm_int8 import llm_int8_matmul as llm_int8_matmul
-from jqx.recipes.presets import Recipe as Recipe
 from jqx.recipes.presets import fp4_weight_only as fp4_weight_only
 from jqx.recipes.presets import (
     fp8_dynamic_activation_fp8_weight as fp8_dynamic_activation_fp8_weight,
@@ -65,6 +70,7 @@ from jqx.recipes.presets import int8_weight_only as int8_weight_only
 from jqx.recipes.presets import llm_int8 as llm_int8
 from jqx.recipes.presets import nf4_weight_only as nf4_weight_only
 from jqx.recipes.presets import weight_only as weight_only
+from jqx.recipes.smoothquant import SmoothQuant as SmoothQuant
 from jqx.recipes.smoothquant import smoothquant as smoothquant
 from jqx.training import fp8 as fp8
 from jqx.training import qat as qat
@@ -88,11 +94,16 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AWQ",
     "ActSpec",
     "Format",
+    "GPTQ",
     "Granularity",
+    "HQQ",
     "QArray",
+    "RTN",
     "Recipe",
+    "SmoothQuant",
     "awq",
     "calibrate",
     "compute_scale",
@@ -115,6 +126,7 @@ __all__ = [
     "is_qarray",
     "llm_int8",
     "llm_int8_matmul",
+    "load_gguf",
     "mixed_precision",
     "native",
     "nf4_weight_only",

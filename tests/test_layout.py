@@ -25,7 +25,17 @@ LAYERS = [
     ("llm", ("jqx.llm",)),
     ("cli", ("jqx.cli", "jqx.__main__")),
 ]
-EXTRAS = ("flax", "optax", "chex", "tqdm", "safetensors", "tokenizers", "matplotlib", "gguf", "orbax")
+EXTRAS = (
+    "flax",
+    "optax",
+    "chex",
+    "tqdm",
+    "safetensors",
+    "tokenizers",
+    "matplotlib",
+    "gguf",
+    "orbax",
+)
 
 
 def _layer(module: str) -> int | None:
@@ -83,11 +93,15 @@ def test_imports_point_down():
         if me == "jqx":
             continue  # the public namespace re-exports every layer
         mine = _layer(me)
-        assert mine is not None, f"{me} belongs to no layer: add its package to LAYERS and layout.md"
+        assert mine is not None, (
+            f"{me} belongs to no layer: add its package to LAYERS and layout.md"
+        )
         for line, mod in _imports(path):
             where = f"{path.relative_to(ROOT)}:{line}"
             if mod == "jqx":
-                bad.append(f"{where} imports the top-level jqx namespace (import the module itself)")
+                bad.append(
+                    f"{where} imports the top-level jqx namespace (import the module itself)"
+                )
                 continue
             if mod.split(".")[0] == "jqx_demo" and LAYERS[mine][0] != "cli":
                 bad.append(f"{where} imports the demo package ({mod}); only the CLI may")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jqx
-from jqx.core.qarray import pack_4bit, unpack_4bit
+from jqx.core.qarray import pack_4bit, pack_bits, unpack_4bit, unpack_bits
 
 W = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
 
@@ -186,3 +186,166 @@ def test_scalars(fmt):
     q = jqx.quantize_array(jnp.float32(-2.5), fmt)
     assert q.shape == () and q.dequantize().shape == ()
     assert float(q.dequantize()) == -2.5  # a constant block reconstructs exactly
+
+
+# --------------------------------------------------------------------------- layout extensions
+# (GGUF's layouts, built through make_qarray; jqx.io.gguf uses them, tests/test_gguf.py
+# checks them bit for bit against gguf.)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 7, 16])
+def test_pack_bits_round_trip(bits, n):
+    codes = np.random.default_rng(n).integers(0, 2**bits, size=(3, n), dtype=np.uint8)
+    packed = pack_bits(jnp.asarray(codes), bits)
+    assert packed.shape == (3, -(-n * bits // 8))
+    np.testing.assert_array_equal(np.asarray(unpack_bits(packed, bits, n)), codes)
+    if bits == 4:
+        np.testing.assert_array_equal(np.asarray(packed), np.asarray(pack_4bit(jnp.asarray(codes))))
+
+
+def _ext(codes, scale, zero=None, **kw):
+    from jqx.core.numerics import make_qarray  # noqa: PLC0415
+
+    shape = np.shape(codes)
+    kw.setdefault("block", (1, shape[1]))
+    return make_qarray(
+        jnp.asarray(codes), jnp.asarray(scale), zero, shape=shape, dtype="float32", **kw
+    )
+
+
+@pytest.mark.parametrize("fmt,bits", [("int8", 5), ("uint8", 5), ("int8", 6), ("uint8", 6)])
+def test_code_bits_split_planes(fmt, bits):
+    signed = fmt == "int8"
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
+    codes = np.arange(lo, hi, dtype=np.int8 if signed else np.uint8)
+    codes = np.tile(codes, 2)[:64].reshape(2, 32)
+    q = _ext(codes, np.full((2, 1), 0.5, np.float32), fmt=fmt, code_bits=bits)
+    assert q.extensions == ("code_bits",) and q.code_bits == bits
+    assert q.qvalue.shape == (2, 16) and q.qhigh.shape == (2, 32 * (bits - 4) // 8)
+    np.testing.assert_array_equal(np.asarray(q.codes()), codes)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), codes.astype(np.float32) * 0.5)
+    assert q.nbytes == 2 * 16 + q.qhigh.size + 2 * 4  # low plane, high plane, f32 scales
+    assert q.nbytes == sum(a.nbytes for a in jax.tree_util.tree_leaves(q))
+    assert f"code_bits={bits}" in repr(q)
+
+
+def test_float_min_and_two_level_scales():
+    codes = np.arange(64, dtype=np.uint8).reshape(1, 64) % 16
+    # zero_kind="min": codes * scale + min
+    q = _ext(
+        codes,
+        [0.5, 2.0],
+        np.array([-1.0, 3.0], np.float16),
+        fmt="uint4",
+        block=(1, 32),
+        zero_kind="min",
+        scale_dtype=jnp.float16,
+    )
+    want = codes * np.repeat([0.5, 2.0], 32) + np.repeat([-1.0, 3.0], 32)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), want.astype(np.float32))
+    assert q.extensions == ("min",) and "zero=min" in repr(q)
+    # two-level: integer scale/min codes per 16, float factors per 64
+    q = _ext(
+        codes,
+        np.array([1, 2, 3, 4], np.uint8),
+        jnp.array([0, 1, 2, 3], jnp.uint8),
+        fmt="uint4",
+        block=(1, 16),
+        zero_kind="min",
+        super_scale=jnp.float32(0.25),
+        super_zero=jnp.float32(-0.5),
+        super_block=(1, 64),
+    )
+    s = np.repeat([1, 2, 3, 4], 16) * 0.25
+    m = np.repeat([0, 1, 2, 3], 16) * -0.5
+    np.testing.assert_array_equal(
+        np.asarray(q.dequantize())[0], (codes[0] * s + m).astype(np.float32)
+    )
+    assert q.extensions == ("min", "super_scale") and q.scale.dtype == jnp.uint8
+    assert q.nbytes == 32 + 4 + 4 + 4 + 4
+    assert q.nbytes == sum(a.nbytes for a in jax.tree_util.tree_leaves(q))
+
+
+def test_two_level_qarray_stacks_vmaps_and_jits():
+    rng = np.random.default_rng(0)
+    qs = [
+        _ext(
+            rng.integers(0, 32, (4, 64), dtype=np.uint8),
+            rng.integers(0, 64, (4, 4), dtype=np.uint8),
+            jnp.asarray(rng.integers(0, 64, (4, 4), dtype=np.uint8)),
+            fmt="uint8",
+            code_bits=5,
+            block=(1, 16),
+            zero_kind="min",
+            super_scale=jnp.asarray(rng.random((4, 1)), jnp.float16),
+            super_zero=jnp.asarray(rng.random((4, 1)), jnp.float16),
+            super_block=(1, 64),
+            scale_dtype=jnp.float16,
+        )
+        for _ in range(3)
+    ]
+    st = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+    want = np.stack([np.asarray(q.dequantize()) for q in qs])
+    np.testing.assert_array_equal(np.asarray(st.dequantize()), want)  # extra leading axis
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda q: q.dequantize())(st)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda q: q.dequantize())(qs[1])), want[1])
+
+
+def test_jqx_own_qarrays_use_no_extension():
+    q = jqx.quantize_array(W, "uint4", scheme="zero_point", granularity=jqx.per_group(4, axis=0))
+    assert q.extensions == () and q.zero_kind == "code" and q.code_bits is None
+    assert q.qhigh is None and q.super_scale is None and q.super_zero is None
+    assert "code_bits" not in repr(q) and "zero=min" not in repr(q)
+
+
+@pytest.mark.parametrize(
+    "kw,err,match",
+    [
+        (dict(fmt="uint4", code_bits=5), ValueError, r"code_bits=5 with format='uint4'"),
+        (dict(fmt="uint8", code_bits=7), ValueError, r"use code_bits=5 or 6"),
+        (dict(fmt="uint4", zero_kind="max"), ValueError, r"zero_kind='max' is not supported"),
+        (dict(fmt="uint4", zero_kind="min"), ValueError, r"zero_kind='min' needs the minimum"),
+        (dict(fmt="uint4", super_scale=1.0), ValueError, r"super_scale needs super_block"),
+        (
+            dict(fmt="uint4", super_scale=1.0, super_block=(1, 48)),
+            ValueError,
+            r"super_block=\(1, 48\) must .* be a multiple of block=\(1, 32\)",
+        ),
+    ],
+)
+def test_extension_validation(kw, err, match):
+    with pytest.raises(err, match=match):
+        _ext(np.zeros((1, 64), np.uint8), np.ones((1, 2), np.uint8), block=(1, 32), **kw)
+
+
+def test_two_level_scale_must_be_codes():
+    with pytest.raises(TypeError, match="scale holds integer codes per block"):
+        _ext(
+            np.zeros((1, 64), np.uint8),
+            np.ones((1, 2), np.float32),
+            fmt="uint4",
+            block=(1, 32),
+            super_scale=1.0,
+            super_block=(1, 64),
+        )
+
+
+def test_sharding_specs_cover_extension_children():
+    from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+    q = _ext(
+        np.zeros((4, 256), np.uint8),
+        np.ones((4, 8), np.uint8),
+        jnp.ones((4, 8), jnp.uint8),
+        fmt="uint8",
+        code_bits=5,
+        block=(1, 32),
+        zero_kind="min",
+        super_scale=jnp.ones((4, 1)),
+        super_zero=jnp.ones((4, 1)),
+        super_block=(1, 256),
+    )
+    specs = jqx.sharding.qarray_specs(q, P("m", None), {"m": 2})
+    assert specs.qhigh == P("m", None) and specs.super_scale == P("m", None)
+    assert specs.super_zero == P("m", None)

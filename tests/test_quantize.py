@@ -498,7 +498,9 @@ def test_bad_arguments_list_what_is_accepted(kw, match):
 
 
 def test_bad_granularity_constructors():
-    with pytest.raises(ValueError, match=r"group_size=0 must be a positive int \(e.g. 32, 64, 128\) or None"):
+    with pytest.raises(
+        ValueError, match=r"group_size=0 must be a positive int \(e.g. 32, 64, 128\) or None"
+    ):
         jqx.per_group(0)
     with pytest.raises(
         ValueError, match=r"kind='rows' is not supported; use one of tensor, channel"

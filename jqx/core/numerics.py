@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqx.core import formats as _formats
-from jqx.core.qarray import ActSpec, QArray, pack_4bit
+from jqx.core.qarray import ActSpec, QArray, pack_4bit, pack_bits
 
 __all__ = [
     "Granularity",
@@ -92,7 +92,11 @@ def check_group_size(group_size, who: str | None = None) -> None:
 
 
 def check_group_divides(
-    group_size: int | None, size: int, *, axis: int | str, path: str | None = None,
+    group_size: int | None,
+    size: int,
+    *,
+    axis: int | str,
+    path: str | None = None,
     who: str | None = None,
 ) -> int:
     """The effective group size along an axis of length ``size`` (``None`` = the
@@ -127,6 +131,15 @@ def check_finite(x, path: str | None = None, who: str | None = None) -> None:
     """Raises on NaN/Inf in a concrete array (a traced one cannot be checked here)."""
     if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
         raise_not_finite(path, who)
+
+
+def check_granularity(granularity) -> None:
+    """``granularity`` is a :class:`Granularity` or None."""
+    if granularity is not None and not isinstance(granularity, Granularity):
+        raise TypeError(
+            f"granularity={granularity!r} is not a jqx.Granularity; use jqx.per_tensor(), "
+            "per_channel(axis), per_token(), per_group(group_size, axis) or per_block(shape)."
+        )
 
 
 def raise_not_finite(path: str | None = None, who: str | None = None):
@@ -453,6 +466,11 @@ def make_qarray(
     act_scale: jax.Array | None = None,
     act: ActSpec | None = None,
     scale_dtype=jnp.float32,
+    zero_kind: Literal["code", "min"] = "code",
+    code_bits: int | None = None,
+    super_scale: jax.Array | None = None,
+    super_zero: jax.Array | None = None,
+    super_block: Sequence[int] | None = None,
 ) -> QArray:
     """The one place a :class:`QArray` is built from codes and scales.
 
@@ -468,7 +486,17 @@ def make_qarray(
       block: per-axis block sizes (``scale.shape == shape // block``).
       in_scale: per-input-channel factor (AWQ/SmoothQuant), stored as float32.
       act_scale, act: the static activation scale and the activation spec.
-      scale_dtype: dtype of the stored scale and zero point.
+      scale_dtype: dtype of the stored scale and zero point (with two-level
+        scales: of ``super_scale`` and ``super_zero``).
+      zero_kind: ``"code"`` (``zero_point`` is subtracted from the codes before
+        scaling) or ``"min"`` (a float minimum added after scaling, as in GGUF).
+      code_bits: 5 or 6 for codes wider than 4 bits in the ``int8``/``uint8``
+        container: stored as a 4-bit low plane (``qvalue``) and a high-bit plane
+        (``qhigh``); None otherwise.
+      super_scale, super_zero, super_block: two-level scales: ``scale`` (and
+        ``zero_point`` when ``super_zero`` is given) are integer codes per block,
+        kept in their dtype; ``super_scale`` (``super_zero``) has one float per
+        ``super_block``, stored as ``scale_dtype``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -483,13 +511,32 @@ def make_qarray(
     codes = jnp.asarray(codes)
     if codes.dtype != jnp.dtype(fmt.dtype):
         codes = _formats.encode(codes, fmt)
-    if fmt.packed:
+    qhigh = None
+    if code_bits is not None:
+        codes, qhigh = _split_code_planes(codes, fmt, code_bits)
+    elif fmt.packed:
         codes = pack_4bit(codes)
     nb = tuple(s // b for s, b in zip(shape, block, strict=True))
+    _check_layout_extensions(zero_kind, zero_point, super_scale, super_zero, super_block, scale)
+    two_level_zero = super_zero is not None
+    if super_scale is not None:
+        super_block = tuple(int(b) for b in super_block)
+        ns = _super_blocks(shape, block, super_block)
+        scale = jnp.asarray(scale).reshape(nb)
+        super_scale = jnp.asarray(super_scale).reshape(ns).astype(scale_dtype)
+        if two_level_zero:
+            super_zero = jnp.asarray(super_zero).reshape(ns).astype(scale_dtype)
+    else:
+        scale = jnp.asarray(scale).reshape(nb).astype(scale_dtype)
+        super_block = None
+    if zero_point is not None:
+        zero_point = jnp.asarray(zero_point).reshape(nb)
+        if not two_level_zero:
+            zero_point = zero_point.astype(scale_dtype)
     return QArray(
         qvalue=codes,
-        scale=jnp.asarray(scale).reshape(nb).astype(scale_dtype),
-        zero_point=None if zero_point is None else jnp.asarray(zero_point).reshape(nb).astype(scale_dtype),
+        scale=scale,
+        zero_point=zero_point,
         in_scale=None if in_scale is None else jnp.asarray(in_scale).astype(jnp.float32),
         act_scale=act_scale,
         format=fmt.name,
@@ -497,13 +544,85 @@ def make_qarray(
         dtype=jnp.dtype(dtype).name,
         block=block,
         act=act,
+        zero_kind=zero_kind,
+        code_bits=None if code_bits is None else int(code_bits),
+        super_block=super_block,
+        qhigh=qhigh,
+        super_scale=super_scale,
+        super_zero=super_zero,
     )
+
+
+def _split_code_planes(codes, fmt: _formats.Format, code_bits) -> tuple[jax.Array, jax.Array]:
+    """5- and 6-bit codes (in their 8-bit container) as a packed low-nibble plane and
+    a packed high-bit plane (two's complement bits for signed codes)."""
+    if code_bits not in (5, 6) or fmt.kind != "int" or fmt.bits != 8:
+        raise ValueError(
+            f"code_bits={code_bits!r} with format={fmt.name!r}: codes of 5 or 6 bits live in "
+            "the int8 or uint8 container; use code_bits=5 or 6 with fmt='int8' or 'uint8' "
+            "(4- and 8-bit codes need no code_bits)."
+        )
+    half = 1 << (code_bits - 1)
+    lo, hi = (-half, half - 1) if fmt.signed else (0, 2 * half - 1)
+    codes = jnp.clip(codes, lo, hi)
+    low = (codes & 0xF).astype(jnp.uint8)
+    high = ((codes >> 4) & ((1 << (code_bits - 4)) - 1)).astype(jnp.uint8)
+    return pack_4bit(low), pack_bits(high, code_bits - 4)
+
+
+def _check_layout_extensions(zero_kind, zero_point, super_scale, super_zero, super_block, scale):
+    if zero_kind not in ("code", "min"):
+        raise ValueError(
+            f"zero_kind={zero_kind!r} is not supported; use 'code' (zero point subtracted "
+            "from the codes) or 'min' (float minimum added after scaling)."
+        )
+    if zero_kind == "min" and zero_point is None:
+        raise ValueError("zero_kind='min' needs the minimum: pass it as zero_point.")
+    if super_zero is not None and (zero_point is None or super_scale is None):
+        raise ValueError(
+            "super_zero scales integer zero_point codes in a two-level layout: pass "
+            "zero_point (the codes) and super_scale with super_block as well."
+        )
+    if super_scale is not None:
+        if super_block is None:
+            raise ValueError("super_scale needs super_block (the super-block size per axis).")
+        named = [("scale", scale)]
+        if super_zero is not None:
+            named.append(("zero_point", zero_point))
+        for name, c in named:
+            if not jnp.issubdtype(jnp.asarray(c).dtype, jnp.integer):
+                raise TypeError(
+                    f"with super_scale, {name} holds integer codes per block; got dtype "
+                    f"{jnp.asarray(c).dtype}. Pass the codes (e.g. uint8) and the float "
+                    "factor as super_scale."
+                )
+
+
+def _super_blocks(shape, block, super_block) -> tuple[int, ...]:
+    """``shape // super_block`` after checking that blocks tile each super-block."""
+    ok = len(super_block) == len(shape) and all(
+        sb > 0 and sb % b == 0 and s % sb == 0
+        for s, b, sb in zip(shape, block, super_block, strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"super_block={super_block} must have one size per axis of shape {shape}, be a "
+            f"multiple of block={block} and divide the shape (e.g. block (1, 32) with "
+            "super_block (1, 256))."
+        )
+    return tuple(s // sb for s, sb in zip(shape, super_block, strict=True))
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "fmt_name", "block", "scheme", "symmetric_range", "convention", "scale_dtype", "act"
+        "fmt_name",
+        "block",
+        "scheme",
+        "symmetric_range",
+        "convention",
+        "scale_dtype",
+        "act",
     ),
 )
 def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scale_dtype, act):
@@ -549,7 +668,7 @@ def _check_float_input(x, path):
 _SCALE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check_scale_dtype(scale_dtype) -> np.dtype:
+def check_scale_dtype(scale_dtype) -> np.dtype:
     try:
         dt = jnp.dtype(scale_dtype)
     except TypeError:
@@ -602,12 +721,8 @@ def quantize_array(
     _check_float_input(x, path)
     check_scheme(scheme, fmt)
     check_convention(convention)
-    scale_dtype = _check_scale_dtype(scale_dtype)
-    if granularity is not None and not isinstance(granularity, Granularity):
-        raise TypeError(
-            f"granularity={granularity!r} is not a jqx.Granularity; use jqx.per_tensor(), "
-            "per_channel(axis), per_token(), per_group(group_size, axis) or per_block(shape)."
-        )
+    scale_dtype = check_scale_dtype(scale_dtype)
+    check_granularity(granularity)
     block = (granularity or per_tensor()).resolve(x.shape, path)
     if fmt.is_wide_float:
         block = tuple(x.shape)  # a plain cast: one unit scale

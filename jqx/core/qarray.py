@@ -10,6 +10,25 @@ Static metadata: ``format`` (name), logical ``shape`` and ``dtype``, ``block``
 (per-axis block sizes: ``scale.shape == shape // block``) and ``act`` (how the
 activations of this weight's matmul are quantized; None for weight-only).
 
+Layout extensions (GGUF's layouts; all absent, i.e. None / ``"code"``, for every
+QArray jqx makes itself; :attr:`QArray.extensions` lists those in use):
+
+- ``code_bits`` (static, 5 or 6) with the child ``qhigh``: codes wider than 4 bits
+  in an 8-bit container format (``int8``/``uint8`` give the signedness) are stored
+  as two planes, as GGUF stores them: ``qvalue`` holds the low 4 bits of each code
+  (packed like 4-bit codes) and ``qhigh`` the bits above them (:func:`pack_bits`:
+  8 one-bit or 4 two-bit fields per byte along the last axis, lowest bits first).
+  Signed codes are two's complement in ``code_bits`` bits.
+- ``zero_kind`` (static): ``"code"`` (default) means ``zero_point`` is on the code
+  grid and subtracted before scaling, ``(codes - zero_point) * scale``; ``"min"``
+  means it is a float minimum added after scaling, ``codes * scale + zero_point``
+  (GGUF's Q4_1, Q5_1 and K-quant mins).
+- ``super_block`` (static) with the children ``super_scale`` and ``super_zero``:
+  two-level scales. ``scale`` (and ``zero_point``, when ``super_zero`` is given)
+  then hold integer codes per block, and the block's scale is ``scale *
+  super_scale`` (its minimum ``zero_point * super_zero``) with one float
+  ``super_scale`` per super-block: ``super_scale.shape == shape // super_block``.
+
 Example:
     >>> import jax.numpy as jnp, jqx
     >>> q = jqx.quantize_array(jnp.ones((4, 6)), "int4", granularity=jqx.per_tensor())
@@ -29,7 +48,7 @@ import numpy as np
 
 from jqx.core import formats as _formats
 
-__all__ = ["QArray", "ActSpec", "pack_4bit", "unpack_4bit", "is_qarray"]
+__all__ = ["QArray", "ActSpec", "pack_4bit", "unpack_4bit", "pack_bits", "unpack_bits", "is_qarray"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +108,41 @@ def unpack_4bit(packed: jax.Array, n: int) -> jax.Array:
     return c[..., :n]
 
 
+def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs ``bits``-bit codes (``bits`` in 1, 2, 4; uint8 values below
+    ``2**bits``) ``8 // bits`` per byte along the last axis, lowest bits first:
+    element ``i`` of each group lands at bit ``(i % (8 // bits)) * bits``. The last
+    axis is padded with zero codes to a whole byte. ``pack_bits(c, 4)`` equals
+    :func:`pack_4bit`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pack_bits(jnp.array([1, 0, 1, 1, 0, 0, 0, 1], jnp.uint8), 1).tolist()
+        [141]
+    """
+    if bits not in (1, 2, 4):
+        raise ValueError(f"pack_bits(bits={bits!r}): use 1, 2 or 4 bits per code.")
+    per = 8 // bits
+    if codes.ndim == 0:
+        codes = codes.reshape(1)
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = c[..., 0]
+    for i in range(1, per):
+        out = out | (c[..., i] << (i * bits))
+    return out
+
+
+def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack_bits`: uint8 codes below ``2**bits``, last axis of length ``n``."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    c = jnp.stack([(packed >> (i * bits)) & mask for i in range(per)], axis=-1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n]
+
+
 def _granularity_name(shape, block) -> str:
     """``per-tensor``, ``per-channel(axis 1)`` (one scale per index of axis 1),
     ``group128(axis 0)`` or ``block64x64``."""
@@ -121,6 +175,17 @@ class QArray:
     dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
     block: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
     act: ActSpec | None = dataclasses.field(metadata=dict(static=True), default=None)
+    # Layout extensions (module docstring); absent for jqx's own QArrays.
+    zero_kind: Literal["code", "min"] = dataclasses.field(
+        metadata=dict(static=True), default="code"
+    )
+    code_bits: int | None = dataclasses.field(metadata=dict(static=True), default=None)
+    super_block: tuple[int, ...] | None = dataclasses.field(
+        metadata=dict(static=True), default=None
+    )
+    qhigh: jax.Array | None = None
+    super_scale: jax.Array | None = None
+    super_zero: jax.Array | None = None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -141,11 +206,42 @@ class QArray:
         return _granularity_name(self.shape, self.block)
 
     @property
+    def extensions(self) -> tuple[str, ...]:
+        """The layout extensions in use (module docstring): ``()`` for every QArray
+        jqx makes itself; ``"code_bits"`` (codes split into a low and a high plane),
+        ``"min"`` (``zero_point`` is a float minimum added after scaling) and
+        ``"super_scale"`` (two-level scales). Code that reads ``qvalue``, ``scale`` or
+        ``zero_point`` directly must handle these or use :meth:`dequantize`.
+
+        Example:
+            >>> import jax.numpy as jnp, jqx
+            >>> jqx.quantize_array(jnp.ones((2, 4)), "int8").extensions
+            ()
+        """
+        ext = []
+        if self.qhigh is not None:
+            ext.append("code_bits")
+        if self.zero_kind != "code":
+            ext.append("min")
+        if self.super_scale is not None:
+            ext.append("super_scale")
+        return tuple(ext)
+
+    @property
     def nbytes(self) -> int:
         """True storage footprint in bytes: codes, scales, zero points and any
         per-channel factors."""
         total = 0
-        for a in (self.qvalue, self.scale, self.zero_point, self.in_scale, self.act_scale):
+        for a in (
+            self.qvalue,
+            self.scale,
+            self.zero_point,
+            self.in_scale,
+            self.act_scale,
+            self.qhigh,
+            self.super_scale,
+            self.super_zero,
+        ):
             if a is not None:
                 total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
         return total
@@ -153,6 +249,9 @@ class QArray:
     def __repr__(self) -> str:
         extra = f", act={self.act.kind}:{self.act.format}" if self.act else ""
         extra += ", in_scale" if self.in_scale is not None else ""
+        extra += f", code_bits={self.code_bits}" if self.code_bits is not None else ""
+        extra += ", zero=min" if self.zero_kind != "code" else ""
+        extra += f", super_block={self.super_block}" if self.super_scale is not None else ""
         return (
             f"QArray(shape={self.shape}, dtype={self.dtype}, format={self.format}, "
             f"granularity={self.granularity}, nbytes={self.nbytes}{extra})"
@@ -169,7 +268,8 @@ class QArray:
         block size 1 (each batch element has its own scales).
         """
         # pack_4bit stores a 0-d array as one byte of shape (1,)
-        own_ndim = len(self.shape) if self.shape or not self.fmt.packed else 1
+        packed = self.fmt.packed or self.qhigh is not None
+        own_ndim = len(self.shape) if self.shape or not packed else 1
         extra = self.qvalue.ndim - own_ndim
         if extra > 0:
             lead = tuple(self.qvalue.shape[:extra])
@@ -183,6 +283,15 @@ class QArray:
         fmt = self.fmt
         q = self.qvalue
         shape, _ = self._layout()
+        if self.qhigh is not None:
+            n = shape[-1] if shape else 1
+            hi = unpack_bits(self.qhigh, self.code_bits - 4, n)
+            c = unpack_4bit(q, n) | (hi << 4)
+            if fmt.signed:
+                # two's complement in code_bits bits: (c ^ half) - half sign-extends
+                half = 1 << (self.code_bits - 1)
+                c = (c.astype(jnp.int16) ^ half) - half
+            return c.astype(fmt.dtype).reshape(shape)
         if fmt.packed:
             n = shape[-1] if shape else 1
             q = unpack_4bit(q, n).reshape(shape)
@@ -206,8 +315,24 @@ class QArray:
             dims += [n, 1]
         return per_block.reshape(dims)
 
+    def _two_level(self, codes: jax.Array, per_super: jax.Array) -> jax.Array:
+        """Two-level scales: ``codes`` (per block) times ``per_super`` (per
+        super-block, broadcast over the blocks it covers), float32, per block."""
+        shape, block = self._layout()
+        extra = len(shape) - len(self.shape)
+        sb = tuple(self.super_block)
+        sb = (1,) * extra + sb if extra >= 0 else sb[-extra:]
+        dims, sdims = [], []
+        for s, b, n in zip(sb, block, per_super.shape, strict=True):
+            dims += [n, s // b]
+            sdims += [n, 1]
+        c = codes.astype(jnp.float32).reshape(dims)
+        return (c * per_super.astype(jnp.float32).reshape(sdims)).reshape(codes.shape)
+
     def dequantize(self, dtype=None) -> jax.Array:
-        """The logical array (pure): ``(values - zero_point) * scale / in_scale``.
+        """The logical array (pure): ``(values - zero_point) * scale / in_scale``, or
+        ``(values * scale + zero_point) / in_scale`` with ``zero_kind="min"``; with
+        two-level scales ``scale`` is ``scale * super_scale`` per block (module docstring).
 
         Example:
             >>> import jax.numpy as jnp, jqx
@@ -220,9 +345,22 @@ class QArray:
     def _dequantize(self, dtype) -> jax.Array:
         shape, _ = self._layout()
         v = self.blocked(self.values())
-        if self.zero_point is not None:
-            v = v - self.expand(self.zero_point.astype(jnp.float32))
-        v = v * self.expand(self.scale.astype(jnp.float32))
+        if self.super_scale is not None:
+            s = self._two_level(self.scale, self.super_scale)
+        else:
+            s = self.scale.astype(jnp.float32)
+        if self.zero_kind == "min":
+            # GGUF's order: codes * scale, then + min (the product is exact in float32
+            # for GGUF's widths, so only the sum rounds, as in gguf's dequantize).
+            if self.super_zero is not None:
+                m = self._two_level(self.zero_point, self.super_zero)
+            else:
+                m = self.zero_point.astype(jnp.float32)
+            v = v * self.expand(s) + self.expand(m)
+        else:
+            if self.zero_point is not None:
+                v = v - self.expand(self.zero_point.astype(jnp.float32))
+            v = v * self.expand(s)
         v = v.reshape(shape)
         if self.in_scale is not None:
             v = v / self.in_scale.astype(jnp.float32)

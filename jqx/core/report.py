@@ -158,6 +158,11 @@ def _errors(w, w_hat):
     return jnp.sum(w * w), jnp.sum(d * d)
 
 
+def _format_name(q: QArray) -> str:
+    # 5- and 6-bit codes (GGUF) live in an 8-bit container format: name their width.
+    return q.format if q.code_bits is None else f"{q.format}({q.code_bits}-bit)"
+
+
 def _act_name(q: QArray) -> str:
     if q.act is None:
         return "-"
@@ -225,7 +230,7 @@ def report(params, qparams) -> Report:
             LayerReport(
                 path=p,
                 shape=tuple(leaf.shape),
-                format=leaf.format,
+                format=_format_name(leaf),
                 granularity=leaf.granularity,
                 act=_act_name(leaf),
                 bytes_before=b,

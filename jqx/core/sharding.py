@@ -115,6 +115,9 @@ def qarray_specs(
         zero_point=child("zero_point"),
         in_scale=child("in_scale"),
         act_scale=child("act_scale"),
+        qhigh=child("qhigh"),
+        super_scale=child("super_scale"),
+        super_zero=child("super_zero"),
     )
 
 

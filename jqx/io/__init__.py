@@ -1,0 +1,16 @@
+"""File formats into and out of jqx (the io layer): GGUF import.
+
+A file's quantized tensors become :class:`jqx.QArray` s holding the file's own codes
+and scales (never a float copy), so what is resident is what the file stores.
+
+Example:
+    >>> import jqx.io
+    >>> "Q4_K" in jqx.io.gguf.SUPPORTED_TYPES
+    True
+"""
+
+from jqx.io import gguf as gguf
+from jqx.io.gguf import GGUFError as GGUFError
+from jqx.io.gguf import GGUFFile as GGUFFile
+
+__all__ = ["GGUFError", "GGUFFile", "gguf"]
