@@ -34,12 +34,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _stamp import print_stamp
 
 import jqx
-from jqx.recipes.awq import AWQConfig, awq_quantize
-from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.awq import AWQ, awq_quantize
+from jqx.recipes.gptq import GPTQ, gptq_hessian, gptq_quantize
 from jqx.recipes.grid import rtn_quantize
-from jqx.recipes.hqq import HQQConfig, hqq_quantize
+from jqx.recipes.hqq import HQQ, hqq_quantize
 from jqx.recipes.llm_int8 import llm_int8_matmul
 from jqx.recipes.smoothquant import smoothquant_quantize
 
@@ -80,11 +81,11 @@ def synthetic() -> None:
             h = gptq_hessian(x.T @ x, x.shape[0])
             e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128).dequantize())
             for name, cfg in [
-                ("GPTQ", GPTQConfig(group_size=128)),
-                ("GPTQ act_order", GPTQConfig(group_size=128, act_order=True)),
+                ("GPTQ", GPTQ(group_size=128)),
+                ("GPTQ act_order", GPTQ(group_size=128, act_order=True)),
                 (
                     "GPTQ act_order static_groups",
-                    GPTQConfig(group_size=128, act_order=True, static_groups=True),
+                    GPTQ(group_size=128, act_order=True, static_groups=True),
                 ),
             ]:
                 r = _out_err(x, w, gptq_quantize(w, h, cfg).dequantize()) / e_rtn
@@ -107,8 +108,7 @@ def synthetic() -> None:
         for opt in (False, True):
             e_h = float(
                 jnp.sum(
-                    (w - hqq_quantize(w, HQQConfig(group_size=64, optimize_scale=opt)).dequantize())
-                    ** 2
+                    (w - hqq_quantize(w, HQQ(group_size=64, optimize_scale=opt)).dequantize()) ** 2
                 )
             )
             rows.append(
@@ -123,7 +123,7 @@ def synthetic() -> None:
     w = jax.random.normal(ks[0], (256, 64)) * 0.05
     x = jax.random.normal(ks[1], (512, 256)) * jnp.exp(jax.random.normal(ks[2], (256,)) * 0.8)
     e_rtn = _out_err(x, w, rtn_quantize(w, 4, 128).dequantize())
-    e_awq = _out_err(x, w, awq_quantize(w, x, AWQConfig(group_size=128)).dequantize())
+    e_awq = _out_err(x, w, awq_quantize(w, x, AWQ(group_size=128)).dequantize())
     rows.append(
         (
             "AWQ, 4-bit g128, log-normal channel scales",
@@ -334,6 +334,7 @@ def main() -> None:  # noqa: D103
         "--checkpoint", default=None, help="char LM .safetensors (default: the cached one)"
     )
     args = ap.parse_args()
+    print_stamp()
     global _BITS, _GROUPS
     _BITS = tuple(int(b) for b in args.bits.split(","))
     _GROUPS = tuple(None if g.lower() == "none" else int(g) for g in args.groups.split(","))

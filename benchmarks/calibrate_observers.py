@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _stamp import print_stamp
 
 import jqx
 from jqx_demo import minilm
@@ -80,6 +81,7 @@ def main() -> None:
         c = _cos(np.concatenate([np.asarray(qfwd(qp, *b)) for b in evalb]), ref)
         label = obs + (f" {kw['percentile']}" if kw else "")
         rows.append((f"static, {label}", c.mean(), c.min(), t_cal / t_fwd))
+    print_stamp()
     print(f"model: {enc.name}; {a.n_eval} eval / {a.n_calib} calibration sentences, length {a.len}")
     print(
         "| W8A8 int8 activation scales | mean cosine | min cosine | calibration time / float pass |"

@@ -12,6 +12,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from _stamp import print_stamp
 from flax import nnx
 
 import jqx
@@ -50,6 +51,7 @@ def main() -> None:
     f_float = jax.jit(nn.Dense(a.n).apply)
     lin = qnnx.Linear(a.k, a.n, rngs=nnx.Rngs(0))
     gdef, state = nnx.split(lin)
+    print_stamp()
     print(f"Dense {a.m}x{a.k} @ {a.k}x{a.n}")
     print(
         "| recipe | linen rel. err | nnx rel. err | linen latency / float | jqx.quantized(nn.Dense) latency / float |"

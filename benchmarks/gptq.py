@@ -17,8 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _stamp import print_stamp
 
-from jqx.recipes.gptq import GPTQConfig, gptq_hessian, gptq_quantize
+from jqx.recipes.gptq import GPTQ, gptq_hessian, gptq_quantize
 from jqx.recipes.grid import rtn_quantize
 
 _CPU: dict = {}
@@ -48,12 +49,12 @@ def main() -> None:
     x = jax.random.normal(ks[1], (args.m, 64)) @ jax.random.normal(ks[2], (64, args.k)) / 8
     x = x + 0.3 * jax.random.normal(ks[1], (args.m, args.k))
     jax.block_until_ready(x)
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
+    recipe = GPTQ(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
 
     f_h = lambda: gptq_hessian(x.T @ x, args.m)  # noqa: E731
     f_r = lambda: rtn_quantize(w, args.bits, args.group_size)  # noqa: E731
-    f_g = lambda: gptq_quantize(w, h, cfg)  # noqa: E731
-    f_g0 = lambda: gptq_quantize(w, h, cfg)  # noqa: E731
+    f_g = lambda: gptq_quantize(w, h, recipe)  # noqa: E731
+    f_g0 = lambda: gptq_quantize(w, h, recipe)  # noqa: E731
     t_h, h = _time(f_h)
     _time(f_r)
     t_rtn, q_rtn = _time(f_r)
@@ -67,6 +68,7 @@ def main() -> None:
         f"GPTQ {args.bits}-bit g{args.group_size}{' act_order' if args.act_order else ''}: "
         f"K={args.k} N={args.n} M={args.m}, {jax.device_count()} {jax.default_backend()} device(s)"
     )
+    print_stamp()
     print("| step | wall s | process CPU s | wall ratio to RTN |")
     print("|---|---|---|---|")
     print(f"| H = 2 X^T X / M | {t_h:.2f} | {_CPU[f_h]:.2f} | {t_h / t_rtn:.1f}x |")

@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _stamp import print_stamp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -163,8 +164,10 @@ def main(argv=None) -> int:
             best[name] = min(best[name], time.perf_counter() - t0)
 
     c = enc.config
+    print()
+    print_stamp()
     print(
-        f"\n{enc.name} ({c.num_layers} layers, hidden {c.hidden_size}); cosine on {len(sents)} "
+        f"{enc.name} ({c.num_layers} layers, hidden {c.hidden_size}); cosine on {len(sents)} "
         f"sentences; latency at {args.batch} x {args.seq_len} tokens under jit, fastest of "
         f"{args.repeats}, {jax.default_backend()} x {os.cpu_count()} cores"
     )

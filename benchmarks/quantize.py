@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _stamp import print_stamp
 
 import jqx
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         deq = jax.jit(lambda q: q.dequantize())
         td = _median_seconds(deq, f(w), repeats=args.repeats)
         rows.append((name, tq / tb, td / tb, tb))
+    print_stamp()
     print(
         f"jax {jax.__version__}, {jax.default_backend()}, weight {args.n}x{args.n} float32, "
         f"median of {args.repeats}"
