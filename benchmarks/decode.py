@@ -21,6 +21,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from _stamp import print_stamp  # noqa: E402
 from ops import _round_robin  # benchmarks/ops.py: interleaved medians
 
 import jqx
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args(argv)
+    print_stamp()
 
     params = init(jax.random.key(0), a.layers, a.d, a.ff)
     trees = {n: params if r is None else jqx.quantize(params, r) for n, r in RECIPES.items()}

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _stamp import print_stamp  # noqa: E402
+
 from jqx.kernels.pallas.fp8_matmul import fp8_matmul  # noqa: E402
 from jqx.kernels.pallas.int8_matmul import (  # noqa: E402
     int8_matmul,
@@ -369,6 +371,7 @@ def main(argv=None) -> int:
         help="print a MEASURED entry for jqx/ops/dispatch.py (the Pallas table)",
     )
     a = p.parse_args(argv)
+    print_stamp()
     smoke = a.cpu_smoke or jax.default_backend() != "gpu"
     if smoke:
         ms, kns = a.m or [1, 16], a.kn or [256]

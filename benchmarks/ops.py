@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _stamp import print_stamp  # noqa: E402
 from jax import lax
 
 import jqx
@@ -174,6 +175,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="substring filter on formulation names")
     ap.add_argument("--reps", type=int, default=7)
     a = ap.parse_args(argv)
+    print_stamp()
     key = jax.random.key(0)
     forms = formulations(a.k, a.n, key)
     names = [nm for nm in forms if nm == "f32 dot" or a.only in nm]

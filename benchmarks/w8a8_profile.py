@@ -45,6 +45,8 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _stamp import print_stamp  # noqa: E402
+
 import jqx  # noqa: E402
 from jqx_demo import minilm  # noqa: E402
 
@@ -416,6 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dump-hlo", default=None, help="write the W8A8 model's optimized HLO here")
     args = ap.parse_args(argv)
+    print_stamp()
     t0 = time.perf_counter()
     enc = (
         minilm.load_tiny() if args.tiny or not minilm.weights_available() else minilm.load_minilm()
