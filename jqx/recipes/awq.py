@@ -46,7 +46,7 @@ _HI = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AWQ(Recipe):
+class AWQ(_grid.IntGridRecipe, Recipe):
     """AWQ weight-only recipe and settings; build it with :func:`awq`.
 
     Needs ``jqx.calibrate`` (statistics ``mean_abs`` and ``sample``). The
@@ -82,19 +82,6 @@ class AWQ(Recipe):
                 raise ValueError(
                     f"awq: {f}={v!r} must be a positive int (calibration rows used by the search)."
                 )
-
-    @property
-    def grid(self) -> _grid.IntGrid:
-        """The integer grid of the codes (container format and code range)."""
-        return _grid.int_grid(self.bits, self.sym)
-
-    @property
-    def format(self) -> str:
-        return self.grid.format
-
-    @property
-    def scheme(self) -> str:
-        return "absmax" if self.sym else "zero_point"
 
     @property
     def name(self) -> str:

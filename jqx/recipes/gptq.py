@@ -66,7 +66,7 @@ _MAX_UNROLLED_BLOCKS = 64
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GPTQ(Recipe):
+class GPTQ(_grid.IntGridRecipe, Recipe):
     """GPTQ weight-only recipe and settings; build it with :func:`gptq`.
 
     Needs ``jqx.calibrate`` (statistic ``xtx``); quantizes layers in forward
@@ -110,19 +110,6 @@ class GPTQ(Recipe):
             )
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"gptq: clip_search={self.clip_search!r} must be True or False.")
-
-    @property
-    def grid(self) -> _grid.IntGrid:
-        """The integer grid of the codes (container format and code range)."""
-        return _grid.int_grid(self.bits, self.sym)
-
-    @property
-    def format(self) -> str:
-        return self.grid.format
-
-    @property
-    def scheme(self) -> str:
-        return "absmax" if self.sym else "zero_point"
 
     @property
     def name(self) -> str:

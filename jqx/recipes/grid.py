@@ -70,6 +70,24 @@ def int_grid(bits: int, sym: bool, *, who: str | None = None) -> IntGrid:
     return IntGrid(bits, sym, fmt.name, float(qmin), float(qmax))
 
 
+class IntGridRecipe:
+    """Facts every integer-grid recipe (GPTQ, HQQ, AWQ) derives from its ``bits``
+    and ``sym`` fields (a recipe without ``sym`` always uses a zero point)."""
+
+    @property
+    def grid(self) -> IntGrid:
+        """The integer grid of the codes (container format and code range)."""
+        return int_grid(self.bits, getattr(self, "sym", False))
+
+    @property
+    def format(self) -> str:
+        return self.grid.format
+
+    @property
+    def scheme(self) -> str:
+        return "absmax" if getattr(self, "sym", False) else "zero_point"
+
+
 def group_params(wg: jax.Array, grid: IntGrid, axis: int = 0) -> tuple[jax.Array, jax.Array | None]:
     """Scale (and zero point) of the values of ``wg`` reduced over ``axis``
     (keepdims): :func:`jqx.core.numerics.scale_from_minmax` on the grid's range."""

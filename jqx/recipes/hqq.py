@@ -54,7 +54,7 @@ __all__ = ["HQQ", "hqq", "hqq_quantize", "hqq_optimize", "lp_objective", "shrink
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HQQ(Recipe):
+class HQQ(_grid.IntGridRecipe, Recipe):
     """HQQ weight-only recipe and settings (paper defaults); build it with :func:`hqq`.
 
     Calibration-free: works with ``jqx.quantize``. The fields are the
@@ -92,19 +92,6 @@ class HQQ(Recipe):
             raise ValueError(f"hqq: iters={self.iters!r} must be an int >= 0 (paper: 20).")
         for f in ("lp_norm", "beta", "kappa"):
             object.__setattr__(self, f, float(getattr(self, f)))
-
-    @property
-    def grid(self) -> _grid.IntGrid:
-        """The integer grid of the codes (always with a zero point)."""
-        return _grid.int_grid(self.bits, False)
-
-    @property
-    def format(self) -> str:
-        return self.grid.format
-
-    @property
-    def scheme(self) -> str:
-        return "zero_point"
 
     @property
     def name(self) -> str:
