@@ -472,18 +472,6 @@ def _boundaries(fmt: Format) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return m, up_on_tie, step
 
 
-def _nearest_index(x: jax.Array, fmt: Format) -> jax.Array:
-    """Index into ``fmt.values`` of the nearest value; ties go to the even code
-    (even mantissa, i.e. IEEE round-half-to-even; even index for NF4/ints)."""
-    m, up_on_tie, _ = _boundaries(fmt)
-    x = x.astype(jnp.float32)
-    idx = jnp.zeros(x.shape, jnp.int32)
-    for mk, tk in zip(m.tolist(), up_on_tie.tolist(), strict=True):
-        above = (x >= mk) if tk else (x > mk)
-        idx = idx + above.astype(jnp.int32)
-    return idx
-
-
 def _table_encode(x: jax.Array, fmt: Format) -> jax.Array:
     # One fused elementwise chain of compares (no searchsorted, no gather): this is
     # ~10x faster than a binary search on CPU for a 16-entry table.
