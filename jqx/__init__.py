@@ -82,6 +82,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "flax": "jqx.flax",  # flax
     "mixed_precision": "jqx.training.mixed_precision",  # optax
+    "llm": "jqx.llm",  # flax, gguf, tokenizers, jinja2
+}
+# Functions of those modules re-exported here, also loaded on first access.
+_LAZY_FUNCTIONS = {
+    "load_llm": "jqx.llm",
 }
 
 
@@ -90,6 +95,10 @@ def __getattr__(name):
         mod = _importlib.import_module(_LAZY[name])
         globals()[name] = mod
         return mod
+    if name in _LAZY_FUNCTIONS:
+        fn = getattr(_importlib.import_module(_LAZY_FUNCTIONS[name]), name)
+        globals()[name] = fn
+        return fn
     raise AttributeError(f"module 'jqx' has no attribute {name!r}")
 
 
@@ -126,7 +135,9 @@ __all__ = [
     "is_qarray",
     "llm_int8",
     "llm_int8_matmul",
+    "llm",
     "load_gguf",
+    "load_llm",
     "mixed_precision",
     "native",
     "nf4_weight_only",

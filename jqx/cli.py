@@ -1,4 +1,5 @@
-"""Command line: ``python -m jqx formats [NAME]``, ``python -m jqx demo``.
+"""Command line: ``python -m jqx formats [NAME]``, ``python -m jqx demo``,
+``python -m jqx generate "PROMPT"``.
 
 The demo lives in the ``jqx_demo`` package beside the library and is
 imported only when its command runs.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from jqx.core import formats as _formats
 
@@ -111,6 +113,42 @@ def _cmd_demo(args) -> int:
     return demo.main(args)
 
 
+def _cmd_generate(args) -> int:
+    from jqx.llm import load_llm
+
+    t0 = time.perf_counter()
+    llm = load_llm(args.model, dequantize=args.float)
+    load_s = time.perf_counter() - t0
+    if not args.quiet:
+        print(f"[{llm!r}, loaded in {load_s:.1f} s]", file=sys.stderr)
+    stats = {}
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=args.chat,
+    )
+    if args.warmup:
+        # compile prefill and decode once, so the figures below are steady-state
+        for _ in llm.stream(args.prompt, **kw):
+            pass
+    for piece in llm.stream(args.prompt, on_done=lambda g: stats.setdefault("g", g), **kw):
+        print(piece, end="", flush=True)
+    print()
+    g = stats["g"]
+    n_prompt = len(g.prompt_tokens[0])
+    print(
+        f"[prefill: {n_prompt} tokens, {g.prefill_tokens_per_s:.1f} tokens/s; decode: "
+        f"{len(g.tokens[0])} tokens, {g.decode_tokens_per_s:.1f} tokens/s"
+        + ("" if args.warmup else " (first call: includes compilation; --warmup excludes it)")
+        + f"; weights {llm.nbytes / 2**20:.1f} MiB]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jqx", description="jqx: quantization for JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,9 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
     d.set_defaults(func=_cmd_demo)
+    g = sub.add_parser(
+        "generate",
+        help="generate text with a GGUF Llama model (SmolLM2-135M-Instruct if installed)",
+    )
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = all tokens")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = all tokens")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--float", action="store_true", help="dequantize the weights (float32 path)")
+    g.add_argument("--warmup", action="store_true", help="compile first, then time")
+    g.add_argument("--quiet", action="store_true", help="no load line")
+    g.set_defaults(func=_cmd_generate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

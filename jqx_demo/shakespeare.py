@@ -37,6 +37,7 @@ __all__ = [
     "sample_batch",
     "batches",
     "eval_windows",
+    "plays",
 ]
 
 # The 84 characters of the corpus, sorted; fixed here so that a checkpoint's
@@ -72,6 +73,17 @@ def _strip_gutenberg(text: str) -> str:
     if m:
         text = text[: m.start()]
     return text
+
+
+def plays() -> dict[str, str]:
+    """The text of every work, Gutenberg header and licence removed, by file stem.
+
+    Example:
+        >>> t = plays()
+        >>> "hamlet" in t and len(t["hamlet"]) > 100_000
+        True
+    """
+    return dict(_texts())
 
 
 def _texts() -> dict[str, str]:

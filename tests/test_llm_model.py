@@ -1,0 +1,171 @@
+"""jqx.llm.model: the Llama forward pass, RoPE, the KV cache, and quantized weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("flax")
+from flax import nnx  # noqa: E402
+
+import jqx  # noqa: E402
+from jqx.llm.config import LlamaConfig  # noqa: E402
+from jqx.llm.model import KVCache, Llama, forward, rope  # noqa: E402
+
+CFG = LlamaConfig(
+    vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, rope_base=1e4
+)
+
+
+def _model(cfg=CFG, seed=0):
+    return Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def _score(model, tokens):
+    pad = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return forward(model, tokens, None, start=0, pad=pad)[0]
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_from_real_metadata_and_errors():
+    meta = {
+        "general.architecture": "llama",
+        "llama.block_count": 30,
+        "llama.embedding_length": 576,
+        "llama.feed_forward_length": 1536,
+        "llama.attention.head_count": 9,
+        "llama.attention.head_count_kv": 3,
+        "llama.rope.freq_base": 100000.0,
+        "llama.vocab_size": 49152,
+    }
+    c = LlamaConfig.from_gguf_metadata(meta)
+    assert (c.head_dim, c.group_size, c.rope_base, c.n_layers) == (64, 3, 1e5, 30)
+    with pytest.raises(ValueError, match=r"general.architecture='gpt2'.*supported: llama"):
+        LlamaConfig.from_gguf_metadata({**meta, "general.architecture": "gpt2"}, source="m.gguf")
+    bad = dict(meta)
+    del bad["llama.block_count"]
+    with pytest.raises(ValueError, match=r"m.gguf: the metadata key 'llama.block_count'"):
+        LlamaConfig.from_gguf_metadata(bad, source="m.gguf")
+    with pytest.raises(ValueError, match="n_heads=4 is not a multiple of n_kv_heads=3"):
+        LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=3, hidden_dim=8)
+
+
+# ------------------------------------------------------------------ rope
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(0, 300))
+def test_rope_is_a_rotation_that_depends_on_relative_position(m, n, shift):
+    rng = np.random.default_rng(m * 1000 + n)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def at(x, p):
+        return rope(x, jnp.array([[p]]), 1e4, 16)
+
+    # norm preserved
+    np.testing.assert_allclose(jnp.linalg.norm(at(q, m)), jnp.linalg.norm(q), rtol=1e-5)
+    # <R_m q, R_n k> == <R_{m+s} q, R_{n+s} k>
+    a = float(jnp.vdot(at(q, m), at(k, n)))
+    b = float(jnp.vdot(at(q, m + shift), at(k, n + shift)))
+    assert abs(a - b) <= 1e-3 * (1 + abs(a))
+
+
+def test_rope_rotates_adjacent_pairs_like_llama_cpp():
+    # position 1, first pair has frequency 1: (x0, x1) -> (x0 cos1 - x1 sin1, x0 sin1 + x1 cos1)
+    x = jnp.zeros((1, 1, 1, 4)).at[..., 0].set(1.0)
+    y = np.asarray(rope(x, jnp.array([[1]]), 1e4, 4))[0, 0, 0]
+    np.testing.assert_allclose(y, [np.cos(1.0), np.sin(1.0), 0, 0], atol=1e-6)
+
+
+# ------------------------------------------------------------------ cache
+
+
+def test_prefill_plus_decode_equals_full_forward():
+    model = _model()
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    full = _score(model, toks)
+    cache = KVCache.init(CFG, batch=2, max_len=32)
+    pad = jnp.zeros((2,), jnp.int32)
+    logits, cache = forward(model, toks[:, :7], cache, start=0, pad=pad)
+    np.testing.assert_allclose(logits, full[:, :7], atol=2e-4, rtol=2e-4)
+    for t in range(7, 12):
+        lg, cache = forward(
+            model, toks[:, t : t + 1], cache, start=jnp.int32(t), pad=pad, logits="last"
+        )
+        np.testing.assert_allclose(lg, full[:, t], atol=2e-4, rtol=2e-4)
+
+
+def test_left_padding_is_masked():
+    model = _model()
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, CFG.vocab_size, 5)
+    b = rng.integers(0, CFG.vocab_size, 9)
+    toks = np.zeros((2, 9), np.int32)
+    toks[0, 4:] = a
+    toks[0, :4] = 7  # garbage in the padding must not matter
+    toks[1] = b
+    cache = KVCache.init(CFG, batch=2, max_len=16)
+    pad = jnp.array([4, 0], jnp.int32)
+    lg, cache = forward(model, jnp.asarray(toks), cache, start=0, pad=pad, logits="last")
+    alone = _score(model, jnp.asarray(a[None]))[0, -1]
+    np.testing.assert_allclose(lg[0], alone, atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(lg[1], _score(model, jnp.asarray(b[None]))[0, -1], atol=2e-4)
+    # one decode step continues both
+    nxt = jnp.array([3, 5], jnp.int32)
+    lg2, _ = forward(model, nxt[:, None], cache, start=jnp.int32(9), pad=pad, logits="last")
+    alone2 = _score(model, jnp.asarray(np.append(a, 3)[None]))[0, -1]
+    np.testing.assert_allclose(lg2[0], alone2, atol=2e-4, rtol=2e-4)
+
+
+def test_cache_bytes():
+    cache = KVCache.init(CFG, batch=3, max_len=40)
+    assert cache.nbytes == 2 * CFG.n_layers * 3 * CFG.n_kv_heads * 40 * CFG.head_dim * 4
+    assert cache.max_len == 40
+
+
+# ------------------------------------------------------------------ quantized weights
+
+
+def test_quantized_weights_run_through_jqx_ops_and_bound_the_error():
+    """Weights stored (out, in) as QArrays (here jqx's own int8 per-row) give logits close
+    to the float model's; the embedding lookup reads rows of the QArray."""
+    model = _model()
+    gd, state = nnx.split(model)
+
+    def q8(path, leaf):
+        return leaf.ndim == 2
+
+    qstate = jqx.quantize(
+        state, jqx.weight_only("int8", granularity=jqx.per_channel(axis=0)), filter_fn=q8
+    )
+    leaves = jax.tree_util.tree_leaves(qstate, is_leaf=jqx.core.qarray.is_qarray)
+    assert sum(isinstance(x, jqx.QArray) for x in leaves) == 1 + CFG.n_layers * 7
+    qmodel = nnx.merge(gd, qstate)
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 10)), jnp.int32)
+    ref = _score(nnx.merge(gd, state), toks)
+    got = jax.jit(lambda m, t: _score(m, t))(qmodel, toks)
+    err = float(jnp.abs(got - ref).max())
+    assert err <= 0.05 * float(jnp.abs(ref).max()), err
+
+
+def test_take_reads_rows_of_a_quantized_table():
+    table = jnp.asarray(np.random.default_rng(3).normal(size=(50, 64)), jnp.float32)
+    for recipe in (
+        jqx.weight_only("int8", granularity=jqx.per_channel(axis=0)),
+        jqx.weight_only("int8", granularity=jqx.per_channel(axis=1)),
+        jqx.weight_only("uint4", scheme="zero_point", granularity=jqx.per_group(32, axis=1)),
+    ):
+        q = recipe.quantize_weight(table)
+        ids = jnp.array([[0, 49], [7, 7]])
+        got = jqx.ops.take(q, ids)
+        np.testing.assert_array_equal(got, q.dequantize()[ids])
+    with pytest.raises(ValueError, match="ids must be an integer array"):
+        jqx.ops.take(q, jnp.array([1.0]))
