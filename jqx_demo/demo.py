@@ -353,5 +353,10 @@ def main(args) -> int:
     if args.plot:
         plot(rows, args.plot, title=f"jqx on {enc.name}")
         print(f"wrote {args.plot}")
+    if not args.tiny and not getattr(args, "no_llm", False):
+        from jqx_demo import llm_demo
+
+        print()
+        print(llm_demo.run(log=None if args.quiet else (lambda s: print(s, file=sys.stderr))))
     print(f"({time.perf_counter() - t0:.0f}s)")
     return 0

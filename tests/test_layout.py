@@ -35,6 +35,7 @@ EXTRAS = (
     "matplotlib",
     "gguf",
     "orbax",
+    "jinja2",
 )
 
 
