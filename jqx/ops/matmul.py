@@ -177,6 +177,34 @@ def _in_scale_on_contraction(q: QArray, wc) -> bool:
     return all(shape[a] == 1 for a in range(q.ndim) if a not in wc)
 
 
+def _gguf_kind(q: QArray) -> str | None:
+    """The GGUF block layout ``q`` is stored in (``jqx.load_gguf``'s Q4_0, Q4_1, Q8_0:
+    ``(N, K)``, blocks of 32 along K, float16 block scales), or None."""
+    if q.ndim != 2 or tuple(q.block) != (1, 32) or q.shape[1] % 32 or q.act is not None:
+        return None
+    if q.in_scale is not None or q.qhigh is not None or q.super_scale is not None:
+        return None
+    n, k = q.shape
+    if q.scale.dtype != jnp.float16 or tuple(q.scale.shape) != (n, k // 32):
+        return None
+    codes = tuple(q.qvalue.shape)
+    if q.zero_point is None and q.zero_kind == "code":
+        if q.format == "int8" and codes == (n, k):
+            return "Q8_0"
+        if q.format == "int4" and codes == (n, k // 2):
+            return "Q4_0"
+        return None
+    if (
+        q.format == "uint4"
+        and q.zero_kind == "min"
+        and q.zero_point.dtype == jnp.float16
+        and tuple(q.zero_point.shape) == (n, k // 32)
+        and codes == (n, k // 2)
+    ):
+        return "Q4_1"
+    return None
+
+
 def describe(
     x_shape: tuple[int, ...],
     x_dtype,
@@ -236,6 +264,7 @@ def describe(
         compute_dtype=_compute_dtype(x_dtype),
         out_dtype=_out_dtype(x_dtype, preferred_element_type),
         precision=precision,
+        gguf_kind=_gguf_kind(q),
     )
 
 

@@ -57,6 +57,8 @@ class Problem:
       compute_dtype: the dtype the float dots take ``x`` in (x's float dtype, else f32).
       out_dtype: the result's dtype.
       precision: ``precision`` as given to ``dot_general``.
+      gguf_kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` when ``W`` is stored in that GGUF
+        block layout (``(N, K)``, blocks of 32 along K, float16 scales), else None.
     """
 
     kind: Kind
@@ -79,6 +81,7 @@ class Problem:
     compute_dtype: np.dtype
     out_dtype: np.dtype
     precision: Any
+    gguf_kind: str | None = None
 
     @property
     def fmt(self) -> _formats.Format:

