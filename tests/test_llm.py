@@ -39,8 +39,10 @@ def test_load_real_file(llm):
     assert (c.n_layers, c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads) == (30, 576, 1536, 9, 3)
     assert (c.vocab_size, c.rope_base, c.tied_embedding) == (49152, 100000.0, True)
     assert llm.model.output is None
-    wq = llm.model.blocks[0].attn.wq[...]
-    assert isinstance(wq, jqx.QArray) and wq.shape == (576, 576) and wq.extensions == ("min",)
+    # query, key and value weights stacked into one (576 + 192 + 192, 576) Q4_1 matmul
+    wq = llm.model.blocks[0].attn.wqkv[...]
+    assert isinstance(wq, jqx.QArray) and wq.shape == (960, 576) and wq.extensions == ("min",)
+    assert llm.model.blocks[0].mlp.w_gate_up[...].shape == (3072, 576)
     assert isinstance(llm.model.embed[...], jqx.QArray)  # Q8_0, read by rows
     # weights kept as the file's blocks: resident bytes within 5% of the file's tensors
     assert llm.nbytes <= 1.05 * os.path.getsize(PATH)
@@ -210,7 +212,7 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens():
         one = llm.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
         mesh = Mesh(np.array(jax.devices()), ("model",))
         tp = llm.shard(mesh)
-        wq = tp.model.blocks[0].attn.wq[...]
+        wq = tp.model.blocks[0].attn.wqkv[...]
         spec = str(wq.qvalue.sharding.spec)
         many = tp.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
         print(json.dumps({"one": one, "many": many, "spec": spec,

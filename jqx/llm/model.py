@@ -16,7 +16,8 @@ token block at given cache positions and returns the logits and the updated
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> from jqx.llm.config import LlamaConfig
+    >>> from jqx.core.qarray import QArray
+from jqx.llm.config import LlamaConfig
     >>> from jqx.llm.model import Llama, KVCache, forward
     >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
     >>> model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -37,9 +38,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jqx import ops
+from jqx.core.qarray import QArray
 from jqx.llm.config import LlamaConfig
+from jqx.ops.attention import decode_attention, gqa_attention
 
-__all__ = ["Llama", "KVCache", "forward", "rope", "linear"]
+__all__ = ["Llama", "KVCache", "forward", "fuse_projections", "rope", "linear"]
 
 _DN = (((1,), (1,)), ((), ()))  # x (rows, in) . W (out, in) -> (rows, out)
 
@@ -140,8 +143,12 @@ class MLP(nnx.Module):
         self.w_down = _init_linear(rngs, config.dim, config.hidden_dim)
 
     def __call__(self, x):
-        g = linear(x, self.w_gate[...])
-        u = linear(x, self.w_up[...])
+        fused = getattr(self, "w_gate_up", None)
+        if fused is not None:
+            g, u = jnp.split(linear(x, fused[...]), 2, axis=-1)
+        else:
+            g = linear(x, self.w_gate[...])
+            u = linear(x, self.w_up[...])
         return linear(jax.nn.silu(g) * u, self.w_down[...])
 
 
@@ -171,24 +178,70 @@ class Llama(nnx.Module):
         )
 
 
-def _attention(q, k, v, q_pos, pad, n_valid):
-    """Grouped-query attention of ``q`` (batch, seq, heads, d) over cache slots
-    ``k``/``v`` (batch, kv_heads, slots, d). Slot ``s`` is visible to the query at
-    absolute slot ``q_pos[t]`` iff ``pad[b] <= s <= q_pos[t]`` and ``s < n_valid``."""
-    b, t, h, d = q.shape
-    kvh, slots = k.shape[1], k.shape[2]
-    g = h // kvh
-    q = q.reshape(b, t, kvh, g, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) * (1.0 / math.sqrt(d))
+def _concat_rows(ws: list):
+    """One ``(sum of rows, in)`` weight from weights of equal layout, or None when
+    their layouts differ (e.g. a GGUF file that mixes block types)."""
+    if all(isinstance(w, jax.Array) for w in ws):
+        return jnp.concatenate(ws, axis=0) if len({w.dtype for w in ws}) == 1 else None
+    if not all(isinstance(w, QArray) for w in ws):
+        return None
+    first = ws[0]
+
+    def static(w):
+        return (
+            w.format,
+            w.dtype,
+            w.block,
+            w.act,
+            w.zero_kind,
+            w.code_bits,
+            w.super_block,
+            w.shape[1:],
+        )
+
+    if any(static(w) != static(first) for w in ws):
+        return None
+    children = {}
+    for name in ("qvalue", "scale", "zero_point", "qhigh", "super_scale", "super_zero"):
+        vals = [getattr(w, name) for w in ws]
+        if all(v is None for v in vals):
+            children[name] = None
+        elif any(v is None for v in vals) or any(v.ndim != 2 for v in vals):
+            return None
+        else:
+            children[name] = jnp.concatenate(vals, axis=0)
+    if any(w.in_scale is not None or w.act_scale is not None for w in ws):
+        return None
+    rows = sum(w.shape[0] for w in ws)
+    if any(w.shape[0] % w.block[0] for w in ws):
+        return None
+    return first.replace(shape=(rows,) + tuple(first.shape[1:]), **children)
+
+
+def fuse_projections(model: Llama) -> Llama:
+    """Stacks each block's query, key and value weights into one ``attn.wqkv`` and the
+    MLP's gate and up weights into one ``mlp.w_gate_up`` (in place; returns ``model``),
+    where their layouts match: one matmul instead of three (and two) per block, the
+    same numbers. Weights that cannot be stacked stay separate."""
+    for blk in model.blocks:
+        a, m = blk.attn, blk.mlp
+        qkv = _concat_rows([a.wq[...], a.wk[...], a.wv[...]])
+        if qkv is not None:
+            a.wqkv = _param(qkv)
+            a.wq = a.wk = a.wv = None
+        gu = _concat_rows([m.w_gate[...], m.w_up[...]])
+        if gu is not None:
+            m.w_gate_up = _param(gu)
+            m.w_gate = m.w_up = None
+    return model
+
+
+def _visible(q_pos, pad, n_valid, slots):
+    """(batch, seq, slots): slot ``s`` is visible to the query at absolute slot
+    ``q_pos[t]`` iff ``pad[b] <= s <= q_pos[t]`` and ``s < n_valid``."""
     s = jnp.arange(slots)
-    visible = (s[None, :] <= q_pos[:, None]) & (s[None, :] < n_valid)  # (t, slots)
-    visible = visible[None] & (s[None, None, :] >= pad[:, None, None])  # (b, t, slots)
-    # a finite mask value: a padding query sees no slot, and -inf would make its row
-    # NaN, which then reaches real queries through the cache (0 * NaN = NaN)
-    scores = jnp.where(visible[:, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
+    visible = (s[None, :] <= q_pos[:, None]) & (s[None, :] < n_valid)
+    return visible[None] & (s[None, None, :] >= pad[:, None, None])
 
 
 def forward(
@@ -226,9 +279,16 @@ def forward(
     for i, blk in enumerate(model.blocks):
         h = blk.attn_norm(x)
         a = blk.attn
-        q = linear(h, a.wq[...]).reshape(b, t, c.n_heads, c.head_dim)
-        k = linear(h, a.wk[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = linear(h, a.wv[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
+        fused = getattr(a, "wqkv", None)
+        if fused is not None:
+            nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+            y = linear(h, fused[...])
+            q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
+        else:
+            q, k, v = linear(h, a.wq[...]), linear(h, a.wk[...]), linear(h, a.wv[...])
+        q = q.reshape(b, t, c.n_heads, c.head_dim)
+        k = k.reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
         rd = c.rope_dim or c.head_dim
         q = rope(q, positions, c.rope_base, rd)
         k = rope(k, positions, c.rope_base, rd)
@@ -249,8 +309,13 @@ def forward(
         if cache is not None and isinstance(start, int):
             # prefill: a static start bounds the slots that can be visible
             kk, vv = kk[:, :, : start + t], vv[:, :, : start + t]
-        q_rel = q_pos if cache is not None else jnp.arange(t)
-        o = _attention(q, kk.astype(jnp.float32), vv.astype(jnp.float32), q_rel, pad, n_valid)
+        if cache is not None and t == 1 and not isinstance(start, int):
+            # the decode step: one query per sequence over slots pad[b] .. start
+            o = decode_attention(q[:, 0], kk, vv, pad, jnp.full_like(pad, start + 1))
+            o = o.reshape(b, 1, c.n_heads * c.head_dim)
+        else:
+            q_rel = q_pos if cache is not None else jnp.arange(t)
+            o = gqa_attention(q, kk, vv, _visible(q_rel, pad, n_valid, kk.shape[2]))
         x = x + linear(o, a.wo[...])
         x = x + blk.mlp(blk.ffn_norm(x))
     if logits == "last":

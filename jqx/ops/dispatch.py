@@ -47,6 +47,7 @@ from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from jqx.kernels.cpu import native as _native_kernels
 from jqx.ops import impl_native, impl_pallas, impl_xla
@@ -391,3 +392,29 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
             ):
                 return impl
     return _xla(p, pol, cpu)
+
+
+def choose_attention(q, k, backend: str | None = None) -> str:
+    """``"xla"`` or ``"native"``: who runs a decode step's attention
+    (:func:`jqx.ops.attention.decode_attention`) for these operands."""
+    if backend not in (None, "xla", "native"):
+        raise ValueError(f"decode_attention: backend={backend!r} must be None, 'xla' or 'native'.")
+    if backend == "xla":
+        return "xla"
+    pol = current_policy()
+    reason = _gguf_reason(pol, _platform(pol))
+    fits = (
+        q.ndim == 3
+        and k.ndim == 4
+        and k.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
+        and q.shape[1] % k.shape[1] == 0
+    )
+    if backend == "native" and (reason != "available" or not fits):
+        raise RuntimeError(
+            "decode_attention(backend='native'): the native kernel cannot run this: "
+            + (reason if reason != "available" else f"q {q.shape}, cache {k.shape} {k.dtype}")
+            + ". Use backend=None or 'xla'."
+        )
+    # The native kernel reads only the visible slots; XLA's dot on the updated cache
+    # also copies every cache buffer per step (docs/internals/dispatch.md).
+    return "native" if reason == "available" and fits else "xla"
