@@ -18,6 +18,14 @@ layers, chained so XLA runs them one after another, as in a decode step), so
 the weights come from memory rather than a warm cache. Then the same for one
 token's 211 products (210 Q4_1 layers and the tied Q8_0 output head), chained.
 
+Then decode attention (``--attention``, on by default): one new token over a KV cache
+of S = 256, 1024, 2048 visible slots with SmolLM2's heads (9 query heads over 3 kv
+heads of 64), float32 and float16 caches, for all 30 layers in one jit (each layer
+its own cache, each output the next layer's query, as in a decode step):
+``native.decode_attention`` against XLA's formulation as the model writes it,
+``einsum("bkgd,bksd->bkgs")`` -> masked softmax -> ``einsum("bkgs,bksd->bkgd")``,
+in microseconds per layer with the ratio ``xla / native``.
+
 The machine is shared: the script prints ``/proc/loadavg`` before and after.
 Interleaving also means the native chain often starts while XLA's threads still
 spin after the previous candidate's multi-threaded dot, so its figures here are
@@ -27,6 +35,7 @@ Usage:
     python benchmarks/gguf_gemv.py                    # M = 1 and 4
     python benchmarks/gguf_gemv.py --rows 1 2 4 8 16  # where the kernel stops paying
     python benchmarks/gguf_gemv.py --synthetic        # random blocks, no model file
+    python benchmarks/gguf_gemv.py --only-attention   # the attention table alone
 """
 
 from __future__ import annotations
@@ -167,17 +176,77 @@ def measure(items, m: int, reps: int, seed: int = 0):
     return round_robin(fns, args, reps), err
 
 
+ATTN_LAYERS, ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 30, 9, 3, 64  # SmolLM2-135M
+
+
+def _xla_attention(q, k, v, lo, hi, *, scale):
+    """The model's formulation: einsums over the whole cache, invisible slots masked."""
+    b, h, d = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) * scale
+    pos = jnp.arange(s, dtype=jnp.int32)
+    visible = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, None, :]
+    p = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bkgs,bksd->bkgd", p, v.astype(jnp.float32)).reshape(b, h, d)
+
+
+def attention_chain(attend):
+    """jit(fn(q, ks, vs, lo, hi)): every layer's attention in turn, each output the
+    next query (XLA runs them one after another, as in a decode step)."""
+
+    def fn(q, ks, vs, lo, hi):
+        for k, v in zip(ks, vs, strict=True):
+            q = attend(q, k, v, lo, hi, scale=ATTN_HEAD_DIM**-0.5)
+        return q
+
+    return jax.jit(fn)
+
+
+def attention_table(reps: int) -> None:
+    print()
+    print(
+        f"decode attention, {ATTN_LAYERS} layers in one jit: B=1, H={ATTN_HEADS}, "
+        f"KVH={ATTN_KV_HEADS}, D={ATTN_HEAD_DIM}, all S slots visible; loadavg {loadavg()}"
+    )
+    print("| S | cache | native us/layer | xla us/layer | xla / native | max abs err |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    fns = [attention_chain(native.decode_attention), attention_chain(_xla_attention)]
+    for s in (256, 1024, 2048):
+        for dtype in (jnp.float32, jnp.float16):
+            shape = (1, ATTN_KV_HEADS, s, ATTN_HEAD_DIM)
+            ks = [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(ATTN_LAYERS)]
+            vs = [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(ATTN_LAYERS)]
+            q = jnp.asarray(rng.standard_normal((1, ATTN_HEADS, ATTN_HEAD_DIM)), jnp.float32)
+            args = (q, ks, vs, jnp.zeros((1,), jnp.int32), jnp.full((1,), s, jnp.int32))
+            err = float(jnp.max(jnp.abs(fns[0](*args) - fns[1](*args))))
+            tn, tx = round_robin(fns, [args, args], reps)
+            print(
+                f"| {s} | {jnp.dtype(dtype).name} | {tn / ATTN_LAYERS * 1e6:.1f} | "
+                f"{tx / ATTN_LAYERS * 1e6:.1f} | {tx / tn:.2f} | {err:.1e} |",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="M values")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--synthetic", action="store_true", help="random blocks, no model file")
     ap.add_argument("--no-token", action="store_true", help="skip the per-token total")
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention table")
+    ap.add_argument("--only-attention", action="store_true", help="the attention table alone")
     args = ap.parse_args(argv)
 
     print_stamp()
     if not native.gguf_available():
         print(f"native GGUF kernel unavailable: {native.gguf_status()}")
+        return
+    if args.only_attention:
+        attention_table(args.reps)
+        print()
+        print(f"loadavg after: {loadavg()}")
         return
     items, source = weights(args.synthetic)
     print(
@@ -215,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{td / tn:.2f} | {tf / tn:.2f} |",
                 flush=True,
             )
+    if not args.no_attention:
+        attention_table(args.reps)
     print()
     print(f"loadavg after: {loadavg()}")
 

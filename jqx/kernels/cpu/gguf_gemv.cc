@@ -44,10 +44,15 @@
 // runs on the calling thread. The chunks split rows only, so the result does
 // not depend on the number of threads.
 //
+// The same library holds jqx_decode_attention (one new token's attention over
+// the visible slots of a float32 / float16 KV cache; see its section below),
+// which shares the thread pool.
+//
 // Built on first use by jqx/kernels/cpu/native.py (g++ -O3 -mavx2 -mfma
 // -mf16c); jqx_gguf_cpu_supported() is checked before registering it.
 
 #include <immintrin.h>
+#include <math.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -605,6 +610,375 @@ ffi::Error GgufGemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qvalue, ffi::Buf
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------ decode attention
+//
+// out[b, h] = softmax_s(scale * q[b, h] . k[b, h / G, s]) @ v[b, h / G, s] over the
+// visible slots lo[b] <= s < hi[b] of a KV cache (B, KVH, S, D), G = H / KVH query
+// heads per kv head (grouped-query attention), for one new token per sequence.
+// Only the visible slots are read: the cache is allocated to its maximum length
+// but filled up to hi. Per (b, kv head): the scores of the G query heads (a
+// register tile of up to four heads times a few slots, so every loaded k row
+// serves all of them), a stable softmax (max subtracted, exp vectorized, float32
+// sums), then the p-weighted sum of the v rows (again each loaded v vector
+// serves every head of the tile), divided by the softmax's sum once at the end.
+// k and v may be float32 or float16 (F16C converts eight at a time). No visible
+// slot: zeros. Each (b, kv head) pair's slots are cut into parts of kAttnPart
+// (split-K, as flash-decoding does): the parts are the pool's chunks, each
+// leaves its unnormalized output with its max and sum, and the caller merges
+// them in part order. A call too small to pay for the pool runs on the calling
+// thread; the cut depends only on lo and hi, so results do not depend on the
+// number of threads.
+
+// exp(x) for x <= 0 (the softmax's shifted scores), Cephes' single-precision
+// range reduction and polynomial (about 1 ulp). Inputs below -87 give exp(-87)
+// (~1.6e-38, next to a largest term of 1), which keeps 2^n a normal float.
+inline __m256 ExpNonPositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // x second: a NaN score stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in two so that n * hi is exact.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Eight cache elements as float32.
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float Load1(const float* p) { return *p; }
+inline float Load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+// Slots per pass of the score tile: GT heads x SL slots accumulators, plus the
+// GT q vectors and one k vector, within AVX2's 16 registers.
+template <int GT>
+constexpr int kScoreSlots = GT <= 3 ? 4 : 2;
+// Vectors of 8 along D per pass of the value tile (GT x VB accumulators).
+template <int GT>
+constexpr int kValueVecs = GT <= 2 ? 4 : 2;
+
+// sc[g * ns + j] = scale * q[g] . k[j] for GT heads and ns slots (rows of D).
+template <typename T, int GT>
+void AttnScores(const float* q, const T* k, int64_t D, int64_t ns, float scale, float* sc) {
+  constexpr int SL = kScoreSlots<GT>;
+  const int64_t d8 = D / 8 * 8;
+  int64_t j = 0;
+  for (; j + SL <= ns; j += SL) {
+    __m256 acc[GT][SL];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 4
+      for (int t = 0; t < SL; ++t) acc[g][t] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d8; d += 8) {
+      __m256 qv[GT];
+#pragma GCC unroll 4
+      for (int g = 0; g < GT; ++g) qv[g] = _mm256_loadu_ps(q + g * D + d);
+#pragma GCC unroll 4
+      for (int t = 0; t < SL; ++t) {
+        const __m256 kv = Load8(k + (j + t) * D + d);
+#pragma GCC unroll 4
+        for (int g = 0; g < GT; ++g) acc[g][t] = _mm256_fmadd_ps(qv[g], kv, acc[g][t]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) {
+      float s[SL];
+      StoreSums<SL>(acc[g], s);
+      for (int t = 0; t < SL; ++t) {
+        for (int64_t d = d8; d < D; ++d) s[t] += q[g * D + d] * Load1(k + (j + t) * D + d);
+        sc[g * ns + j + t] = scale * s[t];
+      }
+    }
+  }
+  for (; j < ns; ++j) {  // the last slots, one at a time
+    __m256 acc[GT];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d8; d += 8) {
+      const __m256 kv = Load8(k + j * D + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < GT; ++g)
+        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) {
+      float s = HSum(acc[g]);
+      for (int64_t d = d8; d < D; ++d) s += q[g * D + d] * Load1(k + j * D + d);
+      sc[g * ns + j] = scale * s;
+    }
+  }
+}
+
+// In place: row := exp(row - max(row)); returns the row's sum (>= 1) and sets
+// *top to the max.
+inline float SoftmaxNumerators(float* row, int64_t ns, float* top) {
+  const int64_t n8 = ns / 8 * 8;
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float mx = -INFINITY;
+  for (int i = 0; i < 8; ++i) mx = std::max(mx, lanes[i]);
+  for (int64_t j = n8; j < ns; ++j) mx = std::max(mx, row[j]);
+  *top = mx;
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 e = ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), m));
+    _mm256_storeu_ps(row + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = HSum(sv);
+  if (n8 < ns) {  // the tail through the same exp, padded with -inf (exp -> ~0, dropped)
+    alignas(32) float t[8];
+    for (int i = 0; i < 8; ++i) t[i] = n8 + i < ns ? row[n8 + i] - mx : -INFINITY;
+    _mm256_store_ps(t, ExpNonPositive(_mm256_load_ps(t)));
+    for (int64_t j = n8; j < ns; ++j) {
+      row[j] = t[j - n8];
+      sum += row[j];
+    }
+  }
+  return sum;
+}
+
+// out[g] = (sum_j p[g * ns + j] * v[j]) * inv[g] for GT heads.
+template <typename T, int GT>
+void AttnValues(const float* p, const T* v, int64_t D, int64_t ns, const float* inv, float* out) {
+  constexpr int VB = kValueVecs<GT>;
+  const int64_t d8 = D / 8 * 8;
+  int64_t d = 0;
+  for (; d < d8; d += 8 * VB) {
+    const int nv = static_cast<int>(std::min<int64_t>(VB, (d8 - d) / 8));
+    __m256 acc[GT][VB];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 4
+      for (int t = 0; t < VB; ++t) acc[g][t] = _mm256_setzero_ps();
+    if (nv == VB) {
+      for (int64_t j = 0; j < ns; ++j) {
+        __m256 vv[VB];
+#pragma GCC unroll 4
+        for (int t = 0; t < VB; ++t) vv[t] = Load8(v + j * D + d + 8 * t);
+#pragma GCC unroll 4
+        for (int g = 0; g < GT; ++g) {
+          const __m256 pg = _mm256_broadcast_ss(p + g * ns + j);
+#pragma GCC unroll 4
+          for (int t = 0; t < VB; ++t) acc[g][t] = _mm256_fmadd_ps(pg, vv[t], acc[g][t]);
+        }
+      }
+    } else {  // fewer than VB vectors left along D
+      for (int64_t j = 0; j < ns; ++j)
+        for (int t = 0; t < nv; ++t) {
+          const __m256 vv = Load8(v + j * D + d + 8 * t);
+          for (int g = 0; g < GT; ++g)
+            acc[g][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * ns + j), vv, acc[g][t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g)
+      for (int t = 0; t < nv; ++t)
+        _mm256_storeu_ps(out + g * D + d + 8 * t,
+                         _mm256_mul_ps(acc[g][t], _mm256_set1_ps(inv[g])));
+  }
+  for (d = d8; d < D; ++d)  // D not a multiple of 8: the last columns
+    for (int g = 0; g < GT; ++g) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < ns; ++j) s += p[g * ns + j] * Load1(v + j * D + d);
+      out[g * D + d] = s * inv[g];
+    }
+}
+
+// The G heads of one kv head over ns slots: out[g] = sum_j p_j v_j with p_j =
+// exp(score_j - top[g]), divided by sum[g] = sum_j p_j when `normalize`, else
+// left unnormalized for the combination of parts.
+template <typename T, int GT>
+void AttnHeads(const float* q, const T* k, const T* v, int64_t D, int64_t ns, float scale,
+               float* sc, float* out, bool normalize, float* top, float* sum) {
+  AttnScores<T, GT>(q, k, D, ns, scale, sc);
+  float inv[GT];
+  for (int g = 0; g < GT; ++g) {
+    sum[g] = SoftmaxNumerators(sc + g * ns, ns, top + g);
+    inv[g] = normalize ? 1.0f / sum[g] : 1.0f;
+  }
+  AttnValues<T, GT>(sc, v, D, ns, inv, out);
+}
+
+// Slots per part: a (b, kv head) pair's visible slots are cut into parts of
+// this many, each a chunk for the pool (a few microseconds of work), so long
+// caches spread over the threads and a preempted worker holds back little.
+// The cut depends on lo and hi only, never on the threads, so neither do the
+// results.
+constexpr int64_t kAttnPart = 256;
+
+struct AttnJob {
+  const float* q;  // (B, H, D)
+  const void* k;   // (B, KVH, S, D), float or float16 bits
+  const void* v;
+  float* out;  // (B, H, D)
+  int64_t H, KVH, S, D;
+  float scale;
+  bool f16;
+  const int64_t* first;  // (B + 1,): chunks of sequences < b; chunk = pair * parts + part
+  const int64_t* lo;     // (B,) clipped
+  const int64_t* ns;     // (B,) visible slots
+  float* partial;        // per chunk of a multi-part sequence: G x (D + 2) floats
+};
+
+// Scores of the calling thread (workers keep theirs between calls).
+thread_local std::vector<float> t_scores;
+
+template <typename T>
+void AttnPart(const AttnJob& a, int64_t b, int64_t kh, int64_t part, int64_t parts,
+              float* partial) {
+  const int64_t G = a.H / a.KVH, D = a.D;
+  const int64_t s0 = a.lo[b] + part * kAttnPart;
+  const int64_t ns = std::min(kAttnPart, a.ns[b] - part * kAttnPart);
+  const int64_t at = ((b * a.KVH + kh) * a.S + s0) * D;
+  const T* k = static_cast<const T*>(a.k) + at;
+  const T* v = static_cast<const T*>(a.v) + at;
+  const float* q = a.q + (b * a.H + kh * G) * D;
+  // One part: the final output, normalized. Several: unnormalized rows with
+  // their max and sum, combined by the caller.
+  const bool whole = parts == 1;
+  float* out = whole ? a.out + (b * a.H + kh * G) * D : partial;
+  float* top = whole ? nullptr : partial + G * D;
+  float* sum = whole ? nullptr : top + G;
+  float scratch[8];  // max and sum of a tile when they are not kept
+  std::vector<float>& sc = t_scores;
+  const int64_t need = std::min<int64_t>(G, 4) * ns;
+  if (static_cast<int64_t>(sc.size()) < need) sc.resize(static_cast<size_t>(need));
+  for (int64_t g = 0; g < G;) {
+    const int64_t gt = std::min<int64_t>(4, G - g);
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    float* tg = whole ? scratch : top + g;
+    float* sg = whole ? scratch + 4 : sum + g;
+    switch (gt) {
+      case 4: AttnHeads<T, 4>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
+      case 3: AttnHeads<T, 3>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
+      case 2: AttnHeads<T, 2>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
+      default: AttnHeads<T, 1>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
+    }
+    g += gt;
+  }
+}
+
+inline int64_t AttnParts(int64_t ns) { return (ns + kAttnPart - 1) / kAttnPart; }
+
+void AttnChunk(const void* ctx, int64_t c) {
+  const AttnJob& a = *static_cast<const AttnJob*>(ctx);
+  // The sequence whose chunks hold c: first[b] <= c < first[b + 1] (B is small).
+  int64_t b = 0;
+  while (a.first[b + 1] <= c) ++b;
+  const int64_t parts = AttnParts(a.ns[b]);
+  const int64_t r = c - a.first[b];
+  const int64_t G = a.H / a.KVH;
+  float* partial = a.partial + c * G * (a.D + 2);
+  if (a.f16)
+    AttnPart<uint16_t>(a, b, r / parts, r % parts, parts, partial);
+  else
+    AttnPart<float>(a, b, r / parts, r % parts, parts, partial);
+}
+
+// out = sum_p w_p o_p / sum_p w_p l_p with w_p = exp(top_p - max_p top_p): the
+// parts of one head merged, in part order.
+void AttnCombine(const AttnJob& a, int64_t b, int64_t kh, int64_t parts) {
+  const int64_t G = a.H / a.KVH, D = a.D, stride = G * (D + 2);
+  const float* base = a.partial + (a.first[b] + kh * parts) * stride;
+  for (int64_t g = 0; g < G; ++g) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) top = std::max(top, base[p * stride + G * D + g]);
+    float* out = a.out + (b * a.H + kh * G + g) * D;
+    float total = 0.0f;
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) {
+      const float* part = base + p * stride;
+      const float w = expf(part[G * D + g] - top);
+      total += w * part[G * D + G + g];
+      const float* o = part + g * D;
+      for (int64_t d = 0; d < D; ++d) out[d] += w * o[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
+}
+
+// Below this many multiply-adds (2 * H * visible slots * D over the batch), or
+// with fewer chunks than two per thread, the pool does not pay (measured on 2
+// shared cores: waking a worker and waiting for a preempted one cost more than
+// the chunks it takes): run on the calling thread.
+constexpr int64_t kAttnInlineWork = int64_t{1} << 20;
+
+// Per-call tables of the calling thread (XLA may call from several threads).
+thread_local std::vector<int64_t> t_attn_index;
+thread_local std::vector<float> t_attn_partial;
+
+ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto vd = v.dimensions();
+  const auto od = out->dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || od.size() != 3 ||
+      lo.dimensions().size() != 1 || hi.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_decode_attention: q and out must be 3-D, k and v 4-D, lo and hi 1-D");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], KVH = kd[1], S = kd[2];
+  const auto et = k.element_type();
+  if ((et != ffi::DataType::F32 && et != ffi::DataType::F16) || v.element_type() != et ||
+      kd[0] != B || kd[3] != D || KVH == 0 || H % KVH != 0 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || od[0] != B || od[1] != H || od[2] != D ||
+      lo.dimensions()[0] != B || hi.dimensions()[0] != B)
+    return ffi::Error::InvalidArgument("jqx_decode_attention: inconsistent shapes or dtypes");
+  if (B == 0 || H == 0 || D == 0) return ffi::Error::Success();
+  const int64_t G = H / KVH;
+  // Per sequence: clipped lo, visible slots, and its first chunk.
+  std::vector<int64_t>& idx = t_attn_index;
+  idx.assign(static_cast<size_t>(3 * B + 1), 0);
+  int64_t* first = idx.data();
+  int64_t* los = first + B + 1;
+  int64_t* nss = los + B;
+  int64_t visible = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    los[b] = std::clamp<int64_t>(lo.typed_data()[b], 0, S);
+    nss[b] = std::clamp<int64_t>(hi.typed_data()[b], los[b], S) - los[b];
+    visible += nss[b];
+    first[b + 1] = first[b] + KVH * AttnParts(nss[b]);
+  }
+  const int64_t chunks = first[B];
+  std::vector<float>& partial = t_attn_partial;
+  if (partial.size() < static_cast<size_t>(chunks * G * (D + 2)))
+    partial.resize(static_cast<size_t>(chunks * G * (D + 2)));
+  float* Y = out->typed_data();
+  AttnJob job{q.typed_data(), k.untyped_data(), v.untyped_data(), Y, H, KVH, S, D, scale,
+              et == ffi::DataType::F16, first, los, nss, partial.data()};
+  Pool* pool = 2 * H * visible * D < kAttnInlineWork ? nullptr : GetPool();
+  if (pool == nullptr || chunks < 2 * pool->threads()) {
+    for (int64_t c = 0; c < chunks; ++c) AttnChunk(&job, c);
+  } else {
+    pool->Run(AttnChunk, &job, chunks);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t parts = AttnParts(nss[b]);
+    if (parts == 0)  // nothing visible: zeros, not 0/0
+      memset(Y + b * H * D, 0, static_cast<size_t>(H * D) * sizeof(float));
+    else if (parts > 1)
+      for (int64_t kh = 0; kh < KVH; ++kh) AttnCombine(job, b, kh, parts);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemv, GgufGemvImpl,
@@ -615,6 +989,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemv, GgufGemvImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 
 extern "C" int jqx_gguf_cpu_supported() {
   __builtin_cpu_init();

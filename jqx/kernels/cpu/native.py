@@ -16,7 +16,9 @@ activations of up to :data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any
 A second library, ``gguf_gemv.cc`` (AVX2, FMA and F16C only, so it runs on
 CPUs without AVX512), registers ``jqx_gguf_gemv`` (:func:`gguf_matmul`):
 ``x @ W.T`` for up to :data:`GGUF_MAX_ROWS` f32 rows of ``x`` straight from
-the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps, on a persistent
+the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps, and
+``jqx_decode_attention`` (:func:`decode_attention`): one new token's attention
+over the visible slots of a float32 or float16 KV cache, both on a persistent
 thread pool (``$JQX_NUM_THREADS``, else the CPU affinity count;
 :func:`gguf_num_threads`). Each library has its own availability:
 :func:`available`/:func:`status` for the first, :func:`gguf_available`/
@@ -74,12 +76,15 @@ __all__ = [
     "gguf_num_threads",
     "gguf_matmul",
     "gguf_matmul_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "TARGET",
     "W4_TARGET",
     "W4_MAX_ROWS",
     "GGUF_TARGET",
     "GGUF_MAX_ROWS",
     "GGUF_KINDS",
+    "ATTENTION_TARGET",
 ]
 
 TARGET = "jqx_int8_gemm"
@@ -89,6 +94,7 @@ GGUF_TARGET = "jqx_gguf_gemv"
 GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
+ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
@@ -124,7 +130,7 @@ _GGUF = _Library(
     flags=(*_COMMON_FLAGS, "-mavx2", "-mfma", "-mf16c"),
     cpu_check="jqx_gguf_cpu_supported",
     cpu_needs="AVX2/FMA/F16C",
-    targets={GGUF_TARGET: "JqxGgufGemv"},
+    targets={GGUF_TARGET: "JqxGgufGemv", ATTENTION_TARGET: "JqxDecodeAttention"},
 )
 
 
@@ -556,3 +562,165 @@ def gguf_matmul_reference(
         precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,
     )
+
+
+# ----------------------------------------------------------------- decode attention
+
+
+def _attention_check(q, k_cache, v_cache, lo, hi, scale, fn: str):
+    """Validates :func:`decode_attention`'s operands; returns (lo, hi) as int32 and
+    the scale as a float."""
+    for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("lo", lo), ("hi", hi)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(
+                f"{fn}: {name} must be an array, got {type(a).__name__}; wrap it with "
+                "jnp.asarray(...)."
+            )
+    if q.ndim != 3 or jnp.dtype(q.dtype) != jnp.float32:
+        raise ValueError(
+            f"{fn}: q must be float32 (B, H, D) (the new token's queries), got {_describe(q)}; "
+            "reshape to (batch, heads, head_dim) and cast with q.astype(jnp.float32)."
+        )
+    b, h, d = q.shape
+    if k_cache.ndim != 4 or jnp.dtype(k_cache.dtype) not in (jnp.float32, jnp.float16):
+        raise ValueError(
+            f"{fn}: k_cache must be float32 or float16 (B, KVH, S, D), got "
+            f"{_describe(k_cache)}; cast the cache with .astype(jnp.float16) or "
+            ".astype(jnp.float32) and lay it out as (batch, kv_heads, slots, head_dim)."
+        )
+    kb, kvh, _, kd = k_cache.shape
+    if kb != b or kd != d:
+        raise ValueError(
+            f"{fn}: k_cache {_describe(k_cache)} does not match q {_describe(q)}: it must "
+            f"have the batch B={b} and head_dim D={d} of q, as (B, KVH, S, D)."
+        )
+    if kvh == 0 or h % kvh:
+        raise ValueError(
+            f"{fn}: q has H={h} heads, which is not a multiple of k_cache's KVH={kvh} kv "
+            "heads (axis 1); grouped-query attention needs H % KVH == 0 (query head i reads "
+            "kv head i // (H // KVH))."
+        )
+    if tuple(v_cache.shape) != tuple(k_cache.shape) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"{fn}: v_cache must have k_cache's shape and dtype {_describe(k_cache)}, got "
+            f"{_describe(v_cache)}; keep both caches in one layout and dtype."
+        )
+    out = []
+    for name, a in (("lo", lo), ("hi", hi)):
+        if not jnp.issubdtype(a.dtype, jnp.integer) or tuple(a.shape) != (b,):
+            raise ValueError(
+                f"{fn}: {name} must be an integer array of shape (B,) = ({b},) (one "
+                f"{'first' if name == 'lo' else 'end'} visible slot per sequence), got "
+                f"{_describe(a)}; pass e.g. jnp.full(({b},), value, jnp.int32)."
+            )
+        out.append(a.astype(jnp.int32))
+    if isinstance(scale, jax.core.Tracer) or not np.isscalar(scale) or not np.isreal(scale):
+        raise ValueError(
+            f"{fn}: scale must be a Python float known at trace time (e.g. "
+            f"1 / head_dim ** 0.5), got {type(scale).__name__}; fold a traced scale into q."
+        )
+    return out[0], out[1], float(scale)
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """One new token's attention over a KV cache, reading only its visible slots.
+
+    ``out[b, h] = softmax(scale * k[b, j, s] . q[b, h]) @ v[b, j, s]`` over the slots
+    ``lo[b] <= s < hi[b]``, with ``j = h // (H // KVH)`` (grouped-query attention;
+    ``H == KVH`` is multi-head). The native kernel (``gguf_gemv.cc``; AVX2, FMA,
+    F16C) reads only those slots, so a cache allocated to its maximum length costs
+    what its filled part does. Softmax with the maximum subtracted, float32 sums;
+    a sequence with no visible slot gets zeros. Works under ``jit`` with ``lo`` and
+    ``hi`` traced (a new length each step compiles nothing); under ``vmap`` it
+    loops. Threads: :func:`gguf_num_threads` (over the (b, kv head) pairs; the
+    result does not depend on their number). Speed against XLA's einsums:
+    ``benchmarks/gguf_gemv.py``.
+
+    Args:
+      q: float32 (B, H, D), the new token's queries.
+      k_cache: float32 or float16 (B, KVH, S, D), with H a multiple of KVH.
+      v_cache: like ``k_cache`` (same shape and dtype).
+      lo: integer (B,), each sequence's first visible slot (left padding).
+      hi: integer (B,), one past each sequence's last visible slot. Both are
+        clipped to [0, S]; ``hi <= lo`` means no slot is visible.
+      scale: the scores' factor, a Python float (usually ``D ** -0.5``).
+
+    Returns:
+      float32 (B, H, D).
+
+    Raises:
+      ValueError: a dtype, shape or scale the kernel does not take (the message
+        names the operand and what it must be).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.ones((1, 2, 4), jnp.float32)
+        >>> k = jnp.zeros((1, 1, 8, 4), jnp.float16)  # equal scores: the mean of v
+        >>> v = jnp.arange(32, dtype=jnp.float16).reshape(1, 1, 8, 4)
+        >>> lo, hi = jnp.array([2], jnp.int32), jnp.array([4], jnp.int32)
+        >>> f = native.decode_attention if native.gguf_available() else (
+        ...     native.decode_attention_reference)
+        >>> f(q, k, v, lo, hi, scale=0.5)[0].tolist()
+        [[10.0, 11.0, 12.0, 13.0], [10.0, 11.0, 12.0, 13.0]]
+    """
+    lo, hi, scale = _attention_check(q, k_cache, v_cache, lo, hi, scale, "decode_attention")
+    if not gguf_available():
+        raise RuntimeError(f"the native attention kernel is not available: {gguf_status()}")
+    return jax.ffi.ffi_call(
+        ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+    )(q, k_cache, v_cache, lo, hi, scale=np.float32(scale))
+
+
+def decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Plain-jnp :func:`decode_attention`: XLA's einsums over the whole cache with
+    the invisible slots masked out (so it reads all S slots), float32 at HIGHEST
+    precision. Same operands and errors; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.ones((1, 1, 2), jnp.float32)
+        >>> k = jnp.zeros((1, 1, 3, 2), jnp.float32)
+        >>> v = jnp.arange(6, dtype=jnp.float32).reshape(1, 1, 3, 2)
+        >>> native.decode_attention_reference(q, k, v, jnp.array([0]), jnp.array([2]),
+        ...                                   scale=1.0).tolist()
+        [[[1.0, 2.0]]]
+        >>> native.decode_attention_reference(q, k, v, jnp.array([1]), jnp.array([1]),
+        ...                                   scale=1.0).tolist()  # nothing visible
+        [[[0.0, 0.0]]]
+    """
+    lo, hi, scale = _attention_check(
+        q, k_cache, v_cache, lo, hi, scale, "decode_attention_reference"
+    )
+    b, h, d = q.shape
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    hp = lax.Precision.HIGHEST
+    qg = q.reshape(b, kvh, h // kvh, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache.astype(jnp.float32), precision=hp)
+    pos = jnp.arange(s, dtype=jnp.int32)
+    visible = ((pos >= lo[:, None]) & (pos < hi[:, None]))[:, None, None, :]
+    scores = jnp.where(visible, scores * jnp.float32(scale), -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # no visible slot: avoid -inf - -inf
+    p = jnp.where(visible, jnp.exp(scores - top), 0.0)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgs,bksd->bkgd", p, v_cache.astype(jnp.float32), precision=hp)
+    return (out / jnp.where(total > 0, total, 1.0)).reshape(b, h, d)
