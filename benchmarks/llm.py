@@ -80,6 +80,7 @@ def main() -> None:
     llm = jqx.load_llm(path)
     print(f"jqx load: {time.perf_counter() - t:.1f} s, weights {llm.nbytes / 2**20:.1f} MiB")
     flt = llm.dequantize()
+    llm8 = llm.with_activations("int8")
     cpp = LlamaCpp(
         model_path=path,
         n_ctx=1024,
@@ -103,7 +104,11 @@ def main() -> None:
     n = args.windows * 512
     ids = ids[:n]
     print(f"\n## Perplexity: {args.play}, {args.windows} windows of 512 tokens ({len(ids)} tokens)")
-    engines = (("jqx (Q4_1 blocks)", llm), ("jqx float32", flt))
+    engines = (
+        ("jqx Q4_1, float activations", llm),
+        ("jqx Q4_1, int8 activations", llm8),
+        ("jqx float32 weights", flt),
+    )
     nll = {name: 0.0 for name, _ in engines} | {"llama.cpp": 0.0}
     kl = {name: [] for name, _ in engines}
     top1 = {name: [] for name, _ in engines}
@@ -133,10 +138,11 @@ def main() -> None:
         )
 
     # ------------------------------------------------------------- greedy continuation
-    print("\n## Greedy continuation, 48 tokens: where jqx (Q4_1 blocks) first differs")
-    print("| prompt | identical tokens | llama.cpp's logit margin there |\n|---|---|---|")
-    for prompt in PROMPTS:
-        g = llm.generate(prompt, max_new_tokens=48, stop_at_eos=False)
+    print("\n## Greedy continuation, 48 tokens: where jqx first differs from llama.cpp")
+    print("| prompt | activations | identical tokens | llama.cpp's logit margin there |")
+    print("|---|---|---|---|")
+    for prompt, (act, m) in [(p, e) for p in PROMPTS for e in (("float", llm), ("int8", llm8))]:
+        g = m.generate(prompt, max_new_tokens=48, stop_at_eos=False)
         cpp.reset()
         cpp.eval(cpp.tokenize(prompt.encode(), add_bos=False, special=True))
         ref, rows = [], []
@@ -151,13 +157,15 @@ def main() -> None:
         margin = (
             "" if same == 48 else f"{rows[same][ref[same]] - rows[same][g.tokens[0][same]]:.3f}"
         )
-        print(f"| {prompt[:40]!r} | {same} of 48 | {margin} |")
+        print(f"| {prompt[:40]!r} | {act} | {same} of 48 | {margin} |")
 
     # ------------------------------------------------------------- speed
     prompt16 = ids[:16].tolist()
     prompt512 = ids[:512].tolist()
     nt = args.new_tokens
-    for m in (llm, flt):  # compile outside the timed rounds
+    timed = (("jqx Q4_1, float activations", llm), ("jqx Q4_1, int8 activations", llm8))
+    timed += (("jqx float32 weights", flt),)
+    for _, m in timed:  # compile outside the timed rounds
         m.generate(prompt16, max_new_tokens=nt, stop_at_eos=False, max_len=256)
         m.generate(prompt512, max_new_tokens=1, max_len=1024)
 
@@ -179,7 +187,7 @@ def main() -> None:
 
     res: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for name, m in (("jqx (Q4_1 blocks)", llm), ("jqx float32", flt)):
+        for name, m in timed:
             gd = m.generate(prompt16, max_new_tokens=nt, stop_at_eos=False, max_len=256)
             gp = m.generate(prompt512, max_new_tokens=1, max_len=1024)
             res.setdefault(name + " decode", []).append(gd.decode_tokens_per_s)
@@ -193,7 +201,7 @@ def main() -> None:
     print("| engine | decode tok/s | vs llama.cpp | prefill tok/s | vs llama.cpp |")
     print("|---|---|---|---|---|")
     d0, p0 = max(res["llama.cpp decode"]), max(res["llama.cpp prefill"])
-    for name in ("jqx (Q4_1 blocks)", "jqx float32", "llama.cpp"):
+    for name in (*(n for n, _ in timed), "llama.cpp"):
         d, p = max(res[name + " decode"]), max(res[name + " prefill"])
         print(f"| {name} | {d:.1f} | {d / d0:.2f}x | {p:.1f} | {p / p0:.2f}x |")
 
@@ -203,8 +211,8 @@ def main() -> None:
     cpp_model = os.path.getsize(path)
     print("\n## Resident weights and KV cache (per cached token)")
     print("| engine | weights MiB | KV cache bytes/token |\n|---|---|---|")
-    print(f"| jqx (Q4_1 blocks) | {llm.nbytes / 2**20:.1f} | {kv(4)} (float32) |")
-    print(f"| jqx float32 | {flt.nbytes / 2**20:.1f} | {kv(4)} (float32) |")
+    print(f"| jqx Q4_1 | {llm.nbytes / 2**20:.1f} | {kv(4)} (float32), {kv(2)} (float16) |")
+    print(f"| jqx float32 weights | {flt.nbytes / 2**20:.1f} | {kv(4)} (float32) |")
     print(f"| llama.cpp | {cpp_model / 2**20:.1f} (file) | {kv(2)} (float16) |")
     print(f"\njax devices: {jax.devices()}; dtype {jnp.float32.dtype}")
 

@@ -244,3 +244,19 @@ def test_jnp_dtype_of_logits_is_float32():
         pad=jnp.zeros((1,), jnp.int32),
     )
     assert lg.dtype == jnp.float32 and cache.max_len == 8
+
+
+@needs_model
+def test_int8_activations_round_like_llama_cpp(llm):
+    """with_activations("int8") rounds each quantized matmul's input per block of 32
+    (llama.cpp's arithmetic); the next-token distribution stays close to the exact one."""
+    q8 = llm.with_activations("int8")
+    assert (llm.activations, q8.activations) == ("float", "int8")
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. Once upon a time")
+    a = np.asarray(llm.logits(ids), np.float64)
+    b = np.asarray(q8.logits(ids), np.float64)
+    assert 0 < np.abs(a - b).max() <= 0.1 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+    assert q8.with_activations("float").activations == "float"
+    with pytest.raises(ValueError, match="activations='int4' must be 'float'"):
+        llm.with_activations("int4")

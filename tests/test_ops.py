@@ -646,3 +646,40 @@ def test_gguf_block_layouts_dispatch_to_the_block_kernel(tmp_path, kind):
         y = np.asarray(jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))(jnp.asarray(x)))
         bound = 1e-5 * (np.abs(x) @ np.abs(ref).T) + 1e-6
         assert (np.abs(y - x.astype(np.float64) @ ref.T) <= bound).all()
+
+
+def test_per_block_int8_activations_on_gguf_layouts(tmp_path):
+    """act=ActSpec(granularity="per_block") rounds x per block of 32 as llama.cpp does
+    (float16 scale, ties to even), then multiplies the exact weight; other layouts refuse."""
+    gguf = pytest.importorskip("gguf")
+    from jqx.core.qarray import ActSpec
+
+    t = gguf.GGMLQuantizationType.Q4_1
+    w = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
+    path = str(tmp_path / "w.gguf")
+    wr = gguf.GGUFWriter(path, "llama")
+    wr.add_tensor("w", gguf.quants.quantize(w, t), raw_dtype=t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    spec = ActSpec(kind="dynamic", format="int8", granularity="per_block")
+    q = jqx.load_gguf(path).tensors["w"].replace(act=spec)
+    assert jqx.ops.gguf_layout(q) == "Q4_1"
+    DN = (((1,), (1,)), ((), ()))
+    x = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
+    xb = x.reshape(3, 2, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    d = (amax / 127).astype(np.float16).astype(np.float64)
+    xr = (np.round(xb * (127 / amax)) * d).reshape(3, 64)
+    ref = xr @ np.asarray(q.dequantize(), np.float64).T
+    got = np.asarray(jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))(jnp.asarray(x)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the error against the exact product is the activations' rounding
+    exact = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64).T
+    assert 0 < np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
+    plain = jqx.int8_weight_only().quantize_weight(jnp.ones((64, 8))).replace(act=spec)
+    with pytest.raises(NotImplementedError, match="per-block int8 activations"):
+        jqx.ops.dot_general(jnp.ones((2, 64)), plain, (((1,), (0,)), ((), ())))
+    with pytest.raises(ValueError, match="per_block' is dynamic int8 only"):
+        ActSpec(kind="static", format="int8", granularity="per_block")

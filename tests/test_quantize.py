@@ -515,3 +515,26 @@ def test_non_float_input_is_a_type_error():
         jqx.quantize_array(jnp.ones((4, 4), jnp.int32), "int8", path="layer/kernel")
     with pytest.raises(TypeError, match=r"got dtype=int32\. Cast it to a float dtype"):
         jqx.quantize_array(jnp.ones((4, 4), jnp.int32), "int8")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), zero_block=st.booleans())
+def test_quantize_activation_blocks_rounds_like_llama_cpp(seed, zero_block):
+    from jqx.core.numerics import quantize_activation_blocks
+
+    x = np.random.default_rng(seed).normal(size=(3, 64)).astype(np.float32)
+    if zero_block:
+        x[1, 32:] = 0.0
+    codes, d = quantize_activation_blocks(jnp.asarray(x), 32)
+    xb = x.reshape(3, 2, 32)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    want = np.round(xb * inv[..., None]).reshape(3, 64)  # numpy rounds half to even
+    np.testing.assert_array_equal(np.asarray(codes), want)
+    np.testing.assert_array_equal(np.asarray(d), (amax / np.float32(127)).astype(np.float16))
+    # reconstruction within half a step, plus each code times the float16 rounding of d
+    c = np.asarray(codes, np.float32).reshape(3, 2, 32)
+    d16 = np.asarray(d, np.float32)[..., None]
+    step = (amax / 127)[..., None]
+    bound = 0.5 * step + np.abs(c) * np.abs(d16 - step) + 1e-6
+    assert (np.abs(c * d16 - xb) <= bound).all()

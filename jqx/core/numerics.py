@@ -831,3 +831,36 @@ def quantize_activation(
     else:
         scale = jnp.asarray(scale, jnp.float32)
     return _formats.encode(xf / scale, fmt), scale
+
+
+def quantize_activation_blocks(x: jax.Array, block: int = 32) -> tuple[jax.Array, jax.Array]:
+    """int8 codes of ``x`` per block of ``block`` along its last axis, the way llama.cpp
+    rounds a matmul's activations for its quantized weights (Q8_0 / Q8_1): ``d =
+    max|x| / 127`` stored in float16, codes ``round(x * 127 / max|x|)`` (ties to even;
+    the reciprocal of the float32 ``max|x|``, as its AVX2 path multiplies). A zero
+    block gets ``d = 0`` and zero codes.
+
+    Returns:
+      ``(codes, d)``: int8 codes with the shape of ``x``, and float16 ``d`` of shape
+      ``x.shape[:-1] + (x.shape[-1] // block,)``; ``x ~= codes * d`` per block.
+
+    Raises:
+      ValueError: the last axis is not a multiple of ``block``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c, d = quantize_activation_blocks(jnp.array([[1.0, -2.0, 0.5, 0.0]]), block=4)
+        >>> c.tolist(), d.tolist()
+        ([[64, -127, 32, 0]], [[0.0157470703125]])
+    """
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(
+            f"quantize_activation_blocks: the last axis ({k}) is not a multiple of block={block}; "
+            "per-block activation quantization needs whole blocks."
+        )
+    xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (k // block, block))
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    codes = jnp.round(xb * inv[..., None]).astype(jnp.int8).reshape(x.shape)
+    return codes, (amax / 127.0).astype(jnp.float16)

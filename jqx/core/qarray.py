@@ -60,13 +60,16 @@ class ActSpec:
         calibration, stored in ``QArray.act_scale``) or ``"llm_int8"`` (dynamic
         int8 with 16-bit outlier columns above ``threshold``).
       format: activation format name, ``"int8"`` or ``"fp8_e4m3"``.
-      granularity: ``"per_token"`` (one scale per row) or ``"per_tensor"``.
+      granularity: ``"per_token"`` (one scale per row), ``"per_tensor"``, or
+        ``"per_block"``: one float16 scale per row and per block of the weight along
+        the contraction, int8 only (llama.cpp's Q8_0/Q8_1 activations; for GGUF block
+        layouts, see ``jqx.core.numerics.quantize_activation_blocks``).
       threshold: LLM.int8() outlier threshold on |x|.
     """
 
     kind: Literal["dynamic", "static", "llm_int8"] = "dynamic"
     format: str = "int8"
-    granularity: Literal["per_token", "per_tensor"] = "per_token"
+    granularity: Literal["per_token", "per_tensor", "per_block"] = "per_token"
     threshold: float | None = None
 
     def __post_init__(self):
@@ -74,10 +77,15 @@ class ActSpec:
             raise ValueError(
                 f"ActSpec kind={self.kind!r} is not supported; use 'dynamic', 'static' or 'llm_int8'."
             )
-        if self.granularity not in ("per_token", "per_tensor"):
+        if self.granularity not in ("per_token", "per_tensor", "per_block"):
             raise ValueError(
-                f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token' or "
-                "'per_tensor'."
+                f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token', "
+                "'per_tensor' or 'per_block'."
+            )
+        if self.granularity == "per_block" and (self.kind, self.format) != ("dynamic", "int8"):
+            raise ValueError(
+                f"ActSpec granularity='per_block' is dynamic int8 only; got kind={self.kind!r}, "
+                f"format={self.format!r}."
             )
         fmt = _formats.get(self.format)
         if fmt.name not in ("int8", "fp8_e4m3", "fp8_e5m2"):

@@ -28,8 +28,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from jqx import ops
 from jqx.core import sharding as _sharding
-from jqx.core.qarray import is_qarray
+from jqx.core.qarray import ActSpec, is_qarray
 from jqx.io import gguf as _gguf
 from jqx.llm.config import ARCHITECTURES, LlamaConfig
 from jqx.llm.model import KVCache, Llama, forward, fuse_projections
@@ -208,6 +209,42 @@ class LLM:
             source=self.source,
             cache_dtype=self.cache_dtype,
         )
+
+    def with_activations(self, activations: str) -> LLM:
+        """The same weights with float or int8 activations in their matmuls.
+
+        ``"float"`` (the default): float32 activations times the exact weights.
+        ``"int8"``: each quantized matmul's activations are rounded to int8 per block of
+        32 (float16 scales), as llama.cpp's CPU backend does for its Q4_0/Q4_1/Q8_0
+        weights (``jqx.ops.gguf_layout``); the native kernel then multiplies integer
+        codes. Weights in other layouts keep float activations.
+
+        Raises:
+          ValueError: ``activations`` is not ``"float"`` or ``"int8"``.
+        """
+        if activations not in ("float", "int8"):
+            raise ValueError(
+                f"activations={activations!r} must be 'float' (exact float32 activations) or "
+                "'int8' (rounded per block of 32, as llama.cpp does)."
+            )
+        spec = ActSpec(kind="dynamic", format="int8", granularity="per_block")
+
+        def f(x):
+            if not is_qarray(x) or ops.gguf_layout(x.replace(act=None)) is None:
+                return x
+            return x.replace(act=spec if activations == "int8" else None)
+
+        return self.with_params(jax.tree_util.tree_map(f, self._state, is_leaf=is_qarray))
+
+    @property
+    def activations(self) -> str:
+        """``"int8"`` when the matmuls round their activations per block (see
+        :meth:`with_activations`), else ``"float"``."""
+        leaves = jax.tree_util.tree_leaves(self._state, is_leaf=is_qarray)
+        per_block = any(
+            is_qarray(x) and x.act is not None and x.act.granularity == "per_block" for x in leaves
+        )
+        return "int8" if per_block else "float"
 
     def dequantize(self) -> LLM:
         """The float32 model: every QArray weight dequantized (the float reference path)."""
@@ -536,6 +573,7 @@ def load_llm(
     dequantize: bool = False,
     cache_dtype=jnp.float32,
     fuse: bool = True,
+    activations: str = "float",
 ) -> LLM:
     """Loads a Llama-architecture GGUF file: weights as the file's QArrays, tokenizer and
     chat template from its metadata.
@@ -548,6 +586,8 @@ def load_llm(
       fuse: stack each block's query/key/value weights, and its MLP's gate/up weights,
         into one matmul each where their layouts match (the same numbers, fewer calls;
         :func:`jqx.llm.model.fuse_projections`).
+      activations: ``"float"`` (exact) or ``"int8"`` (rounded per block of 32 as
+        llama.cpp does; faster at decode): see :meth:`LLM.with_activations`.
 
     Returns:
       An :class:`LLM`.
@@ -598,4 +638,5 @@ def load_llm(
         var.set_value(value)
     if fuse:
         fuse_projections(model)
-    return LLM(model, tokenizer, types=f.types, source=path, cache_dtype=cache_dtype)
+    llm = LLM(model, tokenizer, types=f.types, source=path, cache_dtype=cache_dtype)
+    return llm if activations == "float" else llm.with_activations(activations)

@@ -21,6 +21,7 @@ from jqx.ops.gather import take as take
 from jqx.ops.matmul import dot_general as dot_general
 from jqx.ops.matmul import dynamic_dot_general as dynamic_dot_general
 from jqx.ops.matmul import explain as explain
+from jqx.ops.matmul import gguf_layout as gguf_layout
 
 __all__ = [
     "Policy",
@@ -28,6 +29,7 @@ __all__ = [
     "dot_general",
     "dynamic_dot_general",
     "explain",
+    "gguf_layout",
     "native_status",
     "policy",
     "take",

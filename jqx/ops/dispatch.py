@@ -321,6 +321,8 @@ def _xla(p: Problem, pol: Policy, cpu: bool) -> Implementation:
         return _first((impl_xla.BF16_DOT, impl_xla.DECODED_F32_DOT, impl_xla.SIMULATED_W8A8), p)
     if p.kind == "llm_int8":
         return impl_xla.LLM_INT8
+    if p.kind == "gguf_q8":
+        return impl_xla.GGUF_Q8
     return impl_xla.DEQUANTIZE_DOT
 
 

@@ -111,7 +111,7 @@ class GGUFBlocks(Implementation):
     name = "native.gguf"
 
     def supports(self, p: Problem) -> bool:
-        if p.gguf_kind is None or p.compute_dtype not in _WIDENED:
+        if p.gguf_kind is None or p.kind == "gguf_q8" or p.compute_dtype not in _WIDENED:
             return False
         (xc, wc), (xb, wb) = p.dimension_numbers
         if xb or wb or len(xc) != 1 or tuple(wc) != (1,):

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from jqx.core import formats as _formats
-from jqx.core.numerics import absmax_scale, quantize_activation
+from jqx.core.numerics import absmax_scale, quantize_activation, quantize_activation_blocks
 from jqx.core.qarray import QArray
 from jqx.ops.problem import (
     Implementation,
@@ -255,6 +255,26 @@ class LlmInt8(Implementation):
         return y.astype(p.out_dtype)
 
 
+class GGUFQ8(Implementation):
+    """GGUF block weights with per-block int8 activations (``act.granularity ==
+    "per_block"``): ``x`` rounded per block of 32 along K as llama.cpp rounds it
+    (:func:`jqx.core.numerics.quantize_activation_blocks`), then the dequantized product."""
+
+    name = "xla.gguf_q8"
+
+    def supports(self, p: Problem) -> bool:
+        return p.kind == "gguf_q8"
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        xl = jnp.moveaxis(x, xc, -1)
+        codes, d = quantize_activation_blocks(xl, 32)
+        xr = codes.astype(jnp.float32).reshape(d.shape + (32,)) * d.astype(jnp.float32)[..., None]
+        xr = xr.reshape(xl.shape)
+        xr = jnp.moveaxis(xr, -1, xc).astype(p.compute_dtype)
+        return dequantize_dot(xr, q.replace(act=None), p)
+
+
 DEQUANTIZE_DOT = DequantizeDot()
 DECODED_DOT = DecodedDot()
 TWO_LEVEL_INT8 = TwoLevelInt8()
@@ -264,6 +284,7 @@ BF16_DOT = Bf16Dot()
 DECODED_F32_DOT = DecodedF32Dot()
 SIMULATED_W8A8 = SimulatedW8A8()
 LLM_INT8 = LlmInt8()
+GGUF_Q8 = GGUFQ8()
 
 ALL = (
     DEQUANTIZE_DOT,
@@ -275,4 +296,5 @@ ALL = (
     DECODED_F32_DOT,
     SIMULATED_W8A8,
     LLM_INT8,
+    GGUF_Q8,
 )

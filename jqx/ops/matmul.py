@@ -177,10 +177,20 @@ def _in_scale_on_contraction(q: QArray, wc) -> bool:
     return all(shape[a] == 1 for a in range(q.ndim) if a not in wc)
 
 
-def _gguf_kind(q: QArray) -> str | None:
-    """The GGUF block layout ``q`` is stored in (``jqx.load_gguf``'s Q4_0, Q4_1, Q8_0:
-    ``(N, K)``, blocks of 32 along K, float16 block scales), or None."""
-    if q.ndim != 2 or tuple(q.block) != (1, 32) or q.shape[1] % 32 or q.act is not None:
+def gguf_layout(q: QArray) -> str | None:
+    """The GGUF block layout ``q`` is stored in, or None: ``"Q4_0"``, ``"Q4_1"`` or
+    ``"Q8_0"`` (``jqx.load_gguf``'s weights: ``(N, K)``, blocks of 32 along K, float16
+    block scales). These layouts run on the native block kernels at decode sizes and
+    accept per-block int8 activations (``ActSpec(granularity="per_block")``).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> jqx.ops.gguf_layout(jqx.int8_weight_only().quantize_weight(jnp.ones((4, 64)))) is None
+        True
+    """
+    if q.ndim != 2 or tuple(q.block) != (1, 32) or q.shape[1] % 32:
+        return None
+    if q.act is not None and q.act.granularity != "per_block":
         return None
     if q.in_scale is not None or q.qhigh is not None or q.super_scale is not None:
         return None
@@ -223,7 +233,17 @@ def describe(
             f"({q.format}); check the weight's orientation (Flax kernels are (in, out))."
         )
     act = q.act
-    if q.extensions:
+    gguf_kind = gguf_layout(q)
+    if act is not None and act.granularity == "per_block":
+        if gguf_kind is None or tuple(wc) != (1,) or xb or wb:
+            raise NotImplementedError(
+                f"jqx.ops.dot_general: per-block int8 activations (act={act}) run with GGUF "
+                f"block layouts (Q4_0, Q4_1, Q8_0 from jqx.load_gguf) used as x @ W.T; got the "
+                f"weight {q.shape} ({q.format}, block {q.block}) with dimension_numbers {dn}. "
+                "Use act=None or a per_token activation spec."
+            )
+        kind = "gguf_q8"
+    elif q.extensions:
         # Layouts no fast path reads (float minimum, two-level scales, split code
         # planes, e.g. GGUF imports): only q.dequantize() knows them.
         if act is not None:
@@ -264,7 +284,7 @@ def describe(
         compute_dtype=_compute_dtype(x_dtype),
         out_dtype=_out_dtype(x_dtype, preferred_element_type),
         precision=precision,
-        gguf_kind=_gguf_kind(q),
+        gguf_kind=gguf_kind,
     )
 
 

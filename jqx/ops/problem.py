@@ -25,7 +25,7 @@ from jqx.core import formats as _formats
 from jqx.core.numerics import absmax_scale, quantize_activation
 from jqx.core.qarray import QArray
 
-Kind = Literal["weight_only", "w8a8", "llm_int8", "dequantize"]
+Kind = Literal["weight_only", "w8a8", "llm_int8", "dequantize", "gguf_q8"]
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
 
 _F32 = np.dtype(np.float32)
