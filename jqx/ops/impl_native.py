@@ -130,11 +130,39 @@ class GGUFBlocks(Implementation):
         return _rows(x, xc, q.shape[0], kernel).astype(p.out_dtype)
 
 
+class GGUFBlocksQ8(Implementation):
+    """GGUF block layouts with per-block int8 activations (``gguf_q8``) on the AVX2
+    kernel: x rounded per block of 32 as llama.cpp rounds it, integer dot products per
+    block, float32 across blocks, up to ``GGUF_MAX_ROWS`` rows."""
+
+    name = "native.gguf_q8"
+
+    def supports(self, p: Problem) -> bool:
+        if p.kind != "gguf_q8" or p.gguf_kind is None or p.compute_dtype not in _WIDENED:
+            return False
+        (xc, wc), (xb, wb) = p.dimension_numbers
+        if xb or wb or len(xc) != 1 or tuple(wc) != (1,):
+            return False
+        return 1 <= p.rows <= _kernels.GGUF_MAX_ROWS
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        minimum = q.zero_point if p.gguf_kind == "Q4_1" else None
+
+        def kernel(rows):
+            return _kernels.gguf_matmul_q8(
+                rows.astype(jnp.float32), q.qvalue, q.scale, minimum, kind=p.gguf_kind
+            )
+
+        return _rows(x, xc, q.shape[0], kernel).astype(p.out_dtype)
+
+
 INT8_GEMM = Int8Gemm()
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
 GGUF_BLOCKS = GGUFBlocks()
+GGUF_BLOCKS_Q8 = GGUFBlocksQ8()
 
 ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
-GGUF = (GGUF_BLOCKS,)
+GGUF = (GGUF_BLOCKS, GGUF_BLOCKS_Q8)

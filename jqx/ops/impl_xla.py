@@ -271,8 +271,18 @@ class GGUFQ8(Implementation):
         codes, d = quantize_activation_blocks(xl, 32)
         xr = codes.astype(jnp.float32).reshape(d.shape + (32,)) * d.astype(jnp.float32)[..., None]
         xr = xr.reshape(xl.shape)
-        xr = jnp.moveaxis(xr, -1, xc).astype(p.compute_dtype)
-        return dequantize_dot(xr, q.replace(act=None), p)
+        y = dequantize_dot(jnp.moveaxis(xr, -1, xc).astype(p.compute_dtype), q.replace(act=None), p)
+        if p.gguf_kind == "Q4_1":
+            # Q8_1 stores each block's sum as float16(d * sum(codes)) with the float32 d;
+            # the minimum term m * sum(x_hat) above used float16(d) * sum(codes).
+            csum = codes.astype(jnp.float32).reshape(d.shape + (32,)).sum(-1)
+            d32 = jnp.max(jnp.abs(xl.astype(jnp.float32)).reshape(csum.shape + (32,)), -1) / 127.0
+            s16 = (d32 * csum).astype(jnp.float16).astype(jnp.float32)
+            delta = s16 - d.astype(jnp.float32) * csum  # (..., K/32)
+            y = y + jnp.einsum("...b,nb->...n", delta, q.zero_point.astype(jnp.float32)).astype(
+                y.dtype
+            )
+        return y
 
 
 DEQUANTIZE_DOT = DequantizeDot()

@@ -9,7 +9,7 @@
 //   Q4_0  the same packing, codes int4 two's complement; w = d * q.
 //   Q8_0  codes int8 (N, K); w = d * q.
 //
-// Numerics: x stays float32 (it is never quantized). Per block, the kernel
+// Numerics (jqx_gguf_gemv): x stays float32 (it is never quantized). Per block, the kernel
 // forms the float32 sum of q_j * x_j, scales it by d, and adds m * sum_j x_j
 // (block sums of x computed once per call); the codes and scales are exact in
 // float32, so the only rounding is float32 summation.
@@ -43,6 +43,9 @@
 // XLA thread using it) or that is too small to pay for waking the workers
 // runs on the calling thread. The chunks split rows only, so the result does
 // not depend on the number of threads.
+//
+// jqx_gguf_gemv_q8 (its section below) is the same product with x quantized to
+// int8 per block of 32 and integer dot products, as llama.cpp computes it.
 //
 // The same library holds jqx_decode_attention (one new token's attention over
 // the visible slots of a float32 / float16 KV cache; see its section below),
@@ -611,6 +614,387 @@ ffi::Error GgufGemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qvalue, ffi::Buf
 }
 
 
+// ------------------------------------------------------------------ int8 activations
+//
+// jqx_gguf_gemv_q8: the same product with x quantized to int8 per block of 32,
+// as llama.cpp's CPU backend does (its Q8_0 / Q8_1 activation blocks), so each
+// weight block meets x in an integer dot product (vpmaddubsw + vpmaddwd: 32
+// byte products per instruction pair instead of 8 float FMAs).
+//
+// Quantizing x (once per call, on the calling thread; M * K elements): per
+// block, amax = max |x|, d = amax / 127 (float32) stored rounded to float16,
+// id = 127 / amax (0 when amax is 0, or when 127 / amax overflows: d is 0 in
+// float16 there anyway), codes = round-half-even(x * id). Q4_1 also takes
+// s = d * sum(codes) (float32 d) rounded to float16, llama.cpp's Q8_1.
+//
+// Per weight block and row of x, the kernel forms the exact int32 dot of the
+// codes as eight partial lanes, converts them and accumulates d_w * d_x * lanes
+// in float32; Q4_1 adds m_w * s_x per block. Q4 codes are unsigned 0..15 for
+// vpmaddubsw (its unsigned operand): Q4_0's two's complement nibbles are
+// flipped to q + 8 and 8 * sum(codes of x) is subtracted per lane (a table
+// made once per call), so the integer sums are exactly those of the signed
+// codes. Q8_0 weights use llama.cpp's sign trick (|w| unsigned, x carrying
+// w's sign): a byte pair sums to at most 2 * 128 * 127, inside int16.
+//
+// Layout of the quantized x (scratch of the calling thread): Q4 kinds, per
+// pair of blocks, 64 bytes [even elements of both blocks | odd elements of
+// both], matching the low and high nibbles of the 32 code bytes of the pair,
+// so the weights need only a mask and a shift; lanes 0..3 of a product belong
+// to the first block, 4..7 to the second (as in Q4Tile). Q8_0: x's own order.
+
+constexpr int64_t kQ8ChunkScale = 4;  // q8 multiply-adds cost about a quarter of f32 ones
+
+struct Q4Q8Args {
+  const int8_t* xq;    // per row: npair * 64 code bytes (see above)
+  const float* dxp;    // per row: npair * 8 floats, [d_x(b) x4, d_x(b + 1) x4]
+  const int32_t* cor;  // Q4_0: per row npair * 8 int32, 8 * sums of x codes per lane
+  const float* sx;     // Q4_1: per row nb8 floats, s_x per block
+  int64_t npair;       // ceil(nb / 2)
+  int64_t nb8;
+  const uint8_t* q;
+  const uint16_t* d;
+  const uint16_t* m;
+  int64_t nb;
+  int64_t n_total;
+  int64_t rows;
+  float* y;
+};
+
+template <int MR, int NR, bool kQ4_0, bool kMin>
+void Q4Q8Tile(const Q4Q8Args& a, int64_t i0, int64_t n0) {
+  const int64_t nb = a.nb, qstride = nb * 16, np = a.npair;
+  const bool ahead = n0 + (kAheadTiles + 1) * NR <= a.n_total;  // as in Q4Tile
+  const char* pf =
+      reinterpret_cast<const char*>(a.q) + (ahead ? (n0 + kAheadTiles * NR) * qstride : 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) static const int32_t kSel[4][8] = {{0, 0, 0, 0, 1, 1, 1, 1},
+                                                 {2, 2, 2, 2, 3, 3, 3, 3},
+                                                 {4, 4, 4, 4, 5, 5, 5, 5},
+                                                 {6, 6, 6, 6, 7, 7, 7, 7}};
+  __m256 tot[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) tot[i][r] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t nc = std::min<int64_t>(8, nb - b0);
+    __m256 dw[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const int64_t at = (n0 + r) * nb + b0;
+      const bool whole = at + 8 <= a.n_total * nb;
+      dw[r] = LoadHalf8(a.d + at, nc, whole);
+      if constexpr (kMin) {
+        const __m256 mv = LoadHalf8(a.m + at, nc, whole);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i)
+          tot[i][r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(a.sx + (i0 + i) * a.nb8 + b0), tot[i][r]);
+      }
+    }
+    for (int64_t j = 0; 2 * j < nc; ++j) {
+      const int64_t b = b0 + 2 * j, p = b / 2;
+      const bool pair = b + 1 < nb;
+      if (ahead)
+        for (int l = 0; l < NR * 32; l += 64) _mm_prefetch(pf + b * NR * 16 + l, _MM_HINT_T0);
+      const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSel[j]));
+      __m256i xe[MR], xo[MR];
+      __m256 dx[MR];
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* xr = a.xq + ((i0 + i) * np + p) * 64;
+        xe[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        xo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+        dx[i] = _mm256_loadu_ps(a.dxp + ((i0 + i) * np + p) * 8);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* src = a.q + (n0 + r) * qstride + b * 16;
+        __m256i raw = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                           : _mm256_zextsi128_si256(
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        // Q4_0: nibble q (two's complement) -> q + 8; a lone block's zero upper
+        // half becomes 8s, which meet zero codes of x (and zero corrections).
+        if constexpr (kQ4_0) raw = _mm256_xor_si256(raw, flip);
+        const __m256i lo = _mm256_and_si256(raw, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        const __m256 dwp = _mm256_permutevar8x32_ps(dw[r], sel);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          const __m256i s16 =
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[i]), _mm256_maddubs_epi16(hi, xo[i]));
+          __m256i s32 = _mm256_madd_epi16(s16, ones);
+          if constexpr (kQ4_0)
+            s32 = _mm256_sub_epi32(
+                s32, _mm256_loadu_si256(
+                         reinterpret_cast<const __m256i*>(a.cor + ((i0 + i) * np + p) * 8)));
+          tot[i][r] =
+              _mm256_fmadd_ps(_mm256_mul_ps(dwp, dx[i]), _mm256_cvtepi32_ps(s32), tot[i][r]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) StoreSums<NR>(tot[i], a.y + (i0 + i) * a.n_total + n0);
+}
+
+struct Q8Q8Args {
+  const int8_t* xq;  // (M, K) codes in x's order
+  const float* dx;   // per row nb8 floats
+  int64_t nb8;
+  int64_t k;
+  const int8_t* q;
+  const uint16_t* d;
+  int64_t nb;
+  int64_t n_total;
+  int64_t rows;
+  float* y;
+};
+
+template <int MR, int NR>
+void Q8Q8Tile(const Q8Q8Args& a, int64_t i0, int64_t n0) {
+  const int64_t nb = a.nb, K = a.k;
+  const bool ahead = n0 + (kAheadTiles + 1) * NR <= a.n_total;
+  const char* pf = reinterpret_cast<const char*>(a.q) + (ahead ? (n0 + kAheadTiles * NR) * K : 0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 tot[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) tot[i][r] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t nc = std::min<int64_t>(8, nb - b0);
+    alignas(32) float dd[MR][NR][8];  // d_w * d_x per block
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const int64_t at = (n0 + r) * nb + b0;
+      const __m256 dw = LoadHalf8(a.d + at, nc, at + 8 <= a.n_total * nb);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i)
+        _mm256_store_ps(dd[i][r], _mm256_mul_ps(dw, _mm256_loadu_ps(a.dx + (i0 + i) * a.nb8 + b0)));
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t e = (b0 + j) * kBlock;
+      if (ahead && j % 2 == 0)
+        for (int l = 0; l < NR * 64; l += 64) _mm_prefetch(pf + e * NR + l, _MM_HINT_T0);
+      __m256i xv[MR];
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i)
+        xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (i0 + i) * K + e));
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) {
+        const __m256i w =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (n0 + r) * K + e));
+        const __m256i aw = _mm256_sign_epi8(w, w);  // |w| as unsigned bytes (-128 -> 128)
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          const __m256i s16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], w));
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+          tot[i][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dd[i][r][j]), f, tot[i][r]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) StoreSums<NR>(tot[i], a.y + (i0 + i) * a.n_total + n0);
+}
+
+// Rows [n0, n1) of W against every row of x, in the tile shapes of Q4Rows.
+template <typename Tile>
+void TiledRows(int64_t M, int64_t n0, int64_t n1, Tile tile) {
+  auto run = [&](auto nr_tag, int64_t n) {
+    constexpr int NR = decltype(nr_tag)::value;
+    int64_t i = 0;
+    if constexpr (NR == 4) {
+      for (; i < M; ++i) tile(std::integral_constant<int, 1>{}, nr_tag, i, n);
+    } else if constexpr (NR == 2) {
+      for (; i + 2 <= M; i += 2) tile(std::integral_constant<int, 2>{}, nr_tag, i, n);
+      for (; i < M; ++i) tile(std::integral_constant<int, 1>{}, nr_tag, i, n);
+    } else {
+      for (; i + 4 <= M; i += 4) tile(std::integral_constant<int, 4>{}, nr_tag, i, n);
+      for (; i + 2 <= M; i += 2) tile(std::integral_constant<int, 2>{}, nr_tag, i, n);
+      for (; i < M; ++i) tile(std::integral_constant<int, 1>{}, nr_tag, i, n);
+    }
+  };
+  const int64_t nr = M == 1 ? 4 : (M < 4 ? 2 : 1);
+  int64_t n = n0;
+  if (nr == 4)
+    for (; n + 4 <= n1; n += 4) run(std::integral_constant<int, 4>{}, n);
+  if (nr >= 2)
+    for (; n + 2 <= n1; n += 2) run(std::integral_constant<int, 2>{}, n);
+  for (; n < n1; ++n) run(std::integral_constant<int, 1>{}, n);
+}
+
+struct JobQ8 {
+  int64_t kind;
+  int64_t n;
+  int64_t chunk_rows;
+  Q4Q8Args q4;
+  Q8Q8Args q8;
+};
+
+void RunChunkQ8(const void* ctx, int64_t c) {
+  const JobQ8& job = *static_cast<const JobQ8*>(ctx);
+  const int64_t n0 = c * job.chunk_rows, n1 = std::min(job.n, n0 + job.chunk_rows);
+  if (job.kind == kQ8_0) {
+    TiledRows(job.q8.rows, n0, n1, [&](auto mr, auto nr, int64_t i, int64_t n) {
+      Q8Q8Tile<decltype(mr)::value, decltype(nr)::value>(job.q8, i, n);
+    });
+  } else if (job.kind == kQ4_0) {
+    TiledRows(job.q4.rows, n0, n1, [&](auto mr, auto nr, int64_t i, int64_t n) {
+      Q4Q8Tile<decltype(mr)::value, decltype(nr)::value, true, false>(job.q4, i, n);
+    });
+  } else {
+    TiledRows(job.q4.rows, n0, n1, [&](auto mr, auto nr, int64_t i, int64_t n) {
+      Q4Q8Tile<decltype(mr)::value, decltype(nr)::value, false, true>(job.q4, i, n);
+    });
+  }
+}
+
+// One row of x (K a multiple of 32) to int8 codes, llama.cpp's rounding (see
+// the section's header): codes in x's order, d (float16, as float) per block
+// and, when `s` is not null, s = float16(d * sum(codes)) per block.
+void QuantizeRowQ8(const float* x, int64_t K, int8_t* codes, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b * kBlock < K; ++b) {
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int t = 0; t < 4; ++t) {
+      v[t] = _mm256_loadu_ps(x + b * kBlock + 8 * t);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[t]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d32 = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    if (!(id <= 3.4028234663852886e38f)) id = 0.0f;  // 127 / amax overflowed (d16 is 0)
+    d[b] = _cvtsh_ss(_cvtss_sh(d32, _MM_FROUND_TO_NEAREST_INT));
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int t = 0; t < 4; ++t)
+      q[t] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[t], mul),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (s != nullptr) {
+      const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), t);
+      int32_t sum = 0;
+      for (int l = 0; l < 8; ++l) sum += lanes[l];
+      s[b] = _cvtsh_ss(_cvtss_sh(d32 * static_cast<float>(sum), _MM_FROUND_TO_NEAREST_INT));
+    }
+    // int32 -> int8 (|codes| <= 127, no saturation); the packs interleave
+    // 128-bit halves, the permute puts the bytes back in order.
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + b * kBlock),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+
+thread_local std::vector<int8_t> t_q8_codes;
+thread_local std::vector<float> t_q8_floats;
+thread_local std::vector<int32_t> t_q8_cor;
+
+ffi::Error GgufGemvQ8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qvalue,
+                          ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> minimum,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t kind) {
+  const auto xd = x.dimensions();
+  const auto qd = qvalue.dimensions();
+  const auto sd = scale.dimensions();
+  const auto yd = y->dimensions();
+  if (kind != kQ4_0 && kind != kQ4_1 && kind != kQ8_0)
+    return ffi::Error::InvalidArgument(
+        "jqx_gguf_gemv_q8: kind must be 0 (Q4_0), 1 (Q4_1), 2 (Q8_0)");
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("jqx_gguf_gemv_q8: every operand must be 2-D");
+  const int64_t M = xd[0], K = xd[1], N = qd[0], nb = K / kBlock;
+  const bool q8 = kind == kQ8_0;
+  const auto want_type = q8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (K % kBlock != 0 || M > kMaxRows || qvalue.element_type() != want_type ||
+      qd[1] != (q8 ? K : K / 2) || sd[0] != N || sd[1] != nb || yd[0] != M || yd[1] != N ||
+      (kind == kQ4_1 && (minimum.dimensions().size() != 2 || minimum.dimensions()[0] != N ||
+                         minimum.dimensions()[1] != nb)))
+    return ffi::Error::InvalidArgument("jqx_gguf_gemv_q8: inconsistent shapes or dtypes");
+  float* Y = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    memset(Y, 0, static_cast<size_t>(M * N) * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const float* X = x.typed_data();
+  const auto* d = reinterpret_cast<const uint16_t*>(scale.untyped_data());
+  const int64_t nb8 = (nb + 7) / 8 * 8, np = (nb + 1) / 2;
+  // Codes in x's order, then (Q4 kinds) in the pair layout; d_x and s_x per block.
+  std::vector<int8_t>& codes = t_q8_codes;
+  std::vector<float>& fl = t_q8_floats;
+  std::vector<int32_t>& cor = t_q8_cor;
+  codes.assign(static_cast<size_t>(M * (K + (q8 ? 0 : np * 64))), 0);
+  fl.assign(static_cast<size_t>(M * (2 * nb8 + np * 8)), 0.0f);
+  float* dxs = fl.data();        // (M, nb8)
+  float* sxs = dxs + M * nb8;    // (M, nb8)
+  float* dxp = sxs + M * nb8;    // (M, np * 8)
+  int8_t* xq = codes.data();     // (M, K)
+  int8_t* xq4 = xq + M * K;      // (M, np * 64)
+  for (int64_t i = 0; i < M; ++i)
+    QuantizeRowQ8(X + i * K, K, xq + i * K, dxs + i * nb8, kind == kQ4_1 ? sxs + i * nb8 : nullptr);
+  JobQ8 job{};
+  job.kind = kind;
+  job.n = N;
+  if (q8) {
+    job.q8 = Q8Q8Args{xq, dxs, nb8, K, static_cast<const int8_t*>(qvalue.untyped_data()), d,
+                      nb, N, M, Y};
+  } else {
+    if (kind == kQ4_0) cor.assign(static_cast<size_t>(M * np * 8), 0);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t p = b / 2, h = b % 2;  // pair, and which half of its 32 lanes
+        const int8_t* src = xq + i * K + b * kBlock;
+        int8_t* dst = xq4 + (i * np + p) * 64 + 16 * h;
+        for (int64_t e = 0; e < 16; ++e) {
+          dst[e] = src[2 * e];            // even elements meet the low nibbles
+          dst[32 + e] = src[2 * e + 1];   // odd elements the high ones
+        }
+        for (int64_t l = 0; l < 4; ++l) dxp[(i * np + p) * 8 + 4 * h + l] = dxs[i * nb8 + b];
+        if (kind == kQ4_0) {
+          // int32 lane L of a pair's product sums bytes 4L..4L+3 of both halves.
+          for (int64_t l = 0; l < 4; ++l) {
+            int32_t t = 0;
+            for (int64_t e = 0; e < 4; ++e) t += dst[4 * l + e] + dst[32 + 4 * l + e];
+            cor[(i * np + p) * 8 + 4 * h + l] = 8 * t;
+          }
+        }
+      }
+    }
+    job.q4 = Q4Q8Args{xq4,
+                      dxp,
+                      kind == kQ4_0 ? cor.data() : nullptr,
+                      sxs,
+                      np,
+                      nb8,
+                      static_cast<const uint8_t*>(qvalue.untyped_data()),
+                      d,
+                      kind == kQ4_1 ? reinterpret_cast<const uint16_t*>(minimum.untyped_data())
+                                    : nullptr,
+                      nb,
+                      N,
+                      M,
+                      Y};
+  }
+  const int64_t work = M * N * K;
+  if (work < kInlineWork * kQ8ChunkScale) {
+    job.chunk_rows = N;
+    RunChunkQ8(&job, 0);
+  } else {
+    const int64_t rows = (kChunkWork * kQ8ChunkScale + M * K - 1) / (M * K);
+    job.chunk_rows = std::max<int64_t>(4, (rows + 3) / 4 * 4);
+    GetPool()->Run(RunChunkQ8, &job, (N + job.chunk_rows - 1) / job.chunk_rows);
+  }
+  return ffi::Error::Success();
+}
+
+
 // ------------------------------------------------------------------ decode attention
 //
 // out[b, h] = softmax_s(scale * q[b, h] . k[b, h / G, s]) @ v[b, h / G, s] over the
@@ -982,6 +1366,15 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemv, GgufGemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemvQ8, GgufGemvQ8Impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()

@@ -16,7 +16,10 @@ activations of up to :data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any
 A second library, ``gguf_gemv.cc`` (AVX2, FMA and F16C only, so it runs on
 CPUs without AVX512), registers ``jqx_gguf_gemv`` (:func:`gguf_matmul`):
 ``x @ W.T`` for up to :data:`GGUF_MAX_ROWS` f32 rows of ``x`` straight from
-the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps, and
+the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps;
+``jqx_gguf_gemv_q8`` (:func:`gguf_matmul_q8`): the same product with ``x``
+quantized to int8 per block of 32 and integer dot products, as llama.cpp
+computes it (faster; the error of int8 activations); and
 ``jqx_decode_attention`` (:func:`decode_attention`): one new token's attention
 over the visible slots of a float32 or float16 KV cache, both on a persistent
 thread pool (``$JQX_NUM_THREADS``, else the CPU affinity count;
@@ -76,12 +79,16 @@ __all__ = [
     "gguf_num_threads",
     "gguf_matmul",
     "gguf_matmul_reference",
+    "gguf_matmul_q8",
+    "gguf_matmul_q8_reference",
+    "gguf_quantize_q8",
     "decode_attention",
     "decode_attention_reference",
     "TARGET",
     "W4_TARGET",
     "W4_MAX_ROWS",
     "GGUF_TARGET",
+    "GGUF_Q8_TARGET",
     "GGUF_MAX_ROWS",
     "GGUF_KINDS",
     "ATTENTION_TARGET",
@@ -91,6 +98,7 @@ TARGET = "jqx_int8_gemm"
 W4_TARGET = "jqx_w4_gemv"
 W4_MAX_ROWS = 16  # kW4MaxRows in the kernel (register blocks of 8 rows)
 GGUF_TARGET = "jqx_gguf_gemv"
+GGUF_Q8_TARGET = "jqx_gguf_gemv_q8"  # int8 activations, llama.cpp's numerics
 GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
@@ -130,7 +138,11 @@ _GGUF = _Library(
     flags=(*_COMMON_FLAGS, "-mavx2", "-mfma", "-mf16c"),
     cpu_check="jqx_gguf_cpu_supported",
     cpu_needs="AVX2/FMA/F16C",
-    targets={GGUF_TARGET: "JqxGgufGemv", ATTENTION_TARGET: "JqxDecodeAttention"},
+    targets={
+        GGUF_TARGET: "JqxGgufGemv",
+        GGUF_Q8_TARGET: "JqxGgufGemvQ8",
+        ATTENTION_TARGET: "JqxDecodeAttention",
+    },
 )
 
 
@@ -383,11 +395,11 @@ def w4_matmul(
     )
 
 
-def _gguf_kind(kind: str) -> str:
+def _gguf_kind(kind: str, fn: str = "gguf_matmul") -> str:
     k = str(kind).upper() if isinstance(kind, str) else kind
     if k not in GGUF_KINDS:
         raise ValueError(
-            f"gguf_matmul: kind={kind!r} is not a supported GGUF block type; pass one of "
+            f"{fn}: kind={kind!r} is not a supported GGUF block type; pass one of "
             f"{', '.join(map(repr, GGUF_KINDS))} (the tensor's GGML type name, e.g. "
             "jqx.load_gguf(path).types[name])."
         )
@@ -398,26 +410,29 @@ def _describe(a) -> str:
     return f"{jnp.dtype(a.dtype).name} {tuple(a.shape)}"
 
 
-def _gguf_check(x, qvalue, scale, minimum, kind: str, max_rows: int | None) -> str:
-    """Validates the operands of :func:`gguf_matmul`; returns the canonical kind."""
-    kind = _gguf_kind(kind)
+def _gguf_check(
+    x, qvalue, scale, minimum, kind: str, max_rows: int | None, fn: str = "gguf_matmul"
+) -> str:
+    """Validates the operands of :func:`gguf_matmul` (or ``fn``, which has the same
+    operands); returns the canonical kind."""
+    kind = _gguf_kind(kind, fn)
     for name, a in (("x", x), ("qvalue", qvalue), ("scale", scale)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise ValueError(f"gguf_matmul: {name} must be an array, got {type(a).__name__}.")
+            raise ValueError(f"{fn}: {name} must be an array, got {type(a).__name__}.")
     if x.ndim != 2 or jnp.dtype(x.dtype) != jnp.float32:
         raise ValueError(
-            f"gguf_matmul: x must be float32 (M, K), got {_describe(x)}; reshape leading "
+            f"{fn}: x must be float32 (M, K), got {_describe(x)}; reshape leading "
             "axes into M and cast with x.astype(jnp.float32)."
         )
     m, k = x.shape
     if max_rows is not None and m > max_rows:
         raise ValueError(
-            f"gguf_matmul: x has M={m} rows; the kernel takes at most {max_rows} (decode "
+            f"{fn}: x has M={m} rows; the kernel takes at most {max_rows} (decode "
             f"sizes); split x into chunks of {max_rows} rows or use x @ W.dequantize().T."
         )
     if k % GGUF_BLOCK:
         raise ValueError(
-            f"gguf_matmul: K={k} (x.shape[1]) is not a multiple of the GGUF block size "
+            f"{fn}: K={k} (x.shape[1]) is not a multiple of the GGUF block size "
             f"{GGUF_BLOCK}; GGUF weights always have K a multiple of {GGUF_BLOCK}: pass x "
             "with the weight's number of input features."
         )
@@ -429,7 +444,7 @@ def _gguf_check(x, qvalue, scale, minimum, kind: str, max_rows: int | None) -> s
     )
     if n is None or jnp.dtype(qvalue.dtype) != codes[0] or tuple(qvalue.shape) != codes[1]:
         raise ValueError(
-            f"gguf_matmul: for kind={kind!r} and K={k}, qvalue must be "
+            f"{fn}: for kind={kind!r} and K={k}, qvalue must be "
             f"{jnp.dtype(codes[0]).name} (N, {codes[1][1]}) ({codes[2]}), got "
             f"{_describe(qvalue)}; pass the QArray's qvalue as loaded by jqx.load_gguf, "
             "and x with the weight's K."
@@ -439,19 +454,19 @@ def _gguf_check(x, qvalue, scale, minimum, kind: str, max_rows: int | None) -> s
     if kind == "Q4_1":
         if minimum is None:
             raise ValueError(
-                "gguf_matmul: kind='Q4_1' needs minimum (the QArray's zero_point, float16 "
+                f"{fn}: kind='Q4_1' needs minimum (the QArray's zero_point, float16 "
                 f"{want}); got None."
             )
         operands.append(("minimum", minimum))
     elif minimum is not None:
         raise ValueError(
-            f"gguf_matmul: kind={kind!r} has no per-block minimum, got minimum "
+            f"{fn}: kind={kind!r} has no per-block minimum, got minimum "
             f"{_describe(minimum)}; pass minimum=None."
         )
     for name, a in operands:
         if jnp.dtype(a.dtype) != jnp.float16 or tuple(a.shape) != want:
             raise ValueError(
-                f"gguf_matmul: {name} must be float16 (N, K/{GGUF_BLOCK}) = {want}, got "
+                f"{fn}: {name} must be float16 (N, K/{GGUF_BLOCK}) = {want}, got "
                 f"{_describe(a)}; pass the QArray's {'zero_point' if name == 'minimum' else name}"
                 " as loaded by jqx.load_gguf (fp16, one per block of 32)."
             )
@@ -562,6 +577,184 @@ def gguf_matmul_reference(
         precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,
     )
+
+
+def gguf_quantize_q8(x: jax.Array, *, kind: str = "Q8_0"):
+    """``x`` quantized to int8 per block of 32 along its last axis, as llama.cpp
+    quantizes a matmul's activations (``quantize_row_q8_0`` / ``quantize_row_q8_1``).
+
+    Per block: ``amax = max|x|``, ``d = amax / 127`` (float32) rounded to float16,
+    ``codes = round_half_even(x * (127 / amax))`` (0 for an all-zero block, and where
+    ``127 / amax`` overflows float32, i.e. ``amax`` below about 3.7e-37, whose ``d``
+    is 0 in float16 anyway: llama.cpp's codes are garbage there, its product the
+    same 0). ``kind="Q8_1"`` also returns ``s = d * sum(codes)``, computed with the
+    float32 ``d`` and rounded to float16. ``d`` overflows float16 (inf) where
+    ``amax`` exceeds about 8.3e6, ``s`` where a block's sum exceeds 65504, as in
+    llama.cpp. This is the quantizer of :func:`gguf_matmul_q8_reference`; the
+    native kernel's is bit-identical (tests/test_kernels_gguf.py).
+
+    Args:
+      x: float32 (..., K), K a multiple of 32.
+      kind: ``"Q8_0"`` (codes and ``d``) or ``"Q8_1"`` (also ``s``).
+
+    Returns:
+      ``(codes, d, s)``: int8 (..., K), float16 (..., K/32), and float16
+      (..., K/32) for Q8_1 or None for Q8_0.
+
+    Raises:
+      ValueError: ``x`` not float32 with a last axis a multiple of 32, or another
+        ``kind``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.linspace(-1.0, 1.0, 32, dtype=jnp.float32)[None]
+        >>> codes, d, s = native.gguf_quantize_q8(x, kind="Q8_1")
+        >>> codes[0, :3].tolist(), float(d[0, 0]), float(s[0, 0])  # d: 1/127 in float16
+        ([-127, -119, -111], 0.00787353515625, 0.0)
+    """
+    k = str(kind).upper() if isinstance(kind, str) else kind
+    if k not in ("Q8_0", "Q8_1"):
+        raise ValueError(
+            f"gguf_quantize_q8: kind={kind!r} is not an activation block type; pass "
+            "'Q8_0' (codes and scale) or 'Q8_1' (also the scaled code sums)."
+        )
+    if not hasattr(x, "dtype") or jnp.dtype(x.dtype) != jnp.float32 or x.ndim < 1:
+        raise ValueError(
+            f"gguf_quantize_q8: x must be a float32 array, got "
+            f"{_describe(x) if hasattr(x, 'dtype') else type(x).__name__}; cast with "
+            "x.astype(jnp.float32)."
+        )
+    if x.shape[-1] % GGUF_BLOCK:
+        raise ValueError(
+            f"gguf_quantize_q8: the last axis of x has {x.shape[-1]} elements, not a "
+            f"multiple of the block size {GGUF_BLOCK}; pad it or pass the weight's K."
+        )
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // GGUF_BLOCK, GGUF_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    d = amax / jnp.float32(127.0)
+    inv = jnp.float32(127.0) / jnp.where(amax != 0, amax, jnp.float32(1.0))
+    inv = jnp.where((amax != 0) & jnp.isfinite(inv), inv, jnp.float32(0.0))
+    c = jnp.round(blocks * inv[..., None])  # half to even, |c| <= 127
+    codes = c.astype(jnp.int8).reshape(x.shape)
+    s = None
+    if k == "Q8_1":
+        total = jnp.sum(c.astype(jnp.int32), axis=-1).astype(jnp.float32)
+        s = (d * total).astype(jnp.float16)
+    return codes, d.astype(jnp.float16), s
+
+
+def gguf_matmul_q8(
+    x: jax.Array,
+    qvalue: jax.Array,
+    scale: jax.Array,
+    minimum: jax.Array | None = None,
+    *,
+    kind: str,
+) -> jax.Array:
+    """``x @ W.T`` for a GGUF block weight with ``x`` quantized to int8, as llama.cpp
+    computes it on CPUs: the native kernel ``jqx_gguf_gemv_q8`` (``gguf_gemv.cc``).
+
+    Each row of ``x`` is quantized once per call by :func:`gguf_quantize_q8` (Q8_1
+    for Q4_1 weights, Q8_0 for the others); per weight block the kernel forms the
+    exact integer dot of the codes (``vpmaddubsw``/``vpmaddwd``), then accumulates in
+    float32 ``d_w * d_x * isum`` (+ ``m_w * s_x`` for Q4_1). It equals
+    :func:`gguf_matmul_q8_reference` up to float32 summation; against the exact
+    product ``x @ W.dequantize().T`` it differs by the rounding of ``x`` to int8
+    (about ``d_x / 2`` per element) and of ``d_x``, ``s_x`` to float16. Blocks of
+    ``x`` with ``max|x|`` above about 8.3e6 (Q4_1: a block sum above 65504) give
+    inf/NaN, as in llama.cpp; ``x`` must be finite. Same operands and limits as
+    :func:`gguf_matmul`; works under ``jit`` (one FFI call), loops under ``vmap``;
+    the result does not depend on the number of threads. Speed against
+    :func:`gguf_matmul`: ``benchmarks/gguf_gemv.py``.
+
+    Args:
+      x: float32 (M, K), M <= GGUF_MAX_ROWS, K a multiple of 32.
+      qvalue: the codes, as for :func:`gguf_matmul`.
+      scale: float16 (N, K/32), the block scales ``d``.
+      minimum: Q4_1 only: float16 (N, K/32); None for Q4_0 and Q8_0.
+      kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` (case-insensitive).
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: a kind, dtype or shape the kernel does not take (the message
+        names the operand and what it must be).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.asarray(np.arange(-32, 32, dtype=np.int8).reshape(2, 32))
+        >>> d = jnp.full((2, 1), 0.5, jnp.float16)
+        >>> x = jnp.ones((1, 32), jnp.float32)  # quantizes exactly: codes 127, d = 1/127
+        >>> f = native.gguf_matmul_q8 if native.gguf_available() else (
+        ...     native.gguf_matmul_q8_reference)
+        >>> np.round(np.asarray(f(x, q, d, kind="Q8_0")), 1).tolist()
+        [[-264.0, 248.0]]
+    """
+    kind = _gguf_check(x, qvalue, scale, minimum, kind, GGUF_MAX_ROWS, "gguf_matmul_q8")
+    if not gguf_available():
+        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
+    m, n = x.shape[0], qvalue.shape[0]
+    return jax.ffi.ffi_call(
+        GGUF_Q8_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        qvalue,
+        scale,
+        scale if minimum is None else minimum,
+        kind=np.int64(GGUF_KINDS.index(kind)),
+    )
+
+
+def gguf_matmul_q8_reference(
+    x: jax.Array,
+    qvalue: jax.Array,
+    scale: jax.Array,
+    minimum: jax.Array | None = None,
+    *,
+    kind: str,
+) -> jax.Array:
+    """Plain-jnp :func:`gguf_matmul_q8` (any M): ``x`` through
+    :func:`gguf_quantize_q8`, the exact int32 dot of the codes per block
+    (``isum``), then ``sum_b f32(d_w * d_x) * isum (+ m_w * s_x)`` in float32.
+    Same operands and errors, without the row limit; runs anywhere. It holds an
+    (M, N, K/32) int32 array: meant for tests, not for speed.
+
+    Example:
+        >>> import numpy as np, jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.asarray(np.full((1, 16), 0x21, np.uint8))  # codes 1, 2, 1, 2, ...
+        >>> d, m = jnp.ones((1, 1), jnp.float16), jnp.full((1, 1), -1.0, jnp.float16)
+        >>> x = jnp.full((1, 32), 127 / 256, jnp.float32)  # codes 127, d = 1/256 exactly
+        >>> native.gguf_matmul_q8_reference(x, q, d, m, kind="Q4_1").tolist()
+        [[7.9375]]
+    """
+    kind = _gguf_check(x, qvalue, scale, minimum, kind, None, "gguf_matmul_q8_reference")
+    n, k = qvalue.shape[0], x.shape[1]
+    m, nb = x.shape[0], k // GGUF_BLOCK
+    codes, dx, sx = gguf_quantize_q8(x, kind="Q8_1" if kind == "Q4_1" else "Q8_0")
+    if kind == "Q8_0":
+        w = qvalue
+    else:
+        nib = jnp.stack([qvalue & jnp.uint8(0xF), qvalue >> jnp.uint8(4)], axis=-1)
+        c = nib.reshape(n, k).astype(jnp.int8)
+        w = (c ^ jnp.int8(8)) - jnp.int8(8) if kind == "Q4_0" else c  # int4 -> signed
+    # (nb, M, 32) x (nb, N, 32) -> (nb, M, N): exact in int32 (|isum| <= 32 * 128 * 127).
+    isum = lax.dot_general(
+        codes.reshape(m, nb, GGUF_BLOCK).transpose(1, 0, 2),
+        w.reshape(n, nb, GGUF_BLOCK).transpose(1, 0, 2),
+        (((2,), (2,)), ((0,), (0,))),
+        preferred_element_type=jnp.int32,
+    )
+    dd = dx.astype(jnp.float32).T[:, :, None] * scale.astype(jnp.float32).T[:, None, :]
+    terms = dd * isum.astype(jnp.float32)
+    if kind == "Q4_1":
+        mx = sx.astype(jnp.float32).T[:, :, None] * minimum.astype(jnp.float32).T[:, None, :]
+        terms = terms + mx
+    return jnp.sum(terms, axis=0)
 
 
 # ----------------------------------------------------------------- decode attention
