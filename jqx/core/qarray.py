@@ -79,8 +79,8 @@ class ActSpec:
             )
         if self.granularity not in ("per_token", "per_tensor", "per_block"):
             raise ValueError(
-                f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token', "
-                "'per_tensor' or 'per_block'."
+                f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token' or "
+                "'per_tensor' (or 'per_block' for GGUF block layouts)."
             )
         if self.granularity == "per_block" and (self.kind, self.format) != ("dynamic", "int8"):
             raise ValueError(

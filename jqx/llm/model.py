@@ -16,8 +16,7 @@ token block at given cache positions and returns the logits and the updated
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-    >>> from jqx.core.qarray import QArray
-from jqx.llm.config import LlamaConfig
+    >>> from jqx.llm.config import LlamaConfig
     >>> from jqx.llm.model import Llama, KVCache, forward
     >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
     >>> model = Llama(cfg, rngs=nnx.Rngs(0))

@@ -256,26 +256,21 @@ def _platform(pol: Policy) -> str:
     return pol.platform or jax.default_backend()
 
 
-def _native_reason(pol: Policy, platform: str) -> str:
-    """``"available"``, or why the native kernels may not run."""
+def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:
+    """``"available"``, or why a native kernel library may not run: ``"avx512"`` (the
+    int8 GEMM and the 4-bit kernel) or ``"gguf"`` (the AVX2 GGUF block kernels and
+    decode attention)."""
     if platform != "cpu":
         return f"they run on the CPU backend and this one is {platform!r}"
     if pol.native_available is not None:
         return "available" if pol.native_available else "off (policy native_available=False)"
     if os.environ.get("JQX_NATIVE", "1") == "0":
         return "disabled by JQX_NATIVE=0"
-    return _native_kernels.status()
+    return _native_kernels.gguf_status() if library == "gguf" else _native_kernels.status()
 
 
 def _gguf_reason(pol: Policy, platform: str) -> str:
-    """``"available"``, or why the native GGUF block kernel (AVX2) may not run."""
-    if platform != "cpu":
-        return f"it runs on the CPU backend and this one is {platform!r}"
-    if pol.native_available is not None:
-        return "available" if pol.native_available else "off (policy native_available=False)"
-    if os.environ.get("JQX_NATIVE", "1") == "0":
-        return "disabled by JQX_NATIVE=0"
-    return _native_kernels.gguf_status()
+    return _native_reason(pol, platform, "gguf")
 
 
 def native_status() -> str:

@@ -104,14 +104,20 @@ class W4(Implementation):
 
 class GGUFBlocks(Implementation):
     """GGUF block layouts (Q4_0, Q4_1, Q8_0: ``W`` stored ``(N, K)`` with blocks of 32
-    along K and float16 scales, used as ``x @ W.T``) on the AVX2 kernel, for up to
-    ``GGUF_MAX_ROWS`` rows (decode). ``x`` is not quantized: per block the kernel sums
-    ``q * x`` in float32, then applies the block's scale (and minimum)."""
+    along K and float16 scales, used as ``x @ W.T``) on the AVX2 kernels, for up to
+    ``GGUF_MAX_ROWS`` rows (decode). Weight-only (``q8=False``): ``x`` stays float32,
+    per block the kernel sums ``q * x``, then applies the block's scale (and minimum).
+    ``q8=True`` (problems of kind ``gguf_q8``): ``x`` rounded per block of 32 as
+    llama.cpp rounds it, integer dot products per block, float32 across blocks."""
 
-    name = "native.gguf"
+    def __init__(self, q8: bool):
+        self.q8 = q8
+        self.name = "native.gguf_q8" if q8 else "native.gguf"
 
     def supports(self, p: Problem) -> bool:
-        if p.gguf_kind is None or p.kind == "gguf_q8" or p.compute_dtype not in _WIDENED:
+        if p.gguf_kind is None or (p.kind == "gguf_q8") != self.q8:
+            return False
+        if p.compute_dtype not in _WIDENED:
             return False
         (xc, wc), (xb, wb) = p.dimension_numbers
         if xb or wb or len(xc) != 1 or tuple(wc) != (1,):
@@ -121,38 +127,10 @@ class GGUFBlocks(Implementation):
     def run(self, x, q, p):
         xc = p.dimension_numbers[0][0][0]
         minimum = q.zero_point if p.gguf_kind == "Q4_1" else None
+        matmul = _kernels.gguf_matmul_q8 if self.q8 else _kernels.gguf_matmul
 
         def kernel(rows):
-            return _kernels.gguf_matmul(
-                rows.astype(jnp.float32), q.qvalue, q.scale, minimum, kind=p.gguf_kind
-            )
-
-        return _rows(x, xc, q.shape[0], kernel).astype(p.out_dtype)
-
-
-class GGUFBlocksQ8(Implementation):
-    """GGUF block layouts with per-block int8 activations (``gguf_q8``) on the AVX2
-    kernel: x rounded per block of 32 as llama.cpp rounds it, integer dot products per
-    block, float32 across blocks, up to ``GGUF_MAX_ROWS`` rows."""
-
-    name = "native.gguf_q8"
-
-    def supports(self, p: Problem) -> bool:
-        if p.kind != "gguf_q8" or p.gguf_kind is None or p.compute_dtype not in _WIDENED:
-            return False
-        (xc, wc), (xb, wb) = p.dimension_numbers
-        if xb or wb or len(xc) != 1 or tuple(wc) != (1,):
-            return False
-        return 1 <= p.rows <= _kernels.GGUF_MAX_ROWS
-
-    def run(self, x, q, p):
-        xc = p.dimension_numbers[0][0][0]
-        minimum = q.zero_point if p.gguf_kind == "Q4_1" else None
-
-        def kernel(rows):
-            return _kernels.gguf_matmul_q8(
-                rows.astype(jnp.float32), q.qvalue, q.scale, minimum, kind=p.gguf_kind
-            )
+            return matmul(rows.astype(jnp.float32), q.qvalue, q.scale, minimum, kind=p.gguf_kind)
 
         return _rows(x, xc, q.shape[0], kernel).astype(p.out_dtype)
 
@@ -160,8 +138,8 @@ class GGUFBlocksQ8(Implementation):
 INT8_GEMM = Int8Gemm()
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
-GGUF_BLOCKS = GGUFBlocks()
-GGUF_BLOCKS_Q8 = GGUFBlocksQ8()
+GGUF_BLOCKS = GGUFBlocks(q8=False)
+GGUF_BLOCKS_Q8 = GGUFBlocks(q8=True)
 
 ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.

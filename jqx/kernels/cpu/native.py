@@ -473,6 +473,22 @@ def _gguf_check(
     return kind
 
 
+def _gguf_call(target: str, x, qvalue, scale, minimum, kind: str) -> jax.Array:
+    """The FFI call of a checked GGUF matmul (``target``: exact or q8)."""
+    if not gguf_available():
+        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
+    m, n = x.shape[0], qvalue.shape[0]
+    return jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        qvalue,
+        scale,
+        scale if minimum is None else minimum,
+        kind=np.int64(GGUF_KINDS.index(kind)),
+    )
+
+
 def gguf_matmul(
     x: jax.Array,
     qvalue: jax.Array,
@@ -522,18 +538,7 @@ def gguf_matmul(
         [[-264.0, 248.0]]
     """
     kind = _gguf_check(x, qvalue, scale, minimum, kind, GGUF_MAX_ROWS)
-    if not gguf_available():
-        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
-    m, n = x.shape[0], qvalue.shape[0]
-    return jax.ffi.ffi_call(
-        GGUF_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )(
-        x,
-        qvalue,
-        scale,
-        scale if minimum is None else minimum,
-        kind=np.int64(GGUF_KINDS.index(kind)),
-    )
+    return _gguf_call(GGUF_TARGET, x, qvalue, scale, minimum, kind)
 
 
 def gguf_matmul_reference(
@@ -695,18 +700,7 @@ def gguf_matmul_q8(
         [[-264.0, 248.0]]
     """
     kind = _gguf_check(x, qvalue, scale, minimum, kind, GGUF_MAX_ROWS, "gguf_matmul_q8")
-    if not gguf_available():
-        raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
-    m, n = x.shape[0], qvalue.shape[0]
-    return jax.ffi.ffi_call(
-        GGUF_Q8_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )(
-        x,
-        qvalue,
-        scale,
-        scale if minimum is None else minimum,
-        kind=np.int64(GGUF_KINDS.index(kind)),
-    )
+    return _gguf_call(GGUF_Q8_TARGET, x, qvalue, scale, minimum, kind)
 
 
 def gguf_matmul_q8_reference(
