@@ -143,6 +143,8 @@ class LLM:
       model: the :class:`jqx.llm.Llama` NNX module (weights: QArrays or arrays).
       types: GGUF tensor name -> GGML type (e.g. ``"Q4_1"``), as imported.
       source: the file the model came from.
+      cache_dtype: the KV cache's dtype (float32, float16 or bfloat16).
+      activations: ``"float"`` or ``"int8"`` (see :meth:`with_activations`).
       trace_counts: how many times the prefill and decode functions were traced (a
         decode step is traced once per cache length, batch size and sampling setting).
     """
