@@ -125,6 +125,17 @@ def test_vmap_of_quantize_array_gives_a_stacked_qarray():
     assert np.all(np.abs(np.asarray(q.dequantize() - w)) <= np.asarray(q.scale) / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_repr_of_a_stacked_qarray_shows_the_stacked_shape(fmt):
+    # nbytes counts every member, so the shape beside it must too
+    q = jax.vmap(lambda w: jqx.quantize_array(w, fmt))(jnp.ones((3, 8, 4)))
+    one = jqx.quantize_array(jnp.ones((8, 4)), fmt)
+    assert "shape=(3, 8, 4)" in repr(q) and f"nbytes={3 * one.nbytes}" in repr(q)
+    assert "shape=(8, 4)" in repr(one)
+    member = jax.tree.map(lambda a: a[0], q)  # a slice holds one member again
+    assert "shape=(8, 4)" in repr(member)
+
+
 def test_grad_free_tree_map_and_stop_gradient():
     q = jqx.quantize_array(W, "int8")
     g = jax.grad(lambda x, q: jnp.sum(x * q.dequantize()))(jnp.ones_like(W), q)

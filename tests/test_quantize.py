@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -455,6 +455,130 @@ def test_extreme_magnitudes_give_finite_scales():
     q = jqx.quantize_array(t, "int8")
     assert float(q.scale[0]) >= np.finfo(np.float32).tiny
     assert np.all(np.abs(np.asarray(q.dequantize() - t)) <= float(q.scale[0]) / 2)
+
+
+# Every weight format with a scale (bf16/fp16/fp32 are plain casts), with its scheme(s).
+SCALED = [(n, "absmax") for n in F.names() if not F.get(n).is_wide_float and F.get(n).signed]
+SCALED += [(n, "zero_point") for n in F.names() if F.get(n).kind == "int"]
+_TINY32 = float(np.finfo(np.float32).tiny)
+_MAX32 = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("fmt,scheme", SCALED)
+@given(
+    log_mag=st.floats(np.log2(_TINY32), np.log2(_MAX32), allow_nan=False),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(log_mag=float(np.log2(_MAX32)), seed=0)  # the ends, always
+@example(log_mag=126.5, seed=1)  # 1 / scale is subnormal for most formats
+@example(log_mag=float(np.log2(_TINY32)), seed=2)
+def test_any_float32_magnitude_quantizes_within_half_a_step(fmt, scheme, log_mag, seed):
+    # A scale near float32's limit used to divide everything to 0 on XLA:CPU.
+    f = F.get(fmt)
+    mag = min(float(2.0**log_mag), _MAX32)
+    u = np.random.default_rng(seed).uniform(-1.0, 1.0, SHAPE)
+    u[0] = 1.0  # every group of 4 along axis 0 reaches mag somewhere
+    x = np.float32(u * mag)
+    q = jqx.quantize_array(jnp.asarray(x), fmt, scheme=scheme, granularity=jqx.per_group(4, 0))
+    xh = np.asarray(q.dequantize(), np.float64)
+    assert np.isfinite(xh).all(), (fmt, mag)
+    blocks = np.abs(x.astype(np.float64)).reshape(2, 4, 16)
+    amax = np.repeat(blocks.max(axis=1, keepdims=True), 4, axis=1).reshape(SHAPE)
+    gap = float(np.max(np.diff(np.asarray(f.values, np.float64))))
+    qmin, qmax = jqx.core.numerics.code_range(f)
+    if scheme == "zero_point":
+        # half a step from rounding, half from the rounded zero point
+        step = np.maximum(2 * amax / (qmax - qmin), _TINY32)
+    else:
+        step = np.maximum(amax / qmax, _TINY32) * gap / 2
+    bound = step * (1 + 1e-5) + amax * 1e-6 + _TINY32  # float32 rounding; flushed subnormals
+    err = np.abs(xh - x.astype(np.float64))
+    assert np.all(err <= bound), (fmt, mag, float((err / bound).max()))
+    assert np.all(np.abs(xh[0]) > 0), (fmt, mag)  # never all zeros
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nf4"])
+def test_weights_near_the_float32_limit_are_not_zeroed(fmt):
+    w = jnp.full((8, 4), 1e38, jnp.float32).at[0, 1].set(-3e38)
+    q = jqx.quantize({"kernel": w}, jqx.RTN(format=fmt))["kernel"]
+    np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(w), rtol=0.1)
+
+
+# Under jit a NaN/Inf cannot raise: its block's scale is NaN, and checkify raises.
+NOT_FINITE = [
+    ("int8", None),
+    ("int4", jqx.per_group(4, 0)),
+    ("fp8_e4m3", None),
+    ("nf4", jqx.per_group(4, 0)),
+    ("uint4", jqx.per_group(4, 0)),
+    ("bf16", None),
+]
+
+
+@pytest.mark.parametrize("fmt,gran", NOT_FINITE)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_under_jit_makes_its_block_nan(fmt, gran, bad):
+    x = np.ones(SHAPE, np.float32)
+    x[1, 2] = bad
+    scheme = "zero_point" if fmt == "uint4" else "absmax"
+    q = jax.jit(lambda w: jqx.quantize_array(w, fmt, scheme=scheme, granularity=gran))(x)
+    xh = np.asarray(q.dequantize())
+    if gran is None:
+        assert np.isnan(xh).all()
+    else:  # only the group of 4 rows holding it along axis 0, in its column
+        assert np.isnan(xh[:4, 2]).all()
+        np.testing.assert_array_equal(np.delete(xh[:4], 2, axis=1), 1.0)
+        np.testing.assert_array_equal(xh[4:], 1.0)
+    # every matmul output that reads the block is NaN
+    y = np.asarray(jax.jit(jqx.quantized(lambda w, a: a @ w))(q, jnp.ones((2, 8), jnp.float32)))
+    assert np.isnan(y[:, 2]).all()
+
+
+@pytest.mark.parametrize("fmt,gran", NOT_FINITE)
+def test_checkify_turns_nan_under_jit_into_the_eager_error(fmt, gran):
+    from jax.experimental import checkify
+
+    x = np.ones(SHAPE, np.float32)
+    x[1, 2] = np.nan
+    scheme = "zero_point" if fmt == "uint4" else "absmax"
+
+    def quant(w):
+        return jqx.quantize_array(w, fmt, scheme=scheme, granularity=gran, path="a/kernel")
+
+    with pytest.raises(ValueError) as eager:
+        quant(jnp.asarray(x))
+    f = checkify.checkify(jax.jit(quant), errors=checkify.user_checks)
+    err, _ = f(x)
+    with pytest.raises(checkify.JaxRuntimeError, match="a/kernel contains NaN or Inf"):
+        err.throw()
+    assert str(eager.value) in err.get()
+    err, _ = f(np.ones(SHAPE, np.float32))
+    assert err.get() is None
+
+
+def test_checkify_names_the_leaf_path_of_a_pytree_under_jit():
+    from jax.experimental import checkify
+
+    params = {"dense": {"kernel": jnp.ones(SHAPE).at[0, 0].set(jnp.inf)}}
+    recipe = jqx.int4_weight_only(group_size=4)
+    with pytest.raises(ValueError, match="dense/kernel contains NaN or Inf"):
+        jqx.quantize(params, recipe)
+    f = checkify.checkify(jax.jit(lambda p: jqx.quantize(p, recipe)), errors=checkify.user_checks)
+    err, q = f(params)
+    assert "dense/kernel contains NaN or Inf" in err.get()
+    assert np.isnan(np.asarray(q["dense"]["kernel"].scale)[0, 0])
+    # plain jit keeps running (the check is dropped): the NaN scale is the signal
+    q = jax.jit(lambda p: jqx.quantize(p, recipe))(params)
+    assert np.isnan(np.asarray(q["dense"]["kernel"].scale)[0, 0])
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0,)])
+@pytest.mark.parametrize("recipe", [jqx.int8_weight_only(), jqx.int4_weight_only(group_size=32)])
+def test_empty_kernel_says_there_is_nothing_to_quantize(shape, recipe):
+    params = {"d": {"kernel": jnp.ones(shape)}}
+    with pytest.raises(ValueError, match=r"d/kernel has shape .*size 0.*nothing to quantize") as e:
+        jqx.quantize(params, recipe, filter_fn=lambda path, leaf: True)
+    assert "filter_fn" in str(e.value) and "divisor" not in str(e.value)
 
 
 def test_group_size_not_dividing_names_axis_size_and_valid_sizes():

@@ -10,7 +10,10 @@ The formulas (DESIGN.md), with round half to even throughout:
   the format grid (ties to even, saturating).
 
 Edge cases: a block whose values are all equal (all-zero included) gets
-``S = |c|`` (1 for zero) so that it reconstructs exactly; NaN/Inf raise.
+``S = |c|`` (1 for zero) so that it reconstructs exactly; NaN/Inf raise
+(under ``jit`` the block's scale is NaN instead, and ``checkify`` turns it into
+the same error; see :func:`check_finite_flag`). Scales near float32's limit
+divide without underflow (:func:`div_by_scale`).
 
 ``convention="torchao"`` reproduces torchao/qwix: symmetric int scales use
 ``max|x| / ((qmax - qmin) / 2)`` (127.5 for int8) and asymmetric ranges are
@@ -33,6 +36,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jqx.core import formats as _formats
 from jqx.core.qarray import ActSpec, QArray, pack_4bit, pack_bits
@@ -128,8 +132,42 @@ def check_group_divides(
 
 
 def check_finite(x, path: str | None = None, who: str | None = None) -> None:
-    """Raises on NaN/Inf in a concrete array (a traced one cannot be checked here)."""
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    """Raises on NaN/Inf in a concrete array; for a traced one see :func:`check_finite_flag`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_finite(jnp.array([1.0, jnp.nan]), "params/dense/kernel")
+        Traceback (most recent call last):
+        ...
+        ValueError: params/dense/kernel contains NaN or Inf; ...
+    """
+    check_finite_flag(jnp.all(jnp.isfinite(x)), path, who)
+
+
+def check_finite_flag(finite, path: str | None = None, who: str | None = None) -> None:
+    """Raises the NaN/Inf error when the flag ``finite`` is False.
+
+    A concrete flag raises ``ValueError`` here. A traced flag (inside ``jit``)
+    cannot stop the trace: there the affected scales carry NaN, and this adds a
+    ``checkify`` check with the same message, which
+    ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)`` turns
+    into an error (docs/guide/quantize.md, "NaN, Inf and extreme values"); plain
+    ``jit`` drops it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.experimental import checkify
+        >>> f = checkify.checkify(jax.jit(lambda x: check_finite(x, "w")),
+        ...                       errors=checkify.user_checks)
+        >>> err, _ = f(jnp.array([jnp.inf]))
+        >>> err.get().startswith("w contains NaN or Inf")
+        True
+    """
+    if isinstance(finite, jax.core.Tracer):
+        # checkify formats the message with str.format: escape braces from the path.
+        msg = not_finite_message(path, who).replace("{", "{{").replace("}", "}}")
+        checkify.debug_check(finite, msg)
+    elif not bool(finite):
         raise_not_finite(path, who)
 
 
@@ -142,14 +180,37 @@ def check_granularity(granularity) -> None:
         )
 
 
-def raise_not_finite(path: str | None = None, who: str | None = None):
-    """The NaN/Inf error (for callers that computed the finiteness flag themselves)."""
+def not_finite_message(path: str | None = None, who: str | None = None) -> str:
+    """The text of the NaN/Inf error (eager ``ValueError`` and ``checkify`` check alike)."""
     pre = f"{who}: " if who else ""
-    raise ValueError(
+    return (
         f"{pre}{path or 'the input array'} contains NaN or Inf; quantizing it would give "
         "garbage. Fix the weights (e.g. jnp.nan_to_num) or exclude this leaf with a rule "
         "mapping its path to None."
     )
+
+
+def raise_not_finite(path: str | None = None, who: str | None = None):
+    """The NaN/Inf error (for callers that computed the finiteness flag themselves)."""
+    raise ValueError(not_finite_message(path, who))
+
+
+def check_not_empty(shape: Sequence[int], path: str | None = None) -> None:
+    """Raises when ``shape`` has a zero-size axis: such an array has nothing to quantize.
+
+    Example:
+        >>> check_not_empty((4, 0), "params/dense/kernel")
+        Traceback (most recent call last):
+        ...
+        ValueError: params/dense/kernel has shape (4, 0): axis 1 has size 0, so there is ...
+    """
+    shape = tuple(int(d) for d in shape)
+    if 0 in shape:
+        raise ValueError(
+            f"{path or 'the input array'} has shape {shape}: axis {shape.index(0)} has size 0, "
+            "so there is nothing to quantize. Exclude this leaf with a rule mapping its path "
+            "to None, or a filter_fn that rejects it."
+        )
 
 
 # --------------------------------------------------------------------------- granularity
@@ -258,6 +319,26 @@ def per_block(block_shape: Sequence[int]) -> Granularity:
 
 
 _TINY = float(np.finfo(np.float32).tiny)
+_MAX = float(np.finfo(np.float32).max)
+# Above this a scale's reciprocal is subnormal (see div_by_scale).
+_BIG_SCALE = 2.0**100
+
+
+def div_by_scale(x: jax.Array, s: jax.Array) -> jax.Array:
+    """``x / s`` that stays right for scales near float32's limit.
+
+    XLA:CPU divides by multiplying with the reciprocal and flushes subnormals,
+    so for ``s`` above about ``1 / tiny`` (8.5e37) a plain ``x / s`` is 0.
+    Scaling both by the same power of two is exact and keeps the reciprocal
+    normal; small ``x`` that underflow there round to code 0 either way.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> div_by_scale(jnp.array([1e38, -2e38]), jnp.array(1e38)).tolist()
+        [1.0, -2.0]
+    """
+    c = jnp.where(s > _BIG_SCALE, 2.0**-64, 1.0).astype(jnp.float32)
+    return (x * c) / (s * c)
 
 
 def _blocked(x: jax.Array, block: tuple[int, ...]) -> jax.Array:
@@ -293,7 +374,8 @@ def scale_from_minmax(
     Guards: a constant block gets ``S = |c|`` (1 for all-zero), so it
     reconstructs exactly; a scale below float32's smallest normal is raised to
     it (XLA:CPU flushes subnormals, which would divide by zero); ``mx - mn`` is
-    formed without overflow near float32's limit.
+    formed without overflow near float32's limit; a block holding NaN or Inf
+    gets a NaN scale (and zero point), so its NaN reaches every output.
 
     Args:
       mn, mx: per-block minimum and maximum (any broadcastable shapes).
@@ -314,6 +396,9 @@ def scale_from_minmax(
     """
     mn = jnp.asarray(mn, jnp.float32)
     mx = jnp.asarray(mx, jnp.float32)
+    # max/min propagate NaN and keep +-inf: a block with either gets a NaN scale,
+    # so everything that reads it (dequantize, matmul outputs) is NaN, never garbage.
+    finite = jnp.isfinite(mn) & jnp.isfinite(mx)
     constant = mx == mn
     cabs = jnp.abs(mx)
     const_scale = jnp.where(cabs > 0, cabs, 1.0)
@@ -322,7 +407,8 @@ def scale_from_minmax(
             denom = (qmax - qmin) / 2.0 if convention == "torchao" else qmax
         amax = jnp.maximum(jnp.abs(mx), jnp.abs(mn))
         s = jnp.maximum(amax / denom, _TINY)
-        return jnp.where(constant, const_scale, s), None
+        s = jnp.where(constant, const_scale, s)
+        return jnp.where(finite, s, jnp.nan), None
     if scheme == "zero_point":
         if convention == "torchao":
             mn = jnp.minimum(mn, 0.0)
@@ -334,7 +420,8 @@ def scale_from_minmax(
         s = jnp.where(jnp.isfinite(rng), rng / d, mx / d - mn / d)
         s = jnp.maximum(s, _TINY)
         s = jnp.where(constant, const_scale, s)
-        z = jnp.round(qmin - mn / s)
+        s = jnp.where(finite, s, jnp.nan)
+        z = jnp.round(qmin - div_by_scale(mn, s))
         if convention == "torchao":
             z = jnp.clip(z, qmin, qmax)
         return s, z
@@ -397,24 +484,39 @@ def encode_int(
     qmin: float,
     qmax: float,
     float_zero: bool = False,
+    near_limit: bool = True,
 ) -> jax.Array:
     """Integer codes (as float32) of ``x`` under scale ``s`` and zero point ``z``:
     ``clamp(round(x / s) + z)``, round half to even.
 
     An integer zero point is added after rounding (the seed formula); a float
-    zero point (HQQ, ``float_zero=True``) before rounding.
+    zero point (HQQ, ``float_zero=True``) before rounding. ``near_limit=False``
+    skips the guards for scales near float32's limit (:func:`div_by_scale`, and
+    a code range that keeps ``(q - z) * s`` finite): only for callers that
+    checked ``s <= 2**100`` themselves.
 
     Example:
         >>> import jax.numpy as jnp
         >>> encode_int(jnp.array([0.5, 1.5, 9.0]), jnp.array(1.0), None, qmin=-8, qmax=7).tolist()
         [0.0, 2.0, 7.0]
     """
-    if float_zero and z is not None:
-        return jnp.clip(jnp.round(x / s + z), qmin, qmax)
-    q = jnp.round(x / s)
-    if z is not None:
-        q = q + z
-    return jnp.clip(q, qmin, qmax)
+    xs = div_by_scale(x, s) if near_limit else x / s
+    if z is None:
+        return jnp.clip(jnp.round(xs), qmin, qmax)
+    q = jnp.round(xs + z) if float_zero else jnp.round(xs) + z
+    if not near_limit:
+        return jnp.clip(q, qmin, qmax)
+    lo, hi = _finite_code_range(s, z, qmin, qmax)
+    return jnp.clip(q, lo, hi)
+
+
+def _finite_code_range(s, z, qmin: float, qmax: float):
+    """Per-block code range whose ``(q - z) * s`` stays finite: near float32's limit
+    the zero point shifts the grid, and its outermost point can round past the largest
+    finite value. Elsewhere this is ``(qmin, qmax)``."""
+    lim = jnp.floor(div_by_scale(jnp.float32(_MAX), s))
+    lim = jnp.where(jnp.isfinite(lim * s), lim, lim - 1)
+    return jnp.maximum(qmin, jnp.ceil(z - lim)), jnp.minimum(qmax, jnp.floor(z + lim))
 
 
 def absmax_scale(x: jax.Array, axes, fmt: str | _formats.Format) -> jax.Array:
@@ -436,21 +538,24 @@ def absmax_scale(x: jax.Array, axes, fmt: str | _formats.Format) -> jax.Array:
     else:
         amax = jnp.max(xf, axis=axes, keepdims=True)
     s = amax / fmt.max
-    return jnp.where(s > 0, s, 1.0).astype(jnp.float32)
+    # Only an all-zero row gets 1; a NaN row keeps its NaN scale.
+    return jnp.where(s == 0, 1.0, s).astype(jnp.float32)
 
 
-def _encode_blocked(xb, s, z, fmt, symmetric_range):
+def _encode_blocked(xb, s, z, fmt, symmetric_range, near_limit=True):
     if fmt.kind == "int":
         qmin, qmax = code_range(fmt, symmetric_range)
-        return _formats.encode(encode_int(xb, s, z, qmin=qmin, qmax=qmax), fmt)
-    return _formats.encode(xb / s, fmt)
+        codes = encode_int(xb, s, z, qmin=qmin, qmax=qmax, near_limit=near_limit)
+        return _formats.encode(codes, fmt)
+    return _formats.encode(div_by_scale(xb, s) if near_limit else xb / s, fmt)
 
 
-def encode_codes(x, fmt, block, s, z, symmetric_range=False) -> jax.Array:
+def encode_codes(x, fmt, block, s, z, symmetric_range=False, near_limit=True) -> jax.Array:
     """Stored codes of ``x`` (logical shape, not packed) under a per-block scale
-    ``s`` and zero point ``z`` given in the blocked view (n0, 1, n1, 1, ...)."""
-    q = _encode_blocked(_blocked(x.astype(jnp.float32), block), s, z, fmt, symmetric_range)
-    return q.reshape(x.shape)
+    ``s`` and zero point ``z`` given in the blocked view (n0, 1, n1, 1, ...);
+    ``near_limit`` as in :func:`encode_int`."""
+    xb = _blocked(x.astype(jnp.float32), block)
+    return _encode_blocked(xb, s, z, fmt, symmetric_range, near_limit).reshape(x.shape)
 
 
 def make_qarray(
@@ -627,18 +732,20 @@ def _super_blocks(shape, block, super_block) -> tuple[int, ...]:
 )
 def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scale_dtype, act):
     fmt = _formats.get(fmt_name)
-    finite = jnp.all(jnp.isfinite(x))
     common = dict(fmt=fmt, shape=x.shape, dtype=x.dtype, block=block, act=act)
     if fmt.is_wide_float:
         # encode() clips before the cast, so a value beyond the format's max
         # saturates instead of becoming inf.
         nb = tuple(s // b for s, b in zip(x.shape, block, strict=True))
-        return make_qarray(
-            _formats.encode(x, fmt), jnp.ones(nb), scale_dtype=scale_dtype, **common
-        ), finite
+        finite = jnp.all(jnp.isfinite(x))
+        # The unit scale turns NaN with the input, as the seed formats' scales do.
+        unit = jnp.where(finite, jnp.ones(nb), jnp.nan)
+        return make_qarray(_formats.encode(x, fmt), unit, scale_dtype=scale_dtype, **common), finite
     s, z = compute_scale(
         x, fmt, block, scheme, symmetric_range=symmetric_range, convention=convention
     )
+    # A block holding NaN/Inf has a NaN scale (scale_from_minmax): no second pass over x.
+    finite = jnp.all(jnp.isfinite(s))
     if jnp.dtype(scale_dtype) != jnp.float32:
         # Round a narrow stored scale up, so the largest value still fits the grid.
         sr = s.astype(scale_dtype)
@@ -647,7 +754,13 @@ def _quantize_core(x, fmt_name, block, scheme, symmetric_range, convention, scal
         )
     s = s.astype(scale_dtype)
     # Quantize with the scale as stored, so dequantization sees the same number.
-    q = encode_codes(x, fmt, block, s.astype(jnp.float32), z, symmetric_range)
+    s32 = s.astype(jnp.float32)
+
+    def encode(near_limit):
+        return lambda: encode_codes(x, fmt, block, s32, z, symmetric_range, near_limit)
+
+    # The guards for scales near float32's limit cost a pass: run them only when needed.
+    q = jax.lax.cond(jnp.any(s32 > _BIG_SCALE), encode(True), encode(False))
     return make_qarray(q, s, z, scale_dtype=scale_dtype, **common), finite
 
 
@@ -723,14 +836,14 @@ def quantize_array(
     check_convention(convention)
     scale_dtype = check_scale_dtype(scale_dtype)
     check_granularity(granularity)
+    check_not_empty(x.shape, path)
     block = (granularity or per_tensor()).resolve(x.shape, path)
     if fmt.is_wide_float:
         block = tuple(x.shape)  # a plain cast: one unit scale
     q, finite = _quantize_core(
         x, fmt.name, block, scheme, bool(symmetric_range), convention, scale_dtype, act
     )
-    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        raise_not_finite(path)
+    check_finite_flag(finite, path)
     return q
 
 
@@ -830,7 +943,7 @@ def quantize_activation(
         scale = absmax_scale(xf, -1 if granularity == "per_token" else None, fmt)
     else:
         scale = jnp.asarray(scale, jnp.float32)
-    return _formats.encode(xf / scale, fmt), scale
+    return _formats.encode(div_by_scale(xf, scale), fmt), scale
 
 
 def quantize_activation_blocks(x: jax.Array, block: int = 32) -> tuple[jax.Array, jax.Array]:

@@ -260,8 +260,11 @@ class QArray:
         extra += f", code_bits={self.code_bits}" if self.code_bits is not None else ""
         extra += ", zero=min" if self.zero_kind != "code" else ""
         extra += f", super_block={self.super_block}" if self.super_scale is not None else ""
+        # The shape of the arrays held (a vmapped quantize stacks members in front), so
+        # that shape and nbytes describe the same thing; granularity is per member.
+        shape, _ = self._layout()
         return (
-            f"QArray(shape={self.shape}, dtype={self.dtype}, format={self.format}, "
+            f"QArray(shape={shape}, dtype={self.dtype}, format={self.format}, "
             f"granularity={self.granularity}, nbytes={self.nbytes}{extra})"
         )
 
