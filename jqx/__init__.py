@@ -41,6 +41,9 @@ from jqx.core.tree import dequantize as dequantize
 from jqx.core.tree import path_str as path_str
 from jqx.core.tree import summary as summary
 from jqx.core.tree import tree_nbytes as tree_nbytes
+from jqx.io.checkpoint import CheckpointError as CheckpointError
+from jqx.io.checkpoint import load as load
+from jqx.io.checkpoint import save as save
 from jqx.io.gguf import load as load_gguf
 from jqx.kernels.cpu import native as native
 from jqx.recipes.apply import default_filter as default_filter
@@ -105,6 +108,7 @@ def __getattr__(name):
 __all__ = [
     "AWQ",
     "ActSpec",
+    "CheckpointError",
     "Format",
     "GPTQ",
     "Granularity",
@@ -136,6 +140,7 @@ __all__ = [
     "llm",
     "llm_int8",
     "llm_int8_matmul",
+    "load",
     "load_gguf",
     "load_llm",
     "mixed_precision",
@@ -154,6 +159,7 @@ __all__ = [
     "quantize_array",
     "quantized",
     "report",
+    "save",
     "shard",
     "sharding",
     "smoothquant",

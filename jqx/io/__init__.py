@@ -1,4 +1,5 @@
-"""File formats into and out of jqx (the io layer): GGUF import.
+"""File formats into and out of jqx (the io layer): jqx's own checkpoints
+(:mod:`jqx.io.checkpoint`: ``jqx.save`` / ``jqx.load``) and GGUF import.
 
 A file's quantized tensors become :class:`jqx.QArray` s holding the file's own codes
 and scales (never a float copy), so what is resident is what the file stores.
@@ -9,8 +10,10 @@ Example:
     True
 """
 
+from jqx.io import checkpoint as checkpoint
 from jqx.io import gguf as gguf
+from jqx.io.checkpoint import CheckpointError as CheckpointError
 from jqx.io.gguf import GGUFError as GGUFError
 from jqx.io.gguf import GGUFFile as GGUFFile
 
-__all__ = ["GGUFError", "GGUFFile", "gguf"]
+__all__ = ["CheckpointError", "GGUFError", "GGUFFile", "checkpoint", "gguf"]
