@@ -178,3 +178,18 @@ def test_import_jqx_needs_no_extra():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_qarray_is_constructed_in_one_place():
+    """Only jqx/core/numerics.py calls ``QArray(...)`` (``make_qarray`` from codes and
+    scales, ``stored_qarray`` from stored children); elsewhere QArrays come from those
+    or from ``q.replace``."""
+    callers = []
+    for path in sorted((ROOT / "jqx").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+                if name == "QArray":
+                    callers.append(str(path.relative_to(ROOT)))
+    assert set(callers) == {"jqx/core/numerics.py"}, callers

@@ -638,20 +638,71 @@ def make_qarray(
         zero_point = jnp.asarray(zero_point).reshape(nb)
         if not two_level_zero:
             zero_point = zero_point.astype(scale_dtype)
-    return QArray(
+    return stored_qarray(
         qvalue=codes,
         scale=scale,
         zero_point=zero_point,
         in_scale=None if in_scale is None else jnp.asarray(in_scale).astype(jnp.float32),
         act_scale=act_scale,
+        qhigh=qhigh,
+        super_scale=super_scale,
+        super_zero=super_zero,
         format=fmt.name,
         shape=shape,
-        dtype=jnp.dtype(dtype).name,
+        dtype=dtype,
         block=block,
         act=act,
         zero_kind=zero_kind,
-        code_bits=None if code_bits is None else int(code_bits),
+        code_bits=code_bits,
         super_block=super_block,
+    )
+
+
+def stored_qarray(
+    *,
+    qvalue: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None = None,
+    in_scale: jax.Array | None = None,
+    act_scale: jax.Array | None = None,
+    qhigh: jax.Array | None = None,
+    super_scale: jax.Array | None = None,
+    super_zero: jax.Array | None = None,
+    format: str,
+    shape: Sequence[int],
+    dtype,
+    block: Sequence[int],
+    act: ActSpec | None = None,
+    zero_kind: Literal["code", "min"] = "code",
+    code_bits: int | None = None,
+    super_block: Sequence[int] | None = None,
+) -> QArray:
+    """A :class:`QArray` from children already in their stored form (packed codes,
+    per-block scales in their stored dtype), e.g. read back from a checkpoint.
+    :func:`make_qarray` builds the children from codes and scales and ends here; the
+    static fields are normalised (tuples, dtype and format names) in this one place.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = stored_qarray(qvalue=jnp.array([[2, -1]], jnp.int8), scale=jnp.array([[0.5]]),
+        ...                   format="int8", shape=(1, 2), dtype="float32", block=(1, 2))
+        >>> q.dequantize().tolist()
+        [[1.0, -0.5]]
+    """
+    return QArray(
+        qvalue=qvalue,
+        scale=scale,
+        zero_point=zero_point,
+        in_scale=in_scale,
+        act_scale=act_scale,
+        format=_formats.get(format).name,
+        shape=tuple(int(n) for n in shape),
+        dtype=jnp.dtype(dtype).name,
+        block=tuple(int(b) for b in block),
+        act=act,
+        zero_kind=zero_kind,
+        code_bits=None if code_bits is None else int(code_bits),
+        super_block=None if super_block is None else tuple(int(b) for b in super_block),
         qhigh=qhigh,
         super_scale=super_scale,
         super_zero=super_zero,

@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from jqx.core.numerics import stored_qarray
 from jqx.core.qarray import ActSpec, QArray
 from jqx.core.sharding import tree_shardings
 
@@ -475,16 +476,16 @@ def _build(f: _File, node: dict, leaf: Callable[[dict, str], Any], wrap: bool, p
             c: None if r is None else leaf({**r, "t": "jax"}, f"{path}.{c}")
             for c, r in node["children"].items()
         }
-        return QArray(
+        return stored_qarray(
             **children,
             format=s["format"],
-            shape=tuple(s["shape"]),
+            shape=s["shape"],
             dtype=s["dtype"],
-            block=tuple(s["block"]),
+            block=s["block"],
             act=None if s["act"] is None else ActSpec(**s["act"]),
             zero_kind=s["zero_kind"],
             code_bits=s["code_bits"],
-            super_block=None if s["super_block"] is None else tuple(s["super_block"]),
+            super_block=s["super_block"],
         )
     if t == "nnx_variable":
         value = _build(f, node["value"], leaf, wrap, path)
