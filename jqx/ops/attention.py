@@ -20,6 +20,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jqx.kernels.cpu import native
+from jqx.ops import dispatch
+
 __all__ = ["gqa_attention", "decode_attention"]
 
 # A finite mask value: a query that sees no slot (a padding position) gets a uniform
@@ -75,12 +78,8 @@ def decode_attention(
     Returns:
       float32 (batch, heads, d); zeros for a sequence with no visible slot.
     """
-    from jqx.ops import dispatch
-
     impl = dispatch.choose_attention(q, k, backend)
     if impl == "native":
-        from jqx.kernels.cpu import native
-
         return native.decode_attention(
             q.astype(jnp.float32),
             k,
