@@ -1,5 +1,6 @@
 """File formats into and out of jqx (the io layer): jqx's own checkpoints
-(:mod:`jqx.io.checkpoint`: ``jqx.save`` / ``jqx.load``) and GGUF import.
+(:mod:`jqx.io.checkpoint`: ``jqx.save`` / ``jqx.load``), quantized trees in
+orbax-checkpoint (:mod:`jqx.io.orbax`) and GGUF import.
 
 A file's quantized tensors become :class:`jqx.QArray` s holding the file's own codes
 and scales (never a float copy), so what is resident is what the file stores.
@@ -12,8 +13,9 @@ Example:
 
 from jqx.io import checkpoint as checkpoint
 from jqx.io import gguf as gguf
+from jqx.io import orbax as orbax
 from jqx.io.checkpoint import CheckpointError as CheckpointError
 from jqx.io.gguf import GGUFError as GGUFError
 from jqx.io.gguf import GGUFFile as GGUFFile
 
-__all__ = ["CheckpointError", "GGUFError", "GGUFFile", "checkpoint", "gguf"]
+__all__ = ["CheckpointError", "GGUFError", "GGUFFile", "checkpoint", "gguf", "orbax"]

@@ -101,6 +101,30 @@ def _np_dtype(name: str, path: str, tensor: str) -> np.dtype:
 # --------------------------------------------------------------------------- writing
 
 
+def qarray_static(x: QArray) -> dict[str, Any]:
+    """A QArray's static fields as JSON values: what its arrays alone do not say.
+
+    Checkpoints store it beside the codes and scales; two QArrays with equal arrays but
+    different static fields (e.g. W8A8 and int8 weight-only) differ here.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> q = jqx.quantize_array(jnp.ones((4, 8)), "int8")
+        >>> qarray_static(q)["format"], qarray_static(q)["act"]
+        ('int8', None)
+    """
+    return {
+        "format": x.format,
+        "shape": list(x.shape),
+        "dtype": str(x.dtype),
+        "block": list(x.block),
+        "act": None if x.act is None else dataclasses.asdict(x.act),
+        "zero_kind": x.zero_kind,
+        "code_bits": x.code_bits,
+        "super_block": None if x.super_block is None else list(x.super_block),
+    }
+
+
 class _Writer:
     """Walks a tree into a JSON structure, collecting the tensors in order."""
 
@@ -142,17 +166,7 @@ class _Writer:
             for c in _QARRAY_CHILDREN:
                 v = getattr(x, c)
                 children[c] = None if v is None else self.tensor(v, f"{path}.{c}")
-            static = {
-                "format": x.format,
-                "shape": list(x.shape),
-                "dtype": str(x.dtype),
-                "block": list(x.block),
-                "act": None if x.act is None else dataclasses.asdict(x.act),
-                "zero_kind": x.zero_kind,
-                "code_bits": x.code_bits,
-                "super_block": None if x.super_block is None else list(x.super_block),
-            }
-            return {"t": "qarray", "static": static, "children": children}
+            return {"t": "qarray", "static": qarray_static(x), "children": children}
         if isinstance(x, (jax.Array, np.ndarray)):
             kind = "numpy" if isinstance(x, np.ndarray) else "jax"
             return {"t": kind, **self.tensor(x, path)}
