@@ -237,6 +237,19 @@ def test_like_checks_structure_shapes_and_dtypes(tmp_path):
         load(tmp_path / "c", like=jax.tree.map(lambda a: a.astype(jnp.uint8), q))
 
 
+def test_w8a8_data_never_loads_into_a_weight_only_target(tmp_path):
+    # Same leaves (int8 codes, float32 scales); only the activation spec differs.
+    w = {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)}
+    w8a8, wo = (
+        jqx.quantize(w, jqx.int8_dynamic_activation_int8_weight()),
+        jqx.quantize(w, jqx.int8_weight_only()),
+    )
+    save(tmp_path / "w8a8", w8a8)
+    with pytest.raises(CheckpointError, match=r"w8a8 does not match the expected tree"):
+        load(tmp_path / "w8a8", like=wo)
+    assert_same_tree(load(tmp_path / "w8a8", like=w8a8), w8a8)
+
+
 # --------------------------------------------------------------------------- errors
 
 
