@@ -115,7 +115,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_generate(args) -> int:
     from jqx.llm import load_llm
+    from jqx.llm.sampling import Sampling
 
+    # Refuse bad sampling settings before spending seconds on loading the model.
+    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     t0 = time.perf_counter()
     llm = load_llm(args.model, dequantize=args.float)
     load_s = time.perf_counter() - t0
