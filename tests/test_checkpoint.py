@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jqx
-from jqx.io.checkpoint import CheckpointError, load, read_metadata, save
+from jqx.io.checkpoint import CheckpointError, load, read_metadata, read_recipe, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -396,6 +396,99 @@ def test_writer_killed_mid_write_leaves_the_old_file(tmp_path, when):
         proc.kill()
         proc.wait()
     assert_same_tree(load(path), old)
+
+
+# --------------------------------------------------------------------------- shard directories
+
+
+def _big_tree():
+    k = jax.random.split(jax.random.key(3), 3)
+    rules = {"a": jqx.int4_weight_only(group_size=16), "b": jqx.int8_weight_only()}
+    q = jqx.quantize(
+        {
+            "a": {"kernel": jax.random.normal(k[0], (64, 48))},
+            "b": {"kernel": jax.random.normal(k[1], (48, 32))},
+        },
+        rules,
+    )
+    return {"q": q, "emb": jax.random.normal(k[2], (100, 16)), "n": np.arange(5)}, rules
+
+
+def test_directory_of_shards_round_trips_and_records_the_recipe(tmp_path):
+    tree, rules = _big_tree()
+    d = tmp_path / "model"
+    save(d, tree, metadata={"step": 3}, recipe=rules, max_shard_bytes=4096)
+    index = json.loads((d / "jqx-index.json").read_text())
+    shards = sorted(set(index["jqx_shards"].values()))
+    assert len(shards) >= 3 and sorted(p.name for p in d.glob("*.safetensors")) == shards
+    for name in shards:  # no shard over the limit unless one tensor alone is larger
+        st_header = json.loads(
+            open(d / name, "rb").read()[8:][: struct.unpack("<Q", open(d / name, "rb").read(8))[0]]
+        )
+        sizes = [
+            e["data_offsets"][1] - e["data_offsets"][0]
+            for k, e in st_header.items()
+            if k != "__metadata__"
+        ]
+        assert sum(sizes) <= 4096 or len(sizes) == 1
+    back = load(d)
+    assert_same_tree(back, tree)
+    assert_same_tree(load(d, like=tree), tree)
+    assert read_metadata(d) == {"step": 3}
+    assert read_recipe(d) == {"a": repr(rules["a"]), "b": repr(rules["b"])}
+    assert eval(read_recipe(d)["a"], {"RTN": jqx.RTN}) == rules["a"]
+    # A second save replaces the first; its shards are removed once the new index is in.
+    save(d, {"w": jnp.ones(3)}, max_shard_bytes=4096)
+    assert len(list(d.glob("*.safetensors"))) == 1
+    assert_same_tree(load(d), {"w": jnp.ones(3)})
+
+
+def test_a_failed_sharded_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    from jqx.io import checkpoint as ck
+
+    tree, _ = _big_tree()
+    d = tmp_path / "model"
+    save(d, tree, max_shard_bytes=4096)
+    before = sorted(p.name for p in d.iterdir())
+    calls = {"n": 0}
+    real = ck._write_file
+
+    def dies_on_the_third_shard(path, tensors, meta):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        real(path, tensors, meta)
+
+    monkeypatch.setattr(ck, "_write_file", dies_on_the_third_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        save(d, {k: jnp.zeros((32, 32)) for k in "abcd"}, max_shard_bytes=4096)
+    monkeypatch.undo()
+    assert_same_tree(load(d), tree)  # the old index still names the old, intact shards
+    assert set(before) <= {p.name for p in d.iterdir()}
+
+
+def test_shard_directory_errors(tmp_path):
+    tree, _ = _big_tree()
+    d = tmp_path / "model"
+    save(d, tree, max_shard_bytes=4096)
+    index = json.loads((d / "jqx-index.json").read_text())
+    name, shard = next(iter(index["jqx_shards"].items()))
+    os.unlink(d / shard)
+    with pytest.raises(
+        CheckpointError, match=rf"tensor '{name}' is in shard {shard}, which is missing"
+    ):
+        load(d)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="directory without jqx-index.json"):
+        load(empty)
+    with pytest.raises(CheckpointError, match="max_shard_bytes=0 must be a positive int"):
+        save(tmp_path / "x", tree, max_shard_bytes=0)
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a file; a sharded save"):
+        save(tmp_path / "f", tree, max_shard_bytes=4096)
+    with pytest.raises(CheckpointError, match="recipe=3 must be a jqx recipe"):
+        save(tmp_path / "y.safetensors", tree, recipe=3)
 
 
 # --------------------------------------------------------------------------- sharded load

@@ -27,6 +27,7 @@ import json
 import os
 import struct
 import tempfile
+import uuid
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,8 +40,9 @@ from jax.sharding import Mesh
 from jqx.core.numerics import stored_qarray
 from jqx.core.qarray import ActSpec, QArray
 from jqx.core.sharding import tree_shardings
+from jqx.recipes.base import Recipe
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "save", "load", "read_metadata"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "save", "load", "read_metadata", "read_recipe"]
 
 FORMAT_VERSION = 1
 
@@ -266,53 +268,79 @@ def _bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
-def save(path: str | os.PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None) -> None:
-    """Writes ``tree`` to one checkpoint file, atomically.
+INDEX = "jqx-index.json"
 
-    The bytes go to a temporary file in the same directory, which is flushed,
-    fsynced and renamed over ``path``: a process killed mid-write leaves the old
-    file (or none) in place, never a torn one.
 
-    Args:
-      path: the file to write (``.safetensors`` by convention).
-      tree: nested dict (linen ``FrozenDict`` is saved as a dict) / list / tuple /
-        None, jax or numpy arrays, :class:`jqx.QArray` s, or a ``flax.nnx.State``
-        (rebuilt as one on load).
-      metadata: optional user dict (str keys, JSON-serialisable values), returned by
-        :func:`read_metadata`.
+def _recipe_record(recipe) -> Any:
+    """The recipe (or rules) as JSON: each recipe's repr, which rebuilds it."""
+    if recipe is None:
+        return None
+    if isinstance(recipe, Recipe):
+        return repr(recipe)
+    if isinstance(recipe, str):
+        return recipe
+    if isinstance(recipe, Mapping) and all(isinstance(k, str) for k in recipe):
+        return {k: None if r is None else _recipe_record(r) for k, r in recipe.items()}
+    raise CheckpointError(
+        f"recipe={recipe!r} must be a jqx recipe, a rules dict {{regex: recipe or None}} or a "
+        "string; pass the recipe given to jqx.quantize."
+    )
 
-    Raises:
-      CheckpointError: an unsupported leaf or key (named by its tree path), or
-        metadata that is not JSON-serialisable.
 
-    Example:
-        >>> import tempfile, os, numpy as np
-        >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
-        >>> save(p, {"w": np.arange(3, dtype=np.int8)})
-        >>> load(p)["w"].tolist()
-        [0, 1, 2]
-    """
-    path = os.fspath(path)
-    if metadata is not None:
-        if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
-            raise CheckpointError(
-                f"{path}: metadata={metadata!r} must be a dict with str keys and JSON values."
-            )
+def _user_json(path: str, metadata) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise CheckpointError(
+            f"{path}: metadata={metadata!r} must be a dict with str keys and JSON values."
+        )
+    try:
+        return json.dumps(dict(metadata))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: metadata is not JSON-serialisable ({e}); pass str keys and JSON "
+            "values (str, numbers, bools, None, lists, dicts)."
+        ) from None
+
+
+def _fsync_dir(directory: str) -> None:
+    # A rename is durable only once the directory entry is on disk.
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            user = json.dumps(dict(metadata))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{path}: metadata is not JSON-serialisable ({e}); pass str keys and JSON "
-                "values (str, numbers, bools, None, lists, dicts)."
-            ) from None
-    else:
-        user = "{}"
-    w = _Writer(path)
-    structure = w.node(tree, "")
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Runs ``write(f)`` on a temporary file beside ``path``, then flushes, fsyncs and
+    renames it over ``path``: a killed process leaves the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _write_file(path: str, tensors: list[tuple[str, np.ndarray]], meta: dict[str, str]) -> None:
+    """One safetensors file holding ``tensors``, with jqx's ``meta`` and per-tensor records."""
     header: dict[str, Any] = {}
     records = {}
     offset = 0
-    for name, a in w.tensors:
+    for name, a in tensors:
         n = a.nbytes
         st = _ST_DTYPES.get(a.dtype.name)
         shape = list(a.shape) if st is not None else [n]
@@ -329,41 +357,130 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: Mapping[str, Any] | No
         offset += n
     header["__metadata__"] = {
         "jqx_format": str(FORMAT_VERSION),
-        "jqx_tree": json.dumps(structure, separators=(",", ":")),
+        **meta,
         "jqx_tensors": json.dumps(records, separators=(",", ":")),
-        "jqx_user": user,
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     # safetensors pads the header with spaces so the data starts 8-byte aligned.
     raw += b" " * (-len(raw) % 8)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, a in w.tensors:
-                if a.nbytes:
-                    f.write(_bytes(a))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, a in tensors:
+            if a.nbytes:
+                f.write(_bytes(a))
+
+    _atomic_write(path, write)
+
+
+def save(
+    path: str | os.PathLike,
+    tree: Any,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    recipe: Any = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes ``tree`` to one checkpoint file (or a directory of shards), atomically.
+
+    The bytes go to a temporary file in the same directory, which is flushed,
+    fsynced and renamed over ``path``: a process killed mid-write leaves the old
+    file (or none) in place, never a torn one. With ``max_shard_bytes``, ``path`` is a
+    directory: the tensors go to shard files of at most that many bytes (a larger
+    tensor gets a shard of its own), then ``jqx-index.json`` (the tree, and which
+    shard holds each tensor) is renamed into place last, and only then are the
+    previous save's shards removed; a killed save leaves the previous index and its
+    shards intact.
+
+    Args:
+      path: the file to write (``.safetensors`` by convention), or the directory
+        with ``max_shard_bytes``.
+      tree: nested dict (linen ``FrozenDict`` is saved as a dict) / list / tuple /
+        None, jax or numpy arrays, :class:`jqx.QArray` s, or a ``flax.nnx.State``
+        (rebuilt as one on load).
+      metadata: optional user dict (str keys, JSON-serialisable values), returned by
+        :func:`read_metadata`.
+      recipe: optional recipe (or ``{regex: recipe}`` rules) that made the tree,
+        recorded as its repr and returned by :func:`read_recipe`.
+      max_shard_bytes: write a directory of shards of at most this many bytes
+        (e.g. ``4 * 2**30``) instead of one file.
+
+    Raises:
+      CheckpointError: an unsupported leaf or key (named by its tree path), or
+        metadata that is not JSON-serialisable.
+
+    Example:
+        >>> import tempfile, os, numpy as np
+        >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> save(p, {"w": np.arange(3, dtype=np.int8)})
+        >>> load(p)["w"].tolist()
+        [0, 1, 2]
+    """
+    path = os.fspath(path)
+    user = _user_json(path, metadata)
+    rec = json.dumps(_recipe_record(recipe))
+    if max_shard_bytes is not None and (
+        isinstance(max_shard_bytes, bool)
+        or not isinstance(max_shard_bytes, (int, np.integer))
+        or max_shard_bytes < 1
+    ):
+        raise CheckpointError(
+            f"{path}: max_shard_bytes={max_shard_bytes!r} must be a positive int (bytes per "
+            "shard, e.g. 4 * 2**30), or None for one file."
+        )
+    w = _Writer(path)
+    structure = json.dumps(w.node(tree, ""), separators=(",", ":"))
+    meta = {"jqx_tree": structure, "jqx_user": user, "jqx_recipe": rec}
+    if max_shard_bytes is None:
+        _write_file(path, w.tensors, meta)
+        return
+    _save_shards(path, w.tensors, meta, int(max_shard_bytes))
+
+
+def _save_shards(path: str, tensors, meta: dict[str, str], max_bytes: int) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path} is a file; a sharded save (max_shard_bytes=) writes a directory. Pass "
+            "another path or remove the file."
+        )
+    os.makedirs(path, exist_ok=True)
+    groups: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for name, a in tensors:
+        if groups[-1] and size + a.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, a))
+        size += a.nbytes
+    # A fresh prefix per save: the previous index's shards are never overwritten.
+    prefix = f"jqx-{uuid.uuid4().hex[:8]}"
+    n = len(groups)
+    shards: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        fname = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        flat = {
+            "t": "dict",
+            "keys": [name for name, _ in group],
+            "values": [
+                {"t": "jax", "name": name, "dtype": a.dtype.name, "shape": list(a.shape)}
+                for name, a in group
+            ],
+        }
+        _write_file(
+            os.path.join(path, fname),
+            group,
+            {"jqx_tree": json.dumps(flat, separators=(",", ":")), "jqx_shard_of": INDEX},
+        )
+        shards.update((name, fname) for name, _ in group)
+    index = {"jqx_format": str(FORMAT_VERSION), **meta, "jqx_shards": shards}
+    raw = json.dumps(index, separators=(",", ":")).encode()
+    _atomic_write(os.path.join(path, INDEX), lambda f: f.write(raw))
+    # Only now is the previous save unreferenced.
+    keep = set(shards.values())
+    for old in os.listdir(path):
+        if old.startswith("jqx-") and old.endswith(".safetensors") and old not in keep:
+            os.unlink(os.path.join(path, old))
 
 
 # --------------------------------------------------------------------------- reading
@@ -412,6 +529,7 @@ class _File:
             self.tree = json.loads(meta["jqx_tree"])
             self.records = json.loads(meta["jqx_tensors"])
             self.user = json.loads(meta.get("jqx_user", "{}"))
+            self.recipe = json.loads(meta.get("jqx_recipe", "null"))
         except (KeyError, json.JSONDecodeError) as e:
             self._fail(f"has a bad jqx header ({type(e).__name__}: {e})")
         self.header = header
@@ -462,6 +580,59 @@ class _File:
         return b.view(dtype).reshape(shape)
 
 
+class _Dir:
+    """A sharded checkpoint: ``jqx-index.json`` (tree, metadata, tensor -> shard) and
+    its shard files, each opened (and memory-mapped) when a tensor in it is read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX)
+        try:
+            with open(index, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"checkpoint {path} is a directory without {INDEX}; it is not a sharded jqx "
+                "checkpoint (or its save never finished)."
+            ) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint {index}: {e}") from None
+        try:
+            meta = json.loads(raw)
+            version = int(meta["jqx_format"])
+            self.tree = json.loads(meta["jqx_tree"])
+            self.user = json.loads(meta.get("jqx_user", "{}"))
+            self.recipe = json.loads(meta.get("jqx_recipe", "null"))
+            self.shards = dict(meta["jqx_shards"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            self._fail(f"has a bad {INDEX} ({type(e).__name__}: {e})")
+        if version > FORMAT_VERSION:
+            self._fail(
+                f"has jqx_format {version}, newer than this jqx reads ({FORMAT_VERSION}); "
+                "upgrade jqx to load it"
+            )
+        self._files: dict[str, _File] = {}
+
+    def _fail(self, problem: str, tensor: str | None = None):
+        where = f", tensor {tensor!r}" if tensor is not None else ""
+        raise CheckpointError(f"checkpoint {self.path}{where} {problem}.")
+
+    def array(self, name: str, verify: bool) -> np.ndarray:
+        fname = self.shards.get(name)
+        if fname is None:
+            self._fail(f"is not in {INDEX}'s shard list (the tree refers to it)", name)
+        if fname not in self._files:
+            shard = os.path.join(self.path, fname)
+            if not os.path.exists(shard):
+                self._fail(f"is in shard {fname}, which is missing", name)
+            self._files[fname] = _File(shard)
+        return self._files[fname].array(name, verify)
+
+
+def _open(path: str) -> _File | _Dir:
+    return _Dir(path) if os.path.isdir(path) else _File(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Slot:
     """Where a tensor goes while the tree's shardings are worked out."""
@@ -475,7 +646,9 @@ class _Slot:
         return len(self.shape)
 
 
-def _build(f: _File, node: dict, leaf: Callable[[dict, str], Any], wrap: bool, path: str = ""):
+def _build(
+    f: _File | _Dir, node: dict, leaf: Callable[[dict, str], Any], wrap: bool, path: str = ""
+):
     def sub(k):
         return f"{path}/{k}" if path else str(k)
 
@@ -527,7 +700,7 @@ def _build(f: _File, node: dict, leaf: Callable[[dict, str], Any], wrap: bool, p
     f._fail(f"has an unknown tree node type {t!r} at {path or '<root>'!r}")
 
 
-def _rebuild(f: _File, leaf: Callable[[dict, str], Any], wrap: bool):
+def _rebuild(f: _File | _Dir, leaf: Callable[[dict, str], Any], wrap: bool):
     """:func:`_build` from the file's tree record; a malformed record (which the
     per-tensor checksums do not cover) is reported as a bad header."""
     try:
@@ -538,7 +711,7 @@ def _rebuild(f: _File, leaf: Callable[[dict, str], Any], wrap: bool):
         f._fail(f"has a bad jqx tree record ({type(e).__name__}: {e}); the header was altered")
 
 
-def _check_like(f: _File, tree, like) -> None:
+def _check_like(f: _File | _Dir, tree, like) -> None:
     got, got_def = jax.tree_util.tree_flatten_with_path(tree)
     want, want_def = jax.tree_util.tree_flatten_with_path(like)
     if got_def != want_def:
@@ -572,7 +745,7 @@ def load(
     consistently) and each device reads only its own slice of the mapping.
 
     Args:
-      path: the checkpoint file.
+      path: the checkpoint file, or the directory of a sharded save.
       mesh: optional device mesh to place the leaves on.
       spec_fn: with ``mesh``: ``(path, leaf) -> PartitionSpec | None`` for the
         *logical* array at ``path`` (e.g. ``"params/dense/kernel"``); ``leaf`` has
@@ -599,7 +772,7 @@ def load(
         [Array([1., 1.], dtype=float32), None]
     """
     path = os.fspath(path)
-    f = _File(path)
+    f = _open(path)
     if spec_fn is not None and mesh is None:
         raise CheckpointError(
             f"load({path!r}): spec_fn= was given without mesh=; pass the mesh to shard on."
@@ -637,7 +810,7 @@ def _finish(a, rec: dict, as_jax: bool):
     return a
 
 
-def _shardings(f: _File, mesh: Mesh, spec_fn) -> dict[str, Any]:
+def _shardings(f: _File | _Dir, mesh: Mesh, spec_fn) -> dict[str, Any]:
     """tensor name -> NamedSharding, from the tree's placeholders."""
 
     def slot(rec, p):
@@ -666,4 +839,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         >>> read_metadata(p)
         {'recipe': 'int8_weight_only'}
     """
-    return _File(os.fspath(path)).user
+    return _open(os.fspath(path)).user
+
+
+def read_recipe(path: str | os.PathLike) -> Any:
+    """The ``recipe=`` saved with the checkpoint: a recipe's repr (which rebuilds it,
+    e.g. ``eval(s, {"GPTQ": jqx.GPTQ})``), ``{regex: repr}`` for rules, or None.
+
+    Example:
+        >>> import tempfile, os, jax.numpy as jnp, jqx
+        >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> r = jqx.int8_weight_only()
+        >>> save(p, jqx.quantize({"kernel": jnp.ones((4, 4))}, r), recipe=r)
+        >>> read_recipe(p).startswith("RTN(name='int8_weight_only'")
+        True
+    """
+    return _open(os.fspath(path)).recipe
