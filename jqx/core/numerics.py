@@ -315,6 +315,56 @@ def per_block(block_shape: Sequence[int]) -> Granularity:
     return Granularity("block", block_shape=tuple(int(b) for b in block_shape))
 
 
+def is_conv_kernel(path: str | None, ndim: int) -> bool:
+    """Whether a leaf is a Flax convolution kernel ``(*window, in, out)``, as its path
+    tells: a ``kernel`` with ndim >= 3 under a module whose name contains ``conv`` (any
+    case: linen's ``Conv_0`` / ``ConvTranspose_1``, nnx attributes such as ``conv1``).
+
+    Example:
+        >>> is_conv_kernel("params/Conv_0/kernel", 4), is_conv_kernel("params/Dense_0/kernel", 3)
+        (True, False)
+    """
+    parts = (path or "").split("/")
+    return ndim >= 3 and len(parts) >= 2 and parts[-1] == "kernel" and "conv" in parts[-2].lower()
+
+
+def conv_kernel_block(
+    shape: Sequence[int], group_size: int | None = None, path: str | None = None
+) -> tuple[int, ...]:
+    """The block shape of a conv kernel ``(*window, in, out)``: one scale per output
+    channel (the block covers the window and every input channel), or with
+    ``group_size`` one scale per (group of input channels, output channel), shared
+    over the window. Sharing over the window keeps a W8A8 convolution exact on integer
+    codes (the scale factors out of the window sum) and the scales small.
+
+    Raises:
+      ValueError: ``group_size`` does not divide the input channels; the message says
+        which group sizes this kernel accepts.
+
+    Example:
+        >>> conv_kernel_block((3, 3, 16, 32)), conv_kernel_block((3, 3, 16, 32), 8)
+        ((3, 3, 16, 1), (3, 3, 8, 1))
+    """
+    shape = tuple(int(s) for s in shape)
+    check_group_size(group_size)
+    cin = shape[-2]
+    if group_size is not None and cin % int(group_size):
+        divs = [d for d in range(1, cin + 1) if cin % d == 0 and d < cin][-4:]
+        window = "x".join(str(s) for s in shape[:-2])
+        where = f"{path} " if path else ""
+        raise ValueError(
+            f"group_size={group_size} does not divide the {cin} input channels of the conv "
+            f"kernel {where}(shape {shape}: window {window}, in {cin}, out {shape[-1]}). "
+            "Group-wise quantization of a conv kernel groups its input channels (axis "
+            f"{len(shape) - 2}), one scale per (group, output channel) shared over the window, "
+            f"so group_size must divide {cin}: use "
+            + (f"{', '.join(str(d) for d in divs)} or " if divs else "")
+            + "group_size=None (one scale per output channel); rules give layers different "
+            "recipes, e.g. {'Conv_0': jqx.int8_weight_only(), '.*': recipe}."
+        )
+    return shape[:-2] + (cin if group_size is None else int(group_size), 1)
+
+
 # --------------------------------------------------------------------------- core math
 
 
@@ -576,6 +626,7 @@ def make_qarray(
     super_scale: jax.Array | None = None,
     super_zero: jax.Array | None = None,
     super_block: Sequence[int] | None = None,
+    g_idx: jax.Array | None = None,
 ) -> QArray:
     """The one place a :class:`QArray` is built from codes and scales.
 
@@ -602,6 +653,9 @@ def make_qarray(
         ``zero_point`` when ``super_zero`` is given) are integer codes per block,
         kept in their dtype; ``super_scale`` (``super_zero``) has one float per
         ``super_block``, stored as ``scale_dtype``.
+      g_idx: the group of each index of the group axis (the one axis whose block is
+        above 1), stored as int32; checked by :func:`check_g_idx`. None: index ``i``
+        is in group ``i // block``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -638,7 +692,15 @@ def make_qarray(
         zero_point = jnp.asarray(zero_point).reshape(nb)
         if not two_level_zero:
             zero_point = zero_point.astype(scale_dtype)
+    if g_idx is not None:
+        if super_scale is not None:
+            raise ValueError(
+                "g_idx with super_scale: a group index per row is not supported with "
+                "two-level scales; pass one of them."
+            )
+        g_idx = check_g_idx(g_idx, shape, block)
     return stored_qarray(
+        g_idx=g_idx,
         qvalue=codes,
         scale=scale,
         zero_point=zero_point,
@@ -668,6 +730,7 @@ def stored_qarray(
     qhigh: jax.Array | None = None,
     super_scale: jax.Array | None = None,
     super_zero: jax.Array | None = None,
+    g_idx: jax.Array | None = None,
     format: str,
     shape: Sequence[int],
     dtype,
@@ -706,7 +769,51 @@ def stored_qarray(
         qhigh=qhigh,
         super_scale=super_scale,
         super_zero=super_zero,
+        g_idx=g_idx,
     )
+
+
+def check_g_idx(
+    g_idx, shape: Sequence[int], block: Sequence[int], name: str = "g_idx"
+) -> jax.Array:
+    """``g_idx`` as int32 after checking that it is a group map for a QArray of this
+    ``shape`` and ``block``: one block axis above 1 (the group axis), ``g_idx`` 1-D with
+    one entry per index of that axis, and (when concrete) every entry in ``[0,
+    groups)``.
+
+    Raises:
+      ValueError: the message names ``name``, what it got and what is accepted.
+
+    Example:
+        >>> import numpy as np
+        >>> check_g_idx(np.array([1, 0, 1, 0]), (3, 4), (1, 2)).tolist()
+        [1, 0, 1, 0]
+    """
+    shape, block = tuple(int(s) for s in shape), tuple(int(b) for b in block)
+    big = [i for i, b in enumerate(block) if b > 1]
+    if len(big) > 1:
+        raise ValueError(
+            f"{name}: a group index needs groups along one axis; block {block} of shape "
+            f"{shape} groups along axes {big}. Use a block with one size above 1, e.g. (1, 128)."
+        )
+    ax = big[-1] if big else len(shape) - 1
+    groups = shape[ax] // block[ax]
+    g = jnp.asarray(g_idx)
+    if g.ndim != 1 or g.shape[0] != shape[ax] or not jnp.issubdtype(g.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be a 1-D integer array with one group index per index of axis {ax} "
+            f"(size {shape[ax]}) of shape {shape}; got shape {tuple(g.shape)}, dtype {g.dtype}."
+        )
+    if not isinstance(g, jax.core.Tracer):
+        gn = np.asarray(g)
+        bad = np.flatnonzero((gn < 0) | (gn >= groups))
+        if bad.size:
+            raise ValueError(
+                f"{name} is not a valid group map: entry {int(bad[0])} is {int(gn[bad[0]])}, "
+                f"but there are {groups} groups (axis {ax} of size {shape[ax]}, group size "
+                f"{block[ax]}); every entry must lie in [0, {groups})."
+            )
+    return g.astype(jnp.int32)
 
 
 def _split_code_planes(codes, fmt: _formats.Format, code_bits) -> tuple[jax.Array, jax.Array]:

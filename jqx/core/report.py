@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqx.core.numerics import is_conv_kernel
 from jqx.core.qarray import QArray, is_qarray
 from jqx.core.tree import path_str
 
@@ -163,10 +164,33 @@ def _format_name(q: QArray) -> str:
     return q.format if q.code_bits is None else f"{q.format}({q.code_bits}-bit)"
 
 
-def _act_name(q: QArray) -> str:
-    if q.act is None:
-        return "-"
-    return f"{q.act.kind}:{q.act.format}"
+def _act_name(q: QArray, path: str = "") -> str:
+    act = "-" if q.act is None else f"{q.act.kind}:{q.act.format}"
+    if path.rsplit("/", 1)[-1] == "embedding" and q.ndim == 2 and q.block[0] == 1:
+        # A table quantized in rows (jqx.Recipe.for_embedding): lookups gather and
+        # decode rows; the act spec only applies where it is a matmul weight (attend).
+        return "lookup" if q.act is None else f"lookup; attend {act}"
+    if q.act is not None and is_conv_kernel(path, q.ndim):
+        return act + _conv_compute(q)
+    return act
+
+
+def _conv_compute(q: QArray) -> str:
+    """What a conv kernel's W8A8 convolution computes on (``jqx.ops.conv``, Flax's
+    ``(*window, in, out)`` layout): nothing to add where it runs on int8 codes with
+    int32 sums; the float formulations otherwise."""
+    if (
+        q.act.kind == "llm_int8"
+        or q.act.granularity == "per_block"
+        or q.extensions
+        or q.in_scale is not None
+    ):
+        return " not applied (float conv, dequantized kernel)"
+    window = q.ndim - 2
+    shared = all(b == s for b, s in zip(q.block[:window], q.shape[:window], strict=True))
+    if not shared or q.zero_point is not None:
+        return " simulated (float conv)"
+    return "" if (q.format, q.act.format) == ("int8", "int8") else " (f32 conv of codes)"
 
 
 def report(params, qparams) -> Report:
@@ -232,7 +256,7 @@ def report(params, qparams) -> Report:
                 shape=tuple(leaf.shape),
                 format=_format_name(leaf),
                 granularity=leaf.granularity,
-                act=_act_name(leaf),
+                act=_act_name(leaf, p),
                 bytes_before=b,
                 bytes_after=leaf.nbytes,
                 rel_error=rel,

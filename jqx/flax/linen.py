@@ -1,4 +1,4 @@
-"""Quantized flax.linen layers: ``Dense``, ``DenseGeneral``, ``Einsum``.
+"""Quantized flax.linen layers: ``Dense``, ``DenseGeneral``, ``Einsum``, ``Embed``.
 
 Each is Flax's own class with ``promote_dtype=`` (QArrays pass through) and
 ``dot_general=`` (QArray operands go to ``jqx.ops.dot_general``) injected.
@@ -10,7 +10,9 @@ stored leaves with the initializer's, which fails for packed 4-bit codes, so
 :class:`_QuantizedParams` checks a QArray kernel's *logical* shape itself
 (and names the layer on a mismatch); and ``linen.Einsum`` calls
 ``jnp.einsum`` directly (no ``einsum_op`` hook), so :class:`Einsum` repeats
-its short ``__call__`` with an einsum that accepts a QArray kernel.
+its short ``__call__`` with an einsum that accepts a QArray kernel. ``Embed``
+has no lookup hook either: its ``__call__`` and ``attend`` repeat Flax's with a
+lookup that gathers rows of a QArray table and a ``dot_general`` for ``attend``.
 
 Example:
     >>> import jax, jax.numpy as jnp, jqx
@@ -33,9 +35,26 @@ import jax.numpy as jnp
 from flax.linen import module as _module
 
 from jqx.core.qarray import is_qarray
-from jqx.flax._inject import dot_general, einsum, make_dot_general, promote_dtype
+from jqx.flax._inject import (
+    conv_general_dilated,
+    dot_general,
+    einsum,
+    embed_attend,
+    embed_lookup,
+    make_dot_general,
+    promote_dtype,
+)
 
-__all__ = ["Dense", "DenseGeneral", "Einsum", "dot_general", "promote_dtype", "make_dot_general"]
+__all__ = [
+    "Conv",
+    "Dense",
+    "DenseGeneral",
+    "Einsum",
+    "Embed",
+    "dot_general",
+    "promote_dtype",
+    "make_dot_general",
+]
 
 
 class _QuantizedParams:
@@ -90,6 +109,25 @@ class DenseGeneral(_QuantizedParams, nn.DenseGeneral):
     dot_general: Any = dot_general
 
 
+class Conv(_QuantizedParams, nn.Conv):
+    """``flax.linen.Conv`` whose ``kernel`` may be a :class:`jqx.QArray`: the
+    convolution runs through ``jqx.ops.conv_general_dilated`` (int8 codes for W8A8
+    kernels, docs/guide/conv.md). ``ConvTranspose`` has no injection point: run it
+    through ``jqx.quantized(model.apply)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jqx
+        >>> m = Conv(4, (3, 3))
+        >>> v = m.init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+        >>> qv = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight(conv_kernels=True))
+        >>> m.apply(qv, jnp.ones((2, 8, 8, 2))).shape
+        (2, 8, 8, 4)
+    """
+
+    promote_dtype: Any = promote_dtype
+    conv_general_dilated: Any = conv_general_dilated
+
+
 class Einsum(_QuantizedParams, nn.Einsum):
     """``flax.linen.Einsum`` whose ``kernel`` may be a :class:`jqx.QArray`.
 
@@ -140,3 +178,40 @@ class Einsum(_QuantizedParams, nn.Einsum):
         if bias is not None:
             y += jnp.reshape(bias, broadcasted_bias_shape)
         return y
+
+
+class Embed(_QuantizedParams, nn.Embed):
+    """``flax.linen.Embed`` whose ``embedding`` may be a :class:`jqx.QArray`.
+
+    A lookup gathers the codes and scales of the looked-up rows and decodes only
+    those (quantize the table with ``jqx.quantize(..., embeddings=True)``);
+    ``attend`` (a tied output projection) runs ``query @ embedding.T`` through
+    ``jqx.ops.dot_general``.
+
+    Attributes:
+      backend: ``jqx.ops`` backend for ``attend`` with a QArray table (None = auto).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jqx
+        >>> m = Embed(100, 16)
+        >>> v = m.init(jax.random.key(0), jnp.array([1, 2]))
+        >>> qv = jqx.quantize(v, jqx.int8_weight_only(), embeddings=True)
+        >>> m.apply(qv, jnp.array([[1, 2, 3]])).shape
+        (1, 3, 16)
+        >>> m.apply(qv, jnp.ones((2, 16)), method="attend").shape
+        (2, 100)
+    """
+
+    promote_dtype: Any = promote_dtype
+    backend: str | None = None
+
+    def __call__(self, inputs):
+        # Same steps as flax.linen.Embed.__call__ (flax 0.12) with a row-gathering lookup.
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+        return embed_lookup(embedding, inputs, self.features, self.num_embeddings)
+
+    def attend(self, query):
+        query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return embed_attend(query, embedding, make_dot_general(self.backend))

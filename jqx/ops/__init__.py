@@ -13,6 +13,8 @@ Example:
     [8.0, 8.0, 8.0, 8.0]
 """
 
+from jqx.ops.conv import conv_general_dilated as conv_general_dilated
+from jqx.ops.conv import explain_conv as explain_conv
 from jqx.ops.dispatch import Policy as Policy
 from jqx.ops.dispatch import current_policy as current_policy
 from jqx.ops.dispatch import native_status as native_status
@@ -25,10 +27,12 @@ from jqx.ops.matmul import gguf_layout as gguf_layout
 
 __all__ = [
     "Policy",
+    "conv_general_dilated",
     "current_policy",
     "dot_general",
     "dynamic_dot_general",
     "explain",
+    "explain_conv",
     "gguf_layout",
     "native_status",
     "policy",

@@ -173,6 +173,9 @@ class Policy:
       two_level_min_weight: ...for weights of at least this many elements.
       pad_single_row: pad a one-row int8 dot to two rows (XLA:CPU's one-row int8 dot is
         off its fast path).
+      conv_taps_max_in: W8A8 int8 convolutions with at most this many input channels
+        run as one int8 matmul per window position (XLA:CPU); more run as XLA's int8
+        convolution.
       pallas_table: measured Pallas winners ``{device_kind: {op: {m_bucket: winner}}}``;
         None: :data:`MEASURED`.
     """
@@ -189,6 +192,7 @@ class Policy:
     two_level_max_rows: int = 64
     two_level_min_weight: int = 1 << 20
     pad_single_row: bool = True
+    conv_taps_max_in: int = 4
     pallas_table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None
 
 
@@ -391,6 +395,39 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
     return _xla(p, pol, cpu)
 
 
+def choose_conv(p, backend: str | None = None):
+    """The implementation that runs the convolution ``p`` (a
+    :class:`jqx.ops.conv.ConvProblem`) under ``backend`` and the current policy.
+
+    No native or Pallas kernel computes convolutions: every backend runs an XLA
+    formulation, and ``backend="native"`` raises where the native kernels cannot run,
+    as for matmuls. On CPU, int8 W8A8 convolutions with few input channels run as one
+    int8 matmul per window position (``Policy.conv_taps_max_in``).
+
+    Raises:
+      RuntimeError: ``backend="native"`` where the native kernels cannot run.
+    """
+    from jqx.ops import conv as _conv  # noqa: PLC0415 (conv imports this module)
+
+    pol = current_policy()
+    platform = _platform(pol)
+    if backend == "native":
+        reason = _native_reason(pol, platform)
+        if reason != "available":
+            raise RuntimeError(
+                f"backend='native' asks for jqx's native CPU kernels, which cannot run here: "
+                f"{reason}. Use backend=None (the measured choice) or backend='xla'."
+            )
+    if p.kind != "w8a8":
+        return _conv.CONV_DEQUANTIZE
+    if p.int8_codes:
+        taps = _conv.CONV_INT8_TAPS
+        if platform == "cpu" and taps.supports(p) and p.in_channels <= pol.conv_taps_max_in:
+            return taps
+        return _conv.CONV_INT8
+    return _conv.CONV_DECODED_F32 if p.factored else _conv.CONV_SIMULATED
+
+
 def choose_attention(q, k, backend: str | None = None) -> str:
     """``"xla"`` or ``"native"``: who runs a decode step's attention
     (:func:`jqx.ops.attention.decode_attention`) for these operands."""
@@ -400,17 +437,26 @@ def choose_attention(q, k, backend: str | None = None) -> str:
         return "xla"
     pol = current_policy()
     reason = _gguf_reason(pol, _platform(pol))
+    # A quantized cache (jqx.ops.attention.KVCodes): the kernel reads int8 and fp8
+    # codes in place; int4 (KIVI) runs on XLA.
+    kind = getattr(k, "kind", None)
+    codes = k.codes if kind is not None else k
     fits = (
         q.ndim == 3
-        and k.ndim == 4
-        and k.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
-        and q.shape[1] % k.shape[1] == 0
+        and codes.ndim == 4
+        and (
+            kind in ("int8", "fp8")
+            or (kind is None and codes.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)))
+        )
+        and q.shape[1] % codes.shape[1] == 0
     )
     if backend == "native" and (reason != "available" or not fits):
+        what = f"a {kind} cache" if kind is not None else f"cache {codes.shape} {codes.dtype}"
         raise RuntimeError(
             "decode_attention(backend='native'): the native kernel cannot run this: "
-            + (reason if reason != "available" else f"q {q.shape}, cache {k.shape} {k.dtype}")
-            + ". Use backend=None or 'xla'."
+            + (reason if reason != "available" else f"q {q.shape}, {what}")
+            + " (it takes float32/float16 caches and int8/fp8 quantized ones; int4 runs on "
+            "XLA). Use backend=None or 'xla'."
         )
     # The native kernel reads only the visible slots; XLA's dot on the updated cache
     # also copies every cache buffer per step (docs/internals/dispatch.md).

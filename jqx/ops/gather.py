@@ -3,7 +3,9 @@
 :func:`take` gathers rows of a 2-D :class:`jqx.QArray` (codes, scales, zero points,
 high-bit planes and two-level scales alike) and dequantizes only those rows, so a
 lookup in a 49152 x 576 table costs what the looked-up rows cost, never a float copy
-of the table.
+of the table. ``jqx.quantize(params, recipe, embeddings=True)`` makes such tables
+from Flax ``Embed`` parameters (one scale per row, or groups along the row);
+``jqx.quantized`` and the ``jqx.flax`` ``Embed`` layers look them up this way.
 
 Example:
     >>> import jax.numpy as jnp, jqx

@@ -6,6 +6,10 @@ Example:
     >>> q = jqx.quantize(params, jqx.int8_weight_only())
     >>> type(q["dense"]["kernel"]).__name__, type(q["dense"]["bias"]).__name__
     ('QArray', 'ArrayImpl')
+
+Embedding tables (leaves named ``embedding``, as Flax's ``Embed`` names its
+table) join with ``embeddings=True``; a table is always quantized in rows
+(:meth:`jqx.Recipe.for_embedding`), so a lookup decodes only the rows it reads.
 """
 
 from __future__ import annotations
@@ -22,13 +26,29 @@ from jqx.core.qarray import is_qarray
 from jqx.core.tree import path_str
 from jqx.recipes.base import Recipe
 
-__all__ = ["quantize", "default_filter", "select"]
+__all__ = ["quantize", "default_filter", "is_embedding_table", "select"]
 
 Rules = Mapping[str, "Recipe | None"]
 
 
 def _is_matmul_weight(path: str, leaf) -> bool:
     return path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def is_embedding_table(path: str, leaf) -> bool:
+    """Embedding tables: 2-D float leaves named ``embedding`` (Flax linen ``nn.Embed``
+    and ``nnx.Embed`` name their ``(num_embeddings, features)`` table so).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> is_embedding_table("params/Embed_0/embedding", jnp.ones((50, 8)))
+        True
+    """
+    return (
+        path.rsplit("/", 1)[-1] == "embedding"
+        and getattr(leaf, "ndim", 0) == 2
+        and jnp.issubdtype(leaf.dtype, jnp.floating)
+    )
 
 
 def default_filter(path: str, leaf) -> bool:
@@ -51,15 +71,23 @@ def _check_recipe(r, where):
         )
 
 
-def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool] | None = None):
+def select(
+    params,
+    recipe: Recipe | Rules,
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    *,
+    embeddings: bool = False,
+):
     """Lists ``(path, leaf, recipe)`` for every leaf the recipe/rules select,
     and warns about rules that matched nothing. Shared with ``jqx.calibrate``.
 
     Candidates are the leaves ``filter_fn(path, leaf)`` accepts; without a
     filter_fn, the matmul weights (``kernel`` leaves with ndim >= 2; with a
-    single recipe, float ones only). With rules, the first rule whose regex
+    single recipe, float ones only). ``embeddings=True`` adds the embedding
+    tables (:func:`is_embedding_table`). With rules, the first rule whose regex
     matches (``re.search``) a candidate's path decides; a candidate no rule
-    matches stays as it is. A non-float leaf that ends up selected raises.
+    matches stays as it is. A non-float leaf that ends up selected raises. An
+    embedding table, however selected, gets ``recipe.for_embedding()``.
 
     Example:
         >>> import jax.numpy as jnp, jqx
@@ -97,6 +125,7 @@ def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool]
         if is_qarray(leaf) or not hasattr(leaf, "dtype"):
             continue  # already quantized, or not an array
         p = path_str(path)
+        table = is_embedding_table(p, leaf)
         if filter_fn is not None:
             take = filter_fn(p, leaf)
         elif rules is None:
@@ -104,17 +133,17 @@ def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool]
         else:
             # Non-float kernels stay candidates so a rule that selects one errors.
             take = _is_matmul_weight(p, leaf)
-        if not take:
+        if not (take or (embeddings and table)):
             continue
         candidates.append(p)
         if rules is None:
-            out.append((p, leaf, recipe))
+            out.append((p, leaf, recipe.for_embedding() if table else recipe))
             continue
         for pat, rx, r in rules:
             if rx.search(p):
                 used.add(pat)
                 if r is not None:
-                    out.append((p, leaf, r))
+                    out.append((p, leaf, r.for_embedding() if table else r))
                 break
     for p, leaf, _ in out:
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -129,7 +158,12 @@ def select(params, recipe: Recipe | Rules, filter_fn: Callable[[str, Any], bool]
             warnings.warn(
                 f"jqx.quantize: rule(s) {unused} matched no leaf (earlier rules win). Candidate "
                 f"paths look like {candidates[:3]}"
-                + ("" if filter_fn else " (by default only 'kernel' leaves with ndim >= 2)")
+                + (
+                    ""
+                    if filter_fn
+                    else " (by default only 'kernel' leaves with ndim >= 2; embedding tables "
+                    "join with embeddings=True)"
+                )
                 + ".",
                 stacklevel=3,
             )
@@ -140,6 +174,8 @@ def quantize(
     params,
     recipe: Recipe | Rules,
     filter_fn: Callable[[str, Any], bool] | None = None,
+    *,
+    embeddings: bool = False,
 ):
     """Returns ``params`` with the selected leaves replaced by QArrays (pure).
 
@@ -153,6 +189,15 @@ def quantize(
         matmul weights (``kernel`` leaves with ndim >= 2, see
         :func:`default_filter`). Paths look like ``params/Dense_0/kernel``
         (linen) or ``layers/0/kernel`` (nnx State).
+      embeddings: also quantize the embedding tables (2-D leaves named
+        ``embedding``: Flax ``nn.Embed`` / ``nnx.Embed``). Off by default so a
+        tree quantized before keeps its bytes and accuracy: a table's error
+        reaches every token, so it is a choice. A table is quantized in rows with
+        ``recipe.for_embedding()`` (round to nearest in the recipe's format, one
+        scale per row or groups along the row, weight-only for lookups), so
+        ``jqx.quantized`` decodes only the looked-up rows and a tied
+        ``Embed.attend`` uses it as a matmul weight. It needs no calibration, so
+        after ``jqx.calibrate`` the same call adds the tables.
 
     Returns:
       The same tree structure, with QArrays in place of the selected leaves.
@@ -168,13 +213,23 @@ def quantize(
         >>> q = jqx.quantize(p, {"a/": jqx.int4_weight_only(group_size=4), ".*": jqx.int8_weight_only()})
         >>> q["a"]["kernel"].format, q["b"]["kernel"].format
         ('uint4', 'int8')
+        >>> v = {"embed": {"embedding": jnp.ones((100, 16))}, "out": {"kernel": jnp.ones((16, 4))}}
+        >>> q = jqx.quantize(v, jqx.int8_weight_only(), embeddings=True)
+        >>> q["embed"]["embedding"].block  # one scale per row
+        (1, 16)
     """
-    chosen = select(params, recipe, filter_fn)
+    chosen = select(params, recipe, filter_fn, embeddings=embeddings)
     for p, _, r in chosen:
         if r.needs_calibration:
             raise ValueError(
                 f"recipe {r.name!r} selected for {p} needs calibration data; use "
-                "jqx.calibrate(fn, params, batches, recipe) instead of jqx.quantize."
+                "jqx.calibrate(fn, params, batches, recipe) instead of jqx.quantize"
+                + (
+                    " (embedding tables need none: jqx.quantize(calibrated, recipe, "
+                    "embeddings=True) then adds them)."
+                    if embeddings
+                    else "."
+                )
             )
     replace = {p: r.quantize_weight(leaf, path=p) for p, leaf, r in chosen}
 

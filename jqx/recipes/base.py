@@ -12,6 +12,8 @@ rest of jqx may use (``jqx.quantize``, ``jqx.calibrate``, QAT, the report):
 - ``needs_calibration``, ``stats_needed``, ``sequential``: what
   ``jqx.calibrate`` must gather and in which order;
 - ``quantize_weight(w, path=None, stats=None) -> QArray``;
+- ``for_embedding()``: the recipe an embedding table gets (rows along the
+  feature axis, round to nearest, no calibration);
 - ``replace(**kw)``: a copy with some fields changed.
 
 :class:`RTN` is round to nearest (``jqx.int8_weight_only()`` and the other
@@ -43,6 +45,9 @@ from jqx.core.numerics import (
     check_group_size,
     check_scale_dtype,
     check_scheme,
+    conv_kernel_block,
+    is_conv_kernel,
+    per_block,
     per_group,
     quantize_array,
 )
@@ -111,6 +116,34 @@ class Recipe(abc.ABC):
     def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
         """Quantizes one weight; ``stats`` are its ``LayerStats`` from ``jqx.calibrate``."""
 
+    def for_embedding(self) -> Recipe:
+        """The recipe an embedding table ``(rows, features)`` gets when this one selects it.
+
+        A lookup reads whole rows, so a table is quantized in rows: one scale per
+        row, or groups of ``group_size`` along the row (the feature axis), so
+        ``jqx.quantized`` gathers the codes and scales of the looked-up rows and
+        decodes only those. The table is round to nearest in this recipe's
+        storage format: a lookup has no matmul input for GPTQ, AWQ or
+        SmoothQuant to calibrate on. A dynamic activation spec is kept: it
+        applies where the table is a matmul weight (a tied output projection,
+        ``Embed.attend``), never to a lookup; a static one is dropped (it would
+        need a calibrated scale). Subclasses with more to keep override this.
+
+        Example:
+            >>> import jqx
+            >>> r = jqx.gptq(bits=4, group_size=32).for_embedding()
+            >>> type(r).__name__, r.format, r.group_size, r.axis, r.needs_calibration
+            ('RTN', 'uint4', 32, -1, False)
+        """
+        return RTN(
+            name=f"{self.name} (embedding rows)",
+            format=self.format,
+            scheme=getattr(self, "scheme", "absmax"),
+            group_size=getattr(self, "group_size", None),
+            axis=-1,
+            act=_table_act(self.act),
+        )
+
     def replace(self: R, **kw) -> R:
         """A copy with the given fields changed (validated like the constructor).
 
@@ -121,6 +154,12 @@ class Recipe(abc.ABC):
         """
         _check_keywords(type(self), f"{type(self).__name__}.replace", kw)
         return dataclasses.replace(self, **kw)
+
+
+def _table_act(act: ActSpec | None) -> ActSpec | None:
+    # A static scale comes from calibrating a matmul's inputs; a table has none to
+    # calibrate on when it is looked up, so it stays weight-only.
+    return None if act is None or act.kind == "static" else act
 
 
 def _check_keywords(cls: type, who: str, kw: dict, fixed: tuple[str, ...] = ()) -> None:
@@ -167,6 +206,12 @@ class RTN(Recipe):
       granularity: overrides ``group_size``/``axis`` when given.
       symmetric_range, convention, scale_dtype: see :func:`jqx.quantize_array`.
       act: activation spec, None for weight-only.
+      conv_kernels: how convolution kernels ``(*window, in, out)`` are laid out (with
+        the default ``axis`` and no ``granularity``): one scale per output channel, or
+        with ``group_size`` per (group of input channels, output channel), shared over
+        the window (:func:`jqx.core.numerics.conv_kernel_block`). None (default): the
+        kernels whose path names a conv module (:func:`jqx.core.numerics.is_conv_kernel`);
+        True: every weight with ndim >= 3; False: none (one scale per window position).
 
     Example:
         >>> import jax.numpy as jnp
@@ -184,10 +229,16 @@ class RTN(Recipe):
     convention: str = "jqx"
     scale_dtype: str = "float32"
     act: ActSpec | None = None
+    conv_kernels: bool | None = None
 
     def __post_init__(self):
         fmt = _formats.get(self.format)
         object.__setattr__(self, "format", fmt.name)
+        if self.conv_kernels not in (None, True, False):
+            raise ValueError(
+                f"conv_kernels={self.conv_kernels!r} is not supported; use None (kernels under "
+                "a module named like a conv), True (every weight with ndim >= 3) or False."
+            )
         check_scheme(self.scheme, fmt)
         check_group_size(self.group_size)
         check_convention(self.convention)
@@ -208,9 +259,36 @@ class RTN(Recipe):
     def stats_needed(self) -> tuple[str, ...]:
         return ("hist",) if self.needs_calibration else ()
 
-    def weight_granularity(self) -> Granularity:
-        """``granularity``, or groups of ``group_size`` along ``axis``."""
-        return self.granularity or per_group(self.group_size, self.axis)
+    def weight_granularity(self, shape=None, path: str | None = None) -> Granularity:
+        """``granularity``, or groups of ``group_size`` along ``axis``; for a conv
+        kernel of ``shape`` at ``path`` (see ``conv_kernels``) the conv layout.
+
+        Example:
+            >>> import jqx
+            >>> jqx.int8_weight_only().weight_granularity((3, 3, 1, 16), "Conv_0/kernel")
+            Granularity(kind='block', axes=(), group_size=None, block_shape=(3, 3, 1, 1))
+        """
+        if self.granularity is not None:
+            return self.granularity
+        if shape is not None and self.axis == -2:
+            conv = self.conv_kernels
+            if conv is None:
+                conv = is_conv_kernel(path, len(shape))
+            if conv and len(shape) >= 3:
+                return per_block(conv_kernel_block(shape, self.group_size, path))
+        return per_group(self.group_size, self.axis)
+
+    def for_embedding(self) -> RTN:
+        """This recipe with its groups along the rows of a table (``axis=-1``); an
+        explicit ``granularity`` is kept. See :meth:`Recipe.for_embedding`.
+
+        Example:
+            >>> import jqx
+            >>> r = jqx.int8_static_activation_int8_weight().for_embedding()
+            >>> r.axis, r.act, r.needs_calibration
+            (-1, None, False)
+        """
+        return dataclasses.replace(self, axis=-1, act=_table_act(self.act))
 
     def quantize_weight(self, w: jax.Array, path: str | None = None, stats: Any = None) -> QArray:
         """Quantizes one weight (round to nearest; ``stats`` are not used)."""
@@ -218,7 +296,7 @@ class RTN(Recipe):
             w,
             self.format,
             scheme=self.scheme,
-            granularity=self.weight_granularity(),
+            granularity=self.weight_granularity(jnp.shape(w), path),
             symmetric_range=self.symmetric_range,
             convention=self.convention,
             scale_dtype=jnp.dtype(self.scale_dtype),

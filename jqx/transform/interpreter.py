@@ -203,6 +203,14 @@ def _eval_eqn(ctx: _Ctx, eqn, invals) -> list:
         return [_act_dot(ctx, eqn, invals)]
     if name == "dot_general":
         return [_dot(ctx, eqn, invals)]
+    if name == "conv_general_dilated":
+        y = _conv(ctx, eqn, invals)
+        if y is not None:
+            return [y]
+    if name == "rev":
+        w = _rev_weight(eqn, invals)
+        if w is not None:
+            return [w]
     if name == "convert_element_type":
         (w,) = invals
         return [dataclasses.replace(w, dtype=jnp.dtype(p["new_dtype"]))]
@@ -320,6 +328,74 @@ def _dot(ctx: _Ctx, eqn, invals):
     if y.dtype != out_aval.dtype:
         y = y.astype(out_aval.dtype)
     return y
+
+
+def _conv(ctx: _Ctx, eqn, invals):
+    """A convolution whose kernel (rhs) is a tracked weight: a QArray kernel goes to
+    :func:`jqx.ops.conv_general_dilated` (a transposed view is folded into the
+    dimension numbers); under :func:`capture_inputs` the input pixels are recorded as
+    ``(rows, channels)``. None: the generic path (dequantize, float conv)."""
+    lhs, rhs = invals
+    if _is_w(lhs) or not _is_w(rhs):
+        return None
+    capture = ctx.capture and rhs.path is not None and rhs.path in ctx.paths
+    if not is_qarray(rhs.base) and not capture:
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    kw = dict(
+        lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"],
+        dimension_numbers=lax.ConvDimensionNumbers(
+            dn.lhs_spec, tuple(rhs.perm[a] for a in dn.rhs_spec), dn.out_spec
+        ),
+        feature_group_count=p["feature_group_count"],
+        batch_group_count=p["batch_group_count"],
+        precision=p["precision"],
+        preferred_element_type=p["preferred_element_type"],
+    )
+    if capture:
+        # Calibration sees the pixels entering the conv, one row per (sample, position).
+        x_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
+        rows = jnp.transpose(lhs, x_perm).reshape(-1, lhs.shape[x_perm[-1]])
+        ctx.records.append((rhs.path, rows))
+    base = rhs.base
+    if is_qarray(base):
+        from jqx import ops  # noqa: PLC0415 (as in _default_dot)
+
+        if base.dtype != jnp.dtype(rhs.dtype).name:
+            base = base.replace(dtype=jnp.dtype(rhs.dtype).name)
+        y = ops.conv_general_dilated(
+            lhs, base, p["window_strides"], p["padding"], backend=ctx.backend, **kw
+        )
+    else:
+        y = lax.conv_general_dilated(
+            lhs, base.astype(rhs.dtype), p["window_strides"], p["padding"], **kw
+        )
+    return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _rev_weight(eqn, invals):
+    """``rev`` of a tracked kernel (``lax.conv_transpose(..., transpose_kernel=True)``
+    flips the window): a QArray's codes and per-block arrays flip together, so the
+    kernel stays quantized. None: the generic path."""
+    (w,) = invals
+    if not _is_w(w):
+        return None
+    dims = tuple(w.perm[d] for d in eqn.params["dimensions"])
+    if not is_qarray(w.base):  # a tracked float kernel keeps its path (calibration)
+        return dataclasses.replace(w, base=lax.rev(w.base, dims))
+    q = w.base
+    if q.extensions or q.in_scale is not None or (q.fmt.packed and q.ndim - 1 in dims):
+        return None
+    if q.qvalue.ndim != q.ndim:  # stacked (vmapped) children
+        return None
+    kids = {
+        name: lax.rev(getattr(q, name), dims)
+        for name in ("qvalue", "scale", "zero_point")
+        if getattr(q, name) is not None
+    }
+    return dataclasses.replace(w, base=q.replace(**kids))
 
 
 def _gather_rows(eqn, invals):
