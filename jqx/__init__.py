@@ -90,6 +90,7 @@ _LAZY = {
 # Functions of those modules re-exported here, also loaded on first access.
 _LAZY_FUNCTIONS = {
     "load_llm": "jqx.llm",
+    "load_llm_exchange": "jqx.llm.runtime",
 }
 
 
@@ -143,6 +144,7 @@ __all__ = [
     "load",
     "load_gguf",
     "load_llm",
+    "load_llm_exchange",
     "mixed_precision",
     "native",
     "nf4_weight_only",

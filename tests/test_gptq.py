@@ -97,7 +97,14 @@ def _reference_gptq(w, h, bits, g, damp, act_order, static_groups):
 
 @pytest.mark.parametrize(
     "act_order,static_groups,block",
-    [(False, False, 16), (False, False, 64), (True, True, 16), (False, True, 32)],
+    [
+        (False, False, 16),
+        (False, False, 64),
+        (True, True, 16),
+        (False, True, 32),
+        (True, False, 16),
+        (True, False, 64),
+    ],
 )
 def test_matches_unblocked_reference(act_order, static_groups, block):
     w, x = _layer(k=64, n=16, m=256, seed=3)
@@ -291,3 +298,26 @@ def test_clip_search_recipe_and_bad_value():
     assert r.clip_search and "clip_search" in r.name
     with pytest.raises(ValueError, match="clip_search='yes'"):
         GPTQ(clip_search="yes")
+
+
+def test_act_order_group_layouts():
+    """act_order with dynamic groups: the default ``group_layout="g_idx"`` is the
+    reference's order (groups of consecutive rows in activation order, stored with a
+    g_idx; matched against the reference loop above); ``"contiguous"`` keeps groups of
+    consecutive input rows (no layout extension) and ends above it in output error."""
+    w, x = _layer(k=64, n=16, m=256, seed=3)
+    h = gptq_hessian(x.T @ x, x.shape[0])
+    xn = np.asarray(x, np.float64)
+
+    def err(q):
+        return np.sum((xn @ (np.asarray(w) - np.asarray(q.dequantize()))) ** 2)
+
+    gi = gptq_quantize(w, h, GPTQ(bits=4, group_size=16, act_order=True))
+    co = gptq_quantize(w, h, GPTQ(bits=4, group_size=16, act_order=True, group_layout="contiguous"))
+    assert gi.extensions == ("g_idx",) and co.extensions == ()
+    # every group holds group_size rows
+    assert np.bincount(np.asarray(gi.g_idx)).tolist() == [16] * 4
+    assert err(co) > 1.2 * err(gi)
+    assert "group_layout=contiguous" in GPTQ(act_order=True, group_layout="contiguous").name
+    with pytest.raises(ValueError, match="group_layout='rows' is not supported"):
+        GPTQ(group_layout="rows")

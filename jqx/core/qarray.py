@@ -28,6 +28,11 @@ QArray jqx makes itself; :attr:`QArray.extensions` lists those in use):
   then hold integer codes per block, and the block's scale is ``scale *
   super_scale`` (its minimum ``zero_point * super_zero``) with one float
   ``super_scale`` per super-block: ``super_scale.shape == shape // super_block``.
+- ``g_idx`` (child, int32, one entry per index of the group axis: the last axis whose
+  block is above 1, e.g. the input axis of an ``(out, in)`` weight with block ``(1,
+  g)``): the group of each index. Index ``i`` of that axis uses scale (and zero point)
+  ``g_idx[i]`` instead of ``i // g``, so a group may gather any indices (GPTQ's
+  ``act_order``/``desc_act`` layout). ``scale.shape`` stays ``shape // block``.
 
 Example:
     >>> import jax.numpy as jnp, jqx
@@ -194,6 +199,7 @@ class QArray:
     qhigh: jax.Array | None = None
     super_scale: jax.Array | None = None
     super_zero: jax.Array | None = None
+    g_idx: jax.Array | None = None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -218,7 +224,8 @@ class QArray:
         """The layout extensions in use (module docstring): ``()`` for every QArray
         jqx makes itself; ``"code_bits"`` (codes split into a low and a high plane),
         ``"min"`` (``zero_point`` is a float minimum added after scaling) and
-        ``"super_scale"`` (two-level scales). Code that reads ``qvalue``, ``scale`` or
+        ``"super_scale"`` (two-level scales) and ``"g_idx"`` (a group index per
+        index of the group axis). Code that reads ``qvalue``, ``scale`` or
         ``zero_point`` directly must handle these or use :meth:`dequantize`.
 
         Example:
@@ -233,6 +240,8 @@ class QArray:
             ext.append("min")
         if self.super_scale is not None:
             ext.append("super_scale")
+        if self.g_idx is not None:
+            ext.append("g_idx")
         return tuple(ext)
 
     @property
@@ -249,6 +258,7 @@ class QArray:
             self.qhigh,
             self.super_scale,
             self.super_zero,
+            self.g_idx,
         ):
             if a is not None:
                 total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
@@ -260,6 +270,7 @@ class QArray:
         extra += f", code_bits={self.code_bits}" if self.code_bits is not None else ""
         extra += ", zero=min" if self.zero_kind != "code" else ""
         extra += f", super_block={self.super_block}" if self.super_scale is not None else ""
+        extra += ", g_idx" if self.g_idx is not None else ""
         # The shape of the arrays held (a vmapped quantize stacks members in front), so
         # that shape and nbytes describe the same thing; granularity is per member.
         shape, _ = self._layout()
@@ -353,8 +364,40 @@ class QArray:
         """
         return _dequantize_jit(self, None if dtype is None else jnp.dtype(dtype))
 
+    def group_axis(self) -> int:
+        """The axis (of the arrays held) that ``g_idx`` indexes: the last one whose
+        block is above 1 (the last axis when every block is 1)."""
+        _, block = self._layout()
+        big = [i for i, b in enumerate(block) if b > 1]
+        return big[-1] if big else len(block) - 1
+
+    def _per_element(self, per_block: jax.Array) -> jax.Array:
+        """A per-block array gathered through ``g_idx`` onto every index of the group
+        axis, float32 (the other axes have block 1: one entry per index already)."""
+        ax = self.group_axis()
+        a = per_block.astype(jnp.float32)
+        g = self.g_idx
+        lead = g.ndim - 1  # a vmapped QArray stacks its members in front of g_idx too
+        tail = (1,) * (a.ndim - ax - 1)
+        idx = g.reshape(g.shape[:lead] + (1,) * (ax - lead) + g.shape[-1:] + tail)
+        return jnp.take_along_axis(a, idx.astype(jnp.int32), axis=ax)
+
     def _dequantize(self, dtype) -> jax.Array:
         shape, _ = self._layout()
+        if self.g_idx is not None:
+            # Groups gathered through g_idx: scales per element, not per block.
+            v = self.values()
+            s = self._per_element(self.scale)
+            if self.zero_kind == "min":
+                v = v * s + self._per_element(self.zero_point)
+            else:
+                if self.zero_point is not None:
+                    v = v - self._per_element(self.zero_point)
+                v = v * s
+            v = v.reshape(shape)
+            if self.in_scale is not None:
+                v = v / self.in_scale.astype(jnp.float32)
+            return v.astype(dtype or self.dtype)
         v = self.blocked(self.values())
         if self.super_scale is not None:
             s = self._two_level(self.scale, self.super_scale)

@@ -76,6 +76,7 @@ _QARRAY_CHILDREN = (
     "qhigh",
     "super_scale",
     "super_zero",
+    "g_idx",
 )
 
 

