@@ -132,6 +132,7 @@ def _cmd_generate(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         chat=args.chat,
+        kv_cache=args.kv_cache,
     )
     if args.warmup:
         # compile prefill and decode once, so the figures below are steady-state
@@ -163,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         help="quantize a sentence encoder (all-MiniLM-L6-v2 if installed) with every recipe",
     )
     d.add_argument(
-        "--recipes", default="all", help="comma-separated keys (int8,int4-g32,...) or 'all'"
+        "--recipes",
+        default="all",
+        help="comma-separated keys (int8,int4-g32,...; a key ending in +emb also quantizes the "
+        "embedding tables, e.g. int8+emb) or 'all'",
     )
     d.add_argument("--sentences", type=int, default=256, help="evaluation sentences")
     d.add_argument(
@@ -176,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=32, help="latency batch size")
     d.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
     d.add_argument("--repeats", type=int, default=2, help="timed calls per recipe (0: no timing)")
-    d.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs size to this PNG")
+    d.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="where to write the plot of accuracy vs size and vs latency "
+        "(default: jqx-demo.png in the current directory; needs matplotlib)",
+    )
+    d.add_argument("--no-plot", action="store_true", help="do not write the plot")
     d.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
-    d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.add_argument("--quiet", action="store_true", help="no progress lines (on stderr)")
     d.add_argument(
         "--no-llm",
         action="store_true",
@@ -198,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = all tokens")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     g.add_argument("--float", action="store_true", help="dequantize the weights (float32 path)")
+    g.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=("int8", "fp8", "int4"),
+        help="quantize the KV cache (default: float32)",
+    )
     g.add_argument("--warmup", action="store_true", help="compile first, then time")
     g.add_argument("--quiet", action="store_true", help="no load line")
     g.set_defaults(func=_cmd_generate)

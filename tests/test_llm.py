@@ -260,3 +260,17 @@ def test_int8_activations_round_like_llama_cpp(llm):
     assert q8.with_activations("float").activations == "float"
     with pytest.raises(ValueError, match="activations='int4' must be 'float'"):
         llm.with_activations("int4")
+
+
+# ------------------------------------------------------------------ quantized KV cache
+# (formats, kernels and the other formats on a small model: tests/test_llm_kv.py)
+
+
+@needs_model
+def test_int8_kv_cache_gives_the_float_cache_greedy_answer(llm):
+    kw = dict(chat=True, max_new_tokens=24)
+    ref = llm.generate("What is the capital of France?", **kw)
+    before = llm.trace_counts["decode"]
+    g = llm.generate("What is the capital of France?", kv_cache="int8", **kw)
+    assert g.tokens == ref.tokens and "Paris" in g.text[0]
+    assert llm.trace_counts["decode"] - before == 1

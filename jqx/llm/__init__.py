@@ -14,6 +14,7 @@ Example:
 
 from jqx.llm.config import LlamaConfig as LlamaConfig
 from jqx.llm.model import KVCache as KVCache
+from jqx.llm.model import KVFormat as KVFormat
 from jqx.llm.model import Llama as Llama
 from jqx.llm.model import forward as forward
 from jqx.llm.runtime import LLM as LLM
@@ -28,6 +29,7 @@ from jqx.llm.tokenizer import TokenizerError as TokenizerError
 __all__ = [
     "Generation",
     "KVCache",
+    "KVFormat",
     "LLM",
     "LlamaConfig",
     "Llama",

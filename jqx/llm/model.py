@@ -39,9 +39,17 @@ from flax import nnx
 from jqx import ops
 from jqx.core.qarray import QArray
 from jqx.llm.config import LlamaConfig
-from jqx.ops.attention import decode_attention, gqa_attention
+from jqx.ops.attention import (
+    KVCodes,
+    check_kv_format,
+    decode_attention,
+    gqa_attention,
+    kv_dequantize,
+    kv_init,
+    kv_write,
+)
 
-__all__ = ["Llama", "KVCache", "forward", "fuse_projections", "rope", "linear"]
+__all__ = ["Llama", "KVCache", "KVFormat", "forward", "fuse_projections", "rope", "linear"]
 
 _DN = (((1,), (1,)), ((), ()))  # x (rows, in) . W (out, in) -> (rows, out)
 
@@ -80,32 +88,109 @@ def rope(x: jax.Array, positions: jax.Array, base: float, rope_dim: int) -> jax.
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+    """A KV-cache format: what ``kv_cache=`` of :meth:`jqx.llm.LLM.generate` takes
+    (a plain string means the defaults).
+
+    Attributes:
+      name: ``"int8"`` (per token and kv head, absmax, float16 scales), ``"fp8"``
+        (E4M3 codes, one scale per kv head fixed by the prefill) or ``"int4"`` (KIVI:
+        keys per channel over groups of ``group`` tokens, values per token over groups
+        of ``group`` channels, the group being filled kept in float).
+      group: int4's group size (tokens per key group, channels per value group); it
+        must divide the model's head size.
+
+    Example:
+        >>> KVFormat.parse("int4", head_dim=64)
+        KVFormat(name='int4', group=32)
+    """
+
+    name: str
+    group: int = 32
+
+    @classmethod
+    def parse(cls, value, *, head_dim: int, name: str = "kv_cache") -> KVFormat | None:
+        """None (a float cache), a format name, or a KVFormat, checked against the
+        model's ``head_dim``.
+
+        Raises:
+          ValueError: an unknown name, or an int4 group that does not divide
+            ``head_dim`` (the message names ``name`` and what works).
+        """
+        if value is None or value == "float":
+            return None
+        fmt = value if isinstance(value, cls) else None
+        if fmt is None:
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{name}={value!r} must be None (a float cache), a format name ('int8', "
+                    "'fp8', 'int4') or a jqx.llm.KVFormat."
+                )
+            fmt = cls(value)
+        check_kv_format(fmt.name, head_dim, fmt.group, name=name)
+        return fmt
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Keys and values of every layer, preallocated to ``max_len`` positions.
 
-    ``k[i]`` and ``v[i]`` are ``(batch, n_kv_heads, max_len, head_dim)``. Slot ``s`` of
-    every sequence in the batch holds the token written at step ``s``; prompts are left
-    padded, so a sequence's first real token is at slot ``pad[b]``.
+    A float cache holds ``k[i]`` and ``v[i]`` as ``(batch, n_kv_heads, max_len,
+    head_dim)`` arrays; a quantized one (``format=``) holds a
+    :class:`jqx.ops.attention.KVCodes` per layer (codes, scales and, for int4, the
+    float residual window, each in its own array). Slot ``s`` of every sequence in the
+    batch holds the token written at step ``s``; prompts are left padded, so a
+    sequence's first real token is at slot ``pad[b]``.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array | KVCodes, ...]
+    v: tuple[jax.Array | KVCodes, ...]
 
     @classmethod
-    def init(cls, config: LlamaConfig, *, batch: int, max_len: int, dtype=jnp.float32):
+    def init(
+        cls,
+        config: LlamaConfig,
+        *,
+        batch: int,
+        max_len: int,
+        dtype=jnp.float32,
+        format: str | KVFormat | None = None,
+    ) -> KVCache:
+        """An empty cache. ``dtype`` is a float cache's dtype (and int4's residual
+        window's); ``format`` a quantized format (see :class:`KVFormat`)."""
+        fmt = KVFormat.parse(format, head_dim=config.head_dim, name="format")
         shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)))
+        if fmt is None:
+            zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+            return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)))
+
+        def layer(role):
+            return kv_init(fmt.name, role, shape, group=fmt.group, dtype=dtype)
+
+        n = config.n_layers
+        return cls(k=tuple(layer("k") for _ in range(n)), v=tuple(layer("v") for _ in range(n)))
+
+    @property
+    def format(self) -> str:
+        """``"float"``, ``"int8"``, ``"fp8"`` or ``"int4"``."""
+        first = self.k[0]
+        return first.kind if isinstance(first, KVCodes) else "float"
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        first = self.k[0]
+        return first.codes.shape[2] if isinstance(first, KVCodes) else first.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.size) * a.dtype.itemsize for a in self.k + self.v)
+        """Bytes the cache holds: every array of every layer (codes, scales, zero
+        points and residual windows of a quantized cache)."""
+        return sum(
+            x.nbytes if isinstance(x, KVCodes) else int(x.size) * x.dtype.itemsize
+            for x in self.k + self.v
+        )
 
 
 def _param(value) -> nnx.Param:
@@ -209,7 +294,7 @@ def _concat_rows(ws: list):
             return None
         else:
             children[name] = jnp.concatenate(vals, axis=0)
-    if any(w.in_scale is not None or w.act_scale is not None for w in ws):
+    if any(w.in_scale is not None or w.act_scale is not None or w.g_idx is not None for w in ws):
         return None
     rows = sum(w.shape[0] for w in ws)
     if any(w.shape[0] % w.block[0] for w in ws):
@@ -241,6 +326,31 @@ def _visible(q_pos, pad, n_valid, slots):
     s = jnp.arange(slots)
     visible = (s[None, :] <= q_pos[:, None]) & (s[None, :] < n_valid)
     return visible[None] & (s[None, None, :] >= pad[:, None, None])
+
+
+def _quantized_layer(q, k, v, ck: KVCodes, cv: KVCodes, start, pad, q_pos):
+    """One layer's attention with a quantized cache: the new keys and values are
+    written (quantized), a decode step reads the codes in place, a block of tokens at
+    a static ``start`` attends to its own float keys and values and the dequantized
+    earlier slots (a prompt is exact; only later tokens see its quantization)."""
+    b, t = q.shape[:2]
+    if t == 1 and not isinstance(start, int):
+        ck = kv_write(ck, k, start, pad)
+        cv = kv_write(cv, v, start, pad)
+        o = decode_attention(q[:, 0], ck, cv, pad, jnp.full_like(pad, start + 1))
+        return o, ck, cv
+    if not isinstance(start, int):
+        raise ValueError(
+            f"forward: a quantized KV cache takes a block of {t} tokens only at a Python int "
+            "start (a prefill); a traced start is a decode step of one token."
+        )
+    kk, vv = k, v
+    if start > 0:  # the earlier slots as the cache holds them before this block
+        kk = jnp.concatenate([kv_dequantize(ck, start), k.astype(jnp.float32)], axis=2)
+        vv = jnp.concatenate([kv_dequantize(cv, start), v.astype(jnp.float32)], axis=2)
+    ck = kv_write(ck, k, start, pad)
+    cv = kv_write(cv, v, start, pad)
+    return gqa_attention(q, kk, vv, _visible(q_pos, pad, start + t, start + t)), ck, cv
 
 
 def forward(
@@ -293,6 +403,13 @@ def forward(
         k = rope(k, positions, c.rope_base, rd)
         k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, d)
         v = v.transpose(0, 2, 1, 3)
+        if cache is not None and isinstance(cache.k[i], KVCodes):
+            o, ck, cv = _quantized_layer(q, k, v, cache.k[i], cache.v[i], start, pad, q_pos)
+            new_k.append(ck)
+            new_v.append(cv)
+            x = x + linear(o.reshape(b, t, c.n_heads * c.head_dim), a.wo[...])
+            x = x + blk.mlp(blk.ffn_norm(x))
+            continue
         if cache is None:
             kk, vv, n_valid = k, v, t
         else:

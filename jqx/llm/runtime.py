@@ -5,7 +5,9 @@ file's own blocks), reads the architecture and the tokenizer from its metadata a
 builds a :class:`jqx.llm.model.Llama`. :meth:`LLM.generate` prefills the prompts in one
 jitted call and decodes with one compiled step, traced once for the whole generation
 (:attr:`LLM.trace_counts` counts the traces), reading and writing a KV cache
-preallocated to ``max_len`` slots. :meth:`LLM.perplexity` scores a text in windows.
+preallocated to ``max_len`` slots: float (``cache_dtype``) or quantized per call
+(``kv_cache="int8" | "fp8" | "int4"``, :class:`jqx.llm.KVFormat`). :meth:`LLM.perplexity`
+scores a text in windows, in one pass or token by token through a (quantized) cache.
 
 Example:
     >>> from jqx.llm.runtime import GGUF_NAMES
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -33,11 +36,18 @@ from jqx.core import sharding as _sharding
 from jqx.core.qarray import ActSpec, is_qarray
 from jqx.io import gguf as _gguf
 from jqx.llm.config import ARCHITECTURES, LlamaConfig
-from jqx.llm.model import KVCache, Llama, forward, fuse_projections
+from jqx.llm.model import KVCache, KVFormat, Llama, forward, fuse_projections
 from jqx.llm.sampling import Sampling, sample
 from jqx.llm.tokenizer import Tokenizer
 
-__all__ = ["LLM", "Generation", "load_llm", "GGUF_NAMES", "default_model_path"]
+__all__ = [
+    "LLM",
+    "Generation",
+    "load_llm",
+    "load_llm_exchange",
+    "GGUF_NAMES",
+    "default_model_path",
+]
 
 # model attribute path -> GGUF tensor name ("{i}" = block index)
 GGUF_NAMES = {
@@ -345,6 +355,7 @@ class LLM:
         stop: Sequence[str] | None = None,
         stop_at_eos: bool = True,
         max_len: int | None = None,
+        kv_cache: str | KVFormat | None = None,
         on_done: Callable[[Generation], None] | None = None,
     ) -> Iterator[str]:
         """Generates for one prompt, yielding text as each token arrives (arguments as
@@ -358,6 +369,7 @@ class LLM:
             stop=stop,
             stop_at_eos=stop_at_eos,
             max_len=max_len,
+            kv_cache=kv_cache,
             stream=True,
         )
         dec = self.tokenizer.stream_decoder()
@@ -389,6 +401,7 @@ class LLM:
         stop: Sequence[str] | None = None,
         stop_at_eos: bool = True,
         max_len: int | None = None,
+        kv_cache: str | KVFormat | None = None,
     ) -> Generation:
         """Generates a continuation of each prompt.
 
@@ -405,6 +418,11 @@ class LLM:
           stop_at_eos: end a sequence at the end-of-sequence token.
           max_len: KV-cache slots (default: prompt bucket + ``max_new_tokens``, rounded
             up to 256, at most the model's context length).
+          kv_cache: the cache's format: None (float, in ``cache_dtype``), ``"int8"`` (per
+            token and kv head), ``"fp8"`` (E4M3, a scale per kv head set by the prompt),
+            ``"int4"`` (KIVI, groups of 32) or a :class:`jqx.llm.KVFormat`. Works with
+            any weights. The prompt attends in float; the generated tokens read the
+            quantized cache (guide: docs/guide/llm.md, "Quantized KV cache").
 
         Returns:
           A :class:`Generation` (tokens, text, timings).
@@ -412,7 +430,8 @@ class LLM:
         Raises:
           ValueError: an empty prompt, a prompt plus ``max_new_tokens`` longer than the
             cache or the model's context, a sampling setting out of range, an unknown
-            stop token.
+            stop token, an unknown ``kv_cache`` or one the model's head size does not
+            take (int4's group must divide it).
         """
         single = isinstance(prompts, str) or (
             len(prompts) > 0 and all(isinstance(i, (int, np.integer)) for i in prompts)
@@ -429,6 +448,7 @@ class LLM:
             stop=stop,
             stop_at_eos=stop_at_eos,
             max_len=max_len,
+            kv_cache=kv_cache,
             stream=False,
         )
         try:
@@ -438,12 +458,24 @@ class LLM:
             return done.value
 
     def _run(
-        self, batch, *, max_new_tokens, sampling, key, chat, stop, stop_at_eos, max_len, stream
+        self,
+        batch,
+        *,
+        max_new_tokens,
+        sampling,
+        key,
+        chat,
+        stop,
+        stop_at_eos,
+        max_len,
+        kv_cache,
+        stream,
     ):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+        kv_format = KVFormat.parse(kv_cache, head_dim=self.config.head_dim)
         prompts = [self.encode_prompt(p, chat=chat) for p in batch]
         stops = self._stop_ids(stop, stop_at_eos)
         longest = max(len(p) for p in prompts)
@@ -477,7 +509,9 @@ class LLM:
         for i, p in enumerate(prompts):
             tokens[i, t0 - len(p) :] = p
             pad[i] = t0 - len(p)
-        cache = KVCache.init(self.config, batch=b, max_len=max_len, dtype=self.cache_dtype)
+        cache = KVCache.init(
+            self.config, batch=b, max_len=max_len, dtype=self.cache_dtype, format=kv_format
+        )
         pad_d = jnp.asarray(pad)
 
         start = time.perf_counter()
@@ -535,13 +569,30 @@ class LLM:
         ids = np.asarray(ids, np.int32).reshape(1, -1)
         return self._score(self._state, jnp.asarray(ids))[0]
 
-    def perplexity(self, text_or_ids: str | Sequence[int], *, window: int = 512) -> float:
+    def perplexity(
+        self,
+        text_or_ids: str | Sequence[int],
+        *,
+        window: int = 512,
+        kv_cache: str | KVFormat | None = None,
+    ) -> float:
         """Perplexity over consecutive, non-overlapping windows of ``window`` tokens: each
         window is scored from its own start (tokens 1..window-1 given the ones before);
         a last partial window is dropped. ``exp`` of the mean negative log-likelihood.
 
+        Args:
+          text_or_ids: a text (tokenized) or token ids.
+          window: tokens per window.
+          kv_cache: None scores each window in one pass without a cache (fast). A
+            format (``"float"`` for a float cache in ``cache_dtype``, ``"int8"``,
+            ``"fp8"``, ``"int4"`` or a :class:`jqx.llm.KVFormat`) scores it the way
+            generation reads that cache: the window's first token is the prefill, and
+            each next token is one compiled decode step (teacher forcing), so every
+            prediction reads the cache's earlier slots.
+
         Raises:
-          ValueError: fewer than ``window`` tokens, or ``window`` out of range.
+          ValueError: fewer than ``window`` tokens, ``window`` out of range, or a
+            ``kv_cache`` as :meth:`generate` refuses.
         """
         ids = (
             self.tokenizer.encode(text_or_ids)
@@ -558,15 +609,50 @@ class LLM:
                 f"perplexity: the text has {len(ids)} tokens, fewer than one window of {window}; "
                 "give a longer text or a smaller window."
             )
+        through_cache = kv_cache is not None
+        kv_format = KVFormat.parse(kv_cache, head_dim=self.config.head_dim)
         nll, count = 0.0, 0
         for w in range(n):
             chunk = np.asarray(ids[w * window : (w + 1) * window], np.int32)
+            if through_cache:
+                nll += self._cached_nll(chunk, kv_format)
+                count += window - 1
+                continue
             logits = self._score(self._state, jnp.asarray(chunk[None]))[0]
             lp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
             tgt = jnp.asarray(chunk[1:])
             nll -= float(jnp.take_along_axis(lp, tgt[:, None], axis=-1).sum())
             count += window - 1
         return math.exp(nll / count)
+
+    def _cached_nll(self, chunk: np.ndarray, kv_format: KVFormat | None) -> float:
+        """Negative log-likelihood of ``chunk[1:]``: prefill of ``chunk[0]``, then one
+        decode step per token, each fed the true token. The steps are dispatched
+        without waiting; the sum is read once at the end."""
+        w = len(chunk)
+        cache = KVCache.init(
+            self.config, batch=1, max_len=w, dtype=self.cache_dtype, format=kv_format
+        )
+        pad = jnp.zeros((1,), jnp.int32)
+        key = jax.random.key(0)
+        greedy = Sampling()
+        ids = jnp.asarray(chunk)
+        _, logits, cache = self._prefill(
+            self._state, ids[None, :1], pad, cache, key, sampling=greedy
+        )
+        terms = [_token_nll(logits, ids[1])]
+        for t in range(1, w - 1):
+            _, logits, cache = self._decode(
+                self._state, ids[t : t + 1], jnp.int32(t), pad, cache, key, sampling=greedy
+            )
+            terms.append(_token_nll(logits, ids[t + 1]))
+        return float(jnp.sum(jnp.stack(terms)))
+
+
+@jax.jit
+def _token_nll(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """``-log softmax(logits[0])[target]`` (logits of one sequence, (1, vocab))."""
+    return -jax.nn.log_softmax(logits[0].astype(jnp.float32))[target]
 
 
 def load_llm(
@@ -642,3 +728,68 @@ def load_llm(
         fuse_projections(model)
     llm = LLM(model, tokenizer, types=f.types, source=path, cache_dtype=cache_dtype)
     return llm if activations == "float" else llm.with_activations(activations)
+
+
+def load_llm_exchange(
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    cache_dtype=jnp.float32,
+    fuse: bool = True,
+) -> LLM:
+    """Loads a Llama-architecture GPTQ, AWQ or compressed-tensors checkpoint directory
+    (``config.json`` + ``*.safetensors``, Hugging Face tensor names) with
+    :func:`jqx.io.exchange.load`: the quantized layers stay the file's codes; the query
+    and key rows are reordered for jqx's RoPE as llama.cpp's conversion does.
+
+    Args:
+      path: the directory.
+      tokenizer: the model's :class:`jqx.llm.Tokenizer` (e.g. ``load_llm(gguf).tokenizer``;
+        a ``tokenizer.json`` is not read).
+      cache_dtype, fuse: as for :func:`load_llm`.
+
+    Raises:
+      jqx.io.exchange.ExchangeError: the checkpoint cannot be imported, or lacks a tensor.
+
+    Example:
+        >>> import jqx
+        >>> llm = jqx.load_llm_exchange("smollm2-gptq", jqx.load_llm().tokenizer)  # doctest: +SKIP
+    """
+    from jqx.io import exchange as _exchange  # noqa: PLC0415
+
+    path = os.fspath(path)
+    tree = _exchange.load(path)
+    with open(os.path.join(path, "config.json")) as fh:
+        hf = json.load(fh)
+    n_heads = int(hf["num_attention_heads"])
+    config = LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        dim=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
+        hidden_dim=int(hf["intermediate_size"]),
+        rope_base=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        context_length=int(hf.get("max_position_embeddings", 2048)),
+        tied_embedding=bool(hf.get("tie_word_embeddings", "lm_head.weight" not in tree)),
+    )
+    tensors = _exchange.llama_to_gguf(tree, config.n_heads, config.n_kv_heads)
+    names = _names(config)
+    missing = [n for n in names.values() if n not in tensors]
+    if missing:
+        raise _exchange.ExchangeError(
+            f"{path}: the tensor for {missing[0]!r} is missing; a Llama checkpoint has "
+            f"{', '.join(sorted(_exchange.LLAMA_NAMES.values()))} ({{i}}: each block)."
+        )
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    for attr, name in names.items():
+        value = tensors[name]
+        var = functools.reduce(
+            lambda o, p: o[int(p)] if p.isdigit() else getattr(o, p), attr.split("/"), model
+        )
+        _check_shape(path, name, value.shape, var.get_value().shape)
+        var.set_value(value if is_qarray(value) else jnp.asarray(value, jnp.float32))
+    if fuse:
+        fuse_projections(model)
+    return LLM(model, tokenizer, source=path, cache_dtype=cache_dtype)

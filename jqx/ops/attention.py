@@ -1,9 +1,29 @@
-"""Grouped-query attention over a KV cache: the XLA formulation, and the decode step
-that the dispatcher may send to the native CPU kernel.
+"""Grouped-query attention over a KV cache: the XLA formulation, the decode step that
+the dispatcher may send to the native CPU kernel, and the quantized cache formats that
+decode step reads in place.
 
 :func:`gqa_attention` is masked grouped-query attention for any number of queries;
 :func:`decode_attention` is the one-query-per-sequence case of a decode step, which reads
 only the visible cache slots ``lo[b] <= s < hi[b]`` when the native kernel runs it.
+
+A quantized cache layer is a :class:`KVCodes` (codes and scales in their own arrays, so
+its bytes are what the arrays hold); :func:`kv_init` allocates one, :func:`kv_write`
+quantizes new keys or values into it, :func:`kv_dequantize` reads it back as floats.
+The formats (:data:`KV_FORMATS`):
+
+- ``"int8"``: per token and kv head, absmax, codes in [-127, 127], float16 scales.
+- ``"fp8"``: float8 E4M3 codes with one float32 scale per sequence and kv head, fixed
+  by the first write into the empty cache (the prefill): ``max|x| * FP8_HEADROOM /
+  448``, so later tokens up to :data:`FP8_HEADROOM` times the prompt's largest value
+  keep their precision; larger ones saturate (never inf or NaN).
+- ``"int4"``: KIVI's layout: keys per channel over groups of ``group`` tokens, values
+  per token over groups of ``group`` channels, 4-bit codes with a scale and a zero
+  point (float16) per group, packed two per byte. The slots of the group being filled
+  stay in a float residual window until the group is complete, then are quantized.
+
+:func:`decode_attention` applies the scales inside the attention products (scores are
+``q . codes`` times the key scales, the value sum weights the codes by probability
+times value scale); no dequantized copy of the cache is formed.
 
 Example:
     >>> import jax.numpy as jnp
@@ -15,19 +35,349 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jqx.core import numerics
+from jqx.core.qarray import pack_4bit, unpack_4bit
 from jqx.kernels.cpu import native
 from jqx.ops import dispatch
 
-__all__ = ["gqa_attention", "decode_attention"]
+__all__ = [
+    "gqa_attention",
+    "decode_attention",
+    "KVCodes",
+    "KV_FORMATS",
+    "FP8_HEADROOM",
+    "kv_init",
+    "kv_write",
+    "kv_dequantize",
+    "fp8_values",
+    "check_kv_format",
+]
 
 # A finite mask value: a query that sees no slot (a padding position) gets a uniform
 # row instead of NaN, which would reach real queries through the cache (0 * NaN = NaN).
 _MASKED = -1e30
+
+KV_FORMATS = ("int8", "fp8", "int4")
+# fp8's per-head scale leaves this factor above the prefill's largest |value|: E4M3
+# keeps 3 mantissa bits over 2**15 of range, so the headroom costs only the tiniest
+# values (docs/guide/llm.md, "Quantized KV cache").
+FP8_HEADROOM = 64.0
+_FP8_MAX = 448.0
+_F16_TINY = float(np.finfo(np.float16).tiny)  # scales below it would be subnormal
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCodes:
+    """The keys or the values of one layer of a quantized KV cache.
+
+    Attributes:
+      codes: ``(B, KVH, S, D)`` int8 (``"int8"``), the bits of float8_e4m3fn codes as
+        uint8 (``"fp8"``: XLA:CPU rewrites a whole float8 buffer to update one slot
+        of it, so the cache holds the bytes; :func:`fp8_values` reads them), or
+        ``(B, KVH, S, D // 2)`` uint8 with two 4-bit codes per byte, the even channel
+        in the low nibble (``"int4"``).
+      scale: ``"int8"``: float16 ``(B, KVH, S)``; ``"fp8"``: float32 ``(B, KVH)``
+        (0 until the first write); ``"int4"`` keys: float16 ``(B, KVH, S // group,
+        D)``, values: float16 ``(B, KVH, S, D // group)``.
+      zero: ``"int4"`` only: the zero points, shaped like ``scale`` (integers stored
+        as float16); ``x = (code - zero) * scale``.
+      residual: ``"int4"`` only: ``(B, KVH, group, D)`` float, the slots of the group
+        being filled (slot ``s`` at row ``s % group``).
+      kind: ``"int8"``, ``"fp8"`` or ``"int4"``.
+      role: ``"k"`` (keys) or ``"v"`` (values): int4 groups them differently.
+      group: int4's group size (0 for the other formats).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None = None
+    residual: jax.Array | None = None
+    kind: str = dataclasses.field(metadata=dict(static=True), default="int8")
+    role: str = dataclasses.field(metadata=dict(static=True), default="k")
+    group: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The logical ``(B, KVH, S, D)``."""
+        b, h, s, d = self.codes.shape
+        return (b, h, s, 2 * d if self.kind == "int4" else d)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array (codes, scales, zero points, residual window)."""
+        arrays = [self.codes, self.scale, self.zero, self.residual]
+        return sum(int(a.size) * a.dtype.itemsize for a in arrays if a is not None)
+
+
+def check_kv_format(kind, head_dim: int, group: int = 32, *, name: str = "kv_cache") -> None:
+    """Raises a ValueError that names ``name`` when ``kind`` (with int4's ``group``) is
+    not a cache format for heads of ``head_dim`` channels.
+
+    Example:
+        >>> check_kv_format("int4", 64, group=48)
+        Traceback (most recent call last):
+        ...
+        ValueError: kv_cache='int4' with group=48: the head size 64 is not a multiple of the group (int4 quantizes each token's values in groups of `group` channels); use a group that divides 64, e.g. 8, 16, 32, 64.
+    """
+    if kind not in KV_FORMATS:
+        raise ValueError(
+            f"{name}={kind!r} is not a KV-cache format; use None (a float cache), "
+            + ", ".join(repr(f) for f in KV_FORMATS)
+            + "."
+        )
+    if kind != "int4":
+        return
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 2:
+        raise ValueError(
+            f"{name}='int4' with group={group!r}: the group must be an int >= 2 (tokens per "
+            "key group, channels per value group); KIVI uses 32."
+        )
+    if head_dim % group or head_dim % 2:
+        divisors = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0 and g % 2 == 0]
+        hint = ", ".join(map(str, divisors)) if divisors else "none: int4 needs an even size"
+        raise ValueError(
+            f"{name}='int4' with group={group}: the head size {head_dim} is not a multiple of "
+            "the group (int4 quantizes each token's values in groups of `group` channels); "
+            f"use a group that divides {head_dim}, e.g. {hint}."
+        )
+
+
+def kv_init(
+    kind: str, role: str, shape: tuple[int, int, int, int], *, group: int = 32, dtype=jnp.float32
+) -> KVCodes:
+    """An empty quantized cache layer of logical ``shape = (B, KVH, S, D)``.
+
+    For ``"int4"``, ``S`` is rounded up to a multiple of ``group`` and ``dtype`` is the
+    residual window's float type.
+
+    Example:
+        >>> c = kv_init("int8", "k", (1, 2, 16, 8))
+        >>> c.codes.dtype, c.scale.shape, c.nbytes
+        (dtype('int8'), (1, 2, 16), 320)
+    """
+    b, h, s, d = shape
+    check_kv_format(kind, d, group)
+    if kind == "int8":
+        return KVCodes(jnp.zeros(shape, jnp.int8), jnp.ones((b, h, s), jnp.float16), kind=kind)
+    if kind == "fp8":
+        codes = jnp.zeros(shape, jnp.uint8)
+        return KVCodes(codes, jnp.zeros((b, h), jnp.float32), kind=kind, role=role)
+    s = -(-s // group) * group
+    meta = (b, h, s // group, d) if role == "k" else (b, h, s, d // group)
+    return KVCodes(
+        jnp.zeros((b, h, s, d // 2), jnp.uint8),
+        jnp.ones(meta, jnp.float16),
+        jnp.zeros(meta, jnp.float16),
+        jnp.zeros((b, h, group, d), dtype),
+        kind=kind,
+        role=role,
+        group=group,
+    )
+
+
+def fp8_values(codes: jax.Array) -> jax.Array:
+    """float32 values of fp8 cache codes (float8_e4m3fn bits stored as uint8)."""
+    return jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
+
+
+def _f16_scale(s: jax.Array) -> jax.Array:
+    """A float32 scale stored as float16: clipped to float16's normal range (a
+    subnormal scale would flush to zero when divided by)."""
+    return jnp.clip(s, _F16_TINY, _F16_MAX).astype(jnp.float16)
+
+
+def _int8_encode(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row (last axis) absmax int8 codes and float16 scales, the codes computed
+    with the stored scale."""
+    xf = x.astype(jnp.float32)
+    s, _ = numerics.scale_from_minmax(
+        jnp.min(xf, axis=-1), jnp.max(xf, axis=-1), qmin=-127, qmax=127, scheme="absmax"
+    )
+    s16 = jnp.where(jnp.isnan(s), s, _f16_scale(s).astype(jnp.float32)).astype(jnp.float16)
+    codes = numerics.encode_int(xf, s16.astype(jnp.float32)[..., None], None, qmin=-127, qmax=127)
+    return codes.astype(jnp.int8), s16
+
+
+def _int4_encode(x: jax.Array, valid: jax.Array, axis: int):
+    """4-bit zero-point codes of ``x`` with one scale and zero point per slice along
+    ``axis`` (min and max over the ``valid`` entries only; a slice with none gets the
+    all-zero block's scale). Returns ``(codes uint8 0..15, scale f16, zero f16)`` with
+    ``axis`` kept as size 1 in the scale and zero."""
+    xf = x.astype(jnp.float32)
+    mx = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=axis, keepdims=True)
+    mn = jnp.min(jnp.where(valid, xf, jnp.inf), axis=axis, keepdims=True)
+    empty = mx < mn  # no valid entry: min > max
+    mx = jnp.where(empty, 0.0, mx)
+    mn = jnp.where(empty, 0.0, mn)
+    s, z = numerics.scale_from_minmax(mn, mx, qmin=0, qmax=15, scheme="zero_point")
+    s16 = jnp.where(jnp.isnan(s), s, _f16_scale(s).astype(jnp.float32))
+    # the zero point from the stored scale, so code(min) = 0 holds for the stored pair
+    z = jnp.round(-numerics.div_by_scale(mn, s16))
+    z16 = z.astype(jnp.float16).astype(jnp.float32)
+    codes = numerics.encode_int(xf, s16, z16, qmin=0, qmax=15)
+    return codes.astype(jnp.uint8), s16.astype(jnp.float16), z16.astype(jnp.float16)
+
+
+def _int4_group(c: KVCodes, x: jax.Array, valid: jax.Array):
+    """Codes (packed) and per-group scale and zero of whole groups ``x`` (B, KVH, n *
+    group, D): keys per channel over each group's tokens, values per token over each
+    group of channels."""
+    b, h, n, d = x.shape
+    g = c.group
+    if c.role == "k":
+        xb = x.reshape(b, h, n // g, g, d)
+        codes, s, z = _int4_encode(xb, valid.reshape(b, 1, n // g, g, 1), axis=3)
+        s, z = s[:, :, :, 0], z[:, :, :, 0]
+    else:
+        xb = x.reshape(b, h, n, d // g, g)
+        codes, s, z = _int4_encode(xb, valid.reshape(b, 1, n, 1, 1), axis=4)
+        s, z = s[..., 0], z[..., 0]
+    return pack_4bit(codes.reshape(b, h, n, d)), s, z
+
+
+def kv_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
+    """``c`` with ``x`` (B, KVH, T, D) written at slots ``start .. start+T-1``.
+
+    Args:
+      c: the cache layer.
+      x: float keys or values of the new tokens.
+      start: the first slot: a Python int (a prefill or a chunk of one), or a traced
+        int scalar (a decode step; ``"int4"`` then takes one token, T = 1).
+      pad: int (B,): each sequence's left padding; slots below it are not real tokens
+        (they are left out of fp8's scale and int4's group ranges).
+
+    Returns:
+      The updated :class:`KVCodes` (a new pytree; the input is not modified).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = kv_write(kv_init("int8", "k", (1, 1, 4, 2)), jnp.ones((1, 1, 1, 2)), 0,
+        ...              jnp.zeros((1,), jnp.int32))
+        >>> c.codes[0, 0, 0].tolist(), float(c.scale[0, 0, 0])
+        ([1, 1], 1.0)
+    """
+    b, h, t, d = x.shape
+    pad = pad.astype(jnp.int32)
+    if c.kind == "int8":
+        codes, s = _int8_encode(x)
+        return dataclasses.replace(
+            c,
+            codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, start, 0)),
+            scale=jax.lax.dynamic_update_slice(c.scale, s, (0, 0, start)),
+        )
+    if c.kind == "fp8":
+        slots = start + jnp.arange(t, dtype=jnp.int32)
+        valid = slots[None, :] >= pad[:, None]  # (B, T)
+        xf = x.astype(jnp.float32)
+        amax = jnp.max(jnp.where(valid[:, None, :, None], jnp.abs(xf), 0.0), axis=(2, 3))
+        fresh, _ = numerics.scale_from_minmax(
+            -amax, amax, qmin=-_FP8_MAX, qmax=_FP8_MAX, denom=_FP8_MAX / FP8_HEADROOM
+        )
+        s = jnp.where(c.scale > 0, c.scale, fresh)
+        codes, _ = numerics.quantize_activation(xf, "fp8_e4m3", scale=s[:, :, None, None])
+        codes = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+        return dataclasses.replace(
+            c, codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, start, 0)), scale=s
+        )
+    return _int4_write(c, x, start, pad)
+
+
+def _int4_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
+    b, h, t, d = x.shape
+    g = c.group
+    res_dtype = c.residual.dtype
+    if isinstance(start, (int, np.integer)):
+        # Static slots: the residual's slots [g0, start) and the new ones, whole groups
+        # quantized, the rest kept as the new residual.
+        start = int(start)
+        g0 = start // g * g
+        seg = jnp.concatenate([c.residual[:, :, : start - g0].astype(x.dtype), x], axis=2)
+        end = start + t
+        full = (end // g) * g - g0
+        out = c
+        if full > 0:
+            slots = g0 + jnp.arange(full, dtype=jnp.int32)
+            valid = slots[None, :] >= pad[:, None]
+            codes, s, z = _int4_group(c, seg[:, :, :full], valid)
+            gi = (g0 // g, 0) if c.role == "k" else (g0, 0)
+            out = dataclasses.replace(
+                out,
+                codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, g0, 0)),
+                scale=jax.lax.dynamic_update_slice(c.scale, s, (0, 0) + gi),
+                zero=jax.lax.dynamic_update_slice(c.zero, z, (0, 0) + gi),
+            )
+        rest = seg[:, :, full:].astype(res_dtype)
+        residual = jax.lax.dynamic_update_slice(c.residual, rest, (0, 0, 0, 0))
+        return dataclasses.replace(out, residual=residual)
+    if t != 1:
+        raise ValueError(
+            f"kv_write: an int4 cache takes one token per traced start (a decode step), got "
+            f"{t}; write a block of tokens with a Python int start."
+        )
+    # A decode step: the token joins the residual at row start % group, and the group
+    # so far is quantized into its slots; they are read only once the group is
+    # complete (decode_attention reads the residual for the slots of the current group).
+    r = start % g
+    g0 = start - r
+    residual = jax.lax.dynamic_update_slice(c.residual, x.astype(res_dtype), (0, 0, r, 0))
+    slots = g0 + jnp.arange(g, dtype=jnp.int32)
+    valid = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= start)
+    codes, s, z = _int4_group(c, residual, valid)
+    gi = (g0 // g, 0) if c.role == "k" else (g0, 0)
+    return dataclasses.replace(
+        c,
+        codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, g0, 0)),
+        scale=jax.lax.dynamic_update_slice(c.scale, s, (0, 0) + gi),
+        zero=jax.lax.dynamic_update_slice(c.zero, z, (0, 0) + gi),
+        residual=residual,
+    )
+
+
+def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Array:
+    """The float values of slots ``0 .. n-1`` (default: all), ``(B, KVH, n, D)``. For
+    ``"int4"`` the slots of the group after the last whole one (``n // group *
+    group ..``) come from the residual window, as :func:`decode_attention` reads them.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([[[[0.5, -1.0]]]])
+        >>> c = kv_write(kv_init("int8", "v", (1, 1, 2, 2)), x, 0, jnp.zeros((1,), jnp.int32))
+        >>> c.codes[0, 0, 0].tolist()  # the scale 1/127 is stored in float16
+        [64, -127]
+        >>> [round(v, 3) for v in kv_dequantize(c, 1)[0, 0, 0].tolist()]
+        [0.504, -1.0]
+    """
+    b, h, s, d = c.shape
+    n = s if n is None else n
+    if c.kind == "int8":
+        return (
+            c.codes[:, :, :n].astype(jnp.float32) * c.scale[:, :, :n, None].astype(jnp.float32)
+        ).astype(dtype)
+    if c.kind == "fp8":
+        return (fp8_values(c.codes[:, :, :n]) * c.scale[:, :, None, None]).astype(dtype)
+    g = c.group
+    q = unpack_4bit(c.codes[:, :, :n], d).astype(jnp.float32)
+    if c.role == "k":
+        ng = -(-n // g)
+        sc = jnp.repeat(c.scale[:, :, :ng].astype(jnp.float32), g, axis=2)[:, :, :n]
+        zp = jnp.repeat(c.zero[:, :, :ng].astype(jnp.float32), g, axis=2)[:, :, :n]
+    else:
+        sc = jnp.repeat(c.scale[:, :, :n].astype(jnp.float32), g, axis=3)
+        zp = jnp.repeat(c.zero[:, :, :n].astype(jnp.float32), g, axis=3)
+    x = (q - zp) * sc
+    g0 = n // g * g
+    if g0 < n:
+        x = jnp.concatenate([x[:, :, :g0], c.residual[:, :, : n - g0].astype(jnp.float32)], 2)
+    return x.astype(dtype)
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
@@ -59,8 +409,8 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) 
 
 def decode_attention(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | KVCodes,
+    v: jax.Array | KVCodes,
     lo: jax.Array,
     hi: jax.Array,
     *,
@@ -70,26 +420,113 @@ def decode_attention(
 
     Args:
       q: float32 (batch, heads, d).
-      k, v: (batch, kv_heads, slots, d), float32 or float16.
+      k, v: (batch, kv_heads, slots, d), float32 or float16 arrays, or the
+        :class:`KVCodes` of a quantized cache (both of one format). An int4 cache
+        reads slots ``hi - 1``'s group (from ``(hi - 1) // group * group``) from its
+        residual window.
       lo, hi: int32 (batch,): the visible slots of each sequence (``hi`` may be traced;
         it changes every step without retracing).
       backend: None (the dispatcher's choice), ``"xla"`` or ``"native"``.
 
     Returns:
       float32 (batch, heads, d); zeros for a sequence with no visible slot.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.ops.attention import decode_attention, kv_init, kv_write
+        >>> x = jnp.ones((1, 1, 3, 4))
+        >>> k = kv_write(kv_init("int8", "k", (1, 1, 8, 4)), x, 0, jnp.zeros((1,), jnp.int32))
+        >>> v = kv_write(kv_init("int8", "v", (1, 1, 8, 4)), x, 0, jnp.zeros((1,), jnp.int32))
+        >>> decode_attention(jnp.ones((1, 2, 4)), k, v, jnp.array([0]), jnp.array([3]),
+        ...                  backend="xla").tolist()
+        [[[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]]
     """
     impl = dispatch.choose_attention(q, k, backend)
-    if impl == "native":
-        return native.decode_attention(
-            q.astype(jnp.float32),
-            k,
-            v,
-            lo.astype(jnp.int32),
-            hi.astype(jnp.int32),
-            scale=1.0 / math.sqrt(q.shape[-1]),
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    quantized = isinstance(k, KVCodes)
+    if quantized != isinstance(v, KVCodes) or (quantized and k.kind != v.kind):
+        raise ValueError(
+            "decode_attention: k and v must be both float arrays or both KVCodes of one "
+            f"format, got {_what(k)} and {_what(v)}."
         )
+    if impl == "native":
+        lo32, hi32 = lo.astype(jnp.int32), hi.astype(jnp.int32)
+        q32 = q.astype(jnp.float32)
+        if quantized:
+            return native.decode_attention_quantized(
+                q32, k.codes, k.scale, v.codes, v.scale, lo32, hi32, scale=scale
+            )
+        return native.decode_attention(q32, k, v, lo32, hi32, scale=scale)
     b, h, d = q.shape
-    s = jnp.arange(k.shape[2])
-    visible = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
-    out = gqa_attention(q[:, None], k, v, visible[:, None])
-    return jnp.where((hi > lo)[:, None, None], out.reshape(b, h, d), 0.0)
+    if quantized:
+        out = _quantized_attention_xla(q, k, v, lo, hi, scale)
+    else:
+        s = jnp.arange(k.shape[2])
+        visible = (s[None, :] >= lo[:, None]) & (s[None, :] < hi[:, None])
+        out = gqa_attention(q[:, None], k, v, visible[:, None]).reshape(b, h, d)
+    return jnp.where((hi > lo)[:, None, None], out, 0.0)
+
+
+def _what(x) -> str:
+    if isinstance(x, KVCodes):
+        return f"KVCodes({x.kind!r})"
+    return f"{getattr(x, 'dtype', type(x).__name__)} array"
+
+
+def _quantized_attention_xla(q, k: KVCodes, v: KVCodes, lo, hi, scale):
+    """Decode attention on the codes: the scales enter the products (scores are ``q .
+    codes`` times the key scales, values are summed with weights ``p * scale``)."""
+    b, h, d = q.shape
+    kvh, n = k.codes.shape[1], k.codes.shape[2]
+    g = h // kvh
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(b, kvh, g, d) * scale
+    dn = (((3,), (3,)), ((0, 1), (0, 1)))  # (b, kvh, g, d) . (b, kvh, n, d)
+    s = jnp.arange(n, dtype=jnp.int32)
+    lo = lo.astype(jnp.int32)
+    hi = hi.astype(jnp.int32)
+    if k.kind == "int4":
+        grp = k.group
+        qhi = jnp.where(hi > 0, (hi - 1) // grp * grp, 0)  # the residual's first slot
+    else:
+        qhi = hi
+    vis = (s[None, :] >= lo[:, None]) & (s[None, :] < qhi[:, None])  # (b, n)
+    if k.kind == "int8":
+        sc = jax.lax.dot_general(qg, k.codes.astype(f32), dn)
+        sc = sc * k.scale.astype(f32)[:, :, None, :]
+    elif k.kind == "fp8":
+        sc = jax.lax.dot_general(qg, fp8_values(k.codes), dn) * k.scale[:, :, None, None]
+    else:
+        grp = k.group
+        codes = unpack_4bit(k.codes, d).astype(f32).reshape(b, kvh, n // grp, grp, d)
+        qs = qg[:, :, :, None, :] * k.scale.astype(f32)[:, :, None]  # (b, kvh, g, ng, d)
+        sc = jnp.einsum("bkgnd,bkntd->bkgnt", qs, codes)
+        sc = sc - jnp.einsum("bkgnd,bknd->bkgn", qs, k.zero.astype(f32))[..., None]
+        sc = sc.reshape(b, kvh, g, n)
+    sc = jnp.where(vis[:, None, None], sc, _MASKED)
+    if k.kind == "int4":
+        grp = k.group
+        rs = qhi[:, None] + jnp.arange(grp, dtype=jnp.int32)[None, :]  # (b, grp) slots
+        rvis = (rs >= lo[:, None]) & (rs < hi[:, None])
+        rsc = jax.lax.dot_general(qg, k.residual.astype(f32), dn)
+        sc = jnp.concatenate([sc, jnp.where(rvis[:, None, None], rsc, _MASKED)], axis=-1)
+    p = jax.nn.softmax(sc, axis=-1)
+    pq = p[..., :n]
+    if v.kind == "int8":
+        w = pq * v.scale.astype(f32)[:, :, None, :]
+        out = jax.lax.dot_general(w, v.codes.astype(f32), (((3,), (2,)), ((0, 1), (0, 1))))
+    elif v.kind == "fp8":
+        out = jax.lax.dot_general(pq, fp8_values(v.codes), (((3,), (2,)), ((0, 1), (0, 1))))
+        out = out * v.scale[:, :, None, None]
+    else:
+        grp = v.group
+        codes = unpack_4bit(v.codes, d).astype(f32).reshape(b, kvh, n, d // grp, grp)
+        w = pq[..., None] * v.scale.astype(f32)[:, :, None]  # (b, kvh, g, n, nj)
+        out = jnp.einsum("bkgsj,bksjc->bkgjc", w, codes)
+        out = out - jnp.einsum("bkgsj,bksj->bkgj", w, v.zero.astype(f32))[..., None]
+        out = out.reshape(b, kvh, g, d)
+        pr = p[..., n:]
+        out = out + jax.lax.dot_general(
+            pr, v.residual.astype(f32), (((3,), (2,)), ((0, 1), (0, 1)))
+        )
+    return out.reshape(b, h, d)

@@ -48,8 +48,9 @@
 // int8 per block of 32 and integer dot products, as llama.cpp computes it.
 //
 // The same library holds jqx_decode_attention (one new token's attention over
-// the visible slots of a float32 / float16 KV cache; see its section below),
-// which shares the thread pool.
+// the visible slots of a float32 / float16 KV cache; see its section below) and
+// jqx_decode_attention_q (the same over an int8 or fp8 quantized cache), which
+// share the thread pool.
 //
 // Built on first use by jqx/kernels/cpu/native.py (g++ -O3 -mavx2 -mfma
 // -mf16c); jqx_gguf_cpu_supported() is checked before registering it.
@@ -1042,6 +1043,36 @@ inline __m256 Load8(const uint16_t* p) {
 }
 inline float Load1(const float* p) { return *p; }
 inline float Load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+// Quantized caches (jqx_decode_attention_q): int8 codes are sign-extended; an fp8
+// E4M3 code's bits moved into a float16 (sign to bit 15, exponent and mantissa
+// to bits 7..13) are its value times 2^-8, for normal and subnormal codes alike
+// (the factor is folded into the scales), then F16C converts them.
+struct Fp8 {
+  uint8_t bits;
+};
+inline __m256 Load8(const int8_t* p) {
+  const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+}
+inline float Load1(const int8_t* p) { return static_cast<float>(*p); }
+inline __m256 Load8(const Fp8* p) {
+  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i sign = _mm_and_si128(_mm_slli_epi16(w, 8), _mm_set1_epi16(int16_t(0x8000)));
+  const __m128i rest = _mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(0x3F80));
+  return _mm256_cvtph_ps(_mm_or_si128(sign, rest));
+}
+inline float Load1(const Fp8* p) {
+  return _cvtsh_ss(static_cast<uint16_t>(((p->bits & 0x80) << 8) | ((p->bits & 0x7F) << 7)));
+}
+constexpr float kFp8Unit = 256.0f;  // Load8(Fp8) returns the code's value / 256
+
+// row[j] *= s[j] (float16 per-slot scales of a quantized cache).
+inline void ScaleRow(float* row, const uint16_t* s, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), Load8(s + j)));
+  for (; j < n; ++j) row[j] *= Load1(s + j);
+}
 
 // Slots per pass of the score tile: GT heads x SL slots accumulators, plus the
 // GT q vectors and one k vector, within AVX2's 16 registers.
@@ -1182,18 +1213,35 @@ void AttnValues(const float* p, const T* v, int64_t D, int64_t ns, const float* 
     }
 }
 
+// Scales of a quantized cache for the slots of one part: per slot (int8;
+// float16) or one factor per kv head (fp8; float32, times kFp8Unit). A float
+// cache has none (null and 1).
+struct SlotScales {
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  float kmul = 1.0f;
+  float vmul = 1.0f;
+};
+
 // The G heads of one kv head over ns slots: out[g] = sum_j p_j v_j with p_j =
 // exp(score_j - top[g]), divided by sum[g] = sum_j p_j when `normalize`, else
-// left unnormalized for the combination of parts.
+// left unnormalized for the combination of parts. A quantized cache's key scales
+// multiply the scores before the softmax, its value scales the weights p_j after
+// the sum is taken (so sum[g] stays the softmax's denominator).
 template <typename T, int GT>
 void AttnHeads(const float* q, const T* k, const T* v, int64_t D, int64_t ns, float scale,
-               float* sc, float* out, bool normalize, float* top, float* sum) {
-  AttnScores<T, GT>(q, k, D, ns, scale, sc);
+               const SlotScales& qs, float* sc, float* out, bool normalize, float* top,
+               float* sum) {
+  AttnScores<T, GT>(q, k, D, ns, scale * qs.kmul, sc);
+  if (qs.k != nullptr)
+    for (int g = 0; g < GT; ++g) ScaleRow(sc + g * ns, qs.k, ns);
   float inv[GT];
   for (int g = 0; g < GT; ++g) {
     sum[g] = SoftmaxNumerators(sc + g * ns, ns, top + g);
-    inv[g] = normalize ? 1.0f / sum[g] : 1.0f;
+    inv[g] = (normalize ? 1.0f / sum[g] : 1.0f) * qs.vmul;
   }
+  if (qs.v != nullptr)
+    for (int g = 0; g < GT; ++g) ScaleRow(sc + g * ns, qs.v, ns);
   AttnValues<T, GT>(sc, v, D, ns, inv, out);
 }
 
@@ -1204,14 +1252,18 @@ void AttnHeads(const float* q, const T* k, const T* v, int64_t D, int64_t ns, fl
 // results.
 constexpr int64_t kAttnPart = 256;
 
+enum CacheKind : int { kCacheF32 = 0, kCacheF16 = 1, kCacheInt8 = 2, kCacheFp8 = 3 };
+
 struct AttnJob {
   const float* q;  // (B, H, D)
-  const void* k;   // (B, KVH, S, D), float or float16 bits
+  const void* k;   // (B, KVH, S, D), float, float16 bits, int8 or fp8 codes
   const void* v;
   float* out;  // (B, H, D)
   int64_t H, KVH, S, D;
   float scale;
-  bool f16;
+  CacheKind kind;
+  const void* ks;  // quantized caches: int8 (B, KVH, S) float16, fp8 (B, KVH) float32
+  const void* vs;
   const int64_t* first;  // (B + 1,): chunks of sequences < b; chunk = pair * parts + part
   const int64_t* lo;     // (B,) clipped
   const int64_t* ns;     // (B,) visible slots
@@ -1231,6 +1283,15 @@ void AttnPart(const AttnJob& a, int64_t b, int64_t kh, int64_t part, int64_t par
   const T* k = static_cast<const T*>(a.k) + at;
   const T* v = static_cast<const T*>(a.v) + at;
   const float* q = a.q + (b * a.H + kh * G) * D;
+  SlotScales qs;
+  if (a.kind == kCacheInt8) {
+    const int64_t slot = (b * a.KVH + kh) * a.S + s0;
+    qs.k = static_cast<const uint16_t*>(a.ks) + slot;
+    qs.v = static_cast<const uint16_t*>(a.vs) + slot;
+  } else if (a.kind == kCacheFp8) {
+    qs.kmul = static_cast<const float*>(a.ks)[b * a.KVH + kh] * kFp8Unit;
+    qs.vmul = static_cast<const float*>(a.vs)[b * a.KVH + kh] * kFp8Unit;
+  }
   // One part: the final output, normalized. Several: unnormalized rows with
   // their max and sum, combined by the caller.
   const bool whole = parts == 1;
@@ -1248,10 +1309,10 @@ void AttnPart(const AttnJob& a, int64_t b, int64_t kh, int64_t part, int64_t par
     float* tg = whole ? scratch : top + g;
     float* sg = whole ? scratch + 4 : sum + g;
     switch (gt) {
-      case 4: AttnHeads<T, 4>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
-      case 3: AttnHeads<T, 3>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
-      case 2: AttnHeads<T, 2>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
-      default: AttnHeads<T, 1>(qg, k, v, D, ns, a.scale, sc.data(), og, whole, tg, sg); break;
+      case 4: AttnHeads<T, 4>(qg, k, v, D, ns, a.scale, qs, sc.data(), og, whole, tg, sg); break;
+      case 3: AttnHeads<T, 3>(qg, k, v, D, ns, a.scale, qs, sc.data(), og, whole, tg, sg); break;
+      case 2: AttnHeads<T, 2>(qg, k, v, D, ns, a.scale, qs, sc.data(), og, whole, tg, sg); break;
+      default: AttnHeads<T, 1>(qg, k, v, D, ns, a.scale, qs, sc.data(), og, whole, tg, sg); break;
     }
     g += gt;
   }
@@ -1268,10 +1329,12 @@ void AttnChunk(const void* ctx, int64_t c) {
   const int64_t r = c - a.first[b];
   const int64_t G = a.H / a.KVH;
   float* partial = a.partial + c * G * (a.D + 2);
-  if (a.f16)
-    AttnPart<uint16_t>(a, b, r / parts, r % parts, parts, partial);
-  else
-    AttnPart<float>(a, b, r / parts, r % parts, parts, partial);
+  switch (a.kind) {
+    case kCacheF16: AttnPart<uint16_t>(a, b, r / parts, r % parts, parts, partial); break;
+    case kCacheInt8: AttnPart<int8_t>(a, b, r / parts, r % parts, parts, partial); break;
+    case kCacheFp8: AttnPart<Fp8>(a, b, r / parts, r % parts, parts, partial); break;
+    default: AttnPart<float>(a, b, r / parts, r % parts, parts, partial); break;
+  }
 }
 
 // out = sum_p w_p o_p / sum_p w_p l_p with w_p = exp(top_p - max_p top_p): the
@@ -1307,6 +1370,49 @@ constexpr int64_t kAttnInlineWork = int64_t{1} << 20;
 thread_local std::vector<int64_t> t_attn_index;
 thread_local std::vector<float> t_attn_partial;
 
+// Runs a validated job: per sequence its clipped lo, visible slots and first
+// chunk, the chunks on the pool (or inline), then the merge of multi-part heads.
+ffi::Error RunAttention(AttnJob job, const int32_t* lo, const int32_t* hi, int64_t B) {
+  const int64_t H = job.H, KVH = job.KVH, S = job.S, D = job.D;
+  if (B == 0 || H == 0 || D == 0) return ffi::Error::Success();
+  const int64_t G = H / KVH;
+  std::vector<int64_t>& idx = t_attn_index;
+  idx.assign(static_cast<size_t>(3 * B + 1), 0);
+  int64_t* first = idx.data();
+  int64_t* los = first + B + 1;
+  int64_t* nss = los + B;
+  int64_t visible = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    los[b] = std::clamp<int64_t>(lo[b], 0, S);
+    nss[b] = std::clamp<int64_t>(hi[b], los[b], S) - los[b];
+    visible += nss[b];
+    first[b + 1] = first[b] + KVH * AttnParts(nss[b]);
+  }
+  const int64_t chunks = first[B];
+  std::vector<float>& partial = t_attn_partial;
+  if (partial.size() < static_cast<size_t>(chunks * G * (D + 2)))
+    partial.resize(static_cast<size_t>(chunks * G * (D + 2)));
+  job.first = first;
+  job.lo = los;
+  job.ns = nss;
+  job.partial = partial.data();
+  float* Y = job.out;
+  Pool* pool = 2 * H * visible * D < kAttnInlineWork ? nullptr : GetPool();
+  if (pool == nullptr || chunks < 2 * pool->threads()) {
+    for (int64_t c = 0; c < chunks; ++c) AttnChunk(&job, c);
+  } else {
+    pool->Run(AttnChunk, &job, chunks);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t parts = AttnParts(nss[b]);
+    if (parts == 0)  // nothing visible: zeros, not 0/0
+      memset(Y + b * H * D, 0, static_cast<size_t>(H * D) * sizeof(float));
+    else if (parts > 1)
+      for (int64_t kh = 0; kh < KVH; ++kh) AttnCombine(job, b, kh, parts);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
                                ffi::ResultBuffer<ffi::F32> out, float scale) {
@@ -1325,42 +1431,48 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
       !std::equal(kd.begin(), kd.end(), vd.begin()) || od[0] != B || od[1] != H || od[2] != D ||
       lo.dimensions()[0] != B || hi.dimensions()[0] != B)
     return ffi::Error::InvalidArgument("jqx_decode_attention: inconsistent shapes or dtypes");
-  if (B == 0 || H == 0 || D == 0) return ffi::Error::Success();
-  const int64_t G = H / KVH;
-  // Per sequence: clipped lo, visible slots, and its first chunk.
-  std::vector<int64_t>& idx = t_attn_index;
-  idx.assign(static_cast<size_t>(3 * B + 1), 0);
-  int64_t* first = idx.data();
-  int64_t* los = first + B + 1;
-  int64_t* nss = los + B;
-  int64_t visible = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    los[b] = std::clamp<int64_t>(lo.typed_data()[b], 0, S);
-    nss[b] = std::clamp<int64_t>(hi.typed_data()[b], los[b], S) - los[b];
-    visible += nss[b];
-    first[b + 1] = first[b] + KVH * AttnParts(nss[b]);
-  }
-  const int64_t chunks = first[B];
-  std::vector<float>& partial = t_attn_partial;
-  if (partial.size() < static_cast<size_t>(chunks * G * (D + 2)))
-    partial.resize(static_cast<size_t>(chunks * G * (D + 2)));
-  float* Y = out->typed_data();
-  AttnJob job{q.typed_data(), k.untyped_data(), v.untyped_data(), Y, H, KVH, S, D, scale,
-              et == ffi::DataType::F16, first, los, nss, partial.data()};
-  Pool* pool = 2 * H * visible * D < kAttnInlineWork ? nullptr : GetPool();
-  if (pool == nullptr || chunks < 2 * pool->threads()) {
-    for (int64_t c = 0; c < chunks; ++c) AttnChunk(&job, c);
-  } else {
-    pool->Run(AttnChunk, &job, chunks);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t parts = AttnParts(nss[b]);
-    if (parts == 0)  // nothing visible: zeros, not 0/0
-      memset(Y + b * H * D, 0, static_cast<size_t>(H * D) * sizeof(float));
-    else if (parts > 1)
-      for (int64_t kh = 0; kh < KVH; ++kh) AttnCombine(job, b, kh, parts);
-  }
-  return ffi::Error::Success();
+  AttnJob job{q.typed_data(), k.untyped_data(), v.untyped_data(), out->typed_data(),
+              H, KVH, S, D, scale, et == ffi::DataType::F16 ? kCacheF16 : kCacheF32,
+              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return RunAttention(job, lo.typed_data(), hi.typed_data(), B);
+}
+
+// jqx_decode_attention_q: the same attention over a quantized cache read in
+// place: int8 codes (B, KVH, S, D) with float16 scales per slot (B, KVH, S), or
+// fp8 E4M3 codes (their bits as uint8) with one float32 scale per kv head (B, KVH)
+// (jqx.ops.attention's KVCodes). The scales enter the products: a slot's score is its key scale times
+// scale * (q . codes), and the value sum weights each slot's codes by its
+// probability times its value scale; no float copy of the cache is formed.
+ffi::Error DecodeAttentionQImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer ks,
+                                ffi::AnyBuffer v, ffi::AnyBuffer vs, ffi::Buffer<ffi::S32> lo,
+                                ffi::Buffer<ffi::S32> hi, ffi::ResultBuffer<ffi::F32> out,
+                                float scale) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto vd = v.dimensions();
+  const auto sd = ks.dimensions();
+  const auto od = out->dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || od.size() != 3 ||
+      lo.dimensions().size() != 1 || hi.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_decode_attention_q: q and out must be 3-D, k and v 4-D, lo and hi 1-D");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], KVH = kd[1], S = kd[2];
+  const auto et = k.element_type();
+  const bool int8 = et == ffi::DataType::S8 && ks.element_type() == ffi::DataType::F16 &&
+                    sd.size() == 3 && sd[0] == B && sd[1] == KVH && sd[2] == S;
+  const bool fp8 = et == ffi::DataType::U8 && ks.element_type() == ffi::DataType::F32 &&
+                   sd.size() == 2 && sd[0] == B && sd[1] == KVH;
+  const auto vsd = vs.dimensions();
+  if ((!int8 && !fp8) || v.element_type() != et || vs.element_type() != ks.element_type() ||
+      !std::equal(sd.begin(), sd.end(), vsd.begin(), vsd.end()) || kd[0] != B || kd[3] != D ||
+      KVH == 0 || H % KVH != 0 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) ||
+      od[0] != B || od[1] != H || od[2] != D || lo.dimensions()[0] != B ||
+      hi.dimensions()[0] != B)
+    return ffi::Error::InvalidArgument("jqx_decode_attention_q: inconsistent shapes or dtypes");
+  AttnJob job{q.typed_data(), k.untyped_data(), v.untyped_data(), out->typed_data(),
+              H, KVH, S, D, scale, int8 ? kCacheInt8 : kCacheFp8,
+              ks.untyped_data(), vs.untyped_data(), nullptr, nullptr, nullptr, nullptr};
+  return RunAttention(job, lo.typed_data(), hi.typed_data(), B);
 }
 
 }  // namespace
@@ -1386,6 +1498,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemvQ8, GgufGemvQ8Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxDecodeAttentionQ, DecodeAttentionQImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -84,6 +84,8 @@ __all__ = [
     "gguf_quantize_q8",
     "decode_attention",
     "decode_attention_reference",
+    "decode_attention_quantized",
+    "decode_attention_quantized_reference",
     "TARGET",
     "W4_TARGET",
     "W4_MAX_ROWS",
@@ -92,6 +94,7 @@ __all__ = [
     "GGUF_MAX_ROWS",
     "GGUF_KINDS",
     "ATTENTION_TARGET",
+    "ATTENTION_Q_TARGET",
 ]
 
 TARGET = "jqx_int8_gemm"
@@ -103,6 +106,7 @@ GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
+ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
@@ -142,6 +146,7 @@ _GGUF = _Library(
         GGUF_TARGET: "JqxGgufGemv",
         GGUF_Q8_TARGET: "JqxGgufGemvQ8",
         ATTENTION_TARGET: "JqxDecodeAttention",
+        ATTENTION_Q_TARGET: "JqxDecodeAttentionQ",
     },
 )
 
@@ -911,3 +916,136 @@ def decode_attention_reference(
     total = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkgs,bksd->bkgd", p, v_cache.astype(jnp.float32), precision=hp)
     return (out / jnp.where(total > 0, total, 1.0)).reshape(b, h, d)
+
+
+# ----------------------------------------------------------------- quantized KV cache
+
+
+def _quantized_cache_check(q, k_codes, k_scale, v_codes, v_scale, fn: str) -> str:
+    """Validates the quantized cache operands; returns ``"int8"`` or ``"fp8"``."""
+    for name, a in (
+        ("k_codes", k_codes),
+        ("k_scale", k_scale),
+        ("v_codes", v_codes),
+        ("v_scale", v_scale),
+    ):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(
+                f"{fn}: {name} must be an array, got {type(a).__name__}; wrap it with "
+                "jnp.asarray(...)."
+            )
+    kind = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "fp8"}.get(jnp.dtype(k_codes.dtype))
+    if kind is None or k_codes.ndim != 4:
+        raise ValueError(
+            f"{fn}: k_codes must be int8, or uint8 holding float8_e4m3fn bits, (B, KVH, S, "
+            f"D), got {_describe(k_codes)}; an int4 cache runs on XLA (jqx.ops.attention)."
+        )
+    b, kvh, s, _ = k_codes.shape
+    want = (
+        ((b, kvh, s), jnp.dtype(jnp.float16), "float16 (B, KVH, S): one scale per slot")
+        if kind == "int8"
+        else ((b, kvh), jnp.dtype(jnp.float32), "float32 (B, KVH): one scale per kv head")
+    )
+    for name, a in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if tuple(a.shape) != want[0] or jnp.dtype(a.dtype) != want[1]:
+            raise ValueError(
+                f"{fn}: {name} of a {kind} cache must be {want[2]} = {want[0]}, got {_describe(a)}."
+            )
+    if tuple(v_codes.shape) != tuple(k_codes.shape) or v_codes.dtype != k_codes.dtype:
+        raise ValueError(
+            f"{fn}: v_codes must have k_codes' shape and dtype {_describe(k_codes)}, got "
+            f"{_describe(v_codes)}; keep keys and values in one format."
+        )
+    return kind
+
+
+def decode_attention_quantized(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """:func:`decode_attention` over a quantized KV cache, read in place.
+
+    int8: codes (B, KVH, S, D) with one float16 scale per slot (B, KVH, S); fp8:
+    float8_e4m3fn codes, their bits stored as uint8 (B, KVH, S, D), with one float32
+    scale per kv head (B, KVH). The key scales
+    multiply the scores, the value scales the softmax weights, so no float copy of the
+    cache is formed; only the visible slots are read. Same threads, parts and
+    guarantees as :func:`decode_attention`.
+
+    Raises:
+      ValueError: a dtype or shape the kernel does not take (named).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.ones((1, 2, 4), jnp.float32)
+        >>> c = jnp.ones((1, 1, 8, 4), jnp.int8)
+        >>> s = jnp.full((1, 1, 8), 0.5, jnp.float16)
+        >>> f = native.decode_attention_quantized if native.gguf_available() else (
+        ...     native.decode_attention_quantized_reference)
+        >>> f(q, c, s, c, s, jnp.array([0]), jnp.array([3]), scale=0.5)[0, 0].tolist()
+        [0.5, 0.5, 0.5, 0.5]
+    """
+    _quantized_cache_check(q, k_codes, k_scale, v_codes, v_scale, "decode_attention_quantized")
+    lo, hi, scale = _attention_check_codes(q, k_codes, lo, hi, scale)
+    if not gguf_available():
+        raise RuntimeError(f"the native attention kernel is not available: {gguf_status()}")
+    return jax.ffi.ffi_call(
+        ATTENTION_Q_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+    )(q, k_codes, k_scale, v_codes, v_scale, lo, hi, scale=np.float32(scale))
+
+
+def _attention_check_codes(q, k_codes, lo, hi, scale):
+    """:func:`_attention_check` for codes: the same q, lo, hi and scale rules, with a
+    float stand-in of the codes' shape (nothing is computed)."""
+    stand_in = jax.ShapeDtypeStruct(k_codes.shape, jnp.float16)
+    return _attention_check(q, stand_in, stand_in, lo, hi, scale, "decode_attention_quantized")
+
+
+def decode_attention_quantized_reference(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Plain-jnp :func:`decode_attention_quantized`: the cache dequantized to float32,
+    then :func:`decode_attention_reference`. Same operands and errors; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> c = jnp.full((1, 1, 2, 2), 2, jnp.int8)
+        >>> s = jnp.full((1, 1, 2), 0.25, jnp.float16)
+        >>> native.decode_attention_quantized_reference(
+        ...     jnp.ones((1, 1, 2)), c, s, c, s, jnp.array([0]), jnp.array([2]), scale=1.0
+        ... ).tolist()
+        [[[0.5, 0.5]]]
+    """
+    kind = _quantized_cache_check(
+        q, k_codes, k_scale, v_codes, v_scale, "decode_attention_quantized_reference"
+    )
+
+    def deq(c, s):
+        s = s.astype(jnp.float32)
+        if kind == "int8":
+            return c.astype(jnp.float32) * s[..., None]
+        return (
+            lax.bitcast_convert_type(c, jnp.float8_e4m3fn).astype(jnp.float32) * s[..., None, None]
+        )
+
+    return decode_attention_reference(
+        q, deq(k_codes, k_scale), deq(v_codes, v_scale), lo, hi, scale=scale
+    )

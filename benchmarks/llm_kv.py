@@ -1,0 +1,171 @@
+"""Quantized KV caches on SmolLM2-135M against the float cache, in one run.
+
+For each cache format (float32 and float16 caches, ``int8``, ``fp8``, ``int4``) on a
+Shakespeare play (at least 2048 tokens):
+
+- cache bytes at 2048 slots (codes, scales, zero points, residual window) against a
+  float16 cache;
+- perplexity over ``--tokens`` tokens read through the cache: the first token is the
+  prefill, every later one a decode step (``LLM.perplexity(kv_cache=...)``), against
+  the float32 cache;
+- greedy agreement over ``--new-tokens`` generated tokens after a ``--tokens`` prompt:
+  teacher forced (each step fed the float cache's token; the share of steps whose
+  argmax equals it) and free running (tokens equal before the first difference);
+- decode tokens/s with ``--tokens`` cached tokens (batch 1), best of ``--rounds``
+  interleaved rounds, against the float32 and float16 caches.
+
+Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stamp import print_stamp  # noqa: E402
+
+FORMATS = ("float32", "float16", "int8", "fp8", "int4")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=2048, help="text / cached tokens (>= 2048)")
+    ap.add_argument("--new-tokens", type=int, default=256, help="greedy tokens compared")
+    ap.add_argument("--speed-tokens", type=int, default=64, help="decode steps timed")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--play", default="hamlet")
+    ap.add_argument("--activations", default="float", choices=("float", "int8"))
+    args = ap.parse_args()
+    print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
+    print_stamp()
+
+    import jax
+    import jax.numpy as jnp
+
+    import jqx
+    from jqx.llm import KVCache
+    from jqx.llm.sampling import Sampling
+    from jqx_demo.shakespeare import plays
+
+    base = jqx.load_llm(activations=args.activations)
+    llms = {
+        "float32": base,
+        "float16": jqx.llm.LLM(
+            base.model,
+            base.tokenizer,
+            types=base.types,
+            source=base.source,
+            cache_dtype=jnp.float16,
+        ),
+    }
+    fmt_of = {"float32": None, "float16": None, "int8": "int8", "fp8": "fp8", "int4": "int4"}
+    llm_of = {f: llms.get(f, base) for f in FORMATS}
+    llm_of["int4"] = llms["float16"]  # its residual window in float16
+    ids = base.tokenizer.encode(plays()[args.play])
+    n = args.tokens
+    if len(ids) < n + args.new_tokens:
+        sys.exit(f"the play has {len(ids)} tokens; need {n + args.new_tokens}")
+    text_ids, prompt = ids[:n], ids[:n]
+    c = base.config
+    print(
+        f"\nSmolLM2-135M ({c.n_layers} layers, {c.n_kv_heads} kv heads of {c.head_dim}), "
+        f"{args.play}: {n} tokens, activations {args.activations}, "
+        f"jax devices {jax.devices()}"
+    )
+
+    # ------------------------------------------------------------- bytes
+    def nbytes(fmt, dtype, slots):
+        return jax.eval_shape(
+            lambda: KVCache.init(c, batch=1, max_len=slots, dtype=dtype, format=fmt)
+        ).nbytes
+
+    f16 = nbytes(None, jnp.float16, 2048)
+    print("\n## Cache bytes at 2048 slots (batch 1, all layers; scales included)")
+    print("| cache | MiB | vs float16 |\n|---|---|---|")
+    for f in FORMATS:
+        dt = jnp.float16 if f in ("float16", "int4") else jnp.float32
+        b = nbytes(fmt_of[f], dt, 2048)
+        note = " (float16 residual)" if f == "int4" else ""
+        print(f"| {f}{note} | {b / 2**20:.2f} | {b / f16:.3f}x |")
+
+    # ------------------------------------------------------------- perplexity
+    print(f"\n## Perplexity through the cache, {n} tokens (prefill 1, then decode steps)")
+    print("| cache | perplexity | vs float32 cache | seconds |\n|---|---|---|---|")
+    ppl = {}
+    for f in FORMATS:
+        t = time.perf_counter()
+        kv = "float" if fmt_of[f] is None else fmt_of[f]
+        ppl[f] = llm_of[f].perplexity(text_ids, window=n, kv_cache=kv)
+        dt = time.perf_counter() - t
+        print(f"| {f} | {ppl[f]:.4f} | {100 * (ppl[f] / ppl['float32'] - 1):+.3f}% | {dt:.0f} |")
+    one_pass = base.perplexity(text_ids, window=n)
+    print(f"(one pass without a cache: {one_pass:.4f})")
+
+    # ------------------------------------------------------------- greedy agreement
+    m = args.new_tokens
+    ref = base.generate(prompt, max_new_tokens=m, stop_at_eos=False).tokens[0]
+    print(f"\n## Greedy agreement with the float32 cache over {m} tokens after {n}")
+    print("| cache | teacher-forced top-1 | free-running: equal before the first difference |")
+    print("|---|---|---|")
+
+    def forced(llm, fmt):
+        # the compiled prefill and decode steps that generate() runs, fed ref's tokens
+        cache = KVCache.init(c, batch=1, max_len=n + m, dtype=llm.cache_dtype, format=fmt)
+        pad = jnp.zeros((1,), jnp.int32)
+        key, greedy = jax.random.key(0), Sampling()
+        tok, _, cache = llm._prefill(
+            llm.params, jnp.asarray([prompt], jnp.int32), pad, cache, key, sampling=greedy
+        )
+        out = [tok]
+        for i in range(m - 1):
+            tok, _, cache = llm._decode(
+                llm.params,
+                jnp.asarray([ref[i]], jnp.int32),
+                jnp.int32(n + i),
+                pad,
+                cache,
+                key,
+                sampling=greedy,
+            )
+            out.append(tok)
+        return np.asarray(jnp.concatenate(out))
+
+    for f in FORMATS:
+        agree = float(np.mean(forced(llm_of[f], fmt_of[f]) == np.asarray(ref)))
+        free = (
+            llm_of[f]
+            .generate(prompt, max_new_tokens=m, stop_at_eos=False, kv_cache=fmt_of[f])
+            .tokens[0]
+        )
+        same = next((i for i, (a, b) in enumerate(zip(free, ref, strict=True)) if a != b), m)
+        print(f"| {f} | {100 * agree:.1f}% | {same} of {m} |")
+
+    # ------------------------------------------------------------- speed
+    st = args.speed_tokens
+    for f in FORMATS:  # compile outside the timed rounds
+        llm_of[f].generate(prompt, max_new_tokens=st, stop_at_eos=False, kv_cache=fmt_of[f])
+    res: dict[str, list[float]] = {f: [] for f in FORMATS}
+    for _ in range(args.rounds):
+        for f in FORMATS:
+            g = llm_of[f].generate(prompt, max_new_tokens=st, stop_at_eos=False, kv_cache=fmt_of[f])
+            res[f].append(g.decode_tokens_per_s)
+    print(
+        f"\n## Decode speed with {n} cached tokens (batch 1, {st} new tokens), "
+        f"best of {args.rounds} interleaved rounds"
+    )
+    print("| cache | decode tok/s | vs float32 cache | vs float16 cache |\n|---|---|---|---|")
+    best = {f: max(v) for f, v in res.items()}
+    for f in FORMATS:
+        print(
+            f"| {f} | {best[f]:.1f} | {best[f] / best['float32']:.2f}x | "
+            f"{best[f] / best['float16']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

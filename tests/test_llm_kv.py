@@ -1,0 +1,290 @@
+"""Quantized KV caches: the int8 / fp8 / int4 (KIVI) formats, attention on their codes
+(XLA and the native kernel), the cache's bytes, generation and perplexity through them,
+and bad input. Small random shapes and a two-layer model; the real-model check is in
+tests/test_llm.py (its module fixture holds the model)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("tokenizers")
+from flax import nnx  # noqa: E402
+
+from jqx.kernels.cpu import native  # noqa: E402
+from jqx.llm import LLM, KVCache, KVFormat, Llama, LlamaConfig, Tokenizer  # noqa: E402
+from jqx.llm.model import forward  # noqa: E402
+from jqx.ops import attention as A  # noqa: E402
+
+B, H, KVH, D = 2, 6, 2, 32
+PAD = jnp.array([3, 0], jnp.int32)
+needs_native = pytest.mark.skipif(
+    not native.gguf_available(), reason=f"native attention kernel: {native.gguf_status()}"
+)
+
+
+# Jitted, so that each helper compiles once per shape instead of op by op.
+_write_block = jax.jit(A.kv_write, static_argnums=2)
+_write_token = jax.jit(A.kv_write)
+_dequantize = jax.jit(A.kv_dequantize, static_argnums=1)
+_attend_xla = jax.jit(functools.partial(A.decode_attention, backend="xla"))
+
+
+def _x(seed, n, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((rng.standard_normal((B, KVH, n, D)) * scale).astype(np.float32))
+
+
+def _cache(kind, n_slots, n_written, group=16, seed=0, decode_steps=0):
+    """Keys and values of n_written tokens: a prefill, then single-token decode writes."""
+    k_x, v_x = _x(seed, n_written), _x(seed + 1, n_written)
+    k = A.kv_init(kind, "k", (B, KVH, n_slots, D), group=group)
+    v = A.kv_init(kind, "v", (B, KVH, n_slots, D), group=group)
+    t0 = n_written - decode_steps
+    k, v = _write_block(k, k_x[:, :, :t0], 0, PAD), _write_block(v, v_x[:, :, :t0], 0, PAD)
+    for t in range(t0, n_written):
+        k = _write_token(k, k_x[:, :, t : t + 1], jnp.int32(t), PAD)
+        v = _write_token(v, v_x[:, :, t : t + 1], jnp.int32(t), PAD)
+    return k, v, k_x, v_x
+
+
+def _float_attention(q, k, v, hi):
+    return _attend_xla(q, k, v, PAD, hi)
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_int8_per_token_absmax_error_bound_and_bytes():
+    x = _x(0, 9).at[0, 0, 4].set(0.0).at[1, 1, 5].set(0.75)  # a zero and a constant token
+    c = _write_block(A.kv_init("int8", "k", (B, KVH, 16, D)), x, 0, PAD)
+    s = c.scale[:, :, :9].astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    # the stored scale is max|x| / 127 rounded to float16; a constant token's is |c|
+    # (1 for zeros), so it reconstructs exactly (the seed formulas' rule)
+    want = (amax / 127).at[0, 0, 4].set(1.0).at[1, 1, 5].set(0.75)
+    np.testing.assert_allclose(s, want, rtol=2**-11)
+    err = jnp.abs(_dequantize(c, 9) - x)
+    assert bool((err <= 0.5 * s[..., None] * (1 + 1e-3)).all())
+    assert float(err[0, 0, 4].max()) == 0.0 and float(err[1, 1, 5].max()) == 0.0
+    assert c.nbytes == B * KVH * 16 * (D + 2)  # int8 codes plus a float16 scale per slot
+
+
+def test_fp8_scale_is_fixed_by_the_prefill_and_later_tokens_saturate():
+    x = _x(1, 8)
+    c = _write_block(A.kv_init("fp8", "v", (B, KVH, 16, D)), x, 0, PAD)
+    valid = (jnp.arange(8)[None, :] >= PAD[:, None])[:, None, :, None]
+    amax = jnp.max(jnp.where(valid, jnp.abs(x), 0.0), axis=(2, 3))
+    np.testing.assert_allclose(c.scale, amax * A.FP8_HEADROOM / 448, rtol=1e-6)
+    err = jnp.abs(_dequantize(c, 8) - x)
+    # E4M3: 3 mantissa bits (relative half-step 2**-4), subnormal steps of 2**-9 * scale
+    bound = jnp.maximum(2**-4 * jnp.abs(x), 2**-10 * c.scale[:, :, None, None])
+    assert bool((jnp.where(valid, err - bound, 0.0) <= 1e-7).all())
+    # a later token keeps the scale; one far above the headroom saturates, finite
+    big = jnp.full((B, KVH, 1, D), 1e6, jnp.float32)
+    c2 = _write_token(c, big, jnp.int32(8), PAD)
+    np.testing.assert_array_equal(c2.scale, c.scale)
+    top = _dequantize(c2, 9)[:, :, 8]
+    np.testing.assert_allclose(top, jnp.broadcast_to(448 * c.scale[..., None], top.shape))
+
+
+@pytest.mark.parametrize("decode_steps", [0, 11])
+def test_int4_kivi_groups_residual_and_error_bound(decode_steps):
+    """Keys per channel over 16 tokens, values per token over 16 channels; the 3 tokens
+    after the last whole group stay float. Writing token by token gives the same cache
+    contents as one block (group 2 is completed by a decode step when decode_steps=11)."""
+    k, v, kx, vx = _cache("int4", 64, 35, group=16, decode_steps=decode_steps)
+    assert k.codes.shape == (B, KVH, 64, D // 2) and k.scale.shape == (B, KVH, 4, D)
+    assert v.scale.shape == (B, KVH, 64, D // 16) and k.residual.shape == (B, KVH, 16, D)
+    np.testing.assert_array_equal(k.residual[:, :, :3], kx[:, :, 32:35])  # float window
+    kd, vd = _dequantize(k, 35), _dequantize(v, 35)
+    valid = (jnp.arange(35)[None, :] >= PAD[:, None])[:, None, :, None]
+    ks = jnp.repeat(k.scale[:, :, :3].astype(jnp.float32), 16, axis=2)
+    vs = jnp.repeat(v.scale[:, :, :35].astype(jnp.float32), 16, axis=3)
+    for got, want, s in ((kd[:, :, :32], kx[:, :, :32], ks), (vd[:, :, :32], vx[:, :, :32], vs)):
+        err = jnp.where(valid[:, :, :32], jnp.abs(got - want) - 0.5 * s[:, :, :32] * 1.01, 0)
+        assert float(err.max()) <= 1e-6
+    if decode_steps:  # token by token == one block
+        k1, v1, _, _ = _cache("int4", 64, 35, group=16)
+        np.testing.assert_allclose(_dequantize(k1, 35), kd, atol=1e-6)
+        np.testing.assert_allclose(_dequantize(v1, 35), vd, atol=1e-6)
+
+
+def test_int4_key_ranges_leave_padding_out():
+    x = _x(2, 16).at[0, :, 0].set(1e4)  # slot 0 of sequence 0 is padding (PAD[0] = 3)
+    c = _write_block(A.kv_init("int4", "k", (B, KVH, 16, D), group=16), x, 0, PAD)
+    assert float(jnp.max(c.scale[0].astype(jnp.float32))) < 1.0  # not 1e4 / 15
+
+
+# ------------------------------------------------------------------ attention on codes
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
+def test_attention_on_codes_equals_dequantized_and_bounds_float(kind):
+    k, v, kx, vx = _cache(kind, 80, 70, decode_steps=4)
+    q = jnp.asarray(np.random.default_rng(3).standard_normal((B, H, D)).astype(np.float32))
+    hi = jnp.full((B,), 70, jnp.int32)
+    out = _attend_xla(q, k, v, PAD, hi)
+    deq = _float_attention(q, _dequantize(k, 70), _dequantize(v, 70), hi)
+    np.testing.assert_allclose(out, deq, atol=2e-6, rtol=1e-5)
+    ref = _float_attention(q, kx, vx, hi)
+    bound = {"int8": 0.02, "fp8": 0.1, "int4": 0.2}[kind]
+    assert float(jnp.abs(out - ref).max()) <= bound * float(jnp.abs(ref).max())
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("n", [70, 600])  # 600: several parts per head, merged
+def test_native_equals_xla(kind, n):
+    k, v, _, _ = _cache(kind, 640, n, decode_steps=2, seed=n)
+    q = jnp.asarray(np.random.default_rng(4).standard_normal((B, H, D)).astype(np.float32))
+    lo = jnp.array([3, 17], jnp.int32)
+    hi = jnp.array([n, n - 5], jnp.int32)
+    got = A.decode_attention(q, k, v, lo, hi, backend="native")
+    want = _attend_xla(q, k, v, lo, hi)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-5)
+    ref = native.decode_attention_quantized_reference(
+        q, k.codes, k.scale, v.codes, v.scale, lo, hi, scale=D**-0.5
+    )
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=2e-5)
+    # nothing visible: zeros
+    empty = A.decode_attention(q, k, v, hi, hi, backend="native")
+    assert float(jnp.abs(empty).max()) == 0.0
+
+
+@needs_native
+def test_native_is_the_default_for_int8_and_fp8_and_xla_for_int4():
+    k8, _, _, _ = _cache("int8", 16, 4)
+    k4, _, _, _ = _cache("int4", 16, 4)
+    q = jnp.zeros((B, H, D), jnp.float32)
+    from jqx.ops import dispatch
+
+    assert dispatch.choose_attention(q, k8) == "native"
+    assert dispatch.choose_attention(q, k4) == "xla"
+    with pytest.raises(RuntimeError, match="int4 runs on XLA"):
+        dispatch.choose_attention(q, k4, "native")
+
+
+# ------------------------------------------------------------------ the model
+
+CFG = LlamaConfig(
+    vocab_size=96, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, rope_base=1e4
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokens = ["<s>", "</s>"] + [chr(c) for c in range(ord("!"), ord("!") + 94)]
+    tok = Tokenizer.from_gguf_metadata(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
+            "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.eos_token_id": 1,
+        }
+    )
+    return LLM(Llama(CFG, rngs=nnx.Rngs(0)), tok)
+
+
+def test_decode_with_quantized_caches_traces_once_and_bounds_the_logits(tiny):
+    model = tiny.model
+    toks = jnp.asarray(np.random.default_rng(0).integers(2, 96, (2, 30)), jnp.int32)
+    pad = jnp.array([2, 0], jnp.int32)
+    traces = []
+
+    @jax.jit
+    def prefill(cache):
+        return forward(model, toks[:, :20], cache, start=0, pad=pad, logits="last")
+
+    @jax.jit
+    def step(tok, t, cache):
+        traces.append(1)
+        return forward(model, tok[:, None], cache, start=t, pad=pad, logits="last")
+
+    formats = ("float", "int8", "fp8", KVFormat("int4", group=16))
+    out = {}
+    for name in formats:
+        cache = KVCache.init(CFG, batch=2, max_len=64, format=name)
+        _, cache = prefill(cache)
+        rows = []
+        for t in range(20, 30):
+            lg, cache = step(toks[:, t], jnp.int32(t), cache)
+            rows.append(lg)
+        out[str(name)] = jnp.stack(rows)
+    assert len(traces) == len(formats)  # one trace per cache format, none per step
+    ref = out["float"]
+    for name in formats[1:]:
+        err = float(jnp.abs(out[str(name)] - ref).max())
+        assert err <= 0.05 * float(jnp.abs(ref).max()), (name, err)
+
+
+def test_cache_bytes_against_float16_at_smollm2_shape():
+    cfg = LlamaConfig(
+        vocab_size=64, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=64
+    )  # SmolLM2-135M's attention: 3 kv heads of 64
+    n = 2048
+
+    def nbytes(fmt, dtype=jnp.float16):
+        return jax.eval_shape(
+            lambda: KVCache.init(cfg, batch=1, max_len=n, dtype=dtype, format=fmt)
+        ).nbytes
+
+    f16 = nbytes(None)
+    assert f16 == 2 * 30 * 3 * n * 64 * 2
+    assert nbytes("int8") == 2 * 30 * 3 * n * (64 + 2)  # 0.516x: codes + float16 scales
+    assert nbytes("fp8") == 2 * 30 * 3 * (n * 64 + 4)  # 0.5x + one scale per head
+    # int4: codes, a float16 scale and zero per group, the float16 residual window
+    g = 32
+    per_role = n * 32 + 2 * 2 * (n // g) * 64 + g * 64 * 2
+    assert nbytes("int4") == 2 * 30 * 3 * per_role
+    assert nbytes("int4") <= 0.33 * f16
+
+
+def test_generate_stream_and_perplexity_with_each_format(tiny):
+    prompt = [5, 9, 14, 3, 22, 40, 41, 7]
+    ref = tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    for fmt in ("int8", "fp8", KVFormat("int4", group=16)):
+        before = tiny.trace_counts["decode"]
+        g = tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache=fmt)
+        assert len(g.tokens[0]) == 6 and tiny.trace_counts["decode"] - before == 1
+        if fmt == "int8":
+            assert g.tokens == ref.tokens
+    text = "".join(tiny.stream(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache="int8"))
+    assert (
+        text == tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache="int8").text[0]
+    )
+    ids = list(np.random.default_rng(5).integers(2, 96, 48))
+    one_pass = tiny.perplexity(ids, window=24)
+    np.testing.assert_allclose(
+        tiny.perplexity(ids, window=24, kv_cache="float"), one_pass, rtol=1e-4
+    )
+    assert abs(tiny.perplexity(ids, window=24, kv_cache="int8") / one_pass - 1) < 0.01
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_names_the_argument_and_what_works(tiny):
+    with pytest.raises(ValueError, match=r"kv_cache='int3' is not a KV-cache format.*'int8'"):
+        tiny.generate([5, 6], max_new_tokens=2, kv_cache="int3")
+    with pytest.raises(ValueError, match=r"group=48: the head size 32 .* e.g. 8, 16, 32"):
+        tiny.generate([5, 6], max_new_tokens=2, kv_cache=KVFormat("int4", group=48))
+    with pytest.raises(ValueError, match=r"kv_cache=8 must be None"):
+        tiny.perplexity([5, 6, 7, 8], window=4, kv_cache=8)
+    with pytest.raises(ValueError, match="group=1"):
+        A.check_kv_format("int4", 64, group=1)
+    k, v, _, _ = _cache("int8", 16, 4)
+    q = jnp.zeros((B, H, D), jnp.float32)
+    with pytest.raises(ValueError, match="both float arrays or both KVCodes"):
+        A.decode_attention(q, k, jnp.zeros((B, KVH, 16, D)), PAD, PAD + 1)
+    c4 = A.kv_init("int4", "k", (B, KVH, 16, D), group=16)
+    with pytest.raises(ValueError, match="one token per traced start"):
+        jax.jit(A.kv_write)(c4, _x(0, 2), jnp.int32(0), PAD)
