@@ -15,11 +15,20 @@ paper's defaults p=0.7, beta=10, kappa=1.01, 20 iterations, stopping early
 once the mean |W - W_hat| stops decreasing. ``optimize_scale=True`` also refits
 ``S`` (with ``Z``) per group by least squares against ``W - W_e``.
 
-jqx specifics: the iteration starts from jqx's round-to-nearest grid (same
-``S``, rounded ``Z``) and returns, per group, the iterate with the lowest lp
-objective ``sum |W - W_hat|^p`` seen (the start included), so the result is
-never worse than round to nearest in that objective. The zero point stays a
-float (as in HQQ). All groups are optimised at once in one jit-compiled loop.
+By default jqx runs the ``hqq`` library's optimiser (``Quantizer.quantize`` with
+its defaults, ``optimize_weights_proximal_legacy``): the min-max scale, the
+*unrounded* zero point ``Z = qmin - min / S`` as the start, the whole tensor's
+mean |error| as the stopping rule, and the zero point after the last step. (The
+library keeps ``beta`` fixed; jqx multiplies it by ``kappa`` each step as the
+paper does: ``kappa=1.0`` is the library exactly.) Two options keep jqx's
+earlier behaviour: ``round_zero=True`` starts from round to nearest (same ``S``,
+rounded ``Z``: exactly ``jqx.quantize_array(..., scheme="zero_point")``), the
+AutoAWQ-style start, which ends with a larger weight error on the same weight;
+``keep_best=True`` returns, per group, the iterate with the lowest lp objective
+``sum |W - W_hat|^p`` seen (the start included), so the result is never worse
+than its start in that objective. ``benchmarks/hqq_vs_library.py`` measures them
+against the library. The zero point stays a float (as in HQQ). All groups are
+optimised at once in one jit-compiled loop.
 
 Example:
     >>> import jax, jqx
@@ -75,6 +84,8 @@ class HQQ(_grid.IntGridRecipe, Recipe):
     iters: int = 20
     early_stop: bool = True
     optimize_scale: bool = False
+    round_zero: bool = False
+    keep_best: bool = False
 
     def __post_init__(self):
         _grid.int_grid(self.bits, False, who="hqq")
@@ -114,6 +125,13 @@ def hqq(**kw) -> HQQ:
         0.7, 10.0, 1.01, 20, True).
       optimize_scale: also refit the scale (least squares) at each step
         (default False).
+      round_zero: start from round-to-nearest's rounded zero point (the
+        AutoAWQ-style start) instead of the ``hqq`` library's float zero point
+        (default False, as the library).
+      keep_best: return, per group, the iterate with the lowest lp objective
+        (never worse than the start in that objective; lower mean |error|, higher
+        squared error than the library's) instead of the library's last iterate
+        (default False). ``optimize_scale=True`` always keeps the best.
 
     Returns:
       An :class:`HQQ` recipe (calibration-free: apply it with ``jqx.quantize``).
@@ -141,6 +159,29 @@ def lp_objective(err: jax.Array, p: float, axis: int = -1) -> jax.Array:
     return jnp.sum(jnp.power(jnp.abs(err), p), axis=axis)
 
 
+def _library_loop(wg, s, z, recon, recipe: HQQ):
+    """The ``hqq`` library's loop (``optimize_weights_proximal_legacy``): each step
+    measures the whole tensor's mean |error| at the current zero point, then updates
+    the zero point; the first step that does not lower that error is the last one
+    (its update is kept), and the codes are rounded at the final zero point."""
+    p = float(recipe.lp_norm)
+
+    def step(i, c):
+        z, best_err, beta, active = c
+        q, r = recon(s, z)
+        we = shrink_lp(wg - r, beta, p)
+        z_new = jnp.mean(q - (wg - we) / s, axis=1, keepdims=True)
+        err = jnp.mean(jnp.abs(wg - r))
+        z = jnp.where(active, z_new, z)
+        still = active & ((err < best_err) if recipe.early_stop else True)
+        return z, jnp.minimum(best_err, err), beta * recipe.kappa, still
+
+    init = (z, jnp.float32(jnp.inf), jnp.float32(recipe.beta), jnp.bool_(True))
+    z, _, _, _ = lax.fori_loop(0, recipe.iters, step, init)
+    q, r = recon(s, z)
+    return q, s, z, r
+
+
 @functools.partial(jax.jit, static_argnames=("grid", "recipe"))
 def hqq_optimize(wg: jax.Array, grid: _grid.IntGrid, recipe: HQQ):
     """Optimises rows of groups ``wg`` (G, g) (one group per row).
@@ -155,8 +196,15 @@ def hqq_optimize(wg: jax.Array, grid: _grid.IntGrid, recipe: HQQ):
         q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=True)
         return q, _grid.dequant(q, s, z)
 
-    # The start is exactly round to nearest (integer zero added after rounding).
-    q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
+    if recipe.round_zero:
+        # The start is exactly round to nearest (integer zero added after rounding).
+        q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
+    else:
+        # The hqq library's start: the same scale, the zero point left unrounded.
+        z = grid.qmin - jnp.min(wg, axis=1, keepdims=True) / s
+        q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=True)
+    if not recipe.keep_best and not recipe.optimize_scale:
+        return _library_loop(wg, s, z, recon, recipe)
     r0 = _grid.dequant(q0, s, z)
     obj0 = lp_objective(wg - r0, p)
     err0 = jnp.mean(jnp.abs(wg - r0))
