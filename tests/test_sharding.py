@@ -59,6 +59,35 @@ def test_specs_follow_codes_blocks_and_packing():
     assert s.qvalue == P("data", None) and s.scale == P(None, None)
 
 
+def test_g_idx_keeps_per_group_children_whole_along_the_group_axis():
+    import jax
+    import numpy as np
+
+    from jqx.core.numerics import make_qarray
+
+    k, n, g = 32, 8, 8
+    gi = np.random.default_rng(0).permutation(np.arange(k) // g)
+    q = make_qarray(
+        np.zeros((k, n), np.float32),
+        np.ones((k // g, n), np.float32),
+        np.zeros((k // g, n), np.float32),
+        fmt="uint4",
+        shape=(k, n),
+        dtype="float32",
+        block=(g, 1),
+        g_idx=gi,
+    )
+    sizes = {"data": 4, "model": 2}
+    s = jqx.sharding.qarray_specs(q, P("data", "model"), sizes)
+    # Codes shard like the array; any row may read any group's scale, so scales and
+    # zero points stay whole along the group axis, and the index is replicated.
+    assert s.qvalue == P("data", "model") and s.g_idx == P()
+    assert s.scale == P(None, "model") and s.zero_point == P(None, "model")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    placed = jqx.shard({"w": q}, mesh, lambda p, x: P("data", "model"))["w"]
+    np.testing.assert_array_equal(placed.dequantize(), q.dequantize())
+
+
 def test_spec_errors_name_the_leaf():
     q = jqx.int8_weight_only().quantize_weight(jnp.ones((64, 30)))
     with pytest.raises(ValueError, match="dense/kernel.*axis 1 \\(size 30\\).*'data'"):

@@ -101,13 +101,22 @@ def qarray_specs(
                 "leave that axis unsharded (None)."
             )
 
+    # With a group index, any row of the group axis may read any group's scale: the
+    # per-group children stay whole along that axis (g_idx itself is replicated).
+    group_free = entries
+    if q.g_idx is not None:
+        ga = q.group_axis() - (len(q.qvalue.shape) - len(q.shape))
+        group_free = tuple(None if i == ga else e for i, e in enumerate(entries))
+
     def child(name):
         v = getattr(q, name)
         if v is None:
             return None
-        if name == "act_scale":
+        if name in ("act_scale", "g_idx"):
             return PartitionSpec()
-        return _child_spec(tuple(v.shape), q.shape, entries, axis_sizes, path, name)
+        per_group = name in ("scale", "zero_point", "super_scale", "super_zero")
+        ents = group_free if per_group else entries
+        return _child_spec(tuple(v.shape), q.shape, ents, axis_sizes, path, name)
 
     return q.replace(
         qvalue=child("qvalue"),
@@ -118,6 +127,7 @@ def qarray_specs(
         qhigh=child("qhigh"),
         super_scale=child("super_scale"),
         super_zero=child("super_zero"),
+        g_idx=child("g_idx"),
     )
 
 
