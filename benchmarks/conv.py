@@ -7,7 +7,8 @@ a few seconds). Each recipe's quantized parameters run through
 ``jax.jit(model.apply)``. Timings: rounds interleaved over all models (the machine is
 shared and noisy), the median of each model's per-round times, as a ratio to the float
 model's. A per-layer table (``--layers``) times each conv alone with each
-implementation (``jqx.ops.explain_conv`` names them).
+implementation (``jqx.ops.explain_conv`` names them): the native AVX2 kernel
+(``native.conv_int8``, the default on CPU) and XLA's formulations.
 
 Run: python benchmarks/conv.py [--epochs 30] [--rounds 30] [--calls 20] [--layers]
 """
@@ -78,20 +79,23 @@ def layer_table(args) -> None:
     shapes = [(8, 1, 16), (8, 16, 32), (4, 32, 64), (8, 2, 16), (8, 4, 16), (8, 8, 16)]
     r = jqx.int8_dynamic_activation_int8_weight()
     print("\nOne 3x3 SAME conv, batch 64, ms (ratio to the float32 conv)")
-    print("| HxW, in -> out | float32 | xla.conv_int8 | xla.conv_int8_taps | int8 weight-only |")
-    print("|---|---|---|---|---|")
+    print(
+        "| HxW, in -> out | float32 | native.conv_int8 | xla.conv_int8 | xla.conv_int8_taps "
+        "| int8 weight-only |"
+    )
+    print("|---|---|---|---|---|---|")
     for hw, cin, cout in shapes:
         x = jax.random.normal(jax.random.key(0), (64, hw, hw, cin))
         w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
         q = r.quantize_weight(w, path="conv/kernel")
         qw = jqx.int8_weight_only().quantize_weight(w, path="conv/kernel")
 
-        def run(taps_max, kernel, x=x):
+        def run(taps_max, kernel, x=x, backend="xla"):
             with jqx.ops.policy(conv_taps_max_in=taps_max):
                 return (
                     jax.jit(
                         lambda a, k: jqx.ops.conv_general_dilated(
-                            a, k, (1, 1), "SAME", dimension_numbers=dn
+                            a, k, (1, 1), "SAME", dimension_numbers=dn, backend=backend
                         )
                     )
                     .lower(x, kernel)
@@ -102,7 +106,13 @@ def layer_table(args) -> None:
             lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
         )
         t = _interleaved(
-            [(f32, (x, w)), (run(0, q), (x, q)), (run(10**9, q), (x, q)), (run(0, qw), (x, qw))],
+            [
+                (f32, (x, w)),
+                (run(0, q, backend="native"), (x, q)),
+                (run(0, q), (x, q)),
+                (run(10**9, q), (x, q)),
+                (run(0, qw), (x, qw)),
+            ],
             args.rounds,
             args.calls,
         )

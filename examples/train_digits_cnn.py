@@ -8,7 +8,8 @@ The data are the 1797 8x8 digit images that ship inside scikit-learn
 model is an ordinary ``flax.linen`` CNN (three convolutions, a pooling and a dense
 head). After training, the float parameters are quantized with a few recipes and each
 quantized model is scored through ``jqx.quantized(model.apply)``; the W8A8 recipes
-run their convolutions on int8 codes (docs/guide/conv.md). ``benchmarks/conv.py``
+run their convolutions on int8 codes (on CPU, jqx's native AVX2 conv kernel;
+docs/guide/conv.md). ``benchmarks/conv.py``
 imports :func:`train` and adds the speed.
 """
 

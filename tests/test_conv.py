@@ -121,7 +121,8 @@ def test_w8a8_is_exact_on_the_codes(recipe, groups, per_sample, taps):
     x, w = _x((2, 6, 6, 8)), _x((3, 3, 8, 5), 1)
     q = recipe.quantize_weight(w, path="conv/kernel")
     kw = dict(window_strides=(1, 1), padding="SAME")
-    with jqx.ops.policy(platform="cpu", conv_taps_max_in=10**6 if taps else 0):
+    taps_max = 10**6 if taps else 0
+    with jqx.ops.policy(platform="cpu", native_available=False, conv_taps_max_in=taps_max):
         name = jqx.ops.explain_conv(x, q, dimension_numbers=DN, **kw)
         y = jqx.ops.conv_general_dilated(x, q, dimension_numbers=DN, **kw)
     assert name == ("xla.conv_int8_taps" if taps and groups == 1 else "xla.conv_int8")
@@ -239,7 +240,7 @@ def test_property_matches_float_conv_of_quantized_operands(c):
 def test_dispatch_and_backends():
     x, w = _x((1, 4, 4, 2)), _x((3, 3, 2, 3), 1)
     q = W8A8.quantize_weight(w, path="conv/kernel")
-    with jqx.ops.policy(platform="cpu"):
+    with jqx.ops.policy(platform="cpu", native_available=False):
         assert jqx.ops.explain_conv(x, q, (1, 1), "SAME", dimension_numbers=DN) == (
             "xla.conv_int8_taps"
         )
@@ -257,6 +258,116 @@ def test_dispatch_and_backends():
     )
     with pytest.raises(ValueError, match="has 3 dims but the input"):
         jqx.ops.conv_general_dilated(x, W8A8.quantize_weight(w[0]), (1,), "SAME")
+
+
+# --------------------------------------------------------------------------- native kernel
+
+
+def _need_native_conv():
+    from jqx.kernels.cpu import native  # noqa: PLC0415
+
+    if jax.default_backend() != "cpu" or not native.conv_available():
+        pytest.skip(
+            "the native int8 conv kernel (jqx/kernels/cpu/conv_int8.cc) cannot run here: "
+            + (native.conv_status() if jax.default_backend() == "cpu" else "not on CPU")
+            + " (it needs an x86-64 CPU with AVX2 and a C++17 compiler)"
+        )
+
+
+def _static(q, scale):
+    r = jqx.int8_static_activation_int8_weight()
+    return r.quantize_weight(q, path="conv/kernel").replace(
+        act_scale=jnp.asarray([scale], jnp.float32)
+    )
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kw",
+    [
+        ((2, 6, 6, 8), (3, 3, 8, 5), {}),
+        ((3, 7, 9, 1), (3, 3, 1, 16), {}),  # one input channel (padded to a pair)
+        ((2, 7, 9, 3), (3, 2, 3, 20), dict(window_strides=(2, 1), padding="VALID")),
+        (
+            (2, 9, 9, 4),
+            (3, 3, 4, 17),
+            dict(window_strides=(1, 2), padding=((2, 0), (1, 3)), rhs_dilation=(2, 1)),
+        ),
+        ((4, 10, 3), (3, 3, 7), dict(window_strides=(1,), dimension_numbers=("NWC", "WIO", "NWC"))),
+        ((2, 3, 6, 6), (3, 3, 3, 5), dict(dimension_numbers=("NCHW", "HWIO", "NCHW"))),
+    ],
+    ids=["same", "one-channel", "strided-valid", "pads-dilation", "1d", "nchw"],
+)
+@pytest.mark.parametrize("act", ["per-sample", "per-tensor", "static"])
+def test_native_conv_is_bit_identical_to_xla(x_shape, w_shape, kw, act):
+    """The native kernel forms the same codes, exact int32 sums and the same rescale
+    as xla.conv_int8: identical floats, not merely close."""
+    _need_native_conv()
+    kw = {"window_strides": (1,) * (len(x_shape) - 2), "padding": "SAME", **kw}
+    kw.setdefault("dimension_numbers", DN)
+    x, w = 3.0 * _x(x_shape), _x(w_shape, 1)
+    if act == "static":  # a small scale: codes clip at -128 and 127
+        q = _static(w, 0.5 * float(jnp.max(jnp.abs(x))) / 127.0)
+    else:
+        q = (W8A8 if act == "per-sample" else W8A8_TENSOR).quantize_weight(w, path="conv/kernel")
+
+    def f(backend):
+        return jax.jit(lambda x, q: jqx.ops.conv_general_dilated(x, q, backend=backend, **kw))
+
+    assert jqx.ops.explain_conv(x, q, backend="native", **kw) == "native.conv_int8"
+    y, ref = f("native")(x, q), f("xla")(x, q)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_native_conv_dispatch():
+    x, w = _x((64, 8, 8, 16)), _x((3, 3, 16, 32), 1)
+    q = W8A8.quantize_weight(w, path="conv/kernel")
+    args = ((1, 1), "SAME")
+    with jqx.ops.policy(platform="cpu", native_available=True):
+        assert jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN) == "native.conv_int8"
+        assert jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN, backend="xla") == (
+            "xla.conv_int8"
+        )
+        # Grouped convs and input dilation are not the kernel's: XLA, even when asked.
+        grouped = W8A8.quantize_weight(_x((3, 3, 8, 32), 1), path="conv/kernel")
+        assert jqx.ops.explain_conv(
+            x, grouped, *args, dimension_numbers=DN, feature_group_count=2, backend="native"
+        ) == ("xla.conv_int8")
+        assert jqx.ops.explain_conv(
+            x, q, (1, 1), ((1, 1), (1, 1)), (2, 2), dimension_numbers=DN, backend="native"
+        ) == ("xla.conv_int8")
+        # Weight-only kernels have no int8 activations to convolve.
+        wo = jqx.int8_weight_only().quantize_weight(w, path="conv/kernel")
+        assert jqx.ops.explain_conv(x, wo, *args, dimension_numbers=DN) == "xla.conv_dequantize"
+    with jqx.ops.policy(platform="cpu", native_available=True, conv_native_min_work=1 << 40):
+        assert jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN) == "xla.conv_int8"
+    with jqx.ops.policy(platform="cuda", native_available=True):
+        assert jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN) == "xla.conv_int8"
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        assert jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN) == "xla.conv_int8"
+        with pytest.raises(RuntimeError, match=r"backend='native'.*native_available=False"):
+            jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN, backend="native")
+
+
+def test_native_conv_in_a_model_matches_xla():
+    """The digits-sized CNN through jqx.quantized: the native path gives the XLA
+    path's logits exactly, dynamic and calibrated static."""
+    _need_native_conv()
+    m = _CNN()
+    x = _x((4, 8, 8, 1))
+    v = m.init(jax.random.key(1), x)
+    for q in (
+        jqx.quantize(v, W8A8),
+        jqx.calibrate(m.apply, v, [x], jqx.int8_static_activation_int8_weight(), progress=False),
+    ):
+        # A policy is read at trace time: a fresh wrapper per policy.
+        with jqx.ops.policy(native_available=False):
+            ref = jax.jit(jqx.quantized(m.apply))(q, x)
+        with jqx.ops.policy(conv_native_min_work=0):
+            fwd = jqx.quantized(m.apply)
+            assert "ffi_call" in str(jax.make_jaxpr(fwd)(q, x))
+            y = jax.jit(fwd)(q, x)
+        np.testing.assert_array_equal(y, ref)
 
 
 # --------------------------------------------------------------------------- models
@@ -284,8 +395,10 @@ def test_quantized_cnn_runs_int8_convs_and_calibrates():
     y_f = m.apply(v, x)
     q = jqx.quantize(v, W8A8)
     fwd = jqx.quantized(m.apply)
-    # Conv_0 runs as taps (one int8 dot per window position), the rest as int8 convs.
-    assert _int32_convs(fwd, q, x) >= 4
+    # Conv_0 runs as taps (one int8 dot per window position), the rest as int8 convs
+    # (on XLA: the native kernel is one custom call).
+    with jqx.ops.policy(native_available=False):
+        assert _int32_convs(fwd, q, x) >= 4
     qs = jqx.calibrate(m.apply, v, [x], jqx.int8_static_activation_int8_weight(), progress=False)
     # Conv_0's input is the image itself: its scale is max|x| / 127.
     c0 = qs["params"]["Conv_0"]["kernel"].act_scale
@@ -302,7 +415,8 @@ def test_flax_adapters():
     qv = jqx.quantize(v, W8A8.replace(conv_kernels=True))
     ref = jqx.quantized(nn.Conv(4, (3, 3)).apply)(qv, x)
     np.testing.assert_allclose(conv.apply(qv, x), ref, rtol=1e-6, atol=1e-6)
-    assert _int32_convs(conv.apply, qv, x) >= 1  # 3 input channels: one int8 dot per tap
+    with jqx.ops.policy(native_available=False):  # XLA's formulation (the native one is a call)
+        assert _int32_convs(conv.apply, qv, x) >= 1  # 3 input channels: one int8 dot per tap
     m = qnnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
     gdef, state = nnx.split(m)
     qs = jqx.quantize(state, W8A8.replace(conv_kernels=True))
@@ -340,7 +454,9 @@ def test_report_says_what_runs():
             or label in ("-",)
             or (label == "dynamic:int8")
         )
-        name = jqx.ops.explain_conv(x, q["Conv_0"]["kernel"], (1, 1), "SAME", dimension_numbers=DN)
+        k = q["Conv_0"]["kernel"]
+        with jqx.ops.policy(native_available=False):  # the XLA names (native: test_native_*)
+            name = jqx.ops.explain_conv(x, k, (1, 1), "SAME", dimension_numbers=DN)
         assert name in runs[label]
 
 

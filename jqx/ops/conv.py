@@ -24,7 +24,9 @@ What is computed (the problem's ``kind``):
   convolution defines: LLM.int8(), GGUF per-block): ``conv(x, W.dequantize())``, the
   activations left in float (``jqx.report`` says so).
 
-Which implementation runs, and why: docs/internals/dispatch.md ("Convolutions").
+Which implementation runs, and why: docs/internals/dispatch.md ("Convolutions"). On
+CPU, int8 W8A8 convolutions run on the native AVX2 kernel (``native.conv_int8``,
+bit-identical to XLA's int8 convolution) where it is available.
 
 Example:
     >>> import jax, jax.numpy as jnp, jqx
@@ -149,6 +151,22 @@ class ConvProblem:
     def int8_codes(self) -> bool:
         """:attr:`factored` with int8 weight and activation codes (int32 sums)."""
         return self.factored and self.weight_format == "int8" and self.act_format == "int8"
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        """The output's spatial sizes (input dilation included)."""
+        return tuple(
+            ((n - 1) * ld + 1 + lo + hi - (k - 1) * d - 1) // s + 1
+            for n, (lo, hi), k, d, s, ld in zip(
+                self.x_shape[1:-1],
+                self.padding,
+                self.w_shape[:-2],
+                self.rhs_dilation,
+                self.window_strides,
+                self.lhs_dilation,
+                strict=True,
+            )
+        )
 
     @property
     def act_groups(self) -> int:
@@ -340,6 +358,69 @@ class ConvInt8Taps(ConvImplementation):
         return (acc.astype(jnp.float32) * xs * ws).astype(p.out_dtype)
 
 
+class ConvNativeInt8(ConvImplementation):
+    """W8A8 int8 on jqx's native AVX2 kernel (``jqx/kernels/cpu/conv_int8.cc``): x
+    quantized, the windows gathered, int8 x int8 -> int32 sums and the rescale in one
+    custom call, no im2col. Bit-identical to :class:`ConvInt8` (same codes, exact
+    sums, the rescale in the same order). 1-D and 2-D, strides, padding of at least 0,
+    any kernel dilation; one scale per output channel, no groups, no input dilation."""
+
+    name = "native.conv_int8"
+
+    def supports(self, p: ConvProblem) -> bool:
+        return (
+            p.int8_codes
+            and p.nd in (1, 2)
+            and p.in_groups == 1
+            and p.feature_group_count == 1
+            and all(d == 1 for d in p.lhs_dilation)
+            and all(lo >= 0 and hi >= 0 for lo, hi in p.padding)
+            and all(s > 0 for s in p.x_shape + p.w_shape)
+            and all(o > 0 for o in p.out_spatial)
+        )
+
+    def run(self, x, q, p):
+        from jqx.kernels.cpu import native  # noqa: PLC0415 (builds the kernel on first use)
+
+        if not native.conv_available():
+            raise RuntimeError(
+                f"the native int8 convolution kernel cannot run here: {native.conv_status()}. "
+                "Use backend=None (the measured choice) or backend='xla'."
+            )
+        wq = kernel_in(p, q.codes()).astype(jnp.int8)
+        ws = _weight_scale(q, p)[0]
+        if p.act_kind == "static":
+            mode, xs = 0, q.act_scale.astype(jnp.float32).reshape(1)
+        else:
+            mode, xs = (2 if p.act_granularity == "per_token" else 1), jnp.ones((1,), jnp.float32)
+        one = p.nd == 1  # a 1-D conv is a 2-D one of height 1
+        xf = x.astype(jnp.float32)
+        if one:
+            xf, wq = xf[:, None], wq[None]
+        strides = (1,) * one + p.window_strides
+        pads = ((0, 0),) * one + p.padding
+        dil = (1,) * one + p.rhs_dilation
+        out = (1,) * one + p.out_spatial
+        y = jax.ffi.ffi_call(
+            native.CONV_INT8_TARGET,
+            jax.ShapeDtypeStruct((xf.shape[0], *out, p.w_shape[-1]), jnp.float32),
+            vmap_method="sequential",
+        )(
+            xf,
+            wq,
+            ws,
+            xs,
+            sh=np.int64(strides[0]),
+            sw=np.int64(strides[1]),
+            ph=np.int64(pads[0][0]),
+            pw=np.int64(pads[1][0]),
+            dh=np.int64(dil[0]),
+            dw=np.int64(dil[1]),
+            mode=np.int64(mode),
+        )
+        return (y[:, 0] if one else y).astype(p.out_dtype)
+
+
 class ConvDecodedF32(ConvImplementation):
     """W8A8 with scales that factor out but codes that are not both int8 (fp8): the
     decoded codes (exact in float32) convolved in float32, then both scales."""
@@ -376,7 +457,15 @@ CONV_INT8 = ConvInt8()
 CONV_INT8_TAPS = ConvInt8Taps()
 CONV_DECODED_F32 = ConvDecodedF32()
 CONV_SIMULATED = ConvSimulated()
-ALL = (CONV_INT8_TAPS, CONV_INT8, CONV_DECODED_F32, CONV_SIMULATED, CONV_DEQUANTIZE)
+CONV_NATIVE_INT8 = ConvNativeInt8()
+ALL = (
+    CONV_NATIVE_INT8,
+    CONV_INT8_TAPS,
+    CONV_INT8,
+    CONV_DECODED_F32,
+    CONV_SIMULATED,
+    CONV_DEQUANTIZE,
+)
 
 
 # --------------------------------------------------------------------------- the product
@@ -532,9 +621,11 @@ def conv_general_dilated(
         feature_group_count, batch_group_count, precision, preferred_element_type: as
         for ``lax.conv_general_dilated`` (``lhs_dilation`` is how transposed
         convolutions, e.g. ``lax.conv_transpose``, reach it).
-      backend: ``None`` (the measured choice), ``"xla"``, ``"native"`` (raises where
-        jqx's native kernels cannot run; no native kernel computes convolutions, so
-        XLA runs them) or ``"pallas"`` (likewise XLA). See docs/internals/dispatch.md.
+      backend: ``None`` (the measured choice: on CPU, int8 W8A8 convolutions on jqx's
+        native AVX2 kernel where it applies), ``"xla"``, ``"native"`` (that kernel
+        wherever it supports the convolution, XLA for the rest; raises where it cannot
+        run) or ``"pallas"`` (XLA: no Pallas conv kernel). See
+        docs/internals/dispatch.md.
 
     Returns:
       The convolution, in ``lax``'s output layout. Bias is not added (Flax adds it).
@@ -599,9 +690,12 @@ def explain_conv(
         >>> import jax.numpy as jnp, jqx
         >>> w = jqx.int8_dynamic_activation_int8_weight().quantize_weight(
         ...     jnp.ones((3, 3, 16, 8)), path="conv/kernel")
-        >>> jqx.ops.explain_conv(jnp.ones((2, 8, 8, 16)), w, (1, 1), "SAME",
-        ...                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        >>> x, dn = jnp.ones((2, 8, 8, 16)), ("NHWC", "HWIO", "NHWC")
+        >>> jqx.ops.explain_conv(x, w, (1, 1), "SAME", dimension_numbers=dn, backend="xla")
         'xla.conv_int8'
+        >>> with jqx.ops.policy(platform="cpu", native_available=True):  # the AVX2 kernel
+        ...     jqx.ops.explain_conv(x, w, (1, 1), "SAME", dimension_numbers=dn)
+        'native.conv_int8'
     """
     _check_backend(backend)
     if not is_qarray(rhs):

@@ -175,7 +175,10 @@ class Policy:
         off its fast path).
       conv_taps_max_in: W8A8 int8 convolutions with at most this many input channels
         run as one int8 matmul per window position (XLA:CPU); more run as XLA's int8
-        convolution.
+        convolution. Applies where the native conv kernel does not run.
+      conv_native_min_work: multiply-adds (output elements x window x input channels)
+        from which a W8A8 int8 convolution runs on the native AVX2 kernel
+        (``native.conv_int8``) rather than XLA, when that kernel is available.
       pallas_table: measured Pallas winners ``{device_kind: {op: {m_bucket: winner}}}``;
         None: :data:`MEASURED`.
     """
@@ -193,6 +196,7 @@ class Policy:
     two_level_min_weight: int = 1 << 20
     pad_single_row: bool = True
     conv_taps_max_in: int = 4
+    conv_native_min_work: int = 0
     pallas_table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None
 
 
@@ -262,14 +266,16 @@ def _platform(pol: Policy) -> str:
 
 def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:
     """``"available"``, or why a native kernel library may not run: ``"avx512"`` (the
-    int8 GEMM and the 4-bit kernel) or ``"gguf"`` (the AVX2 GGUF block kernels and
-    decode attention)."""
+    int8 GEMM and the 4-bit kernel), ``"gguf"`` (the AVX2 GGUF block kernels and
+    decode attention) or ``"conv"`` (the AVX2 int8 convolution)."""
     if platform != "cpu":
         return f"they run on the CPU backend and this one is {platform!r}"
     if pol.native_available is not None:
         return "available" if pol.native_available else "off (policy native_available=False)"
     if os.environ.get("JQX_NATIVE", "1") == "0":
         return "disabled by JQX_NATIVE=0"
+    if library == "conv":
+        return _native_kernels.conv_status()
     return _native_kernels.gguf_status() if library == "gguf" else _native_kernels.status()
 
 
@@ -322,6 +328,9 @@ def _xla(p: Problem, pol: Policy, cpu: bool) -> Implementation:
         return impl_xla.LLM_INT8
     if p.kind == "gguf_q8":
         return impl_xla.GGUF_Q8
+    if p.kind == "mx":
+        # No MX hardware path here (CPU); the exact emulation.
+        return impl_xla.MX_EMULATED
     return impl_xla.DEQUANTIZE_DOT
 
 
@@ -395,31 +404,55 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
     return _xla(p, pol, cpu)
 
 
+def _conv_work(p) -> int:
+    """Multiply-adds of a convolution: output elements x window x input channels."""
+    n = p.x_shape[0] * p.w_shape[-1] * p.in_channels
+    for k in p.w_shape[:-2]:
+        n *= k
+    for o in p.out_spatial:
+        n *= o
+    return n
+
+
 def choose_conv(p, backend: str | None = None):
     """The implementation that runs the convolution ``p`` (a
     :class:`jqx.ops.conv.ConvProblem`) under ``backend`` and the current policy.
 
-    No native or Pallas kernel computes convolutions: every backend runs an XLA
-    formulation, and ``backend="native"`` raises where the native kernels cannot run,
-    as for matmuls. On CPU, int8 W8A8 convolutions with few input channels run as one
-    int8 matmul per window position (``Policy.conv_taps_max_in``).
+    On CPU, int8 W8A8 convolutions run on the native AVX2 kernel
+    (``native.conv_int8``) where it supports them, is available and the convolution
+    has at least ``Policy.conv_native_min_work`` multiply-adds; ``backend="native"``
+    asks for it whatever the size and raises where it cannot run, as for matmuls. Otherwise XLA: int8 W8A8 convolutions with few input
+    channels as one int8 matmul per window position (``Policy.conv_taps_max_in``), the
+    rest as XLA's convolutions. No Pallas kernel computes convolutions.
 
     Raises:
-      RuntimeError: ``backend="native"`` where the native kernels cannot run.
+      RuntimeError: ``backend="native"`` where the native kernel cannot run.
     """
     from jqx.ops import conv as _conv  # noqa: PLC0415 (conv imports this module)
 
     pol = current_policy()
     platform = _platform(pol)
+    native = _conv.CONV_NATIVE_INT8
     if backend == "native":
-        reason = _native_reason(pol, platform)
+        reason = _native_reason(pol, platform, "conv")
         if reason != "available":
             raise RuntimeError(
                 f"backend='native' asks for jqx's native CPU kernels, which cannot run here: "
                 f"{reason}. Use backend=None (the measured choice) or backend='xla'."
             )
+        if native.supports(p):
+            return native
     if p.kind != "w8a8":
         return _conv.CONV_DEQUANTIZE
+    if (
+        backend is None
+        and platform == "cpu"
+        and native.supports(p)
+        and _conv_work(p) >= pol.conv_native_min_work
+        # Availability last: asking builds the kernel, only once a conv needs it.
+        and _native_reason(pol, platform, "conv") == "available"
+    ):
+        return native
     if p.int8_codes:
         taps = _conv.CONV_INT8_TAPS
         if platform == "cpu" and taps.supports(p) and p.in_channels <= pol.conv_taps_max_in:

@@ -95,6 +95,9 @@ __all__ = [
     "GGUF_KINDS",
     "ATTENTION_TARGET",
     "ATTENTION_Q_TARGET",
+    "CONV_INT8_TARGET",
+    "conv_available",
+    "conv_status",
 ]
 
 TARGET = "jqx_int8_gemm"
@@ -107,6 +110,7 @@ GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the in
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
+CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
@@ -148,6 +152,13 @@ _GGUF = _Library(
         ATTENTION_TARGET: "JqxDecodeAttention",
         ATTENTION_Q_TARGET: "JqxDecodeAttentionQ",
     },
+)
+_CONV = _Library(
+    stem="conv_int8",
+    flags=(*_COMMON_FLAGS, "-mavx2", "-mfma"),
+    cpu_check="jqx_conv_cpu_supported",
+    cpu_needs="AVX2",
+    targets={CONV_INT8_TARGET: "JqxConvInt8"},
 )
 
 
@@ -282,6 +293,33 @@ def gguf_status() -> str:
     """
     gguf_available()
     return _GGUF.reason
+
+
+def conv_available() -> bool:
+    """Whether the W8A8 int8 convolution kernel (``conv_int8.cc``; AVX2, used by
+    ``jqx.ops.conv_general_dilated`` as ``native.conv_int8``) is built, loaded and
+    registered. Builds it on the first call; a failure is remembered, see
+    :func:`conv_status`.
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.conv_available() in (True, False)
+        True
+    """
+    return _available(_CONV)
+
+
+def conv_status() -> str:
+    """``"available"``, or why the int8 convolution kernel is not used (no compiler,
+    not x86-64, no AVX2, a failed build).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> isinstance(native.conv_status(), str)
+        True
+    """
+    conv_available()
+    return _CONV.reason
 
 
 def gguf_num_threads() -> int:
