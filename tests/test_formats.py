@@ -19,6 +19,8 @@ ALL = [
     "fp8_e4m3",
     "fp8_e5m2",
     "fp4_e2m1",
+    "fp6_e2m3",  # the microscaling issue's FP6 elements
+    "fp6_e3m2",
     "fp4_e1m2",
     "fp4_e3m0",
     "nf4",

@@ -54,7 +54,8 @@ class Format:
     Attributes:
       name: canonical name, e.g. ``"fp8_e4m3"``.
       kind: ``"int"`` (integer codes), ``"float"`` (a dtype XLA computes in) or
-        ``"table"`` (4-bit codes decoded by a 16-entry table).
+        ``"table"`` (4-bit codes decoded by a 16-entry table; the FP6 formats of
+        MX: 6-bit codes, one per byte, a 64-entry table).
       bits: bits per stored element.
       signed: whether negative values are representable.
       exponent_bits, mantissa_bits: the float split (0, bits-1 for ints).
@@ -67,7 +68,7 @@ class Format:
       has_inf, has_nan, has_subnormals: special values of the encoding.
       values: sorted distinct representable values (formats of <= 8 bits).
       codes: the stored code of each entry of ``values``.
-      decode_table: value of each of the 16 codes of a ``table`` format.
+      decode_table: value of each code of a ``table`` format.
       aliases: other accepted names.
     """
 
@@ -243,9 +244,9 @@ def minifloat_values(exponent_bits: int, mantissa_bits: int, bias: int) -> np.nd
     return out
 
 
-def _ml_dtypes_table(dtype) -> np.ndarray:
-    """Values of the 16 codes of a 4-bit ml_dtypes float, in code order."""
-    return np.arange(16, dtype=np.uint8).view(dtype).astype(np.float64)
+def _ml_dtypes_table(dtype, bits: int = 4) -> np.ndarray:
+    """Values of the ``2**bits`` codes of a narrow ml_dtypes float, in code order."""
+    return np.arange(2**bits, dtype=np.uint8).view(dtype).astype(np.float64)
 
 
 def _table_format(
@@ -257,6 +258,7 @@ def _table_format(
     aliases=(),
     description="",
     info=None,
+    bits: int = 4,
 ) -> Format:
     table = np.asarray(table, np.float64)
     order: dict[float, int] = {}
@@ -291,13 +293,14 @@ def _table_format(
     return Format(
         name=name,
         kind="table",
-        bits=4,
+        bits=bits,
         signed=True,
         exponent_bits=e,
         mantissa_bits=m,
         bias=bias,
         storage_dtype="uint8",
-        packed=True,
+        # 4-bit codes two per byte; 6-bit (FP6) codes one per byte, unpacked.
+        packed=bits == 4,
         qmin=-mx,
         qmax=mx,
         max=mx,
@@ -364,6 +367,28 @@ def _build() -> dict[str, Format]:
             ("e2m1", "float4_e2m1fn", "fp4", "mxfp4"),
             "OCP MX FP4 E2M1: bias 1, one subnormal (0.5), no inf/NaN",
             info=ml_dtypes.finfo(ml_dtypes.float4_e2m1fn),
+        ),
+        _table_format(
+            "fp6_e2m3",
+            _ml_dtypes_table(ml_dtypes.float6_e2m3fn, 6),
+            2,
+            3,
+            1,
+            ("e2m3", "float6_e2m3fn", "fp6"),
+            "OCP MX FP6 E2M3: bias 1, no inf/NaN, max 7.5 (one code per byte)",
+            info=ml_dtypes.finfo(ml_dtypes.float6_e2m3fn),
+            bits=6,
+        ),
+        _table_format(
+            "fp6_e3m2",
+            _ml_dtypes_table(ml_dtypes.float6_e3m2fn, 6),
+            3,
+            2,
+            3,
+            ("e3m2", "float6_e3m2fn"),
+            "OCP MX FP6 E3M2: bias 3, no inf/NaN, max 28 (one code per byte)",
+            info=ml_dtypes.finfo(ml_dtypes.float6_e3m2fn),
+            bits=6,
         ),
         _table_format(
             "fp4_e1m2",

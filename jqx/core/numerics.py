@@ -853,11 +853,13 @@ def _check_layout_extensions(zero_kind, zero_point, super_scale, super_zero, sup
         if super_zero is not None:
             named.append(("zero_point", zero_point))
         for name, c in named:
-            if not jnp.issubdtype(jnp.asarray(c).dtype, jnp.integer):
+            dt = jnp.asarray(c).dtype
+            # NVFP4's block scales are FP8 E4M3 codes under a float32 per-tensor scale.
+            if not (jnp.issubdtype(dt, jnp.integer) or dt == jnp.float8_e4m3fn):
                 raise TypeError(
-                    f"with super_scale, {name} holds integer codes per block; got dtype "
-                    f"{jnp.asarray(c).dtype}. Pass the codes (e.g. uint8) and the float "
-                    "factor as super_scale."
+                    f"with super_scale, {name} holds integer (or FP8 E4M3) codes per block; "
+                    f"got dtype {dt}. Pass the codes (e.g. uint8) and the float factor as "
+                    "super_scale."
                 )
 
 

@@ -56,6 +56,10 @@ from jqx.core import formats as _formats
 __all__ = ["QArray", "ActSpec", "pack_4bit", "unpack_4bit", "pack_bits", "unpack_bits", "is_qarray"]
 
 
+# The MX element formats (jqx.core.mx.MX_ELEMENTS; that module imports this one).
+_MX_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class ActSpec:
     """How the activations entering a quantized weight's matmul are quantized.
@@ -69,15 +73,29 @@ class ActSpec:
         ``"per_block"``: one float16 scale per row and per block of the weight along
         the contraction, int8 only (llama.cpp's Q8_0/Q8_1 activations; for GGUF block
         layouts, see ``jqx.core.numerics.quantize_activation_blocks``).
+        ``"mx"``: per block of 32 along the contraction with an E8M0 scale, in any MX
+        element format (``jqx.core.mx``; dynamic only).
       threshold: LLM.int8() outlier threshold on |x|.
     """
 
     kind: Literal["dynamic", "static", "llm_int8"] = "dynamic"
     format: str = "int8"
-    granularity: Literal["per_token", "per_tensor", "per_block"] = "per_token"
+    granularity: Literal["per_token", "per_tensor", "per_block", "mx"] = "per_token"
     threshold: float | None = None
 
     def __post_init__(self):
+        if self.granularity == "mx":
+            # MX activations: per block of 32 along the contraction, E8M0 scales
+            # (jqx.core.mx); any MX element format, dynamic only.
+            fmt = _formats.get(self.format)
+            if self.kind != "dynamic" or fmt.name not in _MX_ELEMENTS:
+                raise ValueError(
+                    f"ActSpec granularity='mx' is dynamic with an MX element format "
+                    f"({', '.join(_MX_ELEMENTS)}); got kind={self.kind!r}, "
+                    f"format={self.format!r}."
+                )
+            object.__setattr__(self, "format", fmt.name)
+            return
         if self.kind not in ("dynamic", "static", "llm_int8"):
             raise ValueError(
                 f"ActSpec kind={self.kind!r} is not supported; use 'dynamic', 'static' or 'llm_int8'."
@@ -85,7 +103,7 @@ class ActSpec:
         if self.granularity not in ("per_token", "per_tensor", "per_block"):
             raise ValueError(
                 f"ActSpec granularity={self.granularity!r} is not supported; use 'per_token' or "
-                "'per_tensor' (or 'per_block' for GGUF block layouts)."
+                "'per_tensor' (or 'per_block' for GGUF block layouts, 'mx' for MX blocks)."
             )
         if self.granularity == "per_block" and (self.kind, self.format) != ("dynamic", "int8"):
             raise ValueError(

@@ -285,7 +285,29 @@ class GGUFQ8(Implementation):
         return y
 
 
+class MXEmulated(Implementation):
+    """MX activations (``act.granularity == "mx"``): ``x`` rounded per block of 32 along
+    K through its MX format, then a float32 dot with the dequantized weight at HIGHEST
+    precision. MX values and their pairwise products are exact in float32, so this is
+    the block-scaled dot up to float32 accumulation (the emulation for backends without
+    MX hardware)."""
+
+    name = "xla.mx_emulated"
+
+    def supports(self, p: Problem) -> bool:
+        return p.kind == "mx"
+
+    def run(self, x, q, p):
+        from jqx.core.mx import fake_quant_mx  # noqa: PLC0415
+
+        xc = p.dimension_numbers[0][0][0]
+        xh = fake_quant_mx(x, p.act_format, axis=xc)
+        pf = dataclasses.replace(p, compute_dtype=_F32, precision=lax.Precision.HIGHEST)
+        return dequantize_dot(xh, q.replace(act=None), pf)
+
+
 DEQUANTIZE_DOT = DequantizeDot()
+MX_EMULATED = MXEmulated()
 DECODED_DOT = DecodedDot()
 TWO_LEVEL_INT8 = TwoLevelInt8()
 INT32_DOT = Int32Dot()
@@ -307,4 +329,5 @@ ALL = (
     SIMULATED_W8A8,
     LLM_INT8,
     GGUF_Q8,
+    MX_EMULATED,
 )

@@ -248,6 +248,14 @@ def describe(
                 "Use act=None or a per_token activation spec."
             )
         kind = "gguf_q8"
+    elif act is not None and act.granularity == "mx":
+        if len(xc) != 1 or x_shape[xc[0]] % 32:
+            raise ValueError(
+                f"jqx.ops.dot_general: MX activations (act={act}) are quantized per block of "
+                f"32 along one contracted dim; got contracting dims {tuple(xc)} of the "
+                f"activation {tuple(x_shape)}. Contract one dim whose size is a multiple of 32."
+            )
+        kind = "mx"
     elif q.extensions:
         # Layouts no fast path reads (float minimum, two-level scales, split code
         # planes, e.g. GGUF imports): only q.dequantize() knows them.

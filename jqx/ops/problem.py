@@ -25,7 +25,7 @@ from jqx.core import formats as _formats
 from jqx.core.numerics import absmax_scale, quantize_activation
 from jqx.core.qarray import QArray
 
-Kind = Literal["weight_only", "w8a8", "llm_int8", "dequantize", "gguf_q8"]
+Kind = Literal["weight_only", "w8a8", "llm_int8", "dequantize", "gguf_q8", "mx"]
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
 
 _F32 = np.dtype(np.float32)
@@ -42,6 +42,8 @@ class Problem:
         ``"llm_int8"`` (the LLM.int8() decomposition) or ``"dequantize"`` (``x .
         dequantize(W)`` with an ``in_scale`` that is not a function of the contraction
         index alone, so it cannot move onto ``x``).
+        ``"mx"``: ``x`` quantized per block of 32 along K to an MX format (``W.act``
+        with granularity ``"mx"``), times ``dequantize(W)``.
       dimension_numbers: ``((x_contract, w_contract), (x_batch, w_batch))``, x first.
       x_shape: the activation's shape.
       rows: elements of ``x`` per contraction (product of its batch and free dims).
