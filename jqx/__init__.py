@@ -17,10 +17,14 @@ import importlib as _importlib
 
 from jqx import ops as ops
 from jqx import transform as transform
+from jqx.calibration.allocate import Allocation as Allocation
+from jqx.calibration.allocate import allocate as allocate
 from jqx.calibration.engine import calibrate as calibrate
 from jqx.core import formats as formats
 from jqx.core import sharding as sharding
 from jqx.core.formats import Format as Format
+from jqx.core.mx import quantize_mx as quantize_mx
+from jqx.core.mx import quantize_nvfp4 as quantize_nvfp4
 from jqx.core.numerics import Granularity as Granularity
 from jqx.core.numerics import compute_scale as compute_scale
 from jqx.core.numerics import dequantize_array as dequantize_array
@@ -57,6 +61,12 @@ from jqx.recipes.gptq import gptq as gptq
 from jqx.recipes.hqq import HQQ as HQQ
 from jqx.recipes.hqq import hqq as hqq
 from jqx.recipes.llm_int8 import llm_int8_matmul as llm_int8_matmul
+from jqx.recipes.mx import MX as MX
+from jqx.recipes.mx import mx_dynamic_activation_mx_weight as mx_dynamic_activation_mx_weight
+from jqx.recipes.mx import mx_weight_only as mx_weight_only
+from jqx.recipes.mx import mxfp4_weight_only as mxfp4_weight_only
+from jqx.recipes.mx import mxfp8_weight_only as mxfp8_weight_only
+from jqx.recipes.mx import nvfp4_weight_only as nvfp4_weight_only
 from jqx.recipes.presets import fp4_weight_only as fp4_weight_only
 from jqx.recipes.presets import (
     fp8_dynamic_activation_fp8_weight as fp8_dynamic_activation_fp8_weight,
@@ -109,15 +119,18 @@ def __getattr__(name):
 __all__ = [
     "AWQ",
     "ActSpec",
+    "Allocation",
     "CheckpointError",
     "Format",
     "GPTQ",
     "Granularity",
     "HQQ",
+    "MX",
     "QArray",
     "RTN",
     "Recipe",
     "SmoothQuant",
+    "allocate",
     "awq",
     "calibrate",
     "compute_scale",
@@ -146,8 +159,13 @@ __all__ = [
     "load_llm",
     "load_llm_exchange",
     "mixed_precision",
+    "mx_dynamic_activation_mx_weight",
+    "mx_weight_only",
+    "mxfp4_weight_only",
+    "mxfp8_weight_only",
     "native",
     "nf4_weight_only",
+    "nvfp4_weight_only",
     "ops",
     "path_str",
     "per_block",
@@ -159,6 +177,8 @@ __all__ = [
     "quantize",
     "quantize_activation",
     "quantize_array",
+    "quantize_mx",
+    "quantize_nvfp4",
     "quantized",
     "report",
     "save",

@@ -54,10 +54,22 @@ __all__ = ["Llama", "KVCache", "KVFormat", "forward", "fuse_projections", "rope"
 _DN = (((1,), (1,)), ((), ()))  # x (rows, in) . W (out, in) -> (rows, out)
 
 
+_DN_IN_OUT = (((1,), (0,)), ((), ()))  # x (rows, in) . W (in, out)
+
+
+def _in_out(w) -> bool:
+    """LLM.int8()'s outlier matmul is defined on ``(in, out)`` weights only
+    (:mod:`jqx.ops`), so such a weight is stored ``(in, out)``; every other weight is
+    ``(out, in)`` as GGUF stores it."""
+    return isinstance(w, QArray) and w.act is not None and w.act.kind == "llm_int8"
+
+
 def linear(x: jax.Array, w) -> jax.Array:
-    """``x @ w.T`` for ``w`` of shape ``(out, in)``: an array or a QArray."""
+    """``x @ w.T`` for ``w`` of shape ``(out, in)``: an array or a QArray (an LLM.int8()
+    QArray is stored ``(in, out)`` and used as ``x @ w``)."""
     lead = x.shape[:-1]
-    y = ops.dot_general(x.reshape(-1, x.shape[-1]), w, _DN, preferred_element_type=jnp.float32)
+    dn = _DN_IN_OUT if _in_out(w) else _DN
+    y = ops.dot_general(x.reshape(-1, x.shape[-1]), w, dn, preferred_element_type=jnp.float32)
     return y.reshape(lead + (y.shape[-1],))
 
 
@@ -294,7 +306,10 @@ def _concat_rows(ws: list):
             return None
         else:
             children[name] = jnp.concatenate(vals, axis=0)
-    if any(w.in_scale is not None or w.act_scale is not None or w.g_idx is not None for w in ws):
+    if any(
+        w.in_scale is not None or w.act_scale is not None or w.g_idx is not None or _in_out(w)
+        for w in ws
+    ):
         return None
     rows = sum(w.shape[0] for w in ws)
     if any(w.shape[0] % w.block[0] for w in ws):

@@ -267,6 +267,117 @@ class LLM:
         )
         return self.with_params(params)
 
+    def quantize(
+        self,
+        recipe,
+        *,
+        calibration_text: str | Sequence[int] | None = None,
+        window: int = 256,
+        max_windows: int = 8,
+        fuse: bool | None = None,
+        progress: bool = True,
+        **calibrate_kw,
+    ) -> LLM:
+        """The model re-quantized from its float32 weights with a jqx recipe or rules.
+
+        The reference is :meth:`dequantize`'s model. Every matmul weight (7 per block,
+        query/key/value and gate/up split when fused; plus ``output`` when untied; the
+        embedding is left as it is) goes through :func:`jqx.quantize`, or
+        :func:`jqx.calibrate` on this model's forward pass when a recipe needs data
+        (GPTQ, AWQ, SmoothQuant, static int8 activations; GPTQ sequentially, with a
+        progress bar). Rules match paths such as ``blocks/3/attn/wv`` or
+        ``blocks/\\d+/mlp/w_down`` (see :mod:`jqx.llm.ptq`).
+
+        Args:
+          recipe: a jqx recipe or rules ``{regex_on_path: recipe_or_None}``.
+          calibration_text: a text (or token ids) for recipes that need data.
+          window: tokens per calibration window.
+          max_windows: at most this many windows of the text are used.
+          fuse: fuse query/key/value and gate/up again where the quantized layouts
+            match (default: when this model is fused).
+          progress: tqdm progress bars during calibration.
+          **calibrate_kw: passed to :func:`jqx.calibrate` (``observer=`` ...).
+
+        Returns:
+          A new :class:`LLM` (same tokenizer) with the quantized weights.
+
+        Raises:
+          ValueError: a recipe needs data and ``calibration_text`` is None or shorter
+            than one window.
+
+        Example:
+            >>> import jqx
+            >>> llm = jqx.load_llm()  # doctest: +SKIP
+            >>> q = llm.quantize(jqx.gptq(bits=4, group_size=64),
+            ...                  calibration_text=text)  # doctest: +SKIP
+        """
+        from jqx.llm import ptq  # noqa: PLC0415  (needs calibration, loaded on use)
+
+        return ptq.quantize_llm(
+            self,
+            recipe,
+            calibration_text=calibration_text,
+            window=window,
+            max_windows=max_windows,
+            fuse=fuse,
+            progress=progress,
+            **calibrate_kw,
+        )
+
+    def allocate(
+        self,
+        candidates,
+        *,
+        calibration_text: str | Sequence[int] | None = None,
+        bits_per_weight: float | None = None,
+        budget_bytes: int | None = None,
+        window: int = 256,
+        max_windows: int = 2,
+        metric: str = "kl",
+        progress: bool = True,
+    ):
+        """A format per matmul weight under a budget (:func:`jqx.allocate` on this model).
+
+        Measures the KL divergence of the next-token distributions from the float32
+        model's when only one weight is quantized with one candidate, for every weight
+        and candidate, on ``calibration_text``; then picks the candidates that minimise
+        the total within the budget. ``llm.quantize(plan.rules)`` applies the result.
+
+        Args:
+          candidates: ``{name: recipe}`` or a list of recipes.
+          calibration_text: the text (or token ids) the sensitivities are measured on.
+          bits_per_weight: the budget per weight element (scales included), or
+          budget_bytes: the budget in bytes of the matmul weights.
+          window, max_windows: the calibration windows (as :meth:`quantize`).
+          metric: ``"kl"`` or ``"mse"`` (see :func:`jqx.allocate`).
+          progress: a progress bar over the weights.
+
+        Returns:
+          A :class:`jqx.Allocation` (``rules``, ``choice``, ``table()``).
+
+        Raises:
+          ValueError: no calibration text, a budget below the smallest candidates'.
+
+        Example:
+            >>> plan = llm.allocate({"q4": jqx.int4_weight_only(group_size=32),
+            ...                      "q8": jqx.int8_weight_only()}, bits_per_weight=5.0,
+            ...                     calibration_text=text)  # doctest: +SKIP
+            >>> q = llm.quantize(plan.rules)  # doctest: +SKIP
+        """
+        from jqx.llm import ptq  # noqa: PLC0415
+
+        return ptq.allocate_llm(
+            self,
+            candidates,
+            calibration_text=calibration_text,
+            bits_per_weight=bits_per_weight,
+            budget_bytes=budget_bytes,
+            window=window,
+            max_windows=max_windows,
+            metric=metric,
+            progress=progress,
+        )
+
     def shard(self, mesh: Mesh, axis: str | None = None) -> LLM:
         """Tensor-parallel placement on ``mesh``: every matmul weight and the embedding
         are split by rows (output features; for a QArray, codes and scales alike) over
