@@ -37,3 +37,5 @@ def rng():
 # A script the sharding test runs in its own process (it sets XLA_FLAGS at
 # import): never import it into the test process, not even for doctests.
 collect_ignore = ["_sharding_check.py"]
+# Scripts that made the golden files once with the reference tools (torch, ...).
+collect_ignore_glob = ["golden/*/make_golden.py"]

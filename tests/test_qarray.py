@@ -331,7 +331,7 @@ def test_extension_validation(kw, err, match):
 
 
 def test_two_level_scale_must_be_codes():
-    with pytest.raises(TypeError, match="scale holds integer codes per block"):
+    with pytest.raises(TypeError, match=r"scale holds integer \(or FP8 E4M3\) codes per block"):
         _ext(
             np.zeros((1, 64), np.uint8),
             np.ones((1, 2), np.float32),
