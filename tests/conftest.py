@@ -34,6 +34,26 @@ def rng():
     return jax.random.key(0)
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer over 94 printable characters (ids 2..95) with <s>=0 and
+    </s>=1, for the small random Llama models of the LLM tests."""
+    from jqx.llm import Tokenizer  # noqa: PLC0415  (flax is imported only by LLM tests)
+
+    tokens = ["<s>", "</s>"] + [chr(c) for c in range(ord("!"), ord("!") + 94)]
+    return Tokenizer.from_gguf_metadata(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
+            "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.eos_token_id": 1,
+        }
+    )
+
+
 # A script the sharding test runs in its own process (it sets XLA_FLAGS at
 # import): never import it into the test process, not even for doctests.
 collect_ignore = ["_sharding_check.py"]

@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from flax import nnx  # noqa: E402
 
 from jqx.kernels.cpu import native  # noqa: E402
-from jqx.llm import LLM, KVCache, KVFormat, Llama, LlamaConfig, Tokenizer  # noqa: E402
+from jqx.llm import LLM, KVCache, KVFormat, Llama, LlamaConfig  # noqa: E402
 from jqx.llm.model import forward  # noqa: E402
 from jqx.ops import attention as A  # noqa: E402
 
@@ -178,19 +178,8 @@ CFG = LlamaConfig(
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tokens = ["<s>", "</s>"] + [chr(c) for c in range(ord("!"), ord("!") + 94)]
-    tok = Tokenizer.from_gguf_metadata(
-        {
-            "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": "gpt-2",
-            "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
-            "tokenizer.ggml.merges": [],
-            "tokenizer.ggml.bos_token_id": 0,
-            "tokenizer.ggml.eos_token_id": 1,
-        }
-    )
+def tiny(tiny_tokenizer):
+    tok = tiny_tokenizer
     return LLM(Llama(CFG, rngs=nnx.Rngs(0)), tok)
 
 

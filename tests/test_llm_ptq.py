@@ -12,7 +12,7 @@ pytest.importorskip("tokenizers")
 from flax import nnx  # noqa: E402
 
 import jqx  # noqa: E402
-from jqx.llm import LLM, Llama, LlamaConfig, Tokenizer  # noqa: E402
+from jqx.llm import LLM, Llama, LlamaConfig  # noqa: E402
 from jqx.llm.model import fuse_projections  # noqa: E402
 from jqx.llm.ptq import transpose_qarray  # noqa: E402
 
@@ -23,19 +23,8 @@ IDS = [int(i) for i in np.random.default_rng(0).integers(2, 96, 400)]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tokens = ["<s>", "</s>"] + [chr(c) for c in range(ord("!"), ord("!") + 94)]
-    tok = Tokenizer.from_gguf_metadata(
-        {
-            "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": "gpt-2",
-            "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
-            "tokenizer.ggml.merges": [],
-            "tokenizer.ggml.bos_token_id": 0,
-            "tokenizer.ggml.eos_token_id": 1,
-        }
-    )
+def tiny(tiny_tokenizer):
+    tok = tiny_tokenizer
     model = Llama(CFG, rngs=nnx.Rngs(0))
     # a smaller embedding keeps the random model's logits soft (a KL that means something)
     model.embed.set_value(model.embed[...] * 0.05)
