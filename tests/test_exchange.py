@@ -10,6 +10,7 @@ import os
 import shutil
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,8 @@ from jqx.core.numerics import make_qarray
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "exchange")
 CASES = sorted(os.path.basename(d.rstrip("/")) for d in glob.glob(os.path.join(GOLDEN, "*/")))
 W = "model.layers.0.mlp.up_proj.weight"
+M = "model.layers.0.mlp.up_proj"
+FP4_CASES = ["ct_mxfp4", "ct_nvfp4", "ct_nvfp4_range"]
 
 
 def test_golden_cases_cover_each_format():
@@ -40,7 +43,10 @@ def test_golden_import_dequantizes_exactly(case):
     if case.startswith("ct_"):
         assert "lm_head.weight" in tree and not isinstance(tree["lm_head.weight"], jqx.QArray)
     # codes stay packed: nothing in float
-    assert q.format in ("uint4", "int4", "uint8", "int8", "fp8_e4m3")
+    if case in FP4_CASES:
+        assert q.format == "fp4_e2m1"
+    else:
+        assert q.format in ("uint4", "int4", "uint8", "int8", "fp8_e4m3")
     assert ("g_idx" in q.extensions) == ("desc_act" in case)
     want = np.load(os.path.join(d, "expected.npz"))["weight"]
     # The products are exact in float32; compressed-tensors' reference returns them in
@@ -49,7 +55,22 @@ def test_golden_import_dequantizes_exactly(case):
     if case.startswith("ct_"):
         got = got.astype(q.dtype)
     got = np.asarray(got).astype(np.float32)
+    if case in FP4_CASES:
+        got, want = _unflushed(d, got, want)
     np.testing.assert_array_equal(got, want)
+
+
+def _unflushed(d, got, want):
+    """XLA:CPU flushes float32 subnormals (docs/guide/mx.md): an E8M0 scale of 2^-127 and
+    products below float32's smallest normal read 0 there, while the reference keeps
+    them. Those entries must be 0 or the reference's; the pair returned compares the rest."""
+    t = ex._read_safetensors(os.path.join(d, "model.safetensors"))
+    sc = t[f"{M}.weight_scale"]
+    flush = np.abs(want) < np.finfo(np.float32).tiny
+    if sc.dtype == np.uint8:  # MX: the block's scale itself is subnormal
+        flush |= np.repeat(sc == 0, want.shape[1] // sc.shape[1], axis=1)
+    assert np.all((got[flush] == 0) | (got[flush] == want[flush]))
+    return np.where(flush, 0, got), np.where(flush, 0, want)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +84,9 @@ def test_golden_import_dequantizes_exactly(case):
         ("ct_pack_b4_asym_group", "compressed-tensors", {}),
         ("ct_pack_b3_asym_channel", "compressed-tensors", dict(bits=3)),
         ("ct_fp8_block", "compressed-tensors", {}),
+        ("ct_mxfp4", "compressed-tensors", {}),
+        ("ct_nvfp4", "compressed-tensors", {}),
+        ("ct_nvfp4_range", "compressed-tensors", {}),
     ],
 )
 def test_export_writes_the_reference_tensors(tmp_path, case, method, kw):
@@ -137,6 +161,159 @@ def test_gptq_recipe_exports_and_imports_with_g_idx(tmp_path):
     # fp16 scales in the file: equal to the float32 ones rounded to float16
     ref = ex.to_out_in(q).replace(scale=qo.scale.astype(jnp.float16)).dequantize(jnp.float32)
     np.testing.assert_array_equal(np.asarray(back.dequantize(jnp.float32)), np.asarray(ref))
+
+
+# --------------------------------------------------------------------------- MXFP4 / NVFP4
+
+
+def _ct_fp4_dequantize(t):
+    """compressed-tensors' decompression of an FP4 layer, in numpy: E2M1 value of each
+    nibble (low first) times the block scale, divided by the global scale for NVFP4 in
+    float32, rounded to bfloat16 (its output dtype)."""
+    p = t[f"{M}.weight_packed"]
+    c = np.stack([p & 0xF, p >> 4], -1).reshape(p.shape[0], -1)
+    v = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)[c & 7] * np.where(c & 8, -1, 1)
+    sc = t[f"{M}.weight_scale"]
+    if sc.dtype == np.uint8:
+        s = sc.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+    else:
+        s = (sc.astype(np.float32) / t[f"{M}.weight_global_scale"]).astype(np.float32)
+    s = np.repeat(s, c.shape[1] // s.shape[1], axis=1)
+    return (v.astype(np.float32) * s).astype(ml_dtypes.bfloat16).astype(np.float32), c
+
+
+@pytest.mark.parametrize("case", FP4_CASES)
+def test_fp4_import_keeps_codes_and_scales_bit_for_bit(case):
+    d = os.path.join(GOLDEN, case)
+    t = ex._read_safetensors(os.path.join(d, "model.safetensors"))
+    q = ex.load(d)[W]
+    ref, codes = _ct_fp4_dequantize(t)
+    want = np.load(os.path.join(d, "expected.npz"))["weight"]
+    np.testing.assert_array_equal(ref, want)  # the numpy transcription is the reference's
+    np.testing.assert_array_equal(np.asarray(q.codes()), codes)
+    np.testing.assert_array_equal(np.asarray(q.qvalue), t[f"{M}.weight_packed"])
+    sc = t[f"{M}.weight_scale"]
+    assert q.block == (1, 64 // sc.shape[1]) and jnp.dtype(q.dtype) == jnp.bfloat16
+    if case == "ct_mxfp4":
+        assert q.scale.dtype == jnp.float8_e8m0fnu and q.super_scale is None
+        np.testing.assert_array_equal(np.asarray(q.scale).view(np.uint8), sc)
+    else:
+        assert q.scale.dtype == jnp.float8_e4m3fn and q.super_block == (32, 64)
+        np.testing.assert_array_equal(np.asarray(q.scale).view(np.uint8), sc.view(np.uint8))
+        # super_scale is the reciprocal of the file's global scale (one float32 rounding)
+        gs = t[f"{M}.weight_global_scale"][0]
+        np.testing.assert_allclose(float(q.super_scale.ravel()[0]) * gs, 1.0, rtol=2**-23)
+    got, want = _unflushed(d, np.asarray(q.dequantize().astype(jnp.float32)), want)
+    np.testing.assert_array_equal(got, want)
+    # MX/NVFP4 weights keep their size: 4 bits per code plus the scales
+    assert q.nbytes == 32 * 32 + sc.size + (4 if q.super_scale is not None else 0)
+
+
+@pytest.mark.parametrize("case", FP4_CASES)
+def test_fp4_jqx_quantization_exports_the_reference_tensors(tmp_path, case):
+    """jqx.core.mx quantizes the golden input as compressed-tensors' encoders do; the
+    export writes the same bytes the reference compressor wrote."""
+    d = os.path.join(GOLDEN, case)
+    w = np.load(os.path.join(d, "expected.npz"))["w"]
+    if case == "ct_mxfp4":
+        q = jqx.quantize_mx(w, "fp4_e2m1", scale_mode="ct")
+    else:
+        q = jqx.quantize_nvfp4(w)
+    ex.save({W: q}, tmp_path, "compressed-tensors")
+    ref = ex._read_safetensors(os.path.join(d, "model.safetensors"))
+    out = ex._read_safetensors(os.path.join(tmp_path, "model.safetensors"))
+    for name in (n for n in ref if n.startswith(M)):
+        assert out[name].dtype == ref[name].dtype and out[name].shape == ref[name].shape, name
+        if name.endswith("weight_global_scale"):
+            # compressed-tensors computes 448 * 6 * fl(1 / amax) (torch's scalar / tensor),
+            # jqx.core.mx the correctly rounded 448 * 6 / amax: one float32 ulp apart at most.
+            np.testing.assert_allclose(out[name], ref[name], rtol=2**-23, atol=0)
+            continue
+        np.testing.assert_array_equal(out[name].view(np.uint8), ref[name].view(np.uint8), name)
+    cfg = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
+    want = json.load(open(os.path.join(d, "config.json")))["quantization_config"]
+    assert cfg["format"] == want["format"]
+    assert cfg["quantization_status"] == "compressed"
+    ref_w = want["config_groups"]["group_0"]["weights"]
+    assert cfg["config_groups"]["group_0"]["weights"] == ref_w
+    # compressed-tensors' decompression of the file (transcribed) gives the QArray's
+    # values in its bfloat16, and so does the import
+    ref_deq, _ = _ct_fp4_dequantize(out)
+    deq = np.asarray(q.dequantize(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(*_unflushed(tmp_path, deq, ref_deq))
+    back = ex.load(tmp_path)[W]
+    np.testing.assert_array_equal(
+        np.asarray(back.dequantize()), np.asarray(q.dequantize(jnp.bfloat16))
+    )
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 2**16), log_amax=st.floats(-20, 20))
+def test_nvfp4_export_reads_back_to_the_same_values(seed, log_amax):
+    """Any NVFP4 QArray: the global scale written makes compressed-tensors' division
+    (transcribed in numpy) give the QArray's two-level products, and the import gives
+    the QArray back."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((16, 64)) * 2.0**log_amax).astype(np.float32)
+    q = jqx.quantize_nvfp4(w).replace(dtype=jnp.bfloat16)
+    t: dict = {}
+    ex._save_ct_fp4(q, M, t, None)
+    ref, _ = _ct_fp4_dequantize(t)
+    np.testing.assert_array_equal(np.asarray(q.dequantize().astype(jnp.float32)), ref)
+    gs = t[f"{M}.weight_global_scale"]
+    s8 = np.unique(t[f"{M}.weight_scale"].astype(np.float32))
+    assert ex._nvfp4_super_scale(s8, gs[0]) == np.float32(q.super_scale.ravel()[0])
+
+
+def test_fp4_flax_kernel_exports_through_to_out_in(tmp_path):
+    kernel = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)  # (in, out)
+    for recipe in (jqx.mxfp4_weight_only(), jqx.nvfp4_weight_only()):
+        q = recipe.quantize_weight(kernel)
+        with pytest.raises(ex.ExchangeError, match="to_out_in"):
+            ex.save({W: q}, tmp_path, "compressed-tensors")
+        qo = ex.to_out_in(q)
+        assert qo.shape == (48, 64) and qo.block[0] == 1
+        np.testing.assert_array_equal(np.asarray(qo.dequantize()), np.asarray(q.dequantize()).T)
+        ex.save({W: qo}, tmp_path, "compressed-tensors")
+        back = ex.load(tmp_path)[W]
+        np.testing.assert_array_equal(
+            np.asarray(back.dequantize()), np.asarray(qo.dequantize(jnp.bfloat16))
+        )
+
+
+def test_fp4_bad_input(tmp_path):
+    d = _copy("ct_nvfp4", tmp_path)
+    _edit_tensors(d, lambda t: t.pop(f"{M}.weight_global_scale"))
+    with pytest.raises(ex.ExchangeError, match="weight_global_scale' is missing.*Re-export"):
+        ex.load(d)
+    d = _copy("ct_mxfp4", tmp_path)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 48
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(
+        ex.ExchangeError, match="64 inputs per row, not a multiple of group_size=48"
+    ):
+        ex.load(d)
+    d = _copy("ct_nvfp4_range", tmp_path)
+
+    def short(t):
+        t[f"{M}.weight_scale"] = t[f"{M}.weight_scale"][:, :3]
+
+    _edit_tensors(d, short)
+    with pytest.raises(ex.ExchangeError, match=r"weight_scale' has shape \(32, 3\).*\(32, 4\)"):
+        ex.load(d)
+    d = tmp_path / "acts"
+    shutil.copytree(os.path.join(GOLDEN, "ct_mxfp4"), d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 4, "type": "float", "dynamic": True, "group_size": 32, "strategy": "group"
+    }  # fmt: skip
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ex.ExchangeError, match="quantizes the input activations"):
+        ex.load(d)
+    q = jqx.quantize_nvfp4(np.ones((4, 32), np.float32))
+    with pytest.raises(ex.ExchangeError, match="ct_format='mxfp4-pack-quantized'"):
+        ex.save({W: q}, tmp_path / "x", "compressed-tensors", ct_format="mxfp4-pack-quantized")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -228,6 +405,82 @@ def test_export_refuses_layouts_it_cannot_store(tmp_path):
         ex.save({W: qo.replace(zero_point=qo.zero_point + 9)}, tmp_path, "gptq", bits=2)
     with pytest.raises(ex.ExchangeError, match="method='bnb' is not supported"):
         ex.save({W: qo}, tmp_path, "bnb")
+
+
+# --------------------------------------------------------------------------- Llama round trip
+
+
+@pytest.mark.parametrize("layout", ["mxfp4", "nvfp4"])
+def test_fp4_llama_checkpoint_loads_with_load_llm_exchange(tmp_path, tiny_tokenizer, layout):
+    """A small random Llama, every block weight quantized by jqx to MXFP4 / NVFP4 (bfloat16
+    logical dtype, as compressed-tensors decompresses), exported with Hugging Face names,
+    loads back through jqx.load_llm_exchange with the same codes and scales and generates
+    the same tokens as the tree it was exported from."""
+    from flax import nnx
+
+    from jqx.llm import runtime
+    from jqx.llm.config import LlamaConfig
+
+    # every block weight (64, 64): one compilation of the quantizer
+    config = LlamaConfig(
+        vocab_size=96, dim=64, n_layers=1, n_heads=4, n_kv_heads=4, hidden_dim=64, rope_base=1e4
+    )
+    names = runtime._names(config)
+    model = jqx.llm.Llama(config, rngs=nnx.Rngs(0))
+
+    def var(attr):
+        v = model
+        for p in attr.split("/"):
+            v = v[int(p)] if p.isdigit() else getattr(v, p)
+        return v
+
+    tensors = {}
+    for attr, name in names.items():
+        v = jnp.asarray(var(attr)[...], jnp.float32)
+        if name.startswith("blk.") and v.ndim == 2:  # (out, in), blocks along the inputs
+            q = jqx.quantize_mx(v, "fp4_e2m1") if layout == "mxfp4" else jqx.quantize_nvfp4(v)
+            v = q.replace(dtype=jnp.bfloat16)
+        tensors[name] = v
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "intermediate_size": config.hidden_dim,
+        "rope_theta": config.rope_base,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": True,
+    }
+    tree = ex.llama_from_gguf(tensors, config.n_heads, config.n_kv_heads)
+    ex.save(tree, tmp_path, "compressed-tensors", config=hf)
+    cfg = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
+    assert cfg["format"] == f"{layout}-pack-quantized"
+    loaded = ex.llama_to_gguf(ex.load(tmp_path), config.n_heads, config.n_kv_heads)
+    for name, want in tensors.items():
+        got = loaded[name]
+        if not isinstance(want, jqx.QArray):
+            continue
+        assert got.format == "fp4_e2m1" and got.block == want.block, name
+        for child in ("qvalue", "scale", "super_scale"):
+            a, b = getattr(want, child), getattr(got, child)
+            assert (a is None) == (b is None), (name, child)
+            if a is not None:
+                np.testing.assert_array_equal(
+                    np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8), name
+                )
+    ref_model = nnx.eval_shape(lambda: jqx.llm.Llama(config, rngs=nnx.Rngs(0)))
+    for attr, name in names.items():
+        v = ref_model
+        for p in attr.split("/"):
+            v = v[int(p)] if p.isdigit() else getattr(v, p)
+        v.set_value(tensors[name])
+    ref = runtime.LLM(jqx.llm.model.fuse_projections(ref_model), tiny_tokenizer)
+    back = runtime.load_llm_exchange(tmp_path, tiny_tokenizer)
+    prompt = "abc"
+    want = ref.generate(prompt, max_new_tokens=4).tokens
+    assert back.generate(prompt, max_new_tokens=4).tokens == want
 
 
 # --------------------------------------------------------------------------- Llama round trip

@@ -27,6 +27,10 @@ compressed-tensors            ``int8``                    per channel / tensor /
 int-quantized
 compressed-tensors            ``fp8_e4m3``                per channel / tensor / block
 float-quantized
+compressed-tensors            ``fp4_e2m1``                E8M0 per block of 32
+mxfp4-pack-quantized
+compressed-tensors            ``fp4_e2m1``                E4M3 per block of 16, float32
+nvfp4-pack-quantized                                      per tensor (``super_scale``)
 ============================  ==========================  ============================
 
 Example:
@@ -68,13 +72,18 @@ __all__ = [
 SUPPORTED = {
     "gptq": "bits 2, 3, 4, 8; checkpoint_format gptq (v1) or gptq_v2; desc_act",
     "awq": "version gemm, 4 bits",
-    "compressed-tensors": "formats pack-quantized, int-quantized, float-quantized",
+    "compressed-tensors": (
+        "formats pack-quantized, int-quantized, float-quantized, mxfp4-pack-quantized, "
+        "nvfp4-pack-quantized"
+    ),
 }
 
 # AutoAWQ's gemm packing puts output column 8c + AWQ_ORDER[i] at bits 4i of word c.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _GPTQ_BITS = (2, 3, 4, 8)
-_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
+# compressed-tensors' FP4 formats: (strategy, group size its compressors write).
+_FP4_FORMATS = {"mxfp4-pack-quantized": ("group", 32), "nvfp4-pack-quantized": ("tensor_group", 16)}
+_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", *_FP4_FORMATS)
 
 
 class ExchangeError(ValueError):
@@ -453,6 +462,9 @@ def _load_ct(path, qc, tensors) -> dict[str, Any]:
                 f"{path}: compressed-tensors format={fmt!r} (group {gname!r}) is not supported; "
                 f"supported: {', '.join(_CT_FORMATS)}."
             )
+        if fmt in _FP4_FORMATS:
+            out[f"{m}.weight"] = _load_ct_fp4(path, m, fmt, gname, grp, tensors, used)
+            continue
         w_args = grp.get("weights") or {}
         bits = int(w_args.get("num_bits", 8))
         sym = bool(w_args.get("symmetric", True))
@@ -553,6 +565,172 @@ def _ct_act(grp, tensors, m, path, used):
     )
 
 
+# --------------------------------------------------------------------------- FP4 (MX, NVFP4)
+
+# E2M1 magnitudes (code & 7); compressed-tensors' kE2M1ToFloat.
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def _fp4_codes(packed: np.ndarray) -> np.ndarray:
+    """(rows, k/2) bytes -> (rows, k) E2M1 codes: element ``2j`` in the low nibble of
+    byte ``j``, ``2j + 1`` in the high one (compressed-tensors' ``pack_fp4_to_uint8``)."""
+    return np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def _fp4_pack(codes: np.ndarray) -> np.ndarray:
+    c = np.asarray(codes).astype(np.uint8)
+    return (c[:, 0::2] & 0xF) | ((c[:, 1::2] & 0xF) << 4)
+
+
+def _ct_nvfp4_values(s8: np.ndarray, gs: np.float32) -> np.ndarray:
+    """compressed-tensors' dequantization of every E2M1 magnitude under block scales
+    ``s8`` (float32): ``bf16(code * fl32(s8 / global_scale))``, as uint16 bits."""
+    eff = (s8 / gs).astype(np.float32)
+    v = (_E2M1[:, None] * eff[None, :]).astype(np.float32)
+    return v.astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def _jqx_nvfp4_values(s8: np.ndarray, ss: np.float32) -> np.ndarray:
+    """The same for a QArray's two-level dequantization ``code * fl32(s8 * super_scale)``."""
+    eff = (s8 * ss).astype(np.float32)
+    v = (_E2M1[:, None] * eff[None, :]).astype(np.float32)
+    return v.astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def _near(x: np.float32, ulps: int = 4) -> list[np.float32]:
+    """``x`` and the float32 values within ``ulps`` of it."""
+    out, lo, hi = [x], x, x
+    for _ in range(ulps):
+        lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
+        out += [lo, hi]
+    return out
+
+
+def _nvfp4_super_scale(s8: np.ndarray, gs: np.float32) -> np.float32:
+    """The QArray's ``super_scale`` for a file's ``weight_global_scale``: ``1 / gs``
+    rounded (what jqx.core.mx stores), or a float32 next to it where that one's product
+    would round one of the layer's values differently from compressed-tensors' division
+    (compressed-tensors divides the block scale by ``gs``; a QArray multiplies)."""
+    base = np.float32(1) / gs
+    want = _ct_nvfp4_values(s8, gs)
+    for c in sorted(_near(base), key=lambda c: abs(float(c) - 1 / float(gs))):
+        if np.array_equal(_jqx_nvfp4_values(s8, c), want):
+            return c
+    # None found: a product may then round one bfloat16 ulp off the reference's.
+    return base
+
+
+def _nvfp4_global_scale(s8: np.ndarray, ss: np.float32) -> np.float32:
+    """Inverse of :func:`_nvfp4_super_scale`: the ``weight_global_scale`` whose division
+    gives the QArray's values; first those whose rounded reciprocal is ``ss``, so that an
+    imported file's own global scale comes back (unless two share that reciprocal)."""
+    base = np.float32(1) / ss
+    want = _jqx_nvfp4_values(s8, ss)
+
+    def key(c):
+        return (np.float32(1) / c != ss, abs(float(c) - 1 / float(ss)))
+
+    for c in sorted(_near(base), key=key):
+        if np.array_equal(_ct_nvfp4_values(s8, c), want):
+            return c
+    return base
+
+
+def _load_ct_fp4(path, m, fmt, gname, grp, tensors, used) -> QArray:
+    """One ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` layer: the packed E2M1
+    codes, the block scales in their dtype (E8M0 / E4M3) and, for NVFP4, the per-tensor
+    scale as the QArray's ``super_scale`` (the reciprocal of ``weight_global_scale``)."""
+    default_g = _FP4_FORMATS[fmt][1]
+    w_args = grp.get("weights") or {}
+    if (
+        int(w_args.get("num_bits", 4)) != 4
+        or w_args.get("type", "float") != "float"
+        or not w_args.get("symmetric", True)
+    ):
+        raise ExchangeError(
+            f"{path}: config group {gname!r} ({fmt}) has weights num_bits="
+            f"{w_args.get('num_bits')!r}, type={w_args.get('type')!r}, symmetric="
+            f"{w_args.get('symmetric')!r}; {fmt} stores symmetric FP4 E2M1 weights (num_bits "
+            "4, type 'float', symmetric true). The config does not describe its tensors."
+        )
+    if grp.get("input_activations"):
+        raise ExchangeError(
+            f"{path}: config group {gname!r} ({fmt}) quantizes the input activations; jqx "
+            "imports the weight-only schemes of this format (MXFP4A16, NVFP4A16). Import a "
+            "weight-only checkpoint, or delete input_activations from config.json to load "
+            "the weights and quantize activations with a jqx recipe "
+            "(jqx.mx_dynamic_activation_mx_weight)."
+        )
+    g = int(w_args.get("group_size") or default_g)
+    pn, sn, gn = f"{m}.weight_packed", f"{m}.weight_scale", f"{m}.weight_global_scale"
+    packed = _need(tensors, pn, path, fmt)
+    sc = tensors[sn]
+    used |= {pn, sn}
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise ExchangeError(
+            f"{path}: tensor {pn!r} is {packed.dtype} of shape {tuple(packed.shape)}; {fmt} "
+            "stores uint8 (out, in / 2): two FP4 codes per byte. The file is not this format."
+        )
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    if g <= 0 or k % g:
+        raise ExchangeError(
+            f"{path}: tensor {pn!r} of shape {tuple(packed.shape)} holds {k} inputs per row, "
+            f"not a multiple of group_size={g}; {fmt} blocks run along the inputs. The "
+            f"checkpoint disagrees with its config: set group_size to a divisor of {k} (the "
+            "one it was written with), or re-export the layer."
+        )
+    _check_shape(sc, (n, k // g), sn, path, f"{fmt} with group_size={g} over {k} inputs")
+    codes = _fp4_codes(packed)
+    if fmt == "mxfp4-pack-quantized":
+        if sc.dtype != np.uint8:
+            raise ExchangeError(
+                f"{path}: tensor {sn!r} has dtype {sc.dtype}; mxfp4-pack-quantized stores "
+                "E8M0 scales as uint8 (the biased exponent)."
+            )
+        return make_qarray(
+            codes,
+            sc.view(ml_dtypes.float8_e8m0fnu),
+            fmt="fp4_e2m1",
+            shape=(n, k),
+            dtype=jnp.bfloat16,  # compressed-tensors decompresses to bfloat16
+            block=(1, g),
+            scale_dtype=jnp.float8_e8m0fnu,
+        )
+    if sc.dtype != np.dtype(ml_dtypes.float8_e4m3fn):
+        raise ExchangeError(
+            f"{path}: tensor {sn!r} has dtype {sc.dtype}; nvfp4-pack-quantized stores "
+            "float8_e4m3fn block scales."
+        )
+    if gn not in tensors:
+        raise ExchangeError(
+            f"{path}: tensor {gn!r} is missing; an nvfp4-pack-quantized layer keeps its "
+            "per-tensor scale there (float32, one value, 448 * 6 / amax) beside "
+            f"{pn!r}. Re-export the checkpoint with it (strategy 'tensor_group'), or as "
+            "mxfp4-pack-quantized, which has no per-tensor scale."
+        )
+    gsa = tensors[gn]
+    used.add(gn)
+    gs = np.float32(gsa.reshape(-1)[0]) if gsa.size == 1 else None
+    if gs is None or not np.isfinite(gs) or gs <= 0:
+        raise ExchangeError(
+            f"{path}: tensor {gn!r} is {gsa.reshape(-1)[:4].tolist()} (shape "
+            f"{tuple(gsa.shape)}); nvfp4-pack-quantized needs one finite positive float32 "
+            "per layer."
+        )
+    s8 = np.unique(sc.astype(np.float32))
+    return make_qarray(
+        codes,
+        sc,
+        fmt="fp4_e2m1",
+        shape=(n, k),
+        dtype=jnp.bfloat16,
+        block=(1, g),
+        super_scale=_nvfp4_super_scale(s8, gs),
+        super_block=(n, k),
+        scale_dtype=jnp.float32,
+    )
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -567,12 +745,27 @@ def to_out_in(q: QArray) -> QArray:
         >>> to_out_in(q).shape, to_out_in(q).block
         ((2, 8), (1, 4))
     """
-    if q.ndim != 2 or q.qhigh is not None or q.super_scale is not None:
+    per_tensor = q.super_scale is not None and tuple(q.super_block) == tuple(q.shape)
+    if q.ndim != 2 or q.qhigh is not None or (q.super_scale is not None and not per_tensor):
         raise ExchangeError(
-            f"to_out_in: a 2-D QArray without split code planes or two-level scales is "
-            f"needed; got {q!r}."
+            f"to_out_in: a 2-D QArray without split code planes or two-level scales (other "
+            f"than one super_scale over the whole tensor, as NVFP4's) is needed; got {q!r}."
         )
     k, n = q.shape
+    if per_tensor:
+        return make_qarray(
+            q.codes().T,
+            q.scale.T,
+            fmt=q.format,
+            shape=(n, k),
+            dtype=q.dtype,
+            block=(q.block[1], q.block[0]),
+            scale_dtype=q.super_scale.dtype,
+            act=q.act,
+            act_scale=q.act_scale,
+            super_scale=q.super_scale,
+            super_block=(n, k),
+        )
     return make_qarray(
         q.codes().T,
         q.scale.T,
@@ -661,7 +854,9 @@ def save(
         container's (4 or 8).
       checkpoint_format: GPTQ ``"gptq"`` (v1, zero points minus one) or ``"gptq_v2"``.
       ct_format: compressed-tensors format; default ``pack-quantized`` for 4-bit
-        containers, ``int-quantized`` for int8, ``float-quantized`` for fp8.
+        integer containers, ``int-quantized`` for int8, ``float-quantized`` for fp8,
+        ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` for MX / NVFP4 FP4 weights
+        (block ``(1, g)``; weight-only).
       config: other ``config.json`` entries (e.g. the model's architecture).
 
     Raises:
@@ -697,7 +892,8 @@ def save(
                 f"{name}: its layout {info} differs from another layer's {old}; one "
                 f"{method} config describes every layer alike. Quantize them alike."
             )
-        old["desc_act"] = old.get("desc_act", False) or info.get("desc_act", False)
+        if method == "gptq":  # a GPTQ key; compressed-tensors' config refuses unknown ones
+            old["desc_act"] = old.get("desc_act", False) or info.get("desc_act", False)
     layer = qinfo.get("layer", {})
     if method == "gptq":
         qc = {"quant_method": "gptq", "checkpoint_format": checkpoint_format, **layer}
@@ -710,6 +906,9 @@ def save(
             "format": fmt,
             "config_groups": {"group_0": {"targets": ["Linear"], **layer}},
             "ignore": [],
+            # the readers (compressed-tensors, transformers) take the weights as packed
+            # only when the status says so
+            "quantization_status": "compressed",
         }
     os.makedirs(path, exist_ok=True)
     cfg = dict(config or {})
@@ -771,6 +970,8 @@ def _save_awq(q, m, tensors, bits, _ver, _ct):
 
 
 def _save_ct(q, m, tensors, bits, _ver, ct_format):
+    if q.format == "fp4_e2m1" or ct_format in _FP4_FORMATS:
+        return _save_ct_fp4(q, m, tensors, ct_format)
     n, k = q.shape
     fmt = ct_format or (
         "pack-quantized"
@@ -829,6 +1030,66 @@ def _save_ct(q, m, tensors, bits, _ver, ct_format):
     return info
 
 
+def _save_ct_fp4(q: QArray, m: str, tensors, ct_format) -> dict[str, Any]:
+    """An MX (E8M0) or NVFP4 (E4M3 + per-tensor) FP4 QArray in compressed-tensors'
+    ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` layout."""
+    nv = q.super_scale is not None
+    fmt = "nvfp4-pack-quantized" if nv else "mxfp4-pack-quantized"
+    sdt = jnp.dtype(q.scale.dtype)
+    ok = (
+        q.format == "fp4_e2m1"
+        and q.ndim == 2
+        and q.block[0] == 1
+        and q.zero_point is None
+        and q.in_scale is None
+        and q.g_idx is None
+        and sdt == (jnp.float8_e4m3fn if nv else jnp.float8_e8m0fnu)
+        and (not nv or tuple(q.super_block) == tuple(q.shape))
+    )
+    if not ok:
+        raise ExchangeError(
+            f"{m}: compressed-tensors' FP4 formats store an (out, in) fp4_e2m1 weight with "
+            "blocks along the inputs (block (1, g)) and no zero point, g_idx or in_scale: "
+            "E8M0 scales for mxfp4-pack-quantized (jqx.mxfp4_weight_only, jqx.quantize_mx), "
+            "E4M3 scales and one per-tensor super_scale for nvfp4-pack-quantized "
+            f"(jqx.nvfp4_weight_only, jqx.quantize_nvfp4); got {q!r}. Use "
+            "jqx.io.exchange.to_out_in for a Flax (in, out) kernel."
+        )
+    if ct_format not in (None, fmt):
+        raise ExchangeError(
+            f"{m}: ct_format={ct_format!r} but this weight is {fmt.split('-')[0].upper()} "
+            f"({sdt.name} scales); pass ct_format={fmt!r} or None."
+        )
+    if q.act is not None:
+        raise ExchangeError(
+            f"{m}: the weight carries an activation spec ({q.act}); jqx exports {fmt} "
+            "weight-only (MXFP4A16 / NVFP4A16). Quantize the weights without act."
+        )
+    n, k = q.shape
+    if k % 2:
+        raise ExchangeError(f"{m}: {fmt} packs two codes per byte; {k} inputs is odd.")
+    g = q.block[1]
+    tensors[f"{m}.weight_packed"] = _fp4_pack(np.asarray(q.codes()))
+    sc = np.asarray(q.scale)
+    w = {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": g,
+        "strategy": _FP4_FORMATS[fmt][0],
+        "dynamic": False,
+        "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
+    }
+    if nv:
+        tensors[f"{m}.weight_scale"] = sc
+        ss = np.float32(np.asarray(q.super_scale, np.float32).reshape(-1)[0])
+        gs = _nvfp4_global_scale(np.unique(sc.astype(np.float32)), ss)
+        tensors[f"{m}.weight_global_scale"] = np.array([gs], np.float32)
+    else:
+        tensors[f"{m}.weight_scale"] = sc.view(np.uint8)
+    return {"format": fmt, "weights": w}
+
+
 # --------------------------------------------------------------------------- Llama names
 
 # GGUF tensor name (jqx.llm's) -> Hugging Face Llama name (the checkpoints' own).
@@ -857,10 +1118,16 @@ def _rope_rows(n: int, heads: int) -> np.ndarray:
 def _take_rows(v, idx: np.ndarray, name: str):
     if not isinstance(v, QArray):
         return np.asarray(v)[idx]
-    if v.ndim != 2 or v.block[0] != 1 or v.qhigh is not None or v.super_scale is not None:
+    per_tensor = v.super_scale is not None and tuple(v.super_block) == tuple(v.shape)
+    if (
+        v.ndim != 2
+        or v.block[0] != 1
+        or v.qhigh is not None
+        or (v.super_scale is not None and not per_tensor)
+    ):
         raise ExchangeError(
             f"{name}: reordering the rows of a query/key weight needs one scale per row "
-            f"(block (1, g)); got {v!r}."
+            f"(block (1, g)) and at most one super_scale for the whole tensor; got {v!r}."
         )
     return v.replace(
         qvalue=v.qvalue[idx],

@@ -16,22 +16,41 @@ Reference packers:
 - AWQ: ``WQLinear_GEMM.from_linear`` (casper-hansen/AutoAWQ, awq/modules/linear/gemm.py
   at commit 030fe2a15b959425d278de8121f03ed895e3b10c), transcribed below.
 - compressed-tensors: the installed package itself (``PackedQuantizationCompressor`` and
-  ``NaiveQuantizationCompressor``, ``quantize``/``dequantize``).
+  ``NaiveQuantizationCompressor``, ``quantize``/``dequantize``; for
+  ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` its ``MXFP4PackedCompressor`` /
+  ``NVFP4PackedCompressor`` with the scales of its observers' ``calculate_qparams`` and
+  ``generate_gparam``, and the config its ``QuantizationConfig`` writes). The FP4 cases
+  also store the input weight (``expected.npz`` key ``w``) and hold rows of zeros,
+  negatives that round to -0, float32 subnormals, values at and beyond E2M1's
+  saturation (6) and E4M3's (448). After writing them the script exports jqx's own
+  quantization of the same weights with ``jqx.io.exchange.save`` and checks that the
+  compressed-tensors decompressor reads the files back to jqx's values bit for bit.
 
-Usage: python tests/golden/exchange/make_golden.py
+Usage (compressed-tensors 0.20.1, a CPU torch; ``fp4``: only the MXFP4 / NVFP4 cases):
+python tests/golden/exchange/make_golden.py [fp4]
 """
 
 import json
 import os
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 import torch
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
 from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    preset_name_to_scheme,
+)
 from compressed_tensors.quantization.lifecycle.forward import dequantize
-from safetensors.torch import save_file
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MOD = "model.layers.0.mlp.up_proj"
@@ -297,18 +316,113 @@ def ct_case(name, fmt, args, seed=20, g_idx=False, act=None, ignore=()):
     write(name, qc, tensors, exp)
 
 
-def write(name, qc, tensors, exp):
+# --------------------------------------------------------------------------- MXFP4 / NVFP4
+
+FP4 = {
+    "mxfp4-pack-quantized": ("MXFP4A16", MXFP4PackedCompressor, 32),
+    "nvfp4-pack-quantized": ("NVFP4A16", NVFP4PackedCompressor, 16),
+}
+
+
+def fp4_weight(seed, big=True):
+    """(32, 64) float32: typical weights plus the rows the tests name."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((OUT, IN)) * 0.05).astype(np.float32)
+    w[0] = 0.0  # blocks of zeros
+    w[1] = -rng.random(IN).astype(np.float32) * 1e-3  # negatives that round to -0
+    w[1, ::16] = -3.0
+    w[1, 1] = -0.0
+    w[2] = rng.standard_normal(IN).astype(np.float32) * 1e-39  # float32 subnormals
+    w[2, ::16] = 1e-38
+    w[3] = np.tile(np.array([6.0, -6.0, 7.9, 5.0, 4.0, 0.25, 0.75, 1.25], np.float32), IN // 8)
+    w[4] = np.tile(np.array([1.75, -1.8, 0.5, 3.5, 2.5, -2.5, 448.0, 500.0], np.float32), IN // 8)
+    w[5] = np.linspace(-7.5, 7.5, IN, dtype=np.float32)  # amax mantissa 1.875: rounds up
+    w[6] = rng.standard_normal(IN).astype(np.float32) * 1e-20
+    w[7, :] = 3.0  # constant blocks
+    if big:  # the per-tensor scale of NVFP4 then leaves most rows at E4M3's bottom
+        w[8] = rng.standard_normal(IN).astype(np.float32) * 1e4
+    return w
+
+
+def ct_fp4_case(name, fmt, seed=30, big=True):
+    preset, comp, g = FP4[fmt]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    w = fp4_weight(seed, big)
+    t = torch.from_numpy(w)
+    tg = t.reshape(OUT, -1, g)
+    sd = {"weight": t}
+    if fmt.startswith("nvfp4"):
+        gs = generate_gparam(t.min(), t.max())
+        sd["weight_global_scale"] = gs
+    else:
+        gs = None
+    scale, zp = calculate_qparams(tg.amin(-1), tg.amax(-1), scheme.weights, global_scale=gs)
+    sd.update(weight_scale=scale, weight_zero_point=zp)
+    out = comp.compress(sd, scheme)
+    exp = comp.decompress(dict(out), scheme)["weight"]
+    assert exp.dtype == torch.bfloat16
+    tensors = {f"{MOD}.{k}": v for k, v in out.items()}
+    tensors["model.norm.weight"] = torch.ones(OUT)
+    tensors["lm_head.weight"] = torch.ones(8, OUT)
+    qc = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=fmt,
+        ignore=["lm_head"],
+        quantization_status="compressed",
+    ).model_dump(mode="json")
+    write(name, qc, tensors, exp.float(), w=w)
+
+
+def check_jqx_export(name, fmt):
+    """jqx quantizes the case's weight, jqx.io.exchange.save writes it, and the
+    compressed-tensors decompressor must read the file back to jqx's values."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    import jqx.io.exchange as ex  # noqa: PLC0415
+    from jqx.core import mx  # noqa: PLC0415
+
+    preset, comp, _ = FP4[fmt]
+    w = np.load(os.path.join(HERE, name, "expected.npz"))["w"]
+    q = (
+        mx.quantize_mx(w.astype(np.float32), "fp4_e2m1", scale_mode="ct")
+        if fmt.startswith("mxfp4")
+        else mx.quantize_nvfp4(w)
+    )
+    q = q.replace(dtype=jnp.bfloat16)
+    tmp = tempfile.mkdtemp()
+    try:
+        ex.save({f"{MOD}.weight": q}, tmp, "compressed-tensors")
+        with open(os.path.join(tmp, "config.json")) as fh:
+            qc = QuantizationConfig.model_validate(json.load(fh)["quantization_config"])
+        assert qc.format == fmt, qc.format
+        scheme = qc.config_groups["group_0"]
+        t = load_file(os.path.join(tmp, "model.safetensors"))  # safetensors' own reader
+        sd = {k[len(MOD) + 1 :]: v for k, v in t.items()}
+        got = comp.decompress(sd, scheme)["weight"].float().numpy()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    want = np.asarray(q.dequantize(jnp.bfloat16).astype(jnp.float32))
+    # XLA:CPU flushes float32 subnormals (jqx/core/mx.py): compare where jqx's result is
+    # not a flushed one.
+    flushed = (want == 0) & (np.abs(got) < np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(np.where(flushed, 0, got), want)
+    print(name, "jqx export read back by compressed-tensors: equal")
+
+
+def write(name, qc, tensors, exp, **extra):
     d = os.path.join(HERE, name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     with open(os.path.join(d, "config.json"), "w") as fh:
         json.dump({"architectures": ["LlamaForCausalLM"], "quantization_config": qc}, fh, indent=1)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "model.safetensors"))
-    np.savez_compressed(os.path.join(d, "expected.npz"), weight=exp.numpy().astype(np.float32))
+    np.savez_compressed(
+        os.path.join(d, "expected.npz"), weight=exp.numpy().astype(np.float32), **extra
+    )
     print(name)
 
 
-if __name__ == "__main__":
+def make_all():
     for bits in (2, 3, 4, 8):
         for sym in (True, False):
             gptq_case(f"gptq_b{bits}_{'sym' if sym else 'asym'}", bits, sym, False, seed=bits)
@@ -355,3 +469,19 @@ if __name__ == "__main__":
         "float-quantized",
         dict(num_bits=8, type="float", symmetric=True, strategy="tensor"),
     )
+
+
+def make_fp4():
+    ct_fp4_case("ct_mxfp4", "mxfp4-pack-quantized")
+    ct_fp4_case("ct_nvfp4", "nvfp4-pack-quantized", big=False)
+    ct_fp4_case("ct_nvfp4_range", "nvfp4-pack-quantized", seed=31)
+    check_jqx_export("ct_mxfp4", "mxfp4-pack-quantized")
+    check_jqx_export("ct_nvfp4", "nvfp4-pack-quantized")
+    check_jqx_export("ct_nvfp4_range", "nvfp4-pack-quantized")
+
+
+if __name__ == "__main__":
+    # "fp4": only the MXFP4 / NVFP4 cases (the others keep the files they were made with).
+    if sys.argv[1:] != ["fp4"]:
+        make_all()
+    make_fp4()
