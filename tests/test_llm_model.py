@@ -25,9 +25,14 @@ def _model(cfg=CFG, seed=0):
     return Llama(cfg, rngs=nnx.Rngs(seed))
 
 
+# Jitted once per shape: op-by-op (eager) the tiny model compiles each primitive
+# separately, which made these tests the suite's slowest.
+_forward = jax.jit(forward, static_argnames=("logits",))
+
+
 def _score(model, tokens):
     pad = jnp.zeros((tokens.shape[0],), jnp.int32)
-    return forward(model, tokens, None, start=0, pad=pad)[0]
+    return _forward(model, tokens, None, start=0, pad=pad)[0]
 
 
 # ------------------------------------------------------------------ config
@@ -94,10 +99,10 @@ def test_prefill_plus_decode_equals_full_forward():
     full = _score(model, toks)
     cache = KVCache.init(CFG, batch=2, max_len=32)
     pad = jnp.zeros((2,), jnp.int32)
-    logits, cache = forward(model, toks[:, :7], cache, start=0, pad=pad)
+    logits, cache = _forward(model, toks[:, :7], cache, start=0, pad=pad)
     np.testing.assert_allclose(logits, full[:, :7], atol=2e-4, rtol=2e-4)
     for t in range(7, 12):
-        lg, cache = forward(
+        lg, cache = _forward(
             model, toks[:, t : t + 1], cache, start=jnp.int32(t), pad=pad, logits="last"
         )
         np.testing.assert_allclose(lg, full[:, t], atol=2e-4, rtol=2e-4)
@@ -114,13 +119,13 @@ def test_left_padding_is_masked():
     toks[1] = b
     cache = KVCache.init(CFG, batch=2, max_len=16)
     pad = jnp.array([4, 0], jnp.int32)
-    lg, cache = forward(model, jnp.asarray(toks), cache, start=0, pad=pad, logits="last")
+    lg, cache = _forward(model, jnp.asarray(toks), cache, start=0, pad=pad, logits="last")
     alone = _score(model, jnp.asarray(a[None]))[0, -1]
     np.testing.assert_allclose(lg[0], alone, atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(lg[1], _score(model, jnp.asarray(b[None]))[0, -1], atol=2e-4)
     # one decode step continues both
     nxt = jnp.array([3, 5], jnp.int32)
-    lg2, _ = forward(model, nxt[:, None], cache, start=jnp.int32(9), pad=pad, logits="last")
+    lg2, _ = _forward(model, nxt[:, None], cache, start=jnp.int32(9), pad=pad, logits="last")
     alone2 = _score(model, jnp.asarray(np.append(a, 3)[None]))[0, -1]
     np.testing.assert_allclose(lg2[0], alone2, atol=2e-4, rtol=2e-4)
 

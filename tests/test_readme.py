@@ -3,8 +3,8 @@
 - Its two command lines come first, byte for byte; `.ci/run` extracts the
   test line with sed.
 - It stays short.
-- Every ```python block runs as pasted, each in a fresh namespace of one fresh
-  interpreter (without this suite's conftest, so as a user would run it).
+- Every ```python block runs as pasted, each in a fresh interpreter (without
+  this suite's conftest, so as a user would run it).
 - Its links into docs/, and the links between the docs pages, point to
   files that exist.
 """
@@ -46,32 +46,35 @@ def python_blocks(text: str) -> list[str]:
 
 _BLOCKS = python_blocks(README.read_text())
 
-# Runs each block in a fresh namespace and reports, after a marker line, which
-# failed and why (snippets may print anything before it).
+# Runs one block as a script and reports, after a marker line, its traceback or
+# null (snippets may print anything before it).
 _RUNNER = textwrap.dedent(
     """
     import json, sys, traceback
-    blocks = json.loads(sys.stdin.read())
-    results = []
-    for i, src in enumerate(blocks):
-        try:
-            exec(compile(src, f"README.md python block {i + 1}", "exec"), {"__name__": "__main__"})
-            results.append(None)
-        except BaseException:
-            results.append(traceback.format_exc())
-    print("@@README-RESULTS@@")
-    print(json.dumps(results))
+    src = sys.stdin.read()
+    try:
+        exec(compile(src, sys.argv[1], "exec"), {"__name__": "__main__"})
+        result = None
+    except BaseException:
+        result = traceback.format_exc()
+    print("@@README-RESULT@@")
+    print(json.dumps(result))
     """
 )
 
 
-@pytest.fixture(scope="module")
-def snippet_errors() -> list[str | None]:
+def snippet_error(i: int) -> str | None:
+    """Runs README block ``i`` in a fresh interpreter; its traceback, or None.
+
+    One interpreter per block (not one for all): under ``pytest -n`` the blocks
+    spread over the workers instead of every worker that reaches one running
+    them all.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER],
-        input=json.dumps(_BLOCKS),
+        [sys.executable, "-c", _RUNNER, f"README.md python block {i + 1}"],
+        input=_BLOCKS[i],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -79,10 +82,11 @@ def snippet_errors() -> list[str | None]:
         timeout=900,
     )
     out = proc.stdout
-    assert "@@README-RESULTS@@" in out, (
-        f"the snippet runner crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert "@@README-RESULT@@" in out, (
+        f"the snippet runner crashed on block {i + 1} (exit {proc.returncode}):\n"
+        f"{proc.stderr[-4000:]}"
     )
-    return json.loads(out.split("@@README-RESULTS@@", 1)[1])
+    return json.loads(out.split("@@README-RESULT@@", 1)[1])
 
 
 def test_the_two_command_lines_come_first():
@@ -115,8 +119,8 @@ def test_readme_has_python_snippets():
 
 
 @pytest.mark.parametrize("i", range(len(_BLOCKS)), ids=lambda i: f"block{i + 1}")
-def test_readme_snippet_runs(snippet_errors, i):
-    err = snippet_errors[i]
+def test_readme_snippet_runs(i):
+    err = snippet_error(i)
     assert err is None, f"README.md python block {i + 1} failed:\n{_BLOCKS[i]}\n{err}"
 
 
