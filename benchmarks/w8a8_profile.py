@@ -4,8 +4,11 @@
     python benchmarks/w8a8_profile.py --part matmul       # per-matmul-shape formulations only
     python benchmarks/w8a8_profile.py --part model --repeats 9
     python benchmarks/w8a8_profile.py --tiny              # the shipped tiny encoder, quick
+    python benchmarks/w8a8_profile.py --part faults       # minor page faults per call
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        python benchmarks/w8a8_profile.py --part faults   # ... with glibc keeping its memory
 
-Three parts, each timed under ``jit`` with calls interleaved across variants
+The parts, each timed under ``jit`` with calls interleaved across variants
 (median of ``--repeats``; wall clock and process CPU time, since this 2-core
 machine is shared and wall times swing with other jobs' load):
 
@@ -13,14 +16,19 @@ machine is shared and wall times swing with other jobs' load):
   (384, 1536), (1536, 384) with rows = batch x seq): the f32 dot, the int8 x
   int8 -> int32 dot, the same int8 codes as a bf16 x bf16 -> f32 dot, the
   per-token activation quantization alone, ``jqx.native``'s VNNI int8 GEMM
-  (when built), the whole W8A8 product with the int32 dot and with the bf16
-  dot, and ``jqx.ops.dot_general`` as shipped; as ratios to the f32 dot.
+  (when built), its AVX2 W8A8 kernel with the quantization fused in
+  (``jqx.native.w8a8_matmul``, when built), the whole W8A8 product with the
+  int32 dot and with the bf16 dot, and ``jqx.ops.dot_general`` as shipped; as
+  ratios to the f32 dot.
 - ``model``: the whole encoder: float32, W8A8 through ``jqx.ops`` as shipped
-  (the native GEMM when built), W8A8 forced onto XLA's bf16 dot and onto its
+  (the native kernels when built), W8A8 forced onto XLA's bf16 dot and onto its
   int32 dot, and a floor with every weight matmul
   replaced by zeros (what attention, softmax, GELU, LayerNorm and the
   embeddings cost on their own, i.e. the time no matmul formulation can
   remove).
+- ``faults``: minor page faults per steady-state call of each model variant (memory
+  mapped and first touched per call), under the glibc malloc settings in the
+  environment.
 - ``hlo``: the optimized HLO of the W8A8 model: how many activation
   quantizations there are for the 36 matmuls (query/key/value share one input:
   quantized once when XLA CSEs it), and which int32/float conversions are
@@ -33,6 +41,7 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -136,6 +145,16 @@ def part_matmul(rows: int, shapes, reps: int) -> None:
                 if jqx.ops.native_status() == "available"
                 else {}
             ),
+            **(
+                {
+                    "jqx.native W8A8 fused (AVX2)": (
+                        jax.jit(jqx.native.w8a8_matmul),
+                        (x, q.qvalue, ws.reshape(n).astype(jnp.float32)),
+                    )
+                }
+                if jqx.native.conv_available()
+                else {}
+            ),
             "W8A8 int32 dot + rescale": (jax.jit(w8a8_int32), (x, q.qvalue, ws)),
             "W8A8 bf16 dot + rescale": (jax.jit(w8a8_bf16), (x, q.qvalue, ws)),
             "jqx.ops.dot_general W8A8": (
@@ -183,6 +202,37 @@ class _W8A8As:
     def lower(self, *args):
         with jqx.ops.policy(**self.overrides):
             return self.inner.lower(*args)
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def part_faults(enc, ids, mask, reps: int) -> None:
+    """Minor page faults per steady-state call of the whole model (after two warm-up
+    calls), per variant: memory the call maps and first touches (malloc handing large
+    blocks back to the OS and taking them again shows up here). Set glibc's
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ on the command line to see how
+    much of it is the allocator's (docs/internals/native-kernels.md)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"\n== minor page faults per steady-state call ({env or 'glibc malloc defaults'})")
+    qp = jqx.quantize(enc.variables, jqx.int8_dynamic_activation_int8_weight())
+    fns = {
+        "float32": (jax.jit(enc.module.apply), enc.variables),
+        "W8A8 jqx.ops (shipped)": (jax.jit(jqx.quantized(enc.module.apply)), qp),
+        "W8A8 bf16 dot (XLA only)": (_W8A8As(enc.module.apply, "bf16"), qp),
+        "W8A8 int32 dot (XLA only)": (_W8A8As(enc.module.apply, "int32"), qp),
+    }
+    print(f"  {'variant':34s} {'faults/call':>12s} {'MB/call':>8s} {'wall ms':>9s}")
+    for name, (f, v) in fns.items():
+        for _ in range(2):
+            jax.block_until_ready(f(v, ids, mask))
+        f0, t0 = _minor_faults(), time.perf_counter()
+        for _ in range(reps):
+            jax.block_until_ready(f(v, ids, mask))
+        per = (_minor_faults() - f0) / reps
+        ms = 1e3 * (time.perf_counter() - t0) / reps
+        print(f"  {name:34s} {per:12.0f} {per * 4096 / 2**20:8.1f} {ms:9.1f}")
 
 
 def part_model(enc, ids, mask, reps: int) -> None:
@@ -410,7 +460,9 @@ def _hlo_stats(txt: str, qp) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--part", choices=("all", "matmul", "model", "floor", "whatif", "hlo"), default="all"
+        "--part",
+        choices=("all", "matmul", "model", "floor", "whatif", "hlo", "faults"),
+        default="all",
     )
     ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     ap.add_argument("--batch", type=int, default=32)
@@ -441,6 +493,8 @@ def main(argv=None) -> int:
         part_floor(c, args.batch, args.seq_len, args.repeats)
     if args.part in ("all", "model"):
         part_model(enc, ids, mask, args.repeats)
+    if args.part in ("all", "faults"):
+        part_faults(enc, ids, mask, args.repeats)
     if args.part in ("all", "whatif"):
         part_whatif(enc, ids, mask, args.repeats)
     print(f"\n({time.perf_counter() - t0:.0f}s, load average now {os.getloadavg()[0]:.1f})")

@@ -1,6 +1,9 @@
 """MX (E8M0 block scales) and NVFP4: numerics against a float reference, bit-exactness
 against the compressed-tensors encoders (golden files from tests/golden/mx/make_golden.py),
-storage size, NaN/Inf policy, bad input, and the recipes through jqx.quantized."""
+storage size and FP6 packing, NaN/Inf policy, bad input, the recipes through every front
+door (pytree API, jqx.quantized on a linen model, the Flax adapters), and the matmul's
+routes: the exact emulation on CPU, ``jax.nn.scaled_matmul`` lowered for CUDA (and run
+against the emulation by the ``gpu`` test on a GPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from hypothesis import strategies as st
 
 import jqx
 from jqx.core import mx
-from jqx.core.qarray import unpack_4bit
+from jqx.core.qarray import pack_6bit, unpack_4bit, unpack_6bit
+from jqx.ops import impl_xla
+from jqx.ops.matmul import describe
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mx")
 
@@ -214,3 +219,361 @@ def test_recipes_through_quantized(recipe, bound):
     xh = x if recipe.act is None else mx.fake_quant_mx(x, recipe.act_format)
     expect = jnp.dot(xh, w.dequantize(), precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(y), np.asarray(expect), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- FP6 packing
+
+
+def test_pack_6bit_round_trip():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 4, 6, 13, 32):
+        c = jnp.asarray(rng.integers(0, 64, (3, n)), jnp.uint8)
+        p = pack_6bit(c)
+        assert p.shape == (3, 3 * -(-n // 4))
+        np.testing.assert_array_equal(np.asarray(unpack_6bit(p, n)), np.asarray(c))
+    # The documented bit order: one little-endian stream, code i at bits 6i .. 6i + 5.
+    c = np.array([5, 40, 17, 63], np.uint8)
+    word = sum(int(v) << (6 * i) for i, v in enumerate(c))
+    assert pack_6bit(jnp.asarray(c)).tolist() == [word & 255, (word >> 8) & 255, word >> 16]
+
+
+@pytest.mark.parametrize("fmt", ["fp6_e2m3", "fp6_e3m2"])
+def test_fp6_packed_four_codes_in_three_bytes(fmt):
+    x = jax.random.normal(jax.random.key(2), (64, 128))
+    q = mx.quantize_mx(x, fmt, axis=0)
+    assert q.qvalue.shape == (64, 96) and q.qvalue.dtype == jnp.uint8 and q.packed
+    assert q.nbytes * 8 / x.size == 6.25
+    np.testing.assert_array_equal(q.dequantize(), mx.fake_quant_mx(x, fmt, axis=0))
+    # A last axis that is not a multiple of four is padded with zero codes.
+    x6 = x[:, :6]
+    q6 = mx.quantize_mx(x6, fmt, axis=0)
+    assert q6.qvalue.shape == (64, 6)
+    np.testing.assert_array_equal(q6.dequantize(), mx.fake_quant_mx(x6, fmt, axis=0))
+
+
+def test_fp6_packed_codes_follow_a_transpose():
+    from jqx.llm.ptq import transpose_qarray  # noqa: PLC0415
+
+    q = mx.quantize_mx(jax.random.normal(jax.random.key(7), (64, 10)), "fp6_e3m2", axis=0)
+    t = transpose_qarray(q)
+    assert t.shape == (10, 64) and t.qvalue.shape == (10, 48)
+    np.testing.assert_array_equal(t.dequantize(), q.dequantize().T)
+
+
+def test_fp6_checkpoint_round_trip(tmp_path):
+    params = {
+        "dense": {"kernel": jax.random.normal(jax.random.key(3), (64, 30)), "bias": jnp.ones(30)}
+    }
+    for recipe in (jqx.mx_weight_only("fp6_e2m3"), jqx.mx_dynamic_activation_mx_weight("fp6_e3m2")):
+        q = jqx.quantize(params, recipe)
+        path = str(tmp_path / "fp6.jqx")
+        jqx.save(path, q)
+        back = jqx.load(path)
+        a, b = q["dense"]["kernel"], back["dense"]["kernel"]
+        assert (b.format, b.shape, b.block, b.act) == (a.format, a.shape, a.block, a.act)
+        assert b.qvalue.shape == (64, 24) and b.nbytes == a.nbytes
+        np.testing.assert_array_equal(np.asarray(b.qvalue), np.asarray(a.qvalue))
+        np.testing.assert_array_equal(b.dequantize(), a.dequantize())
+
+
+# --------------------------------------------------------------------------- the matmul's routes
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def _mx_weight(recipe, shape=(64, 48)):
+    return recipe.quantize_weight(jax.random.normal(jax.random.key(0), shape))
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3", "fp8_e5m2"])
+def test_dispatch_scaled_matmul_only_where_mx_hardware_is(fmt):
+    q = _mx_weight(jqx.mx_dynamic_activation_mx_weight(fmt))
+    x = jnp.ones((5, 64))
+    with jqx.ops.policy(platform="cpu"):
+        assert jqx.ops.explain(x, q, DN) == "xla.mx_emulated"
+        assert jqx.ops.explain(x, q, DN, backend="xla") == "xla.mx_emulated"
+    with jqx.ops.policy(platform="cuda", compute_capability="9.0"):
+        assert jqx.ops.explain(x, q, DN) == "xla.mx_emulated"
+    with jqx.ops.policy(platform="cuda", compute_capability="10.0"):
+        assert jqx.ops.explain(x, q, DN) == "xla.scaled_matmul"
+        assert jqx.ops.explain(x, q, DN, backend="xla") == "xla.scaled_matmul"
+
+
+def test_dispatch_scaled_matmul_needs_a_block_scaled_pair():
+    x = jnp.ones((5, 64))
+    others = [
+        jqx.mx_dynamic_activation_mx_weight("fp6_e2m3"),  # no jnp dtype takes FP6
+        jqx.mx_dynamic_activation_mx_weight("int8"),
+        jqx.mx_dynamic_activation_mx_weight("fp4_e2m1", act_fmt="fp8_e4m3"),
+        jqx.MX(element="fp4_e2m1", layout="nvfp4", act_format="fp4_e2m1"),  # E4M3 scales
+    ]
+    with jqx.ops.policy(platform="cuda", compute_capability="10.0"):
+        for r in others:
+            assert jqx.ops.explain(x, _mx_weight(r), DN) == "xla.mx_emulated", r.name
+        # Weight-only MX has no activation blocks: dequantize-then-dot.
+        w = _mx_weight(jqx.mxfp8_weight_only())
+        assert jqx.ops.explain(x, w, DN) == "xla.dequantize_dot"
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
+def test_scaled_matmul_operands_match_the_emulation(fmt):
+    """The operands the scaled_matmul route builds, combined as jax.nn.scaled_matmul
+    defines it (its docstring's reference), give the emulated product: the route cannot
+    run on CPU, but its layout (K last, scales per block of 32) is checked here."""
+    q = _mx_weight(jqx.mx_dynamic_activation_mx_weight(fmt))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 64)) * 3
+    dn = (((2,), (0,)), ((), ()))
+    p = describe(x.shape, np.dtype(x.dtype), q, dn, None, None)
+    a, b, sa, sb, lead = impl_xla.scaled_operands(x, q, p)
+    assert (a.shape, b.shape, sa.shape, sb.shape, lead) == (
+        (1, 6, 64),
+        (1, 48, 64),
+        (1, 6, 2),
+        (1, 48, 2),
+        (2, 3),
+    )
+    assert sa.dtype == sb.dtype == jnp.float8_e8m0fnu
+    a_s = a.astype(jnp.float32) * jnp.repeat(sa.astype(jnp.float32), 32, axis=-1)
+    b_s = b.astype(jnp.float32) * jnp.repeat(sb.astype(jnp.float32), 32, axis=-1)
+    y = jnp.einsum("bmk,bnk->bmn", a_s, b_s, precision="highest").reshape(lead + (48,))
+    with jqx.ops.policy(platform="cpu"):
+        ref = jqx.ops.dot_general(x, q, dn)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
+def test_scaled_matmul_lowers_for_cuda(fmt):
+    """jax.nn.scaled_matmul has no XLA:CPU lowering, but lowers for CUDA from this host
+    (to XLA's block-scaled dot custom call)."""
+    q = _mx_weight(jqx.mx_dynamic_activation_mx_weight(fmt))
+    x = jax.ShapeDtypeStruct((5, 64), jnp.float32)
+    with jqx.ops.policy(platform="cuda", compute_capability="10.0"):
+        f = jax.jit(jqx.quantized(lambda w, x: x @ w))
+        try:
+            text = f.trace(q, x).lower(lowering_platforms=("cuda",)).as_text()
+        except Exception as e:  # noqa: BLE001 (jax builds without the CUDA rules)
+            pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
+    assert "block_scaled_dot" in text
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
+def test_scaled_matmul_runs_on_gpu_and_matches_the_emulation(fmt):
+    """On a GPU the scaled_matmul route runs (forced with compute_capability="10.0" on
+    GPUs without MX tensor cores, where XLA expands the block-scaled dot itself) and
+    equals the emulation up to float32 summation order."""
+    q = _mx_weight(jqx.mx_dynamic_activation_mx_weight(fmt), (256, 128))
+    x = jax.random.normal(jax.random.key(1), (64, 256))
+    with jqx.ops.policy(compute_capability="10.0"):
+        assert jqx.ops.explain(x, q, DN) == "xla.scaled_matmul"
+        y = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))(x, q)
+    with jqx.ops.policy(compute_capability="0.0"):
+        assert jqx.ops.explain(x, q, DN) == "xla.mx_emulated"
+        ref = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))(x, q)
+    xh = mx.fake_quant_mx(x, fmt)
+    mag = jnp.dot(jnp.abs(xh), jnp.abs(q.dequantize()), precision="highest")
+    assert bool(jnp.all(jnp.abs(y - ref) <= 1e-5 * mag + 1e-30)), float(jnp.max(jnp.abs(y - ref)))
+
+
+# --------------------------------------------------------------------------- every front door
+
+FRONT = {
+    "mxfp4": (jqx.mxfp4_weight_only, 0.3),
+    "mxfp8": (jqx.mxfp8_weight_only, 0.08),
+    "nvfp4": (jqx.nvfp4_weight_only, 0.3),
+    "mxfp6": (lambda **kw: jqx.mx_weight_only("fp6_e2m3", **kw), 0.1),
+    "w4a4_mxfp4": (lambda **kw: jqx.mx_dynamic_activation_mx_weight("fp4_e2m1", **kw), 0.4),
+    "w8a8_mxfp8": (lambda **kw: jqx.mx_dynamic_activation_mx_weight("fp8_e4m3", **kw), 0.1),
+}
+REPORT_LABELS = {
+    "mxfp4": ("mx:fp4_e2m1", "-"),
+    "mxfp8": ("mx:fp8_e4m3", "-"),
+    "nvfp4": ("nvfp4", "-"),
+    "mxfp6": ("mx:fp6_e2m3", "-"),
+    "w4a4_mxfp4": ("mx:fp4_e2m1", "dynamic:mx:fp4_e2m1"),
+    "w8a8_mxfp8": ("mx:fp8_e4m3", "dynamic:mx:fp8_e4m3"),
+}
+XF = jax.random.normal(jax.random.key(5), (6, 64))
+
+
+def _mlp(dense=None):
+    """A two-layer linen MLP (flax imported here: the GPU session's python may lack it)."""
+    nn = pytest.importorskip("flax.linen")
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = dense or nn.Dense
+            h = jax.nn.relu(d(64, name="hidden")(x))
+            return d(32, name="out")(h)
+
+    return MLP()
+
+
+def _expected(variables, x, recipe):
+    """The quantized MLP by its definition: activations rounded per block of 32 along
+    K when the recipe says so, the dequantized kernels, float32 dots."""
+    p = variables["params"]
+
+    def layer(name, h):
+        w = p[name]["kernel"]
+        if recipe.act is not None:
+            h = mx.fake_quant_mx(h, recipe.act_format)
+        return jnp.dot(h, w.dequantize(), precision="highest") + p[name]["bias"]
+
+    return layer("out", jax.nn.relu(layer("hidden", x)))
+
+
+def _check(y, variables, qvariables, recipe, bound, x=XF):
+    ref = _mlp().apply(variables, x)
+    rel = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
+    assert rel < bound, rel
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(_expected(qvariables, x, recipe)), rtol=1e-5, atol=1e-5
+    )
+
+
+def _variables():
+    v = _mlp().init(jax.random.key(4), XF)
+    # Non-zero biases, so the bias path is checked too.
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 if jqx.path_str(p).endswith("bias") else a, v
+    )
+
+
+@pytest.mark.parametrize("name", list(FRONT))
+def test_pytree_api_and_report(name):
+    make, _ = FRONT[name]
+    recipe = make()
+    v = _variables()
+    qv = jqx.quantize(v, recipe)
+    for layer in ("hidden", "out"):
+        w = qv["params"][layer]["kernel"]
+        assert jqx.is_qarray(w) and w.block == (recipe.block_size, 1)
+        assert w.act == recipe.act
+        assert not jqx.is_qarray(qv["params"][layer]["bias"])
+    rows = jqx.report(v, qv).to_dict()["layers"]
+    assert {(r["format"], r["act"]) for r in rows} == {REPORT_LABELS[name]}
+    # A tree of MX QArrays survives jit and tree maps as a pytree.
+    back = jax.jit(lambda t: t)(qv)
+    np.testing.assert_array_equal(
+        back["params"]["out"]["kernel"].dequantize(), qv["params"]["out"]["kernel"].dequantize()
+    )
+
+
+@pytest.mark.parametrize("name", list(FRONT))
+def test_quantized_linen_model_under_jit(name):
+    make, bound = FRONT[name]
+    recipe = make()
+    v = _variables()
+    qv = jqx.quantize(v, recipe)
+    y = jax.jit(jqx.quantized(_mlp().apply))(qv, XF)
+    _check(y, v, qv, recipe, bound)
+
+
+@pytest.mark.parametrize("name", list(FRONT))
+def test_flax_linen_adapter(name):
+    make, bound = FRONT[name]
+    recipe = make()
+    v = _variables()
+    qv = jqx.quantize(v, recipe)
+    from jqx.flax import linen as qnn  # noqa: PLC0415
+
+    y = jax.jit(_mlp(dense=qnn.Dense).apply)(qv, XF)
+    _check(y, v, qv, recipe, bound)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "w4a4_mxfp4", "w8a8_mxfp8"])
+def test_flax_nnx_adapter(name):
+    nnx = pytest.importorskip("flax.nnx")
+    from jqx.flax import nnx as qnnx  # noqa: PLC0415
+
+    make, bound = FRONT[name]
+    recipe = make()
+    v = _variables()
+    qv = jqx.quantize(v, recipe)
+    m = qnnx.Linear(64, 64, rngs=nnx.Rngs(0))
+    gdef, state = nnx.split(m)
+    qstate = jqx.quantize(state, recipe)
+    # Put the linen model's first layer into the nnx layer: same names, same math.
+    qstate["kernel"] = nnx.Param(qv["params"]["hidden"]["kernel"])
+    qstate["bias"] = nnx.Param(qv["params"]["hidden"]["bias"])
+    y = nnx.jit(lambda m, x: m(x))(nnx.merge(gdef, qstate), XF)
+    w = qv["params"]["hidden"]["kernel"]
+    xh = XF if recipe.act is None else mx.fake_quant_mx(XF, recipe.act_format)
+    expect = jnp.dot(xh, w.dequantize(), precision="highest") + qv["params"]["hidden"]["bias"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expect), rtol=1e-5, atol=1e-5)
+    ref = XF @ v["params"]["hidden"]["kernel"] + v["params"]["hidden"]["bias"]
+    assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) < bound
+
+
+# --------------------------------------------------------------------------- bad input, per case
+
+
+def test_reduction_axis_not_a_multiple_of_the_block():
+    tree = {"dense": {"kernel": jnp.ones((48, 16))}}
+    with pytest.raises(ValueError, match="dense/kernel has size 48, not a multiple of the block"):
+        jqx.quantize(tree, jqx.mxfp4_weight_only())
+    with pytest.raises(ValueError, match="not a multiple of the block 16"):
+        jqx.quantize({"k": {"kernel": jnp.ones((40, 16))}}, jqx.nvfp4_weight_only())
+    # MX activations need their blocks along the contracted dim: a weight blocked along
+    # its other axis cannot give them.
+    act = jqx.mx_dynamic_activation_mx_weight("fp8_e4m3").act
+    q = mx.quantize_mx(jnp.ones((48, 64)), "fp8_e4m3", axis=-1, act=act)
+    with pytest.raises(ValueError, match="MX activations .* multiple of 32"):
+        jqx.ops.dot_general(jnp.ones((2, 48)), q, DN)
+
+
+def test_element_format_with_no_mx_form():
+    for bad in ("nf4", "int4", "fp4_e1m2"):
+        with pytest.raises(ValueError, match=f"fmt='{bad}' has no MX form"):
+            jqx.mx_weight_only(bad)
+    with pytest.raises(ValueError, match="fmt='int4' has no MX form"):
+        jqx.mx_dynamic_activation_mx_weight("fp8_e4m3", act_fmt="int4")
+    with pytest.raises(ValueError, match="granularity='mx' is dynamic with an MX element"):
+        jqx.ActSpec(kind="dynamic", format="nf4", granularity="mx")
+
+
+@pytest.mark.parametrize("mode", mx.SCALE_MODES)
+def test_e8m0_scale_saturates_never_nan(mode):
+    """E8M0 holds 2^-127 .. 2^127: float32's largest and smallest magnitudes give
+    exponents clamped into that range (the documented saturation), never the NaN byte,
+    and a block near float32's largest value saturates below 2^128 (never inf)."""
+    big = np.finfo(np.float32).max
+    tiny = np.float32(2.0**-149)
+    x = np.array([[big, -big] + [1.0] * 30, [tiny] * 32, [0.0] * 32], np.float32)
+    for fmt in mx.MX_ELEMENTS:
+        q = mx.quantize_mx(x, fmt, scale_mode=mode)
+        b = _u8(q.scale).ravel()
+        assert b.max() <= 254 and b.min() >= 0, (fmt, b)
+        assert b[2] == 0  # a zero block: 2^-127 and zero codes
+        d = np.asarray(q.dequantize())
+        assert np.isfinite(d).all(), fmt
+        # The largest values saturate within a factor 2 of float32's max, symmetrically.
+        assert big / 2 <= d[0, 0] <= big and d[0, 1] == -d[0, 0], (fmt, d[0, :2])
+        np.testing.assert_array_equal(d, mx.fake_quant_mx(x, fmt, scale_mode=mode))
+
+
+def test_e4m3_block_scale_saturates_never_nan():
+    # A calibrated per-tensor amax far below the weight's pushes NVFP4 block scales past
+    # E4M3's max: they saturate at 448 (and the elements at 6), never NaN.
+    q = mx.quantize_nvfp4(np.full((2, 16), 100.0, np.float32), global_amax=1e-3)
+    assert float(q.scale.astype(jnp.float32).max()) == 448.0
+    d = np.asarray(q.dequantize())
+    assert np.isfinite(d).all()
+    np.testing.assert_allclose(d, 448.0 * 6 * float(q.super_scale.ravel()[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", mx.SCALE_MODES)
+def test_every_scale_mode_bounds_the_error(mode):
+    """Each scale rounding keeps every block within a quarter of its amax (FP4 E2M1's
+    worst saturation under "floor", 7.9 -> 6); a scale off by a binade would not."""
+    x = jax.random.normal(jax.random.key(6), (8, 64)) * jnp.logspace(-3, 3, 8)[:, None]
+    amax = jnp.repeat(jnp.max(jnp.abs(x).reshape(8, 2, 32), -1), 32, -1)
+    for fmt in mx.MX_ELEMENTS:
+        err = jnp.abs(mx.quantize_mx(x, fmt, scale_mode=mode).dequantize() - x)
+        assert bool(jnp.all(err <= 0.25 * amax)), (fmt, float(jnp.max(err / amax)))

@@ -2,6 +2,7 @@
 4-bit weight-only decode kernel (against f64), the build cache, and the
 fallback when the kernels are unavailable."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jqx
 from jqx.kernels.cpu import native
 
 needs_native = pytest.mark.skipif(
@@ -248,3 +250,159 @@ def test_missing_compiler_is_reported_not_raised(tmp_path):
     ok, reason = out.splitlines()
     assert ok == "False" and "no C++ compiler" in reason
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- W8A8, quantization fused
+# native.w8a8_matmul (conv_int8.cc's AVX2 library): the activation quantization inside
+# the kernel, bit-identical to jqx.ops' XLA W8A8 path (int32 dot) for finite inputs.
+
+needs_conv = pytest.mark.skipif(
+    not native.conv_available(), reason=f"native AVX2 kernels unavailable: {native.conv_status()}"
+)
+DN2 = (((1,), (0,)), ((), ()))
+
+# M = 1, rows not a multiple of the 6-row tile, K odd / not a multiple of 4 or 32,
+# N not a multiple of 16, and MiniLM's shapes (several chunks on the pool).
+W8A8_SHAPES = [
+    (1, 1, 1),
+    (1, 7, 5),
+    (2, 33, 17),
+    (7, 130, 31),
+    (13, 384, 100),
+    (64, 97, 48),
+    (300, 65, 40),
+    (1024, 384, 384),
+    (257, 1536, 384),
+]
+
+
+def _w8a8_case(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    # Row magnitudes spread over 1e-3..1e3, some rows all zero (scale 1, codes 0).
+    x = rng.normal(size=(m, k)) * 10.0 ** rng.uniform(-3, 3, size=(m, 1))
+    x[rng.random(m) < 0.2] = 0.0
+    w = rng.normal(size=(k, n))
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.asarray(w, jnp.float32))
+    return jnp.asarray(x, jnp.float32), q
+
+
+def _xla_w8a8(x, q, dn=DN2):
+    """jqx.ops' XLA W8A8 path on the exact int32 dot."""
+    with jqx.ops.policy(w8a8_bf16_min_rows=1 << 40, pad_single_row=False):
+        return jqx.ops.dot_general(x, q, dn, backend="xla")
+
+
+@needs_conv
+@pytest.mark.parametrize("m,k,n", W8A8_SHAPES)
+def test_w8a8_fused_bit_identical_to_xla_path(m, k, n):
+    x, q = _w8a8_case(m, k, n, seed=m * 31 + k * 7 + n)
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    y = jax.jit(native.w8a8_matmul)(x, q.qvalue, ws)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_xla_w8a8(x, q)))
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(native.w8a8_matmul_reference(x, q.qvalue, ws))
+    )
+
+
+@needs_conv
+@pytest.mark.parametrize("act", ["per_tensor", "static"])
+def test_w8a8_fused_per_tensor_and_static_scales(act):
+    x, _ = _w8a8_case(37, 130, 33, seed=5)
+    w = jax.random.normal(jax.random.key(2), (130, 33))
+    if act == "static":
+        recipe = jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor")
+        q = recipe.quantize_weight(w)
+        q = q.replace(
+            act=dataclasses.replace(q.act, kind="static"), act_scale=jnp.asarray(0.037, jnp.float32)
+        )
+        act_arg = jnp.asarray([0.037], jnp.float32)
+    else:
+        q = jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor").quantize_weight(w)
+        act_arg = "per_tensor"
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    y = native.w8a8_matmul(x, q.qvalue, ws, act=act_arg)
+    ref = native.w8a8_matmul_reference(x, q.qvalue, ws, act=act_arg)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_xla_w8a8(x, q)))
+
+
+@needs_conv
+def test_w8a8_fused_through_jqx_ops():
+    """The dispatcher runs W8A8 int8 on the fused kernel where the AVX512 GEMM does
+    not run; 3-D activations contracted on the last and on a middle axis."""
+    x, q = _w8a8_case(96, 130, 40, seed=3)
+    x3 = x.reshape(4, 24, 130)
+    dn_last, dn_mid = (((2,), (0,)), ((), ())), (((1,), (0,)), ((), ()))
+    with jqx.ops.policy(platform="cpu", native_min_work=0):
+        want = "native.int8_gemm" if native.available() else "native.w8a8_fused"
+        assert jqx.ops.explain(x3, q, dn_last) == want
+        y_last = jax.jit(lambda a, b: jqx.ops.dot_general(a, b, dn_last))(x3, q)
+        y_mid = jqx.ops.dot_general(jnp.swapaxes(x3, 1, 2), q, dn_mid)
+    np.testing.assert_array_equal(np.asarray(y_last), np.asarray(_xla_w8a8(x3, q, dn_last)))
+    np.testing.assert_array_equal(np.asarray(y_mid), np.asarray(y_last))
+
+
+@needs_conv
+@settings(deadline=None, max_examples=20)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.sampled_from([1, 5, 6, 49, 200]),
+    k=st.integers(1, 200),
+    n=st.integers(1, 70),
+)
+def test_w8a8_fused_property(seed, m, k, n):
+    x, q = _w8a8_case(m, k, n, seed)
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    np.testing.assert_array_equal(
+        np.asarray(native.w8a8_matmul(x, q.qvalue, ws)), np.asarray(_xla_w8a8(x, q))
+    )
+
+
+def test_w8a8_bad_input():
+    x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
+    for fn in (native.w8a8_matmul, native.w8a8_matmul_reference):
+        with pytest.raises(ValueError, match="x must be float32"):
+            fn(x.astype(jnp.bfloat16), w, ws)
+        with pytest.raises(ValueError, match="w must be int8"):
+            fn(x, w[:7], ws)
+        with pytest.raises(ValueError, match="w_scale must be float32"):
+            fn(x, w, ws.reshape(1, 4))
+        with pytest.raises(ValueError, match="act='per_row'"):
+            fn(x, w, ws, act="per_row")
+
+
+@pytest.mark.skipif(
+    not (native.gguf_available() and native.conv_available()),
+    reason=f"native AVX2 kernels unavailable: {native.gguf_status()}",
+)
+def test_one_pool_shared_and_its_thread_count_respected():
+    """The three libraries run on one pool per process, of $JQX_NUM_THREADS threads;
+    the fused W8A8 result does not depend on the count."""
+    code = """
+        import ctypes, hashlib, numpy as np, jax.numpy as jnp
+        from jqx.kernels.cpu import native
+        libs = [native._GGUF, native._CONV] + ([native._INT8] if native.available() else [])
+        assert native.gguf_available() and native.conv_available()
+        handles = set()
+        for lib in libs:
+            lib.handle.jqx_pool_handle.restype = ctypes.c_void_p
+            handles.add(lib.handle.jqx_pool_handle())
+        r = np.random.default_rng(0)
+        x = jnp.asarray(r.normal(size=(300, 130)), jnp.float32)
+        w = jnp.asarray(r.integers(-127, 128, (130, 70)), jnp.int8)
+        y = np.asarray(native.w8a8_matmul(x, w, jnp.ones((70,), jnp.float32)))
+        print(native.pool_threads(), native.gguf_num_threads(), len(handles),
+              hashlib.sha256(y.tobytes()).hexdigest()[:16])
+        """
+    outs = [_run(code, {"JQX_NUM_THREADS": t}).split() for t in ("3", "1")]
+    assert outs[0][:3] == ["3", "3", "1"]
+    assert outs[1][:3] == ["1", "1", "1"]
+    assert outs[0][3] == outs[1][3]
+
+
+def test_build_key_covers_the_shared_header():
+    """Editing pool.h must rebuild every library: it is part of each one's cache key."""
+    header = (native._CONV.src.parent / "pool.h").read_bytes()
+    for lib in (native._INT8, native._GGUF, native._CONV):
+        assert header in lib.source_bytes()

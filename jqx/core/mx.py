@@ -25,7 +25,10 @@ the other modes published encoders use are selectable (:data:`SCALE_MODES`):
   for 6-bit ones. For MXFP4 it equals ``"even"``; for MXFP8 E4M3 it rounds up earlier.
 
 Exponents are clamped to E8M0's range ``[-127, 127]``: a block of zeros gets ``2^-127``
-(and zero codes), as torchao and compressed-tensors give it. A block holding NaN or Inf
+(and zero codes), as torchao and compressed-tensors give it. Under a scale mode that
+rounds up, a block whose amax lies within a rounding of float32's largest value would
+dequantize to ``2^128`` (inf): its elements saturate at the largest grid value below
+that instead, so every finite input dequantizes to a finite value. A block holding NaN or Inf
 gets the NaN scale (byte 255), so its NaN reaches every output; the eager entry points
 raise instead (:func:`jqx.core.numerics.check_finite_flag`).
 
@@ -43,9 +46,9 @@ whole tensor (``super_block = shape``).
 
 Storage: FP4 codes two per byte (the sign of a value that rounds to zero is kept: code
 8 is -0, as ml_dtypes' own cast and the published packers give it); FP8 and INT8 one
-byte; FP6 codes one per byte (not packed to 6 bits; ``nbytes`` counts 8 bits for
-them). ``nbytes`` is 4.25 bits per element for MXFP4, 8.25 for MXFP8, 4.5 for NVFP4
-(plus 4 bytes per tensor).
+byte; FP6 codes four per three bytes along the last axis
+(:func:`jqx.core.qarray.pack_6bit`). ``nbytes`` is 4.25 bits per element for MXFP4,
+6.25 for MXFP6, 8.25 for MXFP8 and MXINT8, 4.5 for NVFP4 (plus 4 bytes per tensor).
 
 XLA:CPU flushes float32 subnormals: the E8M0 scale ``2^-127`` decodes to 0 in a CPU
 product. It only arises for blocks whose amax is below about ``2^-125 * element max``,
@@ -84,8 +87,12 @@ __all__ = [
     "quantize_mx",
     "quantize_nvfp4",
     "fake_quant_mx",
+    "mx_blocks",
     "nvfp4_global_scale",
     "e8m0_to_float",
+    "encode_mx",
+    "nvfp4_block_scale",
+    "encode_nvfp4",
 ]
 
 MX_BLOCK = 32
@@ -160,9 +167,9 @@ def mx_scale_bits(amax: jax.Array, fmt: str | _formats.Format, mode: ScaleMode =
         be = (bits >> _F32_MANT) & 0xFF
         mant = bits & 0x7FFFFF
         up = jnp.where(be == 0, mant > 0x400000, mant != 0)
+        # For INT8, f.max is the code limit 127, so this is already the stored scale
+        # (the spec's, whose element max is 127 / 64, minus 6).
         e = be + up.astype(jnp.int32) - 127
-        if f.kind == "int":
-            e = e - _INT8_SHIFT
     else:
         bits = lax.bitcast_convert_type(a, jnp.int32)
         if mode in ("even", "ct"):
@@ -270,6 +277,25 @@ def _encode_elements(y: jax.Array, f: _formats.Format) -> jax.Array:
     return _formats.encode(y, f)
 
 
+def _f32_safe(y: jax.Array, sbits: jax.Array, f: _formats.Format) -> jax.Array:
+    """Scaled element values ``y`` (blocks on the last axis) capped so that element
+    times scale stays finite in float32. Only blocks whose amax is near float32's
+    largest value with a scale rounded up (every mode but ``"floor"``) reach ``2^128``:
+    their elements saturate at the largest grid value below ``2^(128 - e)`` instead."""
+    k = 128 - (sbits.astype(jnp.int32)[..., None] - 127)  # v * 2^e < 2^128 iff v < 2^k
+    if f.kind == "int":
+        cap = _pow2(jnp.minimum(k, 16)) - 1.0
+    else:
+        # The grid's predecessor of 2^k (2^(k-1) is a normal value for every element).
+        cap = _pow2(jnp.minimum(k, 64)) * np.float32(1.0 - 2.0 ** -(f.mantissa_bits + 1))
+    return jnp.clip(y, -cap, cap)
+
+
+def _mx_codes(xb: jax.Array, sbits: jax.Array, f: _formats.Format) -> jax.Array:
+    """Element codes of blocks ``xb`` (blocks on the last axis) under E8M0 bytes ``sbits``."""
+    return _encode_elements(_f32_safe(_times_inv_scale(xb, sbits), sbits, f), f)
+
+
 def _move_last(x: jax.Array, axis: int) -> tuple[jax.Array, int]:
     axis = axis % x.ndim
     return jnp.moveaxis(x, axis, -1), axis
@@ -298,7 +324,7 @@ def _quantize_mx_core(x, fmt_name, axis, block, mode, act, dtype):
     xb = xl.reshape(xl.shape[:-1] + (xl.shape[-1] // block, block))
     amax = jnp.max(jnp.abs(xb), axis=-1)
     sbits = mx_scale_bits(amax, f, mode)
-    codes = _encode_elements(_times_inv_scale(xb, sbits), f).reshape(xl.shape)
+    codes = _mx_codes(xb, sbits, f).reshape(xl.shape)
     codes = jnp.moveaxis(codes, -1, axis)
     scale = lax.bitcast_convert_type(jnp.moveaxis(sbits, -1, axis), jnp.float8_e8m0fnu)
     blk = tuple(block if i == axis else 1 for i in range(x.ndim))
@@ -357,7 +383,9 @@ def quantize_mx(
 
 def nvfp4_global_scale(amax: jax.Array) -> jax.Array:
     """compressed-tensors' NVFP4 per-tensor scale ``448 * 6 / amax`` (float32; amax
-    raised to float32's tiny; a non-finite result becomes 1).
+    raised to float32's tiny; a non-finite result becomes 1), rounded as torch rounds
+    it: ``python_float / tensor`` is ``reciprocal(tensor) * python_float`` there, two
+    roundings (e.g. amax 500 gives 5.3760004, not the correctly rounded 5.376).
 
     Example:
         >>> import jax.numpy as jnp
@@ -365,7 +393,7 @@ def nvfp4_global_scale(amax: jax.Array) -> jax.Array:
         1.0
     """
     a = jnp.maximum(jnp.abs(jnp.asarray(amax, jnp.float32)), np.finfo(np.float32).tiny)
-    gs = _exact_div(jnp.float32(448.0 * 6.0), a)
+    gs = jnp.float32(448.0 * 6.0) * _exact_div(jnp.float32(1.0), a)
     return jnp.where(jnp.isfinite(gs), gs, 1.0).astype(jnp.float32)
 
 
@@ -467,12 +495,88 @@ def fake_quant_mx(
     xl = jnp.moveaxis(x.astype(jnp.float32), ax, -1)
     xb = xl.reshape(xl.shape[:-1] + (xl.shape[-1] // block, block))
     sbits = mx_scale_bits(jnp.max(jnp.abs(xb), axis=-1), f, scale_mode)
-    codes = _encode_elements(_times_inv_scale(xb, sbits), f)
+    codes = _mx_codes(xb, sbits, f)
     v = _formats.decode(codes, f, jnp.float32) * e8m0_to_float(sbits)[..., None]
     return jnp.moveaxis(v.reshape(xl.shape), -1, ax)
+
+
+def mx_blocks(
+    x: jax.Array,
+    fmt: str | _formats.Format = "fp8_e4m3",
+    *,
+    block: int = MX_BLOCK,
+    scale_mode: ScaleMode = "floor",
+) -> tuple[jax.Array, jax.Array]:
+    """``x`` in MX blocks along its last axis, as a block-scaled dot takes it: the
+    element values (float32, unscaled, exact in the element format's own dtype) and
+    the E8M0 scale bytes (uint8, one per block). ``values * 2^(bytes - 127)`` per block
+    is :func:`fake_quant_mx` of ``x``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> v, s = mx_blocks(jnp.array([[1.0, 2.9, -7.9, 0.3]]), "fp4_e2m1", block=4)
+        >>> v.tolist(), s.tolist()
+        ([[1.0, 3.0, -6.0, 0.5]], [[127]])
+    """
+    f = check_mx_element(fmt)
+    _check_mode(scale_mode)
+    _check_blocks(x.shape, -1, block, None, "MX")
+    xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // block, block))
+    sbits = mx_scale_bits(jnp.max(jnp.abs(xb), axis=-1), f, scale_mode)
+    codes = _mx_codes(xb, sbits, f)
+    return _formats.decode(codes, f, jnp.float32).reshape(x.shape), sbits
 
 
 def mx_block_shape(shape: Sequence[int], axis: int, block: int) -> tuple[int, ...]:
     """The QArray ``block`` of an MX layout: ``block`` along ``axis``, 1 elsewhere."""
     ax = axis % len(shape)
     return tuple(block if i == ax else 1 for i in range(len(shape)))
+
+
+# Encoders with the block scales given, for algorithms that choose the scales
+# themselves (GPTQ over MX grids, jqx.recipes.gptq); the same arithmetic as
+# quantize_mx / quantize_nvfp4.
+
+
+def encode_mx(x: jax.Array, sbits: jax.Array, fmt: str | _formats.Format) -> jax.Array:
+    """Element codes of ``x`` ``(..., block)`` in blocks whose E8M0 scale bytes are
+    ``sbits`` ``(...)``, as :func:`quantize_mx` encodes them.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> encode_mx(jnp.array([[1.0, -3.0]]), jnp.array([127], jnp.uint8), "e2m1").tolist()
+        [[2, 13]]
+    """
+    f = check_mx_element(fmt)
+    xb = jnp.asarray(x, jnp.float32)
+    return _mx_codes(xb, jnp.asarray(sbits).astype(jnp.uint8), f)
+
+
+def nvfp4_block_scale(amax: jax.Array, global_scale: jax.Array) -> jax.Array:
+    """E4M3 scales of NVFP4 blocks whose largest magnitude is ``amax`` under the
+    per-tensor ``global_scale`` (:func:`nvfp4_global_scale`), as :func:`quantize_nvfp4`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> nvfp4_block_scale(jnp.array([6.0, 0.0]), jnp.float32(1.0)).astype(float).tolist()
+        [1.0, 0.125]
+    """
+    e4m3 = _formats.get("fp8_e4m3")
+    s = jnp.asarray(global_scale, jnp.float32) * _exact_div(amax, 6.0)
+    s8 = jnp.clip(s, -e4m3.max, e4m3.max).astype(jnp.float8_e4m3fn)
+    return jnp.where(s8.astype(jnp.float32) == 0, jnp.float8_e4m3fn(e4m3.eps), s8)
+
+
+def encode_nvfp4(x: jax.Array, block_scale: jax.Array, global_scale: jax.Array) -> jax.Array:
+    """FP4 E2M1 codes of ``x`` ``(..., block)`` with E4M3 ``block_scale`` ``(...)`` and
+    the per-tensor ``global_scale``, as :func:`quantize_nvfp4`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> encode_nvfp4(jnp.array([[1.0, -6.0]]), jnp.array([1.0]), jnp.float32(1.0)).tolist()
+        [[2, 15]]
+    """
+    f = _formats.get("fp4_e2m1")
+    eff = _exact_div(jnp.asarray(block_scale).astype(jnp.float32), global_scale)
+    xb = jnp.asarray(x, jnp.float32)
+    return _encode_elements(jnp.clip(_div_exact_sub(xb, eff[..., None]), -f.max, f.max), f)

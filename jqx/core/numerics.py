@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jqx.core import formats as _formats
-from jqx.core.qarray import ActSpec, QArray, pack_4bit, pack_bits
+from jqx.core.qarray import ActSpec, QArray, pack_4bit, pack_bits, pack_codes
 
 __all__ = [
     "Granularity",
@@ -634,7 +634,8 @@ def make_qarray(
       codes: codes in the logical ``shape``: either already stored codes (the
         format's storage dtype, e.g. from :func:`jqx.formats.encode`) or exact
         code values in any dtype (e.g. float32 integers from a GPTQ loop), which
-        are encoded here. 4-bit codes are packed two per byte here.
+        are encoded here. 4-bit codes are packed two per byte here, FP6 codes
+        four per three bytes (:func:`jqx.core.qarray.pack_codes`).
       scale, zero_point: per block, any shape with ``prod(shape // block)``
         elements; stored as ``scale_dtype``.
       fmt: the format of the codes.
@@ -673,8 +674,8 @@ def make_qarray(
     qhigh = None
     if code_bits is not None:
         codes, qhigh = _split_code_planes(codes, fmt, code_bits)
-    elif fmt.packed:
-        codes = pack_4bit(codes)
+    else:
+        codes = pack_codes(codes, fmt)
     nb = tuple(s // b for s, b in zip(shape, block, strict=True))
     _check_layout_extensions(zero_kind, zero_point, super_scale, super_zero, super_block, scale)
     two_level_zero = super_zero is not None

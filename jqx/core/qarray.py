@@ -1,7 +1,8 @@
 """QArray: a quantized array as a self-describing pytree.
 
 Children (arrays, traced under jit): ``qvalue`` (stored codes; 4-bit codes
-packed two per uint8 along the last axis, low nibble first), ``scale``,
+packed two per uint8 along the last axis, low nibble first; 6-bit (FP6) codes
+four per three bytes along the last axis, :func:`pack_6bit`), ``scale``,
 ``zero_point`` (or None), ``in_scale`` (per-input-channel AWQ/SmoothQuant
 factor, broadcastable to the logical shape, or None) and ``act_scale`` (the
 static activation scale from calibration, or None).
@@ -53,7 +54,20 @@ import numpy as np
 
 from jqx.core import formats as _formats
 
-__all__ = ["QArray", "ActSpec", "pack_4bit", "unpack_4bit", "pack_bits", "unpack_bits", "is_qarray"]
+__all__ = [
+    "QArray",
+    "ActSpec",
+    "pack_4bit",
+    "unpack_4bit",
+    "pack_6bit",
+    "unpack_6bit",
+    "pack_codes",
+    "unpack_codes",
+    "packed_along_last",
+    "pack_bits",
+    "unpack_bits",
+    "is_qarray",
+]
 
 
 # The MX element formats (jqx.core.mx.MX_ELEMENTS; that module imports this one).
@@ -137,6 +151,91 @@ def unpack_4bit(packed: jax.Array, n: int) -> jax.Array:
     hi = packed >> 4
     c = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     return c[..., :n]
+
+
+def pack_6bit(codes: jax.Array) -> jax.Array:
+    """Packs 6-bit codes (uint8 values 0..63) four per three bytes along the last axis,
+    as one little-endian bit stream: code ``i`` of each group of four occupies bits
+    ``6 i .. 6 i + 5`` of the group's 24 bits, byte 0 holding bits 0..7. The last axis
+    is padded with zero codes to a multiple of four.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pack_6bit(jnp.array([1, 2, 3, 63], jnp.uint8)).tolist()
+        [129, 48, 252]
+    """
+    if codes.ndim == 0:
+        codes = codes.reshape(1)
+    pad = -codes.shape[-1] % 4
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 4, 4)
+    c0, c1, c2, c3 = (c[..., i] for i in range(4))
+    # uint8 shifts drop the bits that spill into the next byte.
+    b = jnp.stack([c0 | (c1 << 6), (c1 >> 2) | (c2 << 4), (c2 >> 4) | (c3 << 2)], axis=-1)
+    return b.reshape(*c.shape[:-2], c.shape[-2] * 3)
+
+
+def unpack_6bit(packed: jax.Array, n: int) -> jax.Array:
+    """Inverse of :func:`pack_6bit`: uint8 codes 0..63, last axis of length ``n``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> unpack_6bit(jnp.array([129, 48, 252], jnp.uint8), 4).tolist()
+        [1, 2, 3, 63]
+    """
+    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3)
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    c = jnp.stack(
+        [b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2], axis=-1
+    )
+    return c.reshape(*b.shape[:-2], b.shape[-2] * 4)[..., :n]
+
+
+def packed_along_last(fmt: _formats.Format) -> bool:
+    """Whether codes of ``fmt`` are stored packed along the last axis: 4-bit formats
+    (two per byte) and the 6-bit FP6 formats (four per three bytes).
+
+    Example:
+        >>> from jqx.core import formats
+        >>> [packed_along_last(formats.get(f)) for f in ("int4", "fp6_e3m2", "fp8_e4m3")]
+        [True, True, False]
+    """
+    return fmt.packed or (fmt.bits == 6 and fmt.kind == "table")
+
+
+def pack_codes(codes: jax.Array, fmt: _formats.Format) -> jax.Array:
+    """The stored form of codes of ``fmt`` (logical shape): packed along the last axis
+    for 4- and 6-bit formats (:func:`packed_along_last`), unchanged otherwise.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.core import formats
+        >>> pack_codes(jnp.zeros((2, 8), jnp.uint8), formats.get("fp6_e2m3")).shape
+        (2, 6)
+    """
+    if fmt.packed:
+        return pack_4bit(codes)
+    if packed_along_last(fmt):
+        return pack_6bit(codes)
+    return codes
+
+
+def unpack_codes(packed: jax.Array, fmt: _formats.Format, n: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`: codes with a last axis of length ``n``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.core import formats
+        >>> f = formats.get("fp6_e2m3")
+        >>> unpack_codes(pack_codes(jnp.arange(6, dtype=jnp.uint8), f), f, 6).tolist()
+        [0, 1, 2, 3, 4, 5]
+    """
+    if fmt.packed:
+        return unpack_4bit(packed, n)
+    if packed_along_last(fmt):
+        return unpack_6bit(packed, n)
+    return packed
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
@@ -233,6 +332,12 @@ class QArray:
         return math.prod(self.shape)
 
     @property
+    def packed(self) -> bool:
+        """Whether ``qvalue`` holds codes packed along the last axis (4-bit: two per
+        byte; FP6: four per three bytes), so it cannot be sliced along that axis."""
+        return packed_along_last(self.fmt)
+
+    @property
     def granularity(self) -> str:
         """Readable granularity, e.g. ``per-channel(axis 1)`` or ``group128(axis 0)``."""
         return _granularity_name(self.shape, self.block)
@@ -308,7 +413,7 @@ class QArray:
         block size 1 (each batch element has its own scales).
         """
         # pack_4bit stores a 0-d array as one byte of shape (1,)
-        packed = self.fmt.packed or self.qhigh is not None
+        packed = self.packed or self.qhigh is not None
         own_ndim = len(self.shape) if self.shape or not packed else 1
         extra = self.qvalue.ndim - own_ndim
         if extra > 0:
@@ -332,9 +437,9 @@ class QArray:
                 half = 1 << (self.code_bits - 1)
                 c = (c.astype(jnp.int16) ^ half) - half
             return c.astype(fmt.dtype).reshape(shape)
-        if fmt.packed:
+        if self.packed:
             n = shape[-1] if shape else 1
-            q = unpack_4bit(q, n).reshape(shape)
+            q = unpack_codes(q, fmt, n).reshape(shape)
         return q
 
     def values(self) -> jax.Array:

@@ -161,11 +161,22 @@ def _errors(w, w_hat):
 
 def _format_name(q: QArray) -> str:
     # 5- and 6-bit codes (GGUF) live in an 8-bit container format: name their width.
-    return q.format if q.code_bits is None else f"{q.format}({q.code_bits}-bit)"
+    if q.code_bits is not None:
+        return f"{q.format}({q.code_bits}-bit)"
+    # Block-scaled layouts (jqx.core.mx): E8M0 block scales are MX; E4M3 block scales
+    # under a float32 per-tensor scale are NVFP4.
+    scale_dtype = jnp.dtype(q.scale.dtype)
+    if scale_dtype == jnp.float8_e8m0fnu:
+        return f"mx:{q.format}"
+    if q.format == "fp4_e2m1" and scale_dtype == jnp.float8_e4m3fn and q.super_scale is not None:
+        return "nvfp4"
+    return q.format
 
 
 def _act_name(q: QArray, path: str = "") -> str:
     act = "-" if q.act is None else f"{q.act.kind}:{q.act.format}"
+    if q.act is not None and q.act.granularity == "mx":
+        act = f"{q.act.kind}:mx:{q.act.format}"  # per block of 32 along K, E8M0 scales
     if path.rsplit("/", 1)[-1] == "embedding" and q.ndim == 2 and q.block[0] == 1:
         # A table quantized in rows (jqx.Recipe.for_embedding): lookups gather and
         # decode rows; the act spec only applies where it is a matmul weight (attend).

@@ -36,7 +36,7 @@ from flax import nnx
 
 from jqx.calibration.allocate import Allocation, allocate
 from jqx.calibration.engine import calibrate
-from jqx.core.qarray import QArray, is_qarray, pack_4bit
+from jqx.core.qarray import QArray, is_qarray, pack_codes
 from jqx.core.tree import path_str
 from jqx.llm.model import Llama, forward, fuse_projections
 from jqx.recipes.apply import quantize, select
@@ -56,7 +56,10 @@ def transpose_qarray(q: QArray) -> QArray:
     Raises:
       ValueError: ``q`` is not 2-D, or holds two-level (GGUF k-quant) scales.
     """
-    if q.ndim != 2 or q.super_block is not None or q.qhigh is not None:
+    # One second-level scale over the whole tensor (NVFP4) transposes with it.
+    whole = q.super_block is not None and tuple(q.super_block) == tuple(q.shape)
+    whole = whole and q.super_zero is None
+    if q.ndim != 2 or (q.super_block is not None and not whole) or q.qhigh is not None:
         raise ValueError(
             f"transpose_qarray: q has shape {q.shape} and format {q.format!r}"
             + (" with two-level scales" if q.super_block is not None else "")
@@ -64,7 +67,7 @@ def transpose_qarray(q: QArray) -> QArray:
             "transposed."
         )
     codes = q.codes().T
-    qvalue = pack_4bit(codes) if q.fmt.packed else codes
+    qvalue = pack_codes(codes, q.fmt)
 
     def t(a):
         return None if a is None else jnp.swapaxes(a, -1, -2) if a.ndim == 2 else a
@@ -74,6 +77,8 @@ def transpose_qarray(q: QArray) -> QArray:
         scale=t(q.scale),
         zero_point=t(q.zero_point),
         in_scale=t(q.in_scale),
+        super_scale=t(q.super_scale),
+        super_block=None if q.super_block is None else (q.shape[1], q.shape[0]),
         shape=(q.shape[1], q.shape[0]),
         block=(q.block[1], q.block[0]),
     )

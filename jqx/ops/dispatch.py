@@ -12,7 +12,9 @@ which :func:`policy` overrides for the code traced inside it.
 - ``None``: the measured choice: on CPU, the native kernels where they are available
   and the product is big enough to pay for them, else the fastest XLA formulation for
   the shape; on a GPU, a Pallas kernel where the table says it beat XLA on this device;
-  elsewhere XLA's direct formulations.
+  elsewhere XLA's direct formulations. MX products (W4A4 / W8A8 MX) run as
+  ``jax.nn.scaled_matmul`` on GPUs whose compute capability has MX tensor cores
+  (:data:`SCALED_MATMUL_MIN_CAPABILITY`), as the exact emulation everywhere else.
 - ``"xla"``: XLA formulations only (never a native or Pallas kernel), chosen by the same
   policy.
 - ``"native"``: the native CPU kernel wherever one supports the product, whatever its
@@ -57,12 +59,14 @@ __all__ = [
     "BACKENDS",
     "MEASURED",
     "Policy",
+    "SCALED_MATMUL_MIN_CAPABILITY",
     "choose",
     "current_policy",
     "m_bucket",
     "measured_winner",
     "native_status",
     "policy",
+    "reorder_softmax",
 ]
 
 BACKENDS = (None, "xla", "native", "pallas")
@@ -82,6 +86,11 @@ MEASURED: dict[str, dict[str, dict[int, str]]] = {}
 
 # Below this many weight elements the launch overhead dominates; XLA wins or ties.
 MIN_WEIGHT_ELEMENTS = 4096 * 4096
+
+# Block-scaled MX matmuls (jax.nn.scaled_matmul, cuDNN's MX kernels) need the MX tensor
+# cores of Blackwell GPUs (compute capability 10.0 and later); below it, and on every
+# CPU, MX products run as the exact emulation (docs/guide/mx.md).
+SCALED_MATMUL_MIN_CAPABILITY = (10, 0)
 
 
 def m_bucket(m: int) -> int:
@@ -157,6 +166,9 @@ class Policy:
         (set it when lowering for another platform, e.g. "cuda" on a CPU-only host).
       device_kind: the GPU model matched against the Pallas table; None: that of
         ``jax.devices()[0]``.
+      compute_capability: the GPU's compute capability, e.g. ``"10.0"``, for the MX
+        route (:data:`SCALED_MATMUL_MIN_CAPABILITY`); None: that of ``jax.devices()[0]``
+        on a GPU (set it when lowering for a GPU on a CPU-only host).
       native_available: whether the native CPU kernels may run. None: unless
         ``JQX_NATIVE=0``, when ``jqx.kernels.cpu.native.available()`` (built on first
         need); False: never; True: treat them as available without asking (routing
@@ -181,10 +193,15 @@ class Policy:
         (``native.conv_int8``) rather than XLA, when that kernel is available.
       pallas_table: measured Pallas winners ``{device_kind: {op: {m_bucket: winner}}}``;
         None: :data:`MEASURED`.
+      softmax_reorder: whether :func:`jqx.quantized` computes ``softmax(s) @ v`` as
+        ``(exp(s - max) @ v) / sum`` (see :func:`reorder_softmax`). None: the measured
+        choice (on CPU only); True: wherever the rewrite is valid; False: never, so
+        attention runs exactly as written.
     """
 
     platform: str | None = None
     device_kind: str | None = None
+    compute_capability: str | None = None
     native_available: bool | None = None
     native_min_work: int = 1 << 26
     native_min_weight: int = 1 << 22
@@ -198,6 +215,7 @@ class Policy:
     conv_taps_max_in: int = 4
     conv_native_min_work: int = 0
     pallas_table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None
+    softmax_reorder: bool | None = None
 
 
 _DEFAULT = Policy()
@@ -264,6 +282,29 @@ def _platform(pol: Policy) -> str:
     return pol.platform or jax.default_backend()
 
 
+def reorder_softmax() -> bool:
+    """Whether :func:`jqx.quantized` moves a softmax's normalisation after the matmul
+    that consumes the probabilities, in the :class:`Policy` in force.
+
+    The reordering rounds differently from the program as written (within the bound
+    stated in docs/guide/run.md); ``policy(softmax_reorder=False)`` keeps it exact.
+
+    Example:
+        >>> import jqx
+        >>> with jqx.ops.policy(platform="cpu"):
+        ...     jqx.ops.dispatch.reorder_softmax()
+        True
+        >>> with jqx.ops.policy(platform="cpu", softmax_reorder=False):
+        ...     jqx.ops.dispatch.reorder_softmax()
+        False
+    """
+    pol = current_policy()
+    if pol.softmax_reorder is not None:
+        return pol.softmax_reorder
+    # Measured faster on XLA:CPU (benchmarks/attention_order.py); not measured elsewhere.
+    return _platform(pol) == "cpu"
+
+
 def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:
     """``"available"``, or why a native kernel library may not run: ``"avx512"`` (the
     int8 GEMM and the 4-bit kernel), ``"gguf"`` (the AVX2 GGUF block kernels and
@@ -298,6 +339,35 @@ def native_status() -> str:
     return _native_reason(pol, _platform(pol))
 
 
+def _capability(pol: Policy, platform: str) -> tuple[int, int] | None:
+    """The GPU's compute capability as (major, minor); None off CUDA GPUs or when the
+    device does not say."""
+    if platform not in ("gpu", "cuda"):
+        return None
+    cc = pol.compute_capability
+    if cc is None:
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is None:
+        return None
+    major, _, minor = str(cc).partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        raise ValueError(
+            f"compute_capability={cc!r} is not a CUDA compute capability; give it as "
+            "'major.minor', e.g. '10.0', or None to read it from the device."
+        ) from None
+
+
+def _scaled_matmul_runs(p: Problem, pol: Policy) -> bool:
+    """The MX product can run as ``jax.nn.scaled_matmul`` here: the adapter supports
+    it and the GPU has MX tensor cores. Never on CPU (no lowering there)."""
+    if not impl_xla.SCALED_MATMUL.supports(p):
+        return False
+    cc = _capability(pol, _platform(pol))
+    return cc is not None and cc >= SCALED_MATMUL_MIN_CAPABILITY
+
+
 def _first(impls, p: Problem) -> Implementation | None:
     return next((i for i in impls if i.supports(p)), None)
 
@@ -329,7 +399,10 @@ def _xla(p: Problem, pol: Policy, cpu: bool) -> Implementation:
     if p.kind == "gguf_q8":
         return impl_xla.GGUF_Q8
     if p.kind == "mx":
-        # No MX hardware path here (CPU); the exact emulation.
+        # The block-scaled dot where the GPU has MX tensor cores; elsewhere (every
+        # CPU) the exact emulation.
+        if _scaled_matmul_runs(p, pol):
+            return impl_xla.SCALED_MATMUL
         return impl_xla.MX_EMULATED
     return impl_xla.DEQUANTIZE_DOT
 
@@ -393,6 +466,14 @@ def choose(p: Problem, backend: str | None = None) -> Implementation:
         # Availability last: asking builds the kernels, only once a product needs them.
         if impl is not None and _native_reason(pol, platform) == "available":
             return impl
+        # W8A8 int8 where the AVX512 GEMM does not run: the AVX2 kernel with the
+        # activation quantization fused in (docs/internals/native-kernels.md).
+        if (
+            impl_native.W8A8_FUSED.supports(p)
+            and p.rows * p.k * p.n >= pol.native_min_work
+            and _native_reason(pol, platform, "conv") == "available"
+        ):
+            return impl_native.W8A8_FUSED
     elif platform in ("gpu", "cuda"):
         kind = pol.device_kind or jax.devices()[0].device_kind
         for impl in impl_pallas.ALL:

@@ -46,6 +46,37 @@ class Int8Gemm(Implementation):
         return w8a8_product(x, q, p, lambda codes: _int8_gemm(codes, q, xc).astype(jnp.float32))
 
 
+class W8A8Fused(Implementation):
+    """W8A8 int8 with the activation quantization inside the kernel (AVX2,
+    ``native.w8a8_matmul``): each row's scale, codes and exact int32 products in one
+    pass over the row, rescaled as the XLA path rescales, so the result equals
+    ``xla.int32_dot``'s bit for bit (finite activations)."""
+
+    name = "native.w8a8_fused"
+
+    def supports(self, p: Problem) -> bool:
+        if not (p.int8_codes and p.plain and p.rows >= 1):
+            return False
+        if p.act_kind == "static":
+            return True
+        return p.act_kind == "dynamic" and p.act_granularity in ("per_token", "per_tensor")
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        n = q.shape[1]
+        ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+        if p.act_kind == "static":
+            act = q.act_scale.astype(jnp.float32).reshape(1)
+        else:
+            # Per tensor: the kernel's one scale over (rows, K) covers all of x.
+            act = p.act_granularity
+
+        def kernel(rows):
+            return _kernels.w8a8_matmul(rows.astype(jnp.float32), q.qvalue, ws, act=act)
+
+        return _rows(x, xc, n, kernel).astype(p.out_dtype)
+
+
 class TwoLevelInt8(Implementation):
     """int8 weight-only per channel: the two-level split of the activations (see
     ``impl_xla.two_level_split``), both levels in one VNNI GEMM call."""
@@ -136,6 +167,7 @@ class GGUFBlocks(Implementation):
 
 
 INT8_GEMM = Int8Gemm()
+W8A8_FUSED = W8A8Fused()  # in conv_int8.cc's AVX2 library: its own availability, not in ALL
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
 GGUF_BLOCKS = GGUFBlocks(q8=False)

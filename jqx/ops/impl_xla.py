@@ -1,6 +1,7 @@
 """XLA formulations of quantized products (adapters; the dispatcher picks among them).
 
-Every formulation here is plain ``lax`` code, correct on every platform. Which one runs
+Every formulation here is plain ``lax`` code, correct on every platform, except
+``xla.scaled_matmul`` (``jax.nn.scaled_matmul``), which lowers on CUDA only. Which one runs
 for a given shape on a given platform is decided in ``jqx.ops.dispatch`` only; see
 docs/internals/dispatch.md for the measurements behind each choice.
 """
@@ -306,8 +307,75 @@ class MXEmulated(Implementation):
         return dequantize_dot(xh, q.replace(act=None), pf)
 
 
+# MX element formats with a jnp dtype that jax.nn.scaled_matmul takes.
+_SCALED_DTYPES = {
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "fp8_e5m2": jnp.float8_e5m2,
+    "fp4_e2m1": jnp.float4_e2m1fn,
+}
+
+
+def _scaled_pair(weight_format: str | None, act_format: str | None) -> bool:
+    """Element formats of both operands that one block-scaled dot takes: FP8 with FP8
+    (E4M3 or E5M2 on either side, MXFP8) or FP4 E2M1 with FP4 E2M1 (MXFP4)."""
+    fp8 = ("fp8_e4m3", "fp8_e5m2")
+    return (weight_format in fp8 and act_format in fp8) or weight_format == act_format == "fp4_e2m1"
+
+
+class ScaledMatmul(Implementation):
+    """MX activations with an MX weight of the same element family, as one
+    ``jax.nn.scaled_matmul`` (XLA's block-scaled dot: cuDNN's MX kernels on Blackwell
+    GPUs). ``x`` is rounded per block of 32 along K exactly as ``xla.mx_emulated``
+    rounds it, and both operands go in as their MX elements and E8M0 scales, so it
+    computes the same product. It lowers on CUDA only (XLA:CPU has no rule for it); the
+    dispatcher picks it where the hardware runs it (docs/guide/mx.md)."""
+
+    name = "xla.scaled_matmul"
+
+    def supports(self, p: Problem) -> bool:
+        if p.kind != "mx" or p.batched or p.extensions or p.in_scale:
+            return False
+        (xc, wc), _ = p.dimension_numbers
+        if len(xc) != 1 or len(wc) != 1 or len(p.weight_shape) != 2:
+            return False
+        blocks_along_k = p.block[wc[0]] == 32 and p.block[1 - wc[0]] == 1
+        return (
+            blocks_along_k
+            and p.scale_dtype == np.dtype(jnp.float8_e8m0fnu)
+            and _scaled_pair(p.weight_format, p.act_format)
+        )
+
+    def run(self, x, q, p):
+        a, b, sa, sb, lead = scaled_operands(x, q, p)
+        y = jax.nn.scaled_matmul(a, b, sa, sb, preferred_element_type=jnp.float32)
+        return y.reshape(lead + (b.shape[1],)).astype(p.out_dtype)
+
+
+def scaled_operands(x: jax.Array, q: QArray, p: Problem):
+    """The operands :class:`ScaledMatmul` hands to ``jax.nn.scaled_matmul``: ``(a, b,
+    a_scales, b_scales, lead)`` with ``a (1, M, K)`` and ``b (1, N, K)`` in their MX
+    element dtypes, E8M0 scales ``(1, M, K/32)`` and ``(1, N, K/32)``, and ``lead`` the
+    shape of ``x``'s free dims (the result is ``(1, M, N)``)."""
+    from jqx.core.mx import mx_blocks  # noqa: PLC0415
+
+    (xc, wc), _ = p.dimension_numbers
+    xl = jnp.moveaxis(x, xc[0], -1)
+    lead = tuple(xl.shape[:-1])
+    k = xl.shape[-1]
+    vals, sbits = mx_blocks(xl.reshape(-1, k), p.act_format)
+    a = vals.astype(_SCALED_DTYPES[p.act_format]).reshape(1, -1, k)
+    sa = jax.lax.bitcast_convert_type(sbits, jnp.float8_e8m0fnu)[None]
+    # The weight's grid values are exact in its element dtype: a lossless cast.
+    dt = _SCALED_DTYPES[p.weight_format]
+    w = q.qvalue if q.qvalue.dtype == dt else q.values().astype(dt)
+    b = jnp.moveaxis(w, wc[0], -1)[None]
+    sb = jnp.moveaxis(q.scale, wc[0], -1)[None]
+    return a, b, sa, sb, lead
+
+
 DEQUANTIZE_DOT = DequantizeDot()
 MX_EMULATED = MXEmulated()
+SCALED_MATMUL = ScaledMatmul()
 DECODED_DOT = DecodedDot()
 TWO_LEVEL_INT8 = TwoLevelInt8()
 INT32_DOT = Int32Dot()
@@ -330,4 +398,5 @@ ALL = (
     LLM_INT8,
     GGUF_Q8,
     MX_EMULATED,
+    SCALED_MATMUL,
 )

@@ -298,6 +298,7 @@ def describe(
         out_dtype=_out_dtype(x_dtype, preferred_element_type),
         precision=precision,
         gguf_kind=gguf_kind,
+        extensions=tuple(q.extensions),
     )
 
 

@@ -61,6 +61,7 @@ class Problem:
       precision: ``precision`` as given to ``dot_general``.
       gguf_kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` when ``W`` is stored in that GGUF
         block layout (``(N, K)``, blocks of 32 along K, float16 scales), else None.
+      extensions: ``W.extensions`` (layout extensions such as ``"g_idx"``).
     """
 
     kind: Kind
@@ -84,6 +85,7 @@ class Problem:
     out_dtype: np.dtype
     precision: Any
     gguf_kind: str | None = None
+    extensions: tuple[str, ...] = ()
 
     @property
     def fmt(self) -> _formats.Format:

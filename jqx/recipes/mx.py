@@ -5,8 +5,9 @@
 matmul's activations are quantized at run time in the same way (per block of 32
 along K, E8M0 scales): W4A4 / W8A8 MX. On backends without MX hardware (every CPU)
 the product is emulated exactly: both operands are decoded to float32 (MX values
-and their products are exact there) and one float32 dot accumulates.
-See docs/guide/mx.md.
+and their products are exact there) and one float32 dot accumulates. On GPUs with MX
+tensor cores (compute capability 10.0 and later) MXFP8 and MXFP4 products run as
+``jax.nn.scaled_matmul``; ``jqx.ops.explain`` says which. See docs/guide/mx.md.
 
 Example:
     >>> import jax.numpy as jnp, jqx

@@ -12,7 +12,10 @@ time, once per outer ``jit`` trace) with the real QArrays:
   ``remat`` is re-applied with ``jax.checkpoint``, ``scan`` is re-run with
   stacked QArrays sliced per step (Flax ``nn.scan`` / ``nnx.scan``);
 - any other use of a QArray (``cond``, ``while``, elementwise math, ...) sees
-  ``q.dequantize()``.
+  ``q.dequantize()``;
+- attention written ``softmax(s) @ v`` is computed as ``(exp(s - max) @ v) / sum``
+  where that is valid and measured faster (``jqx.ops.policy(softmax_reorder=...)``;
+  docs/guide/run.md#attention).
 
 The same interpreter serves calibration and QAT through
 :func:`capture_inputs` (record the inputs of the matmuls of chosen weights)
@@ -129,16 +132,25 @@ class _Ctx:
         backend: str | None,
         capture: bool = False,
         act_matmuls: str | None = None,
+        softmax_reorder: bool = False,
     ):
         self.rule = rule
         self.paths = paths
         self.backend = backend
         self.capture = capture
         self.act_matmuls = act_matmuls
+        self.softmax_reorder = softmax_reorder
         self.records: list[tuple[str, jax.Array]] = []
 
     def child(self) -> _Ctx:
-        return _Ctx(self.rule, self.paths, self.backend, self.capture, self.act_matmuls)
+        return _Ctx(
+            self.rule,
+            self.paths,
+            self.backend,
+            self.capture,
+            self.act_matmuls,
+            self.softmax_reorder,
+        )
 
 
 def _default_dot(backend):
@@ -174,11 +186,19 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    plan = _softmax_plan(jaxpr) if ctx.softmax_reorder else _NO_PLAN
+    for i, eqn in enumerate(jaxpr.eqns):
         invals = [_read(env, v) for v in eqn.invars]
-        if any(_is_w(x) for x in invals) or (
+        m = plan.matches.get(i)
+        if m is not None:
+            with eqn.ctx.manager:
+                outs = _softmax_step(ctx, eqn, invals, m, env)
+        elif any(_is_w(x) for x in invals) or (
             ctx.act_matmuls is not None and eqn.primitive.name in _ACT_MATMUL_PRIMS
         ):
+            with eqn.ctx.manager:
+                outs = _eval_eqn(ctx, eqn, invals)
+        elif i in plan.calls:  # a call holding a softmax-then-matmul: enter it
             with eqn.ctx.manager:
                 outs = _eval_eqn(ctx, eqn, invals)
         else:
@@ -273,6 +293,174 @@ def _act_dot(ctx: _Ctx, eqn, invals):
         lhs, rhs, p["dimension_numbers"], p.get("preferred_element_type"), fmt=ctx.act_matmuls
     )
     return y.astype(eqn.outvars[0].aval.dtype)
+
+
+# --------------------------------------------------------------------------- softmax, then matmul
+#
+# Attention written the ordinary way, ``softmax(s) @ v``, traces to
+#   e = exp(s - max(s)); t = reduce_sum(e, A); p = div(e, broadcast(t)); y = dot_general(p, v)
+# with the dot contracting exactly the softmax axes A. Then y == dot_general(e, v) / t (t
+# broadcast onto y's dims), which divides the dot's output instead of the whole score
+# tensor in front of the dot; the speed-up is measured in docs/guide/run.md#attention.
+# It rounds differently from the program as written (within the bound stated there),
+# so jqx.ops.policy(softmax_reorder=False) turns it off.
+
+
+@dataclasses.dataclass(frozen=True)
+class _SoftmaxMatch:
+    """Where the rewrite applies in one jaxpr: the dividing eqn, the dot that is the
+    only consumer of its output, which dot operand that is, and the row sums."""
+
+    div: int
+    dot: int
+    operand: int
+    axes: tuple[int, ...]
+    total: Any  # the reduce_sum's output var: e summed over ``axes``
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    matches: dict  # eqn index -> _SoftmaxMatch (both the div and the dot)
+    calls: frozenset  # indices of call eqns whose inner jaxpr holds a match
+
+
+_NO_PLAN = _Plan({}, frozenset())
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+# The dtypes whose rounding bound docs/guide/run.md#attention states and the tests check.
+_BOUNDED_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """The normalised probabilities, not yet computed: the div eqn and its operands."""
+
+    eqn: Any
+    invals: list
+    numer: Any
+    total: Any
+
+    def compute(self):
+        e = self.eqn
+        return e.primitive.bind(*self.invals, **e.primitive.get_bind_params(e.params))
+
+
+def _inner_jaxpr(eqn):
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    return inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
+
+
+def _softmax_match(eqns, i, producer, uses, outvars) -> _SoftmaxMatch | None:
+    """The match whose normalising div is ``eqns[i]``, or None where the rewrite is not
+    valid: the probabilities used anywhere but one dot (returned, summed, masked or
+    dropped out after the softmax), a denominator that is not the sum of the numerator
+    over the contracted axes, or a dtype whose rounding bound is not stated."""
+    div = eqns[i]
+    num, den = div.invars
+    p = div.outvars[0]
+    if not all(isinstance(v, jcore.Var) for v in (num, den, p)) or p in outvars:
+        return None
+    if jnp.dtype(p.aval.dtype) not in _BOUNDED_FLOATS or len(uses.get(p, ())) != 1:
+        return None
+    k, operand = uses[p][0]
+    dot = eqns[k]
+    if dot.primitive.name != "dot_general" or dot.outvars[0].aval.dtype != p.aval.dtype:
+        return None
+    if num not in producer or eqns[producer[num]].primitive.name != "exp":
+        return None
+    if den not in producer:
+        return None
+    bcast = eqns[producer[den]]
+    if bcast.primitive.name not in ("broadcast_in_dim", "reshape") or not isinstance(
+        bcast.invars[0], jcore.Var
+    ):
+        return None
+    total = bcast.invars[0]
+    if total not in producer:
+        return None
+    rsum = eqns[producer[total]]
+    if rsum.primitive.name != "reduce_sum" or rsum.invars[0] is not num:
+        return None
+    axes = tuple(sorted(rsum.params["axes"]))
+    keep = tuple(d for d in range(len(p.aval.shape)) if d not in axes)
+    shape, dshape = p.aval.shape, den.aval.shape
+    if len(dshape) != len(shape) or any(dshape[d] != shape[d] for d in keep):
+        return None
+    if bcast.primitive.name == "reshape":
+        # A reshape of the sums can only insert unit axes, in order.
+        if any(dshape[d] != 1 for d in axes) or bcast.params.get("dimensions") is not None:
+            return None
+    elif tuple(bcast.params["broadcast_dimensions"]) != keep:
+        return None
+    (lc, rc), _ = dot.params["dimension_numbers"]
+    if tuple(sorted(lc if operand == 0 else rc)) != axes:
+        return None
+    return _SoftmaxMatch(i, k, operand, axes, total)
+
+
+def _softmax_plan(jaxpr) -> _Plan:
+    """Finds every valid softmax-then-matmul in ``jaxpr`` (one linear pass)."""
+    eqns = jaxpr.eqns
+    producer: dict = {}
+    uses: dict = {}
+    for i, e in enumerate(eqns):
+        for j, v in enumerate(e.invars):
+            if isinstance(v, jcore.Var):
+                uses.setdefault(v, []).append((i, j))
+        for v in e.outvars:
+            producer[v] = i
+    outvars = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    matches: dict = {}
+    calls = []
+    for i, e in enumerate(eqns):
+        name = e.primitive.name
+        if name == "div":
+            m = _softmax_match(eqns, i, producer, uses, outvars)
+            if m is not None:
+                matches[m.div] = m
+                matches[m.dot] = m
+        elif name in _CALLS and _inner_jaxpr(e) is not None:
+            inner = _softmax_plan(_inner_jaxpr(e))
+            if inner.matches or inner.calls:
+                calls.append(i)
+    if not matches and not calls:
+        return _NO_PLAN
+    return _Plan(matches, frozenset(calls))
+
+
+def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
+    """The div of a match defers; its dot runs on the numerator and divides after."""
+    if eqn.primitive.name == "div":
+        if any(_is_w(x) for x in invals):
+            return _eval_eqn(ctx, eqn, invals)
+        return [_Deferred(eqn, invals, invals[0], env[m.total])]
+    d = invals[m.operand]
+    other = invals[1 - m.operand]
+    if not isinstance(d, _Deferred) or _is_w(other) or ctx.act_matmuls is not None:
+        # A weight operand goes to jqx.ops, activation_matmuls quantizes p as written.
+        invals = [x.compute() if isinstance(x, _Deferred) else x for x in invals]
+        if any(_is_w(x) for x in invals) or ctx.act_matmuls is not None:
+            return _eval_eqn(ctx, eqn, invals)
+        return [eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))]
+    ops_ = list(invals)
+    ops_[m.operand] = d.numer
+    y = eqn.primitive.bind(*ops_, **eqn.primitive.get_bind_params(eqn.params))
+    # Where each of p's axes lands in y: batch dims first, then lhs free, then rhs free.
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    pc, pb = (lc, lb) if m.operand == 0 else (rc, rb)
+    oc, ob = (rc, rb) if m.operand == 0 else (lc, lb)
+    ndim = d.numer.ndim
+    pos = {a: j for j, a in enumerate(pb)}
+    free = [a for a in range(ndim) if a not in pb and a not in pc]
+    start = len(pb) + (0 if m.operand == 0 else other.ndim - len(oc) - len(ob))
+    pos.update({a: start + j for j, a in enumerate(free)})
+    keep = [a for a in range(ndim) if a not in m.axes]
+    where = [pos[a] for a in keep]
+    order = sorted(range(len(keep)), key=lambda t: where[t])
+    total = d.total
+    if order != list(range(len(keep))):
+        total = lax.transpose(total, order)
+    den = lax.broadcast_in_dim(total, y.shape, tuple(sorted(where)))
+    return [lax.div(y, den)]
 
 
 def _dot(ctx: _Ctx, eqn, invals):
@@ -386,7 +574,7 @@ def _rev_weight(eqn, invals):
     if not is_qarray(w.base):  # a tracked float kernel keeps its path (calibration)
         return dataclasses.replace(w, base=lax.rev(w.base, dims))
     q = w.base
-    if q.extensions or q.in_scale is not None or (q.fmt.packed and q.ndim - 1 in dims):
+    if q.extensions or q.in_scale is not None or (q.packed and q.ndim - 1 in dims):
         return None
     if q.qvalue.ndim != q.ndim:  # stacked (vmapped) children
         return None
@@ -642,6 +830,14 @@ def quantized(
         unquantized) runs with both operands quantized per row on the fly
         (:func:`jqx.ops.dynamic_dot_general`), as qwix's ``.*`` rules do.
 
+    Attention written ``softmax(s) @ v`` (``jax.nn.softmax`` then ``einsum``, as in
+    ``flax.linen.MultiHeadDotProductAttention``) is computed as
+    ``(exp(s - max) @ v) / sum`` where the probabilities feed only that matmul and
+    the platform's measurements favour it (XLA:CPU). That rounds differently from
+    the program as written, within the bound in docs/guide/run.md#attention;
+    ``with jqx.ops.policy(softmax_reorder=False):`` around the first call keeps
+    the attention exactly as written.
+
     Returns:
       A function with the signature of ``fn``.
 
@@ -666,12 +862,17 @@ def quantized(
                 f"activation_matmuls={activation_matmuls!r} is not supported; use None, 'int8' "
                 "or 'fp8_e4m3'."
             )
-    inner = _interpret(
-        fn,
-        lambda: _Ctx(None, frozenset(), backend, act_matmuls=activation_matmuls),
-        None,
-        frozenset(),
-    )
+
+    def ctx_factory() -> _Ctx:
+        from jqx.ops import dispatch  # noqa: PLC0415 (as in _default_dot)
+
+        # Read while tracing, like every dispatcher choice (jqx.ops.policy).
+        reorder = dispatch.reorder_softmax()
+        return _Ctx(
+            None, frozenset(), backend, act_matmuls=activation_matmuls, softmax_reorder=reorder
+        )
+
+    inner = _interpret(fn, ctx_factory, None, frozenset())
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):

@@ -1,5 +1,8 @@
 // W8A8 int8 2-D convolution, NHWC input x HWIO int8 kernel -> NHWC float32, as an
 // XLA FFI custom call for x86 CPUs with AVX2 (jqx.ops.conv's "native.conv_int8").
+// The same library holds jqx_w8a8_gemm (its section below): the dense W8A8
+// product (M, K) x (K, N) with the activation quantization fused in, on the same
+// quantizer and register tiles (jqx.ops' "native.w8a8_fused").
 //
 // y[n, oh, ow, o] = xs[n] * ws[o] * sum_{i, j, c} qx[n, oh*sh + i*dh - ph,
 //                                              ow*sw + j*dw - pw, c] * qw[i, j, c, o]
@@ -30,8 +33,9 @@
 // registers, each broadcast activation pair serving 16 channels and each weight
 // vector 6 positions.
 //
-// Threads: a persistent pool like gguf_gemv.cc's (its own instance; sized by the
-// CPU affinity mask or $JQX_NUM_THREADS) over chunks of positions; the chunks
+// Threads: the persistent pool of pool.h (shared with the other native
+// libraries; sized by the CPU affinity mask or $JQX_NUM_THREADS) over chunks of
+// positions; the chunks
 // split positions only, so the result does not depend on the number of threads.
 //
 // Built on first use by jqx/kernels/cpu/native.py (g++ -O3 -mavx2 -mfma);
@@ -53,6 +57,7 @@
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -68,128 +73,7 @@ constexpr int kNR = 16;  // output channels per register tile (two vectors)
 constexpr int64_t kInlineWork = int64_t{1} << 18;
 // Multiply-adds per chunk of a threaded call (some tens of microseconds).
 constexpr int64_t kChunkWork = int64_t{1} << 19;
-constexpr int64_t kSpinNs = 200 * 1000;
 constexpr float kBigScale = 1.2676506002282294e30f;  // 2^100, numerics._BIG_SCALE
-
-inline int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
-}
-
-template <typename F>
-inline bool SpinUntil(F done) {
-  if (done()) return true;
-  const int64_t start = NowNs();
-  for (int i = 1;; ++i) {
-    _mm_pause();
-    if (done()) return true;
-    if (i % 64 == 0 && NowNs() - start > kSpinNs) return false;
-  }
-}
-
-// ------------------------------------------------------------------ thread pool
-// The same design as gguf_gemv.cc's pool (see its comments): threads claim chunks
-// from a shared counter, the calling thread too, so a worker the OS has not
-// scheduled costs nothing; a call that finds the pool busy runs inline.
-
-using ChunkFn = void (*)(const void* ctx, int64_t chunk);
-
-class Pool {
- public:
-  explicit Pool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) std::thread([this] { Worker(); }).detach();
-  }
-
-  int threads() const { return threads_; }
-
-  void Run(ChunkFn fn, const void* ctx, int64_t chunks) {
-    if (chunks <= 1 || threads_ == 1 || !busy_.try_lock()) {
-      for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
-      return;
-    }
-    fn_ = fn;
-    ctx_ = ctx;
-    chunks_ = chunks;
-    next_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    open_.store(true);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1);
-    }
-    cv_.notify_all();
-    Work();
-    const auto all_done = [&] { return done_.load(std::memory_order_acquire) == chunks; };
-    while (!SpinUntil(all_done)) std::this_thread::yield();
-    open_.store(false);
-    const auto no_guests = [&] { return active_.load() == 0; };
-    while (!SpinUntil(no_guests)) std::this_thread::yield();
-    busy_.unlock();
-  }
-
- private:
-  void Work() {
-    for (;;) {
-      const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
-      if (c >= chunks_) return;
-      fn_(ctx_, c);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void Worker() {
-    uint64_t seen = 0;
-    for (;;) {
-      const auto posted = [&] { return gen_.load(std::memory_order_acquire) != seen; };
-      if (!SpinUntil(posted)) {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, posted);
-      }
-      seen = gen_.load(std::memory_order_acquire);
-      active_.fetch_add(1);
-      if (open_.load()) Work();
-      active_.fetch_sub(1);
-    }
-  }
-
-  const int threads_;
-  std::mutex busy_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<bool> open_{false};
-  std::atomic<int> active_{0};
-  std::atomic<int64_t> next_{0}, done_{0};
-  ChunkFn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  int64_t chunks_ = 0;
-};
-
-int DefaultThreads() {
-  if (const char* s = getenv("JQX_NUM_THREADS")) {
-    char* end = nullptr;
-    const long v = strtol(s, &end, 10);
-    if (end != s && *end == '\0' && v >= 1) return static_cast<int>(std::min<long>(v, 1024));
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-std::mutex g_pool_mu;
-Pool* g_pool = nullptr;
-pid_t g_pool_pid = 0;
-
-Pool* GetPool() {
-  std::lock_guard<std::mutex> lk(g_pool_mu);
-  const pid_t pid = getpid();
-  if (g_pool == nullptr || g_pool_pid != pid) {
-    g_pool = new Pool(DefaultThreads());
-    g_pool_pid = pid;
-  }
-  return g_pool;
-}
 
 // ------------------------------------------------------------------ quantize
 
@@ -437,6 +321,177 @@ ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ W8A8 dense GEMM
+// jqx_w8a8_gemm: y (M, N) f32 = (xs[m] * ws[n]) applied to the exact int32 sums
+// of codes(x) (M, K) . w (K, N) int8, the activation quantization fused in: each
+// chunk of rows computes its rows' scales (per token: max|x| of the row; per
+// tensor: one pass over x before the job; static: the given scale), writes the
+// codes into a small per-thread int16 buffer and runs the register tiles over
+// every 16-column block of the weight, so x is read once from memory and its
+// codes never leave the cache. Same codes, sums and rescale order as the conv
+// kernel above (and so as jqx.ops' XLA W8A8 path), bit for bit.
+//
+// The weight is packed per call into [N / 16][K / 2][16][2] int16 (the tile's
+// order) in a per-thread buffer kept across calls: no allocation per call. The
+// packing reads the weight once (K * N bytes); at the sizes the dispatcher
+// sends here it is a small part of the call (docs/internals/native-kernels.md).
+
+struct DenseJob {
+  const float* x;     // (M, K)
+  const int16_t* wp;  // packed weight, [Npad / 16][Cp / 2][16][2]
+  const float* ws;    // (Npad) weight scales, zero-padded
+  float* y;           // (M, N)
+  int64_t M, K, Cp, N, Npad;
+  int64_t mode;
+  float scale;        // kStatic / kPerTensor: the one activation scale
+  int64_t chunk_rows; // rows per chunk (a multiple of kMR)
+};
+
+template <int MR>
+void DenseTile(const DenseJob& j, const int16_t* xq, const float* xs, int64_t r0, int64_t ob) {
+  __m256i acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  const int16_t* w = j.wp + ob * j.Cp * kNR;
+  const int64_t cp2 = j.Cp / 2;
+  for (int64_t c = 0; c < cp2; ++c, w += 2 * kNR) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kNR));
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      memcpy(&pair, xq + m * j.Cp + 2 * c, sizeof(pair));
+      const __m256i b = _mm256_set1_epi32(pair);
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
+    }
+  }
+  const int64_t o0 = ob * kNR;
+  const int64_t width = std::min<int64_t>(kNR, j.N - o0);
+  const __m256 ws0 = _mm256_loadu_ps(j.ws + o0), ws1 = _mm256_loadu_ps(j.ws + o0 + 8);
+  for (int m = 0; m < MR; ++m) {
+    const __m256 s = _mm256_set1_ps(xs[m]);
+    // (acc * xs) * ws, the XLA path's order: bit-identical results.
+    const __m256 f0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][0]), s), ws0);
+    const __m256 f1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][1]), s), ws1);
+    float* dst = j.y + (r0 + m) * j.N + o0;
+    if (width == kNR) {
+      _mm256_storeu_ps(dst, f0);
+      _mm256_storeu_ps(dst + 8, f1);
+    } else {
+      alignas(32) float tmp[kNR];
+      _mm256_store_ps(tmp, f0);
+      _mm256_store_ps(tmp + 8, f1);
+      memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(float));
+    }
+  }
+}
+
+void DenseTileAny(const DenseJob& j, const int16_t* xq, const float* xs, int64_t r0, int64_t ob,
+                  int64_t mr) {
+  switch (mr) {
+    case 6: return DenseTile<6>(j, xq, xs, r0, ob);
+    case 5: return DenseTile<5>(j, xq, xs, r0, ob);
+    case 4: return DenseTile<4>(j, xq, xs, r0, ob);
+    case 3: return DenseTile<3>(j, xq, xs, r0, ob);
+    case 2: return DenseTile<2>(j, xq, xs, r0, ob);
+    default: return DenseTile<1>(j, xq, xs, r0, ob);
+  }
+}
+
+// Per-thread scratch of a chunk (its rows' codes and scales), kept across calls.
+thread_local std::vector<int16_t> t_dense_xq;
+thread_local std::vector<float> t_dense_xs;
+
+void DenseChunk(const void* ctx, int64_t chunk) {
+  const DenseJob& j = *static_cast<const DenseJob*>(ctx);
+  const int64_t r_begin = chunk * j.chunk_rows;
+  const int64_t rows = std::min(j.M, r_begin + j.chunk_rows) - r_begin;
+  if (t_dense_xq.size() < static_cast<size_t>(j.chunk_rows * j.Cp))
+    t_dense_xq.resize(static_cast<size_t>(j.chunk_rows * j.Cp));
+  if (t_dense_xs.size() < static_cast<size_t>(j.chunk_rows))
+    t_dense_xs.resize(static_cast<size_t>(j.chunk_rows));
+  int16_t* xq = t_dense_xq.data();
+  float* xs = t_dense_xs.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = j.x + (r_begin + r) * j.K;
+    const float s = j.mode == kPerSample ? DynamicScale(AbsMax(xr, j.K)) : j.scale;
+    xs[r] = s;
+    QuantizeRun(xr, xq + r * j.Cp, j.K, QuantOf(s));
+    if (j.Cp != j.K) xq[r * j.Cp + j.K] = 0;  // the zero channel pairs with a zero weight row
+  }
+  // Column blocks outside: one block's packed weight stays in L1 over the chunk's rows.
+  for (int64_t ob = 0; ob < j.Npad / kNR; ++ob)
+    for (int64_t r = 0; r < rows; r += kMR)
+      DenseTileAny(j, xq + r * j.Cp, xs + r, r_begin + r, ob, std::min<int64_t>(kMR, rows - r));
+}
+
+thread_local std::vector<int16_t> t_dense_wp;
+thread_local std::vector<float> t_dense_ws;
+
+ffi::Error W8A8GemmImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                        ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t mode) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_w8a8_gemm: expected x (M, K), w (K, N), wscale (N), out (M, N)");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (wd[0] != K || od[0] != M || od[1] != N || wscale.dimensions()[0] != N ||
+      mode < kStatic || mode > kPerSample || (mode == kStatic && act_scale.element_count() != 1))
+    return ffi::Error::InvalidArgument("jqx_w8a8_gemm: inconsistent shapes or mode");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t Cp = K + (K & 1);
+  const int64_t Npad = (N + kNR - 1) / kNR * kNR;
+  const float* X = x.typed_data();
+  const int8_t* Wt = w.typed_data();
+
+  // The weight in the tile's order, zero beyond K and N; resize keeps the
+  // buffer (no allocation once it is big enough), the fill rewrites all of it.
+  const size_t wp_n = static_cast<size_t>(Npad * Cp);
+  if (t_dense_wp.size() < wp_n) t_dense_wp.resize(wp_n);
+  int16_t* WP = t_dense_wp.data();
+  for (int64_t ob = 0; ob < Npad / kNR; ++ob) {
+    int16_t* blk = WP + ob * Cp * kNR;
+    const int64_t o_end = std::min<int64_t>(kNR, N - ob * kNR);
+    for (int64_t c = 0; c < Cp; ++c) {
+      int16_t* dst = blk + (c / 2) * 2 * kNR + (c & 1);
+      if (c >= K) {
+        for (int64_t o = 0; o < kNR; ++o) dst[2 * o] = 0;
+        continue;
+      }
+      const int8_t* src = Wt + c * N + ob * kNR;
+      int64_t o = 0;
+      for (; o < o_end; ++o) dst[2 * o] = src[o];
+      for (; o < kNR; ++o) dst[2 * o] = 0;
+    }
+  }
+  if (t_dense_ws.size() < static_cast<size_t>(Npad)) t_dense_ws.resize(static_cast<size_t>(Npad));
+  std::copy(wscale.typed_data(), wscale.typed_data() + N, t_dense_ws.begin());
+  std::fill(t_dense_ws.begin() + N, t_dense_ws.begin() + Npad, 0.0f);
+
+  float scale = 1.0f;
+  if (mode == kStatic) scale = act_scale.typed_data()[0];
+  if (mode == kPerTensor) scale = DynamicScale(AbsMax(X, M * K));
+
+  Pool* pool = GetPool();
+  const int64_t work = M * Cp * Npad;
+  // Chunks of up to 8 register tiles (48 rows: the column block's packed weight
+  // is reused from L1 across them), fewer when that leaves under 4 chunks per
+  // thread (rows are the only split, so the result does not depend on it).
+  const int64_t per_thread = std::max<int64_t>(1, M / (4 * kMR * pool->threads()));
+  const int64_t chunk_rows = kMR * std::min<int64_t>(8, per_thread);
+  DenseJob job{X, WP, t_dense_ws.data(), out->typed_data(), M, K, Cp, N, Npad, mode, scale,
+               chunk_rows};
+  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+  if (work < kInlineWork) {
+    for (int64_t c = 0; c < chunks; ++c) DenseChunk(&job, c);
+  } else {
+    pool->Run(DenseChunk, &job, chunks);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxConvInt8, ConvInt8Impl,
@@ -452,6 +507,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxConvInt8, ConvInt8Impl,
                                   .Attr<int64_t>("pw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Gemm, W8A8GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("mode"));
 
 extern "C" int jqx_conv_cpu_supported() {

@@ -33,8 +33,9 @@
 // the tiles ahead are prefetched as the current one is read: the hardware
 // prefetcher alone streamed a large weight at a third of the bandwidth.
 //
-// Threads: a persistent pool (created on first use, once per process; sized
-// by the CPU affinity mask or $JQX_NUM_THREADS). A call's output rows are cut
+// Threads: the persistent pool of pool.h (created on first use, once per
+// process and shared with the other native libraries; sized by the CPU
+// affinity mask or $JQX_NUM_THREADS). A call's output rows are cut
 // into chunks of a few microseconds of work that the calling thread and the
 // workers claim from a shared counter, so a worker that is not running (a
 // busy, shared machine) costs nothing. Workers spin briefly for the next job,
@@ -71,6 +72,7 @@
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,140 +90,6 @@ constexpr int64_t kInlineWork = int64_t{1} << 16;
 // Multiply-adds per chunk of a threaded call (a few microseconds): enough to
 // make claiming a chunk (one atomic) negligible.
 constexpr int64_t kChunkWork = int64_t{1} << 15;
-// How long a worker spins for the next job before it sleeps: long enough to
-// bridge the gaps between the products of one decode step (the other ops of a
-// layer), short enough not to burn a shared core between steps.
-constexpr int64_t kSpinNs = 200 * 1000;
-
-inline int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
-}
-
-// Spins (pausing) until done() or kSpinNs have passed; returns done().
-template <typename F>
-inline bool SpinUntil(F done) {
-  if (done()) return true;
-  const int64_t start = NowNs();
-  for (int i = 1;; ++i) {
-    _mm_pause();
-    if (done()) return true;
-    if (i % 64 == 0 && NowNs() - start > kSpinNs) return false;
-  }
-}
-
-// ------------------------------------------------------------------ thread pool
-
-using ChunkFn = void (*)(const void* ctx, int64_t chunk);
-
-// Threads claim chunks of a job from a shared counter, the calling thread
-// too: a worker the OS has not scheduled (a busy, shared machine) claims
-// nothing and the others finish the job, so the call never waits for a
-// sleeping thread, only for chunks already being computed.
-class Pool {
- public:
-  explicit Pool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) std::thread([this] { Worker(); }).detach();
-  }
-
-  int threads() const { return threads_; }
-
-  // Runs fn(ctx, c) for every c in [0, chunks); returns when all are done.
-  void Run(ChunkFn fn, const void* ctx, int64_t chunks) {
-    if (chunks <= 1 || threads_ == 1 || !busy_.try_lock()) {
-      // One chunk, no workers, or another call owns them: all on this thread.
-      for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
-      return;
-    }
-    fn_ = fn;
-    ctx_ = ctx;
-    chunks_ = chunks;
-    next_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    open_.store(true);  // seq_cst: publishes the fields above to the workers
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1);
-    }
-    cv_.notify_all();
-    Work();
-    const auto all_done = [&] { return done_.load(std::memory_order_acquire) == chunks; };
-    while (!SpinUntil(all_done)) std::this_thread::yield();  // a chunk's thread was preempted
-    // Close the job, then wait for workers that joined it to leave before the
-    // fields (and ctx, on the caller's stack) change.
-    open_.store(false);
-    const auto no_guests = [&] { return active_.load() == 0; };
-    while (!SpinUntil(no_guests)) std::this_thread::yield();
-    busy_.unlock();
-  }
-
- private:
-  void Work() {
-    for (;;) {
-      const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
-      if (c >= chunks_) return;
-      fn_(ctx_, c);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void Worker() {
-    uint64_t seen = 0;
-    for (;;) {
-      const auto posted = [&] { return gen_.load(std::memory_order_acquire) != seen; };
-      if (!SpinUntil(posted)) {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, posted);
-      }
-      seen = gen_.load(std::memory_order_acquire);
-      // seq_cst pair with Run(): either Run() sees this thread active and waits
-      // for it, or this thread sees the job closed and leaves it alone.
-      active_.fetch_add(1);
-      if (open_.load()) Work();
-      active_.fetch_sub(1);
-    }
-  }
-
-  const int threads_;
-  std::mutex busy_;  // held by the call that owns the workers
-  std::mutex mu_;    // with cv_: sleeping workers
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};  // bumped once per job: wakes the workers
-  std::atomic<bool> open_{false};
-  std::atomic<int> active_{0};  // workers inside the current job
-  std::atomic<int64_t> next_{0}, done_{0};
-  ChunkFn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  int64_t chunks_ = 0;
-};
-
-int DefaultThreads() {
-  if (const char* s = getenv("JQX_NUM_THREADS")) {
-    char* end = nullptr;
-    const long v = strtol(s, &end, 10);
-    if (end != s && *end == '\0' && v >= 1) return static_cast<int>(std::min<long>(v, 1024));
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-std::mutex g_pool_mu;
-Pool* g_pool = nullptr;
-pid_t g_pool_pid = 0;
-
-// The process's pool. Never destroyed (its threads are detached and parked on a
-// condition variable at exit); a forked child, which has no workers, gets its own.
-Pool* GetPool() {
-  std::lock_guard<std::mutex> lk(g_pool_mu);
-  const pid_t pid = getpid();
-  if (g_pool == nullptr || g_pool_pid != pid) {
-    g_pool = new Pool(DefaultThreads());
-    g_pool_pid = pid;
-  }
-  return g_pool;
-}
 
 // ------------------------------------------------------------------ helpers
 

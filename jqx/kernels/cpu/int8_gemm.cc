@@ -9,9 +9,10 @@
 // 16 columns: for each group of 4 consecutive k the 16 columns' 4 bytes side
 // by side, one 64-byte zmm register per (panel, k/4), zero beyond K and N.
 //
-// Blocking: threads split the rows (blocks of MR rows), or the column panels
-// when there are few rows; each thread walks its panels NB at a time and,
-// inside, its row blocks, so the panels stay in cache while A rows stream.
+// Blocking: the threads of the shared pool (pool.h) split the rows (blocks of
+// MR rows), or the column panels when there are few rows; each thread walks
+// its panels NB at a time and, inside, its row blocks, so the panels stay in
+// cache while A rows stream.
 // MR x NB accumulators (6 x 4 = 24 zmm registers).
 //
 // Up to kSmallM (6) rows (decode) skip the packing: see SmallM below.
@@ -29,9 +30,9 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -129,7 +130,9 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
   if (mb0 >= mb1 || p0 >= p1) return;
   const int64_t kq_n = Kp / 4;
   const int64_t pstride = kq_n * 64;
-  std::vector<uint8_t> edge;  // zero-padded copy of a last, partial row block
+  // Copy of a last, partial row block (rows past it are never stored); kept
+  // across calls so no call allocates.
+  thread_local std::vector<uint8_t> edge;
   for (int64_t p = p0; p < p1; p += NB) {
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
@@ -153,7 +156,7 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
       const uint8_t* a = A + i0 * Kp;
       int32_t* c = C + i0 * N + p * 16;
       if (rows < MR) {
-        if (edge.empty()) edge.assign(static_cast<size_t>(MR * Kp), 0);
+        if (edge.size() < static_cast<size_t>(MR * Kp)) edge.resize(static_cast<size_t>(MR * Kp));
         memcpy(edge.data(), a, static_cast<size_t>(rows * Kp));
         a = edge.data();
       }
@@ -219,7 +222,8 @@ void SmallM(const uint8_t* A, int64_t Kp, const int8_t* B, int64_t K, int64_t N,
   if (j0 >= j1) return;
   const int64_t np = (K + 1) / 2;  // row pairs; an odd K pairs its last row with zeros
   // xp[r][p]: the int16 pair (x[2p], x[2p+1]) as one int32 for the broadcast.
-  std::vector<int32_t> xp(static_cast<size_t>(R * np));
+  thread_local std::vector<int32_t> xp;  // kept across calls: no allocation per call
+  xp.resize(static_cast<size_t>(R * np));
   for (int r = 0; r < R; ++r)
     for (int64_t p = 0; p < np; ++p) {
       const int32_t lo = static_cast<int32_t>(A[r * Kp + 2 * p]) - 128;
@@ -303,18 +307,15 @@ void SmallMAny(int64_t M, const uint8_t* A, int64_t Kp, const int8_t* B, int64_t
   }
 }
 
-// Runs f(0..t-1), f(0) on the calling thread.
+// Runs f(0..t-1) on the shared persistent pool (pool.h; the calling thread
+// takes part), not on threads started per call.
 template <typename F>
 void Parallel(int64_t t, F f) {
   if (t <= 1) {
     f(0);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(t - 1));
-  for (int64_t i = 1; i < t; ++i) pool.emplace_back(f, i);
-  f(0);
-  for (auto& th : pool) th.join();
+  GetPool()->ForEach(t, f);
 }
 
 ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
@@ -336,6 +337,7 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
   const int64_t kq_n = Kp / 4;
   // Small products are not worth a thread each (~2M multiply-adds minimum).
   const int64_t work = M * N * Kp;
+  threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
   if (M <= kSmallM) {
     // Threads split the columns in multiples of 64.
@@ -392,11 +394,13 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
   const int64_t G = K / gs;
   const int64_t width = j1 - j0;
   const int64_t nblk = (width + 63) / 64;  // 64-column blocks: two 32-column units
-  std::vector<float> xs(static_cast<size_t>(R * G), 0.0f);
+  // Scratch kept across calls (no allocation per call).
+  thread_local std::vector<float> xs, part;
+  xs.assign(static_cast<size_t>(R * G), 0.0f);
   for (int r = 0; r < R; ++r)
     for (int64_t k = 0; k < K; ++k) xs[r * G + k / gs] += X[r * K + k];
   // Partial group sums, per row and block: [r][blk][even0, odd0, even1, odd1] x 16.
-  std::vector<float> part(static_cast<size_t>(R * nblk * 64));
+  part.resize(static_cast<size_t>(R * nblk * 64));
   const __m512 tab = _mm512_loadu_ps(table);
   const __m512i nib = _mm512_set1_epi32(0xF);
   alignas(64) int32_t il[2][16];
@@ -521,6 +525,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   }
   const int64_t nb = (N + 63) / 64;
   const int64_t work = M * K * N;
+  threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t = std::max<int64_t>(
       1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
   const float* Z = has_zero ? zero.typed_data() : nullptr;

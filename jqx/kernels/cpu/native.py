@@ -21,11 +21,19 @@ the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps;
 quantized to int8 per block of 32 and integer dot products, as llama.cpp
 computes it (faster; the error of int8 activations); and
 ``jqx_decode_attention`` (:func:`decode_attention`): one new token's attention
-over the visible slots of a float32 or float16 KV cache, both on a persistent
-thread pool (``$JQX_NUM_THREADS``, else the CPU affinity count;
-:func:`gguf_num_threads`). Each library has its own availability:
+over the visible slots of a float32 or float16 KV cache.
+
+A third library, ``conv_int8.cc`` (AVX2), registers the W8A8 int8 convolution
+``jqx_conv_int8`` and ``jqx_w8a8_gemm`` (:func:`w8a8_matmul`): the dense W8A8
+product with the per-token (or per-tensor, or static) activation quantization
+inside the kernel, bit-identical to ``jqx.ops``' XLA W8A8 path.
+
+Every kernel runs on one persistent thread pool per process (``pool.h``, shared
+by the three libraries; ``$JQX_NUM_THREADS``, else the CPU affinity count;
+:func:`pool_threads`). Each library has its own availability:
 :func:`available`/:func:`status` for the first, :func:`gguf_available`/
-:func:`gguf_status` for the second.
+:func:`gguf_status` for the second, :func:`conv_available`/:func:`conv_status`
+for the third.
 
 When ``jqx.ops`` uses them (W8A8 int8 and int8 weight-only products big
 enough to pay for the per-call packing, 4-bit weight-only products at decode
@@ -34,12 +42,13 @@ sizes), and the ``JQX_NATIVE=0`` switch that turns that off, are decided in
 the kernels and reports whether they work.
 
 Availability needs: an x86-64 CPU with AVX512F/BW/VL/VNNI (the first
-library) or AVX2/FMA/F16C (the GGUF one), a C++17 compiler (``$CXX``, else
-``g++``/``clang++``) and a writable cache directory (``$JQX_CACHE_DIR``, else
-``~/.cache/jqx``). Each library is built once per source, compiler and flags
-(a hash in its file name), written to a temporary file and renamed into
-place, so a failed or concurrent build never leaves a half-written library.
-:func:`status` and :func:`gguf_status` say why one is unavailable.
+library), AVX2/FMA/F16C (the GGUF one) or AVX2/FMA (the third), a C++17
+compiler (``$CXX``, else ``g++``/``clang++``) and a writable cache directory
+(``$JQX_CACHE_DIR``, else ``~/.cache/jqx``). Each library is built once per
+source (with the headers it includes), compiler and flags (a hash in its file
+name), written to a temporary file and renamed into place, so a failed or
+concurrent build never leaves a half-written library. :func:`status`,
+:func:`gguf_status` and :func:`conv_status` say why one is unavailable.
 
 Example:
     >>> import numpy as np, jax.numpy as jnp
@@ -58,6 +67,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -96,6 +106,10 @@ __all__ = [
     "ATTENTION_TARGET",
     "ATTENTION_Q_TARGET",
     "CONV_INT8_TARGET",
+    "W8A8_TARGET",
+    "w8a8_matmul",
+    "w8a8_matmul_reference",
+    "pool_threads",
     "conv_available",
     "conv_status",
 ]
@@ -111,6 +125,8 @@ GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
+W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
+_W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
@@ -132,6 +148,17 @@ class _Library:
     @property
     def src(self) -> Path:
         return Path(__file__).parent / f"{self.stem}.cc"
+
+    def source_bytes(self) -> bytes:
+        """The source and every header beside it that it includes (``pool.h``): the
+        build cache key, so editing a shared header rebuilds the library."""
+        text = self.src.read_bytes()
+        parts = [text]
+        for name in sorted(set(re.findall(rb'#include "([^"/]+)"', text))):
+            header = self.src.parent / name.decode()
+            if header.exists():
+                parts.append(b"\0" + name + b"\0" + header.read_bytes())
+        return b"".join(parts)
 
 
 _INT8 = _Library(
@@ -158,7 +185,7 @@ _CONV = _Library(
     flags=(*_COMMON_FLAGS, "-mavx2", "-mfma"),
     cpu_check="jqx_conv_cpu_supported",
     cpu_needs="AVX2",
-    targets={CONV_INT8_TARGET: "JqxConvInt8"},
+    targets={CONV_INT8_TARGET: "JqxConvInt8", W8A8_TARGET: "JqxW8A8Gemm"},
 )
 
 
@@ -187,7 +214,7 @@ def _build(lib: _Library) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     include = jax.ffi.include_dir()
-    src = lib.src.read_bytes()
+    src = lib.source_bytes()
     try:
         version = subprocess.run(
             [cxx, "--version"], capture_output=True, text=True, timeout=30
@@ -218,12 +245,37 @@ def _build(lib: _Library) -> Path:
     return out
 
 
+# The process's one thread pool (pool.h): (abi, pointer, pid) of the first library
+# loaded; the later ones adopt it.
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, int, int] | None = None
+
+
+def _share_pool(handle: ctypes.CDLL) -> None:
+    """Makes ``handle``'s library run on the process's one pool: the first library
+    loaded (after its CPU check, so its workers run code this CPU executes) creates
+    it, each later one adopts it. A library of another pool layout (never the case
+    for libraries built from one checkout) keeps its own."""
+    global _POOL
+    handle.jqx_pool_abi.restype = ctypes.c_int64
+    handle.jqx_pool_handle.restype = ctypes.c_void_p
+    handle.jqx_pool_adopt.argtypes = [ctypes.c_void_p]
+    handle.jqx_pool_adopt.restype = ctypes.c_int
+    with _POOL_LOCK:
+        abi, pid = int(handle.jqx_pool_abi()), os.getpid()
+        if _POOL is None or _POOL[2] != pid:
+            _POOL = (abi, int(handle.jqx_pool_handle()), pid)
+        elif _POOL[0] == abi:
+            handle.jqx_pool_adopt(ctypes.c_void_p(_POOL[1]))
+
+
 def _load(lib: _Library) -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"needs an x86-64 CPU, this is {platform.machine()}")
     handle = ctypes.CDLL(str(_build(lib)))
     if not getattr(handle, lib.cpu_check)():
         raise RuntimeError(f"this CPU lacks {lib.cpu_needs}")
+    _share_pool(handle)
     for target, symbol in lib.targets.items():
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu"
@@ -323,9 +375,10 @@ def conv_status() -> str:
 
 
 def gguf_num_threads() -> int:
-    """Threads of the GGUF kernel's persistent pool (created on the first call or
-    the first product): ``$JQX_NUM_THREADS`` when set to a positive integer
-    before that, else the CPUs this process may run on (``sched_getaffinity``).
+    """Threads of the persistent pool the GGUF kernels run on (the process's one
+    pool, shared with the other native kernels: :func:`pool_threads`):
+    ``$JQX_NUM_THREADS`` when set to a positive integer before it is created, else
+    the CPUs this process may run on (``sched_getaffinity``).
 
     Raises:
       RuntimeError: the kernel is not available (:func:`gguf_status` says why).
@@ -338,6 +391,31 @@ def gguf_num_threads() -> int:
     if not gguf_available():
         raise RuntimeError(f"the native GGUF kernel is not available: {gguf_status()}")
     return int(_GGUF.handle.jqx_gguf_num_threads())
+
+
+def pool_threads() -> int:
+    """Threads of the persistent pool that every native kernel runs on (one per
+    process, shared by the three libraries; created when the first library loads):
+    ``$JQX_NUM_THREADS`` when set to a positive integer before that, else the CPUs
+    this process may run on (``sched_getaffinity``).
+
+    Raises:
+      RuntimeError: no native library is available here (:func:`gguf_status`,
+        :func:`conv_status` and :func:`status` say why).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.pool_threads() >= 1 if native.gguf_available() else True
+        True
+    """
+    for lib in (_GGUF, _CONV, _INT8):
+        if _available(lib):
+            lib.handle.jqx_pool_threads.restype = ctypes.c_int
+            return int(lib.handle.jqx_pool_threads())
+    raise RuntimeError(
+        f"no native CPU kernel library is available: gguf: {_GGUF.reason}; conv: "
+        f"{_CONV.reason}; int8: {_INT8.reason}."
+    )
 
 
 def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -369,6 +447,125 @@ def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
         TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32), vmap_method="sequential"
     )(au, b, threads=np.int64(_threads()))
     return acc  # the kernel already subtracted 128 * column sums
+
+
+def _w8a8_check(x, w, w_scale, act, fn: str) -> tuple[int, jax.Array]:
+    """Validates :func:`w8a8_matmul`'s operands; returns (mode, act scale operand)."""
+    for name, a in (("x", x), ("w", w), ("w_scale", w_scale)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(
+                f"{fn}: {name} must be an array, got {type(a).__name__}; wrap it with "
+                "jnp.asarray(...)."
+            )
+    if x.ndim != 2 or jnp.dtype(x.dtype) != jnp.float32:
+        raise ValueError(
+            f"{fn}: x must be float32 (M, K), got {_describe(x)}; reshape the rows to 2-D "
+            "and cast with x.astype(jnp.float32)."
+        )
+    k = x.shape[1]
+    if w.ndim != 2 or jnp.dtype(w.dtype) != jnp.int8 or w.shape[0] != k:
+        raise ValueError(
+            f"{fn}: w must be int8 (K, N) with x's K={k}, got {_describe(w)}; pass the "
+            "weight codes (QArray.qvalue of an int8 per-channel weight)."
+        )
+    n = w.shape[1]
+    if tuple(w_scale.shape) != (n,) or jnp.dtype(w_scale.dtype) != jnp.float32:
+        raise ValueError(
+            f"{fn}: w_scale must be float32 (N,) = ({n},), one scale per output column, got "
+            f"{_describe(w_scale)}; reshape a (1, N) scale with .reshape(-1)."
+        )
+    if isinstance(act, str):
+        if act not in ("per_token", "per_tensor"):
+            raise ValueError(
+                f"{fn}: act={act!r} must be 'per_token', 'per_tensor' or a float32 scale "
+                "array of one element (a static scale)."
+            )
+        return _W8A8_MODES[act], jnp.ones((1,), jnp.float32)
+    if not hasattr(act, "shape") or int(np.prod(act.shape)) != 1:
+        raise ValueError(
+            f"{fn}: act={act!r} must be 'per_token', 'per_tensor' or a float32 scale array of "
+            "one element (a static scale)."
+        )
+    return _W8A8_MODES["static"], jnp.asarray(act, jnp.float32).reshape(1)
+
+
+def w8a8_matmul(
+    x: jax.Array, w: jax.Array, w_scale: jax.Array, *, act: str | jax.Array = "per_token"
+) -> jax.Array:
+    """W8A8 ``x @ W`` with the activation quantization inside the kernel (AVX2).
+
+    ``x`` (M, K) float32 is quantized to int8 as ``jqx.ops``' XLA path quantizes it
+    (``act="per_token"``: one absmax scale per row; ``"per_tensor"``: one for all of
+    x; or a static scale array), multiplied by the int8 weight codes ``w`` (K, N)
+    in exact int32 sums, and rescaled as ``(float(sum) * x_scale) * w_scale[n]``:
+    for finite ``x`` the result equals the XLA path's bit for bit
+    (:func:`w8a8_matmul_reference`). Each row's scale, codes and products are
+    formed in one pass over the row, on the shared thread pool (:func:`pool_threads`;
+    rows are split, so the result does not depend on the count). Works under
+    ``jit``; under ``vmap`` it loops. Needs :func:`conv_available` (the kernel is in
+    ``conv_int8.cc``'s library).
+
+    Args:
+      x: float32 (M, K).
+      w: int8 (K, N), the weight codes.
+      w_scale: float32 (N,), one scale per output column.
+      act: ``"per_token"``, ``"per_tensor"`` or a one-element float32 static scale.
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: an operand of the wrong dtype or shape (named, with the fix).
+      RuntimeError: the kernel is not available here (:func:`conv_status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.array([[1.0, -2.0], [0.0, 0.0]])
+        >>> w = jnp.array([[1, 0], [0, 127]], jnp.int8)
+        >>> ws = jnp.array([1.0, 0.5], jnp.float32)
+        >>> f = native.w8a8_matmul if native.conv_available() else native.w8a8_matmul_reference
+        >>> f(x, w, ws).tolist()
+        [[1.0078740119934082, -127.0], [0.0, 0.0]]
+    """
+    mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul")
+    if not conv_available():
+        raise RuntimeError(f"the native W8A8 kernel is not available: {conv_status()}")
+    m, n = x.shape[0], w.shape[1]
+    return jax.ffi.ffi_call(
+        W8A8_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(x, w, w_scale, s, mode=np.int64(mode))
+
+
+def w8a8_matmul_reference(
+    x: jax.Array, w: jax.Array, w_scale: jax.Array, *, act: str | jax.Array = "per_token"
+) -> jax.Array:
+    """Plain-jnp :func:`w8a8_matmul`: ``jqx.core.numerics``' activation quantizer,
+    XLA's int8 x int8 -> int32 dot, then ``* x_scale * w_scale``. Same operands and
+    errors; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.array([[2.0, -1.0]])
+        >>> w = jnp.array([[1], [1]], jnp.int8)
+        >>> native.w8a8_matmul_reference(x, w, jnp.array([1.0])).tolist()  # codes 127, -64
+        [[0.9921259880065918]]
+    """
+    mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_reference")
+    # The formulas of jqx.core.numerics (absmax_scale, div_by_scale, the int8
+    # encode), written out: this layer imports no other jqx module.
+    if mode == _W8A8_MODES["static"]:
+        s = s.reshape(1, 1)
+    else:
+        per_token = mode == _W8A8_MODES["per_token"]
+        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if per_token else jnp.max(jnp.abs(x))
+        s = jnp.reshape(amax / 127.0, (-1, 1))
+        s = jnp.where(s == 0, 1.0, s).astype(jnp.float32)
+    c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
+    codes = jnp.clip(jnp.round((x * c) / (s * c)), -128, 127).astype(jnp.int8)
+    acc = lax.dot_general(codes, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * s * w_scale[None, :]
 
 
 def w4_matmul(

@@ -1,0 +1,235 @@
+"""Attention written softmax-then-einsum, under ``jax.jit`` and under ``jqx.quantized``.
+
+    python benchmarks/attention_order.py                    # all parts at BERT shapes
+    python benchmarks/attention_order.py --part bare        # the attention alone
+    python benchmarks/attention_order.py --part block --repeats 9
+    python benchmarks/attention_order.py --part model --batch 32 --tokens 128
+
+``jqx.quantized`` computes ``softmax(s) @ v`` as ``(exp(s - max) @ v) / sum``
+where that is valid (docs/guide/run.md#attention); ``jqx.ops.policy(softmax_reorder=False)``
+runs the attention as written. Variants, timed under ``jit`` with one call of each
+per round (median wall and process CPU time of ``--repeats`` rounds; these machines
+are shared, so only ratios within one run mean anything):
+
+- ``f32``: ``jax.jit(apply)`` on the float variables, as written (the baseline);
+- ``f32 reordered``: ``jax.jit(jqx.quantized(apply))`` on the same float variables:
+  only the rewrite changes;
+- ``w8a8 as written`` / ``w8a8 reordered``: int8 dynamic-activation, int8-weight
+  matmuls (``jqx.int8_dynamic_activation_int8_weight()``), rewrite off / on;
+- ``w8a8 + int8 attention``: ``activation_matmuls="int8"`` as well (q @ k^T and
+  p @ v on per-row int8 codes; opt-in, lossy, computes p as written).
+
+Parts:
+
+- ``bare``: the attention alone (``einsum``, additive padding mask,
+  ``jax.nn.softmax``, ``einsum``) on random q, k, v: ``f32``, ``f32 reordered`` and
+  ``int8 attention`` (``activation_matmuls="int8"``);
+- ``block``: one ``flax.linen.MultiHeadDotProductAttention`` with a padding mask on
+  ``(batch, tokens, heads x head_dim)`` activations, at BERT-base (12 x 64), MiniLM
+  (12 x 32) and 6 x 64 heads;
+- ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
+  ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer) with the
+  all-MiniLM-L6-v2 weights (the shipped tiny encoder without them), on random
+  token ids with every sequence padded to a different length.
+
+Beside the times: each variant's max |difference| from ``f32`` and from its
+as-written twin (``f32`` for ``f32 reordered``, ``w8a8 as written`` for the other
+two): the rewrite's rounding, or the quantization error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from _stamp import print_stamp  # noqa: E402
+
+import jqx  # noqa: E402
+
+W8A8 = jqx.int8_dynamic_activation_int8_weight()
+AS_WRITTEN = {"softmax_reorder": False}
+
+
+def _compiled(fn, args, **policy):
+    """``jax.jit(fn)`` traced (and compiled) inside ``jqx.ops.policy(**policy)``: the
+    policy is read while tracing, so the jitted function keeps that choice."""
+    f = jax.jit(fn)
+    ctx = jqx.ops.policy(**policy) if policy else contextlib.nullcontext()
+    with ctx:
+        out = jax.block_until_ready(f(*args))
+    return f, out
+
+
+def _round_robin(fns: dict, reps: int) -> dict:
+    """name -> (median wall s, median CPU s); one call of each per round."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, (f, a) in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(f(*a))
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+def _variants(apply, variables, args) -> tuple[dict, dict]:
+    """The five variants of the module docstring: name -> (jitted fn, args), and
+    name -> (max |output - f32|, max |output - its as-written twin| or None)."""
+    qvars = jqx.quantize(variables, W8A8)
+    q = jqx.quantized(apply)
+    q8 = jqx.quantized(apply, activation_matmuls="int8")
+    f32, y32 = _compiled(apply, (variables, *args))
+    f32r, y32r = _compiled(q, (variables, *args))
+    wq, yq = _compiled(q, (qvars, *args), **AS_WRITTEN)
+    wqr, yqr = _compiled(jqx.quantized(apply), (qvars, *args))
+    w8, y8 = _compiled(q8, (qvars, *args))
+
+    def diff(a, b):
+        return max(
+            float(jnp.max(jnp.abs(x - y)))
+            for x, y in zip(*map(jax.tree.leaves, (a, b)), strict=True)
+        )
+
+    fns = {
+        "f32": (f32, (variables, *args)),
+        "f32 reordered": (f32r, (variables, *args)),
+        "w8a8 as written": (wq, (qvars, *args)),
+        "w8a8 reordered": (wqr, (qvars, *args)),
+        "w8a8 + int8 attention": (w8, (qvars, *args)),
+    }
+    outs = {
+        "f32": y32,
+        "f32 reordered": y32r,
+        "w8a8 as written": yq,
+        "w8a8 reordered": yqr,
+        "w8a8 + int8 attention": y8,
+    }
+    twins = {"f32 reordered": y32, "w8a8 reordered": yq, "w8a8 + int8 attention": yq}
+    diffs = {k: (diff(y, y32), diff(y, twins[k]) if k in twins else None) for k, y in outs.items()}
+    return fns, diffs
+
+
+def _print(res: dict, diffs: dict, base: str = "f32") -> None:
+    bw, bc = res[base]
+    print(
+        f"  {'variant':24s} {'wall ms':>9s} {'/ f32':>6s} {'cpu ms':>9s} {'/ f32':>6s}"
+        f"  {'max|d| f32':>10s}  {'max|d| as written':>17s}"
+    )
+    for k, (w, c) in res.items():
+        d32, dtw = diffs[k]
+        d = f"{d32:10.2e}  {dtw:17.2e}" if dtw is not None else f"{d32:10.2e}"
+        print(f"  {k:24s} {1e3 * w:9.1f} {w / bw:6.2f} {1e3 * c:9.1f} {c / bc:6.2f}  {d}")
+
+
+def _lengths(batch: int, tokens: int) -> np.ndarray:
+    return np.linspace(tokens // 4, tokens, batch).astype(np.int32)
+
+
+def _attention(q, k, v, bias):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(q.shape[-1])) + bias
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def part_bare(batch: int, tokens: int, reps: int) -> None:
+    r = np.random.default_rng(2)
+    valid = np.arange(tokens)[None] < _lengths(batch, tokens)[:, None]
+    bias = jnp.asarray(np.where(valid, 0.0, np.finfo(np.float32).min)[:, None, None, :])
+    for heads, hd in ((12, 64), (12, 32), (6, 64)):
+        q, k, v = (
+            jnp.asarray(r.standard_normal((batch, tokens, heads, hd)), jnp.float32)
+            for _ in range(3)
+        )
+        args = (q, k, v, bias)
+        f32, y32 = _compiled(_attention, args)
+        f32r, y32r = _compiled(jqx.quantized(_attention), args)
+        i8, y8 = _compiled(jqx.quantized(_attention, activation_matmuls="int8"), args)
+        print(
+            f"\n== einsum, jax.nn.softmax, einsum alone: batch {batch} x {tokens} tokens, "
+            f"{heads} heads x {hd}, additive padding mask"
+        )
+        fns = {"f32": (f32, args), "f32 reordered": (f32r, args), "int8 attention": (i8, args)}
+        d = {"f32": (0.0, None), "f32 reordered": None, "int8 attention": None}
+        d["f32 reordered"] = (float(jnp.max(jnp.abs(y32r - y32))), None)
+        d["int8 attention"] = (float(jnp.max(jnp.abs(y8 - y32))), None)
+        _print(_round_robin(fns, reps), d)
+
+
+def _masked(m: nn.Module, variables, x, mask):
+    return m.apply(variables, x, mask=mask)
+
+
+def part_block(batch: int, tokens: int, reps: int) -> None:
+    r = np.random.default_rng(0)
+    valid = (np.arange(tokens)[None] < _lengths(batch, tokens)[:, None]).astype(np.float32)
+    mask = nn.make_attention_mask(jnp.ones((batch, tokens)), jnp.asarray(valid))
+    for heads, hd in ((12, 64), (12, 32), (6, 64)):
+        width = heads * hd
+        m = nn.MultiHeadDotProductAttention(
+            num_heads=heads, qkv_features=width, out_features=width, deterministic=True
+        )
+        x = jnp.asarray(r.standard_normal((batch, tokens, width)), jnp.float32)
+        variables = m.init(jax.random.key(0), x[:1], mask=mask[:1])
+        print(
+            f"\n== flax.linen MultiHeadDotProductAttention, batch {batch} x {tokens} tokens, "
+            f"{heads} heads x {hd} (width {width}), padding mask"
+        )
+        fns, diffs = _variants(functools.partial(_masked, m), variables, (x, mask))
+        _print(_round_robin(fns, reps), diffs)
+
+
+def part_model(batch: int, tokens: int, reps: int) -> None:
+    try:
+        from jqx_demo import bert, minilm
+    except ImportError as e:
+        print(f"\n== model: skipped, jqx_demo.bert is not importable ({e})")
+        return
+    enc = minilm.load_default()
+    r = np.random.default_rng(1)
+    lengths = _lengths(batch, tokens)
+    ids = r.integers(1000, enc.config.vocab_size, (batch, tokens)).astype(np.int32)
+    attn = (np.arange(tokens)[None] < lengths[:, None]).astype(np.int32)
+    ids = jnp.asarray(np.where(attn > 0, ids, 0))
+    attn = jnp.asarray(attn)
+    for port in bert.PORTS:
+        e = bert.load_port(port, enc)
+        print(
+            f"\n== {e.name}: whole encoder, batch {batch} x {tokens} tokens "
+            f"(lengths {lengths.min()}..{lengths.max()})"
+        )
+        fns, diffs = _variants(e.module.apply, e.variables, (ids, attn))
+        _print(_round_robin(fns, reps), diffs)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("all", "bare", "block", "model"), default="all")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args(argv)
+    print_stamp()
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    if a.part in ("all", "bare"):
+        part_bare(a.batch, a.tokens, a.repeats)
+    if a.part in ("all", "block"):
+        part_block(a.batch, a.tokens, a.repeats)
+    if a.part in ("all", "model"):
+        part_model(a.batch, a.tokens, a.repeats)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

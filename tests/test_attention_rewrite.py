@@ -1,0 +1,252 @@
+"""jqx.quantized computes softmax-then-matmul attention as ``(exp(s - max) @ v) / sum``
+where that is valid (jax.nn.softmax + einsum, flax.linen attention, masked or not),
+leaves it as written where it is not (probabilities reused, dropout or a mask after the
+softmax), and stays within the stated bound of a float64 reference
+(docs/guide/run.md#attention)."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jqx
+
+B, T, H, D = 2, 16, 4, 8
+U = 2.0**-24  # float32 unit roundoff
+REORDER = {"platform": "cpu", "softmax_reorder": None}  # the measured choice on CPU
+AS_WRITTEN = {"softmax_reorder": False}
+
+
+def _qkv(seed=0, scale=1.0):
+    r = np.random.default_rng(seed)
+    return tuple(
+        jnp.asarray(scale * r.standard_normal((B, T, H, D)), jnp.float32) for _ in range(3)
+    )
+
+
+def _attention(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _normalised(fn, *args, shape=(B, H, T, T), **kw) -> int:
+    """How many divisions produce a whole probability tensor of ``shape`` in the jaxpr
+    of ``jqx.quantized(fn)``: 1 per attention as written, 0 once rewritten."""
+    text = str(jax.make_jaxpr(jqx.quantized(fn))(*args, **kw))
+    return len(re.findall(rf"f32\[{','.join(map(str, shape))}\] = div ", text))
+
+
+def _run(fn, *args, policy, shape=(B, H, T, T), **kw):
+    with jqx.ops.policy(**policy):
+        y = jax.jit(jqx.quantized(fn))(*args, **kw)
+        return y, _normalised(fn, *args, shape=shape, **kw)
+
+
+def _bound(q, k, v, scale=1.0):
+    """|y - y64| for softmax(scale q k^T) v in float32, either order: the rounding of
+    the K-term row sum and dot and of the division ((2K + 8) u max|v|, the 8 covering
+    exp's and the max subtraction's rounding), plus the scores' rounding (d u sum|q k|)
+    carried through exp to p and so to y (twice that, relative, times max|v|)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s_abs = scale * np.einsum("bqhd,bkhd->bhqk", np.abs(q), np.abs(k))
+    vmax = np.max(np.abs(v))
+    return ((2 * T + 8) * U + 2 * 2 * D * U * np.max(s_abs)) * vmax
+
+
+def _ref64(q, k, v, scale=1.0):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = scale * np.einsum("bqhd,bkhd->bhqk", q, k)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0], ids=["scores~1", "scores~16"])
+def test_softmax_einsum_is_rewritten_within_the_bound(scale):
+    q, k, v = _qkv(0, scale)
+    y, n = _run(_attention, q, k, v, policy=REORDER)
+    y0, n0 = _run(_attention, q, k, v, policy=AS_WRITTEN)
+    assert (n, n0) == (0, 1)
+    ref, bound = _ref64(q, k, v), _bound(q, k, v)
+    err, err0 = np.max(np.abs(y - ref)), np.max(np.abs(y0 - ref))
+    assert err <= bound and err0 <= bound, (err, err0, bound)
+    # The two orders share the scores and exp: they differ by the reordering's rounding.
+    reorder = 2 * (2 * T + 8) * U * float(jnp.max(jnp.abs(v)))
+    assert float(jnp.max(jnp.abs(y - y0))) <= reorder
+    # Switched off, it is the program as written, bit for bit.
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(jax.jit(_attention)(q, k, v)))
+
+
+def test_rewrite_is_the_measured_choice_on_cpu_only():
+    q, k, v = _qkv(1)
+    assert _run(_attention, q, k, v, policy={"platform": "cpu"})[1] == 0
+    # Not measured elsewhere: as written (traced only; nothing runs on the named platform).
+    with jqx.ops.policy(platform="cuda"):
+        assert _normalised(_attention, q, k, v) == 1
+    with jqx.ops.policy(platform="cuda", softmax_reorder=True):
+        assert _normalised(_attention, q, k, v) == 0
+
+
+LAYOUTS = {
+    # p as the dot's lhs, output (b, h, q, d)
+    "p lhs": (lambda s, v: jnp.einsum("bhqk,bkhd->bhqd", jax.nn.softmax(s, -1), v), (B, H, T, T)),
+    # normalised over the queries, contracting them
+    "axis 2": (lambda s, v: jnp.einsum("bhqk,bqhd->bkhd", jax.nn.softmax(s, 2), v), (B, H, T, T)),
+    # one softmax over two axes, both contracted (with |tanh(s)| <= 1 <= max|v|)
+    "two axes": (
+        lambda s, v: jnp.einsum("bhqk,bhqk->bh", jax.nn.softmax(s, (2, 3)), jnp.tanh(s)),
+        (B, H, T, T),
+    ),
+    # no batch dims: a single head as (T, T) @ (T, D)
+    "2-D": (lambda s, v: jax.nn.softmax(s[0, 0], -1) @ v[0, :, 0], (T, T)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_other_layouts_are_rewritten(layout):
+    fn, shape = LAYOUTS[layout]
+    q, k, v = _qkv(7)
+
+    def f(q, k, v):
+        return fn(jnp.einsum("bqhd,bkhd->bhqk", q, k), v)
+
+    y, n = _run(f, q, k, v, policy=REORDER, shape=shape)
+    y0, n0 = _run(f, q, k, v, policy=AS_WRITTEN, shape=shape)
+    assert (n, n0) == (0, 1)
+    terms = T * T if layout == "two axes" else T
+    reorder = 2 * (2 * terms + 8) * U * float(jnp.max(jnp.abs(v)))
+    assert float(jnp.max(jnp.abs(y - y0))) <= reorder
+
+
+def _p_returned(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
+
+
+def _p_summed(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v) + jnp.sum(p, axis=(1, 3))[:, :, None, None]
+
+
+def _mask_after(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    keep = jnp.tril(jnp.ones((T, T), bool))
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, p, 0.0), v)
+
+
+def _other_axis(q, k, v):
+    # Contracts the query axis: the row sums are not constant along it.
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bqhd->bkhd", p, v)
+
+
+def _two_uses(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v) + jnp.einsum("bhqk,bkhd->bqhd", p, q)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [_p_returned, _p_summed, _mask_after, _other_axis, _two_uses],
+    ids=["p returned", "p summed", "mask after softmax", "other axis", "p used twice"],
+)
+def test_not_rewritten_where_invalid(fn):
+    q, k, v = _qkv(2)
+    y, n = _run(fn, q, k, v, policy=REORDER)
+    assert n >= 1
+    ref = jax.jit(fn)(q, k, v)
+    for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_attention_inside_an_inner_jit_and_a_causal_mask():
+    q, k, v = _qkv(3)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+
+    @jax.jit
+    def attend(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        s = jnp.where(causal, s, -jnp.inf)  # masked before the softmax: still valid
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+    def fn(q, k, v):
+        return attend(q, k, v) * 2.0
+
+    y, n = _run(fn, q, k, v, policy=REORDER)
+    assert n == 0
+    qf, kf, vf = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bqhd,bkhd->bhqk", qf, kf)
+    s = np.where(np.asarray(causal), s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    ref = 2.0 * np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), vf)
+    assert np.max(np.abs(y - ref)) <= 2.0 * _bound(q, k, v)
+
+
+def _mha(dropout=0.0, deterministic=True):
+    return nn.MultiHeadDotProductAttention(
+        num_heads=H, qkv_features=H * D, dropout_rate=dropout, deterministic=deterministic
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "padding mask"])
+def test_flax_linen_attention_is_rewritten_within_the_bound(masked):
+    m = _mha()
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, H * D)), jnp.float32)
+    variables = m.init(jax.random.key(0), x)
+    qv = jqx.quantize(variables, jqx.int8_weight_only())
+    lengths = jnp.array([[T // 2], [T]])
+    valid = (jnp.arange(T)[None] < lengths).astype(jnp.float32)
+    mask = nn.make_attention_mask(jnp.ones((B, T)), valid)
+    kw = {"mask": mask} if masked else {}
+    y, n = _run(m.apply, qv, x, policy=REORDER, **kw)
+    y0, n0 = _run(m.apply, qv, x, policy=AS_WRITTEN, **kw)
+    assert (n, n0) == (0, 1)
+    # Only the attention differs between the two; its per-row error bound (at most
+    # _bound's reorder part for each) reaches the output through |W_out|.
+    wo = np.abs(np.asarray(qv["params"]["out"]["kernel"].dequantize(), np.float64))
+    col = wo.reshape(H * D, -1).sum(0)
+    _, _, vproj = jax.jit(
+        lambda p, x: [
+            jnp.einsum("btf,fhd->bthd", x, p[n]["kernel"].dequantize()) + p[n]["bias"]
+            for n in ("query", "key", "value")
+        ]
+    )(qv["params"], x)
+    per_ctx = 2 * (2 * T + 8) * U * float(jnp.max(jnp.abs(vproj)))
+    assert np.all(np.abs(np.asarray(y) - np.asarray(y0)) <= per_ctx * col * 1.01 + 1e-7)
+    # And both stay close to the float model run on the dequantized weights.
+    with jax.default_matmul_precision("highest"):
+        ref = m.apply(jqx.dequantize(qv), x, **kw)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_flax_linen_attention_w8a8_and_dropout():
+    m = _mha()
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((B, T, H * D)), jnp.float32)
+    variables = m.init(jax.random.key(0), x)
+    qv = jqx.quantize(variables, jqx.int8_dynamic_activation_int8_weight())
+    y, n = _run(m.apply, qv, x, policy=REORDER)
+    assert n == 0
+    with jax.default_matmul_precision("highest"):
+        ref = m.apply(jqx.dequantize(qv), x)
+    err = float(jnp.max(jnp.abs(y - ref)))
+    assert err <= 0.05 * (1.0 + float(jnp.max(jnp.abs(ref)))), err
+    # Dropout at training time scales p after the softmax: the rewrite must not apply.
+    md = _mha(dropout=0.5, deterministic=None)
+    rngs = {"dropout": jax.random.key(1)}
+    fn = lambda v, x: md.apply(v, x, deterministic=False, rngs=rngs)  # noqa: E731
+    assert _run(fn, variables, x, policy=REORDER)[1] == 1
+    # Deterministic (inference) mode with a dropout rate set: no dropout, rewritten.
+    infer = lambda v, x: md.apply(v, x, deterministic=True)  # noqa: E731
+    assert _run(infer, variables, x, policy=REORDER)[1] == 0
+
+
+def test_activation_matmuls_quantize_p_as_written():
+    """activation_matmuls="int8" quantizes the normalised probabilities, as before."""
+    q, k, v = _qkv(6)
+    with jqx.ops.policy(**REORDER):
+        y = jax.jit(jqx.quantized(_attention, activation_matmuls="int8"))(q, k, v)
+    with jqx.ops.policy(**AS_WRITTEN):
+        y0 = jax.jit(jqx.quantized(_attention, activation_matmuls="int8"))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
