@@ -67,6 +67,50 @@ def recipes():
     ]
 
 
+_scores = None
+
+
+def evaluate_windows(m, windows, ref_logits) -> tuple[float, float]:
+    """``(perplexity, mean KL from the reference)`` of LLM ``m`` over token ``windows``
+    (each scored from its own start), given the reference model's logits per window."""
+    global _scores
+    import jax
+    import jax.numpy as jnp
+
+    if _scores is None:
+
+        @jax.jit
+        def _scores(logits, ref_logits, tgt):
+            lp = jax.nn.log_softmax(logits[:-1], -1)
+            lr = jax.nn.log_softmax(ref_logits[:-1], -1)
+            nll = -jnp.take_along_axis(lp, tgt[:, None], -1).sum()
+            kl = jnp.sum(jnp.exp(lr) * (lr - lp), -1).mean()
+            return nll, kl
+
+    nll, kls = 0.0, []
+    for w, rl in zip(windows, ref_logits, strict=True):
+        a, k = _scores(m.logits(w), rl, jnp.asarray(w[1:]))
+        nll += float(a)
+        kls.append(float(k))
+    return math.exp(nll / sum(len(w) - 1 for w in windows)), float(np.mean(kls))
+
+
+def weight_bytes(m) -> int:
+    """Bytes of LLM ``m``'s matmul weights (QArrays by their packed ``nbytes``; the tied
+    embedding and the norms are left out)."""
+    import jax
+
+    import jqx
+
+    leaves = jax.tree_util.tree_leaves_with_path(m.params, is_leaf=jqx.is_qarray)
+    total = 0
+    for p, x in leaves:
+        if jqx.path_str(p) == "embed" or getattr(x, "ndim", 0) != 2:
+            continue
+        total += x.nbytes if jqx.is_qarray(x) else int(x.size) * x.dtype.itemsize
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=4, help="512-token evaluation windows")
@@ -84,9 +128,6 @@ def main() -> None:
     args = ap.parse_args()
     print_stamp()
 
-    import jax
-    import jax.numpy as jnp
-
     import jqx
     from jqx_demo.shakespeare import plays
 
@@ -99,32 +140,10 @@ def main() -> None:
     ref = llm.dequantize()
     windows = [np.asarray(ids[w * 512 : (w + 1) * 512], np.int32) for w in range(args.windows)]
 
-    @jax.jit
-    def scores(logits, ref_logits, tgt):
-        lp = jax.nn.log_softmax(logits[:-1], -1)
-        lr = jax.nn.log_softmax(ref_logits[:-1], -1)
-        nll = -jnp.take_along_axis(lp, tgt[:, None], -1).sum()
-        kl = jnp.sum(jnp.exp(lr) * (lr - lp), -1).mean()
-        return nll, kl
-
     ref_logits = [ref.logits(w) for w in windows]
 
     def evaluate(m):
-        nll, kls = 0.0, []
-        for w, rl in zip(windows, ref_logits, strict=True):
-            a, k = scores(m.logits(w), rl, jnp.asarray(w[1:]))
-            nll += float(a)
-            kls.append(float(k))
-        return math.exp(nll / (len(windows) * 511)), float(np.mean(kls))
-
-    def weight_bytes(m):
-        leaves = jax.tree_util.tree_leaves_with_path(m.params, is_leaf=jqx.is_qarray)
-        total = 0
-        for p, x in leaves:
-            if jqx.path_str(p) == "embed" or getattr(x, "ndim", 0) != 2:
-                continue
-            total += x.nbytes if jqx.is_qarray(x) else int(x.size) * x.dtype.itemsize
-        return total
+        return evaluate_windows(m, windows, ref_logits)
 
     def decode_tps(m):
         best = 0.0

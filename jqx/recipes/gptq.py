@@ -38,6 +38,20 @@ act_order with groups (``group_layout``, which matters only for
 With ``static_groups=True`` the full order is used and every row keeps the
 scale of its original group (AutoGPTQ's ``static_groups``): no ``g_idx``.
 
+Microscaling grids (``mx=``, :mod:`jqx.recipes.mx`): GPTQ over MXFP4, MXFP6, MXFP8,
+MXINT8 or NVFP4 elements. The groups are the format's blocks along K (32 rows; 16 for
+NVFP4), and a block's scale is the format's own rule (:mod:`jqx.core.mx`: an E8M0 power
+of two from the block's amax with the recipe's ``scale_mode``; for NVFP4 an E4M3 scale
+under the per-tensor float32 scale, which is fixed up front from ``max |W|``). With
+dynamic groups (the default) the scale is taken from the error-updated weights of the
+block when its first row is reached; ``static_groups=True`` takes every block's scale
+from the original ``W``. Each row is then rounded onto the element grid with its block's
+scale and its error flows on as usual. The result is the QArray
+:func:`jqx.core.mx.quantize_mx` / :func:`~jqx.core.mx.quantize_nvfp4` return (blocks
+``(32, 1)``), so every MX consumer runs it. An MX QArray has no ``g_idx``: with
+``act_order`` and dynamic groups the blocks stay contiguous (``group_layout`` is not
+consulted; the ``"contiguous"`` order above).
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (256, 64))
@@ -57,6 +71,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jqx.core import formats as _formats
+from jqx.core import mx as _mx
 from jqx.core.numerics import (
     check_finite,
     check_group_divides,
@@ -64,9 +80,10 @@ from jqx.core.numerics import (
     encode_int,
     make_qarray,
 )
-from jqx.core.qarray import QArray
+from jqx.core.qarray import ActSpec, QArray
 from jqx.recipes import grid as _grid
 from jqx.recipes.base import Recipe, build
+from jqx.recipes.mx import MX
 
 __all__ = ["GPTQ", "gptq", "gptq_quantize", "gptq_hessian"]
 
@@ -97,9 +114,12 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
     static_groups: bool = False
     clip_search: bool = False
     group_layout: str = "g_idx"
+    mx: MX | None = None
 
     def __post_init__(self):
         _grid.int_grid(self.bits, self.sym, who="gptq")
+        if self.mx is not None:
+            self._check_mx()
         if self.group_layout not in ("g_idx", "contiguous"):
             raise ValueError(
                 f"gptq: group_layout={self.group_layout!r} is not supported; use 'g_idx' (the "
@@ -128,14 +148,65 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"gptq: clip_search={self.clip_search!r} must be True or False.")
 
+    def _check_mx(self) -> None:
+        m = self.mx
+        if not isinstance(m, MX):
+            raise ValueError(
+                f"gptq: mx={m!r} must be an MX recipe, e.g. mx=jqx.mxfp4_weight_only() or "
+                "jqx.nvfp4_weight_only(), or None for an integer grid."
+            )
+        if m.axis not in (-2, 0):
+            raise ValueError(
+                f"gptq: mx has axis={m.axis}; GPTQ quantizes (K, N) kernels whose blocks run "
+                "along K (axis -2). Use the MX recipe's default axis=-2."
+            )
+        if self.group_size not in (128, m.block_size):
+            raise ValueError(
+                f"gptq: group_size={self.group_size} with mx={m.name}: the MX block "
+                f"({m.block_size} rows) is the group; drop group_size."
+            )
+        if self.bits != 4:
+            raise ValueError(
+                f"gptq: bits={self.bits} with mx={m.name}: the element format "
+                f"({m.element}) sets the width; drop bits."
+            )
+        if self.clip_search:
+            raise ValueError(
+                "gptq: clip_search=True searches integer ranges and is not supported with mx= "
+                "(MX block scales follow the format's rule; choose it with the MX recipe's "
+                "scale_mode). Drop clip_search."
+            )
+
+    @property
+    def grid(self) -> _grid.IntGrid | _BlockGrid:
+        """The code grid: integer (``bits``, ``sym``) or the MX recipe's block format."""
+        if self.mx is None:
+            return _grid.int_grid(self.bits, self.sym)
+        return _BlockGrid(self.mx.element, self.mx.layout, self.mx.scale_mode)
+
+    @property
+    def scheme(self) -> str:
+        return "absmax" if self.mx is not None or self.sym else "zero_point"
+
+    @property
+    def act(self) -> ActSpec | None:
+        """The MX recipe's activation spec (W4A4 / W8A8 MX); None for integer grids."""
+        return None if self.mx is None else self.mx.act
+
     @property
     def name(self) -> str:
         flags = (", act_order" if self.act_order else "") + (
             ", clip_search" if self.clip_search else ""
         )
+        if self.mx is not None:
+            return f"gptq({self.mx.name}{flags}{', static_groups' * self.static_groups})"
         if self.act_order and self.group_layout != "g_idx":
             flags += f", group_layout={self.group_layout}"
         return f"gptq(bits={self.bits}, group_size={self.group_size}{flags})"
+
+    def for_embedding(self) -> Recipe:
+        """Round to nearest for an embedding table (the MX recipe's own rows with ``mx``)."""
+        return super().for_embedding() if self.mx is None else self.mx.for_embedding()
 
     @property
     def needs_calibration(self) -> bool:
@@ -181,6 +252,11 @@ def gptq(**kw) -> GPTQ:
         the reference's groups in activation order; the QArray carries ``g_idx``)
         or ``"contiguous"`` (groups of consecutive input rows; no layout
         extension). See the module docstring.
+      mx: an MX recipe (``jqx.mxfp4_weight_only()``, ``jqx.mxfp8_weight_only()``,
+        ``jqx.mx_weight_only("fp6_e2m3")``, ``jqx.mx_weight_only("int8")``,
+        ``jqx.nvfp4_weight_only()``, or with MX activations): GPTQ over that block
+        format instead of an integer grid (module docstring); ``bits``,
+        ``group_size``, ``sym`` and ``clip_search`` then do not apply. Default None.
 
     Returns:
       A :class:`GPTQ` recipe (apply it with ``jqx.calibrate``).
@@ -190,6 +266,8 @@ def gptq(**kw) -> GPTQ:
         >>> r = jqx.gptq(bits=4, group_size=128)
         >>> r.needs_calibration, r.stats_needed, r.format
         (True, ('xtx',), 'uint4')
+        >>> jqx.gptq(mx=jqx.mxfp4_weight_only()).name
+        'gptq(mx(fp4_e2m1, scale_mode=floor))'
     """
     return build(GPTQ, "gptq", kw)
 
@@ -199,6 +277,65 @@ def gptq_hessian(xtx: jax.Array, n: int) -> jax.Array:
     if n <= 0:
         raise ValueError(f"gptq: n={n} calibration rows; give at least one batch.")
     return 2.0 * jnp.asarray(xtx, jnp.float32) / float(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockGrid:
+    """A microscaling element grid (static, hashable): ``layout`` "mx" (E8M0 block
+    scales with ``scale_mode``) or "nvfp4" (E4M3 block scales under a per-tensor scale).
+    In the GPTQ loop a block's scale is carried as float32: the E8M0 byte, or the
+    E4M3 value."""
+
+    element: str
+    layout: str
+    scale_mode: str
+    sym = True  # no zero points
+
+    @property
+    def format(self) -> str:
+        return self.element
+
+
+def _quantizer(grid, clip_search, gs=None):
+    """``(params, quant)`` of a grid: ``params(wg, axis)`` is a group's ``(scale, zero)``
+    (keepdims; zero None without zero points) and ``quant(w, s, z)`` a row's
+    ``(codes as float32, dequantized values)``. ``gs``: NVFP4's per-tensor scale."""
+    if isinstance(grid, _grid.IntGrid):
+        params = _grid.search_group_params if clip_search else _grid.group_params
+
+        def quant(wr, s, z):
+            q = encode_int(wr, s, z, qmin=grid.qmin, qmax=grid.qmax)
+            return q, _grid.dequant(q, s, z)
+
+        return functools.partial(params, grid=grid), quant
+    f = _formats.get(grid.element)
+
+    def amax(wg, axis):
+        return jnp.max(jnp.abs(wg.astype(jnp.float32)), axis=axis, keepdims=True)
+
+    if grid.layout == "mx":
+
+        def params(wg, axis=0):
+            return _mx.mx_scale_bits(amax(wg, axis), f, grid.scale_mode).astype(jnp.float32), None
+
+        def quant(wr, s, z):
+            sb = s.astype(jnp.uint8)
+            c = _mx.encode_mx(wr[:, None], sb, f)[:, 0]
+            return c.astype(jnp.float32), _formats.decode(c, f) * _mx.e8m0_to_float(sb)
+
+        return params, quant
+    # The reciprocal of the per-tensor scale as the QArray stores it (super_scale);
+    # the barrier keeps XLA from rewriting the division.
+    inv = 1.0 / lax.optimization_barrier(gs)
+
+    def params(wg, axis=0):
+        return _mx.nvfp4_block_scale(amax(wg, axis), gs).astype(jnp.float32), None
+
+    def quant(wr, s, z):
+        c = _mx.encode_nvfp4(wr[:, None], s, gs)[:, 0]
+        return c.astype(jnp.float32), _formats.decode(c, f) * (s * inv)
+
+    return params, quant
 
 
 def _perm(diag_h, k, g, act_order, static_groups, contiguous=True):
@@ -246,19 +383,23 @@ def _gptq_full(
     hp = h[perm][:, perm]
     u = _upper_inverse_factor(hp)
     ok = jnp.all(jnp.isfinite(u))
+    gs = None
+    if getattr(grid, "layout", None) == "nvfp4":
+        # NVFP4's per-tensor scale, fixed up front (quantize_nvfp4's rule on W).
+        gs = _mx.nvfp4_global_scale(jnp.max(jnp.abs(w)))
     # The factor is of the permuted H; _gptq_core_perm permutes w itself.
-    codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups, clip_search)
-    return codes, srow, zrow, ok, perm
+    codes, srow, zrow = _gptq_core_perm(w, u, perm, grid, g, bsz, static_groups, clip_search, gs)
+    return codes, srow, zrow, ok, perm, gs
 
 
-def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=False):
+def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=False, gs=None):
     k, n = w.shape
-    group_params = _grid.search_group_params if clip_search else _grid.group_params
+    group_params, quant = _quantizer(grid, clip_search, gs)
     invperm = jnp.argsort(perm)
     dynamic = g < k and not static_groups
     wp = w[perm]
     if not dynamic:
-        s0, z0 = group_params(w.reshape(k // g, g, n), grid, axis=1)
+        s0, z0 = group_params(w.reshape(k // g, g, n), axis=1)
         srow = jnp.repeat(s0[:, 0], g, axis=0)[perm]
         zrow = None if z0 is None else jnp.repeat(z0[:, 0], g, axis=0)[perm]
     nblk = -(-k // bsz)
@@ -285,7 +426,7 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=Fals
                 # updated so far (the group lies inside this block: bsz % g == 0).
                 def fresh(_):
                     wg = lax.dynamic_slice_in_dim(w1, i, g, 0)
-                    s, z = group_params(wg, grid, axis=0)
+                    s, z = group_params(wg, axis=0)
                     return s[0], (jnp.zeros_like(s[0]) if z is None else z[0])
 
                 s_cur, z_cur = lax.cond(gi % g == 0, fresh, lambda _: (s_cur, z_cur), None)
@@ -294,8 +435,8 @@ def _gptq_core_perm(w, up_k, perm, grid, g, bsz, static_groups, clip_search=Fals
                 s = lax.dynamic_index_in_dim(srow, gi, 0, keepdims=False)
                 z = None if zrow is None else lax.dynamic_index_in_dim(zrow, gi, 0, keepdims=False)
             wr = w1[i]
-            q = encode_int(wr, s, z, qmin=grid.qmin, qmax=grid.qmax)
-            e = (wr - _grid.dequant(q, s, z)) / u1[i, i]
+            q, wq = quant(wr, s, z)
+            e = (wr - wq) / u1[i, i]
             # u1 is upper triangular, so rows before i are left alone.
             w1 = w1 - jnp.outer(u1[i], e)
             err1 = err1.at[i].set(e)
@@ -367,13 +508,20 @@ def gptq_quantize(
       A group-wise QArray (block ``(group_size, 1)``; per-channel for
       ``group_size=None``), format int4/uint4 (2-4 bits) or int8/uint8; with
       ``act_order`` and ``group_layout="g_idx"`` (dynamic groups) it carries
-      ``g_idx``, the group of each input row.
+      ``g_idx``, the group of each input row. With ``recipe.mx`` the QArray of
+      :func:`jqx.core.mx.quantize_mx` (E8M0 scales, blocks ``(32, 1)``) or
+      :func:`jqx.core.mx.quantize_nvfp4` (E4M3 scales, blocks ``(16, 1)``, a float32
+      ``super_scale``).
 
     Example:
         >>> import jax.numpy as jnp
         >>> q = gptq_quantize(jnp.ones((8, 4)), jnp.eye(8), GPTQ(group_size=4))
         >>> float(abs(q.dequantize() - 1.0).max())
         0.0
+        >>> from jqx.recipes.mx import mxfp4_weight_only
+        >>> q = gptq_quantize(jnp.ones((64, 4)), jnp.eye(64), GPTQ(mx=mxfp4_weight_only()))
+        >>> q.format, q.block, q.scale.dtype.name, float(abs(q.dequantize() - 1.0).max())
+        ('fp4_e2m1', (32, 1), 'float8_e8m0fnu', 0.0)
     """
     if not isinstance(recipe, GPTQ):
         raise TypeError(
@@ -393,13 +541,28 @@ def gptq_quantize(
     if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
         raise ValueError("gptq: the Hessian contains NaN or Inf; check the calibration data.")
     grid = recipe.grid
-    g = check_group_divides(recipe.group_size, k, axis=0, path=path, who="gptq")
+    if recipe.mx is not None:
+        g = recipe.mx.block_size
+        if k % g:
+            where = f" of {path}" if path else ""
+            raise ValueError(
+                f"gptq: axis 0 (K){where} has size {k}, not a multiple of the {recipe.mx.name} "
+                f"block {g}; the blocks run along K. Pad K to a multiple of {g}, or exclude "
+                "this leaf with a rule mapping its path to None."
+            )
+    else:
+        g = check_group_divides(recipe.group_size, k, axis=0, path=path, who="gptq")
     dynamic = g < k and not recipe.static_groups
     bsz = min(recipe.block_size, k)
     if dynamic and bsz % g:
         bsz = g  # groups must start inside a block to see their updated weights
-    gidx_form = bool(recipe.act_order) and dynamic and recipe.group_layout == "g_idx"
-    codes, srow, zrow, ok, perm = _gptq_full(
+    gidx_form = (
+        bool(recipe.act_order)
+        and dynamic
+        and recipe.group_layout == "g_idx"
+        and recipe.mx is None  # an MX QArray has no g_idx: its blocks stay contiguous
+    )
+    codes, srow, zrow, ok, perm, gs = _gptq_full(
         w,
         h,
         grid,
@@ -417,6 +580,8 @@ def gptq_quantize(
             f"dampening (damp={recipe.damp}); it is singular or ill-conditioned. Increase damp "
             "(e.g. 0.1) or give more, more varied calibration rows."
         )
+    if recipe.mx is not None:
+        return _block_qarray(codes, srow[::g], gs, recipe.mx, w, act)
     g_idx = None
     if gidx_form:
         # Group j is rows perm[j*g : (j+1)*g]; its scale was set at its first row.
@@ -436,4 +601,36 @@ def gptq_quantize(
         block=(g, 1),
         act=act,
         g_idx=g_idx,
+    )
+
+
+def _block_qarray(codes, scale, gs, mx: MX, w, act) -> QArray:
+    """The QArray quantize_mx / quantize_nvfp4 build, from GPTQ's codes (float32) and
+    block scales (float32 E8M0 bytes or E4M3 values)."""
+    f = _formats.get(mx.element)
+    codes = codes.astype(f.dtype)
+    block = (mx.block_size, 1)
+    if mx.layout == "nvfp4":
+        inv = 1.0 / lax.optimization_barrier(gs)
+        return make_qarray(
+            codes,
+            scale.astype(jnp.float8_e4m3fn),
+            fmt=f,
+            shape=w.shape,
+            dtype=w.dtype,
+            block=block,
+            act=act,
+            super_scale=inv,
+            super_block=tuple(w.shape),
+        )
+    sbits = lax.bitcast_convert_type(scale.astype(jnp.uint8), jnp.float8_e8m0fnu)
+    return make_qarray(
+        codes,
+        sbits,
+        fmt=f,
+        shape=w.shape,
+        dtype=w.dtype,
+        block=block,
+        act=act,
+        scale_dtype=jnp.float8_e8m0fnu,
     )
