@@ -482,7 +482,7 @@ def test_fp4_llama_checkpoint_loads_with_load_llm_exchange(tmp_path, tiny_tokeni
 
 
 def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
-    """SmolLM2 (its first two blocks, to stay fast) with every linear weight quantized by
+    """SmolLM2 (its first block, to stay fast) with every linear weight quantized by
     jqx into GPTQ's layout (uint4, groups of 32 along the inputs, one layer with a g_idx)
     exports to a GPTQ directory with Hugging Face names, loads back through the name
     mapping and generates the same tokens as the tree it was exported from."""
@@ -498,7 +498,7 @@ def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
     full = LlamaConfig.from_gguf_metadata(f.metadata, tied=True)
     import dataclasses
 
-    config = dataclasses.replace(full, n_layers=2)
+    config = dataclasses.replace(full, n_layers=1)
     names = runtime._names(config)
     rng = np.random.default_rng(0)
     tensors = {}
@@ -513,7 +513,7 @@ def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
                 granularity=jqx.per_group(32, axis=1),
                 scale_dtype=jnp.float16,
             )
-            if name == "blk.1.ffn_down.weight":  # a desc_act layer: groups gather any rows
+            if name == "blk.0.ffn_down.weight":  # a desc_act layer: groups gather any rows
                 k = v.shape[1]
                 v = v.replace(g_idx=jnp.asarray(rng.permutation(np.arange(k) // 32), jnp.int32))
         tensors[name] = v
@@ -530,11 +530,11 @@ def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
         "tie_word_embeddings": True,
     }
     tree = ex.llama_from_gguf(tensors, config.n_heads, config.n_kv_heads)
-    assert "model.layers.1.self_attn.q_proj.weight" in tree
+    assert "model.layers.0.self_attn.q_proj.weight" in tree
     ex.save(tree, tmp_path, "gptq", bits=4, config=hf)
     tok = jqx.llm.Tokenizer.from_gguf_metadata(f.metadata)
     back = runtime.load_llm_exchange(tmp_path, tok)
-    assert back.model.blocks[1].mlp.w_down[...].extensions == ("g_idx",)
+    assert back.model.blocks[0].mlp.w_down[...].extensions == ("g_idx",)
 
     model = nnx.eval_shape(lambda: jqx.llm.Llama(config, rngs=nnx.Rngs(0)))
     for attr, name in names.items():

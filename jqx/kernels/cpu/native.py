@@ -227,6 +227,22 @@ def _build(lib: _Library) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
+    # One build per library across processes (pytest -n workers, parallel jobs start
+    # at once): the others wait here and then find it built.
+    with open(cache / f".{out.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: concurrent builds stay correct (atomic rename)
+            pass
+        if out.exists():
+            return out
+        _compile(cxx, lib, include, cache, out)
+    return out
+
+
+def _compile(cxx: str, lib: _Library, include: str, cache: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
@@ -242,7 +258,6 @@ def _build(lib: _Library) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 # The process's one thread pool (pool.h): (abi, pointer, pid) of the first library
