@@ -691,3 +691,33 @@ def test_per_block_int8_activations_on_gguf_layouts(tmp_path):
         jqx.ops.dot_general(jnp.ones((2, 64)), plain, (((1,), (0,)), ((), ())))
     with pytest.raises(ValueError, match="per_block' is dynamic int8 only"):
         ActSpec(kind="static", format="int8", granularity="per_block")
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [jqx.int8_dynamic_activation_int8_weight(), jqx.int8_weight_only(), jqx.fp8_weight_only()],
+    ids=lambda r: r.name,
+)
+def test_attention_kernels_run_as_2d_products(recipe):
+    """(in, heads, head_dim) and (heads, head_dim, out) kernels run through the 2-D
+    implementations on reshaped codes and scales: the same result as the 2-D kernel."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 16, 64)), jnp.float32)
+    for shape, path, dn, xs in (
+        ((64, 4, 16), "attn/query/kernel", (((2,), (0,)), ((), ())), x),
+        ((4, 16, 64), "attn/out/kernel", (((2, 3), (0, 1)), ((), ())), x.reshape(4, 16, 4, 16)),
+    ):
+        w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        q = recipe.quantize_weight(w, path=path)
+        n = len(dn[0][1])
+        k, m = int(np.prod(shape[:n])), int(np.prod(shape[n:]))
+        x2 = xs.reshape(*xs.shape[: xs.ndim - n], k)
+        q2 = recipe.quantize_weight(w.reshape(k, m), path="Dense_0/kernel")
+        dn2 = (((x2.ndim - 1,), (0,)), ((), ()))
+        assert jqx.ops.explain(xs, q, dn) == jqx.ops.explain(x2, q2, dn2)
+        y = jax.jit(lambda a, b, dn=dn: jqx.ops.dot_general(a, b, dn))(xs, q)
+        y2 = jax.jit(lambda a, b, dn=dn2: jqx.ops.dot_general(a, b, dn))(x2, q2)
+        np.testing.assert_array_equal(np.asarray(y).reshape(y2.shape), np.asarray(y2))
+        ref = jax.lax.dot_general(xs, q.dequantize(), dn)
+        bound = 0.03 * float(jnp.abs(ref).max())
+        assert y.shape == ref.shape and float(jnp.abs(y - ref).max()) <= bound

@@ -177,3 +177,17 @@ def test_granularity_override():
     r = jqx.int8_weight_only(granularity=jqx.per_block((32, 8)))
     q = r.quantize_weight(W)
     assert q.block == (32, 8) and q.scale.shape == (4, 2)
+
+
+def test_attention_kernels_get_scales_per_output_head_feature():
+    """Flax attention projections (in, heads, head_dim) and (heads, head_dim, out): scales
+    are constant along the contracted axes (so an integer matmul can factor them out)."""
+    qkv, out = (64, 4, 16), (4, 16, 64)
+    r = jqx.int8_dynamic_activation_int8_weight()
+    assert r.weight_granularity(qkv, "params/attn/query/kernel").block_shape == (64, 1, 1)
+    assert r.weight_granularity(out, "params/attn/out/kernel").block_shape == (4, 16, 1)
+    g = jqx.int4_weight_only(group_size=8)
+    assert g.weight_granularity(qkv, "attn/value/kernel").axes == (0,)
+    assert g.weight_granularity(out, "attn/out/kernel").axes == (1,)  # within a head
+    # Any other 3-D kernel keeps the 2-D rule (axis -2).
+    assert r.weight_granularity(qkv, "params/Dense_0/kernel").axes == (-2,)

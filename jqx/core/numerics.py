@@ -42,6 +42,7 @@ from jqx.core import formats as _formats
 from jqx.core.qarray import ActSpec, QArray, pack_4bit, pack_bits, pack_codes
 
 __all__ = [
+    "attention_kernel_contraction",
     "Granularity",
     "per_tensor",
     "per_channel",
@@ -326,6 +327,31 @@ def is_conv_kernel(path: str | None, ndim: int) -> bool:
     """
     parts = (path or "").split("/")
     return ndim >= 3 and len(parts) >= 2 and parts[-1] == "kernel" and "conv" in parts[-2].lower()
+
+
+def attention_kernel_contraction(path: str | None, ndim: int) -> int:
+    """How many leading axes of a Flax attention projection kernel are contracted:
+    ``query`` / ``key`` / ``value`` kernels ``(in, heads, head_dim)`` contract 1, the
+    ``out`` kernel ``(heads, head_dim, out)`` contracts 2 (linen's
+    ``MultiHeadDotProductAttention`` and nnx's ``MultiHeadAttention``, as their
+    ``DenseGeneral`` / ``LinearGeneral`` paths tell); 0 for any other leaf.
+
+    A 2-D kernel's reduction axis is -2; these 3-D ones need their own, or per-channel
+    scales would vary along a contracted axis (the heads) and no integer matmul could
+    factor them out.
+
+    Example:
+        >>> attention_kernel_contraction("params/attn/query/kernel", 3)
+        1
+        >>> attention_kernel_contraction("params/attn/out/kernel", 3)
+        2
+        >>> attention_kernel_contraction("params/Dense_0/kernel", 3)
+        0
+    """
+    parts = (path or "").split("/")
+    if ndim != 3 or len(parts) < 2 or parts[-1] != "kernel":
+        return 0
+    return {"query": 1, "key": 1, "value": 1, "out": 2}.get(parts[-2], 0)
 
 
 def conv_kernel_block(

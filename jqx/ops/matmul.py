@@ -121,7 +121,11 @@ def explain(
     x, q, dn = (lhs, rhs, dn) if rq else (rhs, lhs, _swapped(dn))
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = jnp.asarray(x)
-    p = describe(tuple(x.shape), np.dtype(x.dtype), q, dn, precision, preferred_element_type)
+    shape = tuple(x.shape)
+    flat = _flatten_contraction(shape, q, dn)
+    if flat is not None:
+        shape, q, dn, _ = flat
+    p = describe(shape, np.dtype(x.dtype), q, dn, precision, preferred_element_type)
     return dispatch.choose(p, backend).name
 
 
@@ -354,7 +358,73 @@ def _divide_in_scale(x: jax.Array, q: QArray, p: Problem) -> jax.Array:
     return (x.astype(jnp.float32) / ins.reshape(shape)).astype(p.compute_dtype)
 
 
+def _merge_axes(q: QArray, n: int) -> QArray | None:
+    """``q`` (contracted ``shape[:n]``, free ``shape[n:]``) as a 2-D ``(K, N)`` QArray
+    with the same codes and scales, or None where a merge would split a block. Flax's
+    attention kernels ``(in, heads, head_dim)`` and ``(heads, head_dim, out)`` then run
+    on the 2-D kernels (the codes and scales are only reshaped: the product is the
+    same)."""
+    if q.extensions or q.in_scale is not None or q.packed or q.super_block is not None:
+        return None
+    shape, block = tuple(q.shape), tuple(q.block)
+
+    def merged(axes) -> int | None:
+        # Row-major merging keeps each block together when every axis after the first
+        # is whole in its block, or every axis before the last has blocks of 1.
+        sizes, blocks = [shape[a] for a in axes], [block[a] for a in axes]
+        if len(axes) == 1:
+            return blocks[0]
+        if all(b == s for b, s in zip(blocks[1:], sizes[1:], strict=True)):
+            return blocks[0] * math.prod(sizes[1:])
+        if all(b == 1 for b in blocks[:-1]):
+            return blocks[-1]
+        return None
+
+    bk, bn = merged(range(n)), merged(range(n, q.ndim))
+    if bk is None or bn is None:
+        return None
+    k, m = math.prod(shape[:n]), math.prod(shape[n:])
+    zero = q.zero_point
+    return q.replace(
+        qvalue=q.qvalue.reshape(k, m),
+        scale=_merge_leaves(q.scale, shape, block, n),
+        zero_point=None if zero is None else _merge_leaves(zero, shape, block, n),
+        shape=(k, m),
+        block=(bk, bn),
+    )
+
+
+def _merge_leaves(a: jax.Array, shape, block, n: int) -> jax.Array:
+    """A scale / zero-point array of blocks over ``shape`` reshaped to the 2-D merge."""
+    grid = [s // b for s, b in zip(shape, block, strict=True)]
+    a = jnp.broadcast_to(a, grid) if a.ndim == len(grid) else a.reshape(grid)
+    return a.reshape(math.prod(grid[:n]), math.prod(grid[n:]))
+
+
+def _flatten_contraction(x_shape, q: QArray, dn: DimensionNumbers):
+    """``x . q`` with ``q``'s leading contracted axes merged into one K and its free axes
+    into one N (no batch dims; x's contracted axes consecutive and in q's order), or
+    None. Returns ``(x2_shape, q2, dn2, out_shape)``."""
+    (xc, wc), (xb, wb) = dn
+    n = len(wc)
+    if xb or wb or tuple(wc) != tuple(range(n)) or q.ndim <= max(n, 2) and n == 1:
+        return None
+    if q.ndim == n or tuple(xc) != tuple(range(xc[0], xc[0] + n)):
+        return None
+    q2 = _merge_axes(q, n)
+    if q2 is None:
+        return None
+    xs = list(x_shape)
+    x_free = [d for i, d in enumerate(xs) if i not in xc]
+    x2 = (*xs[: xc[0]], math.prod(xs[xc[0] : xc[0] + n]), *xs[xc[0] + n :])
+    return x2, q2, (((xc[0],), (0,)), ((), ())), (*x_free, *q.shape[n:])
+
+
 def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+    flat = _flatten_contraction(x.shape, q, dn)
+    if flat is not None:
+        x2, q2, dn2, out_shape = flat
+        return _x_dot_w(x.reshape(x2), q2, dn2, precision, pet, backend).reshape(out_shape)
     p = describe(tuple(x.shape), x.dtype, q, dn, precision, pet)
     impl = dispatch.choose(p, backend)
     if p.in_scale and p.kind != "dequantize":

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jqx.core import formats as _formats
 from jqx.core.numerics import (
     Granularity,
+    attention_kernel_contraction,
     check_convention,
     check_granularity,
     check_group_size,
@@ -276,6 +277,11 @@ class RTN(Recipe):
                 conv = is_conv_kernel(path, len(shape))
             if conv and len(shape) >= 3:
                 return per_block(conv_kernel_block(shape, self.group_size, path))
+            n = 0 if conv else attention_kernel_contraction(path, len(shape))
+            if n and self.group_size is None:  # one scale per output (head, feature)
+                return per_block(tuple(shape[:n]) + (1,) * (len(shape) - n))
+            if n:  # groups along the last contracted axis (the head size for `out`)
+                return per_group(self.group_size, n - 1)
         return per_group(self.group_size, self.axis)
 
     def for_embedding(self) -> RTN:
