@@ -1,0 +1,364 @@
+"""BERT on CPU the ordinary way: jqx against PyTorch, ONNX Runtime and qwix, in one run (issue #17).
+
+    python benchmarks/bert_cpu.py                  # all-MiniLM-L6-v2, batch 32 x 128
+    python benchmarks/bert_cpu.py --batch 1        # latency
+    python benchmarks/bert_cpu.py --batch 256      # throughput
+    python benchmarks/bert_cpu.py --tiny           # the shipped tiny encoder, quick
+
+The same all-MiniLM-L6-v2 weights run as
+
+- PyTorch: a ``transformers`` ``BertModel`` (eager attention) in float32 and
+  after ``torch.ao.quantization.quantize_dynamic`` (int8 ``nn.Linear``);
+- ONNX Runtime: that torch model exported by ``torch.onnx.export``, in float32
+  and after ``onnxruntime.quantization.quantize_dynamic(per_channel=True)``;
+- jqx and qwix on two Flax ports written the ordinary way
+  (:mod:`jqx_demo.bert`): ``plain`` (einsum -> softmax -> einsum) and
+  ``linen`` (``nn.MultiHeadDotProductAttention``), and, with
+  ``--ports plain,linen,tuned``, on jqx's own tuned port (:mod:`jqx_demo.minilm`).
+  jqx: float32, W8A8 int8 dynamic, int8 weight-only; qwix (``PtqProvider``):
+  W8A8 int8 dynamic, int8 weight-only.
+
+Torch and ONNX Runtime get ``--threads`` threads (default 2); XLA runs as it is
+(it uses every core). Timed calls are interleaved across every engine, round
+by round, so machine load hits all of them alike; best and median of
+``--repeats`` are printed. ``cos`` is the mean cosine of the sentence
+embeddings on the shipped sentences to the float32 reference (jqx's tuned
+port). ``minflt/call`` is the process's minor page faults per timed call
+(``resource.getrusage``), a check for page-fault churn at steady state.
+Each goal of the issue is printed as PASS or MISS with its ratio.
+
+The peers are benchmark-only extras (``pip install "jqx[bench]"``); a missing
+one is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _stamp import print_stamp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jqx  # noqa: E402
+from jqx_demo import bert, minilm  # noqa: E402
+
+PT_FP32, PT_INT8 = "PyTorch fp32", "PyTorch dynamic int8"
+ORT_FP32, ORT_INT8 = "ORT fp32", "ORT int8 per-channel"
+J_F32, J_W8A8, J_W8 = "jqx float32", "jqx W8A8 dynamic", "jqx int8 weight-only"
+Q_W8A8, Q_W8 = "qwix W8A8 dynamic", "qwix int8 weight-only"
+
+# A runner takes numpy (ids, mask) and returns the embeddings, computation finished.
+Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _cos(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    return np.sum(a * ref, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
+
+
+def _progress(msg: str) -> None:
+    # To stderr, so the table on stdout stays clean to paste.
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# ---------------------------------------------------------------- engines
+
+
+def jax_runner(fwd, variables) -> Runner:
+    def run(ids, mask):
+        return np.asarray(jax.block_until_ready(fwd(variables, ids, mask)))
+
+    return run
+
+
+def jqx_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
+    """jqx float32, W8A8 dynamic and int8 weight-only on one port."""
+    p = enc if port == "tuned" else bert.load_port(port, enc)
+    fwd = jax.jit(p.module.apply)
+    fwd_q = jax.jit(jqx.quantized(p.module.apply))
+    return {
+        J_F32: jax_runner(fwd, p.variables),
+        J_W8A8: jax_runner(
+            fwd_q, jqx.quantize(p.variables, jqx.int8_dynamic_activation_int8_weight())
+        ),
+        J_W8: jax_runner(fwd_q, jqx.quantize(p.variables, jqx.int8_weight_only())),
+    }
+
+
+def qwix_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
+    """qwix W8A8 and int8 weight-only (``PtqProvider``), as benchmarks/minilm.py drives it."""
+    import qwix
+
+    p = enc if port == "tuned" else bert.load_port(port, enc)
+    ids = jnp.ones((2, 8), jnp.int32)
+    rules = {
+        Q_W8A8: qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8),
+        Q_W8: qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8),
+    }
+    out = {}
+    for name, rule in rules.items():
+        qm = qwix.quantize_model(p.module, qwix.PtqProvider([rule]))
+        abstract = jax.eval_shape(qm.init, jax.random.key(0), ids, ids)
+        qp = qwix.quantize_params(p.variables["params"], abstract["params"])
+        out[name] = jax_runner(jax.jit(qm.apply), {"params": qp})
+    return out
+
+
+def torch_variants(enc: minilm.Encoder, threads: int) -> dict[str, Runner]:
+    """PyTorch float32 and ``quantize_dynamic`` int8 (every ``nn.Linear``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = bert.torch_bert(enc)
+    q8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def runner(m) -> Runner:
+        def run(ids, mask):
+            with torch.inference_mode():
+                return m(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+        return run
+
+    return {PT_FP32: runner(model), PT_INT8: runner(q8)}
+
+
+def ort_variants(enc: minilm.Encoder, threads: int, workdir: Path) -> dict[str, Runner]:
+    """ONNX Runtime float32 and ``quantize_dynamic(per_channel=True)`` int8 of the torch model."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    f32, i8 = workdir / "bert.onnx", workdir / "bert_int8.onnx"
+    ids = torch.ones((2, 16), dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter with dynamic axes: this model's export by the
+        # dynamo exporter (torch 2.13) does not load in ONNX Runtime 1.32.
+        torch.onnx.export(
+            bert.torch_bert(enc),
+            (ids, ids),
+            str(f32),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "embedding": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+        quantize_dynamic(str(f32), str(i8), per_channel=True, weight_type=QuantType.QInt8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+
+    def runner(path) -> Runner:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+        def run(ids, mask):
+            return sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+        return run
+
+    return {ORT_FP32: runner(f32), ORT_INT8: runner(i8)}
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _inputs(name: str, ids: np.ndarray, mask: np.ndarray):
+    """Each engine's own input form, made once outside the timed call."""
+    if name.startswith(("PyTorch", "ORT")):
+        return ids.astype(np.int64), mask.astype(np.int64)
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    ap.add_argument("--sentences", type=int, default=128, help="sentences for the cosine")
+    ap.add_argument("--threads", type=int, default=2, help="torch / ORT threads (default 2)")
+    ap.add_argument(
+        "--ports",
+        default="plain,linen",
+        help="Flax ports for jqx and qwix: plain, linen, tuned (comma-separated)",
+    )
+    ap.add_argument("--no-qwix", action="store_true", help="skip the qwix rows")
+    args = ap.parse_args(argv)
+    ports = [p for p in args.ports.split(",") if p]
+    bad = [p for p in ports if p not in (*bert.PORTS, "tuned")]
+    if bad:
+        ap.error(f"--ports={args.ports!r}: unknown {bad}; choose from plain, linen, tuned")
+    t_start = time.perf_counter()
+
+    if args.tiny or not minilm.weights_available():
+        if not args.tiny:
+            print(f"all-MiniLM-L6-v2 is not installed ({minilm.INSTALL_HINT}); using the tiny one")
+        enc = minilm.load_tiny()
+    else:
+        enc = minilm.load_minilm()
+    seq = min(args.seq_len, enc.config.max_position)
+
+    # variants: (group, name) -> runner; group is "peer" or the Flax port.
+    variants: dict[tuple[str, str], Runner] = {}
+    notes = []
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        variants.update({("peer", k): v for k, v in torch_variants(enc, args.threads).items()})
+    except ImportError as e:
+        notes.append(f"PyTorch rows skipped ({e.name} not installed; pip install 'jqx[bench]')")
+    try:
+        variants.update(
+            {("peer", k): v for k, v in ort_variants(enc, args.threads, Path(tmp.name)).items()}
+        )
+    except ImportError as e:
+        notes.append(
+            f"ONNX Runtime rows skipped ({e.name} not installed; pip install 'jqx[bench]')"
+        )
+    for port in ports:
+        variants.update({(port, k): v for k, v in jqx_variants(enc, port).items()})
+        if args.no_qwix:
+            continue
+        try:
+            variants.update({(port, k): v for k, v in qwix_variants(enc, port).items()})
+        except ImportError:
+            notes.append(f"qwix rows on {port} skipped (pip install qwix)")
+        except Exception as e:  # a port qwix cannot intercept is a finding, not a crash
+            notes.append(f"qwix on {port} failed: {type(e).__name__}: {str(e)[:200]}")
+
+    # Accuracy: fixed (32, seq) batches of real sentences, padding masked.
+    sents = minilm.load_sentences(args.sentences)
+    eval_b = []
+    for i in range(0, len(sents), 32):
+        ids, mask = enc.tokenize(sents[i : i + 32], max_len=seq, pad_to=seq)
+        eval_b.append((ids, mask))
+    ref_fwd = jax.jit(enc.module.apply)
+    ref = np.concatenate([np.asarray(ref_fwd(enc.variables, i, m)) for i, m in eval_b])
+    cos = {}
+    for key, run in variants.items():
+        got = np.concatenate([run(*_inputs(key[1], i, m)) for i, m in eval_b])
+        cos[key] = float(_cos(got, ref).mean())
+        _progress(f"cosine of {key[0]} {key[1]}: {cos[key]:.5f}")
+
+    rng = np.random.default_rng(0)
+    lat_ids = rng.integers(1, enc.config.vocab_size, (args.batch, seq)).astype(np.int32)
+    lat_mask = np.ones((args.batch, seq), np.int32)
+    inputs = {key: _inputs(key[1], lat_ids, lat_mask) for key in variants}
+    for key, run in variants.items():
+        run(*inputs[key])  # compile + warm up
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
+    faults = dict.fromkeys(variants, 0)
+    load = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for key, run in variants.items():
+            f0, t0 = _minflt(), time.perf_counter()
+            run(*inputs[key])
+            times[key].append(time.perf_counter() - t0)
+            faults[key] += _minflt() - f0
+        load.append(os.getloadavg()[0])
+        _progress(f"round {len(load) - 1}/{args.repeats} done")
+    tmp.cleanup()
+
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    c = enc.config
+    print()
+    print_stamp()
+    print(
+        f"{enc.name} ({c.num_layers} layers, hidden {c.hidden_size}); batch {args.batch} x {seq} "
+        f"tokens; best / median of {args.repeats} interleaved rounds; torch and ORT "
+        f"{args.threads} threads, XLA {jax.default_backend()} as is; {os.cpu_count()} cores; "
+        f"1-min load average {min(load):.1f}-{max(load):.1f} during the timed rounds; "
+        f"cos on {len(sents)} sentences"
+    )
+    for n in notes:
+        print("note:", n)
+    head = (
+        f"{'port':6s} {'engine / recipe':24s} {'best ms':>8s} {'median ms':>9s} "
+        f"{'vs PT fp32':>10s} {'cos':>8s} {'minflt/call':>11s}"
+    )
+    print(head + "\n" + "-" * len(head))
+    pt = best.get(("peer", PT_FP32))
+    for key in variants:
+        rel = f"{pt / best[key]:9.2f}x" if pt else f"{'-':>10s}"
+        print(
+            f"{key[0]:6s} {key[1]:24s} {1e3 * best[key]:8.1f} {1e3 * med[key]:9.1f} {rel} "
+            f"{cos[key]:8.5f} {faults[key] / args.repeats:11.0f}"
+        )
+
+    def goal(desc, ok, value):
+        print(f"  {'PASS' if ok else 'MISS'}  {desc}: {value}")
+        return ok
+
+    def ms(key):
+        return f"{1e3 * best[key]:.0f} ms"
+
+    ok = []
+    print("\ngoals (issue #17), on best times:")
+    for port in ports:
+        j = {k: (port, k) for k in (J_F32, J_W8A8, J_W8, Q_W8A8, Q_W8)}
+        sp = best[j[J_F32]] / best[j[J_W8A8]]
+        ok.append(goal(f"[{port}] jqx W8A8 >= 2x jqx float32", sp >= 2.0, f"{sp:.2f}x"))
+        if j[Q_W8A8] in best:
+            r = best[j[Q_W8A8]] / best[j[J_W8A8]]
+            ok.append(
+                goal(
+                    f"[{port}] jqx W8A8 faster than qwix W8A8",
+                    r > 1.0,
+                    f"{r:.2f}x ({ms(j[J_W8A8])} vs {ms(j[Q_W8A8])})",
+                )
+            )
+        peers8 = [("peer", k) for k in (PT_INT8, ORT_INT8) if ("peer", k) in best]
+        if peers8:
+            fast = min(peers8, key=best.get)
+            r = best[fast] / best[j[J_W8A8]]
+            ok.append(
+                goal(
+                    f"[{port}] jqx W8A8 at least as fast as the faster int8 peer ({fast[1]})",
+                    r >= 1.0,
+                    f"{r:.2f}x ({ms(j[J_W8A8])} vs {ms(fast)})",
+                )
+            )
+            top = max(peers8, key=cos.get)
+            ok.append(
+                goal(
+                    f"[{port}] jqx W8A8 more accurate than the int8 peers",
+                    cos[j[J_W8A8]] > cos[top],
+                    f"cos {cos[j[J_W8A8]]:.5f} vs {top[1]} {cos[top]:.5f}",
+                )
+            )
+        if pt:
+            for name in (J_W8, J_F32):
+                r = pt / best[j[name]]
+                ok.append(
+                    goal(
+                        f"[{port}] {name} at least as fast as PyTorch fp32",
+                        r >= 1.0,
+                        f"{r:.2f}x ({ms(j[name])} vs {ms(('peer', PT_FP32))})",
+                    )
+                )
+    print(f"\n{sum(ok)}/{len(ok)} goals met ({time.perf_counter() - t_start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
