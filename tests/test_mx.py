@@ -577,3 +577,136 @@ def test_every_scale_mode_bounds_the_error(mode):
     for fmt in mx.MX_ELEMENTS:
         err = jnp.abs(mx.quantize_mx(x, fmt, scale_mode=mode).dequantize() - x)
         assert bool(jnp.all(err <= 0.25 * amax)), (fmt, float(jnp.max(err / amax)))
+
+
+# --------------------------------------------------------------------------- encoder identity
+# The encoder before the speed work of issue #15 (a product with the inverse scale, the
+# subnormal and signed-zero fix-ups as separate passes, XLA's float8 conversion, FP6 by
+# a 64-entry compare chain), kept here as the reference the fast encoder must match bit
+# for bit.
+
+
+def _old_inv_pow2(bits):
+    b = bits.astype(jnp.int32)
+    e = jnp.clip(254 - b, 1, 254)
+    v = jax.lax.bitcast_convert_type(e << 23, jnp.float32)
+    return jnp.where(b == 255, jnp.nan, v)
+
+
+def _old_pow2(e):
+    eb = jnp.clip(e.astype(jnp.int32) + 127, 1, 254)
+    return jax.lax.bitcast_convert_type(eb << 23, jnp.float32)
+
+
+def _old_codes(xb, sbits, f):
+    k = 127 - sbits.astype(jnp.int32)[..., None]
+    y = xb * _old_inv_pow2(sbits)[..., None]
+    bits = jax.lax.bitcast_convert_type(xb, jnp.uint32)
+    m = (bits & 0x7FFFFF).astype(jnp.float32)
+    sub = ((bits & 0x7F800000) == 0) & (m != 0)
+    m = jnp.where((bits >> 31) == 1, -m, m)
+    y = jnp.where(sub, (m * _old_pow2(k - 75)) * _old_pow2(jnp.full_like(k, -74)), y)
+    ax = jnp.abs(xb)
+    above = jnp.where(
+        sub,
+        jnp.abs(m) * _old_pow2(k - 49),
+        jnp.where(ax < 1, (ax * np.float32(2.0**100)) * _old_pow2(k), ax * _old_pow2(k + 100)),
+    )
+    neg = (bits >> 31) == 1
+    y = jnp.where(y == 0, jnp.where((above > np.float32(2.0**-50)) & neg, -0.0, 0.0), y)
+    y = jnp.where(sbits[..., None] == 255, jnp.nan, y)
+    kc = 128 - (sbits.astype(jnp.int32)[..., None] - 127)
+    if f.kind == "int":
+        cap = _old_pow2(jnp.minimum(kc, 16)) - 1.0
+    else:
+        cap = _old_pow2(jnp.minimum(kc, 64)) * np.float32(1.0 - 2.0 ** -(f.mantissa_bits + 1))
+    y = jnp.clip(y, -cap, cap)
+    if f.kind == "int":
+        return jnp.clip(jnp.round(y), -f.qmax, f.qmax).astype(jnp.int8)
+    if f.name == "fp4_e2m1":
+        mag = jqx.formats.encode(jnp.abs(y), f)
+        sign = (jax.lax.bitcast_convert_type(y, jnp.uint32) >> 31).astype(jnp.uint8)
+        return mag | (sign << 3)
+    if f.kind == "float":
+        return jnp.clip(y, -f.max, f.max).astype(f.dtype)
+    # FP6: the 64-entry table encoder (a chain of compares), as jqx.formats.encode had it.
+    return jqx.formats._table_encode(y, f)
+
+
+def _hard_inputs(rng, n_blocks: int) -> np.ndarray:
+    """Blocks of 32 float32 values that probe every branch of the encoder: zeros of both
+    signs, subnormals, every binade of float32, values near float32's maximum, values on
+    and beside the element grids' rounding midpoints, and NaN/Inf."""
+    n = n_blocks * 32
+    sign = rng.choice(np.float32([-1, 1]), n)
+    e = rng.integers(-149, 128, n).astype(np.float64)
+    parts = [
+        rng.standard_normal(n).astype(np.float32),
+        (rng.uniform(1, 2, n) * 2.0**e * sign).astype(np.float32),
+        rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        (
+            rng.integers(0, 2**23, n).astype(np.uint32)
+            | (rng.integers(0, 2, n) << 31).astype(np.uint32)
+        ).view(np.float32),
+        (np.float32(3.4e38) * rng.uniform(0.95, 1.0, n) * sign).astype(np.float32),
+        np.where(rng.integers(0, 2, n) == 0, np.float32(0.0), np.float32(-0.0)),
+    ]
+    # Midpoints of a fine grid of multiples of 2^-10 (every element grid's midpoints in
+    # [-64, 64] under scale 1) and their float32 neighbours.
+    mid = (rng.integers(-(2**16), 2**16, n) + 0.5).astype(np.float32) * np.float32(2.0**-10)
+    parts.append(np.nextafter(mid, mid + rng.choice(np.float32([-1, 0, 1]), n)).astype(np.float32))
+    x = np.concatenate(parts).reshape(-1, 32)
+    rng.shuffle(x, axis=0)
+    # A few values of the same block at very different magnitudes (tiny next to large).
+    x[::3, 0] = np.float32(1e-41)
+    x[::5, 1] = np.float32(-3e-39)
+    return x
+
+
+@pytest.mark.parametrize("fmt", mx.MX_ELEMENTS)
+def test_encoder_bit_identical_to_the_previous_one(fmt):
+    f = jqx.formats.get(fmt)
+    rng = np.random.default_rng(list(mx.MX_ELEMENTS).index(fmt))
+    x = _hard_inputs(rng, 256)
+    old_j = jax.jit(lambda xb, s: _old_codes(xb, s, f))
+    new_j = jax.jit(lambda xb, s: mx.encode_mx(xb, s, f))
+
+    def check(sb, msg):
+        np.testing.assert_array_equal(_u8(new_j(x, sb)), _u8(old_j(x, sb)), err_msg=msg)
+
+    # Every E8M0 byte, NaN (255) included, with arbitrary data.
+    check(jnp.asarray(rng.integers(0, 256, x.shape[0]), jnp.uint8), "any scale byte")
+    xf = np.where(np.isfinite(x), x, np.float32(1.5))
+    for mode in mx.SCALE_MODES:
+        check(mx.mx_scale_bits(jnp.max(jnp.abs(x), -1), f, mode), mode)
+        # The whole quantizer, blocks along either axis (codes packed as stored).
+        for axis in (-1, 0):
+            xa = jnp.asarray(xf if axis == -1 else xf.T)
+            q = mx.quantize_mx(xa, fmt, axis=axis, scale_mode=mode)
+            xb = jnp.moveaxis(xa, axis, -1)
+            xb = xb.reshape(xb.shape[:-1] + (-1, 32))
+            s = mx.mx_scale_bits(jnp.max(jnp.abs(xb), -1), f, mode)
+            codes = jnp.moveaxis(_old_codes(xb, s, f).reshape(xb.shape[:-2] + (-1,)), -1, axis)
+            ref = jqx.core.qarray.pack_codes(codes, f)
+            msg = f"{mode}, axis {axis}"
+            np.testing.assert_array_equal(_u8(q.qvalue), _u8(ref), err_msg=msg)
+            np.testing.assert_array_equal(_u8(q.scale), _u8(jnp.moveaxis(s, -1, axis)), msg)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_codes_keep_the_previous_derivative(fmt):
+    # FP8 codes are float8 values: the previous encoder passed tangents through its
+    # conversion, and the fast one (integer steps on the bits) keeps that derivative.
+    f = jqx.formats.get(fmt)
+    x = jnp.asarray(_hard_inputs(np.random.default_rng(5), 8)[:64])
+    x = jnp.where(jnp.isfinite(x), x, 1.0)
+    sb = mx.mx_scale_bits(jnp.max(jnp.abs(x), -1), f)
+    w = jnp.arange(32, dtype=jnp.float32) / 7
+
+    def loss(enc):
+        return lambda v: jnp.sum(enc(v, sb, f).astype(jnp.float32) * w)
+
+    np.testing.assert_array_equal(
+        _u8(jax.grad(loss(mx.encode_mx))(x)).view(np.uint32),
+        _u8(jax.grad(loss(_old_codes))(x)).view(np.uint32),
+    )

@@ -75,7 +75,7 @@ from jax import lax
 
 from jqx.core import formats as _formats
 from jqx.core import numerics as _num
-from jqx.core.qarray import ActSpec, QArray
+from jqx.core.qarray import ActSpec, QArray, packed_along_last
 
 __all__ = [
     "MX_BLOCK",
@@ -231,24 +231,6 @@ def _signed_zero(y, xb, sub, above):
     return jnp.where(y == 0, jnp.where(nonzero & neg, -0.0, 0.0), y)
 
 
-def _times_inv_scale(xb: jax.Array, sbits: jax.Array) -> jax.Array:
-    """``x / 2^(b - 127)`` exactly, also for subnormal ``x``; zeros signed as
-    :func:`_signed_zero` says."""
-    k = 127 - sbits.astype(jnp.int32)[..., None]
-    y = xb * _inv_pow2(sbits)[..., None]
-    sub, m = _subnormal_parts(xb)
-    # x = m * 2^-149; split the power so each factor stays normal.
-    y = jnp.where(sub, (m * _pow2(k - 75)) * _pow2(jnp.full_like(k, -74)), y)
-    ax = jnp.abs(xb)
-    above = jnp.where(
-        sub,
-        jnp.abs(m) * _pow2(k - 49),
-        jnp.where(ax < 1, (ax * np.float32(2.0**100)) * _pow2(k), ax * _pow2(k + 100)),
-    )
-    y = _signed_zero(y, xb, sub, above)
-    return jnp.where(sbits[..., None] == _E8M0_NAN, jnp.nan, y)
-
-
 def _div_exact_sub(xb: jax.Array, d: jax.Array) -> jax.Array:
     """``x / d`` correctly rounded, also for subnormal ``x``; zeros signed as
     :func:`_signed_zero` says."""
@@ -277,23 +259,187 @@ def _encode_elements(y: jax.Array, f: _formats.Format) -> jax.Array:
     return _formats.encode(y, f)
 
 
-def _f32_safe(y: jax.Array, sbits: jax.Array, f: _formats.Format) -> jax.Array:
-    """Scaled element values ``y`` (blocks on the last axis) capped so that element
-    times scale stays finite in float32. Only blocks whose amax is near float32's
-    largest value with a scale rounded up (every mode but ``"floor"``) reach ``2^128``:
-    their elements saturate at the largest grid value below ``2^(128 - e)`` instead."""
-    k = 128 - (sbits.astype(jnp.int32)[..., None] - 127)  # v * 2^e < 2^128 iff v < 2^k
+def _materialized(x: jax.Array) -> jax.Array:
+    """``x``, stored before its users run: XLA fuses neither into nor out of a
+    conditional (XLA:CPU drops optimization barriers before fusing). Both branches are
+    the same computation, so the predicate only has to be one XLA cannot fold."""
+    if x.size == 0:
+        return x
+    pred = x.ravel()[0].astype(jnp.int32) >= 0
+
+    def copy(v):
+        return v ^ jnp.zeros((), v.dtype)
+
+    return lax.cond(pred, copy, copy, x)
+
+
+def _block_factors(sbits: jax.Array, f: _formats.Format) -> dict[str, jax.Array]:
+    """Per-block factors of :func:`_mx_codes_at`, computed once per block.
+
+    XLA would otherwise fuse them into the elementwise loop and recompute them for
+    every element. It drops optimization barriers before fusing on CPU, but does not
+    fuse a conditional into its users; both branches are this computation, so the
+    predicate only has to be one XLA cannot fold."""
+    if sbits.size == 0:
+        return _block_factors_now(sbits, f)
+    return lax.cond(
+        sbits.ravel()[0].astype(jnp.int32) < _E8M0_NAN,
+        lambda s: _block_factors_now(s, f),
+        lambda s: _block_factors_now(s, f),
+        sbits,
+    )
+
+
+def _block_factors_now(sbits: jax.Array, f: _formats.Format) -> dict[str, jax.Array]:
+    b = sbits.astype(jnp.int32)
+    nan = b == _E8M0_NAN
+    k = 127 - b
+    # Element times scale stays finite in float32 iff v < 2^kc: only blocks whose amax
+    # is near float32's largest value with a scale rounded up (every mode but "floor")
+    # reach 2^128; their elements saturate at the largest grid value below 2^(128 - e).
+    kc = 255 - b
     if f.kind == "int":
-        cap = _pow2(jnp.minimum(k, 16)) - 1.0
+        cap = _pow2(jnp.minimum(kc, 16)) - 1.0
     else:
-        # The grid's predecessor of 2^k (2^(k-1) is a normal value for every element).
-        cap = _pow2(jnp.minimum(k, 64)) * np.float32(1.0 - 2.0 ** -(f.mantissa_bits + 1))
-    return jnp.clip(y, -cap, cap)
+        # The grid's predecessor of 2^kc (2^(kc-1) is a normal value for every element).
+        cap = _pow2(jnp.minimum(kc, 64)) * np.float32(1.0 - 2.0 ** -(f.mantissa_bits + 1))
+    fac = {
+        "inv": _inv_pow2(sbits),
+        # One clip: the float32 cap and the element format's saturation.
+        "cap": jnp.minimum(cap, np.float32(f.qmax if f.kind == "int" else f.max)),
+        # x = m * 2^-149 for subnormal x; split the power so each factor stays normal.
+        "p_sub": jnp.where(nan, jnp.nan, _pow2(k - 75)),
+        "p_nz": _pow2(k - 49),
+        # |x| * 2^k > 2^-150 for normal x iff its bits plus this offset are positive
+        # (the exponent as _inv_pow2 clamps it; the offset is capped at 0 to stay in int32).
+        "t_off": jnp.minimum(jnp.clip(k, -126, 127) + 23, 0) << _F32_MANT,
+        "zero": jnp.where(nan, jnp.nan, np.float32(0.0)),
+    }
+    return fac
+
+
+def _scaled_values(xb: jax.Array, fac: dict[str, jax.Array], signed_zero: bool) -> jax.Array:
+    """``x / 2^(b - 127)`` exactly, also for subnormal ``x`` (XLA:CPU flushes subnormal
+    operands to zero, so they are rebuilt from their bits); NaN in blocks whose scale
+    is NaN. With ``signed_zero``, a quotient that is exactly zero (zero input, or an
+    underflow past half the smallest subnormal) is +0 and a negative one that is only
+    tiny stays -0, as the published encoders leave them: they divide in IEEE arithmetic
+    (no flushing) and then add a +0.0 zero point. ``fac`` holds the factors of
+    :func:`_block_factors`, broadcast to ``xb``."""
+    xi = lax.bitcast_convert_type(xb, jnp.int32)
+    ai = xi & 0x7FFFFFFF
+    sub = ai < (1 << _F32_MANT)  # subnormal or zero
+    m = ai.astype(jnp.float32)
+    ys = (m * fac["p_sub"]) * np.float32(2.0**-74)
+    y = jnp.where(sub, jnp.where(xi < 0, -ys, ys), xb * fac["inv"])
+    if not signed_zero:
+        return y  # already NaN in NaN blocks: 0 * NaN, x * NaN
+    # XLA:CPU flushes an underflowing product to a zero of the product's sign: only a
+    # quotient at or below 2^-150 (+0 in IEEE plus a +0 zero point) needs changing.
+    nonzero = jnp.where(sub, m * fac["p_nz"] > np.float32(2.0**-50), ai + fac["t_off"] > 0)
+    return jnp.where(nonzero, y, fac["zero"])
+
+
+def _minifloat_bits(y: jax.Array, f: _formats.Format) -> tuple[jax.Array, jax.Array]:
+    """``(sign, magnitude bits)`` (bool, int32) of float32 ``y`` rounded to nearest, ties
+    to even, onto the float format ``f`` (``|y| <= f.max``; NaN handled by the caller).
+
+    Integer steps on the float32 representation, which XLA:CPU vectorises (its own
+    float8 conversion does not, and FP6 has no XLA type): normal values round their
+    mantissa by adding half a step minus one plus the kept mantissa's last bit;
+    subnormal ones are ``round(|y| / smallest subnormal)``, whose carry into the
+    smallest normal gives that normal's bits."""
+    m = f.mantissa_bits
+    emin = 1 - f.bias  # exponent of the smallest normal
+    yi = lax.bitcast_convert_type(y, jnp.int32)
+    a = yi & 0x7FFFFFFF
+    sh = _F32_MANT - m
+    norm = ((a + ((1 << (sh - 1)) - 1) + ((a >> sh) & 1)) >> sh) - ((127 - f.bias) << m)
+    sub = jnp.round(jnp.abs(y) * np.float32(2.0 ** (m - emin))).astype(jnp.int32)
+    return yi < 0, jnp.where(a < ((127 + emin) << _F32_MANT), sub, norm)
+
+
+def _float_codes(y: jax.Array, f: _formats.Format) -> jax.Array:
+    """Codes of FP8 / FP6 elements from scaled values clipped to ``f``'s range: FP8 as
+    XLA's float8 conversion gives them (-0 kept; NaN is the all-ones magnitude for
+    E4M3, 0x7E for E5M2, with the input's sign); FP6 as the table encoder gives them
+    (code 0 for zeros of either sign, 63 for NaN)."""
+    neg, mag = _minifloat_bits(y, f)
+    nan = jnp.isnan(y)
+    if f.bits == 8:
+        nan_mag = 0x7F if f.name == "fp8_e4m3" else 0x7E
+        code = jnp.where(nan, nan_mag, mag) | jnp.where(neg, 0x80, 0)
+        return lax.bitcast_convert_type(code.astype(jnp.uint8), f.dtype)
+    code = jnp.where(mag == 0, 0, mag | jnp.where(neg, 1 << (f.bits - 1), 0))
+    return jnp.where(nan, 63, code).astype(jnp.uint8)
+
+
+def _times_inv_scale(xb: jax.Array, sbits: jax.Array, axis: int) -> jax.Array:
+    """``x / 2^(b - 127)`` as the previous encoder computed it (blocks along ``axis``),
+    kept for :func:`_fp8_codes_jvp` only: FP8 codes are differentiable, and their
+    derivative is this chain's."""
+    k = jnp.expand_dims(127 - sbits.astype(jnp.int32), axis)
+    y = xb * jnp.expand_dims(_inv_pow2(sbits), axis)
+    sub, m = _subnormal_parts(xb)
+    y = jnp.where(sub, (m * _pow2(k - 75)) * _pow2(jnp.full_like(k, -74)), y)
+    ax = jnp.abs(xb)
+    above = jnp.where(
+        sub,
+        jnp.abs(m) * _pow2(k - 49),
+        jnp.where(ax < 1, (ax * np.float32(2.0**100)) * _pow2(k), ax * _pow2(k + 100)),
+    )
+    y = _signed_zero(y, xb, sub, above)
+    return jnp.where(jnp.expand_dims(sbits, axis) == _E8M0_NAN, jnp.nan, y)
+
+
+def _fp8_codes_previous(xb: jax.Array, sbits: jax.Array, f: _formats.Format, axis: int):
+    kc = jnp.expand_dims(255 - sbits.astype(jnp.int32), axis)
+    cap = _pow2(jnp.minimum(kc, 64)) * np.float32(1.0 - 2.0 ** -(f.mantissa_bits + 1))
+    y = jnp.clip(_times_inv_scale(xb, sbits, axis), -cap, cap)
+    return jnp.clip(y, -f.max, f.max).astype(f.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _fp8_codes(xb: jax.Array, sbits: jax.Array, f: _formats.Format, axis: int) -> jax.Array:
+    return _mx_codes_fast(xb, sbits, f, axis)
+
+
+@_fp8_codes.defjvp
+def _fp8_codes_jvp(f, axis, primals, tangents):
+    # The fast encoder works on the bits (no derivative); the previous one passed
+    # tangents through its float8 conversion, and callers may rely on that.
+    xb, sbits = primals
+    _, t = jax.jvp(lambda v: _fp8_codes_previous(v, sbits, f, axis), (xb,), (tangents[0],))
+    return _fp8_codes(xb, sbits, f, axis), t
+
+
+def _mx_codes_at(xb: jax.Array, sbits: jax.Array, f: _formats.Format, axis: int) -> jax.Array:
+    """Element codes of blocks ``xb`` whose elements run along ``axis`` under E8M0 bytes
+    ``sbits`` (``xb``'s shape without ``axis``); :func:`_mx_codes_fast`."""
+    if f.kind == "float":
+        return _fp8_codes(xb, sbits, f, axis % xb.ndim)
+    return _mx_codes_fast(xb, sbits, f, axis)
+
+
+def _mx_codes_fast(xb: jax.Array, sbits: jax.Array, f: _formats.Format, axis: int) -> jax.Array:
+    """Element codes of blocks ``xb`` whose elements run along ``axis`` under E8M0 bytes
+    ``sbits`` (``xb``'s shape without ``axis``). One fused elementwise pass: RNE,
+    saturating at the element's largest value (and below float32's largest value
+    times the scale, see :func:`_block_factors`)."""
+    fac = {k: jnp.expand_dims(v, axis) for k, v in _block_factors(sbits, f).items()}
+    # The sign of a zero only shows in FP8's and FP4's codes (FP6 and INT8 give 0).
+    y = _scaled_values(xb, fac, signed_zero=f.bits in (4, 8) and f.kind != "int")
+    y = jnp.clip(y, -fac["cap"], fac["cap"])
+    if f.kind == "int":
+        return jnp.round(y).astype(jnp.int8)
+    if f.name == "fp4_e2m1":
+        return _encode_elements(y, f)
+    return _float_codes(y, f)
 
 
 def _mx_codes(xb: jax.Array, sbits: jax.Array, f: _formats.Format) -> jax.Array:
     """Element codes of blocks ``xb`` (blocks on the last axis) under E8M0 bytes ``sbits``."""
-    return _encode_elements(_f32_safe(_times_inv_scale(xb, sbits), sbits, f), f)
+    return _mx_codes_at(xb, sbits, f, xb.ndim - 1)
 
 
 def _move_last(x: jax.Array, axis: int) -> tuple[jax.Array, int]:
@@ -320,13 +466,20 @@ def _check_blocks(shape, axis: int, block: int, path: str | None, what: str) -> 
 @functools.partial(jax.jit, static_argnames=("fmt_name", "axis", "block", "mode", "act", "dtype"))
 def _quantize_mx_core(x, fmt_name, axis, block, mode, act, dtype):
     f = _formats.get(fmt_name)
-    xl = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-    xb = xl.reshape(xl.shape[:-1] + (xl.shape[-1] // block, block))
-    amax = jnp.max(jnp.abs(xb), axis=-1)
+    # Blocks split in place along ``axis`` (no transpose): codes and scales come out
+    # in x's own layout.
+    shape = x.shape
+    xb = x.astype(jnp.float32).reshape(
+        shape[:axis] + (shape[axis] // block, block) + shape[axis + 1 :]
+    )
+    amax = jnp.max(jnp.abs(xb), axis=axis + 1)
     sbits = mx_scale_bits(amax, f, mode)
-    codes = _mx_codes(xb, sbits, f).reshape(xl.shape)
-    codes = jnp.moveaxis(codes, -1, axis)
-    scale = lax.bitcast_convert_type(jnp.moveaxis(sbits, -1, axis), jnp.float8_e8m0fnu)
+    codes = _mx_codes_at(xb, sbits, f, axis + 1).reshape(shape)
+    if packed_along_last(f):
+        # Packing reads each code for two or more stored bytes: fused with the encoder
+        # it would encode each element that many times.
+        codes = _materialized(codes)
+    scale = lax.bitcast_convert_type(sbits, jnp.float8_e8m0fnu)
     blk = tuple(block if i == axis else 1 for i in range(x.ndim))
     q = _num.make_qarray(
         codes, scale, fmt=f, shape=x.shape, dtype=dtype, block=blk, act=act,
