@@ -26,6 +26,14 @@ from jqx.ops.matmul import describe
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mx")
 
 
+# Jitted once per format / axis / mode: eager, each primitive of the encoder compiles
+# on its own, which made these the suite's slowest tests.
+_quantize_mx = jax.jit(mx.quantize_mx, static_argnums=(1,), static_argnames=("axis", "scale_mode"))
+_fake_quant_mx = jax.jit(
+    mx.fake_quant_mx, static_argnums=(1,), static_argnames=("axis", "scale_mode")
+)
+
+
 def _u8(a) -> np.ndarray:
     return np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(a), jnp.uint8))
 
@@ -547,7 +555,7 @@ def test_e8m0_scale_saturates_never_nan(mode):
     tiny = np.float32(2.0**-149)
     x = np.array([[big, -big] + [1.0] * 30, [tiny] * 32, [0.0] * 32], np.float32)
     for fmt in mx.MX_ELEMENTS:
-        q = mx.quantize_mx(x, fmt, scale_mode=mode)
+        q = _quantize_mx(x, fmt, scale_mode=mode)
         b = _u8(q.scale).ravel()
         assert b.max() <= 254 and b.min() >= 0, (fmt, b)
         assert b[2] == 0  # a zero block: 2^-127 and zero codes
@@ -555,7 +563,7 @@ def test_e8m0_scale_saturates_never_nan(mode):
         assert np.isfinite(d).all(), fmt
         # The largest values saturate within a factor 2 of float32's max, symmetrically.
         assert big / 2 <= d[0, 0] <= big and d[0, 1] == -d[0, 0], (fmt, d[0, :2])
-        np.testing.assert_array_equal(d, mx.fake_quant_mx(x, fmt, scale_mode=mode))
+        np.testing.assert_array_equal(d, _fake_quant_mx(x, fmt, scale_mode=mode))
 
 
 def test_e4m3_block_scale_saturates_never_nan():
@@ -682,11 +690,11 @@ def test_encoder_bit_identical_to_the_previous_one(fmt):
         # The whole quantizer, blocks along either axis (codes packed as stored).
         for axis in (-1, 0):
             xa = jnp.asarray(xf if axis == -1 else xf.T)
-            q = mx.quantize_mx(xa, fmt, axis=axis, scale_mode=mode)
+            q = _quantize_mx(xa, fmt, axis=axis, scale_mode=mode)
             xb = jnp.moveaxis(xa, axis, -1)
             xb = xb.reshape(xb.shape[:-1] + (-1, 32))
             s = mx.mx_scale_bits(jnp.max(jnp.abs(xb), -1), f, mode)
-            codes = jnp.moveaxis(_old_codes(xb, s, f).reshape(xb.shape[:-2] + (-1,)), -1, axis)
+            codes = jnp.moveaxis(old_j(xb, s).reshape(xb.shape[:-2] + (-1,)), -1, axis)
             ref = jqx.core.qarray.pack_codes(codes, f)
             msg = f"{mode}, axis {axis}"
             np.testing.assert_array_equal(_u8(q.qvalue), _u8(ref), err_msg=msg)
