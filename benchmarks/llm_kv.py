@@ -15,6 +15,7 @@ Shakespeare play (at least 2048 tokens):
   interleaved rounds, against the float32 and float16 caches.
 
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
+[--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--play", default="hamlet")
     ap.add_argument("--activations", default="float", choices=("float", "int8"))
+    ap.add_argument(
+        "--parts",
+        default="bytes,perplexity,greedy,speed",
+        help="comma-separated sections to run (bytes, perplexity, greedy, speed)",
+    )
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"bytes", "perplexity", "greedy", "speed"}
+    if unknown:
+        ap.error(f"--parts: unknown {sorted(unknown)}; use bytes, perplexity, greedy, speed")
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     print_stamp()
 
@@ -49,7 +59,6 @@ def main() -> None:
 
     import jqx
     from jqx.llm import KVCache
-    from jqx.llm.sampling import Sampling
     from jqx_demo.shakespeare import plays
 
     base = jqx.load_llm(activations=args.activations)
@@ -84,6 +93,19 @@ def main() -> None:
             lambda: KVCache.init(c, batch=1, max_len=slots, dtype=dtype, format=fmt)
         ).nbytes
 
+    if "bytes" in parts:
+        bytes_table(nbytes, fmt_of)
+    if "perplexity" in parts:
+        perplexity_table(llm_of, fmt_of, text_ids, n, base)
+    if "greedy" in parts:
+        greedy_table(args, base, llm_of, fmt_of, prompt, n, c)
+    if "speed" in parts:
+        speed_table(args, llm_of, fmt_of, prompt, n)
+
+
+def bytes_table(nbytes, fmt_of) -> None:
+    import jax.numpy as jnp
+
     f16 = nbytes(None, jnp.float16, 2048)
     print("\n## Cache bytes at 2048 slots (batch 1, all layers; scales included)")
     print("| cache | MiB | vs float16 |\n|---|---|---|")
@@ -93,7 +115,8 @@ def main() -> None:
         note = " (float16 residual)" if f == "int4" else ""
         print(f"| {f}{note} | {b / 2**20:.2f} | {b / f16:.3f}x |")
 
-    # ------------------------------------------------------------- perplexity
+
+def perplexity_table(llm_of, fmt_of, text_ids, n, base) -> None:
     print(f"\n## Perplexity through the cache, {n} tokens (prefill 1, then decode steps)")
     print("| cache | perplexity | vs float32 cache | seconds |\n|---|---|---|---|")
     ppl = {}
@@ -106,7 +129,14 @@ def main() -> None:
     one_pass = base.perplexity(text_ids, window=n)
     print(f"(one pass without a cache: {one_pass:.4f})")
 
-    # ------------------------------------------------------------- greedy agreement
+
+def greedy_table(args, base, llm_of, fmt_of, prompt, n, c) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from jqx.llm import KVCache
+    from jqx.llm.sampling import Sampling
+
     m = args.new_tokens
     ref = base.generate(prompt, max_new_tokens=m, stop_at_eos=False).tokens[0]
     print(f"\n## Greedy agreement with the float32 cache over {m} tokens after {n}")
@@ -145,7 +175,8 @@ def main() -> None:
         same = next((i for i, (a, b) in enumerate(zip(free, ref, strict=True)) if a != b), m)
         print(f"| {f} | {100 * agree:.1f}% | {same} of {m} |")
 
-    # ------------------------------------------------------------- speed
+
+def speed_table(args, llm_of, fmt_of, prompt, n) -> None:
     st = args.speed_tokens
     for f in FORMATS:  # compile outside the timed rounds
         llm_of[f].generate(prompt, max_new_tokens=st, stop_at_eos=False, kv_cache=fmt_of[f])

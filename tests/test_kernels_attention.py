@@ -5,6 +5,7 @@ the whole cache, several sequences with different ranges, caches cut into severa
 parts, nothing visible), with hypothesis over values and ranges; the jnp reference;
 under jit with traced lengths (one trace), vmap; thread-count independence; the errors."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,14 +27,17 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def reference64(q, k, v, lo, hi, scale):
+def reference64(q, k, v, lo, hi, scale, kmag=None, vmag=None):
     """float64 attention over slots [clip(lo), clip(hi)) of each sequence (zeros when
     empty), and a per-(b, h) error bound for a float32 computation of it.
 
     The bound is 2e-6 * max|v| * (1 + max_s scale * sum_d |q_d k_sd|): float32 error in a
     score moves its weight relatively by about eps times the score's magnitude, and
     the weighted mean of v moves by at most that times max|v| (plus eps * max|v| for
-    the sums)."""
+    the sums). ``kmag`` and ``vmag`` replace |k| and |v| in the bound when the
+    computation sums larger terms than the values (int4: ``(code + zero) * scale``)."""
+    kmag = np.abs(np.asarray(k, np.float64)) if kmag is None else kmag
+    vmag = np.abs(np.asarray(v, np.float64)) if vmag is None else vmag
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b_, h_, d_ = q.shape
     kvh, s_ = k.shape[1], k.shape[2]
@@ -50,13 +54,14 @@ def reference64(q, k, v, lo, hi, scale):
             s = scale * (kk @ q[b, h])
             p = np.exp(s - s.max())
             out[b, h] = p @ vv / p.sum()
-            mag = abs(scale) * (np.abs(kk) @ np.abs(q[b, h])).max()
-            bound[b, h] = 2e-6 * np.abs(vv).max() * (1 + mag) + 1e-30
+            km, vm = kmag[b, h // g_, lo_b:hi_b], vmag[b, h // g_, lo_b:hi_b]
+            mag = abs(scale) * (km @ np.abs(q[b, h])).max()
+            bound[b, h] = 2e-6 * vm.max() * (1 + mag) + 1e-30
     return out, bound
 
 
-def assert_close(y, q, k, v, lo, hi, scale):
-    ref, bound = reference64(q, k, v, lo, hi, scale)
+def assert_close(y, q, k, v, lo, hi, scale, kmag=None, vmag=None):
+    ref, bound = reference64(q, k, v, lo, hi, scale, kmag, vmag)
     y = np.asarray(y)
     assert y.dtype == np.float32 and y.shape == ref.shape
     assert np.isfinite(y).all()
@@ -285,3 +290,291 @@ def test_traced_scale_is_rejected():
     f = jax.jit(lambda s: native.decode_attention_reference(q, k, k, lo, lo, scale=s))
     with pytest.raises(ValueError, match=r"scale must be a Python float known at trace time"):
         f(0.5)
+
+
+# ----------------------------------------------------------------- 4-bit (KIVI) cache
+#
+# native.decode_attention_int4 (jqx_decode_attention_int4) over jqx.ops.attention's
+# KVCodes("int4"): against a float64 attention over the cache dequantized in float64
+# (the residual window at slots (hi - 1) // g * g ..), and against the XLA path
+# (decode_attention(backend="xla")). The bound is reference64's with the magnitudes
+# the kernel sums: (code + zero) * scale for a slot read from the codes (the zero
+# points are subtracted after the products), |x| for the residual's; the XLA path is
+# another float32 computation of the same, so the two may differ by twice it.
+
+
+def int4_arrays(rng, b, kvh, s, d, grp, res_dtype=np.float32):
+    """Random codes, scales, zero points and residual windows of an int4 cache, as
+    (k, v) tuples (codes, scale, zero, residual)."""
+
+    def one(role):
+        meta = (b, kvh, s // grp, d) if role == "k" else (b, kvh, s, d // grp)
+        codes = rng.integers(0, 256, (b, kvh, s, d // 2)).astype(np.uint8)
+        scale = (rng.random(meta) * 0.3 + 0.01).astype(np.float16)
+        zero = rng.integers(0, 16, meta).astype(np.float16)
+        res = rng.standard_normal((b, kvh, grp, d)).astype(res_dtype)
+        return codes, scale, zero, res
+
+    return one("k"), one("v")
+
+
+def int4_dequantize64(arrays, role, hi):
+    """float64 values (B, KVH, S, D) and their bound magnitudes, the residual window
+    placed at each sequence's slots (hi - 1) // g * g .. (hi clipped to [0, S])."""
+    codes, scale, zero, res = (np.asarray(a) for a in arrays)
+    b, kvh, s, _ = codes.shape
+    grp = res.shape[2]
+    q4 = np.stack([codes & 15, codes >> 4], axis=-1).reshape(b, kvh, s, -1).astype(np.float64)
+    sc, zp = scale.astype(np.float64), zero.astype(np.float64)
+    axis = 2 if role == "k" else 3
+    sc, zp = np.repeat(sc, grp, axis=axis), np.repeat(zp, grp, axis=axis)
+    x, mag = (q4 - zp) * sc, (q4 + zp) * sc
+    for i in range(b):
+        h = min(max(int(hi[i]), 0), s)
+        q0 = (h - 1) // grp * grp if h > 0 else 0
+        r = res[i].astype(np.float64)[:, : s - q0]
+        x[i, :, q0 : q0 + grp] = r
+        mag[i, :, q0 : q0 + grp] = np.abs(r)
+    return x, mag
+
+
+def int4_run(q, k, v, lo, hi, scale, fn=None):
+    fn = fn or native.decode_attention_int4
+    args = [jnp.asarray(a) for a in (q, *k, *v)]
+    lo, hi = (jnp.asarray(np.asarray(a, np.int32)) for a in (lo, hi))
+    return fn(*args, lo, hi, scale=scale)
+
+
+def int4_xla(q, k, v, lo, hi, scale):
+    """decode_attention(backend="xla") on the same arrays (it takes D ** -0.5); jitted,
+    so that each shape compiles once."""
+    from jqx.ops import attention as A
+
+    grp = k[3].shape[2]
+    kc = A.KVCodes(*(jnp.asarray(a) for a in k), kind="int4", role="k", group=grp)
+    vc = A.KVCodes(*(jnp.asarray(a) for a in v), kind="int4", role="v", group=grp)
+    assert scale == q.shape[-1] ** -0.5
+    lo, hi = (jnp.asarray(np.asarray(a, np.int32)) for a in (lo, hi))
+    return _xla_attention()(jnp.asarray(q), kc, vc, lo, hi)
+
+
+@functools.cache
+def _xla_attention():
+    from jqx.ops import attention as A
+
+    return jax.jit(functools.partial(A.decode_attention, backend="xla"))
+
+
+def int4_reference64(q, k, v, lo, hi, scale):
+    """reference64 over the int4 cache dequantized in float64, with its bound."""
+    kx, kmag = int4_dequantize64(k, "k", hi)
+    vx, vmag = int4_dequantize64(v, "v", hi)
+    return reference64(q, kx, vx, lo, hi, scale, kmag, vmag)
+
+
+def int4_assert_close(y, q, k, v, lo, hi, scale):
+    kx, kmag = int4_dequantize64(k, "k", hi)
+    vx, vmag = int4_dequantize64(v, "v", hi)
+    assert_close(y, q, kx, vx, lo, hi, scale, kmag, vmag)
+
+
+# (B, H, KVH, S, D, group, lo, hi): SmolLM2's heads and KIVI's group 32 with hi at a
+# group boundary (the residual holds a whole group), one past it (one residual slot),
+# inside a group; left padding (lo > 0) inside the first group and past several;
+# everything in the residual (lo >= (hi - 1) // g * g); one visible slot; caches cut
+# into several parts (a part boundary inside a key group); D not a multiple of 16
+# and groups smaller than 16 (the kernel's scalar channels and per-lane scales);
+# multi-head; nothing visible; hi past S (clipped).
+INT4_CASES = [
+    (1, 9, 3, 640, 64, 32, [0], [640]),
+    (1, 9, 3, 640, 64, 32, [0], [609]),
+    (1, 9, 3, 640, 64, 32, [5], [300]),
+    (2, 9, 3, 640, 64, 32, [3, 70], [608, 613]),
+    (2, 9, 3, 640, 64, 32, [40, 33], [50, 35]),
+    (1, 9, 3, 64, 64, 32, [7], [8]),
+    (2, 4, 2, 96, 32, 16, [1, 0], [96, 17]),
+    (2, 6, 2, 40, 12, 4, [3, 0], [38, 5]),
+    (1, 5, 1, 64, 16, 8, [2], [61]),
+    (1, 4, 4, 48, 8, 2, [0], [47]),
+    (2, 9, 3, 64, 64, 32, [10, 0], [10, 70]),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("res_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_int4_against_float64_and_xla(case, res_dtype):
+    b, h, kvh, s, d, grp, lo, hi = case
+    rng = np.random.default_rng(b * 1000 + s + d + grp)
+    k, v = int4_arrays(rng, b, kvh, s, d, grp, res_dtype)
+    q = rng.standard_normal((b, h, d)).astype(np.float32)
+    scale = d**-0.5
+    y = int4_run(q, k, v, lo, hi, scale)
+    int4_assert_close(y, q, k, v, lo, hi, scale)
+    x = int4_xla(q, k, v, lo, np.minimum(hi, s), scale)
+    int4_assert_close(x, q, k, v, lo, hi, scale)  # the XLA path meets the same bound
+    ref = int4_run(q, k, v, lo, hi, scale, fn=native.decode_attention_int4_reference)
+    int4_assert_close(ref, q, k, v, lo, hi, scale)
+
+
+@needs_kernel
+def test_int4_reads_neither_invisible_slots_nor_the_codes_of_the_residual_group():
+    rng = np.random.default_rng(5)
+    k, v = int4_arrays(rng, 2, 3, 320, 64, 32)
+    lo, hi = [20, 7], [281, 7]  # sequence 1: nothing visible
+    q = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    y0 = np.asarray(int4_run(q, k, v, lo, hi, 0.125))
+    # NaN scales outside [lo, (hi - 1) // 32 * 32) and NaN residual rows past hi: a
+    # kernel that read them would return NaN; the codes of the group being filled
+    # (slots 256 .. 280) come from the residual window.
+    for arrays, role in ((k, "k"), (v, "v")):
+        codes, scale, zero, res = arrays
+        if role == "k":
+            scale[0, :, 8:] = np.nan  # key groups from slot 256: the residual's and later
+        else:
+            scale[0, :, :20] = np.nan
+            scale[0, :, 256:] = np.nan
+        res[0, :, 25:] = np.nan  # rows of slots 281 ..
+        scale[1] = np.nan
+        res[1] = np.nan
+        codes[0, :, 256:] = 0
+    y = np.asarray(int4_run(q, k, v, lo, hi, 0.125))
+    assert np.isfinite(y).all() and (y[1] == 0).all()
+    np.testing.assert_array_equal(y, y0)
+
+
+def _kv_written(kind_args, seed):
+    """Keys and values written as jqx.ops.attention does: a prefill of `prefill`
+    tokens (a Python int start), then `steps` decode writes (a traced start)."""
+    from jqx.ops import attention as A
+
+    b, kvh, s, d, grp, prefill, steps, pad = kind_args
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, b, kvh, prefill + steps, d)).astype(np.float32)
+    x[:, :, :, :, 3] *= 20.0  # an outlier channel, as keys have
+    pad = jnp.asarray(pad, jnp.int32)
+    write, block = jax.jit(A.kv_write), jax.jit(A.kv_write, static_argnums=2)
+    out = []
+    for role, xi in zip("kv", x, strict=True):
+        c = A.kv_init("int4", role, (b, kvh, s, d), group=grp)
+        if prefill:
+            c = block(c, jnp.asarray(xi[:, :, :prefill]), 0, pad)
+        for t in range(prefill, prefill + steps):
+            c = write(c, jnp.asarray(xi[:, :, t : t + 1]), jnp.int32(t), pad)
+        out.append(c)
+    return out
+
+
+# (B, KVH, S, D, group, prefill, decode steps, pad): the residual window empty after
+# the prefill (a whole number of groups) and filled by one decode write; a decode
+# write that completes a group (hi at the boundary); several groups written token by
+# token with left padding; GQA over 3 kv heads.
+WRITTEN = [
+    (1, 3, 128, 64, 32, 64, 1, [0]),
+    (2, 3, 128, 64, 32, 40, 24, [5, 0]),
+    (2, 2, 96, 32, 16, 0, 50, [3, 17]),
+    (1, 1, 64, 16, 8, 17, 2, [0]),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", WRITTEN, ids=lambda c: "x".join(map(str, c[:7])))
+def test_int4_on_written_caches_equals_xla_and_the_dequantized_cache(case):
+    from jqx.ops import attention as A
+
+    b, kvh, s, d, grp, prefill, steps, pad = case
+    k, v = _kv_written(case, seed=prefill + steps)
+    n = prefill + steps
+    q = np.random.default_rng(n).standard_normal((b, 3 * kvh, d)).astype(np.float32)
+    lo, hi = jnp.asarray(pad, jnp.int32), jnp.full((b,), n, jnp.int32)
+    y = jax.jit(functools.partial(A.decode_attention, backend="native"))(q, k, v, lo, hi)
+    x = _xla_attention()(jnp.asarray(q), k, v, lo, hi)
+    arrays = [(c.codes, c.scale, c.zero, c.residual) for c in (k, v)]
+    int4_assert_close(y, q, *arrays, pad, [n] * b, d**-0.5)
+    int4_assert_close(x, q, *arrays, pad, [n] * b, d**-0.5)
+    # the residual window holds the slots from (n - 1) // g * g: kv_dequantize's view
+    # when the last group is not complete
+    if n % grp:
+        kd = jax.jit(A.kv_dequantize, static_argnums=1)(k, n)
+        kx, _ = int4_dequantize64(arrays[0], "k", [n] * b)
+        np.testing.assert_allclose(np.asarray(kd), kx[:, :, :n], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@given(  # fixed shapes (one compilation each); lengths and fill counts drawn
+    shape=st.sampled_from([(1, 9, 3, 64, 32, 320), (2, 4, 2, 12, 4, 48), (1, 2, 1, 32, 16, 96)]),
+    res_f16=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_int4_property_lengths_and_fill_counts(shape, res_f16, seed, data):
+    b, h, kvh, d, grp, s = shape
+    hi = [data.draw(st.integers(0, s), label="hi") for _ in range(b)]  # fill = hi - qhi
+    lo = [data.draw(st.integers(0, max(hi_b, 1)), label="lo") for hi_b in hi]
+    rng = np.random.default_rng(seed)
+    k, v = int4_arrays(rng, b, kvh, s, d, grp, np.float16 if res_f16 else np.float32)
+    q = rng.standard_normal((b, h, d)).astype(np.float32)
+    y = np.asarray(int4_run(q, k, v, lo, hi, d**-0.5))
+    int4_assert_close(y, q, k, v, lo, hi, d**-0.5)
+    x = np.asarray(int4_xla(q, k, v, lo, hi, d**-0.5))
+    _, bound = int4_reference64(q, k, v, lo, hi, d**-0.5)
+    assert (np.abs(y - x) <= 2 * bound).all()  # two float32 computations of one value
+
+
+@needs_kernel
+def test_int4_jit_traced_lengths_trace_once_and_show_the_target():
+    rng = np.random.default_rng(6)
+    k, v = int4_arrays(rng, 1, 3, 256, 64, 32, np.float16)
+    q = rng.standard_normal((1, 9, 64)).astype(np.float32)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(q, k, v, lo, hi):
+        return native.decode_attention_int4(q, *k, *v, lo, hi, scale=0.125)
+
+    args = (jnp.asarray(q), tuple(map(jnp.asarray, k)), tuple(map(jnp.asarray, v)))
+    for n in (1, 31, 32, 33, 255, 256):
+        lo, hi = np.array([0], np.int32), np.array([n], np.int32)
+        y = f(*args, jnp.asarray(lo), jnp.asarray(hi))
+        int4_assert_close(y, q, k, v, lo, hi, 0.125)
+    jaxpr = str(jax.make_jaxpr(f)(*args, jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32)))
+    assert native.ATTENTION_INT4_TARGET in jaxpr
+
+
+@needs_kernel
+def test_int4_dispatch_picks_the_kernel_and_the_trace_holds_it():
+    from jqx.ops import attention as A
+    from jqx.ops import dispatch
+
+    k, v = _kv_written((1, 3, 64, 64, 32, 0, 3, [0]), seed=0)
+    q = jnp.zeros((1, 9, 64), jnp.float32)
+    assert dispatch.choose_attention(q, k) == "native"
+    lo, hi = jnp.zeros((1,), jnp.int32), jnp.full((1,), 3, jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.decode_attention(*a))(q, k, v, lo, hi))
+    assert native.ATTENTION_INT4_TARGET in jaxpr
+    xla = str(jax.make_jaxpr(lambda *a: A.decode_attention(*a, backend="xla"))(q, k, v, lo, hi))
+    assert native.ATTENTION_INT4_TARGET not in xla
+
+
+def test_int4_bad_input_names_the_argument():
+    rng = np.random.default_rng(7)
+    k, v = (tuple(map(jnp.asarray, c)) for c in int4_arrays(rng, 2, 3, 64, 64, 32))
+    q = jnp.zeros((2, 9, 64), jnp.float32)
+    lo = jnp.zeros((2,), jnp.int32)
+    names = ("k_codes", "k_scale", "k_zero", "k_residual", "v_codes", "v_scale", "v_zero")
+    ok = dict(zip(names, (*k, *v[:3]), strict=True), v_residual=v[3], q=q, lo=lo, hi=lo)
+    cases = [
+        (dict(q=q.astype(jnp.bfloat16)), r"q must be float32 \(B, H, D\)"),
+        (dict(k_codes=k[0].astype(jnp.int8)), r"k_codes must be uint8, two codes per byte"),
+        (dict(k_scale=k[1][:, :, :1]), r"k_scale must be float16, per channel and group"),
+        (dict(v_zero=v[2].astype(jnp.float32)), r"v_zero must be float16, per slot and group"),
+        (dict(v_residual=v[3][:1]), r"v_residual must be float32, float16 or bfloat16"),
+        (dict(k_residual=k[3][:, :, :24]), r"head size D=64 a multiple of the group 24"),
+        (dict(q=jnp.zeros((2, 8, 64), jnp.float32)), r"H=8 must be a multiple of KVH=3"),
+        (dict(hi=jnp.zeros((3,), jnp.int32)), r"hi must be an integer array of shape"),
+        (dict(k_codes=list(k[0].shape)), r"k_codes must be an array, got list"),
+    ]
+    for change, pattern in cases:
+        for fn in (native.decode_attention_int4, native.decode_attention_int4_reference):
+            with pytest.raises(ValueError, match=pattern):
+                fn(**{**ok, **change}, scale=0.125)

@@ -158,16 +158,31 @@ def test_native_equals_xla(kind, n):
 
 
 @needs_native
-def test_native_is_the_default_for_int8_and_fp8_and_xla_for_int4():
+def test_native_is_the_default_for_int8_fp8_and_int4():
     k8, _, _, _ = _cache("int8", 16, 4)
     k4, _, _, _ = _cache("int4", 16, 4)
     q = jnp.zeros((B, H, D), jnp.float32)
     from jqx.ops import dispatch
 
     assert dispatch.choose_attention(q, k8) == "native"
-    assert dispatch.choose_attention(q, k4) == "xla"
-    with pytest.raises(RuntimeError, match="int4 runs on XLA"):
-        dispatch.choose_attention(q, k4, "native")
+    assert dispatch.choose_attention(q, k4) == "native"  # jqx_decode_attention_int4
+    assert dispatch.choose_attention(q, k4, "xla") == "xla"
+    with pytest.raises(RuntimeError, match="int8/fp8/int4 quantized ones"):
+        dispatch.choose_attention(jnp.zeros((B, 5, D), jnp.float32), k4, "native")
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "n, decode_steps",
+    [(35, 1), (35, 18), (32, 16)],  # the last: a decode write completes group 16..31
+)
+def test_native_int4_equals_xla(n, decode_steps):
+    k, v, _, _ = _cache("int4", 64, n, decode_steps=decode_steps, seed=decode_steps)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((B, H, D)).astype(np.float32))
+    for hi in ([n, n], [n, n - 1]):
+        hi = jnp.array(hi, jnp.int32)
+        got = A.decode_attention(q, k, v, PAD, hi, backend="native")
+        np.testing.assert_allclose(got, _attend_xla(q, k, v, PAD, hi), atol=2e-6, rtol=2e-5)
 
 
 # ------------------------------------------------------------------ the model

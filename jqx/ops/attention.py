@@ -23,7 +23,9 @@ The formats (:data:`KV_FORMATS`):
 
 :func:`decode_attention` applies the scales inside the attention products (scores are
 ``q . codes`` times the key scales, the value sum weights the codes by probability
-times value scale); no dequantized copy of the cache is formed.
+times value scale); no dequantized copy of the cache is formed. The native kernel reads
+every format in place (int4 through ``jqx_decode_attention_int4``: a key group's scales
+multiply the query once per group, its zero points enter as one dot per group).
 
 Example:
     >>> import jax.numpy as jnp
@@ -452,6 +454,21 @@ def decode_attention(
     if impl == "native":
         lo32, hi32 = lo.astype(jnp.int32), hi.astype(jnp.int32)
         q32 = q.astype(jnp.float32)
+        if quantized and k.kind == "int4":
+            return native.decode_attention_int4(
+                q32,
+                k.codes,
+                k.scale,
+                k.zero,
+                k.residual,
+                v.codes,
+                v.scale,
+                v.zero,
+                v.residual,
+                lo32,
+                hi32,
+                scale=scale,
+            )
         if quantized:
             return native.decode_attention_quantized(
                 q32, k.codes, k.scale, v.codes, v.scale, lo32, hi32, scale=scale

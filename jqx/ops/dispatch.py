@@ -551,15 +551,15 @@ def choose_attention(q, k, backend: str | None = None) -> str:
         return "xla"
     pol = current_policy()
     reason = _gguf_reason(pol, _platform(pol))
-    # A quantized cache (jqx.ops.attention.KVCodes): the kernel reads int8 and fp8
-    # codes in place; int4 (KIVI) runs on XLA.
+    # A quantized cache (jqx.ops.attention.KVCodes): the kernel reads int8, fp8 and
+    # int4 (KIVI) codes in place.
     kind = getattr(k, "kind", None)
     codes = k.codes if kind is not None else k
     fits = (
         q.ndim == 3
         and codes.ndim == 4
         and (
-            kind in ("int8", "fp8")
+            kind in ("int8", "fp8", "int4")
             or (kind is None and codes.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)))
         )
         and q.shape[1] % codes.shape[1] == 0
@@ -569,8 +569,8 @@ def choose_attention(q, k, backend: str | None = None) -> str:
         raise RuntimeError(
             "decode_attention(backend='native'): the native kernel cannot run this: "
             + (reason if reason != "available" else f"q {q.shape}, {what}")
-            + " (it takes float32/float16 caches and int8/fp8 quantized ones; int4 runs on "
-            "XLA). Use backend=None or 'xla'."
+            + " (it takes float32/float16 caches and int8/fp8/int4 quantized ones). Use "
+            "backend=None or 'xla'."
         )
     # The native kernel reads only the visible slots; XLA's dot on the updated cache
     # also copies every cache buffer per step (docs/internals/dispatch.md).

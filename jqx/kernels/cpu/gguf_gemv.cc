@@ -50,8 +50,9 @@
 //
 // The same library holds jqx_decode_attention (one new token's attention over
 // the visible slots of a float32 / float16 KV cache; see its section below) and
-// jqx_decode_attention_q (the same over an int8 or fp8 quantized cache), which
-// share the thread pool.
+// jqx_decode_attention_q (the same over an int8 or fp8 quantized cache) and
+// jqx_decode_attention_int4 (over the 4-bit KIVI cache), which share the thread
+// pool.
 //
 // Built on first use by jqx/kernels/cpu/native.py (g++ -O3 -mavx2 -mfma
 // -mf16c); jqx_gguf_cpu_supported() is checked before registering it.
@@ -1120,11 +1121,36 @@ void AttnHeads(const float* q, const T* k, const T* v, int64_t D, int64_t ns, fl
 // results.
 constexpr int64_t kAttnPart = 256;
 
-enum CacheKind : int { kCacheF32 = 0, kCacheF16 = 1, kCacheInt8 = 2, kCacheFp8 = 3 };
+enum CacheKind : int {
+  kCacheF32 = 0,
+  kCacheF16 = 1,
+  kCacheInt8 = 2,
+  kCacheFp8 = 3,
+  kCacheInt4 = 4
+};
+
+// The 4-bit KIVI cache (jqx.ops.attention's KVCodes "int4"), S a multiple of
+// `group`: codes (B, KVH, S, D / 2) two per byte, the even channel in the low
+// nibble; keys with a float16 scale and zero point per channel and group of
+// `group` slots (B, KVH, S / group, D), values per slot and group of `group`
+// channels (B, KVH, S, D / group); x = (code - zero) * scale. The slots from
+// qhi[b] = (hi - 1) / group * group on are read from the float residual window
+// (B, KVH, group, D; slot qhi + r at row r), whatever their codes hold.
+struct Int4Cache {
+  const uint16_t* ks;  // key scales and zero points
+  const uint16_t* kz;
+  const uint16_t* vs;  // value scales and zero points
+  const uint16_t* vz;
+  const void* kr;  // residual windows, float32 or float16 bits
+  const void* vr;
+  bool res_f16;
+  int64_t group;
+  const int64_t* qhi;  // (B,): the residual's first slot
+};
 
 struct AttnJob {
   const float* q;  // (B, H, D)
-  const void* k;   // (B, KVH, S, D), float, float16 bits, int8 or fp8 codes
+  const void* k;   // (B, KVH, S, D), float, float16 bits, int8 or fp8 codes (int4: D / 2)
   const void* v;
   float* out;  // (B, H, D)
   int64_t H, KVH, S, D;
@@ -1136,6 +1162,7 @@ struct AttnJob {
   const int64_t* lo;     // (B,) clipped
   const int64_t* ns;     // (B,) visible slots
   float* partial;        // per chunk of a multi-part sequence: G x (D + 2) floats
+  const Int4Cache* i4 = nullptr;  // kCacheInt4 only
 };
 
 // Scores of the calling thread (workers keep theirs between calls).
@@ -1186,6 +1213,276 @@ void AttnPart(const AttnJob& a, int64_t b, int64_t kh, int64_t part, int64_t par
   }
 }
 
+// ------------------------------------------------------------------ int4 (KIVI)
+//
+// A byte holds channels 2i (low nibble) and 2i + 1 (high): eight bytes unpack
+// to the even channels of a block of 16 in one vector and the odd ones in
+// another. The scores' scaled queries are stored in that order (position
+// Int4Pos(d)), so a block costs two FMAs per head; the value sums are kept in it
+// and interleaved back when stored. Channels past the last whole block of 16 are
+// done one at a time in natural order.
+inline int64_t Int4Pos(int64_t d, int64_t d16) {
+  return d < d16 ? d / 16 * 16 + (d & 1) * 8 + (d & 15) / 2 : d;
+}
+inline void Unpack16(const uint8_t* p, __m256* even, __m256* odd) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
+  *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+}
+inline float Nibble(const uint8_t* row, int64_t d) {
+  return static_cast<float>((row[d / 2] >> ((d & 1) * 4)) & 15);
+}
+inline float F16(uint16_t h) { return _cvtsh_ss(h); }
+
+// sc[g * stride + j] = qk[g] . codes[j] - bias[g] for GT heads over n slots of
+// one key group, qk (GT x D, Int4Pos order) the query times the softmax scale
+// times the group's channel scales, bias[g] = qk[g] . zero points.
+template <int GT>
+void Int4Scores(const float* qk, const float* bias, const uint8_t* codes, int64_t D, int64_t n,
+                float* sc, int64_t stride) {
+  constexpr int SL = kScoreSlots<GT>;  // slots per pass: one horizontal sum for SL
+  const int64_t d16 = D / 16 * 16;
+  int64_t j = 0;
+  for (; j + SL <= n; j += SL) {
+    __m256 acc[GT][SL];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 4
+      for (int t = 0; t < SL; ++t) acc[g][t] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d16; d += 16) {
+#pragma GCC unroll 4
+      for (int t = 0; t < SL; ++t) {
+        __m256 ev, od;
+        Unpack16(codes + (j + t) * (D / 2) + d / 2, &ev, &od);
+#pragma GCC unroll 4
+        for (int g = 0; g < GT; ++g) {
+          acc[g][t] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * D + d), ev, acc[g][t]);
+          acc[g][t] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * D + d + 8), od, acc[g][t]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) {
+      float s[SL];
+      StoreSums<SL>(acc[g], s);
+      for (int t = 0; t < SL; ++t) {
+        const uint8_t* row = codes + (j + t) * (D / 2);
+        for (int64_t d = d16; d < D; ++d) s[t] += qk[g * D + d] * Nibble(row, d);
+        sc[g * stride + j + t] = s[t] - bias[g];
+      }
+    }
+  }
+  for (; j < n; ++j) {  // the last slots, one at a time
+    const uint8_t* row = codes + j * (D / 2);
+    __m256 acc[GT];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < d16; d += 16) {
+      __m256 ev, od;
+      Unpack16(row + d / 2, &ev, &od);
+#pragma GCC unroll 4
+      for (int g = 0; g < GT; ++g) {
+        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * D + d), ev, acc[g]);
+        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qk + g * D + d + 8), od, acc[g]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) {
+      float s = HSum(acc[g]);
+      for (int64_t d = d16; d < D; ++d) s += qk[g * D + d] * Nibble(row, d);
+      sc[g * stride + j] = s - bias[g];
+    }
+  }
+}
+
+// acc[g] (natural order, D) = sum_j p[g * stride + j] * vscale_j * codes_j
+// (scales per group of `grp` channels) for GT heads over nq slots; the zero
+// points are the caller's. Blocks of 16 channels outside, slots inside, so each
+// head's two accumulators stay in registers.
+template <int GT>
+void Int4Values(const float* p, int64_t stride, const uint8_t* codes, const uint16_t* vs,
+                int64_t nq, int64_t D, int64_t grp, float* acc) {
+  const int64_t d16 = D / 16 * 16, ng = D / grp;
+  for (int64_t d = 0; d < d16; d += 16) {
+    __m256 ae[GT], ao[GT];
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) ae[g] = ao[g] = _mm256_setzero_ps();
+    if (grp % 16 == 0) {  // one scale for the block (KIVI's groups of 32)
+      const int64_t jg = d / grp;
+      for (int64_t j = 0; j < nq; ++j) {
+        __m256 ev, od;
+        Unpack16(codes + j * (D / 2) + d / 2, &ev, &od);
+        const float s = F16(vs[j * ng + jg]);
+#pragma GCC unroll 4
+        for (int g = 0; g < GT; ++g) {
+          const __m256 w = _mm256_set1_ps(p[g * stride + j] * s);
+          ae[g] = _mm256_fmadd_ps(w, ev, ae[g]);
+          ao[g] = _mm256_fmadd_ps(w, od, ao[g]);
+        }
+      }
+    } else {  // small groups: a scale per lane
+      for (int64_t j = 0; j < nq; ++j) {
+        __m256 ev, od;
+        Unpack16(codes + j * (D / 2) + d / 2, &ev, &od);
+        alignas(32) float se[8], so[8];
+        for (int i = 0; i < 8; ++i) {
+          se[i] = F16(vs[j * ng + (d + 2 * i) / grp]);
+          so[i] = F16(vs[j * ng + (d + 2 * i + 1) / grp]);
+        }
+        const __m256 sev = _mm256_mul_ps(_mm256_load_ps(se), ev);
+        const __m256 sov = _mm256_mul_ps(_mm256_load_ps(so), od);
+#pragma GCC unroll 4
+        for (int g = 0; g < GT; ++g) {
+          const __m256 w = _mm256_set1_ps(p[g * stride + j]);
+          ae[g] = _mm256_fmadd_ps(w, sev, ae[g]);
+          ao[g] = _mm256_fmadd_ps(w, sov, ao[g]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GT; ++g) {  // interleave even and odd channels back
+      const __m256 lo = _mm256_unpacklo_ps(ae[g], ao[g]);
+      const __m256 hi = _mm256_unpackhi_ps(ae[g], ao[g]);
+      _mm256_storeu_ps(acc + g * D + d, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(acc + g * D + d + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+  for (int64_t d = d16; d < D; ++d)
+    for (int g = 0; g < GT; ++g) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < nq; ++j)
+        s += p[g * stride + j] * F16(vs[j * ng + d / grp]) * Nibble(codes + j * (D / 2), d);
+      acc[g * D + d] = s;
+    }
+}
+
+// acc[g] += sum_j p[g * stride + j] * rows[j] (float rows of the residual window).
+template <typename T, int GT>
+void Int4Residual(const float* p, int64_t stride, const T* rows, int64_t n, int64_t D,
+                  float* acc) {
+  const int64_t d8 = D / 8 * 8;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* r = rows + j * D;
+    for (int64_t d = 0; d < d8; d += 8) {
+      const __m256 x = Load8(r + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < GT; ++g)
+        _mm256_storeu_ps(acc + g * D + d,
+                         _mm256_fmadd_ps(_mm256_set1_ps(p[g * stride + j]), x,
+                                         _mm256_loadu_ps(acc + g * D + d)));
+    }
+    for (int64_t d = d8; d < D; ++d)
+      for (int g = 0; g < GT; ++g) acc[g * D + d] += p[g * stride + j] * Load1(r + d);
+  }
+}
+
+// Per-thread scratch of the int4 part: the scaled queries, the residual's scores
+// and the zero points' sums.
+thread_local std::vector<float> t_int4;
+
+// GT heads of one kv head over the part's ns slots from s0: the slots below qhi
+// from the codes (key groups in runs), the rest from the residual window; then
+// the softmax as AttnHeads does and the value sums (codes, minus the zero
+// points' share per group, plus the residual's rows).
+template <typename R, int GT>
+void Int4Heads(const AttnJob& a, int64_t b, int64_t kh, const float* q, int64_t s0, int64_t ns,
+               float* sc, float* out, bool normalize, float* top, float* sum) {
+  const Int4Cache& c = *a.i4;
+  const int64_t D = a.D, S = a.S, grp = c.group, ng = D / grp, d16 = D / 16 * 16;
+  const int64_t pair = b * a.KVH + kh;
+  const int64_t qhi = c.qhi[b];
+  const int64_t nq = std::clamp<int64_t>(qhi - s0, 0, ns);  // slots from the codes
+  const uint8_t* kc = static_cast<const uint8_t*>(a.k) + pair * S * (D / 2);
+  const uint8_t* vc = static_cast<const uint8_t*>(a.v) + pair * S * (D / 2);
+  const uint16_t* ks = c.ks + pair * (S / grp) * D;
+  const uint16_t* kz = c.kz + pair * (S / grp) * D;
+  const uint16_t* vs = c.vs + pair * S * ng;
+  const uint16_t* vz = c.vz + pair * S * ng;
+  const R* kr = static_cast<const R*>(c.kr) + pair * grp * D;
+  const R* vr = static_cast<const R*>(c.vr) + pair * grp * D;
+  std::vector<float>& buf = t_int4;
+  const size_t need = static_cast<size_t>(GT * D + GT * grp + GT * ng + GT);
+  if (buf.size() < need) buf.resize(need);
+  float* qk = buf.data();
+  float* rsc = qk + GT * D;
+  float* zs = rsc + GT * grp;
+  float* bias = zs + GT * ng;
+  // Scores from the codes, one key group's run of slots at a time.
+  for (int64_t j = 0; j < nq;) {
+    const int64_t s = s0 + j, gi = s / grp;
+    const int64_t n = std::min(nq - j, (gi + 1) * grp - s);
+    for (int g = 0; g < GT; ++g) {
+      float bsum = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = q[g * D + d] * a.scale * F16(ks[gi * D + d]);
+        qk[g * D + Int4Pos(d, d16)] = x;
+        bsum += x * F16(kz[gi * D + d]);
+      }
+      bias[g] = bsum;
+    }
+    Int4Scores<GT>(qk, bias, kc + s * (D / 2), D, n, sc + j, ns);
+    j += n;
+  }
+  const int64_t nr = ns - nq;  // slots from the residual window, rows from r0
+  const int64_t r0 = s0 + nq - qhi;
+  if (nr > 0) {
+    AttnScores<R, GT>(q, kr + r0 * D, D, nr, a.scale, rsc);
+    for (int g = 0; g < GT; ++g)
+      for (int64_t j = 0; j < nr; ++j) sc[g * ns + nq + j] = rsc[g * nr + j];
+  }
+  float inv[GT];
+  for (int g = 0; g < GT; ++g) {
+    sum[g] = SoftmaxNumerators(sc + g * ns, ns, top + g);
+    inv[g] = normalize ? 1.0f / sum[g] : 1.0f;
+  }
+  Int4Values<GT>(sc, ns, vc + s0 * (D / 2), vs + s0 * ng, nq, D, grp, out);
+  for (int64_t i = 0; i < GT * ng; ++i) zs[i] = 0.0f;
+  for (int64_t j = 0; j < nq; ++j)
+    for (int64_t jg = 0; jg < ng; ++jg) {
+      const int64_t at = (s0 + j) * ng + jg;
+      const float t = F16(vs[at]) * F16(vz[at]);
+      for (int g = 0; g < GT; ++g) zs[g * ng + jg] += sc[g * ns + j] * t;
+    }
+  for (int g = 0; g < GT; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] -= zs[g * ng + d / grp];
+  if (nr > 0) Int4Residual<R, GT>(sc + nq, ns, vr + r0 * D, nr, D, out);
+  for (int g = 0; g < GT; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv[g];
+}
+
+// AttnPart for the int4 cache: the same parts, tiles of heads and outputs.
+template <typename R>
+void AttnPartInt4(const AttnJob& a, int64_t b, int64_t kh, int64_t part, int64_t parts,
+                  float* partial) {
+  const int64_t G = a.H / a.KVH, D = a.D;
+  const int64_t s0 = a.lo[b] + part * kAttnPart;
+  const int64_t ns = std::min(kAttnPart, a.ns[b] - part * kAttnPart);
+  const float* q = a.q + (b * a.H + kh * G) * D;
+  const bool whole = parts == 1;
+  float* out = whole ? a.out + (b * a.H + kh * G) * D : partial;
+  float* top = whole ? nullptr : partial + G * D;
+  float* sum = whole ? nullptr : top + G;
+  float scratch[8];
+  std::vector<float>& sc = t_scores;
+  const int64_t need = std::min<int64_t>(G, 4) * ns;
+  if (static_cast<int64_t>(sc.size()) < need) sc.resize(static_cast<size_t>(need));
+  for (int64_t g = 0; g < G;) {
+    const int64_t gt = std::min<int64_t>(4, G - g);
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    float* tg = whole ? scratch : top + g;
+    float* sg = whole ? scratch + 4 : sum + g;
+    float* s = sc.data();
+    switch (gt) {
+      case 4: Int4Heads<R, 4>(a, b, kh, qg, s0, ns, s, og, whole, tg, sg); break;
+      case 3: Int4Heads<R, 3>(a, b, kh, qg, s0, ns, s, og, whole, tg, sg); break;
+      case 2: Int4Heads<R, 2>(a, b, kh, qg, s0, ns, s, og, whole, tg, sg); break;
+      default: Int4Heads<R, 1>(a, b, kh, qg, s0, ns, s, og, whole, tg, sg); break;
+    }
+    g += gt;
+  }
+}
+
 inline int64_t AttnParts(int64_t ns) { return (ns + kAttnPart - 1) / kAttnPart; }
 
 void AttnChunk(const void* ctx, int64_t c) {
@@ -1201,6 +1498,12 @@ void AttnChunk(const void* ctx, int64_t c) {
     case kCacheF16: AttnPart<uint16_t>(a, b, r / parts, r % parts, parts, partial); break;
     case kCacheInt8: AttnPart<int8_t>(a, b, r / parts, r % parts, parts, partial); break;
     case kCacheFp8: AttnPart<Fp8>(a, b, r / parts, r % parts, parts, partial); break;
+    case kCacheInt4:
+      if (a.i4->res_f16)
+        AttnPartInt4<uint16_t>(a, b, r / parts, r % parts, parts, partial);
+      else
+        AttnPartInt4<float>(a, b, r / parts, r % parts, parts, partial);
+      break;
     default: AttnPart<float>(a, b, r / parts, r % parts, parts, partial); break;
   }
 }
@@ -1343,6 +1646,67 @@ ffi::Error DecodeAttentionQImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::
   return RunAttention(job, lo.typed_data(), hi.typed_data(), B);
 }
 
+// jqx_decode_attention_int4: the same attention over the 4-bit KIVI cache
+// (Int4Cache above) read in place: a key group's channel scales multiply the
+// query once per group, so a slot's score is (q * scale * kscale) . codes minus
+// that vector's dot with the zero points; a slot's value codes are weighted by
+// its probability times its group's scale, and the zero points' share is
+// subtracted per group. The slots of the group being filled come from the
+// residual window. hi is clipped to [0, S] before qhi is taken from it.
+ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> k,
+                                   ffi::Buffer<ffi::F16> ks, ffi::Buffer<ffi::F16> kz,
+                                   ffi::AnyBuffer kr, ffi::Buffer<ffi::U8> v,
+                                   ffi::Buffer<ffi::F16> vs, ffi::Buffer<ffi::F16> vz,
+                                   ffi::AnyBuffer vr, ffi::Buffer<ffi::S32> lo,
+                                   ffi::Buffer<ffi::S32> hi, ffi::ResultBuffer<ffi::F32> out,
+                                   float scale) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto od = out->dimensions();
+  const auto rd = kr.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || od.size() != 3 || rd.size() != 4 ||
+      lo.dimensions().size() != 1 || hi.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_decode_attention_int4: q and out must be 3-D, codes and residuals 4-D, lo and "
+        "hi 1-D");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], KVH = kd[1], S = kd[2], grp = rd[2];
+  const auto same = [](auto x, std::initializer_list<int64_t> want) {
+    return x.size() == want.size() && std::equal(want.begin(), want.end(), x.begin());
+  };
+  const auto rt = kr.element_type();
+  if (KVH == 0 || H % KVH != 0 || grp < 2 || D % grp != 0 || D % 2 != 0 || S % grp != 0 ||
+      (rt != ffi::DataType::F32 && rt != ffi::DataType::F16) || vr.element_type() != rt ||
+      !same(kd, {B, KVH, S, D / 2}) || !same(v.dimensions(), {B, KVH, S, D / 2}) ||
+      !same(ks.dimensions(), {B, KVH, S / grp, D}) ||
+      !same(kz.dimensions(), {B, KVH, S / grp, D}) ||
+      !same(vs.dimensions(), {B, KVH, S, D / grp}) ||
+      !same(vz.dimensions(), {B, KVH, S, D / grp}) || !same(rd, {B, KVH, grp, D}) ||
+      !same(vr.dimensions(), {B, KVH, grp, D}) || !same(od, {B, H, D}) ||
+      lo.dimensions()[0] != B || hi.dimensions()[0] != B)
+    return ffi::Error::InvalidArgument(
+        "jqx_decode_attention_int4: inconsistent shapes or dtypes");
+  thread_local std::vector<int64_t> qhi;
+  qhi.assign(static_cast<size_t>(B), 0);
+  const int32_t* h = hi.typed_data();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t e = std::clamp<int64_t>(h[b], 0, S);
+    qhi[b] = e > 0 ? (e - 1) / grp * grp : 0;
+  }
+  const Int4Cache c{reinterpret_cast<const uint16_t*>(ks.typed_data()),
+                    reinterpret_cast<const uint16_t*>(kz.typed_data()),
+                    reinterpret_cast<const uint16_t*>(vs.typed_data()),
+                    reinterpret_cast<const uint16_t*>(vz.typed_data()),
+                    kr.untyped_data(),
+                    vr.untyped_data(),
+                    rt == ffi::DataType::F16,
+                    grp,
+                    qhi.data()};
+  AttnJob job{q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
+              H, KVH, S, D, scale, kCacheInt4,
+              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, &c};
+  return RunAttention(job, lo.typed_data(), h, B);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxGgufGemv, GgufGemvImpl,
@@ -1379,6 +1743,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxDecodeAttentionQ, DecodeAttentionQImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxDecodeAttentionInt4, DecodeAttentionInt4Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

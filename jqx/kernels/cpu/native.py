@@ -21,7 +21,10 @@ the Q4_0, Q4_1 and Q8_0 blocks that ``jqx.load_gguf`` keeps;
 quantized to int8 per block of 32 and integer dot products, as llama.cpp
 computes it (faster; the error of int8 activations); and
 ``jqx_decode_attention`` (:func:`decode_attention`): one new token's attention
-over the visible slots of a float32 or float16 KV cache.
+over the visible slots of a float32 or float16 KV cache, with
+``jqx_decode_attention_q`` (:func:`decode_attention_quantized`, int8 and fp8 caches)
+and ``jqx_decode_attention_int4`` (:func:`decode_attention_int4`, the 4-bit KIVI
+cache) reading quantized caches in place.
 
 A third library, ``conv_int8.cc`` (AVX2), registers the W8A8 int8 convolution
 ``jqx_conv_int8`` and ``jqx_w8a8_gemm`` (:func:`w8a8_matmul`): the dense W8A8
@@ -96,6 +99,8 @@ __all__ = [
     "decode_attention_reference",
     "decode_attention_quantized",
     "decode_attention_quantized_reference",
+    "decode_attention_int4",
+    "decode_attention_int4_reference",
     "TARGET",
     "W4_TARGET",
     "W4_MAX_ROWS",
@@ -124,6 +129,7 @@ GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the in
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
+ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
@@ -178,6 +184,7 @@ _GGUF = _Library(
         GGUF_Q8_TARGET: "JqxGgufGemvQ8",
         ATTENTION_TARGET: "JqxDecodeAttention",
         ATTENTION_Q_TARGET: "JqxDecodeAttentionQ",
+        ATTENTION_INT4_TARGET: "JqxDecodeAttentionInt4",
     },
 )
 _CONV = _Library(
@@ -1188,7 +1195,7 @@ def _quantized_cache_check(q, k_codes, k_scale, v_codes, v_scale, fn: str) -> st
     if kind is None or k_codes.ndim != 4:
         raise ValueError(
             f"{fn}: k_codes must be int8, or uint8 holding float8_e4m3fn bits, (B, KVH, S, "
-            f"D), got {_describe(k_codes)}; an int4 cache runs on XLA (jqx.ops.attention)."
+            f"D), got {_describe(k_codes)}; an int4 cache has its own kernel, decode_attention_int4."
         )
     b, kvh, s, _ = k_codes.shape
     want = (
@@ -1298,4 +1305,229 @@ def decode_attention_quantized_reference(
 
     return decode_attention_reference(
         q, deq(k_codes, k_scale), deq(v_codes, v_scale), lo, hi, scale=scale
+    )
+
+
+# ----------------------------------------------------------------- 4-bit (KIVI) KV cache
+
+
+def _int4_cache_check(q, k, v, fn: str) -> int:
+    """Validates the int4 cache operands ``k`` and ``v`` (each ``(codes, scale, zero,
+    residual)``); returns the group size (the residual window's rows)."""
+    names = ("codes", "scale", "zero", "residual")
+    for role, arrays in (("k", k), ("v", v)):
+        for name, a in zip(names, arrays, strict=True):
+            if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+                raise ValueError(
+                    f"{fn}: {role}_{name} must be an array, got {type(a).__name__}; wrap it "
+                    "with jnp.asarray(...)."
+                )
+    if q.ndim != 3 or jnp.dtype(q.dtype) != jnp.float32:
+        raise ValueError(
+            f"{fn}: q must be float32 (B, H, D) (the new token's queries), got {_describe(q)}; "
+            "reshape to (batch, heads, head_dim) and cast with q.astype(jnp.float32)."
+        )
+    b, h, d = q.shape
+    res = k[3]
+    if res.ndim != 4 or res.shape[2] < 2:
+        raise ValueError(
+            f"{fn}: k_residual must be the float residual window (B, KVH, group, D), got "
+            f"{_describe(res)} (jqx.ops.attention.kv_init('int4', ...) allocates it)."
+        )
+    kvh, grp = res.shape[1], res.shape[2]
+    s = k[0].shape[2] if k[0].ndim == 4 else -1
+    if kvh == 0 or h % kvh or d % grp or d % 2 or s % grp:
+        raise ValueError(
+            f"{fn}: q {_describe(q)} with a residual window {_describe(res)} and codes "
+            f"{_describe(k[0])}: the heads H={h} must be a multiple of KVH={kvh}, the head "
+            f"size D={d} a multiple of the group {grp} (and even), the slots S={s} a "
+            "multiple of the group; allocate the cache with jqx.ops.attention.kv_init."
+        )
+    want = {
+        "codes": ((b, kvh, s, d // 2), (jnp.dtype(jnp.uint8),), "uint8, two codes per byte"),
+        "residual": ((b, kvh, grp, d), _RESIDUAL_DTYPES, "float32, float16 or bfloat16"),
+    }
+    meta = {"k": (b, kvh, s // grp, d), "v": (b, kvh, s, d // grp)}
+    for role, arrays in (("k", k), ("v", v)):
+        for name, a in zip(names, arrays, strict=True):
+            shape, dtypes, what = want.get(
+                name,
+                (
+                    meta[role],
+                    (jnp.dtype(jnp.float16),),
+                    "float16, per channel and group of slots"
+                    if role == "k"
+                    else "float16, per slot and group of channels",
+                ),
+            )
+            if tuple(a.shape) != shape or jnp.dtype(a.dtype) not in dtypes:
+                raise ValueError(
+                    f"{fn}: {role}_{name} must be {what} {shape} for q {_describe(q)} and "
+                    f"group {grp}, got {_describe(a)}; pass the arrays of a KVCodes('int4') "
+                    "as jqx.ops.attention.kv_init and kv_write make them."
+                )
+    return grp
+
+
+_RESIDUAL_DTYPES = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def decode_attention_int4(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    k_zero: jax.Array,
+    k_residual: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    v_zero: jax.Array,
+    v_residual: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """:func:`decode_attention` over the 4-bit KIVI cache, read in place.
+
+    The layout of ``jqx.ops.attention.KVCodes("int4")`` with group ``g`` (the
+    residual window's rows): codes uint8 (B, KVH, S, D // 2), two per byte, the even
+    channel in the low nibble, ``x = (code - zero) * scale``; keys with a float16
+    scale and zero point per channel and group of ``g`` slots (B, KVH, S // g, D),
+    values per slot and group of ``g`` channels (B, KVH, S, D // g). The slots from
+    ``(hi - 1) // g * g`` to ``hi`` (the group being filled) are read from the float
+    residual windows (B, KVH, g, D; slot ``s`` at row ``s % g``), whatever their
+    codes hold. The key scales multiply the query once per group and the zero points
+    enter as one dot per group and head; the value scales weight the softmax's
+    probabilities; no float copy of the cache is formed and only the visible slots are
+    read. ``hi`` is clipped to [0, S] first. Same threads, parts and guarantees as
+    :func:`decode_attention`. A bfloat16 residual window is read as float32 (a copy of
+    ``g`` slots).
+
+    Args:
+      q: float32 (B, H, D), H a multiple of KVH.
+      k_codes, k_scale, k_zero, k_residual: the keys' arrays.
+      v_codes, v_scale, v_zero, v_residual: the values' arrays.
+      lo, hi: integer (B,), the visible slots ``lo <= s < hi``.
+      scale: the scores' factor, a Python float.
+
+    Returns:
+      float32 (B, H, D); zeros for a sequence with no visible slot.
+
+    Raises:
+      ValueError: a dtype or shape the kernel does not take (named).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> codes = jnp.full((1, 1, 4, 2), 0x33, jnp.uint8)  # every code 3
+        >>> one = jnp.ones((1, 1, 2, 4), jnp.float16)  # scales 1 (keys; values alike)
+        >>> zero = jnp.zeros((1, 1, 2, 4), jnp.float16)
+        >>> res = jnp.full((1, 1, 2, 4), 5.0)  # the residual window: slots 2, 3
+        >>> vsc, vz = jnp.ones((1, 1, 4, 2), jnp.float16), jnp.zeros((1, 1, 4, 2), jnp.float16)
+        >>> f = native.decode_attention_int4 if native.gguf_available() else (
+        ...     native.decode_attention_int4_reference)
+        >>> q = jnp.zeros((1, 1, 4))  # equal scores: the mean of slots 0, 1, 2 (3, 3, 5)
+        >>> y = f(q, codes, one, zero, res, codes, vsc, vz, res, jnp.array([0]), jnp.array([3]),
+        ...       scale=0.5)
+        >>> [round(x, 4) for x in y[0, 0].tolist()]
+        [3.6667, 3.6667, 3.6667, 3.6667]
+    """
+    fn = "decode_attention_int4"
+    k = (k_codes, k_scale, k_zero, k_residual)
+    v = (v_codes, v_scale, v_zero, v_residual)
+    _int4_cache_check(q, k, v, fn)
+    stand_in = jax.ShapeDtypeStruct((*k_codes.shape[:3], q.shape[2]), jnp.float16)
+    lo, hi, scale = _attention_check(q, stand_in, stand_in, lo, hi, scale, fn)
+    if not gguf_available():
+        raise RuntimeError(f"the native attention kernel is not available: {gguf_status()}")
+    kr, vr = (
+        r if jnp.dtype(r.dtype) in _RESIDUAL_DTYPES[:2] else r.astype(jnp.float32)
+        for r in (k_residual, v_residual)
+    )
+    return jax.ffi.ffi_call(
+        ATTENTION_INT4_TARGET,
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        vmap_method="sequential",
+    )(
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        kr,
+        v_codes,
+        v_scale,
+        v_zero,
+        vr,
+        lo,
+        hi,
+        scale=np.float32(scale),
+    )
+
+
+def decode_attention_int4_reference(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    k_zero: jax.Array,
+    k_residual: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    v_zero: jax.Array,
+    v_residual: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Plain-jnp :func:`decode_attention_int4`: the cache dequantized to float32 (the
+    residual window placed at each sequence's slots ``(hi - 1) // g * g ..``), then
+    :func:`decode_attention_reference`. Same operands and errors; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> codes = jnp.full((1, 1, 2, 1), 0x21, jnp.uint8)  # codes 1 and 2
+        >>> ks, kz = jnp.ones((1, 1, 1, 2), jnp.float16), jnp.zeros((1, 1, 1, 2), jnp.float16)
+        >>> vs, vz = jnp.ones((1, 1, 2, 1), jnp.float16), jnp.zeros((1, 1, 2, 1), jnp.float16)
+        >>> res = jnp.zeros((1, 1, 2, 2))
+        >>> native.decode_attention_int4_reference(
+        ...     jnp.zeros((1, 1, 2)), codes, ks, kz, res, codes, vs, vz, res,
+        ...     jnp.array([0]), jnp.array([2]), scale=1.0).tolist()  # slots 0, 1: residual
+        [[[0.0, 0.0]]]
+    """
+    fn = "decode_attention_int4_reference"
+    k = (k_codes, k_scale, k_zero, k_residual)
+    v = (v_codes, v_scale, v_zero, v_residual)
+    grp = _int4_cache_check(q, k, v, fn)
+    stand_in = jax.ShapeDtypeStruct((*k_codes.shape[:3], q.shape[2]), jnp.float16)
+    lo, hi, scale = _attention_check(q, stand_in, stand_in, lo, hi, scale, fn)
+    b, kvh, s, _ = k_codes.shape
+    hi = jnp.clip(hi, 0, s)
+    qhi = jnp.where(hi > 0, (hi - 1) // grp * grp, 0)
+
+    def deq(codes, sc, zp, res, role):
+        lo4 = (codes & 15).astype(jnp.float32)
+        hi4 = (codes >> 4).astype(jnp.float32)
+        x = jnp.stack([lo4, hi4], axis=-1).reshape(b, kvh, s, -1)
+        sc, zp = sc.astype(jnp.float32), zp.astype(jnp.float32)
+        if role == "k":
+            sc, zp = jnp.repeat(sc, grp, axis=2), jnp.repeat(zp, grp, axis=2)
+        else:
+            sc, zp = jnp.repeat(sc, grp, axis=3), jnp.repeat(zp, grp, axis=3)
+        x = (x - zp) * sc
+        row = jnp.arange(s)[None, :] - qhi[:, None]  # (b, s): the residual's row
+        inres = (row >= 0) & (row < grp)
+        r = jnp.take_along_axis(
+            res.astype(jnp.float32), jnp.clip(row, 0, grp - 1)[:, None, :, None], axis=2
+        )
+        return jnp.where(inres[:, None, :, None], r, x)
+
+    return decode_attention_reference(
+        q,
+        deq(k_codes, k_scale, k_zero, k_residual, "k"),
+        deq(v_codes, v_scale, v_zero, v_residual, "v"),
+        lo,
+        hi,
+        scale=scale,
     )
