@@ -2,9 +2,37 @@
 
 import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# The suite compiles thousands of small programs and runs few big ones, so XLA:CPU's
+# compile time is most of its wall time. Tests compile as `jax_disable_most_optimizations`
+# does (LLVM -O0, no expensive passes) and with the classic elemental fusion emitter
+# (the MLIR fusion emitters take longer to compile): about 1.6x less wall time for the
+# suite (docs/internals/testing.md). Neither changes what an IEEE operation computes, and
+# dots and convolutions run in the same runtime libraries either way. Set
+# JQX_TEST_XLA=default to run with XLA's defaults. Set before jax creates its backend;
+# subprocesses that tests start inherit them. Only for the jaxlib these flags were
+# checked on: XLA aborts on a flag it does not know.
+_FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
+
+
+def _fast_compile() -> None:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    if os.environ.get("JQX_TEST_XLA") == "default" or not version("jaxlib").startswith("0.10."):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    missing = [f for f in _FAST_COMPILE_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+
+
+_fast_compile()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # A silent int8 -> f32 upcast is a bug: every test runs with strict promotion.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -26,7 +54,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}"
+    xla = os.environ.get("XLA_FLAGS") or "XLA defaults"
+    return (
+        f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"devices {jax.device_count()}, XLA_FLAGS: {xla}"
+    )
 
 
 @pytest.fixture

@@ -495,7 +495,7 @@ def test_shard_directory_errors(tmp_path):
 
 _SHARDED = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, jqx
 from jax.sharding import Mesh, PartitionSpec as P
 from jqx.io.checkpoint import load, save

@@ -219,7 +219,8 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens():
                           "shards": len(wq.qvalue.addressable_shards)}))
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags)
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
     )

@@ -119,7 +119,7 @@ def test_bad_arguments():
 
 _RESHARD = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, jqx, orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
 from jqx.io import orbax as jqo
