@@ -407,7 +407,7 @@ def _flatten_contraction(x_shape, q: QArray, dn: DimensionNumbers):
     None. Returns ``(x2_shape, q2, dn2, out_shape)``."""
     (xc, wc), (xb, wb) = dn
     n = len(wc)
-    if xb or wb or tuple(wc) != tuple(range(n)) or q.ndim <= max(n, 2) and n == 1:
+    if xb or wb or tuple(wc) != tuple(range(n)) or (n == 1 and q.ndim <= 2):
         return None
     if q.ndim == n or tuple(xc) != tuple(range(xc[0], xc[0] + n)):
         return None
