@@ -22,6 +22,9 @@ from jqx_demo.shakespeare import (
 )
 
 TINY = charlm.CharLMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=16)
+# The float forward, compiled once for the (2, 16) tokens every test uses: eager, each
+# op of the model would be dispatched (and compiled) on its own in every test.
+APPLY = jax.jit(charlm.apply_fn(TINY))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_batches_are_shifted_windows(data):
 def test_apply_fn_matches_module_and_is_causal(tiny):
     model, params = tiny
     t = tokens()
-    f = jax.jit(charlm.apply_fn(TINY))
+    f = APPLY
     out = f(params, t)
     assert out.shape == (2, 16, 84) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(model(t)), rtol=1e-5, atol=1e-5)
@@ -99,7 +102,7 @@ def test_apply_fn_matches_module_and_is_causal(tiny):
 def test_untrained_loss_is_about_log_vocab(tiny):
     _, params = tiny
     w = jnp.asarray(np.random.default_rng(0).integers(0, 84, (4, 17)), jnp.int32)
-    loss, grads = jax.value_and_grad(charlm.loss_fn)(params, w, TINY)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p, w: charlm.loss_fn(p, w, TINY)))(params, w)
     assert abs(float(loss) - math.log(84)) < 0.1
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
@@ -126,16 +129,16 @@ def test_default_selection_finds_exactly_the_matmul_kernels(tiny):
 def test_int8_weights_stay_close_to_float(tiny):
     _, params = tiny
     t = tokens(1)
-    ref = charlm.apply_fn(TINY)(params, t)
+    ref = APPLY(params, t)
     deq = jqx.dequantize(jqx.quantize(params, jqx.int8_weight_only()))
-    out = charlm.apply_fn(TINY)(deq, t)
+    out = APPLY(deq, t)
     assert float(jnp.max(jnp.abs(out - ref))) < 0.02 * float(jnp.max(jnp.abs(ref)))
 
 
 def test_runs_under_jqx_quantized(tiny):
     _, params = tiny
     t = tokens(2)
-    ref = charlm.apply_fn(TINY)(params, t)
+    ref = APPLY(params, t)
     q = jqx.quantize(params, jqx.int8_weight_only())
     out = jax.jit(jqx.quantized(charlm.apply_fn(TINY)))(q, t)
     assert out.shape == ref.shape
@@ -147,8 +150,8 @@ def test_half_precision_forward_close_to_f32(tiny, spec, tol):
     """Runs under strict dtype promotion: every mixed-dtype op in the model is explicit."""
     _, params = tiny
     t = tokens(3)
-    ref = charlm.apply_fn(TINY)(params, t)
-    out = mp.get_policy(spec).apply(charlm.apply_fn(TINY))(params, t)
+    ref = APPLY(params, t)
+    out = jax.jit(mp.get_policy(spec).apply(charlm.apply_fn(TINY)))(params, t)
     assert out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) < tol * float(jnp.max(jnp.abs(ref)))
 

@@ -124,9 +124,12 @@ def test_w8a8_is_exact_on_the_codes(recipe, groups, per_sample, taps):
     taps_max = 10**6 if taps else 0
     with jqx.ops.policy(platform="cpu", native_available=False, conv_taps_max_in=taps_max):
         name = jqx.ops.explain_conv(x, q, dimension_numbers=DN, **kw)
-        y = jqx.ops.conv_general_dilated(x, q, dimension_numbers=DN, **kw)
+        # Jitted (the policy is read at trace time, inside it): one program, not each op.
+        y = jax.jit(lambda x, q: jqx.ops.conv_general_dilated(x, q, dimension_numbers=DN, **kw))(
+            x, q
+        )
     assert name == ("xla.conv_int8_taps" if taps and groups == 1 else "xla.conv_int8")
-    ref = _codes_reference(x, q, groups, per_sample, **kw)
+    ref = jax.jit(lambda x, q: _codes_reference(x, q, groups, per_sample, **kw))(x, q)
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(ref))))
     # ...and close to the float convolution: both roundings are within half a step.
     full = _float_conv(x, w, **kw)
@@ -217,18 +220,28 @@ def test_property_matches_float_conv_of_quantized_operands(c):
         with pytest.raises(ValueError, match="String padding is not implemented"):
             jqx.ops.conv_general_dilated(x_in, q, **kw)
         kw["padding"] = ((1, 1), (0, 2))
-    y = jqx.ops.conv_general_dilated(x_in, q, **kw)
-    xd = x_in
-    if q.act is not None:
-        fmt = q.act.format
-        n_axis = 0
-        axes = (
-            None if q.act.granularity == "per_tensor" else tuple(a for a in range(4) if a != n_axis)
-        )
-        s = jqx.core.numerics.absmax_scale(x_in, axes, fmt)
-        codes, _ = jqx.core.numerics.quantize_activation(x_in, fmt, scale=s)
-        xd = jqx.core.formats.decode(codes, fmt) * s
-    ref = lax.conv_general_dilated(xd, q.dequantize(), precision=lax.Precision.HIGHEST, **kw)
+
+    # Jitted: each example is a new conv configuration, one program instead of each
+    # eager op compiled on its own.
+    @jax.jit
+    def run(x_in, q):
+        y = jqx.ops.conv_general_dilated(x_in, q, **kw)
+        xd = x_in
+        if q.act is not None:
+            fmt = q.act.format
+            n_axis = 0
+            axes = (
+                None
+                if q.act.granularity == "per_tensor"
+                else tuple(a for a in range(4) if a != n_axis)
+            )
+            s = jqx.core.numerics.absmax_scale(x_in, axes, fmt)
+            codes, _ = jqx.core.numerics.quantize_activation(x_in, fmt, scale=s)
+            xd = jqx.core.formats.decode(codes, fmt) * s
+        ref = lax.conv_general_dilated(xd, q.dequantize(), precision=lax.Precision.HIGHEST, **kw)
+        return y, ref
+
+    y, ref = run(x_in, q)
     assert y.shape == ref.shape
     tol = 2e-5 * float(jnp.max(jnp.abs(ref))) + 1e-6
     assert float(jnp.max(jnp.abs(y - ref))) <= tol
@@ -349,13 +362,12 @@ def test_native_conv_dispatch():
             jqx.ops.explain_conv(x, q, *args, dimension_numbers=DN, backend="native")
 
 
-def test_native_conv_in_a_model_matches_xla():
+def test_native_conv_in_a_model_matches_xla(cnn):
     """The digits-sized CNN through jqx.quantized: the native path gives the XLA
     path's logits exactly, dynamic and calibrated static."""
     _need_native_conv()
-    m = _CNN()
+    m, v = cnn
     x = _x((4, 8, 8, 1))
-    v = m.init(jax.random.key(1), x)
     for q in (
         jqx.quantize(v, W8A8),
         jqx.calibrate(m.apply, v, [x], jqx.int8_static_activation_int8_weight(), progress=False),
@@ -383,16 +395,23 @@ class _CNN(nn.Module):
         return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 
+@pytest.fixture(scope="module")
+def cnn():
+    """The CNN and its parameters, initialised once and jitted (an eager init
+    compiles each op of each layer on its own); they do not depend on the batch."""
+    m = _CNN()
+    return m, jax.jit(m.init)(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+
+
 def _int32_convs(fn, *args) -> int:
     jaxpr = jax.make_jaxpr(fn)(*args)
     return str(jaxpr).count("preferred_element_type=int32")
 
 
-def test_quantized_cnn_runs_int8_convs_and_calibrates():
-    m = _CNN()
+def test_quantized_cnn_runs_int8_convs_and_calibrates(cnn):
+    m, v = cnn
     x = _x((2, 8, 8, 1))
-    v = m.init(jax.random.key(1), x)
-    y_f = m.apply(v, x)
+    y_f = jax.jit(m.apply)(v, x)
     q = jqx.quantize(v, W8A8)
     fwd = jqx.quantized(m.apply)
     # Conv_0 runs as taps (one int8 dot per window position), the rest as int8 convs

@@ -227,19 +227,29 @@ _SAME_RESULT = """
 @needs_kernel
 def test_results_independent_of_thread_count(tmp_path):
     # The cache is cut into parts by lo / hi only, and parts merge in a fixed order.
-    got = {}
-    for threads in ("1", "3"):
-        path = tmp_path / f"y{threads}.npy"
-        r = subprocess.run(
+    # Both processes start at once: most of each one's time is importing jax.
+    procs = {
+        threads: subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(_SAME_RESULT.replace("{path}", str(path)))],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "JQX_NUM_THREADS": threads},
-            timeout=600,
         )
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == [threads]
-        got[threads] = np.load(path)
+        for threads, path in ((t, tmp_path / f"y{t}.npy") for t in ("1", "3"))
+    }
+    got = {}
+    try:
+        for threads, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr
+            assert stdout.split() == [threads]
+            got[threads] = np.load(tmp_path / f"y{threads}.npy")
+    finally:  # a failed or timed-out check leaves no process behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert np.array_equal(got["1"].view(np.uint32), got["3"].view(np.uint32))
 
 
@@ -365,6 +375,13 @@ def _xla_attention():
     return jax.jit(functools.partial(A.decode_attention, backend="xla"))
 
 
+@functools.cache
+def _int4_reference_jit():
+    """The jnp reference jitted: eager, each of its many ops compiles for each new
+    shape (seconds per case); jitted, one program per shape."""
+    return jax.jit(native.decode_attention_int4_reference, static_argnames="scale")
+
+
 def int4_reference64(q, k, v, lo, hi, scale):
     """reference64 over the int4 cache dequantized in float64, with its bound."""
     kx, kmag = int4_dequantize64(k, "k", hi)
@@ -413,7 +430,7 @@ def test_int4_against_float64_and_xla(case, res_dtype):
     int4_assert_close(y, q, k, v, lo, hi, scale)
     x = int4_xla(q, k, v, lo, np.minimum(hi, s), scale)
     int4_assert_close(x, q, k, v, lo, hi, scale)  # the XLA path meets the same bound
-    ref = int4_run(q, k, v, lo, hi, scale, fn=native.decode_attention_int4_reference)
+    ref = int4_run(q, k, v, lo, hi, scale, fn=_int4_reference_jit())
     int4_assert_close(ref, q, k, v, lo, hi, scale)
 
 

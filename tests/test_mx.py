@@ -7,6 +7,7 @@ against the emulation by the ``gpu`` test on a GPU)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -100,7 +101,7 @@ def test_scale_modes():
 def test_fake_quant_equals_dequantize():
     x = jax.random.normal(jax.random.key(0), (3, 64)) * 5
     for fmt in mx.MX_ELEMENTS:
-        np.testing.assert_array_equal(mx.fake_quant_mx(x, fmt), mx.quantize_mx(x, fmt).dequantize())
+        np.testing.assert_array_equal(_fake_quant_mx(x, fmt), _quantize_mx(x, fmt).dequantize())
 
 
 # --------------------------------------------------------------------------- golden files
@@ -234,11 +235,13 @@ def test_recipes_through_quantized(recipe, bound):
 
 def test_pack_6bit_round_trip():
     rng = np.random.default_rng(0)
+    # One compiled program per n instead of each packing op compiled for each shape.
+    pack_unpack = jax.jit(lambda c: (p := pack_6bit(c), unpack_6bit(p, c.shape[-1])))
     for n in (1, 3, 4, 6, 13, 32):
         c = jnp.asarray(rng.integers(0, 64, (3, n)), jnp.uint8)
-        p = pack_6bit(c)
+        p, back = pack_unpack(c)
         assert p.shape == (3, 3 * -(-n // 4))
-        np.testing.assert_array_equal(np.asarray(unpack_6bit(p, n)), np.asarray(c))
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(c))
     # The documented bit order: one little-endian stream, code i at bits 6i .. 6i + 5.
     c = np.array([5, 40, 17, 63], np.uint8)
     word = sum(int(v) << (6 * i) for i, v in enumerate(c))
@@ -251,12 +254,12 @@ def test_fp6_packed_four_codes_in_three_bytes(fmt):
     q = mx.quantize_mx(x, fmt, axis=0)
     assert q.qvalue.shape == (64, 96) and q.qvalue.dtype == jnp.uint8 and q.packed
     assert q.nbytes * 8 / x.size == 6.25
-    np.testing.assert_array_equal(q.dequantize(), mx.fake_quant_mx(x, fmt, axis=0))
+    np.testing.assert_array_equal(q.dequantize(), _fake_quant_mx(x, fmt, axis=0))
     # A last axis that is not a multiple of four is padded with zero codes.
     x6 = x[:, :6]
     q6 = mx.quantize_mx(x6, fmt, axis=0)
     assert q6.qvalue.shape == (64, 6)
-    np.testing.assert_array_equal(q6.dequantize(), mx.fake_quant_mx(x6, fmt, axis=0))
+    np.testing.assert_array_equal(q6.dequantize(), _fake_quant_mx(x6, fmt, axis=0))
 
 
 def test_fp6_packed_codes_follow_a_transpose():
@@ -332,7 +335,21 @@ def test_scaled_matmul_operands_match_the_emulation(fmt):
     x = jax.random.normal(jax.random.key(1), (2, 3, 64)) * 3
     dn = (((2,), (0,)), ((), ()))
     p = describe(x.shape, np.dtype(x.dtype), q, dn, None, None)
-    a, b, sa, sb, lead = impl_xla.scaled_operands(x, q, p)
+    leads = []  # the Python tuple the route returns, recorded while tracing
+
+    # Jitted (the operands and the product as scaled_matmul defines it): one program
+    # instead of each eager op compiled on its own.
+    @jax.jit
+    def operands_and_product(x, q):
+        a, b, sa, sb, lead = impl_xla.scaled_operands(x, q, p)
+        leads.append(lead)
+        a_s = a.astype(jnp.float32) * jnp.repeat(sa.astype(jnp.float32), 32, axis=-1)
+        b_s = b.astype(jnp.float32) * jnp.repeat(sb.astype(jnp.float32), 32, axis=-1)
+        y = jnp.einsum("bmk,bnk->bmn", a_s, b_s, precision="highest").reshape(lead + (48,))
+        return a, b, sa, sb, y
+
+    a, b, sa, sb, y = operands_and_product(x, q)
+    (lead,) = leads
     assert (a.shape, b.shape, sa.shape, sb.shape, lead) == (
         (1, 6, 64),
         (1, 48, 64),
@@ -341,11 +358,8 @@ def test_scaled_matmul_operands_match_the_emulation(fmt):
         (2, 3),
     )
     assert sa.dtype == sb.dtype == jnp.float8_e8m0fnu
-    a_s = a.astype(jnp.float32) * jnp.repeat(sa.astype(jnp.float32), 32, axis=-1)
-    b_s = b.astype(jnp.float32) * jnp.repeat(sb.astype(jnp.float32), 32, axis=-1)
-    y = jnp.einsum("bmk,bnk->bmn", a_s, b_s, precision="highest").reshape(lead + (48,))
-    with jqx.ops.policy(platform="cpu"):
-        ref = jqx.ops.dot_general(x, q, dn)
+    with jqx.ops.policy(platform="cpu"):  # read at trace time: inside the policy
+        ref = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, dn))(x, q)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
 
@@ -555,7 +569,7 @@ def test_e8m0_scale_saturates_never_nan(mode):
     tiny = np.float32(2.0**-149)
     x = np.array([[big, -big] + [1.0] * 30, [tiny] * 32, [0.0] * 32], np.float32)
     for fmt in mx.MX_ELEMENTS:
-        q = _quantize_mx(x, fmt, scale_mode=mode)
+        q, fake = _quantize_and_fake_quant_mx(x, fmt, mode)
         b = _u8(q.scale).ravel()
         assert b.max() <= 254 and b.min() >= 0, (fmt, b)
         assert b[2] == 0  # a zero block: 2^-127 and zero codes
@@ -563,7 +577,13 @@ def test_e8m0_scale_saturates_never_nan(mode):
         assert np.isfinite(d).all(), fmt
         # The largest values saturate within a factor 2 of float32's max, symmetrically.
         assert big / 2 <= d[0, 0] <= big and d[0, 1] == -d[0, 0], (fmt, d[0, :2])
-        np.testing.assert_array_equal(d, _fake_quant_mx(x, fmt, scale_mode=mode))
+        np.testing.assert_array_equal(d, fake)
+
+
+# One program per format and mode, not one for each of the two.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_and_fake_quant_mx(x, fmt, mode):
+    return mx.quantize_mx(x, fmt, scale_mode=mode), mx.fake_quant_mx(x, fmt, scale_mode=mode)
 
 
 def test_e4m3_block_scale_saturates_never_nan():
@@ -715,6 +735,6 @@ def test_fp8_codes_keep_the_previous_derivative(fmt):
         return lambda v: jnp.sum(enc(v, sb, f).astype(jnp.float32) * w)
 
     np.testing.assert_array_equal(
-        _u8(jax.grad(loss(mx.encode_mx))(x)).view(np.uint32),
-        _u8(jax.grad(loss(_old_codes))(x)).view(np.uint32),
+        _u8(jax.jit(jax.grad(loss(mx.encode_mx)))(x)).view(np.uint32),
+        _u8(jax.jit(jax.grad(loss(_old_codes)))(x)).view(np.uint32),
     )

@@ -3,6 +3,7 @@
 fallback when the kernels are unavailable."""
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -276,14 +277,15 @@ W8A8_SHAPES = [
 ]
 
 
-def _w8a8_case(m, k, n, seed):
+def _w8a8_case(m, k, n, seed, quantize=True):
     rng = np.random.default_rng(seed)
     # Row magnitudes spread over 1e-3..1e3, some rows all zero (scale 1, codes 0).
     x = rng.normal(size=(m, k)) * 10.0 ** rng.uniform(-3, 3, size=(m, 1))
     x[rng.random(m) < 0.2] = 0.0
-    w = rng.normal(size=(k, n))
-    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.asarray(w, jnp.float32))
-    return jnp.asarray(x, jnp.float32), q
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    if quantize:
+        w = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+    return jnp.asarray(x, jnp.float32), w
 
 
 def _xla_w8a8(x, q, dn=DN2):
@@ -292,17 +294,25 @@ def _xla_w8a8(x, q, dn=DN2):
         return jqx.ops.dot_general(x, q, dn, backend="xla")
 
 
+@functools.partial(jax.jit, static_argnames="reference")
+def _fused_and_xla(x, w, reference=False):
+    """The fused kernel, jqx.ops' XLA path and (with `reference`) the plain-jnp
+    reference on the same quantized weight: one compiled program per shape, where
+    eager JAX would compile each of dozens of ops for each new shape."""
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    out = (native.w8a8_matmul(x, q.qvalue, ws), _xla_w8a8(x, q))
+    return out + (native.w8a8_matmul_reference(x, q.qvalue, ws),) if reference else out
+
+
 @needs_conv
 @pytest.mark.parametrize("m,k,n", W8A8_SHAPES)
 def test_w8a8_fused_bit_identical_to_xla_path(m, k, n):
-    x, q = _w8a8_case(m, k, n, seed=m * 31 + k * 7 + n)
-    ws = q.scale.astype(jnp.float32).reshape(-1)
-    y = jax.jit(native.w8a8_matmul)(x, q.qvalue, ws)
+    x, w = _w8a8_case(m, k, n, seed=m * 31 + k * 7 + n, quantize=False)
+    y, xla, ref = _fused_and_xla(x, w, reference=True)
     assert y.dtype == jnp.float32 and y.shape == (m, n)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(_xla_w8a8(x, q)))
-    np.testing.assert_array_equal(
-        np.asarray(y), np.asarray(native.w8a8_matmul_reference(x, q.qvalue, ws))
-    )
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
 
 
 @needs_conv
@@ -352,11 +362,9 @@ def test_w8a8_fused_through_jqx_ops():
     n=st.integers(1, 70),
 )
 def test_w8a8_fused_property(seed, m, k, n):
-    x, q = _w8a8_case(m, k, n, seed)
-    ws = q.scale.astype(jnp.float32).reshape(-1)
-    np.testing.assert_array_equal(
-        np.asarray(native.w8a8_matmul(x, q.qvalue, ws)), np.asarray(_xla_w8a8(x, q))
-    )
+    # Every example has a new shape: one jitted program each, not dozens of eager ops.
+    y, xla = _fused_and_xla(*_w8a8_case(m, k, n, seed, quantize=False))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
 
 
 def test_w8a8_bad_input():

@@ -37,10 +37,23 @@ def _inputs(m, k, n, g, signed, zeros, x_dtype, scale_dtype=jnp.float32, seed=0)
     return x, pw, s, z
 
 
+@functools.partial(jax.jit, static_argnames="out_dtype")
 def _bound(x, w, ref, out_dtype, rel):
     """Per-element bound: ``rel * (|x| @ |w|)`` (accumulation/rounding) + output rounding."""
     absprod = jnp.dot(jnp.abs(x.astype(jnp.float32)), jnp.abs(w), precision="highest")
     return rel * absprod + OUT_EPS[jnp.dtype(out_dtype).name] * jnp.abs(ref.astype(jnp.float32))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("group_size", "signed", "out_dtype", "block_sizes", "interpret")
+)
+def _kernel_and_reference(x, pw, s, z, *, group_size, signed=False, out_dtype, **kw):
+    """The kernel, the plain-jnp reference and the dequantized weight in one compiled
+    program per case (each of the reference's ops would compile on its own eagerly)."""
+    y = w4a16_matmul(x, pw, s, z, group_size=group_size, signed=signed, out_dtype=out_dtype, **kw)
+    kind = dict(group_size=group_size, signed=signed)
+    ref = w4a16_matmul_reference(x, pw, s, z, out_dtype=out_dtype, **kind)
+    return y, ref, dequantize_w4(pw, s, z, **kind)
 
 
 # (M, K, N, group, signed, zeros, x dtype, out dtype): ragged M, K and N multiples of 128
@@ -60,10 +73,10 @@ CASES = [
 def test_matches_reference(case, interpret):
     m, k, n, g, signed, zeros, xd, od = case
     x, pw, s, z = _inputs(m, k, n, g, signed, zeros, xd)
-    y = w4a16_matmul(x, pw, s, z, group_size=g, signed=signed, out_dtype=od, interpret=interpret)
-    ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, signed=signed, out_dtype=od)
+    y, ref, w = _kernel_and_reference(
+        x, pw, s, z, group_size=g, signed=signed, out_dtype=od, interpret=interpret
+    )
     assert y.shape == (m, n) and y.dtype == jnp.dtype(od)
-    w = dequantize_w4(pw, s, z, group_size=g, signed=signed)
     # Same rounding as the reference: only the f32 summation order differs.
     err = jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))
     assert bool(jnp.all(err <= _bound(x, w, ref, od, 1e-5) + 1e-6))
@@ -87,11 +100,9 @@ def test_matches_reference(case, interpret):
 def test_block_sizes_and_split_k(bs, interpret):
     m, k, n, g = 17, 256, 96, 64
     x, pw, s, z = _inputs(m, k, n, g, False, True, jnp.bfloat16, scale_dtype=jnp.bfloat16)
-    y = w4a16_matmul(
+    y, ref, w = _kernel_and_reference(
         x, pw, s, z, group_size=g, out_dtype=jnp.float32, block_sizes=bs, interpret=interpret
     )
-    ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, out_dtype=jnp.float32)
-    w = dequantize_w4(pw, s, z, group_size=g)
     assert bool(jnp.all(jnp.abs(y - ref) <= _bound(x, w, ref, jnp.float32, 1e-5) + 1e-6))
 
 
@@ -101,11 +112,9 @@ def test_property_fixed_shape(seed, mag, signed):
     m, k, n, g = 3, 128, 64, 32
     x, pw, s, z = _inputs(m, k, n, g, signed, not signed, jnp.bfloat16, seed=seed)
     s = s * jnp.float32(mag)
-    y = w4a16_matmul(
+    y, ref, w = _kernel_and_reference(
         x, pw, s, z, group_size=g, signed=signed, out_dtype=jnp.float32, interpret=True
     )
-    ref = w4a16_matmul_reference(x, pw, s, z, group_size=g, signed=signed, out_dtype=jnp.float32)
-    w = dequantize_w4(pw, s, z, group_size=g, signed=signed)
     assert bool(jnp.all(jnp.abs(y - ref) <= _bound(x, w, ref, jnp.float32, 1e-5) + 1e-30))
 
 

@@ -30,8 +30,11 @@ def _close(a, b, rel=1e-5):
 
 
 def _deq_ref(fn, qparams, *args):
+    # Jitted: one program per reference instead of each op (a whole linen model,
+    # scans and remat included) dispatched and compiled eagerly. The precision is
+    # read at trace time, inside the context.
     with jax.default_matmul_precision("highest"):
-        return fn(jqx.dequantize(qparams), *args)
+        return jax.jit(lambda q, *a: fn(jqx.dequantize(q), *a))(qparams, *args)
 
 
 # --------------------------------------------------------------------------- plain functions
@@ -127,7 +130,7 @@ def test_custom_vjp_and_custom_jvp_and_remat():
     assert jaxpr.count("preferred_element_type=int32") == 2
     _close(jax.jit(jqx.quantized(f))(q, _x()), _deq_ref(f, q, _x()), rel=0.05)
     # gradients w.r.t. the activations flow through the quantized function
-    g = jax.grad(lambda x: jqx.quantized(f)(q, x).sum())(_x())
+    g = jax.jit(jax.grad(lambda x: jqx.quantized(f)(q, x).sum()))(_x())
     assert g.shape == (M, K) and bool(jnp.all(jnp.isfinite(g)))
 
 
