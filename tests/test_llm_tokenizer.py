@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
-from conftest import smollm2_gguf_path  # noqa: E402
-
+from jqx.llm.runtime import default_model_path  # noqa: E402
 from jqx.llm.tokenizer import PRE_TOKENIZERS, Tokenizer, TokenizerError  # noqa: E402
 
 # Token ids from llama.cpp's own tokenizer (llama-cpp-python 0.3.36:
@@ -165,7 +164,7 @@ def _ids(s: str) -> list[int]:
     return [int(x) for x in s.split()]
 
 
-PATH = smollm2_gguf_path()  # the file behind conftest.smollm2_gguf
+PATH = default_model_path()  # the file behind conftest.smollm2_gguf
 
 
 @pytest.fixture(scope="module")
