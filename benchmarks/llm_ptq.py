@@ -59,7 +59,16 @@ def recipes():
         ("int3 RTN g64", rtn3(64)),
         ("GPTQ 4-bit g64", jqx.gptq(bits=4, group_size=64)),
         ("GPTQ 4-bit g64 act_order", jqx.gptq(bits=4, group_size=64, act_order=True)),
+        (
+            "GPTQ 4-bit g64 act_order clip_search",
+            jqx.gptq(bits=4, group_size=64, act_order=True, clip_search=True),
+        ),
         ("GPTQ 3-bit g64", jqx.gptq(bits=3, group_size=64)),
+        ("GPTQ 3-bit g64 act_order", jqx.gptq(bits=3, group_size=64, act_order=True)),
+        (
+            "GPTQ 3-bit g64 act_order clip_search",
+            jqx.gptq(bits=3, group_size=64, act_order=True, clip_search=True),
+        ),
         ("HQQ 4-bit g64", jqx.hqq(bits=4, group_size=64)),
         ("HQQ 3-bit g64", jqx.hqq(bits=3, group_size=64)),
         ("AWQ 4-bit g64", jqx.awq(bits=4, group_size=64)),
@@ -118,7 +127,11 @@ def main() -> None:
     ap.add_argument("--calib", default="hamlet")
     ap.add_argument("--eval", default="macbeth")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--only", default="", help="run only recipes whose name contains this")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="run only recipes whose name contains one of these (comma-separated)",
+    )
     ap.add_argument("--no-allocate", action="store_true")
     ap.add_argument("--no-ptq", action="store_true", help="only the jqx.allocate tables")
     ap.add_argument("--save", default="", help="write the sensitivities to this JSON file")
@@ -158,7 +171,7 @@ def main() -> None:
     print(f"reference: perplexity {ref_ppl:.4f}", flush=True)
     results = {}
     for name, recipe in [] if args.no_ptq else recipes():
-        if args.only and args.only.lower() not in name.lower():
+        if args.only and not any(o.lower() in name.lower() for o in args.only.split(",")):
             continue
         t = time.perf_counter()
         q = llm.quantize(recipe, calibration_text=calib, max_windows=args.calib_windows)
@@ -184,11 +197,13 @@ def main() -> None:
             f"| {name} | {b / 2**20:.1f} | {ppl:.3f} | {100 * (ppl / ref_ppl - 1):+.2f}% | "
             f"{kl:.4f} | {tps:.0f} | {secs:.0f} |"
         )
-    r3, g3, g4 = (results.get(k) for k in ("int3 RTN g64", "GPTQ 3-bit g64", "GPTQ 4-bit g64"))
-    if r3 and g3:
-        print(f"\nGPTQ 3-bit g64 KL / RTN 3-bit g64 KL = {g3[3] / r3[3]:.2f} (goal <= 0.5)")
-    if g4:
-        print(f"GPTQ 4-bit g64 perplexity vs float: {100 * (g4[2] / ref_ppl - 1):+.2f}% (goal 2%)")
+    r3 = results.get("int3 RTN g64")
+    for name, row in results.items():
+        if r3 and name.startswith("GPTQ 3-bit"):
+            print(f"\n{name} KL / int3 RTN g64 KL = {row[3] / r3[3]:.2f} (goal <= 0.5)")
+    for name, row in results.items():
+        if name.startswith("GPTQ 4-bit"):
+            print(f"{name} perplexity vs float: {100 * (row[2] / ref_ppl - 1):+.2f}% (goal 2%)")
 
     if args.no_allocate:
         return
