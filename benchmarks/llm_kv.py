@@ -1,10 +1,10 @@
 """Quantized KV caches on SmolLM2-135M against the float cache, in one run.
 
-For each cache format (float32 and float16 caches, ``int8``, ``fp8``, ``int4``) on a
-Shakespeare play (at least 2048 tokens):
+For each cache format (float32 and float16 caches, ``int8``, ``fp8``, ``int4`` with
+groups of 32 and of 64) on a Shakespeare play (at least 2048 tokens):
 
-- cache bytes at 2048 slots (codes, scales, zero points, residual window) against a
-  float16 cache;
+- cache bytes at 2048 slots and at the model's context (codes, scales, zero points,
+  residual window) against a float16 cache;
 - perplexity over ``--tokens`` tokens read through the cache: the first token is the
   prefill, every later one a decode step (``LLM.perplexity(kv_cache=...)``), against
   the float32 cache;
@@ -16,6 +16,7 @@ Shakespeare play (at least 2048 tokens):
 
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 [--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
+[--formats int8,fp8,int4,int4-g64] (the float32 and float16 caches always run)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stamp import print_stamp  # noqa: E402
 
-FORMATS = ("float32", "float16", "int8", "fp8", "int4")
+FORMATS = ("float32", "float16", "int8", "fp8", "int4", "int4-g64")
 
 
 def main() -> None:
@@ -46,7 +47,16 @@ def main() -> None:
         default="bytes,perplexity,greedy,speed",
         help="comma-separated sections to run (bytes, perplexity, greedy, speed)",
     )
+    ap.add_argument(
+        "--formats",
+        default=",".join(FORMATS[2:]),
+        help="comma-separated quantized formats (the float32 and float16 caches always run)",
+    )
     args = ap.parse_args()
+    asked = args.formats.split(",")
+    if set(asked) - set(FORMATS):
+        ap.error(f"--formats: unknown {sorted(set(asked) - set(FORMATS))}; use {FORMATS[2:]}")
+    formats = ("float32", "float16") + tuple(f for f in FORMATS[2:] if f in asked)
     parts = set(args.parts.split(","))
     unknown = parts - {"bytes", "perplexity", "greedy", "speed"}
     if unknown:
@@ -58,7 +68,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     import jqx
-    from jqx.llm import KVCache
+    from jqx.llm import KVCache, KVFormat
     from jqx_demo.shakespeare import plays
 
     base = jqx.load_llm(activations=args.activations)
@@ -73,8 +83,10 @@ def main() -> None:
         ),
     }
     fmt_of = {"float32": None, "float16": None, "int8": "int8", "fp8": "fp8", "int4": "int4"}
+    fmt_of["int4-g64"] = KVFormat("int4", group=64)
     llm_of = {f: llms.get(f, base) for f in FORMATS}
-    llm_of["int4"] = llms["float16"]  # its residual window in float16
+    for f in ("int4", "int4-g64"):
+        llm_of[f] = llms["float16"]  # the residual window in float16
     ids = base.tokenizer.encode(plays()[args.play])
     n = args.tokens
     if len(ids) < n + args.new_tokens:
@@ -94,33 +106,41 @@ def main() -> None:
         ).nbytes
 
     if "bytes" in parts:
-        bytes_table(nbytes, fmt_of)
+        bytes_table(formats, nbytes, fmt_of, c.context_length)
     if "perplexity" in parts:
-        perplexity_table(llm_of, fmt_of, text_ids, n, base)
+        perplexity_table(formats, llm_of, fmt_of, text_ids, n, base)
     if "greedy" in parts:
-        greedy_table(args, base, llm_of, fmt_of, prompt, n, c)
+        greedy_table(formats, args, base, llm_of, fmt_of, prompt, n, c)
     if "speed" in parts:
-        speed_table(args, llm_of, fmt_of, prompt, n)
+        speed_table(formats, args, llm_of, fmt_of, prompt, n)
 
 
-def bytes_table(nbytes, fmt_of) -> None:
+def bytes_table(formats, nbytes, fmt_of, context) -> None:
     import jax.numpy as jnp
 
-    f16 = nbytes(None, jnp.float16, 2048)
-    print("\n## Cache bytes at 2048 slots (batch 1, all layers; scales included)")
-    print("| cache | MiB | vs float16 |\n|---|---|---|")
-    for f in FORMATS:
-        dt = jnp.float16 if f in ("float16", "int4") else jnp.float32
-        b = nbytes(fmt_of[f], dt, 2048)
-        note = " (float16 residual)" if f == "int4" else ""
-        print(f"| {f}{note} | {b / 2**20:.2f} | {b / f16:.3f}x |")
+    slots = (2048, context)
+    f16 = [nbytes(None, jnp.float16, s) for s in slots]
+    print(
+        f"\n## Cache bytes at {slots[0]} slots and at the model's context ({slots[1]}) "
+        "(batch 1, all layers; scales included)"
+    )
+    print(f"| cache | MiB at {slots[0]} | vs float16 | MiB at {slots[1]} | vs float16 |")
+    print("|---|---|---|---|---|")
+    for f in formats:
+        dt = jnp.float16 if f.startswith(("float16", "int4")) else jnp.float32
+        cells = []
+        for s, ref in zip(slots, f16, strict=True):
+            b = nbytes(fmt_of[f], dt, s)
+            cells.append(f"{b / 2**20:.2f} | {b / ref:.3f}x")
+        note = " (float16 residual)" if f.startswith("int4") else ""
+        print(f"| {f}{note} | {' | '.join(cells)} |")
 
 
-def perplexity_table(llm_of, fmt_of, text_ids, n, base) -> None:
+def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> None:
     print(f"\n## Perplexity through the cache, {n} tokens (prefill 1, then decode steps)")
     print("| cache | perplexity | vs float32 cache | seconds |\n|---|---|---|---|")
     ppl = {}
-    for f in FORMATS:
+    for f in formats:
         t = time.perf_counter()
         kv = "float" if fmt_of[f] is None else fmt_of[f]
         ppl[f] = llm_of[f].perplexity(text_ids, window=n, kv_cache=kv)
@@ -130,7 +150,7 @@ def perplexity_table(llm_of, fmt_of, text_ids, n, base) -> None:
     print(f"(one pass without a cache: {one_pass:.4f})")
 
 
-def greedy_table(args, base, llm_of, fmt_of, prompt, n, c) -> None:
+def greedy_table(formats, args, base, llm_of, fmt_of, prompt, n, c) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -165,7 +185,7 @@ def greedy_table(args, base, llm_of, fmt_of, prompt, n, c) -> None:
             out.append(tok)
         return np.asarray(jnp.concatenate(out))
 
-    for f in FORMATS:
+    for f in formats:
         agree = float(np.mean(forced(llm_of[f], fmt_of[f]) == np.asarray(ref)))
         free = (
             llm_of[f]
@@ -176,13 +196,13 @@ def greedy_table(args, base, llm_of, fmt_of, prompt, n, c) -> None:
         print(f"| {f} | {100 * agree:.1f}% | {same} of {m} |")
 
 
-def speed_table(args, llm_of, fmt_of, prompt, n) -> None:
+def speed_table(formats, args, llm_of, fmt_of, prompt, n) -> None:
     st = args.speed_tokens
-    for f in FORMATS:  # compile outside the timed rounds
+    for f in formats:  # compile outside the timed rounds
         llm_of[f].generate(prompt, max_new_tokens=st, stop_at_eos=False, kv_cache=fmt_of[f])
-    res: dict[str, list[float]] = {f: [] for f in FORMATS}
+    res: dict[str, list[float]] = {f: [] for f in formats}
     for _ in range(args.rounds):
-        for f in FORMATS:
+        for f in formats:
             g = llm_of[f].generate(prompt, max_new_tokens=st, stop_at_eos=False, kv_cache=fmt_of[f])
             res[f].append(g.decode_tokens_per_s)
     print(
@@ -191,7 +211,7 @@ def speed_table(args, llm_of, fmt_of, prompt, n) -> None:
     )
     print("| cache | decode tok/s | vs float32 cache | vs float16 cache |\n|---|---|---|---|")
     best = {f: max(v) for f, v in res.items()}
-    for f in FORMATS:
+    for f in formats:
         print(
             f"| {f} | {best[f]:.1f} | {best[f] / best['float32']:.2f}x | "
             f"{best[f] / best['float16']:.2f}x |"
