@@ -113,6 +113,15 @@ def test_int4_kivi_groups_residual_and_error_bound(decode_steps):
         k1, v1, _, _ = _cache("int4", 64, 35, group=16)
         np.testing.assert_allclose(_dequantize(k1, 35), kd, atol=1e-6)
         np.testing.assert_allclose(_dequantize(v1, 35), vd, atol=1e-6)
+        # the group a decode step completed holds the block write's codes and scales ...
+        for a, b in ((k, k1), (v, v1)):
+            np.testing.assert_array_equal(a.codes[:, :, :32], b.codes[:, :, :32])
+            np.testing.assert_array_equal(
+                a.scale[:, :, : a.scale.shape[2] // 2], b.scale[:, :, : b.scale.shape[2] // 2]
+            )
+        # ... and the decode steps of the unfinished group wrote no codes (read from the
+        # residual until the group is complete)
+        assert not np.asarray(k.codes[:, :, 32:]).any() and not np.asarray(v.codes[:, :, 32:]).any()
 
 
 def test_int4_key_ranges_leave_padding_out():

@@ -325,23 +325,30 @@ def _int4_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
             f"kv_write: an int4 cache takes one token per traced start (a decode step), got "
             f"{t}; write a block of tokens with a Python int start."
         )
-    # A decode step: the token joins the residual at row start % group, and the group
-    # so far is quantized into its slots; they are read only once the group is
-    # complete (decode_attention reads the residual for the slots of the current group).
+    # A decode step: the token joins the residual at row start % group. The group is
+    # quantized into its slots when this token completes it; until then its slots are
+    # read from the residual (decode_attention and kv_dequantize read the residual for
+    # the slots of the current group), so the other steps write no codes.
     r = start % g
     g0 = start - r
     residual = jax.lax.dynamic_update_slice(c.residual, x.astype(res_dtype), (0, 0, r, 0))
-    slots = g0 + jnp.arange(g, dtype=jnp.int32)
-    valid = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= start)
-    codes, s, z = _int4_group(c, residual, valid)
-    gi = (g0 // g, 0) if c.role == "k" else (g0, 0)
-    return dataclasses.replace(
-        c,
-        codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, g0, 0)),
-        scale=jax.lax.dynamic_update_slice(c.scale, s, (0, 0) + gi),
-        zero=jax.lax.dynamic_update_slice(c.zero, z, (0, 0) + gi),
-        residual=residual,
+
+    def flush(arrays):
+        codes_all, scale_all, zero_all, res = arrays
+        slots = g0 + jnp.arange(g, dtype=jnp.int32)
+        valid = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= start)
+        codes, s, z = _int4_group(c, res, valid)
+        gi = (g0 // g, 0) if c.role == "k" else (g0, 0)
+        return (
+            jax.lax.dynamic_update_slice(codes_all, codes, (0, 0, g0, 0)),
+            jax.lax.dynamic_update_slice(scale_all, s, (0, 0) + gi),
+            jax.lax.dynamic_update_slice(zero_all, z, (0, 0) + gi),
+        )
+
+    codes, scale, zero = jax.lax.cond(
+        r == g - 1, flush, lambda a: a[:3], (c.codes, c.scale, c.zero, residual)
     )
+    return dataclasses.replace(c, codes=codes, scale=scale, zero=zero, residual=residual)
 
 
 def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Array:
