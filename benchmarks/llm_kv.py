@@ -17,6 +17,8 @@ groups of 32 and of 64) on a Shakespeare play (at least 2048 tokens):
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 [--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
 [--formats int8,fp8,int4,int4-g64] (the float32 and float16 caches always run)
+[--fp8-headroom 16,256] (extra fp8 perplexity rows with other values of
+``jqx.ops.attention.FP8_HEADROOM``, the prefill's headroom; default 64)
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def main() -> None:
         "--formats",
         default=",".join(FORMATS[2:]),
         help="comma-separated quantized formats (the float32 and float16 caches always run)",
+    )
+    ap.add_argument(
+        "--fp8-headroom",
+        default="",
+        help="comma-separated FP8_HEADROOM values for extra fp8 perplexity rows",
     )
     args = ap.parse_args()
     asked = args.formats.split(",")
@@ -109,6 +116,8 @@ def main() -> None:
         bytes_table(formats, nbytes, fmt_of, c.context_length)
     if "perplexity" in parts:
         perplexity_table(formats, llm_of, fmt_of, text_ids, n, base)
+        if args.fp8_headroom:
+            headroom_table(args.fp8_headroom, base, text_ids, n)
     if "greedy" in parts:
         greedy_table(formats, args, base, llm_of, fmt_of, prompt, n, c)
     if "speed" in parts:
@@ -148,6 +157,26 @@ def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> None:
         print(f"| {f} | {ppl[f]:.4f} | {100 * (ppl[f] / ppl['float32'] - 1):+.3f}% | {dt:.0f} |")
     one_pass = base.perplexity(text_ids, window=n)
     print(f"(one pass without a cache: {one_pass:.4f})")
+
+
+def headroom_table(values, base, text_ids, n) -> None:
+    """fp8 perplexity with other prefill headrooms (each on a fresh LLM, so that its
+    decode step is traced with the value set)."""
+    import jqx
+    from jqx.ops import attention
+
+    ref = base.perplexity(text_ids, window=n, kv_cache="float")
+    default = attention.FP8_HEADROOM
+    print(f"\n## fp8 perplexity by FP8_HEADROOM (default {default:g}), {n} tokens")
+    print("| FP8_HEADROOM | perplexity | vs float32 cache |\n|---|---|---|")
+    try:
+        for h in [float(v) for v in values.split(",")]:
+            attention.FP8_HEADROOM = h
+            fresh = jqx.llm.LLM(base.model, base.tokenizer, types=base.types, source=base.source)
+            ppl = fresh.perplexity(text_ids, window=n, kv_cache="fp8")
+            print(f"| {h:g} | {ppl:.4f} | {100 * (ppl / ref - 1):+.3f}% |", flush=True)
+    finally:
+        attention.FP8_HEADROOM = default
 
 
 def greedy_table(formats, args, base, llm_of, fmt_of, prompt, n, c) -> None:
