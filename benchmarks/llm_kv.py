@@ -113,18 +113,18 @@ def main() -> None:
         ).nbytes
 
     if "bytes" in parts:
-        bytes_table(formats, nbytes, fmt_of, c.context_length)
+        bytes_table(formats, nbytes, llm_of, fmt_of, c.context_length)
     if "perplexity" in parts:
-        perplexity_table(formats, llm_of, fmt_of, text_ids, n, base)
+        ppl = perplexity_table(formats, llm_of, fmt_of, text_ids, n, base)
         if args.fp8_headroom:
-            headroom_table(args.fp8_headroom, base, text_ids, n)
+            headroom_table(args.fp8_headroom, base, text_ids, n, ppl["float32"])
     if "greedy" in parts:
         greedy_table(formats, args, base, llm_of, fmt_of, prompt, n, c)
     if "speed" in parts:
         speed_table(formats, args, llm_of, fmt_of, prompt, n)
 
 
-def bytes_table(formats, nbytes, fmt_of, context) -> None:
+def bytes_table(formats, nbytes, llm_of, fmt_of, context) -> None:
     import jax.numpy as jnp
 
     slots = (2048, context)
@@ -136,16 +136,16 @@ def bytes_table(formats, nbytes, fmt_of, context) -> None:
     print(f"| cache | MiB at {slots[0]} | vs float16 | MiB at {slots[1]} | vs float16 |")
     print("|---|---|---|---|---|")
     for f in formats:
-        dt = jnp.float16 if f.startswith(("float16", "int4")) else jnp.float32
         cells = []
         for s, ref in zip(slots, f16, strict=True):
-            b = nbytes(fmt_of[f], dt, s)
+            b = nbytes(fmt_of[f], llm_of[f].cache_dtype, s)
             cells.append(f"{b / 2**20:.2f} | {b / ref:.3f}x")
         note = " (float16 residual)" if f.startswith("int4") else ""
         print(f"| {f}{note} | {' | '.join(cells)} |")
 
 
-def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> None:
+def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> dict[str, float]:
+    """Prints the perplexity table and returns each format's perplexity."""
     print(f"\n## Perplexity through the cache, {n} tokens (prefill 1, then decode steps)")
     print("| cache | perplexity | vs float32 cache | seconds |\n|---|---|---|---|")
     ppl = {}
@@ -157,15 +157,15 @@ def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> None:
         print(f"| {f} | {ppl[f]:.4f} | {100 * (ppl[f] / ppl['float32'] - 1):+.3f}% | {dt:.0f} |")
     one_pass = base.perplexity(text_ids, window=n)
     print(f"(one pass without a cache: {one_pass:.4f})")
+    return ppl
 
 
-def headroom_table(values, base, text_ids, n) -> None:
+def headroom_table(values, base, text_ids, n, ref) -> None:
     """fp8 perplexity with other prefill headrooms (each on a fresh LLM, so that its
-    decode step is traced with the value set)."""
+    decode step is traced with the value set), against the float32 cache's ``ref``."""
     import jqx
     from jqx.ops import attention
 
-    ref = base.perplexity(text_ids, window=n, kv_cache="float")
     default = attention.FP8_HEADROOM
     print(f"\n## fp8 perplexity by FP8_HEADROOM (default {default:g}), {n} tokens")
     print("| FP8_HEADROOM | perplexity | vs float32 cache |\n|---|---|---|")
