@@ -299,6 +299,170 @@ def test_missing_gguf_package_says_how_to_install(small_file, monkeypatch):
         jqx.load_gguf(small_file)
 
 
+# --------------------------------------------------------------------------- the header parser
+
+# One value of every GGUF metadata type, as written with GGUFWriter, and the plain Python
+# value it reads back as (a FLOAT32 is the Python float of the float32 value).
+EVERY_VALUE_TYPE = {
+    "UINT8": (200, 200),
+    "INT8": (-100, -100),
+    "UINT16": (60000, 60000),
+    "INT16": (-30000, -30000),
+    "UINT32": (4_000_000_000, 4_000_000_000),
+    "INT32": (-2_000_000_000, -2_000_000_000),
+    "FLOAT32": (0.1, float(np.float32(0.1))),
+    "BOOL": (True, True),
+    "STRING": ("héllo ✓", "héllo ✓"),
+    "UINT64": (2**63 + 5, 2**63 + 5),
+    "INT64": (-(2**62), -(2**62)),
+    "FLOAT64": (0.1, 0.1),
+}
+
+
+def test_every_metadata_value_type_reads_back(tmp_path):
+    VT = gguf.GGUFValueType
+    w = gguf.GGUFWriter(str(tmp_path / "kv.gguf"), "llama")
+    for name, (value, _) in EVERY_VALUE_TYPE.items():
+        w.add_key_value(f"s.{name}", value, VT[name])
+        w.add_key_value(f"a.{name}", [value, value], VT.ARRAY, sub_type=VT[name])
+    w.add_key_value("s.false", False, VT.BOOL)
+    w.add_array("a.strings", ["", "x", "ünï"])
+    w.add_tensor("w", np.ones(3, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = jqx.load_gguf(tmp_path / "kv.gguf").metadata
+    for name, (_, expected) in EVERY_VALUE_TYPE.items():
+        assert m[f"s.{name}"] == expected and type(m[f"s.{name}"]) is type(expected), name
+        assert m[f"a.{name}"] == [expected] * 2, name
+        assert all(type(v) is type(expected) for v in m[f"a.{name}"]), name
+    assert m["s.false"] is False and m["a.strings"] == ["", "x", "ünï"]
+    assert list(m)[0] == "general.architecture"  # file order
+
+
+def test_non_default_alignment_is_honoured(tmp_path):
+    """Tensors of odd byte sizes, each padded to 256 bytes: data read at the right offsets."""
+    rng = np.random.default_rng(4)
+    tensors = {
+        "a": rng.standard_normal(3).astype(np.float32),
+        "b": rng.standard_normal((5, 7)).astype(np.float16),
+        "c": rng.standard_normal((2, 3)).astype(np.float32),
+    }
+    w = gguf.GGUFWriter(str(tmp_path / "aligned.gguf"), "llama")
+    w.add_custom_alignment(256)
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    offsets = [t.data_offset for t in gguf.GGUFReader(tmp_path / "aligned.gguf").tensors]
+    assert all(o % 256 == 0 for o in offsets) and offsets[1] - offsets[0] == 256
+    f = jqx.load_gguf(tmp_path / "aligned.gguf")
+    assert f.metadata["general.alignment"] == 256
+    for name, data in tensors.items():
+        np.testing.assert_array_equal(np.asarray(f.tensors[name]), data)
+
+
+def _kv(key, vtype, payload):
+    k = key.encode()
+    return len(k).to_bytes(8, "little") + k + vtype.to_bytes(4, "little") + payload
+
+
+def _raw_gguf(path, kvs, version=3):
+    """A GGUF file of key/value pairs only (no tensors), bytes as given."""
+    head = b"GGUF" + version.to_bytes(4, "little") + (0).to_bytes(8, "little")
+    path.write_bytes(head + len(kvs).to_bytes(8, "little") + b"".join(kvs))
+    return path
+
+
+def _u64(n):
+    return n.to_bytes(8, "little")
+
+
+def test_empty_array_reads_as_empty_list(tmp_path):
+    # GGUFWriter refuses empty arrays; other writers do not.
+    p = _raw_gguf(tmp_path / "empty.gguf", [_kv("a", 9, (4).to_bytes(4, "little") + _u64(0))])
+    assert jqx.load_gguf(p).metadata == {"a": []}
+
+
+@pytest.mark.parametrize("version", [1, 4, 99])
+def test_unsupported_version_names_it(small_file, tmp_path, version):
+    data = bytearray(open(small_file, "rb").read())
+    data[4:8] = version.to_bytes(4, "little")
+    p = tmp_path / "v.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match=f"version {version}; jqx reads versions 2 and 3") as e:
+        jqx.load_gguf(p)
+    assert str(p) in str(e.value)
+
+
+def test_version_2_is_read(small_file, tmp_path):
+    data = bytearray(open(small_file, "rb").read())
+    data[4:8] = (2).to_bytes(4, "little")  # v2 and v3 headers are laid out alike
+    p = tmp_path / "v2.gguf"
+    p.write_bytes(bytes(data))
+    assert list(jqx.load_gguf(p).tensors) == ["blk.0.attn_q.weight", "blk.0.attn_norm.weight"]
+
+
+def test_big_endian_file_is_refused(tmp_path):
+    p = str(tmp_path / "be.gguf")
+    w = gguf.GGUFWriter(p, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_tensor("w", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="big-endian.*gguf_convert_endian") as e:
+        jqx.load_gguf(p)
+    assert p in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kvs,match",
+    [
+        ([_kv("s", 8, _u64(1000) + b"abc")], r"metadata key 's' at byte .*truncated"),
+        (
+            [_kv("a", 9, (4).to_bytes(4, "little") + _u64(2**62))],
+            r"metadata key 'a' at byte .*truncated",
+        ),
+        (
+            [_kv("a", 9, (8).to_bytes(4, "little") + _u64(2**40))],
+            r"metadata key 'a' at byte .*truncated",
+        ),
+        ([_kv("x", 13, b"")], r"'x' has value type code 13, which is no GGUF value type"),
+        ([_kv("s", 8, _u64(2) + b"\xff\xfe")], r"'s' could not be decoded.*corrupt"),
+        ([_kv("s", 8, _u64(1) + b"a")] * 2, r"'s' appears twice"),
+        ([_kv("general.alignment", 4, (48).to_bytes(4, "little"))], r"alignment is 48.*power"),
+        ([_kv("general.alignment", 10, _u64(64))], r"alignment is of value type UINT64"),
+    ],
+)
+def test_corrupt_metadata_names_the_key(tmp_path, kvs, match):
+    p = _raw_gguf(tmp_path / "bad.gguf", kvs)
+    with pytest.raises(GGUFError, match=match) as e:
+        jqx.load_gguf(p)
+    assert str(p) in str(e.value)
+
+
+def test_damaged_header_raises_only_gguf_errors(small_file, tmp_path):
+    """Every cut of the header and every byte of it set to 0x00 or 0xFF: a GGUFError
+    naming the file (never a bare struct, index or unicode error), or a file that loads."""
+    data = open(small_file, "rb").read()
+    header = gguf.GGUFReader(small_file).data_offset
+    p = tmp_path / "damaged.gguf"
+    cases = [data[:n] for n in range(1, header)]
+    cases += [data[:i] + bytes([b]) + data[i + 1 :] for i in range(header) for b in (0x00, 0xFF)]
+    for case in cases:
+        p.write_bytes(case)
+        try:  # the missing tensor fails any file that parses, before tensors are converted
+            jqx.load_gguf(p, required=["no such tensor"])
+        except GGUFError as e:
+            assert str(p) in str(e)
+        else:
+            raise AssertionError("a required tensor the file lacks was not reported")
+
+
 # --------------------------------------------------------------------------- running imported weights
 
 

@@ -1,8 +1,12 @@
 """GGUF import: a llama.cpp GGUF file as its metadata plus QArrays holding its bytes.
 
-:func:`load` reads a file with the ``gguf`` package (the ``jqx[gguf]`` extra) and turns
-each quantized tensor into a :class:`jqx.QArray` that holds the file's own codes and
-scales, never a float copy; F32, F16 and BF16 tensors become jax arrays of that dtype.
+:func:`load` turns each quantized tensor of a file into a :class:`jqx.QArray` that holds
+the file's own codes and scales, never a float copy; F32, F16 and BF16 tensors become
+jax arrays of that dtype. This module parses the header itself (GGUF versions 2 and 3,
+little-endian: metadata, tensor table, alignment) and reads each tensor's bytes from a
+read-only map of the file; the ``gguf`` package (the ``jqx[gguf]`` extra, required by
+:func:`load`) supplies the GGML type codes and block sizes, and its decoder is the
+reference the tests compare against.
 
 Shapes: GGUF lists the fastest axis first, jqx uses numpy order, so ``ffn_down [1536,
 576]`` is a ``(576, 1536)`` QArray: 576 rows (output features) of 1536 (input
@@ -51,7 +55,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import mmap
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -151,7 +157,8 @@ def _q8_0(b):
 
 
 def _q4_0(b):
-    codes = _nibbles32(b[:, 2:18]).astype(np.int8) - np.int8(8)
+    # q - 8 as int4's stored nibble (two's complement): the same bits, the top one flipped
+    codes = _nibbles32(b[:, 2:18]) ^ np.uint8(8)
     return dict(codes=codes, scale=_f16(b[:, 0:2]), fmt="int4")
 
 
@@ -246,7 +253,7 @@ def _to_qarray(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> QArra
     codes = np.asarray(kw.pop("codes")).reshape(shape)
     two_level = "super_scale" in kw
     return make_qarray(
-        jnp.asarray(codes),
+        codes,  # numpy: 4-bit codes are packed on the host (make_qarray)
         jnp.asarray(kw.pop("scale")),
         None if kw.get("zero_point") is None else jnp.asarray(kw.pop("zero_point")),
         shape=shape,
@@ -267,6 +274,148 @@ def _sizes(type_name: str) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- reading
+# The header is parsed here rather than with gguf.GGUFReader, which reads every element
+# of every metadata array through a numpy view of its own: seconds for a tokenizer's
+# vocabulary and merges, which one pass over the bytes reads in milliseconds. The layout
+# (GGUF v2 and v3, little-endian): magic, version (u32), tensor count and key/value
+# count (u64), the key/value pairs, the tensor infos, padding to ``general.alignment``,
+# the data. Strings are a u64 byte length and UTF-8 bytes.
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+# Metadata value types by their code in the file.
+_VALUE_TYPES = (
+    "UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32",
+    "BOOL", "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64",
+)  # fmt: skip
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+# Codes of the fixed-size types -> their little-endian numpy dtype. Values go through
+# numpy's tolist(), as they did through gguf's reader: a FLOAT32 is the Python float of
+# the float32 value, a BOOL a Python bool.
+_NUMBERS: dict[int, np.dtype] = {
+    c: np.dtype(t)
+    for c, t in {
+        0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
+        7: "?", 10: "<u8", 11: "<i8", 12: "<f8",
+    }.items()
+}  # fmt: skip
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class _Truncated(Exception):
+    """A read past the end of the file (or a length field larger than the file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+    name: str
+    dims: list[int]  # GGUF order: fastest axis first
+    type_name: str
+    begin: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+class _HeaderParser:
+    """Reads the header from a buffer of the whole file, keeping a cursor ``off``.
+
+    ``where`` names the part being read, for the error when the bytes run out.
+    """
+
+    def __init__(self, path: str, buf: mmap.mmap, size: int):
+        self.path, self.buf, self.size = path, buf, size
+        self.off = 0
+        self.where = "the magic bytes"
+
+    def u32(self) -> int:
+        (v,) = _U32.unpack_from(self.buf, self.off)  # struct.error past the end
+        self.off += 4
+        return v
+
+    def u64(self) -> int:
+        (v,) = _U64.unpack_from(self.buf, self.off)
+        self.off += 8
+        return v
+
+    def take(self, n: int) -> bytes:
+        end = self.off + n
+        if end > self.size:
+            raise _Truncated
+        out = self.buf[self.off : end]
+        self.off = end
+        return out
+
+    def need(self, count: int, each: int) -> None:
+        """Refuses a count whose elements (each at least ``each`` bytes) cannot fit:
+        a corrupt count fails here, not after a long loop or a huge allocation."""
+        if count * each > self.size - self.off:
+            raise _Truncated
+
+    def numbers(self, dtype: np.dtype, count: int) -> list:
+        self.need(count, dtype.itemsize)
+        out = np.frombuffer(self.buf, dtype, count, self.off).tolist()
+        self.off += count * dtype.itemsize
+        return out
+
+    def strings(self, count: int) -> list[str]:
+        # The hot loop of a tokenizer's 10^5 entries: locals only, no method calls.
+        self.need(count, 8)
+        buf, size, off = self.buf, self.size, self.off
+        unpack = _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            (n,) = unpack(buf, off)
+            off += 8
+            end = off + n
+            if end > size:
+                raise _Truncated
+            append(buf[off:end].decode("utf-8"))
+            off = end
+        self.off = off
+        return out
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype in _NUMBERS:
+            return self.numbers(_NUMBERS[vtype], 1)[0]
+        if vtype == _STRING:
+            return self.take(self.u64()).decode("utf-8")
+        if vtype == _ARRAY:
+            return self.array(key)
+        raise self.bad_type(vtype, key)
+
+    def array(self, key: str) -> list:
+        etype, count = self.u32(), self.u64()
+        if count == 0:  # gguf's reader never looked at an empty array's element type
+            return []
+        if etype in _NUMBERS:
+            return self.numbers(_NUMBERS[etype], count)
+        if etype == _STRING:
+            return self.strings(count)
+        if etype == _ARRAY:  # flattened, as gguf's reader did (no known file nests them)
+            self.need(count, 12)
+            return [v for _ in range(count) for v in self.array(key)]
+        raise self.bad_type(etype, key)
+
+    def bad_type(self, code: int, key: str) -> GGUFError:
+        return GGUFError(
+            f"{self.path}: metadata key {key!r} has value type code {code}, which is no GGUF "
+            f"value type (0..{len(_VALUE_TYPES) - 1}: {', '.join(_VALUE_TYPES)}): the file is "
+            "corrupt (or newer than this reader); fetch it again."
+        )
+
+    def string(self) -> str:
+        """A key or tensor name (an undecodable value names its key instead)."""
+        start = self.off
+        raw = self.take(self.u64())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GGUFError(
+                f"{self.path}: {self.where} has a name at byte {start} that is not UTF-8 "
+                f"({e}): the file is corrupt; fetch it again."
+            ) from None
 
 
 def _import_gguf():
@@ -274,8 +423,8 @@ def _import_gguf():
         import gguf  # noqa: PLC0415 - an extra, imported where used
     except ImportError as e:
         raise ImportError(
-            "jqx.load_gguf reads GGUF files with the `gguf` package, which is not "
-            "installed; install it with: pip install 'jqx[gguf]'"
+            "jqx.load_gguf needs the `gguf` package (for its GGML type tables), which is "
+            "not installed; install it with: pip install 'jqx[gguf]'"
         ) from e
     return gguf
 
@@ -284,16 +433,97 @@ def _supported_text() -> str:
     return ", ".join(SUPPORTED_TYPES)
 
 
-def _check_tensor_infos(path: str, size: int, start: int, fields, gguf) -> None:
-    """Type, shape and extent of every tensor, named, before gguf maps their data
-    (it would fail on a truncated file with a reshape error naming nothing)."""
-    unsupported = []
-    for field in fields:
-        if len(field.parts) != 6:  # not the layout this check knows: leave it to gguf
-            return
-        _, name_b, _, dims, raw_type, offset = field.parts
-        name = bytes(name_b).decode("utf-8", errors="replace")
-        code = int(raw_type[0])
+def _parse_start(p: _HeaderParser) -> tuple[int, int]:
+    """Magic and version; returns (tensor count, key/value count)."""
+    head = p.buf[:4]
+    if head != _MAGIC[: len(head)]:
+        raise GGUFError(
+            f"{p.path} does not start with the GGUF magic bytes (its first bytes are "
+            f"{head!r}, a GGUF file's are {_MAGIC!r}): it is not a GGUF file."
+        )
+    p.take(4)
+    p.where = "the version"
+    version = p.u32()
+    if version and not version & 0xFFFF:
+        # A small version number written big-endian (gguf's reader detects it this way).
+        raise GGUFError(
+            f"{p.path} is a byte-swapped (big-endian) GGUF file, which jqx does not read; "
+            "convert it to little-endian with gguf's gguf_convert_endian script."
+        )
+    if version not in _VERSIONS:
+        raise GGUFError(
+            f"{p.path} is GGUF version {version}; jqx reads versions "
+            f"{' and '.join(map(str, _VERSIONS))}. Re-export it with a current llama.cpp "
+            "(convert_hf_to_gguf.py writes version 3), or check that it is not corrupt."
+        )
+    p.where = "the tensor and key/value counts"
+    return p.u64(), p.u64()
+
+
+def _parse_metadata(p: _HeaderParser, count: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """The key/value pairs: key -> plain Python value, and key -> value type code."""
+    p.need(count, 12)  # a key length and a value type at least
+    metadata: dict[str, Any] = {}
+    vtypes: dict[str, int] = {}
+    for i in range(count):
+        p.where = f"metadata key #{i}"
+        key = p.string()
+        p.where = f"metadata key {key!r}"
+        if key in metadata:
+            raise GGUFError(
+                f"{p.path}: metadata key {key!r} appears twice: the file is corrupt; "
+                "fetch it again."
+            )
+        vtype = p.u32()
+        try:
+            metadata[key] = p.value(vtype, key)
+        except UnicodeDecodeError as e:
+            raise GGUFError(
+                f"{p.path}: metadata key {key!r} could not be decoded ({e}): the file is corrupt."
+            ) from e
+        vtypes[key] = vtype
+    return metadata, vtypes
+
+
+def _alignment(path: str, metadata: dict[str, Any], vtypes: dict[str, int]) -> int:
+    if "general.alignment" not in metadata:
+        return _DEFAULT_ALIGNMENT
+    vtype, value = vtypes["general.alignment"], metadata["general.alignment"]
+    if vtype != _UINT32:
+        name = _VALUE_TYPES[vtype] if vtype < len(_VALUE_TYPES) else vtype
+        raise GGUFError(
+            f"{path}: general.alignment is of value type {name}, but GGUF stores it as "
+            "UINT32: the file is corrupt."
+        )
+    if value == 0 or value & (value - 1):
+        raise GGUFError(
+            f"{path}: general.alignment is {value}, but it must be a power of two (GGUF's "
+            f"default is {_DEFAULT_ALIGNMENT}): the file is corrupt."
+        )
+    return value
+
+
+def _parse_tensor_infos(p: _HeaderParser, count: int) -> list[tuple[str, list[int], int, int]]:
+    """(name, dims, GGML type code, offset from the data section) per tensor."""
+    p.need(count, 24)  # name length, n_dims, type, offset at least
+    out = []
+    for i in range(count):
+        p.where = f"tensor info #{i}"
+        name = p.string()
+        p.where = f"the info of tensor {name!r}"
+        n_dims = p.u32()
+        p.need(n_dims, 8)
+        dims = [p.u64() for _ in range(n_dims)]
+        out.append((name, dims, p.u32(), p.u64()))
+    return out
+
+
+def _check_tensor_infos(
+    path: str, size: int, start: int, raw: list[tuple[str, list[int], int, int]], gguf
+) -> list[_TensorInfo]:
+    """Type, shape and extent of every tensor, named, before any data is mapped."""
+    infos, unsupported = [], []
+    for name, dims, code, offset in raw:
         try:
             qtype = gguf.GGMLQuantizationType(code)
         except ValueError:
@@ -306,20 +536,20 @@ def _check_tensor_infos(path: str, size: int, start: int, fields, gguf) -> None:
             unsupported.append((name, qtype.name))
             continue
         block, type_size = (int(v) for v in gguf.GGML_QUANT_SIZES[qtype])
-        dims = [int(d) for d in dims]
         if not dims or dims[0] % block:
             raise GGUFError(
                 f"{path}: tensor {name!r} ({qtype.name}) has shape {dims} (fastest axis first); "
                 f"its rows are not whole {block}-element blocks: the file is corrupt."
             )
         nbytes = math.prod(dims) // block * type_size
-        begin = start + int(offset[0])
+        begin = start + offset
         if begin + nbytes > size:
             raise GGUFError(
                 f"{path}: tensor {name!r} ({qtype.name}, {nbytes} bytes at offset {begin}) "
                 f"runs past the end of the file ({size} bytes): the file is truncated (an "
                 "interrupted download?) or its tensor table is corrupt; fetch it again."
             )
+        infos.append(_TensorInfo(name, dims, qtype.name, begin, nbytes))
     if unsupported:
         name, t = unsupported[0]
         more = ""
@@ -331,74 +561,54 @@ def _check_tensor_infos(path: str, size: int, start: int, fields, gguf) -> None:
             f"{_supported_text()}. Convert the model with llama.cpp's quantize to one of "
             "these (e.g. Q4_K_M, Q8_0)."
         )
+    seen: set[str] = set()
+    for info in infos:
+        if info.name in seen:
+            raise GGUFError(
+                f"{path}: tensor {info.name!r} appears twice in the tensor table: the file is "
+                "corrupt; fetch it again."
+            )
+        seen.add(info.name)
+    return infos
 
 
-def _open(path: str, gguf):
+def _read_header(path: str, gguf) -> tuple[dict[str, Any], list[_TensorInfo], mmap.mmap]:
+    """The file's metadata and checked tensor infos, and the read-only map of its bytes
+    (tensor data is read from it in place)."""
     size = os.path.getsize(path)
-
-    class _Reader(gguf.GGUFReader):
-        # The hook where every tensor's info is known and nothing is mapped yet. It is
-        # gguf's internal helper: should its signature change, gguf's own checks remain
-        # (their errors are wrapped below, naming the file).
-        def _build_tensors(self, *args, **kwargs):
-            if len(args) == 2 and not kwargs:
-                _check_tensor_infos(path, size, int(args[0]), args[1], gguf)
-            return super()._build_tensors(*args, **kwargs)
-
     if size == 0:
         raise GGUFError(f"{path} is empty (0 bytes): not a GGUF file; fetch it again.")
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # keeps its own handle
+    p = _HeaderParser(path, buf, size)
     try:
-        reader = _Reader(path)
+        n_tensors, n_kv = _parse_start(p)
+        metadata, vtypes = _parse_metadata(p, n_kv)
+        raw_infos = _parse_tensor_infos(p, n_tensors)
     except GGUFError:
         raise
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
-        reason = str(e) or type(e).__name__
-        if "magic" in reason.lower():
-            raise GGUFError(
-                f"{path} does not start with the GGUF magic bytes: it is not a GGUF file."
-            ) from e
+    except (_Truncated, struct.error) as e:
         raise GGUFError(
-            f"{path} ({size} bytes) could not be read as GGUF ({type(e).__name__}: {reason}): "
-            "the file is truncated or corrupt; fetch it again."
+            f"{path} ({size} bytes) ends inside its GGUF header (reading {p.where} at byte "
+            f"{p.off}): the file is truncated (an interrupted download?) or its header is "
+            "corrupt; fetch it again."
         ) from e
-    if reader.byte_order != "I":
+    except (ValueError, IndexError, OverflowError) as e:  # a safety net: named, wrapped
         raise GGUFError(
-            f"{path} is a byte-swapped (big-endian) GGUF file, which jqx does not read; "
-            "convert it to little-endian with gguf's gguf_convert_endian script."
-        )
-    return reader
+            f"{path} ({size} bytes) could not be read as GGUF ({type(e).__name__}: {e}, "
+            f"reading {p.where} at byte {p.off}): the file is truncated or corrupt; fetch "
+            "it again."
+        ) from e
+    alignment = _alignment(path, metadata, vtypes)
+    start = -(-p.off // alignment) * alignment
+    return metadata, _check_tensor_infos(path, size, start, raw_infos, gguf), buf
 
 
-def _field_value(field, gguf) -> Any:
-    vt = gguf.GGUFValueType
-    types = field.types
-    if not types:
-        return None
-    if types[0] == vt.ARRAY:
-        if len(types) == 1:  # an empty array records no element type
-            return []
-        if types[-1] == vt.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if not field.data:
-            return []
-        return np.concatenate([np.asarray(field.parts[i]).ravel() for i in field.data]).tolist()
-    if types[0] == vt.STRING:
-        return bytes(field.parts[-1]).decode("utf-8")
-    return np.asarray(field.parts[-1]).ravel().tolist()[0]
-
-
-def _metadata(reader, path: str, gguf) -> dict[str, Any]:
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):  # the reader's own header entries, not file keys
-            continue
-        try:
-            out[key] = _field_value(field, gguf)
-        except (UnicodeDecodeError, ValueError, IndexError) as e:
-            raise GGUFError(
-                f"{path}: metadata key {key!r} could not be decoded ({e}): the file is corrupt."
-            ) from e
-    return out
+def _tensor_bytes(buf: mmap.mmap, info: _TensorInfo) -> np.ndarray:
+    """The tensor's bytes in the file, as a read-only uint8 view (no copy)."""
+    if info.n_bytes == 0:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(buf, np.uint8, info.n_bytes, info.begin)
 
 
 def _check_architecture(path: str, arch, expect) -> None:
@@ -479,23 +689,22 @@ def load(
     """
     gguf = _import_gguf()
     path = os.fspath(path)
-    reader = _open(path, gguf)
-    metadata = _metadata(reader, path, gguf)
+    metadata, infos, buf = _read_header(path, gguf)
     architecture = metadata.get("general.architecture")
     _check_architecture(path, architecture, expect_architecture)
-    infos = list(reader.tensors)
     _check_required(path, [t.name for t in infos], required)
     tensors: dict[str, QArray | jax.Array] = {}
     types: dict[str, str] = {}
     for t in infos:
-        name, type_name = t.name, t.tensor_type.name
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        name, type_name = t.name, t.type_name
+        shape = tuple(reversed(t.dims))
+        raw = _tensor_bytes(buf, t)
         try:
             if type_name in _FLOATS:
-                data = np.ascontiguousarray(t.data).view(_FLOATS[type_name]).reshape(shape)
+                data = raw.view(_FLOATS[type_name]).reshape(shape)
                 tensors[name] = jnp.array(data)  # a copy: nothing refers to the mapped file
             else:
-                tensors[name] = _to_qarray(t.data, type_name, shape)
+                tensors[name] = _to_qarray(raw, type_name, shape)
         except (ValueError, TypeError) as e:
             raise GGUFError(
                 f"{path}: tensor {name!r} ({type_name}, shape {shape}) could not be "
@@ -508,5 +717,5 @@ def load(
         tensors=tensors,
         architecture=architecture,
         types=types,
-        tensor_bytes=sum(int(t.n_bytes) for t in infos),
+        tensor_bytes=sum(t.n_bytes for t in infos),
     )
