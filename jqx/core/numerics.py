@@ -694,14 +694,18 @@ def make_qarray(
     fmt = _formats.get(fmt)
     shape = tuple(int(s) for s in shape)
     block = tuple(int(b) for b in block)
-    codes = jnp.asarray(codes)
-    if codes.dtype != jnp.dtype(fmt.dtype):
-        codes = _formats.encode(codes, fmt)
     qhigh = None
-    if code_bits is not None:
-        codes, qhigh = _split_code_planes(codes, fmt, code_bits)
+    if isinstance(codes, np.ndarray) and codes.dtype == fmt.dtype and code_bits is None:
+        # stored codes from the host (a file's): packed with numpy, no compile per shape
+        codes = jnp.asarray(pack_codes(codes, fmt))
     else:
-        codes = pack_codes(codes, fmt)
+        codes = jnp.asarray(codes)
+        if codes.dtype != jnp.dtype(fmt.dtype):
+            codes = _formats.encode(codes, fmt)
+        if code_bits is not None:
+            codes, qhigh = _split_code_planes(codes, fmt, code_bits)
+        else:
+            codes = pack_codes(codes, fmt)
     nb = tuple(s // b for s, b in zip(shape, block, strict=True))
     _check_layout_extensions(zero_kind, zero_point, super_scale, super_zero, super_block, scale)
     two_level_zero = super_zero is not None

@@ -135,13 +135,16 @@ class ActSpec:
 
 def pack_4bit(codes: jax.Array) -> jax.Array:
     """Packs 4-bit codes (uint8 values 0..15) two per byte along the last axis,
-    low nibble first. An odd last axis is padded with one zero nibble."""
+    low nibble first. An odd last axis is padded with one zero nibble. A numpy array
+    is packed with numpy (on the host: no compilation per shape, e.g. for a file's
+    tensors) and stays a numpy array."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
     if codes.ndim == 0:
         codes = codes.reshape(1)
     n = codes.shape[-1]
     if n % 2:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
-    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+        codes = xp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+    c = codes.astype(xp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return c[..., 0] | (c[..., 1] << 4)
 
 
