@@ -27,7 +27,9 @@ def _model(cfg=CFG, seed=0):
 
 # Jitted once per shape: op-by-op (eager) the tiny model compiles each primitive
 # separately, which made these tests the suite's slowest.
-_forward = jax.jit(forward, static_argnames=("logits",))
+_forward = jax.jit(forward, static_argnames=("logits", "scan"))
+# start as a Python int: the prefill's program (static start; the one that can scan)
+_prefill = jax.jit(forward, static_argnames=("start", "logits", "scan"))
 
 
 def _score(model, tokens):
@@ -128,6 +130,69 @@ def test_left_padding_is_masked():
     lg2, _ = _forward(model, nxt[:, None], cache, start=jnp.int32(9), pad=pad, logits="last")
     alone2 = _score(model, jnp.asarray(np.append(a, 3)[None]))[0, -1]
     np.testing.assert_allclose(lg2[0], alone2, atol=2e-4, rtol=2e-4)
+
+
+def _mixed_model():
+    """Five blocks: 0-1 float, 2 int8 per row, 3-4 float: three runs (2, 1, 2)."""
+    cfg = LlamaConfig(
+        vocab_size=96, dim=64, n_layers=5, n_heads=4, n_kv_heads=2, hidden_dim=128, rope_base=1e4
+    )
+    model = _model(cfg, seed=3)
+    gd, state = nnx.split(model)
+    recipe = jqx.weight_only("int8", granularity=jqx.per_channel(axis=0))
+    qstate = jqx.quantize(
+        state, recipe, filter_fn=lambda path, leaf: leaf.ndim == 2 and "blocks/2/" in path
+    )
+    return cfg, nnx.merge(gd, qstate)
+
+
+@pytest.mark.parametrize("cache_format", [None, "float", "float16", "int8", "int4"])
+def test_scanned_blocks_equal_unrolled_bit_for_bit(cache_format):
+    """forward(scan=True) runs each run of identically laid-out blocks as one lax.scan:
+    logits and every cache array are the unrolled program's, bit for bit, also when the
+    blocks differ in format (runs of 2, 1 and 2 blocks here)."""
+    from jqx.llm.model import _runs
+
+    cfg, model = _mixed_model()
+    assert _runs(list(model.blocks)) == [(0, 2), (2, 3), (3, 5)]
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+    pad = jnp.array([3, 0], jnp.int32)
+    if cache_format is None:
+        cache = None
+    elif cache_format.startswith("float"):
+        dtype = jnp.float16 if cache_format == "float16" else jnp.float32
+        cache = KVCache.init(cfg, batch=2, max_len=16, dtype=dtype)
+    else:
+        fmt = jqx.llm.KVFormat(cache_format, group=8) if cache_format == "int4" else cache_format
+        cache = KVCache.init(cfg, batch=2, max_len=16, format=fmt)
+    got = _prefill(model, toks, cache, start=0, pad=pad, scan=True)
+    ref = _prefill(model, toks, cache, start=0, pad=pad, scan=False)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and a decode step after the scanned prefill continues as after the unrolled one
+    if cache is not None:
+        nxt = jnp.array([[5], [6]], jnp.int32)
+        a, _ = _forward(model, nxt, got[1], start=jnp.int32(8), pad=pad, logits="last")
+        b, _ = _forward(model, nxt, ref[1], start=jnp.int32(8), pad=pad, logits="last")
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scan_default_is_scoring_only():
+    """The default scans a call without a cache (scoring) and unrolls a prefill: the
+    scanned program holds a while loop, the unrolled one none."""
+    cfg, model = _mixed_model()
+    toks = jnp.zeros((1, 4), jnp.int32)
+    pad = jnp.zeros((1,), jnp.int32)
+    cache = KVCache.init(cfg, batch=1, max_len=8)
+
+    def hlo(c, **kw):
+        f = jax.jit(lambda m, t, c: forward(m, t, c, start=0, pad=pad, **kw))
+        return f.lower(model, toks, c).as_text()
+
+    assert "while" in hlo(None)
+    assert "while" not in hlo(cache)
+    assert "while" in hlo(cache, scan=True)
+    assert "while" not in hlo(None, scan=False)
 
 
 def test_cache_bytes():

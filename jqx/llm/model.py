@@ -218,13 +218,15 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
-def _init_linear(rngs: nnx.Rngs, out_features: int, in_features: int) -> nnx.Param:
+def _init_linear(rngs: nnx.Rngs | None, out_features: int, in_features: int) -> nnx.Param:
+    if rngs is None:  # shapes only: the weights come from a file
+        return _param(jax.ShapeDtypeStruct((out_features, in_features), jnp.float32))
     std = 1.0 / math.sqrt(in_features)
     return _param(jax.random.normal(rngs.params(), (out_features, in_features)) * std)
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None):
         c = config
         self.wq = _init_linear(rngs, c.n_heads * c.head_dim, c.dim)
         self.wk = _init_linear(rngs, c.n_kv_heads * c.head_dim, c.dim)
@@ -233,7 +235,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None):
         self.w_gate = _init_linear(rngs, config.hidden_dim, config.dim)
         self.w_up = _init_linear(rngs, config.hidden_dim, config.dim)
         self.w_down = _init_linear(rngs, config.dim, config.hidden_dim)
@@ -249,7 +251,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, rngs=rngs)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
@@ -266,7 +268,12 @@ class Llama(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = _param(jax.random.normal(rngs.params(), (config.vocab_size, config.dim)))
+        shape = (config.vocab_size, config.dim)
+        self.embed = _param(
+            jax.ShapeDtypeStruct(shape, jnp.float32)
+            if rngs is None
+            else jax.random.normal(rngs.params(), shape)
+        )
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = (
@@ -368,6 +375,92 @@ def _quantized_layer(q, k, v, ck: KVCodes, cv: KVCodes, start, pad, q_pos):
     return gqa_attention(q, kk, vv, _visible(q_pos, pad, start + t, start + t)), ck, cv
 
 
+def _qkv(blk, c: LlamaConfig, x, positions):
+    """One block's queries ``(b, t, heads, d)`` and keys and values ``(b, kv_heads, t, d)``
+    of the normalised input, RoPE applied."""
+    b, t = x.shape[:2]
+    h = blk.attn_norm(x)
+    a = blk.attn
+    fused = getattr(a, "wqkv", None)
+    if fused is not None:
+        nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        y = linear(h, fused[...])
+        q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
+    else:
+        q, k, v = linear(h, a.wq[...]), linear(h, a.wk[...]), linear(h, a.wv[...])
+    q = q.reshape(b, t, c.n_heads, c.head_dim)
+    k = k.reshape(b, t, c.n_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
+    rd = c.rope_dim or c.head_dim
+    q = rope(q, positions, c.rope_base, rd)
+    k = rope(k, positions, c.rope_base, rd)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _block_out(blk, c: LlamaConfig, x, o):
+    """The block's output from its input ``x`` and its attention ``o`` (b, t, heads, d)
+    or (b, t, heads * d): output projection, residual, MLP, residual."""
+    b, t = x.shape[:2]
+    x = x + linear(o.reshape(b, t, c.n_heads * c.head_dim), blk.attn.wo[...])
+    return x + blk.mlp(blk.ffn_norm(x))
+
+
+def _runs(blocks) -> list[tuple[int, int]]:
+    """``(first, stop)`` index ranges of consecutive blocks whose parameters have the same
+    structure, shapes and dtypes (one scan each); blocks that differ (a GGUF mix, a
+    per-layer allocation) start a new run."""
+
+    def signature(blk):
+        graphdef, state = nnx.split(blk)
+        leaves, treedef = jax.tree.flatten(state)
+        return graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves)
+
+    sigs = [signature(b) for b in blocks]
+    runs, first = [], 0
+    for i in range(1, len(sigs) + 1):
+        if i == len(sigs) or sigs[i] != sigs[first]:
+            runs.append((first, i))
+            first = i
+    return runs
+
+
+def _scanned_blocks(model: Llama, x, positions, visible, cache_dtype):
+    """All blocks on a block of tokens at slot 0 (a prefill, or scoring without a cache):
+    each run of identical blocks is one ``lax.scan`` over their stacked parameters, so
+    the compiled program (and its compile time) does not grow with the depth. Returns
+    ``x`` and each layer's keys and values (float32; as the cache dtype rounds them when
+    ``cache_dtype`` is given), to be written to the cache by the caller."""
+    c = model.config
+    blocks = list(model.blocks)
+    ks, vs = [], []
+
+    def layer(blk, x):
+        q, k, v = _qkv(blk, c, x, positions)
+        if cache_dtype is not None:  # attention reads the keys as the float cache holds them
+            k, v = k.astype(cache_dtype), v.astype(cache_dtype)
+        o = gqa_attention(q, k, v, visible)
+        return _block_out(blk, c, x, o), k, v
+
+    for first, stop in _runs(blocks):
+        if stop - first == 1:
+            x, k, v = layer(blocks[first], x)
+            ks.append(k)
+            vs.append(v)
+            continue
+        graphdef, _ = nnx.split(blocks[first])
+        states = [nnx.split(b)[1] for b in blocks[first:stop]]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+        def body(x, state, graphdef=graphdef):
+            x, k, v = layer(nnx.merge(graphdef, state), x)
+            return x, (k, v)
+
+        x, (k_run, v_run) = jax.lax.scan(body, x, stacked)
+        ks.extend(k_run[j] for j in range(stop - first))
+        vs.extend(v_run[j] for j in range(stop - first))
+    return x, ks, vs
+
+
 def forward(
     model: Llama,
     tokens: jax.Array,
@@ -376,6 +469,7 @@ def forward(
     start,
     pad: jax.Array,
     logits: str = "all",
+    scan: bool | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs the model on ``tokens`` (batch, seq) written at cache slots
     ``start .. start+seq-1``.
@@ -389,6 +483,14 @@ def forward(
         the decode step (its value changes per token without retracing).
       pad: ``(batch,)`` number of left-padding slots of each sequence.
       logits: ``"all"`` (every position) or ``"last"`` (the last position only).
+      scan: run each run of consecutive blocks with identical parameter layouts as
+        one ``lax.scan`` over their stacked weights: the same numbers, bit for bit, and
+        a compile time that does not grow with the depth, for one copy of the stacked
+        weights per call. None (the default) scans when ``cache`` is None (scoring:
+        :meth:`LLM.logits`, :meth:`LLM.perplexity`, where the copy is small beside the
+        work of a long sequence); True also scans a prefill (``start=0`` with a cache);
+        False unrolls every call. A decode step, or any call at ``start > 0``, always
+        unrolls (it reads each weight in place). Measured in docs/guide/llm.md.
 
     Returns:
       ``(logits, cache)``: float32 logits ``(batch, seq, vocab)`` or ``(batch, vocab)``,
@@ -400,55 +502,52 @@ def forward(
     q_pos = start + jnp.arange(t)  # absolute slots of the queries
     positions = q_pos[None, :] - pad[:, None]  # RoPE positions: 0 at the first real token
     new_k, new_v = [], []
-    for i, blk in enumerate(model.blocks):
-        h = blk.attn_norm(x)
-        a = blk.attn
-        fused = getattr(a, "wqkv", None)
-        if fused is not None:
-            nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-            y = linear(h, fused[...])
-            q, k, v = y[..., :nq], y[..., nq : nq + nk], y[..., nq + nk :]
-        else:
-            q, k, v = linear(h, a.wq[...]), linear(h, a.wk[...]), linear(h, a.wv[...])
-        q = q.reshape(b, t, c.n_heads, c.head_dim)
-        k = k.reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
-        rd = c.rope_dim or c.head_dim
-        q = rope(q, positions, c.rope_base, rd)
-        k = rope(k, positions, c.rope_base, rd)
-        k = k.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, d)
-        v = v.transpose(0, 2, 1, 3)
-        if cache is not None and isinstance(cache.k[i], KVCodes):
-            o, ck, cv = _quantized_layer(q, k, v, cache.k[i], cache.v[i], start, pad, q_pos)
-            new_k.append(ck)
-            new_v.append(cv)
-            x = x + linear(o.reshape(b, t, c.n_heads * c.head_dim), a.wo[...])
-            x = x + blk.mlp(blk.ffn_norm(x))
-            continue
-        if cache is None:
-            kk, vv, n_valid = k, v, t
-        else:
-            kk = jax.lax.dynamic_update_slice(
-                cache.k[i], k.astype(cache.k[i].dtype), (0, 0, start, 0)
-            )
-            vv = jax.lax.dynamic_update_slice(
-                cache.v[i], v.astype(cache.v[i].dtype), (0, 0, start, 0)
-            )
-            new_k.append(kk)
-            new_v.append(vv)
-            n_valid = start + t
-        if cache is not None and isinstance(start, int):
-            # prefill: a static start bounds the slots that can be visible
-            kk, vv = kk[:, :, : start + t], vv[:, :, : start + t]
-        if cache is not None and t == 1 and not isinstance(start, int):
-            # the decode step: one query per sequence over slots pad[b] .. start
-            o = decode_attention(q[:, 0], kk, vv, pad, jnp.full_like(pad, start + 1))
-            o = o.reshape(b, 1, c.n_heads * c.head_dim)
-        else:
-            q_rel = q_pos if cache is not None else jnp.arange(t)
-            o = gqa_attention(q, kk, vv, _visible(q_rel, pad, n_valid, kk.shape[2]))
-        x = x + linear(o, a.wo[...])
-        x = x + blk.mlp(blk.ffn_norm(x))
+    if scan is None:
+        scan = cache is None
+    if scan and isinstance(start, int) and start == 0 and len(model.blocks) > 1:
+        quantized = cache is not None and isinstance(cache.k[0], KVCodes)
+        float_dtype = None if cache is None or quantized else cache.k[0].dtype
+        x, ks, vs = _scanned_blocks(model, x, positions, _visible(q_pos, pad, t, t), float_dtype)
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+            if cache is None:
+                continue
+            if isinstance(cache.k[i], KVCodes):
+                new_k.append(kv_write(cache.k[i], k, 0, pad))
+                new_v.append(kv_write(cache.v[i], v, 0, pad))
+            else:
+                new_k.append(jax.lax.dynamic_update_slice(cache.k[i], k, (0, 0, 0, 0)))
+                new_v.append(jax.lax.dynamic_update_slice(cache.v[i], v, (0, 0, 0, 0)))
+    else:
+        for i, blk in enumerate(model.blocks):
+            q, k, v = _qkv(blk, c, x, positions)
+            if cache is not None and isinstance(cache.k[i], KVCodes):
+                o, ck, cv = _quantized_layer(q, k, v, cache.k[i], cache.v[i], start, pad, q_pos)
+                new_k.append(ck)
+                new_v.append(cv)
+                x = _block_out(blk, c, x, o)
+                continue
+            if cache is None:
+                kk, vv, n_valid = k, v, t
+            else:
+                kk = jax.lax.dynamic_update_slice(
+                    cache.k[i], k.astype(cache.k[i].dtype), (0, 0, start, 0)
+                )
+                vv = jax.lax.dynamic_update_slice(
+                    cache.v[i], v.astype(cache.v[i].dtype), (0, 0, start, 0)
+                )
+                new_k.append(kk)
+                new_v.append(vv)
+                n_valid = start + t
+            if cache is not None and isinstance(start, int):
+                # prefill: a static start bounds the slots that can be visible
+                kk, vv = kk[:, :, : start + t], vv[:, :, : start + t]
+            if cache is not None and t == 1 and not isinstance(start, int):
+                # the decode step: one query per sequence over slots pad[b] .. start
+                o = decode_attention(q[:, 0], kk, vv, pad, jnp.full_like(pad, start + 1))
+            else:
+                q_rel = q_pos if cache is not None else jnp.arange(t)
+                o = gqa_attention(q, kk, vv, _visible(q_rel, pad, n_valid, kk.shape[2]))
+            x = _block_out(blk, c, x, o)
     if logits == "last":
         x = x[:, -1]
     x = model.norm(x)

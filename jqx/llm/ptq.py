@@ -131,7 +131,9 @@ def _kernels_and_fn(model: Llama):
 
         m = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(sub, state))
         pad = jnp.zeros((ids.shape[0],), jnp.int32)
-        return forward(m, ids, None, start=0, pad=pad, logits="all")[0]
+        # unrolled: calibration records each weight's own inputs, which a scan over
+        # stacked weights would merge
+        return forward(m, ids, None, start=0, pad=pad, logits="all", scan=False)[0]
 
     return kernels, fn
 

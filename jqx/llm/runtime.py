@@ -823,7 +823,7 @@ def load_llm(
             + "."
         )
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=path)
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    model = Llama(config, rngs=None)  # shapes only; every weight is set below
     for attr, name in names.items():
         value = f.tensors[name]
         var = functools.reduce(
@@ -893,7 +893,7 @@ def load_llm_exchange(
             f"{path}: the tensor for {missing[0]!r} is missing; a Llama checkpoint has "
             f"{', '.join(sorted(_exchange.LLAMA_NAMES.values()))} ({{i}}: each block)."
         )
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    model = Llama(config, rngs=None)  # shapes only; every weight is set below
     for attr, name in names.items():
         value = tensors[name]
         var = functools.reduce(
