@@ -167,13 +167,8 @@ def test_scanned_blocks_equal_unrolled_bit_for_bit(cache_format):
         cache = KVCache.init(cfg, batch=2, max_len=16, format=fmt)
     got = _prefill(model, toks, cache, start=0, pad=pad, scan=True)
     ref = _prefill(model, toks, cache, start=0, pad=pad, scan=False)
+    # every cache array too: a decode step after either prefill reads the same bits
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # and a decode step after the scanned prefill continues as after the unrolled one
-    if cache is not None:
-        nxt = jnp.array([[5], [6]], jnp.int32)
-        a, _ = _forward(model, nxt, got[1], start=jnp.int32(8), pad=pad, logits="last")
-        b, _ = _forward(model, nxt, ref[1], start=jnp.int32(8), pad=pad, logits="last")
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
