@@ -66,6 +66,19 @@ def test_config_from_real_metadata_and_errors():
 # ------------------------------------------------------------------ rope
 
 
+def test_structure_only_model_has_shapes_and_no_values():
+    """Llama(rngs=None), what load_llm fills from a file: every weight a ShapeDtypeStruct
+    of the randomly initialised model's shape; the norms are ones."""
+    abstract, real = Llama(CFG, rngs=None), _model()
+    a, r = nnx.state(abstract), nnx.state(real)
+    pairs = list(zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(r), strict=True))
+    assert len(pairs) == 2 + CFG.n_layers * 9
+    for x, y in pairs:
+        assert (x.shape, x.dtype) == (y.shape, y.dtype)
+        assert isinstance(x, jax.ShapeDtypeStruct) == (x.ndim == 2)
+    np.testing.assert_array_equal(abstract.norm.weight[...], np.ones(CFG.dim, np.float32))
+
+
 @settings(max_examples=20, deadline=None)
 @given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(0, 300))
 def test_rope_is_a_rotation_that_depends_on_relative_position(m, n, shift):
