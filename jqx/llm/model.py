@@ -264,9 +264,14 @@ class Llama(nnx.Module):
     Attributes mirror GGUF's tensor names (:data:`GGUF_NAMES` in :mod:`jqx.llm.runtime`):
     ``embed`` (``token_embd``), ``blocks[i].attn.wq`` (``blk.i.attn_q``) ..., ``norm``
     (``output_norm``), ``output`` (``output``; None when tied to ``embed``).
+
+    ``rngs=None`` builds the structure only: every matmul weight and the embedding are
+    ``jax.ShapeDtypeStruct`` placeholders to be set from a file (what
+    :func:`jqx.llm.load_llm` does, instead of tracing random initialisers under
+    ``nnx.eval_shape``); the norms' weights are ones.
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None):
         self.config = config
         shape = (config.vocab_size, config.dim)
         self.embed = _param(
@@ -405,17 +410,17 @@ def _block_out(blk, c: LlamaConfig, x, o):
     return x + blk.mlp(blk.ffn_norm(x))
 
 
-def _runs(blocks) -> list[tuple[int, int]]:
-    """``(first, stop)`` index ranges of consecutive blocks whose parameters have the same
-    structure, shapes and dtypes (one scan each); blocks that differ (a GGUF mix, a
-    per-layer allocation) start a new run."""
+def _runs(splits) -> list[tuple[int, int]]:
+    """``(first, stop)`` index ranges of consecutive blocks (given as ``nnx.split``
+    pairs) whose parameters have the same structure, shapes and dtypes (one scan each);
+    blocks that differ (a GGUF mix, a per-layer allocation) start a new run."""
 
-    def signature(blk):
-        graphdef, state = nnx.split(blk)
+    def signature(split):
+        graphdef, state = split
         leaves, treedef = jax.tree.flatten(state)
         return graphdef, treedef, tuple((x.shape, x.dtype) for x in leaves)
 
-    sigs = [signature(b) for b in blocks]
+    sigs = [signature(s) for s in splits]
     runs, first = [], 0
     for i in range(1, len(sigs) + 1):
         if i == len(sigs) or sigs[i] != sigs[first]:
@@ -431,7 +436,7 @@ def _scanned_blocks(model: Llama, x, positions, visible, cache_dtype):
     ``x`` and each layer's keys and values (float32; as the cache dtype rounds them when
     ``cache_dtype`` is given), to be written to the cache by the caller."""
     c = model.config
-    blocks = list(model.blocks)
+    splits = [nnx.split(b) for b in model.blocks]
     ks, vs = [], []
 
     def layer(blk, x):
@@ -441,15 +446,14 @@ def _scanned_blocks(model: Llama, x, positions, visible, cache_dtype):
         o = gqa_attention(q, k, v, visible)
         return _block_out(blk, c, x, o), k, v
 
-    for first, stop in _runs(blocks):
+    for first, stop in _runs(splits):
+        graphdef = splits[first][0]
         if stop - first == 1:
-            x, k, v = layer(blocks[first], x)
+            x, k, v = layer(nnx.merge(graphdef, splits[first][1]), x)
             ks.append(k)
             vs.append(v)
             continue
-        graphdef, _ = nnx.split(blocks[first])
-        states = [nnx.split(b)[1] for b in blocks[first:stop]]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(st for _, st in splits[first:stop]))
 
         def body(x, state, graphdef=graphdef):
             x, k, v = layer(nnx.merge(graphdef, state), x)
@@ -490,7 +494,7 @@ def forward(
         :meth:`LLM.logits`, :meth:`LLM.perplexity`, where the copy is small beside the
         work of a long sequence); True also scans a prefill (``start=0`` with a cache);
         False unrolls every call. A decode step, or any call at ``start > 0``, always
-        unrolls (it reads each weight in place). Measured in docs/guide/llm.md.
+        unrolls (it reads each weight in place). Measured in docs/benchmarks/llm.md.
 
     Returns:
       ``(logits, cache)``: float32 logits ``(batch, seq, vocab)`` or ``(batch, vocab)``,
@@ -508,9 +512,7 @@ def forward(
         quantized = cache is not None and isinstance(cache.k[0], KVCodes)
         float_dtype = None if cache is None or quantized else cache.k[0].dtype
         x, ks, vs = _scanned_blocks(model, x, positions, _visible(q_pos, pad, t, t), float_dtype)
-        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
-            if cache is None:
-                continue
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True) if cache is not None else ()):
             if isinstance(cache.k[i], KVCodes):
                 new_k.append(kv_write(cache.k[i], k, 0, pad))
                 new_v.append(kv_write(cache.v[i], v, 0, pad))
