@@ -12,9 +12,11 @@
 #     bash benchmarks/gpu_session.sh                  # every stage
 #     bash benchmarks/gpu_session.sh matmul_8192      # only the named stages
 #
-# Stages: env, tests, matmul_4096, matmul_8192, and mx (only the MX check, not
-# run by default: tests includes it). A stage that hits its limit (kernel
-# compilation dominates the first run) can be rerun alone in a second call.
+# Stages: env, tests, matmul_4096, matmul_8192, w4_tune (W4A16 tile sweep at
+# decode sizes), llm (decode tokens/s of a Llama-3.2-1B-shaped model,
+# benchmarks/llm_gpu.py), and mx (only the MX check, not run by default: tests
+# includes it). The benchmarks write their JSON after every row, so a stage that
+# hits its limit keeps what it measured; it can be rerun alone in a second call.
 #
 # It uses the machine's own python3 and packages (jax with CUDA, pytest,
 # hypothesis); it installs nothing.
@@ -24,7 +26,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 py=${PYTHON:-python3}
 
-want=" ${*:-env tests matmul_4096 matmul_8192} "
+want=" ${*:-env tests matmul_4096 matmul_8192 w4_tune llm} "
 
 stage() {  # stage NAME SECONDS CMD...: runs CMD with a limit, logs to $out/NAME.log
   local name=$1 limit=$2
@@ -39,14 +41,20 @@ stage() {  # stage NAME SECONDS CMD...: runs CMD with a limit, logs to $out/NAME
   return 0
 }
 
-stage env 30 bash -c "nvidia-smi; $py -c 'import jax; print(jax.__version__, jax.devices())'"
+stage env 20 bash -c "nvidia-smi; $py -c 'import jax; print(jax.__version__, jax.devices())'"
 # The kernels' native twins, and the MX route (docs/guide/mx.md): jax.nn.scaled_matmul
 # forced on this GPU runs and equals the exact emulation (below compute capability 10.0
 # XLA expands the block-scaled dot itself).
-stage tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu \
+stage tests 150 "$py" -m pytest -q -p no:cacheprovider --tb=short -m gpu \
   tests/test_pallas_w4a16.py tests/test_pallas_int8.py tests/test_pallas_fp8.py tests/test_mx.py
 stage mx 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_mx.py
-stage matmul_4096 200 "$py" benchmarks/matmul.py --kn 4096 --json "$out/matmul_4096.json" \
+stage matmul_4096 170 "$py" benchmarks/matmul.py --kn 4096 --json "$out/matmul_4096.json" \
   --emit-dispatch
-stage matmul_8192 200 "$py" benchmarks/matmul.py --kn 8192 --json "$out/matmul_8192.json" \
+stage matmul_8192 170 "$py" benchmarks/matmul.py --kn 8192 --json "$out/matmul_8192.json" \
   --emit-dispatch
+# W4A16 tiles at decode sizes: the default beside wider N tiles, deeper K tiles and
+# split-K (each 'block_m,block_n,block_k,split_k,num_warps,num_stages').
+stage w4_tune 75 "$py" benchmarks/matmul.py --m 1 16 --kn 8192 --only xla_w4a16 pallas_w4a16 \
+  --json "$out/w4_tune.json" --w4-blocks 16,32,128,1,4,3 16,128,128,1,4,3 16,64,256,1,4,3 \
+  16,64,128,2,4,3 16,64,128,4,4,3 16,128,256,2,8,3 16,256,128,1,8,4
+stage llm 150 "$py" benchmarks/llm_gpu.py --config llama-1b --json "$out/llm_gpu.json"

@@ -19,6 +19,8 @@ interpret mode; the timings say nothing about kernel speed), or force it with
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -39,7 +41,11 @@ from jqx.kernels.pallas.int8_matmul import (  # noqa: E402
     int8_matmul_dynamic,
     quantize_rows_reference,
 )
-from jqx.kernels.pallas.w4a16_matmul import dequantize_w4, w4a16_matmul  # noqa: E402
+from jqx.kernels.pallas.w4a16_matmul import (  # noqa: E402
+    BlockSizes,
+    dequantize_w4,
+    w4a16_matmul,
+)
 from jqx.ops import dispatch  # noqa: E402
 
 # Dense tensor-core peaks in FLOP/s (datasheet numbers, no sparsity).
@@ -99,10 +105,28 @@ def _pool_size(bytes_per_set: int, target: int, lo: int) -> int:
     return int(min(32, max(lo, math.ceil(target / max(bytes_per_set, 1)))))
 
 
-def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
+def parse_w4_blocks(spec: str) -> BlockSizes:
+    """``"bm,bn,bk,split_k,num_warps,num_stages"`` -> :class:`BlockSizes` (for tile sweeps).
+
+    Example:
+        >>> parse_w4_blocks("16,64,128,1,4,3").block_n
+        64
+    """
+    parts = spec.split(",")
+    if len(parts) != 6 or not all(p.strip().isdigit() for p in parts):
+        raise SystemExit(
+            f"--w4-blocks {spec!r}: expected six integers "
+            "'block_m,block_n,block_k,split_k,num_warps,num_stages', e.g. 16,64,128,1,4,3"
+        )
+    bm, bn, bk, sk, nw, ns = (int(p) for p in parts)
+    return BlockSizes(bm, bn, bk, sk, nw, ns)
+
+
+def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0, w4_blocks=()):
     """(name, fn, make_args(i), bytes moved, peak kind) per candidate.
 
     Inputs are drawn on the device (jax.random), so large pools are cheap to build.
+    ``w4_blocks`` adds one ``pallas_w4a16`` candidate per tile configuration (a sweep).
     """
     interpret = True if smoke else None
     g = min(GROUP, k)
@@ -168,6 +192,30 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
         return (acc * xs * ws).astype(jnp.bfloat16)
 
     one = jnp.ones((), f32)
+    sweep = [
+        (
+            "w4a16_" + "_".join(str(v) for v in dataclasses.astuple(bs)),
+            jax.jit(
+                functools.partial(
+                    lambda x, pw, s, z, bs: w4a16_matmul(
+                        x,
+                        pw,
+                        s,
+                        z,
+                        group_size=g,
+                        out_dtype=jnp.bfloat16,
+                        interpret=interpret,
+                        block_sizes=bs,
+                    ),
+                    bs=bs,
+                )
+            ),
+            lambda i: (x_bf16(i), *w4(i)),
+            x_b + k * n // 2 + s_b + out_b,
+            "bf16",
+        )
+        for bs in w4_blocks
+    ]
     return [
         (
             "bf16_dot",
@@ -271,10 +319,22 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0):
             m * k + k * n + out_b,
             "fp8",
         ),
-    ]
+    ] + sweep
 
 
-def run(ms, kns, smoke: bool, min_pool: int, trials: int, pool_bytes: int, only=None) -> list[dict]:
+def run(
+    ms,
+    kns,
+    smoke: bool,
+    min_pool: int,
+    trials: int,
+    pool_bytes: int,
+    only=None,
+    w4_blocks=(),
+    json_path=None,
+) -> list[dict]:
+    """Times every candidate; with ``json_path`` the rows so far are rewritten after each
+    one, so a run stopped by a time limit keeps what it measured."""
     dev = jax.devices()[0]
     kind = dev.device_kind
     peaks = _peaks(kind)
@@ -291,7 +351,7 @@ def run(ms, kns, smoke: bool, min_pool: int, trials: int, pool_bytes: int, only=
         f"inputs (pool >= {pool_bytes >> 20} MiB when that fits in 32 copies)"
     )
     hdr = (
-        f"{'M':>5} {'K=N':>5} {'candidate':<16} {'time_us':>10} {'vs_bf16':>8} "
+        f"{'M':>5} {'K=N':>5} {'candidate':<24} {'time_us':>10} {'vs_bf16':>8} "
         f"{'mem_roof':>8} {'tc_peak':>8}"
     )
     print(hdr)
@@ -299,14 +359,14 @@ def run(ms, kns, smoke: bool, min_pool: int, trials: int, pool_bytes: int, only=
     for kn in kns:
         for m in ms:
             base = None
-            for name, fn, make, nbytes, pk in candidates(m, kn, kn, smoke):
-                if only and name not in only and name != "bf16_dot":
+            for name, fn, make, nbytes, pk in candidates(m, kn, kn, smoke, w4_blocks=w4_blocks):
+                if only and name not in only and name != "bf16_dot" and name[:6] != "w4a16_":
                     continue
                 pool = [make(i) for i in range(_pool_size(nbytes, pool_bytes, min_pool))]
                 try:
                     t = _time(fn, pool, trials)
                 except Exception as e:  # noqa: BLE001 - report and keep benchmarking
-                    print(f"{m:>5} {kn:>5} {name:<16} failed: {type(e).__name__}: {e}"[:200])
+                    print(f"{m:>5} {kn:>5} {name:<24} failed: {type(e).__name__}: {e}"[:200])
                     continue
                 finally:
                     del pool
@@ -326,10 +386,12 @@ def run(ms, kns, smoke: bool, min_pool: int, trials: int, pool_bytes: int, only=
                     smoke=smoke,
                 )
                 rows.append(row)
+                if json_path:
+                    Path(json_path).write_text(json.dumps(rows, indent=1))
                 tcs = f"{row['tc_peak']:.3f}" if peak else "-"
                 vs = f"{row['vs_bf16']:.2f}" if row["vs_bf16"] else "-"
                 print(
-                    f"{m:>5} {kn:>5} {name:<16} {t * 1e6:>10.1f} {vs:>8} "
+                    f"{m:>5} {kn:>5} {name:<24} {t * 1e6:>10.1f} {vs:>8} "
                     f"{row['mem_roofline']:>8.3f} {tcs:>8}",
                     flush=True,
                 )
@@ -364,6 +426,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="candidate names to run (bf16_dot always runs)")
     p.add_argument("--min-pool", type=int, default=None, help="calls per timed launch (min)")
     p.add_argument("--trials", type=int, default=None)
+    p.add_argument(
+        "--w4-blocks",
+        nargs="*",
+        default=[],
+        help="extra W4A16 tile configurations to time, each 'bm,bn,bk,split_k,warps,stages'",
+    )
     p.add_argument("--json", type=str, default=None, help="write the rows here")
     p.add_argument(
         "--emit-dispatch",
@@ -379,7 +447,18 @@ def main(argv=None) -> int:
     else:
         ms, kns = a.m or [1, 16, 64, 256, 1024, 4096], a.kn or [4096, 8192]
         min_pool, trials, pool_bytes = a.min_pool or 16, a.trials or 15, 512 << 20
-    rows = run(ms, kns, smoke, min_pool, trials, pool_bytes, only=a.only)
+    w4_blocks = [parse_w4_blocks(b) for b in a.w4_blocks]
+    rows = run(
+        ms,
+        kns,
+        smoke,
+        min_pool,
+        trials,
+        pool_bytes,
+        only=a.only,
+        w4_blocks=w4_blocks,
+        json_path=a.json,
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.emit_dispatch:
