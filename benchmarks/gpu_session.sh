@@ -12,8 +12,8 @@
 #     bash benchmarks/gpu_session.sh                  # every stage
 #     bash benchmarks/gpu_session.sh matmul_8192      # only the named stages
 #
-# Stages: env, tests, matmul_4096, matmul_8192, w4_tune (W4A16 tile sweep at
-# decode sizes), llm (decode tokens/s of a Llama-3.2-1B-shaped model,
+# Stages: env, tests, matmul_4096, matmul_8192, w4a16 (W4A16 only, every M, both
+# sizes; not run by default), w4_tune (W4A16 tile sweep at decode sizes), llm (decode tokens/s of a Llama-3.2-1B-shaped model,
 # benchmarks/llm_gpu.py), and mx (only the MX check, not run by default: tests
 # includes it). The benchmarks write their JSON after every row, so a stage that
 # hits its limit keeps what it measured; it can be rerun alone in a second call.
@@ -52,9 +52,13 @@ stage matmul_4096 170 "$py" benchmarks/matmul.py --kn 4096 --json "$out/matmul_4
   --emit-dispatch
 stage matmul_8192 170 "$py" benchmarks/matmul.py --kn 8192 --json "$out/matmul_8192.json" \
   --emit-dispatch
-# W4A16 tiles at decode sizes: the default beside wider N tiles, deeper K tiles and
-# split-K (each 'block_m,block_n,block_k,split_k,num_warps,num_stages').
-stage w4_tune 75 "$py" benchmarks/matmul.py --m 1 16 --kn 8192 --only xla_w4a16 pallas_w4a16 \
-  --json "$out/w4_tune.json" --w4-blocks 16,32,128,1,4,3 16,128,128,1,4,3 16,64,256,1,4,3 \
-  16,64,128,2,4,3 16,64,128,4,4,3 16,128,256,2,8,3 16,256,128,1,8,4
+# W4A16 alone at every M for both K = N (its dispatch row), then its tiles at decode
+# sizes: the default beside wider N tiles, deeper K tiles and split-K (each
+# 'block_m,block_n,block_k,split_k,num_warps,num_stages').
+stage w4a16 90 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w4a16 pallas_w4a16 \
+  --json "$out/w4a16.json" --emit-dispatch
+stage w4_tune 120 "$py" benchmarks/matmul.py --m 1 16 64 --kn 4096 8192 \
+  --only xla_w4a16 pallas_w4a16 --json "$out/w4_tune.json" --w4-blocks \
+  16,64,128,1,4,3 16,64,128,2,4,3 16,128,128,1,4,3 16,128,128,2,4,3 16,128,256,1,4,3 \
+  16,64,256,2,4,4 16,32,128,2,4,3 16,256,128,1,8,3 16,128,128,4,4,3
 stage llm 150 "$py" benchmarks/llm_gpu.py --config llama-1b --json "$out/llm_gpu.json"

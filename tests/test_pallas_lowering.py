@@ -4,7 +4,7 @@ What is checked: jax's Pallas -> Triton lowering of each kernel (targeting sm_90
 GPU is attached) for decode and prefill shapes, ragged and aligned; the kernel is embedded
 as XLA's Triton custom call with the expected grid; the Triton IR has the tensor-core dot
 with the promised operand and accumulator types (bf16/f16 -> f32, f32 as IEEE not TF32,
-i8 -> i32, f8E4M3FN -> f32) and the in-tile nibble unpack. What is not checked: Triton's
+i8 -> i32, f8E4M3FN -> f32) and the in-tile nibble split. What is not checked: Triton's
 compilation of that IR to PTX/cubin, which runs only on a GPU (the GPU test mode covers it).
 """
 
@@ -43,22 +43,27 @@ def test_w4a16_lowers(m, k, n, g, signed, x_dtype):
         specs.append(S((k // g, n), jnp.bfloat16))
     [kern] = triton_kernels_for_cuda(f, *specs)
     assert kern["name"] == "w4a16_matmul"
+    d = W4BlockSizes.get_default(m, k, n, g)
+    # Two dots (low and high nibbles) per group that a K tile holds.
     dots = _dots(kern["ir"])
-    assert len(dots) == 1
+    assert len(dots) == 2 * (d.block_k // min(d.block_k, g))
     xt = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[x_dtype]
-    assert re.search(
-        rf"tensor<\d+x\d+x{xt}> \* tensor<\d+x\d+x{xt}> -> tensor<\d+x\d+xf32>", dots[0]
-    ), dots[0]
-    if x_dtype == jnp.float32:
-        # IEEE is Triton's default and is printed by omission; TF32 would be spelled out.
-        assert "tf32" not in dots[0]
-    else:
-        assert "f32> * tensor" not in dots[0]
-    # Nibbles are interleaved back along N inside the tile (tt.join of two i8 tiles).
-    assert re.search(r"tt\.join .*xi8>", kern["ir"])
+    for dot in dots:
+        # The raw codes enter the dot in x's dtype: no f32 weight tile.
+        assert re.search(
+            rf"tensor<\d+x\d+x{xt}> \* tensor<\d+x\d+x{xt}> -> tensor<\d+x\d+xf32>", dot
+        ), dot
+        if x_dtype == jnp.float32:
+            # IEEE is Triton's default and is printed by omission; TF32 would be spelled out.
+            assert "tf32" not in dot
+        else:
+            assert "f32> * tensor" not in dot
+    # Each group's scales are split into even/odd columns (tt.split), and the two f32
+    # accumulators are interleaved once, before the store (tt.join).
+    assert "tt.split" in kern["ir"]
+    assert re.search(r"tt\.join .*xf32>", kern["ir"])
     if signed:
         assert "arith.shrsi" in kern["ir"]
-    d = W4BlockSizes.get_default(m, k, n, g)
     assert kern["grid"] == (-(-m // d.block_m), -(-n // d.block_n), d.split_k)
 
 

@@ -77,14 +77,19 @@ def test_matches_reference(case, interpret):
         x, pw, s, z, group_size=g, signed=signed, out_dtype=od, interpret=interpret
     )
     assert y.shape == (m, n) and y.dtype == jnp.dtype(od)
-    # Same rounding as the reference: only the f32 summation order differs.
+    # The reference's arithmetic: only the f32 summation order differs, and then both
+    # round to the output dtype (two roundings: up to one unit apart, seen on an H200).
     err = jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))
-    assert bool(jnp.all(err <= _bound(x, w, ref, od, 1e-5) + 1e-6))
-    # Against exact f32 math, the weight's rounding to x's dtype also counts.
+    eps = OUT_EPS[jnp.dtype(od).name]
+    ref32 = ref.astype(jnp.float32)
+    assert bool(
+        jnp.all(err <= _bound(x, w, ref, jnp.float32, 1e-5) + 2 * eps * jnp.abs(ref32) + 1e-6)
+    )
+    # Against exact f32 math: the weight is never rounded to x's dtype, so the same bound
+    # holds with one output rounding.
     exact = jnp.dot(x.astype(jnp.float32), w, precision="highest")
-    rel = 2.0**-22 if xd == jnp.float32 else OUT_EPS[jnp.dtype(xd).name]
     err = jnp.abs(y.astype(jnp.float32) - exact)
-    assert bool(jnp.all(err <= _bound(x, w, exact, od, rel) + 1e-6))
+    assert bool(jnp.all(err <= _bound(x, w, exact, od, 1e-5) + 1e-6))
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -93,7 +98,7 @@ def test_matches_reference(case, interpret):
     [
         BlockSizes(block_m=16, block_n=32, block_k=32, split_k=1),
         BlockSizes(block_m=32, block_n=64, block_k=128, split_k=2),
-        BlockSizes(block_m=16, block_n=16, block_k=16, split_k=4),
+        BlockSizes(block_m=16, block_n=32, block_k=16, split_k=4),
     ],
     ids=["bk=g", "bk>g_split2", "bk<g_split4"],
 )
@@ -149,6 +154,7 @@ def test_jit_and_qarray_layout():
         (dict(group_size=24, k=96), "group_size=24 is not supported"),
         (dict(signed=True), "signed=True takes no zero points"),
         (dict(block_sizes=BlockSizes(block_m=24)), "block_m=24"),
+        (dict(block_sizes=BlockSizes(block_n=16)), "block_n=16 .* >= 32"),
         (dict(block_sizes=BlockSizes(block_k=64), group_size=96, k=96), "block_k=64"),
         (dict(out_dtype=jnp.int32), "out_dtype has dtype int32"),
     ],

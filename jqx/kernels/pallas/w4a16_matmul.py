@@ -1,4 +1,4 @@
-"""W4A16: bf16/f16 activations x 4-bit weights, dequantized inside the tile (Pallas/Triton).
+"""W4A16: bf16/f16 activations x 4-bit weights, scaled after the tile's dot (Pallas/Triton).
 
 Weight layout is jqx's QArray layout, used as is (no weight preparation step): a (K, N)
 weight is stored as ``packed_w`` (K, ceil(N/2)) uint8, two codes per byte along N (the
@@ -6,10 +6,16 @@ last axis), low nibble = even column. Codes are uint4 0..15 with group-wise zero
 ``w = (code - zero) * scale``, or two's-complement int4 nibbles (``signed=True``, no zero
 point). ``scales``/``zeros`` are (K // group_size, N).
 
-In the tile, the packed (block_k, block_n/2) bytes are split into low/high nibbles and
-interleaved back into (block_k, block_n) with a Triton ``join`` + reshape (jnp.stack on
-the last axis), dequantized in f32 with the group's scale and zero, rounded to the
-activation dtype and fed to ``tl.dot`` with an f32 accumulator.
+In the tile, the packed (block_k, block_n/2) bytes are split into low and high nibbles,
+and each half is multiplied with x as it is: the codes are small integers, exact in x's
+dtype, so ``tl.dot`` computes ``x @ codes`` with no rounding of the weight, accumulating
+in f32. The group's scale and zero point are then applied to the (block_m, block_n/2)
+f32 partial sums, ``(x @ c) * s - sum(x) * (z * s)``, instead of to every weight
+element. The low half gives the even output columns and the high half the odd ones,
+interleaved once per output tile instead of once per weight tile. (Until the first
+GPU timings, the tile dequantized every weight to x's dtype and interleaved the nibbles
+with a join: 0.8-0.96x the bf16 dot at decode sizes on an H200,
+docs/benchmarks/gpu.md.)
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ class BlockSizes:
 
     Attributes:
       block_m: rows of x per program (power of two >= 16; M is masked, never padded).
-      block_n: output columns per program (power of two >= 16).
+      block_n: output columns per program (power of two >= 32: each nibble half feeds a
+        dot of block_n / 2 >= 16 columns).
       block_k: reduction tile (power of two >= 16); it must divide ``group_size`` or be a
-        multiple of it, so each tile sees whole groups or one group.
+        multiple of it; a tile of several groups runs one dot per group.
       split_k: number of programs sharing one output tile's K range (partials in f32,
         summed by XLA); more parallelism for decode-sized M.
       num_warps: Triton warps per program.
@@ -62,7 +69,7 @@ class BlockSizes:
         """
         bm = min(max(c.next_pow2(m), 16), 128)
         bn = 64 if m <= 64 else 128
-        bn = min(bn, max(16, c.next_pow2(n)))
+        bn = min(bn, max(32, c.next_pow2(n)))
         bk = _pick_block_k(128 if m <= 64 else 64, group_size, k)
         split = 1
         n_tiles = c.cdiv(m, bm) * c.cdiv(n, bn)
@@ -106,6 +113,11 @@ def _w4a16_kernel(
     split_k,
     dot_precision,
 ):
+    """One (bm, bn) output tile: the even (low-nibble) and odd (high-nibble) columns are
+    two (bm, bn/2) accumulators, each fed by a dot of x with the raw codes of one nibble
+    (small integers, exact in x's dtype); the group's scale and zero point are applied to
+    the dot's f32 result, ``(x @ c) * s - sum(x) * (z * s)``, not to every weight. The two
+    halves are interleaved back into output columns once, at the store."""
     if has_zeros:
         z_ref, o_ref = rest
     else:
@@ -115,6 +127,9 @@ def _w4a16_kernel(
     s_id = pl.program_id(2)
     half = bn // 2
     n_groups = k // group_size
+    # Depth of one dot: a whole group or a part of one, so a dot sees a single scale row.
+    sk = min(bk, group_size)
+    n_sub = bk // sk
     mask_m = m % bm != 0
     mask_n = n % bn != 0 or n_packed * 2 != n
     mask_k = k % bk != 0
@@ -125,86 +140,82 @@ def _w4a16_kernel(
     row_ok = rows < m
     col_ok = cols < n
     pcol_ok = pcols < n_packed
+    f32 = jnp.float32
 
-    def body(t, acc):
-        k0 = (s_id * nk_per_split + t) * bk
-        ks = k0 + jnp.arange(bk)
-        k_ok = ks < k
-        xmask = None
-        if mask_m or mask_k:
-            xmask = row_ok[:, None] & k_ok[None, :]
-        x = pl_triton.load(
-            x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)],
-            mask=xmask,
-            other=0 if xmask is not None else None,
-        )
-        wmask = None
+    def group_rows(ref, g):
+        """Group ``g``'s scales (or zeros) for the even and the odd columns, (1, half) f32
+        each: one contiguous (1, bn) load, split in registers."""
+        msk = None
         if mask_n or mask_k:
-            wmask = k_ok[:, None] & pcol_ok[None, :]
-        p = pl_triton.load(
-            w_ref.at[pl.ds(k0, bk), pl.ds(j * half, half)],
-            mask=wmask,
-            other=0 if wmask is not None else None,
-        )
-        # Unpack in 8-bit registers (not int32) to keep the tile small.
-        if signed:
-            # Arithmetic shifts on int8 sign-extend the two's-complement nibbles.
-            lo = (p << 4).astype(jnp.int8) >> 4
-            hi = p.astype(jnp.int8) >> 4
-        else:
-            lo = p & 0xF
-            hi = p >> 4
-        codes = jnp.stack([lo, hi], axis=-1).reshape(bk, bn).astype(jnp.float32)
-
-        smask = col_ok[None, :] if mask_n else None
-        g0 = k0 // group_size
-        if bk <= group_size:
-            # group_size % bk == 0 and K % group_size == 0, so this tile is in bounds along K.
-            gslice = pl.ds(g0, 1)
-        else:
-            ng = bk // group_size
-            gslice = pl.ds(g0, ng)
+            msk = col_ok[None, :]
             if mask_k:
-                g_ok = ((g0 + jnp.arange(ng)) < n_groups)[:, None]
-                smask = g_ok & col_ok[None, :] if mask_n else g_ok
-        other = 0.0 if smask is not None else None
-        sc = pl_triton.load(s_ref.at[gslice, pl.ds(j * bn, bn)], mask=smask, other=other)
-        sc = sc.astype(jnp.float32)
-        if has_zeros:
-            zp = pl_triton.load(z_ref.at[gslice, pl.ds(j * bn, bn)], mask=smask, other=other)
-            zp = zp.astype(jnp.float32)
-        if bk > group_size:
-            ng = bk // group_size
-
-            def expand(a):
-                return jnp.broadcast_to(a[:, None, :], (ng, group_size, bn)).reshape(bk, bn)
-
-            sc = expand(sc)
-            if has_zeros:
-                zp = expand(zp)
-        if has_zeros:
-            w = (codes - zp) * sc
-        else:
-            w = codes * sc
-        w = w.astype(x.dtype)
-        return acc + lax.dot_general(
-            x,
-            w,
-            (((1,), (0,)), ((), ())),
-            precision=dot_precision,
-            preferred_element_type=jnp.float32,
+                msk = msk & (g < n_groups)
+        v = pl_triton.load(
+            ref.at[pl.ds(g, 1), pl.ds(j * bn, bn)],
+            mask=msk,
+            other=0.0 if msk is not None else None,
         )
+        return jnp.unstack(v.astype(f32).reshape(1, half, 2), axis=-1)
 
-    acc = lax.fori_loop(0, nk_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+    def body(t, carry):
+        acc_lo, acc_hi = carry
+        for u in range(n_sub):
+            k0 = (s_id * nk_per_split + t) * bk + u * sk
+            k_ok = (k0 + jnp.arange(sk)) < k
+            xmask = None
+            if mask_m or mask_k:
+                xmask = row_ok[:, None] & k_ok[None, :]
+            x = pl_triton.load(
+                x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, sk)],
+                mask=xmask,
+                other=0 if xmask is not None else None,
+            )
+            wmask = None
+            if mask_n or mask_k:
+                wmask = k_ok[:, None] & pcol_ok[None, :]
+            p = pl_triton.load(
+                w_ref.at[pl.ds(k0, sk), pl.ds(j * half, half)],
+                mask=wmask,
+                other=0 if wmask is not None else None,
+            )
+            if signed:
+                # Arithmetic shifts on int8 sign-extend the two's-complement nibbles.
+                lo = (p << 4).astype(jnp.int8) >> 4
+                hi = p.astype(jnp.int8) >> 4
+            else:
+                lo = p & 0xF
+                hi = p >> 4
+            g = k0 // group_size
+            s_lo, s_hi = group_rows(s_ref, g)
+            dims = (((1,), (0,)), ((), ()))
+            d_lo = lax.dot_general(
+                x, lo.astype(x.dtype), dims, precision=dot_precision, preferred_element_type=f32
+            )
+            d_hi = lax.dot_general(
+                x, hi.astype(x.dtype), dims, precision=dot_precision, preferred_element_type=f32
+            )
+            acc_lo = acc_lo + d_lo * s_lo
+            acc_hi = acc_hi + d_hi * s_hi
+            if has_zeros:
+                xsum = jnp.sum(x.astype(f32), axis=1, keepdims=True)
+                z_lo, z_hi = group_rows(z_ref, g)
+                acc_lo = acc_lo - xsum * (z_lo * s_lo)
+                acc_hi = acc_hi - xsum * (z_hi * s_hi)
+        return acc_lo, acc_hi
+
+    zero = jnp.zeros((bm, half), f32)
+    acc_lo, acc_hi = lax.fori_loop(0, nk_per_split, body, (zero, zero))
+    # Even and odd columns back in order, once per tile (a Triton join).
+    out = jnp.stack([acc_lo, acc_hi], axis=-1).reshape(bm, bn)
     omask = None
     if mask_m or mask_n:
         omask = row_ok[:, None] & col_ok[None, :]
     if split_k == 1:
         pl_triton.store(
-            o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype), mask=omask
+            o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(o_ref.dtype), mask=omask
         )
     else:
-        pl_triton.store(o_ref.at[s_id, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=omask)
+        pl_triton.store(o_ref.at[s_id, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out, mask=omask)
 
 
 def _validate(x, packed_w, scales, zeros, group_size, signed, out_dtype):
@@ -272,15 +283,18 @@ def w4a16_matmul(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """``x @ dequantize(W)`` with 4-bit weights dequantized inside the Triton tile.
+    """``x @ dequantize(W)`` with 4-bit weights decoded inside the Triton tile.
 
     Shapes: any M, K, N. M, N and K edges are **masked** in the kernel (nothing is
     padded, so the weights are never copied). ``K % group_size == 0``.
 
-    Precision: each weight is dequantized in f32 (``(code - zero) * scale``), rounded once
-    to x's dtype (bf16/f16), and the bf16/f16 products are accumulated in f32 by
-    ``tl.dot``. For f32 activations the dot runs with ``precision=HIGHEST`` (IEEE f32, not
-    TF32). With split-K, partial sums are f32 and added by XLA.
+    Precision: the weight is never rounded. ``tl.dot`` multiplies x by the raw codes
+    (exact in bf16/f16/f32) and accumulates in f32; each group's partial sum is then
+    scaled in f32, ``(x @ c) * s - sum(x) * (z * s)``. So the result is the f32 product
+    of x with the f32-dequantized weight, up to the order of the f32 sums (the
+    reference below computes exactly that). For f32 activations the dot runs with
+    ``precision=HIGHEST`` (IEEE f32, not TF32). With split-K, partial sums are f32 and
+    added by XLA.
 
     Args:
       x: (M, K) activations, bfloat16, float16 or float32.
@@ -310,8 +324,9 @@ def w4a16_matmul(
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     m, k, n = _validate(x, packed_w, scales, zeros, group_size, signed, out_dtype)
     bs = block_sizes or BlockSizes.get_default(m, k, n, group_size)
-    for name in ("block_m", "block_n", "block_k"):
+    for name in ("block_m", "block_k"):
         c.check_block(f"block_sizes.{name}", getattr(bs, name))
+    c.check_block("block_sizes.block_n", bs.block_n, minimum=2 * c.MIN_DOT_TILE)
     if not (
         group_size % bs.block_k == 0 or (bs.block_k % group_size == 0 and c.is_pow2(group_size))
     ):
@@ -371,8 +386,8 @@ def w4a16_matmul_reference(
     signed: bool = False,
     out_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
-    """Plain-jnp reference with the kernel's rounding: dequantize in f32, round the weight
-    to x's dtype, f32-accumulated dot (HIGHEST precision).
+    """Plain-jnp reference with the kernel's arithmetic: the f32-dequantized weight times x
+    in f32 (HIGHEST precision), rounded once to ``out_dtype``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -384,8 +399,7 @@ def w4a16_matmul_reference(
     """
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     w = dequantize_w4(packed_w, scales, zeros, group_size=group_size, signed=signed)
-    w = w.astype(x.dtype)
-    y = jnp.dot(x, w, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
     return y.astype(out_dtype)
 
 
