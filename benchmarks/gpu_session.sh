@@ -13,7 +13,8 @@
 #     bash benchmarks/gpu_session.sh matmul_8192      # only the named stages
 #
 # Stages: env, tests, matmul_4096, matmul_8192, w4a16 (W4A16 only, every M, both
-# sizes; not run by default), w4_tune (W4A16 tile sweep at decode sizes), llm (decode tokens/s of a Llama-3.2-1B-shaped model,
+# sizes; not run by default), w8 (the 8-bit kernels fed a transposed weight; not
+# run by default), w4_tune (W4A16 tile sweep at decode sizes), llm (decode tokens/s of a Llama-3.2-1B-shaped model,
 # benchmarks/llm_gpu.py), and mx (only the MX check, not run by default: tests
 # includes it). The benchmarks write their JSON after every row, so a stage that
 # hits its limit keeps what it measured; it can be rerun alone in a second call.
@@ -61,4 +62,8 @@ stage w4_tune 120 "$py" benchmarks/matmul.py --m 1 16 64 --kn 4096 8192 \
   --only xla_w4a16 pallas_w4a16 --json "$out/w4_tune.json" --w4-blocks \
   16,64,128,1,4,3 16,64,128,2,4,3 16,128,128,1,4,3 16,128,128,2,4,3 16,128,256,1,4,3 \
   16,64,256,2,4,4 16,32,128,2,4,3 16,256,128,1,8,3 16,128,128,4,4,3
+# The 8-bit kernels with the (K, N) weight transposed in the call for the (N, K) kernel,
+# beside XLA's paths and the (K, N) kernels (the adapters' candidates).
+stage w8 120 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w8a8_dyn pallas_w8a8_dyn \
+  pallas_w8a8_dyn_t xla_fp8 pallas_fp8 pallas_fp8_t --json "$out/w8.json"
 stage llm 150 "$py" benchmarks/llm_gpu.py --config llama-1b --json "$out/llm_gpu.json"

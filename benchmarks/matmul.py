@@ -293,6 +293,19 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0, w4_blocks=())
             "int8",
         ),
         (
+            # The (K, N) weight transposed in the call, then the (N, K) kernel: what an
+            # adapter can do with jqx's QArray layout as it is.
+            "pallas_w8a8_dyn_t",
+            jax.jit(
+                lambda x, wq, ws: int8_matmul_dynamic(
+                    x, wq.T, ws, out_dtype=jnp.bfloat16, interpret=interpret, w_layout="nk"
+                )
+            ),
+            lambda i: (x_bf16(i), *w8(i)),
+            x_b + 2 * m * k + 3 * k * n + out_b,
+            "int8",
+        ),
+        (
             "xla_fp8",
             jax.jit(xla_fp8),
             lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
@@ -308,6 +321,17 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0, w4_blocks=())
             ),
             lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
             m * k + k * n + out_b,
+            "fp8",
+        ),
+        (
+            "pallas_fp8_t",
+            jax.jit(
+                lambda xq, wq, xs, ws: fp8_matmul(
+                    xq, wq.T, xs, ws, out_dtype=jnp.bfloat16, interpret=interpret, w_layout="nk"
+                )
+            ),
+            lambda i: (f8(i, 10, (m, k)), f8(i, 11, (k, n)), one, one),
+            m * k + 3 * k * n + out_b,
             "fp8",
         ),
         (
