@@ -47,6 +47,7 @@ from jqx.kernels.pallas.w4a16_matmul import (  # noqa: E402
     w4a16_matmul,
 )
 from jqx.ops import dispatch  # noqa: E402
+from jqx.ops.impl_pallas import INT8_NK_MIN_ROWS  # noqa: E402
 
 # Dense tensor-core peaks in FLOP/s (datasheet numbers, no sparsity).
 PEAKS = {
@@ -56,10 +57,15 @@ PEAKS = {
     "L4": {"bf16": 121e12, "int8": 242e12, "fp8": 242e12},
 }
 GROUP = 128
-# op name in the dispatch table -> (Pallas candidate, XLA candidate it must beat)
+# op name in the dispatch table -> (Pallas candidate, XLA candidate it must beat). The
+# Pallas candidate is what jqx.ops' adapter runs (jqx/ops/impl_pallas.py): the int8 W8A8
+# adapter transposes the weight for the (N, K) kernel from INT8_NK_MIN_ROWS rows on.
 DISPATCH_PAIRS = {
     "w4a16": ("pallas_w4a16", "xla_w4a16"),
-    "int8_dynamic": ("pallas_w8a8_dyn", "xla_w8a8_dyn"),
+    "int8_dynamic": (
+        lambda m: "pallas_w8a8_dyn_t" if m >= INT8_NK_MIN_ROWS else "pallas_w8a8_dyn",
+        "xla_w8a8_dyn",
+    ),
     "int8": ("pallas_w8a8", "xla_w8a8"),
     "fp8": ("pallas_fp8", "xla_fp8"),
 }
@@ -423,19 +429,62 @@ def run(
 
 
 def dispatch_table(rows: list[dict]) -> dict:
-    """{op: {m_bucket: winner}}: "pallas" only if it beat XLA's path at every K = N."""
+    """{op: {m_bucket: winner}}: "pallas" only if it beat XLA's path at every K = N.
+
+    Example:
+        >>> rows = [dict(m=1, k=4096, candidate=c, time_s=t)
+        ...         for c, t in (("pallas_w4a16", 1.0), ("xla_w4a16", 2.0))]
+        >>> dispatch_table(rows)
+        {'w4a16': {1: 'pallas'}}
+    """
     t = {(r["m"], r["k"], r["candidate"]): r["time_s"] for r in rows}
     table: dict[str, dict[int, str]] = {}
     for op, (pallas_name, xla_name) in DISPATCH_PAIRS.items():
         for m in sorted({r["m"] for r in rows}):
+            pn = pallas_name(m) if callable(pallas_name) else pallas_name
             wins = [
-                t[(m, k, pallas_name)] < t[(m, k, xla_name)]
+                t[(m, k, pn)] < t[(m, k, xla_name)]
                 for k in sorted({r["k"] for r in rows})
-                if (m, k, pallas_name) in t and (m, k, xla_name) in t
+                if (m, k, pn) in t and (m, k, xla_name) in t
             ]
             if wins:
                 table.setdefault(op, {})[dispatch.m_bucket(m)] = "pallas" if all(wins) else "xla"
     return table
+
+
+def load_rows(paths: list[str]) -> list[dict]:
+    """Rows from earlier runs: this script's JSON files, or its printed logs (the table
+    lines). A later file's (M, K, candidate) replaces an earlier one's.
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "run.log")
+        >>> _ = open(f, "w").write("    1  4096 bf16_dot   33.2  1.00  0.320  0.001\\n")
+        >>> load_rows([f])[0]["time_s"]
+        3.32e-05
+    """
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) >= 4 and f[0].isdigit() and f[1].isdigit() and f[3] != "failed:":
+                    rows.append(
+                        dict(
+                            m=int(f[0]),
+                            k=int(f[1]),
+                            n=int(f[1]),
+                            candidate=f[2],
+                            time_s=float(f[3]) * 1e-6,
+                        )
+                    )
+        for r in rows:
+            merged[(r["m"], r["k"], r["candidate"])] = r
+    return list(merged.values())
 
 
 def main(argv=None) -> int:
@@ -451,6 +500,14 @@ def main(argv=None) -> int:
     p.add_argument("--min-pool", type=int, default=None, help="calls per timed launch (min)")
     p.add_argument("--trials", type=int, default=None)
     p.add_argument(
+        "--table-from",
+        nargs="+",
+        default=None,
+        help="measure nothing: print the MEASURED entry from these JSON files or logs of "
+        "earlier GPU runs (later files win for the same M, K and candidate)",
+    )
+    p.add_argument("--device-kind", default="NVIDIA H200", help="device name for --table-from")
+    p.add_argument(
         "--w4-blocks",
         nargs="*",
         default=[],
@@ -463,6 +520,10 @@ def main(argv=None) -> int:
         help="print a MEASURED entry for jqx/ops/dispatch.py (the Pallas table)",
     )
     a = p.parse_args(argv)
+    if a.table_from:
+        rows = load_rows(a.table_from)
+        print(f"# MEASURED[{a.device_kind!r}] = {dispatch_table(rows)!r}")
+        return 0
     print_stamp()
     smoke = a.cpu_smoke or jax.default_backend() != "gpu"
     if smoke:

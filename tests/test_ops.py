@@ -332,8 +332,9 @@ def test_in_scale(name):
     assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
 
 
-def test_pallas_backend_matches_xla():
-    x = _x(shape=(16, K))
+@pytest.mark.parametrize("rows", [16, 256])  # 256: the int8 kernel reads the weight (N, K)
+def test_pallas_backend_matches_xla(rows):
+    x = _x(shape=(rows, K))
     for r in (jqx.int4_weight_only(group_size=32), jqx.int8_dynamic_activation_int8_weight()):
         q = r.quantize_weight(_w())
         y_x = jqx.ops.dot_general(x, q, DN, backend="xla")
@@ -514,8 +515,10 @@ def test_dispatch_pallas_table():
     with jqx.ops.policy(platform="gpu", device_kind="NVIDIA A100", pallas_table=table):
         assert _explain(x1, q4) == "xla.dequantize_dot"
     with jqx.ops.policy(platform="gpu", device_kind="NVIDIA H200"):  # the shipped table
-        shipped = jqx.ops.dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200")
-        assert _explain(x1, q4) == ("pallas.w4a16" if shipped == "pallas" else "xla.dequantize_dot")
+        assert _explain(x1, q4) == "pallas.w4a16"
+        assert _explain(jnp.ones((4096, 4096), jnp.bfloat16), q4) == "xla.dequantize_dot"
+        assert _explain(jnp.ones((1024, 4096), jnp.bfloat16), q8a8) == "pallas.int8_dynamic"
+        assert _explain(x16, q8a8) != "pallas.int8_dynamic"
     with jqx.ops.policy(platform="cpu", native_available=False):
         assert _explain(x1, q4) == "xla.dequantize_dot"
         assert _explain(x1, q4, backend="pallas") == "pallas.w4a16"

@@ -152,9 +152,15 @@ def test_dispatch_table():
     from jqx.ops import dispatch
 
     big = (4096, 4096)
-    # Off-GPU, and on GPU without a measurement, XLA is used.
+    # Off-GPU, and on a GPU model without a measurement, XLA is used.
     assert dispatch.measured_winner("w4a16", 1, *big, "cpu") == "xla"
-    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200") == "xla"
+    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA A100") == "xla"
+    # The shipped H200 entry (docs/benchmarks/gpu.md): W4A16 at decode sizes, int8 W8A8
+    # from 1024 rows.
+    assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200") == "pallas"
+    assert dispatch.measured_winner("w4a16", 4096, *big, "gpu", "NVIDIA H200") == "xla"
+    assert dispatch.measured_winner("int8_dynamic", 2048, *big, "gpu", "NVIDIA H200") == "pallas"
+    assert dispatch.measured_winner("int8_dynamic", 16, *big, "gpu", "NVIDIA H200") == "xla"
     table = {"H200": {"w4a16": {1: "pallas", 16: "pallas"}, "fp8": {4096: "pallas"}}}
     assert dispatch.measured_winner("w4a16", 1, *big, "gpu", "NVIDIA H200", table=table) == "pallas"
     assert (

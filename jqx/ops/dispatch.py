@@ -81,8 +81,24 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 # ``python benchmarks/matmul.py --emit-dispatch`` on the GPU (a kernel wins a bucket only
 # if it beat XLA's path at every K = N measured). device_kind is matched as a
 # case-insensitive substring of jax's Device.device_kind ("H200" matches "NVIDIA H200").
-# Empty: no GPU measurement has been recorded yet, so every GPU query answers "xla".
-MEASURED: dict[str, dict[str, dict[int, str]]] = {}
+# A device model not listed answers "xla" everywhere.
+MEASURED: dict[str, dict[str, dict[int, str]]] = {
+    # One H200 (jax 0.11.2, CUDA 13), K = N in {4096, 8192}, 2026-12-04; the runs and
+    # the command that merges them into this entry: docs/benchmarks/gpu.md.
+    "H200": {
+        "w4a16": {1: "pallas", 16: "pallas", 64: "pallas", 256: "xla", 1024: "xla", 4096: "xla"},
+        "int8_dynamic": {
+            1: "xla",
+            16: "xla",
+            64: "xla",
+            256: "xla",
+            1024: "pallas",
+            4096: "pallas",
+        },
+        "int8": {1: "pallas", 16: "xla", 64: "xla", 256: "xla", 1024: "xla", 4096: "xla"},
+        "fp8": {1: "xla", 16: "xla", 64: "xla", 256: "pallas", 1024: "pallas", 4096: "xla"},
+    },
+}
 
 # Below this many weight elements the launch overhead dominates; XLA wins or ties.
 MIN_WEIGHT_ELEMENTS = 4096 * 4096

@@ -100,6 +100,13 @@ def _dynamic_per_token(p: Problem, fmt: str) -> bool:
     )
 
 
+# From this many rows the int8 W8A8 kernel reads the weight as (N, K), transposed in the
+# call: on an H200 the (N, K) kernel with the transpose took 0.31-0.77x the (K, N)
+# kernel's time from 256 rows on (and beat XLA's int8 path from 1024 rows), while below
+# 256 rows the transpose costs more than it saves (docs/benchmarks/gpu.md).
+INT8_NK_MIN_ROWS = 256
+
+
 class Int8Dynamic(PallasKernel):
     """W8A8 int8 with the per-token activation quantization fused in."""
 
@@ -110,9 +117,13 @@ class Int8Dynamic(PallasKernel):
         return _dynamic_per_token(p, "int8")
 
     def run(self, x, q: QArray, p):
-        y = _kernels().int8_matmul_dynamic(
-            x, q.qvalue, q.scale.reshape(1, p.n), out_dtype=_out_dtype(p)
-        )
+        ws = q.scale.reshape(1, p.n)
+        if p.rows >= INT8_NK_MIN_ROWS:
+            y = _kernels().int8_matmul_dynamic(
+                x, q.qvalue.T, ws, out_dtype=_out_dtype(p), w_layout="nk"
+            )
+        else:
+            y = _kernels().int8_matmul_dynamic(x, q.qvalue, ws, out_dtype=_out_dtype(p))
         return y.astype(p.out_dtype)
 
 

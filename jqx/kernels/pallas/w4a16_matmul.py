@@ -61,22 +61,30 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, m: int, k: int, n: int, group_size: int) -> BlockSizes:
-        """Heuristic defaults (not yet tuned on a GPU: the GPU numbers are outstanding).
+        """Defaults from the H200 tile sweep (docs/benchmarks/gpu.md).
+
+        Decode rows (M <= 16) stream the weight: 128-column tiles split four ways along
+        K (the fastest of nine tilings at K = N = 4096 and 8192, M = 1 and 16: more
+        programs keep more loads in flight). Larger M takes taller tiles and splits K
+        only while there are fewer than 128 programs.
 
         Example:
-            >>> BlockSizes.get_default(1, 4096, 4096, 128).block_m
-            16
+            >>> BlockSizes.get_default(1, 4096, 4096, 128)
+            BlockSizes(block_m=16, block_n=128, block_k=128, split_k=4, num_warps=4, num_stages=3)
         """
         bm = min(max(c.next_pow2(m), 16), 128)
-        bn = 64 if m <= 64 else 128
+        bn = 128 if m <= 16 else (64 if m <= 64 else 128)
         bn = min(bn, max(32, c.next_pow2(n)))
         bk = _pick_block_k(128 if m <= 64 else 64, group_size, k)
-        split = 1
         n_tiles = c.cdiv(m, bm) * c.cdiv(n, bn)
         nk = c.cdiv(k, bk)
-        # Decode shapes leave most SMs idle: split K until there are ~128 programs.
-        while n_tiles * split < 128 and nk % (2 * split) == 0 and split < 8:
-            split *= 2
+        split = 1
+        if m <= 16:
+            while split < 4 and nk % (2 * split) == 0:
+                split *= 2
+        else:
+            while n_tiles * split < 128 and nk % (2 * split) == 0 and split < 8:
+                split *= 2
         return cls(
             block_m=bm,
             block_n=bn,
