@@ -46,7 +46,7 @@ stage env 20 bash -c "nvidia-smi; $py -c 'import jax; print(jax.__version__, jax
 # The kernels' native twins, and the MX route (docs/guide/mx.md): jax.nn.scaled_matmul
 # forced on this GPU runs and equals the exact emulation (below compute capability 10.0
 # XLA expands the block-scaled dot itself).
-stage tests 150 "$py" -m pytest -q -p no:cacheprovider --tb=short -m gpu \
+stage tests 80 "$py" -m pytest -q -p no:cacheprovider --tb=short -m gpu \
   tests/test_pallas_w4a16.py tests/test_pallas_int8.py tests/test_pallas_fp8.py tests/test_mx.py
 stage mx 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_mx.py
 stage matmul_4096 170 "$py" benchmarks/matmul.py --kn 4096 --json "$out/matmul_4096.json" \
@@ -56,14 +56,14 @@ stage matmul_8192 170 "$py" benchmarks/matmul.py --kn 8192 --json "$out/matmul_8
 # W4A16 alone at every M for both K = N (its dispatch row), then its tiles at decode
 # sizes: the default beside wider N tiles, deeper K tiles and split-K (each
 # 'block_m,block_n,block_k,split_k,num_warps,num_stages').
-stage w4a16 90 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w4a16 pallas_w4a16 \
+stage w4a16 70 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w4a16 pallas_w4a16 \
   --json "$out/w4a16.json" --emit-dispatch
-stage w4_tune 120 "$py" benchmarks/matmul.py --m 1 16 64 --kn 4096 8192 \
+stage w4_tune 100 "$py" benchmarks/matmul.py --m 1 16 64 --kn 4096 8192 \
   --only xla_w4a16 pallas_w4a16 --json "$out/w4_tune.json" --w4-blocks \
   16,64,128,1,4,3 16,64,128,2,4,3 16,128,128,1,4,3 16,128,128,2,4,3 16,128,256,1,4,3 \
   16,64,256,2,4,4 16,32,128,2,4,3 16,256,128,1,8,3 16,128,128,4,4,3
 # The 8-bit kernels with the (K, N) weight transposed in the call for the (N, K) kernel,
 # beside XLA's paths and the (K, N) kernels (the adapters' candidates).
-stage w8 120 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w8a8_dyn pallas_w8a8_dyn \
-  pallas_w8a8_dyn_t xla_fp8 pallas_fp8 pallas_fp8_t --json "$out/w8.json"
-stage llm 150 "$py" benchmarks/llm_gpu.py --config llama-1b --json "$out/llm_gpu.json"
+stage w8 80 "$py" benchmarks/matmul.py --kn 4096 8192 --only xla_w8a8_dyn pallas_w8a8_dyn \
+  pallas_w8a8_dyn_t xla_fp8 pallas_fp8 pallas_fp8_t
+stage llm 140 "$py" benchmarks/llm_gpu.py --config llama-1b --json "$out/llm_gpu.json"

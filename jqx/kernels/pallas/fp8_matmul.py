@@ -40,7 +40,7 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, m: int, k: int, n: int) -> BlockSizes:
-        """Heuristic defaults (not tuned on a GPU yet: the GPU numbers are outstanding).
+        """Heuristic defaults (not tuned: one H200 run measured them, docs/benchmarks/gpu.md).
 
         Example:
             >>> BlockSizes.get_default(1, 4096, 4096).block_m
