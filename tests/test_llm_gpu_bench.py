@@ -34,7 +34,9 @@ def bench():
 
 def test_smoke_run_every_format_and_int4_xla_equals_pallas(bench, tmp_path, capsys):
     path = tmp_path / "rows.json"
-    argv = ["--smoke", "--steps", "2", "--prompt-len", "8", "--reps", "1", "--json", str(path)]
+    # The prompt runs through the decode step (--prefill steps): one compile per format.
+    argv = ["--smoke", "--steps", "2", "--prompt-len", "4", "--reps", "1", "--prefill", "steps"]
+    argv += ["--json", str(path)]
     result = bench.main(argv)
     out = capsys.readouterr().out
 
