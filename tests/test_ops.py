@@ -332,7 +332,7 @@ def test_in_scale(name):
     assert np.all(np.abs(y - _ref(x, w_hat)) <= bound)
 
 
-@pytest.mark.parametrize("rows", [16, 256])  # 256: the int8 kernel reads the weight (N, K)
+@pytest.mark.parametrize("rows", [16, 64])  # 64: the int8 kernel reads the weight (N, K)
 def test_pallas_backend_matches_xla(rows):
     x = _x(shape=(rows, K))
     for r in (jqx.int4_weight_only(group_size=32), jqx.int8_dynamic_activation_int8_weight()):

@@ -101,10 +101,10 @@ def _dynamic_per_token(p: Problem, fmt: str) -> bool:
 
 
 # From this many rows the int8 W8A8 kernel reads the weight as (N, K), transposed in the
-# call: on an H200 the (N, K) kernel with the transpose took 0.31-0.77x the (K, N)
-# kernel's time from 256 rows on (and beat XLA's int8 path from 1024 rows), while below
-# 256 rows the transpose costs more than it saves (docs/benchmarks/gpu.md).
-INT8_NK_MIN_ROWS = 256
+# call: on an H200 the (N, K) kernel with the transpose took 0.24-0.57x the (K, N)
+# kernel's time from 64 rows on (and beat XLA's int8 path from 1024 rows), while at 16
+# rows and fewer the transpose costs more than it saves (1.1-1.3x; docs/benchmarks/gpu.md).
+INT8_NK_MIN_ROWS = 64
 
 
 class Int8Dynamic(PallasKernel):
