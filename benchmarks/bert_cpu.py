@@ -45,14 +45,16 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from _stamp import print_stamp
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jqx  # noqa: E402
+# jqx before jax: JQX_REUSE_HOST_MEMORY=1 must act before jax loads (docs/guide/run.md).
+import jqx  # noqa: E402, I001  # isort: skip
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from _stamp import print_stamp  # noqa: E402
+
 from jqx_demo import bert, minilm  # noqa: E402
 
 PT_FP32, PT_INT8 = "PyTorch fp32", "PyTorch dynamic int8"

@@ -15,6 +15,9 @@ Example:
 
 import importlib as _importlib
 
+# First, before anything imports jax: applies JQX_REUSE_HOST_MEMORY=1 (docs/guide/run.md).
+from jqx.kernels.cpu import host_memory as _host_memory  # noqa: F401  # isort: skip
+
 from jqx import ops as ops
 from jqx import transform as transform
 from jqx.calibration.allocate import Allocation as Allocation
