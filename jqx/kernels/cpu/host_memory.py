@@ -11,7 +11,7 @@ per call; W8A8 through ``jqx.quantized``: 26k.
 ``JQX_REUSE_HOST_MEMORY=1`` in the environment makes ``import jqx`` keep what the
 process frees: one malloc arena for every thread, no ``mmap`` below 1 GiB, no trimming
 of the heap, 512 MiB of top padding (glibc's ``mallopt``). Steady-state calls then
-fault no pages and run faster: 1.3-1.4x for the float32 model above and 1.1-1.2x for
+fault no pages and run faster: 1.3-1.4x for the float32 model above and 1.03-1.2x for
 its W8A8 form on a 2-core AVX512 machine (docs/benchmarks/bert_cpu.md). ONNX Runtime
 gets the same effect from its own memory arena.
 
