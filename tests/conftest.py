@@ -6,7 +6,10 @@ import os
 # compile time is most of its wall time. Tests compile as `jax_disable_most_optimizations`
 # does (LLVM -O0, no expensive passes) and with the classic elemental fusion emitter
 # (the MLIR fusion emitters take longer to compile): about 1.6x less wall time for the
-# suite (docs/internals/testing.md). Neither changes what an IEEE operation computes, and
+# suite (docs/internals/testing.md). Each program is also compiled as one LLVM module
+# instead of being split for parallel code generation, which for the suite's many small
+# programs costs more than it saves on 2 cores (15-25% less time on compile-bound files,
+# docs/internals/testing.md). None of these changes what an IEEE operation computes, and
 # dots and convolutions run in the same runtime libraries either way. Set
 # JQX_TEST_XLA=default to run with XLA's defaults. Set before jax creates its backend;
 # subprocesses that tests start inherit them. Only for the jaxlib these flags were
@@ -15,6 +18,7 @@ _FAST_COMPILE_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
     "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
 )
 
 
