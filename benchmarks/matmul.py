@@ -203,17 +203,11 @@ def candidates(m: int, k: int, n: int, smoke: bool, seed: int = 0, w4_blocks=())
             "w4a16_" + "_".join(str(v) for v in dataclasses.astuple(bs)),
             jax.jit(
                 functools.partial(
-                    lambda x, pw, s, z, bs: w4a16_matmul(
-                        x,
-                        pw,
-                        s,
-                        z,
-                        group_size=g,
-                        out_dtype=jnp.bfloat16,
-                        interpret=interpret,
-                        block_sizes=bs,
-                    ),
-                    bs=bs,
+                    w4a16_matmul,
+                    group_size=g,
+                    out_dtype=jnp.bfloat16,
+                    interpret=interpret,
+                    block_sizes=bs,
                 )
             ),
             lambda i: (x_bf16(i), *w4(i)),

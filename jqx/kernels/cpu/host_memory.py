@@ -46,11 +46,19 @@ __all__ = ["ENV", "apply_from_environment", "decide", "glibc_version", "reuse_ho
 
 ENV = "JQX_REUSE_HOST_MEMORY"
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
+_TOP_PAD = 512 << 20  # the default top_pad_bytes
+
+
+def _settings(top_pad_bytes: int) -> tuple[tuple[str, int, str, int], ...]:
+    """``(mallopt name, mallopt parameter (malloc.h), glibc environment variable, value)``
+    of each setting."""
+    return (
+        ("M_ARENA_MAX", -8, "MALLOC_ARENA_MAX", 1),
+        ("M_MMAP_THRESHOLD", -3, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
+        ("M_TRIM_THRESHOLD", -1, "MALLOC_TRIM_THRESHOLD_", 2**31 - 1),
+        ("M_TOP_PAD", -2, "MALLOC_TOP_PAD_", top_pad_bytes),
+    )
+
 
 _APPLIED = False
 
@@ -73,7 +81,7 @@ def glibc_version() -> tuple[int, ...] | None:
     return tuple(int(p) for p in libc.gnu_get_libc_version().decode().split(".")[:2])
 
 
-def reuse_host_memory(*, top_pad_bytes: int = 512 << 20) -> bool:
+def reuse_host_memory(*, top_pad_bytes: int = _TOP_PAD) -> bool:
     """Applies the settings (see the module docstring). Effective in full only before
     jax is imported; ``JQX_REUSE_HOST_MEMORY=1`` calls it at ``import jqx``.
 
@@ -100,12 +108,7 @@ def reuse_host_memory(*, top_pad_bytes: int = 512 << 20) -> bool:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
-    for name, param, value in (
-        ("M_ARENA_MAX", _M_ARENA_MAX, 1),
-        ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, 1 << 30),
-        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1),
-        ("M_TOP_PAD", _M_TOP_PAD, top_pad_bytes),
-    ):
+    for name, param, _, value in _settings(top_pad_bytes):
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(
                 f"reuse_host_memory: glibc's mallopt({name}, {value}) failed; the settings "
@@ -128,12 +131,11 @@ def decide(environ, *, jax_loaded: bool) -> tuple[bool, str | None]:
             "keep freed host memory for reuse, or unset it."
         )
     if jax_loaded:
+        glibc_env = " ".join(f"{var}={v}" for _, _, var, v in _settings(_TOP_PAD))
         return True, (
             f"{ENV}=1: jax was imported before jqx, so threads it started keep malloc arenas "
             "of their own and large temporaries may still be mapped afresh on every call. "
-            "Import jqx before jax, or start the process with MALLOC_ARENA_MAX=1 "
-            "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 "
-            "MALLOC_TOP_PAD_=536870912."
+            f"Import jqx before jax, or start the process with {glibc_env}."
         )
     return True, None
 
