@@ -1,7 +1,9 @@
 """Quantized KV caches on SmolLM2-135M against the float cache, in one run.
 
 For each cache format (float32 and float16 caches, ``int8``, ``fp8``, ``int4`` with
-groups of 32 and of 64) on a Shakespeare play (at least 2048 tokens):
+groups of 32 and of 64, each also with its values quantized when written instead of
+kept in a window, ``-vq``: ``KVFormat("int4", value_window=False)``) on a Shakespeare
+play (at least 2048 tokens):
 
 - cache bytes at 2048 slots and at the model's context (codes, scales, zero points,
   residual window) against a float16 cache;
@@ -16,7 +18,8 @@ groups of 32 and of 64) on a Shakespeare play (at least 2048 tokens):
 
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 [--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
-[--formats int8,fp8,int4,int4-g64] (the float32 and float16 caches always run)
+[--formats int8,fp8,int4,int4-g64,int4-vq,int4-g64-vq] (the float32 and float16
+caches always run)
 [--fp8-headroom 16,256] (extra fp8 perplexity rows with other values of
 ``jqx.ops.attention.FP8_HEADROOM``, the prefill's headroom; default 64)
 """
@@ -33,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stamp import print_stamp  # noqa: E402
 
-FORMATS = ("float32", "float16", "int8", "fp8", "int4", "int4-g64")
+FORMATS = ("float32", "float16", "int8", "fp8", "int4", "int4-g64", "int4-vq", "int4-g64-vq")
 
 
 def main() -> None:
@@ -91,9 +94,12 @@ def main() -> None:
     }
     fmt_of = {"float32": None, "float16": None, "int8": "int8", "fp8": "fp8", "int4": "int4"}
     fmt_of["int4-g64"] = KVFormat("int4", group=64)
+    fmt_of["int4-vq"] = KVFormat("int4", value_window=False)
+    fmt_of["int4-g64-vq"] = KVFormat("int4", group=64, value_window=False)
     llm_of = {f: llms.get(f, base) for f in FORMATS}
-    for f in ("int4", "int4-g64"):
-        llm_of[f] = llms["float16"]  # the residual window in float16
+    for f in FORMATS:
+        if f.startswith("int4"):
+            llm_of[f] = llms["float16"]  # the residual window in float16
     ids = base.tokenizer.encode(plays()[args.play])
     n = args.tokens
     if len(ids) < n + args.new_tokens:

@@ -330,16 +330,17 @@ def int4_arrays(rng, b, kvh, s, d, grp, res_dtype=np.float32):
 
 def int4_dequantize64(arrays, role, hi):
     """float64 values (B, KVH, S, D) and their bound magnitudes, the residual window
-    placed at each sequence's slots (hi - 1) // g * g .. (hi clipped to [0, S])."""
-    codes, scale, zero, res = (np.asarray(a) for a in arrays)
+    placed at each sequence's slots (hi - 1) // g * g .. (hi clipped to [0, S]); values
+    without a window (residual None) from their codes at every slot."""
+    codes, scale, zero, res = (None if a is None else np.asarray(a) for a in arrays)
     b, kvh, s, _ = codes.shape
-    grp = res.shape[2]
+    grp = res.shape[2] if res is not None else 2 * codes.shape[3] // scale.shape[3]
     q4 = np.stack([codes & 15, codes >> 4], axis=-1).reshape(b, kvh, s, -1).astype(np.float64)
     sc, zp = scale.astype(np.float64), zero.astype(np.float64)
     axis = 2 if role == "k" else 3
     sc, zp = np.repeat(sc, grp, axis=axis), np.repeat(zp, grp, axis=axis)
     x, mag = (q4 - zp) * sc, (q4 + zp) * sc
-    for i in range(b):
+    for i in range(b if res is not None else 0):
         h = min(max(int(hi[i]), 0), s)
         q0 = (h - 1) // grp * grp if h > 0 else 0
         r = res[i].astype(np.float64)[:, : s - q0]
@@ -350,7 +351,7 @@ def int4_dequantize64(arrays, role, hi):
 
 def int4_run(q, k, v, lo, hi, scale, fn=None):
     fn = fn or native.decode_attention_int4
-    args = [jnp.asarray(a) for a in (q, *k, *v)]
+    args = [None if a is None else jnp.asarray(a) for a in (q, *k, *v)]
     lo, hi = (jnp.asarray(np.asarray(a, np.int32)) for a in (lo, hi))
     return fn(*args, lo, hi, scale=scale)
 
@@ -362,7 +363,9 @@ def int4_xla(q, k, v, lo, hi, scale):
 
     grp = k[3].shape[2]
     kc = A.KVCodes(*(jnp.asarray(a) for a in k), kind="int4", role="k", group=grp)
-    vc = A.KVCodes(*(jnp.asarray(a) for a in v), kind="int4", role="v", group=grp)
+    vc = A.KVCodes(
+        *(None if a is None else jnp.asarray(a) for a in v), kind="int4", role="v", group=grp
+    )
     assert scale == q.shape[-1] ** -0.5
     lo, hi = (jnp.asarray(np.asarray(a, np.int32)) for a in (lo, hi))
     return _xla_attention()(jnp.asarray(q), kc, vc, lo, hi)
@@ -418,12 +421,18 @@ INT4_CASES = [
 
 
 @needs_kernel
-@pytest.mark.parametrize("res_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(
+    "res_dtype,v_window",
+    [(np.float32, True), (np.float16, True), (np.float32, False)],
+    ids=["f32", "f16", "f32-no-value-window"],
+)
 @pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_int4_against_float64_and_xla(case, res_dtype):
+def test_int4_against_float64_and_xla(case, res_dtype, v_window):
     b, h, kvh, s, d, grp, lo, hi = case
     rng = np.random.default_rng(b * 1000 + s + d + grp)
     k, v = int4_arrays(rng, b, kvh, s, d, grp, res_dtype)
+    if not v_window:  # values read from their codes at every slot
+        v = (*v[:3], None)
     q = rng.standard_normal((b, h, d)).astype(np.float32)
     scale = d**-0.5
     y = int4_run(q, k, v, lo, hi, scale)
@@ -435,9 +444,12 @@ def test_int4_against_float64_and_xla(case, res_dtype):
 
 
 @needs_kernel
-def test_int4_reads_neither_invisible_slots_nor_the_codes_of_the_residual_group():
+@pytest.mark.parametrize("v_window", [True, False])
+def test_int4_reads_neither_invisible_slots_nor_the_codes_of_the_residual_group(v_window):
     rng = np.random.default_rng(5)
     k, v = int4_arrays(rng, 2, 3, 320, 64, 32)
+    if not v_window:  # values from their codes, also in the keys' residual group
+        v = (*v[:3], None)
     lo, hi = [20, 7], [281, 7]  # sequence 1: nothing visible
     q = rng.standard_normal((2, 9, 64)).astype(np.float32)
     y0 = np.asarray(int4_run(q, k, v, lo, hi, 0.125))
@@ -450,17 +462,20 @@ def test_int4_reads_neither_invisible_slots_nor_the_codes_of_the_residual_group(
             scale[0, :, 8:] = np.nan  # key groups from slot 256: the residual's and later
         else:
             scale[0, :, :20] = np.nan
-            scale[0, :, 256:] = np.nan
-        res[0, :, 25:] = np.nan  # rows of slots 281 ..
+            scale[0, :, 256 if res is not None else 281 :] = np.nan
+        if res is not None:
+            res[0, :, 25:] = np.nan  # rows of slots 281 ..
+            res[1] = np.nan
+            codes[0, :, 256:] = 0
+        else:
+            codes[0, :, 281:] = 0
         scale[1] = np.nan
-        res[1] = np.nan
-        codes[0, :, 256:] = 0
     y = np.asarray(int4_run(q, k, v, lo, hi, 0.125))
     assert np.isfinite(y).all() and (y[1] == 0).all()
     np.testing.assert_array_equal(y, y0)
 
 
-def _kv_written(kind_args, seed):
+def _kv_written(kind_args, seed, value_window=True):
     """Keys and values written as jqx.ops.attention does: a prefill of `prefill`
     tokens (a Python int start), then `steps` decode writes (a traced start)."""
     from jqx.ops import attention as A
@@ -473,7 +488,7 @@ def _kv_written(kind_args, seed):
     write, block = jax.jit(A.kv_write), jax.jit(A.kv_write, static_argnums=2)
     out = []
     for role, xi in zip("kv", x, strict=True):
-        c = A.kv_init("int4", role, (b, kvh, s, d), group=grp)
+        c = A.kv_init("int4", role, (b, kvh, s, d), group=grp, value_window=value_window)
         if prefill:
             c = block(c, jnp.asarray(xi[:, :, :prefill]), 0, pad)
         for t in range(prefill, prefill + steps):
@@ -495,12 +510,14 @@ WRITTEN = [
 
 
 @needs_kernel
+@pytest.mark.parametrize("value_window", [True, False])
 @pytest.mark.parametrize("case", WRITTEN, ids=lambda c: "x".join(map(str, c[:7])))
-def test_int4_on_written_caches_equals_xla_and_the_dequantized_cache(case):
+def test_int4_on_written_caches_equals_xla_and_the_dequantized_cache(case, value_window):
     from jqx.ops import attention as A
 
     b, kvh, s, d, grp, prefill, steps, pad = case
-    k, v = _kv_written(case, seed=prefill + steps)
+    k, v = _kv_written(case, seed=prefill + steps, value_window=value_window)
+    assert (v.residual is None) != value_window
     n = prefill + steps
     q = np.random.default_rng(n).standard_normal((b, 3 * kvh, d)).astype(np.float32)
     lo, hi = jnp.asarray(pad, jnp.int32), jnp.full((b,), n, jnp.int32)
@@ -515,6 +532,9 @@ def test_int4_on_written_caches_equals_xla_and_the_dequantized_cache(case):
         kd = jax.jit(A.kv_dequantize, static_argnums=1)(k, n)
         kx, _ = int4_dequantize64(arrays[0], "k", [n] * b)
         np.testing.assert_allclose(np.asarray(kd), kx[:, :, :n], rtol=1e-6, atol=1e-6)
+        vd = jax.jit(A.kv_dequantize, static_argnums=1)(v, n)
+        vx, _ = int4_dequantize64(arrays[1], "v", [n] * b)
+        np.testing.assert_allclose(np.asarray(vd), vx[:, :, :n], rtol=1e-6, atol=1e-6)
 
 
 @needs_kernel

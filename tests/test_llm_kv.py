@@ -40,11 +40,11 @@ def _x(seed, n, scale=1.0):
     return jnp.asarray((rng.standard_normal((B, KVH, n, D)) * scale).astype(np.float32))
 
 
-def _cache(kind, n_slots, n_written, group=16, seed=0, decode_steps=0):
+def _cache(kind, n_slots, n_written, group=16, seed=0, decode_steps=0, value_window=True):
     """Keys and values of n_written tokens: a prefill, then single-token decode writes."""
     k_x, v_x = _x(seed, n_written), _x(seed + 1, n_written)
-    k = A.kv_init(kind, "k", (B, KVH, n_slots, D), group=group)
-    v = A.kv_init(kind, "v", (B, KVH, n_slots, D), group=group)
+    k = A.kv_init(kind, "k", (B, KVH, n_slots, D), group=group, value_window=value_window)
+    v = A.kv_init(kind, "v", (B, KVH, n_slots, D), group=group, value_window=value_window)
     t0 = n_written - decode_steps
     k, v = _write_block(k, k_x[:, :, :t0], 0, PAD), _write_block(v, v_x[:, :, :t0], 0, PAD)
     for t in range(t0, n_written):
@@ -124,6 +124,30 @@ def test_int4_kivi_groups_residual_and_error_bound(decode_steps):
         assert not np.asarray(k.codes[:, :, 32:]).any() and not np.asarray(v.codes[:, :, 32:]).any()
 
 
+@pytest.mark.parametrize("decode_steps", [0, 11])
+def test_int4_values_without_a_window_are_quantized_when_written(decode_steps):
+    """value_window=False: the keys keep their window, each token's values are codes at
+    once (per token over 16 channels), within half a step of the float values at every
+    written slot, and token by token gives the block write's codes and scales bit for
+    bit."""
+    k, v, kx, vx = _cache("int4", 64, 35, decode_steps=decode_steps, value_window=False)
+    assert v.residual is None and k.residual.shape == (B, KVH, 16, D)
+    assert v.nbytes == B * KVH * 64 * (D // 2 + 2 * 2 * (D // 16))  # codes, scale, zero
+    vd = _dequantize(v, 35)
+    valid = (jnp.arange(35)[None, :] >= PAD[:, None])[:, None, :, None]
+    vs = jnp.repeat(v.scale[:, :, :35].astype(jnp.float32), 16, axis=3)
+    err = jnp.where(valid, jnp.abs(vd - vx) - 0.5 * vs * 1.01, 0)
+    assert float(err.max()) <= 1e-6 and float(jnp.abs(vd - vx).max()) > 0
+    assert not np.asarray(v.codes[:, :, 35:]).any()  # nothing past the written slots
+    _, v1, _, _ = _cache("int4", 64, 35, value_window=False)  # one block
+    for name in ("codes", "scale", "zero"):
+        np.testing.assert_array_equal(getattr(v, name), getattr(v1, name))
+    # the keys are the windowed cache's, bit for bit
+    k2, _, _, _ = _cache("int4", 64, 35, decode_steps=decode_steps)
+    for name in ("codes", "scale", "zero", "residual"):
+        np.testing.assert_array_equal(getattr(k, name), getattr(k2, name))
+
+
 def test_int4_key_ranges_leave_padding_out():
     x = _x(2, 16).at[0, :, 0].set(1e4)  # slot 0 of sequence 0 is padding (PAD[0] = 3)
     c = _write_block(A.kv_init("int4", "k", (B, KVH, 16, D), group=16), x, 0, PAD)
@@ -181,12 +205,15 @@ def test_native_is_the_default_for_int8_fp8_and_int4():
 
 
 @needs_native
+@pytest.mark.parametrize("value_window", [True, False])
 @pytest.mark.parametrize(
     "n, decode_steps",
     [(35, 1), (35, 18), (32, 16)],  # the last: a decode write completes group 16..31
 )
-def test_native_int4_equals_xla(n, decode_steps):
-    k, v, _, _ = _cache("int4", 64, n, decode_steps=decode_steps, seed=decode_steps)
+def test_native_int4_equals_xla(n, decode_steps, value_window):
+    k, v, _, _ = _cache(
+        "int4", 64, n, decode_steps=decode_steps, seed=decode_steps, value_window=value_window
+    )
     q = jnp.asarray(np.random.default_rng(5).standard_normal((B, H, D)).astype(np.float32))
     for hi in ([n, n], [n, n - 1]):
         hi = jnp.array(hi, jnp.int32)
@@ -222,7 +249,13 @@ def test_decode_with_quantized_caches_traces_once_and_bounds_the_logits(tiny):
         traces.append(1)
         return forward(model, tok[:, None], cache, start=t, pad=pad, logits="last")
 
-    formats = ("float", "int8", "fp8", KVFormat("int4", group=16))
+    formats = (
+        "float",
+        "int8",
+        "fp8",
+        KVFormat("int4", group=16),
+        KVFormat("int4", group=16, value_window=False),
+    )
     out = {}
     for name in formats:
         cache = KVCache.init(CFG, batch=2, max_len=64, format=name)
@@ -259,12 +292,24 @@ def test_cache_bytes_against_float16_at_smollm2_shape():
     per_role = n * 32 + 2 * 2 * (n // g) * 64 + g * 64 * 2
     assert nbytes("int4") == 2 * 30 * 3 * per_role
     assert nbytes("int4") <= 0.33 * f16
+    # groups of 64, the values without a window: under the issue's 0.3x
+    g = 64
+    keys = n * 32 + 2 * 2 * (n // g) * 64 + g * 64 * 2
+    values = n * 32 + 2 * 2 * n
+    fmt = KVFormat("int4", group=64, value_window=False)
+    assert nbytes(fmt) == 30 * 3 * (keys + values)
+    assert nbytes(fmt) <= 0.3 * f16 < nbytes(KVFormat("int4", group=64))
 
 
 def test_generate_stream_and_perplexity_with_each_format(tiny):
     prompt = [5, 9, 14, 3, 22, 40, 41, 7]
     ref = tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False)
-    for fmt in ("int8", "fp8", KVFormat("int4", group=16)):
+    for fmt in (
+        "int8",
+        "fp8",
+        KVFormat("int4", group=16),
+        KVFormat("int4", group=16, value_window=False),
+    ):
         before = tiny.trace_counts["decode"]
         g = tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache=fmt)
         assert len(g.tokens[0]) == 6 and tiny.trace_counts["decode"] - before == 1
@@ -294,6 +339,8 @@ def test_bad_input_names_the_argument_and_what_works(tiny):
         tiny.perplexity([5, 6, 7, 8], window=4, kv_cache=8)
     with pytest.raises(ValueError, match="group=1"):
         A.check_kv_format("int4", 64, group=1)
+    with pytest.raises(ValueError, match=r"value_window must be True or False.*got 'no'"):
+        tiny.generate([5, 6], max_new_tokens=2, kv_cache=KVFormat("int4", 16, value_window="no"))
     k, v, _, _ = _cache("int8", 16, 4)
     q = jnp.zeros((B, H, D), jnp.float32)
     with pytest.raises(ValueError, match="both float arrays or both KVCodes"):

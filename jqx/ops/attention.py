@@ -18,8 +18,12 @@ The formats (:data:`KV_FORMATS`):
   keep their precision; larger ones saturate (never inf or NaN).
 - ``"int4"``: KIVI's layout: keys per channel over groups of ``group`` tokens, values
   per token over groups of ``group`` channels, 4-bit codes with a scale and a zero
-  point (float16) per group, packed two per byte. The slots of the group being filled
-  stay in a float residual window until the group is complete, then are quantized.
+  point (float16) per group, packed two per byte. The keys' slots of the group being
+  filled stay in a float residual window until the group is complete, then are
+  quantized. The values either do the same (``value_window=True``, KIVI's own code) or,
+  since a value group is one token's channels and so complete when the token arrives,
+  are quantized at once and keep no window (``value_window=False``: fewer bytes; the
+  latest tokens' values are then quantized too).
 
 :func:`decode_attention` applies the scales inside the attention products (scores are
 ``q . codes`` times the key scales, the value sum weights the codes by probability
@@ -93,7 +97,8 @@ class KVCodes:
       zero: ``"int4"`` only: the zero points, shaped like ``scale`` (integers stored
         as float16); ``x = (code - zero) * scale``.
       residual: ``"int4"`` only: ``(B, KVH, group, D)`` float, the slots of the group
-        being filled (slot ``s`` at row ``s % group``).
+        being filled (slot ``s`` at row ``s % group``); None for values kept without a
+        window (every slot then lives in the codes).
       kind: ``"int8"``, ``"fp8"`` or ``"int4"``.
       role: ``"k"`` (keys) or ``"v"`` (values): int4 groups them differently.
       group: int4's group size (0 for the other formats).
@@ -154,12 +159,19 @@ def check_kv_format(kind, head_dim: int, group: int = 32, *, name: str = "kv_cac
 
 
 def kv_init(
-    kind: str, role: str, shape: tuple[int, int, int, int], *, group: int = 32, dtype=jnp.float32
+    kind: str,
+    role: str,
+    shape: tuple[int, int, int, int],
+    *,
+    group: int = 32,
+    dtype=jnp.float32,
+    value_window: bool = True,
 ) -> KVCodes:
     """An empty quantized cache layer of logical ``shape = (B, KVH, S, D)``.
 
     For ``"int4"``, ``S`` is rounded up to a multiple of ``group`` and ``dtype`` is the
-    residual window's float type.
+    residual window's float type; with ``value_window=False`` a values layer (``role
+    "v"``) has no window: each token's values are quantized when written.
 
     Example:
         >>> c = kv_init("int8", "k", (1, 2, 16, 8))
@@ -175,11 +187,12 @@ def kv_init(
         return KVCodes(codes, jnp.zeros((b, h), jnp.float32), kind=kind, role=role)
     s = -(-s // group) * group
     meta = (b, h, s // group, d) if role == "k" else (b, h, s, d // group)
+    window = role == "k" or value_window
     return KVCodes(
         jnp.zeros((b, h, s, d // 2), jnp.uint8),
         jnp.ones(meta, jnp.float16),
         jnp.zeros(meta, jnp.float16),
-        jnp.zeros((b, h, group, d), dtype),
+        jnp.zeros((b, h, group, d), dtype) if window else None,
         kind=kind,
         role=role,
         group=group,
@@ -253,7 +266,8 @@ def kv_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
       c: the cache layer.
       x: float keys or values of the new tokens.
       start: the first slot: a Python int (a prefill or a chunk of one), or a traced
-        int scalar (a decode step; ``"int4"`` then takes one token, T = 1).
+        int scalar (a decode step; an ``"int4"`` layer with a residual window then
+        takes one token, T = 1).
       pad: int (B,): each sequence's left padding; slots below it are not real tokens
         (they are left out of fp8's scale and int4's group ranges).
 
@@ -296,6 +310,17 @@ def kv_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
 def _int4_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
     b, h, t, d = x.shape
     g = c.group
+    if c.residual is None:
+        # Values without a window: each token is its own groups of channels, quantized
+        # and written at its slot now (any number of tokens, static or traced start).
+        slots = start + jnp.arange(t, dtype=jnp.int32)
+        codes, s, z = _int4_group(c, x, slots[None, :] >= pad[:, None])
+        return dataclasses.replace(
+            c,
+            codes=jax.lax.dynamic_update_slice(c.codes, codes, (0, 0, start, 0)),
+            scale=jax.lax.dynamic_update_slice(c.scale, s, (0, 0, start, 0)),
+            zero=jax.lax.dynamic_update_slice(c.zero, z, (0, 0, start, 0)),
+        )
     res_dtype = c.residual.dtype
     if isinstance(start, (int, np.integer)):
         # Static slots: the residual's slots [g0, start) and the new ones, whole groups
@@ -353,8 +378,9 @@ def _int4_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
 
 def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Array:
     """The float values of slots ``0 .. n-1`` (default: all), ``(B, KVH, n, D)``. For
-    ``"int4"`` the slots of the group after the last whole one (``n // group *
-    group ..``) come from the residual window, as :func:`decode_attention` reads them.
+    ``"int4"`` with a residual window the slots of the group after the last whole one
+    (``n // group * group ..``) come from the window, as :func:`decode_attention` reads
+    them.
 
     Example:
         >>> import jax.numpy as jnp
@@ -384,7 +410,7 @@ def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Ar
         zp = jnp.repeat(c.zero[:, :, :n].astype(jnp.float32), g, axis=3)
     x = (q - zp) * sc
     g0 = n // g * g
-    if g0 < n:
+    if g0 < n and c.residual is not None:
         x = jnp.concatenate([x[:, :, :g0], c.residual[:, :, : n - g0].astype(jnp.float32)], 2)
     return x.astype(dtype)
 
@@ -550,7 +576,22 @@ def _quantized_attention_xla(q, k: KVCodes, v: KVCodes, lo, hi, scale):
         out = out - jnp.einsum("bkgsj,bksj->bkgj", w, v.zero.astype(f32))[..., None]
         out = out.reshape(b, kvh, g, d)
         pr = p[..., n:]
-        out = out + jax.lax.dot_general(
-            pr, v.residual.astype(f32), (((3,), (2,)), ((0, 1), (0, 1)))
-        )
+        if v.residual is not None:
+            window = v.residual
+        else:  # the rows past hi are not read: zeros (not whatever their codes hold)
+            window = _int4_value_rows(v, jnp.clip(rs, 0, n - 1))
+            window = jnp.where(rvis[:, None, :, None], window, 0.0)
+        out = out + jax.lax.dot_general(pr, window.astype(f32), (((3,), (2,)), ((0, 1), (0, 1))))
     return out.reshape(b, h, d)
+
+
+def _int4_value_rows(v: KVCodes, rows: jax.Array) -> jax.Array:
+    """float32 values of an int4 values layer at slots ``rows`` (B, R) of each
+    sequence: (B, KVH, R, D), read from the codes (the keys' residual slots of a layer
+    kept without a value window)."""
+    d = v.shape[3]
+    at = rows[:, None, :, None]
+    codes = unpack_4bit(jnp.take_along_axis(v.codes, at, axis=2), d).astype(jnp.float32)
+    sc = jnp.repeat(jnp.take_along_axis(v.scale, at, axis=2).astype(jnp.float32), v.group, 3)
+    zp = jnp.repeat(jnp.take_along_axis(v.zero, at, axis=2).astype(jnp.float32), v.group, 3)
+    return (codes - zp) * sc

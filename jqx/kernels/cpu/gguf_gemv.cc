@@ -1135,7 +1135,8 @@ enum CacheKind : int {
 // `group` slots (B, KVH, S / group, D), values per slot and group of `group`
 // channels (B, KVH, S, D / group); x = (code - zero) * scale. The slots from
 // qhi[b] = (hi - 1) / group * group on are read from the float residual window
-// (B, KVH, group, D; slot qhi + r at row r), whatever their codes hold.
+// (B, KVH, group, D; slot qhi + r at row r), whatever their codes hold; values
+// kept without a window (v_window false) are read from their codes at every slot.
 struct Int4Cache {
   const uint16_t* ks;  // key scales and zero points
   const uint16_t* kz;
@@ -1144,6 +1145,7 @@ struct Int4Cache {
   const void* kr;  // residual windows, float32 or float16 bits
   const void* vr;
   bool res_f16;
+  bool v_window;  // false: no value window, value codes at every slot
   int64_t group;
   const int64_t* qhi;  // (B,): the residual's first slot
 };
@@ -1399,7 +1401,7 @@ void Int4Heads(const AttnJob& a, int64_t b, int64_t kh, const float* q, int64_t 
   const uint16_t* vs = c.vs + pair * S * ng;
   const uint16_t* vz = c.vz + pair * S * ng;
   const R* kr = static_cast<const R*>(c.kr) + pair * grp * D;
-  const R* vr = static_cast<const R*>(c.vr) + pair * grp * D;
+  const R* vr = c.v_window ? static_cast<const R*>(c.vr) + pair * grp * D : nullptr;
   std::vector<float>& buf = t_int4;
   const size_t need = static_cast<size_t>(GT * D + GT * grp + GT * ng + GT);
   if (buf.size() < need) buf.resize(need);
@@ -1435,9 +1437,10 @@ void Int4Heads(const AttnJob& a, int64_t b, int64_t kh, const float* q, int64_t 
     sum[g] = SoftmaxNumerators(sc + g * ns, ns, top + g);
     inv[g] = normalize ? 1.0f / sum[g] : 1.0f;
   }
-  Int4Values<GT>(sc, ns, vc + s0 * (D / 2), vs + s0 * ng, nq, D, grp, out);
+  const int64_t nv = c.v_window ? nq : ns;  // value slots from the codes
+  Int4Values<GT>(sc, ns, vc + s0 * (D / 2), vs + s0 * ng, nv, D, grp, out);
   for (int64_t i = 0; i < GT * ng; ++i) zs[i] = 0.0f;
-  for (int64_t j = 0; j < nq; ++j)
+  for (int64_t j = 0; j < nv; ++j)
     for (int64_t jg = 0; jg < ng; ++jg) {
       const int64_t at = (s0 + j) * ng + jg;
       const float t = F16(vs[at]) * F16(vz[at]);
@@ -1445,7 +1448,7 @@ void Int4Heads(const AttnJob& a, int64_t b, int64_t kh, const float* q, int64_t 
     }
   for (int g = 0; g < GT; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] -= zs[g * ng + d / grp];
-  if (nr > 0) Int4Residual<R, GT>(sc + nq, ns, vr + r0 * D, nr, D, out);
+  if (nr > 0 && c.v_window) Int4Residual<R, GT>(sc + nq, ns, vr + r0 * D, nr, D, out);
   for (int g = 0; g < GT; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv[g];
 }
@@ -1652,7 +1655,8 @@ ffi::Error DecodeAttentionQImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::
 // that vector's dot with the zero points; a slot's value codes are weighted by
 // its probability times its group's scale, and the zero points' share is
 // subtracted per group. The slots of the group being filled come from the
-// residual window. hi is clipped to [0, S] before qhi is taken from it.
+// residual windows (the values' from their codes when vr has no rows: a cache
+// kept without a value window). hi is clipped to [0, S] before qhi is taken.
 ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8> k,
                                    ffi::Buffer<ffi::F16> ks, ffi::Buffer<ffi::F16> kz,
                                    ffi::AnyBuffer kr, ffi::Buffer<ffi::U8> v,
@@ -1670,6 +1674,7 @@ ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8>
         "jqx_decode_attention_int4: q and out must be 3-D, codes and residuals 4-D, lo and "
         "hi 1-D");
   const int64_t B = qd[0], H = qd[1], D = qd[2], KVH = kd[1], S = kd[2], grp = rd[2];
+  const bool v_window = vr.dimensions().size() != 4 || vr.dimensions()[2] != 0;
   const auto same = [](auto x, std::initializer_list<int64_t> want) {
     return x.size() == want.size() && std::equal(want.begin(), want.end(), x.begin());
   };
@@ -1681,7 +1686,7 @@ ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8>
       !same(kz.dimensions(), {B, KVH, S / grp, D}) ||
       !same(vs.dimensions(), {B, KVH, S, D / grp}) ||
       !same(vz.dimensions(), {B, KVH, S, D / grp}) || !same(rd, {B, KVH, grp, D}) ||
-      !same(vr.dimensions(), {B, KVH, grp, D}) || !same(od, {B, H, D}) ||
+      !same(vr.dimensions(), {B, KVH, v_window ? grp : 0, D}) || !same(od, {B, H, D}) ||
       lo.dimensions()[0] != B || hi.dimensions()[0] != B)
     return ffi::Error::InvalidArgument(
         "jqx_decode_attention_int4: inconsistent shapes or dtypes");
@@ -1699,6 +1704,7 @@ ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8>
                     kr.untyped_data(),
                     vr.untyped_data(),
                     rt == ffi::DataType::F16,
+                    v_window,
                     grp,
                     qhi.data()};
   AttnJob job{q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),

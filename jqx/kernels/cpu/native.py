@@ -1315,8 +1315,10 @@ def _int4_cache_check(q, k, v, fn: str) -> int:
     """Validates the int4 cache operands ``k`` and ``v`` (each ``(codes, scale, zero,
     residual)``); returns the group size (the residual window's rows)."""
     names = ("codes", "scale", "zero", "residual")
+    if v[3] is None:  # values kept without a window: every slot from the codes
+        v = v[:3]
     for role, arrays in (("k", k), ("v", v)):
-        for name, a in zip(names, arrays, strict=True):
+        for name, a in zip(names, arrays, strict=False):
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 raise ValueError(
                     f"{fn}: {role}_{name} must be an array, got {type(a).__name__}; wrap it "
@@ -1349,7 +1351,7 @@ def _int4_cache_check(q, k, v, fn: str) -> int:
     }
     meta = {"k": (b, kvh, s // grp, d), "v": (b, kvh, s, d // grp)}
     for role, arrays in (("k", k), ("v", v)):
-        for name, a in zip(names, arrays, strict=True):
+        for name, a in zip(names, arrays, strict=False):
             shape, dtypes, what = want.get(
                 name,
                 (
@@ -1381,7 +1383,7 @@ def decode_attention_int4(
     v_codes: jax.Array,
     v_scale: jax.Array,
     v_zero: jax.Array,
-    v_residual: jax.Array,
+    v_residual: jax.Array | None,
     lo: jax.Array,
     hi: jax.Array,
     *,
@@ -1396,7 +1398,8 @@ def decode_attention_int4(
     values per slot and group of ``g`` channels (B, KVH, S, D // g). The slots from
     ``(hi - 1) // g * g`` to ``hi`` (the group being filled) are read from the float
     residual windows (B, KVH, g, D; slot ``s`` at row ``s % g``), whatever their
-    codes hold. The key scales multiply the query once per group and the zero points
+    codes hold; with ``v_residual=None`` (values kept without a window) every value
+    slot is read from the codes. The key scales multiply the query once per group and the zero points
     enter as one dot per group and head; the value scales weight the softmax's
     probabilities; no float copy of the cache is formed and only the visible slots are
     read. ``hi`` is clipped to [0, S] first. Same threads, parts and guarantees as
@@ -1406,7 +1409,8 @@ def decode_attention_int4(
     Args:
       q: float32 (B, H, D), H a multiple of KVH.
       k_codes, k_scale, k_zero, k_residual: the keys' arrays.
-      v_codes, v_scale, v_zero, v_residual: the values' arrays.
+      v_codes, v_scale, v_zero, v_residual: the values' arrays (``v_residual`` None
+        when the values have no window).
       lo, hi: integer (B,), the visible slots ``lo <= s < hi``.
       scale: the scores' factor, a Python float.
 
@@ -1443,7 +1447,7 @@ def decode_attention_int4(
         raise RuntimeError(f"the native attention kernel is not available: {gguf_status()}")
     kr, vr = (
         r if jnp.dtype(r.dtype) in _RESIDUAL_DTYPES[:2] else r.astype(jnp.float32)
-        for r in (k_residual, v_residual)
+        for r in (k_residual, k_residual[:, :, :0] if v_residual is None else v_residual)
     )
     return jax.ffi.ffi_call(
         ATTENTION_INT4_TARGET,
@@ -1474,7 +1478,7 @@ def decode_attention_int4_reference(
     v_codes: jax.Array,
     v_scale: jax.Array,
     v_zero: jax.Array,
-    v_residual: jax.Array,
+    v_residual: jax.Array | None,
     lo: jax.Array,
     hi: jax.Array,
     *,
@@ -1516,6 +1520,8 @@ def decode_attention_int4_reference(
         else:
             sc, zp = jnp.repeat(sc, grp, axis=3), jnp.repeat(zp, grp, axis=3)
         x = (x - zp) * sc
+        if res is None:
+            return x
         row = jnp.arange(s)[None, :] - qhi[:, None]  # (b, s): the residual's row
         inres = (row >= 0) & (row < grp)
         r = jnp.take_along_axis(
