@@ -233,15 +233,22 @@ def _signed_zero(y, xb, sub, above):
 
 def _div_exact_sub(xb: jax.Array, d: jax.Array) -> jax.Array:
     """``x / d`` correctly rounded, also for subnormal ``x``; zeros signed as
-    :func:`_signed_zero` says."""
-    y = _exact_div(xb, d)
+    :func:`_signed_zero` says. ``d`` broadcasts against ``xb`` (one divisor per block).
+
+    The divisor is made an elementwise expression of ``xb`` (``d + min(|x|, 0)``, which
+    is ``d`` for every non-NaN ``x``; a NaN ``x`` gives NaN either way): XLA rewrites a
+    division by a broadcast into a product with its reciprocal, and :func:`_exact_div`'s
+    barrier would store the broadcast divisor in full. This way the divisions fuse into
+    one pass over ``x``."""
+    dd = d + jnp.minimum(jnp.abs(xb), np.float32(0.0))
+    y = xb / dd
     sub, m = _subnormal_parts(xb)
-    y = jnp.where(sub, (_exact_div(m, d) * np.float32(2.0**-75)) * np.float32(2.0**-74), y)
+    y = jnp.where(sub, ((m / dd) * np.float32(2.0**-75)) * np.float32(2.0**-74), y)
     ax = jnp.abs(xb)
     above = jnp.where(
         sub,
-        _exact_div(jnp.abs(m), d) * np.float32(2.0**-49),
-        jnp.where(ax < 1, _exact_div(ax * np.float32(2.0**100), d), jnp.inf),
+        (jnp.abs(m) / dd) * np.float32(2.0**-49),
+        jnp.where(ax < 1, (ax * np.float32(2.0**100)) / dd, jnp.inf),
     )
     return _signed_zero(y, xb, sub, above)
 
@@ -259,15 +266,22 @@ def _encode_elements(y: jax.Array, f: _formats.Format) -> jax.Array:
     return _formats.encode(y, f)
 
 
-def _materialized(x: jax.Array) -> jax.Array:
+def _materialized(x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """``x``, stored before its users run: XLA fuses neither into nor out of a
     conditional (XLA:CPU drops optimization barriers before fusing). Both branches are
-    the same computation, so the predicate only has to be one XLA cannot fold."""
+    the same computation, so the predicate only has to be one XLA cannot fold: it reads
+    the first element of ``key`` (default ``x``). Pass an array that is already stored
+    when ``x``'s producer is expensive: a predicate read from ``x`` is a second user of
+    that producer, which XLA then stores separately rather than compute twice."""
     if x.size == 0:
         return x
-    pred = x.ravel()[0].astype(jnp.int32) >= 0
+    k = x if key is None or key.size == 0 else key
+    pred = k.ravel()[0].astype(jnp.int32) >= 0
 
     def copy(v):
+        if jnp.issubdtype(v.dtype, jnp.floating):  # through the bits (xor takes integers)
+            u = lax.bitcast_convert_type(v, jnp.dtype(f"uint{v.dtype.itemsize * 8}"))
+            return lax.bitcast_convert_type(u ^ jnp.zeros((), u.dtype), v.dtype)
         return v ^ jnp.zeros((), v.dtype)
 
     return lax.cond(pred, copy, copy, x)
@@ -563,19 +577,23 @@ def _exact_div(a, b):
 @functools.partial(jax.jit, static_argnames=("axis", "block", "act", "dtype"))
 def _quantize_nvfp4_core(x, global_amax, axis, block, act, dtype):
     f = _formats.get("fp4_e2m1")
-    e4m3 = _formats.get("fp8_e4m3")
-    xl = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-    xb = xl.reshape(xl.shape[:-1] + (xl.shape[-1] // block, block))
-    amax_b = jnp.max(jnp.abs(xb), axis=-1)
+    # Blocks split in place along ``axis`` (no transpose), as _quantize_mx_core does.
+    shape = x.shape
+    xb = x.astype(jnp.float32).reshape(
+        shape[:axis] + (shape[axis] // block, block) + shape[axis + 1 :]
+    )
+    amax_b = jnp.max(jnp.abs(xb), axis=axis + 1)
     tmax = jnp.max(amax_b) if global_amax is None else jnp.asarray(global_amax, jnp.float32)
     gs = nvfp4_global_scale(tmax)
-    s = gs * _exact_div(amax_b, 6.0)
-    s8 = jnp.clip(s, -e4m3.max, e4m3.max).astype(jnp.float8_e4m3fn)
-    s8 = jnp.where(s8.astype(jnp.float32) == 0, jnp.float8_e4m3fn(e4m3.eps), s8)
-    eff = _exact_div(s8.astype(jnp.float32), gs)
-    y = jnp.clip(_div_exact_sub(xb, eff[..., None]), -f.max, f.max)
-    codes = jnp.moveaxis(_encode_elements(y, f).reshape(xl.shape), -1, axis)
-    scale = jnp.moveaxis(s8, -1, axis)
+    s8 = nvfp4_block_scale(amax_b, gs)
+    # Stored once per block: fused into the elementwise pass, the E4M3 rounding and the
+    # division would be recomputed for every element.
+    eff = _materialized(_exact_div(s8.astype(jnp.float32), gs))
+    y = jnp.clip(_div_exact_sub(xb, jnp.expand_dims(eff, axis + 1)), -f.max, f.max)
+    # Stored before packing (fused into the packer, the encoder does not vectorise);
+    # the predicate reads the stored divisors, not the codes (see _materialized).
+    codes = _materialized(_encode_elements(y, f).reshape(shape), key=eff)
+    scale = s8
     blk = tuple(block if i == axis else 1 for i in range(x.ndim))
     inv = _exact_div(1.0, gs)
     finite = jnp.isfinite(tmax) & jnp.all(jnp.isfinite(amax_b))
