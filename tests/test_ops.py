@@ -432,7 +432,10 @@ def test_dispatch_native_routing():
             assert _explain(jnp.swapaxes(x, 1, 2), q, dn_mid) == "native.int8_gemm"
             assert _explain(x[0], q) == "xla.int32_dot"  # small products stay on XLA
             assert _explain(x, q, dn_last, backend="xla") == "xla.bf16_dot"  # 1200 rows
-        assert _explain(x, q, dn_last) == "xla.bf16_dot"  # below the default work floor
+        assert _explain(x, q, dn_last) == "native.int8_gemm"  # 2^23.2 >= the default 2^23
+        assert _explain(x[:, :100], q, dn_last) == "xla.int32_dot"  # 400 rows: below it
+        with jqx.ops.policy(native_min_work=1 << 26):
+            assert _explain(x, q, dn_last) == "xla.bf16_dot"
         # Up to 6 rows the GEMM reads the weight in place: from 2^18 weight elements on.
         q8a8, q8 = _abstract(W8A8, (515, 520)), _abstract(jqx.int8_weight_only(), (515, 520))
         for rows in range(1, 7):

@@ -219,7 +219,7 @@ class Policy:
     device_kind: str | None = None
     compute_capability: str | None = None
     native_available: bool | None = None
-    native_min_work: int = 1 << 26
+    native_min_work: int = 1 << 23
     native_min_weight: int = 1 << 22
     native_decode_rows: int = 6
     native_min_weight_decode: int = 1 << 18
