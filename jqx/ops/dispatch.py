@@ -255,8 +255,10 @@ def current_policy() -> Policy:
 def policy(**overrides) -> Iterator[Policy]:
     """Overrides :class:`Policy` fields for the matmuls traced inside the ``with`` block.
 
-    A trace-time setting: it affects functions traced inside the block (a fresh
-    ``jax.jit`` wrapper, or a first call), not ``jit`` functions already traced.
+    A trace-time setting: it affects functions traced inside the block, not ``jit``
+    functions already traced. jax keeps its traces per Python function, so a new
+    ``jax.jit`` around a function already traced with other settings reuses that
+    trace; wrap a new function object instead (e.g. a new ``jqx.quantized(apply)``).
 
     Args:
       **overrides: :class:`Policy` fields and their values.
