@@ -1399,12 +1399,12 @@ def decode_attention_int4(
     ``(hi - 1) // g * g`` to ``hi`` (the group being filled) are read from the float
     residual windows (B, KVH, g, D; slot ``s`` at row ``s % g``), whatever their
     codes hold; with ``v_residual=None`` (values kept without a window) every value
-    slot is read from the codes. The key scales multiply the query once per group and the zero points
-    enter as one dot per group and head; the value scales weight the softmax's
-    probabilities; no float copy of the cache is formed and only the visible slots are
-    read. ``hi`` is clipped to [0, S] first. Same threads, parts and guarantees as
-    :func:`decode_attention`. A bfloat16 residual window is read as float32 (a copy of
-    ``g`` slots).
+    slot is read from the codes. The key scales multiply the query once per group and
+    the zero points enter as one dot per group and head; the value scales weight the
+    softmax's probabilities; no float copy of the cache is formed and only the visible
+    slots are read. ``hi`` is clipped to [0, S] first. Same threads, parts and
+    guarantees as :func:`decode_attention`. A bfloat16 residual window is read as
+    float32 (a copy of ``g`` slots).
 
     Args:
       q: float32 (B, H, D), H a multiple of KVH.
