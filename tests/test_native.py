@@ -254,12 +254,28 @@ def test_missing_compiler_is_reported_not_raised(tmp_path):
 
 
 # ----------------------------------------------------------------- W8A8, quantization fused
-# native.w8a8_matmul (conv_int8.cc's AVX2 library): the activation quantization inside
-# the kernel, bit-identical to jqx.ops' XLA W8A8 path (int32 dot) for finite inputs.
+# native.w8a8_matmul (conv_int8.cc's AVX2 library) and native.w8a8_matmul_vnni (the
+# AVX512-VNNI GEMM's library): the activation quantization inside the kernel,
+# bit-identical to jqx.ops' XLA W8A8 path (int32 dot) for finite inputs.
 
 needs_conv = pytest.mark.skipif(
     not native.conv_available(), reason=f"native AVX2 kernels unavailable: {native.conv_status()}"
 )
+FUSED = [
+    pytest.param("avx2", marks=needs_conv),
+    pytest.param(
+        "vnni",
+        marks=pytest.mark.skipif(
+            not native.available(), reason=f"native int8 GEMM: {native.status()}"
+        ),
+    ),
+]
+
+
+def _fused_kernel(name):
+    return native.w8a8_matmul if name == "avx2" else native.w8a8_matmul_vnni
+
+
 DN2 = (((1,), (0,)), ((), ()))
 
 # M = 1, rows not a multiple of the 6-row tile, K odd / not a multiple of 4 or 32,
@@ -294,30 +310,30 @@ def _xla_w8a8(x, q, dn=DN2):
         return jqx.ops.dot_general(x, q, dn, backend="xla")
 
 
-@functools.partial(jax.jit, static_argnames="reference")
-def _fused_and_xla(x, w, reference=False):
+@functools.partial(jax.jit, static_argnames=("reference", "kernel"))
+def _fused_and_xla(x, w, reference=False, kernel="avx2"):
     """The fused kernel, jqx.ops' XLA path and (with `reference`) the plain-jnp
     reference on the same quantized weight: one compiled program per shape, where
     eager JAX would compile each of dozens of ops for each new shape."""
     q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(w)
     ws = q.scale.astype(jnp.float32).reshape(-1)
-    out = (native.w8a8_matmul(x, q.qvalue, ws), _xla_w8a8(x, q))
+    out = (_fused_kernel(kernel)(x, q.qvalue, ws), _xla_w8a8(x, q))
     return out + (native.w8a8_matmul_reference(x, q.qvalue, ws),) if reference else out
 
 
-@needs_conv
+@pytest.mark.parametrize("kernel", FUSED)
 @pytest.mark.parametrize("m,k,n", W8A8_SHAPES)
-def test_w8a8_fused_bit_identical_to_xla_path(m, k, n):
+def test_w8a8_fused_bit_identical_to_xla_path(m, k, n, kernel):
     x, w = _w8a8_case(m, k, n, seed=m * 31 + k * 7 + n, quantize=False)
-    y, xla, ref = _fused_and_xla(x, w, reference=True)
+    y, xla, ref = _fused_and_xla(x, w, reference=True, kernel=kernel)
     assert y.dtype == jnp.float32 and y.shape == (m, n)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
 
 
-@needs_conv
+@pytest.mark.parametrize("kernel", FUSED)
 @pytest.mark.parametrize("act", ["per_tensor", "static"])
-def test_w8a8_fused_per_tensor_and_static_scales(act):
+def test_w8a8_fused_per_tensor_and_static_scales(act, kernel):
     x, _ = _w8a8_case(37, 130, 33, seed=5)
     w = jax.random.normal(jax.random.key(2), (130, 33))
     if act == "static":
@@ -331,7 +347,7 @@ def test_w8a8_fused_per_tensor_and_static_scales(act):
         q = jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor").quantize_weight(w)
         act_arg = "per_tensor"
     ws = q.scale.astype(jnp.float32).reshape(-1)
-    y = native.w8a8_matmul(x, q.qvalue, ws, act=act_arg)
+    y = _fused_kernel(kernel)(x, q.qvalue, ws, act=act_arg)
     ref = native.w8a8_matmul_reference(x, q.qvalue, ws, act=act_arg)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(_xla_w8a8(x, q)))
@@ -339,13 +355,14 @@ def test_w8a8_fused_per_tensor_and_static_scales(act):
 
 @needs_conv
 def test_w8a8_fused_through_jqx_ops():
-    """The dispatcher runs W8A8 int8 on the fused kernel where the AVX512 GEMM does
-    not run; 3-D activations contracted on the last and on a middle axis."""
+    """The dispatcher runs W8A8 int8 on a fused kernel: the VNNI one where the AVX512
+    GEMM runs, else the AVX2 one; 3-D activations contracted on the last and on a
+    middle axis."""
     x, q = _w8a8_case(96, 130, 40, seed=3)
     x3 = x.reshape(4, 24, 130)
     dn_last, dn_mid = (((2,), (0,)), ((), ())), (((1,), (0,)), ((), ()))
     with jqx.ops.policy(platform="cpu", native_min_work=0):
-        want = "native.int8_gemm" if native.available() else "native.w8a8_fused"
+        want = "native.w8a8_vnni" if native.available() else "native.w8a8_fused"
         assert jqx.ops.explain(x3, q, dn_last) == want
         y_last = jax.jit(lambda a, b: jqx.ops.dot_general(a, b, dn_last))(x3, q)
         y_mid = jqx.ops.dot_general(jnp.swapaxes(x3, 1, 2), q, dn_mid)
@@ -367,9 +384,22 @@ def test_w8a8_fused_property(seed, m, k, n):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+@settings(deadline=None, max_examples=12)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.sampled_from([7, 49, 200]),
+    k=st.integers(1, 200),
+    n=st.integers(1, 70),
+)
+def test_w8a8_vnni_property(seed, m, k, n):
+    y, xla = _fused_and_xla(*_w8a8_case(m, k, n, seed, quantize=False), kernel="vnni")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+
+
 def test_w8a8_bad_input():
     x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
-    for fn in (native.w8a8_matmul, native.w8a8_matmul_reference):
+    for fn in (native.w8a8_matmul, native.w8a8_matmul_vnni, native.w8a8_matmul_reference):
         with pytest.raises(ValueError, match="x must be float32"):
             fn(x.astype(jnp.bfloat16), w, ws)
         with pytest.raises(ValueError, match="w must be int8"):

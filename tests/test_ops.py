@@ -166,13 +166,16 @@ def test_w8a8_many_rows_native_kernel_equals_int32_dot():
             (x, (((2,), (0,)), ((), ()))),
             (jnp.swapaxes(x, 1, 2), (((1,), (0,)), ((), ()))),
         ]:
-            f = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn))
-            assert native.TARGET in str(jax.make_jaxpr(f)(xx))
-            y = f(xx)
             with jqx.ops.policy(w8a8_bf16_min_rows=10**9):
                 g = jax.jit(lambda a, dn=dn: jqx.ops.dot_general(a, q, dn, backend="xla"))
                 assert native.TARGET not in str(jax.make_jaxpr(g)(xx))
-                np.testing.assert_array_equal(np.asarray(y), np.asarray(g(xx)))
+                want = np.asarray(g(xx))
+            # The default: the VNNI kernel quantizes the activations itself; backend
+            # "native": the plain GEMM on the codes XLA made. Both equal XLA's path.
+            for backend, target in ((None, native.W8A8_VNNI_TARGET), ("native", native.TARGET)):
+                f = jax.jit(lambda a, dn=dn, b=backend: jqx.ops.dot_general(a, q, dn, backend=b))
+                assert target in str(jax.make_jaxpr(f)(xx))
+                np.testing.assert_array_equal(np.asarray(f(xx)), want)
         # Small products keep XLA's int32 dot.
         h = jax.jit(lambda a: jqx.ops.dot_general(a, q, DN))
         assert native.TARGET not in str(jax.make_jaxpr(h)(x[0]))
@@ -428,11 +431,14 @@ def test_dispatch_native_routing():
         q = _abstract(W8A8, (100, 80))
         x = jnp.ones((4, 300, 100))
         with jqx.ops.policy(native_min_work=1 << 23):
-            assert _explain(x, q, dn_last) == "native.int8_gemm"
-            assert _explain(jnp.swapaxes(x, 1, 2), q, dn_mid) == "native.int8_gemm"
+            # W8A8 with the activation quantization in the VNNI kernel; backend="native"
+            # keeps the plain int8 GEMM (XLA quantizes)
+            assert _explain(x, q, dn_last) == "native.w8a8_vnni"
+            assert _explain(jnp.swapaxes(x, 1, 2), q, dn_mid) == "native.w8a8_vnni"
+            assert _explain(x, q, dn_last, backend="native") == "native.int8_gemm"
             assert _explain(x[0], q) == "xla.int32_dot"  # small products stay on XLA
             assert _explain(x, q, dn_last, backend="xla") == "xla.bf16_dot"  # 1200 rows
-        assert _explain(x, q, dn_last) == "native.int8_gemm"  # 2^23.2 >= the default 2^23
+        assert _explain(x, q, dn_last) == "native.w8a8_vnni"  # 2^23.2 >= the default 2^23
         assert _explain(x[:, :100], q, dn_last) == "xla.int32_dot"  # 400 rows: below it
         with jqx.ops.policy(native_min_work=1 << 26):
             assert _explain(x, q, dn_last) == "xla.bf16_dot"

@@ -435,6 +435,10 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
 
     if impl_native.W4_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
         return impl_native.W4_DECODE
+    # W8A8 with the activation quantization in the kernel; up to native_decode_rows
+    # the GEMM reads the weight in place (no packing), which the fused call does not.
+    if impl_native.W8A8_VNNI.supports(p) and p.rows > pol.native_decode_rows and gemm_pays(p.rows):
+        return impl_native.W8A8_VNNI
     if impl_native.INT8_GEMM.supports(p) and gemm_pays(p.rows):
         return impl_native.INT8_GEMM
     # The two-level split feeds the GEMM twice x's rows.

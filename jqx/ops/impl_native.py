@@ -48,11 +48,14 @@ class Int8Gemm(Implementation):
 
 class W8A8Fused(Implementation):
     """W8A8 int8 with the activation quantization inside the kernel (AVX2,
-    ``native.w8a8_matmul``): each row's scale, codes and exact int32 products in one
-    pass over the row, rescaled as the XLA path rescales, so the result equals
+    ``native.w8a8_matmul``; with ``vnni=True`` the AVX512-VNNI GEMM's tiles,
+    ``native.w8a8_matmul_vnni``): each row's scale, codes and exact int32 products in
+    one pass over the row, rescaled as the XLA path rescales, so the result equals
     ``xla.int32_dot``'s bit for bit (finite activations)."""
 
-    name = "native.w8a8_fused"
+    def __init__(self, vnni: bool = False):
+        self.vnni = vnni
+        self.name = "native.w8a8_vnni" if vnni else "native.w8a8_fused"
 
     def supports(self, p: Problem) -> bool:
         if not (p.int8_codes and p.plain and p.rows >= 1):
@@ -71,8 +74,10 @@ class W8A8Fused(Implementation):
             # Per tensor: the kernel's one scale over (rows, K) covers all of x.
             act = p.act_granularity
 
+        matmul = _kernels.w8a8_matmul_vnni if self.vnni else _kernels.w8a8_matmul
+
         def kernel(rows):
-            return _kernels.w8a8_matmul(rows.astype(jnp.float32), q.qvalue, ws, act=act)
+            return matmul(rows.astype(jnp.float32), q.qvalue, ws, act=act)
 
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
@@ -168,11 +173,12 @@ class GGUFBlocks(Implementation):
 
 INT8_GEMM = Int8Gemm()
 W8A8_FUSED = W8A8Fused()  # in conv_int8.cc's AVX2 library: its own availability, not in ALL
+W8A8_VNNI = W8A8Fused(vnni=True)  # in int8_gemm.cc, with INT8_GEMM
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
 GGUF_BLOCKS = GGUFBlocks(q8=False)
 GGUF_BLOCKS_Q8 = GGUFBlocks(q8=True)
 
-ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)
+ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)  # backend="native": the first that supports
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
 GGUF = (GGUF_BLOCKS, GGUF_BLOCKS_Q8)

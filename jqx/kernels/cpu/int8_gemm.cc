@@ -540,6 +540,191 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// jqx_w8a8_vnni: W8A8 y (M, N) f32 = (xs[m] * ws[n]) applied to the exact int32
+// sums of codes(x) (M, K) . w (K, N) int8, with the activation quantization
+// inside the call, on the VNNI tiles above. The quantizer and the rescale are
+// conv_int8.cc's (and so jqx.ops' XLA W8A8 path's), bit for bit: per row (or
+// one for all of x, or a static one) s = max|x| * (1/127), 1 for an all-zero
+// row; code = round_half_even((x * c) * (1 / (s * c))) clamped to [-128, 127],
+// c = 2^-64 above 2^100; y = (float(sum) * s) * ws[n]. Each chunk of rows writes
+// its codes (plus 128, VNNI's unsigned operand) into a per-thread buffer, runs
+// the register tiles over every panel group and rescales each tile as it leaves
+// the registers: x is read once, its codes and the int32 sums stay in cache, and
+// XLA runs no pass over x or over the sums. The weight is packed per call as
+// for jqx_int8_gemm.
+
+enum W8A8Mode : int64_t { kW8A8Static = 0, kW8A8PerTensor = 1, kW8A8PerToken = 2 };
+
+constexpr float kW8A8BigScale = 1.2676506002282294e30f;  // 2^100, numerics._BIG_SCALE
+
+float RowAbsMax(const float* x, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+inline float W8A8DynamicScale(float amax) {
+  const float s = amax * (1.0f / 127.0f);
+  return s == 0.0f ? 1.0f : s;
+}
+
+// n floats -> n codes + 128 (uint8); bytes [n, kp) are 128 (code 0).
+void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s) {
+  const float cf = s > kW8A8BigScale ? 5.421010862427522e-20f /* 2^-64 */ : 1.0f;
+  const float invf = 1.0f / (s * cf);
+  const __m512 c = _mm512_set1_ps(cf), inv = _mm512_set1_ps(invf);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i off = _mm512_set1_epi32(128);
+  int64_t i = 0;
+  for (; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), c), inv);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);
+    _mm_mask_storeu_epi8(dst + i, k, _mm512_cvtepi32_epi8(q));
+  }
+  for (int64_t j = n; j < kp; ++j) dst[j] = 128;
+}
+
+struct W8A8Job {
+  const float* x;     // (M, K)
+  const int8_t* bp;   // packed weight, [np][Kp/4][64]
+  const int32_t* corr;  // (np * 16): -128 * column sums of the packed weight
+  const float* ws;    // (np * 16): weight scales, zero beyond N
+  float* y;           // (M, N)
+  int64_t M, K, Kp, N, np;
+  int64_t mode;
+  float scale;         // static / per tensor: the one activation scale
+  int64_t chunk_rows;  // a multiple of MR
+};
+
+thread_local std::vector<uint8_t> t_w8a8_a;
+thread_local std::vector<float> t_w8a8_s;
+
+void W8A8Chunk(const void* ctx, int64_t chunk) {
+  const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
+  const int64_t r0 = chunk * j.chunk_rows;
+  const int64_t rows = std::min(j.M, r0 + j.chunk_rows) - r0;
+  // The chunk's codes, rounded up to whole row blocks (rows past M are read by
+  // the tiles and never stored).
+  const int64_t rows_up = (rows + MR - 1) / MR * MR;
+  if (t_w8a8_a.size() < static_cast<size_t>(rows_up * j.Kp))
+    t_w8a8_a.resize(static_cast<size_t>(rows_up * j.Kp));
+  if (t_w8a8_s.size() < static_cast<size_t>(rows_up)) t_w8a8_s.resize(static_cast<size_t>(rows_up));
+  uint8_t* a = t_w8a8_a.data();
+  float* xs = t_w8a8_s.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = j.x + (r0 + r) * j.K;
+    const float s = j.mode == kW8A8PerToken ? W8A8DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
+    xs[r] = s;
+    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
+  }
+  const int64_t kq_n = j.Kp / 4;
+  const int64_t pstride = kq_n * 64;
+  alignas(64) int32_t tile[MR * NB * 16];
+  for (int64_t p = 0; p < j.np; p += NB) {
+    const int64_t nbh = std::min<int64_t>(NB, j.np - p);
+    const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, nbh * 16));
+    const int8_t* bpp = j.bp + p * pstride;
+    for (int64_t rb = 0; rb < rows; rb += MR) {
+      const int rr = static_cast<int>(std::min<int64_t>(MR, rows - rb));
+      const uint8_t* ar = a + rb * j.Kp;
+      if (nbh == NB) {
+        Micro<MR, NB>(ar, j.Kp, bpp, kq_n, pstride, j.corr + p * 16, tile, NB * 16, MR, NB * 16);
+      } else {
+        for (int64_t q = 0; q < nbh; ++q)
+          Micro<MR, 1>(ar, j.Kp, bpp + q * pstride, kq_n, pstride, j.corr + (p + q) * 16,
+                       tile + q * 16, NB * 16, MR, 16);
+      }
+      // (float(sum) * xs) * ws, the XLA path's order.
+      for (int r = 0; r < rr; ++r) {
+        const __m512 sv = _mm512_set1_ps(xs[rb + r]);
+        float* dst = j.y + (r0 + rb + r) * j.N + p * 16;
+        for (int c0 = 0; c0 < cols; c0 += 16) {
+          const int m = std::min(16, cols - c0);
+          const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+          const __m512 acc = _mm512_cvtepi32_ps(
+              _mm512_load_si512(static_cast<const void*>(tile + r * NB * 16 + c0)));
+          const __m512 w = _mm512_loadu_ps(j.ws + p * 16 + c0);
+          _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), w));
+        }
+      }
+    }
+  }
+}
+
+thread_local std::vector<int32_t> t_w8a8_corr;
+thread_local std::vector<float> t_w8a8_ws;
+
+ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                        ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_w8a8_vnni: expected x (M, K), w (K, N), wscale (N), out (M, N)");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (wd[0] != K || od[0] != M || od[1] != N || wscale.dimensions()[0] != N ||
+      mode < kW8A8Static || mode > kW8A8PerToken ||
+      (mode == kW8A8Static && act_scale.element_count() != 1))
+    return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const float* X = x.typed_data();
+  const int64_t Kp = (K + 3) / 4 * 4;
+  const int64_t np = (N + 15) / 16;
+  const int64_t kq_n = Kp / 4;
+  threads = std::min<int64_t>(threads, GetPool()->threads());
+  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, M * N * Kp / (1 << 21)));
+  // The packed weight and, per panel, -128 * its column sums (one pass).
+  thread_local PackBuffer packed;
+  int8_t* Bp = packed.get(static_cast<size_t>(np * kq_n * 64));
+  if (Bp == nullptr) return ffi::Error::Internal("jqx_w8a8_vnni: out of memory");
+  const int64_t tp = std::min<int64_t>(t_max, kq_n);
+  Parallel(tp, [&](int64_t i) {
+    PackRows(w.typed_data(), K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, Bp);
+  });
+  if (t_w8a8_corr.size() < static_cast<size_t>(np * 16))
+    t_w8a8_corr.resize(static_cast<size_t>(np * 16));
+  if (t_w8a8_ws.size() < static_cast<size_t>(np * 16)) t_w8a8_ws.resize(static_cast<size_t>(np * 16));
+  const __m512i v128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t q = 0; q < np; ++q) {
+    __m512i cs = _mm512_setzero_si512();
+    const int8_t* b = Bp + q * kq_n * 64;
+    for (int64_t kq = 0; kq < kq_n; ++kq)
+      cs = _mm512_dpbusd_epi32(cs, v128, _mm512_loadu_si512(static_cast<const void*>(b + kq * 64)));
+    _mm512_storeu_si512(static_cast<void*>(t_w8a8_corr.data() + q * 16),
+                        _mm512_sub_epi32(_mm512_setzero_si512(), cs));
+  }
+  std::copy(wscale.typed_data(), wscale.typed_data() + N, t_w8a8_ws.begin());
+  std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
+  float scale = 1.0f;
+  if (mode == kW8A8Static) scale = act_scale.typed_data()[0];
+  if (mode == kW8A8PerTensor) scale = W8A8DynamicScale(RowAbsMax(X, M * K));
+  // Chunks of up to 8 row blocks (48 rows), fewer when that leaves under 4 chunks
+  // per thread; rows are the only split, so the result does not depend on it.
+  const int64_t per_thread = std::max<int64_t>(1, M / (4 * MR * t_max));
+  const int64_t chunk_rows = MR * std::min<int64_t>(8, per_thread);
+  W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), out->typed_data(), M, K, Kp, N, np,
+              mode, scale, chunk_rows};
+  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+  if (t_max <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) W8A8Chunk(&job, c);
+  } else {
+    GetPool()->Run(W8A8Chunk, &job, chunks);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
@@ -547,6 +732,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("mode")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,

@@ -112,7 +112,9 @@ __all__ = [
     "ATTENTION_Q_TARGET",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
+    "W8A8_VNNI_TARGET",
     "w8a8_matmul",
+    "w8a8_matmul_vnni",
     "w8a8_matmul_reference",
     "pool_threads",
     "conv_available",
@@ -132,6 +134,7 @@ ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 qua
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
+W8A8_VNNI_TARGET = "jqx_w8a8_vnni"  # int8_gemm.cc: the same on the VNNI tiles (AVX512)
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
@@ -172,7 +175,7 @@ _INT8 = _Library(
     flags=(*_COMMON_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
     cpu_check="jqx_cpu_supported",
     cpu_needs="AVX512F/AVX512BW/AVX512VL/AVX512-VNNI",
-    targets={TARGET: "JqxInt8Gemm", W4_TARGET: "JqxW4Gemv"},
+    targets={TARGET: "JqxInt8Gemm", W4_TARGET: "JqxW4Gemv", W8A8_VNNI_TARGET: "JqxW8A8Vnni"},
 )
 _GGUF = _Library(
     stem="gguf_gemv",
@@ -557,6 +560,41 @@ def w8a8_matmul(
     return jax.ffi.ffi_call(
         W8A8_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )(x, w, w_scale, s, mode=np.int64(mode))
+
+
+def w8a8_matmul_vnni(
+    x: jax.Array, w: jax.Array, w_scale: jax.Array, *, act: str | jax.Array = "per_token"
+) -> jax.Array:
+    """:func:`w8a8_matmul` on the AVX512-VNNI GEMM's tiles (``int8_gemm.cc``).
+
+    The same operands, quantizer, exact int32 sums and rescale as :func:`w8a8_matmul`
+    (so for finite ``x`` the XLA W8A8 path's result bit for bit): each chunk of rows
+    is quantized into a per-thread buffer, multiplied on the VNNI register tiles and
+    rescaled as each tile leaves the registers; XLA runs no pass over ``x`` or over the
+    sums. The weight is packed per call, as for :func:`int8_matmul`. Needs
+    :func:`available`.
+
+    Raises:
+      ValueError: an operand of the wrong dtype or shape (named, with the fix).
+      RuntimeError: the kernel is not available here (:func:`status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.array([[1.0, -2.0], [0.0, 0.0]])
+        >>> w = jnp.array([[1, 0], [0, 127]], jnp.int8)
+        >>> ws = jnp.array([1.0, 0.5], jnp.float32)
+        >>> f = native.w8a8_matmul_vnni if native.available() else native.w8a8_matmul_reference
+        >>> f(x, w, ws).tolist()
+        [[1.0078740119934082, -127.0], [0.0, 0.0]]
+    """
+    mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni")
+    if not available():
+        raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
+    m, n = x.shape[0], w.shape[1]
+    return jax.ffi.ffi_call(
+        W8A8_VNNI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(x, w, w_scale, s, mode=np.int64(mode), threads=np.int64(_threads()))
 
 
 def w8a8_matmul_reference(
