@@ -385,6 +385,15 @@ def test_w8a8_fused_property(seed, m, k, n):
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_w8a8_vnni_empty_reduction():
+    x, w = jnp.ones((3, 0), jnp.float32), jnp.ones((0, 5), jnp.int8)
+    ws = jnp.arange(5, dtype=jnp.float32)
+    for act in ("per_token", "per_tensor", jnp.asarray([0.5], jnp.float32)):
+        y = native.w8a8_matmul_vnni(x, w, ws, act=act)
+        np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
 @settings(deadline=None, max_examples=12)
 @given(
     seed=st.integers(0, 2**31 - 1),

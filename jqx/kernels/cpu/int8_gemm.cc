@@ -680,6 +680,14 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
     return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode");
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* X = x.typed_data();
+  if (K == 0) {  // empty sums: (0 * s) * ws[n], s = 1 for an empty row (or the static one)
+    const float s = mode == kW8A8Static ? act_scale.typed_data()[0] : 1.0f;
+    float* y = out->typed_data();
+    const float* ws = wscale.typed_data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] = (0.0f * s) * ws[n];
+    return ffi::Error::Success();
+  }
   const int64_t Kp = (K + 3) / 4 * 4;
   const int64_t np = (N + 15) / 16;
   const int64_t kq_n = Kp / 4;
