@@ -581,12 +581,11 @@ def w8a8_matmul_vnni(
     Example:
         >>> import jax.numpy as jnp
         >>> from jqx.kernels.cpu import native
-        >>> x = jnp.array([[1.0, -2.0], [0.0, 0.0]])
-        >>> w = jnp.array([[1, 0], [0, 127]], jnp.int8)
-        >>> ws = jnp.array([1.0, 0.5], jnp.float32)
         >>> f = native.w8a8_matmul_vnni if native.available() else native.w8a8_matmul_reference
-        >>> f(x, w, ws).tolist()
-        [[1.0078740119934082, -127.0], [0.0, 0.0]]
+        >>> x, w = jnp.array([[3.0, -1.0]]), jnp.array([[2], [1]], jnp.int8)
+        >>> y = f(x, w, jnp.array([0.5]), act="per_tensor")  # codes 127, -42: sum 212
+        >>> round(float(y[0, 0]), 5)  # 212 * (3 / 127) * 0.5
+        2.50394
     """
     mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni")
     if not available():
