@@ -260,7 +260,7 @@ def test_every_kernel_source_and_header_ships_in_the_package():
     needed = {p.name for p in src.glob("*.cc")}
     for cc in src.glob("*.cc"):
         needed |= set(re.findall(r'#include "([^"/]+)"', cc.read_text()))
-    assert "pool.h" in needed
+    assert {"pool.h", "w8a8.h"} <= needed
     missing = [n for n in needed if not any(fnmatch.fnmatch(n, p) for p in patterns)]
     assert not missing, f"not in package-data {patterns}: {missing}"
 

@@ -58,13 +58,12 @@
 #include <vector>
 
 #include "pool.h"
+#include "w8a8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-enum Mode : int64_t { kStatic = 0, kPerTensor = 1, kPerSample = 2 };
 
 constexpr int kMR = 6;   // positions per register tile
 constexpr int kNR = 16;  // output channels per register tile (two vectors)
@@ -73,7 +72,6 @@ constexpr int kNR = 16;  // output channels per register tile (two vectors)
 constexpr int64_t kInlineWork = int64_t{1} << 18;
 // Multiply-adds per chunk of a threaded call (some tens of microseconds).
 constexpr int64_t kChunkWork = int64_t{1} << 19;
-constexpr float kBigScale = 1.2676506002282294e30f;  // 2^100, numerics._BIG_SCALE
 
 // ------------------------------------------------------------------ quantize
 
@@ -91,21 +89,6 @@ float AbsMax(const float* x, int64_t n) {
   for (float v : lanes) m = std::max(m, v);
   for (; i < n; ++i) m = std::max(m, fabsf(x[i]));
   return m;
-}
-
-// The dynamic scale of absmax_scale: max|x| / 127 (as x * (1/127)), 1 for 0.
-inline float DynamicScale(float amax) {
-  const float s = amax * (1.0f / 127.0f);
-  return s == 0.0f ? 1.0f : s;
-}
-
-struct Quant {
-  float c, inv;  // code = round((x * c) * inv)
-};
-
-inline Quant QuantOf(float s) {
-  const float c = s > kBigScale ? 5.421010862427522e-20f /* 2^-64 */ : 1.0f;
-  return {c, 1.0f / (s * c)};
 }
 
 inline int16_t Code(float x, Quant q) {
@@ -430,16 +413,10 @@ thread_local std::vector<float> t_dense_ws;
 ffi::Error W8A8GemmImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t mode) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument(
-        "jqx_w8a8_gemm: expected x (M, K), w (K, N), wscale (N), out (M, N)");
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (wd[0] != K || od[0] != M || od[1] != N || wscale.dimensions()[0] != N ||
-      mode < kStatic || mode > kPerSample || (mode == kStatic && act_scale.element_count() != 1))
-    return ffi::Error::InvalidArgument("jqx_w8a8_gemm: inconsistent shapes or mode");
+  if (auto err = CheckDenseW8A8("jqx_w8a8_gemm", x, w, wscale, act_scale, *out, mode);
+      err.failure())
+    return err;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int64_t Cp = K + (K & 1);
   const int64_t Npad = (N + kNR - 1) / kNR * kNR;

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "w8a8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -543,8 +544,9 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
 // ---------------------------------------------------------------------------
 // jqx_w8a8_vnni: W8A8 y (M, N) f32 = (xs[m] * ws[n]) applied to the exact int32
 // sums of codes(x) (M, K) . w (K, N) int8, with the activation quantization
-// inside the call, on the VNNI tiles above. The quantizer and the rescale are
-// conv_int8.cc's (and so jqx.ops' XLA W8A8 path's), bit for bit: per row (or
+// inside the call, on the VNNI tiles above. The quantizer (its scalar formulas
+// in w8a8.h) and the rescale are conv_int8.cc's (and so jqx.ops' XLA W8A8
+// path's), bit for bit: per row (or
 // one for all of x, or a static one) s = max|x| * (1/127), 1 for an all-zero
 // row; code = round_half_even((x * c) * (1 / (s * c))) clamped to [-128, 127],
 // c = 2^-64 above 2^100; y = (float(sum) * s) * ws[n]. Each chunk of rows writes
@@ -553,10 +555,6 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
 // the registers: x is read once, its codes and the int32 sums stay in cache, and
 // XLA runs no pass over x or over the sums. The weight is packed per call as
 // for jqx_int8_gemm.
-
-enum W8A8Mode : int64_t { kW8A8Static = 0, kW8A8PerTensor = 1, kW8A8PerToken = 2 };
-
-constexpr float kW8A8BigScale = 1.2676506002282294e30f;  // 2^100, numerics._BIG_SCALE
 
 float RowAbsMax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -569,16 +567,10 @@ float RowAbsMax(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
-inline float W8A8DynamicScale(float amax) {
-  const float s = amax * (1.0f / 127.0f);
-  return s == 0.0f ? 1.0f : s;
-}
-
 // n floats -> n codes + 128 (uint8); bytes [n, kp) are 128 (code 0).
 void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s) {
-  const float cf = s > kW8A8BigScale ? 5.421010862427522e-20f /* 2^-64 */ : 1.0f;
-  const float invf = 1.0f / (s * cf);
-  const __m512 c = _mm512_set1_ps(cf), inv = _mm512_set1_ps(invf);
+  const Quant qs = QuantOf(s);
+  const __m512 c = _mm512_set1_ps(qs.c), inv = _mm512_set1_ps(qs.inv);
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
   const __m512i off = _mm512_set1_epi32(128);
   int64_t i = 0;
@@ -623,7 +615,7 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
   float* xs = t_w8a8_s.data();
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = j.x + (r0 + r) * j.K;
-    const float s = j.mode == kW8A8PerToken ? W8A8DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
+    const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
     xs[r] = s;
     QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
   }
@@ -667,21 +659,14 @@ thread_local std::vector<float> t_w8a8_ws;
 ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument(
-        "jqx_w8a8_vnni: expected x (M, K), w (K, N), wscale (N), out (M, N)");
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (wd[0] != K || od[0] != M || od[1] != N || wscale.dimensions()[0] != N ||
-      mode < kW8A8Static || mode > kW8A8PerToken ||
-      (mode == kW8A8Static && act_scale.element_count() != 1))
-    return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode");
+  if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
+      err.failure())
+    return err;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* X = x.typed_data();
   if (K == 0) {  // empty sums: (0 * s) * ws[n], s = 1 for an empty row (or the static one)
-    const float s = mode == kW8A8Static ? act_scale.typed_data()[0] : 1.0f;
+    const float s = mode == kStatic ? act_scale.typed_data()[0] : 1.0f;
     float* y = out->typed_data();
     const float* ws = wscale.typed_data();
     for (int64_t m = 0; m < M; ++m)
@@ -716,8 +701,8 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   std::copy(wscale.typed_data(), wscale.typed_data() + N, t_w8a8_ws.begin());
   std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
   float scale = 1.0f;
-  if (mode == kW8A8Static) scale = act_scale.typed_data()[0];
-  if (mode == kW8A8PerTensor) scale = W8A8DynamicScale(RowAbsMax(X, M * K));
+  if (mode == kStatic) scale = act_scale.typed_data()[0];
+  if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
   // Chunks of up to 8 row blocks (48 rows), fewer when that leaves under 4 chunks
   // per thread; rows are the only split, so the result does not depend on it.
   const int64_t per_thread = std::max<int64_t>(1, M / (4 * MR * t_max));
