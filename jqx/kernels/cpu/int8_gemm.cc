@@ -124,6 +124,17 @@ void PackRows(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t kq0, in
   }
 }
 
+// -128 * the column sums of one packed 16-column panel (vpdpbusd with all bytes
+// 128): the accumulators' start value, so that they end at the int8 product.
+inline __m512i NegColumnSums(const int8_t* panel, int64_t kq_n) {
+  const __m512i v128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i cs = _mm512_setzero_si512();
+  for (int64_t kq = 0; kq < kq_n; ++kq)
+    cs = _mm512_dpbusd_epi32(cs, v128,
+                             _mm512_loadu_si512(static_cast<const void*>(panel + kq * 64)));
+  return _mm512_sub_epi32(_mm512_setzero_si512(), cs);
+}
+
 // Row blocks [mb0, mb1) x column panels [p0, p1) of C from the packed B:
 // NB panels at a time, every row block against them while they are in cache.
 void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* C,
@@ -138,18 +149,12 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
     const int8_t* bpp = Bp + p * pstride;
-    // -128 * column sums of these panels (vpdpbusd with all bytes 128), one
-    // pass over the slice that the row blocks then reuse from cache.
+    // -128 * column sums of these panels, one pass over the slice that the row
+    // blocks then reuse from cache.
     alignas(64) int32_t corr[NB * 16];
-    const __m512i v128 = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int64_t q = 0; q < NB; ++q) {
-      __m512i cs = _mm512_setzero_si512();
-      if (q < nbh)
-        for (int64_t kq = 0; kq < kq_n; ++kq)
-          cs = _mm512_dpbusd_epi32(
-              cs, v128, _mm512_loadu_si512(static_cast<const void*>(bpp + q * pstride + kq * 64)));
-      _mm512_store_si512(static_cast<void*>(corr + q * 16),
-                         _mm512_sub_epi32(_mm512_setzero_si512(), cs));
+      const __m512i c = q < nbh ? NegColumnSums(bpp + q * pstride, kq_n) : _mm512_setzero_si512();
+      _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
     }
     for (int64_t mb = mb0; mb < mb1; ++mb) {
       const int64_t i0 = mb * MR;
@@ -688,16 +693,15 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   });
   if (t_w8a8_corr.size() < static_cast<size_t>(np * 16))
     t_w8a8_corr.resize(static_cast<size_t>(np * 16));
-  if (t_w8a8_ws.size() < static_cast<size_t>(np * 16)) t_w8a8_ws.resize(static_cast<size_t>(np * 16));
-  const __m512i v128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t q = 0; q < np; ++q) {
-    __m512i cs = _mm512_setzero_si512();
-    const int8_t* b = Bp + q * kq_n * 64;
-    for (int64_t kq = 0; kq < kq_n; ++kq)
-      cs = _mm512_dpbusd_epi32(cs, v128, _mm512_loadu_si512(static_cast<const void*>(b + kq * 64)));
-    _mm512_storeu_si512(static_cast<void*>(t_w8a8_corr.data() + q * 16),
-                        _mm512_sub_epi32(_mm512_setzero_si512(), cs));
-  }
+  if (t_w8a8_ws.size() < static_cast<size_t>(np * 16))
+    t_w8a8_ws.resize(static_cast<size_t>(np * 16));
+  int32_t* corr = t_w8a8_corr.data();
+  const int64_t tc = std::min<int64_t>(t_max, np);
+  Parallel(tc, [&](int64_t i) {
+    for (int64_t q = np * i / tc; q < np * (i + 1) / tc; ++q)
+      _mm512_storeu_si512(static_cast<void*>(corr + q * 16),
+                          NegColumnSums(Bp + q * kq_n * 64, kq_n));
+  });
   std::copy(wscale.typed_data(), wscale.typed_data() + N, t_w8a8_ws.begin());
   std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
   float scale = 1.0f;

@@ -47,12 +47,11 @@ xla::ffi::Error CheckDenseW8A8(const char* target, const X& x, const W& w, const
   const auto wd = w.dimensions();
   const auto od = out.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
-    return xla::ffi::Error::InvalidArgument(std::string(target) +
-                                            ": expected x (M, K), w (K, N), wscale (N), out (M, N)");
+    return xla::ffi::Error::InvalidArgument(
+        std::string(target) + ": expected x (M, K), w (K, N), wscale (N), out (M, N)");
   if (wd[0] != xd[1] || od[0] != xd[0] || od[1] != wd[1] || wscale.dimensions()[0] != wd[1] ||
       mode < kStatic || mode > kPerSample || (mode == kStatic && act_scale.element_count() != 1))
-    return xla::ffi::Error::InvalidArgument(std::string(target) +
-                                            ": inconsistent shapes or mode");
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": inconsistent shapes or mode");
   return xla::ffi::Error::Success();
 }
 
