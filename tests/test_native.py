@@ -65,6 +65,55 @@ def test_exact_against_int64_reference(m, k, n):
 
 
 @needs_native
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_prepacked_weight_exact_against_int64_reference(m, k, n):
+    """The weight packed ahead (pack_int8): the same exact sums, at every M (no decode
+    path: up to 6 rows run the tiles with as many rows)."""
+    rng = np.random.default_rng(m * 5 + k * 11 + n)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    bp = native.pack_int8(jnp.asarray(b))
+    c = jax.jit(functools.partial(native.int8_matmul, n=n))(jnp.asarray(a), bp)
+    np.testing.assert_array_equal(np.asarray(c), _ref(a, b))
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lead=st.sampled_from([(), (3,), (2, 2)]),
+    k=st.integers(1, 40),
+    n=st.integers(1, 40),
+)
+def test_pack_int8_layout_and_round_trip(seed, lead, k, n):
+    """packed[..., q, kq, 4c + r] = w[..., 4kq + r, 16q + c], zero beyond K and N, and
+    unpack_int8 inverts it (leading axes kept)."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-128, 128, (*lead, k, n), dtype=np.int8)
+    p = native.pack_int8(jnp.asarray(w))
+    assert p.shape == (*lead, *native.packed_shape(k, n)) and p.dtype == jnp.int8
+    want = np.zeros(p.shape, np.int8)
+    for kk in range(k):
+        for c in range(n):
+            want[..., c // 16, kk // 4, 4 * (c % 16) + kk % 4] = w[..., kk, c]
+    np.testing.assert_array_equal(np.asarray(p), want)
+    np.testing.assert_array_equal(np.asarray(native.unpack_int8(p, (k, n))), w)
+
+
+def test_pack_int8_bad_input():
+    with pytest.raises(TypeError, match="int8 \\(K, N\\)"):
+        native.pack_int8(jnp.ones((4, 4), jnp.float32))
+    with pytest.raises(ValueError, match="packed must be int8"):
+        native.unpack_int8(jnp.zeros((1, 2, 64), jnp.int8), (9, 16))
+    p = native.pack_int8(jnp.ones((8, 20), jnp.int8))
+    with pytest.raises(TypeError, match="packed_shape"):
+        native.int8_matmul(jnp.ones((2, 8), jnp.int8), p)  # no n
+    with pytest.raises(TypeError, match="packed_shape"):
+        native.int8_matmul(jnp.ones((2, 8), jnp.int8), p, n=40)
+    with pytest.raises(ValueError, match="a packed w must be"):
+        native.w8a8_matmul_vnni(jnp.ones((2, 8)), p, jnp.ones((33,)))
+
+
+@needs_native
 def test_extreme_codes_do_not_overflow():
     # All -128 x -128 over K = 4096: 67,108,864 per output, far inside int32.
     for va, vb in [(-128, -128), (127, -128), (-128, 127), (127, 127)]:
@@ -294,11 +343,26 @@ FUSED = [
             not native.available(), reason=f"native int8 GEMM: {native.status()}"
         ),
     ),
+    # The VNNI call with the weight packed ahead (native.pack_int8).
+    pytest.param(
+        "vnni_packed",
+        marks=pytest.mark.skipif(
+            not native.available(), reason=f"native int8 GEMM: {native.status()}"
+        ),
+    ),
 ]
 
 
+def _vnni_packed(x, w, ws, act="per_token"):
+    return native.w8a8_matmul_vnni(x, native.pack_int8(w), ws, act=act)
+
+
 def _fused_kernel(name):
-    return native.w8a8_matmul if name == "avx2" else native.w8a8_matmul_vnni
+    return {
+        "avx2": native.w8a8_matmul,
+        "vnni": native.w8a8_matmul_vnni,
+        "vnni_packed": _vnni_packed,
+    }[name]
 
 
 DN2 = (((1,), (0,)), ((), ()))
@@ -414,21 +478,23 @@ def test_w8a8_vnni_empty_reduction():
     x, w = jnp.ones((3, 0), jnp.float32), jnp.ones((0, 5), jnp.int8)
     ws = jnp.arange(5, dtype=jnp.float32)
     for act in ("per_token", "per_tensor", jnp.asarray([0.5], jnp.float32)):
-        y = native.w8a8_matmul_vnni(x, w, ws, act=act)
-        np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
+        for ww in (w, native.pack_int8(w)):
+            y = native.w8a8_matmul_vnni(x, ww, ws, act=act)
+            np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
 @settings(deadline=None, max_examples=12)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    m=st.sampled_from([7, 49, 200]),
+    m=st.sampled_from([1, 5, 7, 49, 200]),
     k=st.integers(1, 200),
     n=st.integers(1, 70),
 )
 def test_w8a8_vnni_property(seed, m, k, n):
-    y, xla = _fused_and_xla(*_w8a8_case(m, k, n, seed, quantize=False), kernel="vnni")
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+    for kernel in ("vnni", "vnni_packed"):
+        y, xla = _fused_and_xla(*_w8a8_case(m, k, n, seed, quantize=False), kernel=kernel)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
 
 
 def test_w8a8_bad_input():

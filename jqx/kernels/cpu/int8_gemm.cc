@@ -8,6 +8,8 @@
 // per call (threads splitting the k range, rows read in order) into panels of
 // 16 columns: for each group of 4 consecutive k the 16 columns' 4 bytes side
 // by side, one 64-byte zmm register per (panel, k/4), zero beyond K and N.
+// jqx_int8_gemm_packed and jqx_w8a8_vnni_packed take B already in that layout
+// (made once, at quantize time, by native.pack_int8): no packing per call.
 //
 // Blocking: the threads of the shared pool (pool.h) split the rows (blocks of
 // MR rows), or the column panels when there are few rows; each thread walks
@@ -88,6 +90,22 @@ inline void Micro(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
   for (int r = 0; r < rows; ++r) memcpy(c + r * ldc, tmp[r], static_cast<size_t>(cols) * 4);
 }
 
+// Micro for a block of 1..MR rows: only ``rows`` rows of A are read, so a last,
+// partial row block (and a decode-sized M on a pre-packed weight) needs no copy.
+template <int NBT>
+inline void MicroRows(int rows, const uint8_t* a, int64_t lda, const int8_t* bp, int64_t kq_n,
+                      int64_t pstride, const int32_t* neg_corr, int32_t* c, int64_t ldc,
+                      int cols) {
+  switch (rows) {
+    case 1: return Micro<1, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, 1, cols);
+    case 2: return Micro<2, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, 2, cols);
+    case 3: return Micro<3, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, 3, cols);
+    case 4: return Micro<4, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, 4, cols);
+    case 5: return Micro<5, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, 5, cols);
+    default: return Micro<MR, NBT>(a, lda, bp, kq_n, pstride, neg_corr, c, ldc, rows, cols);
+  }
+}
+
 // Packs k-quads [kq0, kq1) of every 16-column panel of B (K x N int8,
 // row-major) into dst[NP][Kp/4][64]: 16 columns x 4 consecutive k per
 // 64-byte group, zero beyond K and N. B's rows are read in order, four at a
@@ -142,9 +160,6 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
   if (mb0 >= mb1 || p0 >= p1) return;
   const int64_t kq_n = Kp / 4;
   const int64_t pstride = kq_n * 64;
-  // Copy of a last, partial row block (rows past it are never stored); kept
-  // across calls so no call allocates.
-  thread_local std::vector<uint8_t> edge;
   for (int64_t p = p0; p < p1; p += NB) {
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
@@ -161,18 +176,13 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
       const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
       const uint8_t* a = A + i0 * Kp;
       int32_t* c = C + i0 * N + p * 16;
-      if (rows < MR) {
-        if (edge.size() < static_cast<size_t>(MR * Kp)) edge.resize(static_cast<size_t>(MR * Kp));
-        memcpy(edge.data(), a, static_cast<size_t>(rows * Kp));
-        a = edge.data();
-      }
       if (nbh == NB) {
-        Micro<MR, NB>(a, Kp, bpp, kq_n, pstride, corr, c, N, rows, cols);
+        MicroRows<NB>(rows, a, Kp, bpp, kq_n, pstride, corr, c, N, cols);
       } else {
         for (int64_t q = 0; q < nbh; ++q) {
           const int c2 = static_cast<int>(std::min<int64_t>(16, N - (p + q) * 16));
-          Micro<MR, 1>(a, Kp, bpp + q * pstride, kq_n, pstride, corr + q * 16, c + q * 16, N,
-                       rows, c2);
+          MicroRows<1>(rows, a, Kp, bpp + q * pstride, kq_n, pstride, corr + q * 16, c + q * 16,
+                       N, c2);
         }
       }
     }
@@ -324,19 +334,11 @@ void Parallel(int64_t t, F f) {
   GetPool()->ForEach(t, f);
 }
 
-ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
-                        ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
-  const auto ad = a.dimensions();
-  const auto bd = b.dimensions();
-  const auto cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
-    return ffi::Error::InvalidArgument("jqx_int8_gemm: expected A (M, Kp), B (K, N), C (M, N)");
-  const int64_t M = ad[0], Kp = ad[1], K = bd[0], N = bd[1];
-  if (Kp % 4 != 0 || K > Kp || Kp - K >= 4 || cd[0] != M || cd[1] != N)
-    return ffi::Error::InvalidArgument("jqx_int8_gemm: inconsistent shapes");
-  const uint8_t* A = a.typed_data();
-  const int8_t* B = b.typed_data();
-  int32_t* C = c->typed_data();
+// C = (A - 128) . B on the pool. ``Bp`` is the packed weight, or null: then B
+// (K, N) is packed here, into this thread's buffer, and up to kSmallM rows read
+// it in place (SmallM) instead.
+ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, int64_t K,
+                    const int8_t* Bp, int64_t N, int32_t* C, int64_t threads) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int64_t nmb = (M + MR - 1) / MR;
   const int64_t np = (N + 15) / 16;
@@ -345,7 +347,7 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
   const int64_t work = M * N * Kp;
   threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
-  if (M <= kSmallM) {
+  if (Bp == nullptr && M <= kSmallM) {
     // Threads split the columns in multiples of 64.
     const int64_t nb = (N + 63) / 64;
     const int64_t t = std::min<int64_t>(t_max, nb);
@@ -355,13 +357,16 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
     });
     return ffi::Error::Success();
   }
-  // Pack B once per call (this thread's buffer, reused across calls),
-  // threads splitting the k-quads.
-  thread_local PackBuffer packed;
-  int8_t* Bp = packed.get(static_cast<size_t>(np * kq_n * 64));
-  if (Bp == nullptr) return ffi::Error::Internal("jqx_int8_gemm: out of memory");
-  const int64_t tp = std::min<int64_t>(t_max, kq_n);
-  Parallel(tp, [&](int64_t i) { PackRows(B, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, Bp); });
+  if (Bp == nullptr) {
+    // Pack B once per call (this thread's buffer, reused across calls),
+    // threads splitting the k-quads.
+    thread_local PackBuffer packed;
+    int8_t* buf = packed.get(static_cast<size_t>(np * kq_n * 64));
+    if (buf == nullptr) return ffi::Error::Internal("jqx_int8_gemm: out of memory");
+    const int64_t tp = std::min<int64_t>(t_max, kq_n);
+    Parallel(tp, [&](int64_t i) { PackRows(B, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
+    Bp = buf;
+  }
   // Many row blocks: threads split the rows. Few (decode-like M): the panels.
   const bool by_rows = nmb >= 4 * t_max;
   const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
@@ -375,6 +380,36 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
+                        ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  const auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("jqx_int8_gemm: expected A (M, Kp), B (K, N), C (M, N)");
+  const int64_t M = ad[0], Kp = ad[1], K = bd[0], N = bd[1];
+  if (Kp % 4 != 0 || K > Kp || Kp - K >= 4 || cd[0] != M || cd[1] != N)
+    return ffi::Error::InvalidArgument("jqx_int8_gemm: inconsistent shapes");
+  return Int8Gemm(a.typed_data(), M, Kp, b.typed_data(), K, nullptr, N, c->typed_data(), threads);
+}
+
+// The weight already packed (jqx.kernels.cpu.native.pack_int8): Bp (ceil(N/16),
+// Kp/4, 64), the layout PackRows writes.
+ffi::Error Int8GemmPackedImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> bp,
+                              ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
+  const auto ad = a.dimensions();
+  const auto bd = bp.dimensions();
+  const auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "jqx_int8_gemm_packed: expected A (M, Kp), packed B (ceil(N/16), Kp/4, 64), C (M, N)");
+  const int64_t M = ad[0], Kp = ad[1], N = cd[1];
+  if (Kp % 4 != 0 || cd[0] != M || bd[0] != (N + 15) / 16 || bd[1] != Kp / 4 || bd[2] != 64)
+    return ffi::Error::InvalidArgument("jqx_int8_gemm_packed: inconsistent shapes");
+  return Int8Gemm(a.typed_data(), M, Kp, nullptr, Kp, bp.typed_data(), N, c->typed_data(),
+                  threads);
 }
 
 // ---------------------------------------------------------------------------
@@ -559,7 +594,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
 // the register tiles over every panel group and rescales each tile as it leaves
 // the registers: x is read once, its codes and the int32 sums stay in cache, and
 // XLA runs no pass over x or over the sums. The weight is packed per call as
-// for jqx_int8_gemm.
+// for jqx_int8_gemm, or comes packed (jqx_w8a8_vnni_packed).
 
 float RowAbsMax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -610,12 +645,10 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
   const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
   const int64_t r0 = chunk * j.chunk_rows;
   const int64_t rows = std::min(j.M, r0 + j.chunk_rows) - r0;
-  // The chunk's codes, rounded up to whole row blocks (rows past M are read by
-  // the tiles and never stored).
-  const int64_t rows_up = (rows + MR - 1) / MR * MR;
-  if (t_w8a8_a.size() < static_cast<size_t>(rows_up * j.Kp))
-    t_w8a8_a.resize(static_cast<size_t>(rows_up * j.Kp));
-  if (t_w8a8_s.size() < static_cast<size_t>(rows_up)) t_w8a8_s.resize(static_cast<size_t>(rows_up));
+  // The chunk's codes (a last, partial row block reads only its own rows).
+  if (t_w8a8_a.size() < static_cast<size_t>(rows * j.Kp))
+    t_w8a8_a.resize(static_cast<size_t>(rows * j.Kp));
+  if (t_w8a8_s.size() < static_cast<size_t>(rows)) t_w8a8_s.resize(static_cast<size_t>(rows));
   uint8_t* a = t_w8a8_a.data();
   float* xs = t_w8a8_s.data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -635,11 +668,11 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
       const int rr = static_cast<int>(std::min<int64_t>(MR, rows - rb));
       const uint8_t* ar = a + rb * j.Kp;
       if (nbh == NB) {
-        Micro<MR, NB>(ar, j.Kp, bpp, kq_n, pstride, j.corr + p * 16, tile, NB * 16, MR, NB * 16);
+        MicroRows<NB>(rr, ar, j.Kp, bpp, kq_n, pstride, j.corr + p * 16, tile, NB * 16, NB * 16);
       } else {
         for (int64_t q = 0; q < nbh; ++q)
-          Micro<MR, 1>(ar, j.Kp, bpp + q * pstride, kq_n, pstride, j.corr + (p + q) * 16,
-                       tile + q * 16, NB * 16, MR, 16);
+          MicroRows<1>(rr, ar, j.Kp, bpp + q * pstride, kq_n, pstride, j.corr + (p + q) * 16,
+                       tile + q * 16, NB * 16, 16);
       }
       // (float(sum) * xs) * ws, the XLA path's order.
       for (int r = 0; r < rr; ++r) {
@@ -661,21 +694,16 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
 thread_local std::vector<int32_t> t_w8a8_corr;
 thread_local std::vector<float> t_w8a8_ws;
 
-ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                        ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
-  if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
-      err.failure())
-    return err;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+// The shared body of jqx_w8a8_vnni and jqx_w8a8_vnni_packed: ``wp`` is the
+// packed weight, or null (then ``w`` (K, N) is packed here, per call).
+ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const int8_t* wp,
+                    int64_t N, const float* wscale, const float* act_scale, float* Y,
+                    int64_t mode, int64_t threads) {
   if (M == 0 || N == 0) return ffi::Error::Success();
-  const float* X = x.typed_data();
   if (K == 0) {  // empty sums: (0 * s) * ws[n], s = 1 for an empty row (or the static one)
-    const float s = mode == kStatic ? act_scale.typed_data()[0] : 1.0f;
-    float* y = out->typed_data();
-    const float* ws = wscale.typed_data();
+    const float s = mode == kStatic ? act_scale[0] : 1.0f;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] = (0.0f * s) * ws[n];
+      for (int64_t n = 0; n < N; ++n) Y[m * N + n] = (0.0f * s) * wscale[n];
     return ffi::Error::Success();
   }
   const int64_t Kp = (K + 3) / 4 * 4;
@@ -683,14 +711,17 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   const int64_t kq_n = Kp / 4;
   threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, M * N * Kp / (1 << 21)));
-  // The packed weight and, per panel, -128 * its column sums (one pass).
-  thread_local PackBuffer packed;
-  int8_t* Bp = packed.get(static_cast<size_t>(np * kq_n * 64));
-  if (Bp == nullptr) return ffi::Error::Internal("jqx_w8a8_vnni: out of memory");
-  const int64_t tp = std::min<int64_t>(t_max, kq_n);
-  Parallel(tp, [&](int64_t i) {
-    PackRows(w.typed_data(), K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, Bp);
-  });
+  const int8_t* Bp = wp;
+  if (Bp == nullptr) {
+    // The packed weight, per call.
+    thread_local PackBuffer packed;
+    int8_t* buf = packed.get(static_cast<size_t>(np * kq_n * 64));
+    if (buf == nullptr) return ffi::Error::Internal("jqx_w8a8_vnni: out of memory");
+    const int64_t tp = std::min<int64_t>(t_max, kq_n);
+    Parallel(tp, [&](int64_t i) { PackRows(w, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
+    Bp = buf;
+  }
+  // Per panel, -128 * its column sums (one pass).
   if (t_w8a8_corr.size() < static_cast<size_t>(np * 16))
     t_w8a8_corr.resize(static_cast<size_t>(np * 16));
   if (t_w8a8_ws.size() < static_cast<size_t>(np * 16))
@@ -702,16 +733,16 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
       _mm512_storeu_si512(static_cast<void*>(corr + q * 16),
                           NegColumnSums(Bp + q * kq_n * 64, kq_n));
   });
-  std::copy(wscale.typed_data(), wscale.typed_data() + N, t_w8a8_ws.begin());
+  std::copy(wscale, wscale + N, t_w8a8_ws.begin());
   std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
   float scale = 1.0f;
-  if (mode == kStatic) scale = act_scale.typed_data()[0];
+  if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
   // Chunks of up to 8 row blocks (48 rows), fewer when that leaves under 4 chunks
   // per thread; rows are the only split, so the result does not depend on it.
   const int64_t per_thread = std::max<int64_t>(1, M / (4 * MR * t_max));
   const int64_t chunk_rows = MR * std::min<int64_t>(8, per_thread);
-  W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), out->typed_data(), M, K, Kp, N, np,
+  W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y, M, K, Kp, N, np,
               mode, scale, chunk_rows};
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   if (t_max <= 1) {
@@ -722,6 +753,38 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   return ffi::Error::Success();
 }
 
+ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                        ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
+  if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
+      err.failure())
+    return err;
+  return W8A8Vnni(x.typed_data(), x.dimensions()[0], x.dimensions()[1], w.typed_data(), nullptr,
+                  w.dimensions()[1], wscale.typed_data(), act_scale.typed_data(),
+                  out->typed_data(), mode, threads);
+}
+
+// The weight already packed (jqx.kernels.cpu.native.pack_int8): wp (ceil(N/16),
+// Kp/4, 64); N is out's.
+ffi::Error W8A8VnniPackedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> wp,
+                              ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
+                              ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = wp.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || wscale.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_w8a8_vnni_packed: expected x (M, K), packed w (ceil(N/16), ceil(K/4), 64), "
+        "wscale (N), out (M, N)");
+  const int64_t M = xd[0], K = xd[1], N = od[1];
+  if (od[0] != M || wd[0] != (N + 15) / 16 || wd[1] != (K + 3) / 4 || wd[2] != 64 ||
+      wscale.dimensions()[0] != N || mode < kStatic || mode > kPerSample ||
+      (mode == kStatic && act_scale.element_count() != 1))
+    return ffi::Error::InvalidArgument("jqx_w8a8_vnni_packed: inconsistent shapes or mode");
+  return W8A8Vnni(x.typed_data(), M, K, nullptr, wp.typed_data(), N, wscale.typed_data(),
+                  act_scale.typed_data(), out->typed_data(), mode, threads);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
@@ -729,6 +792,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8GemmPacked, Int8GemmPackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8VnniPacked, W8A8VnniPackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("mode")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,

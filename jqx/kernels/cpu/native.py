@@ -113,6 +113,11 @@ __all__ = [
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
+    "PACKED_TARGET",
+    "W8A8_VNNI_PACKED_TARGET",
+    "pack_int8",
+    "unpack_int8",
+    "packed_shape",
     "w8a8_matmul",
     "w8a8_matmul_vnni",
     "w8a8_matmul_reference",
@@ -135,6 +140,8 @@ ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit K
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
 W8A8_VNNI_TARGET = "jqx_w8a8_vnni"  # int8_gemm.cc: the same on the VNNI tiles (AVX512)
+PACKED_TARGET = "jqx_int8_gemm_packed"  # TARGET with the weight packed ahead (pack_int8)
+W8A8_VNNI_PACKED_TARGET = "jqx_w8a8_vnni_packed"  # W8A8_VNNI_TARGET, the same
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
@@ -175,7 +182,13 @@ _INT8 = _Library(
     flags=(*_COMMON_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
     cpu_check="jqx_cpu_supported",
     cpu_needs="AVX512F/AVX512BW/AVX512VL/AVX512-VNNI",
-    targets={TARGET: "JqxInt8Gemm", W4_TARGET: "JqxW4Gemv", W8A8_VNNI_TARGET: "JqxW8A8Vnni"},
+    targets={
+        TARGET: "JqxInt8Gemm",
+        PACKED_TARGET: "JqxInt8GemmPacked",
+        W4_TARGET: "JqxW4Gemv",
+        W8A8_VNNI_TARGET: "JqxW8A8Vnni",
+        W8A8_VNNI_PACKED_TARGET: "JqxW8A8VnniPacked",
+    },
 )
 _GGUF = _Library(
     stem="gguf_gemv",
@@ -443,16 +456,92 @@ def pool_threads() -> int:
     )
 
 
-def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    """The shape :func:`pack_int8` gives a (k, n) weight: ``(ceil(n/16), ceil(k/4), 64)``.
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.packed_shape(384, 1536)
+        (96, 96, 64)
+    """
+    return (-(-n // 16), -(-k // 4), 64)
+
+
+def pack_int8(w: jax.Array) -> jax.Array:
+    """The int8 weight ``w`` (K, N) in the VNNI GEMM's panel layout, once, ahead of
+    the calls: ``packed[q, kq, 4 * c + r] = w[4 * kq + r, 16 * q + c]``, zero beyond K
+    and N (:func:`packed_shape`). :func:`int8_matmul` and :func:`w8a8_matmul_vnni` take
+    it in place of ``w`` and then skip the packing they otherwise do on every call.
+    Plain jnp (a pad, a reshape and a transpose), so it runs anywhere and is exact;
+    :func:`unpack_int8` inverts it.
+
+    Raises:
+      TypeError: ``w`` is not 2-D int8.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> w = jnp.arange(6, dtype=jnp.int8).reshape(2, 3)
+        >>> p = native.pack_int8(w)
+        >>> p.shape, p[0, 0, :8].tolist()  # columns 0 and 1: k = 0, 1, then the pad
+        ((1, 1, 64), [0, 3, 0, 0, 1, 4, 0, 0])
+        >>> bool((native.unpack_int8(p, (2, 3)) == w).all())
+        True
+    """
+    if w.ndim < 2 or jnp.dtype(w.dtype) != jnp.int8:
+        raise TypeError(
+            f"pack_int8: w must be an int8 (K, N) weight, got {_describe(w)}; pass the codes "
+            "of an int8 QArray (QArray.qvalue)."
+        )
+    *lead, k, n = w.shape  # leading axes (a stack of weights) are kept
+    npan, kq, _ = packed_shape(k, n)
+    wp = jnp.pad(w, [(0, 0)] * len(lead) + [(0, 4 * kq - k), (0, 16 * npan - n)])
+    wp = wp.reshape(*lead, kq, 4, npan, 16)
+    b = len(lead)
+    wp = wp.transpose(*range(b), b + 2, b, b + 3, b + 1)
+    return wp.reshape(*lead, npan, kq, 64)
+
+
+def unpack_int8(packed: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """The (K, N) int8 weight that :func:`pack_int8` packed into ``packed`` (leading
+    axes of a stack kept).
+
+    Raises:
+      ValueError: ``packed`` is not the packed layout of a ``shape`` weight.
+    """
+    k, n = (int(d) for d in shape)
+    want = packed_shape(k, n)
+    if tuple(packed.shape[-3:]) != want or jnp.dtype(packed.dtype) != jnp.int8:
+        raise ValueError(
+            f"unpack_int8: packed must be int8 {want} for a {(k, n)} weight, got "
+            f"{_describe(packed)}; pass the output of pack_int8 and the weight's shape."
+        )
+    lead = tuple(packed.shape[:-3])
+    b = len(lead)
+    npan, kq, _ = want
+    w = packed.reshape(*lead, npan, kq, 16, 4).transpose(*range(b), b + 1, b + 3, b, b + 2)
+    return w.reshape(*lead, 4 * kq, 16 * npan)[..., :k, :n]
+
+
+def int8_matmul(a: jax.Array, b: jax.Array, *, n: int | None = None) -> jax.Array:
     """Exact ``a @ b`` for int8 ``a`` (M, K) and ``b`` (K, N): int32 (M, N).
 
     Runs the native VNNI kernel (call :func:`available` first; without it
     this raises RuntimeError). Works under ``jit``; under ``vmap`` it loops.
+    ``b`` may also be :func:`pack_int8`'s layout of the weight, 3-D, with ``n`` its
+    column count: then the call skips packing the weight.
 
     Raises:
-      TypeError: operands that are not 2-D int8 of matching K.
+      TypeError: operands that are not 2-D int8 of matching K, or a packed ``b``
+        whose shape is not ``packed_shape(K, n)``.
     """
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+    if b.ndim == 3:
+        if n is None or a.ndim != 2 or tuple(b.shape) != packed_shape(a.shape[1], n):
+            raise TypeError(
+                f"int8_matmul: a packed b {tuple(b.shape)} needs a (M, K) and n=N with "
+                f"b.shape == packed_shape(K, N); got a {tuple(a.shape)}, n={n}."
+            )
+    elif a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise TypeError(
             f"int8_matmul: expected a (M, K) and b (K, N), got {tuple(a.shape)} and "
             f"{tuple(b.shape)}."
@@ -462,19 +551,21 @@ def int8_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     if not available():
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
     m, k = a.shape
-    n = b.shape[1]
+    n = b.shape[1] if b.ndim == 2 else n
     kp = -(-k // 4) * 4
     # int8 v -> uint8 v + 128 (vpdpbusd multiplies unsigned by signed bytes).
     au = lax.bitcast_convert_type(a, jnp.uint8) ^ jnp.uint8(0x80)
     if kp != k:
         au = jnp.pad(au, ((0, 0), (0, kp - k)))  # zero bytes meet zero weight rows
     acc = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((m, n), jnp.int32), vmap_method="sequential"
+        TARGET if b.ndim == 2 else PACKED_TARGET,
+        jax.ShapeDtypeStruct((m, n), jnp.int32),
+        vmap_method="sequential",
     )(au, b, threads=np.int64(_threads()))
     return acc  # the kernel already subtracted 128 * column sums
 
 
-def _w8a8_check(x, w, w_scale, act, fn: str) -> tuple[int, jax.Array]:
+def _w8a8_check(x, w, w_scale, act, fn: str, packed_ok: bool = False) -> tuple[int, jax.Array]:
     """Validates :func:`w8a8_matmul`'s operands; returns (mode, act scale operand)."""
     for name, a in (("x", x), ("w", w), ("w_scale", w_scale)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
@@ -488,12 +579,21 @@ def _w8a8_check(x, w, w_scale, act, fn: str) -> tuple[int, jax.Array]:
             "and cast with x.astype(jnp.float32)."
         )
     k = x.shape[1]
-    if w.ndim != 2 or jnp.dtype(w.dtype) != jnp.int8 or w.shape[0] != k:
+    if packed_ok and w.ndim == 3:
+        n = w_scale.shape[0] if w_scale.ndim == 1 else -1
+        if jnp.dtype(w.dtype) != jnp.int8 or tuple(w.shape) != packed_shape(k, n):
+            raise ValueError(
+                f"{fn}: a packed w must be int8 packed_shape(K, N) = {packed_shape(k, n)} "
+                f"for x's K={k} and w_scale's N={n}, got {_describe(w)}; pack the (K, N) "
+                "codes with pack_int8."
+            )
+    elif w.ndim != 2 or jnp.dtype(w.dtype) != jnp.int8 or w.shape[0] != k:
         raise ValueError(
             f"{fn}: w must be int8 (K, N) with x's K={k}, got {_describe(w)}; pass the "
             "weight codes (QArray.qvalue of an int8 per-channel weight)."
         )
-    n = w.shape[1]
+    else:
+        n = w.shape[1]
     if tuple(w_scale.shape) != (n,) or jnp.dtype(w_scale.dtype) != jnp.float32:
         raise ValueError(
             f"{fn}: w_scale must be float32 (N,) = ({n},), one scale per output column, got "
@@ -571,7 +671,8 @@ def w8a8_matmul_vnni(
     (so for finite ``x`` the XLA W8A8 path's result bit for bit): each chunk of rows
     is quantized into a per-thread buffer, multiplied on the VNNI register tiles and
     rescaled as each tile leaves the registers; XLA runs no pass over ``x`` or over the
-    sums. The weight is packed per call, as for :func:`int8_matmul`. Needs
+    sums. The weight is packed per call, as for :func:`int8_matmul`, unless ``w`` is
+    already :func:`pack_int8`'s 3-D layout (N is then ``w_scale``'s length). Needs
     :func:`available`.
 
     Raises:
@@ -587,12 +688,14 @@ def w8a8_matmul_vnni(
         >>> round(float(y[0, 0]), 5)  # 212 * (3 / 127) * 0.5
         2.50394
     """
-    mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni")
+    mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni", packed_ok=True)
     if not available():
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
-    m, n = x.shape[0], w.shape[1]
+    m, n = x.shape[0], w_scale.shape[0]
     return jax.ffi.ffi_call(
-        W8A8_VNNI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+        W8A8_VNNI_TARGET if w.ndim == 2 else W8A8_VNNI_PACKED_TARGET,
+        jax.ShapeDtypeStruct((m, n), jnp.float32),
+        vmap_method="sequential",
     )(x, w, w_scale, s, mode=np.int64(mode), threads=np.int64(_threads()))
 
 
