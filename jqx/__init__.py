@@ -53,6 +53,7 @@ from jqx.io.checkpoint import load as load
 from jqx.io.checkpoint import save as save
 from jqx.io.gguf import load as load_gguf
 from jqx.kernels.cpu import native as native
+from jqx.ops.layout import prepack as prepack
 from jqx.recipes.apply import default_filter as default_filter
 from jqx.recipes.apply import quantize as quantize
 from jqx.recipes.awq import AWQ as AWQ
@@ -176,6 +177,7 @@ __all__ = [
     "per_group",
     "per_tensor",
     "per_token",
+    "prepack",
     "qat",
     "quantize",
     "quantize_activation",

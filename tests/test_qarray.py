@@ -406,3 +406,87 @@ def test_g_idx_layout_dequantize_matmul_and_checkpoint(tmp_path):
         make_qarray(
             codes, s, z, fmt="uint4", shape=(k, n), dtype="float32", block=(g, 1), g_idx=gi[:-1]
         )
+
+
+# ----------------------------------------------------------------- the "vnni" code layout
+
+
+@given(
+    k=st.integers(1, 40),
+    n=st.integers(1, 40),
+    scheme=st.sampled_from(["channel", "tensor"]),
+    seed=st.integers(0, 2**16),
+)
+def test_vnni_layout_keeps_values(k, n, scheme, seed):
+    """with_code_layout('vnni') stores the same codes in the GEMM's panels: the same
+    dequantized values and codes, nbytes only the panels' padding more; 'plain' undoes it."""
+    x = jax.random.normal(jax.random.key(seed), (k, n))
+    gran = jqx.per_channel(axis=-1) if scheme == "channel" else jqx.per_tensor()
+    q = jqx.quantize_array(x, "int8", granularity=gran)
+    p = q.with_code_layout("vnni")
+    assert p.code_layout == "vnni" and p.qvalue.shape == jqx.native.packed_shape(k, n)
+    np.testing.assert_array_equal(np.asarray(p.codes()), np.asarray(q.codes()))
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(q.dequantize()))
+    pad = (-(-n // 16) * 16) * (-(-k // 4) * 4) - k * n
+    assert p.nbytes == q.nbytes + pad
+    back = p.with_code_layout("plain")
+    assert back.code_layout == "plain"
+    np.testing.assert_array_equal(np.asarray(back.qvalue), np.asarray(q.qvalue))
+    assert p.with_code_layout("vnni") is p
+
+
+def test_vnni_layout_of_dense_general_kernels():
+    """(in, heads, head_dim) and (heads, head_dim, out) kernels with per-output scales
+    pack as (K, N) = their merged contraction and outputs (vnni_split)."""
+    from jqx.core.qarray import vnni_split
+
+    x = jax.random.normal(jax.random.key(0), (24, 3, 8))
+    q = jqx.quantize_array(x, "int8", granularity=jqx.per_channel(axis=(1, 2)))
+    assert vnni_split(q.shape, q.block) == 1
+    p = q.with_code_layout("vnni")
+    assert p.qvalue.shape == jqx.native.packed_shape(24, 24)
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(q.dequantize()))
+    o = jqx.quantize_array(x.reshape(3, 8, 24), "int8", granularity=jqx.per_channel(axis=-1))
+    assert vnni_split(o.shape, o.block) == 2
+    np.testing.assert_array_equal(
+        np.asarray(o.with_code_layout("vnni").dequantize()), np.asarray(o.dequantize())
+    )
+    assert "code_layout=vnni" in repr(p)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: jqx.quantize_array(x, "int4"),  # not int8
+        lambda x: jqx.quantize_array(x, "int8", granularity=jqx.per_group(2, axis=1)),  # groups
+        lambda x: jqx.quantize_array(x.reshape(4, 4, 4), "int8"),  # n-D per tensor: K unknown
+        lambda x: jqx.quantize_array(x, "int8", granularity=jqx.per_group(8, axis=0)),  # groups
+    ],
+)
+def test_vnni_layout_refuses_what_the_gemm_cannot_read(make):
+    q = make(jax.random.normal(jax.random.key(1), (16, 4)))
+    with pytest.raises(ValueError, match="with_code_layout\\('vnni'\\)"):
+        q.with_code_layout("vnni")
+    with pytest.raises(ValueError, match="use 'plain' or 'vnni'"):
+        q.with_code_layout("panels")
+
+
+@given(out=st.integers(2, 40), k=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_vnni_layout_of_out_in_weights_and_row_reads(out, k, seed):
+    """An (out, in) weight with one scale per output row (GGUF's and PyTorch's
+    orientation, a per-row table) packs its transpose; rows read out of the panels
+    equal the plain rows, for both orientations."""
+    x = jax.random.normal(jax.random.key(seed), (out, k))
+    q = jqx.quantize_array(x, "int8", granularity=jqx.per_channel(axis=0))
+    p = q.with_code_layout("vnni")
+    assert p.qvalue.shape == jqx.native.packed_shape(k, out)
+    np.testing.assert_array_equal(np.asarray(p.codes()), np.asarray(q.codes()))
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(q.dequantize()))
+    ids = jnp.asarray(np.random.default_rng(seed).integers(0, out, (3, 2)))
+    np.testing.assert_array_equal(np.asarray(p.row_codes(ids)), np.asarray(q.qvalue[ids]))
+    kn = jqx.quantize_array(x, "int8", granularity=jqx.per_channel(axis=-1)).with_code_layout(
+        "vnni"
+    )
+    np.testing.assert_array_equal(
+        np.asarray(kn.row_codes(ids)), np.asarray(kn.with_code_layout("plain").qvalue[ids])
+    )

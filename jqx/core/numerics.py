@@ -770,6 +770,7 @@ def stored_qarray(
     zero_kind: Literal["code", "min"] = "code",
     code_bits: int | None = None,
     super_block: Sequence[int] | None = None,
+    code_layout: Literal["plain", "vnni"] = "plain",
 ) -> QArray:
     """A :class:`QArray` from children already in their stored form (packed codes,
     per-block scales in their stored dtype), e.g. read back from a checkpoint.
@@ -801,6 +802,7 @@ def stored_qarray(
         super_scale=super_scale,
         super_zero=super_zero,
         g_idx=g_idx,
+        code_layout=code_layout,
     )
 
 

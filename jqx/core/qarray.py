@@ -35,6 +35,15 @@ QArray jqx makes itself; :attr:`QArray.extensions` lists those in use):
   ``g_idx[i]`` instead of ``i // g``, so a group may gather any indices (GPTQ's
   ``act_order``/``desc_act`` layout). ``scale.shape`` stays ``shape // block``.
 
+Code layout (static ``code_layout``, not an extension: every path reads it):
+``"plain"`` (the default: ``qvalue`` has the logical shape, packed along the last axis
+as above) or ``"vnni"``: an int8 weight's codes as ``(K, N)`` (its leading axes
+:func:`vnni_split` merged into K, the rest into N; an ``(out, in)`` weight transposed)
+stored in the native AVX512-VNNI GEMM's panel layout, ``(ceil(N/16), ceil(K/4), 64)``
+(``jqx.kernels.cpu.native.pack_int8``), so that the kernel does not pack the weight on
+every call. :func:`jqx.prepack` makes it; :meth:`QArray.codes`, :meth:`QArray.dequantize`
+and every ``jqx.ops`` path read it (paths other than the native GEMM unpack it per call).
+
 Example:
     >>> import jax.numpy as jnp, jqx
     >>> q = jqx.quantize_array(jnp.ones((4, 6)), "int4", granularity=jqx.per_tensor())
@@ -53,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqx.core import formats as _formats
+from jqx.kernels.cpu.native import pack_int8, unpack_int8
 
 __all__ = [
     "QArray",
@@ -67,6 +77,8 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "is_qarray",
+    "vnni_eligible",
+    "vnni_split",
 ]
 
 
@@ -320,6 +332,9 @@ class QArray:
     super_scale: jax.Array | None = None
     super_zero: jax.Array | None = None
     g_idx: jax.Array | None = None
+    code_layout: Literal["plain", "vnni"] = dataclasses.field(
+        metadata=dict(static=True), default="plain"
+    )
 
     # ------------------------------------------------------------------ facts
     @property
@@ -397,6 +412,7 @@ class QArray:
         extra += ", zero=min" if self.zero_kind != "code" else ""
         extra += f", super_block={self.super_block}" if self.super_scale is not None else ""
         extra += ", g_idx" if self.g_idx is not None else ""
+        extra += f", code_layout={self.code_layout}" if self.code_layout != "plain" else ""
         # The shape of the arrays held (a vmapped quantize stacks members in front), so
         # that shape and nbytes describe the same thing; granularity is per member.
         shape, _ = self._layout()
@@ -418,6 +434,8 @@ class QArray:
         # pack_4bit stores a 0-d array as one byte of shape (1,)
         packed = self.packed or self.qhigh is not None
         own_ndim = len(self.shape) if self.shape or not packed else 1
+        if self.code_layout == "vnni":
+            own_ndim = 3  # (K, N) as (ceil(N/16), ceil(K/4), 64)
         extra = self.qvalue.ndim - own_ndim
         if extra > 0:
             lead = tuple(self.qvalue.shape[:extra])
@@ -440,10 +458,76 @@ class QArray:
                 half = 1 << (self.code_bits - 1)
                 c = (c.astype(jnp.int16) ^ half) - half
             return c.astype(fmt.dtype).reshape(shape)
+        if self.code_layout == "vnni":
+            kn = unpack_int8(q, self._vnni_kn())
+            if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
+                return kn.T
+            return kn.reshape(shape)
         if self.packed:
             n = shape[-1] if shape else 1
             q = unpack_codes(q, fmt, n).reshape(shape)
         return q
+
+    def row_codes(self, ids: jax.Array) -> jax.Array:
+        """The stored codes of rows ``ids`` (an int array of any shape, values in range)
+        of a 2-D QArray, in the plain layout (``ids.shape + qvalue's row``); from a
+        ``"vnni"`` layout read out of the panels, without unpacking the rest."""
+        if self.code_layout != "vnni":
+            return self.qvalue[ids]
+        npan, kq, _ = self.qvalue.shape
+        p = self.qvalue.reshape(npan, kq, 16, 4)
+        if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
+            # (out, in): row n is column n of the packed (K, N), all of its k.
+            rows = p[ids // 16, :, ids % 16, :]  # ids.shape + (kq, 4)
+            return rows.reshape(*ids.shape, 4 * kq)[..., : self.shape[1]]
+        rows = p[:, ids // 4, :, ids % 4]  # advanced indices apart: ids.shape + (npan, 16)
+        return rows.reshape(*ids.shape, 16 * npan)[..., : self.shape[1]]
+
+    def with_code_layout(self, layout: Literal["plain", "vnni"]) -> QArray:
+        """This QArray with its codes stored in ``layout`` (module docstring): the same
+        values, the same bytes up to the panels' padding. ``"vnni"`` takes an int8
+        QArray without layout extensions whose blocks split its axes into a contraction
+        and outputs (:func:`vnni_split`; every 2-D one); ``"plain"`` undoes it.
+
+        Raises:
+          ValueError: an unknown ``layout``, or ``"vnni"`` for a QArray that is not a
+            2-D int8 one without extensions.
+
+        Example:
+            >>> import jax.numpy as jnp, jqx
+            >>> q = jqx.quantize_array(jnp.ones((8, 20)), "int8")
+            >>> p = q.with_code_layout("vnni")
+            >>> p.qvalue.shape, bool((p.dequantize() == q.dequantize()).all())
+            ((2, 2, 64), True)
+        """
+        if layout not in ("plain", "vnni"):
+            raise ValueError(f"QArray.with_code_layout(layout={layout!r}): use 'plain' or 'vnni'.")
+        if layout == self.code_layout:
+            return self
+        if layout == "plain":
+            return self.replace(qvalue=self.codes(), code_layout="plain")
+        if not vnni_eligible(self):
+            raise ValueError(
+                f"QArray.with_code_layout('vnni') takes an int8 QArray without layout "
+                f"extensions whose blocks split it into a contraction K and outputs N "
+                f"(vnni_split; the native int8 GEMM's weights); got {self!r}. Leave this one "
+                "in the plain layout."
+            )
+        return self.replace(qvalue=pack_int8(self._vnni_codes_kn()), code_layout="vnni")
+
+    def _vnni_kn(self) -> tuple[int, int]:
+        """(K, N) of the ``"vnni"`` layout: the logical shape split by :func:`vnni_split`."""
+        s = vnni_split(tuple(self.shape), tuple(self.block))
+        if s == -1:
+            return self.shape[1], self.shape[0]
+        return math.prod(self.shape[:s]), math.prod(self.shape[s:])
+
+    def _vnni_codes_kn(self) -> jax.Array:
+        """The codes as the ``(K, N)`` matrix that the ``"vnni"`` layout packs."""
+        c = self.qvalue if self.code_layout == "plain" else self.codes()
+        if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
+            return c.T
+        return c.reshape(self._vnni_kn())
 
     def values(self) -> jax.Array:
         """Grid values of the codes (before scaling), float32, logical shape."""
@@ -576,3 +660,62 @@ _dequantize_jit = jax.jit(QArray._dequantize, static_argnums=1)
 
 def is_qarray(x) -> bool:
     return isinstance(x, QArray)
+
+
+def vnni_split(shape: tuple[int, ...], block: tuple[int, ...]) -> int | None:
+    """How a weight of ``shape`` and ``block`` splits into the contraction K and the
+    outputs N of its ``"vnni"`` layout: ``s > 0``: its leading ``s`` axes are K, the rest
+    N; ``-1``: a 2-D ``(out, in)`` weight contracted on its last axis (GGUF's and
+    PyTorch's orientation, ``x @ W.T``); None where the blocks do not say. 2-D: ``1``
+    when the scale is constant along axis 0 (a per-channel or per-tensor ``(in, out)``
+    kernel), else ``-1`` when it is constant along axis 1 with one scale per row (an
+    ``(out, in)`` weight, or a per-row embedding table: a tied output head is ``x @
+    E.T``, and a lookup reads rows out of the panels, :meth:`QArray.row_codes`). More
+    axes (Flax
+    ``DenseGeneral`` kernels, e.g. ``(in, heads, head_dim)`` or ``(heads, head_dim,
+    out)``): the leading axes whole in their block (the scale is constant along them:
+    the contraction) followed only by axes with blocks of 1.
+
+    Example:
+        >>> vnni_split((384, 12, 32), (384, 1, 1)), vnni_split((12, 32, 384), (12, 32, 1))
+        (1, 2)
+        >>> vnni_split((1536, 576), (1, 576))  # (out, in), one scale per output row
+        -1
+        >>> vnni_split((4, 8, 16), (4, 8, 16)) is None  # per tensor: K is not known
+        True
+    """
+    if len(shape) == 2:
+        if block[0] == shape[0]:
+            return 1  # per channel or per tensor: a Dense kernel (in, out)
+        if block[1] == shape[1] and block[0] == 1:
+            return -1  # (out, in), one scale per output row
+        return None
+    s = 0
+    while s < len(shape) and block[s] == shape[s]:
+        s += 1
+    if s == 0 or s == len(shape) or any(b != 1 for b in block[s:]):
+        return None
+    return s
+
+
+def vnni_eligible(q: QArray) -> bool:
+    """Whether ``q`` can take the ``"vnni"`` code layout: an int8 QArray (not stacked)
+    of at least 2 axes that split into K and N (:func:`vnni_split`), without layout
+    extensions, in the plain layout.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> vnni_eligible(jqx.quantize_array(jnp.ones((8, 8)), "int8"))
+        True
+        >>> vnni_eligible(jqx.quantize_array(jnp.ones((8, 8)), "int4"))
+        False
+    """
+    return (
+        q.format == "int8"
+        and q.ndim >= 2
+        and q.code_layout == "plain"
+        and not q.extensions
+        and q.qvalue.ndim == q.ndim
+        and jnp.dtype(q.qvalue.dtype) == jnp.int8
+        and vnni_split(tuple(q.shape), tuple(q.block)) is not None
+    )

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jqx.core.qarray import QArray, is_qarray
+from jqx.core.qarray import QArray, is_qarray, vnni_split
 from jqx.core.tree import path_str
 
 __all__ = ["qarray_specs", "tree_shardings", "shard"]
@@ -114,6 +114,8 @@ def qarray_specs(
             return None
         if name in ("act_scale", "g_idx"):
             return PartitionSpec()
+        if name == "qvalue" and q.code_layout == "vnni":
+            return _vnni_spec(q, entries, axis_sizes, path)
         per_group = name in ("scale", "zero_point", "super_scale", "super_zero")
         ents = group_free if per_group else entries
         return _child_spec(tuple(v.shape), q.shape, ents, axis_sizes, path, name)
@@ -129,6 +131,35 @@ def qarray_specs(
         super_zero=child("super_zero"),
         g_idx=child("g_idx"),
     )
+
+
+def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:
+    """The spec of ``"vnni"`` panels ``(ceil(N/16), ceil(K/4), 64)`` (``jqx.prepack``)
+    from the logical entries: K's and N's mesh axes move to the panel axes, when every
+    shard holds whole panels (N a multiple of 16 per shard, K of 4)."""
+    s = vnni_split(tuple(q.shape), tuple(q.block))
+    k_ents = [e for e in entries[:s] if e is not None]
+    n_ents = [e for e in entries[s:] if e is not None]
+    if len(k_ents) > 1 or len(n_ents) > 1:
+        raise ValueError(
+            f"{path or 'a QArray'} is packed for the native int8 GEMM (code_layout='vnni'), "
+            f"so its input axes {tuple(q.shape[:s])} and output axes {tuple(q.shape[s:])} can "
+            f"each take one mesh axis; the spec gives {tuple(entries)}. Unpack it first with "
+            "jqx.prepack(tree, layout='plain')."
+        )
+    k = math.prod(q.shape[:s])
+    n = math.prod(q.shape[s:])
+    ek = k_ents[0] if k_ents else None
+    en = n_ents[0] if n_ents else None
+    for e, size, unit, what in ((ek, k, 4, "K"), (en, n, 16, "N")):
+        if e is not None and size % (unit * _axis_size(e, axis_sizes)):
+            raise ValueError(
+                f"{path or 'a QArray'} is packed for the native int8 GEMM (code_layout='vnni'): "
+                f"its panels split {what}={size} in units of {unit}, which do not divide over "
+                f"mesh axis {e!r} (size {_axis_size(e, axis_sizes)}). Unpack it first with "
+                "jqx.prepack(tree, layout='plain'), or shard another axis."
+            )
+    return PartitionSpec(en, ek, None)
 
 
 def tree_shardings(tree, mesh: Mesh, spec_fn: SpecFn):

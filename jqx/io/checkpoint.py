@@ -116,7 +116,7 @@ def qarray_static(x: QArray) -> dict[str, Any]:
         >>> qarray_static(q)["format"], qarray_static(q)["act"]
         ('int8', None)
     """
-    return {
+    out = {
         "format": x.format,
         "shape": list(x.shape),
         "dtype": str(x.dtype),
@@ -126,6 +126,9 @@ def qarray_static(x: QArray) -> dict[str, Any]:
         "code_bits": x.code_bits,
         "super_block": None if x.super_block is None else list(x.super_block),
     }
+    if x.code_layout != "plain":  # jqx.prepack's panels; absent means "plain"
+        out["code_layout"] = x.code_layout
+    return out
 
 
 class _Writer:
@@ -674,6 +677,7 @@ def _build(
             zero_kind=s["zero_kind"],
             code_bits=s["code_bits"],
             super_block=s["super_block"],
+            code_layout=s.get("code_layout", "plain"),
         )
     if t == "nnx_variable":
         value = _build(f, node["value"], leaf, wrap, path)

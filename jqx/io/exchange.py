@@ -882,6 +882,7 @@ def save(
             tensors[name] = np.ascontiguousarray(np.asarray(v))
             continue
         m = name[: -len(".weight")] if name.endswith(".weight") else name
+        v = v.with_code_layout("plain")  # the file formats store (out, in) codes
         writer = {"gptq": _save_gptq, "awq": _save_awq, "compressed-tensors": _save_ct}[method]
         info = writer(v, m, tensors, bits, checkpoint_format, ct_format)
         old = qinfo.setdefault("layer", info)

@@ -20,6 +20,7 @@ from jqx.ops.dispatch import current_policy as current_policy
 from jqx.ops.dispatch import native_status as native_status
 from jqx.ops.dispatch import policy as policy
 from jqx.ops.gather import take as take
+from jqx.ops.layout import prepack as prepack
 from jqx.ops.matmul import dot_general as dot_general
 from jqx.ops.matmul import dynamic_dot_general as dynamic_dot_general
 from jqx.ops.matmul import explain as explain
@@ -36,5 +37,6 @@ __all__ = [
     "gguf_layout",
     "native_status",
     "policy",
+    "prepack",
     "take",
 ]

@@ -433,6 +433,10 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
         decode = rows <= pol.native_decode_rows and kn >= pol.native_min_weight_decode
         return rows * kn >= pol.native_min_work or kn >= pol.native_min_weight or decode
 
+    if p.code_layout == "vnni":
+        # Packed ahead for the GEMM (jqx.prepack): any other path would unpack the
+        # weight on every call, so the GEMM runs it at every size.
+        return _first((impl_native.W8A8_VNNI, impl_native.INT8_GEMM, impl_native.TWO_LEVEL), p)
     if impl_native.W4_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
         return impl_native.W4_DECODE
     # W8A8 with the activation quantization in the kernel; up to native_decode_rows

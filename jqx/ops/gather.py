@@ -58,7 +58,8 @@ def take_rows(q: QArray, ids: jax.Array) -> QArray:
     n, b0 = q.shape[0], q.block[0]
     sb0 = q.super_block[0] if q.super_block is not None else 1
     kw = {
-        "qvalue": q.qvalue[ids],
+        "qvalue": q.row_codes(ids),  # read out of the panels of a jqx.prepack'd table
+        "code_layout": "plain",
         "qhigh": None if q.qhigh is None else q.qhigh[ids],
         "scale": _rows(q.scale, ids, n, b0),
         "zero_point": _rows(q.zero_point, ids, n, b0),

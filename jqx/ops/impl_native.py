@@ -29,14 +29,17 @@ def _rows(x, xc: int, n: int, kernel) -> jax.Array:
 
 
 def _int8_gemm(codes, q: QArray, xc: int) -> jax.Array:
-    """int32 ``codes . q.qvalue`` through the VNNI GEMM."""
-    return _rows(codes, xc, q.shape[1], lambda c: _kernels.int8_matmul(c, q.qvalue))
+    """int32 ``codes . q.qvalue`` through the VNNI GEMM (``q``'s codes in either layout:
+    the ``"vnni"`` panels skip the per-call packing)."""
+    n = q.shape[1]
+    return _rows(codes, xc, n, lambda c: _kernels.int8_matmul(c, q.qvalue, n=n))
 
 
 class Int8Gemm(Implementation):
     """W8A8 int8 on the AVX512-VNNI int8 GEMM (exact int32 sums)."""
 
     name = "native.int8_gemm"
+    layouts = ("plain", "vnni")
 
     def supports(self, p: Problem) -> bool:
         return p.int8_codes and p.plain and p.rows >= 1
@@ -56,6 +59,8 @@ class W8A8Fused(Implementation):
     def __init__(self, vnni: bool = False):
         self.vnni = vnni
         self.name = "native.w8a8_vnni" if vnni else "native.w8a8_fused"
+        # The VNNI call takes the weight packed ahead; the AVX2 one reads (K, N).
+        self.layouts = ("plain", "vnni") if vnni else ("plain",)
 
     def supports(self, p: Problem) -> bool:
         if not (p.int8_codes and p.plain and p.rows >= 1):
@@ -87,6 +92,7 @@ class TwoLevelInt8(Implementation):
     ``impl_xla.two_level_split``), both levels in one VNNI GEMM call."""
 
     name = "native.two_level_int8"
+    layouts = ("plain", "vnni")
 
     def supports(self, p: Problem) -> bool:
         return TWO_LEVEL_INT8.supports(p) and p.plain and p.rows >= 1

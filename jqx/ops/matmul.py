@@ -20,7 +20,7 @@ from jax import lax
 
 from jqx.core import formats as _formats
 from jqx.core.numerics import absmax_scale, quantize_activation
-from jqx.core.qarray import QArray, is_qarray
+from jqx.core.qarray import QArray, is_qarray, vnni_split
 from jqx.ops import dispatch
 from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale
 
@@ -122,6 +122,7 @@ def explain(
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = jnp.asarray(x)
     shape = tuple(x.shape)
+    q, dn = _oriented(shape, np.dtype(x.dtype), q, dn, precision, preferred_element_type, backend)
     flat = _flatten_contraction(shape, q, dn)
     if flat is not None:
         shape, q, dn, _ = flat
@@ -303,6 +304,7 @@ def describe(
         precision=precision,
         gguf_kind=gguf_kind,
         extensions=tuple(q.extensions),
+        code_layout=q.code_layout,
     )
 
 
@@ -366,6 +368,8 @@ def _merge_axes(q: QArray, n: int) -> QArray | None:
     same)."""
     if q.extensions or q.in_scale is not None or q.packed or q.super_block is not None:
         return None
+    if q.code_layout == "vnni" and vnni_split(tuple(q.shape), tuple(q.block)) != n:
+        return None  # contracted otherwise than packed: the product unpacks it
     shape, block = tuple(q.shape), tuple(q.block)
 
     def merged(axes) -> int | None:
@@ -386,7 +390,8 @@ def _merge_axes(q: QArray, n: int) -> QArray | None:
     k, m = math.prod(shape[:n]), math.prod(shape[n:])
     zero = q.zero_point
     return q.replace(
-        qvalue=q.qvalue.reshape(k, m),
+        # "vnni" codes are already the (K, N) panels of this merge.
+        qvalue=q.qvalue if q.code_layout == "vnni" else q.qvalue.reshape(k, m),
         scale=_merge_leaves(q.scale, shape, block, n),
         zero_point=None if zero is None else _merge_leaves(zero, shape, block, n),
         shape=(k, m),
@@ -420,7 +425,46 @@ def _flatten_contraction(x_shape, q: QArray, dn: DimensionNumbers):
     return x2, q2, (((xc[0],), (0,)), ((), ())), (*x_free, *q.shape[n:])
 
 
+def _vnni_transposed(q: QArray, dn: DimensionNumbers):
+    """A ``"vnni"``-packed ``(out, in)`` weight contracted on its last axis, as the
+    ``(in, out)`` weight contracted on axis 0 that its panels already hold (scales
+    transposed, codes untouched), or None."""
+    (xc, wc), (xb, wb) = dn
+    if q.code_layout != "vnni" or q.ndim != 2 or tuple(wc) != (1,) or xb or wb:
+        return None
+    if vnni_split(tuple(q.shape), tuple(q.block)) != -1:
+        return None
+
+    def t(a):
+        return None if a is None else jnp.swapaxes(a, -1, -2) if a.ndim == 2 else a
+
+    qt = q.replace(
+        scale=t(q.scale),
+        zero_point=t(q.zero_point),
+        in_scale=t(q.in_scale),
+        shape=(q.shape[1], q.shape[0]),
+        block=(q.block[1], q.block[0]),
+    )
+    return qt, ((tuple(xc), (0,)), ((), ()))
+
+
+def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+    """``(q, dn)``, or a packed ``(out, in)`` weight as the ``(in, out)`` product its
+    panels hold when an implementation that reads them runs that (the same product;
+    ``x @ W.T``'s output layout is ``x @ W``'s). Elsewhere the weight keeps its
+    orientation, so XLA computes it exactly as it would the unpacked weight."""
+    tr = _vnni_transposed(q, dn)
+    if tr is None:
+        return q, dn
+    qt, dnt = tr
+    p = describe(tuple(x_shape), x_dtype, qt, dnt, precision, pet)
+    if qt.code_layout in dispatch.choose(p, backend).layouts:
+        return qt, dnt
+    return q, dn
+
+
 def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+    q, dn = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
     flat = _flatten_contraction(x.shape, q, dn)
     if flat is not None:
         x2, q2, dn2, out_shape = flat
@@ -429,6 +473,10 @@ def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, back
     impl = dispatch.choose(p, backend)
     if p.in_scale and p.kind != "dequantize":
         x, q = _divide_in_scale(x, q, p), q.replace(in_scale=None)
+    if q.code_layout not in impl.layouts:
+        # Only the native GEMM reads the panels; every other path gets the codes back
+        # in their (K, N) layout (one reshape and transpose per call).
+        q = q.with_code_layout("plain")
     return impl.run(x, q, p)
 
 

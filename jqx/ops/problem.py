@@ -62,6 +62,9 @@ class Problem:
       gguf_kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` when ``W`` is stored in that GGUF
         block layout (``(N, K)``, blocks of 32 along K, float16 scales), else None.
       extensions: ``W.extensions`` (layout extensions such as ``"g_idx"``).
+      code_layout: ``W.code_layout``: ``"plain"``, or ``"vnni"`` (int8 codes in the
+        native GEMM's panels; implementations that do not list it in ``layouts`` get
+        the weight unpacked).
     """
 
     kind: Kind
@@ -86,6 +89,7 @@ class Problem:
     precision: Any
     gguf_kind: str | None = None
     extensions: tuple[str, ...] = ()
+    code_layout: str = "plain"
 
     @property
     def fmt(self) -> _formats.Format:
@@ -149,6 +153,9 @@ class Implementation:
     """
 
     name: ClassVar[str] = "?"
+    # The weight code layouts ``run`` reads (QArray.code_layout); for any other,
+    # jqx.ops.dot_general hands ``run`` the weight unpacked to "plain".
+    layouts: ClassVar[tuple[str, ...]] = ("plain",)
 
     def supports(self, p: Problem) -> bool:
         raise NotImplementedError

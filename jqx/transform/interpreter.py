@@ -576,6 +576,8 @@ def _rev_weight(eqn, invals):
     q = w.base
     if q.extensions or q.in_scale is not None or (q.packed and q.ndim - 1 in dims):
         return None
+    if q.code_layout != "plain":  # panels (jqx.prepack): the generic path dequantizes
+        return None
     if q.qvalue.ndim != q.ndim:  # stacked (vmapped) children
         return None
     kids = {
@@ -622,8 +624,14 @@ def _gather_rows(eqn, invals):
         )
 
     lead = tuple(idx.shape[:-1])
+    if q.code_layout == "vnni":  # jqx.prepack's panels: rows read out of them
+        ids = jnp.clip(idx[..., 0], 0, q.shape[0] - 1)  # out of range: the scale's fill
+        codes = q.row_codes(ids)
+    else:
+        codes = take(q.qvalue, 0)
     rows = q.replace(
-        qvalue=take(q.qvalue, 0),
+        qvalue=codes,
+        code_layout="plain",
         scale=take(q.scale, p.get("fill_value")),
         zero_point=None if q.zero_point is None else take(q.zero_point, p.get("fill_value")),
         act_scale=None,

@@ -1,0 +1,214 @@
+"""jqx.prepack (jqx/ops/layout.py): int8 weights packed once for the native GEMM.
+
+What gets packed, that the values never change, that every path computes the same
+products from packed weights (the native GEMM reading the panels, XLA unpacking them),
+and that a packed tree saves, loads and shards."""
+
+import os
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jqx
+from jqx.kernels.cpu import native
+from jqx.llm.ptq import transpose_qarray
+
+DN = (((1,), (0,)), ((), ()))
+HAS_NATIVE = native.available()
+W8A8 = jqx.int8_dynamic_activation_int8_weight()
+
+
+def _layouts(tree):
+    return {
+        jqx.path_str(p): leaf.code_layout
+        for p, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=jqx.is_qarray)[0]
+        if jqx.is_qarray(leaf)
+    }
+
+
+class _Model(nn.Module):
+    """A Dense MLP, linen's own attention (DenseGeneral kernels), a convolution and an
+    embedding: the weights a user's model has."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(50, 32)(ids)
+        h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=32)(h, h)
+        h = nn.Conv(32, (3,), padding="SAME")(h)
+        h = nn.Dense(48)(jax.nn.gelu(h))
+        return nn.Dense(32)(h)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _Model()
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 9)), jnp.int32)
+    return m, m.init(jax.random.key(0), ids), ids
+
+
+def test_what_gets_packed(model):
+    _, variables, _ = model
+    q = jqx.quantize(variables, W8A8, embeddings=True)
+    p = jqx.prepack(q, layout="vnni")
+    lay = _layouts(p)
+    # Dense (in, out) and attention (in, heads, head_dim) / (heads, head_dim, out)
+    # kernels are packed, and the per-row embedding table (as (out, in): lookups read
+    # rows out of the panels); the convolution is not.
+    assert lay["params/Dense_0/kernel"] == lay["params/Dense_1/kernel"] == "vnni"
+    for name in ("query", "key", "value", "out"):
+        assert lay[f"params/MultiHeadDotProductAttention_0/{name}/kernel"] == "vnni"
+    assert lay["params/Conv_0/kernel"] == "plain"
+    assert lay["params/Embed_0/embedding"] == "vnni"
+    assert all(v == "plain" for v in _layouts(q).values())  # the input is unchanged
+    d0, d1 = jqx.dequantize(q), jqx.dequantize(p)
+    for a, b in zip(jax.tree_util.tree_leaves(d0), jax.tree_util.tree_leaves(d1), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = jqx.prepack(p, layout="plain")
+    assert all(v == "plain" for v in _layouts(back).values())
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_other_formats_stay_plain(model):
+    _, variables, _ = model
+    for recipe in (jqx.int4_weight_only(group_size=16), jqx.fp8_weight_only()):
+        q = jqx.quantize(variables, recipe)
+        assert set(_layouts(jqx.prepack(q, layout="vnni")).values()) == {"plain"}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8_tensor", "int8_weight_only"])
+def test_model_outputs_identical_packed_or_not(model, recipe):
+    """The whole model through jqx.quantized, packed and plain, on the same routes
+    (native where it runs here, forced for every size; XLA elsewhere): bit for bit."""
+    m, variables, ids = model
+    r = {
+        "w8a8": W8A8,
+        "w8a8_tensor": jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor"),
+        "int8_weight_only": jqx.int8_weight_only(),
+    }[recipe]
+    q = jqx.quantize(variables, r, embeddings=True)
+    p = jqx.prepack(q, layout="vnni")
+    assert _layouts(p)["params/Embed_0/embedding"] == "vnni"
+    with jqx.ops.policy(native_min_work=0, native_min_weight=0, native_decode_rows=0):
+        y_plain = jax.jit(jqx.quantized(m.apply))(q, ids)
+        y_packed = jax.jit(jqx.quantized(m.apply))(p, ids)
+    np.testing.assert_array_equal(np.asarray(y_packed), np.asarray(y_plain))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 7, 64])
+@pytest.mark.parametrize("act", ["dynamic", "static", "weight_only"])
+def test_products_on_every_route(rows, act):
+    """One product, packed: the dispatcher's choice (the native GEMM at every size where
+    it runs), and XLA (which unpacks), equal the plain weight's XLA product."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((72, 40)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, 72)), jnp.float32)
+    if act == "weight_only":
+        q = jqx.int8_weight_only().quantize_weight(w)
+    else:
+        q = W8A8.quantize_weight(w)
+        if act == "static":
+            q = q.replace(
+                act=jqx.ActSpec(kind="static", granularity="per_tensor"),
+                act_scale=jnp.asarray(0.021, jnp.float32),
+            )
+    p = q.with_code_layout("vnni")
+    f = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))
+    fx = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN, backend="xla"))
+    np.testing.assert_array_equal(np.asarray(fx(x, p)), np.asarray(fx(x, q)))
+    route = jqx.ops.explain(x, p, DN)
+    if HAS_NATIVE:
+        assert route.startswith("native."), route
+        # The native route the plain weight would take when forced to, on the same data.
+        with jqx.ops.policy(native_min_work=0, native_min_weight=0, native_decode_rows=0):
+            want = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))(x, q)
+            assert jqx.ops.explain(x, q, DN) == route
+        np.testing.assert_array_equal(np.asarray(f(x, p)), np.asarray(want))
+    with jqx.ops.policy(native_available=False):
+        assert not jqx.ops.explain(x, p, DN).startswith("native.")
+        y = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))(x, p)
+        y_plain = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, DN))(x, q)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_plain))
+
+
+def test_lookup_in_a_packed_table():
+    t = jax.random.normal(jax.random.key(3), (37, 21))
+    q = jqx.quantize_array(t, "int8", granularity=jqx.per_channel(axis=-1))
+    p = q.with_code_layout("vnni")
+    ids = jnp.array([[0, 36, 5], [3, 4, 35]])
+    np.testing.assert_array_equal(
+        np.asarray(jqx.ops.take(p, ids)), np.asarray(jqx.ops.take(q, ids))
+    )
+
+
+def test_checkpoint_keeps_the_layout(tmp_path, model):
+    _, variables, _ = model
+    p = jqx.prepack(jqx.quantize(variables, W8A8), layout="vnni")
+    path = os.path.join(tmp_path, "packed.jqx")
+    jqx.save(path, p)
+    r = jqx.load(path)
+    assert _layouts(r) == _layouts(p)
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(r), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharding_specs_of_panels():
+    q = jqx.quantize_array(jnp.ones((64, 64)), "int8", granularity=jqx.per_channel(axis=-1))
+    p = q.with_code_layout("vnni")
+    s = jqx.sharding.qarray_specs(p, P(None, "m"), {"m": 2})
+    assert s.qvalue == P("m", None, None) and s.scale == P(None, "m")
+    assert jqx.sharding.qarray_specs(p, P("m", None), {"m": 4}).qvalue == P(None, "m", None)
+    with pytest.raises(ValueError, match="panels split N=64 in units of 16"):
+        jqx.sharding.qarray_specs(p, P(None, "m"), {"m": 8})
+
+
+def test_native_layout_where_the_gemm_does_not_run_warns_and_keeps_the_tree():
+    q = jqx.quantize({"kernel": jnp.ones((32, 32))}, W8A8)
+    with jqx.ops.policy(native_available=False):
+        with pytest.warns(UserWarning, match="layout='vnni'"):
+            assert jqx.prepack(q) is q
+    if HAS_NATIVE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _layouts(jqx.prepack(q)) == {"kernel": "vnni"}
+
+
+def test_bad_layout():
+    with pytest.raises(ValueError, match="'native'.*'vnni'.*'plain'"):
+        jqx.prepack({}, layout="panels")
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("recipe", ["w8a8", "int8_weight_only"])
+def test_out_in_weights_run_packed(rows, recipe):
+    """x @ W.T with W (out, in), one scale per output row (the LLM's orientation): the
+    packed weight runs on the GEMM at every size, with the plain weight's results on
+    the same kernels, and unpacked on XLA."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((56, 72)), jnp.float32)  # (out, in)
+    x = jnp.asarray(rng.standard_normal((rows, 72)), jnp.float32)
+    r = W8A8 if recipe == "w8a8" else jqx.int8_weight_only()
+    q = r.quantize_weight(w.T)  # (in, out), per output channel
+    q_t = transpose_qarray(q)  # (out, in), block (1, in)
+    p = q_t.with_code_layout("vnni")
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    with jqx.ops.policy(native_available=False):
+        y, y_plain = np.asarray(f(x, p)), np.asarray(f(x, q_t))
+    if recipe == "w8a8":  # exact int32 sums: bit for bit
+        np.testing.assert_array_equal(y, y_plain)
+    else:  # XLA's float dot on the unpacked codes may sum in another order
+        np.testing.assert_allclose(y, y_plain, rtol=1e-5, atol=1e-5)
+    if HAS_NATIVE:
+        assert jqx.ops.explain(x, p, dn_t).startswith("native.")
+        g = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, DN))
+        with jqx.ops.policy(native_min_work=0, native_min_weight=0, native_decode_rows=0):
+            want = g(x, q)  # the (in, out) weight on the same kernel
+        # A new function: f's trace above was made under native_available=False.
+        got = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))(x, p)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
