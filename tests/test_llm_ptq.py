@@ -113,6 +113,35 @@ def test_calibrated_and_activation_recipes_run_and_stay_close(tiny, recipe):
     assert len(g.tokens[0]) == 3
 
 
+@pytest.mark.parametrize("recipe", ["int8_weight_only", "w8a8", "smoothquant"])
+def test_int8_weights_are_packed_where_the_native_gemm_runs(tiny, recipe):
+    """prepack=None packs the int8 (out, in) weights exactly where the native GEMM runs;
+    the packed model's logits stay with the unpacked one's (weight-only: the GEMM's
+    two-level split; W8A8: bit-identical products, rounding around them)."""
+    r = {
+        "int8_weight_only": jqx.int8_weight_only(),
+        "w8a8": jqx.int8_dynamic_activation_int8_weight(),
+        "smoothquant": jqx.smoothquant(),
+    }[recipe]
+    kw = dict(calibration_text=IDS, window=64, max_windows=2, progress=False)
+    plain = tiny.quantize(r, prepack=False, **kw)
+    auto = tiny.quantize(r, **kw)
+    forced = tiny.quantize(r, prepack=True, **kw)
+
+    def layouts(m):
+        qs = [x for x in jax.tree_util.tree_leaves(m.params, is_leaf=jqx.is_qarray)]
+        return {x.code_layout for x in qs if jqx.is_qarray(x)}
+
+    assert layouts(plain) == {"plain"} and layouts(forced) == {"vnni"}
+    native = jqx.ops.native_status() == "available"
+    assert layouts(auto) == ({"vnni"} if native else {"plain"})
+    assert forced.nbytes >= plain.nbytes  # the panels' padding, nothing else
+    ref = np.asarray(plain.logits(IDS[:64]))
+    np.testing.assert_allclose(np.asarray(forced.logits(IDS[:64])), ref, rtol=0, atol=0.05)
+    g = forced.generate(IDS[:5], max_new_tokens=3, stop_at_eos=False)
+    assert len(g.tokens[0]) == 3
+
+
 def test_gptq_beats_rtn_at_3_bits_on_the_calibration_text(tiny):
     kw = dict(calibration_text=IDS, window=128, max_windows=3, progress=False)
     ref = tiny.logits(IDS[:128])

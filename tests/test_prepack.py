@@ -165,6 +165,11 @@ def test_sharding_specs_of_panels():
     assert jqx.sharding.qarray_specs(p, P("m", None), {"m": 4}).qvalue == P(None, "m", None)
     with pytest.raises(ValueError, match="panels split N=64 in units of 16"):
         jqx.sharding.qarray_specs(p, P(None, "m"), {"m": 8})
+    # (out, in): the outputs are axis 0, the contraction axis 1.
+    t = jqx.quantize_array(jnp.ones((64, 32)), "int8", granularity=jqx.per_channel(axis=0))
+    t = t.with_code_layout("vnni")
+    assert jqx.sharding.qarray_specs(t, P("m", None), {"m": 2}).qvalue == P("m", None, None)
+    assert jqx.sharding.qarray_specs(t, P(None, "m"), {"m": 2}).qvalue == P(None, "m", None)
 
 
 def test_native_layout_where_the_gemm_does_not_run_warns_and_keeps_the_tree():

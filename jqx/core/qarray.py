@@ -701,7 +701,9 @@ def vnni_split(shape: tuple[int, ...], block: tuple[int, ...]) -> int | None:
 def vnni_eligible(q: QArray) -> bool:
     """Whether ``q`` can take the ``"vnni"`` code layout: an int8 QArray (not stacked)
     of at least 2 axes that split into K and N (:func:`vnni_split`), without layout
-    extensions, in the plain layout.
+    extensions, in the plain layout, weight-only or with int8 activations per token or
+    per tensor (the products the native GEMM computes; not LLM.int8(), not fp8 or MX
+    activations).
 
     Example:
         >>> import jax.numpy as jnp, jqx
@@ -710,8 +712,15 @@ def vnni_eligible(q: QArray) -> bool:
         >>> vnni_eligible(jqx.quantize_array(jnp.ones((8, 8)), "int4"))
         False
     """
+    act = q.act
+    native_act = act is None or (
+        act.format == "int8"
+        and act.kind in ("dynamic", "static")
+        and act.granularity in ("per_token", "per_tensor")
+    )
     return (
         q.format == "int8"
+        and native_act
         and q.ndim >= 2
         and q.code_layout == "plain"
         and not q.extensions

@@ -138,17 +138,22 @@ def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:
     from the logical entries: K's and N's mesh axes move to the panel axes, when every
     shard holds whole panels (N a multiple of 16 per shard, K of 4)."""
     s = vnni_split(tuple(q.shape), tuple(q.block))
-    k_ents = [e for e in entries[:s] if e is not None]
-    n_ents = [e for e in entries[s:] if e is not None]
+    if s == -1:  # (out, in): K is axis 1
+        k_axes, n_axes = (1,), (0,)
+    else:
+        k_axes, n_axes = tuple(range(s)), tuple(range(s, len(q.shape)))
+    k_ents = [entries[a] for a in k_axes if entries[a] is not None]
+    n_ents = [entries[a] for a in n_axes if entries[a] is not None]
     if len(k_ents) > 1 or len(n_ents) > 1:
         raise ValueError(
             f"{path or 'a QArray'} is packed for the native int8 GEMM (code_layout='vnni'), "
-            f"so its input axes {tuple(q.shape[:s])} and output axes {tuple(q.shape[s:])} can "
+            f"so its input axes {tuple(q.shape[a] for a in k_axes)} and output axes "
+            f"{tuple(q.shape[a] for a in n_axes)} can "
             f"each take one mesh axis; the spec gives {tuple(entries)}. Unpack it first with "
             "jqx.prepack(tree, layout='plain')."
         )
-    k = math.prod(q.shape[:s])
-    n = math.prod(q.shape[s:])
+    k = math.prod(q.shape[a] for a in k_axes)
+    n = math.prod(q.shape[a] for a in n_axes)
     ek = k_ents[0] if k_ents else None
     en = n_ents[0] if n_ents else None
     for e, size, unit, what in ((ek, k, 4, "K"), (en, n, 16, "N")):

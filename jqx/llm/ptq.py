@@ -39,6 +39,8 @@ from jqx.calibration.engine import calibrate
 from jqx.core.qarray import QArray, is_qarray, pack_codes
 from jqx.core.tree import path_str
 from jqx.llm.model import Llama, forward, fuse_projections
+from jqx.ops.dispatch import native_status
+from jqx.ops.layout import prepack as _prepack
 from jqx.recipes.apply import quantize, select
 from jqx.recipes.base import Recipe
 
@@ -206,6 +208,7 @@ def quantize_llm(
     max_windows: int = 8,
     fuse: bool | None = None,
     progress: bool = True,
+    prepack: bool | None = None,
     **calibrate_kw,
 ) -> LLM:
     """See :meth:`jqx.llm.LLM.quantize`."""
@@ -228,7 +231,11 @@ def quantize_llm(
                 "needs calibration; drop them."
             )
         q = quantize(kernels, recipe, filter_fn=take)
-    return _rebuild(llm, model, q, fuse)
+    out = _rebuild(llm, model, q, fuse)
+    if prepack is None:
+        prepack = native_status() == "available"
+    # After fusing: the fused weights are concatenated codes, packed as one.
+    return out.with_params(_prepack(out.params, layout="vnni")) if prepack else out
 
 
 def allocate_llm(

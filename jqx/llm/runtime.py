@@ -276,6 +276,7 @@ class LLM:
         max_windows: int = 8,
         fuse: bool | None = None,
         progress: bool = True,
+        prepack: bool | None = None,
         **calibrate_kw,
     ) -> LLM:
         """The model re-quantized from its float32 weights with a jqx recipe or rules.
@@ -296,6 +297,12 @@ class LLM:
           fuse: fuse query/key/value and gate/up again where the quantized layouts
             match (default: when this model is fused).
           progress: tqdm progress bars during calibration.
+          prepack: store the int8 weights packed for the native int8 GEMM
+            (:func:`jqx.prepack`): None (default) where that GEMM runs
+            (``jqx.ops.native_status() == "available"``), True / False always / never.
+            Packed int8 weights run on the GEMM at decode and prefill sizes alike
+            (SmolLM2-135M int8 weight-only decode 6x faster, W8A8 1.5x:
+            docs/benchmarks/llm_ptq.md).
           **calibrate_kw: passed to :func:`jqx.calibrate` (``observer=`` ...).
 
         Returns:
@@ -321,6 +328,7 @@ class LLM:
             max_windows=max_windows,
             fuse=fuse,
             progress=progress,
+            prepack=prepack,
             **calibrate_kw,
         )
 
