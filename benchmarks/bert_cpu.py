@@ -16,8 +16,10 @@ The same all-MiniLM-L6-v2 weights run as
   ``linen`` (``nn.MultiHeadDotProductAttention``), and, with
   ``--ports plain,linen,tuned``, on jqx's own tuned port (:mod:`jqx_demo.minilm`).
   jqx: float32 (``jax.jit(apply)``, and the same float32 parameters through
-  ``jax.jit(jqx.quantized(apply))``), W8A8 int8 dynamic, int8 weight-only; qwix (``PtqProvider``):
-  W8A8 int8 dynamic, int8 weight-only.
+  ``jax.jit(jqx.quantized(apply))``), W8A8 int8 dynamic, int8 weight-only, and, where
+  the native int8 GEMM runs, both again after ``jqx.prepack`` (weights packed once,
+  the CPU serving configuration); qwix (``PtqProvider``): W8A8 int8 dynamic, int8
+  weight-only.
 
 Torch and ONNX Runtime get ``--threads`` threads (default 2); XLA runs as it is
 (it uses every core). Timed calls are interleaved across every engine, round
@@ -60,6 +62,9 @@ from jqx_demo import bert, minilm  # noqa: E402
 PT_FP32, PT_INT8 = "PyTorch fp32", "PyTorch dynamic int8"
 ORT_FP32, ORT_INT8 = "ORT fp32", "ORT int8 per-channel"
 J_F32, J_W8A8, J_W8 = "jqx float32", "jqx W8A8 dynamic", "jqx int8 weight-only"
+# The same quantized trees after jqx.prepack (weights packed once for the native GEMM;
+# rows present only where that GEMM runs): the CPU serving configuration.
+J_W8A8P, J_W8P = "jqx W8A8 prepacked", "jqx int8 w-o prepacked"
 # The float32 parameters through jqx.quantized: no weight is quantized, but the
 # interpreter still runs the model its way (e.g. softmax-then-matmul attention in the
 # faster order, docs/internals/dispatch.md).
@@ -99,14 +104,18 @@ def jqx_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
     p = enc if port == "tuned" else bert.load_port(port, enc)
     fwd = jax.jit(p.module.apply)
     fwd_q = jax.jit(jqx.quantized(p.module.apply))
-    return {
+    w8a8 = jqx.quantize(p.variables, jqx.int8_dynamic_activation_int8_weight())
+    w8 = jqx.quantize(p.variables, jqx.int8_weight_only())
+    out = {
         J_F32: jax_runner(fwd, p.variables),
         J_F32Q: jax_runner(fwd_q, p.variables),
-        J_W8A8: jax_runner(
-            fwd_q, jqx.quantize(p.variables, jqx.int8_dynamic_activation_int8_weight())
-        ),
-        J_W8: jax_runner(fwd_q, jqx.quantize(p.variables, jqx.int8_weight_only())),
+        J_W8A8: jax_runner(fwd_q, w8a8),
+        J_W8: jax_runner(fwd_q, w8),
     }
+    if jqx.ops.native_status() == "available":
+        out[J_W8A8P] = jax_runner(fwd_q, jqx.prepack(w8a8))
+        out[J_W8P] = jax_runner(fwd_q, jqx.prepack(w8))
+    return out
 
 
 def qwix_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
@@ -341,14 +350,17 @@ def main(argv=None) -> int:
         peers8 = [("peer", k) for k in (PT_INT8, ORT_INT8) if ("peer", k) in best]
         if peers8:
             fast = min(peers8, key=best.get)
-            r = best[fast] / best[j[J_W8A8]]
-            ok.append(
-                goal(
-                    f"[{port}] jqx W8A8 at least as fast as the faster int8 peer ({fast[1]})",
-                    r >= 1.0,
-                    f"{r:.2f}x ({ms(j[J_W8A8])} vs {ms(fast)})",
+            for name in (J_W8A8, J_W8A8P):
+                if (port, name) not in best:
+                    continue
+                r = best[fast] / best[(port, name)]
+                ok.append(
+                    goal(
+                        f"[{port}] {name} at least as fast as the faster int8 peer ({fast[1]})",
+                        r >= 1.0,
+                        f"{r:.2f}x ({ms((port, name))} vs {ms(fast)})",
+                    )
                 )
-            )
             top = max(peers8, key=cos.get)
             ok.append(
                 goal(
@@ -358,7 +370,9 @@ def main(argv=None) -> int:
                 )
             )
         if pt:
-            for name in (J_W8, J_F32, J_F32Q):
+            for name in (J_W8, J_W8P, J_F32, J_F32Q):
+                if (port, name) not in best:
+                    continue
                 r = pt / best[(port, name)]
                 ok.append(
                     goal(
