@@ -8,8 +8,9 @@ machine load hits both alike):
   picks for it (A) against the packed weight (B, the native GEMM at every size);
 - all-MiniLM-L6-v2 on the BERT ports of ``benchmarks/bert_cpu.py``: the same traced
   model called with the quantized tree (A) and with ``jqx.prepack`` of it (B);
-- with ``--llm``, SmolLM2-135M's greedy generation re-quantized with each recipe, its
-  ``(out, in)`` weights unpacked (A) and packed (B).
+- with ``--llm``, SmolLM2-135M's greedy generation re-quantized with each recipe (int8
+  and 4-bit), its ``(out, in)`` weights as stored without packing (A) and packed for
+  the native kernels as ``LLM.quantize`` stores them by default (B).
 
 B / A below 1 means prepacking is faster. Needs the native int8 GEMM (AVX512-VNNI).
 
@@ -41,6 +42,13 @@ from jqx_demo import bert, minilm  # noqa: E402
 RECIPES = {
     "W8A8": jqx.int8_dynamic_activation_int8_weight,
     "int8 WO": jqx.int8_weight_only,
+}
+# The LLM table adds 4-bit recipes: LLM.quantize stores their (out, in) weights as the
+# (in, out) transpose ("kn"), which the native 4-bit decode kernel reads in place.
+LLM_RECIPES = {
+    **RECIPES,
+    "int4 g32": lambda: jqx.int4_weight_only(group_size=32),
+    "HQQ 4-bit g64": lambda: jqx.hqq(bits=4, group_size=64),
 }
 DN = (((1,), (0,)), ((), ()))
 # MiniLM's projections and SmolLM2-135M's MLP (576 x 1536 and back), and one larger.
@@ -118,8 +126,11 @@ def model(ports: list[str], batches: list[int], seq: int, rounds: int, tiny: boo
 
 def llm_table(rounds: int, new_tokens: int) -> None:
     """SmolLM2-135M (the shipped GGUF) re-quantized with each recipe: its ``(out, in)``
-    weights packed by ``jqx.prepack`` against the same model unpacked."""
+    weights stored for the native kernels (``jqx.llm.ptq.pack_llm_weights``: int8 in
+    the GEMM's panels, 4-bit as the (in, out) transpose) against the same model as
+    ``LLM.quantize(prepack=False)`` stores it."""
     from jqx.llm import load_llm
+    from jqx.llm.ptq import pack_llm_weights
     from jqx.llm.runtime import default_model_path
 
     path = default_model_path()
@@ -130,16 +141,16 @@ def llm_table(rounds: int, new_tokens: int) -> None:
     prompt = "The king said to his son that"
     print(
         f"\nSmolLM2-135M, greedy, {new_tokens} new tokens (median of {rounds} interleaved "
-        "generations; A: quantized, B: jqx.prepack of it)\n"
+        "generations; A: LLM.quantize(prepack=False), B: packed for the native kernels)\n"
     )
     print("| recipe | packed weights | decode tok/s A / B | prefill tok/s A / B | same tokens |")
     print("|---|---|---|---|---|")
-    for name, recipe in RECIPES.items():
+    for name, recipe in LLM_RECIPES.items():
         a = base.quantize(recipe(), progress=False, prepack=False)
-        b = a.with_params(jqx.prepack(a.params))
+        b = a.with_params(pack_llm_weights(a.params))
         qs = [x for x in jax.tree_util.tree_leaves(b.params, is_leaf=jqx.is_qarray)]
         qs = [x for x in qs if jqx.is_qarray(x)]
-        packed = sum(x.code_layout == "vnni" for x in qs)
+        packed = sum(x.code_layout != "plain" for x in qs)
         runs: dict[str, list] = {"a": [], "b": []}
         for i in range(rounds + 1):  # the first round compiles
             for key, m in (("a", a), ("b", b)):

@@ -149,6 +149,8 @@ def test_lookup_in_a_packed_table():
 def test_checkpoint_keeps_the_layout(tmp_path, model):
     _, variables, _ = model
     p = jqx.prepack(jqx.quantize(variables, W8A8), layout="vnni")
+    g = jqx.per_group(32, axis=1)
+    p["kn"] = jqx.quantize_array(jnp.ones((8, 64)), "int4", granularity=g).with_code_layout("kn")
     path = os.path.join(tmp_path, "packed.jqx")
     jqx.save(path, p)
     r = jqx.load(path)
@@ -170,6 +172,11 @@ def test_sharding_specs_of_panels():
     t = t.with_code_layout("vnni")
     assert jqx.sharding.qarray_specs(t, P("m", None), {"m": 2}).qvalue == P("m", None, None)
     assert jqx.sharding.qarray_specs(t, P(None, "m"), {"m": 2}).qvalue == P(None, "m", None)
+    # "kn": the children are the (in, out) transpose, so their specs swap the axes.
+    g = jqx.per_group(32, axis=1)
+    kn = jqx.quantize_array(jnp.ones((64, 128)), "int4", granularity=g).with_code_layout("kn")
+    s = jqx.sharding.qarray_specs(kn, P("m", None), {"m": 2})
+    assert s.qvalue == P(None, "m") and s.scale == P(None, "m")
 
 
 def test_native_layout_where_the_gemm_does_not_run_warns_and_keeps_the_tree():
@@ -217,3 +224,36 @@ def test_out_in_weights_run_packed(rows, recipe):
         # A new function: f's trace above was made under native_available=False.
         got = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))(x, p)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_kn_weights_run_as_their_stored_transpose(rows):
+    """x @ W.T on a 'kn' 4-bit (out, in) weight runs on its (in, out) view: the native
+    4-bit decode kernel up to 16 rows where it runs, XLA's dequantize-then-dot above;
+    within float32 rounding of the plain weight's product."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((1536, 576)), jnp.float32)  # (out, in)
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    q = transpose_qarray(jqx.int4_weight_only(group_size=32).quantize_weight(w.T))
+    k = q.with_code_layout("kn")
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(f(x, q)), rtol=1e-5, atol=2e-4)
+    want = "native.w4" if HAS_NATIVE and rows <= native.W4_MAX_ROWS else "xla.dequantize_dot"
+    assert jqx.ops.explain(x, k, dn_t) == want
+
+
+def test_llm_weights_are_stored_for_the_native_kernels():
+    from jqx.llm.ptq import pack_llm_weights
+
+    g = jqx.per_group(32, axis=1)
+    t = {
+        "int4": jqx.quantize_array(jnp.ones((64, 64)), "int4", granularity=g),
+        "int8": jqx.quantize_array(jnp.ones((64, 64)), "int8", granularity=jqx.per_channel(0)),
+        "float": jnp.ones((3,)),
+    }
+    p = pack_llm_weights(t)
+    assert p["int4"].code_layout == "kn" and p["int8"].code_layout == "vnni"
+    assert p["float"] is t["float"]
+    # jqx.prepack(layout="plain") undoes both.
+    assert set(_layouts(jqx.prepack(p, layout="plain")).values()) == {"plain"}

@@ -467,7 +467,7 @@ def test_vnni_layout_refuses_what_the_gemm_cannot_read(make):
     q = make(jax.random.normal(jax.random.key(1), (16, 4)))
     with pytest.raises(ValueError, match="with_code_layout\\('vnni'\\)"):
         q.with_code_layout("vnni")
-    with pytest.raises(ValueError, match="use 'plain' or 'vnni'"):
+    with pytest.raises(ValueError, match="use 'plain', 'vnni' or 'kn'"):
         q.with_code_layout("panels")
 
 
@@ -490,3 +490,25 @@ def test_vnni_layout_of_out_in_weights_and_row_reads(out, k, seed):
     np.testing.assert_array_equal(
         np.asarray(kn.row_codes(ids)), np.asarray(kn.with_code_layout("plain").qvalue[ids])
     )
+
+
+@pytest.mark.parametrize("fmt,zero", [("int4", False), ("uint4", True), ("nf4", False)])
+def test_kn_layout_stores_the_transpose(fmt, zero):
+    """'kn': an (out, in) 4-bit weight grouped along its input axis keeps its logical
+    shape and values while its children hold the (in, out) transpose; 'plain' undoes it
+    exactly; rows read back re-stored."""
+    x = jax.random.normal(jax.random.key(4), (24, 64))
+    gran = jqx.per_group(32, axis=1)
+    q = jqx.quantize_array(x, fmt, granularity=gran, scheme="zero_point" if zero else "absmax")
+    k = q.with_code_layout("kn")
+    assert k.shape == q.shape and k.qvalue.shape == (64, 12) and k.scale.shape == (2, 24)
+    assert k.nbytes == q.nbytes
+    np.testing.assert_array_equal(np.asarray(k.dequantize()), np.asarray(q.dequantize()))
+    np.testing.assert_array_equal(np.asarray(k.codes()), np.asarray(q.codes()))
+    back = k.with_code_layout("plain")
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = jnp.array([3, 0, 23])
+    np.testing.assert_array_equal(np.asarray(k.row_codes(ids)), np.asarray(q.qvalue[ids]))
+    with pytest.raises(ValueError, match="with_code_layout\\('kn'\\)"):
+        jqx.quantize_array(x, fmt, granularity=jqx.per_group(8, axis=0)).with_code_layout("kn")

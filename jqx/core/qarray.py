@@ -43,6 +43,11 @@ stored in the native AVX512-VNNI GEMM's panel layout, ``(ceil(N/16), ceil(K/4), 
 (``jqx.kernels.cpu.native.pack_int8``), so that the kernel does not pack the weight on
 every call. :func:`jqx.prepack` makes it; :meth:`QArray.codes`, :meth:`QArray.dequantize`
 and every ``jqx.ops`` path read it (paths other than the native GEMM unpack it per call).
+``"kn"``: a 2-D ``(out, in)`` 4-bit weight (GGUF's and PyTorch's orientation, used as
+``x @ W.T``) whose children hold its ``(in, out)`` transpose (codes packed along
+``out``, scales ``(in / g, out)``): ``jqx.ops`` runs ``x @ W.T`` as ``x @ V`` on that
+``(in, out)`` view with no copy, where the native 4-bit decode kernel reads it
+(``jqx.llm``'s ``LLM.quantize`` stores its 4-bit weights so, :func:`kn_eligible`).
 
 Example:
     >>> import jax.numpy as jnp, jqx
@@ -77,6 +82,7 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "is_qarray",
+    "kn_eligible",
     "vnni_eligible",
     "vnni_split",
 ]
@@ -332,7 +338,7 @@ class QArray:
     super_scale: jax.Array | None = None
     super_zero: jax.Array | None = None
     g_idx: jax.Array | None = None
-    code_layout: Literal["plain", "vnni"] = dataclasses.field(
+    code_layout: Literal["plain", "vnni", "kn"] = dataclasses.field(
         metadata=dict(static=True), default="plain"
     )
 
@@ -458,6 +464,8 @@ class QArray:
                 half = 1 << (self.code_bits - 1)
                 c = (c.astype(jnp.int16) ^ half) - half
             return c.astype(fmt.dtype).reshape(shape)
+        if self.code_layout == "kn":
+            return self._kn_view().codes().T
         if self.code_layout == "vnni":
             kn = unpack_int8(q, self._vnni_kn())
             if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
@@ -472,6 +480,8 @@ class QArray:
         """The stored codes of rows ``ids`` (an int array of any shape, values in range)
         of a 2-D QArray, in the plain layout (``ids.shape + qvalue's row``); from a
         ``"vnni"`` layout read out of the panels, without unpacking the rest."""
+        if self.code_layout == "kn":  # the stored transpose: decoded, then re-stored
+            return pack_codes(self.codes()[ids], self.fmt)
         if self.code_layout != "vnni":
             return self.qvalue[ids]
         npan, kq, _ = self.qvalue.shape
@@ -500,12 +510,32 @@ class QArray:
             >>> p.qvalue.shape, bool((p.dequantize() == q.dequantize()).all())
             ((2, 2, 64), True)
         """
-        if layout not in ("plain", "vnni"):
-            raise ValueError(f"QArray.with_code_layout(layout={layout!r}): use 'plain' or 'vnni'.")
+        if layout not in ("plain", "vnni", "kn"):
+            raise ValueError(
+                f"QArray.with_code_layout(layout={layout!r}): use 'plain', 'vnni' or 'kn'."
+            )
         if layout == self.code_layout:
             return self
+        if self.code_layout == "kn":
+            plain = self._kn_view()._transposed_children()
+            return plain.with_code_layout(layout)
         if layout == "plain":
             return self.replace(qvalue=self.codes(), code_layout="plain")
+        if layout == "kn":
+            if self.code_layout != "plain" or not kn_eligible(self):
+                raise ValueError(
+                    f"QArray.with_code_layout('kn') takes a 2-D (out, in) QArray in the plain "
+                    f"layout, 4-bit, weight-only, without layout extensions, with blocks "
+                    f"(1, g) along its input axis; got {self!r}."
+                )
+            t = self._transposed_children()
+            return self.replace(
+                qvalue=t.qvalue,
+                scale=t.scale,
+                zero_point=t.zero_point,
+                in_scale=t.in_scale,
+                code_layout="kn",
+            )
         if not vnni_eligible(self):
             raise ValueError(
                 f"QArray.with_code_layout('vnni') takes an int8 QArray without layout "
@@ -514,6 +544,32 @@ class QArray:
                 "in the plain layout."
             )
         return self.replace(qvalue=pack_int8(self._vnni_codes_kn()), code_layout="vnni")
+
+    def _transposed_children(self) -> QArray:
+        """The plain QArray of this 2-D one's transpose: the same codes and scales,
+        moved (packed codes re-packed along the new last axis)."""
+
+        def t(a):
+            return None if a is None else jnp.swapaxes(a, -1, -2) if a.ndim == 2 else a
+
+        return self.replace(
+            qvalue=pack_codes(self.codes().T, self.fmt),
+            scale=t(self.scale),
+            zero_point=t(self.zero_point),
+            in_scale=t(self.in_scale),
+            shape=(self.shape[1], self.shape[0]),
+            block=(self.block[1], self.block[0]),
+            code_layout="plain",
+        )
+
+    def _kn_view(self) -> QArray:
+        """A ``"kn"`` QArray's children as what they are: the plain ``(in, out)``
+        QArray of its transpose (no copy)."""
+        return self.replace(
+            shape=(self.shape[1], self.shape[0]),
+            block=(self.block[1], self.block[0]),
+            code_layout="plain",
+        )
 
     def _vnni_kn(self) -> tuple[int, int]:
         """(K, N) of the ``"vnni"`` layout: the logical shape split by :func:`vnni_split`."""
@@ -593,6 +649,8 @@ class QArray:
         return jnp.take_along_axis(a, idx.astype(jnp.int32), axis=ax)
 
     def _dequantize(self, dtype) -> jax.Array:
+        if self.code_layout == "kn":
+            return self._kn_view()._dequantize(dtype).T
         shape, _ = self._layout()
         if self.g_idx is not None:
             # Groups gathered through g_idx: scales per element, not per block.
@@ -660,6 +718,31 @@ _dequantize_jit = jax.jit(QArray._dequantize, static_argnums=1)
 
 def is_qarray(x) -> bool:
     return isinstance(x, QArray)
+
+
+def kn_eligible(q: QArray) -> bool:
+    """Whether ``q`` can take the ``"kn"`` code layout: a 2-D ``(out, in)`` 4-bit
+    weight-only QArray in the plain layout, without layout extensions or ``in_scale``,
+    grouped (or one scale per row) along its input axis: block ``(1, g)``, ``g > 1``.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> kn_eligible(jqx.quantize_array(jnp.ones((8, 64)), "int4",
+        ...                                granularity=jqx.per_group(32, axis=1)))
+        True
+    """
+    return (
+        q.ndim == 2
+        and q.fmt.packed
+        and q.fmt.bits == 4
+        and q.act is None
+        and q.code_layout == "plain"
+        and not q.extensions
+        and q.in_scale is None
+        and q.block[0] == 1
+        and q.block[1] > 1
+        and q.qvalue.ndim == 2
+    )
 
 
 def vnni_split(shape: tuple[int, ...], block: tuple[int, ...]) -> int | None:

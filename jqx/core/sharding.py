@@ -101,6 +101,12 @@ def qarray_specs(
                 "leave that axis unsharded (None)."
             )
 
+    if q.code_layout == "kn":
+        # Children hold the (in, out) transpose: their specs are the view's, whose
+        # axes are this weight's swapped.
+        view = qarray_specs(q._kn_view(), PartitionSpec(entries[1], entries[0]), axis_sizes, path)
+        return q.replace(**{name: getattr(view, name) for name in _CHILDREN})
+
     # With a group index, any row of the group axis may read any group's scale: the
     # per-group children stay whole along that axis (g_idx itself is replicated).
     group_free = entries
@@ -131,6 +137,19 @@ def qarray_specs(
         super_zero=child("super_zero"),
         g_idx=child("g_idx"),
     )
+
+
+_CHILDREN = (
+    "qvalue",
+    "scale",
+    "zero_point",
+    "in_scale",
+    "act_scale",
+    "qhigh",
+    "super_scale",
+    "super_zero",
+    "g_idx",
+)
 
 
 def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:

@@ -307,6 +307,8 @@ def _concat_rows(ws: list):
         return jnp.concatenate(ws, axis=0) if len({w.dtype for w in ws}) == 1 else None
     if not all(isinstance(w, QArray) for w in ws):
         return None
+    if any(w.code_layout != "plain" for w in ws):
+        return None  # packed children are not rows of the weight
     first = ws[0]
 
     def static(w):

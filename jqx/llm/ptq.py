@@ -36,7 +36,7 @@ from flax import nnx
 
 from jqx.calibration.allocate import Allocation, allocate
 from jqx.calibration.engine import calibrate
-from jqx.core.qarray import QArray, is_qarray, pack_codes
+from jqx.core.qarray import QArray, is_qarray, kn_eligible, pack_codes
 from jqx.core.tree import path_str
 from jqx.llm.model import Llama, forward, fuse_projections
 from jqx.ops.dispatch import native_status
@@ -47,7 +47,13 @@ from jqx.recipes.base import Recipe
 if TYPE_CHECKING:
     from jqx.llm.runtime import LLM
 
-__all__ = ["transpose_qarray", "quantize_llm", "allocate_llm", "calibration_windows"]
+__all__ = [
+    "transpose_qarray",
+    "quantize_llm",
+    "allocate_llm",
+    "calibration_windows",
+    "pack_llm_weights",
+]
 
 
 def transpose_qarray(q: QArray) -> QArray:
@@ -235,7 +241,30 @@ def quantize_llm(
     if prepack is None:
         prepack = native_status() == "available"
     # After fusing: the fused weights are concatenated codes, packed as one.
-    return out.with_params(_prepack(out.params, layout="vnni")) if prepack else out
+    return out.with_params(pack_llm_weights(out.params)) if prepack else out
+
+
+def pack_llm_weights(params):
+    """The model's ``(out, in)`` matmul weights stored for the native kernels: int8 ones
+    in the int8 GEMM's panels (:func:`jqx.prepack`, ``"vnni"``), 4-bit ones as their
+    ``(in, out)`` transpose (``"kn"``: the 4-bit decode kernel reads it in place, and
+    ``x @ W.T`` runs on it with no copy). Other leaves are returned as they are.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> g = jqx.per_group(32, axis=1)
+        >>> w = jqx.quantize_array(jnp.ones((8, 64)), "int4", granularity=g)
+        >>> pack_llm_weights({"w": w})["w"].code_layout
+        'kn'
+    """
+    params = _prepack(params, layout="vnni")
+
+    def one(leaf):
+        if is_qarray(leaf) and kn_eligible(leaf):
+            return leaf.with_code_layout("kn")
+        return leaf
+
+    return jax.tree_util.tree_map(one, params, is_leaf=is_qarray)
 
 
 def allocate_llm(

@@ -297,12 +297,12 @@ class LLM:
           fuse: fuse query/key/value and gate/up again where the quantized layouts
             match (default: when this model is fused).
           progress: tqdm progress bars during calibration.
-          prepack: store the int8 weights packed for the native int8 GEMM
-            (:func:`jqx.prepack`): None (default) where that GEMM runs
+          prepack: store the weights for the native kernels
+            (:func:`jqx.llm.ptq.pack_llm_weights`: int8 ones packed for the int8 GEMM,
+            4-bit ones as their ``(in, out)`` transpose, which the 4-bit decode kernel
+            reads in place): None (default) where the native kernels run
             (``jqx.ops.native_status() == "available"``), True / False always / never.
-            Packed int8 weights run on the GEMM at decode and prefill sizes alike
-            (SmolLM2-135M int8 weight-only decode 6x faster, W8A8 1.5x:
-            docs/benchmarks/llm_ptq.md).
+            Measured on SmolLM2-135M in docs/benchmarks/prepack.md.
           **calibrate_kw: passed to :func:`jqx.calibrate` (``observer=`` ...).
 
         Returns:

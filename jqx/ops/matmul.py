@@ -452,7 +452,12 @@ def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet,
     """``(q, dn)``, or a packed ``(out, in)`` weight as the ``(in, out)`` product its
     panels hold when an implementation that reads them runs that (the same product;
     ``x @ W.T``'s output layout is ``x @ W``'s). Elsewhere the weight keeps its
-    orientation, so XLA computes it exactly as it would the unpacked weight."""
+    orientation, so XLA computes it exactly as it would the unpacked weight. A ``"kn"``
+    weight contracted on its input axis is always its ``(in, out)`` view."""
+    (xc, wc), (xb, wb) = dn
+    if q.code_layout == "kn" and tuple(wc) == (1,) and not xb and not wb:
+        # Children already hold the (in, out) transpose: x @ W.T is x @ view, no copy.
+        return q._kn_view(), ((tuple(xc), (0,)), ((), ()))
     tr = _vnni_transposed(q, dn)
     if tr is None:
         return q, dn

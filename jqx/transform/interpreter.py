@@ -599,6 +599,7 @@ def _gather_rows(eqn, invals):
     dn = p["dimension_numbers"]
     if (
         q.ndim != 2
+        or q.code_layout == "kn"  # a stored transpose: the generic path dequantizes it
         or w.perm != (0, 1)
         or q.block[0] != 1
         or (q.super_block is not None and q.super_block[0] != 1)
