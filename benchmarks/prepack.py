@@ -143,6 +143,16 @@ def llm_table(rounds: int, new_tokens: int) -> None:
         f"\nSmolLM2-135M, greedy, {new_tokens} new tokens (median of {rounds} interleaved "
         "generations; A: LLM.quantize(prepack=False), B: packed for the native kernels)\n"
     )
+    ref = base.dequantize()
+    ref_runs = [
+        ref.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False)
+        for _ in range(rounds + 1)
+    ][1:]
+    print(
+        "float32 weights (reference, not interleaved): decode "
+        f"{statistics.median(g.decode_tokens_per_s for g in ref_runs):.1f} tok/s, prefill "
+        f"{statistics.median(g.prefill_tokens_per_s for g in ref_runs):.0f} tok/s\n"
+    )
     print("| recipe | packed weights | decode tok/s A / B | prefill tok/s A / B | same tokens |")
     print("|---|---|---|---|---|")
     for name, recipe in LLM_RECIPES.items():
