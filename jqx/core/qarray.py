@@ -545,22 +545,31 @@ class QArray:
             )
         return self.replace(qvalue=pack_int8(self._vnni_codes_kn()), code_layout="vnni")
 
-    def _transposed_children(self) -> QArray:
-        """The plain QArray of this 2-D one's transpose: the same codes and scales,
-        moved (packed codes re-packed along the new last axis)."""
+    def _swapped(self, **kw) -> QArray:
+        """This 2-D QArray's metadata and per-block children (scale, zero point,
+        in_scale) transposed; ``kw`` replaces further fields (the codes)."""
 
         def t(a):
             return None if a is None else jnp.swapaxes(a, -1, -2) if a.ndim == 2 else a
 
         return self.replace(
-            qvalue=pack_codes(self.codes().T, self.fmt),
             scale=t(self.scale),
             zero_point=t(self.zero_point),
             in_scale=t(self.in_scale),
             shape=(self.shape[1], self.shape[0]),
             block=(self.block[1], self.block[0]),
-            code_layout="plain",
+            **kw,
         )
+
+    def _transposed_children(self) -> QArray:
+        """The plain QArray of this 2-D one's transpose: the same codes and scales,
+        moved (packed codes re-packed along the new last axis)."""
+        return self._swapped(qvalue=pack_codes(self.codes().T, self.fmt), code_layout="plain")
+
+    def _vnni_in_out_view(self) -> QArray:
+        """A ``"vnni"`` ``(out, in)`` weight (:func:`vnni_split` -1) as the ``(in, out)``
+        weight its panels already hold: scales transposed, codes untouched."""
+        return self._swapped()
 
     def _kn_view(self) -> QArray:
         """A ``"kn"`` QArray's children as what they are: the plain ``(in, out)``

@@ -434,18 +434,7 @@ def _vnni_transposed(q: QArray, dn: DimensionNumbers):
         return None
     if vnni_split(tuple(q.shape), tuple(q.block)) != -1:
         return None
-
-    def t(a):
-        return None if a is None else jnp.swapaxes(a, -1, -2) if a.ndim == 2 else a
-
-    qt = q.replace(
-        scale=t(q.scale),
-        zero_point=t(q.zero_point),
-        in_scale=t(q.in_scale),
-        shape=(q.shape[1], q.shape[0]),
-        block=(q.block[1], q.block[0]),
-    )
-    return qt, ((tuple(xc), (0,)), ((), ()))
+    return q._vnni_in_out_view(), ((tuple(xc), (0,)), ((), ()))
 
 
 def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
