@@ -257,3 +257,33 @@ def test_llm_weights_are_stored_for_the_native_kernels():
     assert p["float"] is t["float"]
     # jqx.prepack(layout="plain") undoes both.
     assert set(_layouts(jqx.prepack(p, layout="plain")).values()) == {"plain"}
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_kn_act_order_products(rows):
+    """GPTQ act_order weights in 'kn': x's inputs are taken in the stored order, then the
+    view's product; within float32 rounding of the plain weight's (dequantize-then-dot)."""
+    from jqx.core.numerics import stored_qarray
+    from jqx.core.qarray import pack_4bit
+
+    rng = np.random.default_rng(rows)
+    out, k, g = 1536, 576, 64
+    g_idx = np.empty(k, np.int32)
+    g_idx[rng.permutation(k)] = np.arange(k) // g
+    q = stored_qarray(
+        qvalue=jnp.asarray(pack_4bit(rng.integers(0, 16, (out, k)).astype(np.uint8))),
+        scale=jnp.asarray(rng.random((out, k // g)) * 0.1 + 0.01, jnp.float32),
+        zero_point=jnp.full((out, k // g), 8.0, jnp.float32),
+        g_idx=jnp.asarray(g_idx),
+        format="uint4",
+        shape=(out, k),
+        dtype="float32",
+        block=(1, g),
+    )
+    kn = q.with_code_layout("kn")
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    np.testing.assert_allclose(np.asarray(f(x, kn)), np.asarray(f(x, q)), rtol=1e-5, atol=1e-4)
+    if HAS_NATIVE and rows <= native.W4_MAX_ROWS:
+        assert jqx.ops.explain(x, kn, dn_t) == "native.w4"

@@ -512,3 +512,33 @@ def test_kn_layout_stores_the_transpose(fmt, zero):
     np.testing.assert_array_equal(np.asarray(k.row_codes(ids)), np.asarray(q.qvalue[ids]))
     with pytest.raises(ValueError, match="with_code_layout\\('kn'\\)"):
         jqx.quantize_array(x, fmt, granularity=jqx.per_group(8, axis=0)).with_code_layout("kn")
+
+
+def test_kn_layout_with_act_order_groups():
+    """A GPTQ act_order g_idx (groups of g inputs in any order): 'kn' stores the inputs
+    sorted by group and keeps that order in g_idx; values, codes and (back in 'plain')
+    every child, g_idx included, are the original's. Unequal groups stay plain."""
+    from jqx.core.numerics import stored_qarray
+    from jqx.core.qarray import kn_eligible, pack_4bit
+
+    rng = np.random.default_rng(0)
+    out, k, g = 24, 64, 16
+    g_idx = np.empty(k, np.int32)
+    g_idx[rng.permutation(k)] = np.arange(k) // g
+    kw = dict(format="uint4", shape=(out, k), dtype="float32", block=(1, g))
+    q = stored_qarray(
+        qvalue=jnp.asarray(pack_4bit(rng.integers(0, 16, (out, k)).astype(np.uint8))),
+        scale=jnp.asarray(rng.random((out, k // g)) + 0.1, jnp.float32),
+        zero_point=jnp.asarray(rng.integers(0, 16, (out, k // g)), jnp.float32),
+        g_idx=jnp.asarray(g_idx),
+        **kw,
+    )
+    kn = q.with_code_layout("kn")
+    np.testing.assert_array_equal(np.asarray(kn.g_idx), np.argsort(g_idx, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(kn.dequantize()), np.asarray(q.dequantize()))
+    np.testing.assert_array_equal(np.asarray(kn.codes()), np.asarray(q.codes()))
+    back = kn.with_code_layout("plain")
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    uneven = q.replace(g_idx=jnp.asarray(np.sort(g_idx)[::-1] * 0))  # one group holds all
+    assert not kn_eligible(uneven)

@@ -48,6 +48,8 @@ and every ``jqx.ops`` path read it (paths other than the native GEMM unpack it p
 ``out``, scales ``(in / g, out)``): ``jqx.ops`` runs ``x @ W.T`` as ``x @ V`` on that
 ``(in, out)`` view with no copy, where the native 4-bit decode kernel reads it
 (``jqx.llm``'s ``LLM.quantize`` stores its 4-bit weights so, :func:`kn_eligible`).
+With a ``g_idx`` (GPTQ's act_order) the stored transpose has the inputs sorted by group,
+and ``g_idx`` holds that order: ``x @ W.T == x[..., g_idx] @ view``.
 
 Example:
     >>> import jax.numpy as jnp, jqx
@@ -465,7 +467,7 @@ class QArray:
                 c = (c.astype(jnp.int16) ^ half) - half
             return c.astype(fmt.dtype).reshape(shape)
         if self.code_layout == "kn":
-            return self._kn_view().codes().T
+            return self._kn_unpermute(self._kn_view().codes()).T
         if self.code_layout == "vnni":
             kn = unpack_int8(q, self._vnni_kn())
             if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
@@ -517,7 +519,18 @@ class QArray:
         if layout == self.code_layout:
             return self
         if self.code_layout == "kn":
-            plain = self._kn_view()._transposed_children()
+            view = self._kn_view()
+            plain = self.replace(
+                qvalue=pack_codes(self.codes(), self.fmt),
+                scale=jnp.swapaxes(view.scale, -1, -2),
+                zero_point=None
+                if view.zero_point is None
+                else jnp.swapaxes(view.zero_point, -1, -2),
+                code_layout="plain",
+            )
+            if self.g_idx is not None:  # the stored row order back to GPTQ's group map
+                inv = jnp.argsort(self.g_idx)
+                plain = plain.replace(g_idx=(inv // self.block[1]).astype(jnp.int32))
             return plain.with_code_layout(layout)
         if layout == "plain":
             return self.replace(qvalue=self.codes(), code_layout="plain")
@@ -528,12 +541,23 @@ class QArray:
                     f"layout, 4-bit, weight-only, without layout extensions, with blocks "
                     f"(1, g) along its input axis; got {self!r}."
                 )
-            t = self._transposed_children()
+            order = _kn_order(self)
+            if order is None:  # groups of consecutive inputs
+                t = self._transposed_children()
+                return self.replace(
+                    qvalue=t.qvalue, scale=t.scale, zero_point=t.zero_point, code_layout="kn"
+                )
+            # GPTQ's act_order: inputs sorted by group, so each group's g inputs are
+            # consecutive rows of the stored transpose; g_idx keeps that order.
+            order = jnp.asarray(order)
+            t = self.replace(g_idx=None)._swapped(
+                qvalue=pack_codes(self.codes().T[order], self.fmt)
+            )
             return self.replace(
                 qvalue=t.qvalue,
                 scale=t.scale,
                 zero_point=t.zero_point,
-                in_scale=t.in_scale,
+                g_idx=order.astype(jnp.int32),
                 code_layout="kn",
             )
         if not vnni_eligible(self):
@@ -573,12 +597,19 @@ class QArray:
 
     def _kn_view(self) -> QArray:
         """A ``"kn"`` QArray's children as what they are: the plain ``(in, out)``
-        QArray of its transpose (no copy)."""
+        QArray of its transpose (no copy); with ``g_idx``, of its transpose with the
+        inputs in the order ``g_idx`` lists (each group's inputs consecutive), so
+        ``x @ W.T == x[..., g_idx] @ view``."""
         return self.replace(
             shape=(self.shape[1], self.shape[0]),
             block=(self.block[1], self.block[0]),
+            g_idx=None,
             code_layout="plain",
         )
+
+    def _kn_unpermute(self, rows: jax.Array) -> jax.Array:
+        """The view's ``(in, out)`` rows back in input order."""
+        return rows if self.g_idx is None else rows[jnp.argsort(self.g_idx)]
 
     def _vnni_kn(self) -> tuple[int, int]:
         """(K, N) of the ``"vnni"`` layout: the logical shape split by :func:`vnni_split`."""
@@ -659,7 +690,7 @@ class QArray:
 
     def _dequantize(self, dtype) -> jax.Array:
         if self.code_layout == "kn":
-            return self._kn_view()._dequantize(dtype).T
+            return self._kn_unpermute(self._kn_view()._dequantize(dtype)).T
         shape, _ = self._layout()
         if self.g_idx is not None:
             # Groups gathered through g_idx: scales per element, not per block.
@@ -731,7 +762,8 @@ def is_qarray(x) -> bool:
 
 def kn_eligible(q: QArray) -> bool:
     """Whether ``q`` can take the ``"kn"`` code layout: a 2-D ``(out, in)`` 4-bit
-    weight-only QArray in the plain layout, without layout extensions or ``in_scale``,
+    weight-only QArray in the plain layout, without ``in_scale`` or layout extensions
+    other than a ``g_idx`` whose groups hold ``g`` inputs each (GPTQ's act_order),
     grouped (or one scale per row) along its input axis: block ``(1, g)``, ``g > 1``.
 
     Example:
@@ -740,18 +772,33 @@ def kn_eligible(q: QArray) -> bool:
         ...                                granularity=jqx.per_group(32, axis=1)))
         True
     """
-    return (
+    ok = (
         q.ndim == 2
         and q.fmt.packed
         and q.fmt.bits == 4
         and q.act is None
         and q.code_layout == "plain"
-        and not q.extensions
+        and q.extensions in ((), ("g_idx",))
         and q.in_scale is None
         and q.block[0] == 1
         and q.block[1] > 1
         and q.qvalue.ndim == 2
     )
+    return ok and (q.g_idx is None or _kn_order(q) is not None)
+
+
+def _kn_order(q: QArray) -> np.ndarray | None:
+    """For a ``g_idx`` (GPTQ act_order) whose groups each hold exactly ``g`` inputs: the
+    inputs sorted by group (stable), so each group's inputs are consecutive; else None
+    (no ``g_idx``, a traced one, or unequal groups)."""
+    if q.g_idx is None or isinstance(q.g_idx, jax.core.Tracer) or q.g_idx.ndim != 1:
+        return None
+    g = np.asarray(q.g_idx)
+    groups = q.shape[1] // q.block[1]
+    counts = np.bincount(g, minlength=groups)
+    if counts.shape[0] != groups or not np.all(counts == q.block[1]):
+        return None
+    return np.argsort(g, kind="stable").astype(np.int32)
 
 
 def vnni_split(shape: tuple[int, ...], block: tuple[int, ...]) -> int | None:

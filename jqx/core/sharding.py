@@ -105,7 +105,8 @@ def qarray_specs(
         # Children hold the (in, out) transpose: their specs are the view's, whose
         # axes are this weight's swapped.
         view = qarray_specs(q._kn_view(), PartitionSpec(entries[1], entries[0]), axis_sizes, path)
-        return q.replace(**{name: getattr(view, name) for name in _CHILDREN})
+        specs = q.replace(**{name: getattr(view, name) for name in _CHILDREN})
+        return specs.replace(g_idx=None if q.g_idx is None else PartitionSpec())
 
     # With a group index, any row of the group axis may read any group's scale: the
     # per-group children stay whole along that axis (g_idx itself is replicated).

@@ -122,7 +122,9 @@ def explain(
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = jnp.asarray(x)
     shape = tuple(x.shape)
-    q, dn = _oriented(shape, np.dtype(x.dtype), q, dn, precision, preferred_element_type, backend)
+    q, dn, _ = _oriented(
+        shape, np.dtype(x.dtype), q, dn, precision, preferred_element_type, backend
+    )
     flat = _flatten_contraction(shape, q, dn)
     if flat is not None:
         shape, q, dn, _ = flat
@@ -442,23 +444,28 @@ def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet,
     panels hold when an implementation that reads them runs that (the same product;
     ``x @ W.T``'s output layout is ``x @ W``'s). Elsewhere the weight keeps its
     orientation, so XLA computes it exactly as it would the unpacked weight. A ``"kn"``
-    weight contracted on its input axis is always its ``(in, out)`` view."""
+    weight contracted on its input axis is always its ``(in, out)`` view. Returns
+    ``(q, dn, order)``: ``order`` (or None) is the order in which x's contracted inputs
+    meet the view's rows."""
     (xc, wc), (xb, wb) = dn
     if q.code_layout == "kn" and tuple(wc) == (1,) and not xb and not wb:
-        # Children already hold the (in, out) transpose: x @ W.T is x @ view, no copy.
-        return q._kn_view(), ((tuple(xc), (0,)), ((), ()))
+        # Children already hold the (in, out) transpose: x @ W.T is x @ view, no copy
+        # (with act_order, x's inputs taken in the stored order: g_idx).
+        return q._kn_view(), ((tuple(xc), (0,)), ((), ())), q.g_idx
     tr = _vnni_transposed(q, dn)
     if tr is None:
-        return q, dn
+        return q, dn, None
     qt, dnt = tr
     p = describe(tuple(x_shape), x_dtype, qt, dnt, precision, pet)
     if qt.code_layout in dispatch.choose(p, backend).layouts:
-        return qt, dnt
-    return q, dn
+        return qt, dnt, None
+    return q, dn, None
 
 
 def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
-    q, dn = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
+    q, dn, order = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
+    if order is not None:
+        x = jnp.take(x, order, axis=dn[0][0][0])
     flat = _flatten_contraction(x.shape, q, dn)
     if flat is not None:
         x2, q2, dn2, out_shape = flat
