@@ -73,6 +73,7 @@ from jqx.kernels.cpu.native import pack_int8, unpack_int8
 
 __all__ = [
     "QArray",
+    "QARRAY_CHILDREN",
     "ActSpec",
     "pack_4bit",
     "unpack_4bit",
@@ -314,6 +315,20 @@ def _granularity_name(shape, block) -> str:
     return f"per-channel(axis {','.join(str(i) for i in kept)})"
 
 
+# The array fields of a QArray (its pytree children), in field order.
+QARRAY_CHILDREN = (
+    "qvalue",
+    "scale",
+    "zero_point",
+    "in_scale",
+    "act_scale",
+    "qhigh",
+    "super_scale",
+    "super_zero",
+    "g_idx",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class QArray:
     """A quantized array. See the module docstring for the fields."""
@@ -398,17 +413,7 @@ class QArray:
         """True storage footprint in bytes: codes, scales, zero points and any
         per-channel factors."""
         total = 0
-        for a in (
-            self.qvalue,
-            self.scale,
-            self.zero_point,
-            self.in_scale,
-            self.act_scale,
-            self.qhigh,
-            self.super_scale,
-            self.super_zero,
-            self.g_idx,
-        ):
+        for a in (getattr(self, name) for name in QARRAY_CHILDREN):
             if a is not None:
                 total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
         return total

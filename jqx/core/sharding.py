@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jqx.core.qarray import QArray, is_qarray, vnni_split
+from jqx.core.qarray import QARRAY_CHILDREN, QArray, is_qarray, vnni_split
 from jqx.core.tree import path_str
 
 __all__ = ["qarray_specs", "tree_shardings", "shard"]
@@ -105,7 +105,7 @@ def qarray_specs(
         # Children hold the (in, out) transpose: their specs are the view's, whose
         # axes are this weight's swapped.
         view = qarray_specs(q._kn_view(), PartitionSpec(entries[1], entries[0]), axis_sizes, path)
-        specs = q.replace(**{name: getattr(view, name) for name in _CHILDREN})
+        specs = q.replace(**{name: getattr(view, name) for name in QARRAY_CHILDREN})
         return specs.replace(g_idx=None if q.g_idx is None else PartitionSpec())
 
     # With a group index, any row of the group axis may read any group's scale: the
@@ -138,19 +138,6 @@ def qarray_specs(
         super_zero=child("super_zero"),
         g_idx=child("g_idx"),
     )
-
-
-_CHILDREN = (
-    "qvalue",
-    "scale",
-    "zero_point",
-    "in_scale",
-    "act_scale",
-    "qhigh",
-    "super_scale",
-    "super_zero",
-    "g_idx",
-)
 
 
 def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jqx.core.numerics import stored_qarray
-from jqx.core.qarray import ActSpec, QArray
+from jqx.core.qarray import QARRAY_CHILDREN, ActSpec, QArray
 from jqx.core.sharding import tree_shardings
 from jqx.recipes.base import Recipe
 
@@ -66,18 +66,6 @@ _ST_DTYPES = {
     "float32": "F32",
     "float64": "F64",
 }
-
-_QARRAY_CHILDREN = (
-    "qvalue",
-    "scale",
-    "zero_point",
-    "in_scale",
-    "act_scale",
-    "qhigh",
-    "super_scale",
-    "super_zero",
-    "g_idx",
-)
 
 
 class CheckpointError(ValueError):
@@ -169,7 +157,7 @@ class _Writer:
             return {"t": "none"}
         if isinstance(x, QArray):
             children = {}
-            for c in _QARRAY_CHILDREN:
+            for c in QARRAY_CHILDREN:
                 v = getattr(x, c)
                 children[c] = None if v is None else self.tensor(v, f"{path}.{c}")
             return {"t": "qarray", "static": qarray_static(x), "children": children}
