@@ -19,7 +19,7 @@ from jqx.kernels.cpu import native
 from jqx.llm.ptq import transpose_qarray
 
 DN = (((1,), (0,)), ((), ()))
-HAS_NATIVE = native.available()
+HAS_NATIVE = jqx.ops.native_status() == "available"  # JQX_NATIVE=0 turns routing off
 W8A8 = jqx.int8_dynamic_activation_int8_weight()
 
 
