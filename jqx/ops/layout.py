@@ -33,9 +33,10 @@ def prepack(tree: Any, *, layout: Literal["native", "vnni", "plain"] = "native")
 
     Every int8 :class:`jqx.QArray` without layout extensions whose scale is constant
     along its contraction (int8 weight-only per channel, W8A8 dynamic and static,
-    SmoothQuant: Flax ``Dense`` kernels ``(in, out)`` and ``DenseGeneral`` attention
-    kernels, see :func:`jqx.core.qarray.vnni_split`; not convolution kernels, not
-    per-row embedding tables) gets
+    SmoothQuant: Flax ``Dense`` kernels ``(in, out)``, ``DenseGeneral`` attention
+    kernels, ``(out, in)`` weights with one scale per row and so per-row embedding
+    tables; see :func:`jqx.core.qarray.vnni_split`; not convolution kernels, LLM.int8()
+    or fp8/MX-activation weights) gets
     :meth:`QArray.with_code_layout("vnni") <jqx.QArray.with_code_layout>`: the same
     values, scales and (up to the panels' padding to 16 columns and 4 rows) bytes;
     the native GEMM then skips packing the weight on every call, and runs the weight at
@@ -48,7 +49,7 @@ def prepack(tree: Any, *, layout: Literal["native", "vnni", "plain"] = "native")
         (:func:`jqx.ops.native_status` is ``"available"``), else warn and return
         ``tree`` unchanged; ``"vnni"``: pack whatever the machine (e.g. to save a tree
         for a machine that has the GEMM); ``"plain"``: undo, every QArray back to its
-        ``(K, N)`` codes.
+        plain layout (``"vnni"`` and ``LLM.quantize``'s ``"kn"`` alike).
 
     Returns:
       The tree with packed (or, for ``"plain"``, unpacked) QArrays.
