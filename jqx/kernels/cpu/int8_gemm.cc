@@ -8,8 +8,8 @@
 // per call (threads splitting the k range, rows read in order) into panels of
 // 16 columns: for each group of 4 consecutive k the 16 columns' 4 bytes side
 // by side, one 64-byte zmm register per (panel, k/4), zero beyond K and N.
-// jqx_int8_gemm_packed and jqx_w8a8_vnni_packed take B already in that layout
-// (made once, at quantize time, by native.pack_int8): no packing per call.
+// Both jqx_int8_gemm and jqx_w8a8_vnni also take B already in that layout (3-D,
+// made once at quantize time by native.pack_int8): no packing per call.
 //
 // Blocking: the threads of the shared pool (pool.h) split the rows (blocks of
 // MR rows), or the column panels when there are few rows; each thread walks
@@ -382,34 +382,29 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
   return ffi::Error::Success();
 }
 
+// B is the (K, N) weight, or (3-D) the weight already packed
+// (jqx.kernels.cpu.native.pack_int8): (ceil(N/16), Kp/4, 64), the layout PackRows
+// writes; N is then C's.
 ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
                         ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
   const auto ad = a.dimensions();
   const auto bd = b.dimensions();
   const auto cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
-    return ffi::Error::InvalidArgument("jqx_int8_gemm: expected A (M, Kp), B (K, N), C (M, N)");
-  const int64_t M = ad[0], Kp = ad[1], K = bd[0], N = bd[1];
-  if (Kp % 4 != 0 || K > Kp || Kp - K >= 4 || cd[0] != M || cd[1] != N)
+  if (ad.size() != 2 || (bd.size() != 2 && bd.size() != 3) || cd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "jqx_int8_gemm: expected A (M, Kp), B (K, N) or packed (ceil(N/16), Kp/4, 64), "
+        "C (M, N)");
+  const int64_t M = ad[0], Kp = ad[1], N = cd[1];
+  if (bd.size() == 3) {
+    if (Kp % 4 != 0 || cd[0] != M || bd[0] != (N + 15) / 16 || bd[1] != Kp / 4 || bd[2] != 64)
+      return ffi::Error::InvalidArgument("jqx_int8_gemm: inconsistent shapes (packed B)");
+    return Int8Gemm(a.typed_data(), M, Kp, nullptr, Kp, b.typed_data(), N, c->typed_data(),
+                    threads);
+  }
+  const int64_t K = bd[0];
+  if (Kp % 4 != 0 || K > Kp || Kp - K >= 4 || cd[0] != M || bd[1] != N)
     return ffi::Error::InvalidArgument("jqx_int8_gemm: inconsistent shapes");
   return Int8Gemm(a.typed_data(), M, Kp, b.typed_data(), K, nullptr, N, c->typed_data(), threads);
-}
-
-// The weight already packed (jqx.kernels.cpu.native.pack_int8): Bp (ceil(N/16),
-// Kp/4, 64), the layout PackRows writes.
-ffi::Error Int8GemmPackedImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> bp,
-                              ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
-  const auto ad = a.dimensions();
-  const auto bd = bp.dimensions();
-  const auto cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2)
-    return ffi::Error::InvalidArgument(
-        "jqx_int8_gemm_packed: expected A (M, Kp), packed B (ceil(N/16), Kp/4, 64), C (M, N)");
-  const int64_t M = ad[0], Kp = ad[1], N = cd[1];
-  if (Kp % 4 != 0 || cd[0] != M || bd[0] != (N + 15) / 16 || bd[1] != Kp / 4 || bd[2] != 64)
-    return ffi::Error::InvalidArgument("jqx_int8_gemm_packed: inconsistent shapes");
-  return Int8Gemm(a.typed_data(), M, Kp, nullptr, Kp, bp.typed_data(), N, c->typed_data(),
-                  threads);
 }
 
 // ---------------------------------------------------------------------------
@@ -594,7 +589,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
 // the register tiles over every panel group and rescales each tile as it leaves
 // the registers: x is read once, its codes and the int32 sums stay in cache, and
 // XLA runs no pass over x or over the sums. The weight is packed per call as
-// for jqx_int8_gemm, or comes packed (jqx_w8a8_vnni_packed).
+// for jqx_int8_gemm, or comes packed (a 3-D w).
 
 float RowAbsMax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -694,8 +689,8 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
 thread_local std::vector<int32_t> t_w8a8_corr;
 thread_local std::vector<float> t_w8a8_ws;
 
-// The shared body of jqx_w8a8_vnni and jqx_w8a8_vnni_packed: ``wp`` is the
-// packed weight, or null (then ``w`` (K, N) is packed here, per call).
+// The body of jqx_w8a8_vnni: ``wp`` is the packed weight, or null (then ``w``
+// (K, N) is packed here, per call).
 ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const int8_t* wp,
                     int64_t N, const float* wscale, const float* act_scale, float* Y,
                     int64_t mode, int64_t threads) {
@@ -753,35 +748,32 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   return ffi::Error::Success();
 }
 
+// w is the (K, N) weight, or (3-D) the weight already packed
+// (jqx.kernels.cpu.native.pack_int8): (ceil(N/16), ceil(K/4), 64); N is out's.
 ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
-  if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
-      err.failure())
-    return err;
-  return W8A8Vnni(x.typed_data(), x.dimensions()[0], x.dimensions()[1], w.typed_data(), nullptr,
-                  w.dimensions()[1], wscale.typed_data(), act_scale.typed_data(),
-                  out->typed_data(), mode, threads);
-}
-
-// The weight already packed (jqx.kernels.cpu.native.pack_int8): wp (ceil(N/16),
-// Kp/4, 64); N is out's.
-ffi::Error W8A8VnniPackedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> wp,
-                              ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
-                              ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
+  if (w.dimensions().size() != 3) {
+    if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
+        err.failure())
+      return err;
+    return W8A8Vnni(x.typed_data(), x.dimensions()[0], x.dimensions()[1], w.typed_data(),
+                    nullptr, w.dimensions()[1], wscale.typed_data(), act_scale.typed_data(),
+                    out->typed_data(), mode, threads);
+  }
   const auto xd = x.dimensions();
-  const auto wd = wp.dimensions();
+  const auto wd = w.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || wscale.dimensions().size() != 1)
+  if (xd.size() != 2 || od.size() != 2 || wscale.dimensions().size() != 1)
     return ffi::Error::InvalidArgument(
-        "jqx_w8a8_vnni_packed: expected x (M, K), packed w (ceil(N/16), ceil(K/4), 64), "
+        "jqx_w8a8_vnni: expected x (M, K), packed w (ceil(N/16), ceil(K/4), 64), "
         "wscale (N), out (M, N)");
   const int64_t M = xd[0], K = xd[1], N = od[1];
   if (od[0] != M || wd[0] != (N + 15) / 16 || wd[1] != (K + 3) / 4 || wd[2] != 64 ||
       wscale.dimensions()[0] != N || mode < kStatic || mode > kPerSample ||
       (mode == kStatic && act_scale.element_count() != 1))
-    return ffi::Error::InvalidArgument("jqx_w8a8_vnni_packed: inconsistent shapes or mode");
-  return W8A8Vnni(x.typed_data(), M, K, nullptr, wp.typed_data(), N, wscale.typed_data(),
+    return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode (packed w)");
+  return W8A8Vnni(x.typed_data(), M, K, nullptr, w.typed_data(), N, wscale.typed_data(),
                   act_scale.typed_data(), out->typed_data(), mode, threads);
 }
 
@@ -792,23 +784,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8GemmPacked, Int8GemmPackedImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8VnniPacked, W8A8VnniPackedImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("mode")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,

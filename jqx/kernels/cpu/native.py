@@ -113,8 +113,6 @@ __all__ = [
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
-    "PACKED_TARGET",
-    "W8A8_VNNI_PACKED_TARGET",
     "pack_int8",
     "unpack_int8",
     "packed_shape",
@@ -140,8 +138,6 @@ ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit K
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
 W8A8_VNNI_TARGET = "jqx_w8a8_vnni"  # int8_gemm.cc: the same on the VNNI tiles (AVX512)
-PACKED_TARGET = "jqx_int8_gemm_packed"  # TARGET with the weight packed ahead (pack_int8)
-W8A8_VNNI_PACKED_TARGET = "jqx_w8a8_vnni_packed"  # W8A8_VNNI_TARGET, the same
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
 
 _COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
@@ -184,10 +180,8 @@ _INT8 = _Library(
     cpu_needs="AVX512F/AVX512BW/AVX512VL/AVX512-VNNI",
     targets={
         TARGET: "JqxInt8Gemm",
-        PACKED_TARGET: "JqxInt8GemmPacked",
         W4_TARGET: "JqxW4Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
-        W8A8_VNNI_PACKED_TARGET: "JqxW8A8VnniPacked",
     },
 )
 _GGUF = _Library(
@@ -558,7 +552,7 @@ def int8_matmul(a: jax.Array, b: jax.Array, *, n: int | None = None) -> jax.Arra
     if kp != k:
         au = jnp.pad(au, ((0, 0), (0, kp - k)))  # zero bytes meet zero weight rows
     acc = jax.ffi.ffi_call(
-        TARGET if b.ndim == 2 else PACKED_TARGET,
+        TARGET,  # a 3-D b: the kernel takes it as packed
         jax.ShapeDtypeStruct((m, n), jnp.int32),
         vmap_method="sequential",
     )(au, b, threads=np.int64(_threads()))
@@ -693,7 +687,7 @@ def w8a8_matmul_vnni(
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
     m, n = x.shape[0], w_scale.shape[0]
     return jax.ffi.ffi_call(
-        W8A8_VNNI_TARGET if w.ndim == 2 else W8A8_VNNI_PACKED_TARGET,
+        W8A8_VNNI_TARGET,  # a 3-D w: the kernel takes it as packed
         jax.ShapeDtypeStruct((m, n), jnp.float32),
         vmap_method="sequential",
     )(x, w, w_scale, s, mode=np.int64(mode), threads=np.int64(_threads()))
