@@ -486,7 +486,8 @@ class QArray:
     def row_codes(self, ids: jax.Array) -> jax.Array:
         """The stored codes of rows ``ids`` (an int array of any shape, values in range)
         of a 2-D QArray, in the plain layout (``ids.shape + qvalue's row``); from a
-        ``"vnni"`` layout read out of the panels, without unpacking the rest."""
+        ``"vnni"`` layout read out of the panels, without unpacking the rest; from a
+        ``"kn"`` one decoded whole (its rows are scattered across the stored transpose)."""
         if self.code_layout == "kn":  # the stored transpose: decoded, then re-stored
             return pack_codes(self.codes()[ids], self.fmt)
         if self.code_layout != "vnni":
@@ -500,15 +501,14 @@ class QArray:
         rows = p[:, ids // 4, :, ids % 4]  # advanced indices apart: ids.shape + (npan, 16)
         return rows.reshape(*ids.shape, 16 * npan)[..., : self.shape[1]]
 
-    def with_code_layout(self, layout: Literal["plain", "vnni"]) -> QArray:
+    def with_code_layout(self, layout: Literal["plain", "vnni", "kn"]) -> QArray:
         """This QArray with its codes stored in ``layout`` (module docstring): the same
-        values, the same bytes up to the panels' padding. ``"vnni"`` takes an int8
-        QArray without layout extensions whose blocks split its axes into a contraction
-        and outputs (:func:`vnni_split`; every 2-D one); ``"plain"`` undoes it.
+        values, the same bytes up to the panels' padding. ``"vnni"`` takes what
+        :func:`vnni_eligible` accepts, ``"kn"`` what :func:`kn_eligible` accepts;
+        ``"plain"`` undoes either.
 
         Raises:
-          ValueError: an unknown ``layout``, or ``"vnni"`` for a QArray that is not a
-            2-D int8 one without extensions.
+          ValueError: an unknown ``layout``, or one this QArray cannot take.
 
         Example:
             >>> import jax.numpy as jnp, jqx
@@ -524,15 +524,7 @@ class QArray:
         if layout == self.code_layout:
             return self
         if self.code_layout == "kn":
-            view = self._kn_view()
-            plain = self.replace(
-                qvalue=pack_codes(self.codes(), self.fmt),
-                scale=jnp.swapaxes(view.scale, -1, -2),
-                zero_point=None
-                if view.zero_point is None
-                else jnp.swapaxes(view.zero_point, -1, -2),
-                code_layout="plain",
-            )
+            plain = self._kn_view()._swapped(qvalue=pack_codes(self.codes(), self.fmt))
             if self.g_idx is not None:  # the stored row order back to GPTQ's group map
                 inv = jnp.argsort(self.g_idx)
                 plain = plain.replace(g_idx=(inv // self.block[1]).astype(jnp.int32))
@@ -546,23 +538,19 @@ class QArray:
                     f"layout, 4-bit, weight-only, without layout extensions, with blocks "
                     f"(1, g) along its input axis; got {self!r}."
                 )
+            # With GPTQ's act_order the inputs are sorted by group, so each group's g
+            # inputs are consecutive rows of the stored transpose; g_idx keeps that order.
             order = _kn_order(self)
-            if order is None:  # groups of consecutive inputs
-                t = self._transposed_children()
-                return self.replace(
-                    qvalue=t.qvalue, scale=t.scale, zero_point=t.zero_point, code_layout="kn"
-                )
-            # GPTQ's act_order: inputs sorted by group, so each group's g inputs are
-            # consecutive rows of the stored transpose; g_idx keeps that order.
-            order = jnp.asarray(order)
-            t = self.replace(g_idx=None)._swapped(
-                qvalue=pack_codes(self.codes().T[order], self.fmt)
-            )
+            rows = self.codes().T
+            if order is not None:
+                order = jnp.asarray(order)
+                rows = rows[order]
+            t = self._swapped(qvalue=pack_codes(rows, self.fmt))
             return self.replace(
                 qvalue=t.qvalue,
                 scale=t.scale,
                 zero_point=t.zero_point,
-                g_idx=order.astype(jnp.int32),
+                g_idx=order,
                 code_layout="kn",
             )
         if not vnni_eligible(self):
@@ -589,11 +577,6 @@ class QArray:
             block=(self.block[1], self.block[0]),
             **kw,
         )
-
-    def _transposed_children(self) -> QArray:
-        """The plain QArray of this 2-D one's transpose: the same codes and scales,
-        moved (packed codes re-packed along the new last axis)."""
-        return self._swapped(qvalue=pack_codes(self.codes().T, self.fmt), code_layout="plain")
 
     def _vnni_in_out_view(self) -> QArray:
         """A ``"vnni"`` ``(out, in)`` weight (:func:`vnni_split` -1) as the ``(in, out)``
@@ -625,7 +608,7 @@ class QArray:
 
     def _vnni_codes_kn(self) -> jax.Array:
         """The codes as the ``(K, N)`` matrix that the ``"vnni"`` layout packs."""
-        c = self.qvalue if self.code_layout == "plain" else self.codes()
+        c = self.codes()
         if vnni_split(tuple(self.shape), tuple(self.block)) == -1:
             return c.T
         return c.reshape(self._vnni_kn())
@@ -815,10 +798,9 @@ def vnni_split(shape: tuple[int, ...], block: tuple[int, ...]) -> int | None:
     kernel), else ``-1`` when it is constant along axis 1 with one scale per row (an
     ``(out, in)`` weight, or a per-row embedding table: a tied output head is ``x @
     E.T``, and a lookup reads rows out of the panels, :meth:`QArray.row_codes`). More
-    axes (Flax
-    ``DenseGeneral`` kernels, e.g. ``(in, heads, head_dim)`` or ``(heads, head_dim,
-    out)``): the leading axes whole in their block (the scale is constant along them:
-    the contraction) followed only by axes with blocks of 1.
+    axes (Flax ``DenseGeneral`` kernels, e.g. ``(in, heads, head_dim)`` or ``(heads,
+    head_dim, out)``): the leading axes whole in their block (the scale is constant
+    along them: the contraction) followed only by axes with blocks of 1.
 
     Example:
         >>> vnni_split((384, 12, 32), (384, 1, 1)), vnni_split((12, 32, 384), (12, 32, 1))
