@@ -599,12 +599,17 @@ class QArray:
         """The view's ``(in, out)`` rows back in input order."""
         return rows if self.g_idx is None else rows[jnp.argsort(self.g_idx)]
 
+    def _vnni_axes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(K's axes, N's axes) of the ``"vnni"`` layout (:func:`vnni_split`)."""
+        s = vnni_split(tuple(self.shape), tuple(self.block))
+        if s == -1:  # (out, in)
+            return (1,), (0,)
+        return tuple(range(s)), tuple(range(s, len(self.shape)))
+
     def _vnni_kn(self) -> tuple[int, int]:
         """(K, N) of the ``"vnni"`` layout: the logical shape split by :func:`vnni_split`."""
-        s = vnni_split(tuple(self.shape), tuple(self.block))
-        if s == -1:
-            return self.shape[1], self.shape[0]
-        return math.prod(self.shape[:s]), math.prod(self.shape[s:])
+        k_axes, n_axes = self._vnni_axes()
+        return math.prod(self.shape[a] for a in k_axes), math.prod(self.shape[a] for a in n_axes)
 
     def _vnni_codes_kn(self) -> jax.Array:
         """The codes as the ``(K, N)`` matrix that the ``"vnni"`` layout packs."""

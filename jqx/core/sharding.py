@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jqx.core.qarray import QARRAY_CHILDREN, QArray, is_qarray, vnni_split
+from jqx.core.qarray import QARRAY_CHILDREN, QArray, is_qarray
 from jqx.core.tree import path_str
 
 __all__ = ["qarray_specs", "tree_shardings", "shard"]
@@ -144,11 +144,7 @@ def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:
     """The spec of ``"vnni"`` panels ``(ceil(N/16), ceil(K/4), 64)`` (``jqx.prepack``)
     from the logical entries: K's and N's mesh axes move to the panel axes, when every
     shard holds whole panels (N a multiple of 16 per shard, K of 4)."""
-    s = vnni_split(tuple(q.shape), tuple(q.block))
-    if s == -1:  # (out, in): K is axis 1
-        k_axes, n_axes = (1,), (0,)
-    else:
-        k_axes, n_axes = tuple(range(s)), tuple(range(s, len(q.shape)))
+    k_axes, n_axes = q._vnni_axes()
     k_ents = [entries[a] for a in k_axes if entries[a] is not None]
     n_ents = [entries[a] for a in n_axes if entries[a] is not None]
     if len(k_ents) > 1 or len(n_ents) > 1:
@@ -159,8 +155,7 @@ def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:
             f"each take one mesh axis; the spec gives {tuple(entries)}. Unpack it first with "
             "jqx.prepack(tree, layout='plain')."
         )
-    k = math.prod(q.shape[a] for a in k_axes)
-    n = math.prod(q.shape[a] for a in n_axes)
+    k, n = q._vnni_kn()
     ek = k_ents[0] if k_ents else None
     en = n_ents[0] if n_ents else None
     for e, size, unit, what in ((ek, k, 4, "K"), (en, n, 16, "N")):

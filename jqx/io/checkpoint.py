@@ -114,7 +114,7 @@ def qarray_static(x: QArray) -> dict[str, Any]:
         "code_bits": x.code_bits,
         "super_block": None if x.super_block is None else list(x.super_block),
     }
-    if x.code_layout != "plain":  # jqx.prepack's panels; absent means "plain"
+    if x.code_layout != "plain":  # "vnni" (jqx.prepack) or "kn"; absent means "plain"
         out["code_layout"] = x.code_layout
     return out
 

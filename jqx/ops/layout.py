@@ -10,7 +10,7 @@ such weights on the GEMM at every size. Paths that do not read the panels (XLA, 
 the AVX2 kernel) unpack them per call, so a packed tree still runs anywhere, only
 slower there: pack where the GEMM runs (:func:`jqx.ops.native_status`).
 
-See docs/guide/run.md ("Packing int8 weights ahead").
+See docs/guide/run.md ("CPU serving: pack int8 weights once").
 """
 
 from __future__ import annotations

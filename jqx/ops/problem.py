@@ -62,9 +62,10 @@ class Problem:
       gguf_kind: ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"`` when ``W`` is stored in that GGUF
         block layout (``(N, K)``, blocks of 32 along K, float16 scales), else None.
       extensions: ``W.extensions`` (layout extensions such as ``"g_idx"``).
-      code_layout: ``W.code_layout``: ``"plain"``, or ``"vnni"`` (int8 codes in the
-        native GEMM's panels; implementations that do not list it in ``layouts`` get
-        the weight unpacked).
+      code_layout: ``W.code_layout``: ``"plain"``, ``"vnni"`` (int8 codes in the native
+        GEMM's panels) or ``"kn"`` (a stored transpose, seen here only when contracted
+        otherwise than as ``x @ W.T``); implementations that do not list it in
+        ``layouts`` get the weight unpacked.
     """
 
     kind: Kind
