@@ -243,6 +243,30 @@ def test_kn_weights_run_as_their_stored_transpose(rows):
     assert jqx.ops.explain(x, k, dn_t) == want
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_kn_awq_weights_divide_x_then_run_the_view(rows):
+    """An AWQ weight (in_scale on the input axis) in 'kn': x is divided by the in_scale,
+    then the view's product runs on the native 4-bit kernel where it runs; within float32
+    rounding of the plain weight's product."""
+    from jqx.recipes.awq import awq_quantize
+
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((576, 1536)), jnp.float32)  # (in, out)
+    sample = jnp.asarray(rng.standard_normal((64, 576)) * np.linspace(0.1, 4, 576), jnp.float32)
+    q = awq_quantize(w, sample, jqx.awq(bits=4, group_size=64))
+    assert q.in_scale is not None
+    q = transpose_qarray(q)  # (out, in), in_scale (1, in)
+    k = q.with_code_layout("kn")
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    want = x @ q.dequantize().T
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(want), rtol=1e-5, atol=3e-4)
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(f(x, q)), rtol=1e-5, atol=3e-4)
+    if HAS_NATIVE and rows <= native.W4_MAX_ROWS:
+        assert jqx.ops.explain(x, k, dn_t) == "native.w4"
+
+
 def test_llm_weights_are_stored_for_the_native_kernels():
     from jqx.llm.ptq import pack_llm_weights
 

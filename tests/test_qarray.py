@@ -514,6 +514,25 @@ def test_kn_layout_stores_the_transpose(fmt, zero):
         jqx.quantize_array(x, fmt, granularity=jqx.per_group(8, axis=0)).with_code_layout("kn")
 
 
+def test_kn_layout_keeps_an_awq_in_scale():
+    """AWQ's in_scale (1, in) on an (out, in) weight moves with the transpose: values,
+    codes and (back in 'plain') every child are the original's; an in_scale with a
+    g_idx, or of another shape, keeps the weight plain."""
+    from jqx.core.qarray import kn_eligible
+
+    x = jax.random.normal(jax.random.key(5), (24, 64))
+    q = jqx.quantize_array(x, "uint4", granularity=jqx.per_group(32, axis=1), scheme="zero_point")
+    q = q.replace(in_scale=jnp.linspace(0.5, 2.0, 64).reshape(1, 64))
+    k = q.with_code_layout("kn")
+    assert k.in_scale.shape == (64, 1) and k.nbytes == q.nbytes
+    np.testing.assert_array_equal(np.asarray(k.dequantize()), np.asarray(q.dequantize()))
+    back = k.with_code_layout("plain")
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not kn_eligible(q.replace(in_scale=jnp.ones((64,))))
+    assert not kn_eligible(q.replace(g_idx=jnp.arange(64, dtype=jnp.int32) // 32))
+
+
 def test_kn_layout_with_act_order_groups():
     """A GPTQ act_order g_idx (groups of g inputs in any order): 'kn' stores the inputs
     sorted by group and keeps that order in g_idx; values, codes and (back in 'plain')

@@ -550,6 +550,7 @@ class QArray:
                 qvalue=t.qvalue,
                 scale=t.scale,
                 zero_point=t.zero_point,
+                in_scale=t.in_scale,
                 g_idx=order,
                 code_layout="kn",
             )
@@ -755,9 +756,11 @@ def is_qarray(x) -> bool:
 
 def kn_eligible(q: QArray) -> bool:
     """Whether ``q`` can take the ``"kn"`` code layout: a 2-D ``(out, in)`` 4-bit
-    weight-only QArray in the plain layout, without ``in_scale`` or layout extensions
-    other than a ``g_idx`` whose groups hold ``g`` inputs each (GPTQ's act_order),
-    grouped (or one scale per row) along its input axis: block ``(1, g)``, ``g > 1``.
+    weight-only QArray in the plain layout, without layout extensions other than a
+    ``g_idx`` whose groups hold ``g`` inputs each (GPTQ's act_order), grouped (or one
+    scale per row) along its input axis: block ``(1, g)``, ``g > 1``. An ``in_scale``
+    (AWQ's) is taken as ``(1, in)``, without ``g_idx``: it moves with the transpose
+    and divides x before the product.
 
     Example:
         >>> import jax.numpy as jnp, jqx
@@ -772,7 +775,7 @@ def kn_eligible(q: QArray) -> bool:
         and q.act is None
         and q.code_layout == "plain"
         and q.extensions in ((), ("g_idx",))
-        and q.in_scale is None
+        and (q.in_scale is None or (q.g_idx is None and q.in_scale.shape == (1, q.shape[1])))
         and q.block[0] == 1
         and q.block[1] > 1
         and q.qvalue.ndim == 2

@@ -116,7 +116,8 @@ class W4(Implementation):
     name = "native.w4"
 
     def supports(self, p: Problem) -> bool:
-        if p.kind != "weight_only" or not p.plain or p.in_scale:
+        # An in_scale (AWQ's) has already divided x when run is called (Problem).
+        if p.kind != "weight_only" or not p.plain:
             return False
         fmt = p.fmt
         if not (fmt.packed and fmt.bits == 4) or p.compute_dtype not in _WIDENED:
