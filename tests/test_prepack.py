@@ -267,6 +267,25 @@ def test_kn_awq_weights_divide_x_then_run_the_view(rows):
         assert jqx.ops.explain(x, k, dn_t) == "native.w4"
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_kn_nvfp4_weights_fold_the_tensor_scale(rows):
+    """NVFP4 weight-only in 'kn': the per-tensor scale is folded into the block scales
+    per call, then the view's product runs on the native 4-bit kernel where it runs;
+    the plain weight's product (folded too, on XLA) matches dequantize-then-dot."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((1536, 576)), jnp.float32)  # (out, in)
+    q = jqx.quantize_nvfp4(w)
+    k = q.with_code_layout("kn")
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    want = x @ q.dequantize().T
+    np.testing.assert_allclose(np.asarray(f(x, q)), np.asarray(want), rtol=1e-5, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(want), rtol=1e-5, atol=2e-4)
+    if HAS_NATIVE and rows <= native.W4_MAX_ROWS:
+        assert jqx.ops.explain(x, k, dn_t) == "native.w4"
+
+
 def test_llm_weights_are_stored_for_the_native_kernels():
     from jqx.llm.ptq import pack_llm_weights
 

@@ -533,6 +533,31 @@ def test_kn_layout_keeps_an_awq_in_scale():
     assert not kn_eligible(q.replace(g_idx=jnp.arange(64, dtype=jnp.int32) // 32))
 
 
+def test_kn_layout_keeps_nvfp4_two_level_scales():
+    """NVFP4 (E4M3 block scales and a float32 per tensor, stacked per tensor when two
+    are fused): 'kn' swaps the super-blocks with the transpose; values and (back in
+    'plain') every child are the original's; folded, the same values with plain float32
+    block scales."""
+    from jqx.core.qarray import fold_super_scale, foldable_super_scale
+    from jqx.llm.model import _concat_rows
+
+    a = jqx.quantize_nvfp4(jax.random.normal(jax.random.key(6), (24, 64)))
+    b = jqx.quantize_nvfp4(3 * jax.random.normal(jax.random.key(7), (24, 64)))
+    fused = _concat_rows([a, b])
+    assert fused.super_scale.shape == (2, 1)
+    for q in (a, fused):
+        assert foldable_super_scale(q)
+        k = q.with_code_layout("kn")
+        assert k.super_block == q.super_block and k._kn_view().super_block == q.super_block[::-1]
+        np.testing.assert_array_equal(np.asarray(k.dequantize()), np.asarray(q.dequantize()))
+        back = k.with_code_layout("plain")
+        for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        f = fold_super_scale(q)
+        assert f.extensions == () and f.scale.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(f.dequantize()), np.asarray(q.dequantize()))
+
+
 def test_kn_layout_with_act_order_groups():
     """A GPTQ act_order g_idx (groups of g inputs in any order): 'kn' stores the inputs
     sorted by group and keeps that order in g_idx; values, codes and (back in 'plain')

@@ -551,6 +551,7 @@ class QArray:
                 scale=t.scale,
                 zero_point=t.zero_point,
                 in_scale=t.in_scale,
+                super_scale=t.super_scale,
                 g_idx=order,
                 code_layout="kn",
             )
@@ -574,8 +575,10 @@ class QArray:
             scale=t(self.scale),
             zero_point=t(self.zero_point),
             in_scale=t(self.in_scale),
+            super_scale=t(self.super_scale),
             shape=(self.shape[1], self.shape[0]),
             block=(self.block[1], self.block[0]),
+            super_block=_swap2(self.super_block),
             **kw,
         )
 
@@ -592,6 +595,7 @@ class QArray:
         return self.replace(
             shape=(self.shape[1], self.shape[0]),
             block=(self.block[1], self.block[0]),
+            super_block=_swap2(self.super_block),
             g_idx=None,
             code_layout="plain",
         )
@@ -760,7 +764,8 @@ def kn_eligible(q: QArray) -> bool:
     ``g_idx`` whose groups hold ``g`` inputs each (GPTQ's act_order), grouped (or one
     scale per row) along its input axis: block ``(1, g)``, ``g > 1``. An ``in_scale``
     (AWQ's) is taken as ``(1, in)``, without ``g_idx``: it moves with the transpose
-    and divides x before the product.
+    and divides x before the product; so is NVFP4's per-tensor second-level scale
+    (:func:`foldable_super_scale`), its super-blocks swapped with it.
 
     Example:
         >>> import jax.numpy as jnp, jqx
@@ -774,13 +779,43 @@ def kn_eligible(q: QArray) -> bool:
         and q.fmt.bits == 4
         and q.act is None
         and q.code_layout == "plain"
-        and q.extensions in ((), ("g_idx",))
+        and (q.extensions in ((), ("g_idx",)) or foldable_super_scale(q))
         and (q.in_scale is None or (q.g_idx is None and q.in_scale.shape == (1, q.shape[1])))
         and q.block[0] == 1
         and q.block[1] > 1
         and q.qvalue.ndim == 2
     )
     return ok and (q.g_idx is None or _kn_order(q) is not None)
+
+
+def foldable_super_scale(q: QArray) -> bool:
+    """Whether ``q``'s only layout extension is a second-level scale (NVFP4's float32
+    per tensor, or per stacked tensor once fused): it then folds into the block scales
+    exactly as :meth:`QArray.dequantize` applies it (:func:`fold_super_scale`)."""
+    return q.extensions == ("super_scale",) and q.super_zero is None
+
+
+def fold_super_scale(q: QArray) -> QArray:
+    """A :func:`foldable_super_scale` QArray as the plain one whose float32 block scales are
+    its two-level scales (``scale * super_scale``, rounded once, as ``dequantize``
+    computes them): the same values, so every kernel that takes plain block scales runs
+    it (4 bytes per block instead of the stored 1 + 4 per tensor; made per call, not
+    stored).
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> q = jqx.quantize_nvfp4(jnp.linspace(-1.0, 1.0, 64).reshape(2, 32))
+        >>> f = fold_super_scale(q)
+        >>> f.extensions, bool((f.dequantize() == q.dequantize()).all())
+        ((), True)
+    """
+    return q.replace(
+        scale=q._two_level(q.scale, q.super_scale), super_scale=None, super_block=None
+    )
+
+
+def _swap2(t: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return None if t is None else (t[1], t[0])
 
 
 def _kn_order(q: QArray) -> np.ndarray | None:

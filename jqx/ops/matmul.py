@@ -20,7 +20,13 @@ from jax import lax
 
 from jqx.core import formats as _formats
 from jqx.core.numerics import absmax_scale, quantize_activation
-from jqx.core.qarray import QArray, is_qarray, vnni_split
+from jqx.core.qarray import (
+    QArray,
+    fold_super_scale,
+    is_qarray,
+    vnni_split,
+    foldable_super_scale,
+)
 from jqx.ops import dispatch
 from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale
 
@@ -440,6 +446,16 @@ def _vnni_transposed(q: QArray, dn: DimensionNumbers):
 
 
 def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+    """:func:`_orient`, then a weight-only second-level scale (NVFP4's per tensor)
+    folded into the block scales (the values ``dequantize`` gives), so the 4-bit kernels
+    and XLA's weight-only paths take it instead of dequantizing it whole."""
+    q, dn, order = _orient(x_shape, x_dtype, q, dn, precision, pet, backend)
+    if q.act is None and q.code_layout == "plain" and foldable_super_scale(q):
+        q = fold_super_scale(q)
+    return q, dn, order
+
+
+def _orient(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
     """``(q, dn)``, or a packed ``(out, in)`` weight as the ``(in, out)`` product its
     panels hold when an implementation that reads them runs that (the same product;
     ``x @ W.T``'s output layout is ``x @ W``'s). Elsewhere the weight keeps its
