@@ -43,15 +43,22 @@ RECIPES = {
     "W8A8": jqx.int8_dynamic_activation_int8_weight,
     "int8 WO": jqx.int8_weight_only,
 }
-# The LLM table adds 4-bit recipes: LLM.quantize stores their (out, in) weights as the
-# (in, out) transpose ("kn"), which the native 4-bit decode kernel reads in place.
+# The LLM table adds 4-bit and FP8 recipes: LLM.quantize stores their (out, in) weights
+# as the (in, out) transpose ("kn"), which the native 4-bit and FP8 decode kernels read
+# in place.
 LLM_RECIPES = {
     **RECIPES,
     "int4 g32": lambda: jqx.int4_weight_only(group_size=32),
     "HQQ 4-bit g64": lambda: jqx.hqq(bits=4, group_size=64),
-    # Calibrated on 2 windows of 256 tokens of Hamlet (about 2-3 minutes).
+    # GPTQ and AWQ calibrate on 2 windows of 256 tokens of Hamlet (about 2-3 minutes).
     "GPTQ 4-bit g64 act_order": lambda: jqx.gptq(bits=4, group_size=64, act_order=True),
+    "AWQ 4-bit g64": lambda: jqx.awq(bits=4, group_size=64),
+    "NVFP4": jqx.nvfp4_weight_only,
+    "MXFP4": jqx.mxfp4_weight_only,
+    "fp8 e4m3": jqx.fp8_weight_only,
+    "MXFP8": jqx.mxfp8_weight_only,
 }
+CALIBRATED = ("GPTQ", "AWQ")
 DN = (((1,), (0,)), ((), ()))
 # MiniLM's projections and SmolLM2-135M's MLP (576 x 1536 and back), and one larger.
 SHAPES = [(384, 384), (384, 1536), (576, 1536), (1536, 576), (2048, 2048)]
@@ -126,7 +133,7 @@ def model(ports: list[str], batches: list[int], seq: int, rounds: int, tiny: boo
                 )
 
 
-def llm_table(rounds: int, new_tokens: int) -> None:
+def llm_table(rounds: int, new_tokens: int, only: str | None = None) -> None:
     """SmolLM2-135M (the shipped GGUF) re-quantized with each recipe: its ``(out, in)``
     weights stored for the native kernels (``jqx.llm.ptq.pack_llm_weights``: int8 in
     the GEMM's panels, 4-bit as the (in, out) transpose) against the same model as
@@ -162,7 +169,10 @@ def llm_table(rounds: int, new_tokens: int) -> None:
     text = plays()["hamlet"]
     for name, recipe in LLM_RECIPES.items():
         r = recipe()
-        kw = dict(calibration_text=text, max_windows=2) if "GPTQ" in name else {}
+        if only and not any(o.strip().lower() in name.lower() for o in only.split(",")):
+            continue
+        calibrated = any(c in name for c in CALIBRATED)
+        kw = dict(calibration_text=text, max_windows=2) if calibrated else {}
         a = base.quantize(r, progress=False, prepack=False, **kw)
         b = a.with_params(pack_llm_weights(a.params))
         qs = [x for x in jax.tree_util.tree_leaves(b.params, is_leaf=jqx.is_qarray)]
@@ -196,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-products", action="store_true")
     ap.add_argument("--llm", action="store_true", help="also SmolLM2 decode (--new-tokens)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--only", help="LLM recipes whose names contain one of these (comma-separated)"
+    )
     args = ap.parse_args(argv)
     status = jqx.ops.native_status()
     if status != "available":
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
     if not args.skip_model:
         model(args.ports.split(","), args.batches, args.seq, args.rounds, args.tiny)
     if args.llm:
-        llm_table(max(3, args.rounds // 20), args.new_tokens)
+        llm_table(max(3, args.rounds // 20), args.new_tokens, args.only)
     return 0
 
 

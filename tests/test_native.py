@@ -237,6 +237,80 @@ def test_w4_bad_input():
         native.w4_matmul(x, p, t, s, z[:1], n=10, group_size=32)
 
 
+def _fp8_case(m, k, n, g, dtype, seed):
+    """Every finite code of ``dtype`` (subnormals, zeros, the largest) at random, scales
+    per group; the f64 reference and sum |x| |w| per output."""
+    rng = np.random.default_rng(seed)
+    codes = jax.lax.bitcast_convert_type(
+        jnp.asarray(rng.integers(0, 256, (k, n)), jnp.uint8), dtype
+    )
+    codes = jnp.where(jnp.isfinite(codes.astype(jnp.float32)), codes, jnp.zeros((), dtype))
+    s = jnp.asarray(rng.random((k // g, n)) + 0.25, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = np.asarray(codes.astype(jnp.float32), np.float64) * np.repeat(np.asarray(s), g, axis=0)
+    xf = np.asarray(x, np.float64)
+    return (x, codes, s), xf @ w, np.abs(xf) @ np.abs(w)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("m,k,n,g", [(1, 576, 1536, 576), (5, 96, 100, 32), (16, 64, 70, 64), (9, 256, 17, 32)])
+def test_fp8_matmul_against_f64(m, k, n, g, dtype):
+    """FP8 weight-only: every finite code (subnormals included) widened exactly, f32
+    sums within a few ulps of sum |x| |w|."""
+    (x, c, s), ref, mag = _fp8_case(m, k, n, g, dtype, seed=m + k + n)
+    y = jax.jit(native.fp8_matmul, static_argnames=("group_size",))(x, c, s, group_size=g)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * mag + 1e-30)
+
+
+@needs_native
+@settings(deadline=None, max_examples=15)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 16),
+    n=st.integers(1, 150),
+    g=st.sampled_from([16, 32, 96]),
+    e4m3=st.booleans(),
+)
+def test_fp8_property(seed, m, n, g, e4m3):
+    dtype = jnp.float8_e4m3fn if e4m3 else jnp.float8_e5m2
+    (x, c, s), ref, mag = _fp8_case(m, 96, n, g, dtype, seed)
+    y = native.fp8_matmul(x, c, s, group_size=g)
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-6 * mag + 1e-30)
+
+
+@needs_native
+def test_fp8_matmul_keeps_nan_and_inf():
+    """E4M3's NaN codes (0x7F, 0xFF) and E5M2's infinities reach the output as XLA's
+    dot gives them: nothing becomes finite."""
+    c = jnp.zeros((64, 16), jnp.uint8).at[3, 5].set(0x7F).at[4, 6].set(0xFF)
+    y = native.fp8_matmul(
+        jnp.ones((1, 64)), jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn),
+        jnp.ones((1, 16)), group_size=64,
+    )  # fmt: skip
+    assert np.isnan(np.asarray(y)[0, [5, 6]]).all() and np.isfinite(np.asarray(y)[0, :5]).all()
+    c = jnp.zeros((64, 16), jnp.uint8).at[3, 5].set(0x7C)  # E5M2 +inf
+    y = native.fp8_matmul(
+        jnp.ones((1, 64)), jax.lax.bitcast_convert_type(c, jnp.float8_e5m2),
+        jnp.ones((1, 16)), group_size=64,
+    )  # fmt: skip
+    assert np.asarray(y)[0, 5] == np.inf
+
+
+@needs_native
+def test_fp8_bad_input():
+    (x, c, s), _, _ = _fp8_case(2, 64, 10, 32, jnp.float8_e4m3fn, 0)
+    with pytest.raises(TypeError, match="M <= 16"):
+        native.fp8_matmul(jnp.zeros((17, 64)), c, s, group_size=32)
+    with pytest.raises(TypeError, match="codes must be float8_e4m3fn or float8_e5m2"):
+        native.fp8_matmul(x, c.astype(jnp.float32), s, group_size=32)
+    with pytest.raises(TypeError, match="group_size=24 must divide K=64"):
+        native.fp8_matmul(x, c, s, group_size=24)
+    with pytest.raises(TypeError, match=r"scale must be float32 \(2, 10\)"):
+        native.fp8_matmul(x, c, s[:1], group_size=32)
+
+
 def _run(code: str, env: dict) -> str:
     r = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -286,6 +286,34 @@ def test_kn_nvfp4_weights_fold_the_tensor_scale(rows):
         assert jqx.ops.explain(x, k, dn_t) == "native.w4"
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("recipe", ["fp8", "mxfp8"])
+def test_kn_fp8_weights_run_as_their_stored_transpose(rows, recipe):
+    """FP8 weight-only (per channel) and MXFP8 (E8M0 scales per 32) (out, in) weights in
+    'kn': the same values; x @ W.T runs on the view, on the native FP8 kernel up to 16
+    rows where it runs; within float32 rounding of the plain weight's product."""
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal((576, 1536)), jnp.float32)  # (in, out)
+    r = jqx.fp8_weight_only() if recipe == "fp8" else jqx.mxfp8_weight_only()
+    q = transpose_qarray(r.quantize_weight(w))
+    k = q.with_code_layout("kn")
+    np.testing.assert_array_equal(np.asarray(k.dequantize()), np.asarray(q.dequantize()))
+    x = jnp.asarray(rng.standard_normal((rows, 576)), jnp.float32)
+    dn_t = (((1,), (1,)), ((), ()))
+    f = jax.jit(lambda x, w: jqx.ops.dot_general(x, w, dn_t))
+    want = x @ q.dequantize().T
+    np.testing.assert_allclose(np.asarray(f(x, k)), np.asarray(want), rtol=1e-5, atol=2e-4)
+    if HAS_NATIVE and rows <= native.W4_MAX_ROWS:
+        assert jqx.ops.explain(x, k, dn_t) == "native.fp8"
+        # (in, out) Flax-style kernels take the same kernel without any layout.
+        qi = r.quantize_weight(w)
+        assert jqx.ops.explain(x, qi, DN) == "native.fp8"
+        np.testing.assert_allclose(
+            np.asarray(jqx.ops.dot_general(x, qi, DN)), np.asarray(x @ qi.dequantize()),
+            rtol=1e-5, atol=2e-4,
+        )  # fmt: skip
+
+
 def test_llm_weights_are_stored_for_the_native_kernels():
     from jqx.llm.ptq import pack_llm_weights
 

@@ -775,8 +775,7 @@ def kn_eligible(q: QArray) -> bool:
     """
     ok = (
         q.ndim == 2
-        and q.fmt.packed
-        and q.fmt.bits == 4
+        and ((q.fmt.packed and q.fmt.bits == 4) or q.fmt.name in ("fp8_e4m3", "fp8_e5m2"))
         and q.act is None
         and q.code_layout == "plain"
         and (q.extensions in ((), ("g_idx",)) or foldable_super_scale(q))

@@ -193,7 +193,8 @@ class Policy:
       native_min_weight: K x N from which it beats XLA at any number of rows.
       native_decode_rows: up to this many rows the GEMM reads the weight in place...
       native_min_weight_decode: ...so it pays from this K x N on.
-      w4_native_min_weight: K x N from which the native 4-bit kernel beats XLA.
+      w4_native_min_weight: K x N from which the native 4-bit and FP8 decode kernels
+        beat XLA.
       w8a8_bf16_min_rows: rows from which an int8 W8A8 product runs as a bf16 dot
         rather than an int32 one (XLA:CPU).
       two_level_max_rows: rows up to which int8 weight-only products split the
@@ -439,6 +440,8 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
         return _first((impl_native.W8A8_VNNI, impl_native.INT8_GEMM, impl_native.TWO_LEVEL), p)
     if impl_native.W4_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
         return impl_native.W4_DECODE
+    if impl_native.FP8_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
+        return impl_native.FP8_DECODE
     # W8A8 with the activation quantization in the kernel; up to native_decode_rows
     # the GEMM reads the weight in place (no packing), which the fused call does not.
     if impl_native.W8A8_VNNI.supports(p) and p.rows > pol.native_decode_rows and gemm_pays(p.rows):

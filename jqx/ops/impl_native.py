@@ -145,6 +145,38 @@ class W4(Implementation):
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
 
+class Fp8WeightOnly(Implementation):
+    """FP8 (E4M3 / E5M2) weight-only, per channel or grouped along K (MXFP8's E8M0
+    scales widened to float32, exactly), for up to ``W4_MAX_ROWS`` rows, read in place
+    (``native.fp8_matmul``). bf16/f16 activations are widened to f32 (exact)."""
+
+    name = "native.fp8"
+
+    def supports(self, p: Problem) -> bool:
+        # An in_scale has already divided x when run is called (Problem).
+        if p.kind != "weight_only" or not p.plain or p.zero_shape is not None:
+            return False
+        if p.weight_format not in ("fp8_e4m3", "fp8_e5m2") or p.compute_dtype not in _WIDENED:
+            return False
+        k, n = p.weight_shape
+        g = p.block[0]
+        if p.block[1] != 1 or k % g or p.scale_shape != (k // g, n):
+            return False
+        return 1 <= p.rows <= _kernels.W4_MAX_ROWS
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        n = q.shape[1]
+        scale = q.scale.astype(jnp.float32)
+
+        def kernel(rows):
+            return _kernels.fp8_matmul(
+                rows.astype(jnp.float32), q.qvalue, scale, group_size=q.block[0]
+            )
+
+        return _rows(x, xc, n, kernel).astype(p.out_dtype)
+
+
 class GGUFBlocks(Implementation):
     """GGUF block layouts (Q4_0, Q4_1, Q8_0: ``W`` stored ``(N, K)`` with blocks of 32
     along K and float16 scales, used as ``x @ W.T``) on the AVX2 kernels, for up to
@@ -183,9 +215,10 @@ W8A8_FUSED = W8A8Fused()  # in conv_int8.cc's AVX2 library: its own availability
 W8A8_VNNI = W8A8Fused(vnni=True)  # in int8_gemm.cc, with INT8_GEMM
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
+FP8_DECODE = Fp8WeightOnly()
 GGUF_BLOCKS = GGUFBlocks(q8=False)
 GGUF_BLOCKS_Q8 = GGUFBlocks(q8=True)
 
-ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE)  # backend="native": the first that supports
+ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE, FP8_DECODE)  # backend="native": the first that supports
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
 GGUF = (GGUF_BLOCKS, GGUF_BLOCKS_Q8)

@@ -20,7 +20,8 @@
 // Up to kSmallM (6) rows (decode) skip the packing: see SmallM below.
 //
 // The same library holds jqx_w4_gemv, 4-bit weight-only x @ W for up to 16
-// rows (W4Small / W4GemvImpl below).
+// rows (W4Small / W4GemvImpl below), and jqx_fp8_gemv, the same for FP8
+// (E4M3 / E5M2) weights (Fp8Small / Fp8GemvImpl).
 //
 // Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
 // -mavx512vl -mavx512vnni); jqx checks the CPU before registering it.
@@ -577,6 +578,150 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
 }
 
 // ---------------------------------------------------------------------------
+// FP8 weight-only, decode-sized M: Y[M, N] (f32) = X[M, K] (f32) . W, with
+// W[k, n] = fp8(code[k, n]) * scale[g, n], g = k / gs; codes (K, N) uint8,
+// E4M3 (OCP "fn": no infinities, 0x7F/0xFF NaN) or E5M2. Each code widens to
+// float16 exactly: E5M2 is float16's top byte; E4M3 shifted into float16's
+// fields is its value times 2^-8 (subnormals included), so each group's sum is
+// scaled by 2^8 (exact) with its scale. E4M3's NaN codes stay NaN. Per group
+// the kernel sums x[k] * value in f32 and applies the group's scale once:
+// y += scale * sum. Threads split the columns (blocks of 64), k runs in chunks
+// of kW4ChunkRows rows as in W4Small.
+template <bool kE4M3>
+inline __m512 Fp8ToF32(__m128i codes) {
+  __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(codes), 8);  // E5M2 = f16's top byte
+  if (kE4M3) {
+    // s eeee mmm -> f16 s 0eeee mmm0000000 (value * 2^-8); NaN codes to f16 NaN.
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(
+        _mm256_and_si256(h, _mm256_set1_epi16(0x7F00)), _mm256_set1_epi16(0x7F00));
+    h = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<int16_t>(0xBFFF)));
+    h = _mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7E00));
+  }
+  return _mm512_cvtph_ps(h);
+}
+
+template <int R, bool kE4M3>
+void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const float* S,
+              int64_t gs, float* Y, int64_t j0, int64_t j1) {
+  if (j0 >= j1) return;
+  const int64_t G = K / gs;
+  const int64_t width = j1 - j0;
+  const int64_t nblk = (width + 63) / 64;
+  thread_local std::vector<float> part;  // partial group sums kept across chunks
+  part.resize(static_cast<size_t>(R * nblk * 64));
+  const __m512 unit = _mm512_set1_ps(kE4M3 ? 256.0f : 1.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kW4ChunkRows) {
+      const int64_t k1 = std::min<int64_t>(k0 + kW4ChunkRows, (g + 1) * gs);
+      const bool first = k0 == g * gs, last = k1 == (g + 1) * gs;
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t jb = j0 + blk * 64;
+        const int64_t nc = std::min<int64_t>(64, j1 - jb);  // valid columns
+        __mmask16 m[4];
+        for (int u = 0; u < 4; ++u) {
+          const int64_t v = std::max<int64_t>(0, std::min<int64_t>(16, nc - 16 * u));
+          m[u] = static_cast<__mmask16>((1u << v) - 1);
+        }
+        __m512 acc[R][4];
+        float* pp = part.data() + blk * 64;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u)
+            acc[r][u] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(pp + r * nblk * 64 + u * 16);
+        for (int64_t k = k0; k < k1; ++k) {
+          const uint8_t* row = P + k * N + jb;
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {  // empty units load zeros (no branch: acc stays in registers)
+            const __m512 w = Fp8ToF32<kE4M3>(_mm_maskz_loadu_epi8(m[u], row + 16 * u));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r)
+              acc[r][u] = _mm512_fmadd_ps(w, _mm512_set1_ps(X[r * K + k]), acc[r][u]);
+          }
+        }
+        if (!last) {
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; ++u) _mm512_storeu_ps(pp + r * nblk * 64 + u * 16, acc[r][u]);
+          continue;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            if (!m[u]) continue;
+            const int64_t col = jb + 16 * u;
+            const __m512 sc = _mm512_mul_ps(_mm512_maskz_loadu_ps(m[u], S + g * N + col), unit);
+            float* y = Y + r * N + col;
+            const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[u], y);
+            _mm512_mask_storeu_ps(y, m[u], _mm512_fmadd_ps(acc[r][u], sc, prev));
+          }
+      }
+    }
+  }
+}
+
+template <bool kE4M3>
+void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, const float* S,
+            int64_t gs, float* Y, int64_t j0, int64_t j1) {
+  switch (M) {
+    case 1: return Fp8Small<1, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 2: return Fp8Small<2, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 3: return Fp8Small<3, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 4: return Fp8Small<4, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 5: return Fp8Small<5, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 6: return Fp8Small<6, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 7: return Fp8Small<7, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    default: return Fp8Small<8, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+  }
+}
+
+// The codes arrive in their own dtype (F8E4M3FN or F8E5M2, which picks the
+// decode): a bitcast to uint8 on the jax side would copy the weight per call.
+ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto cd = codes.dimensions();
+  const auto sd = scale.dimensions();
+  const auto yd = y->dimensions();
+  const bool e4m3 = codes.element_type() == ffi::DataType::F8E4M3FN;
+  if (!e4m3 && codes.element_type() != ffi::DataType::F8E5M2)
+    return ffi::Error::InvalidArgument("jqx_fp8_gemv: codes must be F8E4M3FN or F8E5M2");
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "jqx_fp8_gemv: expected x (M, K), codes (K, N), scale (K/g, N), y (M, N)");
+  const uint8_t* C = static_cast<const uint8_t*>(codes.untyped_data());
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  if (cd[0] != K || cd[1] != N || yd[0] != M || group <= 0 || K % group != 0 ||
+      sd[0] != K / group || sd[1] != N || M > kW4MaxRows)
+    return ffi::Error::InvalidArgument("jqx_fp8_gemv: inconsistent shapes");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  float* Y = y->typed_data();
+  if (K == 0) {
+    memset(Y, 0, static_cast<size_t>(M * N) * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const int64_t nb = (N + 63) / 64;
+  const int64_t work = M * K * N;
+  threads = std::min<int64_t>(threads, GetPool()->threads());
+  const int64_t t = std::max<int64_t>(
+      1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
+  Parallel(t, [&](int64_t i) {
+    const int64_t j0 = std::min(N, nb * i / t * 64), j1 = std::min(N, nb * (i + 1) / t * 64);
+    for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows) {
+      const int64_t rows = std::min(kW4BlockRows, M - r0);
+      const float* xr = x.typed_data() + r0 * K;
+      if (e4m3)
+        Fp8Any<true>(rows, xr, K, C, N, scale.typed_data(), group, Y + r0 * N, j0, j1);
+      else
+        Fp8Any<false>(rows, xr, K, C, N, scale.typed_data(), group, Y + r0 * N, j0, j1);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
 // jqx_w8a8_vnni: W8A8 y (M, N) f32 = (xs[m] * ws[n]) applied to the exact int32
 // sums of codes(x) (M, K) . w (K, N) int8, with the activation quantization
 // inside the call, on the VNNI tiles above. The quantizer (its scalar formulas
@@ -806,6 +951,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("has_zero")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
                                   .Attr<int64_t>("threads"));
 
 extern "C" int jqx_cpu_supported() {

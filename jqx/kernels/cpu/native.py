@@ -11,7 +11,9 @@ as the XLA FFI target ``jqx_int8_gemm`` and exposes it as
 :func:`int8_matmul`, an exact ``int8 x int8 -> int32`` matmul usable under
 ``jit``. The same library registers ``jqx_w4_gemv`` (:func:`w4_matmul`): f32
 activations of up to :data:`W4_MAX_ROWS` rows times a packed 4-bit weight (any
-4-bit format, group-wise along K), read in place.
+4-bit format, group-wise along K), read in place; and ``jqx_fp8_gemv``
+(:func:`fp8_matmul`): the same for FP8 E4M3 / E5M2 weights (per channel or
+group-wise along K, MXFP8's E8M0 scales included).
 
 A second library, ``gguf_gemv.cc`` (AVX2, FMA and F16C only, so it runs on
 CPUs without AVX512), registers ``jqx_gguf_gemv`` (:func:`gguf_matmul`):
@@ -87,6 +89,7 @@ __all__ = [
     "status",
     "int8_matmul",
     "w4_matmul",
+    "fp8_matmul",
     "gguf_available",
     "gguf_status",
     "gguf_num_threads",
@@ -103,6 +106,7 @@ __all__ = [
     "decode_attention_int4_reference",
     "TARGET",
     "W4_TARGET",
+    "FP8_TARGET",
     "W4_MAX_ROWS",
     "GGUF_TARGET",
     "GGUF_Q8_TARGET",
@@ -126,6 +130,7 @@ __all__ = [
 
 TARGET = "jqx_int8_gemm"
 W4_TARGET = "jqx_w4_gemv"
+FP8_TARGET = "jqx_fp8_gemv"  # FP8 (E4M3 / E5M2) weight-only, up to W4_MAX_ROWS rows
 W4_MAX_ROWS = 16  # kW4MaxRows in the kernel (register blocks of 8 rows)
 GGUF_TARGET = "jqx_gguf_gemv"
 GGUF_Q8_TARGET = "jqx_gguf_gemv_q8"  # int8 activations, llama.cpp's numerics
@@ -181,6 +186,7 @@ _INT8 = _Library(
     targets={
         TARGET: "JqxInt8Gemm",
         W4_TARGET: "JqxW4Gemv",
+        FP8_TARGET: "JqxFp8Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
     },
 )
@@ -787,6 +793,58 @@ def w4_matmul(
         scale if zero is None else zero,
         group=np.int64(group_size),
         has_zero=np.int64(zero is not None),
+        threads=np.int64(_threads()),
+    )
+
+
+def fp8_matmul(
+    x: jax.Array, codes: jax.Array, scale: jax.Array, *, group_size: int
+) -> jax.Array:
+    """``x @ W`` for an FP8 weight-only weight, f32, for up to :data:`W4_MAX_ROWS`
+    rows (decode), reading the codes in place.
+
+    ``W[k, j] = codes[k, j] * scale[g, j]`` with ``g = k // group_size``. Each code
+    widens to float exactly (E4M3's NaN codes stay NaN); sums are f32 (each group's
+    codes first, then its scale), so the result equals ``x @ W`` up to f32 rounding.
+
+    Args:
+      x: (M, K) float32, M <= W4_MAX_ROWS.
+      codes: (K, N) ``float8_e4m3fn`` or ``float8_e5m2``.
+      scale: (K // group_size, N) float32.
+      group_size: rows of K per scale (K for one scale per column); must divide K.
+
+    Raises:
+      TypeError: shapes or dtypes that do not match.
+    """
+    if x.ndim != 2 or x.shape[0] > W4_MAX_ROWS or x.dtype != jnp.float32:
+        raise TypeError(
+            f"fp8_matmul: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
+            f"{tuple(x.shape)}."
+        )
+    m, k = x.shape
+    kinds = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+    if codes.ndim != 2 or codes.shape[0] != k or jnp.dtype(codes.dtype) not in kinds:
+        raise TypeError(
+            f"fp8_matmul: codes must be float8_e4m3fn or float8_e5m2 ({k}, N), got "
+            f"{codes.dtype} {tuple(codes.shape)}."
+        )
+    n = codes.shape[1]
+    if group_size <= 0 or k % group_size:
+        raise TypeError(f"fp8_matmul: group_size={group_size} must divide K={k}.")
+    if tuple(scale.shape) != (k // group_size, n) or scale.dtype != jnp.float32:
+        raise TypeError(
+            f"fp8_matmul: scale must be float32 {(k // group_size, n)}, got {scale.dtype} "
+            f"{tuple(scale.shape)}."
+        )
+    if not available():
+        raise RuntimeError(f"the native kernels are not available: {status()}")
+    return jax.ffi.ffi_call(
+        FP8_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        codes,  # in its own dtype: a bitcast to uint8 would copy it per call
+        scale,
+        group=np.int64(group_size),
         threads=np.int64(_threads()),
     )
 
