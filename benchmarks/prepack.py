@@ -133,7 +133,12 @@ def model(ports: list[str], batches: list[int], seq: int, rounds: int, tiny: boo
                 )
 
 
-def llm_table(rounds: int, new_tokens: int, only: str | None = None) -> None:
+EMBEDDING = {"none": None, "int8": jqx.int8_weight_only, "same": lambda: True}
+
+
+def llm_table(
+    rounds: int, new_tokens: int, only: str | None = None, embedding: str = "none"
+) -> None:
     """SmolLM2-135M (the shipped GGUF) re-quantized with each recipe: its ``(out, in)``
     weights stored for the native kernels (``jqx.llm.ptq.pack_llm_weights``: int8 in
     the GEMM's panels, 4-bit as the (in, out) transpose) against the same model as
@@ -150,7 +155,8 @@ def llm_table(rounds: int, new_tokens: int, only: str | None = None) -> None:
     prompt = "The king said to his son that"
     print(
         f"\nSmolLM2-135M, greedy, {new_tokens} new tokens (median of {rounds} interleaved "
-        "generations; A: LLM.quantize(prepack=False), B: packed for the native kernels)\n"
+        "generations; A: LLM.quantize(prepack=False), B: packed for the native kernels; "
+        f"embedding table: {embedding})\n"
     )
     ref = base.dequantize()
     ref_runs = [
@@ -173,6 +179,8 @@ def llm_table(rounds: int, new_tokens: int, only: str | None = None) -> None:
             continue
         calibrated = any(c in name for c in CALIBRATED)
         kw = dict(calibration_text=text, max_windows=2) if calibrated else {}
+        emb = EMBEDDING[embedding]
+        kw["embedding"] = None if emb is None else emb()
         a = base.quantize(r, progress=False, prepack=False, **kw)
         b = a.with_params(pack_llm_weights(a.params))
         qs = [x for x in jax.tree_util.tree_leaves(b.params, is_leaf=jqx.is_qarray)]
@@ -209,6 +217,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only", help="LLM recipes whose names contain one of these (comma-separated)"
     )
+    ap.add_argument(
+        "--embedding",
+        choices=sorted(EMBEDDING),
+        default="none",
+        help="LLM.quantize(embedding=): the embedding table (SmolLM2's tied output "
+        "projection) kept float32 (none), int8 in rows (int8) or in the row's recipe (same)",
+    )
     args = ap.parse_args(argv)
     status = jqx.ops.native_status()
     if status != "available":
@@ -221,7 +236,7 @@ def main(argv=None) -> int:
     if not args.skip_model:
         model(args.ports.split(","), args.batches, args.seq, args.rounds, args.tiny)
     if args.llm:
-        llm_table(max(3, args.rounds // 20), args.new_tokens, args.only)
+        llm_table(max(3, args.rounds // 20), args.new_tokens, args.only, args.embedding)
     return 0
 
 

@@ -142,6 +142,31 @@ def test_int8_weights_are_packed_where_the_native_gemm_runs(tiny, recipe):
     assert len(g.tokens[0]) == 3
 
 
+@pytest.mark.parametrize("table", ["int8", "same"])
+def test_embedding_quantized_in_rows_for_lookups_and_the_tied_head(tiny, table):
+    """embedding=: the table is quantized in rows (a lookup decodes its rows, the tied
+    output projection multiplies the codes), stored for the native kernels where they
+    run ('vnni' int8, 'kn' 4-bit), with the same logits stored or not."""
+    r4 = jqx.int4_weight_only(group_size=32)
+    emb = jqx.int8_weight_only() if table == "int8" else True
+    plain = tiny.quantize(r4, prepack=False, progress=False, embedding=emb)
+    packed = tiny.quantize(r4, prepack=True, progress=False, embedding=emb)
+    e = plain.params["embed"].get_value()
+    assert jqx.is_qarray(e) and e.shape == (CFG.vocab_size, CFG.dim)
+    assert e.format == ("int8" if table == "int8" else "uint4")
+    assert e.block == (1, CFG.dim if table == "int8" else 32)  # rows: along the features
+    ref = tiny.model.embed[...]
+    err = float(jnp.abs(e.dequantize() - ref).max())
+    assert err <= (0.01 if table == "int8" else 0.1) * float(jnp.abs(ref).max()), err
+    assert packed.params["embed"].get_value().code_layout == ("vnni" if table == "int8" else "kn")
+    assert plain.nbytes < tiny.quantize(r4, prepack=False, progress=False).nbytes
+    got = np.asarray(packed.logits(IDS[:64]))
+    np.testing.assert_allclose(got, np.asarray(plain.logits(IDS[:64])), rtol=0, atol=1e-4)
+    assert _kl(tiny.logits(IDS[:64]), jnp.asarray(got)) < 0.05
+    g = packed.generate(IDS[:5], max_new_tokens=3, stop_at_eos=False)
+    assert g.tokens == plain.generate(IDS[:5], max_new_tokens=3, stop_at_eos=False).tokens
+
+
 def test_gptq_beats_rtn_at_3_bits_on_the_calibration_text(tiny):
     kw = dict(calibration_text=IDS, window=128, max_windows=3, progress=False)
     ref = tiny.logits(IDS[:128])
@@ -197,6 +222,15 @@ def test_a_recipe_that_needs_data_without_a_text_names_the_argument(tiny):
         tiny.quantize(jqx.gptq(bits=4, group_size=32), calibration_text=IDS[:100])
     with pytest.raises(ValueError, match=r"\['observer'\] are jqx.calibrate options"):
         tiny.quantize(jqx.int8_weight_only(), observer="mse")
+
+
+def test_bad_embedding_recipes_name_the_argument(tiny):
+    with pytest.raises(ValueError, match="embedding='int8' must be None"):
+        tiny.quantize(jqx.int8_weight_only(), embedding="int8")
+    with pytest.raises(ValueError, match="embedding=True takes the weights' recipe"):
+        tiny.quantize({".*": jqx.int8_weight_only()}, embedding=True)
+    with pytest.raises(ValueError, match="LLM.int8"):
+        tiny.quantize(jqx.int8_weight_only(), embedding=jqx.llm_int8())
 
 
 def test_allocate_budget_below_the_smallest_candidate(tiny):

@@ -192,6 +192,7 @@ W4_SHAPES = [
     (4, 1024, 2048, 128, "fp4_e1m2", True),
     (13, 200, 300, 40, "uint4", True),  # two register blocks of rows (8 + 5)
     (16, 512, 1000, 128, "int4", False),
+    (1, 576, 961, 32, "uint4", True),  # a chunk per thread, the last one partial
 ]
 
 
@@ -254,7 +255,10 @@ def _fp8_case(m, k, n, g, dtype, seed):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
-@pytest.mark.parametrize("m,k,n,g", [(1, 576, 1536, 576), (5, 96, 100, 32), (16, 64, 70, 64), (9, 256, 17, 32)])
+@pytest.mark.parametrize(
+    "m,k,n,g",
+    [(1, 576, 1536, 576), (5, 96, 100, 32), (16, 64, 70, 64), (9, 256, 17, 32), (2, 512, 333, 64)],
+)
 def test_fp8_matmul_against_f64(m, k, n, g, dtype):
     """FP8 weight-only: every finite code (subnormals included) widened exactly, f32
     sums within a few ulps of sum |x| |w|."""
@@ -453,6 +457,8 @@ W8A8_SHAPES = [
     (300, 65, 40),
     (1024, 384, 384),
     (257, 1536, 384),
+    (1, 576, 1000),  # decode sizes: the threads split the panels
+    (16, 130, 333),
 ]
 
 

@@ -586,3 +586,30 @@ def test_kn_layout_with_act_order_groups():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     uneven = q.replace(g_idx=jnp.asarray(np.sort(g_idx)[::-1] * 0))  # one group holds all
     assert not kn_eligible(uneven)
+
+
+def test_kn_tables_read_rows_as_columns_of_the_transpose():
+    """Rows of a 'kn' table (an embedding stored for the output projection's kernels)
+    are read out of its stored transpose, never decoding the rest: the same values as
+    the plain table's rows, for 4-bit with and without zero points (odd row count: a
+    half-used last byte), FP8, NVFP4's two-level scales and a GPTQ act_order g_idx."""
+    from jqx.core.qarray import kn_eligible
+
+    t = jax.random.normal(jax.random.key(8), (51, 64))
+    tables = [
+        jqx.int4_weight_only(group_size=32).for_embedding().quantize_weight(t),
+        jqx.weight_only("int4", granularity=jqx.per_group(16, axis=1)).quantize_weight(t),
+        jqx.fp8_weight_only().for_embedding().quantize_weight(t),
+        jqx.quantize_nvfp4(t),
+    ]
+    rng = np.random.default_rng(1)
+    g_idx = np.empty(64, np.int32)
+    g_idx[rng.permutation(64)] = np.arange(64) // 16
+    tables.append(tables[1].replace(g_idx=jnp.asarray(g_idx)))
+    ids = jnp.array([[50, 0, 7], [7, 49, 1]])
+    for q in tables:
+        assert kn_eligible(q), q.format
+        kn = q.with_code_layout("kn")
+        got = jax.jit(jqx.ops.take)(kn, ids)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(q.dequantize()[ids]))
+        np.testing.assert_array_equal(np.asarray(kn.row_codes(ids[0])), np.asarray(q.qvalue[ids[0]]))

@@ -487,9 +487,17 @@ class QArray:
         """The stored codes of rows ``ids`` (an int array of any shape, values in range)
         of a 2-D QArray, in the plain layout (``ids.shape + qvalue's row``); from a
         ``"vnni"`` layout read out of the panels, without unpacking the rest; from a
-        ``"kn"`` one decoded whole (its rows are scattered across the stored transpose)."""
-        if self.code_layout == "kn":  # the stored transpose: decoded, then re-stored
-            return pack_codes(self.codes()[ids], self.fmt)
+        ``"kn"`` one read as columns of the stored transpose (with a ``g_idx``, whose
+        rows are sorted by group: decoded whole)."""
+        if self.code_layout == "kn":
+            if self.g_idx is not None:
+                return pack_codes(self.codes()[ids], self.fmt)
+            if self.fmt.packed:  # 4-bit, two columns per byte, low nibble first
+                col = self.qvalue[:, ids // 2]
+                col = (col >> (4 * (ids % 2)).astype(col.dtype)) & 0xF
+            else:
+                col = self.qvalue[:, ids]
+            return pack_codes(jnp.moveaxis(col, 0, -1), self.fmt)
         if self.code_layout != "vnni":
             return self.qvalue[ids]
         npan, kq, _ = self.qvalue.shape

@@ -215,9 +215,11 @@ def quantize_llm(
     fuse: bool | None = None,
     progress: bool = True,
     prepack: bool | None = None,
+    embedding: Recipe | bool | None = None,
     **calibrate_kw,
 ) -> LLM:
     """See :meth:`jqx.llm.LLM.quantize`."""
+    table_recipe = _embedding_recipe(embedding, recipe)
     model = _float_model(llm)
     kernels, fn = _kernels_and_fn(model)
     fuse = _is_fused(nnx.merge(llm._graphdef, llm.params)) if fuse is None else fuse
@@ -237,11 +239,40 @@ def quantize_llm(
                 "needs calibration; drop them."
             )
         q = quantize(kernels, recipe, filter_fn=take)
+    if table_recipe is not None:
+        # (vocab, dim) rows, already the (out, in) of the tied output projection
+        model.embed.set_value(table_recipe.quantize_weight(model.embed[...], path="embed"))
     out = _rebuild(llm, model, q, fuse)
     if prepack is None:
         prepack = native_status() == "available"
     # After fusing: the fused weights are concatenated codes, packed as one.
     return out.with_params(pack_llm_weights(out.params)) if prepack else out
+
+
+def _embedding_recipe(embedding, recipe) -> Recipe | None:
+    """The recipe for the embedding table (quantized in rows), or None to keep it."""
+    if embedding is None or embedding is False:
+        return None
+    if embedding is True:
+        if not isinstance(recipe, Recipe):
+            raise ValueError(
+                "embedding=True takes the weights' recipe, but recipe is a rules mapping; "
+                "pass the table's recipe itself, e.g. embedding=jqx.int8_weight_only()."
+            )
+        embedding = recipe
+    if not isinstance(embedding, Recipe):
+        raise ValueError(
+            f"embedding={embedding!r} must be None (keep the table float32), True (the "
+            "weights' recipe) or a jqx recipe, e.g. embedding=jqx.int8_weight_only()."
+        )
+    r = embedding.for_embedding()  # rows: one scale per row or groups along it
+    if r.act is not None and r.act.kind == "llm_int8":
+        raise ValueError(
+            f"embedding={embedding.name!r}: LLM.int8()'s outlier matmul runs on (in, out) "
+            "weights, and the table is looked up by rows; use e.g. "
+            "embedding=jqx.int8_weight_only() for the table."
+        )
+    return r
 
 
 def pack_llm_weights(params):

@@ -277,13 +277,14 @@ class LLM:
         fuse: bool | None = None,
         progress: bool = True,
         prepack: bool | None = None,
+        embedding=None,
         **calibrate_kw,
     ) -> LLM:
         """The model re-quantized from its float32 weights with a jqx recipe or rules.
 
         The reference is :meth:`dequantize`'s model. Every matmul weight (7 per block,
         query/key/value and gate/up split when fused; plus ``output`` when untied; the
-        embedding is left as it is) goes through :func:`jqx.quantize`, or
+        embedding as ``embedding=`` says) goes through :func:`jqx.quantize`, or
         :func:`jqx.calibrate` on this model's forward pass when a recipe needs data
         (GPTQ, AWQ, SmoothQuant, static int8 activations; GPTQ sequentially, with a
         progress bar). Rules match paths such as ``blocks/3/attn/wv`` or
@@ -303,6 +304,12 @@ class LLM:
             reads in place): None (default) where the native kernels run
             (``jqx.ops.native_status() == "available"``), True / False always / never.
             Measured on SmolLM2-135M in docs/benchmarks/prepack.md.
+          embedding: the embedding table (with a tied embedding, also the output
+            projection, the largest matmul of a small model): None (default) keeps it
+            float32; a recipe quantizes it in rows (:meth:`jqx.Recipe.for_embedding`:
+            round to nearest, one scale per row or groups along it, so a lookup
+            decodes only its rows), e.g. ``jqx.int8_weight_only()``; True uses
+            ``recipe`` itself (a single recipe only).
           **calibrate_kw: passed to :func:`jqx.calibrate` (``observer=`` ...).
 
         Returns:
@@ -310,7 +317,8 @@ class LLM:
 
         Raises:
           ValueError: a recipe needs data and ``calibration_text`` is None or shorter
-            than one window.
+            than one window; ``embedding`` is not None, True or a recipe, True with
+            rules, or an LLM.int8() recipe (its matmul runs on ``(in, out)`` weights).
 
         Example:
             >>> import jqx
@@ -329,6 +337,7 @@ class LLM:
             fuse=fuse,
             progress=progress,
             prepack=prepack,
+            embedding=embedding,
             **calibrate_kw,
         )
 

@@ -25,18 +25,22 @@ from jqx.core.qarray import QArray, is_qarray
 __all__ = ["take", "take_rows"]
 
 
-def _rows(a: jax.Array | None, ids: jax.Array, n_rows: int, block_rows: int):
+def _rows(a: jax.Array | None, ids: jax.Array, n_rows: int, block_rows: int, axis: int = 0):
     """Rows of a per-block child for the logical rows ``ids``; broadcast children
-    (one row) are repeated so the result is per row."""
+    (one row) are repeated so the result is per row. ``axis=1``: the child is stored
+    transposed (a ``"kn"`` QArray's), its columns are the rows."""
     if a is None or a.ndim != 2:
         return a
-    if a.shape[0] == 1:
-        return jnp.broadcast_to(a, (ids.shape[0], a.shape[1]))
-    if a.shape[0] == n_rows:
-        return a[ids]
-    if a.shape[0] == -(-n_rows // block_rows):
-        return a[ids // block_rows]
-    raise ValueError(f"a child of shape {a.shape} does not map onto {n_rows} rows")
+    n = a.shape[axis]
+    if n == 1:
+        idx = jnp.zeros_like(ids)
+    elif n == n_rows:
+        idx = ids
+    elif n == -(-n_rows // block_rows):
+        idx = ids // block_rows
+    else:
+        raise ValueError(f"a child of shape {a.shape} does not map onto {n_rows} rows")
+    return a[idx] if axis == 0 else a[:, idx].T
 
 
 def take_rows(q: QArray, ids: jax.Array) -> QArray:
@@ -55,17 +59,20 @@ def take_rows(q: QArray, ids: jax.Array) -> QArray:
         )
     if ids.ndim != 1:
         raise ValueError(f"take_rows: ids must be 1-D; got shape {ids.shape}.")
+    if q.code_layout == "kn" and q.g_idx is not None:
+        q = q.with_code_layout("plain")  # rows sorted by group: decoded whole
     n, b0 = q.shape[0], q.block[0]
     sb0 = q.super_block[0] if q.super_block is not None else 1
+    ax = 1 if q.code_layout == "kn" else 0  # "kn" children are the transpose's
     kw = {
         "qvalue": q.row_codes(ids),  # read out of the panels of a jqx.prepack'd table
         "code_layout": "plain",
         "qhigh": None if q.qhigh is None else q.qhigh[ids],
-        "scale": _rows(q.scale, ids, n, b0),
-        "zero_point": _rows(q.zero_point, ids, n, b0),
-        "super_scale": _rows(q.super_scale, ids, n, sb0),
-        "super_zero": _rows(q.super_zero, ids, n, sb0),
-        "in_scale": _rows(q.in_scale, ids, n, 1),
+        "scale": _rows(q.scale, ids, n, b0, ax),
+        "zero_point": _rows(q.zero_point, ids, n, b0, ax),
+        "super_scale": _rows(q.super_scale, ids, n, sb0, ax),
+        "super_zero": _rows(q.super_zero, ids, n, sb0, ax),
+        "in_scale": _rows(q.in_scale, ids, n, 1, ax),
         "shape": (int(ids.shape[0]), q.shape[1]),
         "block": (1, q.block[1]),
     }

@@ -335,6 +335,11 @@ void Parallel(int64_t t, F f) {
   GetPool()->ForEach(t, f);
 }
 
+constexpr int64_t kPanelSplitWork = int64_t{1} << 17;
+// jqx_w8a8_vnni splits the panels (not the rows) over the threads up to this
+// many rows of x (decode sizes).
+constexpr int64_t kW8A8PanelRows = 16;
+
 // C = (A - 128) . B on the pool. ``Bp`` is the packed weight, or null: then B
 // (K, N) is packed here, into this thread's buffer, and up to kSmallM rows read
 // it in place (SmallM) instead.
@@ -368,10 +373,14 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
     Parallel(tp, [&](int64_t i) { PackRows(B, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
     Bp = buf;
   }
-  // Many row blocks: threads split the rows. Few (decode-like M): the panels.
+  // Many row blocks: threads split the rows. Few (decode-like M): the panels,
+  // over every thread from kPanelSplitWork multiply-adds on: each panel is
+  // streamed from memory once, and one thread alone left a decode step's
+  // products (SmolLM2-135M: 0.3-1.8M multiply-adds each) at half the bandwidth.
   const bool by_rows = nmb >= 4 * t_max;
   const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
-  const int64_t t = std::min<int64_t>(t_max, by_rows ? nmb : ng);
+  const int64_t t_panels = work >= kPanelSplitWork ? std::max<int64_t>(threads, 1) : t_max;
+  const int64_t t = by_rows ? std::min<int64_t>(t_max, nmb) : std::min<int64_t>(t_panels, ng);
   Parallel(t, [&](int64_t i) {
     if (by_rows) {
       Blocks(A, M, Kp, Bp, N, C, nmb * i / t, nmb * (i + 1) / t, 0, np);
@@ -423,6 +432,35 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
 // thread) so each chunk streams in order; threads split the columns.
 constexpr int64_t kW4ChunkRows = 16;
 
+// Column chunks of a decode-sized product (M rows of x times a (K, N) weight,
+// row-major): an even split into one chunk per thread, in whole units of 128
+// columns (a cache line of 4-bit codes, two of FP8). Each thread streams long
+// runs of its rows (512 bytes of a 4-bit row at N = 2048), which the hardware
+// prefetchers follow; chunks of 128 columns (more chunks for the pool to share
+// out) read one cache line per row and ran 1.3-2x slower from memory. Below
+// kGemvInlineWork multiply-adds, or with one thread, one chunk: the calling
+// thread is done before a worker would join in. (A floor of 2^20 multiply-adds
+// per thread before this left every product of SmolLM2-135M on one thread.)
+constexpr int64_t kGemvInlineWork = int64_t{1} << 16;
+
+int64_t GemvChunkCols(int64_t M, int64_t K, int64_t N, int64_t threads) {
+  const int64_t t = std::min<int64_t>(threads, GetPool()->threads());
+  if (t <= 1 || M * K * N < kGemvInlineWork) return std::max<int64_t>(N, 1);
+  const int64_t units = (N + 127) / 128;
+  return (units + t - 1) / t * 128;
+}
+
+// The row kGemvPrefetchRows below k of a weight streamed row by row (a
+// column block at a time, as W4Small and Fp8Small read it), requested ahead:
+// from memory (a model's weights are not in cache) the kernels ran 1.4-2x
+// slower without it. Clamped to the last row, so no branch in the unit loop.
+constexpr int64_t kGemvPrefetchRows = 48;
+
+inline void GemvPrefetch(const uint8_t* col, int64_t k, int64_t K, int64_t stride) {
+  const int64_t r = std::min(k + kGemvPrefetchRows, K - 1);
+  _mm_prefetch(reinterpret_cast<const char*>(col + r * stride), _MM_HINT_T0);
+}
+
 template <int R>
 void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
              const float* table, const float* S, const float* Z, int64_t gs, float* Y,
@@ -433,9 +471,15 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
   const int64_t nblk = (width + 63) / 64;  // 64-column blocks: two 32-column units
   // Scratch kept across calls (no allocation per call).
   thread_local std::vector<float> xs, part;
-  xs.assign(static_cast<size_t>(R * G), 0.0f);
-  for (int r = 0; r < R; ++r)
-    for (int64_t k = 0; k < K; ++k) xs[r * G + k / gs] += X[r * K + k];
+  if (Z != nullptr) {  // sum(x) per group, for the zero points (no division per k)
+    xs.resize(static_cast<size_t>(R * G));
+    for (int r = 0; r < R; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.0f;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) sum += X[r * K + k];
+        xs[r * G + g] = sum;
+      }
+  }
   // Partial group sums, per row and block: [r][blk][even0, odd0, even1, odd1] x 16.
   part.resize(static_cast<size_t>(R * nblk * 64));
   const __m512 tab = _mm512_loadu_ps(table);
@@ -470,6 +514,7 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
                               : _mm512_loadu_ps(pp + r * nblk * 64 + s * 16);
         const uint8_t* pk = P + jb / 2;
         for (int64_t k = k0; k < k1; ++k) {
+          GemvPrefetch(pk, k, K, N2);
 #pragma GCC unroll 2
           for (int u = 0; u < 2; ++u) {
             const __m512i b =
@@ -494,7 +539,7 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
         // Group end: interleave, then y += scale * (sum - zero * sum(x)).
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512 xsv = _mm512_set1_ps(xs[r * G + g]);
+          const __m512 xsv = _mm512_set1_ps(Z != nullptr ? xs[r * G + g] : 0.0f);
 #pragma GCC unroll 2
           for (int u = 0; u < 2; ++u)
 #pragma GCC unroll 2
@@ -560,19 +605,15 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
     memset(Y, 0, static_cast<size_t>(M * N) * sizeof(float));
     return ffi::Error::Success();
   }
-  const int64_t nb = (N + 63) / 64;
-  const int64_t work = M * K * N;
-  threads = std::min<int64_t>(threads, GetPool()->threads());
-  const int64_t t = std::max<int64_t>(
-      1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
+  const int64_t cols = GemvChunkCols(M, K, N, threads);
   const float* Z = has_zero ? zero.typed_data() : nullptr;
-  Parallel(t, [&](int64_t i) {
-    // Blocks of up to kW4BlockRows rows, each over the thread's columns (the
+  Parallel((N + cols - 1) / cols, [&](int64_t i) {
+    // Blocks of up to kW4BlockRows rows, each over the chunk's columns (the
     // weight slice is read again per block, from cache).
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows)
       W4Any(std::min(kW4BlockRows, M - r0), x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
-            table.typed_data(), scale.typed_data(), Z, group, Y + r0 * N,
-            std::min(N, nb * i / t * 64), std::min(N, nb * (i + 1) / t * 64));
+            table.typed_data(), scale.typed_data(), Z, group, Y + r0 * N, i * cols,
+            std::min(N, (i + 1) * cols));
   });
   return ffi::Error::Success();
 }
@@ -630,6 +671,7 @@ void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const floa
           for (int u = 0; u < 4; ++u)
             acc[r][u] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(pp + r * nblk * 64 + u * 16);
         for (int64_t k = k0; k < k1; ++k) {
+          GemvPrefetch(P + jb, k, K, N);
           const uint8_t* row = P + k * N + jb;
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) {  // empty units load zeros (no branch: acc stays in registers)
@@ -702,13 +744,9 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
     memset(Y, 0, static_cast<size_t>(M * N) * sizeof(float));
     return ffi::Error::Success();
   }
-  const int64_t nb = (N + 63) / 64;
-  const int64_t work = M * K * N;
-  threads = std::min<int64_t>(threads, GetPool()->threads());
-  const int64_t t = std::max<int64_t>(
-      1, std::min<int64_t>({threads, nb, std::max<int64_t>(1, work / (1 << 20))}));
-  Parallel(t, [&](int64_t i) {
-    const int64_t j0 = std::min(N, nb * i / t * 64), j1 = std::min(N, nb * (i + 1) / t * 64);
+  const int64_t cols = GemvChunkCols(M, K, N, threads);
+  Parallel((N + cols - 1) / cols, [&](int64_t i) {
+    const int64_t j0 = i * cols, j1 = std::min(N, (i + 1) * cols);
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows) {
       const int64_t rows = std::min(kW4BlockRows, M - r0);
       const float* xr = x.typed_data() + r0 * K;
@@ -781,27 +819,15 @@ struct W8A8Job {
 thread_local std::vector<uint8_t> t_w8a8_a;
 thread_local std::vector<float> t_w8a8_s;
 
-void W8A8Chunk(const void* ctx, int64_t chunk) {
-  const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
-  const int64_t r0 = chunk * j.chunk_rows;
-  const int64_t rows = std::min(j.M, r0 + j.chunk_rows) - r0;
-  // The chunk's codes (a last, partial row block reads only its own rows).
-  if (t_w8a8_a.size() < static_cast<size_t>(rows * j.Kp))
-    t_w8a8_a.resize(static_cast<size_t>(rows * j.Kp));
-  if (t_w8a8_s.size() < static_cast<size_t>(rows)) t_w8a8_s.resize(static_cast<size_t>(rows));
-  uint8_t* a = t_w8a8_a.data();
-  float* xs = t_w8a8_s.data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = j.x + (r0 + r) * j.K;
-    const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
-    xs[r] = s;
-    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
-  }
+// Rows [r0, r0 + rows) of y over panels [p0, p1) (p0 a multiple of NB), from
+// the rows' codes ``a`` (rows x Kp, plus 128) and scales ``xs``.
+void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0, int64_t rows,
+                int64_t p0, int64_t p1) {
   const int64_t kq_n = j.Kp / 4;
   const int64_t pstride = kq_n * 64;
   alignas(64) int32_t tile[MR * NB * 16];
-  for (int64_t p = 0; p < j.np; p += NB) {
-    const int64_t nbh = std::min<int64_t>(NB, j.np - p);
+  for (int64_t p = p0; p < p1; p += NB) {
+    const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, nbh * 16));
     const int8_t* bpp = j.bp + p * pstride;
     for (int64_t rb = 0; rb < rows; rb += MR) {
@@ -829,6 +855,28 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
       }
     }
   }
+}
+
+// The codes and scales of rows [r0, r0 + rows) into ``a`` and ``xs``.
+void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float* xs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = j.x + (r0 + r) * j.K;
+    const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
+    xs[r] = s;
+    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
+  }
+}
+
+void W8A8Chunk(const void* ctx, int64_t chunk) {
+  const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
+  const int64_t r0 = chunk * j.chunk_rows;
+  const int64_t rows = std::min(j.M, r0 + j.chunk_rows) - r0;
+  // The chunk's codes (a last, partial row block reads only its own rows).
+  if (t_w8a8_a.size() < static_cast<size_t>(rows * j.Kp))
+    t_w8a8_a.resize(static_cast<size_t>(rows * j.Kp));
+  if (t_w8a8_s.size() < static_cast<size_t>(rows)) t_w8a8_s.resize(static_cast<size_t>(rows));
+  W8A8Quantize(j, r0, rows, t_w8a8_a.data(), t_w8a8_s.data());
+  W8A8Panels(j, t_w8a8_a.data(), t_w8a8_s.data(), r0, rows, 0, j.np);
 }
 
 thread_local std::vector<int32_t> t_w8a8_corr;
@@ -861,23 +909,42 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     Parallel(tp, [&](int64_t i) { PackRows(w, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
     Bp = buf;
   }
-  // Per panel, -128 * its column sums (one pass).
   if (t_w8a8_corr.size() < static_cast<size_t>(np * 16))
     t_w8a8_corr.resize(static_cast<size_t>(np * 16));
   if (t_w8a8_ws.size() < static_cast<size_t>(np * 16))
     t_w8a8_ws.resize(static_cast<size_t>(np * 16));
   int32_t* corr = t_w8a8_corr.data();
-  const int64_t tc = std::min<int64_t>(t_max, np);
-  Parallel(tc, [&](int64_t i) {
-    for (int64_t q = np * i / tc; q < np * (i + 1) / tc; ++q)
-      _mm512_storeu_si512(static_cast<void*>(corr + q * 16),
-                          NegColumnSums(Bp + q * kq_n * 64, kq_n));
-  });
   std::copy(wscale, wscale + N, t_w8a8_ws.begin());
   std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
   float scale = 1.0f;
   if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
+  const auto col_sums = [&](int64_t q0, int64_t q1) {  // per panel, -128 * its column sums
+    for (int64_t q = q0; q < q1; ++q)
+      _mm512_storeu_si512(static_cast<void*>(corr + q * 16),
+                          NegColumnSums(Bp + q * kq_n * 64, kq_n));
+  };
+  if (M <= kW8A8PanelRows && M * N * Kp >= kPanelSplitWork && threads > 1) {
+    // Decode-sized: x quantized once here, the threads split the panels (an even
+    // split in whole groups of NB), each summing its panels' columns right
+    // before it reads them again (from cache): the weight is streamed once.
+    if (t_w8a8_a.size() < static_cast<size_t>(M * Kp)) t_w8a8_a.resize(static_cast<size_t>(M * Kp));
+    if (t_w8a8_s.size() < static_cast<size_t>(M)) t_w8a8_s.resize(static_cast<size_t>(M));
+    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M};
+    const uint8_t* a = t_w8a8_a.data();
+    const float* xs = t_w8a8_s.data();
+    W8A8Quantize(job, 0, M, t_w8a8_a.data(), t_w8a8_s.data());
+    const int64_t ng = (np + NB - 1) / NB;
+    const int64_t t = std::min<int64_t>(threads, ng);
+    Parallel(t, [&](int64_t i) {
+      const int64_t q0 = std::min(np, ng * i / t * NB), q1 = std::min(np, ng * (i + 1) / t * NB);
+      col_sums(q0, q1);
+      W8A8Panels(job, a, xs, 0, M, q0, q1);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t tc = std::min<int64_t>(t_max, np);
+  Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
   // Chunks of up to 8 row blocks (48 rows), fewer when that leaves under 4 chunks
   // per thread; rows are the only split, so the result does not depend on it.
   const int64_t per_thread = std::max<int64_t>(1, M / (4 * MR * t_max));
