@@ -66,6 +66,42 @@ def test_goal_outlier_columns(seed):
     assert rel(llm_int8_matmul(x, q, outlier_dtype=jnp.bfloat16)) < 0.012
 
 
+@pytest.mark.parametrize("n_out", [0, 5, 40])
+def test_gathered_outlier_rows_equal_the_dense_product(n_out):
+    """max_outliers: the 16-bit product over the gathered outlier rows only (5 of them),
+    or, with more outliers than that (40 > 32), over all K; the int8 part's codes and
+    sums are the same, so without outliers the result is bit-identical and with them
+    within float32 summation order of sum |x| |w|. Under jit, decode-sized rows."""
+    _, q = _weight()
+    x, _ = _inputs(seed=4, n_out=n_out)
+    x = x[:3]
+    ref = llm_int8_matmul(x, q)
+    got = jax.jit(lambda a: llm_int8_matmul(a, q, max_outliers=32))(x)
+    if n_out == 0:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    mag = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(q.dequantize(), np.float64))
+    assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)) <= 1e-6 * mag)
+
+
+@pytest.mark.skipif(
+    jqx.ops.native_status() != "available", reason="the native int8 GEMM does not run here"
+)
+def test_decode_rows_take_the_native_route_with_the_xla_paths_result():
+    """jqx.ops sends LLM.int8() products of up to 16 rows to native.llm_int8 (the VNNI
+    GEMM's exact int32 sums, the outlier rows gathered): the XLA route's result within
+    float32 summation order; more rows stay on XLA."""
+    _, q = _weight()
+    x, _ = _inputs(seed=5, n_out=4)
+    dn = (((1,), (0,)), ((), ()))
+    for rows in (1, 16):
+        assert jqx.ops.explain(x[:rows], q, dn) == "native.llm_int8"
+        got = jax.jit(lambda a: jqx.ops.dot_general(a, q, dn))(x[:rows])
+        ref = jqx.ops.dot_general(x[:rows], q, dn, backend="xla")
+        mag = np.abs(np.asarray(x[:rows], np.float64)) @ np.abs(np.asarray(q.dequantize()))
+        assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(ref)) <= 1e-6 * mag)
+    assert jqx.ops.explain(x[:17], q, dn) == "xla.llm_int8"
+
+
 def test_jit_static_shapes_and_threshold():
     w, q = _weight()
     x, _ = _inputs(1)

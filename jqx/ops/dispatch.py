@@ -194,7 +194,8 @@ class Policy:
       native_decode_rows: up to this many rows the GEMM reads the weight in place...
       native_min_weight_decode: ...so it pays from this K x N on.
       w4_native_min_weight: K x N from which the native 4-bit and FP8 decode kernels
-        beat XLA.
+        beat XLA (1 to 16 rows).
+      llm_int8_native_min_weight: the same for LLM.int8()'s decode route.
       w8a8_bf16_min_rows: rows from which an int8 W8A8 product runs as a bf16 dot
         rather than an int32 one (XLA:CPU).
       two_level_max_rows: rows up to which int8 weight-only products split the
@@ -224,7 +225,8 @@ class Policy:
     native_min_weight: int = 1 << 22
     native_decode_rows: int = 6
     native_min_weight_decode: int = 1 << 18
-    w4_native_min_weight: int = 1 << 18
+    w4_native_min_weight: int = 1 << 14
+    llm_int8_native_min_weight: int = 1 << 16
     w8a8_bf16_min_rows: int = 1024
     two_level_max_rows: int = 64
     two_level_min_weight: int = 1 << 20
@@ -442,6 +444,8 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
         return impl_native.W4_DECODE
     if impl_native.FP8_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
         return impl_native.FP8_DECODE
+    if impl_native.LLM_INT8_DECODE.supports(p) and kn >= pol.llm_int8_native_min_weight:
+        return impl_native.LLM_INT8_DECODE
     # W8A8 with the activation quantization in the kernel; up to native_decode_rows
     # the GEMM reads the weight in place (no packing), which the fused call does not.
     if impl_native.W8A8_VNNI.supports(p) and p.rows > pol.native_decode_rows and gemm_pays(p.rows):

@@ -177,6 +177,43 @@ class Fp8WeightOnly(Implementation):
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
 
+# LLM.int8() at decode sizes gathers the rows of at most this many outlier features for
+# the 16-bit product (more: the dense product over all K, as XLA's path).
+LLM_INT8_MAX_OUTLIERS = 32
+
+
+class LlmInt8Decode(Implementation):
+    """LLM.int8() for up to ``W4_MAX_ROWS`` rows: the int8 part on the VNNI GEMM (the
+    XLA path's codes, its exact int32 sums and rescale: bit-identical), the outlier part
+    over the gathered rows of the outlier features only (at most
+    ``LLM_INT8_MAX_OUTLIERS``, else over all K) instead of a 16-bit product with the
+    whole dequantized weight (:func:`jqx.recipes.llm_int8.llm_int8_matmul`)."""
+
+    name = "native.llm_int8"
+
+    def supports(self, p: Problem) -> bool:
+        if p.kind != "llm_int8" or not p.plain or p.compute_dtype not in _WIDENED:
+            return False
+        (xc, wc), (xb, wb) = p.dimension_numbers
+        if xb or wb or len(xc) != 1 or tuple(wc) != (0,) or len(p.weight_shape) != 2:
+            return False
+        return 1 <= p.rows <= _kernels.W4_MAX_ROWS
+
+    def run(self, x, q, p):
+        from jqx.recipes.llm_int8 import llm_int8_matmul  # noqa: PLC0415
+
+        xc = p.dimension_numbers[0][0][0]
+        n = q.shape[1]
+        y = llm_int8_matmul(
+            jnp.moveaxis(x, xc, -1),
+            q,
+            out_dtype=p.out_dtype,
+            int8_dot=lambda codes: _kernels.int8_matmul(codes, q.qvalue, n=n),
+            max_outliers=LLM_INT8_MAX_OUTLIERS,
+        )
+        return y.astype(p.out_dtype)
+
+
 class GGUFBlocks(Implementation):
     """GGUF block layouts (Q4_0, Q4_1, Q8_0: ``W`` stored ``(N, K)`` with blocks of 32
     along K and float16 scales, used as ``x @ W.T``) on the AVX2 kernels, for up to
@@ -216,9 +253,10 @@ W8A8_VNNI = W8A8Fused(vnni=True)  # in int8_gemm.cc, with INT8_GEMM
 TWO_LEVEL = TwoLevelInt8()
 W4_DECODE = W4()
 FP8_DECODE = Fp8WeightOnly()
+LLM_INT8_DECODE = LlmInt8Decode()
 GGUF_BLOCKS = GGUFBlocks(q8=False)
 GGUF_BLOCKS_Q8 = GGUFBlocks(q8=True)
 
-ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE, FP8_DECODE)  # backend="native": the first that supports
+ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE, FP8_DECODE, LLM_INT8_DECODE)  # backend="native": the first that supports
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
 GGUF = (GGUF_BLOCKS, GGUF_BLOCKS_Q8)

@@ -70,6 +70,8 @@ def llm_int8_matmul(
     *,
     outlier_dtype=jnp.float16,
     out_dtype=None,
+    int8_dot=None,
+    max_outliers: int | None = None,
 ) -> jax.Array:
     """``x @ q`` with LLM.int8() mixed-precision decomposition.
 
@@ -82,6 +84,13 @@ def llm_int8_matmul(
       outlier_dtype: 16-bit float for the outlier product (float16 default;
         jnp.bfloat16 also accepted).
       out_dtype: result dtype (default ``x.dtype``).
+      int8_dot: the exact int32 product of the int8 codes ``(R, K)`` and ``q``'s codes
+        (default: XLA's int32 dot; ``jqx.ops``' native route passes the VNNI GEMM's,
+        bit-identical).
+      max_outliers: None (default): the outlier product runs over all K features, the
+        ordinary ones zeroed. An int T: it runs over the rows of the (at most T)
+        outlier features only, gathered, and over all K when more than T are outliers;
+        the same products, summed in another order (float32).
 
     Returns:
       (..., N) array: int8 product of the ordinary features plus the 16-bit
@@ -112,15 +121,36 @@ def llm_int8_matmul(
     x_codes, x_scale = quantize_activation(x_reg, "int8", "per_token")
     w_codes = q.qvalue  # int8 (K, N)
     w_scale = q.scale.astype(jnp.float32).reshape(1, n)
-    acc = lax.dot_general(
-        x_codes, w_codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-    )
+    if int8_dot is None:
+        acc = lax.dot_general(
+            x_codes, w_codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+        )
+    else:
+        acc = int8_dot(x_codes)
     y = acc.astype(jnp.float32) * x_scale * w_scale
-    # Outlier part: only the masked rows of the dequantized weight take part.
-    w_deq = w_codes.astype(jnp.float32) * w_scale
-    x_out = jnp.where(mask[None, :], xf, 0.0).astype(outlier_dtype)
-    w_out = jnp.where(mask[:, None], w_deq, 0.0).astype(outlier_dtype)
-    y = y + lax.dot_general(
-        x_out, w_out, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return y.reshape(*lead, n).astype(out_dtype)
+
+    def dense():
+        # Outlier part: only the masked rows of the dequantized weight take part.
+        w_deq = w_codes.astype(jnp.float32) * w_scale
+        x_out = jnp.where(mask[None, :], xf, 0.0).astype(outlier_dtype)
+        w_out = jnp.where(mask[:, None], w_deq, 0.0).astype(outlier_dtype)
+        return lax.dot_general(
+            x_out, w_out, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    if max_outliers is None:
+        return (y + dense()).reshape(*lead, n).astype(out_dtype)
+    t = max(1, min(int(max_outliers), k))
+    count = jnp.sum(mask)
+
+    def gathered():
+        idx = jnp.nonzero(mask, size=t, fill_value=0)[0]
+        used = jnp.arange(t) < count
+        x_g = jnp.where(used[None, :], xf[:, idx], 0.0).astype(outlier_dtype)
+        w_g = (q.row_codes(idx).astype(jnp.float32) * w_scale).astype(outlier_dtype)
+        # 16-bit operands, exact products and float32 sums, as the dense product.
+        return jnp.dot(
+            x_g.astype(jnp.float32), w_g.astype(jnp.float32), precision=lax.Precision.HIGHEST
+        )
+
+    return (y + lax.cond(count <= t, gathered, dense)).reshape(*lead, n).astype(out_dtype)

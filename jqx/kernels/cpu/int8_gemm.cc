@@ -220,6 +220,35 @@ class PackBuffer {
   size_t size_ = 0;
 };
 
+// Column chunks of a decode-sized product (M rows of x times a (K, N) weight,
+// row-major): an even split into one chunk per thread, in whole units of 128
+// columns (a cache line of 4-bit codes, two of FP8). Each thread streams long
+// runs of its rows (512 bytes of a 4-bit row at N = 2048), which the hardware
+// prefetchers follow; chunks of 128 columns (more chunks for the pool to share
+// out) read one cache line per row and ran 1.3-2x slower from memory. Below
+// kGemvInlineWork multiply-adds, or with one thread, one chunk: the calling
+// thread is done before a worker would join in. (A floor of 2^20 multiply-adds
+// per thread before this left every product of SmolLM2-135M on one thread.)
+constexpr int64_t kGemvInlineWork = int64_t{1} << 16;
+
+int64_t GemvChunkCols(int64_t M, int64_t K, int64_t N, int64_t threads) {
+  const int64_t t = std::min<int64_t>(threads, GetPool()->threads());
+  if (t <= 1 || M * K * N < kGemvInlineWork) return std::max<int64_t>(N, 1);
+  const int64_t units = (N + 127) / 128;
+  return (units + t - 1) / t * 128;
+}
+
+// The row kGemvPrefetchRows below k of a weight streamed row by row (a
+// column block at a time, as W4Small and Fp8Small read it), requested ahead:
+// from memory (a model's weights are not in cache) the kernels ran 1.4-2x
+// slower without it. Clamped to the last row, so no branch in the unit loop.
+constexpr int64_t kGemvPrefetchRows = 48;
+
+inline void GemvPrefetch(const uint8_t* col, int64_t k, int64_t K, int64_t stride) {
+  const int64_t r = std::min(k + kGemvPrefetchRows, K - 1);
+  _mm_prefetch(reinterpret_cast<const char*>(col + r * stride), _MM_HINT_T0);
+}
+
 // Decode-sized M (<= kSmallM rows): no packing, B is read once, in place.
 // Two rows of B at a time are sign-extended to int16 and interleaved in
 // registers (vpmovsxbw + vpunpck{l,h}wd), then multiplied by the broadcast
@@ -276,6 +305,9 @@ void SmallM(const uint8_t* A, int64_t Kp, const int8_t* B, int64_t K, int64_t N,
       for (int64_t p = p0; p < p1; ++p) {
         const int8_t* b0 = B + (2 * p) * N + jb;
         const bool has1 = 2 * p + 1 < K;
+        const uint8_t* col = reinterpret_cast<const uint8_t*>(B + jb);
+        GemvPrefetch(col, 2 * p, K, N);
+        GemvPrefetch(col, 2 * p + 1, K, N);
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
           const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m[h], b0 + 32 * h));
@@ -354,12 +386,11 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
   threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
   if (Bp == nullptr && M <= kSmallM) {
-    // Threads split the columns in multiples of 64.
-    const int64_t nb = (N + 63) / 64;
-    const int64_t t = std::min<int64_t>(t_max, nb);
-    Parallel(t, [&](int64_t i) {
-      SmallMAny(M, A, Kp, B, K, N, C, std::min(N, nb * i / t * 64),
-                std::min(N, nb * (i + 1) / t * 64));
+    // An even split of the columns over the threads (GemvChunkCols), rows
+    // prefetched ahead: the weight is read once, from memory.
+    const int64_t cols = GemvChunkCols(M, Kp, N, threads);
+    Parallel((N + cols - 1) / cols, [&](int64_t i) {
+      SmallMAny(M, A, Kp, B, K, N, C, i * cols, std::min(N, (i + 1) * cols));
     });
     return ffi::Error::Success();
   }
@@ -431,35 +462,6 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
 // group's end. k runs in chunks of kW4ChunkRows rows (partial sums kept per
 // thread) so each chunk streams in order; threads split the columns.
 constexpr int64_t kW4ChunkRows = 16;
-
-// Column chunks of a decode-sized product (M rows of x times a (K, N) weight,
-// row-major): an even split into one chunk per thread, in whole units of 128
-// columns (a cache line of 4-bit codes, two of FP8). Each thread streams long
-// runs of its rows (512 bytes of a 4-bit row at N = 2048), which the hardware
-// prefetchers follow; chunks of 128 columns (more chunks for the pool to share
-// out) read one cache line per row and ran 1.3-2x slower from memory. Below
-// kGemvInlineWork multiply-adds, or with one thread, one chunk: the calling
-// thread is done before a worker would join in. (A floor of 2^20 multiply-adds
-// per thread before this left every product of SmolLM2-135M on one thread.)
-constexpr int64_t kGemvInlineWork = int64_t{1} << 16;
-
-int64_t GemvChunkCols(int64_t M, int64_t K, int64_t N, int64_t threads) {
-  const int64_t t = std::min<int64_t>(threads, GetPool()->threads());
-  if (t <= 1 || M * K * N < kGemvInlineWork) return std::max<int64_t>(N, 1);
-  const int64_t units = (N + 127) / 128;
-  return (units + t - 1) / t * 128;
-}
-
-// The row kGemvPrefetchRows below k of a weight streamed row by row (a
-// column block at a time, as W4Small and Fp8Small read it), requested ahead:
-// from memory (a model's weights are not in cache) the kernels ran 1.4-2x
-// slower without it. Clamped to the last row, so no branch in the unit loop.
-constexpr int64_t kGemvPrefetchRows = 48;
-
-inline void GemvPrefetch(const uint8_t* col, int64_t k, int64_t K, int64_t stride) {
-  const int64_t r = std::min(k + kGemvPrefetchRows, K - 1);
-  _mm_prefetch(reinterpret_cast<const char*>(col + r * stride), _MM_HINT_T0);
-}
 
 template <int R>
 void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
