@@ -57,6 +57,8 @@ LLM_RECIPES = {
     "MXFP4": jqx.mxfp4_weight_only,
     "fp8 e4m3": jqx.fp8_weight_only,
     "MXFP8": jqx.mxfp8_weight_only,
+    # (in, out) and never packed: its decode route reads the int8 codes as they are.
+    "LLM.int8()": jqx.llm_int8,
 }
 CALIBRATED = ("GPTQ", "AWQ")
 DN = (((1,), (0,)), ((), ()))

@@ -90,7 +90,8 @@ def llm_int8_matmul(
       max_outliers: None (default): the outlier product runs over all K features, the
         ordinary ones zeroed. An int T: it runs over the rows of the (at most T)
         outlier features only, gathered, and over all K when more than T are outliers;
-        the same products, summed in another order (float32).
+        the same products, summed in another order (float32); without outlier
+        features, none.
 
     Returns:
       (..., N) array: int8 product of the ordinary features plus the 16-bit
@@ -153,4 +154,9 @@ def llm_int8_matmul(
             x_g.astype(jnp.float32), w_g.astype(jnp.float32), precision=lax.Precision.HIGHEST
         )
 
-    return (y + lax.cond(count <= t, gathered, dense)).reshape(*lead, n).astype(out_dtype)
+    def none():  # no outlier feature (most decode steps): nothing to add
+        return jnp.zeros_like(y)
+
+    branch = jnp.where(count == 0, 0, jnp.where(count <= t, 1, 2))
+    y = y + lax.switch(branch, (none, gathered, dense))
+    return y.reshape(*lead, n).astype(out_dtype)
