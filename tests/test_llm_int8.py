@@ -79,6 +79,8 @@ def test_gathered_outlier_rows_equal_the_dense_product(n_out):
     got = jax.jit(lambda a: llm_int8_matmul(a, q, max_outliers=32))(x)
     if n_out == 0:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    with pytest.raises(ValueError, match="max_outliers=0 must be None"):
+        llm_int8_matmul(x, q, max_outliers=0)
     mag = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(q.dequantize(), np.float64))
     assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)) <= 1e-6 * mag)
 

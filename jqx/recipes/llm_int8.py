@@ -141,7 +141,12 @@ def llm_int8_matmul(
 
     if max_outliers is None:
         return (y + dense()).reshape(*lead, n).astype(out_dtype)
-    t = max(1, min(int(max_outliers), k))
+    if isinstance(max_outliers, bool) or not isinstance(max_outliers, int) or max_outliers < 1:
+        raise ValueError(
+            f"llm_int8_matmul: max_outliers={max_outliers!r} must be None (the product over "
+            "all K features) or an int >= 1 (the most outlier rows to gather, e.g. 32)."
+        )
+    t = min(max_outliers, k)
     count = jnp.sum(mask)
 
     def gathered():
