@@ -277,9 +277,11 @@ def _embedding_recipe(embedding, recipe) -> Recipe | None:
 
 def pack_llm_weights(params):
     """The model's ``(out, in)`` matmul weights stored for the native kernels: int8 ones
-    in the int8 GEMM's panels (:func:`jqx.prepack`, ``"vnni"``), 4-bit ones as their
-    ``(in, out)`` transpose (``"kn"``: the 4-bit decode kernel reads it in place, and
-    ``x @ W.T`` runs on it with no copy). Other leaves are returned as they are.
+    in the int8 GEMM's panels (:func:`jqx.prepack`, ``"vnni"``), 4-bit and FP8 ones as
+    their ``(in, out)`` transpose (``"kn"``: the 4-bit and FP8 decode kernels read it in
+    place, ``x @ W.T`` runs on it with no copy, and a table's lookups read its columns).
+    A quantized embedding table is stored the same way. Other leaves are returned as
+    they are.
 
     Example:
         >>> import jax.numpy as jnp, jqx
