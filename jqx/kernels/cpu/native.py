@@ -730,6 +730,20 @@ def w8a8_matmul_reference(
     return acc.astype(jnp.float32) * s * w_scale[None, :]
 
 
+def _decode_rows(x: jax.Array, group_size: int, fn: str) -> tuple[int, int]:
+    """``(M, K)`` of a decode kernel's activations, checked: float32, 2-D, at most
+    :data:`W4_MAX_ROWS` rows, ``group_size`` dividing K."""
+    if x.ndim != 2 or x.shape[0] > W4_MAX_ROWS or x.dtype != jnp.float32:
+        raise TypeError(
+            f"{fn}: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
+            f"{tuple(x.shape)}."
+        )
+    m, k = x.shape
+    if group_size <= 0 or k % group_size:
+        raise TypeError(f"{fn}: group_size={group_size} must divide K={k}.")
+    return m, k
+
+
 def w4_matmul(
     x: jax.Array,
     packed: jax.Array,
@@ -760,14 +774,7 @@ def w4_matmul(
     Raises:
       TypeError: shapes or dtypes that do not match.
     """
-    if x.ndim != 2 or x.shape[0] > W4_MAX_ROWS or x.dtype != jnp.float32:
-        raise TypeError(
-            f"w4_matmul: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
-            f"{tuple(x.shape)}."
-        )
-    m, k = x.shape
-    if group_size <= 0 or k % group_size:
-        raise TypeError(f"w4_matmul: group_size={group_size} must divide K={k}.")
+    m, k = _decode_rows(x, group_size, "w4_matmul")
     want = {
         "packed": (packed, (k, -(-n // 2)), jnp.uint8),
         "table": (table, (16,), jnp.float32),
@@ -816,12 +823,7 @@ def fp8_matmul(
     Raises:
       TypeError: shapes or dtypes that do not match.
     """
-    if x.ndim != 2 or x.shape[0] > W4_MAX_ROWS or x.dtype != jnp.float32:
-        raise TypeError(
-            f"fp8_matmul: x must be float32 (M, K) with M <= {W4_MAX_ROWS}, got {x.dtype} "
-            f"{tuple(x.shape)}."
-        )
-    m, k = x.shape
+    m, k = _decode_rows(x, group_size, "fp8_matmul")
     kinds = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
     if codes.ndim != 2 or codes.shape[0] != k or jnp.dtype(codes.dtype) not in kinds:
         raise TypeError(
@@ -829,8 +831,6 @@ def fp8_matmul(
             f"{codes.dtype} {tuple(codes.shape)}."
         )
     n = codes.shape[1]
-    if group_size <= 0 or k % group_size:
-        raise TypeError(f"fp8_matmul: group_size={group_size} must divide K={k}.")
     if tuple(scale.shape) != (k // group_size, n) or scale.dtype != jnp.float32:
         raise TypeError(
             f"fp8_matmul: scale must be float32 {(k // group_size, n)}, got {scale.dtype} "
