@@ -269,6 +269,34 @@ def test_fp8_matmul_against_f64(m, k, n, g, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", ["w4", "fp8"])
+@pytest.mark.parametrize("m,k,n,g", [(1, 576, 1000, 32), (11, 64, 70, 32)])
+def test_e8m0_scales_are_read_as_stored(kernel, m, k, n, g):
+    """MX block scales (float8_e8m0fnu) go to the decode kernels as stored and are
+    widened there: the result equals the float32 scales' bit for bit, including
+    e = 0 (2^-127, a float32 subnormal) and e = 255 (NaN, which reaches its columns)."""
+    rng = np.random.default_rng(k + n)
+    e = rng.integers(117, 138, (k // g, n)).astype(np.uint8)
+    e[0, :3] = [0, 255, 127]
+    s8 = jax.lax.bitcast_convert_type(jnp.asarray(e), jnp.float8_e8m0fnu)
+    if kernel == "w4":
+        (x, p, t, _, _), _, _ = _w4_case(m, k, n, g, "fp4_e2m1", False, seed=n)
+
+        def run(s):
+            return native.w4_matmul(x, p, t, s, None, n=n, group_size=g)
+    else:
+        (x, c, _), _, _ = _fp8_case(m, k, n, g, jnp.float8_e4m3fn, seed=n)
+
+        def run(s):
+            return native.fp8_matmul(x, c, s, group_size=g)
+
+    got = np.asarray(jax.jit(run)(s8))
+    want = np.asarray(run(s8.astype(jnp.float32)))
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[:, 1]).all() and np.isfinite(got[:, 2]).all()
+
+
+@needs_native
 @settings(deadline=None, max_examples=15)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -311,7 +339,7 @@ def test_fp8_bad_input():
         native.fp8_matmul(x, c.astype(jnp.float32), s, group_size=32)
     with pytest.raises(TypeError, match="group_size=24 must divide K=64"):
         native.fp8_matmul(x, c, s, group_size=24)
-    with pytest.raises(TypeError, match=r"scale must be float32 \(2, 10\)"):
+    with pytest.raises(TypeError, match=r"scale must be float32 or float8_e8m0fnu \(2, 10\)"):
         native.fp8_matmul(x, c, s[:1], group_size=32)
 
 

@@ -28,6 +28,14 @@ def _rows(x, xc: int, n: int, kernel) -> jax.Array:
     return kernel(c.reshape(-1, c.shape[-1])).reshape(*c.shape[:-1], n)
 
 
+def _kernel_scale(scale: jax.Array) -> jax.Array:
+    """Block scales as the decode kernels read them: E8M0 (MX) as stored, widened in
+    the kernel; any other dtype widened to float32 here."""
+    if jnp.dtype(scale.dtype) == jnp.dtype(jnp.float8_e8m0fnu):
+        return scale
+    return scale.astype(jnp.float32)
+
+
 def _int8_gemm(codes, q: QArray, xc: int) -> jax.Array:
     """int32 ``codes . q.qvalue`` through the VNNI GEMM (``q``'s codes in either layout:
     the ``"vnni"`` panels skip the per-call packing)."""
@@ -135,7 +143,7 @@ class W4(Implementation):
         n = q.shape[1]
         table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
         zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
-        scale = q.scale.astype(jnp.float32)
+        scale = _kernel_scale(q.scale)
 
         def kernel(rows):
             return _kernels.w4_matmul(
@@ -167,7 +175,7 @@ class Fp8WeightOnly(Implementation):
     def run(self, x, q, p):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        scale = q.scale.astype(jnp.float32)
+        scale = _kernel_scale(q.scale)
 
         def kernel(rows):
             return _kernels.fp8_matmul(

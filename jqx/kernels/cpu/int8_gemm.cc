@@ -463,9 +463,25 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
 // thread) so each chunk streams in order; threads split the columns.
 constexpr int64_t kW4ChunkRows = 16;
 
-template <int R>
+// 16 block scales of a decode kernel from S (float32, or with kE8M0 the
+// OCP MX E8M0 bytes: 2^(e - 127), e = 0 the float32 subnormal 2^-127, e = 255
+// NaN, as ml_dtypes widens them), widened in registers: the scales are read
+// in their own dtype, no float32 copy per call.
+template <bool kE8M0>
+inline __m512 LoadScale(const void* S, int64_t i, __mmask16 m) {
+  if (!kE8M0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(S) + i);
+  const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(S) + i));
+  __m512i bits = _mm512_slli_epi32(e, 23);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+                               _mm512_set1_epi32(0x00400000));
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255)),
+                               _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(bits);
+}
+
+template <int R, bool kE8M0>
 void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-             const float* table, const float* S, const float* Z, int64_t gs, float* Y,
+             const float* table, const void* S, const float* Z, int64_t gs, float* Y,
              int64_t j0, int64_t j1) {
   if (j0 >= j1) return;
   const int64_t G = K / gs;
@@ -554,7 +570,7 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
               const int64_t col = jb + c0;
               if (Z != nullptr)
                 sum = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, Z + g * N + col), xsv, sum);
-              const __m512 sc = _mm512_maskz_loadu_ps(m, S + g * N + col);
+              const __m512 sc = LoadScale<kE8M0>(S, g * N + col, m);
               float* y = Y + r * N + col;
               const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y);
               _mm512_mask_storeu_ps(y, m, _mm512_fmadd_ps(sum, sc, prev));
@@ -568,23 +584,31 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
 constexpr int64_t kW4BlockRows = 8;  // rows per register block
 constexpr int64_t kW4MaxRows = 16;   // more rows: XLA's dequantize-then-dot wins
 
+template <bool kE8M0>
 void W4Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-           const float* table, const float* S, const float* Z, int64_t gs, float* Y, int64_t j0,
+           const float* table, const void* S, const float* Z, int64_t gs, float* Y, int64_t j0,
            int64_t j1) {
   switch (M) {
-    case 1: return W4Small<1>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 2: return W4Small<2>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 3: return W4Small<3>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 4: return W4Small<4>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 5: return W4Small<5>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 6: return W4Small<6>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 7: return W4Small<7>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    default: return W4Small<8>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 1: return W4Small<1, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 2: return W4Small<2, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 3: return W4Small<3, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 4: return W4Small<4, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 5: return W4Small<5, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 6: return W4Small<6, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 7: return W4Small<7, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    default: return W4Small<8, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
   }
 }
 
+// Scales F32 or F8E8M0FNU (MXFP4's, read as they are stored).
+bool ScaleIsE8M0(const ffi::AnyBuffer& scale, bool* ok) {
+  const auto t = scale.element_type();
+  *ok = t == ffi::DataType::F32 || t == ffi::DataType::F8E8M0FNU;
+  return t == ffi::DataType::F8E8M0FNU;
+}
+
 ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
-                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
+                      ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> zero,
                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t has_zero,
                       int64_t threads) {
   const auto xd = x.dimensions();
@@ -596,6 +620,9 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
     return ffi::Error::InvalidArgument(
         "jqx_w4_gemv: expected x (M, K), packed (K, ceil(N/2)), table (16), scale (K/g, N), "
         "y (M, N)");
+  bool scale_ok = false;
+  const bool e8m0 = ScaleIsE8M0(scale, &scale_ok);
+  if (!scale_ok) return ffi::Error::InvalidArgument("jqx_w4_gemv: scale must be F32 or F8E8M0FNU");
   const int64_t M = xd[0], K = xd[1], N = yd[1], N2 = pd[1];
   if (pd[0] != K || yd[0] != M || N2 != (N + 1) / 2 || group <= 0 || K % group != 0 ||
       sd[0] != K / group || sd[1] != N || M > kW4MaxRows ||
@@ -613,9 +640,10 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
     // Blocks of up to kW4BlockRows rows, each over the chunk's columns (the
     // weight slice is read again per block, from cache).
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows)
-      W4Any(std::min(kW4BlockRows, M - r0), x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
-            table.typed_data(), scale.typed_data(), Z, group, Y + r0 * N, i * cols,
-            std::min(N, (i + 1) * cols));
+      (e8m0 ? W4Any<true> : W4Any<false>)(std::min(kW4BlockRows, M - r0),
+                                           x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
+                                           table.typed_data(), scale.untyped_data(), Z, group,
+                                           Y + r0 * N, i * cols, std::min(N, (i + 1) * cols));
   });
   return ffi::Error::Success();
 }
@@ -643,8 +671,8 @@ inline __m512 Fp8ToF32(__m128i codes) {
   return _mm512_cvtph_ps(h);
 }
 
-template <int R, bool kE4M3>
-void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const float* S,
+template <int R, bool kE4M3, bool kE8M0>
+void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const void* S,
               int64_t gs, float* Y, int64_t j0, int64_t j1) {
   if (j0 >= j1) return;
   const int64_t G = K / gs;
@@ -696,7 +724,7 @@ void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const floa
           for (int u = 0; u < 4; ++u) {
             if (!m[u]) continue;
             const int64_t col = jb + 16 * u;
-            const __m512 sc = _mm512_mul_ps(_mm512_maskz_loadu_ps(m[u], S + g * N + col), unit);
+            const __m512 sc = _mm512_mul_ps(LoadScale<kE8M0>(S, g * N + col, m[u]), unit);
             float* y = Y + r * N + col;
             const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[u], y);
             _mm512_mask_storeu_ps(y, m[u], _mm512_fmadd_ps(acc[r][u], sc, prev));
@@ -706,24 +734,24 @@ void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const floa
   }
 }
 
-template <bool kE4M3>
-void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, const float* S,
+template <bool kE4M3, bool kE8M0>
+void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, const void* S,
             int64_t gs, float* Y, int64_t j0, int64_t j1) {
   switch (M) {
-    case 1: return Fp8Small<1, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 2: return Fp8Small<2, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 3: return Fp8Small<3, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 4: return Fp8Small<4, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 5: return Fp8Small<5, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 6: return Fp8Small<6, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    case 7: return Fp8Small<7, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
-    default: return Fp8Small<8, kE4M3>(X, K, P, N, S, gs, Y, j0, j1);
+    case 1: return Fp8Small<1, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 2: return Fp8Small<2, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 3: return Fp8Small<3, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 4: return Fp8Small<4, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 5: return Fp8Small<5, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 6: return Fp8Small<6, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 7: return Fp8Small<7, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    default: return Fp8Small<8, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
   }
 }
 
 // The codes arrive in their own dtype (F8E4M3FN or F8E5M2, which picks the
 // decode): a bitcast to uint8 on the jax side would copy the weight per call.
-ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
+ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
                        ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
@@ -735,6 +763,9 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument(
         "jqx_fp8_gemv: expected x (M, K), codes (K, N), scale (K/g, N), y (M, N)");
+  bool scale_ok = false;
+  const bool e8m0 = ScaleIsE8M0(scale, &scale_ok);
+  if (!scale_ok) return ffi::Error::InvalidArgument("jqx_fp8_gemv: scale must be F32 or F8E8M0FNU");
   const uint8_t* C = static_cast<const uint8_t*>(codes.untyped_data());
   const int64_t M = xd[0], K = xd[1], N = yd[1];
   if (cd[0] != K || cd[1] != N || yd[0] != M || group <= 0 || K % group != 0 ||
@@ -752,10 +783,13 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::Buffe
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows) {
       const int64_t rows = std::min(kW4BlockRows, M - r0);
       const float* xr = x.typed_data() + r0 * K;
+      const void* S = scale.untyped_data();
       if (e4m3)
-        Fp8Any<true>(rows, xr, K, C, N, scale.typed_data(), group, Y + r0 * N, j0, j1);
+        (e8m0 ? Fp8Any<true, true> : Fp8Any<true, false>)(rows, xr, K, C, N, S, group,
+                                                          Y + r0 * N, j0, j1);
       else
-        Fp8Any<false>(rows, xr, K, C, N, scale.typed_data(), group, Y + r0 * N, j0, j1);
+        (e8m0 ? Fp8Any<false, true> : Fp8Any<false, false>)(rows, xr, K, C, N, S, group,
+                                                            Y + r0 * N, j0, j1);
     }
   });
   return ffi::Error::Success();
@@ -1015,7 +1049,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
@@ -1026,7 +1060,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("threads"));

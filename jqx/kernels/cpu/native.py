@@ -730,6 +730,10 @@ def w8a8_matmul_reference(
     return acc.astype(jnp.float32) * s * w_scale[None, :]
 
 
+# The block scales the 4-bit and FP8 decode kernels read as they are stored.
+_DECODE_SCALES = (jnp.float32, jnp.float8_e8m0fnu)
+
+
 def _decode_rows(x: jax.Array, group_size: int, fn: str) -> tuple[int, int]:
     """``(M, K)`` of a decode kernel's activations, checked: float32, 2-D, at most
     :data:`W4_MAX_ROWS` rows, ``group_size`` dividing K."""
@@ -766,8 +770,9 @@ def w4_matmul(
       x: (M, K) float32, M <= W4_MAX_ROWS.
       packed: (K, ceil(n / 2)) uint8.
       table: (16,) float32, the value of each code.
-      scale: (K // group_size, n) float32.
-      zero: like ``scale``, or None.
+      scale: (K // group_size, n) float32, or float8_e8m0fnu (MXFP4's block scales,
+        widened in the kernel exactly as ``astype(float32)`` widens them).
+      zero: (K // group_size, n) float32, or None.
       n: the weight's N.
       group_size: rows of K per scale; must divide K.
 
@@ -776,17 +781,17 @@ def w4_matmul(
     """
     m, k = _decode_rows(x, group_size, "w4_matmul")
     want = {
-        "packed": (packed, (k, -(-n // 2)), jnp.uint8),
-        "table": (table, (16,), jnp.float32),
-        "scale": (scale, (k // group_size, n), jnp.float32),
+        "packed": (packed, (k, -(-n // 2)), (jnp.uint8,)),
+        "table": (table, (16,), (jnp.float32,)),
+        "scale": (scale, (k // group_size, n), _DECODE_SCALES),
     }
     if zero is not None:
-        want["zero"] = (zero, (k // group_size, n), jnp.float32)
-    for name, (a, shape, dt) in want.items():
-        if tuple(a.shape) != shape or a.dtype != dt:
+        want["zero"] = (zero, (k // group_size, n), (jnp.float32,))
+    for name, (a, shape, dts) in want.items():
+        if tuple(a.shape) != shape or jnp.dtype(a.dtype) not in [jnp.dtype(d) for d in dts]:
+            names = " or ".join(jnp.dtype(d).name for d in dts)
             raise TypeError(
-                f"w4_matmul: {name} must be {jnp.dtype(dt).name} {shape}, got {a.dtype} "
-                f"{tuple(a.shape)}."
+                f"w4_matmul: {name} must be {names} {shape}, got {a.dtype} {tuple(a.shape)}."
             )
     if not available():
         raise RuntimeError(f"the native kernels are not available: {status()}")
@@ -797,7 +802,7 @@ def w4_matmul(
         packed,
         table,
         scale,
-        scale if zero is None else zero,
+        table if zero is None else zero,  # a float32 stand-in, not read
         group=np.int64(group_size),
         has_zero=np.int64(zero is not None),
         threads=np.int64(_threads()),
@@ -817,7 +822,8 @@ def fp8_matmul(
     Args:
       x: (M, K) float32, M <= W4_MAX_ROWS.
       codes: (K, N) ``float8_e4m3fn`` or ``float8_e5m2``.
-      scale: (K // group_size, N) float32.
+      scale: (K // group_size, N) float32, or float8_e8m0fnu (MXFP8's block scales,
+        widened in the kernel).
       group_size: rows of K per scale (K for one scale per column); must divide K.
 
     Raises:
@@ -831,10 +837,12 @@ def fp8_matmul(
             f"{codes.dtype} {tuple(codes.shape)}."
         )
     n = codes.shape[1]
-    if tuple(scale.shape) != (k // group_size, n) or scale.dtype != jnp.float32:
+    if tuple(scale.shape) != (k // group_size, n) or jnp.dtype(scale.dtype) not in [
+        jnp.dtype(d) for d in _DECODE_SCALES
+    ]:
         raise TypeError(
-            f"fp8_matmul: scale must be float32 {(k // group_size, n)}, got {scale.dtype} "
-            f"{tuple(scale.shape)}."
+            f"fp8_matmul: scale must be float32 or float8_e8m0fnu {(k // group_size, n)}, got "
+            f"{scale.dtype} {tuple(scale.shape)}."
         )
     if not available():
         raise RuntimeError(f"the native kernels are not available: {status()}")
