@@ -216,9 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-products", action="store_true")
     ap.add_argument("--llm", action="store_true", help="also SmolLM2 decode (--new-tokens)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument(
-        "--only", help="LLM recipes whose names contain one of these (comma-separated)"
-    )
+    ap.add_argument("--only", help="LLM recipes whose names contain one of these (comma-separated)")
     ap.add_argument(
         "--embedding",
         choices=sorted(EMBEDDING),

@@ -612,4 +612,6 @@ def test_kn_tables_read_rows_as_columns_of_the_transpose():
         kn = q.with_code_layout("kn")
         got = jax.jit(jqx.ops.take)(kn, ids)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(q.dequantize()[ids]))
-        np.testing.assert_array_equal(np.asarray(kn.row_codes(ids[0])), np.asarray(q.qvalue[ids[0]]))
+        np.testing.assert_array_equal(
+            np.asarray(kn.row_codes(ids[0])), np.asarray(q.qvalue[ids[0]])
+        )

@@ -816,9 +816,7 @@ def fold_super_scale(q: QArray) -> QArray:
         >>> f.extensions, bool((f.dequantize() == q.dequantize()).all())
         ((), True)
     """
-    return q.replace(
-        scale=q._two_level(q.scale, q.super_scale), super_scale=None, super_block=None
-    )
+    return q.replace(scale=q._two_level(q.scale, q.super_scale), super_scale=None, super_block=None)
 
 
 def _swap2(t: tuple[int, ...] | None) -> tuple[int, ...] | None:

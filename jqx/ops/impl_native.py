@@ -155,8 +155,8 @@ class W4(Implementation):
 
 class Fp8WeightOnly(Implementation):
     """FP8 (E4M3 / E5M2) weight-only, per channel or grouped along K (MXFP8's E8M0
-    scales widened to float32, exactly), for up to ``W4_MAX_ROWS`` rows, read in place
-    (``native.fp8_matmul``). bf16/f16 activations are widened to f32 (exact)."""
+    scales read as stored, widened in the kernel), for up to ``W4_MAX_ROWS`` rows, read
+    in place (``native.fp8_matmul``). bf16/f16 activations are widened to f32 (exact)."""
 
     name = "native.fp8"
 
@@ -212,14 +212,13 @@ class LlmInt8Decode(Implementation):
 
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        y = llm_int8_matmul(
+        return llm_int8_matmul(
             jnp.moveaxis(x, xc, -1),
             q,
             out_dtype=p.out_dtype,
             int8_dot=lambda codes: _kernels.int8_matmul(codes, q.qvalue, n=n),
             max_outliers=LLM_INT8_MAX_OUTLIERS,
         )
-        return y.astype(p.out_dtype)
 
 
 class GGUFBlocks(Implementation):
@@ -265,6 +264,12 @@ LLM_INT8_DECODE = LlmInt8Decode()
 GGUF_BLOCKS = GGUFBlocks(q8=False)
 GGUF_BLOCKS_Q8 = GGUFBlocks(q8=True)
 
-ALL = (INT8_GEMM, TWO_LEVEL, W4_DECODE, FP8_DECODE, LLM_INT8_DECODE)  # backend="native": the first that supports
+ALL = (
+    INT8_GEMM,
+    TWO_LEVEL,
+    W4_DECODE,
+    FP8_DECODE,
+    LLM_INT8_DECODE,
+)  # backend="native": the first that supports
 # The AVX2 kernel has its own availability (it needs no AVX512): kept apart from ALL.
 GGUF = (GGUF_BLOCKS, GGUF_BLOCKS_Q8)

@@ -23,9 +23,9 @@ from jqx.core.numerics import absmax_scale, quantize_activation
 from jqx.core.qarray import (
     QArray,
     fold_super_scale,
+    foldable_super_scale,
     is_qarray,
     vnni_split,
-    foldable_super_scale,
 )
 from jqx.ops import dispatch
 from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale

@@ -111,6 +111,13 @@ def llm_int8_matmul(
         raise ValueError(
             f"llm_int8_matmul: outlier_dtype={outlier_dtype!r}; use jnp.float16 or jnp.bfloat16."
         )
+    if max_outliers is not None and (
+        isinstance(max_outliers, bool) or not isinstance(max_outliers, int) or max_outliers < 1
+    ):
+        raise ValueError(
+            f"llm_int8_matmul: max_outliers={max_outliers!r} must be None (the product over "
+            "all K features) or an int >= 1 (the most outlier rows to gather, e.g. 32)."
+        )
     out_dtype = out_dtype or x.dtype
     k, n = q.shape
     lead = x.shape[:-1]
@@ -141,11 +148,6 @@ def llm_int8_matmul(
 
     if max_outliers is None:
         return (y + dense()).reshape(*lead, n).astype(out_dtype)
-    if isinstance(max_outliers, bool) or not isinstance(max_outliers, int) or max_outliers < 1:
-        raise ValueError(
-            f"llm_int8_matmul: max_outliers={max_outliers!r} must be None (the product over "
-            "all K features) or an int >= 1 (the most outlier rows to gather, e.g. 32)."
-        )
     t = min(max_outliers, k)
     count = jnp.sum(mask)
 

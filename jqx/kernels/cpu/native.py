@@ -809,9 +809,7 @@ def w4_matmul(
     )
 
 
-def fp8_matmul(
-    x: jax.Array, codes: jax.Array, scale: jax.Array, *, group_size: int
-) -> jax.Array:
+def fp8_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, group_size: int) -> jax.Array:
     """``x @ W`` for an FP8 weight-only weight, f32, for up to :data:`W4_MAX_ROWS`
     rows (decode), reading the codes in place.
 
