@@ -77,6 +77,66 @@ def test_prepacked_weight_exact_against_int64_reference(m, k, n):
     np.testing.assert_array_equal(np.asarray(c), _ref(a, b))
 
 
+# Around the AMX blocks: 16 and 32 rows (one and two row tiles), a last partial
+# block, rows split over the threads in units of 32, one or two panels per tile
+# pair, K a multiple of 64 or ending in a zero-padded step (4..60 bytes), K < 64.
+AMX_SHAPES = [
+    (16, 64, 16),
+    (32, 128, 32),
+    (17, 60, 5),
+    (33, 100, 40),
+    (47, 68, 47),
+    (64, 4, 16),
+    (96, 1536, 384),
+    (160, 132, 33),
+    (200, 576, 200),
+]
+
+
+@pytest.fixture
+def amx_mode(request):
+    """Runs the test with the AMX tiles on or off (``request.param``), restoring the
+    setting after; skips the "on" case where the CPU has no AMX."""
+    before = native.amx()
+    if native.amx(request.param) != request.param:
+        native.amx(before)
+        pytest.skip("no AMX tiles on this CPU")
+    yield request.param
+    native.amx(before)
+
+
+@needs_native
+@pytest.mark.parametrize("amx_mode", [True, False], indirect=True, ids=["amx", "vnni"])
+@pytest.mark.parametrize("m,k,n", AMX_SHAPES)
+def test_amx_tiles_exact_and_identical_to_vnni(m, k, n, amx_mode):
+    """Both units give the exact int32 sums (so the same bits), plain and packed B,
+    and the fused W8A8 call gives the XLA path's result."""
+    rng = np.random.default_rng(m * 13 + k * 5 + n)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    # A new jit per mode: the setting is read when the kernel runs, not traced.
+    plain = native.int8_matmul(jnp.asarray(a), jnp.asarray(b))
+    packed = native.int8_matmul(jnp.asarray(a), native.pack_int8(jnp.asarray(b)), n=n)
+    np.testing.assert_array_equal(np.asarray(plain), _ref(a, b))
+    np.testing.assert_array_equal(np.asarray(packed), _ref(a, b))
+    x, w = _w8a8_case(m, k, n, seed=m + k + n, quantize=False)
+    y, xla = _fused_and_xla(x, w, kernel="vnni_packed")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+
+
+@needs_native
+def test_amx_switch():
+    before = native.amx()
+    try:
+        assert native.amx(False) is False
+        assert native.amx() is False
+        assert native.amx(True) in (True, False)  # False where the CPU has no AMX
+    finally:
+        native.amx(before)
+    with pytest.raises(TypeError, match="amx"):
+        native.amx(1)
+
+
 @settings(deadline=None, max_examples=25)
 @given(
     seed=st.integers(0, 2**31 - 1),

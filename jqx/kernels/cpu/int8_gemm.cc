@@ -26,13 +26,17 @@
 // Built on first use by jqx/native.py (g++ -O3 -mavx512f -mavx512bw
 // -mavx512vl -mavx512vnni); jqx checks the CPU before registering it.
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "pool.h"
@@ -154,13 +158,179 @@ inline __m512i NegColumnSums(const int8_t* panel, int64_t kq_n) {
   return _mm512_sub_epi32(_mm512_setzero_si512(), cs);
 }
 
-// Row blocks [mb0, mb1) x column panels [p0, p1) of C from the packed B:
-// NB panels at a time, every row block against them while they are in cache.
-void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* C,
-            int64_t mb0, int64_t mb1, int64_t p0, int64_t p1) {
-  if (mb0 >= mb1 || p0 >= p1) return;
+// ---------------------------------------------------------------------------
+// AMX (Intel Advanced Matrix Extensions, Sapphire Rapids on): the same packed
+// panels on the tile unit. A 16-column panel's 16 k-quads (64 bytes of k) are
+// 16 rows of 64 bytes, one after the other: exactly the B operand of
+// tdpbusd (K/4 rows of N x 4 bytes), loaded with stride 64; A's 16 rows x 64
+// bytes load with A's row stride. tdpbusd multiplies unsigned A by signed B,
+// as vpdpbusd does, so the sums are the same integers (exact int32: the
+// result does not depend on which unit ran, bit for bit) and the -128 * column
+// sums correction is added as the tiles leave. Tiles: 0-3 hold a 32 x 32 block
+// of C (2 row tiles x 2 panels), 4-5 rows of A, 6-7 panels of B; every tile is
+// 16 rows x 64 bytes. A K that is not a multiple of 64 ends with one step from
+// zero-padded copies (zero A bytes add nothing). The tile intrinsics are asm
+// that names its addresses only as registers: compiler barriers around them
+// keep the copies made before and the stores read after. Used for row ranges of 16
+// rows and more; fewer rows run on MicroRows. Linux hands out the tile state
+// per process on request (arch_prctl), once; each thread loads the tile
+// configuration before a run of blocks and releases it after.
+
+struct alignas(64) AmxConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Palette 1, tiles 0-7 of 16 rows x 64 bytes. A constant in memory: the
+// intrinsic's asm names only the first 8 bytes of its operand, so a local
+// configuration's other stores could be dropped by the compiler.
+constexpr AmxConfig kAmxConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+bool AmxSupported() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;  // AMX-TILE, AMX-INT8
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Whether the GEMMs use the tiles: where supported, unless JQX_AMX=0 when the
+// library loads; jqx_amx() reads and sets it (benchmarks compare both).
+std::atomic<bool> g_amx_on{[] {
+  const char* v = getenv("JQX_AMX");
+  return !(v != nullptr && strcmp(v, "0") == 0);
+}()};
+
+inline bool UseAmx() { return g_amx_on.load(std::memory_order_relaxed) && AmxSupported(); }
+
+// Loads the tile configuration for this thread's run of AMX blocks; releases
+// the tiles at the end (so the OS does not save them at every switch).
+class AmxScope {
+ public:
+  __attribute__((target("amx-tile"))) AmxScope() { _tile_loadconfig(&kAmxConfig); }
+  __attribute__((target("amx-tile"))) ~AmxScope() { _tile_release(); }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
+
+// RT (1 or 2) row tiles of A (rows a, a + 16 lda) times CT (1 or 2) panels of
+// B (bp, bp + pstride), all of Kp: the raw unsigned x signed sums, into
+// out[32][32] (row tile r, panel c at out + 16 * (32 r + c)).
+template <int RT, int CT>
+__attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int64_t lda,
+                                                          const int8_t* bp, int64_t pstride,
+                                                          int64_t Kp, int32_t* out) {
+  asm volatile("" ::: "memory");  // A and B as written before this call
+  _tile_zero(0);
+  if constexpr (CT == 2) _tile_zero(1);
+  if constexpr (RT == 2) _tile_zero(2);
+  if constexpr (RT == 2 && CT == 2) _tile_zero(3);
+  const int64_t kfull = Kp / 64 * 64;
+  const auto step = [&](const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0,
+                        const int8_t* b1) {
+    _tile_loadd(4, a0, sa);
+    _tile_loadd(6, b0, 64);
+    if constexpr (CT == 2) _tile_loadd(7, b1, 64);
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (CT == 2) _tile_dpbusd(1, 4, 7);
+    if constexpr (RT == 2) {
+      _tile_loadd(5, a1, sa);
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (CT == 2) _tile_dpbusd(3, 5, 7);
+    }
+  };
+  for (int64_t k = 0; k < kfull; k += 64)
+    step(a + k, a + 16 * lda + k, lda, bp + k * 16, bp + pstride + k * 16);
+  if (kfull < Kp) {
+    const int64_t rem = Kp - kfull;  // a multiple of 4, < 64
+    alignas(64) uint8_t at[32][64];
+    alignas(64) int8_t bt[2][16][64];
+    memset(at, 0, sizeof(at));
+    memset(bt, 0, sizeof(bt));
+    for (int r = 0; r < 16 * RT; ++r) memcpy(at[r], a + r * lda + kfull, static_cast<size_t>(rem));
+    for (int c = 0; c < CT; ++c)
+      memcpy(bt[c], bp + c * pstride + kfull * 16, static_cast<size_t>(rem * 16));
+    asm volatile("" ::: "memory");  // the tile loads' asm reads these copies
+    step(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
+  }
+  _tile_stored(0, out, 128);
+  if constexpr (CT == 2) _tile_stored(1, out + 16, 128);
+  if constexpr (RT == 2) _tile_stored(2, out + 16 * 32, 128);
+  if constexpr (RT == 2 && CT == 2) _tile_stored(3, out + 16 * 32 + 16, 128);
+  asm volatile("" ::: "memory");  // ... and the tile stores' asm wrote ``out``
+}
+
+// AmxTile for a block of 16 or 32 rows (rt row tiles) and 1 or 2 panels (ct).
+inline void AmxTileAny(int rt, int ct, const uint8_t* a, int64_t lda, const int8_t* bp,
+                       int64_t pstride, int64_t Kp, int32_t* out) {
+  if (rt == 2)
+    return ct == 2 ? AmxTile<2, 2>(a, lda, bp, pstride, Kp, out)
+                   : AmxTile<2, 1>(a, lda, bp, pstride, Kp, out);
+  return ct == 2 ? AmxTile<1, 2>(a, lda, bp, pstride, Kp, out)
+                 : AmxTile<1, 1>(a, lda, bp, pstride, Kp, out);
+}
+
+// Runs f(rows, r, tile) over the 32-row blocks (and a last 16-row one) of rows
+// [0, n16) of A (n16 a multiple of 16) against ct (1 or 2) panels from bpp:
+// ``tile`` (row stride 32) holds the raw sums of rows r .. r + rows, the -128 *
+// column sums not added yet. The caller holds an AmxScope.
+template <typename F>
+void AmxRows(const uint8_t* A, int64_t lda, int64_t n16, const int8_t* bpp, int64_t pstride,
+             int64_t Kp, int ct, F f) {
+  alignas(64) int32_t tile[32 * 32];
+  for (int64_t r = 0; r < n16; r += 32) {
+    const int rt = n16 - r >= 32 ? 2 : 1;
+    AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, tile);
+    f(16 * rt, r, static_cast<const int32_t*>(tile));
+  }
+}
+
+// Rows [i0, i1) x column panels [p0, p1) of C from the packed B. With AMX
+// (UseAmx), the rows' whole 16-row blocks run on the tiles (AmxRows), panel
+// pairs outermost; the other rows (all of them without AMX) on the VNNI
+// registers: NB panels at a time, every row block against them while they are
+// in cache.
+void Blocks(const uint8_t* A, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* C, int64_t i0,
+            int64_t i1, int64_t p0, int64_t p1) {
+  if (i0 >= i1 || p0 >= p1) return;
   const int64_t kq_n = Kp / 4;
   const int64_t pstride = kq_n * 64;
+  if (i1 - i0 >= 16 && UseAmx()) {
+    const int64_t n16 = (i1 - i0) / 16 * 16;
+    AmxScope scope;
+    for (int64_t p = p0; p < p1; p += 2) {
+      const int ct = static_cast<int>(std::min<int64_t>(2, p1 - p));
+      const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, ct * 16));
+      alignas(64) int32_t corr[32];
+      for (int q = 0; q < 2; ++q) {
+        const __m512i c = q < ct ? NegColumnSums(Bp + (p + q) * pstride, kq_n) : _mm512_setzero_si512();
+        _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
+      }
+      AmxRows(A + i0 * Kp, Kp, n16, Bp + p * pstride, pstride, Kp, ct,
+              [&](int rows, int64_t r, const int32_t* t) {
+                for (int rr = 0; rr < rows; ++rr) {
+                  int32_t* dst = C + (i0 + r + rr) * N + p * 16;
+                  for (int c0 = 0; c0 < cols; c0 += 16) {
+                    const int m = std::min(16, cols - c0);
+                    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+                    const __m512i v = _mm512_add_epi32(
+                        _mm512_load_si512(static_cast<const void*>(t + rr * 32 + c0)),
+                        _mm512_load_si512(static_cast<const void*>(corr + c0)));
+                    _mm512_mask_storeu_epi32(dst + c0, k, v);
+                  }
+                }
+              });
+    }
+    i0 += n16;
+    if (i0 >= i1) return;
+  }
   for (int64_t p = p0; p < p1; p += NB) {
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, nbh * 16));
@@ -172,11 +342,10 @@ void Blocks(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* Bp, int64_t N
       const __m512i c = q < nbh ? NegColumnSums(bpp + q * pstride, kq_n) : _mm512_setzero_si512();
       _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
     }
-    for (int64_t mb = mb0; mb < mb1; ++mb) {
-      const int64_t i0 = mb * MR;
-      const int rows = static_cast<int>(std::min<int64_t>(MR, M - i0));
-      const uint8_t* a = A + i0 * Kp;
-      int32_t* c = C + i0 * N + p * 16;
+    for (int64_t i = i0; i < i1; i += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, i1 - i));
+      const uint8_t* a = A + i * Kp;
+      int32_t* c = C + i * N + p * 16;
       if (nbh == NB) {
         MicroRows<NB>(rows, a, Kp, bpp, kq_n, pstride, corr, c, N, cols);
       } else {
@@ -412,11 +581,15 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
   const int64_t ng = (np + NB - 1) / NB;  // panel groups of NB
   const int64_t t_panels = work >= kPanelSplitWork ? std::max<int64_t>(threads, 1) : t_max;
   const int64_t t = by_rows ? std::min<int64_t>(t_max, nmb) : std::min<int64_t>(t_panels, ng);
+  // Row splits in whole blocks: MR rows, or 32 on the AMX tiles.
+  const int64_t unit = UseAmx() ? 32 : MR;
+  const int64_t nu = (M + unit - 1) / unit;
   Parallel(t, [&](int64_t i) {
     if (by_rows) {
-      Blocks(A, M, Kp, Bp, N, C, nmb * i / t, nmb * (i + 1) / t, 0, np);
+      Blocks(A, Kp, Bp, N, C, std::min(M, nu * i / t * unit), std::min(M, nu * (i + 1) / t * unit),
+             0, np);
     } else {
-      Blocks(A, M, Kp, Bp, N, C, 0, nmb, std::min(np, ng * i / t * NB),
+      Blocks(A, Kp, Bp, N, C, 0, M, std::min(np, ng * i / t * NB),
              std::min(np, ng * (i + 1) / t * NB));
     }
   });
@@ -861,12 +1034,40 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
                 int64_t p0, int64_t p1) {
   const int64_t kq_n = j.Kp / 4;
   const int64_t pstride = kq_n * 64;
+  int64_t done = 0;  // rows run on the AMX tiles
+  if (rows >= 16 && UseAmx()) {
+    done = rows / 16 * 16;
+    AmxScope scope;
+    for (int64_t p = p0; p < p1; p += 2) {
+      const int ct = static_cast<int>(std::min<int64_t>(2, p1 - p));
+      const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, ct * 16));
+      AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct,
+              [&](int nr, int64_t rb, const int32_t* t) {
+                // The VNNI path's int32 sums (raw sums + -128 * column sums),
+                // rescaled in its order.
+                for (int r = 0; r < nr; ++r) {
+                  const __m512 sv = _mm512_set1_ps(xs[rb + r]);
+                  float* dst = j.y + (r0 + rb + r) * j.N + p * 16;
+                  for (int c0 = 0; c0 < cols; c0 += 16) {
+                    const int m = std::min(16, cols - c0);
+                    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+                    const __m512 acc = _mm512_cvtepi32_ps(_mm512_add_epi32(
+                        _mm512_load_si512(static_cast<const void*>(t + r * 32 + c0)),
+                        _mm512_loadu_si512(static_cast<const void*>(j.corr + p * 16 + c0))));
+                    const __m512 w = _mm512_loadu_ps(j.ws + p * 16 + c0);
+                    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), w));
+                  }
+                }
+              });
+    }
+    if (done == rows) return;
+  }
   alignas(64) int32_t tile[MR * NB * 16];
   for (int64_t p = p0; p < p1; p += NB) {
     const int64_t nbh = std::min<int64_t>(NB, p1 - p);
     const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, nbh * 16));
     const int8_t* bpp = j.bp + p * pstride;
-    for (int64_t rb = 0; rb < rows; rb += MR) {
+    for (int64_t rb = done; rb < rows; rb += MR) {
       const int rr = static_cast<int>(std::min<int64_t>(MR, rows - rb));
       const uint8_t* ar = a + rb * j.Kp;
       if (nbh == NB) {
@@ -981,10 +1182,12 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   }
   const int64_t tc = std::min<int64_t>(t_max, np);
   Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
-  // Chunks of up to 8 row blocks (48 rows), fewer when that leaves under 4 chunks
-  // per thread; rows are the only split, so the result does not depend on it.
-  const int64_t per_thread = std::max<int64_t>(1, M / (4 * MR * t_max));
-  const int64_t chunk_rows = MR * std::min<int64_t>(8, per_thread);
+  // Chunks of up to 8 row blocks (48 rows; on the AMX tiles 4 blocks of 32),
+  // fewer when that leaves under 4 chunks per thread; rows are the only split,
+  // so the result does not depend on it.
+  const int64_t unit = UseAmx() ? 32 : MR;
+  const int64_t per_thread = std::max<int64_t>(1, M / (4 * unit * t_max));
+  const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread);
   W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y, M, K, Kp, N, np,
               mode, scale, chunk_rows};
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
@@ -1064,6 +1267,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("threads"));
+
+// set < 0: asks; 0 or 1: turns the AMX tile path off or on. Returns whether the
+// int8 GEMMs (jqx_int8_gemm, jqx_w8a8_vnni) run on the tiles now: 0 where the
+// CPU or the OS has none (native.amx_status). Results are the same either way.
+extern "C" int jqx_amx(int set) {
+  if (set >= 0) g_amx_on.store(set != 0, std::memory_order_relaxed);
+  return UseAmx() ? 1 : 0;
+}
 
 extern "C" int jqx_cpu_supported() {
   __builtin_cpu_init();

@@ -87,6 +87,7 @@ from jax import lax
 __all__ = [
     "available",
     "status",
+    "amx",
     "int8_matmul",
     "w4_matmul",
     "fp8_matmul",
@@ -357,6 +358,40 @@ def status() -> str:
     """
     available()
     return _INT8.reason
+
+
+def amx(enable: bool | None = None) -> bool:
+    """Whether the int8 GEMMs (:func:`int8_matmul`, :func:`w8a8_matmul_vnni`, and so
+    jqx.ops' W8A8 and int8 weight-only routes) run their blocks of 16 rows and more on
+    the AMX tiles (Intel Sapphire Rapids and later: ``amx_int8`` in ``/proc/cpuinfo``)
+    instead of the AVX512-VNNI registers. The sums are exact int32 either way, so the
+    results are the same bit for bit; the tiles are faster on prefill and batch
+    products (docs/guide/kernels.md).
+
+    On by default where the CPU and the OS support it (Linux hands out the tile state
+    on request); ``JQX_AMX=0`` in the environment before the kernels load turns it off.
+
+    Args:
+      enable: None asks; True or False turns the tile path on or off for the whole
+        process (True does nothing where the CPU has no AMX).
+
+    Returns:
+      Whether the tiles are used now; False when the AVX512 kernels are not available
+      (:func:`status`).
+
+    Example:
+        >>> from jqx.kernels.cpu import native
+        >>> native.amx() in (True, False)
+        True
+    """
+    if enable is not None and not isinstance(enable, bool):
+        raise TypeError(f"amx(enable={enable!r}): expected None, True or False.")
+    if not available():
+        return False
+    fn = _INT8.handle.jqx_amx
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return bool(fn(-1 if enable is None else int(enable)))
 
 
 def gguf_available() -> bool:
