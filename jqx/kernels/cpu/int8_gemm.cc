@@ -165,8 +165,8 @@ inline __m512i NegColumnSums(const int8_t* panel, int64_t kq_n) {
 // tdpbusd (K/4 rows of N x 4 bytes), loaded with stride 64; A's 16 rows x 64
 // bytes load with A's row stride. tdpbusd multiplies unsigned A by signed B,
 // as vpdpbusd does, so the sums are the same integers (exact int32: the
-// result does not depend on which unit ran, bit for bit) and the -128 * column
-// sums correction is added as the tiles leave. Tiles: 0-3 hold a 32 x 32 block
+// result does not depend on which unit ran, bit for bit); the C tiles start at
+// the -128 * column sums, as the registers do. Tiles: 0-3 hold a 32 x 32 block
 // of C (2 row tiles x 2 panels), 4-5 rows of A, 6-7 panels of B; every tile is
 // 16 rows x 64 bytes. A K that is not a multiple of 64 ends with one step from
 // zero-padded copies (zero A bytes add nothing). The tile intrinsics are asm
@@ -221,17 +221,20 @@ class AmxScope {
 };
 
 // RT (1 or 2) row tiles of A (rows a, a + 16 lda) times CT (1 or 2) panels of
-// B (bp, bp + pstride), all of Kp: the raw unsigned x signed sums, into
-// out[32][32] (row tile r, panel c at out + 16 * (32 r + c)).
+// B (bp, bp + pstride), all of Kp, added to ``init`` (per panel 16 identical
+// rows of 16 int32, the -128 * column sums: AmxInit) so that the tiles end at
+// the int8 product. Row tile r, panel c is stored at out + 16 (r ldo + c)
+// (ldo in int32).
 template <int RT, int CT>
 __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int64_t lda,
                                                           const int8_t* bp, int64_t pstride,
-                                                          int64_t Kp, int32_t* out) {
-  asm volatile("" ::: "memory");  // A and B as written before this call
-  _tile_zero(0);
-  if constexpr (CT == 2) _tile_zero(1);
-  if constexpr (RT == 2) _tile_zero(2);
-  if constexpr (RT == 2 && CT == 2) _tile_zero(3);
+                                                          int64_t Kp, const int32_t* init,
+                                                          int32_t* out, int64_t ldo) {
+  asm volatile("" ::: "memory");  // A, B and init as written before this call
+  _tile_loadd(0, init, 64);
+  if constexpr (CT == 2) _tile_loadd(1, init + 256, 64);
+  if constexpr (RT == 2) _tile_loadd(2, init, 64);
+  if constexpr (RT == 2 && CT == 2) _tile_loadd(3, init + 256, 64);
   const int64_t kfull = Kp / 64 * 64;
   const auto step = [&](const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0,
                         const int8_t* b1) {
@@ -260,35 +263,55 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
     asm volatile("" ::: "memory");  // the tile loads' asm reads these copies
     step(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
   }
-  _tile_stored(0, out, 128);
-  if constexpr (CT == 2) _tile_stored(1, out + 16, 128);
-  if constexpr (RT == 2) _tile_stored(2, out + 16 * 32, 128);
-  if constexpr (RT == 2 && CT == 2) _tile_stored(3, out + 16 * 32 + 16, 128);
+  const int64_t so = ldo * 4;
+  _tile_stored(0, out, so);
+  if constexpr (CT == 2) _tile_stored(1, out + 16, so);
+  if constexpr (RT == 2) _tile_stored(2, out + 16 * ldo, so);
+  if constexpr (RT == 2 && CT == 2) _tile_stored(3, out + 16 * ldo + 16, so);
   asm volatile("" ::: "memory");  // ... and the tile stores' asm wrote ``out``
 }
 
 // AmxTile for a block of 16 or 32 rows (rt row tiles) and 1 or 2 panels (ct).
 inline void AmxTileAny(int rt, int ct, const uint8_t* a, int64_t lda, const int8_t* bp,
-                       int64_t pstride, int64_t Kp, int32_t* out) {
+                       int64_t pstride, int64_t Kp, const int32_t* init, int32_t* out,
+                       int64_t ldo) {
   if (rt == 2)
-    return ct == 2 ? AmxTile<2, 2>(a, lda, bp, pstride, Kp, out)
-                   : AmxTile<2, 1>(a, lda, bp, pstride, Kp, out);
-  return ct == 2 ? AmxTile<1, 2>(a, lda, bp, pstride, Kp, out)
-                 : AmxTile<1, 1>(a, lda, bp, pstride, Kp, out);
+    return ct == 2 ? AmxTile<2, 2>(a, lda, bp, pstride, Kp, init, out, ldo)
+                   : AmxTile<2, 1>(a, lda, bp, pstride, Kp, init, out, ldo);
+  return ct == 2 ? AmxTile<1, 2>(a, lda, bp, pstride, Kp, init, out, ldo)
+                 : AmxTile<1, 1>(a, lda, bp, pstride, Kp, init, out, ldo);
+}
+
+// The C tiles' start for ct panels: each panel's 16 -128 * column sums (from
+// ``corr``, 16 per panel) in 16 identical rows, init[2][16][16].
+inline void AmxInit(const int32_t* corr, int ct, int32_t* init) {
+  for (int c = 0; c < 2; ++c) {
+    const __m512i v = c < ct ? _mm512_loadu_si512(static_cast<const void*>(corr + 16 * c))
+                             : _mm512_setzero_si512();
+    for (int r = 0; r < 16; ++r) _mm512_store_si512(static_cast<void*>(init + 256 * c + 16 * r), v);
+  }
 }
 
 // Runs f(rows, r, tile) over the 32-row blocks (and a last 16-row one) of rows
-// [0, n16) of A (n16 a multiple of 16) against ct (1 or 2) panels from bpp:
-// ``tile`` (row stride 32) holds the raw sums of rows r .. r + rows, the -128 *
-// column sums not added yet. The caller holds an AmxScope.
+// [0, n16) of A (n16 a multiple of 16) against ct (1 or 2) panels from bpp,
+// whose -128 * column sums ``corr`` holds: ``tile`` (row stride 32) holds the
+// int32 products of rows r .. r + rows. With ``direct`` (row stride ldd, for
+// blocks that fill 16 ct columns), the tiles are stored there instead and f is
+// not called. The caller holds an AmxScope.
 template <typename F>
 void AmxRows(const uint8_t* A, int64_t lda, int64_t n16, const int8_t* bpp, int64_t pstride,
-             int64_t Kp, int ct, F f) {
+             int64_t Kp, int ct, const int32_t* corr, int32_t* direct, int64_t ldd, F f) {
+  alignas(64) int32_t init[2 * 16 * 16];
+  AmxInit(corr, ct, init);
   alignas(64) int32_t tile[32 * 32];
   for (int64_t r = 0; r < n16; r += 32) {
     const int rt = n16 - r >= 32 ? 2 : 1;
-    AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, tile);
-    f(16 * rt, r, static_cast<const int32_t*>(tile));
+    if (direct != nullptr) {
+      AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, init, direct + r * ldd, ldd);
+    } else {
+      AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, init, tile, 32);
+      f(16 * rt, r, static_cast<const int32_t*>(tile));
+    }
   }
 }
 
@@ -313,17 +336,18 @@ void Blocks(const uint8_t* A, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* 
         const __m512i c = q < ct ? NegColumnSums(Bp + (p + q) * pstride, kq_n) : _mm512_setzero_si512();
         _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
       }
-      AmxRows(A + i0 * Kp, Kp, n16, Bp + p * pstride, pstride, Kp, ct,
+      // Whole 16-column panels go straight to C; a last, partial one through ``tile``.
+      const bool full = cols == 16 * ct;
+      AmxRows(A + i0 * Kp, Kp, n16, Bp + p * pstride, pstride, Kp, ct, corr,
+              full ? C + i0 * N + p * 16 : nullptr, N,
               [&](int rows, int64_t r, const int32_t* t) {
                 for (int rr = 0; rr < rows; ++rr) {
                   int32_t* dst = C + (i0 + r + rr) * N + p * 16;
                   for (int c0 = 0; c0 < cols; c0 += 16) {
                     const int m = std::min(16, cols - c0);
                     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
-                    const __m512i v = _mm512_add_epi32(
-                        _mm512_load_si512(static_cast<const void*>(t + rr * 32 + c0)),
-                        _mm512_load_si512(static_cast<const void*>(corr + c0)));
-                    _mm512_mask_storeu_epi32(dst + c0, k, v);
+                    _mm512_mask_storeu_epi32(
+                        dst + c0, k, _mm512_load_si512(static_cast<const void*>(t + rr * 32 + c0)));
                   }
                 }
               });
@@ -1041,19 +1065,17 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
     for (int64_t p = p0; p < p1; p += 2) {
       const int ct = static_cast<int>(std::min<int64_t>(2, p1 - p));
       const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, ct * 16));
-      AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct,
+      AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct, j.corr + p * 16, nullptr, 0,
               [&](int nr, int64_t rb, const int32_t* t) {
-                // The VNNI path's int32 sums (raw sums + -128 * column sums),
-                // rescaled in its order.
+                // The VNNI path's int32 sums, rescaled in its order.
                 for (int r = 0; r < nr; ++r) {
                   const __m512 sv = _mm512_set1_ps(xs[rb + r]);
                   float* dst = j.y + (r0 + rb + r) * j.N + p * 16;
                   for (int c0 = 0; c0 < cols; c0 += 16) {
                     const int m = std::min(16, cols - c0);
                     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
-                    const __m512 acc = _mm512_cvtepi32_ps(_mm512_add_epi32(
-                        _mm512_load_si512(static_cast<const void*>(t + r * 32 + c0)),
-                        _mm512_loadu_si512(static_cast<const void*>(j.corr + p * 16 + c0))));
+                    const __m512 acc = _mm512_cvtepi32_ps(
+                        _mm512_load_si512(static_cast<const void*>(t + r * 32 + c0)));
                     const __m512 w = _mm512_loadu_ps(j.ws + p * 16 + c0);
                     _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), w));
                   }
