@@ -296,6 +296,10 @@ def test_w4_bad_input():
         native.w4_matmul(x, p[:, :4], t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match=r"zero must be float32 \(2, 10\)"):
         native.w4_matmul(x, p, t, s, z[:1], n=10, group_size=32)
+    with pytest.raises(TypeError, match="scale2 must be one float32"):
+        native.w4_matmul(x, p, t, s, z, n=10, group_size=32, scale2=jnp.ones((2,)))
+    with pytest.raises(TypeError, match="scale2 must be one float32"):
+        native.w4_matmul(x, p, t, s, z, n=10, group_size=32, scale2=jnp.ones((1,), jnp.bfloat16))
 
 
 def _fp8_case(m, k, n, g, dtype, seed):
@@ -354,6 +358,53 @@ def test_e8m0_scales_are_read_as_stored(kernel, m, k, n, g):
     want = np.asarray(run(s8.astype(jnp.float32)))
     np.testing.assert_array_equal(got, want)
     assert np.isnan(got[:, 1]).all() and np.isfinite(got[:, 2]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n,g", [(1, 512, 128, 16), (11, 64, 70, 16), (16, 576, 200, 32)])
+def test_e4m3_scales_and_scale2_are_read_as_stored(m, k, n, g):
+    """NVFP4's block scales (float8_e4m3fn) times its per-tensor scale (``scale2``), in
+    the 4-bit kernel: bit for bit the float32 scales ``astype(float32) * scale2`` (one
+    rounding, as QArray.dequantize), over every byte value: subnormals, zeros, the
+    largest (448) and the NaN codes 0x7F / 0xFF, which reach their columns."""
+    rng = np.random.default_rng(k + n)
+    b = rng.integers(0, 256, (k // g, n)).astype(np.uint8)
+    b.reshape(-1)[: min(256, b.size)] = np.arange(256, dtype=np.uint8)[: min(256, b.size)]
+    b[:, :2] = [0x7F, 0x38]  # a NaN column, a column of 1.0
+    s8 = jax.lax.bitcast_convert_type(jnp.asarray(b), jnp.float8_e4m3fn)
+    (x, p, t, _, _), _, _ = _w4_case(m, k, n, g, "fp4_e2m1", False, seed=n)
+    s2 = jnp.asarray([0.37], jnp.float32)
+
+    def run(s, s2=None):
+        return native.w4_matmul(x, p, t, s, None, n=n, group_size=g, scale2=s2)
+
+    got = np.asarray(jax.jit(run)(s8, s2))
+    want = np.asarray(run(s8.astype(jnp.float32) * s2[0]))
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[:, 0]).all() and np.isfinite(got[:, 1]).all()
+    # Without scale2, the block scales alone.
+    np.testing.assert_array_equal(np.asarray(run(s8)), np.asarray(run(s8.astype(jnp.float32))))
+
+
+@needs_native
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 192), (16, 1536, 576), (4, 256, 130)])
+def test_nvfp4_route_reads_stored_scales_bit_identical_to_folded(rows, k, n):
+    """jqx.ops on an NVFP4 weight at decode sizes hands the kernel its E4M3 block scales
+    and per-tensor scale as stored (no float32 copy): the same bits as the folded
+    float32 scales that every other path uses, within f32 rounding of x . dequantize."""
+    rng = np.random.default_rng(rows + k + n)
+    q = jqx.quantize_nvfp4(jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32), axis=0)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+    assert jqx.ops.explain(x, q, dn) == "native.w4"
+    jaxpr = str(jax.make_jaxpr(lambda x, q: jqx.ops.dot_general(x, q, dn))(x, q))
+    assert "has_scale2', np.int64(1)" in jaxpr
+    y = jax.jit(lambda x, q: jqx.ops.dot_general(x, q, dn))(x, q)
+    folded = jax.jit(lambda x, q: jqx.ops.dot_general(x, jqx.core.qarray.fold_super_scale(q), dn))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(folded(x, q)))
+    ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
+    bound = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(q.dequantize(), np.float64))
+    assert (np.abs(np.asarray(y) - ref) <= 1e-5 * bound + 1e-6).all()
 
 
 @needs_native

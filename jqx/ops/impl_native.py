@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqx.core import formats as _formats
-from jqx.core.qarray import QArray
+from jqx.core.qarray import QArray, fold_super_scale
 from jqx.kernels.cpu import native as _kernels
 from jqx.ops.impl_xla import TWO_LEVEL_INT8, two_level_split
 from jqx.ops.problem import Implementation, Problem, w8a8_product
@@ -28,10 +28,12 @@ def _rows(x, xc: int, n: int, kernel) -> jax.Array:
     return kernel(c.reshape(-1, c.shape[-1])).reshape(*c.shape[:-1], n)
 
 
-def _kernel_scale(scale: jax.Array) -> jax.Array:
-    """Block scales as the decode kernels read them: E8M0 (MX) as stored, widened in
-    the kernel; any other dtype widened to float32 here."""
-    if jnp.dtype(scale.dtype) == jnp.dtype(jnp.float8_e8m0fnu):
+def _kernel_scale(scale: jax.Array, e4m3: bool = True) -> jax.Array:
+    """Block scales as the decode kernels read them: E8M0 (MX) and, where ``e4m3`` (the
+    4-bit kernel), E4M3 (NVFP4) as stored, widened in the kernel; any other dtype
+    widened to float32 here."""
+    stored = [jnp.dtype(jnp.float8_e8m0fnu)] + ([jnp.dtype(jnp.float8_e4m3fn)] if e4m3 else [])
+    if jnp.dtype(scale.dtype) in stored:
         return scale
     return scale.astype(jnp.float32)
 
@@ -138,16 +140,33 @@ class W4(Implementation):
             return False
         return 1 <= p.rows <= _kernels.W4_MAX_ROWS
 
+    reads_super_scale = True
+
     def run(self, x, q, p):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
         table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
         zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
-        scale = _kernel_scale(q.scale)
+        scale2 = None
+        if q.super_scale is not None and q.super_scale.size == 1:
+            # NVFP4: E4M3 block scales read as stored, times the per-tensor scale in
+            # the kernel (rounded once, as QArray.dequantize's two-level scales).
+            scale, scale2 = _kernel_scale(q.scale), q.super_scale.astype(jnp.float32)
+        else:
+            if q.super_scale is not None:
+                q = fold_super_scale(q)
+            scale = _kernel_scale(q.scale)
 
         def kernel(rows):
             return _kernels.w4_matmul(
-                rows.astype(jnp.float32), q.qvalue, table, scale, zero, n=n, group_size=q.block[0]
+                rows.astype(jnp.float32),
+                q.qvalue,
+                table,
+                scale,
+                zero,
+                n=n,
+                group_size=q.block[0],
+                scale2=scale2,
             )
 
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
@@ -175,7 +194,7 @@ class Fp8WeightOnly(Implementation):
     def run(self, x, q, p):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        scale = _kernel_scale(q.scale)
+        scale = _kernel_scale(q.scale, e4m3=False)
 
         def kernel(rows):
             return _kernels.fp8_matmul(

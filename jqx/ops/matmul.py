@@ -128,7 +128,7 @@ def explain(
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = jnp.asarray(x)
     shape = tuple(x.shape)
-    q, dn, _ = _oriented(
+    q, dn, _, _ = _oriented(
         shape, np.dtype(x.dtype), q, dn, precision, preferred_element_type, backend
     )
     flat = _flatten_contraction(shape, q, dn)
@@ -448,11 +448,14 @@ def _vnni_transposed(q: QArray, dn: DimensionNumbers):
 def _oriented(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
     """:func:`_orient`, then a weight-only second-level scale (NVFP4's per tensor)
     folded into the block scales (the values ``dequantize`` gives), so the 4-bit kernels
-    and XLA's weight-only paths take it instead of dequantizing it whole."""
+    and XLA's weight-only paths take it instead of dequantizing it whole. Returns
+    ``(q, dn, order, unfolded)``: ``unfolded`` is the weight before that fold (None when
+    nothing was folded), for an implementation that reads the two levels as stored
+    (``Implementation.reads_super_scale``)."""
     q, dn, order = _orient(x_shape, x_dtype, q, dn, precision, pet, backend)
     if q.act is None and q.code_layout == "plain" and foldable_super_scale(q):
-        q = fold_super_scale(q)
-    return q, dn, order
+        return fold_super_scale(q), dn, order, q
+    return q, dn, order, None
 
 
 def _orient(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, backend):
@@ -479,7 +482,7 @@ def _orient(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, b
 
 
 def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
-    q, dn, order = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
+    q, dn, order, unfolded = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
     if order is not None:
         x = jnp.take(x, order, axis=dn[0][0][0])
     flat = _flatten_contraction(x.shape, q, dn)
@@ -488,6 +491,10 @@ def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, back
         return _x_dot_w(x.reshape(x2), q2, dn2, precision, pet, backend).reshape(out_shape)
     p = describe(tuple(x.shape), x.dtype, q, dn, precision, pet)
     impl = dispatch.choose(p, backend)
+    if unfolded is not None and impl.reads_super_scale:
+        # The kernel widens the stored block scales and applies the second level
+        # itself: the same float32 scales, no folded copy written per call.
+        return impl.run(x, unfolded, p)
     if p.in_scale and p.kind != "dequantize":
         x, q = _divide_in_scale(x, q, p), q.replace(in_scale=None)
     if q.code_layout not in impl.layouts:

@@ -157,6 +157,10 @@ class Implementation:
     # The weight code layouts ``run`` reads (QArray.code_layout); for any other,
     # jqx.ops.dot_general hands ``run`` the weight unpacked to "plain".
     layouts: ClassVar[tuple[str, ...]] = ("plain",)
+    # True: where ``supports`` accepted a weight whose second-level scale (NVFP4's per
+    # tensor) was folded for the description, ``run`` gets the weight as stored, with
+    # ``super_scale``, and applies the two levels itself (the same float32 scales).
+    reads_super_scale: ClassVar[bool] = False
 
     def supports(self, p: Problem) -> bool:
         raise NotImplementedError

@@ -660,14 +660,28 @@ ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
 // thread) so each chunk streams in order; threads split the columns.
 constexpr int64_t kW4ChunkRows = 16;
 
-// 16 block scales of a decode kernel from S (float32, or with kE8M0 the
-// OCP MX E8M0 bytes: 2^(e - 127), e = 0 the float32 subnormal 2^-127, e = 255
-// NaN, as ml_dtypes widens them), widened in registers: the scales are read
-// in their own dtype, no float32 copy per call.
-template <bool kE8M0>
+// The dtypes a decode kernel reads its block scales in.
+enum ScaleKind : int { kScaleF32 = 0, kScaleE8M0 = 1, kScaleE4M3 = 2 };
+
+// 16 block scales of a decode kernel from S, widened in registers exactly as
+// astype(float32) widens them: the scales are read in their own dtype, no
+// float32 copy per call. kScaleE8M0: the OCP MX E8M0 bytes, 2^(e - 127) (e = 0
+// the float32 subnormal 2^-127, e = 255 NaN). kScaleE4M3: float8_e4m3fn
+// (NVFP4's block scales; 0x7F / 0xFF NaN): the byte's sign and low 7 bits
+// shifted into float16's fields give its value times 2^-8, subnormals included,
+// widened exactly by vcvtph2ps and times 2^8.
+template <int kKind>
 inline __m512 LoadScale(const void* S, int64_t i, __mmask16 m) {
-  if (!kE8M0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(S) + i);
+  if (kKind == kScaleF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(S) + i);
   const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(S) + i));
+  if (kKind == kScaleE4M3) {
+    const __m512i mag = _mm512_and_si512(e, _mm512_set1_epi32(0x7F));
+    const __m512i h = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(e, _mm512_set1_epi32(0x80)), 8),
+                                      _mm512_slli_epi32(mag, 7));
+    const __m512 v = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)), _mm512_set1_ps(256.0f));
+    return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
+                              _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  }
   __m512i bits = _mm512_slli_epi32(e, 23);
   bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
                                _mm512_set1_epi32(0x00400000));
@@ -676,10 +690,12 @@ inline __m512 LoadScale(const void* S, int64_t i, __mmask16 m) {
   return _mm512_castsi512_ps(bits);
 }
 
-template <int R, bool kE8M0>
+// ``S2``: a second-level scale (NVFP4's per tensor) that multiplies every widened
+// block scale, in float32 as QArray.dequantize's two-level scales; or null.
+template <int R, int kScale>
 void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-             const float* table, const void* S, const float* Z, int64_t gs, float* Y,
-             int64_t j0, int64_t j1) {
+             const float* table, const void* S, const float* S2, const float* Z, int64_t gs,
+             float* Y, int64_t j0, int64_t j1) {
   if (j0 >= j1) return;
   const int64_t G = K / gs;
   const int64_t width = j1 - j0;
@@ -767,7 +783,8 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
               const int64_t col = jb + c0;
               if (Z != nullptr)
                 sum = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, Z + g * N + col), xsv, sum);
-              const __m512 sc = LoadScale<kE8M0>(S, g * N + col, m);
+              __m512 sc = LoadScale<kScale>(S, g * N + col, m);
+              if (S2 != nullptr) sc = _mm512_mul_ps(sc, _mm512_set1_ps(*S2));
               float* y = Y + r * N + col;
               const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y);
               _mm512_mask_storeu_ps(y, m, _mm512_fmadd_ps(sum, sc, prev));
@@ -781,33 +798,39 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
 constexpr int64_t kW4BlockRows = 8;  // rows per register block
 constexpr int64_t kW4MaxRows = 16;   // more rows: XLA's dequantize-then-dot wins
 
-template <bool kE8M0>
+template <int kScale>
 void W4Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-           const float* table, const void* S, const float* Z, int64_t gs, float* Y, int64_t j0,
-           int64_t j1) {
+           const float* table, const void* S, const float* S2, const float* Z, int64_t gs,
+           float* Y, int64_t j0, int64_t j1) {
   switch (M) {
-    case 1: return W4Small<1, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 2: return W4Small<2, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 3: return W4Small<3, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 4: return W4Small<4, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 5: return W4Small<5, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 6: return W4Small<6, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    case 7: return W4Small<7, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
-    default: return W4Small<8, kE8M0>(X, K, P, N2, N, table, S, Z, gs, Y, j0, j1);
+    case 1: return W4Small<1, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 2: return W4Small<2, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 3: return W4Small<3, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 4: return W4Small<4, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 5: return W4Small<5, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 6: return W4Small<6, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 7: return W4Small<7, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    default: return W4Small<8, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
   }
 }
 
-// Scales F32 or F8E8M0FNU (MXFP4's, read as they are stored).
-bool ScaleIsE8M0(const ffi::AnyBuffer& scale, bool* ok) {
-  const auto t = scale.element_type();
-  *ok = t == ffi::DataType::F32 || t == ffi::DataType::F8E8M0FNU;
-  return t == ffi::DataType::F8E8M0FNU;
+// The kind of a decode kernel's scales, or -1 for a dtype it does not read:
+// F32, F8E8M0FNU (MX) and, where ``e4m3_ok``, F8E4M3FN (NVFP4's block scales).
+int ScaleKindOf(const ffi::AnyBuffer& scale, bool e4m3_ok) {
+  switch (scale.element_type()) {
+    case ffi::DataType::F32: return kScaleF32;
+    case ffi::DataType::F8E8M0FNU: return kScaleE8M0;
+    case ffi::DataType::F8E4M3FN: return e4m3_ok ? kScaleE4M3 : -1;
+    default: return -1;
+  }
 }
 
+// ``scale2`` (one float32) multiplies every block scale where ``has_scale2``
+// (NVFP4's per-tensor scale, its E4M3 block scales read as stored).
 ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
-                      ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> zero,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t has_zero,
-                      int64_t threads) {
+                      ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> scale2,
+                      ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t group,
+                      int64_t has_zero, int64_t has_scale2, int64_t threads) {
   const auto xd = x.dimensions();
   const auto pd = p.dimensions();
   const auto sd = scale.dimensions();
@@ -817,9 +840,11 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
     return ffi::Error::InvalidArgument(
         "jqx_w4_gemv: expected x (M, K), packed (K, ceil(N/2)), table (16), scale (K/g, N), "
         "y (M, N)");
-  bool scale_ok = false;
-  const bool e8m0 = ScaleIsE8M0(scale, &scale_ok);
-  if (!scale_ok) return ffi::Error::InvalidArgument("jqx_w4_gemv: scale must be F32 or F8E8M0FNU");
+  const int kind = ScaleKindOf(scale, /*e4m3_ok=*/true);
+  if (kind < 0)
+    return ffi::Error::InvalidArgument("jqx_w4_gemv: scale must be F32, F8E8M0FNU or F8E4M3FN");
+  if (has_scale2 && scale2.element_count() != 1)
+    return ffi::Error::InvalidArgument("jqx_w4_gemv: scale2 must hold one float32");
   const int64_t M = xd[0], K = xd[1], N = yd[1], N2 = pd[1];
   if (pd[0] != K || yd[0] != M || N2 != (N + 1) / 2 || group <= 0 || K % group != 0 ||
       sd[0] != K / group || sd[1] != N || M > kW4MaxRows ||
@@ -833,14 +858,17 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   }
   const int64_t cols = GemvChunkCols(M, K, N, threads);
   const float* Z = has_zero ? zero.typed_data() : nullptr;
+  const float* S2 = has_scale2 ? scale2.typed_data() : nullptr;
+  const auto run = kind == kScaleE8M0   ? W4Any<kScaleE8M0>
+                   : kind == kScaleE4M3 ? W4Any<kScaleE4M3>
+                                        : W4Any<kScaleF32>;
   Parallel((N + cols - 1) / cols, [&](int64_t i) {
     // Blocks of up to kW4BlockRows rows, each over the chunk's columns (the
     // weight slice is read again per block, from cache).
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows)
-      (e8m0 ? W4Any<true> : W4Any<false>)(std::min(kW4BlockRows, M - r0),
-                                           x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
-                                           table.typed_data(), scale.untyped_data(), Z, group,
-                                           Y + r0 * N, i * cols, std::min(N, (i + 1) * cols));
+      run(std::min(kW4BlockRows, M - r0), x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
+          table.typed_data(), scale.untyped_data(), S2, Z, group, Y + r0 * N, i * cols,
+          std::min(N, (i + 1) * cols));
   });
   return ffi::Error::Success();
 }
@@ -868,7 +896,7 @@ inline __m512 Fp8ToF32(__m128i codes) {
   return _mm512_cvtph_ps(h);
 }
 
-template <int R, bool kE4M3, bool kE8M0>
+template <int R, bool kE4M3, int kScale>
 void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const void* S,
               int64_t gs, float* Y, int64_t j0, int64_t j1) {
   if (j0 >= j1) return;
@@ -921,7 +949,7 @@ void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const void
           for (int u = 0; u < 4; ++u) {
             if (!m[u]) continue;
             const int64_t col = jb + 16 * u;
-            const __m512 sc = _mm512_mul_ps(LoadScale<kE8M0>(S, g * N + col, m[u]), unit);
+            const __m512 sc = _mm512_mul_ps(LoadScale<kScale>(S, g * N + col, m[u]), unit);
             float* y = Y + r * N + col;
             const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m[u], y);
             _mm512_mask_storeu_ps(y, m[u], _mm512_fmadd_ps(acc[r][u], sc, prev));
@@ -931,18 +959,18 @@ void Fp8Small(const float* X, int64_t K, const uint8_t* P, int64_t N, const void
   }
 }
 
-template <bool kE4M3, bool kE8M0>
+template <bool kE4M3, int kScale>
 void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, const void* S,
             int64_t gs, float* Y, int64_t j0, int64_t j1) {
   switch (M) {
-    case 1: return Fp8Small<1, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 2: return Fp8Small<2, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 3: return Fp8Small<3, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 4: return Fp8Small<4, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 5: return Fp8Small<5, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 6: return Fp8Small<6, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    case 7: return Fp8Small<7, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
-    default: return Fp8Small<8, kE4M3, kE8M0>(X, K, P, N, S, gs, Y, j0, j1);
+    case 1: return Fp8Small<1, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 2: return Fp8Small<2, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 3: return Fp8Small<3, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 4: return Fp8Small<4, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 5: return Fp8Small<5, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 6: return Fp8Small<6, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    case 7: return Fp8Small<7, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
+    default: return Fp8Small<8, kE4M3, kScale>(X, K, P, N, S, gs, Y, j0, j1);
   }
 }
 
@@ -960,9 +988,9 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBu
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument(
         "jqx_fp8_gemv: expected x (M, K), codes (K, N), scale (K/g, N), y (M, N)");
-  bool scale_ok = false;
-  const bool e8m0 = ScaleIsE8M0(scale, &scale_ok);
-  if (!scale_ok) return ffi::Error::InvalidArgument("jqx_fp8_gemv: scale must be F32 or F8E8M0FNU");
+  const int kind = ScaleKindOf(scale, /*e4m3_ok=*/false);
+  if (kind < 0) return ffi::Error::InvalidArgument("jqx_fp8_gemv: scale must be F32 or F8E8M0FNU");
+  const bool e8m0 = kind == kScaleE8M0;
   const uint8_t* C = static_cast<const uint8_t*>(codes.untyped_data());
   const int64_t M = xd[0], K = xd[1], N = yd[1];
   if (cd[0] != K || cd[1] != N || yd[0] != M || group <= 0 || K % group != 0 ||
@@ -982,11 +1010,11 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBu
       const float* xr = x.typed_data() + r0 * K;
       const void* S = scale.untyped_data();
       if (e4m3)
-        (e8m0 ? Fp8Any<true, true> : Fp8Any<true, false>)(rows, xr, K, C, N, S, group,
-                                                          Y + r0 * N, j0, j1);
+        (e8m0 ? Fp8Any<true, kScaleE8M0> : Fp8Any<true, kScaleF32>)(rows, xr, K, C, N, S, group,
+                                                                    Y + r0 * N, j0, j1);
       else
-        (e8m0 ? Fp8Any<false, true> : Fp8Any<false, false>)(rows, xr, K, C, N, S, group,
-                                                            Y + r0 * N, j0, j1);
+        (e8m0 ? Fp8Any<false, kScaleE8M0> : Fp8Any<false, kScaleF32>)(rows, xr, K, C, N, S,
+                                                                      group, Y + r0 * N, j0, j1);
     }
   });
   return ffi::Error::Success();
@@ -1276,9 +1304,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("has_zero")
+                                  .Attr<int64_t>("has_scale2")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,

@@ -792,24 +792,30 @@ def w4_matmul(
     *,
     n: int,
     group_size: int,
+    scale2: jax.Array | None = None,
 ) -> jax.Array:
     """``x @ W`` for a 4-bit group-wise weight, f32, for up to
     :data:`W4_MAX_ROWS` rows (decode), reading the packed weight in place.
 
-    ``W[k, j] = (table[code[k, j]] - zero[g, j]) * scale[g, j]`` with
-    ``g = k // group_size``; codes are packed two per byte along N, low nibble
-    first (jqx's QArray layout). Sums are f32 (each group's codes first, then
-    its zero and scale), so the result equals ``x @ W`` up to f32 rounding.
+    ``W[k, j] = (table[code[k, j]] - zero[g, j]) * s[g, j]`` with
+    ``g = k // group_size`` and ``s = scale`` widened to float32 (times ``scale2``
+    when given, rounded once: NVFP4's two-level scales, as ``QArray.dequantize``
+    computes them); codes are packed two per byte along N, low nibble first (jqx's
+    QArray layout). Sums are f32 (each group's codes first, then its zero and scale),
+    so the result equals ``x @ W`` up to f32 rounding.
 
     Args:
       x: (M, K) float32, M <= W4_MAX_ROWS.
       packed: (K, ceil(n / 2)) uint8.
       table: (16,) float32, the value of each code.
-      scale: (K // group_size, n) float32, or float8_e8m0fnu (MXFP4's block scales,
-        widened in the kernel exactly as ``astype(float32)`` widens them).
+      scale: (K // group_size, n) float32, float8_e8m0fnu (MXFP4's block scales) or
+        float8_e4m3fn (NVFP4's), widened in the kernel exactly as ``astype(float32)``
+        widens them.
       zero: (K // group_size, n) float32, or None.
       n: the weight's N.
       group_size: rows of K per scale; must divide K.
+      scale2: one float32 (any shape of one element) that multiplies every block
+        scale (NVFP4's per-tensor scale), or None.
 
     Raises:
       TypeError: shapes or dtypes that do not match.
@@ -818,10 +824,17 @@ def w4_matmul(
     want = {
         "packed": (packed, (k, -(-n // 2)), (jnp.uint8,)),
         "table": (table, (16,), (jnp.float32,)),
-        "scale": (scale, (k // group_size, n), _DECODE_SCALES),
+        "scale": (scale, (k // group_size, n), (*_DECODE_SCALES, jnp.float8_e4m3fn)),
     }
     if zero is not None:
         want["zero"] = (zero, (k // group_size, n), (jnp.float32,))
+    if scale2 is not None:
+        if scale2.size != 1 or jnp.dtype(scale2.dtype) != jnp.dtype(jnp.float32):
+            raise TypeError(
+                f"w4_matmul: scale2 must be one float32 (the per-tensor scale), got "
+                f"{scale2.dtype} {tuple(scale2.shape)}."
+            )
+        scale2 = scale2.reshape(1)
     for name, (a, shape, dts) in want.items():
         if tuple(a.shape) != shape or jnp.dtype(a.dtype) not in [jnp.dtype(d) for d in dts]:
             names = " or ".join(jnp.dtype(d).name for d in dts)
@@ -837,9 +850,11 @@ def w4_matmul(
         packed,
         table,
         scale,
+        table[:1] if scale2 is None else scale2,  # a float32 stand-in, not read
         table if zero is None else zero,  # a float32 stand-in, not read
         group=np.int64(group_size),
         has_zero=np.int64(zero is not None),
+        has_scale2=np.int64(scale2 is not None),
         threads=np.int64(_threads()),
     )
 
