@@ -83,6 +83,21 @@ def test_rtn_equals_the_recipe_on_each_transposed_weight_and_fuses_again(tiny):
     assert _kl(tiny.logits(IDS[:64]), q.logits(IDS[:64])) < 0.05
 
 
+def test_nvfp4_query_key_value_fuse_with_a_second_level_scale_per_row(tiny):
+    """NVFP4's per-tensor scales differ between query, key and value: fused, each keeps
+    its own as one per row (the same dequantized weights), and the decode products
+    read them as stored (per column of the "kn" view) on the 4-bit kernel."""
+    unfused = tiny.quantize(jqx.nvfp4_weight_only(), fuse=False, prepack=False)
+    q = tiny.quantize(jqx.nvfp4_weight_only())
+    w = q.model.blocks[0].attn.wqkv[...]
+    assert w.super_block in ((1, CFG.dim), (CFG.dim, 1))  # per row; per column as "kn"
+    got, want = _weights(q), _weights(unfused)
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    # the same logits, fused or not (the kernel's per-column scales, bit for bit)
+    np.testing.assert_allclose(q.logits(IDS[:8]), unfused.logits(IDS[:8]), rtol=1e-5, atol=1e-5)
+
+
 def test_rules_match_attribute_paths(tiny):
     q = tiny.quantize(
         {r"mlp/w_down": jqx.int8_weight_only(), r"attn/wv": None, ".*": jqx.int4_weight_only()},

@@ -296,7 +296,7 @@ def test_w4_bad_input():
         native.w4_matmul(x, p[:, :4], t, s, z, n=10, group_size=32)
     with pytest.raises(TypeError, match=r"zero must be float32 \(2, 10\)"):
         native.w4_matmul(x, p, t, s, z[:1], n=10, group_size=32)
-    with pytest.raises(TypeError, match="scale2 must be one float32"):
+    with pytest.raises(TypeError, match="scale2 must be one float32.*or n=10"):
         native.w4_matmul(x, p, t, s, z, n=10, group_size=32, scale2=jnp.ones((2,)))
     with pytest.raises(TypeError, match="scale2 must be one float32"):
         native.w4_matmul(x, p, t, s, z, n=10, group_size=32, scale2=jnp.ones((1,), jnp.bfloat16))
@@ -384,6 +384,12 @@ def test_e4m3_scales_and_scale2_are_read_as_stored(m, k, n, g):
     assert np.isnan(got[:, 0]).all() and np.isfinite(got[:, 1]).all()
     # Without scale2, the block scales alone.
     np.testing.assert_array_equal(np.asarray(run(s8)), np.asarray(run(s8.astype(jnp.float32))))
+    # One second-level scale per column (tensors of different scales stacked along N).
+    cols = jnp.asarray(rng.random(n) + 0.5, jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(run)(s8, cols)),
+        np.asarray(run(s8.astype(jnp.float32) * cols[None, :])),
+    )
 
 
 @needs_native

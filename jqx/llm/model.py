@@ -300,6 +300,18 @@ class Llama(nnx.Module):
         )
 
 
+def _per_row_super_scale(w: QArray) -> QArray:
+    """A 2-D weight's per-tensor second-level scale (NVFP4's) as one per row: the same
+    values (``dequantize`` is unchanged), so tensors of different row counts and scales
+    stack (query, key and value)."""
+    if w.ndim != 2 or w.super_scale is None or w.super_zero is not None:
+        return w
+    if tuple(w.super_block) != tuple(w.shape):
+        return w
+    rows = jnp.broadcast_to(w.super_scale.reshape(1, 1), (w.shape[0], 1))
+    return w.replace(super_block=(1, w.shape[1]), super_scale=rows)
+
+
 def _concat_rows(ws: list):
     """One ``(sum of rows, in)`` weight from weights of equal layout, or None when
     their layouts differ (e.g. a GGUF file that mixes block types)."""
@@ -309,6 +321,8 @@ def _concat_rows(ws: list):
         return None
     if any(w.code_layout != "plain" for w in ws):
         return None  # packed children are not rows of the weight
+    if len({w.super_block for w in ws}) > 1:
+        ws = [_per_row_super_scale(w) for w in ws]
     first = ws[0]
 
     def static(w):

@@ -148,10 +148,13 @@ class W4(Implementation):
         table = _formats.decode(jnp.arange(16, dtype=jnp.uint8), q.fmt, jnp.float32)
         zero = None if q.zero_point is None else q.zero_point.astype(jnp.float32)
         scale2 = None
-        if q.super_scale is not None and q.super_scale.size == 1:
-            # NVFP4: E4M3 block scales read as stored, times the per-tensor scale in
-            # the kernel (rounded once, as QArray.dequantize's two-level scales).
+        if q.super_scale is not None and q.super_block[0] == q.shape[0]:
+            # NVFP4: E4M3 block scales read as stored, times the per-tensor scale (one,
+            # or one per column of tensors stacked along N) in the kernel, rounded once
+            # as QArray.dequantize's two-level scales.
             scale, scale2 = _kernel_scale(q.scale), q.super_scale.astype(jnp.float32)
+            if scale2.size != 1:
+                scale2 = jnp.repeat(scale2.reshape(-1), q.super_block[1])
         else:
             if q.super_scale is not None:
                 q = fold_super_scale(q)

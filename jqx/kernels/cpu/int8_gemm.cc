@@ -690,12 +690,13 @@ inline __m512 LoadScale(const void* S, int64_t i, __mmask16 m) {
   return _mm512_castsi512_ps(bits);
 }
 
-// ``S2``: a second-level scale (NVFP4's per tensor) that multiplies every widened
-// block scale, in float32 as QArray.dequantize's two-level scales; or null.
+// ``S2``: second-level scales (NVFP4's per tensor, or one per column where
+// ``s2_cols``: tensors of different scales stacked along N) that multiply every
+// widened block scale, in float32 as QArray.dequantize's two-level scales; or null.
 template <int R, int kScale>
 void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-             const float* table, const void* S, const float* S2, const float* Z, int64_t gs,
-             float* Y, int64_t j0, int64_t j1) {
+             const float* table, const void* S, const float* S2, bool s2_cols, const float* Z,
+             int64_t gs, float* Y, int64_t j0, int64_t j1) {
   if (j0 >= j1) return;
   const int64_t G = K / gs;
   const int64_t width = j1 - j0;
@@ -784,7 +785,9 @@ void W4Small(const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
               if (Z != nullptr)
                 sum = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, Z + g * N + col), xsv, sum);
               __m512 sc = LoadScale<kScale>(S, g * N + col, m);
-              if (S2 != nullptr) sc = _mm512_mul_ps(sc, _mm512_set1_ps(*S2));
+              if (S2 != nullptr)
+                sc = _mm512_mul_ps(sc, s2_cols ? _mm512_maskz_loadu_ps(m, S2 + col)
+                                               : _mm512_set1_ps(*S2));
               float* y = Y + r * N + col;
               const __m512 prev = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y);
               _mm512_mask_storeu_ps(y, m, _mm512_fmadd_ps(sum, sc, prev));
@@ -800,17 +803,17 @@ constexpr int64_t kW4MaxRows = 16;   // more rows: XLA's dequantize-then-dot win
 
 template <int kScale>
 void W4Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N2, int64_t N,
-           const float* table, const void* S, const float* S2, const float* Z, int64_t gs,
-           float* Y, int64_t j0, int64_t j1) {
+           const float* table, const void* S, const float* S2, bool s2_cols, const float* Z,
+           int64_t gs, float* Y, int64_t j0, int64_t j1) {
   switch (M) {
-    case 1: return W4Small<1, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 2: return W4Small<2, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 3: return W4Small<3, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 4: return W4Small<4, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 5: return W4Small<5, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 6: return W4Small<6, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    case 7: return W4Small<7, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
-    default: return W4Small<8, kScale>(X, K, P, N2, N, table, S, S2, Z, gs, Y, j0, j1);
+    case 1: return W4Small<1, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 2: return W4Small<2, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 3: return W4Small<3, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 4: return W4Small<4, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 5: return W4Small<5, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 6: return W4Small<6, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    case 7: return W4Small<7, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
+    default: return W4Small<8, kScale>(X, K, P, N2, N, table, S, S2, s2_cols, Z, gs, Y, j0, j1);
   }
 }
 
@@ -825,8 +828,9 @@ int ScaleKindOf(const ffi::AnyBuffer& scale, bool e4m3_ok) {
   }
 }
 
-// ``scale2`` (one float32) multiplies every block scale where ``has_scale2``
-// (NVFP4's per-tensor scale, its E4M3 block scales read as stored).
+// ``scale2`` (one float32, or N: one per column) multiplies every block scale
+// where ``has_scale2`` (NVFP4's per-tensor scales, its E4M3 block scales read as
+// stored).
 ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
                       ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> scale2,
                       ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t group,
@@ -843,8 +847,8 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   const int kind = ScaleKindOf(scale, /*e4m3_ok=*/true);
   if (kind < 0)
     return ffi::Error::InvalidArgument("jqx_w4_gemv: scale must be F32, F8E8M0FNU or F8E4M3FN");
-  if (has_scale2 && scale2.element_count() != 1)
-    return ffi::Error::InvalidArgument("jqx_w4_gemv: scale2 must hold one float32");
+  if (has_scale2 && scale2.element_count() != 1 && scale2.element_count() != yd[1])
+    return ffi::Error::InvalidArgument("jqx_w4_gemv: scale2 must hold 1 or N float32");
   const int64_t M = xd[0], K = xd[1], N = yd[1], N2 = pd[1];
   if (pd[0] != K || yd[0] != M || N2 != (N + 1) / 2 || group <= 0 || K % group != 0 ||
       sd[0] != K / group || sd[1] != N || M > kW4MaxRows ||
@@ -859,6 +863,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   const int64_t cols = GemvChunkCols(M, K, N, threads);
   const float* Z = has_zero ? zero.typed_data() : nullptr;
   const float* S2 = has_scale2 ? scale2.typed_data() : nullptr;
+  const bool s2_cols = has_scale2 && scale2.element_count() != 1;
   const auto run = kind == kScaleE8M0   ? W4Any<kScaleE8M0>
                    : kind == kScaleE4M3 ? W4Any<kScaleE4M3>
                                         : W4Any<kScaleF32>;
@@ -867,7 +872,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
     // weight slice is read again per block, from cache).
     for (int64_t r0 = 0; r0 < M; r0 += kW4BlockRows)
       run(std::min(kW4BlockRows, M - r0), x.typed_data() + r0 * K, K, p.typed_data(), N2, N,
-          table.typed_data(), scale.untyped_data(), S2, Z, group, Y + r0 * N, i * cols,
+          table.typed_data(), scale.untyped_data(), S2, s2_cols, Z, group, Y + r0 * N, i * cols,
           std::min(N, (i + 1) * cols));
   });
   return ffi::Error::Success();

@@ -814,8 +814,9 @@ def w4_matmul(
       zero: (K // group_size, n) float32, or None.
       n: the weight's N.
       group_size: rows of K per scale; must divide K.
-      scale2: one float32 (any shape of one element) that multiplies every block
-        scale (NVFP4's per-tensor scale), or None.
+      scale2: float32 second-level scales that multiply the block scales: one (any
+        shape of one element; NVFP4's per-tensor scale) or ``n``, one per column
+        (weights of different per-tensor scales stacked along N), or None.
 
     Raises:
       TypeError: shapes or dtypes that do not match.
@@ -829,12 +830,12 @@ def w4_matmul(
     if zero is not None:
         want["zero"] = (zero, (k // group_size, n), (jnp.float32,))
     if scale2 is not None:
-        if scale2.size != 1 or jnp.dtype(scale2.dtype) != jnp.dtype(jnp.float32):
+        if scale2.size not in (1, n) or jnp.dtype(scale2.dtype) != jnp.dtype(jnp.float32):
             raise TypeError(
-                f"w4_matmul: scale2 must be one float32 (the per-tensor scale), got "
-                f"{scale2.dtype} {tuple(scale2.shape)}."
+                f"w4_matmul: scale2 must be one float32 (the per-tensor scale) or n={n} "
+                f"(one per column), got {scale2.dtype} {tuple(scale2.shape)}."
             )
-        scale2 = scale2.reshape(1)
+        scale2 = scale2.reshape(-1)
     for name, (a, shape, dts) in want.items():
         if tuple(a.shape) != shape or jnp.dtype(a.dtype) not in [jnp.dtype(d) for d in dts]:
             names = " or ".join(jnp.dtype(d).name for d in dts)
