@@ -1085,6 +1085,18 @@ struct W8A8Job {
 thread_local std::vector<uint8_t> t_w8a8_a;
 thread_local std::vector<float> t_w8a8_s;
 
+// One row of a W8A8 tile leaving the registers: cols int32 sums (64-byte aligned)
+// to y = (float(sum) * xs) * ws, the XLA path's order.
+inline void RescaleRow(const int32_t* sums, float xs, const float* ws, float* dst, int cols) {
+  const __m512 sv = _mm512_set1_ps(xs);
+  for (int c0 = 0; c0 < cols; c0 += 16) {
+    const int m = std::min(16, cols - c0);
+    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+    const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums + c0)));
+    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), _mm512_loadu_ps(ws + c0)));
+  }
+}
+
 // Rows [r0, r0 + rows) of y over panels [p0, p1) (p0 a multiple of NB), from
 // the rows' codes ``a`` (rows x Kp, plus 128) and scales ``xs``.
 void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0, int64_t rows,
@@ -1100,19 +1112,10 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
       const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, ct * 16));
       AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct, j.corr + p * 16, nullptr, 0,
               [&](int nr, int64_t rb, const int32_t* t) {
-                // The VNNI path's int32 sums, rescaled in its order.
-                for (int r = 0; r < nr; ++r) {
-                  const __m512 sv = _mm512_set1_ps(xs[rb + r]);
-                  float* dst = j.y + (r0 + rb + r) * j.N + p * 16;
-                  for (int c0 = 0; c0 < cols; c0 += 16) {
-                    const int m = std::min(16, cols - c0);
-                    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
-                    const __m512 acc = _mm512_cvtepi32_ps(
-                        _mm512_load_si512(static_cast<const void*>(t + r * 32 + c0)));
-                    const __m512 w = _mm512_loadu_ps(j.ws + p * 16 + c0);
-                    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), w));
-                  }
-                }
+                // The VNNI path's int32 sums, rescaled as it rescales them.
+                for (int r = 0; r < nr; ++r)
+                  RescaleRow(t + r * 32, xs[rb + r], j.ws + p * 16,
+                             j.y + (r0 + rb + r) * j.N + p * 16, cols);
               });
     }
     if (done == rows) return;
@@ -1132,19 +1135,9 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
           MicroRows<1>(rr, ar, j.Kp, bpp + q * pstride, kq_n, pstride, j.corr + (p + q) * 16,
                        tile + q * 16, NB * 16, 16);
       }
-      // (float(sum) * xs) * ws, the XLA path's order.
-      for (int r = 0; r < rr; ++r) {
-        const __m512 sv = _mm512_set1_ps(xs[rb + r]);
-        float* dst = j.y + (r0 + rb + r) * j.N + p * 16;
-        for (int c0 = 0; c0 < cols; c0 += 16) {
-          const int m = std::min(16, cols - c0);
-          const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
-          const __m512 acc = _mm512_cvtepi32_ps(
-              _mm512_load_si512(static_cast<const void*>(tile + r * NB * 16 + c0)));
-          const __m512 w = _mm512_loadu_ps(j.ws + p * 16 + c0);
-          _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), w));
-        }
-      }
+      for (int r = 0; r < rr; ++r)
+        RescaleRow(tile + r * NB * 16, xs[rb + r], j.ws + p * 16,
+                   j.y + (r0 + rb + r) * j.N + p * 16, cols);
     }
   }
 }
