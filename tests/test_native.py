@@ -414,6 +414,23 @@ def test_nvfp4_route_reads_stored_scales_bit_identical_to_folded(rows, k, n):
 
 
 @needs_native
+def test_nvfp4_route_with_an_in_scale_divides_x_first():
+    """An NVFP4 weight with an ``in_scale`` (AWQ-style) on the kernel route that reads
+    the stored scales: x is divided first, as on every other path."""
+    rng = np.random.default_rng(3)
+    k, n = 576, 192
+    q = jqx.quantize_nvfp4(jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32), axis=0)
+    q = q.replace(in_scale=jnp.asarray(rng.random((k, 1)) + 0.5, jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+    assert jqx.ops.explain(x, q, dn) == "native.w4"
+    y = np.asarray(jax.jit(lambda x, q: jqx.ops.dot_general(x, q, dn))(x, q))
+    w = np.asarray(q.dequantize(), np.float64)
+    ref = np.asarray(x, np.float64) @ w
+    assert (np.abs(y - ref) <= 1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(w)) + 1e-6).all()
+
+
+@needs_native
 @settings(deadline=None, max_examples=15)
 @given(
     seed=st.integers(0, 2**31 - 1),

@@ -494,7 +494,7 @@ def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, back
     if unfolded is not None and impl.reads_super_scale:
         # The kernel widens the stored block scales and applies the second level
         # itself: the same float32 scales, no folded copy written per call.
-        return impl.run(x, unfolded, p)
+        q = unfolded
     if p.in_scale and p.kind != "dequantize":
         x, q = _divide_in_scale(x, q, p), q.replace(in_scale=None)
     if q.code_layout not in impl.layouts:
