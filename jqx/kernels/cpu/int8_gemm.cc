@@ -220,6 +220,25 @@ class AmxScope {
   AmxScope& operator=(const AmxScope&) = delete;
 };
 
+// One 64-byte step of k for AmxTile: rows of A at a0 (and a1) with stride sa,
+// panels at b0 (and b1) with stride 64. A function of its own, not a lambda:
+// a lambda does not inherit its caller's target attribute (clang's tile
+// builtins need it).
+template <int RT, int CT>
+__attribute__((target("amx-tile,amx-int8"), always_inline)) inline void AmxStep(
+    const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0, const int8_t* b1) {
+  _tile_loadd(4, a0, sa);
+  _tile_loadd(6, b0, 64);
+  if constexpr (CT == 2) _tile_loadd(7, b1, 64);
+  _tile_dpbusd(0, 4, 6);
+  if constexpr (CT == 2) _tile_dpbusd(1, 4, 7);
+  if constexpr (RT == 2) {
+    _tile_loadd(5, a1, sa);
+    _tile_dpbusd(2, 5, 6);
+    if constexpr (CT == 2) _tile_dpbusd(3, 5, 7);
+  }
+}
+
 // RT (1 or 2) row tiles of A (rows a, a + 16 lda) times CT (1 or 2) panels of
 // B (bp, bp + pstride), all of Kp, added to ``init`` (per panel 16 identical
 // rows of 16 int32, the -128 * column sums: AmxInit) so that the tiles end at
@@ -236,21 +255,8 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
   if constexpr (RT == 2) _tile_loadd(2, init, 64);
   if constexpr (RT == 2 && CT == 2) _tile_loadd(3, init + 256, 64);
   const int64_t kfull = Kp / 64 * 64;
-  const auto step = [&](const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0,
-                        const int8_t* b1) {
-    _tile_loadd(4, a0, sa);
-    _tile_loadd(6, b0, 64);
-    if constexpr (CT == 2) _tile_loadd(7, b1, 64);
-    _tile_dpbusd(0, 4, 6);
-    if constexpr (CT == 2) _tile_dpbusd(1, 4, 7);
-    if constexpr (RT == 2) {
-      _tile_loadd(5, a1, sa);
-      _tile_dpbusd(2, 5, 6);
-      if constexpr (CT == 2) _tile_dpbusd(3, 5, 7);
-    }
-  };
   for (int64_t k = 0; k < kfull; k += 64)
-    step(a + k, a + 16 * lda + k, lda, bp + k * 16, bp + pstride + k * 16);
+    AmxStep<RT, CT>(a + k, a + 16 * lda + k, lda, bp + k * 16, bp + pstride + k * 16);
   if (kfull < Kp) {
     const int64_t rem = Kp - kfull;  // a multiple of 4, < 64
     alignas(64) uint8_t at[32][64];
@@ -261,7 +267,7 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
     for (int c = 0; c < CT; ++c)
       memcpy(bt[c], bp + c * pstride + kfull * 16, static_cast<size_t>(rem * 16));
     asm volatile("" ::: "memory");  // the tile loads' asm reads these copies
-    step(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
+    AmxStep<RT, CT>(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
   }
   const int64_t so = ldo * 4;
   _tile_stored(0, out, so);
@@ -847,7 +853,8 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
   const int kind = ScaleKindOf(scale, /*e4m3_ok=*/true);
   if (kind < 0)
     return ffi::Error::InvalidArgument("jqx_w4_gemv: scale must be F32, F8E8M0FNU or F8E4M3FN");
-  if (has_scale2 && scale2.element_count() != 1 && scale2.element_count() != yd[1])
+  if (has_scale2 && scale2.element_count() != 1 &&
+      static_cast<int64_t>(scale2.element_count()) != yd[1])
     return ffi::Error::InvalidArgument("jqx_w4_gemv: scale2 must hold 1 or N float32");
   const int64_t M = xd[0], K = xd[1], N = yd[1], N2 = pd[1];
   if (pd[0] != K || yd[0] != M || N2 != (N + 1) / 2 || group <= 0 || K % group != 0 ||
