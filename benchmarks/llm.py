@@ -62,13 +62,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--play", default="hamlet")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--llama-amx",
+        action="store_true",
+        help="run a llama.cpp build that has ggml's AMX code (it segfaulted on the "
+        "project's AMX machine; docs/benchmarks/llm.md)",
+    )
     args = ap.parse_args()
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     print_stamp()
 
     import jax
     import jax.numpy as jnp
+    import llama_cpp
     from llama_cpp import Llama as LlamaCpp
+
+    if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode() and not args.llama_amx:
+        sys.exit(
+            "llama-cpp-python here was built with ggml's AMX code (AMX_INT8 = 1), which "
+            "segfaulted in its first eval on the project's AMX machine. Rebuild it without "
+            'AMX: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
+            "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON "
+            '-DGGML_AVX512_BF16=ON" pip install --force-reinstall --no-deps --no-cache-dir '
+            "llama-cpp-python==0.3.36 (docs/benchmarks/llm.md), or pass --llama-amx to run it "
+            "anyway."
+        )
 
     import jqx
     from jqx_demo.shakespeare import plays
