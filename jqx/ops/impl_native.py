@@ -28,12 +28,11 @@ def _rows(x, xc: int, n: int, kernel) -> jax.Array:
     return kernel(c.reshape(-1, c.shape[-1])).reshape(*c.shape[:-1], n)
 
 
-def _kernel_scale(scale: jax.Array, e4m3: bool = True) -> jax.Array:
-    """Block scales as the decode kernels read them: E8M0 (MX) and, where ``e4m3`` (the
-    4-bit kernel), E4M3 (NVFP4) as stored, widened in the kernel; any other dtype
-    widened to float32 here."""
-    stored = [jnp.dtype(jnp.float8_e8m0fnu)] + ([jnp.dtype(jnp.float8_e4m3fn)] if e4m3 else [])
-    if jnp.dtype(scale.dtype) in stored:
+def _kernel_scale(scale: jax.Array, read: tuple) -> jax.Array:
+    """Block scales as a decode kernel reads them: in a dtype of ``read`` (the kernel's
+    ``*_SCALE_DTYPES``) as stored, widened in the kernel; any other widened to float32
+    here."""
+    if jnp.dtype(scale.dtype) in [jnp.dtype(d) for d in read]:
         return scale
     return scale.astype(jnp.float32)
 
@@ -152,13 +151,12 @@ class W4(Implementation):
             # NVFP4: E4M3 block scales read as stored, times the per-tensor scale (one,
             # or one per column of tensors stacked along N) in the kernel, rounded once
             # as QArray.dequantize's two-level scales.
-            scale, scale2 = _kernel_scale(q.scale), q.super_scale.astype(jnp.float32)
+            scale2 = q.super_scale.astype(jnp.float32)
             if scale2.size != 1:
                 scale2 = jnp.repeat(scale2.reshape(-1), q.super_block[1])
-        else:
-            if q.super_scale is not None:
-                q = fold_super_scale(q)
-            scale = _kernel_scale(q.scale)
+        elif q.super_scale is not None:  # second-level blocks that split K: folded here
+            q = fold_super_scale(q)
+        scale = _kernel_scale(q.scale, _kernels.W4_SCALE_DTYPES)
 
         def kernel(rows):
             return _kernels.w4_matmul(
@@ -197,7 +195,7 @@ class Fp8WeightOnly(Implementation):
     def run(self, x, q, p):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        scale = _kernel_scale(q.scale, e4m3=False)
+        scale = _kernel_scale(q.scale, _kernels.FP8_SCALE_DTYPES)
 
         def kernel(rows):
             return _kernels.fp8_matmul(

@@ -15,7 +15,10 @@
 // MR rows), or the column panels when there are few rows; each thread walks
 // its panels NB at a time and, inside, its row blocks, so the panels stay in
 // cache while A rows stream.
-// MR x NB accumulators (6 x 4 = 24 zmm registers).
+// MR x NB accumulators (6 x 4 = 24 zmm registers). Where the CPU has AMX,
+// every whole 16 rows run on the tile unit instead, on the same panels (see
+// "AMX" below; the AMX functions carry their own target attribute, so the
+// flags stay as below).
 //
 // Up to kSmallM (6) rows (decode) skip the packing: see SmallM below.
 //
@@ -156,6 +159,16 @@ inline __m512i NegColumnSums(const int8_t* panel, int64_t kq_n) {
     cs = _mm512_dpbusd_epi32(cs, v128,
                              _mm512_loadu_si512(static_cast<const void*>(panel + kq * 64)));
   return _mm512_sub_epi32(_mm512_setzero_si512(), cs);
+}
+
+// NegColumnSums of the ``have`` consecutive panels from ``bpp`` into corr (16
+// each), zeros for the slots after them up to ``slots``.
+inline void PanelSums(const int8_t* bpp, int64_t have, int64_t slots, int64_t kq_n,
+                      int32_t* corr) {
+  for (int64_t q = 0; q < slots; ++q) {
+    const __m512i c = q < have ? NegColumnSums(bpp + q * kq_n * 64, kq_n) : _mm512_setzero_si512();
+    _mm512_storeu_si512(static_cast<void*>(corr + q * 16), c);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -338,10 +351,7 @@ void Blocks(const uint8_t* A, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* 
       const int ct = static_cast<int>(std::min<int64_t>(2, p1 - p));
       const int cols = static_cast<int>(std::min<int64_t>(N - p * 16, ct * 16));
       alignas(64) int32_t corr[32];
-      for (int q = 0; q < 2; ++q) {
-        const __m512i c = q < ct ? NegColumnSums(Bp + (p + q) * pstride, kq_n) : _mm512_setzero_si512();
-        _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
-      }
+      PanelSums(Bp + p * pstride, ct, 2, kq_n, corr);
       // Whole 16-column panels go straight to C; a last, partial one through ``tile``.
       const bool full = cols == 16 * ct;
       AmxRows(A + i0 * Kp, Kp, n16, Bp + p * pstride, pstride, Kp, ct, corr,
@@ -368,10 +378,7 @@ void Blocks(const uint8_t* A, int64_t Kp, const int8_t* Bp, int64_t N, int32_t* 
     // -128 * column sums of these panels, one pass over the slice that the row
     // blocks then reuse from cache.
     alignas(64) int32_t corr[NB * 16];
-    for (int64_t q = 0; q < NB; ++q) {
-      const __m512i c = q < nbh ? NegColumnSums(bpp + q * pstride, kq_n) : _mm512_setzero_si512();
-      _mm512_store_si512(static_cast<void*>(corr + q * 16), c);
-    }
+    PanelSums(bpp, nbh, NB, kq_n, corr);
     for (int64_t i = i0; i < i1; i += MR) {
       const int rows = static_cast<int>(std::min<int64_t>(MR, i1 - i));
       const uint8_t* a = A + i * Kp;
@@ -1212,9 +1219,7 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
   const auto col_sums = [&](int64_t q0, int64_t q1) {  // per panel, -128 * its column sums
-    for (int64_t q = q0; q < q1; ++q)
-      _mm512_storeu_si512(static_cast<void*>(corr + q * 16),
-                          NegColumnSums(Bp + q * kq_n * 64, kq_n));
+    PanelSums(Bp + q0 * kq_n * 64, q1 - q0, q1 - q0, kq_n, corr + q0 * 16);
   };
   if (M <= kW8A8PanelRows && M * N * Kp >= kPanelSplitWork && threads > 1) {
     // Decode-sized: x quantized once here, the threads split the panels (an even

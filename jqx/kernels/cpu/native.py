@@ -765,8 +765,11 @@ def w8a8_matmul_reference(
     return acc.astype(jnp.float32) * s * w_scale[None, :]
 
 
-# The block scales the 4-bit and FP8 decode kernels read as they are stored.
-_DECODE_SCALES = (jnp.float32, jnp.float8_e8m0fnu)
+# The block scale dtypes the decode kernels read as they are stored (other dtypes are
+# widened to float32 first): the FP8 kernel float32 and MX's E8M0, the 4-bit kernel
+# also NVFP4's E4M3.
+FP8_SCALE_DTYPES = (jnp.float32, jnp.float8_e8m0fnu)
+W4_SCALE_DTYPES = (*FP8_SCALE_DTYPES, jnp.float8_e4m3fn)
 
 
 def _decode_rows(x: jax.Array, group_size: int, fn: str) -> tuple[int, int]:
@@ -825,7 +828,7 @@ def w4_matmul(
     want = {
         "packed": (packed, (k, -(-n // 2)), (jnp.uint8,)),
         "table": (table, (16,), (jnp.float32,)),
-        "scale": (scale, (k // group_size, n), (*_DECODE_SCALES, jnp.float8_e4m3fn)),
+        "scale": (scale, (k // group_size, n), W4_SCALE_DTYPES),
     }
     if zero is not None:
         want["zero"] = (zero, (k // group_size, n), (jnp.float32,))
@@ -887,7 +890,7 @@ def fp8_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, *, group_size: 
         )
     n = codes.shape[1]
     if tuple(scale.shape) != (k // group_size, n) or jnp.dtype(scale.dtype) not in [
-        jnp.dtype(d) for d in _DECODE_SCALES
+        jnp.dtype(d) for d in FP8_SCALE_DTYPES
     ]:
         raise TypeError(
             f"fp8_matmul: scale must be float32 or float8_e8m0fnu {(k // group_size, n)}, got "
