@@ -342,6 +342,7 @@ from jqx.core.mx import mx_scale_bits  # noqa: E402
 _MX = {
     "mxfp4": jqx.mxfp4_weight_only(),
     "mxfp8": jqx.mxfp8_weight_only(),
+    "mxfp8_rceil": jqx.mxfp8_weight_only(scale_mode="rceil"),
     "mxfp6_e2m3": jqx.mx_weight_only("fp6_e2m3"),
     "mxfp6_e3m2": jqx.mx_weight_only("fp6_e3m2"),
     "mxint8": jqx.mx_weight_only("int8"),
@@ -432,7 +433,7 @@ def test_mx_matches_unblocked_reference():
     assert abs(e_got - e_ref) <= 0.03 * e_ref
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8", "mxfp8_rceil"])
 def test_mx_gptq_beats_rtn_on_correlated_inputs(name):
     """Issue #15: GPTQ-MXFP4's output error below RTN MXFP4's (and the same for NVFP4,
     MXFP8), with every ordering option; codes on the grid, scales valid. The error is

@@ -256,7 +256,10 @@ def gptq(**kw) -> GPTQ:
         ``jqx.mx_weight_only("fp6_e2m3")``, ``jqx.mx_weight_only("int8")``,
         ``jqx.nvfp4_weight_only()``, or with MX activations): GPTQ over that block
         format instead of an integer grid (module docstring); ``bits``,
-        ``group_size``, ``sym`` and ``clip_search`` then do not apply. Default None.
+        ``group_size``, ``sym`` and ``clip_search`` then do not apply. For FP8
+        elements prefer ``scale_mode="rceil"``: under the spec's ``"floor"`` the
+        feedback saturates values past E4M3's 448 (docs/guide/algorithms.md).
+        Default None.
 
     Returns:
       A :class:`GPTQ` recipe (apply it with ``jqx.calibrate``).
