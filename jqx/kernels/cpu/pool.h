@@ -7,9 +7,10 @@
 // thread too, so a worker the OS has not scheduled (a busy, shared machine)
 // claims nothing and the others finish the job: a call never waits for a
 // sleeping thread, only for chunks already being computed (an even split was up
-// to 10x slower under load). Workers spin briefly (kPoolSpinNs) for the next
-// job, then sleep on a condition variable, so back-to-back calls (the products
-// of one layer) never start threads. A call that finds the pool busy (another
+// to 10x slower under load). Workers spin briefly (kPoolSpinNs, yielding the
+// core to any other runnable thread) for the next job, then sleep on a
+// condition variable, so back-to-back calls (the products of one layer) never
+// start threads. A call that finds the pool busy (another
 // XLA thread owns it) runs its chunks on the calling thread.
 //
 // One pool per process, shared by the three libraries: each library is a
@@ -53,14 +54,22 @@ inline int64_t PoolNowNs() {
 }
 
 // Spins (pausing) until done() or kPoolSpinNs have passed; returns done().
+// ``yield``: every 64 pauses also offer the core to another runnable thread
+// (sched_yield returns at once when there is none). An idle worker spins with
+// it: between jqx's products XLA runs its own fusions on its own threads, and
+// a worker that only paused kept one of their cores for up to kPoolSpinNs
+// (MiniLM at batch 1: 12-15% of the call; benchmarks/bert_cpu.md).
 template <typename F>
-inline bool SpinUntil(F done) {
+inline bool SpinUntil(F done, bool yield = false) {
   if (done()) return true;
   const int64_t start = PoolNowNs();
   for (int i = 1;; ++i) {
     _mm_pause();
     if (done()) return true;
-    if (i % 64 == 0 && PoolNowNs() - start > kPoolSpinNs) return false;
+    if (i % 64 == 0) {
+      if (PoolNowNs() - start > kPoolSpinNs) return false;
+      if (yield) sched_yield();
+    }
   }
 }
 
@@ -125,7 +134,7 @@ class Pool {
     uint64_t seen = 0;
     for (;;) {
       const auto posted = [&] { return gen_.load(std::memory_order_acquire) != seen; };
-      if (!SpinUntil(posted)) {
+      if (!SpinUntil(posted, /*yield=*/true)) {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, posted);
       }
