@@ -123,9 +123,34 @@ void PackRows(const int8_t* B, int64_t K, int64_t N, int64_t Kp, int64_t kq0, in
               int8_t* dst) {
   const int64_t kq_n = Kp / 4;
   const int64_t np = (N + 15) / 16;
+  const int64_t pstride = kq_n * 64;
   for (int64_t kq = kq0; kq < kq1; ++kq) {
     const int64_t k0 = kq * 4;
-    for (int64_t q = 0; q < np; ++q) {
+    int64_t q = 0;
+    if (k0 + 4 <= K) {
+      // Four panels at a time: the same byte interleave in each 128-bit lane
+      // (lane L is panel L's 16 bytes of a quarter), then a 4 x 4 transpose of
+      // the lanes, so each panel's 64-byte group is one store.
+      for (; q + 4 <= N / 16; q += 4) {
+        const int8_t* b = B + k0 * N + q * 16;
+        const __m512i r0 = _mm512_loadu_si512(static_cast<const void*>(b));
+        const __m512i r1 = _mm512_loadu_si512(static_cast<const void*>(b + N));
+        const __m512i r2 = _mm512_loadu_si512(static_cast<const void*>(b + 2 * N));
+        const __m512i r3 = _mm512_loadu_si512(static_cast<const void*>(b + 3 * N));
+        const __m512i a_lo = _mm512_unpacklo_epi8(r0, r1), a_hi = _mm512_unpackhi_epi8(r0, r1);
+        const __m512i b_lo = _mm512_unpacklo_epi8(r2, r3), b_hi = _mm512_unpackhi_epi8(r2, r3);
+        const __m512i t0 = _mm512_unpacklo_epi16(a_lo, b_lo), t1 = _mm512_unpackhi_epi16(a_lo, b_lo);
+        const __m512i t2 = _mm512_unpacklo_epi16(a_hi, b_hi), t3 = _mm512_unpackhi_epi16(a_hi, b_hi);
+        const __m512i u0 = _mm512_shuffle_i64x2(t0, t1, 0x44), u1 = _mm512_shuffle_i64x2(t2, t3, 0x44);
+        const __m512i u2 = _mm512_shuffle_i64x2(t0, t1, 0xEE), u3 = _mm512_shuffle_i64x2(t2, t3, 0xEE);
+        int8_t* d = dst + q * pstride + kq * 64;
+        _mm512_storeu_si512(static_cast<void*>(d), _mm512_shuffle_i64x2(u0, u1, 0x88));
+        _mm512_storeu_si512(static_cast<void*>(d + pstride), _mm512_shuffle_i64x2(u0, u1, 0xDD));
+        _mm512_storeu_si512(static_cast<void*>(d + 2 * pstride), _mm512_shuffle_i64x2(u2, u3, 0x88));
+        _mm512_storeu_si512(static_cast<void*>(d + 3 * pstride), _mm512_shuffle_i64x2(u2, u3, 0xDD));
+      }
+    }
+    for (; q < np; ++q) {
       const int64_t jb = q * 16;
       const int64_t nc = std::min<int64_t>(16, N - jb);
       int8_t* d = dst + (q * kq_n + kq) * 64;
