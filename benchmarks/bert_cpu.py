@@ -24,7 +24,11 @@ The same all-MiniLM-L6-v2 weights run as
 Torch and ONNX Runtime get ``--threads`` threads (default 2); XLA runs as it is
 (it uses every core). Timed calls are interleaved across every engine, round
 by round, so machine load hits all of them alike; best and median of
-``--repeats`` are printed. ``cos`` is the mean cosine of the sentence
+``--repeats`` are printed. Before its timed call each engine makes ``--warm-calls``
+untimed ones (default 1 at batch <= 8, else 0): a call of a few milliseconds right
+after another engine's also pays for that engine's threads, which keep spinning for a
+while after their work (ORT's pool, PyTorch's OpenMP, XLA's and jqx's pools); a user
+runs one engine in a loop. ``cos`` is the mean cosine of the sentence
 embeddings on the shipped sentences to the float32 reference (jqx's tuned
 port). ``minflt/call`` is the process's minor page faults per timed call
 (``resource.getrusage``), a check for page-fault churn at steady state.
@@ -221,7 +225,18 @@ def main(argv=None) -> int:
         help="Flax ports for jqx and qwix: plain, linen, tuned (comma-separated)",
     )
     ap.add_argument("--no-qwix", action="store_true", help="skip the qwix rows")
+    ap.add_argument(
+        "--warm-calls",
+        type=int,
+        default=None,
+        help="untimed calls of each engine before its timed one in every round "
+        "(default 1 at batch <= 8, else 0)",
+    )
     args = ap.parse_args(argv)
+    if args.warm_calls is None:
+        args.warm_calls = 1 if args.batch <= 8 else 0
+    if args.warm_calls < 0:
+        ap.error(f"--warm-calls={args.warm_calls}: give 0 or more untimed calls")
     ports = [p for p in args.ports.split(",") if p]
     bad = [p for p in ports if p not in (*bert.PORTS, "tuned")]
     if bad:
@@ -288,6 +303,8 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for key, run in variants.items():
+            for _ in range(args.warm_calls):
+                run(*inputs[key])
             f0, t0 = _minflt(), time.perf_counter()
             run(*inputs[key])
             times[key].append(time.perf_counter() - t0)
@@ -303,7 +320,8 @@ def main(argv=None) -> int:
     print_stamp()
     print(
         f"{enc.name} ({c.num_layers} layers, hidden {c.hidden_size}); batch {args.batch} x {seq} "
-        f"tokens; best / median of {args.repeats} interleaved rounds; torch and ORT "
+        f"tokens; best / median of {args.repeats} interleaved rounds ({args.warm_calls} "
+        "untimed call(s) of each engine before its timed one); torch and ORT "
         f"{args.threads} threads, XLA {jax.default_backend()} as is; {os.cpu_count()} cores; "
         f"1-min load average {min(load):.1f}-{max(load):.1f} during the timed rounds; "
         f"cos on {len(sents)} sentences"

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -713,6 +714,52 @@ def test_w8a8_fused_property(kernel, seed, m, k, n):
     # Every example has a new shape: one jitted program each, not dozens of eager ops.
     y, xla = _fused_and_xla(*_w8a8_case(m, k, n, seed, quantize=False), kernel=kernel)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_calls_on_xla_pool_concurrently_give_the_same_bits():
+    """Calls of more than 16 rows hand their helper chunks to XLA's own thread pool
+    (pool.h, XlaPoolScope). Independent products inside one program (XLA may run them
+    side by side) and the same program from several Python threads at once give the
+    bits of one call at a time; so do the smaller calls on jqx's own workers."""
+    cases = [_w8a8_case(m, 384, 384, seed=m) for m in (128, 300, 16, 1)]
+
+    def _codes(x):
+        return jnp.clip(jnp.round(x), -128, 127).astype(jnp.int8)
+
+    xs = [x for x, _ in cases]
+    ws = [(native.pack_int8(q.qvalue), q.scale.astype(jnp.float32).reshape(-1)) for _, q in cases]
+
+    @jax.jit
+    def many(xs):
+        outs = [native.w8a8_matmul_vnni(x, wp, s) for x, (wp, s) in zip(xs, ws, strict=True)]
+        outs.append(native.int8_matmul(_codes(xs[0]), cases[0][1].qvalue))
+        return outs
+
+    want = [
+        np.asarray(native.w8a8_matmul_vnni(x, wp, s)) for x, (wp, s) in zip(xs, ws, strict=True)
+    ]
+    want.append(np.asarray(native.int8_matmul(_codes(xs[0]), cases[0][1].qvalue)))
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(5):
+                got = many(xs)
+                errors.extend(
+                    i
+                    for i, (g, w) in enumerate(zip(got, want, strict=True))
+                    if not np.array_equal(g, w)
+                )
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")

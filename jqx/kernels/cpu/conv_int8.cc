@@ -208,7 +208,9 @@ thread_local std::vector<int64_t> t_tapoff;
 ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t ph,
-                        int64_t pw, int64_t dh, int64_t dw, int64_t mode) {
+                        int64_t pw, int64_t dh, int64_t dw, int64_t mode,
+    ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
@@ -412,7 +414,9 @@ thread_local std::vector<float> t_dense_ws;
 
 ffi::Error W8A8GemmImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t mode) {
+                        ffi::ResultBuffer<ffi::F32> out, int64_t mode,
+    ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   if (auto err = CheckDenseW8A8("jqx_w8a8_gemm", x, w, wscale, act_scale, *out, mode);
       err.failure())
     return err;
@@ -484,7 +488,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxConvInt8, ConvInt8Impl,
                                   .Attr<int64_t>("pw")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("mode"));
+                                  .Attr<int64_t>("mode")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Gemm, W8A8GemmImpl,
                               ffi::Ffi::Bind()
@@ -493,7 +498,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Gemm, W8A8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("mode"));
+                                  .Attr<int64_t>("mode")
+                                  .Ctx<ffi::ThreadPool>());
 
 extern "C" int jqx_conv_cpu_supported() {
   __builtin_cpu_init();

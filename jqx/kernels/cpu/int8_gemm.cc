@@ -662,7 +662,9 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
 // (jqx.kernels.cpu.native.pack_int8): (ceil(N/16), Kp/4, 64), the layout PackRows
 // writes; N is then C's.
 ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
-                        ffi::ResultBuffer<ffi::S32> c, int64_t threads) {
+                        ffi::ResultBuffer<ffi::S32> c, int64_t threads,
+    ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(a.dimensions()) > kXlaPoolRows);
   const auto ad = a.dimensions();
   const auto bd = b.dimensions();
   const auto cd = c->dimensions();
@@ -872,7 +874,9 @@ int ScaleKindOf(const ffi::AnyBuffer& scale, bool e4m3_ok) {
 ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
                       ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> scale2,
                       ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t group,
-                      int64_t has_zero, int64_t has_scale2, int64_t threads) {
+                      int64_t has_zero, int64_t has_scale2, int64_t threads,
+    ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto pd = p.dimensions();
   const auto sd = scale.dimensions();
@@ -1021,7 +1025,9 @@ void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, c
 // The codes arrive in their own dtype (F8E4M3FN or F8E5M2, which picks the
 // decode): a bitcast to uint8 on the jax side would copy the weight per call.
 ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads,
+    ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
   const auto sd = scale.dimensions();
@@ -1288,7 +1294,9 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
 // (jqx.kernels.cpu.native.pack_int8): (ceil(N/16), ceil(K/4), 64); N is out's.
 ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads) {
+                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads,
+                        ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   if (w.dimensions().size() != 3) {
     if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
         err.failure())
@@ -1320,7 +1328,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,
                               ffi::Ffi::Bind()
@@ -1330,7 +1339,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("mode")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                               ffi::Ffi::Bind()
@@ -1344,7 +1354,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("has_zero")
                                   .Attr<int64_t>("has_scale2")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                               ffi::Ffi::Bind()
@@ -1353,7 +1364,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 
 // set < 0: asks; 0 or 1: turns the AMX tile path off or on. Returns whether the
 // int8 GEMMs (jqx_int8_gemm, jqx_w8a8_vnni) run on the tiles now: 0 where the

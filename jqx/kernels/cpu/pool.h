@@ -11,7 +11,9 @@
 // core to any other runnable thread) for the next job, then sleep on a
 // condition variable, so back-to-back calls (the products of one layer) never
 // start threads. A call that finds the pool busy (another
-// XLA thread owns it) runs its chunks on the calling thread.
+// XLA thread owns it) runs its chunks on the calling thread. Inside an FFI call
+// of more than kXlaPoolRows rows (XlaPoolScope) the helpers are tasks on XLA's
+// own intra-op pool instead (RunOnXla).
 //
 // One pool per process, shared by the three libraries: each library is a
 // separate shared object with its own copy of this code, so native.py hands the
@@ -38,7 +40,10 @@
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <memory>
 #include <thread>
+
+#include "xla/ffi/api/ffi.h"
 
 namespace {
 
@@ -75,6 +80,70 @@ inline bool SpinUntil(F done, bool yield = false) {
 
 using ChunkFn = void (*)(const void* ctx, int64_t chunk);
 
+// XLA's intra-op thread pool (the Eigen pool XLA:CPU runs its own fusions on),
+// for the duration of one FFI call (XlaPoolScope in the handler of a call with
+// more than kXlaPoolRows rows). While it is
+// set, Pool::Run hands its helpers to that pool instead of jqx's own workers:
+// XLA's threads sit idle, spinning, while a jqx kernel runs, and jqx's own
+// worker then competed with them for the same cores (on 2 cores it joined
+// hardly any call; MiniLM at batch 1, docs/benchmarks/bert_cpu.md).
+thread_local xla::ffi::ThreadPool* t_xla_pool = nullptr;
+constexpr int64_t kXlaPoolRows = 16;
+thread_local int64_t t_xla_threads = 0;
+
+// The rows of an (..., K) operand: every axis but the last.
+template <typename Dims>
+inline int64_t RowsOf(const Dims& dims) {
+  int64_t r = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) r *= dims[i];
+  return r;
+}
+
+class XlaPoolScope {
+ public:
+  // ``use`` false leaves jqx's own workers in charge: decode-sized calls (a few
+  // rows, tens of microseconds each, back to back) are faster on a worker that
+  // is already spinning than on XLA's threads, which sleep between XLA's own
+  // fusions and take a wake-up per call (SmolLM2 decode 134-140 -> 109-113
+  // tokens/s when every call went to XLA's pool).
+  XlaPoolScope(xla::ffi::ThreadPool& pool, bool use)
+      : prev_(t_xla_pool), prev_threads_(t_xla_threads) {
+    if (!use) return;
+    t_xla_pool = &pool;
+    t_xla_threads = pool.num_threads();
+  }
+  ~XlaPoolScope() {
+    t_xla_pool = prev_;
+    t_xla_threads = prev_threads_;
+  }
+  XlaPoolScope(const XlaPoolScope&) = delete;
+  XlaPoolScope& operator=(const XlaPoolScope&) = delete;
+
+ private:
+  xla::ffi::ThreadPool* prev_;
+  int64_t prev_threads_;
+};
+
+// One job on XLA's pool: chunks claimed from a shared counter by the caller and
+// by helper tasks. A helper that starts after every chunk was claimed (XLA's
+// threads were busy) finds nothing to do and touches only this heap object,
+// which it keeps alive; ``ctx`` (the caller's stack) is read only for a chunk
+// claimed before the caller returns.
+struct XlaJob {
+  std::atomic<int64_t> next{0}, done{0};
+  ChunkFn fn = nullptr;
+  const void* ctx = nullptr;
+  int64_t chunks = 0;
+  void Work() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) return;
+      fn(ctx, c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
 class Pool {
  public:
   explicit Pool(int threads) : threads_(std::max(1, threads)) {
@@ -85,6 +154,10 @@ class Pool {
 
   // Runs fn(ctx, c) for every c in [0, chunks); returns when all are done.
   void Run(ChunkFn fn, const void* ctx, int64_t chunks) {
+    if (chunks > 1 && threads_ > 1 && t_xla_pool != nullptr && t_xla_threads > 1) {
+      RunOnXla(fn, ctx, chunks);
+      return;
+    }
     if (chunks <= 1 || threads_ == 1 || !busy_.try_lock()) {
       // One chunk, no workers, or another call owns them: all on this thread.
       for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
@@ -121,6 +194,19 @@ class Pool {
   }
 
  private:
+  void RunOnXla(ChunkFn fn, const void* ctx, int64_t chunks) {
+    auto job = std::make_shared<XlaJob>();
+    job->fn = fn;
+    job->ctx = ctx;
+    job->chunks = chunks;
+    const int64_t helpers =
+        std::min<int64_t>({int64_t{threads_} - 1, t_xla_threads - 1, chunks - 1});
+    for (int64_t h = 0; h < helpers; ++h) t_xla_pool->Schedule([job] { job->Work(); });
+    job->Work();
+    const auto all_done = [&] { return job->done.load(std::memory_order_acquire) == chunks; };
+    while (!SpinUntil(all_done)) std::this_thread::yield();  // a chunk's thread was preempted
+  }
+
   void Work() {
     for (;;) {
       const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
