@@ -209,7 +209,7 @@ ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t ph,
                         int64_t pw, int64_t dh, int64_t dw, int64_t mode,
-    ffi::ThreadPool xla_pool) {
+                        ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -415,7 +415,7 @@ thread_local std::vector<float> t_dense_ws;
 ffi::Error W8A8GemmImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
                         ffi::ResultBuffer<ffi::F32> out, int64_t mode,
-    ffi::ThreadPool xla_pool) {
+                        ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   if (auto err = CheckDenseW8A8("jqx_w8a8_gemm", x, w, wscale, act_scale, *out, mode);
       err.failure())

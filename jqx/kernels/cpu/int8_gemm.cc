@@ -663,7 +663,7 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
 // writes; N is then C's.
 ffi::Error Int8GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::S8> b,
                         ffi::ResultBuffer<ffi::S32> c, int64_t threads,
-    ffi::ThreadPool xla_pool) {
+                        ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(a.dimensions()) > kXlaPoolRows);
   const auto ad = a.dimensions();
   const auto bd = b.dimensions();
@@ -875,7 +875,7 @@ ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buff
                       ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> scale2,
                       ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t group,
                       int64_t has_zero, int64_t has_scale2, int64_t threads,
-    ffi::ThreadPool xla_pool) {
+                      ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto pd = p.dimensions();
@@ -1026,7 +1026,7 @@ void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, c
 // decode): a bitcast to uint8 on the jax side would copy the weight per call.
 ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
                        ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads,
-    ffi::ThreadPool xla_pool) {
+                       ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();

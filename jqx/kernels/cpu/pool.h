@@ -10,10 +10,10 @@
 // to 10x slower under load). Workers spin briefly (kPoolSpinNs, yielding the
 // core to any other runnable thread) for the next job, then sleep on a
 // condition variable, so back-to-back calls (the products of one layer) never
-// start threads. A call that finds the pool busy (another
-// XLA thread owns it) runs its chunks on the calling thread. Inside an FFI call
-// of more than kXlaPoolRows rows (XlaPoolScope) the helpers are tasks on XLA's
-// own intra-op pool instead (RunOnXla).
+// start threads. A call that finds the pool busy (another XLA thread owns it)
+// runs its chunks on the calling thread. Inside an FFI call of more than
+// kXlaPoolRows rows (XlaPoolScope) the helpers are tasks on XLA's own
+// intra-op pool instead (RunOnXla).
 //
 // One pool per process, shared by the three libraries: each library is a
 // separate shared object with its own copy of this code, so native.py hands the
@@ -82,13 +82,13 @@ using ChunkFn = void (*)(const void* ctx, int64_t chunk);
 
 // XLA's intra-op thread pool (the Eigen pool XLA:CPU runs its own fusions on),
 // for the duration of one FFI call (XlaPoolScope in the handler of a call with
-// more than kXlaPoolRows rows). While it is
-// set, Pool::Run hands its helpers to that pool instead of jqx's own workers:
-// XLA's threads sit idle, spinning, while a jqx kernel runs, and jqx's own
-// worker then competed with them for the same cores (on 2 cores it joined
-// hardly any call; MiniLM at batch 1, docs/benchmarks/bert_cpu.md).
-thread_local xla::ffi::ThreadPool* t_xla_pool = nullptr;
+// more than kXlaPoolRows rows). While it is set, Pool::Run hands its helpers to
+// that pool instead of jqx's own workers: XLA's threads sit idle, spinning,
+// while a jqx kernel runs, and jqx's own worker then competed with them for
+// the same cores (on 2 cores it joined hardly any call; MiniLM at batch 1,
+// docs/benchmarks/bert_cpu.md).
 constexpr int64_t kXlaPoolRows = 16;
+thread_local xla::ffi::ThreadPool* t_xla_pool = nullptr;
 thread_local int64_t t_xla_threads = 0;
 
 // The rows of an (..., K) operand: every axis but the last.
