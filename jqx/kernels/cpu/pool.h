@@ -129,19 +129,24 @@ class XlaPoolScope {
 // threads were busy) finds nothing to do and touches only this heap object,
 // which it keeps alive; ``ctx`` (the caller's stack) is read only for a chunk
 // claimed before the caller returns.
+// Claims chunks from ``next`` until none is left, running each and counting it
+// in ``done`` (a job's loop, on jqx's workers and on XLA's alike).
+inline void ClaimChunks(std::atomic<int64_t>& next, std::atomic<int64_t>& done, ChunkFn fn,
+                        const void* ctx, int64_t chunks) {
+  for (;;) {
+    const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= chunks) return;
+    fn(ctx, c);
+    done.fetch_add(1, std::memory_order_release);
+  }
+}
+
 struct XlaJob {
   std::atomic<int64_t> next{0}, done{0};
   ChunkFn fn = nullptr;
   const void* ctx = nullptr;
   int64_t chunks = 0;
-  void Work() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= chunks) return;
-      fn(ctx, c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
+  void Work() { ClaimChunks(next, done, fn, ctx, chunks); }
 };
 
 class Pool {
@@ -207,14 +212,7 @@ class Pool {
     while (!SpinUntil(all_done)) std::this_thread::yield();  // a chunk's thread was preempted
   }
 
-  void Work() {
-    for (;;) {
-      const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
-      if (c >= chunks_) return;
-      fn_(ctx_, c);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
+  void Work() { ClaimChunks(next_, done_, fn_, ctx_, chunks_); }
 
   void Worker() {
     uint64_t seen = 0;
