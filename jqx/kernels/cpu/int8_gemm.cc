@@ -874,9 +874,7 @@ int ScaleKindOf(const ffi::AnyBuffer& scale, bool e4m3_ok) {
 ffi::Error W4GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> p, ffi::Buffer<ffi::F32> table,
                       ffi::AnyBuffer scale, ffi::Buffer<ffi::F32> scale2,
                       ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t group,
-                      int64_t has_zero, int64_t has_scale2, int64_t threads,
-                      ffi::ThreadPool xla_pool) {
-  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
+                      int64_t has_zero, int64_t has_scale2, int64_t threads) {
   const auto xd = x.dimensions();
   const auto pd = p.dimensions();
   const auto sd = scale.dimensions();
@@ -1025,9 +1023,7 @@ void Fp8Any(int64_t M, const float* X, int64_t K, const uint8_t* P, int64_t N, c
 // The codes arrive in their own dtype (F8E4M3FN or F8E5M2, which picks the
 // decode): a bitcast to uint8 on the jax side would copy the weight per call.
 ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBuffer scale,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads,
-                       ffi::ThreadPool xla_pool) {
-  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
+                       ffi::ResultBuffer<ffi::F32> y, int64_t group, int64_t threads) {
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
   const auto sd = scale.dimensions();
@@ -1354,8 +1350,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("has_zero")
                                   .Attr<int64_t>("has_scale2")
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<ffi::ThreadPool>());
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                               ffi::Ffi::Bind()
@@ -1364,12 +1359,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxFp8Gemv, Fp8GemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<ffi::ThreadPool>());
+                                  .Attr<int64_t>("threads"));
 
 // set < 0: asks; 0 or 1: turns the AMX tile path off or on. Returns whether the
 // int8 GEMMs (jqx_int8_gemm, jqx_w8a8_vnni) run on the tiles now: 0 where the
-// CPU or the OS has none (native.amx_status). Results are the same either way.
+// CPU or the OS has none (native.amx). Results are the same either way.
 extern "C" int jqx_amx(int set) {
   if (set >= 0) g_amx_on.store(set != 0, std::memory_order_relaxed);
   return UseAmx() ? 1 : 0;
