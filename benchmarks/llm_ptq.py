@@ -63,11 +63,23 @@ def recipes():
             "GPTQ 4-bit g64 act_order clip_search",
             jqx.gptq(bits=4, group_size=64, act_order=True, clip_search=True),
         ),
+        (
+            "GPTQ 4-bit g64 act_order float_zero",
+            jqx.gptq(bits=4, group_size=64, act_order=True, float_zero=True),
+        ),
+        (
+            "GPTQ 4-bit g64 act_order clip_search float_zero",
+            jqx.gptq(bits=4, group_size=64, act_order=True, clip_search=True, float_zero=True),
+        ),
         ("GPTQ 3-bit g64", jqx.gptq(bits=3, group_size=64)),
         ("GPTQ 3-bit g64 act_order", jqx.gptq(bits=3, group_size=64, act_order=True)),
         (
             "GPTQ 3-bit g64 act_order clip_search",
             jqx.gptq(bits=3, group_size=64, act_order=True, clip_search=True),
+        ),
+        (
+            "GPTQ 3-bit g64 act_order clip_search float_zero",
+            jqx.gptq(bits=3, group_size=64, act_order=True, clip_search=True, float_zero=True),
         ),
         ("HQQ 4-bit g64", jqx.hqq(bits=4, group_size=64)),
         ("HQQ 3-bit g64", jqx.hqq(bits=3, group_size=64)),

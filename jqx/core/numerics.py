@@ -433,6 +433,7 @@ def scale_from_minmax(
     scheme: Scheme = "absmax",
     denom: float | None = None,
     convention: Convention = "jqx",
+    round_zero: bool = True,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The seed formulas from a block's min and max: the one home of scale and zero point.
 
@@ -445,7 +446,10 @@ def scale_from_minmax(
       table formats (pass it as ``denom``). No zero point.
     - ``scheme="zero_point"``: ``S = (mx - mn) / (qmax - qmin)``,
       ``Z = round(qmin - mn / S)``; ``convention="torchao"`` widens the range
-      to include 0 and clamps ``Z`` into ``[qmin, qmax]``.
+      to include 0 and clamps ``Z`` into ``[qmin, qmax]``. ``round_zero=False``
+      leaves ``Z = qmin - mn / S`` unrounded (a float zero point, added before
+      rounding: ``encode_int(..., float_zero=True)``), so ``mn`` and ``mx`` land
+      exactly on codes ``qmin`` and ``qmax``.
 
     Guards: a constant block gets ``S = |c|`` (1 for all-zero), so it
     reconstructs exactly; a scale below float32's smallest normal is raised to
@@ -459,6 +463,7 @@ def scale_from_minmax(
       scheme: ``"absmax"`` or ``"zero_point"``.
       denom: the absmax divisor (see above); default ``qmax``.
       convention: ``"jqx"`` or ``"torchao"``.
+      round_zero: round the zero point to an integer (default; see above).
 
     Returns:
       ``(scale, zero_point)`` as float32 (``zero_point`` None for absmax).
@@ -469,6 +474,10 @@ def scale_from_minmax(
         ...                          scheme="zero_point")
         >>> round(float(s), 6), float(z)
         (0.333333, 3.0)
+        >>> _, z = scale_from_minmax(jnp.array(-1.1), jnp.array(4.0), qmin=0, qmax=15,
+        ...                          scheme="zero_point", round_zero=False)
+        >>> round(float(z), 4)
+        3.2353
     """
     mn = jnp.asarray(mn, jnp.float32)
     mx = jnp.asarray(mx, jnp.float32)
@@ -497,7 +506,9 @@ def scale_from_minmax(
         s = jnp.maximum(s, _TINY)
         s = jnp.where(constant, const_scale, s)
         s = jnp.where(finite, s, jnp.nan)
-        z = jnp.round(qmin - div_by_scale(mn, s))
+        z = qmin - div_by_scale(mn, s)
+        if round_zero:
+            z = jnp.round(z)
         if convention == "torchao":
             z = jnp.clip(z, qmin, qmax)
         return s, z

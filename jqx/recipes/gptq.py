@@ -77,7 +77,6 @@ from jqx.core.numerics import (
     check_finite,
     check_group_divides,
     check_group_size,
-    encode_int,
     make_qarray,
 )
 from jqx.core.qarray import ActSpec, QArray
@@ -115,6 +114,7 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
     clip_search: bool = False
     group_layout: str = "g_idx"
     mx: MX | None = None
+    float_zero: bool = False
 
     def __post_init__(self):
         _grid.int_grid(self.bits, self.sym, who="gptq")
@@ -147,6 +147,18 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
             )
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"gptq: clip_search={self.clip_search!r} must be True or False.")
+        if not isinstance(self.float_zero, bool):
+            raise ValueError(f"gptq: float_zero={self.float_zero!r} must be True or False.")
+        if self.float_zero and self.mx is not None:
+            raise ValueError(
+                f"gptq: float_zero=True with mx={self.mx.name}: MX blocks have a scale and no "
+                "zero point. Drop float_zero."
+            )
+        if self.float_zero and self.sym:
+            raise ValueError(
+                "gptq: float_zero=True with sym=True: absmax codes have no zero point. Drop "
+                "float_zero, or use sym=False (unsigned codes with zero points)."
+            )
 
     def _check_mx(self) -> None:
         m = self.mx
@@ -181,7 +193,7 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
     def grid(self) -> _grid.IntGrid | _BlockGrid:
         """The code grid: integer (``bits``, ``sym``) or the MX recipe's block format."""
         if self.mx is None:
-            return _grid.int_grid(self.bits, self.sym)
+            return _grid.int_grid(self.bits, self.sym, float_zero=self.float_zero)
         return _BlockGrid(self.mx.element, self.mx.layout, self.mx.scale_mode)
 
     @property
@@ -195,8 +207,10 @@ class GPTQ(_grid.IntGridRecipe, Recipe):
 
     @property
     def name(self) -> str:
-        flags = (", act_order" if self.act_order else "") + (
-            ", clip_search" if self.clip_search else ""
+        flags = (
+            (", act_order" if self.act_order else "")
+            + (", clip_search" if self.clip_search else "")
+            + (", float_zero" if self.float_zero else "")
         )
         if self.mx is not None:
             return f"gptq({self.mx.name}{flags}{', static_groups' * self.static_groups})"
@@ -248,6 +262,13 @@ def gptq(**kw) -> GPTQ:
       clip_search: choose each group's range by a search over shrink factors
         (least ``|err|^2.4``, the reference GPTQ's ``--mse``) instead of its
         min/max (default False); slower, better at 3-4 bits.
+      float_zero: keep each group's zero point unrounded, ``qmin - min / scale``
+        (a float, added before rounding, as HQQ's and GGUF's Q4_1 minimum), so the
+        group's min and max land exactly on the end codes (default False: the
+        reference GPTQ's integer zero point). Lower error at the same bytes (float32
+        zero points either way); the GPTQ and AWQ exchange formats store integer zero
+        points, so ``jqx.io.exchange`` refuses such a weight (its message says so).
+        Not with ``sym=True`` or ``mx``.
       group_layout: with ``act_order`` and dynamic groups: ``"g_idx"`` (default,
         the reference's groups in activation order; the QArray carries ``g_idx``)
         or ``"contiguous"`` (groups of consecutive input rows; no layout
@@ -307,7 +328,7 @@ def _quantizer(grid, clip_search, gs=None):
         params = _grid.search_group_params if clip_search else _grid.group_params
 
         def quant(wr, s, z):
-            q = encode_int(wr, s, z, qmin=grid.qmin, qmax=grid.qmax)
+            q = _grid.encode(wr, s, z, grid)
             return q, _grid.dequant(q, s, z)
 
         return functools.partial(params, grid=grid), quant

@@ -49,11 +49,14 @@ class IntGrid:
     format: str
     qmin: float
     qmax: float
+    float_zero: bool = False  # zero points left unrounded (added before rounding)
 
 
-def int_grid(bits: int, sym: bool, *, who: str | None = None) -> IntGrid:
+def int_grid(bits: int, sym: bool, *, who: str | None = None, float_zero: bool = False) -> IntGrid:
     """The grid for ``bits`` codes, symmetric (absmax) or with a zero point;
-    container and range from :func:`jqx.formats.int_container`.
+    container and range from :func:`jqx.formats.int_container`. ``float_zero``:
+    the zero points stay unrounded (:func:`jqx.core.numerics.scale_from_minmax`'s
+    ``round_zero=False``).
 
     Example:
         >>> g = int_grid(3, sym=False)
@@ -67,7 +70,7 @@ def int_grid(bits: int, sym: bool, *, who: str | None = None) -> IntGrid:
         raise ValueError(
             f"{pre}{e} 2/3-bit codes are stored in the 4-bit container with a narrower code range."
         ) from None
-    return IntGrid(bits, sym, fmt.name, float(qmin), float(qmax))
+    return IntGrid(bits, sym, fmt.name, float(qmin), float(qmax), bool(float_zero) and not sym)
 
 
 class IntGridRecipe:
@@ -77,7 +80,9 @@ class IntGridRecipe:
     @property
     def grid(self) -> IntGrid:
         """The integer grid of the codes (container format and code range)."""
-        return int_grid(self.bits, getattr(self, "sym", False))
+        return int_grid(
+            self.bits, getattr(self, "sym", False), float_zero=getattr(self, "float_zero", False)
+        )
 
     @property
     def format(self) -> str:
@@ -98,6 +103,7 @@ def group_params(wg: jax.Array, grid: IntGrid, axis: int = 0) -> tuple[jax.Array
         qmin=grid.qmin,
         qmax=grid.qmax,
         scheme="absmax" if grid.sym else "zero_point",
+        round_zero=not grid.float_zero,
     )
 
 
@@ -133,7 +139,7 @@ def search_group_params(
 
     def err_of(p):
         s, z = group_params(wg * p, grid, axis)
-        q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
+        q = encode(wg, s, z, grid)
         e = jnp.sum(jnp.abs(dequant(q, s, z) - wg) ** CLIP_SEARCH_NORM, axis=axis, keepdims=True)
         return e, s, (jnp.zeros_like(s) if z is None else z)
 
@@ -142,6 +148,12 @@ def search_group_params(
     s = jnp.take_along_axis(ss, best, axis=0)[0]
     z = jnp.take_along_axis(zs, best, axis=0)[0]
     return s, (None if grid.sym else z)
+
+
+def encode(w: jax.Array, s: jax.Array, z: jax.Array | None, grid: IntGrid) -> jax.Array:
+    """Codes (float32) of ``w`` on ``grid`` with scale ``s`` and zero point ``z``: a
+    float zero point (``grid.float_zero``) is added before rounding, an integer one after."""
+    return encode_int(w, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=grid.float_zero)
 
 
 def dequant(q: jax.Array, s: jax.Array, z: jax.Array | None) -> jax.Array:
@@ -174,7 +186,7 @@ def rtn_codes(w: jax.Array, grid: IntGrid, group_size: int):
     k, n = w.shape
     wg = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
     s, z = group_params(wg, grid, axis=1)
-    q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
+    q = encode(wg, s, z, grid)
     w_hat = dequant(q, s, z).reshape(k, n)
     return q.reshape(k, n), s[:, 0], None if z is None else z[:, 0], w_hat
 
