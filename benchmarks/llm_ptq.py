@@ -56,6 +56,9 @@ def recipes():
         ("nf4 g64", jqx.nf4_weight_only(group_size=64)),
         ("int4 RTN g32", jqx.int4_weight_only(group_size=32)),
         ("int4 RTN g64", jqx.int4_weight_only(group_size=64)),
+        # min-max with an unrounded zero point (HQQ's start, no iterations): the reference's
+        # own Q4_1 grid at group 32, so it reproduces the reference
+        ("int4 RTN g32 float zero", jqx.hqq(bits=4, group_size=32, iters=0)),
         ("int3 RTN g64", rtn3(64)),
         ("GPTQ 4-bit g64", jqx.gptq(bits=4, group_size=64)),
         ("GPTQ 4-bit g64 act_order", jqx.gptq(bits=4, group_size=64, act_order=True)),
