@@ -9,7 +9,6 @@ import pytest
 
 import jqx
 from jqx.calibration.stats import StatsAccumulator
-from jqx.core.numerics import encode_int
 from jqx.recipes.gptq import GPTQ, gptq_hessian, gptq_quantize
 from jqx.recipes.grid import int_grid, rtn_quantize
 
@@ -265,13 +264,13 @@ from hypothesis import strategies as st  # noqa: E402
 from jqx.recipes import grid as _grid  # noqa: E402
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _minmax_and_search_errors(w, bits, sym):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _minmax_and_search_errors(w, bits, sym, float_zero=False):
     # Jitted: one compile per grid instead of every primitive dispatched per example.
-    grid = int_grid(bits, sym)
+    grid = int_grid(bits, sym, float_zero=float_zero)
 
     def err(s, z):
-        q = encode_int(w, s, z, qmin=grid.qmin, qmax=grid.qmax)
+        q = _grid.encode(w, s, z, grid)
         return jnp.sum(jnp.abs(_grid.dequant(q, s, z) - w) ** 2.4, axis=0)
 
     return err(*_grid.group_params(w, grid, axis=0)), err(
@@ -280,10 +279,15 @@ def _minmax_and_search_errors(w, bits, sym):
 
 
 @settings(deadline=None, max_examples=30)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans())
-def test_search_group_params_never_worse_than_minmax(seed, bits, sym):
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    sym=st.booleans(),
+    float_zero=st.booleans(),
+)
+def test_search_group_params_never_worse_than_minmax(seed, bits, sym, float_zero):
     w = jax.random.t(jax.random.key(seed), 3.0, (32, 8, 6))  # 8 groups of 32 rows
-    e_mm, e_cs = _minmax_and_search_errors(w, bits, sym)
+    e_mm, e_cs = _minmax_and_search_errors(w, bits, sym, float_zero)
     assert bool(jnp.all(e_cs <= e_mm * (1 + 1e-6)))
     if bits <= 4:  # heavy tails: clipping pays somewhere
         assert float(jnp.sum(e_cs)) < float(jnp.sum(e_mm))
