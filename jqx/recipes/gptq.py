@@ -16,7 +16,8 @@ the upper Cholesky factor of ``H^-1``:
    from ``W`` up front; otherwise a group's scale is computed when its first
    row is reached, from the weights as updated so far ("dynamic groups").
    ``clip_search=True`` picks each group's range by a search over shrink
-   factors (``grid.search_group_params``) instead of its min/max.
+   factors (``grid.search_group_params``) instead of its min/max;
+   ``float_zero=True`` leaves each group's zero point unrounded.
 7. ``act_order``: rows are processed by descending ``diag H``; the
    permutation is undone in the stored QArray.
 
@@ -265,10 +266,11 @@ def gptq(**kw) -> GPTQ:
       float_zero: keep each group's zero point unrounded, ``qmin - min / scale``
         (a float, added before rounding, as HQQ's and GGUF's Q4_1 minimum), so the
         group's min and max land exactly on the end codes (default False: the
-        reference GPTQ's integer zero point). Lower error at the same bytes (float32
-        zero points either way); the GPTQ and AWQ exchange formats store integer zero
-        points, so ``jqx.io.exchange`` refuses such a weight (its message says so).
-        Not with ``sym=True`` or ``mx``.
+        reference GPTQ's integer zero point). Same bytes (float32 zero points either
+        way); often a lower error (SmolLM2 4-bit: +26% -> +14% perplexity), not always
+        (worse at 3 bits with ``clip_search``; docs/guide/algorithms.md). The GPTQ and
+        AWQ exchange formats store integer zero points, so ``jqx.io.exchange`` refuses
+        such a weight (its message says so). Not with ``sym=True`` or ``mx``.
       group_layout: with ``act_order`` and dynamic groups: ``"g_idx"`` (default,
         the reference's groups in activation order; the QArray carries ``g_idx``)
         or ``"contiguous"`` (groups of consecutive input rows; no layout
