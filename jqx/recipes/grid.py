@@ -56,7 +56,7 @@ def int_grid(bits: int, sym: bool, *, who: str | None = None, float_zero: bool =
     """The grid for ``bits`` codes, symmetric (absmax) or with a zero point;
     container and range from :func:`jqx.formats.int_container`. ``float_zero``:
     the zero points stay unrounded (:func:`jqx.core.numerics.scale_from_minmax`'s
-    ``round_zero=False``).
+    ``round_zero=False``); a symmetric grid has none, so it is False there.
 
     Example:
         >>> g = int_grid(3, sym=False)
@@ -80,9 +80,7 @@ class IntGridRecipe:
     @property
     def grid(self) -> IntGrid:
         """The integer grid of the codes (container format and code range)."""
-        return int_grid(
-            self.bits, getattr(self, "sym", False), float_zero=getattr(self, "float_zero", False)
-        )
+        return int_grid(self.bits, getattr(self, "sym", False))
 
     @property
     def format(self) -> str:

@@ -190,19 +190,16 @@ def hqq_optimize(wg: jax.Array, grid: _grid.IntGrid, recipe: HQQ):
     """
     wg = wg.astype(jnp.float32)
     p = float(recipe.lp_norm)
-    s, z = _grid.group_params(wg, grid, axis=1)
+    # The start: min-max scale with the hqq library's unrounded zero point, or (round_zero)
+    # exactly round to nearest (the integer zero point added after rounding).
+    start = dataclasses.replace(grid, float_zero=not recipe.round_zero)
+    s, z = _grid.group_params(wg, start, axis=1)
+    q0 = _grid.encode(wg, s, z, start)
 
     def recon(s, z):
         q = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=True)
         return q, _grid.dequant(q, s, z)
 
-    if recipe.round_zero:
-        # The start is exactly round to nearest (integer zero added after rounding).
-        q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax)
-    else:
-        # The hqq library's start: the same scale, the zero point left unrounded.
-        z = grid.qmin - jnp.min(wg, axis=1, keepdims=True) / s
-        q0 = encode_int(wg, s, z, qmin=grid.qmin, qmax=grid.qmax, float_zero=True)
     if not recipe.keep_best and not recipe.optimize_scale:
         return _library_loop(wg, s, z, recon, recipe)
     r0 = _grid.dequant(q0, s, z)

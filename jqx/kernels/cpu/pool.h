@@ -39,8 +39,8 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -124,11 +124,6 @@ class XlaPoolScope {
   int64_t prev_threads_;
 };
 
-// One job on XLA's pool: chunks claimed from a shared counter by the caller and
-// by helper tasks. A helper that starts after every chunk was claimed (XLA's
-// threads were busy) finds nothing to do and touches only this heap object,
-// which it keeps alive; ``ctx`` (the caller's stack) is read only for a chunk
-// claimed before the caller returns.
 // Claims chunks from ``next`` until none is left, running each and counting it
 // in ``done`` (a job's loop, on jqx's workers and on XLA's alike).
 inline void ClaimChunks(std::atomic<int64_t>& next, std::atomic<int64_t>& done, ChunkFn fn,
@@ -141,6 +136,11 @@ inline void ClaimChunks(std::atomic<int64_t>& next, std::atomic<int64_t>& done, 
   }
 }
 
+// One job on XLA's pool: chunks claimed from a shared counter by the caller and
+// by helper tasks. A helper that starts after every chunk was claimed (XLA's
+// threads were busy) finds nothing to do and touches only this heap object,
+// which it keeps alive; ``ctx`` (the caller's stack) is read only for a chunk
+// claimed before the caller returns.
 struct XlaJob {
   std::atomic<int64_t> next{0}, done{0};
   ChunkFn fn = nullptr;
