@@ -7,7 +7,8 @@ machine load hits both alike):
   MiniLM's and SmolLM2's weight shapes: the plain weight on the route the dispatcher
   picks for it (A) against the packed weight (B, the native GEMM at every size);
 - all-MiniLM-L6-v2 on the BERT ports of ``benchmarks/bert_cpu.py``: the same traced
-  model called with the quantized tree (A) and with ``jqx.prepack`` of it (B);
+  model called with ``jqx.quantize(..., prepack=False)``'s tree (A) and with
+  ``jqx.prepack`` of it (B, what ``jqx.quantize`` makes by default where the GEMM runs);
 - with ``--llm``, SmolLM2-135M's greedy generation re-quantized with each recipe (int8
   and 4-bit), its ``(out, in)`` weights as stored without packing (A) and packed for
   the native kernels as ``LLM.quantize`` stores them by default (B).
@@ -113,7 +114,7 @@ def model(ports: list[str], batches: list[int], seq: int, rounds: int, tiny: boo
         pm = bert.load_port(port, enc)
         fwd = jax.jit(jqx.quantized(pm.module.apply))
         for name, recipe in RECIPES.items():
-            v = jqx.quantize(pm.variables, recipe())
+            v = jqx.quantize(pm.variables, recipe(), prepack=False)
             vp = jqx.prepack(v)
             leaves = jax.tree_util.tree_leaves(vp, is_leaf=jqx.is_qarray)
             qs = [leaf for leaf in leaves if jqx.is_qarray(leaf)]

@@ -54,8 +54,8 @@ from jqx.io.checkpoint import save as save
 from jqx.io.gguf import load as load_gguf
 from jqx.kernels.cpu import native as native
 from jqx.ops.layout import prepack as prepack
+from jqx.ops.layout import quantize as quantize
 from jqx.recipes.apply import default_filter as default_filter
-from jqx.recipes.apply import quantize as quantize
 from jqx.recipes.awq import AWQ as AWQ
 from jqx.recipes.awq import awq as awq
 from jqx.recipes.base import RTN as RTN

@@ -53,7 +53,7 @@ def model():
 
 def test_what_gets_packed(model):
     _, variables, _ = model
-    q = jqx.quantize(variables, W8A8, embeddings=True)
+    q = jqx.quantize(variables, W8A8, embeddings=True, prepack=False)
     p = jqx.prepack(q, layout="vnni")
     lay = _layouts(p)
     # Dense (in, out) and attention (in, heads, head_dim) / (heads, head_dim, out)
@@ -91,7 +91,7 @@ def test_model_outputs_identical_packed_or_not(model, recipe):
         "w8a8_tensor": jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor"),
         "int8_weight_only": jqx.int8_weight_only(),
     }[recipe]
-    q = jqx.quantize(variables, r, embeddings=True)
+    q = jqx.quantize(variables, r, embeddings=True, prepack=False)
     p = jqx.prepack(q, layout="vnni")
     assert _layouts(p)["params/Embed_0/embedding"] == "vnni"
     with jqx.ops.policy(native_min_work=0, native_min_weight=0, native_decode_rows=0):
@@ -167,6 +167,10 @@ def test_sharding_specs_of_panels():
     assert jqx.sharding.qarray_specs(p, P("m", None), {"m": 4}).qvalue == P(None, "m", None)
     with pytest.raises(ValueError, match="panels split N=64 in units of 16"):
         jqx.sharding.qarray_specs(p, P(None, "m"), {"m": 8})
+    # A mesh axis of size 1 holds every panel, padded or not (N=20: two panels, 12 padded).
+    odd = jqx.quantize_array(jnp.ones((64, 20)), "int8", granularity=jqx.per_channel(axis=-1))
+    s = jqx.sharding.qarray_specs(odd.with_code_layout("vnni"), P("k", "m"), {"m": 1, "k": 1})
+    assert s.qvalue == P("m", "k", None)
     # (out, in): the outputs are axis 0, the contraction axis 1.
     t = jqx.quantize_array(jnp.ones((64, 32)), "int8", granularity=jqx.per_channel(axis=0))
     t = t.with_code_layout("vnni")
@@ -180,7 +184,7 @@ def test_sharding_specs_of_panels():
 
 
 def test_native_layout_where_the_gemm_does_not_run_warns_and_keeps_the_tree():
-    q = jqx.quantize({"kernel": jnp.ones((32, 32))}, W8A8)
+    q = jqx.quantize({"kernel": jnp.ones((32, 32))}, W8A8, prepack=False)
     with jqx.ops.policy(native_available=False):
         with pytest.warns(UserWarning, match="layout='vnni'"):
             assert jqx.prepack(q) is q
@@ -188,6 +192,70 @@ def test_native_layout_where_the_gemm_does_not_run_warns_and_keeps_the_tree():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert _layouts(jqx.prepack(q)) == {"kernel": "vnni"}
+
+
+def test_quantize_packs_by_default_where_the_gemm_runs(model):
+    """jqx.quantize(prepack=None) packs the weights that fill whole panels where the GEMM
+    runs (one device here), none elsewhere; True packs every eligible weight, padding
+    included; False none. The values never change."""
+    _, variables, _ = model
+    v = {**variables, "odd": {"kernel": jnp.ones((30, 20))}}  # K % 4, N % 16 != 0
+    plain = jqx.quantize(v, W8A8, prepack=False)
+    assert set(_layouts(plain).values()) == {"plain"}
+    default = jqx.quantize(v, W8A8)
+    packed = {p for p, lay in _layouts(default).items() if lay == "vnni"}
+    whole = {
+        "params/Dense_0/kernel",  # (32, 48)
+        "params/Dense_1/kernel",  # (48, 32)
+        *(f"params/MultiHeadDotProductAttention_0/{n}/kernel" for n in ("query", "key", "value")),
+        "params/MultiHeadDotProductAttention_0/out/kernel",
+    }
+    assert packed == (whole if HAS_NATIVE else set()), packed
+    assert jqx.tree_nbytes(default) == jqx.tree_nbytes(plain)  # whole panels: no padding
+    with jqx.ops.policy(native_available=False):
+        assert set(_layouts(jqx.quantize(v, W8A8)).values()) == {"plain"}
+        forced = jqx.quantize(v, W8A8, prepack=True)  # whatever the machine, padding too
+    assert {p for p, lay in _layouts(forced).items() if lay == "vnni"} == whole | {"odd/kernel"}
+    for tree in (default, forced):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(jqx.dequantize(plain)),
+            jax.tree_util.tree_leaves(jqx.dequantize(tree)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_calibrate_packs_like_quantize():
+    rng = np.random.default_rng(0)
+    params = {"kernel": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)}
+    xs = [jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)]
+    recipe = jqx.int8_static_activation_int8_weight()
+
+    def cal(**kw):
+        return jqx.calibrate(lambda p, x: x @ p["kernel"], params, xs, recipe, progress=False, **kw)
+
+    assert _layouts(cal()) == {"kernel": "vnni" if HAS_NATIVE else "plain"}
+    assert _layouts(cal(prepack=False)) == {"kernel": "plain"}
+    assert _layouts(cal(prepack=True)) == {"kernel": "vnni"}
+    np.testing.assert_array_equal(
+        np.asarray(cal(prepack=True)["kernel"].dequantize()),
+        np.asarray(cal(prepack=False)["kernel"].dequantize()),
+    )
+
+
+@pytest.mark.parametrize("bad", ["vnni", 1, 0.5])
+def test_bad_prepack_names_the_argument_and_the_choices(bad):
+    with pytest.raises(TypeError, match=r"jqx.quantize\(prepack=.*None.*True.*False"):
+        jqx.quantize({"kernel": jnp.ones((32, 32))}, W8A8, prepack=bad)
+    with pytest.raises(TypeError, match=r"jqx.calibrate\(prepack="):
+        jqx.calibrate(
+            lambda p, x: x @ p["kernel"],
+            {"kernel": jnp.ones((8, 8))},
+            [jnp.ones((2, 8))],
+            W8A8,
+            progress=False,
+            prepack=bad,
+        )
 
 
 def test_bad_layout():

@@ -57,7 +57,9 @@ def test_w8a8_accuracy_better_than_plain():
     w, x = _layer(2)
     y = x @ w
     rel = lambda a: float(jnp.linalg.norm(a - y) / jnp.linalg.norm(y))  # noqa: E731
-    plain = jqx.quantize({"kernel": w}, jqx.int8_dynamic_activation_int8_weight())["kernel"]
+    plain = jqx.quantize({"kernel": w}, jqx.int8_dynamic_activation_int8_weight(), prepack=False)[
+        "kernel"
+    ]
     sq = smoothquant_quantize(w, jnp.max(jnp.abs(x), axis=0), 0.5)
     assert sq.act == plain.act and sq.format == "int8" and sq.in_scale.shape == (K, 1)
     # dequantize() undoes the smoothing: each element within half a step of

@@ -19,6 +19,12 @@ HI = lax.Precision.HIGHEST
 ALL = lambda p, x: getattr(x, "ndim", 0) >= 2  # noqa: E731  quantize every matrix
 
 
+def _quantize(*args, **kw):
+    """jqx.quantize in the plain layout: these tests check the interpreter's rewrites on
+    the routes the plain codes take (tests/test_prepack.py runs packed trees)."""
+    return jqx.quantize(*args, prepack=False, **kw)
+
+
 def _x(shape=(M, K), seed=1):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
@@ -59,7 +65,7 @@ def test_plain_functions(name, recipe):
         "int4": jqx.int4_weight_only(group_size=8),
         "w8a8": jqx.int8_dynamic_activation_int8_weight(),
     }[recipe]
-    q = jqx.quantize(params, r, filter_fn=ALL)
+    q = _quantize(params, r, filter_fn=ALL)
     fn = PLAIN[name]
     x = _x()
     y = jax.jit(jqx.quantized(fn))(q, x)
@@ -74,7 +80,7 @@ def test_plain_functions(name, recipe):
 
 
 def test_dot_goes_to_ops_not_dequantize():
-    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
+    q = _quantize({"w": _x((K, N), 0)}, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
     jaxpr = str(jax.make_jaxpr(jqx.quantized(lambda p, x: x @ p["w"].T.T))(q, _x()))
     assert "preferred_element_type=int32" in jaxpr
     # the double transpose was folded into the dimension numbers: no (N, K) copy of the codes
@@ -82,7 +88,7 @@ def test_dot_goes_to_ops_not_dequantize():
 
 
 def test_tied_transpose_uses_int_dot():
-    q = jqx.quantize(
+    q = _quantize(
         {"e": _x((N, K), 0)}, jqx.int8_dynamic_activation_int8_weight(axis=-1), filter_fn=ALL
     )
     f = jqx.quantized(lambda p, x: x @ p["e"].T)
@@ -91,13 +97,13 @@ def test_tied_transpose_uses_int_dot():
 
 
 def test_unwrapped_qarray_error():
-    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
+    q = _quantize({"w": _x((K, N), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
     with pytest.raises(TypeError, match="jqx.quantized"):
         jax.jit(lambda p, x: x @ p["w"])(q, _x())
 
 
 def test_cond_and_while_fall_back_to_dequantize():
-    q = jqx.quantize({"w": _x((K, K), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
+    q = _quantize({"w": _x((K, K), 0)}, jqx.int8_weight_only(), filter_fn=ALL)
 
     def f(p, x):
         y = lax.cond(x[0, 0] > 0, lambda w: x @ w, lambda w: -(x @ w), p["w"])
@@ -125,7 +131,7 @@ def test_custom_vjp_and_custom_jvp_and_remat():
         return mm(h, p["b"])
 
     params = {"a": _x((K, K), 0), "b": _x((K, N), 3)}
-    q = jqx.quantize(params, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
+    q = _quantize(params, jqx.int8_dynamic_activation_int8_weight(), filter_fn=ALL)
     jaxpr = str(jax.make_jaxpr(jqx.quantized(f))(q, _x()))
     assert jaxpr.count("preferred_element_type=int32") == 2
     _close(jax.jit(jqx.quantized(f))(q, _x()), _deq_ref(f, q, _x()), rel=0.05)
@@ -135,7 +141,7 @@ def test_custom_vjp_and_custom_jvp_and_remat():
 
 
 def test_no_retrace():
-    q = jqx.quantize({"w": _x((K, N), 0)}, jqx.int4_weight_only(group_size=8), filter_fn=ALL)
+    q = _quantize({"w": _x((K, N), 0)}, jqx.int4_weight_only(group_size=8), filter_fn=ALL)
 
     @chex.assert_max_traces(n=1)
     def fn(p, x):
@@ -183,7 +189,7 @@ def test_linen_layers(recipe):
         "DenseGeneral_1": recipe.replace(axis=0, group_size=None),
         "kernel": recipe.replace(axis=0),
     }
-    qv = jqx.quantize(v, rules, filter_fn=lambda p, x: x.ndim >= 2)
+    qv = _quantize(v, rules, filter_fn=lambda p, x: x.ndim >= 2)
     assert jqx.is_qarray(qv["params"]["Embed_0"]["embedding"])
     y = jax.jit(jqx.quantized(m.apply))(qv, tok)
     ref = _deq_ref(m.apply, qv, tok)
@@ -203,14 +209,14 @@ def test_linen_scan_stacked_layers_and_remat():
     m = Scanned()
     x = _x()
     v = m.init(jax.random.key(0), x, None)
-    qv = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight())
+    qv = _quantize(v, jqx.int8_dynamic_activation_int8_weight())
     (k,) = [a for a in jax.tree.leaves(qv, is_leaf=jqx.is_qarray) if jqx.is_qarray(a)]
     assert k.shape == (3, K, K)
     f = jqx.quantized(lambda v, x: m.apply(v, x, None)[0])
     jaxpr = str(jax.make_jaxpr(f)(qv, x))
     assert "preferred_element_type=int32" in jaxpr  # the scan body runs the int8 dot
     _close(jax.jit(f)(qv, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qv, x), rel=0.05)
-    qw = jqx.quantize(v, jqx.int4_weight_only(group_size=8))
+    qw = _quantize(v, jqx.int4_weight_only(group_size=8))
     _close(jax.jit(f)(qw, x), _deq_ref(lambda v, x: m.apply(v, x, None)[0], qw, x))
 
 
@@ -234,7 +240,7 @@ class _Nnx(nnx.Module):
 def test_nnx_split_merge_and_nnx_jit(recipe):
     model = _Nnx(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    qstate = jqx.quantize(state, recipe)
+    qstate = _quantize(state, recipe)
     assert sum(jqx.is_qarray(a) for a in jax.tree.leaves(qstate, is_leaf=jqx.is_qarray)) == 2
 
     def fwd(s, x):
@@ -327,7 +333,7 @@ def test_nnx_scan_stacked_layers():
         step = nnx.scan(lambda b, c: b(c), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
         return step(nnx.merge(graphdef, s), x)
 
-    qstate = jqx.quantize(state, jqx.int8_dynamic_activation_int8_weight())
+    qstate = _quantize(state, jqx.int8_dynamic_activation_int8_weight())
     x = _x((M, K))
     assert "preferred_element_type=int32" in str(jax.make_jaxpr(jqx.quantized(fwd))(qstate, x))
     _close(jax.jit(jqx.quantized(fwd))(qstate, x), _deq_ref(fwd, qstate, x), rel=0.05)
@@ -343,7 +349,7 @@ def test_embedding_lookup_decodes_only_the_gathered_rows(recipe):
     m = nn.Embed(vocab, K)
     ids = jnp.array([[1, 5, 999], [0, 0, 7]])
     v = m.init(jax.random.key(0), ids)
-    qv = jqx.quantize(v, recipe, filter_fn=ALL)
+    qv = _quantize(v, recipe, filter_fn=ALL)
     f = jqx.quantized(m.apply)
     assert f"f32[{vocab},{K}]" not in str(jax.make_jaxpr(f)(qv, ids))
     y = jax.jit(f)(qv, ids)
@@ -360,7 +366,7 @@ def test_scan_static_act_scale_and_in_scale_shared_across_layers(act_scale_shape
     m = Scanned()
     x = _x()
     v = m.init(jax.random.key(0), x, None)
-    q = jqx.quantize(v, jqx.int8_dynamic_activation_int8_weight())
+    q = _quantize(v, jqx.int8_dynamic_activation_int8_weight())
     (path,) = [
         jqx.path_str(kp)
         for kp, a in jax.tree_util.tree_flatten_with_path(q, is_leaf=jqx.is_qarray)[0]

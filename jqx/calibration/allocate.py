@@ -351,7 +351,14 @@ def allocate(
         for name, r in cands.items():
             if r.needs_calibration:
                 qp = calibrate(
-                    fn, params, batches, r, filter_fn=only, argnum=argnum, progress=False
+                    fn,
+                    params,
+                    batches,
+                    r,
+                    filter_fn=only,
+                    argnum=argnum,
+                    progress=False,
+                    prepack=False,
                 )
                 q = _leaf(qp, p)
             else:

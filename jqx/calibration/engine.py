@@ -441,6 +441,7 @@ def calibrate(
     argnum: int = 0,
     progress: bool = True,
     row_mask: Callable[..., Any] | None = None,
+    prepack: bool | None = None,
 ):
     """Quantizes ``params`` using statistics of each weight's matmul input.
 
@@ -468,6 +469,10 @@ def calibrate(
         batch's tokens); inputs with another row count (e.g. a pooled
         ``(batch, K)``) are counted whole. A warning says so when it applied
         to no input.
+      prepack: as in :func:`jqx.quantize`: ``None`` (default) stores the int8
+        weights (static W8A8, SmoothQuant, int8 weight-only) in the native GEMM's
+        panels where it runs, ``True`` packs them anyway, ``False`` keeps the
+        plain layout.
 
     Returns:
       ``params`` with the selected weights replaced by QArrays.
@@ -487,7 +492,9 @@ def calibrate(
         True
     """
     from jqx import transform as _transform  # transform sits above calibrate's math
+    from jqx.ops import layout as _layout
 
+    _layout.check_prepack("jqx.calibrate", prepack)
     observer = _observer_name(observer)
     chosen = select(params, recipe, filter_fn)
     if not chosen:
@@ -568,7 +575,7 @@ def calibrate(
     if not sequential:
         for p, w, r in chosen:
             out[p] = _quantize_one(p, w, r, gat.stats(p), observer, percentile, momentum)
-        return _set_leaves(params, out)
+        return _layout.pack_default(_set_leaves(params, out), prepack)
 
     # Sequential (GPTQ-style): forward order, earlier layers substituted by their
     # dequantized values so that fn runs unchanged.
@@ -614,4 +621,4 @@ def calibrate(
             q = _quantize_one(p, wp, rp, stats, observer, percentile, momentum)
             out[p] = q
             current = _set_leaves(current, {p: q.dequantize(jnp.dtype(wp.dtype))})
-    return _set_leaves(params, out)
+    return _layout.pack_default(_set_leaves(params, out), prepack)

@@ -159,7 +159,9 @@ def _vnni_spec(q: QArray, entries, axis_sizes, path: str) -> PartitionSpec:
     ek = k_ents[0] if k_ents else None
     en = n_ents[0] if n_ents else None
     for e, size, unit, what in ((ek, k, 4, "K"), (en, n, 16, "N")):
-        if e is not None and size % (unit * _axis_size(e, axis_sizes)):
+        # One shard holds every (padded) panel whatever the size.
+        ways = 1 if e is None else _axis_size(e, axis_sizes)
+        if ways > 1 and size % (unit * ways):
             raise ValueError(
                 f"{path or 'a QArray'} is packed for the native int8 GEMM (code_layout='vnni'): "
                 f"its panels split {what}={size} in units of {unit}, which do not divide over "

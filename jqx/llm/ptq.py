@@ -229,8 +229,17 @@ def quantize_llm(
 
     if _needs_data(kernels, recipe):
         batches = calibration_windows(llm, calibration_text, window=window, max_windows=max_windows)
+        # The plain layout: the weights are transposed and fused below, then packed
+        # as one (pack_llm_weights).
         q = calibrate(
-            fn, kernels, batches, recipe, filter_fn=take, progress=progress, **calibrate_kw
+            fn,
+            kernels,
+            batches,
+            recipe,
+            filter_fn=take,
+            progress=progress,
+            prepack=False,
+            **calibrate_kw,
         )
     else:
         if calibrate_kw:

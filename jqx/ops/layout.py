@@ -10,22 +10,31 @@ such weights on the GEMM at every size. Paths that do not read the panels (XLA, 
 the AVX2 kernel) unpack them per call, so a packed tree still runs anywhere, only
 slower there: pack where the GEMM runs (:func:`jqx.ops.native_status`).
 
+:func:`quantize` (``jqx.quantize``) is the recipes layer's quantize followed by this
+packing where the GEMM runs (``prepack=None``), as PyTorch's dynamic quantization and
+ONNX Runtime pack their int8 weights once when the model is converted or loaded: the
+recipes layer cannot see the platform, so the decision lives here, beside the
+dispatcher's :func:`jqx.ops.native_status`.
+
 See docs/guide/run.md ("CPU serving: pack int8 weights once").
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 
 from jqx.core.numerics import is_conv_kernel
-from jqx.core.qarray import QArray, is_qarray, vnni_eligible
+from jqx.core.qarray import is_qarray, vnni_eligible
 from jqx.core.tree import path_str
 from jqx.ops import dispatch
+from jqx.recipes import apply as _apply
+from jqx.recipes.base import Recipe
 
-__all__ = ["prepack"]
+__all__ = ["prepack", "quantize"]
 
 
 def prepack(tree: Any, *, layout: Literal["native", "vnni", "plain"] = "native") -> Any:
@@ -81,17 +90,125 @@ def prepack(tree: Any, *, layout: Literal["native", "vnni", "plain"] = "native")
                 stacklevel=2,
             )
             return tree
-    target = "plain" if layout == "plain" else "vnni"
+    if layout == "plain":
+        return jax.tree_util.tree_map(
+            lambda q: q.with_code_layout("plain") if is_qarray(q) else q, tree, is_leaf=is_qarray
+        )
+    return _pack(tree, whole_panels=False)
+
+
+def quantize(
+    params,
+    recipe: Recipe | _apply.Rules,
+    filter_fn: Callable[[str, Any], bool] | None = None,
+    *,
+    embeddings: bool = False,
+    prepack: bool | None = None,
+):
+    """Returns ``params`` with the selected leaves replaced by QArrays (pure).
+
+    Args:
+      params: any pytree of arrays (Flax linen variables, an nnx State, dicts).
+      recipe: a recipe, or rules ``{regex_on_path: recipe_or_None}``; the first
+        rule whose regex matches (``re.search``) a candidate's path decides, and
+        None leaves it in float. Rules that match no leaf are reported with a
+        warning (``UserWarning``).
+      filter_fn: ``(path, leaf) -> bool`` choosing the candidate leaves; default:
+        matmul weights (``kernel`` leaves with ndim >= 2, see
+        :func:`default_filter`). Paths look like ``params/Dense_0/kernel``
+        (linen) or ``layers/0/kernel`` (nnx State).
+      embeddings: also quantize the embedding tables (2-D leaves named
+        ``embedding``: Flax ``nn.Embed`` / ``nnx.Embed``). Off by default so a
+        tree quantized before keeps its bytes and accuracy: a table's error
+        reaches every token, so it is a choice. A table is quantized in rows with
+        ``recipe.for_embedding()`` (round to nearest in the recipe's format, one
+        scale per row or groups along the row, weight-only for lookups), so
+        ``jqx.quantized`` decodes only the looked-up rows and a tied
+        ``Embed.attend`` uses it as a matmul weight. It needs no calibration, so
+        after ``jqx.calibrate`` the same call adds the tables.
+      prepack: store the int8 weights' codes in the native GEMM's panels
+        (:func:`prepack`, ``QArray.code_layout == "vnni"``), so no call packs them
+        again, as PyTorch's dynamic quantization and ONNX Runtime pack theirs once.
+        ``None`` (default): where the native int8 GEMM runs
+        (:func:`jqx.ops.native_status` is ``"available"``: x86-64 with AVX512-VNNI,
+        CPU backend) in a process with one device, the weights whose input size is a
+        multiple of 4 and output size a multiple of 16 (whole panels: the bytes do not
+        change); else the plain layout. ``True``: every eligible weight, whatever the
+        machine (e.g. to save for such a machine; panels padded to 16 columns and 4
+        rows). ``False``: the plain ``(in, out)`` codes (e.g. to shard along any axis,
+        or to run on a GPU from this tree). Values, scales and results do not depend
+        on it, except that int8 weight-only products of packed weights run on the
+        GEMM's two-level activation split at every size (``|error| <=
+        max|x_row| / 64516`` per unit of ``sum |w|``, docs/internals/dispatch.md).
+
+    Returns:
+      The same tree structure, with QArrays in place of the selected leaves.
+      ``jqx.prepack(tree, layout="plain")`` gives the plain layout of a packed tree.
+
+    Raises:
+      ValueError: NaN/Inf in a selected weight (names its path), a group size that
+        does not divide the axis, or a recipe that needs calibration.
+      TypeError: a non-float leaf selected, or a recipe that is not a jqx recipe,
+        or a ``prepack`` that is not None, True or False.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> p = {"a": {"kernel": jnp.ones((8, 8))}, "b": {"kernel": jnp.ones((8, 8))}}
+        >>> q = jqx.quantize(p, {"a/": jqx.int4_weight_only(group_size=4), ".*": jqx.int8_weight_only()})
+        >>> q["a"]["kernel"].format, q["b"]["kernel"].format
+        ('uint4', 'int8')
+        >>> v = {"embed": {"embedding": jnp.ones((100, 16))}, "out": {"kernel": jnp.ones((16, 4))}}
+        >>> q = jqx.quantize(v, jqx.int8_weight_only(), embeddings=True)
+        >>> q["embed"]["embedding"].block  # one scale per row
+        (1, 16)
+        >>> w = {"kernel": jnp.ones((64, 32))}
+        >>> jqx.quantize(w, jqx.int8_weight_only(), prepack=False)["kernel"].code_layout
+        'plain'
+        >>> jqx.quantize(w, jqx.int8_weight_only(), prepack=True)["kernel"].qvalue.shape
+        (2, 16, 64)
+    """
+    check_prepack("jqx.quantize", prepack)
+    return pack_default(_apply.quantize(params, recipe, filter_fn, embeddings=embeddings), prepack)
+
+
+def check_prepack(where: str, prepack: Any) -> None:
+    """Raises TypeError unless ``prepack`` is None, True or False."""
+    if not (prepack is None or isinstance(prepack, bool)):
+        raise TypeError(
+            f"{where}(prepack={prepack!r}): use None (pack the int8 weights where the native "
+            "GEMM runs), True (pack them anyway) or False (keep the plain layout)."
+        )
+
+
+def pack_default(tree: Any, prepack: bool | None) -> Any:
+    """``tree`` packed for the native GEMM as ``jqx.quantize(prepack=)`` says: ``True``
+    every eligible int8 weight; ``None`` those whose panels need no padding (``K`` a
+    multiple of 4, ``N`` of 16: the bytes do not change), and only where the GEMM runs
+    (:func:`jqx.ops.native_status`) in a process with one device (with several, the tree
+    is most likely about to be sharded, which the plain layout allows along any axis);
+    ``False`` none."""
+    if prepack is None:
+        if dispatch.native_status() != "available" or jax.device_count() != 1:
+            return tree
+        return _pack(tree, whole_panels=True)
+    return _pack(tree, whole_panels=False) if prepack else tree
+
+
+def _pack(tree: Any, *, whole_panels: bool) -> Any:
+    """Every QArray of ``tree`` that the native GEMM can read packed, in its panels
+    (with ``whole_panels``, only those that fill whole panels of 4 rows x 16 columns)."""
 
     def one(path, leaf):
-        if not is_qarray(leaf):
-            return leaf
-        q: QArray = leaf
-        if target == "plain":
-            return q.with_code_layout("plain")
         # Convolution kernels run on the convolution paths, which read (K, N) codes.
-        if vnni_eligible(q) and not is_conv_kernel(path_str(path), q.ndim):
-            return q.with_code_layout("vnni")
-        return q
+        if (
+            not is_qarray(leaf)
+            or not vnni_eligible(leaf)
+            or is_conv_kernel(path_str(path), leaf.ndim)
+        ):
+            return leaf
+        k, n = leaf._vnni_kn()
+        if whole_panels and (k % 4 or n % 16):
+            return leaf
+        return leaf.with_code_layout("vnni")
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_qarray)

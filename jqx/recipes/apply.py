@@ -177,46 +177,10 @@ def quantize(
     *,
     embeddings: bool = False,
 ):
-    """Returns ``params`` with the selected leaves replaced by QArrays (pure).
-
-    Args:
-      params: any pytree of arrays (Flax linen variables, an nnx State, dicts).
-      recipe: a recipe, or rules ``{regex_on_path: recipe_or_None}``; the first
-        rule whose regex matches (``re.search``) a candidate's path decides, and
-        None leaves it in float. Rules that match no leaf are reported with a
-        warning (``UserWarning``).
-      filter_fn: ``(path, leaf) -> bool`` choosing the candidate leaves; default:
-        matmul weights (``kernel`` leaves with ndim >= 2, see
-        :func:`default_filter`). Paths look like ``params/Dense_0/kernel``
-        (linen) or ``layers/0/kernel`` (nnx State).
-      embeddings: also quantize the embedding tables (2-D leaves named
-        ``embedding``: Flax ``nn.Embed`` / ``nnx.Embed``). Off by default so a
-        tree quantized before keeps its bytes and accuracy: a table's error
-        reaches every token, so it is a choice. A table is quantized in rows with
-        ``recipe.for_embedding()`` (round to nearest in the recipe's format, one
-        scale per row or groups along the row, weight-only for lookups), so
-        ``jqx.quantized`` decodes only the looked-up rows and a tied
-        ``Embed.attend`` uses it as a matmul weight. It needs no calibration, so
-        after ``jqx.calibrate`` the same call adds the tables.
-
-    Returns:
-      The same tree structure, with QArrays in place of the selected leaves.
-
-    Raises:
-      ValueError: NaN/Inf in a selected weight (names its path), a group size that
-        does not divide the axis, or a recipe that needs calibration.
-      TypeError: a non-float leaf selected, or a recipe that is not a jqx recipe.
-
-    Example:
-        >>> import jax.numpy as jnp, jqx
-        >>> p = {"a": {"kernel": jnp.ones((8, 8))}, "b": {"kernel": jnp.ones((8, 8))}}
-        >>> q = jqx.quantize(p, {"a/": jqx.int4_weight_only(group_size=4), ".*": jqx.int8_weight_only()})
-        >>> q["a"]["kernel"].format, q["b"]["kernel"].format
-        ('uint4', 'int8')
-        >>> v = {"embed": {"embedding": jnp.ones((100, 16))}, "out": {"kernel": jnp.ones((16, 4))}}
-        >>> q = jqx.quantize(v, jqx.int8_weight_only(), embeddings=True)
-        >>> q["embed"]["embedding"].block  # one scale per row
-        (1, 16)
+    """``jqx.quantize`` without its last step, packing int8 weights for the native GEMM
+    (:func:`jqx.ops.layout.quantize` adds it: this layer cannot see the platform). The
+    arguments, result and errors are ``jqx.quantize``'s; internal callers that pack
+    themselves (``LLM.quantize``) or must keep the plain layout call this one.
     """
     chosen = select(params, recipe, filter_fn, embeddings=embeddings)
     for p, _, r in chosen:

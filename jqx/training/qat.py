@@ -520,11 +520,14 @@ def convert(
 ):
     """Trained float weights (and learned LSQ scales) -> a tree of QArrays.
 
-    Without ``scales`` this is ``jqx.quantize(params, recipe, filter_fn)``
-    (round to nearest, the same math the QAT forward ran). With ``scales``
-    each selected weight is encoded with its learned scale (and frozen zero
-    point). Either way ``QArray.dequantize()`` equals the fake-quant forward
-    value bit for bit.
+    Without ``scales`` this is ``jqx.quantize(params, recipe, filter_fn,
+    prepack=False)`` (round to nearest, the same math the QAT forward ran). With
+    ``scales`` each selected weight is encoded with its learned scale (and frozen
+    zero point). Either way ``QArray.dequantize()`` equals the fake-quant forward
+    value bit for bit, and the codes are in the plain layout, so the quantized
+    forward equals the fake-quant one too; ``jqx.prepack`` the result for CPU
+    serving (packed int8 weight-only products run the native GEMM's two-level
+    activation split, within its bound of the plain ones).
 
     Example:
         >>> import jax.numpy as jnp, jqx
