@@ -63,6 +63,7 @@ from jqx.calibration.stats import LayerStats, StatsAccumulator
 from jqx.core import formats as _formats
 from jqx.core.qarray import QArray, is_qarray
 from jqx.core.tree import path_str
+from jqx.ops import layout as _layout
 from jqx.recipes.apply import select
 from jqx.recipes.base import Recipe
 
@@ -492,7 +493,6 @@ def calibrate(
         True
     """
     from jqx import transform as _transform  # transform sits above calibrate's math
-    from jqx.ops import layout as _layout
 
     _layout.check_prepack("jqx.calibrate", prepack)
     observer = _observer_name(observer)

@@ -136,10 +136,12 @@ def quantize(
         change); else the plain layout. ``True``: every eligible weight, whatever the
         machine (e.g. to save for such a machine; panels padded to 16 columns and 4
         rows). ``False``: the plain ``(in, out)`` codes (e.g. to shard along any axis,
-        or to run on a GPU from this tree). Values, scales and results do not depend
-        on it, except that int8 weight-only products of packed weights run on the
-        GEMM's two-level activation split at every size (``|error| <=
-        max|x_row| / 64516`` per unit of ``sum |w|``, docs/internals/dispatch.md).
+        or to run on a GPU from this tree). Values and scales do not depend on it.
+        Results can move by a rounding step, because packed weights run on the
+        native GEMM at every size, where small plain ones run on XLA: W8A8 products
+        are exact either way, but XLA fuses its rescale with what follows; int8
+        weight-only products run the GEMM's two-level activation split (``|error|
+        <= max|x_row| / 64516`` per unit of ``sum |w|``, docs/internals/dispatch.md).
 
     Returns:
       The same tree structure, with QArrays in place of the selected leaves.
