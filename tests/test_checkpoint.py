@@ -238,6 +238,27 @@ def test_like_checks_structure_shapes_and_dtypes(tmp_path):
         load(tmp_path / "c", like=jax.tree.map(lambda a: a.astype(jnp.uint8), q))
 
 
+def test_like_takes_the_templates_code_layout(tmp_path):
+    """A plain tree restores into a packed template (jqx.quantize's default where the
+    native GEMM runs) and the other way round, with the same values; the layout is the
+    only difference allowed."""
+    w = {"kernel": jnp.linspace(-1, 1, 64 * 32).reshape(64, 32)}
+    plain = jqx.quantize(w, jqx.int8_dynamic_activation_int8_weight(), prepack=False)
+    packed = jqx.prepack(plain, layout="vnni")
+    for saved, template in ((plain, packed), (packed, plain)):
+        save(tmp_path / "c", saved)
+        got = load(tmp_path / "c", like=template)
+        assert got["kernel"].code_layout == template["kernel"].code_layout
+        assert_same_tree(got, template)
+        abstract = jax.eval_shape(lambda t=template: t)
+        assert load(tmp_path / "c", like=abstract)["kernel"].code_layout == (
+            template["kernel"].code_layout
+        )
+    wo = jqx.prepack(jqx.quantize(w, jqx.int8_weight_only(), prepack=False), layout="vnni")
+    with pytest.raises(CheckpointError, match=r"c does not match the expected tree"):
+        load(tmp_path / "c", like=wo)  # packed like the file, but weight-only
+
+
 def test_w8a8_data_never_loads_into_a_weight_only_target(tmp_path):
     # Same leaves (int8 codes, float32 scales); only the activation spec differs.
     w = {"kernel": jnp.linspace(-1, 1, 64).reshape(8, 8)}

@@ -97,6 +97,22 @@ def test_the_wrong_recipe_never_restores_silently(tmp_path):
         jqo.check({"jqx": jqo.describe(w)}, w8a8)
 
 
+def test_a_layout_mismatch_names_both_layouts_and_the_fix(tmp_path):
+    """jqx.quantize packs int8 weights where the native GEMM runs, so a target built on
+    one machine can be packed and a checkpoint from another plain: the error says so."""
+    w = {"d": {"kernel": jax.random.normal(jax.random.key(1), (32, 16))}}
+    r = jqx.int8_dynamic_activation_int8_weight()
+    plain, packed = jqx.quantize(w, r, prepack=False), jqx.quantize(w, r, prepack=True)
+    ck = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    ck.save(tmp_path / "c", args=jqo.save_args(plain))
+    with pytest.raises(
+        jqx.CheckpointError,
+        match=r"'d/kernel'.*in the 'plain' layout and the target's in 'vnni'.*prepack=False",
+    ):
+        jqo.restore(ck, tmp_path / "c", packed)
+    _same(jqo.restore(ck, tmp_path / "c", plain), plain)
+
+
 def test_without_save_args_or_from_a_newer_jqx_it_says_so(tmp_path):
     q = jqx.quantize({"kernel": jnp.ones((8, 4))}, jqx.int8_weight_only())
     ck = ocp.Checkpointer(ocp.StandardCheckpointHandler())

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jqx.core.numerics import stored_qarray
-from jqx.core.qarray import QARRAY_CHILDREN, ActSpec, QArray
+from jqx.core.qarray import QARRAY_CHILDREN, ActSpec, QArray, is_qarray
 from jqx.core.sharding import tree_shardings
 from jqx.recipes.base import Recipe
 
@@ -704,6 +704,29 @@ def _rebuild(f: _File | _Dir, leaf: Callable[[dict, str], Any], wrap: bool):
         f._fail(f"has a bad jqx tree record ({type(e).__name__}: {e}); the header was altered")
 
 
+def _like_layouts(tree, like):
+    """``tree`` with each QArray in the code layout of ``like``'s (plain, ``"vnni"``
+    panels, ``"kn"``): ``jqx.quantize`` packs int8 weights where the native GEMM runs,
+    so a tree saved on one machine restores into a template made on another. Leaves
+    that cannot take the layout stay as read, for :func:`_check_like` to report."""
+    got, got_def = jax.tree_util.tree_flatten(tree, is_leaf=is_qarray)
+    want, want_def = jax.tree_util.tree_flatten(like, is_leaf=is_qarray)
+    if got_def != want_def:
+        return tree
+
+    def one(a, b):
+        if not (is_qarray(a) and is_qarray(b)) or a.code_layout == b.code_layout:
+            return a
+        try:
+            return a.with_code_layout(b.code_layout)
+        except ValueError:
+            return a
+
+    return jax.tree_util.tree_unflatten(
+        got_def, [one(a, b) for a, b in zip(got, want, strict=True)]
+    )
+
+
 def _check_like(f: _File | _Dir, tree, like) -> None:
     got, got_def = jax.tree_util.tree_flatten_with_path(tree)
     want, want_def = jax.tree_util.tree_flatten_with_path(like)
@@ -746,7 +769,11 @@ def load(
         replicates everything.
       verify: check every tensor's CRC-32 (reads each tensor once in full).
       like: optional tree the result must match (structure, QArray static fields,
-        shapes and dtypes), e.g. the float model's quantized template.
+        shapes and dtypes), e.g. the float model's quantized template. A QArray
+        whose code layout alone differs from ``like``'s (``jqx.quantize`` packs int8
+        weights where the native GEMM runs, so a template made on one machine may
+        be packed and a file saved on another plain) is converted to ``like``'s
+        layout: the same values.
 
     Returns:
       The tree: jax arrays (numpy arrays where numpy was saved), QArrays, dicts,
@@ -791,6 +818,7 @@ def load(
 
         tree = _rebuild(f, sharded_leaf, wrap=True)
     if like is not None:
+        tree = _like_layouts(tree, like)
         _check_like(f, tree, like)
     return tree
 

@@ -200,6 +200,15 @@ def check(stored: Any, target: Any, *, where: str = "checkpoint") -> None:
                 k: (have[path].get(k), v) for k, v in want[path].items() if have[path].get(k) != v
             }
             detail = "; ".join(f"{k}: checkpoint {a!r}, target {b!r}" for k, (a, b) in diff.items())
+            if set(diff) == {"code_layout"}:  # jqx.quantize packs where the native GEMM runs
+                have_l, want_l = (v or "plain" for v in diff["code_layout"])
+                raise CheckpointError(
+                    f"{where}, tensor {path!r}: the checkpoint's codes are in the {have_l!r} "
+                    f"layout and the target's in {want_l!r}; build the target in the "
+                    "checkpoint's layout (jqx.quantize(..., prepack=False) for 'plain', "
+                    "jqx.prepack(target, layout='vnni') for 'vnni'), then jqx.prepack the "
+                    "restored tree to the layout you run."
+                )
             raise CheckpointError(
                 f"{where}, tensor {path!r}: the checkpoint's QArray differs from the "
                 f"target's ({detail}); build the target with the recipe that made the "
