@@ -70,6 +70,12 @@ def main() -> int:
         "w8a8_static": (jqx.int8_static_activation_int8_weight(), 3e-2),
     }
     failed = 0
+    # With several devices jqx.quantize keeps the plain layout (the tree is about to be
+    # sharded), also where the native GEMM runs.
+    probe = jqx.quantize({"kernel": np.ones((D_IN, D_H), np.float32)}, recipes["w8a8_int8"][0])
+    if probe["kernel"].code_layout != "plain":
+        print(f"FAIL jqx.quantize packed with 8 devices: {probe['kernel'].code_layout}")
+        failed += 1
     # The adapter layer shares the sharding machinery with the interpreter: two of its
     # recipes (one weight-only, one calibrated W8A8) cover what it adds.
     adapter_recipes = ("int8", "w8a8_static")
