@@ -225,6 +225,21 @@ def test_quantize_packs_by_default_where_the_gemm_runs(model):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_nothing_to_pack_asks_nothing_of_the_platform(monkeypatch):
+    """A tree without a packable int8 weight (4-bit, or too narrow for whole panels) is
+    returned as it is, without querying (and so building) the native kernels."""
+
+    def no_query():
+        raise AssertionError("native_status was queried")
+
+    monkeypatch.setattr(jqx.ops.dispatch, "native_status", no_query)
+    w = {"a": {"kernel": jnp.ones((64, 32))}, "b": {"kernel": jnp.ones((30, 20))}}
+    q = jqx.quantize(w, {"a/": jqx.int4_weight_only(group_size=16), "b/": W8A8})
+    assert set(_layouts(q).values()) == {"plain"}
+    with pytest.raises(AssertionError, match="queried"):  # a packable weight does query
+        jqx.quantize({"kernel": jnp.ones((64, 32))}, W8A8)
+
+
 def test_calibrate_packs_like_quantize():
     rng = np.random.default_rng(0)
     params = {"kernel": jnp.asarray(rng.standard_normal((32, 32)), jnp.float32)}

@@ -68,7 +68,7 @@ def prepack(tree: Any, *, layout: Literal["native", "vnni", "plain"] = "native")
 
     Example:
         >>> import jax.numpy as jnp, jqx
-        >>> q = jqx.quantize({"kernel": jnp.ones((64, 32))}, jqx.int8_weight_only())
+        >>> q = jqx.quantize({"kernel": jnp.ones((64, 32))}, jqx.int8_weight_only(), prepack=False)
         >>> p = jqx.prepack(q, layout="vnni")
         >>> p["kernel"].code_layout, p["kernel"].qvalue.shape
         ('vnni', (2, 16, 64))
@@ -189,28 +189,31 @@ def pack_default(tree: Any, prepack: bool | None) -> Any:
     (:func:`jqx.ops.native_status`) in a process with one device (with several, the tree
     is most likely about to be sharded, which the plain layout allows along any axis);
     ``False`` none."""
-    if prepack is None:
-        if dispatch.native_status() != "available" or jax.device_count() != 1:
-            return tree
-        return _pack(tree, whole_panels=True)
-    return _pack(tree, whole_panels=False) if prepack else tree
+    if prepack is False:
+        return tree
+    whole = prepack is None
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)[0]
+    if not any(_packable(p, leaf, whole) for p, leaf in leaves):
+        return tree  # nothing to pack: no platform query (it builds the native kernels)
+    if whole and (dispatch.native_status() != "available" or jax.device_count() != 1):
+        return tree
+    return _pack(tree, whole_panels=whole)
+
+
+def _packable(path, leaf: Any, whole_panels: bool) -> bool:
+    """Whether the native GEMM can read ``leaf`` packed (with ``whole_panels``: and its
+    panels of 4 rows x 16 columns need no padding). Convolution kernels run on the
+    convolution paths, which read (K, N) codes."""
+    if not is_qarray(leaf) or not vnni_eligible(leaf) or is_conv_kernel(path_str(path), leaf.ndim):
+        return False
+    k, n = leaf._vnni_kn()
+    return not (whole_panels and (k % 4 or n % 16))
 
 
 def _pack(tree: Any, *, whole_panels: bool) -> Any:
-    """Every QArray of ``tree`` that the native GEMM can read packed, in its panels
-    (with ``whole_panels``, only those that fill whole panels of 4 rows x 16 columns)."""
-
-    def one(path, leaf):
-        # Convolution kernels run on the convolution paths, which read (K, N) codes.
-        if (
-            not is_qarray(leaf)
-            or not vnni_eligible(leaf)
-            or is_conv_kernel(path_str(path), leaf.ndim)
-        ):
-            return leaf
-        k, n = leaf._vnni_kn()
-        if whole_panels and (k % 4 or n % 16):
-            return leaf
-        return leaf.with_code_layout("vnni")
-
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_qarray)
+    """``tree`` with every :func:`_packable` QArray in the panel layout."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: leaf.with_code_layout("vnni") if _packable(p, leaf, whole_panels) else leaf,
+        tree,
+        is_leaf=is_qarray,
+    )
