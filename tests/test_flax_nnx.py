@@ -50,7 +50,7 @@ def _bound(recipe_name, x, w_hat_2d, packed=False):
     if recipe_name == "w8a8":
         tol = tol + row_max / 254.0 * col_sum
     elif packed:  # int8 weight-only on the native GEMM: the two-level activation split
-        tol = tol + row_max / 64516.0 * col_sum
+        tol = tol + row_max / 32511.0 * col_sum
     return tol
 
 

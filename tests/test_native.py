@@ -716,6 +716,171 @@ def test_w8a8_fused_property(kernel, seed, m, k, n):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
 
 
+def _non_finite_rows(m, k):
+    """Rows holding a NaN, an inf, a -inf, both, and finite rows around them."""
+    x = np.array(_w8a8_case(m, k, 1, seed=m + k)[0])
+    x[1, k // 2] = np.nan
+    x[2, 0] = np.inf
+    x[3, k - 1] = -np.inf
+    x[4, 0], x[4, k - 1] = np.inf, np.nan
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("kernel", FUSED)
+@pytest.mark.parametrize("act", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("m", [6, 40])
+def test_w8a8_fused_keeps_nan_and_inf_as_the_xla_path(kernel, act, m):
+    """A row holding NaN or inf gets scale inf (numerics.nan_max), so a NaN output row
+    (per tensor: all rows), as on XLA's path; a NaN's code is 0, as XLA converts it.
+    The kernels, and XLA's own max at these shapes, once dropped a NaN: such rows
+    came out finite."""
+    x = _non_finite_rows(m, 130)
+    q = jqx.int8_dynamic_activation_int8_weight(act_granularity=act).quantize_weight(
+        jax.random.normal(jax.random.key(4), (130, 33))
+    )
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    y = np.asarray(_fused_kernel(kernel)(x, q.qvalue, ws, act=act))
+    np.testing.assert_array_equal(y, np.asarray(_xla_w8a8(x, q)))
+    np.testing.assert_array_equal(
+        y, np.asarray(native.w8a8_matmul_reference(x, q.qvalue, ws, act=act))
+    )
+    assert np.isnan(y[1]).all() and np.isnan(y[4]).all()
+    assert np.isfinite(y[0]).all() == (act == "per_token")
+
+
+# ------------------------------------------------------- int8 weight-only, two-level split
+# native.two_level_matmul: x split into two int8 levels inside the VNNI GEMM call,
+# bit-identical to jqx.ops' XLA path (xla.two_level_int8).
+
+TWO_LEVEL = [
+    pytest.param(False, marks=needs_native),
+    pytest.param(True, id="packed", marks=needs_native),
+]
+
+
+def _xla_two_level(x, q, dn=DN2):
+    with jqx.ops.policy(platform="cpu", two_level_max_rows=1 << 40, two_level_min_weight=0):
+        assert jqx.ops.explain(x, q, dn, backend="xla") == "xla.two_level_int8"
+        return jqx.ops.dot_general(x, q, dn, backend="xla")
+
+
+_two_level_kernel = jax.jit(native.two_level_matmul)
+_two_level_reference = jax.jit(native.two_level_matmul_reference)
+_two_level_xla = jax.jit(_xla_two_level)
+
+
+def _two_level_and_xla(x, w, packed=False):
+    """The kernel, jqx.ops' XLA path and the plain-jnp reference, each compiled on its
+    own, as the dispatcher runs one in place of another: XLA's rounding of the final
+    ``sum1 * s1 + sum2 * s2`` (which product it fuses into an FMA) depends on the
+    program around it."""
+    q = jqx.int8_weight_only().quantize_weight(w)
+    ws = q.scale.astype(jnp.float32).reshape(-1)
+    codes = native.pack_int8(q.qvalue) if packed else q.qvalue
+    return (
+        _two_level_kernel(x, codes, ws),
+        _two_level_xla(x, q),
+        _two_level_reference(x, q.qvalue, ws),
+    )
+
+
+@pytest.mark.parametrize("packed", TWO_LEVEL)
+@pytest.mark.parametrize("m,k,n", [*W8A8_SHAPES, (1, 384, 384), (1, 32, 32), (2, 8, 16)])
+def test_two_level_bit_identical_to_xla_path(m, k, n, packed):
+    """One row and several: XLA fuses the final add with a different product for a
+    single row (its scales are scalars), and the kernel rounds as it does."""
+    x, w = _w8a8_case(m, k, n, seed=m * 17 + k * 3 + n, quantize=False)
+    y, xla, ref = _two_level_and_xla(x, w, packed=packed)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", [(1, 384, 384), (300, 130, 40)])
+def test_two_level_error_against_float64(m, k, n):
+    """|y - x . (codes * ws)| <= max|x_row| / 32511 * sum_k |codes * ws| (the residual's
+    bound) plus float32 rounding of the sums."""
+    x, w = _w8a8_case(m, k, n, seed=11, quantize=False)
+    q = jqx.int8_weight_only().quantize_weight(w)
+    ws = np.asarray(q.scale, np.float64).reshape(-1)
+    wd = np.asarray(q.qvalue, np.float64) * ws
+    y = np.asarray(native.two_level_matmul(x, q.qvalue, q.scale.reshape(-1)), np.float64)
+    xd = np.asarray(x, np.float64)
+    exact = xd @ wd
+    amax = np.max(np.abs(xd), axis=1, keepdims=True)
+    bound = amax / 32511 * np.sum(np.abs(wd), axis=0) + 1e-6 * (np.abs(xd) @ np.abs(wd)) + 1e-30
+    assert np.all(np.abs(y - exact) <= bound)
+
+
+@needs_native
+@settings(deadline=None, max_examples=15)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.sampled_from([1, 2, 5, 6, 7, 49, 200]),
+    k=st.integers(1, 200),
+    n=st.integers(1, 70),
+    packed=st.booleans(),
+)
+def test_two_level_property(seed, m, k, n, packed):
+    y, xla, _ = _two_level_and_xla(*_w8a8_case(m, k, n, seed, quantize=False), packed=packed)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+
+
+@needs_native
+@pytest.mark.parametrize("m", [6, 40])
+def test_two_level_keeps_nan_and_inf_as_the_xla_path(m):
+    x = _non_finite_rows(m, 130)
+    q = jqx.int8_weight_only().quantize_weight(jax.random.normal(jax.random.key(5), (130, 33)))
+    y = np.asarray(native.two_level_matmul(x, q.qvalue, q.scale.reshape(-1)))
+    np.testing.assert_array_equal(y, np.asarray(_xla_two_level(x, q)))
+    assert np.isnan(y[1:5]).all() and np.isfinite(y[0]).all()
+
+
+@needs_native
+def test_two_level_huge_scales():
+    """Rows near float32's limit: both levels' scales above 2^100 divide in two steps
+    (numerics.div_by_scale), as on XLA's path."""
+    x, w = _w8a8_case(7, 64, 20, seed=3, quantize=False)
+    x = x.at[0].multiply(1e30).at[1].set(1e35).at[2].multiply(1e-30)
+    y, xla, _ = _two_level_and_xla(x, w)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+    assert np.isfinite(np.asarray(y)).all()
+
+
+@needs_native
+def test_two_level_through_jqx_ops_and_empty_reduction():
+    """The dispatcher's native int8 weight-only product is the fused call; 3-D
+    activations contracted on the last and on a middle axis; K = 0 gives zeros."""
+    x, w = _w8a8_case(96, 130, 40, seed=3, quantize=False)
+    q = jqx.int8_weight_only().quantize_weight(w)
+    x3 = x.reshape(4, 24, 130)
+    dn_last, dn_mid = (((2,), (0,)), ((), ())), (((1,), (0,)), ((), ()))
+    with jqx.ops.policy(platform="cpu", native_min_work=0):
+        assert jqx.ops.explain(x3, q, dn_last) == "native.two_level_vnni"
+        y_last = jax.jit(lambda a, b: jqx.ops.dot_general(a, b, dn_last))(x3, q)
+        y_mid = jqx.ops.dot_general(jnp.swapaxes(x3, 1, 2), q, dn_mid)
+    np.testing.assert_array_equal(np.asarray(y_last), np.asarray(_xla_two_level(x3, q, dn_last)))
+    np.testing.assert_array_equal(np.asarray(y_mid), np.asarray(y_last))
+    ws = jnp.arange(5, dtype=jnp.float32)
+    for w0 in (jnp.ones((0, 5), jnp.int8), native.pack_int8(jnp.ones((0, 5), jnp.int8))):
+        y = native.two_level_matmul(jnp.ones((3, 0), jnp.float32), w0, ws)
+        np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
+
+
+def test_two_level_bad_input():
+    x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
+    for fn in (native.two_level_matmul, native.two_level_matmul_reference):
+        with pytest.raises(ValueError, match="x must be float32"):
+            fn(x.astype(jnp.bfloat16), w, ws)
+        with pytest.raises(ValueError, match="w must be int8"):
+            fn(x, w[:7], ws)
+        with pytest.raises(ValueError, match="w_scale must be float32"):
+            fn(x, w, ws.reshape(1, 4))
+    with pytest.raises(ValueError, match="packed w must be int8"):
+        native.two_level_matmul(x, jnp.ones((1, 3, 64), jnp.int8), ws)
+
+
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
 def test_calls_on_xla_pool_concurrently_give_the_same_bits():
     """Calls of more than 16 rows hand their helper chunks to XLA's own thread pool

@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 import jqx
 from jqx.core import formats as F
+from jqx.core import numerics
 
 SHAPE = (8, 16)
 
@@ -532,6 +533,79 @@ def test_nan_or_inf_under_jit_makes_its_block_nan(fmt, gran, bad):
     # every matmul output that reads the block is NaN
     y = np.asarray(jax.jit(jqx.quantized(lambda w, a: a @ w))(q, jnp.ones((2, 8), jnp.float32)))
     assert np.isnan(y[:, 2]).all()
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (384, 1536)])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        jqx.int8_weight_only(),
+        jqx.int4_weight_only(group_size=32),
+        jqx.int8_dynamic_activation_int8_weight(),
+    ],
+)
+def test_nan_found_where_xla_cpu_max_drops_it(shape, recipe):
+    """XLA:CPU's max reduction drops a NaN at real layer sizes (openxla/xla#21461):
+    before numerics.nan_max these weights quantized without an error and the NaN
+    dequantized to 0 or 1."""
+    x = np.ones(shape, np.float32)
+    x[5, 3] = np.nan
+    params = {"d": {"kernel": jnp.asarray(x)}}
+    with pytest.raises(ValueError, match="d/kernel contains NaN or Inf"):
+        jqx.quantize(params, recipe, prepack=False)
+    q = jax.jit(lambda p: jqx.quantize(p, recipe, prepack=False))(params)
+    assert np.isnan(np.asarray(q["d"]["kernel"].dequantize())[5, 3])
+
+
+@pytest.mark.parametrize("m,k", [(1, 7), (40, 130), (16, 384)])
+def test_dynamic_activation_scale_of_a_row_with_nan_is_inf(m, k):
+    """A row holding NaN gets scale inf (XLA:CPU's max alone would drop the NaN at
+    the larger shapes): its codes are 0 and everything it multiplies is NaN."""
+    x = np.ones((m, k), np.float32)
+    x[m - 1, k // 2] = np.nan
+    codes, s = jax.jit(jqx.quantize_activation)(jnp.asarray(x))
+    assert np.isinf(np.asarray(s)[m - 1]).all() and np.isfinite(np.asarray(s)[: m - 1]).all()
+    assert (np.asarray(codes)[m - 1] == 0).all()
+    q = jqx.int8_dynamic_activation_int8_weight().quantize_weight(jnp.ones((k, 16)))
+    y = np.asarray(jax.jit(jqx.quantized(lambda w, a: a @ w))(q, jnp.asarray(x)))
+    assert np.isnan(y[m - 1]).all() and np.isfinite(y[: m - 1]).all()
+
+
+def test_nan_max_and_nan_min():
+    x = jnp.asarray(np.where(np.arange(40 * 130).reshape(40, 130) == 7, np.nan, 1.0), jnp.float32)
+    assert jax.jit(lambda a: numerics.nan_max(a, axis=1))(x)[0] == np.inf
+    assert jax.jit(lambda a: numerics.nan_min(a, axis=1))(x)[0] == -np.inf
+    np.testing.assert_array_equal(np.asarray(numerics.nan_max(x, axis=1))[1:], 1.0)
+    assert float(numerics.nan_max(jnp.array([-np.inf, -1.0]))) == -1.0
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    x=hnp.arrays(
+        np.float32,
+        (3, 37),
+        elements=st.floats(-(2.0**100), 2.0**100, width=32, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_two_level_scales_make_the_split_exact(x):
+    """s1 >= max|x| / 127 with 16 significant bits, s2 = s1 / 256; q1 * s1 and the
+    residual are exact, and the split's error is at most s2. (Tiny magnitudes are
+    zeroed: XLA:CPU flushes subnormal scales.)"""
+    x = np.where(np.abs(x) < 2.0**-60, 0.0, x).astype(np.float32)
+    s1, s2 = (np.asarray(a) for a in numerics.two_level_scales(jnp.asarray(x), -1))
+    bits = s1.view(np.uint32)
+    assert (bits & 0xFF == 0).all()
+    amax = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float64)
+    np.testing.assert_array_equal(s2, s1 / 256)
+    assert (s1 >= np.where(amax == 0, 1.0, amax / 127 * (1 - 2**-22))).all()
+    assert (s1 <= np.where(amax == 0, 1.0, amax / 127 * (1 + 2**-14))).all()
+    q1, _ = jqx.quantize_activation(jnp.asarray(x), scale=jnp.asarray(s1))
+    q1 = np.asarray(q1, np.float64)
+    r = x - (q1 * s1).astype(np.float32)
+    np.testing.assert_array_equal(r.astype(np.float64), x.astype(np.float64) - q1 * s1)
+    q2, _ = jqx.quantize_activation(jnp.asarray(r), scale=jnp.asarray(s2))
+    err = np.abs(x.astype(np.float64) - q1 * s1 - np.asarray(q2, np.float64) * s2)
+    assert (err <= s2 * (1 + 1e-6)).all()
 
 
 @pytest.mark.parametrize("fmt,gran", NOT_FINITE)

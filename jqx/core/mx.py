@@ -486,7 +486,7 @@ def _quantize_mx_core(x, fmt_name, axis, block, mode, act, dtype):
     xb = x.astype(jnp.float32).reshape(
         shape[:axis] + (shape[axis] // block, block) + shape[axis + 1 :]
     )
-    amax = jnp.max(jnp.abs(xb), axis=axis + 1)
+    amax = _num.nan_max(jnp.abs(xb), axis=axis + 1)
     sbits = mx_scale_bits(amax, f, mode)
     codes = _mx_codes_at(xb, sbits, f, axis + 1).reshape(shape)
     if packed_along_last(f):
@@ -582,8 +582,8 @@ def _quantize_nvfp4_core(x, global_amax, axis, block, act, dtype):
     xb = x.astype(jnp.float32).reshape(
         shape[:axis] + (shape[axis] // block, block) + shape[axis + 1 :]
     )
-    amax_b = jnp.max(jnp.abs(xb), axis=axis + 1)
-    tmax = jnp.max(amax_b) if global_amax is None else jnp.asarray(global_amax, jnp.float32)
+    amax_b = _num.nan_max(jnp.abs(xb), axis=axis + 1)
+    tmax = _num.nan_max(amax_b) if global_amax is None else jnp.asarray(global_amax, jnp.float32)
     gs = nvfp4_global_scale(tmax)
     s8 = nvfp4_block_scale(amax_b, gs)
     # Stored once per block: fused into the elementwise pass, the E4M3 rounding and the
@@ -665,7 +665,7 @@ def fake_quant_mx(
     ax = _check_blocks(x.shape, axis, block, None, "MX")
     xl = jnp.moveaxis(x.astype(jnp.float32), ax, -1)
     xb = xl.reshape(xl.shape[:-1] + (xl.shape[-1] // block, block))
-    sbits = mx_scale_bits(jnp.max(jnp.abs(xb), axis=-1), f, scale_mode)
+    sbits = mx_scale_bits(_num.nan_max(jnp.abs(xb), axis=-1), f, scale_mode)
     codes = _mx_codes(xb, sbits, f)
     v = _formats.decode(codes, f, jnp.float32) * e8m0_to_float(sbits)[..., None]
     return jnp.moveaxis(v.reshape(xl.shape), -1, ax)
@@ -693,7 +693,7 @@ def mx_blocks(
     _check_mode(scale_mode)
     _check_blocks(x.shape, -1, block, None, "MX")
     xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // block, block))
-    sbits = mx_scale_bits(jnp.max(jnp.abs(xb), axis=-1), f, scale_mode)
+    sbits = mx_scale_bits(_num.nan_max(jnp.abs(xb), axis=-1), f, scale_mode)
     codes = _mx_codes(xb, sbits, f)
     return _formats.decode(codes, f, jnp.float32).reshape(x.shape), sbits
 

@@ -400,6 +400,35 @@ _MAX = float(np.finfo(np.float32).max)
 _BIG_SCALE = 2.0**100
 
 
+def nan_max(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """``jnp.max`` that keeps a NaN visible: a NaN counts as ``+inf``.
+
+    XLA:CPU's vectorised max reduction drops NaN at some shapes (rows of 130 floats
+    from 40 rows on, of 384 from 16; openxla/xla#21461), so a block holding a NaN
+    would get a finite scale and its NaN would quietly become a number. Read as
+    ``+inf``, it makes the result non-finite on every platform, which every scale
+    formula treats as a block that is not finite. Every block maximum in jqx's
+    scale formulas goes through here (or :func:`nan_min`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> nan_max(jnp.array([[1.0, jnp.nan], [2.0, 3.0]]), axis=1).tolist()
+        [inf, 3.0]
+    """
+    return jnp.max(jnp.where(jnp.isnan(x), jnp.inf, x), axis=axis, keepdims=keepdims)
+
+
+def nan_min(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """``jnp.min`` with a NaN counted as ``-inf`` (see :func:`nan_max`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> nan_min(jnp.array([1.0, jnp.nan])).tolist()
+        -inf
+    """
+    return jnp.min(jnp.where(jnp.isnan(x), -jnp.inf, x), axis=axis, keepdims=keepdims)
+
+
 def div_by_scale(x: jax.Array, s: jax.Array) -> jax.Array:
     """``x / s`` that stays right for scales near float32's limit.
 
@@ -539,8 +568,8 @@ def compute_scale(
     check_scheme(scheme, fmt)
     xb = _blocked(x.astype(jnp.float32), block)
     red = tuple(range(1, xb.ndim, 2))
-    mx = jnp.max(xb, axis=red, keepdims=True)
-    mn = jnp.min(xb, axis=red, keepdims=True)
+    mx = nan_max(xb, axis=red, keepdims=True)
+    mn = nan_min(xb, axis=red, keepdims=True)
     qmin, qmax = code_range(fmt, symmetric_range)
     denom = None if fmt.kind == "int" else fmt.max
     return scale_from_minmax(
@@ -621,12 +650,43 @@ def absmax_scale(x: jax.Array, axes, fmt: str | _formats.Format) -> jax.Array:
     fmt = _formats.get(fmt)
     xf = jnp.abs(x.astype(jnp.float32))
     if axes is None:
-        amax = jnp.max(xf).reshape((1,) * x.ndim)
+        amax = nan_max(xf).reshape((1,) * x.ndim)
     else:
-        amax = jnp.max(xf, axis=axes, keepdims=True)
+        amax = nan_max(xf, axis=axes, keepdims=True)
     s = amax / fmt.max
-    # Only an all-zero row gets 1; a NaN row keeps its NaN scale.
+    # Only an all-zero row gets 1; a row holding NaN or inf gets inf (nan_max): its
+    # codes are 0 (a NaN's included) and its products NaN.
     return jnp.where(s == 0, 1.0, s).astype(jnp.float32)
+
+
+# The second level's step of the two-level split: 2^-8 of the first's.
+TWO_LEVEL_STEP = 2.0**-8
+
+
+def two_level_scales(x: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+    """The scales ``(s1, s2)`` of int8 weight-only's two-level activation split,
+    ``x = s1*q1 + s2*q2 + r`` with int8 ``q1``, ``q2`` (``jqx.ops``' two-level
+    products): ``s1`` is :func:`absmax_scale` over ``axes`` rounded up to 16
+    significant bits, ``s2 = s1 * 2^-8``.
+
+    Both choices make the split's float arithmetic exact where a compiler may fuse a
+    multiply into an add (XLA:CPU does, depending on the program around it): ``q1 *
+    s1`` is exact (8 by 16 bits), so ``x - q1 * s1`` rounds once, fused or not; and
+    a level-2 sum times ``2^-8`` is exact, so ``sum1 + sum2 * 2^-8`` rounds once too.
+    ``|r| <= s2 / 2`` (``<= s2`` where ``x / s1`` is an exact tie), ``s2 <= max|x| /
+    32511``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s1, s2 = two_level_scales(jnp.array([[1.0, -127.0]]), -1)
+        >>> float(s1[0, 0]), float(s2[0, 0])
+        (1.0, 0.00390625)
+    """
+    s = absmax_scale(x, axes, "int8")
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    bits = (bits + jnp.uint32(0xFF)) & jnp.uint32(0xFFFFFF00)  # inf and NaN stay
+    s1 = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return s1, s1 * TWO_LEVEL_STEP
 
 
 def _encode_blocked(xb, s, z, fmt, symmetric_range, near_limit=True):
@@ -1177,7 +1237,7 @@ def quantize_activation_blocks(x: jax.Array, block: int = 32) -> tuple[jax.Array
             "per-block activation quantization needs whole blocks."
         )
     xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (k // block, block))
-    amax = jnp.max(jnp.abs(xb), axis=-1)
+    amax = nan_max(jnp.abs(xb), axis=-1)
     inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
     codes = jnp.round(xb * inv[..., None]).astype(jnp.int8).reshape(x.shape)
     return codes, (amax / 127.0).astype(jnp.float16)

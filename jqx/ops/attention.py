@@ -215,7 +215,11 @@ def _int8_encode(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     with the stored scale."""
     xf = x.astype(jnp.float32)
     s, _ = numerics.scale_from_minmax(
-        jnp.min(xf, axis=-1), jnp.max(xf, axis=-1), qmin=-127, qmax=127, scheme="absmax"
+        numerics.nan_min(xf, axis=-1),
+        numerics.nan_max(xf, axis=-1),
+        qmin=-127,
+        qmax=127,
+        scheme="absmax",
     )
     s16 = jnp.where(jnp.isnan(s), s, _f16_scale(s).astype(jnp.float32)).astype(jnp.float16)
     codes = numerics.encode_int(xf, s16.astype(jnp.float32)[..., None], None, qmin=-127, qmax=127)
@@ -228,8 +232,8 @@ def _int4_encode(x: jax.Array, valid: jax.Array, axis: int):
     all-zero block's scale). Returns ``(codes uint8 0..15, scale f16, zero f16)`` with
     ``axis`` kept as size 1 in the scale and zero."""
     xf = x.astype(jnp.float32)
-    mx = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=axis, keepdims=True)
-    mn = jnp.min(jnp.where(valid, xf, jnp.inf), axis=axis, keepdims=True)
+    mx = numerics.nan_max(jnp.where(valid, xf, -jnp.inf), axis=axis, keepdims=True)
+    mn = numerics.nan_min(jnp.where(valid, xf, jnp.inf), axis=axis, keepdims=True)
     empty = mx < mn  # no valid entry: min > max
     mx = jnp.where(empty, 0.0, mx)
     mn = jnp.where(empty, 0.0, mn)
@@ -294,7 +298,7 @@ def kv_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
         slots = start + jnp.arange(t, dtype=jnp.int32)
         valid = slots[None, :] >= pad[:, None]  # (B, T)
         xf = x.astype(jnp.float32)
-        amax = jnp.max(jnp.where(valid[:, None, :, None], jnp.abs(xf), 0.0), axis=(2, 3))
+        amax = numerics.nan_max(jnp.where(valid[:, None, :, None], jnp.abs(xf), 0.0), axis=(2, 3))
         fresh, _ = numerics.scale_from_minmax(
             -amax, amax, qmin=-_FP8_MAX, qmax=_FP8_MAX, denom=_FP8_MAX / FP8_HEADROOM
         )

@@ -439,7 +439,7 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
     if p.code_layout == "vnni":
         # Packed ahead for the GEMM (jqx.prepack): any other path would unpack the
         # weight on every call, so the GEMM runs it at every size.
-        return _first((impl_native.W8A8_VNNI, impl_native.INT8_GEMM, impl_native.TWO_LEVEL), p)
+        return _first((impl_native.W8A8_VNNI, impl_native.INT8_GEMM, impl_native.TWO_LEVEL_VNNI), p)
     if impl_native.W4_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
         return impl_native.W4_DECODE
     if impl_native.FP8_DECODE.supports(p) and kn >= pol.w4_native_min_weight:
@@ -452,8 +452,12 @@ def _native_pays(p: Problem, pol: Policy) -> Implementation | None:
         return impl_native.W8A8_VNNI
     if impl_native.INT8_GEMM.supports(p) and gemm_pays(p.rows):
         return impl_native.INT8_GEMM
-    # The two-level split feeds the GEMM twice x's rows.
+    # The two-level split feeds the GEMM twice x's rows: split inside the kernel above
+    # native_decode_rows code rows, as W8A8; below, XLA splits and the GEMM reads the
+    # weight in place.
     if impl_native.TWO_LEVEL.supports(p) and gemm_pays(2 * p.rows):
+        if 2 * p.rows > pol.native_decode_rows:
+            return impl_native.TWO_LEVEL_VNNI
         return impl_native.TWO_LEVEL
     return None
 

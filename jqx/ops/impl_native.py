@@ -98,7 +98,8 @@ class W8A8Fused(Implementation):
 
 class TwoLevelInt8(Implementation):
     """int8 weight-only per channel: the two-level split of the activations (see
-    ``impl_xla.two_level_split``), both levels in one VNNI GEMM call."""
+    ``impl_xla.two_level_split``) in XLA, both levels in one VNNI GEMM call (up to
+    ``native_decode_rows`` code rows the GEMM reads a plain weight in place)."""
 
     name = "native.two_level_int8"
     layouts = ("plain", "vnni")
@@ -114,6 +115,25 @@ class TwoLevelInt8(Implementation):
             return _int8_gemm(both, q, xc + 1).astype(jnp.float32)
 
         return two_level_split(x, q, p, int_dot)
+
+
+class TwoLevelVnni(TwoLevelInt8):
+    """The two-level split inside the VNNI kernel (``native.two_level_matmul``): each
+    row split, both levels' exact int32 sums and the rescale in one pass over the
+    row, so the result equals ``xla.two_level_int8``'s (and ``native.two_level_int8``'s)
+    bit for bit. A plain weight is packed per call."""
+
+    name = "native.two_level_vnni"
+
+    def run(self, x, q, p):
+        xc = p.dimension_numbers[0][0][0]
+        n = q.shape[1]
+        ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+
+        def kernel(rows):
+            return _kernels.two_level_matmul(rows.astype(jnp.float32), q.qvalue, ws)
+
+        return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
 
 class W4(Implementation):
@@ -278,6 +298,7 @@ INT8_GEMM = Int8Gemm()
 W8A8_FUSED = W8A8Fused()  # in conv_int8.cc's AVX2 library: its own availability, not in ALL
 W8A8_VNNI = W8A8Fused(vnni=True)  # in int8_gemm.cc, with INT8_GEMM
 TWO_LEVEL = TwoLevelInt8()
+TWO_LEVEL_VNNI = TwoLevelVnni()  # in int8_gemm.cc, with INT8_GEMM
 W4_DECODE = W4()
 FP8_DECODE = Fp8WeightOnly()
 LLM_INT8_DECODE = LlmInt8Decode()

@@ -17,7 +17,12 @@ import numpy as np
 from jax import lax
 
 from jqx.core import formats as _formats
-from jqx.core.numerics import absmax_scale, quantize_activation, quantize_activation_blocks
+from jqx.core.numerics import (
+    TWO_LEVEL_STEP,
+    quantize_activation,
+    quantize_activation_blocks,
+    two_level_scales,
+)
 from jqx.core.qarray import QArray
 from jqx.ops.problem import (
     Implementation,
@@ -92,21 +97,23 @@ def two_level_split(
     x: jax.Array, q: QArray, p: Problem, int_dot: Callable[[jax.Array, tuple], jax.Array]
 ) -> jax.Array:
     """``x . W`` for an int8 per-channel weight with x split into two int8 levels,
-    ``x = s1*q1 + s2*q2 + r`` with ``s2 = s1 / 254`` (the symmetric code span), so
-    ``|r| <= s2/2 = max|x_row| / 64516`` per element: about 2^-16 of the row's absmax,
-    far below the int8 weight's own error. Both levels share one exact integer product
-    ``int_dot(both, dimension_numbers) -> float32``."""
+    ``x = s1*q1 + s2*q2 + r`` (:func:`jqx.core.numerics.two_level_scales`: ``s2 = s1 *
+    2^-8``, ``|r| <= max|x_row| / 32511`` per element, about 2^-15 of the row's
+    absmax, far below the int8 weight's own error). Both levels share one exact integer
+    product ``int_dot(both, dimension_numbers) -> float32``, combined as ``((sum1 +
+    sum2 * 2^-8) * s1) * w_scale``: every rounding is the same whether or not XLA
+    fuses a multiply into an add, so the native kernel (``native.two_level_matmul``)
+    gives the same bits under any compilation."""
     (xc, wc), _ = p.dimension_numbers
     n_xfree, n_wfree = n_free(p)
     fmt = _formats.get("int8")
     xf = x.astype(jnp.float32)
-    s1 = absmax_scale(xf, tuple(xc), fmt)
+    s1, s2 = two_level_scales(xf, tuple(xc))
     q1, _ = quantize_activation(xf, fmt, scale=s1)
-    s2 = s1 / (fmt.qmax - fmt.qmin_symmetric)
     q2, _ = quantize_activation(xf - q1.astype(jnp.float32) * s1, fmt, scale=s2)
     both = jnp.stack([q1, q2])
     acc = int_dot(both, ((tuple(a + 1 for a in xc), tuple(wc)), ((), ())))
-    y = acc[0] * x_out_scale(s1, xc, (), n_wfree) + acc[1] * x_out_scale(s2, xc, (), n_wfree)
+    y = (acc[0] + acc[1] * TWO_LEVEL_STEP) * x_out_scale(s1, xc, (), n_wfree)
     y = y * w_out_scale(q.scale.astype(jnp.float32), wc, (), n_xfree)
     return y.astype(p.out_dtype)
 

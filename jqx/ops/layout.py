@@ -141,7 +141,7 @@ def quantize(
         native GEMM at every size, where small plain ones run on XLA: W8A8 products
         are exact either way, but XLA fuses its rescale with what follows; int8
         weight-only products run the GEMM's two-level activation split (``|error|
-        <= max|x_row| / 64516`` per unit of ``sum |w|``, docs/internals/dispatch.md).
+        <= max|x_row| / 32511`` per unit of ``sum |w|``, docs/internals/dispatch.md).
 
     Returns:
       The same tree structure, with QArrays in place of the selected leaves.

@@ -35,6 +35,8 @@ from jqx.core.numerics import (
     check_group_divides,
     encode_int,
     make_qarray,
+    nan_max,
+    nan_min,
     scale_from_minmax,
 )
 from jqx.core.qarray import QArray
@@ -96,8 +98,8 @@ def group_params(wg: jax.Array, grid: IntGrid, axis: int = 0) -> tuple[jax.Array
     (keepdims): :func:`jqx.core.numerics.scale_from_minmax` on the grid's range."""
     wg = wg.astype(jnp.float32)
     return scale_from_minmax(
-        jnp.min(wg, axis=axis, keepdims=True),
-        jnp.max(wg, axis=axis, keepdims=True),
+        nan_min(wg, axis=axis, keepdims=True),
+        nan_max(wg, axis=axis, keepdims=True),
         qmin=grid.qmin,
         qmax=grid.qmax,
         scheme="absmax" if grid.sym else "zero_point",

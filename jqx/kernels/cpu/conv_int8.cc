@@ -52,6 +52,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -75,24 +76,36 @@ constexpr int64_t kChunkWork = int64_t{1} << 19;
 
 // ------------------------------------------------------------------ quantize
 
+// max|x|, inf where x holds a NaN (numerics.nan_max): max_ps alone would drop it.
 float AbsMax(const float* x, int64_t n) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  __m256 nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-    m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8)));
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+    const __m256 b = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i + 8));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    m0 = _mm256_max_ps(m0, a);
+    m1 = _mm256_max_ps(m1, b);
   }
+  if (_mm256_movemask_ps(nan) != 0) return INFINITY;
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
   float m = 0.0f;
   for (float v : lanes) m = std::max(m, v);
-  for (; i < n; ++i) m = std::max(m, fabsf(x[i]));
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return INFINITY;
+    m = std::max(m, fabsf(x[i]));
+  }
   return m;
 }
 
+// A NaN's code is 0, as XLA converts NaN to an integer (the row's inf scale makes
+// its products NaN; under a static scale the result is XLA's).
 inline int16_t Code(float x, Quant q) {
   float v = nearbyintf((x * q.c) * q.inv);  // ties to even (default rounding)
+  if (std::isnan(v)) return 0;
   v = std::min(127.0f, std::max(-128.0f, v));
   return static_cast<int16_t>(v);
 }
@@ -107,8 +120,9 @@ void QuantizeRun(const float* x, int16_t* dst, int64_t n, Quant q) {
     __m256 b = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), c), inv);
     a = _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     b = _mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    a = _mm256_min_ps(hi, _mm256_max_ps(lo, a));
-    b = _mm256_min_ps(hi, _mm256_max_ps(lo, b));
+    // NaN lanes to 0 (Code), then clamped.
+    a = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_and_ps(a, _mm256_cmp_ps(a, a, _CMP_ORD_Q))));
+    b = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_and_ps(b, _mm256_cmp_ps(b, b, _CMP_ORD_Q))));
     // packs interleaves 128-bit lanes: [a0 b0 a1 b1] -> reorder to [a0 a1 b0 b1].
     const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),

@@ -1080,19 +1080,33 @@ ffi::Error Fp8GemvImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBu
 // the registers: x is read once, its codes and the int32 sums stay in cache, and
 // XLA runs no pass over x or over the sums. The weight is packed per call as
 // for jqx_int8_gemm, or comes packed (a 3-D w).
+//
+// mode kTwoLevel is int8 weight-only's product (native.two_level_matmul): each row
+// of x gives two code rows (its two-level split, QuantizeTwoLevelU8), the tiles run
+// 2M rows, and each pair is rescaled into one row of y (RescalePair).
 
+// max|x|, inf where x holds a NaN (numerics.nan_max; max_ps alone would drop it).
 float RowAbsMax(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
   }
-  return _mm512_reduce_max_ps(m);
+  return nan != 0 ? INFINITY : _mm512_reduce_max_ps(m);
 }
 
-// n floats -> n codes + 128 (uint8); bytes [n, kp) are 128 (code 0).
+// n floats -> n codes + 128 (uint8); bytes [n, kp) are 128 (code 0). A NaN's
+// code is 0, as XLA converts NaN to an integer: cvtps gives 0x80000000, whose
+// low byte after the + 128 is 128.
 void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s) {
   const Quant qs = QuantOf(s);
   const __m512 c = _mm512_set1_ps(qs.c), inv = _mm512_set1_ps(qs.inv);
@@ -1111,6 +1125,49 @@ void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s)
   for (int64_t j = n; j < kp; ++j) dst[j] = 128;
 }
 
+// int8 weight-only's two-level split of n floats (jqx.ops.impl_xla.two_level_split,
+// numerics.two_level_scales): level 1 codes q1 under s1; the residual x - q1 * s1
+// (q1 * s1 is exact, so one rounding, fused or not; a NaN's code counts as 0); its
+// codes q2 under s2 = s1 * 2^-8. Each plus 128 into d1 and d2; bytes [n, kp) are
+// 128 (code 0).
+void QuantizeTwoLevelU8(const float* x, uint8_t* d1, uint8_t* d2, int64_t n, int64_t kp,
+                        float s1, float s2) {
+  const Quant q1 = QuantOf(s1), q2 = QuantOf(s2);
+  const __m512 c1 = _mm512_set1_ps(q1.c), inv1 = _mm512_set1_ps(q1.inv);
+  const __m512 c2 = _mm512_set1_ps(q2.c), inv2 = _mm512_set1_ps(q2.inv);
+  const __m512 sv = _mm512_set1_ps(s1);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(xv, c1), inv1);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+    _mm_mask_storeu_epi8(d1 + i, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
+    const __m512 r = _mm512_sub_ps(xv, _mm512_mul_ps(v, sv));
+    __m512 u = _mm512_mul_ps(_mm512_mul_ps(r, c2), inv2);
+    u = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    u = _mm512_min_ps(hi, _mm512_max_ps(lo, u));
+    _mm_mask_storeu_epi8(d2 + i, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(u), off)));
+  }
+  for (int64_t j = n; j < kp; ++j) d1[j] = d2[j] = 128;
+}
+
+// numerics.two_level_scales: the row's scale rounded up to 16 significant bits (s1),
+// and s1 * 2^-8.
+inline float FirstScale(float s) {
+  uint32_t b;
+  memcpy(&b, &s, sizeof b);
+  b = (b + 0xFFu) & 0xFFFFFF00u;  // inf and NaN stay
+  memcpy(&s, &b, sizeof s);
+  return s;
+}
+constexpr float kTwoLevelStep = 1.0f / 256.0f;
+inline float SecondScale(float s1) { return s1 * kTwoLevelStep; }
+
 struct W8A8Job {
   const float* x;     // (M, K)
   const int8_t* bp;   // packed weight, [np][Kp/4][64]
@@ -1120,7 +1177,8 @@ struct W8A8Job {
   int64_t M, K, Kp, N, np;
   int64_t mode;
   float scale;         // static / per tensor: the one activation scale
-  int64_t chunk_rows;  // a multiple of MR
+  int64_t chunk_rows;  // rows of x per chunk; times levels, a multiple of MR
+  int64_t levels;      // code rows per row of x: 2 for kTwoLevel (row 2r: q1, 2r + 1: q2)
 };
 
 thread_local std::vector<uint8_t> t_w8a8_a;
@@ -1138,8 +1196,41 @@ inline void RescaleRow(const int32_t* sums, float xs, const float* ws, float* ds
   }
 }
 
-// Rows [r0, r0 + rows) of y over panels [p0, p1) (p0 a multiple of NB), from
-// the rows' codes ``a`` (rows x Kp, plus 128) and scales ``xs``.
+// Two code rows of one row of x leaving the registers (kTwoLevel): y = ((float(sum1)
+// + float(sum2) * 2^-8) * s1) * ws, two_level_split's order (the product by 2^-8 is
+// exact, so the add rounds once, as XLA's, fused or not).
+inline void RescalePair(const int32_t* sums1, const int32_t* sums2, float s1, const float* ws,
+                        float* dst, int cols) {
+  const __m512 sv = _mm512_set1_ps(s1), step = _mm512_set1_ps(kTwoLevelStep);
+  for (int c0 = 0; c0 < cols; c0 += 16) {
+    const int m = std::min(16, cols - c0);
+    const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
+    const __m512 a1 = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums1 + c0)));
+    const __m512 a2 = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums2 + c0)));
+    const __m512 y = _mm512_mul_ps(_mm512_add_ps(a1, _mm512_mul_ps(a2, step)), sv);
+    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(y, _mm512_loadu_ps(ws + c0)));
+  }
+}
+
+// ``nr`` code rows (rb, rb + 1, ... of the call's code rows from r0) of a tile
+// (row stride ``ts``, columns from panel p) into y: one row of y each, or, with two
+// levels, one per pair (rb and nr even).
+inline void RescaleTile(const W8A8Job& j, const int32_t* t, int64_t ts, int nr, const float* xs,
+                        int64_t r0, int64_t rb, int64_t p, int cols) {
+  const float* ws = j.ws + p * 16;
+  if (j.levels == 1) {
+    for (int r = 0; r < nr; ++r)
+      RescaleRow(t + r * ts, xs[rb + r], ws, j.y + (r0 + rb + r) * j.N + p * 16, cols);
+    return;
+  }
+  for (int r = 0; r < nr; r += 2)
+    RescalePair(t + r * ts, t + (r + 1) * ts, xs[rb + r], ws,
+                j.y + (r0 + rb + r) / 2 * j.N + p * 16, cols);
+}
+
+// Code rows [r0, r0 + rows) over panels [p0, p1) (p0 a multiple of NB), from the
+// rows' codes ``a`` (rows x Kp, plus 128) and scales ``xs``, into y (code row r is
+// row r / levels of y; with two levels r0 and rows are even).
 void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0, int64_t rows,
                 int64_t p0, int64_t p1) {
   const int64_t kq_n = j.Kp / 4;
@@ -1154,9 +1245,7 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
       AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct, j.corr + p * 16, nullptr, 0,
               [&](int nr, int64_t rb, const int32_t* t) {
                 // The VNNI path's int32 sums, rescaled as it rescales them.
-                for (int r = 0; r < nr; ++r)
-                  RescaleRow(t + r * 32, xs[rb + r], j.ws + p * 16,
-                             j.y + (r0 + rb + r) * j.N + p * 16, cols);
+                RescaleTile(j, t, 32, nr, xs, r0, rb, p, cols);
               });
     }
     if (done == rows) return;
@@ -1176,17 +1265,23 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
           MicroRows<1>(rr, ar, j.Kp, bpp + q * pstride, kq_n, pstride, j.corr + (p + q) * 16,
                        tile + q * 16, NB * 16, 16);
       }
-      for (int r = 0; r < rr; ++r)
-        RescaleRow(tile + r * NB * 16, xs[rb + r], j.ws + p * 16,
-                   j.y + (r0 + rb + r) * j.N + p * 16, cols);
+      RescaleTile(j, tile, NB * 16, rr, xs, r0, rb, p, cols);
     }
   }
 }
 
-// The codes and scales of rows [r0, r0 + rows) into ``a`` and ``xs``.
+// The code rows and scales of rows [r0, r0 + rows) of x into ``a`` and ``xs``
+// (levels per row).
 void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float* xs) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = j.x + (r0 + r) * j.K;
+    if (j.levels == 2) {
+      const float s1 = FirstScale(DynamicScale(RowAbsMax(xr, j.K))), s2 = SecondScale(s1);
+      xs[2 * r] = s1;
+      xs[2 * r + 1] = s2;
+      QuantizeTwoLevelU8(xr, a + 2 * r * j.Kp, a + (2 * r + 1) * j.Kp, j.K, j.Kp, s1, s2);
+      continue;
+    }
     const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
     xs[r] = s;
     QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
@@ -1197,12 +1292,14 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
   const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
   const int64_t r0 = chunk * j.chunk_rows;
   const int64_t rows = std::min(j.M, r0 + j.chunk_rows) - r0;
+  const int64_t code_rows = rows * j.levels;
   // The chunk's codes (a last, partial row block reads only its own rows).
-  if (t_w8a8_a.size() < static_cast<size_t>(rows * j.Kp))
-    t_w8a8_a.resize(static_cast<size_t>(rows * j.Kp));
-  if (t_w8a8_s.size() < static_cast<size_t>(rows)) t_w8a8_s.resize(static_cast<size_t>(rows));
+  if (t_w8a8_a.size() < static_cast<size_t>(code_rows * j.Kp))
+    t_w8a8_a.resize(static_cast<size_t>(code_rows * j.Kp));
+  if (t_w8a8_s.size() < static_cast<size_t>(code_rows))
+    t_w8a8_s.resize(static_cast<size_t>(code_rows));
   W8A8Quantize(j, r0, rows, t_w8a8_a.data(), t_w8a8_s.data());
-  W8A8Panels(j, t_w8a8_a.data(), t_w8a8_s.data(), r0, rows, 0, j.np);
+  W8A8Panels(j, t_w8a8_a.data(), t_w8a8_s.data(), r0 * j.levels, code_rows, 0, j.np);
 }
 
 thread_local std::vector<int32_t> t_w8a8_corr;
@@ -1217,14 +1314,19 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   if (K == 0) {  // empty sums: (0 * s) * ws[n], s = 1 for an empty row (or the static one)
     const float s = mode == kStatic ? act_scale[0] : 1.0f;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) Y[m * N + n] = (0.0f * s) * wscale[n];
+      for (int64_t n = 0; n < N; ++n)
+        Y[m * N + n] = mode == kTwoLevel ? ((0.0f + 0.0f * kTwoLevelStep) * s) * wscale[n]
+                                         : (0.0f * s) * wscale[n];
     return ffi::Error::Success();
   }
   const int64_t Kp = (K + 3) / 4 * 4;
   const int64_t np = (N + 15) / 16;
   const int64_t kq_n = Kp / 4;
+  // Code rows per row of x, and in all: the GEMM's rows.
+  const int64_t levels = mode == kTwoLevel ? 2 : 1;
+  const int64_t Mc = M * levels;
   threads = std::min<int64_t>(threads, GetPool()->threads());
-  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, M * N * Kp / (1 << 21)));
+  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, Mc * N * Kp / (1 << 21)));
   const int8_t* Bp = wp;
   if (Bp == nullptr) {
     // The packed weight, per call.
@@ -1248,13 +1350,14 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   const auto col_sums = [&](int64_t q0, int64_t q1) {  // per panel, -128 * its column sums
     PanelSums(Bp + q0 * kq_n * 64, q1 - q0, q1 - q0, kq_n, corr + q0 * 16);
   };
-  if (M <= kW8A8PanelRows && M * N * Kp >= kPanelSplitWork && threads > 1) {
+  if (Mc <= kW8A8PanelRows && Mc * N * Kp >= kPanelSplitWork && threads > 1) {
     // Decode-sized: x quantized once here, the threads split the panels (an even
     // split in whole groups of NB), each summing its panels' columns right
     // before it reads them again (from cache): the weight is streamed once.
-    if (t_w8a8_a.size() < static_cast<size_t>(M * Kp)) t_w8a8_a.resize(static_cast<size_t>(M * Kp));
-    if (t_w8a8_s.size() < static_cast<size_t>(M)) t_w8a8_s.resize(static_cast<size_t>(M));
-    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M};
+    if (t_w8a8_a.size() < static_cast<size_t>(Mc * Kp))
+      t_w8a8_a.resize(static_cast<size_t>(Mc * Kp));
+    if (t_w8a8_s.size() < static_cast<size_t>(Mc)) t_w8a8_s.resize(static_cast<size_t>(Mc));
+    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M, levels};
     const uint8_t* a = t_w8a8_a.data();
     const float* xs = t_w8a8_s.data();
     W8A8Quantize(job, 0, M, t_w8a8_a.data(), t_w8a8_s.data());
@@ -1263,20 +1366,21 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     Parallel(t, [&](int64_t i) {
       const int64_t q0 = std::min(np, ng * i / t * NB), q1 = std::min(np, ng * (i + 1) / t * NB);
       col_sums(q0, q1);
-      W8A8Panels(job, a, xs, 0, M, q0, q1);
+      W8A8Panels(job, a, xs, 0, Mc, q0, q1);
     });
     return ffi::Error::Success();
   }
   const int64_t tc = std::min<int64_t>(t_max, np);
   Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
-  // Chunks of up to 8 row blocks (48 rows; on the AMX tiles 4 blocks of 32),
-  // fewer when that leaves under 4 chunks per thread; rows are the only split,
-  // so the result does not depend on it.
+  // Chunks of up to 8 row blocks of code rows (48; on the AMX tiles 4 blocks of
+  // 32), fewer when that leaves under 4 chunks per thread; rows are the only
+  // split, so the result does not depend on it. MR and 32 are even: a chunk
+  // holds whole pairs of code rows.
   const int64_t unit = UseAmx() ? 32 : MR;
-  const int64_t per_thread = std::max<int64_t>(1, M / (4 * unit * t_max));
-  const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread);
+  const int64_t per_thread = std::max<int64_t>(1, Mc / (4 * unit * t_max));
+  const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread) / levels;
   W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y, M, K, Kp, N, np,
-              mode, scale, chunk_rows};
+              mode, scale, chunk_rows, levels};
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   if (t_max <= 1) {
     for (int64_t c = 0; c < chunks; ++c) W8A8Chunk(&job, c);
@@ -1294,7 +1398,8 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   if (w.dimensions().size() != 3) {
-    if (auto err = CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode);
+    if (auto err =
+            CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode, kTwoLevel);
         err.failure())
       return err;
     return W8A8Vnni(x.typed_data(), x.dimensions()[0], x.dimensions()[1], w.typed_data(),
@@ -1310,7 +1415,7 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
         "wscale (N), out (M, N)");
   const int64_t M = xd[0], K = xd[1], N = od[1];
   if (od[0] != M || wd[0] != (N + 15) / 16 || wd[1] != (K + 3) / 4 || wd[2] != 64 ||
-      wscale.dimensions()[0] != N || mode < kStatic || mode > kPerSample ||
+      wscale.dimensions()[0] != N || mode < kStatic || mode > kTwoLevel ||
       (mode == kStatic && act_scale.element_count() != 1))
     return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode (packed w)");
   return W8A8Vnni(x.typed_data(), M, K, nullptr, w.typed_data(), N, wscale.typed_data(),

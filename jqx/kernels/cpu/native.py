@@ -124,6 +124,8 @@ __all__ = [
     "w8a8_matmul",
     "w8a8_matmul_vnni",
     "w8a8_matmul_reference",
+    "two_level_matmul",
+    "two_level_matmul_reference",
     "pool_threads",
     "conv_available",
     "conv_status",
@@ -145,8 +147,11 @@ CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
 W8A8_VNNI_TARGET = "jqx_w8a8_vnni"  # int8_gemm.cc: the same on the VNNI tiles (AVX512)
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
+_TWO_LEVEL_MODE = 3  # jqx_w8a8_vnni's kTwoLevel: int8 weight-only's two-level split
 
-_COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+# -ffp-contract=off: a separate multiply and add stay two roundings (the XLA paths that
+# the kernels must equal bit for bit round each); explicit FMA intrinsics are kept.
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 @dataclasses.dataclass(eq=False)
@@ -756,13 +761,103 @@ def w8a8_matmul_reference(
         s = s.reshape(1, 1)
     else:
         per_token = mode == _W8A8_MODES["per_token"]
-        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if per_token else jnp.max(jnp.abs(x))
+        # numerics.nan_max: a NaN counts as inf (XLA:CPU's max can drop it).
+        ax = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
+        amax = jnp.max(ax, axis=-1, keepdims=True) if per_token else jnp.max(ax)
         s = jnp.reshape(amax / 127.0, (-1, 1))
         s = jnp.where(s == 0, 1.0, s).astype(jnp.float32)
     c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
     codes = jnp.clip(jnp.round((x * c) / (s * c)), -128, 127).astype(jnp.int8)
     acc = lax.dot_general(codes, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * s * w_scale[None, :]
+
+
+def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """int8 weight-only ``x @ W`` with x split into two int8 levels inside the kernel,
+    on the AVX512-VNNI GEMM's tiles (``int8_gemm.cc``, as :func:`w8a8_matmul_vnni`).
+
+    Each row is split as ``jqx.ops``' XLA path splits it
+    (``jqx.ops.impl_xla.two_level_split``, ``jqx.core.numerics.two_level_scales``):
+    ``s1 = max|x_row| / 127`` (1 for a zero row) rounded up to 16 significant bits,
+    codes ``q1`` under ``s1``, the residual ``x - q1 * s1``, its codes ``q2`` under
+    ``s2 = s1 * 2^-8``; both levels' exact int32 sums against the weight codes, then
+    ``((sum1 + sum2 * 2^-8) * s1) * w_scale[n]``. The result equals that path's bit for
+    bit (NaN and inf included) under any XLA compilation, and differs from ``x @
+    (codes * w_scale)`` by at most ``max|x_row| / 32511 * sum_k |codes[k, n] *
+    w_scale[n]|`` plus float32 rounding. ``x`` is read once, its codes stay in a per-thread buffer; the weight is
+    packed per call unless ``w`` is :func:`pack_int8`'s 3-D layout (N is then
+    ``w_scale``'s length). Needs :func:`available`.
+
+    Args:
+      x: float32 (M, K).
+      w: int8 (K, N) weight codes, or their :func:`pack_int8` panels.
+      w_scale: float32 (N,), one scale per output column.
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: an operand of the wrong dtype or shape (named, with the fix).
+      RuntimeError: the kernel is not available here (:func:`status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> f = native.two_level_matmul if native.available() else native.two_level_matmul_reference
+        >>> x, w = jnp.array([[0.3, -1.0]]), jnp.array([[2], [1]], jnp.int8)
+        >>> round(float(f(x, w, jnp.array([0.5]))[0, 0]), 4)  # (0.6 - 1.0) * 0.5, to 2^-15
+        -0.2
+    """
+    _w8a8_check(x, w, w_scale, "per_token", "two_level_matmul", packed_ok=True)
+    if not available():
+        raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
+    m, n = x.shape[0], w_scale.shape[0]
+    return jax.ffi.ffi_call(
+        W8A8_VNNI_TARGET,  # a 3-D w: the kernel takes it as packed
+        jax.ShapeDtypeStruct((m, n), jnp.float32),
+        vmap_method="sequential",
+    )(
+        x,
+        w,
+        w_scale,
+        jnp.ones((1,), jnp.float32),
+        mode=np.int64(_TWO_LEVEL_MODE),
+        threads=np.int64(_threads()),
+    )
+
+
+def two_level_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """Plain-jnp :func:`two_level_matmul` (the formulas of ``jqx.core.numerics``
+    written out: this layer imports no other jqx module). Same operands and errors,
+    a (K, N) ``w`` only; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x, w = jnp.array([[0.3, -1.0]]), jnp.array([[2], [1]], jnp.int8)
+        >>> round(float(native.two_level_matmul_reference(x, w, jnp.array([0.5]))[0, 0]), 4)
+        -0.2
+    """
+    _w8a8_check(x, w, w_scale, "per_token", "two_level_matmul_reference")
+
+    def codes(v, s):
+        c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
+        return jnp.clip(jnp.round((v * c) / (s * c)), -128, 127).astype(jnp.int8)
+
+    amax = jnp.max(jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x)), axis=-1, keepdims=True)
+    s = jnp.where(amax / 127.0 == 0, 1.0, amax / 127.0).astype(jnp.float32)
+    # numerics.two_level_scales: s rounded up to 16 significant bits, s2 = s1 * 2^-8.
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    s1 = lax.bitcast_convert_type((bits + jnp.uint32(0xFF)) & jnp.uint32(0xFFFFFF00), jnp.float32)
+    s2 = s1 * 2.0**-8
+    q1 = codes(x, s1)
+    q2 = codes(x - q1.astype(jnp.float32) * s1, s2)
+    dn = (((1,), (0,)), ((), ()))
+    acc1, acc2 = (
+        lax.dot_general(q, w, dn, preferred_element_type=jnp.int32).astype(jnp.float32)
+        for q in (q1, q2)
+    )
+    return ((acc1 + acc2 * 2.0**-8) * s1) * w_scale[None, :]
 
 
 # The block scale dtypes the decode kernels read as they are stored (other dtypes are

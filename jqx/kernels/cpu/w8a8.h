@@ -18,7 +18,9 @@ namespace {
 
 // How the activation scale is found (native.py's _W8A8_MODES): given (static), one
 // for all of x, or one per sample (a convolution's image, a dense call's row).
-enum Mode : int64_t { kStatic = 0, kPerTensor = 1, kPerSample = 2 };
+// kTwoLevel (jqx_w8a8_vnni only): int8 weight-only's two-level split of each row
+// (jqx.ops.impl_xla.two_level_split), two code rows per row of x.
+enum Mode : int64_t { kStatic = 0, kPerTensor = 1, kPerSample = 2, kTwoLevel = 3 };
 
 constexpr float kBigScale = 1.2676506002282294e30f;  // 2^100, numerics._BIG_SCALE
 
@@ -39,10 +41,11 @@ inline Quant QuantOf(float s) {
 }
 
 // The operands of a dense W8A8 call: x (M, K) f32, w (K, N) int8, wscale (N),
-// out (M, N), a mode, and one act_scale element for a static scale.
+// out (M, N), a mode up to ``max_mode``, and one act_scale element for a static scale.
 template <typename X, typename W, typename S, typename A, typename O>
 xla::ffi::Error CheckDenseW8A8(const char* target, const X& x, const W& w, const S& wscale,
-                               const A& act_scale, const O& out, int64_t mode) {
+                               const A& act_scale, const O& out, int64_t mode,
+                               int64_t max_mode = kPerSample) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out.dimensions();
@@ -50,7 +53,7 @@ xla::ffi::Error CheckDenseW8A8(const char* target, const X& x, const W& w, const
     return xla::ffi::Error::InvalidArgument(
         std::string(target) + ": expected x (M, K), w (K, N), wscale (N), out (M, N)");
   if (wd[0] != xd[1] || od[0] != xd[0] || od[1] != wd[1] || wscale.dimensions()[0] != wd[1] ||
-      mode < kStatic || mode > kPerSample || (mode == kStatic && act_scale.element_count() != 1))
+      mode < kStatic || mode > max_mode || (mode == kStatic && act_scale.element_count() != 1))
     return xla::ffi::Error::InvalidArgument(std::string(target) + ": inconsistent shapes or mode");
   return xla::ffi::Error::Success();
 }
