@@ -123,6 +123,11 @@ def test_amx_tiles_exact_and_identical_to_vnni(m, k, n, amx_mode):
     x, w = _w8a8_case(m, k, n, seed=m + k + n, quantize=False)
     y, xla = _fused_and_xla(x, w, kernel="vnni_packed")
     np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+    # The fused calls write signed codes for the rows on the tiles (no column sums)
+    # and offset ones for the others; the two-level split doubles the rows.
+    for packed in (False, True):
+        y, xla, _ = _two_level_and_xla(x, w, packed=packed)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
 
 
 @needs_native

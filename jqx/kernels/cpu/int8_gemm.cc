@@ -262,27 +262,39 @@ class AmxScope {
 // panels at b0 (and b1) with stride 64. A function of its own, not a lambda:
 // a lambda does not inherit its caller's target attribute (clang's tile
 // builtins need it).
-template <int RT, int CT>
+// With S (signed), A holds the int8 codes themselves and tdpbssd multiplies
+// signed by signed: no column-sum correction (jqx_w8a8_vnni's own codes).
+template <int RT, int CT, bool S>
 __attribute__((target("amx-tile,amx-int8"), always_inline)) inline void AmxStep(
     const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0, const int8_t* b1) {
   _tile_loadd(4, a0, sa);
   _tile_loadd(6, b0, 64);
   if constexpr (CT == 2) _tile_loadd(7, b1, 64);
-  _tile_dpbusd(0, 4, 6);
-  if constexpr (CT == 2) _tile_dpbusd(1, 4, 7);
+  if constexpr (S) {
+    _tile_dpbssd(0, 4, 6);
+    if constexpr (CT == 2) _tile_dpbssd(1, 4, 7);
+  } else {
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (CT == 2) _tile_dpbusd(1, 4, 7);
+  }
   if constexpr (RT == 2) {
     _tile_loadd(5, a1, sa);
-    _tile_dpbusd(2, 5, 6);
-    if constexpr (CT == 2) _tile_dpbusd(3, 5, 7);
+    if constexpr (S) {
+      _tile_dpbssd(2, 5, 6);
+      if constexpr (CT == 2) _tile_dpbssd(3, 5, 7);
+    } else {
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (CT == 2) _tile_dpbusd(3, 5, 7);
+    }
   }
 }
 
 // RT (1 or 2) row tiles of A (rows a, a + 16 lda) times CT (1 or 2) panels of
 // B (bp, bp + pstride), all of Kp, added to ``init`` (per panel 16 identical
-// rows of 16 int32, the -128 * column sums: AmxInit) so that the tiles end at
-// the int8 product. Row tile r, panel c is stored at out + 16 (r ldo + c)
-// (ldo in int32).
-template <int RT, int CT>
+// rows of 16 int32, the -128 * column sums: AmxInit; zeros for signed A, S) so
+// that the tiles end at the int8 product. Row tile r, panel c is stored at out
+// + 16 (r ldo + c) (ldo in int32).
+template <int RT, int CT, bool S>
 __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int64_t lda,
                                                           const int8_t* bp, int64_t pstride,
                                                           int64_t Kp, const int32_t* init,
@@ -294,7 +306,7 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
   if constexpr (RT == 2 && CT == 2) _tile_loadd(3, init + 256, 64);
   const int64_t kfull = Kp / 64 * 64;
   for (int64_t k = 0; k < kfull; k += 64)
-    AmxStep<RT, CT>(a + k, a + 16 * lda + k, lda, bp + k * 16, bp + pstride + k * 16);
+    AmxStep<RT, CT, S>(a + k, a + 16 * lda + k, lda, bp + k * 16, bp + pstride + k * 16);
   if (kfull < Kp) {
     const int64_t rem = Kp - kfull;  // a multiple of 4, < 64
     alignas(64) uint8_t at[32][64];
@@ -305,7 +317,7 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
     for (int c = 0; c < CT; ++c)
       memcpy(bt[c], bp + c * pstride + kfull * 16, static_cast<size_t>(rem * 16));
     asm volatile("" ::: "memory");  // the tile loads' asm reads these copies
-    AmxStep<RT, CT>(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
+    AmxStep<RT, CT, S>(at[0], at[16], 64, &bt[0][0][0], &bt[1][0][0]);
   }
   const int64_t so = ldo * 4;
   _tile_stored(0, out, so);
@@ -316,30 +328,41 @@ __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const uint8_t* a, int6
 }
 
 // AmxTile for a block of 16 or 32 rows (rt row tiles) and 1 or 2 panels (ct).
-inline void AmxTileAny(int rt, int ct, const uint8_t* a, int64_t lda, const int8_t* bp,
+template <bool S>
+inline void AmxTileCT(int rt, int ct, const uint8_t* a, int64_t lda, const int8_t* bp,
+                      int64_t pstride, int64_t Kp, const int32_t* init, int32_t* out,
+                      int64_t ldo) {
+  if (rt == 2)
+    return ct == 2 ? AmxTile<2, 2, S>(a, lda, bp, pstride, Kp, init, out, ldo)
+                   : AmxTile<2, 1, S>(a, lda, bp, pstride, Kp, init, out, ldo);
+  return ct == 2 ? AmxTile<1, 2, S>(a, lda, bp, pstride, Kp, init, out, ldo)
+                 : AmxTile<1, 1, S>(a, lda, bp, pstride, Kp, init, out, ldo);
+}
+
+inline void AmxTileAny(bool s, int rt, int ct, const uint8_t* a, int64_t lda, const int8_t* bp,
                        int64_t pstride, int64_t Kp, const int32_t* init, int32_t* out,
                        int64_t ldo) {
-  if (rt == 2)
-    return ct == 2 ? AmxTile<2, 2>(a, lda, bp, pstride, Kp, init, out, ldo)
-                   : AmxTile<2, 1>(a, lda, bp, pstride, Kp, init, out, ldo);
-  return ct == 2 ? AmxTile<1, 2>(a, lda, bp, pstride, Kp, init, out, ldo)
-                 : AmxTile<1, 1>(a, lda, bp, pstride, Kp, init, out, ldo);
+  if (s) return AmxTileCT<true>(rt, ct, a, lda, bp, pstride, Kp, init, out, ldo);
+  return AmxTileCT<false>(rt, ct, a, lda, bp, pstride, Kp, init, out, ldo);
 }
 
 // The C tiles' start for ct panels: each panel's 16 -128 * column sums (from
-// ``corr``, 16 per panel) in 16 identical rows, init[2][16][16].
+// ``corr``, 16 per panel; zeros for a null corr) in 16 identical rows,
+// init[2][16][16].
 inline void AmxInit(const int32_t* corr, int ct, int32_t* init) {
   for (int c = 0; c < 2; ++c) {
-    const __m512i v = c < ct ? _mm512_loadu_si512(static_cast<const void*>(corr + 16 * c))
-                             : _mm512_setzero_si512();
+    const __m512i v = c < ct && corr != nullptr
+                          ? _mm512_loadu_si512(static_cast<const void*>(corr + 16 * c))
+                          : _mm512_setzero_si512();
     for (int r = 0; r < 16; ++r) _mm512_store_si512(static_cast<void*>(init + 256 * c + 16 * r), v);
   }
 }
 
 // Runs f(rows, r, tile) over the 32-row blocks (and a last 16-row one) of rows
 // [0, n16) of A (n16 a multiple of 16) against ct (1 or 2) panels from bpp,
-// whose -128 * column sums ``corr`` holds: ``tile`` (row stride 32) holds the
-// int32 products of rows r .. r + rows. With ``direct`` (row stride ldd, for
+// whose -128 * column sums ``corr`` holds (null: A holds signed codes, no
+// correction): ``tile`` (row stride 32) holds the int32 products of rows r ..
+// r + rows. With ``direct`` (row stride ldd, for
 // blocks that fill 16 ct columns), the tiles are stored there instead and f is
 // not called. The caller holds an AmxScope.
 template <typename F>
@@ -351,9 +374,10 @@ void AmxRows(const uint8_t* A, int64_t lda, int64_t n16, const int8_t* bpp, int6
   for (int64_t r = 0; r < n16; r += 32) {
     const int rt = n16 - r >= 32 ? 2 : 1;
     if (direct != nullptr) {
-      AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, init, direct + r * ldd, ldd);
+      AmxTileAny(corr == nullptr, rt, ct, A + r * lda, lda, bpp, pstride, Kp, init,
+                 direct + r * ldd, ldd);
     } else {
-      AmxTileAny(rt, ct, A + r * lda, lda, bpp, pstride, Kp, init, tile, 32);
+      AmxTileAny(corr == nullptr, rt, ct, A + r * lda, lda, bpp, pstride, Kp, init, tile, 32);
       f(16 * rt, r, static_cast<const int32_t*>(tile));
     }
   }
@@ -1107,11 +1131,13 @@ float RowAbsMax(const float* x, int64_t n) {
 // n floats -> n codes + 128 (uint8); bytes [n, kp) are 128 (code 0). A NaN's
 // code is 0, as XLA converts NaN to an integer: cvtps gives 0x80000000, whose
 // low byte after the + 128 is 128.
-void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s) {
+// With ``off`` 0 the bytes are the signed codes themselves (rows for the AMX
+// tiles' signed product; NaN's 0x80000000 truncates to 0x00, code 0 too).
+void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s, int off_v) {
   const Quant qs = QuantOf(s);
   const __m512 c = _mm512_set1_ps(qs.c), inv = _mm512_set1_ps(qs.inv);
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i off = _mm512_set1_epi32(128);
+  const __m512i off = _mm512_set1_epi32(off_v);
   int64_t i = 0;
   for (; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
@@ -1122,7 +1148,7 @@ void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s)
     const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);
     _mm_mask_storeu_epi8(dst + i, k, _mm512_cvtepi32_epi8(q));
   }
-  for (int64_t j = n; j < kp; ++j) dst[j] = 128;
+  for (int64_t j = n; j < kp; ++j) dst[j] = static_cast<uint8_t>(off_v);
 }
 
 // int8 weight-only's two-level split of n floats (jqx.ops.impl_xla.two_level_split,
@@ -1131,13 +1157,13 @@ void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s)
 // codes q2 under s2 = s1 * 2^-8. Each plus 128 into d1 and d2; bytes [n, kp) are
 // 128 (code 0).
 void QuantizeTwoLevelU8(const float* x, uint8_t* d1, uint8_t* d2, int64_t n, int64_t kp,
-                        float s1, float s2) {
+                        float s1, float s2, int off_v) {
   const Quant q1 = QuantOf(s1), q2 = QuantOf(s2);
   const __m512 c1 = _mm512_set1_ps(q1.c), inv1 = _mm512_set1_ps(q1.inv);
   const __m512 c2 = _mm512_set1_ps(q2.c), inv2 = _mm512_set1_ps(q2.inv);
   const __m512 sv = _mm512_set1_ps(s1);
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i off = _mm512_set1_epi32(128);
+  const __m512i off = _mm512_set1_epi32(off_v);
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
@@ -1153,7 +1179,7 @@ void QuantizeTwoLevelU8(const float* x, uint8_t* d1, uint8_t* d2, int64_t n, int
     u = _mm512_min_ps(hi, _mm512_max_ps(lo, u));
     _mm_mask_storeu_epi8(d2 + i, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(u), off)));
   }
-  for (int64_t j = n; j < kp; ++j) d1[j] = d2[j] = 128;
+  for (int64_t j = n; j < kp; ++j) d1[j] = d2[j] = static_cast<uint8_t>(off_v);
 }
 
 // numerics.two_level_scales: the row's scale rounded up to 16 significant bits (s1),
@@ -1179,7 +1205,14 @@ struct W8A8Job {
   float scale;         // static / per tensor: the one activation scale
   int64_t chunk_rows;  // rows of x per chunk; times levels, a multiple of MR
   int64_t levels;      // code rows per row of x: 2 for kTwoLevel (row 2r: q1, 2r + 1: q2)
+  bool amx;            // UseAmx(), read once per call: the codes' form depends on it
 };
+
+// How many leading code rows of a run of ``code_rows`` go on the AMX tiles (whole
+// 16s): their codes are written signed, the others plus 128.
+inline int64_t AmxCodeRows(const W8A8Job& j, int64_t code_rows) {
+  return j.amx && code_rows >= 16 ? code_rows / 16 * 16 : 0;
+}
 
 thread_local std::vector<uint8_t> t_w8a8_a;
 thread_local std::vector<float> t_w8a8_s;
@@ -1235,14 +1268,13 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
                 int64_t p0, int64_t p1) {
   const int64_t kq_n = j.Kp / 4;
   const int64_t pstride = kq_n * 64;
-  int64_t done = 0;  // rows run on the AMX tiles
-  if (rows >= 16 && UseAmx()) {
-    done = rows / 16 * 16;
+  const int64_t done = AmxCodeRows(j, rows);  // rows run on the AMX tiles: signed codes
+  if (done > 0) {
     AmxScope scope;
     for (int64_t p = p0; p < p1; p += 2) {
       const int ct = static_cast<int>(std::min<int64_t>(2, p1 - p));
       const int cols = static_cast<int>(std::min<int64_t>(j.N - p * 16, ct * 16));
-      AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct, j.corr + p * 16, nullptr, 0,
+      AmxRows(a, j.Kp, done, j.bp + p * pstride, pstride, j.Kp, ct, nullptr, nullptr, 0,
               [&](int nr, int64_t rb, const int32_t* t) {
                 // The VNNI path's int32 sums, rescaled as it rescales them.
                 RescaleTile(j, t, 32, nr, xs, r0, rb, p, cols);
@@ -1271,20 +1303,23 @@ void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0,
 }
 
 // The code rows and scales of rows [r0, r0 + rows) of x into ``a`` and ``xs``
-// (levels per row).
+// (levels per row): signed for the leading code rows the AMX tiles run
+// (AmxCodeRows of the run W8A8Panels is given), plus 128 for the others.
 void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float* xs) {
+  const int64_t amx_rows = AmxCodeRows(j, rows * j.levels);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = j.x + (r0 + r) * j.K;
+    const int off = r * j.levels < amx_rows ? 0 : 128;  // amx_rows is even
     if (j.levels == 2) {
       const float s1 = FirstScale(DynamicScale(RowAbsMax(xr, j.K))), s2 = SecondScale(s1);
       xs[2 * r] = s1;
       xs[2 * r + 1] = s2;
-      QuantizeTwoLevelU8(xr, a + 2 * r * j.Kp, a + (2 * r + 1) * j.Kp, j.K, j.Kp, s1, s2);
+      QuantizeTwoLevelU8(xr, a + 2 * r * j.Kp, a + (2 * r + 1) * j.Kp, j.K, j.Kp, s1, s2, off);
       continue;
     }
     const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
     xs[r] = s;
-    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s);
+    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s, off);
   }
 }
 
@@ -1347,8 +1382,14 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   float scale = 1.0f;
   if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
-  const auto col_sums = [&](int64_t q0, int64_t q1) {  // per panel, -128 * its column sums
-    PanelSums(Bp + q0 * kq_n * 64, q1 - q0, q1 - q0, kq_n, corr + q0 * 16);
+  // Per panel, -128 * its column sums: only code rows on the VNNI registers (plus 128)
+  // read them; rows on the AMX tiles are signed (AmxCodeRows). Every chunk's code rows
+  // but the last are a multiple of 32 on the tiles, so the sums are needed only where
+  // the tiles do not run or Mc leaves rows over a multiple of 16.
+  const bool amx = UseAmx();
+  const bool need_sums = !amx || Mc % 16 != 0;
+  const auto col_sums = [&](int64_t q0, int64_t q1) {
+    if (need_sums) PanelSums(Bp + q0 * kq_n * 64, q1 - q0, q1 - q0, kq_n, corr + q0 * 16);
   };
   if (Mc <= kW8A8PanelRows && Mc * N * Kp >= kPanelSplitWork && threads > 1) {
     // Decode-sized: x quantized once here, the threads split the panels (an even
@@ -1357,7 +1398,7 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     if (t_w8a8_a.size() < static_cast<size_t>(Mc * Kp))
       t_w8a8_a.resize(static_cast<size_t>(Mc * Kp));
     if (t_w8a8_s.size() < static_cast<size_t>(Mc)) t_w8a8_s.resize(static_cast<size_t>(Mc));
-    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M, levels};
+    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M, levels, amx};
     const uint8_t* a = t_w8a8_a.data();
     const float* xs = t_w8a8_s.data();
     W8A8Quantize(job, 0, M, t_w8a8_a.data(), t_w8a8_s.data());
@@ -1371,16 +1412,16 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     return ffi::Error::Success();
   }
   const int64_t tc = std::min<int64_t>(t_max, np);
-  Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
+  if (need_sums) Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
   // Chunks of up to 8 row blocks of code rows (48; on the AMX tiles 4 blocks of
   // 32), fewer when that leaves under 4 chunks per thread; rows are the only
   // split, so the result does not depend on it. MR and 32 are even: a chunk
   // holds whole pairs of code rows.
-  const int64_t unit = UseAmx() ? 32 : MR;
+  const int64_t unit = amx ? 32 : MR;
   const int64_t per_thread = std::max<int64_t>(1, Mc / (4 * unit * t_max));
   const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread) / levels;
-  W8A8Job job{X, Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y, M, K, Kp, N, np,
-              mode, scale, chunk_rows, levels};
+  W8A8Job job{X,    Bp,         t_w8a8_corr.data(), t_w8a8_ws.data(), Y,      M, K, Kp,
+              N,    np,         mode,               scale,            chunk_rows, levels, amx};
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   if (t_max <= 1) {
     for (int64_t c = 0; c < chunks; ++c) W8A8Chunk(&job, c);
