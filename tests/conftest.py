@@ -9,8 +9,10 @@ import os
 # suite (docs/internals/testing.md). Each program is also compiled as one LLVM module
 # instead of being split for parallel code generation, which for the suite's many small
 # programs costs more than it saves on 2 cores (15-25% less time on compile-bound files,
-# docs/internals/testing.md). None of these changes what an IEEE operation computes, and
-# dots and convolutions run in the same runtime libraries either way. Set
+# docs/internals/testing.md). None of these reorders floating-point operations, and dots
+# and convolutions run in the same runtime libraries either way; but at -O0 XLA does not
+# fuse a multiply into a following add (an FMA), which its defaults may (see
+# docs/internals/testing.md for the formulas that must not depend on it). Set
 # JQX_TEST_XLA=default to run with XLA's defaults. Set before jax creates its backend;
 # subprocesses that tests start inherit them. Only for the jaxlib these flags were
 # checked on: XLA aborts on a flag it does not know.
