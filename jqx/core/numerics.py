@@ -407,8 +407,9 @@ def nan_max(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     from 40 rows on, of 384 from 16; openxla/xla#21461), so a block holding a NaN
     would get a finite scale and its NaN would quietly become a number. Read as
     ``+inf``, it makes the result non-finite on every platform, which every scale
-    formula treats as a block that is not finite. Every block maximum in jqx's
-    scale formulas goes through here (or :func:`nan_min`).
+    formula treats as a block that is not finite. The block maxima of the scale
+    formulas here, of MX and NVFP4, of the GPTQ/HQQ grid and of the KV caches go
+    through here (or :func:`nan_min`).
 
     Example:
         >>> import jax.numpy as jnp

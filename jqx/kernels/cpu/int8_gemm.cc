@@ -1154,8 +1154,8 @@ void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s,
 // int8 weight-only's two-level split of n floats (jqx.ops.impl_xla.two_level_split,
 // numerics.two_level_scales): level 1 codes q1 under s1; the residual x - q1 * s1
 // (q1 * s1 is exact, so one rounding, fused or not; a NaN's code counts as 0); its
-// codes q2 under s2 = s1 * 2^-8. Each plus 128 into d1 and d2; bytes [n, kp) are
-// 128 (code 0).
+// codes q2 under s2 = s1 * 2^-8. Each plus ``off_v`` (128, or 0 for the AMX tiles'
+// signed rows, as QuantizeRowU8) into d1 and d2; bytes [n, kp) code 0.
 void QuantizeTwoLevelU8(const float* x, uint8_t* d1, uint8_t* d2, int64_t n, int64_t kp,
                         float s1, float s2, int off_v) {
   const Quant q1 = QuantOf(s1), q2 = QuantOf(s2);
@@ -1172,12 +1172,14 @@ void QuantizeTwoLevelU8(const float* x, uint8_t* d1, uint8_t* d2, int64_t n, int
     v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
     v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
-    _mm_mask_storeu_epi8(d1 + i, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
+    _mm_mask_storeu_epi8(d1 + i, k,
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
     const __m512 r = _mm512_sub_ps(xv, _mm512_mul_ps(v, sv));
     __m512 u = _mm512_mul_ps(_mm512_mul_ps(r, c2), inv2);
     u = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     u = _mm512_min_ps(hi, _mm512_max_ps(lo, u));
-    _mm_mask_storeu_epi8(d2 + i, k, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(u), off)));
+    _mm_mask_storeu_epi8(d2 + i, k,
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(u), off)));
   }
   for (int64_t j = n; j < kp; ++j) d1[j] = d2[j] = static_cast<uint8_t>(off_v);
 }
@@ -1262,8 +1264,9 @@ inline void RescaleTile(const W8A8Job& j, const int32_t* t, int64_t ts, int nr, 
 }
 
 // Code rows [r0, r0 + rows) over panels [p0, p1) (p0 a multiple of NB), from the
-// rows' codes ``a`` (rows x Kp, plus 128) and scales ``xs``, into y (code row r is
-// row r / levels of y; with two levels r0 and rows are even).
+// rows' codes ``a`` (rows x Kp: the first AmxCodeRows signed, for the tiles; the
+// others plus 128, for the registers) and scales ``xs``, into y (code row r is row r
+// / levels of y; with two levels r0 and rows are even).
 void W8A8Panels(const W8A8Job& j, const uint8_t* a, const float* xs, int64_t r0, int64_t rows,
                 int64_t p0, int64_t p1) {
   const int64_t kq_n = j.Kp / 4;

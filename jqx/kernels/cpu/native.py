@@ -784,9 +784,10 @@ def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Arra
     ``((sum1 + sum2 * 2^-8) * s1) * w_scale[n]``. The result equals that path's bit for
     bit (NaN and inf included) under any XLA compilation, and differs from ``x @
     (codes * w_scale)`` by at most ``max|x_row| / 32511 * sum_k |codes[k, n] *
-    w_scale[n]|`` plus float32 rounding. ``x`` is read once, its codes stay in a per-thread buffer; the weight is
-    packed per call unless ``w`` is :func:`pack_int8`'s 3-D layout (N is then
-    ``w_scale``'s length). Needs :func:`available`.
+    w_scale[n]|`` plus float32 rounding. ``x`` is read once, its codes stay in a
+    per-thread buffer; the weight is packed per call unless ``w`` is
+    :func:`pack_int8`'s 3-D layout (N is then ``w_scale``'s length). Needs
+    :func:`available`.
 
     Args:
       x: float32 (M, K).
