@@ -874,14 +874,9 @@ def test_two_level_through_jqx_ops_and_empty_reduction():
 
 
 def test_two_level_bad_input():
-    x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
     for fn in (native.two_level_matmul, native.two_level_matmul_reference):
-        with pytest.raises(ValueError, match="x must be float32"):
-            fn(x.astype(jnp.bfloat16), w, ws)
-        with pytest.raises(ValueError, match="w must be int8"):
-            fn(x, w[:7], ws)
-        with pytest.raises(ValueError, match="w_scale must be float32"):
-            fn(x, w, ws.reshape(1, 4))
+        _check_operand_errors(fn)
+    x, ws = jnp.ones((3, 8)), jnp.ones((4,))
     with pytest.raises(ValueError, match="packed w must be int8"):
         native.two_level_matmul(x, jnp.ones((1, 3, 64), jnp.int8), ws)
 
@@ -942,15 +937,21 @@ def test_w8a8_vnni_empty_reduction():
             np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
 
 
+def _check_operand_errors(fn):
+    """The dense fused calls' operand errors: each names the operand and the fix."""
+    x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
+    with pytest.raises(ValueError, match="x must be float32"):
+        fn(x.astype(jnp.bfloat16), w, ws)
+    with pytest.raises(ValueError, match="w must be int8"):
+        fn(x, w[:7], ws)
+    with pytest.raises(ValueError, match="w_scale must be float32"):
+        fn(x, w, ws.reshape(1, 4))
+
+
 def test_w8a8_bad_input():
     x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
     for fn in (native.w8a8_matmul, native.w8a8_matmul_vnni, native.w8a8_matmul_reference):
-        with pytest.raises(ValueError, match="x must be float32"):
-            fn(x.astype(jnp.bfloat16), w, ws)
-        with pytest.raises(ValueError, match="w must be int8"):
-            fn(x, w[:7], ws)
-        with pytest.raises(ValueError, match="w_scale must be float32"):
-            fn(x, w, ws.reshape(1, 4))
+        _check_operand_errors(fn)
         with pytest.raises(ValueError, match="act='per_row'"):
             fn(x, w, ws, act="per_row")
 
