@@ -171,6 +171,26 @@ def test_no_batches_is_a_clear_error():
         jqx.calibrate(_mlp, _params(), iter([]), jqx.int8_weight_only(), progress=False)
 
 
+@pytest.mark.parametrize("rows", [4, 64])
+def test_nan_in_calibration_activations_names_batch_and_layer(rows):
+    """A NaN among the activations a weight reads is an error naming the batch and the
+    layer, at every size (XLA:CPU's own max drops a NaN from 16 rows of 384 on)."""
+    params = {"d": {"kernel": jnp.ones((384, 8))}}
+    x = np.ones((rows, 384), np.float32)
+    x[rows - 1, 200] = np.nan
+
+    def fn(p, a):
+        return a @ p["d"]["kernel"]
+
+    with pytest.raises(ValueError, match=r"batch 0: the input of d/kernel contains NaN or Inf"):
+        jqx.calibrate(
+            fn, params, [jnp.asarray(x)], jqx.int8_static_activation_int8_weight(), progress=False
+        )
+    acc = StatsAccumulator(384, ())
+    with pytest.raises(ValueError, match="calibration activations contain NaN or Inf"):
+        acc.update(jnp.asarray(x))
+
+
 def test_mismatched_batch_names_the_layer():
     bad = jnp.ones((8, K + 3))
     with pytest.raises(ValueError, match=r"batch 0.*a/kernel \(input size 16\)"):

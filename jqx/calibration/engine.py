@@ -59,7 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqx.calibration.stats import LayerStats, StatsAccumulator
+from jqx.calibration.stats import (
+    NON_FINITE_FIX,
+    LayerStats,
+    NonFiniteActivations,
+    StatsAccumulator,
+)
 from jqx.core import formats as _formats
 from jqx.core.qarray import QArray, is_qarray
 from jqx.core.tree import path_str
@@ -307,11 +312,17 @@ class _Gatherer:
                     )
                 m = mask if mask is not None and mask.shape[0] == x.shape[-2] else None
                 self.masked += m is not None
-                if stacked:
-                    for i, a in enumerate(accs):
-                        a.update(x[i], m)
-                else:
-                    accs.update(x, m)
+                try:
+                    if stacked:
+                        for i, a in enumerate(accs):
+                            a.update(x[i], m)
+                    else:
+                        accs.update(x, m)
+                except NonFiniteActivations:
+                    raise ValueError(
+                        f"calibration batch {batch_index}: the input of {path} contains NaN "
+                        f"or Inf; {NON_FINITE_FIX}"
+                    ) from None
 
     def stats(self, path):
         a = self.acc.get(path)

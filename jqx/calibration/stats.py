@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqx.core.numerics import nan_max, nan_min
+
 __all__ = ["LayerStats", "StatsAccumulator", "STAT_NAMES"]
 
 #: What an accumulator can gather. ``minmax`` is always gathered.
@@ -69,6 +71,17 @@ class LayerStats:
 def _xtx(x):
     x = x.astype(jnp.float32)
     return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+NON_FINITE_FIX = (
+    "static scales and GPTQ's Hessian from them would be garbage. Check the float model "
+    "on these batches (jnp.isfinite) or leave the offending batches out."
+)
+
+
+class NonFiniteActivations(ValueError):
+    """A calibration batch's activations hold NaN or Inf (the engine names the batch
+    and the layer)."""
 
 
 class StatsAccumulator:
@@ -129,9 +142,12 @@ class StatsAccumulator:
             if not m.all():
                 x = x[np.flatnonzero(m)]
         xf = x.astype(jnp.float32)
-        bmin, bmax = float(jnp.min(xf)), float(jnp.max(xf))
+        # nan_min / nan_max: XLA:CPU's own min and max drop a NaN at many shapes.
+        bmin, bmax = float(nan_min(xf)), float(nan_max(xf))
         if not (np.isfinite(bmin) and np.isfinite(bmax)):
-            raise ValueError("calibration activations contain NaN or Inf.")
+            raise NonFiniteActivations(
+                f"calibration activations contain NaN or Inf; {NON_FINITE_FIX}"
+            )
         self.history.append((bmin, bmax))
         self.min, self.max = min(self.min, bmin), max(self.max, bmax)
         self.n += x.shape[0]
