@@ -332,6 +332,31 @@ def test_native_conv_is_bit_identical_to_xla(x_shape, w_shape, kw, act):
     np.testing.assert_array_equal(y, ref)
 
 
+@pytest.mark.parametrize("act", ["per-sample", "per-tensor", "static"])
+def test_nan_in_a_sample_is_kept_by_every_activation_scale(act):
+    """A NaN in one image: its outputs are NaN under every activation scale (a static
+    scale becomes NaN for that sample, numerics.keep_nan_rows; int8 codes cannot carry
+    it), the other images' stay finite (but per tensor, where the one scale is inf),
+    on XLA's path and in the native kernel alike."""
+    kw = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": DN}
+    x, w = 3.0 * _x((3, 6, 6, 8)), _x((3, 3, 8, 5), 1)
+    x = x.at[1, 2, 3, 4].set(jnp.nan)
+    if act == "static":
+        q = _static(w, 0.05)
+    else:
+        q = (W8A8 if act == "per-sample" else W8A8_TENSOR).quantize_weight(w, path="conv/kernel")
+    ys = {}
+    for backend in ("xla", "native"):
+        if backend == "native":
+            _need_native_conv()
+        f = jax.jit(lambda x, q, b=backend: jqx.ops.conv_general_dilated(x, q, backend=b, **kw))
+        ys[backend] = np.asarray(f(x, q))
+        y = ys[backend]
+        assert np.isnan(y[1]).all()
+        assert np.isfinite(y[[0, 2]]).all() == (act != "per-tensor")
+    np.testing.assert_array_equal(ys["native"], ys["xla"])
+
+
 def test_native_conv_dispatch():
     x, w = _x((64, 8, 8, 16)), _x((3, 3, 16, 32), 1)
     q = W8A8.quantize_weight(w, path="conv/kernel")

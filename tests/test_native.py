@@ -732,25 +732,35 @@ def _non_finite_rows(m, k):
 
 
 @pytest.mark.parametrize("kernel", FUSED)
-@pytest.mark.parametrize("act", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("act", ["per_token", "per_tensor", "static"])
 @pytest.mark.parametrize("m", [6, 40])
 def test_w8a8_fused_keeps_nan_and_inf_as_the_xla_path(kernel, act, m):
     """A row holding NaN or inf gets scale inf (numerics.nan_max), so a NaN output row
     (per tensor: all rows), as on XLA's path; a NaN's code is 0, as XLA converts it.
     The kernels, and XLA's own max at these shapes, once dropped a NaN: such rows
-    came out finite."""
+    came out finite. Under a static scale a row holding NaN gets a NaN scale
+    (numerics.keep_nan_rows); inf saturates at the code range, as on XLA's path."""
     x = _non_finite_rows(m, 130)
-    q = jqx.int8_dynamic_activation_int8_weight(act_granularity=act).quantize_weight(
-        jax.random.normal(jax.random.key(4), (130, 33))
-    )
+    w = jax.random.normal(jax.random.key(4), (130, 33))
+    if act == "static":
+        q = jqx.int8_dynamic_activation_int8_weight(act_granularity="per_tensor").quantize_weight(w)
+        q = q.replace(
+            act=dataclasses.replace(q.act, kind="static"), act_scale=jnp.asarray(0.037, jnp.float32)
+        )
+        act_arg = jnp.asarray([0.037], jnp.float32)
+    else:
+        q = jqx.int8_dynamic_activation_int8_weight(act_granularity=act).quantize_weight(w)
+        act_arg = act
     ws = q.scale.astype(jnp.float32).reshape(-1)
-    y = np.asarray(_fused_kernel(kernel)(x, q.qvalue, ws, act=act))
+    y = np.asarray(_fused_kernel(kernel)(x, q.qvalue, ws, act=act_arg))
     np.testing.assert_array_equal(y, np.asarray(_xla_w8a8(x, q)))
     np.testing.assert_array_equal(
-        y, np.asarray(native.w8a8_matmul_reference(x, q.qvalue, ws, act=act))
+        y, np.asarray(native.w8a8_matmul_reference(x, q.qvalue, ws, act=act_arg))
     )
     assert np.isnan(y[1]).all() and np.isnan(y[4]).all()
-    assert np.isfinite(y[0]).all() == (act == "per_token")
+    assert np.isfinite(y[0]).all() == (act != "per_tensor")
+    if act == "static":
+        assert np.isfinite(y[2:4]).all() and np.isfinite(y[5:]).all()
 
 
 # ------------------------------------------------------- int8 weight-only, two-level split

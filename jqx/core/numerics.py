@@ -430,6 +430,23 @@ def nan_min(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     return jnp.min(jnp.where(jnp.isnan(x), -jnp.inf, x), axis=axis, keepdims=keepdims)
 
 
+def keep_nan_rows(x: jax.Array, s: jax.Array, axes) -> jax.Array:
+    """A static activation scale ``s`` made NaN for the rows of ``x`` (reduced over
+    ``axes``, kept as size-1 dims) that hold a NaN.
+
+    int8 has no NaN code (XLA converts NaN to 0), so under a given scale a NaN input
+    would otherwise leave a static product finite. A dynamic scale needs no such
+    step: :func:`absmax_scale` already turns those rows' scale to ``inf``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([[1.0, jnp.nan], [2.0, 3.0]])
+        >>> keep_nan_rows(x, jnp.array([[0.5]]), -1).ravel().tolist()
+        [nan, 0.5]
+    """
+    return jnp.where(jnp.any(jnp.isnan(x), axis=axes, keepdims=True), jnp.nan, s)
+
+
 def div_by_scale(x: jax.Array, s: jax.Array) -> jax.Array:
     """``x / s`` that stays right for scales near float32's limit.
 

@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from jqx.core import formats as _formats
-from jqx.core.numerics import absmax_scale, quantize_activation
+from jqx.core.numerics import absmax_scale, keep_nan_rows, quantize_activation
 from jqx.core.qarray import QArray, is_qarray
 from jqx.ops import dispatch
 from jqx.ops.problem import decoded
@@ -235,7 +235,10 @@ def activation_codes(x: jax.Array, q: QArray, p: ConvProblem) -> tuple[jax.Array
     fmt = _formats.get(p.act_format)
     xf = x.astype(jnp.float32)
     if p.act_kind == "static":
+        # A sample holding NaN gets a NaN scale (its int8 codes cannot carry the NaN):
+        # every output of that sample is NaN, as under a dynamic per-sample scale.
         s = q.act_scale.astype(jnp.float32).reshape((1,) * xf.ndim)
+        s = keep_nan_rows(xf, s, tuple(range(1, xf.ndim)))
     elif p.act_granularity == "per_token":
         g = p.act_groups
         xg = xf.reshape(xf.shape[:-1] + (g, xf.shape[-1] // g))

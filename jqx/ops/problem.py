@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqx.core import formats as _formats
-from jqx.core.numerics import absmax_scale, quantize_activation
+from jqx.core.numerics import absmax_scale, keep_nan_rows, quantize_activation
 from jqx.core.qarray import QArray
 
 Kind = Literal["weight_only", "w8a8", "llm_int8", "dequantize", "gguf_q8", "mx"]
@@ -217,10 +217,11 @@ def activation_codes(x: jax.Array, q: QArray, p: Problem) -> tuple[jax.Array, ja
     per tensor. The scale has x's rank with 1 on the contracted dims."""
     fmt = _formats.get(p.act_format)
     xf = x.astype(jnp.float32)
+    xc = p.dimension_numbers[0][0]
     if p.act_kind == "static":
-        s = q.act_scale.astype(jnp.float32).reshape((1,) * xf.ndim)
+        # A row holding NaN gets a NaN scale: its int8 codes cannot carry the NaN.
+        s = keep_nan_rows(xf, q.act_scale.astype(jnp.float32).reshape((1,) * xf.ndim), tuple(xc))
     else:
-        xc = p.dimension_numbers[0][0]
         s = absmax_scale(xf, tuple(xc) if p.act_granularity == "per_token" else None, fmt)
     return quantize_activation(xf, fmt, scale=s)
 

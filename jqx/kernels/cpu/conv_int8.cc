@@ -110,14 +110,18 @@ inline int16_t Code(float x, Quant q) {
   return static_cast<int16_t>(v);
 }
 
-// n contiguous floats -> n int16 codes.
-void QuantizeRun(const float* x, int16_t* dst, int64_t n, Quant q) {
+// n contiguous floats -> n int16 codes; returns whether x holds a NaN (a static
+// scale then becomes NaN for the row: numerics.keep_nan_rows).
+bool QuantizeRun(const float* x, int16_t* dst, int64_t n, Quant q) {
   const __m256 c = _mm256_set1_ps(q.c), inv = _mm256_set1_ps(q.inv);
   const __m256 lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256 nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 a = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), c), inv);
-    __m256 b = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), c), inv);
+    const __m256 xa = _mm256_loadu_ps(x + i), xb = _mm256_loadu_ps(x + i + 8);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(xa, xb, _CMP_UNORD_Q));
+    __m256 a = _mm256_mul_ps(_mm256_mul_ps(xa, c), inv);
+    __m256 b = _mm256_mul_ps(_mm256_mul_ps(xb, c), inv);
     a = _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     b = _mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // NaN lanes to 0 (Code), then clamped.
@@ -128,7 +132,12 @@ void QuantizeRun(const float* x, int16_t* dst, int64_t n, Quant q) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                         _mm256_permute4x64_epi64(p, 0xD8));
   }
-  for (; i < n; ++i) dst[i] = Code(x[i], q);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; ++i) {
+    has_nan = has_nan || std::isnan(x[i]);
+    dst[i] = Code(x[i], q);
+  }
+  return has_nan;
 }
 
 // ------------------------------------------------------------------ GEMM
@@ -261,6 +270,7 @@ ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   int16_t* XQ = t_xq.data();
   for (int64_t n = 0; n < N; ++n) {
     const Quant q = QuantOf(t_xs[n]);
+    bool has_nan = false;  // a static scale becomes NaN for the image: numerics.keep_nan_rows
     for (int64_t r = 0; r < Hp; ++r) {
       int16_t* row = XQ + (n * Hp + r) * Wp * Cp;
       const int64_t hr = r - ph;
@@ -274,10 +284,10 @@ ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
       memset(row, 0, static_cast<size_t>(c0 * Cp) * sizeof(int16_t));
       if (c1 > c0) {
         if (Cp == C) {
-          QuantizeRun(src, row + c0 * Cp, (c1 - c0) * C, q);
+          has_nan |= QuantizeRun(src, row + c0 * Cp, (c1 - c0) * C, q);
         } else {
           for (int64_t col = c0; col < c1; ++col) {
-            QuantizeRun(src + (col - pw) * C, row + col * Cp, C, q);
+            has_nan |= QuantizeRun(src + (col - pw) * C, row + col * Cp, C, q);
             row[col * Cp + C] = 0;
           }
         }
@@ -286,6 +296,7 @@ ffi::Error ConvInt8Impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
       if (tail > 0)
         memset(row + std::max(c0, c1) * Cp, 0, static_cast<size_t>(tail * Cp) * sizeof(int16_t));
     }
+    if (mode == kStatic && has_nan) t_xs[n] = NAN;
   }
 
   // The kernel packed as the inner loop reads it, zero channels and outputs padded.
@@ -413,8 +424,8 @@ void DenseChunk(const void* ctx, int64_t chunk) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = j.x + (r_begin + r) * j.K;
     const float s = j.mode == kPerSample ? DynamicScale(AbsMax(xr, j.K)) : j.scale;
-    xs[r] = s;
-    QuantizeRun(xr, xq + r * j.Cp, j.K, QuantOf(s));
+    const bool has_nan = QuantizeRun(xr, xq + r * j.Cp, j.K, QuantOf(s));
+    xs[r] = j.mode == kStatic && has_nan ? NAN : s;  // numerics.keep_nan_rows
     if (j.Cp != j.K) xq[r * j.Cp + j.K] = 0;  // the zero channel pairs with a zero weight row
   }
   // Column blocks outside: one block's packed weight stays in L1 over the chunk's rows.

@@ -1133,22 +1133,28 @@ float RowAbsMax(const float* x, int64_t n) {
 // low byte after the + 128 is 128.
 // With ``off`` 0 the bytes are the signed codes themselves (rows for the AMX
 // tiles' signed product; NaN's 0x80000000 truncates to 0x00, code 0 too).
-void QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s, int off_v) {
+// Returns whether x holds a NaN (a static scale then becomes NaN for the row:
+// numerics.keep_nan_rows).
+bool QuantizeRowU8(const float* x, uint8_t* dst, int64_t n, int64_t kp, float s, int off_v) {
   const Quant qs = QuantOf(s);
   const __m512 c = _mm512_set1_ps(qs.c), inv = _mm512_set1_ps(qs.inv);
   const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
   const __m512i off = _mm512_set1_epi32(off_v);
+  __mmask16 nan = 0;
   int64_t i = 0;
   for (; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), c), inv);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+    nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(xv, c), inv);
     v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
     const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);
     _mm_mask_storeu_epi8(dst + i, k, _mm512_cvtepi32_epi8(q));
   }
   for (int64_t j = n; j < kp; ++j) dst[j] = static_cast<uint8_t>(off_v);
+  return nan != 0;
 }
 
 // int8 weight-only's two-level split of n floats (jqx.ops.impl_xla.two_level_split,
@@ -1321,8 +1327,8 @@ void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float*
       continue;
     }
     const float s = j.mode == kPerSample ? DynamicScale(RowAbsMax(xr, j.K)) : j.scale;
-    xs[r] = s;
-    QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s, off);
+    const bool has_nan = QuantizeRowU8(xr, a + r * j.Kp, j.K, j.Kp, s, off);
+    xs[r] = j.mode == kStatic && has_nan ? NAN : s;  // numerics.keep_nan_rows
   }
 }
 

@@ -758,7 +758,8 @@ def w8a8_matmul_reference(
     # The formulas of jqx.core.numerics (absmax_scale, div_by_scale, the int8
     # encode), written out: this layer imports no other jqx module.
     if mode == _W8A8_MODES["static"]:
-        s = s.reshape(1, 1)
+        # numerics.keep_nan_rows: a row holding NaN gets a NaN scale.
+        s = jnp.where(jnp.any(jnp.isnan(x), axis=-1, keepdims=True), jnp.nan, s.reshape(1, 1))
     else:
         per_token = mode == _W8A8_MODES["per_token"]
         # numerics.nan_max: a NaN counts as inf (XLA:CPU's max can drop it).
