@@ -655,7 +655,8 @@ def _finite_code_range(s, z, qmin: float, qmax: float):
 
 def absmax_scale(x: jax.Array, axes, fmt: str | _formats.Format) -> jax.Array:
     """Dynamic activation scale: ``max|x|`` over ``axes`` (kept as size-1 dims)
-    divided by the format's largest magnitude; an all-zero row gets scale 1.
+    divided by the format's largest magnitude; an all-zero row gets scale 1, a row
+    holding NaN or inf gets ``inf`` (:func:`nan_max`), so its products are NaN.
 
     ``axes=None`` reduces over everything (per tensor; the result has ``x``'s
     rank with all dims 1). Per token is ``axes=-1`` (or the contraction axes).

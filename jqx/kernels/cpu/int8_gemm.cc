@@ -263,7 +263,9 @@ class AmxScope {
 // a lambda does not inherit its caller's target attribute (clang's tile
 // builtins need it).
 // With S (signed), A holds the int8 codes themselves and tdpbssd multiplies
-// signed by signed: no column-sum correction (jqx_w8a8_vnni's own codes).
+// signed by signed: no column-sum correction (jqx_w8a8_vnni's own codes). The
+// branches are written out: the tile intrinsics are macros that paste their
+// arguments into the asm as register names, so they take literal tile numbers.
 template <int RT, int CT, bool S>
 __attribute__((target("amx-tile,amx-int8"), always_inline)) inline void AmxStep(
     const uint8_t* a0, const uint8_t* a1, int64_t sa, const int8_t* b0, const int8_t* b1) {
@@ -1321,8 +1323,7 @@ void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float*
     const int off = r * j.levels < amx_rows ? 0 : 128;  // amx_rows is even
     if (j.levels == 2) {
       const float s1 = FirstScale(DynamicScale(RowAbsMax(xr, j.K))), s2 = SecondScale(s1);
-      xs[2 * r] = s1;
-      xs[2 * r + 1] = s2;
+      xs[2 * r] = s1;  // the pair's rescale reads s1 alone (RescalePair); xs[2r + 1] unused
       QuantizeTwoLevelU8(xr, a + 2 * r * j.Kp, a + (2 * r + 1) * j.Kp, j.K, j.Kp, s1, s2, off);
       continue;
     }
