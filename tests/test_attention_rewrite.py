@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jqx
+from jqx.kernels.cpu import native
 
 B, T, H, D = 2, 16, 4, 8
 U = 2.0**-24  # float32 unit roundoff
@@ -63,10 +64,19 @@ def _ref64(q, k, v, scale=1.0):
     return np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), v)
 
 
+# The reordered attention's two routes: the native kernel (where it runs) and XLA's.
+KERNEL = pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+
+
+def _has_kernel(fn, *args, **kw) -> bool:
+    return native.SOFTMAX_DOT_TARGET in str(jax.make_jaxpr(jqx.quantized(fn))(*args, **kw))
+
+
+@KERNEL
 @pytest.mark.parametrize("scale", [1.0, 4.0], ids=["scores~1", "scores~16"])
-def test_softmax_einsum_is_rewritten_within_the_bound(scale):
+def test_softmax_einsum_is_rewritten_within_the_bound(scale, kernel):
     q, k, v = _qkv(0, scale)
-    y, n = _run(_attention, q, k, v, policy=REORDER)
+    y, n = _run(_attention, q, k, v, policy={**REORDER, "softmax_kernel": kernel})
     y0, n0 = _run(_attention, q, k, v, policy=AS_WRITTEN)
     assert (n, n0) == (0, 1)
     ref, bound = _ref64(q, k, v), _bound(q, k, v)
@@ -104,15 +114,18 @@ LAYOUTS = {
 }
 
 
+@KERNEL
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_other_layouts_are_rewritten(layout):
+def test_other_layouts_are_rewritten(layout, kernel):
     fn, shape = LAYOUTS[layout]
     q, k, v = _qkv(7)
 
     def f(q, k, v):
         return fn(jnp.einsum("bqhd,bkhd->bhqk", q, k), v)
 
-    y, n = _run(f, q, k, v, policy=REORDER, shape=shape)
+    y, n = _run(f, q, k, v, policy={**REORDER, "softmax_kernel": kernel}, shape=shape)
+    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
+        assert _has_kernel(f, q, k, v) == (kernel and native.gguf_available())
     y0, n0 = _run(f, q, k, v, policy=AS_WRITTEN, shape=shape)
     assert (n, n0) == (0, 1)
     terms = T * T if layout == "two axes" else T
@@ -190,8 +203,9 @@ def _mha(dropout=0.0, deterministic=True):
     )
 
 
+@KERNEL
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "padding mask"])
-def test_flax_linen_attention_is_rewritten_within_the_bound(masked):
+def test_flax_linen_attention_is_rewritten_within_the_bound(masked, kernel):
     m = _mha()
     x = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, H * D)), jnp.float32)
     variables = m.init(jax.random.key(0), x)
@@ -200,9 +214,11 @@ def test_flax_linen_attention_is_rewritten_within_the_bound(masked):
     valid = (jnp.arange(T)[None] < lengths).astype(jnp.float32)
     mask = nn.make_attention_mask(jnp.ones((B, T)), valid)
     kw = {"mask": mask} if masked else {}
-    y, n = _run(m.apply, qv, x, policy=REORDER, **kw)
+    y, n = _run(m.apply, qv, x, policy={**REORDER, "softmax_kernel": kernel}, **kw)
     y0, n0 = _run(m.apply, qv, x, policy=AS_WRITTEN, **kw)
     assert (n, n0) == (0, 1)
+    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
+        assert _has_kernel(m.apply, qv, x, **kw) == (kernel and native.gguf_available())
     # Only the attention differs between the two; its per-row error bound (at most
     # _bound's reorder part for each) reaches the output through |W_out|.
     wo = np.abs(np.asarray(qv["params"]["out"]["kernel"].dequantize(), np.float64))
@@ -240,6 +256,27 @@ def test_flax_linen_attention_w8a8_and_dropout():
     # Deterministic (inference) mode with a dropout rate set: no dropout, rewritten.
     infer = lambda v, x: md.apply(v, x, deterministic=True)  # noqa: E731
     assert _run(infer, variables, x, policy=REORDER)[1] == 0
+
+
+def _unshifted(q, k, v):
+    e = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q, k))  # no maximum subtracted
+    return jnp.einsum("bhqk,bkhd->bqhd", e / jnp.sum(e, -1, keepdims=True), v)
+
+
+@pytest.mark.skipif(not native.gguf_available(), reason=native.gguf_status())
+def test_kernel_only_for_shifted_scores_and_off_with_backend_xla():
+    q, k, v = _qkv(8)
+    with jqx.ops.policy(**REORDER):
+        assert _has_kernel(_attention, q, k, v)
+        # exp of scores without the maximum subtracted: reordered on XLA (the kernel
+        # takes scores <= 0), within the same bound as written.
+        assert not _has_kernel(_unshifted, q, k, v)
+        assert _normalised(_unshifted, q, k, v) == 0
+        y = jax.jit(jqx.quantized(_unshifted))(q, k, v)
+        assert float(jnp.max(jnp.abs(y - _ref64(q, k, v)))) <= _bound(q, k, v)
+        # jqx.quantized(backend="xla") keeps every product on XLA.
+        text = str(jax.make_jaxpr(jqx.quantized(_attention, backend="xla"))(q, k, v))
+        assert native.SOFTMAX_DOT_TARGET not in text
 
 
 def test_activation_matmuls_quantize_p_as_written():

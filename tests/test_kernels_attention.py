@@ -615,3 +615,124 @@ def test_int4_bad_input_names_the_argument():
         for fn in (native.decode_attention_int4, native.decode_attention_int4_reference):
             with pytest.raises(ValueError, match=pattern):
                 fn(**{**ok, **change}, scale=0.125)
+
+
+# ----------------------------------------------------------------- softmax, then matmul
+#
+# native.softmax_dot (gguf_gemv.cc's jqx_softmax_dot): softmax(x) @ v per batch for
+# shifted scores x (<= 0), against float64 within (2K + 8) u max|v| (u = 2^-24: the K-term
+# dot and row sum, exp's and the division's rounding).
+
+U = 2.0**-24
+
+
+def _softmax_dot64(x, v):
+    x, v = np.asarray(x, np.float64), np.asarray(v, np.float64)
+    e = np.exp(x)
+    return np.einsum("gqk,gkd->gqd", e, v) / e.sum(-1, keepdims=True)
+
+
+def _shifted(rng, shape, scale=4.0):
+    s = scale * rng.standard_normal(shape).astype(np.float32)
+    return s - s.max(-1, keepdims=True)
+
+
+SD_SHAPES = [(12, 128, 128, 32), (3, 5, 7, 3), (2, 17, 9, 40), (1, 1, 1, 1), (4, 33, 200, 64)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_softmax_dot_against_float64(shape):
+    g, q, k, d = shape
+    rng = np.random.default_rng(sum(shape))
+    x, v = _shifted(rng, (g, q, k)), rng.standard_normal((g, k, d)).astype(np.float32)
+    bound = (2 * k + 8) * U * np.abs(v).max()
+    ref = _softmax_dot64(x, v)
+    for fn in (native.softmax_dot, native.softmax_dot_reference):
+        got = np.asarray(jax.jit(fn)(jnp.asarray(x), jnp.asarray(v)))
+        assert np.abs(got - ref).max() <= bound, (fn.__name__, np.abs(got - ref).max(), bound)
+
+
+@needs_kernel
+@given(
+    shape=st.tuples(*(st.integers(1, n) for n in (3, 40, 70, 40))),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.1, 4.0, 100.0]),
+)
+def test_softmax_dot_property(shape, seed, scale):
+    g, q, k, d = shape
+    rng = np.random.default_rng(seed)
+    x = _shifted(rng, (g, q, k), scale)
+    v = (scale * rng.standard_normal((g, k, d))).astype(np.float32)
+    got = np.asarray(native.softmax_dot(jnp.asarray(x), jnp.asarray(v)))
+    err = np.abs(got - _softmax_dot64(x, v)).max()
+    assert err <= (2 * k + 8) * U * np.abs(v).max() + 1e-37
+
+
+@needs_kernel
+def test_softmax_dot_masked_keys_nan_and_empty():
+    # flax.linen's mask (finfo.min scores) and -inf: those keys get no weight.
+    v = jnp.arange(12, dtype=jnp.float32).reshape(1, 4, 3)
+    low = float(np.finfo(np.float32).min)
+    x = jnp.array([[[0.0, low, low, low], [low, 0.0, -jnp.inf, 0.0], [0.0] * 4]])
+    got = np.asarray(native.softmax_dot(x, v))
+    np.testing.assert_array_equal(got[0, 0], [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(got[0, 1], [6.0, 7.0, 8.0], rtol=2 * U)
+    np.testing.assert_allclose(got[0, 2], [4.5, 5.5, 6.5], rtol=4 * U)
+    # A NaN in a row makes that row NaN, and only that row.
+    y = np.asarray(native.softmax_dot(x.at[0, 1, 3].set(jnp.nan), v))
+    assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, [0, 2]]).all()
+    # NaN in v reaches the rows that weigh it.
+    assert np.isnan(np.asarray(native.softmax_dot(x, v.at[0, 3, 0].set(jnp.nan)))[0, 1, 0])
+    # No keys: 0 / 0, as XLA's reference gives.
+    empty = native.softmax_dot(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5)))
+    assert empty.shape == (2, 3, 5) and np.isnan(np.asarray(empty)).all()
+    assert np.isnan(
+        np.asarray(native.softmax_dot_reference(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5))))
+    ).all()
+
+
+_SD_SAME = """
+import numpy as np, jax.numpy as jnp
+from jqx.kernels.cpu import native
+r = np.random.default_rng(3)
+s = r.standard_normal((6, 100, 90)).astype(np.float32)
+x = s - s.max(-1, keepdims=True)
+v = r.standard_normal((6, 90, 24)).astype(np.float32)
+np.save("{path}", np.asarray(native.softmax_dot(jnp.asarray(x), jnp.asarray(v))))
+print(native.gguf_num_threads())
+"""
+
+
+@needs_kernel
+def test_softmax_dot_independent_of_thread_count(tmp_path):
+    # Chunks split rows only: each output's sums run in one thread.
+    got = {}
+    for threads in ("1", "3"):
+        path = tmp_path / f"y{threads}.npy"
+        out = subprocess.run(
+            [sys.executable, "-c", _SD_SAME.replace("{path}", str(path))],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "JQX_NUM_THREADS": threads},
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [threads]
+        got[threads] = np.load(path)
+    assert np.array_equal(got["1"].view(np.uint32), got["3"].view(np.uint32))
+
+
+def test_softmax_dot_bad_input_names_the_argument():
+    x, v = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4, 5))
+    cases = [
+        ((x.astype(jnp.float16), v), r"x must be a float32 3-D array, got float16 \(2, 3, 4\)"),
+        ((x, v[0]), r"v must be a float32 3-D array, got float32 \(4, 5\)"),
+        ((x, [[1.0]]), r"v must be a float32 3-D array, got list"),
+        ((x, v[:1]), r"x \(2, 3, 4\) and v \(1, 4, 5\) do not agree"),
+        ((x, v[:, :3]), r"x \(2, 3, 4\) and v \(2, 3, 5\) do not agree.*same G and K"),
+    ]
+    for args, pattern in cases:
+        for fn in (native.softmax_dot, native.softmax_dot_reference):
+            with pytest.raises(ValueError, match=pattern):
+                fn(*args)

@@ -64,6 +64,8 @@ __all__ = [
     "kv_dequantize",
     "fp8_values",
     "check_kv_format",
+    "softmax_dot",
+    "normalised_dot",
 ]
 
 # A finite mask value: a query that sees no slot (a padding position) gets a uniform
@@ -417,6 +419,126 @@ def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Ar
     if g0 < n and c.residual is not None:
         x = jnp.concatenate([x[:, :, :g0], c.residual[:, :, : n - g0].astype(jnp.float32)], 2)
     return x.astype(dtype)
+
+
+def _p_dims(dimension_numbers, operand: int):
+    """(contracting, batch) dims of the probabilities' operand and of the other one."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((lc, lb), (rc, rb)) if operand == 0 else ((rc, rb), (lc, lb))
+
+
+def normalised_dot(
+    e,
+    total,
+    other,
+    dimension_numbers,
+    operand: int = 0,
+    precision=None,
+    preferred_element_type=None,
+):
+    """``dot_general(e / total, other)`` computed as ``dot_general(e, other) / total``:
+    the product first, then each output divided by its row's sum (XLA).
+
+    ``e`` is a softmax's numerator, ``total`` its sum over the axes the product
+    contracts (those axes removed, the others in ``e``'s order), ``operand`` which side
+    of the product ``e`` is on. This is ``jqx.quantized``'s reordered attention on XLA
+    (docs/guide/run.md#attention): it divides the ``(batch, heads, q, d)`` output
+    instead of the ``(batch, heads, q, k)`` probabilities.
+    """
+    ops = (e, other) if operand == 0 else (other, e)
+    y = jax.lax.dot_general(
+        *ops, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+    )
+    # Where each of e's axes lands in y: batch dims first, then lhs free, then rhs free.
+    (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
+    ndim = e.ndim
+    pos = {a: j for j, a in enumerate(pb)}
+    free = [a for a in range(ndim) if a not in pb and a not in pc]
+    start = len(pb) + (0 if operand == 0 else other.ndim - len(oc) - len(ob))
+    pos.update({a: start + j for j, a in enumerate(free)})
+    keep = [a for a in range(ndim) if a not in pc]
+    where = [pos[a] for a in keep]
+    order = sorted(range(len(keep)), key=lambda t: where[t])
+    if order != list(range(len(keep))):
+        total = jax.lax.transpose(total, order)
+    den = jax.lax.broadcast_in_dim(total, y.shape, tuple(sorted(where)))
+    return jax.lax.div(y, den)
+
+
+def softmax_dot(
+    x,
+    other,
+    dimension_numbers,
+    operand: int = 0,
+    *,
+    precision=None,
+    preferred_element_type=None,
+    backend: str | None = None,
+):
+    """``dot_general(softmax(x), other)``, the softmax over the axes the product
+    contracts, for shifted scores ``x`` (the scores minus their maximum over those
+    axes, as ``jax.nn.softmax`` exponentiates them; so ``x <= 0``).
+
+    Attention written ``softmax(s) @ v``: ``jqx.quantized`` sends it here on CPU
+    (docs/guide/run.md#attention). Two implementations, chosen by
+    :func:`jqx.ops.dispatch.choose_softmax_dot`:
+
+    - ``"native"``: ``jqx.kernels.cpu.native.softmax_dot`` (AVX2) on float32 CPU
+      operands, after moving ``x``'s and ``other``'s axes to ``(batch, free,
+      contracted)`` and ``(batch, contracted, free)`` (free where they already are,
+      e.g. flax.linen's ``(b, h, q, k)`` scores). It never writes the probabilities.
+    - ``"xla"``: :func:`normalised_dot` of ``exp(x)`` and its sum.
+
+    Both are within ``(2K + 8) u max|other|`` of the exact value from the same ``x``
+    (K the contracted elements, ``u`` the unit roundoff); they round differently.
+
+    Args:
+      x: the shifted scores, any layout.
+      other: the values (the product's other operand).
+      dimension_numbers: ``lax.dot_general``'s, with ``x`` as operand ``operand``.
+      operand: 0 when ``x`` is the product's lhs, 1 when it is the rhs.
+      precision, preferred_element_type: as ``lax.dot_general`` (the XLA route).
+      backend: None (the dispatcher's choice), ``"xla"`` or ``"native"``.
+
+    Returns:
+      What ``lax.dot_general`` of the probabilities and ``other`` returns.
+
+    Raises:
+      ValueError: ``operand`` not 0 or 1, or an unknown ``backend``.
+      RuntimeError: ``backend="native"`` where the kernel cannot run.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jqx.ops.attention import softmax_dot
+        >>> s = jnp.array([[[1.0, 2.0, 3.0]]])  # (b, q, k)
+        >>> v = jnp.array([[[1.0], [2.0], [3.0]]])  # (b, k, d)
+        >>> x = s - s.max(-1, keepdims=True)
+        >>> y = softmax_dot(x, v, (((2,), (1,)), ((0,), (0,))))
+        >>> bool(jnp.allclose(y, jax.nn.softmax(s) @ v))
+        True
+    """
+    if operand not in (0, 1):
+        raise ValueError(f"softmax_dot: operand={operand!r} must be 0 (x is the lhs) or 1.")
+    (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
+    if dispatch.choose_softmax_dot(x, other, backend) == "xla":
+        e = jnp.exp(x)
+        total = jnp.sum(e, axis=tuple(pc))
+        return normalised_dot(
+            e, total, other, dimension_numbers, operand, precision, preferred_element_type
+        )
+    pfree = [a for a in range(x.ndim) if a not in pb and a not in pc]
+    ofree = [a for a in range(other.ndim) if a not in ob and a not in oc]
+    batch = [x.shape[a] for a in pb]
+    qs, ds = [x.shape[a] for a in pfree], [other.shape[a] for a in ofree]
+    g, k = math.prod(batch), math.prod(x.shape[a] for a in pc)
+    xt = jnp.transpose(x, (*pb, *pfree, *pc)).reshape(g, math.prod(qs), k)
+    vt = jnp.transpose(other, (*ob, *oc, *ofree)).reshape(g, k, math.prod(ds))
+    y = native.softmax_dot(xt, vt).reshape(*batch, *qs, *ds)
+    if operand == 1:  # dot_general puts the lhs's (other's) free dims first
+        nb, nq = len(batch), len(qs)
+        perm = (*range(nb), *range(nb + nq, nb + nq + len(ds)), *range(nb, nb + nq))
+        y = jnp.transpose(y, perm)
+    return y.astype(preferred_element_type) if preferred_element_type is not None else y
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:

@@ -15,7 +15,8 @@ time, once per outer ``jit`` trace) with the real QArrays:
   ``q.dequantize()``;
 - attention written ``softmax(s) @ v`` is computed as ``(exp(s - max) @ v) / sum``
   where that is valid and measured faster (``jqx.ops.policy(softmax_reorder=...)``;
-  docs/guide/run.md#attention).
+  docs/guide/run.md#attention), on CPU in one native pass
+  (:func:`jqx.ops.attention.softmax_dot`).
 
 The same interpreter serves calibration and QAT through
 :func:`capture_inputs` (record the inputs of the matmuls of chosen weights)
@@ -316,6 +317,7 @@ class _SoftmaxMatch:
     operand: int
     axes: tuple[int, ...]
     total: Any  # the reduce_sum's output var: e summed over ``axes``
+    shifted: Any = None  # exp's input var where it is s - max(s) over ``axes``, else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +396,45 @@ def _softmax_match(eqns, i, producer, uses, outvars) -> _SoftmaxMatch | None:
     (lc, rc), _ = dot.params["dimension_numbers"]
     if tuple(sorted(lc if operand == 0 else rc)) != axes:
         return None
-    return _SoftmaxMatch(i, k, operand, axes, total)
+    shifted = _shifted_scores(eqns, producer, eqns[producer[num]], axes)
+    return _SoftmaxMatch(i, k, operand, axes, total, shifted)
+
+
+def _shifted_scores(eqns, producer, exp, axes):
+    """exp's input when it is ``s - max(s)`` over ``axes`` as ``jax.nn.softmax`` traces it
+    (``reduce_max``, optionally ``max(-inf, .)``, ``broadcast_in_dim``, optionally
+    ``stop_gradient``, ``sub``), so every entry is <= 0; else None."""
+
+    def made_by(v, *names):
+        if not isinstance(v, jcore.Var) or v not in producer:
+            return None
+        e = eqns[producer[v]]
+        return e if e.primitive.name in names else None
+
+    x = exp.invars[0]
+    sub = made_by(x, "sub")
+    if sub is None:
+        return None
+    s, m = sub.invars
+    e = made_by(m, "stop_gradient")
+    e = made_by(e.invars[0] if e is not None else m, "broadcast_in_dim")
+    if e is None:
+        return None
+    keep = tuple(d for d in range(len(x.aval.shape)) if d not in axes)
+    if tuple(e.params["broadcast_dimensions"]) != keep:
+        return None
+    top = e.invars[0]
+    e = made_by(top, "max")
+    if e is not None:  # jnp.max(..., initial=-inf): max(-inf, reduce_max(s))
+        lit = [a for a in e.invars if isinstance(a, jcore.Literal)]
+        var = [a for a in e.invars if not isinstance(a, jcore.Literal)]
+        if len(lit) != 1 or len(var) != 1 or not np.all(np.asarray(lit[0].val) == -np.inf):
+            return None
+        top = var[0]
+    e = made_by(top, "reduce_max")
+    if e is None or e.invars[0] is not s or tuple(sorted(e.params["axes"])) != axes:
+        return None
+    return x
 
 
 def _softmax_plan(jaxpr) -> _Plan:
@@ -441,26 +481,23 @@ def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
         if any(_is_w(x) for x in invals) or ctx.act_matmuls is not None:
             return _eval_eqn(ctx, eqn, invals)
         return [eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))]
-    ops_ = list(invals)
-    ops_[m.operand] = d.numer
-    y = eqn.primitive.bind(*ops_, **eqn.primitive.get_bind_params(eqn.params))
-    # Where each of p's axes lands in y: batch dims first, then lhs free, then rhs free.
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    pc, pb = (lc, lb) if m.operand == 0 else (rc, rb)
-    oc, ob = (rc, rb) if m.operand == 0 else (lc, lb)
-    ndim = d.numer.ndim
-    pos = {a: j for j, a in enumerate(pb)}
-    free = [a for a in range(ndim) if a not in pb and a not in pc]
-    start = len(pb) + (0 if m.operand == 0 else other.ndim - len(oc) - len(ob))
-    pos.update({a: start + j for j, a in enumerate(free)})
-    keep = [a for a in range(ndim) if a not in m.axes]
-    where = [pos[a] for a in keep]
-    order = sorted(range(len(keep)), key=lambda t: where[t])
-    total = d.total
-    if order != list(range(len(keep))):
-        total = lax.transpose(total, order)
-    den = lax.broadcast_in_dim(total, y.shape, tuple(sorted(where)))
-    return [lax.div(y, den)]
+    from jqx.ops import attention, dispatch  # noqa: PLC0415 (as in _default_dot)
+
+    dn = eqn.params["dimension_numbers"]
+    kw = {
+        "precision": eqn.params.get("precision"),
+        "preferred_element_type": eqn.params.get("preferred_element_type"),
+    }
+    backend = "xla" if ctx.backend == "xla" else None
+    x = env.get(m.shifted) if m.shifted is not None else None
+    if (
+        x is not None
+        and not _is_w(x)
+        and dispatch.choose_softmax_dot(x, other, backend) == "native"
+    ):
+        # The native kernel from the shifted scores: no probabilities are written.
+        return [attention.softmax_dot(x, other, dn, m.operand, backend="native", **kw)]
+    return [attention.normalised_dot(d.numer, d.total, other, dn, m.operand, **kw)]
 
 
 def _dot(ctx: _Ctx, eqn, invals):
@@ -842,8 +879,9 @@ def quantized(
     Attention written ``softmax(s) @ v`` (``jax.nn.softmax`` then ``einsum``, as in
     ``flax.linen.MultiHeadDotProductAttention``) is computed as
     ``(exp(s - max) @ v) / sum`` where the probabilities feed only that matmul and
-    the platform's measurements favour it (XLA:CPU). That rounds differently from
-    the program as written, within the bound in docs/guide/run.md#attention;
+    the platform's measurements favour it (XLA:CPU; there a native kernel computes
+    it in one pass, :func:`jqx.ops.attention.softmax_dot`). That rounds differently
+    from the program as written, within the bound in docs/guide/run.md#attention;
     ``with jqx.ops.policy(softmax_reorder=False):`` around the first call keeps
     the attention exactly as written.
 

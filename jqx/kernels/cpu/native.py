@@ -105,6 +105,8 @@ __all__ = [
     "decode_attention_quantized_reference",
     "decode_attention_int4",
     "decode_attention_int4_reference",
+    "softmax_dot",
+    "softmax_dot_reference",
     "TARGET",
     "W4_TARGET",
     "FP8_TARGET",
@@ -115,6 +117,7 @@ __all__ = [
     "GGUF_KINDS",
     "ATTENTION_TARGET",
     "ATTENTION_Q_TARGET",
+    "SOFTMAX_DOT_TARGET",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
@@ -141,6 +144,7 @@ GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
+SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(x) @ v, one pass
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
@@ -207,6 +211,7 @@ _GGUF = _Library(
         ATTENTION_TARGET: "JqxDecodeAttention",
         ATTENTION_Q_TARGET: "JqxDecodeAttentionQ",
         ATTENTION_INT4_TARGET: "JqxDecodeAttentionInt4",
+        SOFTMAX_DOT_TARGET: "JqxSoftmaxDot",
     },
 )
 _CONV = _Library(
@@ -1522,6 +1527,87 @@ def decode_attention_reference(
     total = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkgs,bksd->bkgd", p, v_cache.astype(jnp.float32), precision=hp)
     return (out / jnp.where(total > 0, total, 1.0)).reshape(b, h, d)
+
+
+# ----------------------------------------------------------------- softmax, then matmul
+
+
+def _softmax_dot_check(x, v, fn: str) -> None:
+    for name, a in (("x", x), ("v", v)):
+        if getattr(a, "ndim", None) != 3 or jnp.dtype(a.dtype) != jnp.float32:
+            raise ValueError(
+                f"{fn}: {name} must be a float32 3-D array, got "
+                f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}; "
+                "give x as (G, Q, K) and v as (G, K, D) float32 (batch dims flattened into G)."
+            )
+    if v.shape[0] != x.shape[0] or v.shape[1] != x.shape[2]:
+        raise ValueError(
+            f"{fn}: x {tuple(x.shape)} and v {tuple(v.shape)} do not agree: x is (G, Q, K) "
+            "and v (G, K, D), with the same G and K."
+        )
+
+
+def softmax_dot(x: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(x, axis=-1) @ v`` per batch ``g``, for shifted scores, in one pass.
+
+    ``y[g, q] = (sum_k exp(x[g, q, k]) v[g, k]) / sum_k exp(x[g, q, k])``: attention's
+    softmax and its product with the values, where ``x`` is the scores minus their
+    row maximum (what ``jax.nn.softmax`` exponentiates, so every entry is <= 0). The
+    native kernel (``gguf_gemv.cc``; AVX2, FMA) never writes the probabilities: each
+    row's exps stay in cache, register tiles multiply them into ``v`` and divide by
+    the row's sum. Numerics: exp to about 1 ulp (entries below -87, where exp is
+    under 1.7e-38 beside a largest term of 1, count as 0: masked keys get no weight),
+    float32 sums, one FMA chain over k per output; a NaN in a row gives NaN outputs
+    for the row. Within
+    ``(2K + 8) u max|v|`` of the exact value from the same ``x`` (``u = 2^-24``), as
+    XLA's ``(exp(x) @ v) / sum`` (docs/guide/run.md#attention). Threads:
+    :func:`gguf_num_threads`, over chunks of rows (the result does not depend on
+    their number). ``jqx.ops.attention.softmax_dot`` takes any layout and picks
+    this kernel or XLA.
+
+    Args:
+      x: float32 (G, Q, K), each row's scores minus its maximum.
+      v: float32 (G, K, D).
+
+    Returns:
+      float32 (G, Q, D).
+
+    Raises:
+      ValueError: a dtype or shape the kernel does not take (the message names it).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.zeros((1, 2, 4), jnp.float32)  # equal scores: the mean of v's rows
+        >>> v = jnp.arange(8, dtype=jnp.float32).reshape(1, 4, 2)
+        >>> f = native.softmax_dot if native.gguf_available() else native.softmax_dot_reference
+        >>> f(x, v)[0].tolist()
+        [[3.0, 4.0], [3.0, 4.0]]
+    """
+    _softmax_dot_check(x, v, "softmax_dot")
+    if not gguf_available():
+        raise RuntimeError(f"the native softmax_dot kernel is not available: {gguf_status()}")
+    g, q, _ = x.shape
+    out = jax.ShapeDtypeStruct((g, q, v.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call(SOFTMAX_DOT_TARGET, out, vmap_method="sequential")(x, v)
+
+
+def softmax_dot_reference(x: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain-jnp :func:`softmax_dot`: ``(exp(x) @ v) / sum(exp(x))`` on XLA, float32 at
+    HIGHEST precision. Same operands and errors; runs anywhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.array([[[0.0, -jnp.inf]]])  # the second key masked out
+        >>> native.softmax_dot_reference(x, jnp.array([[[1.0], [5.0]]])).tolist()
+        [[[1.0]]]
+    """
+    _softmax_dot_check(x, v, "softmax_dot_reference")
+    e = jnp.exp(x)
+    y = jnp.einsum("gqk,gkd->gqd", e, v, precision=lax.Precision.HIGHEST)
+    return y / jnp.sum(e, axis=-1, keepdims=True)
 
 
 # ----------------------------------------------------------------- quantized KV cache
