@@ -13,7 +13,10 @@ are shared, so only ratios within one run mean anything):
 
 - ``f32``: ``jax.jit(apply)`` on the float variables, as written (the baseline);
 - ``f32 reordered``: ``jax.jit(jqx.quantized(apply))`` on the same float variables:
-  only the rewrite changes;
+  only the rewrite changes (on CPU the native ``softmax_dot`` kernel computes it where
+  it is available);
+- ``f32 reordered, XLA`` / ``w8a8 reordered, XLA``: the same with
+  ``jqx.ops.policy(softmax_kernel=False)``: XLA's ``(exp(s - max) @ v) / sum``;
 - ``w8a8 as written`` / ``w8a8 reordered``: int8 dynamic-activation, int8-weight
   matmuls (``jqx.int8_dynamic_activation_int8_weight()``), rewrite off / on;
 - ``w8a8 + int8 attention``: ``activation_matmuls="int8"`` as well (q @ k^T and
@@ -27,6 +30,9 @@ Parts:
 - ``block``: one ``flax.linen.MultiHeadDotProductAttention`` with a padding mask on
   ``(batch, tokens, heads x head_dim)`` activations, at BERT-base (12 x 64), MiniLM
   (12 x 32) and 6 x 64 heads;
+- ``kernel``: the native ``softmax_dot`` kernel alone (AVX512 and AVX2 builds, where
+  they run) against XLA's ``(exp(x) @ v) / sum`` on the same contiguous ``(G, Q, K)``
+  and ``(G, K, D)`` operands, ``G = batch x 12`` heads, ``D = 32`` (MiniLM's attention);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
   ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer) with the
   all-MiniLM-L6-v2 weights (the shipped tiny encoder without them), on random
@@ -60,6 +66,7 @@ import jqx  # noqa: E402
 
 W8A8 = jqx.int8_dynamic_activation_int8_weight()
 AS_WRITTEN = {"softmax_reorder": False}
+XLA_REORDER = {"softmax_kernel": False}  # reordered on XLA, not on the native kernel
 
 
 def _compiled(fn, args, **policy):
@@ -95,6 +102,8 @@ def _variants(apply, variables, args) -> tuple[dict, dict]:
     f32r, y32r = _compiled(q, (variables, *args))
     wq, yq = _compiled(q, (qvars, *args), **AS_WRITTEN)
     wqr, yqr = _compiled(jqx.quantized(apply), (qvars, *args))
+    f32x, y32x = _compiled(jqx.quantized(apply), (variables, *args), **XLA_REORDER)
+    wqx, yqx = _compiled(jqx.quantized(apply), (qvars, *args), **XLA_REORDER)
     w8, y8 = _compiled(q8, (qvars, *args))
 
     def diff(a, b):
@@ -106,18 +115,28 @@ def _variants(apply, variables, args) -> tuple[dict, dict]:
     fns = {
         "f32": (f32, (variables, *args)),
         "f32 reordered": (f32r, (variables, *args)),
+        "f32 reordered, XLA": (f32x, (variables, *args)),
         "w8a8 as written": (wq, (qvars, *args)),
         "w8a8 reordered": (wqr, (qvars, *args)),
+        "w8a8 reordered, XLA": (wqx, (qvars, *args)),
         "w8a8 + int8 attention": (w8, (qvars, *args)),
     }
     outs = {
         "f32": y32,
         "f32 reordered": y32r,
+        "f32 reordered, XLA": y32x,
         "w8a8 as written": yq,
         "w8a8 reordered": yqr,
+        "w8a8 reordered, XLA": yqx,
         "w8a8 + int8 attention": y8,
     }
-    twins = {"f32 reordered": y32, "w8a8 reordered": yq, "w8a8 + int8 attention": yq}
+    twins = {
+        "f32 reordered": y32,
+        "f32 reordered, XLA": y32,
+        "w8a8 reordered": yq,
+        "w8a8 reordered, XLA": yq,
+        "w8a8 + int8 attention": yq,
+    }
     diffs = {k: (diff(y, y32), diff(y, twins[k]) if k in twins else None) for k, y in outs.items()}
     return fns, diffs
 
@@ -155,16 +174,56 @@ def part_bare(batch: int, tokens: int, reps: int) -> None:
         args = (q, k, v, bias)
         f32, y32 = _compiled(_attention, args)
         f32r, y32r = _compiled(jqx.quantized(_attention), args)
+        f32x, y32x = _compiled(jqx.quantized(_attention), args, **XLA_REORDER)
         i8, y8 = _compiled(jqx.quantized(_attention, activation_matmuls="int8"), args)
         print(
             f"\n== einsum, jax.nn.softmax, einsum alone: batch {batch} x {tokens} tokens, "
             f"{heads} heads x {hd}, additive padding mask"
         )
-        fns = {"f32": (f32, args), "f32 reordered": (f32r, args), "int8 attention": (i8, args)}
-        d = {"f32": (0.0, None), "f32 reordered": None, "int8 attention": None}
-        d["f32 reordered"] = (float(jnp.max(jnp.abs(y32r - y32))), None)
-        d["int8 attention"] = (float(jnp.max(jnp.abs(y8 - y32))), None)
+        fns = {
+            "f32": (f32, args),
+            "f32 reordered": (f32r, args),
+            "f32 reordered, XLA": (f32x, args),
+            "int8 attention": (i8, args),
+        }
+        d = {"f32": (0.0, None)}
+        for name, y in (
+            ("f32 reordered", y32r),
+            ("f32 reordered, XLA", y32x),
+            ("int8 attention", y8),
+        ):
+            d[name] = (float(jnp.max(jnp.abs(y - y32))), None)
         _print(_round_robin(fns, reps), d)
+
+
+def part_kernel(batch: int, tokens: int, reps: int) -> None:
+    from jqx.kernels.cpu import native
+
+    r = np.random.default_rng(3)
+    g = batch * 12
+    s = r.standard_normal((g, tokens, tokens)).astype(np.float32) * 3
+    x = jnp.asarray(s - s.max(-1, keepdims=True))
+    v = jnp.asarray(r.standard_normal((g, tokens, 32)), jnp.float32)
+    y_xla = native.softmax_dot_reference(x, v)
+    fns = {"xla (exp(x) @ v) / sum": (jax.jit(native.softmax_dot_reference), (x, v))}
+    for isa, ok in (("avx512", native.available()), ("avx2", native.gguf_available())):
+        if ok:
+            fns[f"kernel, {isa}"] = (
+                jax.jit(functools.partial(native.softmax_dot, isa=isa)),
+                (x, v),
+            )
+    print(
+        f"\n== softmax(x) @ v alone: G = {g} (batch {batch} x 12 heads), Q = K = {tokens}, D = 32"
+    )
+    res = _round_robin(fns, reps)
+    bw, bc = res["xla (exp(x) @ v) / sum"]
+    print(
+        f"  {'variant':24s} {'wall ms':>9s} {'/ xla':>6s} {'cpu ms':>9s} {'/ xla':>6s}  max|d| xla"
+    )
+    for k, (f, a) in fns.items():
+        w, c = res[k]
+        d = float(jnp.max(jnp.abs(f(*a) - y_xla)))
+        print(f"  {k:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
 
 
 def _masked(m: nn.Module, variables, x, mask):
@@ -215,7 +274,7 @@ def part_model(batch: int, tokens: int, reps: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "bare", "block", "model"), default="all")
+    ap.add_argument("--part", choices=("all", "bare", "kernel", "block", "model"), default="all")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
@@ -224,6 +283,8 @@ def main(argv=None) -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     if a.part in ("all", "bare"):
         part_bare(a.batch, a.tokens, a.repeats)
+    if a.part in ("all", "kernel"):
+        part_kernel(a.batch, a.tokens, a.repeats)
     if a.part in ("all", "block"):
         part_block(a.batch, a.tokens, a.repeats)
     if a.part in ("all", "model"):

@@ -640,52 +640,64 @@ def _shifted(rng, shape, scale=4.0):
 SD_SHAPES = [(12, 128, 128, 32), (3, 5, 7, 3), (2, 17, 9, 40), (1, 1, 1, 1), (4, 33, 200, 64)]
 
 
-@needs_kernel
+# Both builds of the kernel: AVX512 (int8_gemm.cc's library) and AVX2 (gguf_gemv.cc's).
+ISAS = [
+    pytest.param(
+        "avx512",
+        marks=pytest.mark.skipif(not native.available(), reason=f"AVX512: {native.status()}"),
+    ),
+    pytest.param("avx2", marks=needs_kernel),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_softmax_dot_against_float64(shape):
+def test_softmax_dot_against_float64(shape, isa):
     g, q, k, d = shape
     rng = np.random.default_rng(sum(shape))
     x, v = _shifted(rng, (g, q, k)), rng.standard_normal((g, k, d)).astype(np.float32)
     bound = (2 * k + 8) * U * np.abs(v).max()
     ref = _softmax_dot64(x, v)
-    for fn in (native.softmax_dot, native.softmax_dot_reference):
+    kernel = functools.partial(native.softmax_dot, isa=isa)
+    for fn in (kernel, native.softmax_dot_reference):
         got = np.asarray(jax.jit(fn)(jnp.asarray(x), jnp.asarray(v)))
-        assert np.abs(got - ref).max() <= bound, (fn.__name__, np.abs(got - ref).max(), bound)
+        assert np.abs(got - ref).max() <= bound, (fn, np.abs(got - ref).max(), bound)
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @given(
     shape=st.tuples(*(st.integers(1, n) for n in (3, 40, 70, 40))),
     seed=st.integers(0, 2**16),
     scale=st.sampled_from([0.1, 4.0, 100.0]),
 )
-def test_softmax_dot_property(shape, seed, scale):
+def test_softmax_dot_property(isa, shape, seed, scale):
     g, q, k, d = shape
     rng = np.random.default_rng(seed)
     x = _shifted(rng, (g, q, k), scale)
     v = (scale * rng.standard_normal((g, k, d))).astype(np.float32)
-    got = np.asarray(native.softmax_dot(jnp.asarray(x), jnp.asarray(v)))
+    got = np.asarray(native.softmax_dot(jnp.asarray(x), jnp.asarray(v), isa=isa))
     err = np.abs(got - _softmax_dot64(x, v)).max()
     assert err <= (2 * k + 8) * U * np.abs(v).max() + 1e-37
 
 
-@needs_kernel
-def test_softmax_dot_masked_keys_nan_and_empty():
+@pytest.mark.parametrize("isa", ISAS)
+def test_softmax_dot_masked_keys_nan_and_empty(isa):
     # flax.linen's mask (finfo.min scores) and -inf: those keys get no weight.
+    sd = functools.partial(native.softmax_dot, isa=isa)
     v = jnp.arange(12, dtype=jnp.float32).reshape(1, 4, 3)
     low = float(np.finfo(np.float32).min)
     x = jnp.array([[[0.0, low, low, low], [low, 0.0, -jnp.inf, 0.0], [0.0] * 4]])
-    got = np.asarray(native.softmax_dot(x, v))
+    got = np.asarray(sd(x, v))
     np.testing.assert_array_equal(got[0, 0], [0.0, 1.0, 2.0])
     np.testing.assert_allclose(got[0, 1], [6.0, 7.0, 8.0], rtol=2 * U)
     np.testing.assert_allclose(got[0, 2], [4.5, 5.5, 6.5], rtol=4 * U)
     # A NaN in a row makes that row NaN, and only that row.
-    y = np.asarray(native.softmax_dot(x.at[0, 1, 3].set(jnp.nan), v))
+    y = np.asarray(sd(x.at[0, 1, 3].set(jnp.nan), v))
     assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, [0, 2]]).all()
     # NaN in v reaches the rows that weigh it.
-    assert np.isnan(np.asarray(native.softmax_dot(x, v.at[0, 3, 0].set(jnp.nan)))[0, 1, 0])
+    assert np.isnan(np.asarray(sd(x, v.at[0, 3, 0].set(jnp.nan)))[0, 1, 0])
     # No keys: 0 / 0, as XLA's reference gives.
-    empty = native.softmax_dot(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5)))
+    empty = sd(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5)))
     assert empty.shape == (2, 3, 5) and np.isnan(np.asarray(empty)).all()
     assert np.isnan(
         np.asarray(native.softmax_dot_reference(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5))))
@@ -736,3 +748,5 @@ def test_softmax_dot_bad_input_names_the_argument():
         for fn in (native.softmax_dot, native.softmax_dot_reference):
             with pytest.raises(ValueError, match=pattern):
                 fn(*args)
+    with pytest.raises(ValueError, match="isa='sse' must be None, 'avx512' or 'avx2'"):
+        native.softmax_dot(x, v, isa="sse")

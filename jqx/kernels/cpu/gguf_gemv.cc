@@ -52,7 +52,8 @@
 // the visible slots of a float32 / float16 KV cache; see its section below) and
 // jqx_decode_attention_q (the same over an int8 or fp8 quantized cache) and
 // jqx_decode_attention_int4 (over the 4-bit KIVI cache), which share the thread
-// pool.
+// pool, and jqx_softmax_dot (softmax_dot.h: a softmax and its product with the
+// values in one pass, for jqx.quantized's attention).
 //
 // Built on first use by jqx/kernels/cpu/native.py (g++ -O3 -mavx2 -mfma
 // -mf16c); jqx_gguf_cpu_supported() is checked before registering it.
@@ -74,6 +75,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "softmax_dot.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -884,26 +886,9 @@ ffi::Error GgufGemvQ8Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qvalue,
 // thread; the cut depends only on lo and hi, so results do not depend on the
 // number of threads.
 
-// exp(x) for x <= 0 (the softmax's shifted scores), Cephes' single-precision
-// range reduction and polynomial (about 1 ulp). Inputs below -87 give exp(-87)
-// (~1.6e-38, next to a largest term of 1), which keeps 2^n a normal float.
-inline __m256 ExpNonPositive(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // x second: a NaN score stays NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2, with ln2 split in two so that n * hi is exact.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+// exp(x) for x <= 0 (the softmax's shifted scores; softmax_dot.h's ExpNonPositiveT:
+// Cephes' range reduction and polynomial, about 1 ulp; below -87 exp(-87)).
+inline __m256 ExpNonPositive(__m256 x) { return ExpNonPositiveT<SdAvx2>(x); }
 
 // Eight cache elements as float32.
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -1714,156 +1699,10 @@ ffi::Error DecodeAttentionInt4Impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U8>
 }
 
 
-// ---------------------------------------------------------------- softmax then matmul
-//
-// jqx_softmax_dot: y[g, q, :] = (sum_k exp(x[g, q, k]) v[g, k, :]) / sum_k exp(x[g, q, k])
-// for x (G, Q, K) float32, the shifted scores s - max_k(s) of a softmax (so <= 0, or
-// NaN), v (G, K, D) float32, y (G, Q, D) float32: attention's softmax and its product
-// with the values in one pass (jqx.ops.attention.softmax_dot; jqx.quantized sends
-// ``jax.nn.softmax`` then ``einsum`` here on CPU). Per chunk of kSdChunkRows rows of
-// one g: each row's exps (SoftmaxExp, about 1 ulp) go to a thread-local buffer
-// with their float32 sum, then register tiles of kSdRows rows x 16 columns of D run
-// the product over k (one FMA chain per output, k ascending; every loaded v vector
-// serves the tile's rows, every broadcast exp two vectors) and divide by the row's
-// sum as they leave the registers. The probabilities are never written; x and v are
-// read once per chunk (v stays in cache across a g's chunks). Chunks split rows only,
-// so the result does not depend on the number of threads.
-
-constexpr int64_t kSdRows = 4;
-constexpr int64_t kSdChunkRows = 16;
-
-struct SoftmaxDotJob {
-  const float* x;
-  const float* v;
-  float* y;
-  int64_t Q, K, D, qblocks;
-};
-
-thread_local std::vector<float> t_sd_exp;
-
-inline __m256i LaneMask(int64_t n) {  // the first n (0..8) lanes set
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// exp(x) for x <= 0, and 0 below -87 (where exp is under 1.7e-38, a subnormal or 0
-// in float32): a masked key (finfo.min or -inf scores) gets no weight, as in XLA.
-// NaN stays NaN.
-inline __m256 SoftmaxExp(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);
-  return _mm256_and_ps(ExpNonPositive(x), keep);
-}
-
-// The exps of one row of x into e (K floats) and their sum.
-inline float RowExps(const float* x, int64_t K, float* e) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 p = SoftmaxExp(_mm256_loadu_ps(x + k));
-    _mm256_storeu_ps(e + k, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  if (k < K) {
-    const __m256i m = LaneMask(K - k);
-    // Masked-off lanes load 0 (exp 1): zeroed before they reach the sum.
-    const __m256 p = _mm256_and_ps(SoftmaxExp(_mm256_maskload_ps(x + k, m)),
-                                   _mm256_castsi256_ps(m));
-    _mm256_maskstore_ps(e + k, m, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
-// y rows [0, R) (R <= kSdRows), columns [d0, d0 + 16) masked to D, from the rows'
-// exps e (stride K) and sums.
-template <int R>
-inline void SoftmaxDotTile(const float* e, int64_t K, const float* v, int64_t D, int64_t d0,
-                           const float* sums, float* y) {
-  const __m256i m0 = LaneMask(std::min<int64_t>(8, std::max<int64_t>(0, D - d0)));
-  const __m256i m1 = LaneMask(std::min<int64_t>(8, std::max<int64_t>(0, D - d0 - 8)));
-  const bool full = d0 + 16 <= D;
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const float* vk = v + d0;
-  for (int64_t k = 0; k < K; ++k, vk += D) {
-    const __m256 v0 = full ? _mm256_loadu_ps(vk) : _mm256_maskload_ps(vk, m0);
-    const __m256 v1 = full ? _mm256_loadu_ps(vk + 8) : _mm256_maskload_ps(vk + 8, m1);
-    for (int r = 0; r < R; ++r) {
-      const __m256 p = _mm256_broadcast_ss(e + r * K + k);
-      acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m256 t = _mm256_set1_ps(sums[r]);
-    float* yr = y + r * D + d0;
-    if (full) {
-      _mm256_storeu_ps(yr, _mm256_div_ps(acc[r][0], t));
-      _mm256_storeu_ps(yr + 8, _mm256_div_ps(acc[r][1], t));
-    } else {
-      _mm256_maskstore_ps(yr, m0, _mm256_div_ps(acc[r][0], t));
-      _mm256_maskstore_ps(yr + 8, m1, _mm256_div_ps(acc[r][1], t));
-    }
-  }
-}
-
-void SoftmaxDotChunk(const void* ctx, int64_t c) {
-  const SoftmaxDotJob& j = *static_cast<const SoftmaxDotJob*>(ctx);
-  const int64_t g = c / j.qblocks;
-  const int64_t q0 = (c % j.qblocks) * kSdChunkRows;
-  const int64_t rows = std::min(j.Q - q0, kSdChunkRows);
-  if (t_sd_exp.size() < static_cast<size_t>(rows * j.K))
-    t_sd_exp.resize(static_cast<size_t>(rows * j.K));
-  float* e = t_sd_exp.data();
-  float sums[kSdChunkRows];
-  const float* x = j.x + (g * j.Q + q0) * j.K;
-  for (int64_t r = 0; r < rows; ++r) sums[r] = RowExps(x + r * j.K, j.K, e + r * j.K);
-  const float* v = j.v + g * j.K * j.D;
-  float* y = j.y + (g * j.Q + q0) * j.D;
-  for (int64_t r = 0; r < rows; r += kSdRows) {
-    const int64_t rr = std::min(kSdRows, rows - r);
-    for (int64_t d0 = 0; d0 < j.D; d0 += 16) {
-      const float* er = e + r * j.K;
-      float* yr = y + r * j.D;
-      switch (rr) {
-        case 4: SoftmaxDotTile<4>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        case 3: SoftmaxDotTile<3>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        case 2: SoftmaxDotTile<2>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        default: SoftmaxDotTile<1>(er, j.K, v, j.D, d0, sums + r, yr); break;
-      }
-    }
-  }
-}
-
+// jqx_softmax_dot: softmax_dot.h's kernel on eight-float vectors.
 ffi::Error SoftmaxDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> v,
                           ffi::ResultBuffer<ffi::F32> y, ffi::ThreadPool xla_pool) {
-  const auto xd = x.dimensions();
-  const auto vd = v.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 3 || vd.size() != 3 || yd.size() != 3 || vd[0] != xd[0] ||
-      vd[1] != xd[2] || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != vd[2])
-    return ffi::Error::InvalidArgument(
-        "jqx_softmax_dot: x (G, Q, K), v (G, K, D) and y (G, Q, D) do not agree");
-  const int64_t G = xd[0], Q = xd[1], K = xd[2], D = vd[2];
-  if (G == 0 || Q == 0 || D == 0) return ffi::Error::Success();
-  float* out = y->typed_data();
-  if (K == 0) {  // an empty softmax: 0 / 0
-    std::fill(out, out + G * Q * D, NAN);
-    return ffi::Error::Success();
-  }
-  const int64_t qblocks = (Q + kSdChunkRows - 1) / kSdChunkRows;
-  const SoftmaxDotJob job{x.typed_data(), v.typed_data(), out, Q, K, D, qblocks};
-  const int64_t chunks = G * qblocks;
-  XlaPoolScope xla_scope(xla_pool, G * Q > kXlaPoolRows);
-  if (G * Q * K * (D + 8) < kInlineWork) {
-    for (int64_t c = 0; c < chunks; ++c) SoftmaxDotChunk(&job, c);
-  } else {
-    GetPool()->Run(SoftmaxDotChunk, &job, chunks);
-  }
-  return ffi::Error::Success();
+  return SoftmaxDotBody<SdAvx2>(x, v, y, xla_pool);
 }
 
 }  // namespace

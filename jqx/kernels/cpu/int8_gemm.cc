@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "softmax_dot.h"
 #include "w8a8.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -1530,3 +1531,11 @@ extern "C" int jqx_cpu_supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
+
+// jqx_softmax_dot_avx512: softmax_dot.h's kernel on sixteen-float vectors.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxSoftmaxDotAvx512, SoftmaxDotBody<SdAvx512>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());

@@ -118,6 +118,7 @@ __all__ = [
     "ATTENTION_TARGET",
     "ATTENTION_Q_TARGET",
     "SOFTMAX_DOT_TARGET",
+    "SOFTMAX_DOT_AVX512_TARGET",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
@@ -144,7 +145,8 @@ GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
-SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(x) @ v, one pass
+SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(x) @ v, one pass (AVX2)
+SOFTMAX_DOT_AVX512_TARGET = "jqx_softmax_dot_avx512"  # the same in int8_gemm.cc (AVX512)
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
@@ -198,6 +200,7 @@ _INT8 = _Library(
         W4_TARGET: "JqxW4Gemv",
         FP8_TARGET: "JqxFp8Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
+        SOFTMAX_DOT_AVX512_TARGET: "JqxSoftmaxDotAvx512",
     },
 )
 _GGUF = _Library(
@@ -1547,15 +1550,16 @@ def _softmax_dot_check(x, v, fn: str) -> None:
         )
 
 
-def softmax_dot(x: jax.Array, v: jax.Array) -> jax.Array:
+def softmax_dot(x: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Array:
     """``softmax(x, axis=-1) @ v`` per batch ``g``, for shifted scores, in one pass.
 
     ``y[g, q] = (sum_k exp(x[g, q, k]) v[g, k]) / sum_k exp(x[g, q, k])``: attention's
     softmax and its product with the values, where ``x`` is the scores minus their
     row maximum (what ``jax.nn.softmax`` exponentiates, so every entry is <= 0). The
-    native kernel (``gguf_gemv.cc``; AVX2, FMA) never writes the probabilities: each
-    row's exps stay in cache, register tiles multiply them into ``v`` and divide by
-    the row's sum. Numerics: exp to about 1 ulp (entries below -87, where exp is
+    native kernel (``softmax_dot.h``: AVX512 in ``int8_gemm.cc``'s library where that
+    one runs, else AVX2 and FMA in ``gguf_gemv.cc``'s) never writes the probabilities:
+    each row's exps stay in cache, register tiles multiply them into ``v`` and divide
+    by the row's sum. Numerics: exp to about 1 ulp (entries below -87, where exp is
     under 1.7e-38 beside a largest term of 1, count as 0: masked keys get no weight),
     float32 sums, one FMA chain over k per output; a NaN in a row gives NaN outputs
     for the row. Within
@@ -1568,13 +1572,18 @@ def softmax_dot(x: jax.Array, v: jax.Array) -> jax.Array:
     Args:
       x: float32 (G, Q, K), each row's scores minus its maximum.
       v: float32 (G, K, D).
+      isa: None (AVX512 where :func:`available`, else AVX2), ``"avx512"`` or ``"avx2"``.
+        The two compute each output's product the same way and add a row's exps in
+        another order.
 
     Returns:
       float32 (G, Q, D).
 
     Raises:
-      ValueError: a dtype or shape the kernel does not take (the message names it).
-      RuntimeError: the kernel is not available here (:func:`gguf_status`).
+      ValueError: a dtype or shape the kernel does not take, or an unknown ``isa``
+        (the message names it).
+      RuntimeError: the kernel is not available here (:func:`gguf_status`, or
+        :func:`status` for ``isa="avx512"``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -1586,11 +1595,18 @@ def softmax_dot(x: jax.Array, v: jax.Array) -> jax.Array:
         [[3.0, 4.0], [3.0, 4.0]]
     """
     _softmax_dot_check(x, v, "softmax_dot")
-    if not gguf_available():
-        raise RuntimeError(f"the native softmax_dot kernel is not available: {gguf_status()}")
+    if isa not in (None, "avx512", "avx2"):
+        raise ValueError(f"softmax_dot: isa={isa!r} must be None, 'avx512' or 'avx2'.")
+    if isa == "avx512" or (isa is None and available()):
+        target, name, why = SOFTMAX_DOT_AVX512_TARGET, "AVX512", None if available() else status()
+    else:
+        target, name = SOFTMAX_DOT_TARGET, "AVX2"
+        why = None if gguf_available() else gguf_status()
+    if why is not None:
+        raise RuntimeError(f"the native softmax_dot kernel ({name}) is not available: {why}")
     g, q, _ = x.shape
     out = jax.ShapeDtypeStruct((g, q, v.shape[2]), jnp.float32)
-    return jax.ffi.ffi_call(SOFTMAX_DOT_TARGET, out, vmap_method="sequential")(x, v)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, v)
 
 
 def softmax_dot_reference(x: jax.Array, v: jax.Array) -> jax.Array:
