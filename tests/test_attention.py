@@ -133,6 +133,14 @@ def test_softmax_dot_routes_and_errors():
         assert dispatch.choose_softmax_dot(x, v) == "xla"
     with jqx.ops.policy(platform="cuda"):
         assert dispatch.choose_softmax_dot(x, v) == "xla"
+    # Above softmax_kernel_max_scores (batch x heads x q x k) XLA fuses the exps into
+    # its dot; backend="native" still asks for the kernel.
+    big = jax.ShapeDtypeStruct((48, 128, 128), jnp.float32)
+    assert dispatch.choose_softmax_dot(big, v) == "xla"
+    with jqx.ops.policy(softmax_kernel_max_scores=48 * 128 * 128):
+        assert dispatch.choose_softmax_dot(big, v) == expect
+    if native.gguf_available():
+        assert dispatch.choose_softmax_dot(big, v, "native") == "native"
     with pytest.raises(ValueError, match="backend='pallas' must be None, 'xla' or 'native'"):
         dispatch.choose_softmax_dot(x, v, "pallas")
     with pytest.raises(RuntimeError, match=r"cannot run this.*takes float32 operands"):

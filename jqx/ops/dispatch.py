@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Literal
@@ -216,8 +217,11 @@ class Policy:
         choice (on CPU only); True: wherever the rewrite is valid; False: never, so
         attention runs exactly as written.
       softmax_kernel: whether a reordered softmax-then-matmul (and
-        :func:`jqx.ops.attention.softmax_dot`) may run on the native AVX2 kernel
+        :func:`jqx.ops.attention.softmax_dot`) may run on the native kernel
         (``native.softmax_dot``) where it is available; False: XLA's formulation.
+      softmax_kernel_max_scores: ...up to this many shifted scores per call (all of
+        them, e.g. batch x heads x queries x keys): above it XLA, which fuses the
+        exps into its dot instead of writing the scores out for the kernel to read.
     """
 
     platform: str | None = None
@@ -239,6 +243,7 @@ class Policy:
     pallas_table: Mapping[str, Mapping[str, Mapping[int, str]]] | None = None
     softmax_reorder: bool | None = None
     softmax_kernel: bool = True
+    softmax_kernel_max_scores: int = 1 << 19
 
 
 _DEFAULT = Policy()
@@ -334,10 +339,13 @@ def choose_softmax_dot(x, other, backend: str | None = None) -> str:
     """``"native"`` or ``"xla"``: who computes :func:`jqx.ops.attention.softmax_dot` for
     these operands (shifted scores ``x`` and the other operand of the matmul).
 
-    The native kernel (``native.softmax_dot``, AVX2) takes float32 operands on CPU
-    where its library is available and the policy's ``softmax_kernel`` allows it:
-    MiniLM's attention at 12 heads x 128 tokens runs several times faster there than
-    XLA's exp, row sums, transposes and batched dot (docs/guide/run.md#attention).
+    The native kernel (``native.softmax_dot``, AVX512 or AVX2) takes float32 operands
+    on CPU where its library is available and the policy's ``softmax_kernel`` allows
+    it, up to ``softmax_kernel_max_scores`` scores (2^19: the scores of 12 heads x 128
+    tokens at batch 2, 2 MiB). There it beats XLA's exps, row sums, transposes and
+    batched dot (MiniLM's W8A8 at batch 1-2: 0.80x the time); from batch 4 XLA, which
+    fuses the exps into its dot rather than reading the scores back from memory, is as
+    fast or faster (docs/internals/dispatch.md).
 
     Raises:
       ValueError: an unknown ``backend``.
@@ -359,7 +367,8 @@ def choose_softmax_dot(x, other, backend: str | None = None) -> str:
         )
     if backend == "native":
         return "native"
-    return "native" if pol.softmax_kernel and reason == "available" and fits else "xla"
+    small = math.prod(x.shape) <= pol.softmax_kernel_max_scores
+    return "native" if pol.softmax_kernel and small and reason == "available" and fits else "xla"
 
 
 def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:
