@@ -483,10 +483,11 @@ def softmax_dot(
     (docs/guide/run.md#attention). Two implementations, chosen by
     :func:`jqx.ops.dispatch.choose_softmax_dot`:
 
-    - ``"native"``: ``jqx.kernels.cpu.native.softmax_dot`` (AVX2) on float32 CPU
-      operands, after moving ``x``'s and ``other``'s axes to ``(batch, free,
-      contracted)`` and ``(batch, contracted, free)`` (free where they already are,
-      e.g. flax.linen's ``(b, h, q, k)`` scores). It never writes the probabilities.
+    - ``"native"``: ``jqx.kernels.cpu.native.softmax_dot`` (AVX512 or AVX2) on float32
+      CPU operands of up to ``Policy.softmax_kernel_max_scores`` scores, after moving
+      ``x``'s and ``other``'s axes to ``(batch, free, contracted)`` and ``(batch,
+      contracted, free)`` (free where they already are, e.g. flax.linen's ``(b, h, q,
+      k)`` scores). It never writes the probabilities.
     - ``"xla"``: :func:`normalised_dot` of ``exp(x)`` and its sum.
 
     Both are within ``(2K + 8) u max|other|`` of the exact value from the same ``x``

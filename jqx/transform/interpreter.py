@@ -15,7 +15,7 @@ time, once per outer ``jit`` trace) with the real QArrays:
   ``q.dequantize()``;
 - attention written ``softmax(s) @ v`` is computed as ``(exp(s - max) @ v) / sum``
   where that is valid and measured faster (``jqx.ops.policy(softmax_reorder=...)``;
-  docs/guide/run.md#attention), on CPU in one native pass
+  docs/guide/run.md#attention), a small one on CPU in one native pass
   (:func:`jqx.ops.attention.softmax_dot`).
 
 The same interpreter serves calibration and QAT through
@@ -880,7 +880,7 @@ def quantized(
     ``flax.linen.MultiHeadDotProductAttention``) is computed as
     ``(exp(s - max) @ v) / sum`` where the probabilities feed only that matmul and
     the platform's measurements favour it (XLA:CPU; there a native kernel computes
-    it in one pass, :func:`jqx.ops.attention.softmax_dot`). That rounds differently
+    small ones in one pass, :func:`jqx.ops.attention.softmax_dot`). That rounds differently
     from the program as written, within the bound in docs/guide/run.md#attention;
     ``with jqx.ops.policy(softmax_reorder=False):`` around the first call keeps
     the attention exactly as written.
