@@ -279,6 +279,23 @@ def test_kernel_only_for_shifted_scores_and_off_with_backend_xla():
         assert native.SOFTMAX_DOT_TARGET not in text
 
 
+@KERNEL
+def test_reordered_attention_is_differentiable(kernel):
+    # The native kernel's derivatives are XLA's formula's (a custom JVP), so gradients
+    # through jqx.quantized agree with those of the attention as written.
+    q, k, v = _qkv(9)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
+
+    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
+        assert _has_kernel(_attention, q, k, v) == (kernel and native.gguf_available())
+        got = jax.jit(jax.grad(loss(jqx.quantized(_attention)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
 def test_activation_matmuls_quantize_p_as_written():
     """activation_matmuls="int8" quantizes the normalised probabilities, as before."""
     q, k, v = _qkv(6)

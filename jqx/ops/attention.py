@@ -465,6 +465,18 @@ def normalised_dot(
     return jax.lax.div(y, den)
 
 
+@jax.custom_jvp
+def _softmax_dot_native(x, v):
+    """The native kernel, differentiable: its derivatives are XLA's formula's."""
+    return native.softmax_dot(x, v)
+
+
+@_softmax_dot_native.defjvp
+def _softmax_dot_native_jvp(primals, tangents):
+    _, dy = jax.jvp(native.softmax_dot_reference, primals, tangents)
+    return _softmax_dot_native(*primals), dy
+
+
 def softmax_dot(
     x,
     other,
@@ -491,7 +503,8 @@ def softmax_dot(
     - ``"xla"``: :func:`normalised_dot` of ``exp(x)`` and its sum.
 
     Both are within ``(2K + 8) u max|other|`` of the exact value from the same ``x``
-    (K the contracted elements, ``u`` the unit roundoff); they round differently.
+    (K the contracted elements, ``u`` the unit roundoff); they round differently. Both
+    are differentiable: the kernel's derivatives are those of XLA's formula.
 
     Args:
       x: the shifted scores, any layout.
@@ -534,7 +547,7 @@ def softmax_dot(
     g, k = math.prod(batch), math.prod(x.shape[a] for a in pc)
     xt = jnp.transpose(x, (*pb, *pfree, *pc)).reshape(g, math.prod(qs), k)
     vt = jnp.transpose(other, (*ob, *oc, *ofree)).reshape(g, k, math.prod(ds))
-    y = native.softmax_dot(xt, vt).reshape(*batch, *qs, *ds)
+    y = _softmax_dot_native(xt, vt).reshape(*batch, *qs, *ds)
     if operand == 1:  # dot_general puts the lhs's (other's) free dims first
         nb, nq = len(batch), len(qs)
         perm = (*range(nb), *range(nb + nq, nb + nq + len(ds)), *range(nb, nb + nq))
