@@ -1,6 +1,7 @@
 """Grouped-query attention over a KV cache: the XLA formulation, the decode step that
 the dispatcher may send to the native CPU kernel, and the quantized cache formats that
-decode step reads in place.
+decode step reads in place; and :func:`softmax_dot`, a softmax followed by its matmul
+(``jqx.quantized``'s reordered attention), on XLA or the native CPU kernel.
 
 :func:`gqa_attention` is masked grouped-query attention for any number of queries;
 :func:`decode_attention` is the one-query-per-sequence case of a decode step, which reads
