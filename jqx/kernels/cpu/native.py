@@ -28,6 +28,10 @@ over the visible slots of a float32 or float16 KV cache, with
 and ``jqx_decode_attention_int4`` (:func:`decode_attention_int4`, the 4-bit KIVI
 cache) reading quantized caches in place.
 
+Both libraries register :func:`softmax_dot` (``softmax_dot.h``: a softmax and its
+product with the values in one pass, ``jqx.quantized``'s reordered attention), as
+``jqx_softmax_dot_avx512`` and ``jqx_softmax_dot`` (AVX2).
+
 A third library, ``conv_int8.cc`` (AVX2), registers the W8A8 int8 convolution
 ``jqx_conv_int8`` and ``jqx_w8a8_gemm`` (:func:`w8a8_matmul`): the dense W8A8
 product with the per-token (or per-tensor, or static) activation quantization
