@@ -264,12 +264,12 @@ def _unshifted(q, k, v):
 
 
 @pytest.mark.skipif(not native.gguf_available(), reason=native.gguf_status())
-def test_kernel_only_for_shifted_scores_and_off_with_backend_xla():
+def test_kernel_only_for_jax_nn_softmax_and_off_with_backend_xla():
     q, k, v = _qkv(8)
     with jqx.ops.policy(**REORDER):
         assert _has_kernel(_attention, q, k, v)
         # exp of scores without the maximum subtracted: reordered on XLA (the kernel
-        # takes scores <= 0), within the same bound as written.
+        # computes jax.nn.softmax's s - max(s)), within the same bound as written.
         assert not _has_kernel(_unshifted, q, k, v)
         assert _normalised(_unshifted, q, k, v) == 0
         y = jax.jit(jqx.quantized(_unshifted))(q, k, v)

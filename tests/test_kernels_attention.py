@@ -627,22 +627,22 @@ def test_int4_bad_input_names_the_argument():
 
 # ----------------------------------------------------------------- softmax, then matmul
 #
-# native.softmax_dot (gguf_gemv.cc's jqx_softmax_dot): softmax(x) @ v per batch for
-# shifted scores x (<= 0), against float64 within (2K + 8) u max|v| (u = 2^-24: the K-term
-# dot and row sum, exp's and the division's rounding).
+# native.softmax_dot (softmax_dot.h's jqx_softmax_dot[_avx512]): softmax(s) @ v per batch,
+# against float64 within (2K + 8) u max|v| (u = 2^-24: the K-term dot and row sum, exp's
+# and the division's rounding) of the value from the same shifted scores s - max(s),
+# which the kernel forms with jax.nn.softmax's one subtraction.
 
 U = 2.0**-24
 
 
-def _softmax_dot64(x, v):
-    x, v = np.asarray(x, np.float64), np.asarray(v, np.float64)
-    e = np.exp(x)
-    return np.einsum("gqk,gkd->gqd", e, v) / e.sum(-1, keepdims=True)
+def _softmax_dot64(s, v):
+    x = np.asarray(s, np.float32) - np.max(s, -1, keepdims=True)  # float32, as the kernel
+    e = np.exp(x.astype(np.float64))
+    return np.einsum("gqk,gkd->gqd", e, np.asarray(v, np.float64)) / e.sum(-1, keepdims=True)
 
 
-def _shifted(rng, shape, scale=4.0):
-    s = scale * rng.standard_normal(shape).astype(np.float32)
-    return s - s.max(-1, keepdims=True)
+def _scores(rng, shape, scale=4.0, offset=0.0):
+    return (scale * rng.standard_normal(shape) + offset).astype(np.float32)
 
 
 SD_SHAPES = [(12, 128, 128, 32), (3, 5, 7, 3), (2, 17, 9, 40), (1, 1, 1, 1), (4, 33, 200, 64)]
@@ -663,7 +663,8 @@ ISAS = [
 def test_softmax_dot_against_float64(shape, isa):
     g, q, k, d = shape
     rng = np.random.default_rng(sum(shape))
-    x, v = _shifted(rng, (g, q, k)), rng.standard_normal((g, k, d)).astype(np.float32)
+    x = _scores(rng, (g, q, k), offset=50.0)  # the kernel subtracts each row's maximum
+    v = rng.standard_normal((g, k, d)).astype(np.float32)
     bound = (2 * k + 8) * U * np.abs(v).max()
     ref = _softmax_dot64(x, v)
     kernel = functools.partial(native.softmax_dot, isa=isa)
@@ -681,7 +682,7 @@ def test_softmax_dot_against_float64(shape, isa):
 def test_softmax_dot_property(isa, shape, seed, scale):
     g, q, k, d = shape
     rng = np.random.default_rng(seed)
-    x = _shifted(rng, (g, q, k), scale)
+    x = _scores(rng, (g, q, k), scale, offset=-scale)
     v = (scale * rng.standard_normal((g, k, d))).astype(np.float32)
     got = np.asarray(native.softmax_dot(jnp.asarray(x), jnp.asarray(v), isa=isa))
     err = np.abs(got - _softmax_dot64(x, v)).max()
@@ -704,6 +705,14 @@ def test_softmax_dot_masked_keys_nan_and_empty(isa):
     assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, [0, 2]]).all()
     # NaN in v reaches the rows that weigh it.
     assert np.isnan(np.asarray(sd(x, v.at[0, 3, 0].set(jnp.nan)))[0, 1, 0])
+    # A row of -inf, or one holding +inf, is NaN, as jax.nn.softmax makes it.
+    for bad in (-jnp.inf, jnp.inf):
+        y = np.asarray(sd(x.at[0, 2].set(bad), v))
+        assert np.isnan(y[0, 2]).all() and np.isfinite(y[0, :2]).all()
+        ref = jax.nn.softmax(x.at[0, 2].set(bad)[0, 2])
+        assert np.isnan(np.asarray(ref)).all()
+    # The maximum is subtracted: large scores neither overflow nor change the result.
+    np.testing.assert_array_equal(np.asarray(sd(x[:, 2:] + 1000.0, v)), got[:, 2:])
     # No keys: 0 / 0, as XLA's reference gives.
     empty = sd(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0, 5)))
     assert empty.shape == (2, 3, 5) and np.isnan(np.asarray(empty)).all()
@@ -715,11 +724,11 @@ def test_softmax_dot_masked_keys_nan_and_empty(isa):
 def test_softmax_dot_bad_input_names_the_argument():
     x, v = jnp.zeros((2, 3, 4)), jnp.zeros((2, 4, 5))
     cases = [
-        ((x.astype(jnp.float16), v), r"x must be a float32 3-D array, got float16 \(2, 3, 4\)"),
+        ((x.astype(jnp.float16), v), r"s must be a float32 3-D array, got float16 \(2, 3, 4\)"),
         ((x, v[0]), r"v must be a float32 3-D array, got float32 \(4, 5\)"),
         ((x, [[1.0]]), r"v must be a float32 3-D array, got list"),
-        ((x, v[:1]), r"x \(2, 3, 4\) and v \(1, 4, 5\) do not agree"),
-        ((x, v[:, :3]), r"x \(2, 3, 4\) and v \(2, 3, 5\) do not agree.*same G and K"),
+        ((x, v[:1]), r"s \(2, 3, 4\) and v \(1, 4, 5\) do not agree"),
+        ((x, v[:, :3]), r"s \(2, 3, 4\) and v \(2, 3, 5\) do not agree.*same G and K"),
     ]
     for args, pattern in cases:
         for fn in (native.softmax_dot, native.softmax_dot_reference):

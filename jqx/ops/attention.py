@@ -467,9 +467,9 @@ def normalised_dot(
 
 
 @jax.custom_jvp
-def _softmax_dot_native(x, v):
+def _softmax_dot_native(s, v):
     """The native kernel, differentiable: its derivatives are XLA's formula's."""
-    return native.softmax_dot(x, v)
+    return native.softmax_dot(s, v)
 
 
 @_softmax_dot_native.defjvp
@@ -479,7 +479,7 @@ def _softmax_dot_native_jvp(primals, tangents):
 
 
 def softmax_dot(
-    x,
+    s,
     other,
     dimension_numbers,
     operand: int = 0,
@@ -488,9 +488,8 @@ def softmax_dot(
     preferred_element_type=None,
     backend: str | None = None,
 ):
-    """``dot_general(softmax(x), other)``, the softmax over the axes the product
-    contracts, for shifted scores ``x`` (the scores minus their maximum over those
-    axes, as ``jax.nn.softmax`` exponentiates them; so ``x <= 0``).
+    """``dot_general(jax.nn.softmax(s), other)``, the softmax over the axes the product
+    contracts: attention's probabilities and their product with the values.
 
     Attention written ``softmax(s) @ v``: ``jqx.quantized`` sends it here on CPU
     (docs/guide/run.md#attention). Two implementations, chosen by
@@ -498,20 +497,21 @@ def softmax_dot(
 
     - ``"native"``: ``jqx.kernels.cpu.native.softmax_dot`` (AVX512 or AVX2) on float32
       CPU operands of up to ``Policy.softmax_kernel_max_scores`` scores, after moving
-      ``x``'s and ``other``'s axes to ``(batch, free, contracted)`` and ``(batch,
+      ``s``'s and ``other``'s axes to ``(batch, free, contracted)`` and ``(batch,
       contracted, free)`` (free where they already are, e.g. flax.linen's ``(b, h, q,
-      k)`` scores). It never writes the probabilities.
-    - ``"xla"``: :func:`normalised_dot` of ``exp(x)`` and its sum.
+      k)`` scores). It writes neither the shifted scores nor the probabilities.
+    - ``"xla"``: :func:`normalised_dot` of ``exp(s - max(s))`` and its sum.
 
-    Both are within ``(2K + 8) u max|other|`` of the exact value from the same ``x``
-    (K the contracted elements, ``u`` the unit roundoff); they round differently. Both
-    are differentiable: the kernel's derivatives are those of XLA's formula.
+    Both subtract the maximum as ``jax.nn.softmax`` does (the same bits) and are within
+    ``(2K + 8) u max|other|`` of the exact value from those shifted scores (K the
+    contracted elements, ``u`` the unit roundoff); they round differently after that.
+    Both are differentiable: the kernel's derivatives are those of XLA's formula.
 
     Args:
-      x: the shifted scores, any layout.
+      s: the scores, any layout.
       other: the values (the product's other operand).
-      dimension_numbers: ``lax.dot_general``'s, with ``x`` as operand ``operand``.
-      operand: 0 when ``x`` is the product's lhs, 1 when it is the rhs.
+      dimension_numbers: ``lax.dot_general``'s, with ``s`` as operand ``operand``.
+      operand: 0 when ``s`` is the product's lhs, 1 when it is the rhs.
       precision, preferred_element_type: as ``lax.dot_general`` (the XLA route).
       backend: None (the dispatcher's choice), ``"xla"`` or ``"native"``.
 
@@ -527,28 +527,28 @@ def softmax_dot(
         >>> from jqx.ops.attention import softmax_dot
         >>> s = jnp.array([[[1.0, 2.0, 3.0]]])  # (b, q, k)
         >>> v = jnp.array([[[1.0], [2.0], [3.0]]])  # (b, k, d)
-        >>> x = s - s.max(-1, keepdims=True)
-        >>> y = softmax_dot(x, v, (((2,), (1,)), ((0,), (0,))))
+        >>> y = softmax_dot(s, v, (((2,), (1,)), ((0,), (0,))))
         >>> bool(jnp.allclose(y, jax.nn.softmax(s) @ v))
         True
     """
     if operand not in (0, 1):
-        raise ValueError(f"softmax_dot: operand={operand!r} must be 0 (x is the lhs) or 1.")
+        raise ValueError(f"softmax_dot: operand={operand!r} must be 0 (s is the lhs) or 1.")
     (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
-    if dispatch.choose_softmax_dot(x, other, backend) == "xla":
-        e = jnp.exp(x)
-        total = jnp.sum(e, axis=tuple(pc))
+    if dispatch.choose_softmax_dot(s, other, backend) == "xla":
+        axes = tuple(pc)
+        e = jnp.exp(s - jnp.max(s, axis=axes, keepdims=True, initial=-jnp.inf))
+        total = jnp.sum(e, axis=axes)
         return normalised_dot(
             e, total, other, dimension_numbers, operand, precision, preferred_element_type
         )
-    pfree = [a for a in range(x.ndim) if a not in pb and a not in pc]
+    pfree = [a for a in range(s.ndim) if a not in pb and a not in pc]
     ofree = [a for a in range(other.ndim) if a not in ob and a not in oc]
-    batch = [x.shape[a] for a in pb]
-    qs, ds = [x.shape[a] for a in pfree], [other.shape[a] for a in ofree]
-    g, k = math.prod(batch), math.prod(x.shape[a] for a in pc)
-    xt = jnp.transpose(x, (*pb, *pfree, *pc)).reshape(g, math.prod(qs), k)
+    batch = [s.shape[a] for a in pb]
+    qs, ds = [s.shape[a] for a in pfree], [other.shape[a] for a in ofree]
+    g, k = math.prod(batch), math.prod(s.shape[a] for a in pc)
+    st = jnp.transpose(s, (*pb, *pfree, *pc)).reshape(g, math.prod(qs), k)
     vt = jnp.transpose(other, (*ob, *oc, *ofree)).reshape(g, k, math.prod(ds))
-    y = _softmax_dot_native(xt, vt).reshape(*batch, *qs, *ds)
+    y = _softmax_dot_native(st, vt).reshape(*batch, *qs, *ds)
     if operand == 1:  # dot_general puts the lhs's (other's) free dims first
         nb, nq = len(batch), len(qs)
         perm = (*range(nb), *range(nb + nq, nb + nq + len(ds)), *range(nb, nb + nq))

@@ -219,9 +219,8 @@ class Policy:
       softmax_kernel: whether a reordered softmax-then-matmul (and
         :func:`jqx.ops.attention.softmax_dot`) may run on the native kernel
         (``native.softmax_dot``) where it is available; False: XLA's formulation.
-      softmax_kernel_max_scores: ...up to this many shifted scores per call (all of
-        them, e.g. batch x heads x queries x keys): above it XLA, which fuses the
-        exps into its dot instead of writing the scores out for the kernel to read.
+      softmax_kernel_max_scores: ...up to this many scores per call (all of them, e.g.
+        batch x heads x queries x keys): above it XLA (measured: docs/internals/dispatch.md).
     """
 
     platform: str | None = None
@@ -335,9 +334,9 @@ def reorder_softmax() -> bool:
     return _platform(pol) == "cpu"
 
 
-def choose_softmax_dot(x, other, backend: str | None = None) -> str:
+def choose_softmax_dot(s, other, backend: str | None = None) -> str:
     """``"native"`` or ``"xla"``: who computes :func:`jqx.ops.attention.softmax_dot` for
-    these operands (shifted scores ``x`` and the other operand of the matmul).
+    these operands (the scores ``s`` and the other operand of the matmul).
 
     The native kernel (``native.softmax_dot``, AVX512 or AVX2) takes float32 operands
     on CPU where its library is available and the policy's ``softmax_kernel`` allows
@@ -358,16 +357,16 @@ def choose_softmax_dot(x, other, backend: str | None = None) -> str:
     pol = current_policy()
     reason = _gguf_reason(pol, _platform(pol))
     f32 = jnp.dtype(jnp.float32)
-    fits = jnp.dtype(x.dtype) == f32 and jnp.dtype(other.dtype) == f32
+    fits = jnp.dtype(s.dtype) == f32 and jnp.dtype(other.dtype) == f32
     if backend == "native" and (reason != "available" or not fits):
         raise RuntimeError(
             "softmax_dot(backend='native'): the native kernel cannot run this: "
-            + (reason if reason != "available" else f"x {x.dtype}, other {other.dtype}")
+            + (reason if reason != "available" else f"s {s.dtype}, other {other.dtype}")
             + " (it takes float32 operands). Use backend=None or 'xla'."
         )
     if backend == "native":
         return "native"
-    small = math.prod(x.shape) <= pol.softmax_kernel_max_scores
+    small = math.prod(s.shape) <= pol.softmax_kernel_max_scores
     return "native" if pol.softmax_kernel and small and reason == "available" and fits else "xla"
 
 

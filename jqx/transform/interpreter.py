@@ -317,7 +317,7 @@ class _SoftmaxMatch:
     operand: int
     axes: tuple[int, ...]
     total: Any  # the reduce_sum's output var: e summed over ``axes``
-    shifted: Any = None  # exp's input var where it is s - max(s) over ``axes``, else None
+    scores: Any = None  # s where exp's input is s - max(s) over ``axes``, else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,14 +396,14 @@ def _softmax_match(eqns, i, producer, uses, outvars) -> _SoftmaxMatch | None:
     (lc, rc), _ = dot.params["dimension_numbers"]
     if tuple(sorted(lc if operand == 0 else rc)) != axes:
         return None
-    shifted = _shifted_scores(eqns, producer, eqns[producer[num]], axes)
-    return _SoftmaxMatch(i, k, operand, axes, total, shifted)
+    scores = _softmax_scores(eqns, producer, eqns[producer[num]], axes)
+    return _SoftmaxMatch(i, k, operand, axes, total, scores)
 
 
-def _shifted_scores(eqns, producer, exp, axes):
-    """exp's input when it is ``s - max(s)`` over ``axes`` as ``jax.nn.softmax`` traces it
-    (``reduce_max``, optionally ``max(-inf, .)``, ``broadcast_in_dim``, optionally
-    ``stop_gradient``, ``sub``), so every entry is <= 0; else None."""
+def _softmax_scores(eqns, producer, exp, axes):
+    """The scores ``s`` when exp's input is ``s - max(s)`` over ``axes`` as
+    ``jax.nn.softmax`` traces it (``reduce_max``, optionally ``max(-inf, .)``,
+    ``broadcast_in_dim``, optionally ``stop_gradient``, ``sub``); else None."""
 
     def made_by(v, *names):
         if not isinstance(v, jcore.Var) or v not in producer:
@@ -434,7 +434,7 @@ def _shifted_scores(eqns, producer, exp, axes):
     e = made_by(top, "reduce_max")
     if e is None or e.invars[0] is not s or tuple(sorted(e.params["axes"])) != axes:
         return None
-    return x
+    return s
 
 
 def _softmax_plan(jaxpr) -> _Plan:
@@ -489,14 +489,15 @@ def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
         "preferred_element_type": eqn.params.get("preferred_element_type"),
     }
     backend = "xla" if ctx.backend == "xla" else None
-    x = env.get(m.shifted) if m.shifted is not None else None
+    s = env.get(m.scores) if m.scores is not None else None
     if (
-        x is not None
-        and not _is_w(x)
-        and dispatch.choose_softmax_dot(x, other, backend) == "native"
+        s is not None
+        and not _is_w(s)
+        and dispatch.choose_softmax_dot(s, other, backend) == "native"
     ):
-        # The native kernel from the shifted scores: no probabilities are written.
-        return [attention.softmax_dot(x, other, dn, m.operand, backend="native", **kw)]
+        # The native kernel from the scores: the exps and probabilities XLA would have
+        # computed are unused (XLA drops them), and none is written.
+        return [attention.softmax_dot(s, other, dn, m.operand, backend="native", **kw)]
     return [attention.normalised_dot(d.numer, d.total, other, dn, m.operand, **kw)]
 
 

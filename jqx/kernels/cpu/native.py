@@ -149,7 +149,7 @@ GGUF_MAX_ROWS = 16  # kMaxRows in gguf_gemv.cc
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # the kernel's `kind` attribute is the index
 GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
-SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(x) @ v, one pass (AVX2)
+SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(s) @ v, one pass (AVX2)
 SOFTMAX_DOT_AVX512_TARGET = "jqx_softmax_dot_avx512"  # the same in int8_gemm.cc (AVX512)
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
@@ -1539,42 +1539,42 @@ def decode_attention_reference(
 # ----------------------------------------------------------------- softmax, then matmul
 
 
-def _softmax_dot_check(x, v, fn: str) -> None:
-    for name, a in (("x", x), ("v", v)):
+def _softmax_dot_check(s, v, fn: str) -> None:
+    for name, a in (("s", s), ("v", v)):
         if getattr(a, "ndim", None) != 3 or jnp.dtype(a.dtype) != jnp.float32:
             raise ValueError(
                 f"{fn}: {name} must be a float32 3-D array, got "
                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}; "
-                "give x as (G, Q, K) and v as (G, K, D) float32 (batch dims flattened into G)."
+                "give s as (G, Q, K) and v as (G, K, D) float32 (batch dims flattened into G)."
             )
-    if v.shape[0] != x.shape[0] or v.shape[1] != x.shape[2]:
+    if v.shape[0] != s.shape[0] or v.shape[1] != s.shape[2]:
         raise ValueError(
-            f"{fn}: x {tuple(x.shape)} and v {tuple(v.shape)} do not agree: x is (G, Q, K) "
+            f"{fn}: s {tuple(s.shape)} and v {tuple(v.shape)} do not agree: s is (G, Q, K) "
             "and v (G, K, D), with the same G and K."
         )
 
 
-def softmax_dot(x: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Array:
-    """``softmax(x, axis=-1) @ v`` per batch ``g``, for shifted scores, in one pass.
+def softmax_dot(s: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Array:
+    """``jax.nn.softmax(s, axis=-1) @ v`` per batch ``g``, in one pass.
 
-    ``y[g, q] = (sum_k exp(x[g, q, k]) v[g, k]) / sum_k exp(x[g, q, k])``: attention's
-    softmax and its product with the values, where ``x`` is the scores minus their
-    row maximum (what ``jax.nn.softmax`` exponentiates, so every entry is <= 0). The
-    native kernel (``softmax_dot.h``: AVX512 in ``int8_gemm.cc``'s library where that
-    one runs, else AVX2 and FMA in ``gguf_gemv.cc``'s) never writes the probabilities:
-    each row's exps stay in cache, register tiles multiply them into ``v`` and divide
-    by the row's sum. Numerics: exp to about 1 ulp (entries below -87, where exp is
-    under 1.7e-38 beside a largest term of 1, count as 0: masked keys get no weight),
-    float32 sums, one FMA chain over k per output; a NaN in a row gives NaN outputs
-    for the row. Within
-    ``(2K + 8) u max|v|`` of the exact value from the same ``x`` (``u = 2^-24``), as
-    XLA's ``(exp(x) @ v) / sum`` (docs/guide/run.md#attention). Threads:
-    :func:`gguf_num_threads`, over chunks of rows (the result does not depend on
-    their number). ``jqx.ops.attention.softmax_dot`` takes any layout and picks
-    this kernel or XLA.
+    ``y[g, q] = (sum_k e[g, q, k] v[g, k]) / sum_k e[g, q, k]`` with ``e = exp(s - max_k
+    s)``: attention's softmax and its product with the values. The native kernel
+    (``softmax_dot.h``: AVX512 in ``int8_gemm.cc``'s library where that one runs, else
+    AVX2 and FMA in ``gguf_gemv.cc``'s) writes neither the shifted scores nor the
+    probabilities: each row's maximum and exps stay in cache, register tiles multiply
+    the exps into ``v`` and divide by the row's sum. Numerics: ``s - max`` is the one
+    subtraction ``jax.nn.softmax`` makes (the same bits); exp to about 1 ulp (shifted
+    scores below -87, where exp is under 1.7e-38 beside a largest term of 1, count as
+    0: masked keys get no weight); float32 sums; one FMA chain over k per output. A
+    NaN or +inf in a row, or a row of -inf, gives NaN outputs for the row, as
+    ``jax.nn.softmax`` does. Within ``(2K + 8) u max|v|`` of the exact value from the
+    same shifted scores (``u = 2^-24``), as XLA's ``(exp(s - max) @ v) / sum``
+    (docs/guide/run.md#attention). Threads: :func:`gguf_num_threads`, over chunks of
+    rows (the result does not depend on their number). ``jqx.ops.attention.softmax_dot``
+    takes any layout and picks this kernel or XLA.
 
     Args:
-      x: float32 (G, Q, K), each row's scores minus its maximum.
+      s: float32 (G, Q, K), the scores (a softmax over the last axis).
       v: float32 (G, K, D).
       isa: None (AVX512 where :func:`available`, else AVX2), ``"avx512"`` or ``"avx2"``.
         The two compute each output's product the same way and add a row's exps in
@@ -1592,13 +1592,13 @@ def softmax_dot(x: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Ar
     Example:
         >>> import jax.numpy as jnp
         >>> from jqx.kernels.cpu import native
-        >>> x = jnp.zeros((1, 2, 4), jnp.float32)  # equal scores: the mean of v's rows
+        >>> s = jnp.full((1, 2, 4), 3.0)  # equal scores: the mean of v's rows
         >>> v = jnp.arange(8, dtype=jnp.float32).reshape(1, 4, 2)
         >>> f = native.softmax_dot if native.gguf_available() else native.softmax_dot_reference
-        >>> f(x, v)[0].tolist()
+        >>> f(s, v)[0].tolist()
         [[3.0, 4.0], [3.0, 4.0]]
     """
-    _softmax_dot_check(x, v, "softmax_dot")
+    _softmax_dot_check(s, v, "softmax_dot")
     if isa not in (None, "avx512", "avx2"):
         raise ValueError(f"softmax_dot: isa={isa!r} must be None, 'avx512' or 'avx2'.")
     if isa == "avx512" or (isa is None and available()):
@@ -1608,24 +1608,24 @@ def softmax_dot(x: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Ar
         why = None if gguf_available() else gguf_status()
     if why is not None:
         raise RuntimeError(f"the native softmax_dot kernel ({name}) is not available: {why}")
-    g, q, _ = x.shape
+    g, q, _ = s.shape
     out = jax.ShapeDtypeStruct((g, q, v.shape[2]), jnp.float32)
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, v)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(s, v)
 
 
-def softmax_dot_reference(x: jax.Array, v: jax.Array) -> jax.Array:
-    """Plain-jnp :func:`softmax_dot`: ``(exp(x) @ v) / sum(exp(x))`` on XLA, float32 at
+def softmax_dot_reference(s: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain-jnp :func:`softmax_dot`: ``(exp(s - max) @ v) / sum`` on XLA, float32 at
     HIGHEST precision. Same operands and errors; runs anywhere.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from jqx.kernels.cpu import native
-        >>> x = jnp.array([[[0.0, -jnp.inf]]])  # the second key masked out
-        >>> native.softmax_dot_reference(x, jnp.array([[[1.0], [5.0]]])).tolist()
+        >>> s = jnp.array([[[0.0, -jnp.inf]]])  # the second key masked out
+        >>> native.softmax_dot_reference(s, jnp.array([[[1.0], [5.0]]])).tolist()
         [[[1.0]]]
     """
-    _softmax_dot_check(x, v, "softmax_dot_reference")
-    e = jnp.exp(x)
+    _softmax_dot_check(s, v, "softmax_dot_reference")
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
     y = jnp.einsum("gqk,gkd->gqd", e, v, precision=lax.Precision.HIGHEST)
     return y / jnp.sum(e, axis=-1, keepdims=True)
 

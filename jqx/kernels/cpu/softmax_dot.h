@@ -1,17 +1,20 @@
 // jqx_softmax_dot (gguf_gemv.cc, AVX2) and jqx_softmax_dot_avx512 (int8_gemm.cc):
 // attention's softmax and its product with the values in one pass,
 //
-//   y[g, q, :] = (sum_k exp(x[g, q, k]) v[g, k, :]) / sum_k exp(x[g, q, k])
+//   y[g, q, :] = (sum_k e[g, q, k] v[g, k, :]) / sum_k e[g, q, k],
+//   e[g, q, k] = exp(s[g, q, k] - max_k s[g, q, k])
 //
-// for x (G, Q, K) float32, the shifted scores s - max_k(s) of a softmax (so <= 0, or
-// NaN), v (G, K, D) float32, y (G, Q, D) float32 (jqx.ops.attention.softmax_dot;
-// jqx.quantized sends ``jax.nn.softmax`` then ``einsum`` here on CPU). Per chunk of
-// kSdChunkRows rows of one g: each row's exps (SoftmaxExp, about 1 ulp) go to a
-// thread-local buffer with their float32 sum, then register tiles of kSdRows rows x
+// for scores s (G, Q, K) float32, v (G, K, D) float32, y (G, Q, D) float32: softmax(s)
+// @ v (jqx.ops.attention.softmax_dot; jqx.quantized sends ``jax.nn.softmax`` then
+// ``einsum`` here on CPU). Per chunk of kSdChunkRows rows of one g: each row's maximum,
+// then its exps (SoftmaxExp, about 1 ulp) of s - max (the bits jax.nn.softmax
+// exponentiates) go to a thread-local buffer with their float32 sum, then register
+// tiles of kSdRows rows x
 // two vectors of D run the product over k (one FMA chain per output, k ascending;
 // every loaded v vector serves the tile's rows, every broadcast exp two vectors) and
 // divide by the row's sum as they leave the registers. The probabilities are never
-// written; x and v are read once per chunk (v stays in cache across a g's chunks).
+// written, nor the shifted scores; s and v are read once per chunk (v stays in cache
+// across a g's chunks; a row of s, twice, from L1).
 // Chunks split rows only, so the result does not depend on the number of threads.
 //
 // One body for both instruction sets: the kernel is a template over a vector type
@@ -46,6 +49,10 @@ struct SdAvx2 {
   }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static V LoadN(const float* p, M m) { return _mm256_maskload_ps(p, m); }  // off lanes 0
+  static V LoadNOr(const float* p, M m, float fill) {  // off lanes ``fill``
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
+                            _mm256_castsi256_ps(m));
+  }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void StoreN(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
   static V Keep(V v, M m) { return _mm256_and_ps(v, _mm256_castsi256_ps(m)); }
@@ -53,6 +60,7 @@ struct SdAvx2 {
   static V Set(float f) { return _mm256_set1_ps(f); }
   static V Bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V Div(V a, V b) { return _mm256_div_ps(a, b); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }  // b when either is NaN
@@ -72,6 +80,12 @@ struct SdAvx2 {
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h);
   }
+  static float HMax(V v) {  // a NaN lane may or may not survive (the row is NaN anyway)
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
 };
 
 #ifdef __AVX512F__
@@ -82,6 +96,9 @@ struct SdAvx512 {
   static M Mask(int64_t n) { return static_cast<M>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static V LoadN(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static V LoadNOr(const float* p, M m, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
+  }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void StoreN(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
   static V Keep(V v, M m) { return _mm512_maskz_mov_ps(m, v); }
@@ -89,6 +106,7 @@ struct SdAvx512 {
   static V Set(float f) { return _mm512_set1_ps(f); }
   static V Bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V Div(V a, V b) { return _mm512_div_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }  // b when either is NaN
@@ -108,6 +126,11 @@ struct SdAvx512 {
     const __m256 lo = _mm512_castps512_ps256(v);
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return SdAvx2::Sum(_mm256_add_ps(lo, hi));
+  }
+  static float HMax(V v) {
+    const __m256 lo = _mm512_castps512_ps256(v);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return SdAvx2::HMax(_mm256_max_ps(lo, hi));
   }
 };
 #endif
@@ -145,7 +168,7 @@ constexpr int64_t kSdRows = 4;
 constexpr int64_t kSdChunkRows = 16;
 
 struct SoftmaxDotJob {
-  const float* x;
+  const float* s;
   const float* v;
   float* y;
   int64_t Q, K, D, qblocks;
@@ -153,21 +176,33 @@ struct SoftmaxDotJob {
 
 thread_local std::vector<float> t_sd_exp;
 
-// The exps of one row of x into e (K floats) and their sum.
+// The exps exp(s - max(s)) of one row of scores s into e (K floats), and their sum.
+// s - max is one IEEE subtraction, as in jax.nn.softmax, so the exps' inputs are the
+// bits XLA's softmax exponentiates. A NaN (or +inf) in the row makes its exps, and so
+// its outputs, NaN whichever lane the maximum keeps; a row of -inf gives NaN too
+// (-inf - -inf), as jax.nn.softmax does.
 template <class T>
-inline float RowExps(const float* x, int64_t K, float* e) {
-  typename T::V acc = T::Zero();
+inline float RowExps(const float* s, int64_t K, float* e) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  const int64_t tail = K % L;
+  const typename T::M mt = T::Mask(tail);
+  V mx = T::Set(-INFINITY);
   int64_t k = 0;
-  for (; k + T::kLanes <= K; k += T::kLanes) {
-    const typename T::V p = SoftmaxExp<T>(T::Load(x + k));
+  for (; k + L <= K; k += L) mx = T::Max(mx, T::Load(s + k));
+  if (tail) mx = T::Max(mx, T::LoadNOr(s + k, mt, -INFINITY));
+  const V m = T::Set(T::HMax(mx));
+  V acc = T::Zero();
+  for (k = 0; k + L <= K; k += L) {
+    const V p = SoftmaxExp<T>(T::Sub(T::Load(s + k), m));
     T::Store(e + k, p);
     acc = T::Add(acc, p);
   }
-  if (k < K) {
-    const typename T::M m = T::Mask(K - k);
-    // Masked-off lanes load 0 (exp 1): zeroed before they reach the sum.
-    const typename T::V p = T::Keep(SoftmaxExp<T>(T::LoadN(x + k, m)), m);
-    T::StoreN(e + k, m, p);
+  if (tail) {
+    // Masked-off lanes load 0: zeroed before they reach the sum.
+    const V x = T::Sub(T::LoadN(s + k, mt), m);
+    const V p = T::Keep(SoftmaxExp<T>(x), mt);
+    T::StoreN(e + k, mt, p);
     acc = T::Add(acc, p);
   }
   return T::Sum(acc);
@@ -218,8 +253,8 @@ void SoftmaxDotChunk(const void* ctx, int64_t c) {
     t_sd_exp.resize(static_cast<size_t>(rows * j.K));
   float* e = t_sd_exp.data();
   float sums[kSdChunkRows];
-  const float* x = j.x + (g * j.Q + q0) * j.K;
-  for (int64_t r = 0; r < rows; ++r) sums[r] = RowExps<T>(x + r * j.K, j.K, e + r * j.K);
+  const float* sr = j.s + (g * j.Q + q0) * j.K;
+  for (int64_t r = 0; r < rows; ++r) sums[r] = RowExps<T>(sr + r * j.K, j.K, e + r * j.K);
   const float* v = j.v + g * j.K * j.D;
   float* y = j.y + (g * j.Q + q0) * j.D;
   for (int64_t r = 0; r < rows; r += kSdRows) {
@@ -239,17 +274,17 @@ void SoftmaxDotChunk(const void* ctx, int64_t c) {
 
 // The FFI body (checks, the empty cases, the pool), for either vector type.
 template <class T>
-xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> x,
+xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> s,
                                xla::ffi::Buffer<xla::ffi::F32> v,
                                xla::ffi::ResultBuffer<xla::ffi::F32> y,
                                xla::ffi::ThreadPool xla_pool) {
-  const auto xd = x.dimensions();
+  const auto xd = s.dimensions();
   const auto vd = v.dimensions();
   const auto yd = y->dimensions();
   if (xd.size() != 3 || vd.size() != 3 || yd.size() != 3 || vd[0] != xd[0] ||
       vd[1] != xd[2] || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != vd[2])
     return xla::ffi::Error::InvalidArgument(
-        "jqx_softmax_dot: x (G, Q, K), v (G, K, D) and y (G, Q, D) do not agree");
+        "jqx_softmax_dot: s (G, Q, K), v (G, K, D) and y (G, Q, D) do not agree");
   const int64_t G = xd[0], Q = xd[1], K = xd[2], D = vd[2];
   if (G == 0 || Q == 0 || D == 0) return xla::ffi::Error::Success();
   float* out = y->typed_data();
@@ -258,7 +293,7 @@ xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> x,
     return xla::ffi::Error::Success();
   }
   const int64_t qblocks = (Q + kSdChunkRows - 1) / kSdChunkRows;
-  const SoftmaxDotJob job{x.typed_data(), v.typed_data(), out, Q, K, D, qblocks};
+  const SoftmaxDotJob job{s.typed_data(), v.typed_data(), out, Q, K, D, qblocks};
   const int64_t chunks = G * qblocks;
   XlaPoolScope xla_scope(xla_pool, G * Q > kXlaPoolRows);
   // Under about 2^16 multiply-adds the pool's wake-up costs more than it saves.
