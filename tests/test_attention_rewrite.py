@@ -197,6 +197,25 @@ def test_attention_inside_an_inner_jit_and_a_causal_mask():
     assert np.max(np.abs(y - ref)) <= 2.0 * _bound(q, k, v)
 
 
+def test_attention_inside_remat_is_rewritten():
+    # jax.checkpoint / flax's nn.remat bodies are entered like calls (and re-run under
+    # jax.checkpoint); gradients still flow.
+    q, k, v = _qkv(10)
+    fn = jax.checkpoint(_attention)
+    y, n = _run(fn, q, k, v, policy=REORDER)
+    assert n == 0
+    assert float(jnp.max(jnp.abs(y - _ref64(q, k, v)))) <= _bound(q, k, v)
+    with jqx.ops.policy(**REORDER):
+        assert _has_kernel(fn, q, k, v) == native.gguf_available()
+        g = jax.grad(lambda q: jnp.sum(jqx.quantized(fn)(q, k, v) ** 2))(q)
+    g0 = jax.grad(lambda q: jnp.sum(_attention(q, k, v) ** 2))(q)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-5)
+    m = nn.remat(nn.MultiHeadDotProductAttention)(num_heads=H, qkv_features=H * D)
+    x = jnp.asarray(np.random.default_rng(11).standard_normal((B, T, H * D)), jnp.float32)
+    variables = m.init(jax.random.key(0), x)
+    assert _run(m.apply, variables, x, policy=REORDER)[1] == 0
+
+
 def _mha(dropout=0.0, deterministic=True):
     return nn.MultiHeadDotProductAttention(
         num_heads=H, qkv_features=H * D, dropout_rate=dropout, deterministic=deterministic

@@ -327,7 +327,8 @@ class _Plan:
 
 
 _NO_PLAN = _Plan({}, frozenset())
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
+# Calls whose body the plan enters (a remat body is re-run under jax.checkpoint, _remat).
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
 # The dtypes whose rounding bound docs/guide/run.md#attention states and the tests check.
 _BOUNDED_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
