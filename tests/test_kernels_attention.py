@@ -690,6 +690,22 @@ def test_softmax_dot_property(isa, shape, seed, scale):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_softmax_dot_under_vmap_is_one_call(isa):
+    rng = np.random.default_rng(12)
+    s = jnp.asarray(_scores(rng, (3, 2, 9, 11)))
+    v = jnp.asarray(rng.standard_normal((3, 2, 11, 5)), jnp.float32)
+    f = jax.vmap(functools.partial(native.softmax_dot, isa=isa))
+    text = str(jax.make_jaxpr(f)(s, v))
+    assert text.count("ffi_call") == 1 and "while" not in text
+    got = np.asarray(jax.jit(f)(s, v))
+    for i in range(3):  # the same bits as each example's own call
+        np.testing.assert_array_equal(got[i], np.asarray(native.softmax_dot(s[i], v[i], isa=isa)))
+    # vmap over the values only (the scores shared) broadcasts them.
+    got = np.asarray(jax.vmap(lambda v: native.softmax_dot(s[0], v, isa=isa))(v))
+    np.testing.assert_array_equal(got[1], np.asarray(native.softmax_dot(s[0], v[1], isa=isa)))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_softmax_dot_masked_keys_nan_and_empty(isa):
     # flax.linen's mask (finfo.min scores) and -inf: those keys get no weight.
     sd = functools.partial(native.softmax_dot, isa=isa)

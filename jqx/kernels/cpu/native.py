@@ -1571,7 +1571,8 @@ def softmax_dot(s: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Ar
     same shifted scores (``u = 2^-24``), as XLA's ``(exp(s - max) @ v) / sum``
     (docs/guide/run.md#attention). Threads: :func:`gguf_num_threads`, over chunks of
     rows (the result does not depend on their number). ``jqx.ops.attention.softmax_dot``
-    takes any layout and picks this kernel or XLA.
+    takes any layout and picks this kernel or XLA. Under ``jax.vmap`` it stays one
+    call (the mapped axis joins ``G``).
 
     Args:
       s: float32 (G, Q, K), the scores (a softmax over the last axis).
@@ -1610,7 +1611,8 @@ def softmax_dot(s: jax.Array, v: jax.Array, *, isa: str | None = None) -> jax.Ar
         raise RuntimeError(f"the native softmax_dot kernel ({name}) is not available: {why}")
     g, q, _ = s.shape
     out = jax.ShapeDtypeStruct((g, q, v.shape[2]), jnp.float32)
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(s, v)
+    # Under vmap the kernel takes the batch axis as more leading dims: one call.
+    return jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(s, v)
 
 
 def softmax_dot_reference(s: jax.Array, v: jax.Array) -> jax.Array:

@@ -278,14 +278,22 @@ xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> s,
                                xla::ffi::Buffer<xla::ffi::F32> v,
                                xla::ffi::ResultBuffer<xla::ffi::F32> y,
                                xla::ffi::ThreadPool xla_pool) {
+  // (..., Q, K), (..., K, D) and (..., Q, D) with the same leading dims, flattened into
+  // G: a call under jax.vmap (vmap_method="broadcast_all") adds a leading axis.
   const auto xd = s.dimensions();
   const auto vd = v.dimensions();
   const auto yd = y->dimensions();
-  if (xd.size() != 3 || vd.size() != 3 || yd.size() != 3 || vd[0] != xd[0] ||
-      vd[1] != xd[2] || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != vd[2])
+  const size_t r = xd.size();
+  bool ok = r >= 3 && vd.size() == r && yd.size() == r;
+  int64_t G = 1;
+  for (size_t i = 0; ok && i + 2 < r; ++i) {
+    ok = vd[i] == xd[i] && yd[i] == xd[i];
+    G *= xd[i];
+  }
+  if (!ok || vd[r - 2] != xd[r - 1] || yd[r - 2] != xd[r - 2] || yd[r - 1] != vd[r - 1])
     return xla::ffi::Error::InvalidArgument(
         "jqx_softmax_dot: s (G, Q, K), v (G, K, D) and y (G, Q, D) do not agree");
-  const int64_t G = xd[0], Q = xd[1], K = xd[2], D = vd[2];
+  const int64_t Q = xd[r - 2], K = xd[r - 1], D = vd[r - 1];
   if (G == 0 || Q == 0 || D == 0) return xla::ffi::Error::Success();
   float* out = y->typed_data();
   if (K == 0) {  // an empty softmax: 0 / 0
