@@ -334,6 +334,19 @@ def reorder_softmax() -> bool:
     return _platform(pol) == "cpu"
 
 
+def _gguf_route(backend: str | None, fn: str) -> tuple[Policy, str | None]:
+    """The policy in force and the AVX2 kernels' availability (``_gguf_reason``) for an
+    attention op's ``backend``; the reason is None when ``backend="xla"`` asks for XLA.
+
+    Raises:
+      ValueError: a backend other than None, ``"xla"`` or ``"native"``.
+    """
+    if backend not in (None, "xla", "native"):
+        raise ValueError(f"{fn}: backend={backend!r} must be None, 'xla' or 'native'.")
+    pol = current_policy()
+    return pol, None if backend == "xla" else _gguf_reason(pol, _platform(pol))
+
+
 def choose_softmax_dot(s, other, backend: str | None = None) -> str:
     """``"native"`` or ``"xla"``: who computes :func:`jqx.ops.attention.softmax_dot` for
     these operands (the scores ``s`` and the other operand of the matmul).
@@ -350,12 +363,9 @@ def choose_softmax_dot(s, other, backend: str | None = None) -> str:
       ValueError: an unknown ``backend``.
       RuntimeError: ``backend="native"`` where the kernel cannot run these operands.
     """
-    if backend not in (None, "xla", "native"):
-        raise ValueError(f"softmax_dot: backend={backend!r} must be None, 'xla' or 'native'.")
-    if backend == "xla":
+    pol, reason = _gguf_route(backend, "softmax_dot")
+    if reason is None:
         return "xla"
-    pol = current_policy()
-    reason = _gguf_reason(pol, _platform(pol))
     f32 = jnp.dtype(jnp.float32)
     fits = jnp.dtype(s.dtype) == f32 and jnp.dtype(other.dtype) == f32
     if backend == "native" and (reason != "available" or not fits):
@@ -626,12 +636,9 @@ def choose_conv(p, backend: str | None = None):
 def choose_attention(q, k, backend: str | None = None) -> str:
     """``"xla"`` or ``"native"``: who runs a decode step's attention
     (:func:`jqx.ops.attention.decode_attention`) for these operands."""
-    if backend not in (None, "xla", "native"):
-        raise ValueError(f"decode_attention: backend={backend!r} must be None, 'xla' or 'native'.")
-    if backend == "xla":
+    pol, reason = _gguf_route(backend, "decode_attention")
+    if reason is None:
         return "xla"
-    pol = current_policy()
-    reason = _gguf_reason(pol, _platform(pol))
     # A quantized cache (jqx.ops.attention.KVCodes): the kernel reads int8, fp8 and
     # int4 (KIVI) codes in place.
     kind = getattr(k, "kind", None)

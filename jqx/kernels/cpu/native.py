@@ -741,14 +741,18 @@ def w8a8_matmul_vnni(
         2.50394
     """
     mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni", packed_ok=True)
+    return _w8a8_vnni_call(x, w, w_scale, s, mode)
+
+
+def _w8a8_vnni_call(x, w, w_scale, act_scale, mode: int) -> jax.Array:
+    """``jqx_w8a8_vnni`` on checked operands (a 3-D ``w``: the kernel takes it as packed,
+    N is ``w_scale``'s length)."""
     if not available():
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
     m, n = x.shape[0], w_scale.shape[0]
     return jax.ffi.ffi_call(
-        W8A8_VNNI_TARGET,  # a 3-D w: the kernel takes it as packed
-        jax.ShapeDtypeStruct((m, n), jnp.float32),
-        vmap_method="sequential",
-    )(x, w, w_scale, s, mode=np.int64(mode), threads=np.int64(_threads()))
+        W8A8_VNNI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(x, w, w_scale, act_scale, mode=np.int64(mode), threads=np.int64(_threads()))
 
 
 def w8a8_matmul_reference(
@@ -773,16 +777,26 @@ def w8a8_matmul_reference(
         # numerics.keep_nan_rows: a row holding NaN gets a NaN scale.
         s = jnp.where(jnp.any(jnp.isnan(x), axis=-1, keepdims=True), jnp.nan, s.reshape(1, 1))
     else:
-        per_token = mode == _W8A8_MODES["per_token"]
-        # numerics.nan_max: a NaN counts as inf (XLA:CPU's max can drop it).
-        ax = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
-        amax = jnp.max(ax, axis=-1, keepdims=True) if per_token else jnp.max(ax)
-        s = jnp.reshape(amax / 127.0, (-1, 1))
-        s = jnp.where(s == 0, 1.0, s).astype(jnp.float32)
-    c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
-    codes = jnp.clip(jnp.round((x * c) / (s * c)), -128, 127).astype(jnp.int8)
+        s = _ref_absmax_scale(x, per_row=mode == _W8A8_MODES["per_token"])
+    codes = _ref_int8_codes(x, s)
     acc = lax.dot_general(codes, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * s * w_scale[None, :]
+
+
+def _ref_absmax_scale(x: jax.Array, per_row: bool = True) -> jax.Array:
+    """numerics.absmax_scale for int8, (rows, 1) or (1, 1): ``max|x| / 127``, 1 for a zero
+    row, a NaN counted as inf (numerics.nan_max: XLA:CPU's max can drop it)."""
+    ax = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
+    amax = jnp.max(ax, axis=-1, keepdims=True) if per_row else jnp.max(ax)
+    s = jnp.reshape(amax / 127.0, (-1, 1))
+    return jnp.where(s == 0, 1.0, s).astype(jnp.float32)
+
+
+def _ref_int8_codes(v: jax.Array, s: jax.Array) -> jax.Array:
+    """numerics.div_by_scale and the int8 encode: ``clip(round(v / s))``, both sides
+    scaled by 2^-64 where ``s`` is huge (as the kernels do)."""
+    c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
+    return jnp.clip(jnp.round((v * c) / (s * c)), -128, 127).astype(jnp.int8)
 
 
 def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
@@ -823,21 +837,7 @@ def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Arra
         -0.2
     """
     _w8a8_check(x, w, w_scale, "per_token", "two_level_matmul", packed_ok=True)
-    if not available():
-        raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
-    m, n = x.shape[0], w_scale.shape[0]
-    return jax.ffi.ffi_call(
-        W8A8_VNNI_TARGET,  # a 3-D w: the kernel takes it as packed
-        jax.ShapeDtypeStruct((m, n), jnp.float32),
-        vmap_method="sequential",
-    )(
-        x,
-        w,
-        w_scale,
-        jnp.ones((1,), jnp.float32),
-        mode=np.int64(_TWO_LEVEL_MODE),
-        threads=np.int64(_threads()),
-    )
+    return _w8a8_vnni_call(x, w, w_scale, jnp.ones((1,), jnp.float32), _TWO_LEVEL_MODE)
 
 
 def two_level_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
@@ -853,19 +853,12 @@ def two_level_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -
         -0.2
     """
     _w8a8_check(x, w, w_scale, "per_token", "two_level_matmul_reference")
-
-    def codes(v, s):
-        c = jnp.where(s > 2.0**100, 2.0**-64, 1.0).astype(jnp.float32)
-        return jnp.clip(jnp.round((v * c) / (s * c)), -128, 127).astype(jnp.int8)
-
-    amax = jnp.max(jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x)), axis=-1, keepdims=True)
-    s = jnp.where(amax / 127.0 == 0, 1.0, amax / 127.0).astype(jnp.float32)
     # numerics.two_level_scales: s rounded up to 16 significant bits, s2 = s1 * 2^-8.
-    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    bits = lax.bitcast_convert_type(_ref_absmax_scale(x), jnp.uint32)
     s1 = lax.bitcast_convert_type((bits + jnp.uint32(0xFF)) & jnp.uint32(0xFFFFFF00), jnp.float32)
     s2 = s1 * 2.0**-8
-    q1 = codes(x, s1)
-    q2 = codes(x - q1.astype(jnp.float32) * s1, s2)
+    q1 = _ref_int8_codes(x, s1)
+    q2 = _ref_int8_codes(x - q1.astype(jnp.float32) * s1, s2)
     dn = (((1,), (0,)), ((), ()))
     acc1, acc2 = (
         lax.dot_general(q, w, dn, preferred_element_type=jnp.int32).astype(jnp.float32)
