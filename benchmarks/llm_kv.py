@@ -2,8 +2,9 @@
 
 For each cache format (float32 and float16 caches, ``int8``, ``fp8``, ``int4`` with
 groups of 32 and of 64, each also with its values quantized when written instead of
-kept in a window, ``-vq``: ``KVFormat("int4", value_window=False)``) on a Shakespeare
-play (at least 2048 tokens):
+kept in a window, ``-vq``: ``KVFormat("int4", value_window=False)``; ``-rot`` stores
+keys and values Hadamard-rotated, ``KVFormat(..., rotate=True)``, which ``fp8`` does by
+default and ``fp8-plain`` does not) on a Shakespeare play (at least 2048 tokens):
 
 - cache bytes at 2048 slots and at the model's context (codes, scales, zero points,
   residual window) against a float16 cache;
@@ -18,8 +19,8 @@ play (at least 2048 tokens):
 
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 [--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
-[--formats int8,fp8,int4,int4-g64,int4-vq,int4-g64-vq] (the float32 and float16
-caches always run)
+[--formats int8,fp8,int4,int4-g64,int4-vq,int4-g64-vq,fp8-plain,int8-rot,int4-rot]
+(the float32 and float16 caches always run; the default leaves out the -rot rows)
 [--fp8-headroom 16,256] (extra fp8 perplexity rows with other values of
 ``jqx.ops.attention.FP8_HEADROOM``, the prefill's headroom; default 64)
 """
@@ -36,7 +37,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stamp import print_stamp  # noqa: E402
 
-FORMATS = ("float32", "float16", "int8", "fp8", "int4", "int4-g64", "int4-vq", "int4-g64-vq")
+FORMATS = (
+    "float32",
+    "float16",
+    "int8",
+    "fp8",
+    "fp8-plain",
+    "int4",
+    "int4-g64",
+    "int4-vq",
+    "int4-g64-vq",
+    "int8-rot",
+    "int4-rot",
+)
+DEFAULT_FORMATS = FORMATS[2:9]
 
 
 def main() -> None:
@@ -54,7 +68,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--formats",
-        default=",".join(FORMATS[2:]),
+        default=",".join(DEFAULT_FORMATS),
         help="comma-separated quantized formats (the float32 and float16 caches always run)",
     )
     ap.add_argument(
@@ -96,6 +110,9 @@ def main() -> None:
     fmt_of["int4-g64"] = KVFormat("int4", group=64)
     fmt_of["int4-vq"] = KVFormat("int4", value_window=False)
     fmt_of["int4-g64-vq"] = KVFormat("int4", group=64, value_window=False)
+    fmt_of["fp8-plain"] = KVFormat("fp8", rotate=False)
+    fmt_of["int8-rot"] = KVFormat("int8", rotate=True)
+    fmt_of["int4-rot"] = KVFormat("int4", rotate=True)
     llm_of = {f: llms.get(f, base) for f in FORMATS}
     for f in FORMATS:
         if f.startswith("int4"):

@@ -430,6 +430,60 @@ def nan_min(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     return jnp.min(jnp.where(jnp.isnan(x), -jnp.inf, x), axis=axis, keepdims=keepdims)
 
 
+def hadamard_block(n: int) -> int:
+    """The size of :func:`hadamard_rotate`'s blocks for a last axis of ``n``: the largest
+    power of two that divides ``n`` (1 for odd ``n``: no rotation).
+
+    Example:
+        >>> hadamard_block(64), hadamard_block(96), hadamard_block(7)
+        (64, 32, 1)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"hadamard_block: n={n!r} must be a positive int (an axis length).")
+    return int(n) & -int(n)
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """The orthonormal Sylvester Hadamard matrix of order ``n`` (a power of two), float32:
+    entries ``+-1/sqrt(n)``, symmetric, its own inverse.
+
+    Example:
+        >>> (hadamard_matrix(4) * 2).tolist()
+        [[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0], [1.0, -1.0, -1.0, 1.0]]
+    """
+    if hadamard_block(n) != n:
+        raise ValueError(f"hadamard_matrix: n={n!r} must be a power of two (1, 2, 4, ...).")
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def hadamard_rotate(x: jax.Array) -> jax.Array:
+    """``x`` times the block-diagonal orthonormal Hadamard matrix along its last axis
+    (blocks of :func:`hadamard_block` of its length). The matrix is symmetric and
+    orthogonal, so the rotation is its own inverse and keeps dot products:
+    ``rot(q) . rot(k) = q . k``, ``rot(rot(x)) = x`` (up to float32 rounding).
+
+    It spreads a few large channels over all of a block's channels. The fp8 KV cache
+    stores its keys and values rotated (:func:`jqx.ops.attention.kv_write`), which
+    cuts E4M3's error in the attention scores (docs/guide/llm.md).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> hadamard_rotate(jnp.array([4.0, 0.0, 0.0, 0.0])).tolist()
+        [2.0, 2.0, 2.0, 2.0]
+    """
+    d = x.shape[-1]
+    b = hadamard_block(d)
+    if b == 1:
+        return x
+    h = jnp.asarray(hadamard_matrix(b), x.dtype)
+    xb = x.reshape(*x.shape[:-1], d // b, b)
+    y = jnp.matmul(xb, h, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(x.shape)
+
+
 def keep_nan_rows(x: jax.Array, s: jax.Array, axes) -> jax.Array:
     """A static activation scale ``s`` made NaN for the rows of ``x`` (reduced over
     ``axes``, kept as size-1 dims) that hold a NaN.

@@ -105,6 +105,10 @@ class KVCodes:
       kind: ``"int8"``, ``"fp8"`` or ``"int4"``.
       role: ``"k"`` (keys) or ``"v"`` (values): int4 groups them differently.
       group: int4's group size (0 for the other formats).
+      rotated: the keys or values are stored rotated
+        (:func:`jqx.core.numerics.hadamard_rotate` along the head axis, before
+        quantizing): :func:`kv_dequantize` rotates them back, :func:`decode_attention`
+        rotates the query (keys) or its output (values).
     """
 
     codes: jax.Array
@@ -114,6 +118,7 @@ class KVCodes:
     kind: str = dataclasses.field(metadata=dict(static=True), default="int8")
     role: str = dataclasses.field(metadata=dict(static=True), default="k")
     group: int = dataclasses.field(metadata=dict(static=True), default=0)
+    rotated: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -169,12 +174,15 @@ def kv_init(
     group: int = 32,
     dtype=jnp.float32,
     value_window: bool = True,
+    rotate: bool = False,
 ) -> KVCodes:
     """An empty quantized cache layer of logical ``shape = (B, KVH, S, D)``.
 
     For ``"int4"``, ``S`` is rounded up to a multiple of ``group`` and ``dtype`` is the
     residual window's float type; with ``value_window=False`` a values layer (``role
-    "v"``) has no window: each token's values are quantized when written.
+    "v"``) has no window: each token's values are quantized when written. With
+    ``rotate=True`` the layer stores its keys or values Hadamard-rotated
+    (:attr:`KVCodes.rotated`).
 
     Example:
         >>> c = kv_init("int8", "k", (1, 2, 16, 8))
@@ -183,11 +191,18 @@ def kv_init(
     """
     b, h, s, d = shape
     check_kv_format(kind, d, group)
+    if not isinstance(rotate, bool):
+        raise ValueError(
+            f"kv_init: rotate={rotate!r} must be True or False (whether the layer stores "
+            "its keys or values Hadamard-rotated)."
+        )
     if kind == "int8":
-        return KVCodes(jnp.zeros(shape, jnp.int8), jnp.ones((b, h, s), jnp.float16), kind=kind)
+        scale = jnp.ones((b, h, s), jnp.float16)
+        return KVCodes(jnp.zeros(shape, jnp.int8), scale, kind=kind, role=role, rotated=rotate)
     if kind == "fp8":
         codes = jnp.zeros(shape, jnp.uint8)
-        return KVCodes(codes, jnp.zeros((b, h), jnp.float32), kind=kind, role=role)
+        scale = jnp.zeros((b, h), jnp.float32)
+        return KVCodes(codes, scale, kind=kind, role=role, rotated=rotate)
     s = -(-s // group) * group
     meta = (b, h, s // group, d) if role == "k" else (b, h, s, d // group)
     window = role == "k" or value_window
@@ -199,6 +214,7 @@ def kv_init(
         kind=kind,
         role=role,
         group=group,
+        rotated=rotate,
     )
 
 
@@ -290,6 +306,8 @@ def kv_write(c: KVCodes, x: jax.Array, start, pad: jax.Array) -> KVCodes:
     """
     b, h, t, d = x.shape
     pad = pad.astype(jnp.int32)
+    if c.rotated:
+        x = numerics.hadamard_rotate(x.astype(jnp.float32))
     if c.kind == "int8":
         codes, s = _int8_encode(x)
         return dataclasses.replace(
@@ -398,14 +416,18 @@ def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Ar
         >>> [round(v, 3) for v in kv_dequantize(c, 1)[0, 0, 0].tolist()]
         [0.504, -1.0]
     """
+    x = _kv_stored(c, n)
+    return (numerics.hadamard_rotate(x) if c.rotated else x).astype(dtype)
+
+
+def _kv_stored(c: KVCodes, n: int | None) -> jax.Array:
+    """float32 slots ``0 .. n-1`` as stored (still rotated for a rotated layer)."""
     b, h, s, d = c.shape
     n = s if n is None else n
     if c.kind == "int8":
-        return (
-            c.codes[:, :, :n].astype(jnp.float32) * c.scale[:, :, :n, None].astype(jnp.float32)
-        ).astype(dtype)
+        return c.codes[:, :, :n].astype(jnp.float32) * c.scale[:, :, :n, None].astype(jnp.float32)
     if c.kind == "fp8":
-        return (fp8_values(c.codes[:, :, :n]) * c.scale[:, :, None, None]).astype(dtype)
+        return fp8_values(c.codes[:, :, :n]) * c.scale[:, :, None, None]
     g = c.group
     q = unpack_4bit(c.codes[:, :, :n], d).astype(jnp.float32)
     if c.role == "k":
@@ -419,7 +441,7 @@ def kv_dequantize(c: KVCodes, n: int | None = None, dtype=jnp.float32) -> jax.Ar
     g0 = n // g * g
     if g0 < n and c.residual is not None:
         x = jnp.concatenate([x[:, :, :g0], c.residual[:, :, : n - g0].astype(jnp.float32)], 2)
-    return x.astype(dtype)
+    return x
 
 
 def _p_dims(dimension_numbers, operand: int):
@@ -625,6 +647,16 @@ def decode_attention(
             "decode_attention: k and v must be both float arrays or both KVCodes of one "
             f"format, got {_what(k)} and {_what(v)}."
         )
+    if quantized and (k.rotated or v.rotated):
+        # Rotated keys: rot(q) . rot(k) = q . k. Rotated values: the probability-weighted
+        # sum of rot(v) is rot(out) (the rotation is linear and its own inverse).
+        qr = numerics.hadamard_rotate(q.astype(jnp.float32)) if k.rotated else q
+        plain = dict(rotated=False)
+        out = decode_attention(
+            qr, dataclasses.replace(k, **plain), dataclasses.replace(v, **plain), lo, hi,
+            backend=backend,
+        )
+        return numerics.hadamard_rotate(out) if v.rotated else out
     if impl == "native":
         lo32, hi32 = lo.astype(jnp.int32), hi.astype(jnp.int32)
         q32 = q.astype(jnp.float32)
