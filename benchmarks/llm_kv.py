@@ -23,6 +23,11 @@ Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 (the float32 and float16 caches always run; the default leaves out the -rot rows)
 [--fp8-headroom 16,256] (extra fp8 perplexity rows with other values of
 ``jqx.ops.attention.FP8_HEADROOM``, the prefill's headroom; default 64)
+[--windows N] (the perplexity section over N windows of ``--tokens`` tokens instead
+of one: the start and token 4096 of each play in alphabetical order, each format's
+change against the float32 cache on the same window, then their mean, smallest and
+largest. One window's change moves by about +-0.5 points with the rounding of a few
+values; the mean over windows is the format's loss.)
 """
 
 from __future__ import annotations
@@ -75,6 +80,12 @@ def main() -> None:
         "--fp8-headroom",
         default="",
         help="comma-separated FP8_HEADROOM values for extra fp8 perplexity rows",
+    )
+    ap.add_argument(
+        "--windows",
+        type=int,
+        default=1,
+        help="perplexity over this many windows (play starts and token 4096 of each play)",
     )
     args = ap.parse_args()
     asked = args.formats.split(",")
@@ -137,7 +148,9 @@ def main() -> None:
 
     if "bytes" in parts:
         bytes_table(formats, nbytes, llm_of, fmt_of, c.context_length)
-    if "perplexity" in parts:
+    if "perplexity" in parts and args.windows > 1:
+        windows_table(formats, llm_of, fmt_of, base, n, args.windows)
+    elif "perplexity" in parts:
         ppl = perplexity_table(formats, llm_of, fmt_of, text_ids, n, base)
         if args.fp8_headroom:
             headroom_table(args.fp8_headroom, base, text_ids, n, ppl["float32"])
@@ -181,6 +194,40 @@ def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> dict[str, fl
     one_pass = base.perplexity(text_ids, window=n)
     print(f"(one pass without a cache: {one_pass:.4f})")
     return ppl
+
+
+def windows_table(formats, llm_of, fmt_of, base, n, count) -> None:
+    """Each format's perplexity change against the float32 cache on ``count`` windows of
+    ``n`` tokens (the start and token 4096 of each play, plays in alphabetical order)."""
+    import numpy as np
+
+    from jqx_demo.shakespeare import plays
+
+    windows = []
+    for name, text in sorted(plays().items()):
+        ids = base.tokenizer.encode(text)
+        windows += [(name, o, ids[o : o + n]) for o in (0, 4096) if len(ids) >= o + n]
+    if len(windows) < count:
+        sys.exit(f"--windows {count}: the plays give {len(windows)} windows of {n} tokens")
+    windows = windows[:count]
+    print(f"\n## Perplexity through the cache over {count} windows of {n} tokens")
+    print("(each window: prefill 1, then decode steps; change against the float32 cache)")
+    print("| window | " + " | ".join(formats[1:]) + " |")
+    print("|---" * len(formats) + "|")
+    change = {f: [] for f in formats[1:]}
+    for name, off, ids in windows:
+        ref = llm_of["float32"].perplexity(ids, window=n, kv_cache="float")
+        for f in formats[1:]:
+            kv = "float" if fmt_of[f] is None else fmt_of[f]
+            change[f].append(100 * (llm_of[f].perplexity(ids, window=n, kv_cache=kv) / ref - 1))
+        cells = " | ".join(f"{change[f][-1]:+.3f}%" for f in formats[1:])
+        print(f"| {name} @{off} (float32 {ref:.3f}) | {cells} |", flush=True)
+    print("\n| cache | mean change | smallest | largest | windows under +0.5% |")
+    print("|---|---|---|---|---|")
+    for f in formats[1:]:
+        c = np.array(change[f])
+        under = int((c <= 0.5).sum())
+        print(f"| {f} | {c.mean():+.3f}% | {c.min():+.3f}% | {c.max():+.3f}% | {under}/{count} |")
 
 
 def headroom_table(values, base, text_ids, n, ref) -> None:

@@ -5,6 +5,7 @@ tests/test_llm.py (its module fixture holds the model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,7 @@ pytest.importorskip("flax")
 pytest.importorskip("tokenizers")
 from flax import nnx  # noqa: E402
 
+from jqx.core import numerics  # noqa: E402
 from jqx.kernels.cpu import native  # noqa: E402
 from jqx.llm import LLM, KVCache, KVFormat, Llama, LlamaConfig  # noqa: E402
 from jqx.llm.model import forward  # noqa: E402
@@ -40,11 +42,14 @@ def _x(seed, n, scale=1.0):
     return jnp.asarray((rng.standard_normal((B, KVH, n, D)) * scale).astype(np.float32))
 
 
-def _cache(kind, n_slots, n_written, group=16, seed=0, decode_steps=0, value_window=True):
+def _cache(
+    kind, n_slots, n_written, group=16, seed=0, decode_steps=0, value_window=True, rotate=False
+):
     """Keys and values of n_written tokens: a prefill, then single-token decode writes."""
     k_x, v_x = _x(seed, n_written), _x(seed + 1, n_written)
-    k = A.kv_init(kind, "k", (B, KVH, n_slots, D), group=group, value_window=value_window)
-    v = A.kv_init(kind, "v", (B, KVH, n_slots, D), group=group, value_window=value_window)
+    kw = dict(group=group, value_window=value_window, rotate=rotate)
+    k = A.kv_init(kind, "k", (B, KVH, n_slots, D), **kw)
+    v = A.kv_init(kind, "v", (B, KVH, n_slots, D), **kw)
     t0 = n_written - decode_steps
     k, v = _write_block(k, k_x[:, :, :t0], 0, PAD), _write_block(v, v_x[:, :, :t0], 0, PAD)
     for t in range(t0, n_written):
@@ -221,6 +226,75 @@ def test_native_int4_equals_xla(n, decode_steps, value_window):
         np.testing.assert_allclose(got, _attend_xla(q, k, v, PAD, hi), atol=2e-6, rtol=2e-5)
 
 
+# ------------------------------------------------------------------ rotated caches
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
+def test_rotated_cache_reads_back_and_attends_as_its_dequantized_floats(kind):
+    """A rotated layer stores Hadamard-rotated codes: kv_dequantize rotates them back
+    (the error bound of the plain format, in norm), and attention on the codes (the
+    query and the output rotated) equals float attention over those floats."""
+    k, v, kx, vx = _cache(kind, 80, 70, decode_steps=4, rotate=True)
+    assert k.rotated and v.rotated
+    plain, _, _, _ = _cache(kind, 80, 70, decode_steps=4)
+    deq = _dequantize(k, 70)
+    err = jnp.linalg.norm(deq - kx, axis=-1) / jnp.linalg.norm(kx, axis=-1)
+    # int8: half a step of max|x| / 127 per channel, sqrt(D) / 254 in norm; fp8: E4M3's
+    # relative half-step 2**-4 (no value is near the subnormals here); int4 (range
+    # over 16 tokens per channel): within 1.5x the plain format's error
+    plain_err = jnp.linalg.norm(_dequantize(plain, 70) - kx, axis=-1)
+    bound = {"int8": D**0.5 / 254, "fp8": 2**-4, "int4": None}[kind]
+    if bound is None:
+        assert float(jnp.linalg.norm(deq - kx, axis=-1).max()) <= 1.5 * float(plain_err.max())
+    else:
+        assert float(err.max()) <= bound
+    # the stored codes are those of the rotated keys (not of the keys)
+    rot = A.kv_dequantize(dataclasses.replace(k, rotated=False), 70)
+    np.testing.assert_allclose(rot, numerics.hadamard_rotate(deq), atol=1e-5)
+    assert not np.array_equal(np.asarray(k.codes), np.asarray(plain.codes))
+    q = jnp.asarray(np.random.default_rng(3).standard_normal((B, H, D)).astype(np.float32))
+    hi = jnp.full((B,), 70, jnp.int32)
+    out = _attend_xla(q, k, v, PAD, hi)
+    want = _float_attention(q, deq, _dequantize(v, 70), hi)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    if native.gguf_available():
+        got = A.decode_attention(q, k, v, PAD, hi, backend="native")
+        np.testing.assert_allclose(got, out, atol=2e-6, rtol=2e-5)
+
+
+def test_rotation_cuts_fp8_error_on_an_outlier_channel():
+    """Keys and queries sharing a large channel (as LLM keys do): E4M3's relative error
+    on that channel dominates the scores; rotated, it is spread over all channels."""
+    rng = np.random.default_rng(7)
+    kx = rng.standard_normal((B, KVH, 64, D)).astype(np.float32) * 0.3
+    kx[..., 5] += 12.0 + rng.standard_normal((B, KVH, 64)).astype(np.float32)
+    q = rng.standard_normal((B, H, D)).astype(np.float32) * 0.3
+    q[..., 5] = 3.0
+    kx, q = jnp.asarray(kx), jnp.asarray(q)
+    vx = _x(9, 64)
+    hi = jnp.full((B,), 64, jnp.int32)
+    ref = _float_attention(q, kx, vx, hi)
+    errs = {}
+    for rotate in (False, True):
+        k = _write_block(A.kv_init("fp8", "k", (B, KVH, 64, D), rotate=rotate), kx, 0, PAD)
+        v = _write_block(A.kv_init("fp8", "v", (B, KVH, 64, D), rotate=rotate), vx, 0, PAD)
+        errs[rotate] = float(jnp.abs(_attend_xla(q, k, v, PAD, hi) - ref).max())
+    assert errs[True] <= 0.5 * errs[False], errs
+
+
+def test_kv_format_rotation_defaults_and_bad_input():
+    assert KVFormat.parse("fp8", head_dim=64).rotate is True
+    assert KVFormat.parse("int8", head_dim=64).rotate is False
+    assert KVFormat.parse(KVFormat("fp8", rotate=False), head_dim=64).rotate is False
+    assert KVFormat.parse(KVFormat("int4", rotate=True), head_dim=64).rotate is True
+    cache = KVCache.init(CFG, batch=1, max_len=8, format="fp8")
+    assert cache.k[0].rotated and cache.v[0].rotated
+    with pytest.raises(ValueError, match=r"rotate must be True, False or None.*got 'yes'"):
+        KVFormat.parse(KVFormat("fp8", rotate="yes"), head_dim=64)
+    with pytest.raises(ValueError, match=r"kv_init: rotate=1 must be True or False"):
+        A.kv_init("int8", "k", (1, 1, 4, 8), rotate=1)
+
+
 # ------------------------------------------------------------------ the model
 
 CFG = LlamaConfig(
@@ -287,6 +361,7 @@ def test_cache_bytes_against_float16_at_smollm2_shape():
     assert f16 == 2 * 30 * 3 * n * 64 * 2
     assert nbytes("int8") == 2 * 30 * 3 * n * (64 + 2)  # 0.516x: codes + float16 scales
     assert nbytes("fp8") == 2 * 30 * 3 * (n * 64 + 4)  # 0.5x + one scale per head
+    assert nbytes(KVFormat("fp8", rotate=False)) == nbytes("fp8")  # rotation stores nothing
     # int4: codes, a float16 scale and zero per group, the float16 residual window
     g = 32
     per_role = n * 32 + 2 * 2 * (n // g) * 64 + g * 64 * 2
@@ -307,8 +382,11 @@ def test_generate_stream_and_perplexity_with_each_format(tiny):
     for fmt in (
         "int8",
         "fp8",
+        KVFormat("fp8", rotate=False),
+        KVFormat("int8", rotate=True),
         KVFormat("int4", group=16),
         KVFormat("int4", group=16, value_window=False),
+        KVFormat("int4", group=16, rotate=True),
     ):
         before = tiny.trace_counts["decode"]
         g = tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache=fmt)

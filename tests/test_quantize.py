@@ -736,3 +736,43 @@ def test_quantize_activation_blocks_rounds_like_llama_cpp(seed, zero_block):
     step = (amax / 127)[..., None]
     bound = 0.5 * step + np.abs(c) * np.abs(d16 - step) + 1e-6
     assert (np.abs(c * d16 - xb) <= bound).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d=st.sampled_from([1, 2, 6, 8, 24, 64, 96, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_hadamard_rotate_is_orthogonal_and_its_own_inverse(d, seed):
+    """Block-diagonal Hadamard rotation (blocks of the largest power of two dividing d):
+    it keeps dot products and norms, applying it twice gives the input back, and it
+    equals the dense matrix product (float64 reference)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, d)).astype(np.float32) * rng.uniform(0.01, 100)
+    y = rng.standard_normal((3, d)).astype(np.float32)
+    rx, ry = numerics.hadamard_rotate(jnp.asarray(x)), numerics.hadamard_rotate(jnp.asarray(y))
+    b = numerics.hadamard_block(d)
+    assert b & (b - 1) == 0 and d % b == 0 and (d // b) % 2 == 1
+    h = np.kron(np.eye(d // b), numerics.hadamard_matrix(b).astype(np.float64))
+    np.testing.assert_allclose(h @ h.T, np.eye(d), atol=1e-6)
+    u = 2.0**-23
+    scale = np.abs(x).max() * np.sqrt(b)
+    np.testing.assert_allclose(rx, x.astype(np.float64) @ h, atol=2 * b * u * scale)
+    back = numerics.hadamard_rotate(rx)
+    np.testing.assert_allclose(back, x, atol=4 * b * u * scale)
+    dots = np.sum(np.asarray(rx, np.float64) * np.asarray(ry, np.float64), axis=-1)
+    want = np.sum(x.astype(np.float64) * y, axis=-1)
+    np.testing.assert_allclose(dots, want, atol=4 * b * u * scale * np.abs(y).max() * d)
+    chex.assert_trees_all_close(
+        jnp.linalg.norm(rx, axis=-1), jnp.linalg.norm(jnp.asarray(x), axis=-1), rtol=1e-5
+    )
+
+
+def test_hadamard_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match=r"n=0 must be a positive int"):
+        numerics.hadamard_block(0)
+    with pytest.raises(ValueError, match=r"n=6 must be a power of two"):
+        numerics.hadamard_matrix(6)
+    # an odd length has no rotation: the input comes back unchanged
+    x = jnp.arange(5.0)
+    assert numerics.hadamard_rotate(x) is x
