@@ -653,7 +653,11 @@ def decode_attention(
         qr = numerics.hadamard_rotate(q.astype(jnp.float32)) if k.rotated else q
         plain = dict(rotated=False)
         out = decode_attention(
-            qr, dataclasses.replace(k, **plain), dataclasses.replace(v, **plain), lo, hi,
+            qr,
+            dataclasses.replace(k, **plain),
+            dataclasses.replace(v, **plain),
+            lo,
+            hi,
             backend=backend,
         )
         return numerics.hadamard_rotate(out) if v.rotated else out
