@@ -19,7 +19,8 @@ default and ``fp8-plain`` does not) on a Shakespeare play (at least 2048 tokens)
 
 Run: python benchmarks/llm_kv.py [--tokens 2048] [--new-tokens 256] [--rounds 3]
 [--parts bytes,perplexity,greedy,speed] (``--parts speed``: the decode speed only)
-[--formats int8,fp8,int4,int4-g64,int4-vq,int4-g64-vq,fp8-plain,int8-rot,int4-rot]
+[--formats int8,fp8,int4,int4-g64,int4-vq,int4-g64-vq,fp8-plain,int8-rot,int4-rot,
+int4-g64-vq-rot]
 (the float32 and float16 caches always run; the default leaves out the -rot rows)
 [--fp8-headroom 16,256] (extra fp8 perplexity rows with other values of
 ``jqx.ops.attention.FP8_HEADROOM``, the prefill's headroom; default 64)
@@ -54,6 +55,7 @@ FORMATS = (
     "int4-g64-vq",
     "int8-rot",
     "int4-rot",
+    "int4-g64-vq-rot",
 )
 DEFAULT_FORMATS = FORMATS[2:9]
 
@@ -124,6 +126,7 @@ def main() -> None:
     fmt_of["fp8-plain"] = KVFormat("fp8", rotate=False)
     fmt_of["int8-rot"] = KVFormat("int8", rotate=True)
     fmt_of["int4-rot"] = KVFormat("int4", rotate=True)
+    fmt_of["int4-g64-vq-rot"] = KVFormat("int4", group=64, value_window=False, rotate=True)
     llm_of = {f: llms.get(f, base) for f in FORMATS}
     for f in FORMATS:
         if f.startswith("int4"):

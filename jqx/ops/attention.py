@@ -25,6 +25,9 @@ The formats (:data:`KV_FORMATS`):
   since a value group is one token's channels and so complete when the token arrives,
   are quantized at once and keep no window (``value_window=False``: fewer bytes; the
   latest tokens' values are then quantized too).
+- Any format may store its keys and values Hadamard-rotated along the head axis
+  (``kv_init(rotate=True)``, :attr:`KVCodes.rotated`; the fp8 default of
+  :class:`jqx.llm.KVFormat`): attention rotates the query and the output instead.
 
 :func:`decode_attention` applies the scales inside the attention products (scores are
 ``q . codes`` times the key scales, the value sum weights the codes by probability
@@ -621,7 +624,9 @@ def decode_attention(
       k, v: (batch, kv_heads, slots, d), float32 or float16 arrays, or the
         :class:`KVCodes` of a quantized cache (both of one format). An int4 cache
         reads slots ``hi - 1``'s group (from ``(hi - 1) // group * group``) from its
-        residual window.
+        residual window. Rotated codes (:attr:`KVCodes.rotated`) are read as stored:
+        the query is rotated for rotated keys, the output rotated back for rotated
+        values.
       lo, hi: int32 (batch,): the visible slots of each sequence (``hi`` may be traced;
         it changes every step without retracing).
       backend: None (the dispatcher's choice), ``"xla"`` or ``"native"``.
