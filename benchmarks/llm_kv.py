@@ -90,6 +90,10 @@ def main() -> None:
         help="perplexity over this many windows (play starts and token 4096 of each play)",
     )
     args = ap.parse_args()
+    if args.windows < 1:
+        ap.error(f"--windows {args.windows}: use 1 (one window of --play) or more")
+    if args.windows > 1 and args.fp8_headroom:
+        ap.error("--fp8-headroom runs on one window: leave out --windows or set it to 1")
     asked = args.formats.split(",")
     if set(asked) - set(FORMATS):
         ap.error(f"--formats: unknown {sorted(set(asked) - set(FORMATS))}; use {FORMATS[2:]}")
@@ -202,8 +206,6 @@ def perplexity_table(formats, llm_of, fmt_of, text_ids, n, base) -> dict[str, fl
 def windows_table(formats, llm_of, fmt_of, base, n, count) -> None:
     """Each format's perplexity change against the float32 cache on ``count`` windows of
     ``n`` tokens (the start and token 4096 of each play, plays in alphabetical order)."""
-    import numpy as np
-
     from jqx_demo.shakespeare import plays
 
     windows = []

@@ -265,11 +265,11 @@ def test_rotated_cache_reads_back_and_attends_as_its_dequantized_floats(kind):
 def test_rotation_cuts_fp8_error_on_an_outlier_channel():
     """Keys and queries sharing a large channel (as LLM keys do): E4M3's relative error
     on that channel dominates the scores; rotated, it is spread over all channels."""
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(8)
     kx = rng.standard_normal((B, KVH, 64, D)).astype(np.float32) * 0.3
-    kx[..., 5] += 12.0 + rng.standard_normal((B, KVH, 64)).astype(np.float32)
+    kx[..., 5] += 20.0 + rng.standard_normal((B, KVH, 64)).astype(np.float32)
     q = rng.standard_normal((B, H, D)).astype(np.float32) * 0.3
-    q[..., 5] = 3.0
+    q[..., 5] = 2.0
     kx, q = jnp.asarray(kx), jnp.asarray(q)
     vx = _x(9, 64)
     hi = jnp.full((B,), 64, jnp.int32)
