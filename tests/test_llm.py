@@ -206,6 +206,7 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens(llm):
     # one device, in this process; eight in a process of its own (host devices are fixed
     # at start-up)
     one = llm.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
+    one_fp8 = llm.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache="fp8").tokens
     code = textwrap.dedent(
         """
         import json, jax, numpy as np, jqx
@@ -218,7 +219,9 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens(llm):
         wq = tp.model.blocks[0].attn.wqkv[...]
         spec = str(wq.qvalue.sharding.spec)
         many = tp.generate(prompt, max_new_tokens=10, stop_at_eos=False).tokens
-        print(json.dumps({"many": many, "spec": spec,
+        # the rotated fp8 cache, sharded by kv head (the rotation is within a head)
+        fp8 = tp.generate(prompt, max_new_tokens=6, stop_at_eos=False, kv_cache="fp8").tokens
+        print(json.dumps({"many": many, "fp8": fp8, "spec": spec,
                           "shards": len(wq.qvalue.addressable_shards)}))
         """
     )
@@ -231,6 +234,7 @@ def test_tensor_parallel_on_8_devices_gives_the_same_greedy_tokens(llm):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["shards"] == 8 and "model" in out["spec"]
     assert one == out["many"]
+    assert one_fp8 == out["fp8"]
 
 
 def test_jnp_dtype_of_logits_is_float32():
