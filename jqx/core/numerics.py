@@ -443,26 +443,10 @@ def hadamard_block(n: int) -> int:
     return int(n) & -int(n)
 
 
-def hadamard_matrix(n: int) -> np.ndarray:
-    """The orthonormal Sylvester Hadamard matrix of order ``n`` (a power of two), float32:
-    entries ``+-1/sqrt(n)``, symmetric, its own inverse.
-
-    Example:
-        >>> (hadamard_matrix(4) * 2).tolist()
-        [[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0], [1.0, -1.0, -1.0, 1.0]]
-    """
-    if hadamard_block(n) != n:
-        raise ValueError(f"hadamard_matrix: n={n!r} must be a power of two (1, 2, 4, ...).")
-    h = np.ones((1, 1), np.float64)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return (h / np.sqrt(n)).astype(np.float32)
-
-
 def hadamard_rotate(x: jax.Array) -> jax.Array:
     """``x`` times the block-diagonal orthonormal Hadamard matrix along its last axis
-    (blocks of :func:`hadamard_block` of its length). The matrix is symmetric and
-    orthogonal, so the rotation is its own inverse and keeps dot products:
+    (blocks of :func:`hadamard_block` of its length, each Sylvester's matrix of that
+    order divided by its square root). The matrix is symmetric and orthogonal, so the rotation is its own inverse and keeps dot products:
     ``rot(q) . rot(k) = q . k``, ``rot(rot(x)) = x`` (up to float32 rounding).
 
     It spreads a few large channels over all of a block's channels. The fp8 KV cache

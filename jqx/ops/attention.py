@@ -644,8 +644,6 @@ def decode_attention(
         ...                  backend="xla").tolist()
         [[[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]]
     """
-    impl = dispatch.choose_attention(q, k, backend)
-    scale = 1.0 / math.sqrt(q.shape[-1])
     quantized = isinstance(k, KVCodes)
     if quantized != isinstance(v, KVCodes) or (quantized and k.kind != v.kind):
         raise ValueError(
@@ -656,16 +654,11 @@ def decode_attention(
         # Rotated keys: rot(q) . rot(k) = q . k. Rotated values: the probability-weighted
         # sum of rot(v) is rot(out) (the rotation is linear and its own inverse).
         qr = numerics.hadamard_rotate(q.astype(jnp.float32)) if k.rotated else q
-        plain = dict(rotated=False)
-        out = decode_attention(
-            qr,
-            dataclasses.replace(k, **plain),
-            dataclasses.replace(v, **plain),
-            lo,
-            hi,
-            backend=backend,
-        )
+        kp, vp = (dataclasses.replace(c, rotated=False) for c in (k, v))
+        out = decode_attention(qr, kp, vp, lo, hi, backend=backend)
         return numerics.hadamard_rotate(out) if v.rotated else out
+    impl = dispatch.choose_attention(q, k, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "native":
         lo32, hi32 = lo.astype(jnp.int32), hi.astype(jnp.int32)
         q32 = q.astype(jnp.float32)
