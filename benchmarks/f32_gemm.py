@@ -1,14 +1,17 @@
-"""XLA's float32 dot against PyTorch's (MKL) on MiniLM's shapes, and the summation order
-XLA uses: why jqx's float32 path trails PyTorch fp32 (issue #17).
+"""The float32 matrix product three ways on MiniLM's and SmolLM2's shapes: XLA's dot,
+jqx's native float32 GEMM (``jqx.native.f32_matmul``, which ``jqx.quantized`` runs for
+float products) and PyTorch's (MKL), and the summation orders (issue #17).
 
 Two tables, one process:
 
-- time: ``jax.jit(a @ b)`` and ``torch.mm`` (``--threads`` threads, default 2) on the
+- time: ``jax.jit(a @ b)``, ``jax.jit(native.f32_matmul)`` and ``torch.mm``
+  (``--threads`` threads, default 2; XLA and jqx use the process's cores) on the
   projections of all-MiniLM-L6-v2 at batch 1 and 32 x 128 tokens (M = 128 and 4096 rows;
-  K x N = 384 x 384, 384 x 1536, 1536 x 384), best of ``--repeats`` interleaved calls;
-- order: whether XLA's product equals, bit for bit, one fused multiply-add chain per
-  output over k = 0..K-1 (the order a native float32 kernel would have to keep to give
-  XLA's bits, which jqx's speed paths must), for a spread of shapes.
+  K x N = 384 x 384, 384 x 1536, 1536 x 384), on few rows and on SmolLM2-135M's
+  prefill shapes, best of ``--repeats`` interleaved calls;
+- order: the share of outputs where XLA's product and jqx's equal, bit for bit, one
+  fused multiply-add chain per output over k = 0..K-1 (jqx's order, always; XLA's
+  depends on the shape), for a spread of shapes.
 
     python benchmarks/f32_gemm.py            # needs torch (pip install "jqx[bench]")
 """
@@ -16,14 +19,26 @@ Two tables, one process:
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from _stamp import print_stamp
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SHAPES = [(m, k, n) for m in (128, 4096) for k, n in ((384, 384), (384, 1536), (1536, 384))]
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from _stamp import print_stamp  # noqa: E402
+
+from jqx.kernels.cpu import native  # noqa: E402
+
+SHAPES = [
+    *((m, k, n) for m in (128, 4096) for k, n in ((384, 384), (384, 1536), (1536, 384))),
+    (16, 384, 384),
+    (32, 384, 1536),
+    (512, 576, 1536),  # SmolLM2-135M prefill: the MLP's up and down projections
+    (512, 1536, 576),
+]
 ORDER_SHAPES = [
     (1, 384, 384),
     (3, 384, 1536),
@@ -65,37 +80,55 @@ def main() -> None:
     print(f"torch {torch.__version__} ({args.threads} threads), XLA cpu as is\n")
     rng = np.random.default_rng(0)
     f = jax.jit(lambda a, b: a @ b)
-    print("| M x K x N | XLA ms | XLA GFLOP/s | torch.mm ms | torch GFLOP/s | XLA / torch |")
-    print("|---|---|---|---|---|---|")
+    g = jax.jit(native.f32_matmul) if native.available() else None
+    if g is None:
+        print(f"(the native float32 GEMM is not available here: {native.status()})\n")
+    print(
+        "| M x K x N | XLA GFLOP/s | jqx native GFLOP/s | torch.mm GFLOP/s "
+        "| XLA time / torch | jqx time / torch | jqx time / XLA |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for m, k, n in SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = rng.standard_normal((k, n)).astype(np.float32)
         xj, wj, xt, wt = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
-
-        def run_x(xj=xj, wj=wj):
-            return f(xj, wj).block_until_ready()
-
-        def run_t(xt=xt, wt=wt):
-            return torch.mm(xt, wt)
-
-        run_x(), run_t()  # compile, warm
-        tj, tt = [], []
-        for _ in range(args.repeats):  # interleaved, so load hits both alike
-            tj.append(_once(run_x))
-            tt.append(_once(run_t))
-        a, b = min(tj), min(tt)
+        runs = {
+            "xla": lambda xj=xj, wj=wj: f(xj, wj).block_until_ready(),
+            "torch": lambda xt=xt, wt=wt: torch.mm(xt, wt),
+        }
+        if g is not None:
+            runs["jqx"] = lambda xj=xj, wj=wj: g(xj, wj).block_until_ready()
+        for run in runs.values():  # compile, warm
+            run()
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so load hits all alike
+            for name, run in runs.items():
+                times[name].append(_once(run))
+        best = {name: min(t) for name, t in times.items()}
         fl = 2 * m * k * n
-        print(
-            f"| {m} x {k} x {n} | {1e3 * a:.3f} | {fl / a / 1e9:.0f} | {1e3 * b:.3f} "
-            f"| {fl / b / 1e9:.0f} | {a / b:.2f} |"
+        jqx_cells = (
+            (
+                f"{fl / best['jqx'] / 1e9:.0f}",
+                f"{best['jqx'] / best['torch']:.2f}",
+                f"{best['jqx'] / best['xla']:.2f}",
+            )
+            if "jqx" in best
+            else ("-", "-", "-")
         )
-    print("\n| M x K x N | XLA equals one FMA chain per output |")
-    print("|---|---|")
+        print(
+            f"| {m} x {k} x {n} | {fl / best['xla'] / 1e9:.0f} | {jqx_cells[0]} "
+            f"| {fl / best['torch'] / 1e9:.0f} | {best['xla'] / best['torch']:.2f} "
+            f"| {jqx_cells[1]} | {jqx_cells[2]} |"
+        )
+    print("\n| M x K x N | XLA equals one FMA chain per output | jqx native does |")
+    print("|---|---|---|")
     for m, k, n in ORDER_SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = rng.standard_normal((k, n)).astype(np.float32)
-        same = float(np.mean(np.asarray(f(x, w)) == _fma_chain(x, w)))
-        print(f"| {m} x {k} x {n} | {same:.1%} of outputs |")
+        chain = _fma_chain(x, w)
+        same = float(np.mean(np.asarray(f(x, w)) == chain))
+        ours = f"{float(np.mean(np.asarray(g(x, w)) == chain)):.1%}" if g is not None else "-"
+        print(f"| {m} x {k} x {n} | {same:.1%} of outputs | {ours} of outputs |")
 
 
 if __name__ == "__main__":

@@ -1000,3 +1000,162 @@ def test_build_key_covers_the_shared_header():
     header = (native._CONV.src.parent / "pool.h").read_bytes()
     for lib in (native._INT8, native._GGUF, native._CONV):
         assert header in lib.source_bytes()
+
+
+# ----------------------------------------------------------------- the float32 GEMM
+# native.f32_matmul (f32_gemm.h): one fused multiply-add chain per output over k, from 0.
+
+
+def _round_f32(x) -> np.float32:
+    """The float32 nearest to the rational ``x`` (ties to even), computed exactly."""
+    from fractions import Fraction  # noqa: PLC0415
+
+    x = Fraction(x)
+    if x == 0:
+        return np.float32(0.0)
+    sign, x = (-1 if x < 0 else 1), abs(x)
+    e = x.numerator.bit_length() - x.denominator.bit_length()  # 2^e <= x < 2^(e + 2)
+    while Fraction(2) ** e > x:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= x:
+        e += 1
+    q = max(e - 23, -149)  # the spacing of float32s around x (subnormals included)
+    m = x / Fraction(2) ** q
+    r = m.numerator // m.denominator
+    rem = m - r
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and r % 2 == 1):
+        r += 1
+    return np.float32(sign * float(r) * 2.0**q)
+
+
+def _fma_chain(a, b) -> np.ndarray:
+    """C[m, n] = fma(a[m, K-1], b[K-1, n], ... fma(a[m, 0], b[0, n], 0)), each fma rounded
+    once, exactly: the order the kernel promises."""
+    from fractions import Fraction  # noqa: PLC0415
+
+    m, k = a.shape
+    n = b.shape[1]
+    fa = [[Fraction(float(v)) for v in row] for row in a]
+    fb = [[Fraction(float(v)) for v in row] for row in b]
+    out = np.zeros((m, n), np.float32)
+    for i in range(m):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for t in range(k):
+                acc = _round_f32(fa[i][t] * fb[t][j] + Fraction(float(acc)))
+            out[i, j] = acc
+    return out
+
+
+# Rows: a partial register block (14 + 3), one block, the panel split; columns: a half
+# panel, masks in both halves; K: two k blocks (kF32Kc = 768) with the accumulators
+# stored and reloaded; 260 rows: B packed up front (kF32PackRows = 256).
+F32_EXACT = [(1, 1, 1), (3, 7, 5), (17, 33, 35), (14, 40, 64), (2, 1600, 3), (260, 9, 17)]
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", F32_EXACT)
+def test_f32_matmul_is_one_fma_chain_per_output_bit_for_bit(m, k, n):
+    rng = np.random.default_rng(m * 31 + k * 7 + n)
+    # Values of many magnitudes: every rounding of the chain matters.
+    a = (rng.standard_normal((m, k)) * 2.0 ** rng.integers(-8, 8, (m, k))).astype(np.float32)
+    b = (rng.standard_normal((k, n)) * 2.0 ** rng.integers(-8, 8, (k, n))).astype(np.float32)
+    got = np.asarray(jax.jit(native.f32_matmul)(a, b))
+    np.testing.assert_array_equal(got, _fma_chain(a, b))
+
+
+@needs_native
+@settings(deadline=None, max_examples=25)
+@given(
+    m=st.integers(1, 300),
+    k=st.integers(1, 1700),
+    n=st.integers(1, 200),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_f32_matmul_property_within_the_chain_bound(m, k, n, seed):
+    """|C - AB| <= gamma_K sum_k |a b| against float64, any shape (edges, k blocks,
+    packed or in place, either thread split)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    got = np.asarray(native.f32_matmul(jnp.asarray(a), jnp.asarray(b)), np.float64)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    u = 2.0**-24
+    bound = k * u / (1 - k * u) * (np.abs(a64) @ np.abs(b64))
+    assert np.all(np.abs(got - a64 @ b64) <= bound)
+
+
+@needs_native
+def test_f32_matmul_nan_inf_zero_sizes_and_rows_of_any_rank():
+    a = np.ones((20, 8), np.float32)
+    b = np.ones((8, 40), np.float32)
+    a[3, 2], b[5, 39] = np.nan, np.inf
+    got = np.asarray(native.f32_matmul(jnp.asarray(a), jnp.asarray(b)))
+    want = a @ b
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
+    assert native.f32_matmul(jnp.zeros((0, 4)), jnp.zeros((4, 3))).shape == (0, 3)
+    np.testing.assert_array_equal(
+        np.asarray(native.f32_matmul(jnp.zeros((2, 0)), jnp.zeros((0, 3)))), np.zeros((2, 3))
+    )
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 70, 50)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((50, 30)), jnp.float32)
+    got = native.f32_matmul(x, w)
+    assert got.shape == (2, 3, 70, 30)
+    np.testing.assert_array_equal(
+        np.asarray(got).reshape(-1, 30), native.f32_matmul(x.reshape(-1, 50), w)
+    )
+
+
+@needs_native
+def test_f32_matmul_under_vmap_is_one_call_and_broadcasts():
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.standard_normal((3, 40, 50)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((3, 50, 70)), jnp.float32)
+    f = native.f32_matmul
+    cases = [
+        (jax.vmap(f, (0, None)), (a, b[0]), lambda: [f(a[i], b[0]) for i in range(3)]),
+        (jax.vmap(f, (None, 0)), (a[0], b), lambda: [f(a[0], b[i]) for i in range(3)]),
+        (jax.vmap(f), (a, b), lambda: [f(a[i], b[i]) for i in range(3)]),
+    ]
+    for g, args, each in cases:
+        assert str(jax.make_jaxpr(g)(*args)).count("ffi_call") == 1
+        np.testing.assert_array_equal(np.asarray(g(*args)), np.stack(each()))
+    nested = jax.vmap(jax.vmap(f, (0, None)), (None, 0))(a, b)  # (j, i, 40, 70)
+    np.testing.assert_array_equal(np.asarray(nested[2, 1]), np.asarray(f(a[1], b[2])))
+
+
+@needs_native
+def test_f32_matmul_independent_of_thread_count(tmp_path):
+    script = textwrap.dedent(
+        """
+        import numpy as np, jax.numpy as jnp, sys
+        from jqx.kernels.cpu import native
+        rng = np.random.default_rng(0)
+        out = []
+        for m, k, n in ((4099, 384, 100), (100, 900, 1000), (20, 50, 3000)):
+            a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+            b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+            out.append(np.asarray(native.f32_matmul(a, b)).ravel())
+        np.save(sys.argv[1], np.concatenate(out))
+        """
+    )
+    results = []
+    for threads in ("1", "2", "3"):
+        path = tmp_path / f"f32_{threads}.npy"
+        env = {**os.environ, "JQX_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+        results.append(np.load(path))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
+def test_f32_matmul_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match=r"f32_matmul: a must be a float32 array, got int32"):
+        native.f32_matmul(jnp.ones((2, 3), jnp.int32), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"f32_matmul: b must be a float32 array, got list"):
+        native.f32_matmul(jnp.ones((2, 3)), [[1.0]])
+    with pytest.raises(ValueError, match=r"a \(2, 3\) and b \(4, 5\) do not fit"):
+        native.f32_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"a \(3,\) and b \(3, 5\) do not fit"):
+        native.f32_matmul(jnp.ones((3,)), jnp.ones((3, 5)))

@@ -734,3 +734,87 @@ def test_attention_kernels_run_as_2d_products(recipe):
         ref = jax.lax.dot_general(xs, q.dequantize(), dn)
         bound = 0.03 * float(jnp.abs(ref).max())
         assert y.shape == ref.shape and float(jnp.abs(y - ref).max()) <= bound
+
+
+# ----------------------------------------------------------------- float products
+
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def test_choose_float_dot_routing():
+    """The native float32 GEMM takes float32 products laid out as one matrix product,
+    from f32_kernel_min_rows rows and f32_kernel_min_work multiply-adds, on CPU with the
+    kernels; everything else, backend 'xla' / 'pallas' and f32_kernel=False: XLA."""
+    choose = jqx.ops.dispatch.choose_float_dot
+    x, w = jnp.ones((64, 384)), jnp.ones((384, 384))
+    with jqx.ops.policy(platform="cpu", native_available=True):
+        assert choose(x, w, DN) == "native"
+        # nn.DenseGeneral's 3-D kernels: x (b, s, h, d) contracting (h, d) with W (h, d, n).
+        x4, w3 = jnp.ones((2, 32, 6, 64)), jnp.ones((6, 64, 384))
+        assert choose(x4, w3, (((2, 3), (0, 1)), ((), ()))) == "native"
+        assert choose(x, w, DN, preferred_element_type=jnp.float32) == "native"
+        for other in (
+            (x.astype(jnp.bfloat16), w, DN, None),  # not float32
+            (x, w, DN, jnp.bfloat16),  # another output dtype
+            (x, w, (((1,), (1,)), ((), ())), None),  # x @ W.T: W contracted on its last axis
+            (x.reshape(2, 32, 384), w[None].repeat(2, 0), (((2,), (1,)), ((0,), (0,))), None),
+            (x[:16], w, DN, None),  # fewer rows than f32_kernel_min_rows
+            (x, w[:, :8], DN, None),  # less work than f32_kernel_min_work
+        ):
+            assert choose(*other[:3], other[3]) == "xla", other[2:]
+        assert choose(x[:16], w, DN, backend="native") == "native"  # no size rule
+        assert choose(x, w, DN, backend="xla") == choose(x, w, DN, backend="pallas") == "xla"
+    with jqx.ops.policy(platform="cpu", native_available=True, f32_kernel=False):
+        assert choose(x, w, DN) == choose(x, w, DN, backend="native") == "xla"
+    with jqx.ops.policy(platform="cpu", native_available=False):
+        assert choose(x, w, DN, backend="native") == "xla"  # never raises: XLA runs it
+    with jqx.ops.policy(platform="cuda", native_available=True):
+        assert choose(x, w, DN) == "xla"
+    with pytest.raises(ValueError, match=r"backend='gpu' must be None, 'xla', 'native'"):
+        choose(x, w, DN, backend="gpu")
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize(
+    "xs,ws,dn",
+    [
+        ((64, 384), (384, 200), DN),
+        ((2, 40, 6, 64), (6, 64, 100), (((2, 3), (0, 1)), ((), ()))),
+        ((3, 50, 384), (384, 2, 48), (((2,), (0,)), ((), ()))),
+    ],
+)
+def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+    f = jax.jit(jqx.ops.float_dot_general, static_argnums=2)
+    assert "jqx_f32_gemm" in f.lower(x, w, dn).as_text()
+    got = np.asarray(f(x, w, dn), np.float64)
+    x64, w64, axes = np.asarray(x, np.float64), np.asarray(w, np.float64), dn[0]
+    k = int(np.prod([xs[i] for i in dn[0][0]]))
+    bound = k * 2.0**-24 / (1 - k * 2.0**-24) * np.tensordot(np.abs(x64), np.abs(w64), axes)
+    assert np.all(np.abs(got - np.tensordot(x64, w64, axes)) <= bound)
+    exact = np.asarray(lax.dot_general(x, w, dn))
+    np.testing.assert_array_equal(
+        np.asarray(jqx.ops.float_dot_general(x, w, dn, backend="xla")), exact
+    )
+    with jqx.ops.policy(f32_kernel=False):
+        np.testing.assert_array_equal(np.asarray(jqx.ops.float_dot_general(x, w, dn)), exact)
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+def test_float_dot_general_native_is_differentiable():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((64, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 80)), jnp.float32)
+
+    def loss(fn, x, w):
+        return jnp.sum(jnp.tanh(fn(x, w, DN)))
+
+    got = jax.grad(lambda x, w: loss(jqx.ops.float_dot_general, x, w), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(lax.dot_general, x, w), (0, 1))(x, w)
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+    jvp = jax.jvp(lambda x: jqx.ops.float_dot_general(x, w, DN), (x,), (jnp.ones_like(x),))[1]
+    np.testing.assert_allclose(np.asarray(jvp), np.asarray(jnp.ones_like(x) @ w), rtol=1e-5)

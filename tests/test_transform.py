@@ -13,6 +13,7 @@ from jax import lax
 
 import jqx
 from jqx import transform
+from jqx.kernels.cpu import native
 
 K, N, M = 32, 16, 4
 HI = lax.Precision.HIGHEST
@@ -424,3 +425,39 @@ def test_activation_matmuls_quantizes_attention_like_dots():
     assert jaxpr.count("preferred_element_type=int32") >= 1
     with pytest.raises(ValueError, match="activation_matmuls"):
         jqx.quantized(f, activation_matmuls="int4")
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+def test_float_products_run_on_the_native_gemm_within_the_bound():
+    """jqx.quantized sends float32 products (no QArray operand) to
+    jqx.ops.float_dot_general: nn.Dense, nn.DenseGeneral and `@` inside an inner jit run
+    on the native float32 GEMM, to float32 rounding of XLA's result; with
+    f32_kernel=False (or backend='xla') the program is XLA's, bit for bit."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(256)(x)
+            h = nn.DenseGeneral((4, 64))(h)  # a 3-D kernel
+            h = nn.DenseGeneral(128, axis=(-2, -1))(h)
+            return jax.jit(lambda a, b: a @ b)(h, jnp.ones((128, 96)))  # an inner jit
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 128)), jnp.float32)
+    m = M()
+    v = m.init(jax.random.key(0), x)
+    f = jax.jit(jqx.quantized(m.apply))
+    assert f.lower(v, x).as_text().count("jqx_f32_gemm") == 4
+    want = np.asarray(jax.jit(m.apply)(v, x))
+    got = np.asarray(f(v, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with jqx.ops.policy(f32_kernel=False):
+        g = jax.jit(jqx.quantized(m.apply))
+        assert "jqx_f32_gemm" not in g.lower(v, x).as_text()
+        np.testing.assert_array_equal(np.asarray(g(v, x)), want)
+    g = jax.jit(jqx.quantized(m.apply, backend="xla"))
+    assert "jqx_f32_gemm" not in g.lower(v, x).as_text()
+    np.testing.assert_array_equal(np.asarray(g(v, x)), want)
+    # Gradients through the native products are XLA's dots' (custom_jvp).
+    grad = jax.grad(lambda v: jqx.quantized(m.apply)(v, x).sum())(v)
+    grad0 = jax.grad(lambda v: m.apply(v, x).sum())(v)
+    chex.assert_trees_all_close(grad, grad0, rtol=1e-4, atol=1e-3)

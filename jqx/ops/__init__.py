@@ -24,6 +24,7 @@ from jqx.ops.layout import prepack as prepack
 from jqx.ops.matmul import dot_general as dot_general
 from jqx.ops.matmul import dynamic_dot_general as dynamic_dot_general
 from jqx.ops.matmul import explain as explain
+from jqx.ops.matmul import float_dot_general as float_dot_general
 from jqx.ops.matmul import gguf_layout as gguf_layout
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "dynamic_dot_general",
     "explain",
     "explain_conv",
+    "float_dot_general",
     "gguf_layout",
     "native_status",
     "policy",

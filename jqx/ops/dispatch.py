@@ -62,6 +62,7 @@ __all__ = [
     "Policy",
     "SCALED_MATMUL_MIN_CAPABILITY",
     "choose",
+    "choose_float_dot",
     "current_policy",
     "m_bucket",
     "measured_winner",
@@ -221,6 +222,11 @@ class Policy:
         (``native.softmax_dot``) where it is available; False: XLA's formulation.
       softmax_kernel_max_scores: ...up to this many scores per call (all of them, e.g.
         batch x heads x queries x keys): above it XLA (measured: docs/internals/dispatch.md).
+      f32_kernel: whether :func:`jqx.quantized`'s float32 products (no QArray operand;
+        :func:`jqx.ops.float_dot_general`) may run on the native float32 GEMM
+        (``native.f32_matmul``) where it is available; False: XLA's dot, bit for bit.
+      f32_kernel_min_rows: ...from this many rows (the lhs's free elements) on...
+      f32_kernel_min_work: ...and this many multiply-adds (rows x K x N).
     """
 
     platform: str | None = None
@@ -243,6 +249,9 @@ class Policy:
     softmax_reorder: bool | None = None
     softmax_kernel: bool = True
     softmax_kernel_max_scores: int = 1 << 19
+    f32_kernel: bool = True
+    f32_kernel_min_rows: int = 32
+    f32_kernel_min_work: int = 1 << 21
 
 
 _DEFAULT = Policy()
@@ -378,6 +387,70 @@ def choose_softmax_dot(s, other, backend: str | None = None) -> str:
         return "native"
     small = math.prod(s.shape) <= pol.softmax_kernel_max_scores
     return "native" if pol.softmax_kernel and small and reason == "available" and fits else "xla"
+
+
+def float_dot_shape(lhs, rhs, dimension_numbers) -> tuple[int, int, int] | None:
+    """``(rows, K, N)`` when ``dot_general(lhs, rhs, dimension_numbers)`` is one matrix
+    product the native float32 GEMM takes as it is laid out: no batch dims, lhs
+    contracting its last axes in order and rhs its first axes in order (``x @ W`` for
+    ``nn.Dense``, ``nn.DenseGeneral``'s 3-D kernels, ``einsum("...k,kn->...n")``);
+    else None. Reshaping such operands to 2-D copies nothing."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    c = len(lc)
+    if lb or rb or c == 0 or len(rc) != c or rhs.ndim <= c:
+        return None
+    if tuple(lc) != tuple(range(lhs.ndim - c, lhs.ndim)) or tuple(rc) != tuple(range(c)):
+        return None
+    k = math.prod(lhs.shape[lhs.ndim - c :])
+    return math.prod(lhs.shape[: lhs.ndim - c]), k, math.prod(rhs.shape[c:])
+
+
+def float_kernel_possible(backend: str | None = None) -> bool:
+    """Whether any float product may run on the native float32 GEMM under the
+    :class:`Policy` in force and ``backend`` (:func:`choose_float_dot` decides each)."""
+    pol = current_policy()
+    if backend in ("xla", "pallas") or not pol.f32_kernel:
+        return False
+    return _native_reason(pol, _platform(pol)) == "available"
+
+
+def choose_float_dot(
+    lhs, rhs, dimension_numbers, preferred_element_type=None, backend: str | None = None
+) -> str:
+    """``"native"`` or ``"xla"``: who computes a float product with no QArray operand
+    (:func:`jqx.ops.float_dot_general`, which :func:`jqx.quantized` calls for them).
+
+    The native float32 GEMM (``native.f32_matmul``) takes float32 operands laid out as
+    one matrix product (:func:`float_dot_shape`), on CPU, where its library is
+    available and the policy's ``f32_kernel`` allows it, from ``f32_kernel_min_rows``
+    rows and ``f32_kernel_min_work`` multiply-adds: there it beat XLA's dot at every
+    size measured (docs/internals/dispatch.md). ``backend="native"`` drops the size
+    rule (the kernel for every product it takes); ``"xla"`` and ``"pallas"`` keep XLA's
+    dot. Never raises for a product the kernel does not take: that one runs on XLA.
+
+    Raises:
+      ValueError: an unknown ``backend``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"float_dot_general: backend={backend!r} must be None, 'xla', 'native' or 'pallas'."
+        )
+    pol = current_policy()
+    if backend in ("xla", "pallas") or not pol.f32_kernel:
+        return "xla"
+    f32 = jnp.dtype(jnp.float32)
+    if jnp.dtype(lhs.dtype) != f32 or jnp.dtype(rhs.dtype) != f32:
+        return "xla"
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != f32:
+        return "xla"
+    shape = float_dot_shape(lhs, rhs, dimension_numbers)
+    if shape is None or _native_reason(pol, _platform(pol)) != "available":
+        return "xla"
+    m, k, n = shape
+    if backend == "native":
+        return "native"
+    big = m >= pol.f32_kernel_min_rows and m * k * n >= pol.f32_kernel_min_work
+    return "native" if big else "xla"
 
 
 def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:

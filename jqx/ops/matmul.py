@@ -11,6 +11,7 @@ implementation is chosen: docs/internals/dispatch.md.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,7 +31,7 @@ from jqx.core.qarray import (
 from jqx.ops import dispatch
 from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale
 
-__all__ = ["dot_general", "dynamic_dot_general", "explain"]
+__all__ = ["dot_general", "dynamic_dot_general", "explain", "float_dot_general"]
 
 
 def dot_general(
@@ -87,6 +88,75 @@ def dot_general(
     x = jnp.asarray(rhs)
     y = _x_dot_w(x, lhs, _swapped(dn), precision, preferred_element_type, backend)
     return jnp.transpose(y, _weight_first(dn, lhs.ndim, x.ndim))
+
+
+def float_dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    backend: str | None = None,
+) -> jax.Array:
+    """``lax.dot_general`` of two float arrays, on the faster of XLA's dot and the native
+    float32 GEMM (:func:`jqx.ops.dispatch.choose_float_dot`).
+
+    :func:`jqx.quantized` sends every product without a QArray operand here. The native
+    GEMM (``jqx.native.f32_matmul``) takes float32 products laid out as one matrix
+    product (``x @ W``: no batch dims, lhs contracting its last axes, rhs its first) of
+    enough rows; it sums each output as one fused multiply-add chain over k, within the
+    same bound as XLA's dot, ``gamma_K sum_k |x_k w_k|`` (``gamma_K = K u / (1 - K u)``,
+    ``u = 2^-24``), though not always XLA's bits (XLA's order depends on the shape).
+    Everything else, and ``policy(f32_kernel=False)`` or ``backend="xla"``, is
+    ``lax.dot_general`` itself. Differentiable (the tangents are XLA dots).
+
+    Args:
+      lhs, rhs: float arrays.
+      dimension_numbers: as for ``lax.dot_general``.
+      precision: passed to XLA's dot (the native GEMM is float32 either way).
+      preferred_element_type: output dtype, as for ``lax.dot_general``.
+      backend: ``None`` (the measured choice), ``"native"`` (the GEMM for every product
+        it takes, any size), ``"xla"`` or ``"pallas"`` (XLA's dot).
+
+    Returns:
+      ``lax.dot_general``'s result: the same shape and dtype.
+
+    Raises:
+      ValueError: an unknown ``backend``.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> x, w = jnp.ones((64, 384)), jnp.full((384, 8), 0.5)
+        >>> jqx.ops.float_dot_general(x, w, (((1,), (0,)), ((), ())))[0, :2].tolist()
+        [192.0, 192.0]
+    """
+    dn = _normalise(dimension_numbers)
+    if dispatch.choose_float_dot(lhs, rhs, dn, preferred_element_type, backend) == "xla":
+        return lax.dot_general(
+            lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type
+        )
+    return _native_f32_dot(lhs, rhs, len(dn[0][0]))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _native_f32_dot(lhs: jax.Array, rhs: jax.Array, c: int) -> jax.Array:
+    """``lhs`` (free..., K...) times ``rhs`` (K..., free...) over the ``c`` contracted
+    axes, on the native float32 GEMM (the 2-D views copy nothing)."""
+    from jqx.kernels.cpu import native  # noqa: PLC0415 (dispatch imports it already)
+
+    lead, k = lhs.shape[: lhs.ndim - c], math.prod(lhs.shape[lhs.ndim - c :])
+    tail = rhs.shape[c:]
+    y = native.f32_matmul(lhs.reshape(math.prod(lead), k), rhs.reshape(k, math.prod(tail)))
+    return y.reshape(*lead, *tail)
+
+
+@_native_f32_dot.defjvp
+def _native_f32_dot_jvp(c, primals, tangents):
+    lhs, rhs = primals
+    dl, dr = tangents
+    dn = ((tuple(range(lhs.ndim - c, lhs.ndim)), tuple(range(c))), ((), ()))
+    return _native_f32_dot(lhs, rhs, c), lax.dot_general(dl, rhs, dn) + lax.dot_general(lhs, dr, dn)
 
 
 def explain(

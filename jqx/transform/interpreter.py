@@ -134,6 +134,7 @@ class _Ctx:
         capture: bool = False,
         act_matmuls: str | None = None,
         softmax_reorder: bool = False,
+        float_dots: bool = False,
     ):
         self.rule = rule
         self.paths = paths
@@ -141,6 +142,9 @@ class _Ctx:
         self.capture = capture
         self.act_matmuls = act_matmuls
         self.softmax_reorder = softmax_reorder
+        # Float products (no QArray operand) go to jqx.ops.float_dot_general, which may
+        # run them on the native float32 GEMM.
+        self.float_dots = float_dots
         self.records: list[tuple[str, jax.Array]] = []
 
     def child(self) -> _Ctx:
@@ -151,6 +155,7 @@ class _Ctx:
             self.capture,
             self.act_matmuls,
             self.softmax_reorder,
+            self.float_dots,
         )
 
 
@@ -187,7 +192,10 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    plan = _softmax_plan(jaxpr) if ctx.softmax_reorder else _NO_PLAN
+    if ctx.softmax_reorder or ctx.float_dots:
+        plan = _plan(jaxpr, ctx.softmax_reorder, ctx.float_dots)
+    else:
+        plan = _NO_PLAN
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [_read(env, v) for v in eqn.invars]
         m = plan.matches.get(i)
@@ -199,9 +207,12 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         ):
             with eqn.ctx.manager:
                 outs = _eval_eqn(ctx, eqn, invals)
-        elif i in plan.calls:  # a call holding a softmax-then-matmul: enter it
+        elif i in plan.calls:  # a call holding a softmax-then-matmul or a float product
             with eqn.ctx.manager:
                 outs = _eval_eqn(ctx, eqn, invals)
+        elif i in plan.float_dots:
+            with eqn.ctx.manager:
+                outs = [_float_dot(ctx, eqn, invals)]
         else:
             with eqn.ctx.manager:
                 ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -323,7 +334,8 @@ class _SoftmaxMatch:
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     matches: dict  # eqn index -> _SoftmaxMatch (both the div and the dot)
-    calls: frozenset  # indices of call eqns whose inner jaxpr holds a match
+    calls: frozenset  # indices of call eqns whose inner jaxpr holds a match or float dot
+    float_dots: frozenset = frozenset()  # indices of float32 dot_generals (not matched)
 
 
 _NO_PLAN = _Plan({}, frozenset())
@@ -438,8 +450,16 @@ def _softmax_scores(eqns, producer, exp, axes):
     return s
 
 
-def _softmax_plan(jaxpr) -> _Plan:
-    """Finds every valid softmax-then-matmul in ``jaxpr`` (one linear pass)."""
+def _is_float32_dot(eqn) -> bool:
+    return eqn.primitive.name == "dot_general" and all(
+        jnp.dtype(getattr(v.aval, "dtype", None)) == jnp.float32 for v in eqn.invars
+    )
+
+
+def _plan(jaxpr, softmax: bool, float_dots: bool) -> _Plan:
+    """Finds every valid softmax-then-matmul in ``jaxpr`` (with ``softmax``) and every
+    float32 ``dot_general`` (with ``float_dots``), and the calls holding either (one
+    linear pass)."""
     eqns = jaxpr.eqns
     producer: dict = {}
     uses: dict = {}
@@ -452,20 +472,24 @@ def _softmax_plan(jaxpr) -> _Plan:
     outvars = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
     matches: dict = {}
     calls = []
+    dots = []
     for i, e in enumerate(eqns):
         name = e.primitive.name
-        if name == "div":
+        if name == "div" and softmax:
             m = _softmax_match(eqns, i, producer, uses, outvars)
             if m is not None:
                 matches[m.div] = m
                 matches[m.dot] = m
         elif name in _CALLS and _inner_jaxpr(e) is not None:
-            inner = _softmax_plan(_inner_jaxpr(e))
-            if inner.matches or inner.calls:
+            inner = _plan(_inner_jaxpr(e), softmax, float_dots)
+            if inner.matches or inner.calls or inner.float_dots:
                 calls.append(i)
-    if not matches and not calls:
+        elif float_dots and _is_float32_dot(e):
+            dots.append(i)
+    dots = [i for i in dots if i not in matches]
+    if not matches and not calls and not dots:
         return _NO_PLAN
-    return _Plan(matches, frozenset(calls))
+    return _Plan(matches, frozenset(calls), frozenset(dots))
 
 
 def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
@@ -500,6 +524,22 @@ def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
         # computed are unused (XLA drops them), and none is written.
         return [attention.softmax_dot(s, other, dn, m.operand, backend="native", **kw)]
     return [attention.normalised_dot(d.numer, d.total, other, dn, m.operand, **kw)]
+
+
+def _float_dot(ctx: _Ctx, eqn, invals):
+    """A float32 product with no QArray operand: XLA's dot or the native float32 GEMM
+    (:func:`jqx.ops.float_dot_general` decides)."""
+    from jqx import ops  # noqa: PLC0415 (as in _default_dot)
+
+    p = eqn.params
+    y = ops.float_dot_general(
+        *invals,
+        p["dimension_numbers"],
+        precision=p.get("precision"),
+        preferred_element_type=p.get("preferred_element_type"),
+        backend=ctx.backend,
+    )
+    return y.astype(eqn.outvars[0].aval.dtype)
 
 
 def _dot(ctx: _Ctx, eqn, invals):
@@ -918,7 +958,12 @@ def quantized(
         # Read while tracing, like every dispatcher choice (jqx.ops.policy).
         reorder = dispatch.reorder_softmax()
         return _Ctx(
-            None, frozenset(), backend, act_matmuls=activation_matmuls, softmax_reorder=reorder
+            None,
+            frozenset(),
+            backend,
+            act_matmuls=activation_matmuls,
+            softmax_reorder=reorder,
+            float_dots=dispatch.float_kernel_possible(backend),
         )
 
     inner = _interpret(fn, ctx_factory, None, frozenset())

@@ -42,6 +42,7 @@
 #include <atomic>
 #include <vector>
 
+#include "f32_gemm.h"
 #include "pool.h"
 #include "softmax_dot.h"
 #include "w8a8.h"

@@ -28,6 +28,9 @@ over the visible slots of a float32 or float16 KV cache, with
 and ``jqx_decode_attention_int4`` (:func:`decode_attention_int4`, the 4-bit KIVI
 cache) reading quantized caches in place.
 
+It also registers ``jqx_f32_gemm`` (:func:`f32_matmul`, ``f32_gemm.h``): the float32
+matrix product, one fused multiply-add chain per output, at about MKL's speed.
+
 Both libraries register :func:`softmax_dot` (``softmax_dot.h``: a softmax and its
 product with the values in one pass, ``jqx.quantized``'s reordered attention), as
 ``jqx_softmax_dot_avx512`` and ``jqx_softmax_dot`` (AVX2).
@@ -111,6 +114,7 @@ __all__ = [
     "decode_attention_int4_reference",
     "softmax_dot",
     "softmax_dot_reference",
+    "f32_matmul",
     "TARGET",
     "W4_TARGET",
     "FP8_TARGET",
@@ -123,6 +127,7 @@ __all__ = [
     "ATTENTION_Q_TARGET",
     "SOFTMAX_DOT_TARGET",
     "SOFTMAX_DOT_AVX512_TARGET",
+    "F32_TARGET",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
@@ -151,6 +156,7 @@ GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(s) @ v, one pass (AVX2)
 SOFTMAX_DOT_AVX512_TARGET = "jqx_softmax_dot_avx512"  # the same in int8_gemm.cc (AVX512)
+F32_TARGET = "jqx_f32_gemm"  # int8_gemm.cc (f32_gemm.h): the float32 GEMM (AVX512)
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
@@ -205,6 +211,7 @@ _INT8 = _Library(
         FP8_TARGET: "JqxFp8Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
         SOFTMAX_DOT_AVX512_TARGET: "JqxSoftmaxDotAvx512",
+        F32_TARGET: "JqxF32Gemm",
     },
 )
 _GGUF = _Library(
@@ -1527,6 +1534,67 @@ def decode_attention_reference(
     total = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkgs,bksd->bkgd", p, v_cache.astype(jnp.float32), precision=hp)
     return (out / jnp.where(total > 0, total, 1.0)).reshape(b, h, d)
+
+
+# ----------------------------------------------------------------- float32 GEMM
+
+
+def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` in float32 on the native AVX512 GEMM (``f32_gemm.h``).
+
+    ``a`` is (rows..., K) and ``b`` (K, N); the result is (rows..., N). Each output is
+    one fused multiply-add chain over ``k = 0..K-1`` starting from 0, an order fixed by
+    the shapes alone (the same bits for any thread count), so the result is within the
+    sequential sum's bound ``gamma_K sum_k |a[m, k] b[k, n]|`` (``gamma_K = K u / (1 - K
+    u)``, ``u = 2^-24``) of the exact product, as XLA's dot is; it is not XLA's bits
+    (XLA's order depends on the shape). NaN and infinities propagate as in any sum.
+    ``b`` is packed into 32-column panels per call; register blocks of 14 rows x 32
+    columns read ``a`` in place. Threads: :func:`pool_threads`, over chunks of rows.
+    ``jqx.ops.float_dot_general`` (``jqx.quantized`` on float32 products) picks this or
+    XLA (docs/internals/dispatch.md). Under ``jax.vmap`` it stays one call: a mapped
+    ``a`` alone joins its rows; a mapped ``b`` runs one product per index.
+
+    Args:
+      a: float32 (rows..., K), at least 2-D.
+      b: float32 (K, N).
+
+    Returns:
+      float32 (rows..., N).
+
+    Raises:
+      ValueError: a dtype or shape the kernel does not take (the message names it).
+      RuntimeError: the kernel is not available here (:func:`status` says why).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> a = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
+        >>> b = jnp.ones((3, 2), jnp.float32)
+        >>> (native.f32_matmul(a, b) if native.available() else a @ b).tolist()
+        [[3.0, 3.0], [12.0, 12.0]]
+    """
+    for name, x in (("a", a), ("b", b)):
+        array = hasattr(x, "shape") and hasattr(x, "dtype")
+        if not array or jnp.dtype(x.dtype) != jnp.float32:
+            got = _describe(x) if array else type(x).__name__
+            raise ValueError(
+                f"f32_matmul: {name} must be a float32 array, got {got}; cast it with "
+                "jnp.asarray(...).astype(jnp.float32)."
+            )
+    if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"f32_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not fit: a is "
+            "(rows..., K), at least 2-D, and b (K, N) with the same K; reshape the "
+            "operands (jqx.ops.float_dot_general takes any dimension numbers)."
+        )
+    if not available():
+        raise RuntimeError(f"the native float32 GEMM is not available: {status()}")
+    out = jax.ShapeDtypeStruct((*a.shape[:-1], b.shape[1]), jnp.float32)
+    # Under vmap each operand gets the mapped axes in front (1 where not mapped): the
+    # kernel broadcasts them.
+    return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="expand_dims")(
+        a, b, threads=np.int64(_threads())
+    )
 
 
 # ----------------------------------------------------------------- softmax, then matmul

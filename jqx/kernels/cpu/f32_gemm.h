@@ -1,0 +1,312 @@
+// jqx_f32_gemm (int8_gemm.cc's library, AVX512F): the float32 matrix product
+//
+//   C[m, n] = sum_k A[m, k] B[k, n],   A (rows..., K), B (K, N), C (rows..., N),
+//
+// row-major, with one fused multiply-add chain per output over k = 0..K-1 from 0:
+// c = fma(A[m, k], B[k, n], c). That order is fixed by the shapes alone (not by the
+// thread count or the blocking), so the result is the same for any number of threads,
+// and within the sequential chain's bound |C - AB| <= gamma_K sum_k |A[m, k] B[k, n]|,
+// gamma_K = K u / (1 - K u), u = 2^-24 (jqx.native.f32_matmul,
+// docs/internals/native-kernels.md).
+//
+// - Register blocks of kF32Rows = 14 rows x 32 columns: 28 zmm accumulators; per k, two
+//   loads of B's 32 columns, 14 broadcasts of A and 28 FMAs, B prefetched 16 k ahead.
+//   In L1 a block runs at ~187 GFLOP/s on one core of the 2-core Xeon this was tuned
+//   on; MKL's whole sgemm reaches ~170 there.
+// - From kF32PackRows rows B is packed once per call into panels of 32 columns,
+//   k-major ([panel][k][32], zero beyond N), in a buffer of the calling thread kept
+//   across calls; the threads share the packing. Fewer rows read B in place.
+// - A's rows are copied per k block into a thread's buffer whose row stride is a
+//   constant: one base register addresses a block's 14 rows (14 row pointers left
+//   GCC spilling).
+// - k runs in blocks of at most kF32Kc (the accumulators are stored and reloaded in
+//   between, which leaves each chain's operations as they are); panels in groups of
+//   about kF32GroupBytes (kept in L2) while a chunk's row blocks pass; chunks of rows
+//   (or, for few rows, of panels) are handed out to the pool's threads from a counter.
+
+#ifndef JQX_KERNELS_CPU_F32_GEMM_H_
+#define JQX_KERNELS_CPU_F32_GEMM_H_
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <utility>
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+constexpr int kF32Rows = 14;         // rows per register block
+constexpr int64_t kF32Kc = 768;      // k per block
+constexpr int64_t kF32Lda = kF32Kc + 16;  // row stride of the copied rows (a line apart)
+constexpr int64_t kF32Prefetch = 16;  // panel rows (k) prefetched ahead
+constexpr int64_t kF32ChunksPerThread = 8;  // row chunks per thread, at most...
+constexpr int64_t kF32MinChunk = 8;         // ...of at least this many row blocks
+constexpr int64_t kF32PackRows = 256;       // from this many rows B is packed up front
+constexpr int64_t kF32GroupBytes = 512 << 10;  // panels per group: about this many bytes (L2)
+
+// R rows (1..kF32Rows) of A, copied to ``a`` with row stride kF32Lda (one base register
+// and constant offsets address all of them), times kk rows of a packed 32-column panel
+// of B (``b``, 64-byte aligned): C's R x 32 block (masks m0 / m1: the columns of each
+// half that exist). ``accumulate``: continue the chains from C (a later
+// k block) instead of from 0.
+template <int R>
+inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64_t ldc,
+                     bool accumulate, __mmask16 m0, __mmask16 m1) {
+  __m512 c0[R], c1[R];  // every loop over r unrolled: the accumulators stay in registers
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    c0[r] = accumulate ? _mm512_maskz_loadu_ps(m0, c + r * ldc) : _mm512_setzero_ps();
+    c1[r] = accumulate ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kk; ++k, b += 32) {
+    // (A prefetch past the last panel's end is harmless: prefetches do not fault.)
+    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32 + 16), _MM_HINT_T0);
+    const __m512 b0 = _mm512_load_ps(b);
+    const __m512 b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * kF32Lda + k]);
+      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, c0[r]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, c1[r]);
+  }
+}
+
+using F32BlockFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool, __mmask16,
+                            __mmask16);
+
+template <int... R>
+constexpr auto F32Blocks(std::integer_sequence<int, R...>) {
+  return std::array<F32BlockFn, sizeof...(R)>{&F32Block<R + 1>...};
+}
+// kF32BlockFns[r - 1]: the block of r rows.
+constexpr auto kF32BlockFns = F32Blocks(std::make_integer_sequence<int, kF32Rows>{});
+
+inline __mmask16 F32Mask(int64_t n) {  // the first n (0..16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+}
+
+// Rows [k0, k0 + kk) of panels [p0, p1) of B (K, N) into dst: panel p at
+// dst + (p - p0) * kk * 32, [k][32], zero beyond N.
+inline void F32PackPanels(const float* B, int64_t N, int64_t k0, int64_t kk, int64_t p0,
+                          int64_t p1, float* dst) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * 32, w = std::min<int64_t>(32, N - n0);
+    const __mmask16 m0 = F32Mask(w), m1 = F32Mask(w - 16);
+    float* d = dst + (p - p0) * kk * 32;
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* src = B + (k0 + k) * N + n0;
+      _mm512_store_ps(d + k * 32, _mm512_maskz_loadu_ps(m0, src));
+      _mm512_store_ps(d + k * 32 + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+    }
+  }
+}
+
+// The panel buffer: 64-byte aligned floats, kept by the calling thread across calls.
+class F32PanelBuffer {
+ public:
+  ~F32PanelBuffer() { free(ptr_); }
+  float* get(size_t floats) {
+    if (floats <= size_) return ptr_;
+    free(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+    void* p = nullptr;
+    const size_t bytes = (floats * sizeof(float) + 4095) / 4096 * 4096;
+    if (posix_memalign(&p, 4096, bytes) != 0) return nullptr;
+    ptr_ = static_cast<float*>(p);
+    size_ = bytes / sizeof(float);
+    return ptr_;
+  }
+
+ private:
+  float* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Rows [r0, r1) and panels [p0, p1) of C. ``packed``: all of B's panels, [panel][k][32]
+// (K rows each), or null: then each group's panels are packed here from B (K, N), into
+// a buffer of this thread. Per k block the rows are copied to another (row stride
+// kF32Lda: one base register and constant offsets address a block's rows); then per
+// group of panels (about kF32GroupBytes, kept in L2) every block of rows runs against
+// the group's panels.
+inline bool F32Tile(const float* A, int64_t K, const float* B, const float* packed, int64_t N,
+                    float* C, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  thread_local F32PanelBuffer rows_buf, group_buf;
+  float* abuf = rows_buf.get(static_cast<size_t>((r1 - r0 + kF32Rows) * kF32Lda));
+  if (abuf == nullptr) return false;
+  const int64_t nkb = (K + kF32Kc - 1) / kF32Kc;
+  const int64_t kc = (K + nkb - 1) / nkb;  // even k blocks
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kk = std::min(kc, K - k0);
+    for (int64_t r = r0; r < r1; ++r)
+      memcpy(abuf + (r - r0) * kF32Lda, A + r * K + k0, sizeof(float) * kk);
+    const int64_t group = std::max<int64_t>(1, kF32GroupBytes / (kk * 32 * 4));
+    for (int64_t g0 = p0; g0 < p1; g0 += group) {
+      const int64_t g1 = std::min(p1, g0 + group);
+      const float* gp = packed == nullptr ? nullptr : packed + g0 * K * 32 + k0 * 32;
+      int64_t gstride = K * 32;  // floats from one panel to the next
+      if (packed == nullptr) {
+        float* buf = group_buf.get(static_cast<size_t>(group * kk * 32));
+        if (buf == nullptr) return false;
+        F32PackPanels(B, N, k0, kk, g0, g1, buf);
+        gp = buf;
+        gstride = kk * 32;
+      }
+      for (int64_t i = r0; i < r1; i += kF32Rows) {
+        const int64_t rows = std::min<int64_t>(kF32Rows, r1 - i);
+        const F32BlockFn block = kF32BlockFns[rows - 1];
+        for (int64_t p = g0; p < g1; ++p) {
+          const int64_t w = std::min<int64_t>(32, N - p * 32);
+          block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, kk, C + i * N + p * 32, N,
+                k0 > 0, F32Mask(w), F32Mask(w - 16));
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// One product: A (M, K) . B (K, N) -> C (M, N), on the pool.
+bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N,
+             int64_t threads) {
+  if (M == 0 || N == 0) return true;
+  if (K == 0) {
+    memset(C, 0, sizeof(float) * M * N);
+    return true;
+  }
+  const int64_t np = (N + 31) / 32;
+  Pool* pool = GetPool();
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, pool->threads()));
+  // ~2M multiply-adds per thread at least.
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, M * N * K / (1 << 21)));
+  // Many rows: B packed once, up front, the threads sharing the work. Few: each
+  // chunk packs its groups of panels (read in place, B's rows are a page apart or more
+  // at large N, and the TLB misses cost ~1.3x).
+  const float* packed = nullptr;
+  if (M >= kF32PackRows) {
+    thread_local F32PanelBuffer panels;
+    float* buf = panels.get(static_cast<size_t>(np * K * 32));
+    if (buf == nullptr) return false;
+    const int64_t pack_chunks = std::min<int64_t>(np, t);
+    auto pack = [&](int64_t i) {
+      const int64_t q0 = np * i / pack_chunks, q1 = np * (i + 1) / pack_chunks;
+      F32PackPanels(B, N, 0, K, q0, q1, buf + q0 * K * 32);
+    };
+    if (pack_chunks > 1) {
+      pool->ForEach(pack_chunks, pack);
+    } else {
+      pack(0);
+    }
+    packed = buf;
+  }
+  const int64_t nb = (M + kF32Rows - 1) / kF32Rows;  // row blocks
+  // Chunks of rows (each over every panel: each reads all of B) or of panels (each over
+  // every row: each copies all of A), shared out from a counter (a thread the OS has
+  // descheduled takes fewer): at least t, at most kF32ChunksPerThread per thread, row
+  // chunks of at least kF32MinChunk blocks. The split that reads less runs.
+  const auto count = [&](int64_t units, int64_t min_units) {
+    return t > 1 ? std::max<int64_t>(std::min<int64_t>(t, units),
+                                     std::min<int64_t>(units / min_units, t * kF32ChunksPerThread))
+                 : 1;
+  };
+  const int64_t row_chunks = count(nb, kF32MinChunk), panel_chunks = count(np, 1);
+  const bool by_rows = row_chunks * N <= panel_chunks * M;
+  const int64_t units = by_rows ? nb : np;
+  const int64_t chunks = by_rows ? row_chunks : panel_chunks;
+  std::atomic<bool> ok{true};
+  auto tile = [&](int64_t i) {
+    const int64_t u0 = units * i / chunks, u1 = units * (i + 1) / chunks;
+    const bool done =
+        by_rows ? F32Tile(A, K, B, packed, N, C, u0 * kF32Rows, std::min(M, u1 * kF32Rows), 0, np)
+                : F32Tile(A, K, B, packed, N, C, 0, M, u0, u1);
+    if (!done) ok.store(false);
+  };
+  if (chunks > 1) {
+    pool->ForEach(chunks, tile);
+  } else {
+    tile(0);
+  }
+  return ok.load();
+}
+
+// A (lead..., rows..., K) . B (lead..., K, N) -> C (lead..., rows..., N), where B's
+// ``lead`` dims (its dims before the last two; none unless under jax.vmap, whose
+// "expand_dims" method gives every operand one more leading dim per level, 1 where the
+// operand is not mapped) broadcast against A's first dims: one product per index of
+// C's leading dims. With B's leading dims all 1, A's rows are all one product's.
+xla::ffi::Error F32GemmImpl(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
+                            xla::ffi::ResultBuffer<xla::ffi::F32> c, int64_t threads,
+                            xla::ffi::ThreadPool xla_pool) {
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  const auto cd = c->dimensions();
+  const size_t L = bd.size() >= 2 ? bd.size() - 2 : 0;
+  bool shapes_ok = bd.size() >= 2 && ad.size() >= L + 2 && cd.size() == ad.size() &&
+                   bd[L] == ad.back() && cd.back() == bd[L + 1];
+  int64_t batches = 1, b_batches = 1;
+  for (size_t d = 0; shapes_ok && d < L; ++d) {
+    const int64_t n = std::max(ad[d], bd[d]);
+    shapes_ok = (ad[d] == n || ad[d] == 1) && (bd[d] == n || bd[d] == 1) && cd[d] == n;
+    batches *= n;
+    b_batches *= bd[d];
+  }
+  for (size_t d = L; shapes_ok && d + 1 < ad.size(); ++d) shapes_ok = cd[d] == ad[d];
+  if (!shapes_ok)
+    return xla::ffi::Error::InvalidArgument(
+        "jqx_f32_gemm: expected A (rows..., K), B (K, N), C (rows..., N), with any leading "
+        "dims of B broadcasting against A's");
+  XlaPoolScope xla_scope(xla_pool, RowsOf(ad) > kXlaPoolRows);
+  const int64_t K = ad.back(), N = bd[L + 1];
+  const float* A = a.typed_data();
+  const float* B = b.typed_data();
+  float* C = c->typed_data();
+  if (b_batches == 1) {  // one B: every row of A in one product
+    if (!F32Gemm(A, B, C, RowsOf(cd), K, N, threads))
+      return xla::ffi::Error::Internal("jqx_f32_gemm: out of memory");
+    return xla::ffi::Error::Success();
+  }
+  int64_t a_batches = 1;
+  for (size_t d = 0; d < L; ++d) a_batches *= ad[d];
+  const int64_t M = RowsOf(ad) / std::max<int64_t>(a_batches, 1);
+  for (int64_t i = 0; i < batches; ++i) {
+    // C's batch index i, broadcast to A's and B's (a dim of 1 stays at 0).
+    int64_t rem = i, ai = 0, bi = 0, astride = 1, bstride = 1;
+    for (size_t d = L; d-- > 0;) {
+      const int64_t idx = rem % cd[d];
+      rem /= cd[d];
+      if (ad[d] != 1) ai += idx * astride;
+      if (bd[d] != 1) bi += idx * bstride;
+      astride *= ad[d];
+      bstride *= bd[d];
+    }
+    if (!F32Gemm(A + ai * M * K, B + bi * K * N, C + i * M * N, M, K, N, threads))
+      return xla::ffi::Error::Internal("jqx_f32_gemm: out of memory");
+  }
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxF32Gemm, F32GemmImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<xla::ffi::ThreadPool>());
+
+#endif  // JQX_KERNELS_CPU_F32_GEMM_H_
