@@ -927,6 +927,12 @@ def quantized(
     ``with jqx.ops.policy(softmax_reorder=False):`` around the first call keeps
     the attention exactly as written.
 
+    Float32 products with no QArray operand (a model's float weights, or layers left
+    unquantized) run through :func:`jqx.ops.float_dot_general`: on CPU, from 32 rows,
+    on jqx's native float32 GEMM, faster than XLA's dot and within the same rounding
+    bound, though not always its bits; ``jqx.ops.policy(f32_kernel=False)`` or
+    ``backend="xla"`` keeps XLA's dot (docs/guide/run.md#float-products).
+
     Returns:
       A function with the signature of ``fn``.
 

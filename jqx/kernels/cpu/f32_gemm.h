@@ -18,7 +18,8 @@
 //   across calls; the threads share the packing. Fewer rows read B in place.
 // - A's rows are copied per k block into a thread's buffer whose row stride is a
 //   constant: one base register addresses a block's 14 rows (14 row pointers left
-//   GCC spilling).
+//   GCC spilling). Each block's rows are copied before their first use while the
+//   block before requests them, one line per k.
 // - k runs in blocks of at most kF32Kc (the accumulators are stored and reloaded in
 //   between, which leaves each chain's operations as they are); panels in groups of
 //   about kF32GroupBytes (kept in L2) while a chunk's row blocks pass; chunks of rows
@@ -57,17 +58,26 @@ constexpr int64_t kF32GroupBytes = 512 << 10;  // panels per group: about this m
 // k block) instead of from 0.
 template <int R>
 inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64_t ldc,
-                     bool accumulate, __mmask16 m0, __mmask16 m1) {
+                     bool accumulate, __mmask16 m0, __mmask16 m1, const float* next,
+                     int64_t lda) {
   __m512 c0[R], c1[R];  // every loop over r unrolled: the accumulators stay in registers
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     c0[r] = accumulate ? _mm512_maskz_loadu_ps(m0, c + r * ldc) : _mm512_setzero_ps();
     c1[r] = accumulate ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16) : _mm512_setzero_ps();
   }
+  // ``next`` (or null): rows of A (stride lda) to bring into cache meanwhile, one line
+  // per k: line k / kF32Rows of row k % kF32Rows (the next block's rows, which the
+  // caller copies next; one request per k keeps the line fill buffers free).
+  const float* pf = next == nullptr ? b : next;
+  const int64_t pf_row = next == nullptr ? 0 : lda;
   for (int64_t k = 0; k < kk; ++k, b += 32) {
     // (A prefetch past the last panel's end is harmless: prefetches do not fault.)
     _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32 + 16), _MM_HINT_T0);
+    _mm_prefetch(
+        reinterpret_cast<const char*>(pf + (k % kF32Rows) * pf_row + (k / kF32Rows) * 16),
+        _MM_HINT_T0);
     const __m512 b0 = _mm512_load_ps(b);
     const __m512 b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 16
@@ -85,7 +95,7 @@ inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64
 }
 
 using F32BlockFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool, __mmask16,
-                            __mmask16);
+                            __mmask16, const float*, int64_t);
 
 template <int... R>
 constexpr auto F32Blocks(std::integer_sequence<int, R...>) {
@@ -139,10 +149,10 @@ class F32PanelBuffer {
 
 // Rows [r0, r1) and panels [p0, p1) of C. ``packed``: all of B's panels, [panel][k][32]
 // (K rows each), or null: then each group's panels are packed here from B (K, N), into
-// a buffer of this thread. Per k block the rows are copied to another (row stride
-// kF32Lda: one base register and constant offsets address a block's rows); then per
-// group of panels (about kF32GroupBytes, kept in L2) every block of rows runs against
-// the group's panels.
+// a buffer of this thread. Per k block and group of panels (about kF32GroupBytes, kept
+// in L2) every block of rows runs against the group's panels; the first group copies
+// each block's rows to another buffer (row stride kF32Lda: one base register and
+// constant offsets address a block's rows).
 inline bool F32Tile(const float* A, int64_t K, const float* B, const float* packed, int64_t N,
                     float* C, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
   thread_local F32PanelBuffer rows_buf, group_buf;
@@ -152,8 +162,6 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
   const int64_t kc = (K + nkb - 1) / nkb;  // even k blocks
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kk = std::min(kc, K - k0);
-    for (int64_t r = r0; r < r1; ++r)
-      memcpy(abuf + (r - r0) * kF32Lda, A + r * K + k0, sizeof(float) * kk);
     const int64_t group = std::max<int64_t>(1, kF32GroupBytes / (kk * 32 * 4));
     for (int64_t g0 = p0; g0 < p1; g0 += group) {
       const int64_t g1 = std::min(p1, g0 + group);
@@ -169,10 +177,18 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
       for (int64_t i = r0; i < r1; i += kF32Rows) {
         const int64_t rows = std::min<int64_t>(kF32Rows, r1 - i);
         const F32BlockFn block = kF32BlockFns[rows - 1];
+        // The first group copies the block's rows just before their first use; its first
+        // panel's block requests the next block's rows meanwhile.
+        const bool first = g0 == p0;
+        if (first) {
+          for (int64_t r = i; r < i + rows; ++r)
+            memcpy(abuf + (r - r0) * kF32Lda, A + r * K + k0, sizeof(float) * kk);
+        }
+        const float* next = first && i + rows < r1 ? A + (i + rows) * K + k0 : nullptr;
         for (int64_t p = g0; p < g1; ++p) {
           const int64_t w = std::min<int64_t>(32, N - p * 32);
           block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, kk, C + i * N + p * 32, N,
-                k0 > 0, F32Mask(w), F32Mask(w - 16));
+                k0 > 0, F32Mask(w), F32Mask(w - 16), p == g0 ? next : nullptr, K);
         }
       }
     }
