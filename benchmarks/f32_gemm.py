@@ -2,13 +2,17 @@
 jqx's native float32 GEMM (``jqx.native.f32_matmul``, which ``jqx.quantized`` runs for
 float products) and PyTorch's (MKL), and the summation orders (issue #17).
 
-Two tables, one process:
+Three tables, one process:
 
 - time: ``jax.jit(a @ b)``, ``jax.jit(native.f32_matmul)`` and ``torch.mm``
   (``--threads`` threads, default 2; XLA and jqx use the process's cores) on the
   projections of all-MiniLM-L6-v2 at batch 1 and 32 x 128 tokens (M = 128 and 4096 rows;
   K x N = 384 x 384, 384 x 1536, 1536 x 384), on few rows and on SmolLM2-135M's
   prefill shapes, best of ``--repeats`` interleaved calls (each after an untimed one);
+- chain (``--chain-repeats``, 0 skips it): a jitted chain of MiniLM's MLP products
+  (6 x (x @ W1 (384 x 1536), then @ W2 (1536 x 384))) at 128 to 8192 rows, XLA's dot
+  against the native GEMM: products as a model runs them, where XLA's per-call
+  overhead does not count (``Policy.f32_kernel_min_rows`` is set from it);
 - order: the share of outputs where XLA's product and jqx's equal, bit for bit, one
   fused multiply-add chain per output over k = 0..K-1 (jqx's order, always; XLA's
   depends on the shape), for a spread of shapes.
@@ -68,10 +72,42 @@ def _fma_chain(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return acc
 
 
+def _chain(g, rng, repeats: int) -> None:
+    """Six MLP blocks' products in one jit, XLA's dot against the native GEMM."""
+    w1 = jnp.asarray(rng.standard_normal((384, 1536)) * 0.05, jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((1536, 384)) * 0.05, jnp.float32)
+
+    def chain(x, dot):
+        for _ in range(6):
+            x = dot(dot(x, w1), w2) * 0.1
+        return x
+
+    fx = jax.jit(lambda x: chain(x, lambda a, b: a @ b))
+    fn = jax.jit(lambda x: chain(x, g))
+    print("\n| rows | XLA ms | jqx native ms | jqx time / XLA |")
+    print("|---|---|---|---|")
+    for m in (128, 512, 1024, 2048, 4096, 8192):
+        x = jnp.asarray(rng.standard_normal((m, 384)), jnp.float32)
+        runs = {
+            "xla": lambda x=x: fx(x).block_until_ready(),
+            "jqx": lambda x=x: fn(x).block_until_ready(),
+        }
+        for run in runs.values():
+            run()
+        times = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                run()
+                times[name].append(_once(run))
+        a, b = min(times["xla"]), min(times["jqx"])
+        print(f"| {m} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--chain-repeats", type=int, default=8)
     args = ap.parse_args()
     import torch
 
@@ -124,6 +160,8 @@ def main() -> None:
             f"| {fl / best['torch'] / 1e9:.0f} | {best['xla'] / best['torch']:.2f} "
             f"| {jqx_cells[1]} | {jqx_cells[2]} |"
         )
+    if g is not None and args.chain_repeats > 0:
+        _chain(g, rng, args.chain_repeats)
     print("\n| M x K x N | XLA equals one FMA chain per output | jqx native does |")
     print("|---|---|---|")
     for m, k, n in ORDER_SHAPES:

@@ -48,7 +48,9 @@ constexpr int64_t kF32Lda = kF32Kc + 16;  // row stride of the copied rows (a li
 constexpr int64_t kF32Prefetch = 16;  // panel rows (k) prefetched ahead
 constexpr int64_t kF32ChunksPerThread = 8;  // row chunks per thread, at most...
 constexpr int64_t kF32MinChunk = 8;         // ...of at least this many row blocks
-constexpr int64_t kF32PackRows = 256;       // from this many rows B is packed up front
+constexpr int64_t kF32PackRows = 256;       // from this many rows B is packed up front;
+constexpr int64_t kF32InPlaceMaxN = 1024;   // below, B is read in place where N < this
+                                            // (else each chunk packs its panel groups)
 constexpr int64_t kF32GroupBytes = 512 << 10;  // panels per group: about this many bytes (L2)
 
 // R rows (1..kF32Rows) of A, copied to ``a`` with row stride kF32Lda (one base register
@@ -57,9 +59,9 @@ constexpr int64_t kF32GroupBytes = 512 << 10;  // panels per group: about this m
 // half that exist). ``accumulate``: continue the chains from C (a later
 // k block) instead of from 0.
 template <int R>
-inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64_t ldc,
-                     bool accumulate, __mmask16 m0, __mmask16 m1, const float* next,
-                     int64_t lda) {
+inline void F32Block(const float* a, const float* b, int64_t ldb, int64_t kk, float* c,
+                     int64_t ldc, bool accumulate, __mmask16 m0, __mmask16 m1,
+                     const float* next, int64_t lda) {
   __m512 c0[R], c1[R];  // every loop over r unrolled: the accumulators stay in registers
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
@@ -71,15 +73,15 @@ inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64
   // caller copies next; one request per k keeps the line fill buffers free).
   const float* pf = next == nullptr ? b : next;
   const int64_t pf_row = next == nullptr ? 0 : lda;
-  for (int64_t k = 0; k < kk; ++k, b += 32) {
+  for (int64_t k = 0; k < kk; ++k, b += ldb) {
     // (A prefetch past the last panel's end is harmless: prefetches do not fault.)
-    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * 32 + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kF32Prefetch * ldb + 16), _MM_HINT_T0);
     _mm_prefetch(
         reinterpret_cast<const char*>(pf + (k % kF32Rows) * pf_row + (k / kF32Rows) * 16),
         _MM_HINT_T0);
-    const __m512 b0 = _mm512_load_ps(b);
-    const __m512 b1 = _mm512_load_ps(b + 16);
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + 16);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a[r * kF32Lda + k]);
@@ -94,8 +96,8 @@ inline void F32Block(const float* a, const float* b, int64_t kk, float* c, int64
   }
 }
 
-using F32BlockFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool, __mmask16,
-                            __mmask16, const float*, int64_t);
+using F32BlockFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t, bool,
+                            __mmask16, __mmask16, const float*, int64_t);
 
 template <int... R>
 constexpr auto F32Blocks(std::integer_sequence<int, R...>) {
@@ -165,9 +167,16 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
     const int64_t group = std::max<int64_t>(1, kF32GroupBytes / (kk * 32 * 4));
     for (int64_t g0 = p0; g0 < p1; g0 += group) {
       const int64_t g1 = std::min(p1, g0 + group);
-      const float* gp = packed == nullptr ? nullptr : packed + g0 * K * 32 + k0 * 32;
-      int64_t gstride = K * 32;  // floats from one panel to the next
-      if (packed == nullptr) {
+      // Panel p's row k at gp + (p - g0) * gstride + (k - k0) * ldb.
+      const float* gp = packed;
+      int64_t gstride = K * 32, ldb = 32;
+      if (packed != nullptr) {
+        gp = packed + g0 * K * 32 + k0 * 32;
+      } else if (N < kF32InPlaceMaxN) {  // B read in place
+        gp = B + k0 * N + g0 * 32;
+        gstride = 32;
+        ldb = N;
+      } else if (packed == nullptr) {
         float* buf = group_buf.get(static_cast<size_t>(group * kk * 32));
         if (buf == nullptr) return false;
         F32PackPanels(B, N, k0, kk, g0, g1, buf);
@@ -187,8 +196,8 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
         const float* next = first && i + rows < r1 ? A + (i + rows) * K + k0 : nullptr;
         for (int64_t p = g0; p < g1; ++p) {
           const int64_t w = std::min<int64_t>(32, N - p * 32);
-          block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, kk, C + i * N + p * 32, N,
-                k0 > 0, F32Mask(w), F32Mask(w - 16), p == g0 ? next : nullptr, K);
+          block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, ldb, kk, C + i * N + p * 32,
+                N, k0 > 0, F32Mask(w), F32Mask(w - 16), p == g0 ? next : nullptr, K);
         }
       }
     }
@@ -235,9 +244,10 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
   // descheduled takes fewer): at least t, at most kF32ChunksPerThread per thread, row
   // chunks of at least kF32MinChunk blocks. The split that reads less runs.
   const auto count = [&](int64_t units, int64_t min_units) {
-    return t > 1 ? std::max<int64_t>(std::min<int64_t>(t, units),
-                                     std::min<int64_t>(units / min_units, t * kF32ChunksPerThread))
-                 : 1;
+    if (t <= 1) return int64_t{1};
+    const int64_t n = std::min<int64_t>(units / min_units, t * kF32ChunksPerThread);
+    // A whole number of chunks per thread (9 chunks on 2 threads left one idle 10%).
+    return std::max<int64_t>(std::min<int64_t>(t, units), n / t * t);
   };
   const int64_t row_chunks = count(nb, kF32MinChunk), panel_chunks = count(np, 1);
   const bool by_rows = row_chunks * N <= panel_chunks * M;
