@@ -2,6 +2,8 @@
 weight (weight-only: tight) and against the float product (W8A8: the bound
 from the activation rounding error)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -747,23 +749,25 @@ def test_choose_float_dot_routing():
     from f32_kernel_min_rows rows and f32_kernel_min_work multiply-adds, on CPU with the
     kernels; everything else, backend 'xla' / 'pallas' and f32_kernel=False: XLA."""
     choose = jqx.ops.dispatch.choose_float_dot
-    x, w = jnp.ones((64, 384)), jnp.ones((384, 384))
+    x, w = jnp.ones((2048, 384)), jnp.ones((384, 384))
     with jqx.ops.policy(platform="cpu", native_available=True):
         assert choose(x, w, DN) == "native"
         # nn.DenseGeneral's 3-D kernels: x (b, s, h, d) contracting (h, d) with W (h, d, n).
-        x4, w3 = jnp.ones((2, 32, 6, 64)), jnp.ones((6, 64, 384))
+        x4, w3 = jnp.ones((2, 1024, 6, 64)), jnp.ones((6, 64, 384))
         assert choose(x4, w3, (((2, 3), (0, 1)), ((), ()))) == "native"
         assert choose(x, w, DN, preferred_element_type=jnp.float32) == "native"
         for other in (
             (x.astype(jnp.bfloat16), w, DN, None),  # not float32
             (x, w, DN, jnp.bfloat16),  # another output dtype
             (x, w, (((1,), (1,)), ((), ())), None),  # x @ W.T: W contracted on its last axis
-            (x.reshape(2, 32, 384), w[None].repeat(2, 0), (((2,), (1,)), ((0,), (0,))), None),
-            (x[:16], w, DN, None),  # fewer rows than f32_kernel_min_rows
-            (x, w[:, :8], DN, None),  # less work than f32_kernel_min_work
+            (x.reshape(2, 1024, 384), w[None].repeat(2, 0), (((2,), (1,)), ((0,), (0,))), None),
+            (x[:2047], w, DN, None),  # fewer rows than f32_kernel_min_rows
+            (x, w[:2, :1], DN, None),  # less work than f32_kernel_min_work
         ):
             assert choose(*other[:3], other[3]) == "xla", other[2:]
         assert choose(x[:16], w, DN, backend="native") == "native"  # no size rule
+    with jqx.ops.policy(platform="cpu", native_available=True, f32_kernel_min_rows=16):
+        assert choose(x[:16], w, DN) == "native"
         assert choose(x, w, DN, backend="xla") == choose(x, w, DN, backend="pallas") == "xla"
     with jqx.ops.policy(platform="cpu", native_available=True, f32_kernel=False):
         assert choose(x, w, DN) == choose(x, w, DN, backend="native") == "xla"
@@ -788,7 +792,10 @@ def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
     w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
-    f = jax.jit(jqx.ops.float_dot_general, static_argnums=2)
+    # backend="native": the kernel below f32_kernel_min_rows too.
+    f = jax.jit(
+        lambda x, w, dn: jqx.ops.float_dot_general(x, w, dn, backend="native"), static_argnums=2
+    )
     assert "jqx_f32_gemm" in f.lower(x, w, dn).as_text()
     got = np.asarray(f(x, w, dn), np.float64)
     x64, w64, axes = np.asarray(x, np.float64), np.asarray(w, np.float64), dn[0]
@@ -812,9 +819,11 @@ def test_float_dot_general_native_is_differentiable():
     def loss(fn, x, w):
         return jnp.sum(jnp.tanh(fn(x, w, DN)))
 
-    got = jax.grad(lambda x, w: loss(jqx.ops.float_dot_general, x, w), (0, 1))(x, w)
+    native_dot = functools.partial(jqx.ops.float_dot_general, backend="native")
+    assert "jqx_f32_gemm" in jax.jit(lambda x, w: native_dot(x, w, DN)).lower(x, w).as_text()
+    got = jax.grad(lambda x, w: loss(native_dot, x, w), (0, 1))(x, w)
     want = jax.grad(lambda x, w: loss(lax.dot_general, x, w), (0, 1))(x, w)
     for g, h in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
-    jvp = jax.jvp(lambda x: jqx.ops.float_dot_general(x, w, DN), (x,), (jnp.ones_like(x),))[1]
+    jvp = jax.jvp(lambda x: native_dot(x, w, DN), (x,), (jnp.ones_like(x),))[1]
     np.testing.assert_allclose(np.asarray(jvp), np.asarray(jnp.ones_like(x) @ w), rtol=1e-5)

@@ -445,10 +445,12 @@ def test_float_products_run_on_the_native_gemm_within_the_bound():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 128)), jnp.float32)
     m = M()
     v = m.init(jax.random.key(0), x)
-    f = jax.jit(jqx.quantized(m.apply))
-    assert f.lower(v, x).as_text().count("jqx_f32_gemm") == 4
     want = np.asarray(jax.jit(m.apply)(v, x))
-    got = np.asarray(f(v, x))
+    with jqx.ops.policy(f32_kernel_min_rows=128):  # 256 rows here; the default is 2048
+        f = jax.jit(jqx.quantized(m.apply))
+        assert f.lower(v, x).as_text().count("jqx_f32_gemm") == 4
+        got = np.asarray(f(v, x))  # traced here: the policy is read while tracing
+    assert "jqx_f32_gemm" not in jax.jit(jqx.quantized(m.apply)).lower(v, x).as_text()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with jqx.ops.policy(f32_kernel=False):
         g = jax.jit(jqx.quantized(m.apply))
@@ -458,6 +460,7 @@ def test_float_products_run_on_the_native_gemm_within_the_bound():
     assert "jqx_f32_gemm" not in g.lower(v, x).as_text()
     np.testing.assert_array_equal(np.asarray(g(v, x)), want)
     # Gradients through the native products are XLA's dots' (custom_jvp).
-    grad = jax.grad(lambda v: jqx.quantized(m.apply)(v, x).sum())(v)
+    with jqx.ops.policy(f32_kernel_min_rows=128):
+        grad = jax.grad(lambda v: jqx.quantized(m.apply)(v, x).sum())(v)
     grad0 = jax.grad(lambda v: m.apply(v, x).sum())(v)
     chex.assert_trees_all_close(grad, grad0, rtol=1e-4, atol=1e-3)

@@ -250,7 +250,7 @@ class Policy:
     softmax_kernel: bool = True
     softmax_kernel_max_scores: int = 1 << 19
     f32_kernel: bool = True
-    f32_kernel_min_rows: int = 32
+    f32_kernel_min_rows: int = 2048
     f32_kernel_min_work: int = 1 << 21
 
 
@@ -423,8 +423,9 @@ def choose_float_dot(
     The native float32 GEMM (``native.f32_matmul``) takes float32 operands laid out as
     one matrix product (:func:`float_dot_shape`), on CPU, where its library is
     available and the policy's ``f32_kernel`` allows it, from ``f32_kernel_min_rows``
-    rows and ``f32_kernel_min_work`` multiply-adds: there it beat XLA's dot at every
-    size measured (docs/internals/dispatch.md). ``backend="native"`` drops the size
+    rows and ``f32_kernel_min_work`` multiply-adds: from there on it beat XLA's dot in a
+    chain of products as a model runs them (below, XLA was as fast or faster: 1.06-1.08x
+    the time at 128-512 rows; docs/internals/dispatch.md). ``backend="native"`` drops the size
     rule (the kernel for every product it takes); ``"xla"`` and ``"pallas"`` keep XLA's
     dot. Never raises for a product the kernel does not take: that one runs on XLA.
 

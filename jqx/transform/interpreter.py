@@ -928,7 +928,7 @@ def quantized(
     the attention exactly as written.
 
     Float32 products with no QArray operand (a model's float weights, or layers left
-    unquantized) run through :func:`jqx.ops.float_dot_general`: on CPU, from 32 rows,
+    unquantized) run through :func:`jqx.ops.float_dot_general`: on CPU, from 2048 rows,
     on jqx's native float32 GEMM, faster than XLA's dot and within the same rounding
     bound, though not always its bits; ``jqx.ops.policy(f32_kernel=False)`` or
     ``backend="xla"`` keeps XLA's dot (docs/guide/run.md#float-products).
