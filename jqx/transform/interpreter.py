@@ -193,7 +193,7 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
     if ctx.softmax_reorder or ctx.float_dots:
-        plan = _plan(jaxpr, ctx.softmax_reorder, ctx.float_dots)
+        plan = _plan(jaxpr, ctx.softmax_reorder, ctx.float_dots, ctx.backend)
     else:
         plan = _NO_PLAN
     for i, eqn in enumerate(jaxpr.eqns):
@@ -335,7 +335,7 @@ class _SoftmaxMatch:
 class _Plan:
     matches: dict  # eqn index -> _SoftmaxMatch (both the div and the dot)
     calls: frozenset  # indices of call eqns whose inner jaxpr holds a match or float dot
-    float_dots: frozenset = frozenset()  # indices of float32 dot_generals (not matched)
+    float_dots: frozenset = frozenset()  # dot_generals for the native float32 GEMM
 
 
 _NO_PLAN = _Plan({}, frozenset())
@@ -450,16 +450,25 @@ def _softmax_scores(eqns, producer, exp, axes):
     return s
 
 
-def _is_float32_dot(eqn) -> bool:
-    return eqn.primitive.name == "dot_general" and all(
-        jnp.dtype(getattr(v.aval, "dtype", None)) == jnp.float32 for v in eqn.invars
+def _native_float_dot(eqn, backend) -> bool:
+    """Whether ``eqn`` is a float product the native float32 GEMM takes (the dispatcher's
+    choice, from the avals): only those, and the calls holding one, are planned."""
+    if eqn.primitive.name != "dot_general":
+        return False
+    from jqx.ops import dispatch  # noqa: PLC0415 (as in _default_dot)
+
+    lhs, rhs = (v.aval for v in eqn.invars)
+    p = eqn.params
+    choice = dispatch.choose_float_dot(
+        lhs, rhs, p["dimension_numbers"], p.get("preferred_element_type"), backend
     )
+    return choice == "native"
 
 
-def _plan(jaxpr, softmax: bool, float_dots: bool) -> _Plan:
+def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None) -> _Plan:
     """Finds every valid softmax-then-matmul in ``jaxpr`` (with ``softmax``) and every
-    float32 ``dot_general`` (with ``float_dots``), and the calls holding either (one
-    linear pass)."""
+    float ``dot_general`` for the native float32 GEMM (with ``float_dots``), and the
+    calls holding either (one linear pass)."""
     eqns = jaxpr.eqns
     producer: dict = {}
     uses: dict = {}
@@ -481,10 +490,10 @@ def _plan(jaxpr, softmax: bool, float_dots: bool) -> _Plan:
                 matches[m.div] = m
                 matches[m.dot] = m
         elif name in _CALLS and _inner_jaxpr(e) is not None:
-            inner = _plan(_inner_jaxpr(e), softmax, float_dots)
+            inner = _plan(_inner_jaxpr(e), softmax, float_dots, backend)
             if inner.matches or inner.calls or inner.float_dots:
                 calls.append(i)
-        elif float_dots and _is_float32_dot(e):
+        elif float_dots and _native_float_dot(e, backend):
             dots.append(i)
     dots = [i for i in dots if i not in matches]
     if not matches and not calls and not dots:
