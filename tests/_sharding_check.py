@@ -148,6 +148,21 @@ def main() -> int:
             f"{'OK  ' if ok else 'FAIL'} 2048 rows {layout:15s} w8a8_int8 (native: "
             f"{jqx.native.status()}) 8-dev vs 1-dev max|diff|={diff:.2e}"
         )
+    # Many rows of float32 products: jqx.native's float32 GEMM (when built) under the mesh.
+    ok_route = "jqx_f32_gemm" in f.lower(params, xb).as_text() or jqx.native.status() != (
+        "available"
+    )
+    y1 = np.asarray(f(params, xb))
+    scale = float(np.max(np.abs(y1)))
+    for layout, sfn in (("column-parallel", spec_fn), ("row-parallel", spec_fn_row_parallel)):
+        diff = float(np.max(np.abs(np.asarray(f(jqx.shard(params, mesh, sfn), xb8)) - y1)))
+        ok = ok_route and diff <= 1e-5 * scale
+        failed += not ok
+        print(
+            f"{'OK  ' if ok else 'FAIL'} 2048 rows {layout:15s} float32   (native: "
+            f"{jqx.native.status()}, on the float32 GEMM: {ok_route}) 8-dev vs 1-dev "
+            f"max|diff|={diff:.2e}"
+        )
     return 1 if failed else 0
 
 
