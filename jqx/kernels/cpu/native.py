@@ -29,7 +29,7 @@ and ``jqx_decode_attention_int4`` (:func:`decode_attention_int4`, the 4-bit KIVI
 cache) reading quantized caches in place.
 
 It also registers ``jqx_f32_gemm`` (:func:`f32_matmul`, ``f32_gemm.h``): the float32
-matrix product, one fused multiply-add chain per output, at about MKL's speed.
+matrix product, one fused multiply-add chain per output, close to MKL's speed.
 
 Both libraries register :func:`softmax_dot` (``softmax_dot.h``: a softmax and its
 product with the values in one pass, ``jqx.quantized``'s reordered attention), as
@@ -1548,8 +1548,10 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     sequential sum's bound ``gamma_K sum_k |a[m, k] b[k, n]|`` (``gamma_K = K u / (1 - K
     u)``, ``u = 2^-24``) of the exact product, as XLA's dot is; it is not XLA's bits
     (XLA's order depends on the shape). NaN and infinities propagate as in any sum.
-    ``b`` is packed into 32-column panels per call; register blocks of 14 rows x 32
-    columns read ``a`` in place. Threads: :func:`pool_threads`, over chunks of rows.
+    Register blocks of 14 rows x 32 columns; from 256 rows ``b`` is packed into
+    32-column panels once per call (below, read in place, or packed per chunk at large
+    N), ``a``'s rows are copied per block (docs/internals/native-kernels.md). Threads:
+    :func:`pool_threads`, over chunks of rows or of columns.
     ``jqx.ops.float_dot_general`` (``jqx.quantized`` on float32 products) picks this or
     XLA (docs/internals/dispatch.md). Under ``jax.vmap`` it stays one call: a mapped
     ``a`` alone joins its rows; a mapped ``b`` runs one product per index.
