@@ -446,7 +446,8 @@ def hadamard_block(n: int) -> int:
 def hadamard_rotate(x: jax.Array) -> jax.Array:
     """``x`` times the block-diagonal orthonormal Hadamard matrix along its last axis
     (blocks of :func:`hadamard_block` of its length, each Sylvester's matrix of that
-    order divided by its square root). The matrix is symmetric and orthogonal, so the rotation is its own inverse and keeps dot products:
+    order divided by its square root). The matrix is symmetric and orthogonal, so the
+    rotation is its own inverse and keeps dot products:
     ``rot(q) . rot(k) = q . k``, ``rot(rot(x)) = x`` (up to float32 rounding).
 
     It spreads a few large channels over all of a block's channels. The fp8 KV cache

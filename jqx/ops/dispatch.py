@@ -407,11 +407,11 @@ def float_dot_shape(lhs, rhs, dimension_numbers) -> tuple[int, int, int] | None:
 
 def float_kernel_possible(backend: str | None = None) -> bool:
     """Whether any float product may run on the native float32 GEMM under the
-    :class:`Policy` in force and ``backend`` (:func:`choose_float_dot` decides each)."""
+    :class:`Policy` in force and ``backend``: the cheap conditions only (the kernels'
+    availability, which builds them, is asked by :func:`choose_float_dot` for the
+    products that need it)."""
     pol = current_policy()
-    if backend in ("xla", "pallas") or not pol.f32_kernel:
-        return False
-    return _native_reason(pol, _platform(pol)) == "available"
+    return backend not in ("xla", "pallas") and pol.f32_kernel and _platform(pol) == "cpu"
 
 
 def choose_float_dot(
@@ -445,13 +445,13 @@ def choose_float_dot(
     if preferred_element_type is not None and jnp.dtype(preferred_element_type) != f32:
         return "xla"
     shape = float_dot_shape(lhs, rhs, dimension_numbers)
-    if shape is None or _native_reason(pol, _platform(pol)) != "available":
+    if shape is None:
         return "xla"
     m, k, n = shape
-    if backend == "native":
-        return "native"
     big = m >= pol.f32_kernel_min_rows and m * k * n >= pol.f32_kernel_min_work
-    return "native" if big else "xla"
+    if backend != "native" and not big:
+        return "xla"  # decided without asking for (and so building) the kernels
+    return "native" if _native_reason(pol, _platform(pol)) == "available" else "xla"
 
 
 def _native_reason(pol: Policy, platform: str, library: str = "avx512") -> str:
