@@ -150,3 +150,113 @@ def test_softmax_dot_routes_and_errors():
     # float16 operands take XLA's route, in their own dtype.
     y = softmax_dot(x.astype(jnp.float16), v.astype(jnp.float16), dn)
     assert y.dtype == jnp.float16 and y.shape == (2, 3, 5)
+
+
+# ----------------------------------------------------------------- scores_softmax_dot
+
+# (q spec, k spec, v spec, output spec, probabilities as the product's lhs): MiniLM's
+# (b, t, h, d) projections with the output (b, h, d, q) (v lhs, as jnp.einsum lays
+# "bhqk,bkhd->bqhd" out), the probabilities as lhs, no batch, heads first.
+SCORES_LAYOUTS = {
+    "bthd, v lhs": ("bqhd", "bkhd", "bkhd", False),
+    "bthd, p lhs": ("bqhd", "bkhd", "bkhd", True),
+    "no batch": ("qd", "kd", "kd", True),
+    "bhtd": ("bhqd", "bhkd", "bhkd", True),
+}
+
+
+def _scores_case(layout, seed=0):
+    qs, ks, vs, p_lhs = SCORES_LAYOUTS[layout]
+    sizes = dict(b=2, h=3, q=5, k=7, d=4)
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.standard_normal([sizes[c] for c in x]), jnp.float32) for x in (qs, ks))
+    v = jnp.asarray(rng.standard_normal([sizes[c] for c in vs]), jnp.float32)
+    batch = [c for c in qs if c in "bh"]
+    sdn = (
+        ((qs.index("d"),), (ks.index("d"),)),
+        (tuple(qs.index(c) for c in batch), tuple(ks.index(c) for c in batch)),
+    )
+    nb = len(batch)
+    p = list(range(nb)) + [nb, nb + 1]  # the probabilities: (batch..., q, k)
+    pdn = ((nb + 1,), (vs.index("k"),)), (tuple(p[:nb]), tuple(vs.index(c) for c in batch))
+    dn = pdn if p_lhs else ((pdn[0][1], pdn[0][0]), (pdn[1][1], pdn[1][0]))
+    bias = jnp.asarray(rng.standard_normal((2, 1, 1, 7)[-(nb + 2) :]), jnp.float32)
+    return q, k, v, sdn, dn, 0 if p_lhs else 1, bias
+
+
+@pytest.mark.parametrize("layout", list(SCORES_LAYOUTS))
+@pytest.mark.parametrize("backend", ["xla", "native"])
+def test_scores_softmax_dot_layouts(layout, backend):
+    from jqx.ops.attention import scores_softmax_dot
+
+    if backend == "native" and not native.gguf_available():
+        pytest.skip(native.gguf_status())
+    q, k, v, sdn, dn, operand, bias = _scores_case(layout)
+    mask = jnp.arange(7) % 3 != 1
+    steps = (("div", jnp.float32(2.0)), ("add", bias), ("where", mask, -1e30))
+    f = jax.jit(
+        lambda q, k, v: scores_softmax_dot(q, k, v, sdn, dn, operand, steps=steps, backend=backend)
+    )
+    got = np.asarray(f(q, k, v))
+    # The program as written, in float64.
+    qs, ks, vs, p_lhs = SCORES_LAYOUTS[layout]
+    batch = "".join(c for c in qs if c in "bh")
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum(f"{qs},{ks}->{batch}qk", q64, k64) / 2.0 + np.asarray(bias, np.float64)
+    s = np.where(np.asarray(mask), s, -1e30)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    out = batch + ("qd" if p_lhs else "dq")
+    ref = np.einsum(f"{batch}qk,{vs}->{out}", e / e.sum(-1, keepdims=True), v64)
+    assert got.shape == ref.shape
+    s_abs = np.einsum(f"{qs},{ks}->{batch}qk", np.abs(q64), np.abs(k64))
+    delta = 2 * (4 * U * s_abs.max() / 2.0 + 2 * U * np.abs(s[s > -1e29]).max())
+    assert np.abs(got - ref).max() <= ((2 * 7 + 8) * U + 2 * np.expm1(2 * delta)) * np.abs(v).max()
+    if backend == "xla":  # the scores and steps on XLA, then softmax_dot: the same bits
+        from jqx.ops.attention import apply_score_steps, softmax_dot
+
+        s32 = apply_score_steps(jax.lax.dot_general(q, k, sdn), steps)
+        want = jax.jit(lambda s, v: softmax_dot(s, v, dn, operand, backend="xla"))(s32, v)
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_scores_softmax_dot_routes_differentiates_and_errors():
+    from jqx.ops import dispatch
+    from jqx.ops.attention import scores_softmax_dot
+
+    q, k, v, sdn, dn, operand, bias = _scores_case("bthd, v lhs", 1)
+    expect = "native" if native.gguf_available() else "xla"
+    assert dispatch.choose_scores_softmax_dot(q, k, v) == expect
+    assert dispatch.choose_scores_softmax_dot(q, k, v, "xla") == "xla"
+    with jqx.ops.policy(scores_kernel=False):
+        assert dispatch.choose_scores_softmax_dot(q, k, v) == "xla"
+    with jqx.ops.policy(platform="cuda"):
+        assert dispatch.choose_scores_softmax_dot(q, k, v) == "xla"
+    with pytest.raises(ValueError, match="backend='pallas' must be None, 'xla' or 'native'"):
+        dispatch.choose_scores_softmax_dot(q, k, v, "pallas")
+    with pytest.raises(RuntimeError, match=r"cannot run this.*takes float32 operands"):
+        dispatch.choose_scores_softmax_dot(q.astype(jnp.float16), k, v, "native")
+    steps = (("mul", jnp.float32(0.5)), ("add", bias))
+
+    def loss(backend):
+        return lambda q, k, v: jnp.sum(
+            scores_softmax_dot(q, k, v, sdn, dn, operand, steps=steps, backend=backend) ** 2
+        )
+
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(None), argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="operand=2 must be 0"):
+        scores_softmax_dot(q, k, v, sdn, dn, 2)
+    with pytest.raises(ValueError, match=r"step \('cube', 2\) must be \('mul', c\)"):
+        scores_softmax_dot(q, k, v, sdn, dn, operand, steps=(("cube", 2),))
+    # Two query axes: not one attention the kernel takes. XLA computes it; "native" says so.
+    q2 = q.reshape(2, 5, 3, 2, 2)
+    sdn2 = (((4,), (3,)), ((0, 2), (0, 2)))
+    with pytest.raises(RuntimeError, match="not laid out as one attention"):
+        scores_softmax_dot(q2, k[..., :2], v, sdn2, dn, operand, backend="native")
+    # float16 operands take XLA's route, in their own dtype.
+    y = scores_softmax_dot(
+        q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16), sdn, dn, operand
+    )
+    assert y.dtype == jnp.float16 and y.shape == (2, 3, 4, 5)

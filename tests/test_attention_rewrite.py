@@ -64,26 +64,58 @@ def _ref64(q, k, v, scale=1.0):
     return np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), v)
 
 
-# The reordered attention's two routes: the native kernel (where it runs) and XLA's.
-KERNEL = pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+# The reordered attention's three routes: the native kernel from q and k (the scores
+# never written; where the scores are a dot of q and k), the native kernel from the
+# scores XLA computed, and XLA's formula.
+ROUTES = {
+    "scores": {"scores_kernel": True, "softmax_kernel": True},
+    "softmax": {"scores_kernel": False, "softmax_kernel": True},
+    "xla": {"scores_kernel": False, "softmax_kernel": False},
+}
+KERNEL = pytest.mark.parametrize("route", list(ROUTES))
 
 
-def _has_kernel(fn, *args, **kw) -> bool:
-    return native.SOFTMAX_DOT_TARGET in str(jax.make_jaxpr(jqx.quantized(fn))(*args, **kw))
+def _route(fn, *args, **kw) -> str:
+    """Which route ``jqx.quantized(fn)`` takes: "scores", "softmax" or "xla"."""
+    text = str(jax.make_jaxpr(jqx.quantized(fn))(*args, **kw))
+    if native.SCORES_SOFTMAX_DOT_TARGET in text or native.SCORES_SOFTMAX_DOT_AVX512_TARGET in text:
+        return "scores"
+    return "softmax" if native.SOFTMAX_DOT_TARGET in text else "xla"
+
+
+def _expect(route, fused=True) -> str:
+    """The route a policy asks for, where the kernels run (``fused``: the scores are a
+    dot of q and k the kernel takes)."""
+    if not native.gguf_available() or route == "xla":
+        return "xla"
+    return "scores" if route == "scores" and fused else "softmax"
+
+
+def _scores_rounding(q, k, v, scale=1.0):
+    """How far the kernel's scores (one FMA chain over d) may move y from the scores XLA
+    computed (both within D u sum|q k|), carried through exp to p and y."""
+    q, k = (np.asarray(a, np.float64) for a in (q, k))
+    s_abs = scale * np.einsum("bqhd,bkhd->bhqk", np.abs(q), np.abs(k))
+    return 2 * 2 * 2 * D * U * np.max(s_abs) * float(jnp.max(jnp.abs(v)))
 
 
 @KERNEL
 @pytest.mark.parametrize("scale", [1.0, 4.0], ids=["scores~1", "scores~16"])
-def test_softmax_einsum_is_rewritten_within_the_bound(scale, kernel):
+def test_softmax_einsum_is_rewritten_within_the_bound(scale, route):
     q, k, v = _qkv(0, scale)
-    y, n = _run(_attention, q, k, v, policy={**REORDER, "softmax_kernel": kernel})
+    y, n = _run(_attention, q, k, v, policy={**REORDER, **ROUTES[route]})
+    with jqx.ops.policy(**REORDER, **ROUTES[route]):
+        assert _route(_attention, q, k, v) == _expect(route)
     y0, n0 = _run(_attention, q, k, v, policy=AS_WRITTEN)
     assert (n, n0) == (0, 1)
     ref, bound = _ref64(q, k, v), _bound(q, k, v)
     err, err0 = np.max(np.abs(y - ref)), np.max(np.abs(y0 - ref))
     assert err <= bound and err0 <= bound, (err, err0, bound)
-    # The two orders share the scores and exp: they differ by the reordering's rounding.
+    # The two orders share exp (and, but on the scores route, the scores): they differ
+    # by the reordering's rounding (and the scores').
     reorder = 2 * (2 * T + 8) * U * float(jnp.max(jnp.abs(v)))
+    if _expect(route) == "scores":
+        reorder += _scores_rounding(q, k, v)
     assert float(jnp.max(jnp.abs(y - y0))) <= reorder
     # Switched off, it is the program as written, bit for bit.
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(jax.jit(_attention)(q, k, v)))
@@ -116,20 +148,24 @@ LAYOUTS = {
 
 @KERNEL
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_other_layouts_are_rewritten(layout, kernel):
+def test_other_layouts_are_rewritten(layout, route):
     fn, shape = LAYOUTS[layout]
     q, k, v = _qkv(7)
 
     def f(q, k, v):
         return fn(jnp.einsum("bqhd,bkhd->bhqk", q, k), v)
 
-    y, n = _run(f, q, k, v, policy={**REORDER, "softmax_kernel": kernel}, shape=shape)
-    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
-        assert _has_kernel(f, q, k, v) == (kernel and native.gguf_available())
+    y, n = _run(f, q, k, v, policy={**REORDER, **ROUTES[route]}, shape=shape)
+    # Only "p lhs" keeps the scores a dot the kernel takes (the softmax over the keys,
+    # the scores not sliced); the others go from the scores.
+    with jqx.ops.policy(**REORDER, **ROUTES[route]):
+        assert _route(f, q, k, v) == _expect(route, fused=layout == "p lhs")
     y0, n0 = _run(f, q, k, v, policy=AS_WRITTEN, shape=shape)
     assert (n, n0) == (0, 1)
     terms = T * T if layout == "two axes" else T
     reorder = 2 * (2 * terms + 8) * U * float(jnp.max(jnp.abs(v)))
+    if _expect(route, fused=layout == "p lhs") == "scores":
+        reorder += _scores_rounding(q, k, v)
     assert float(jnp.max(jnp.abs(y - y0))) <= reorder
 
 
@@ -206,7 +242,7 @@ def test_attention_inside_remat_is_rewritten():
     assert n == 0
     assert float(jnp.max(jnp.abs(y - _ref64(q, k, v)))) <= _bound(q, k, v)
     with jqx.ops.policy(**REORDER):
-        assert _has_kernel(fn, q, k, v) == native.gguf_available()
+        assert _route(fn, q, k, v) == _expect("scores")
         g = jax.grad(lambda q: jnp.sum(jqx.quantized(fn)(q, k, v) ** 2))(q)
     g0 = jax.grad(lambda q: jnp.sum(_attention(q, k, v) ** 2))(q)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-5)
@@ -224,7 +260,7 @@ def _mha(dropout=0.0, deterministic=True):
 
 @KERNEL
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "padding mask"])
-def test_flax_linen_attention_is_rewritten_within_the_bound(masked, kernel):
+def test_flax_linen_attention_is_rewritten_within_the_bound(masked, route):
     m = _mha()
     x = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, H * D)), jnp.float32)
     variables = m.init(jax.random.key(0), x)
@@ -233,11 +269,12 @@ def test_flax_linen_attention_is_rewritten_within_the_bound(masked, kernel):
     valid = (jnp.arange(T)[None] < lengths).astype(jnp.float32)
     mask = nn.make_attention_mask(jnp.ones((B, T)), valid)
     kw = {"mask": mask} if masked else {}
-    y, n = _run(m.apply, qv, x, policy={**REORDER, "softmax_kernel": kernel}, **kw)
+    y, n = _run(m.apply, qv, x, policy={**REORDER, **ROUTES[route]}, **kw)
     y0, n0 = _run(m.apply, qv, x, policy=AS_WRITTEN, **kw)
     assert (n, n0) == (0, 1)
-    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
-        assert _has_kernel(m.apply, qv, x, **kw) == (kernel and native.gguf_available())
+    with jqx.ops.policy(**REORDER, **ROUTES[route]):
+        # flax.linen's scores: q (scaled first) dot k, then jnp.where with the mask.
+        assert _route(m.apply, qv, x, **kw) == _expect(route)
     # Only the attention differs between the two; its per-row error bound (at most
     # _bound's reorder part for each) reaches the output through |W_out|.
     wo = np.abs(np.asarray(qv["params"]["out"]["kernel"].dequantize(), np.float64))
@@ -249,6 +286,14 @@ def test_flax_linen_attention_is_rewritten_within_the_bound(masked, kernel):
         ]
     )(qv["params"], x)
     per_ctx = 2 * (2 * T + 8) * U * float(jnp.max(jnp.abs(vproj)))
+    if _expect(route) == "scores":
+        qproj, kproj, _ = jax.jit(
+            lambda p, x: [
+                jnp.einsum("btf,fhd->bthd", x, p[n]["kernel"].dequantize()) + p[n]["bias"]
+                for n in ("query", "key", "value")
+            ]
+        )(qv["params"], x)
+        per_ctx += _scores_rounding(qproj, kproj, vproj, scale=D**-0.5)
     assert np.all(np.abs(np.asarray(y) - np.asarray(y0)) <= per_ctx * col * 1.01 + 1e-7)
     # And both stay close to the float model run on the dequantized weights.
     with jax.default_matmul_precision("highest"):
@@ -286,20 +331,22 @@ def _unshifted(q, k, v):
 def test_kernel_only_for_jax_nn_softmax_and_off_with_backend_xla():
     q, k, v = _qkv(8)
     with jqx.ops.policy(**REORDER):
-        assert _has_kernel(_attention, q, k, v)
-        # exp of scores without the maximum subtracted: reordered on XLA (the kernel
-        # computes jax.nn.softmax's s - max(s)), within the same bound as written.
-        assert not _has_kernel(_unshifted, q, k, v)
+        assert _route(_attention, q, k, v) == "scores"
+        with jqx.ops.policy(scores_kernel=False):
+            assert _route(_attention, q, k, v) == "softmax"
+        # exp of scores without the maximum subtracted: reordered on XLA (the kernels
+        # compute jax.nn.softmax's s - max(s)), within the same bound as written.
+        assert _route(_unshifted, q, k, v) == "xla"
         assert _normalised(_unshifted, q, k, v) == 0
         y = jax.jit(jqx.quantized(_unshifted))(q, k, v)
         assert float(jnp.max(jnp.abs(y - _ref64(q, k, v)))) <= _bound(q, k, v)
         # jqx.quantized(backend="xla") keeps every product on XLA.
         text = str(jax.make_jaxpr(jqx.quantized(_attention, backend="xla"))(q, k, v))
-        assert native.SOFTMAX_DOT_TARGET not in text
+        assert native.SOFTMAX_DOT_TARGET not in text and "scores_softmax_dot" not in text
 
 
 @KERNEL
-def test_reordered_attention_is_differentiable(kernel):
+def test_reordered_attention_is_differentiable(route):
     # The native kernel's derivatives are XLA's formula's (a custom JVP), so gradients
     # through jqx.quantized agree with those of the attention as written.
     q, k, v = _qkv(9)
@@ -307,8 +354,8 @@ def test_reordered_attention_is_differentiable(kernel):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) ** 2)
 
-    with jqx.ops.policy(**REORDER, softmax_kernel=kernel):
-        assert _has_kernel(_attention, q, k, v) == (kernel and native.gguf_available())
+    with jqx.ops.policy(**REORDER, **ROUTES[route]):
+        assert _route(_attention, q, k, v) == _expect(route)
         got = jax.jit(jax.grad(loss(jqx.quantized(_attention)), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(_attention), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
@@ -323,3 +370,45 @@ def test_activation_matmuls_quantize_p_as_written():
     with jqx.ops.policy(**AS_WRITTEN):
         y0 = jax.jit(jqx.quantized(_attention, activation_matmuls="int8"))(q, k, v)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+
+
+def _bert(q, k, v, bias):  # Hugging Face / PlainBert: scale after the dot, additive bias
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(D)) + bias
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _where_fill_first(q, k, v, bias):  # jnp.where(padding, fill, s): the mask inverted
+    s = 0.25 * jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    s = jnp.where(bias < 0, -jnp.inf, s)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _soft_capped(q, k, v, bias):  # tanh soft-capping: a step the kernel does not take
+    s = 30.0 * jnp.tanh(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 30.0) + bias
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize(
+    "fn,route",
+    [(_bert, "scores"), (_where_fill_first, "scores"), (_soft_capped, "softmax")],
+    ids=["bert", "where fill first", "soft-capped"],
+)
+def test_score_steps_on_the_kernel_or_from_the_scores(fn, route):
+    q, k, v = _qkv(12, 2.0)
+    low = float(np.finfo(np.float32).min)
+    bias = jnp.where(jnp.arange(T) < T - 3, 0.0, low)[None, None, None, :]
+    bias = jnp.broadcast_to(bias, (B, 1, 1, T)).at[1, ..., :5].set(low)
+    with jqx.ops.policy(**REORDER):
+        assert _route(fn, q, k, v, bias) == _expect(route)
+        y = jax.jit(jqx.quantized(fn))(q, k, v, bias)
+    y0 = jax.jit(fn)(q, k, v, bias)
+    with jqx.ops.policy(**REORDER, scores_kernel=False):
+        assert _route(fn, q, k, v, bias) == _expect("softmax")
+    # The program as written: within the reordering's and the scores' rounding.
+    tol = 2 * (2 * T + 8) * U * float(jnp.max(jnp.abs(v))) + _scores_rounding(q, k, v, 2.0)
+    assert float(jnp.max(jnp.abs(y - y0))) <= tol
+    # Under jit inside jit, and differentiable through the kernel.
+    with jqx.ops.policy(**REORDER):
+        g = jax.grad(lambda q: jnp.sum(jax.jit(jqx.quantized(fn))(q, k, v, bias) ** 2))(q)
+    g0 = jax.grad(lambda q: jnp.sum(fn(q, k, v, bias) ** 2))(q)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-4)

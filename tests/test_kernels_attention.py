@@ -227,6 +227,15 @@ _SAME_RESULT = """
     v = jnp.asarray(rng.standard_normal((6, 90, 24)).astype(np.float32))
     for isa in ("avx512", "avx2") if native.available() else ("avx2",):
         out.append(np.asarray(native.softmax_dot(x, v, isa=isa)).ravel())
+    # scores_softmax_dot: chunks of query rows per batch index, one thread each.
+    q = jnp.asarray(rng.standard_normal((5, 70, 3, 32)).astype(np.float32))
+    kk = jnp.asarray(rng.standard_normal((5, 90, 3, 32)).astype(np.float32))
+    vv = jnp.asarray(rng.standard_normal((5, 90, 3, 24)).astype(np.float32))
+    ax = (0, 2, 1, 3)
+    for isa in ("avx512", "avx2") if native.available() else ("avx2",):
+        y = native.scores_softmax_dot(q, kk, vv, ax, ax, ax, steps=("div",),
+                                      scale=jnp.float32(5.6), isa=isa)
+        out.append(np.asarray(y).ravel())
     np.save("{path}", np.concatenate(out))
     print(native.gguf_num_threads())
 """
@@ -752,3 +761,241 @@ def test_softmax_dot_bad_input_names_the_argument():
                 fn(*args)
     with pytest.raises(ValueError, match="isa='sse' must be None, 'avx512' or 'avx2'"):
         native.softmax_dot(x, v, isa="sse")
+
+
+# ----------------------------------------------------------------- scores, softmax, matmul
+#
+# native.scores_softmax_dot (softmax_dot.h's jqx_scores_softmax_dot[_avx512]): attention
+# from q and k. Each score is one FMA chain over d (within gamma_D sum|q k| of the exact
+# dot), then the steps (one float32 operation each); a score error delta moves each
+# probability by at most exp(2 delta) - 1 relative. So per query row, against float64:
+#   |y - y64| <= ((2 Tk + 8) u + 2 (exp(2 Delta) - 1)) max|v|,
+# Delta the row's largest score error over the keys that carry weight.
+
+
+def _gamma(n):
+    return n * U / (1 - n * U)
+
+
+def _scores64(q, k, v, axes, steps=(), scale=None, bias=None, mask=None, fill=0.0):
+    """(y64, bound): the float64 attention and the bound above, per query row. Each
+    score's error: gamma_D sum|q k| from the dot, then each step's rounding (u |out|;
+    none where the mask puts the fill), then the subtraction of the row's maximum."""
+    qa, ka, va = axes
+    q64 = np.transpose(np.asarray(q, np.float64), qa)
+    k64 = np.transpose(np.asarray(k, np.float64), ka)
+    v64 = np.transpose(np.asarray(v, np.float64), va)
+    s = np.einsum("...qd,...kd->...qk", q64, k64)
+    err = _gamma(q64.shape[-1]) * np.einsum("...qd,...kd->...qk", np.abs(q64), np.abs(k64))
+    for step in steps:
+        if step == "mul":
+            s, err = s * float(scale), err * abs(float(scale))
+        elif step == "div":
+            s, err = s / float(scale), err / abs(float(scale))
+        elif step == "add":
+            s = s + np.asarray(bias, np.float64)
+        else:
+            keep = np.asarray(mask) != 0
+            s, err = np.where(keep, s, float(fill)), np.where(keep, err, 0.0)
+            continue
+        err = err + U * np.abs(s)
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    y = np.einsum("...qk,...kd->...qd", e, v64) / e.sum(-1, keepdims=True)
+    weighty = (s - m) > -87.0
+    top = np.where(weighty, err, 0.0).max(-1, keepdims=True)
+    delta = np.where(weighty, err + top + U * np.abs(s - m), 0.0).max(-1)
+    tk = k64.shape[-2]
+    bound = ((2 * tk + 8) * U + 2 * np.expm1(2 * delta)) * np.abs(v64).max() + 1e-37
+    return y, bound[..., None]
+
+
+# (q shape, q axes, k shape, k axes, v shape, v axes): the scores (batch..., q, k).
+SC_LAYOUTS = {
+    "bthd": (
+        (2, 40, 3, 32),
+        (0, 2, 1, 3),
+        (2, 45, 3, 32),
+        (0, 2, 1, 3),
+        (2, 45, 3, 24),
+        (0, 2, 1, 3),
+    ),
+    "2-D": ((7, 5), (0, 1), (33, 5), (0, 1), (33, 9), (0, 1)),
+    "one batch": ((4, 17, 64), (0, 1, 2), (4, 100, 64), (0, 1, 2), (4, 100, 40), (0, 1, 2)),
+    "three batch": (
+        (2, 2, 3, 6, 8),
+        (0, 1, 2, 3, 4),
+        (2, 2, 3, 15, 8),
+        (0, 1, 2, 3, 4),
+        (2, 2, 3, 15, 1),
+        (0, 1, 2, 3, 4),
+    ),
+    "d first": ((3, 8, 20), (0, 2, 1), (3, 8, 16), (0, 2, 1), (3, 5, 16), (0, 2, 1)),
+    "k one": ((1, 3, 2, 4), (0, 2, 1, 3), (1, 1, 2, 4), (0, 2, 1, 3), (1, 1, 2, 33), (0, 2, 1, 3)),
+}
+
+
+def _sc_operands(layout, seed):
+    qs, qa, ks, ka, vs, va = SC_LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal(x), jnp.float32) for x in (qs, ks, vs))
+    return q, k, v, (qa, ka, va)
+
+
+def _sc_shape(q, k, axes):
+    qa, ka, _ = axes
+    return (*[q.shape[a] for a in qa[:-2]], q.shape[qa[-2]], k.shape[ka[-2]])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", list(SC_LAYOUTS))
+def test_scores_softmax_dot_layouts_against_float64(layout, isa):
+    q, k, v, axes = _sc_operands(layout, len(layout))
+    sshape = _sc_shape(q, k, axes)
+    rng = np.random.default_rng(3)
+    # Keys pushed 30 below (a padding bias); finfo.min biases are checked below.
+    bias = np.where(
+        rng.random((sshape[0], *[1] * (len(sshape) - 2), sshape[-1])) < 0.2, -30.0, 0.0
+    ).astype(np.float32)
+    bias = bias.reshape((1,) * (len(sshape) - bias.ndim) + bias.shape)
+    mask = rng.random((*[1] * (len(sshape) - 1), sshape[-1])) < 0.8
+    mask = mask.reshape((1,) * (len(sshape) - mask.ndim) + mask.shape)
+    cases = [
+        {},
+        {
+            "steps": ("div", "add"),
+            "scale": jnp.float32(np.sqrt(q.shape[axes[0][-1]])),
+            "bias": bias,
+        },
+        {
+            "steps": ("mul", "where"),
+            "scale": jnp.float32(0.3),
+            "mask": mask,
+            "fill": float(np.finfo(np.float32).min),
+        },
+        {"steps": ("where", "add"), "mask": mask, "fill": -1e30, "bias": bias * 0 + 0.5},
+    ]
+    for kw in cases:
+        y64, bound = _scores64(q, k, v, axes, **kw)
+        for fn in (
+            functools.partial(native.scores_softmax_dot, isa=isa),
+            native.scores_softmax_dot_reference,
+        ):
+            call = functools.partial(fn, **kw)
+            got = np.asarray(jax.jit(lambda q, k, v, call=call: call(q, k, v, *axes))(q, k, v))
+            assert got.shape == y64.shape
+            err = np.abs(got - y64)
+            assert np.all(err <= bound), (kw.get("steps"), fn, err.max(), bound.min())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(
+    dims=st.tuples(*(st.integers(1, n) for n in (3, 2, 20, 40, 40, 20))),
+    steps=st.sampled_from([(), ("div",), ("mul", "add"), ("add", "where"), ("where", "div")]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+)
+def test_scores_softmax_dot_property(isa, dims, steps, seed, scale):
+    b, h, tq, tk, d, dv = dims
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(scale * rng.standard_normal((b, tq, h, d)), jnp.float32)
+    k = jnp.asarray(scale * rng.standard_normal((b, tk, h, d)), jnp.float32)
+    v = jnp.asarray(scale * rng.standard_normal((b, tk, h, dv)), jnp.float32)
+    axes = ((0, 2, 1, 3),) * 3
+    kw = {"steps": steps}
+    if "div" in steps or "mul" in steps:
+        kw["scale"] = jnp.float32(1.0 + rng.random())
+    if "add" in steps:
+        kw["bias"] = jnp.asarray(rng.standard_normal((b, 1, tq, tk)), jnp.float32)
+    if "where" in steps:
+        kw["mask"], kw["fill"] = rng.random((1, h, 1, tk)) < 0.7, -1e9
+    got = np.asarray(native.scores_softmax_dot(q, k, v, *axes, isa=isa, **kw))
+    y64, bound = _scores64(q, k, v, axes, **kw)
+    assert np.all(np.abs(got - y64) <= bound)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scores_softmax_dot_nan_masked_and_empty(isa):
+    f = functools.partial(native.scores_softmax_dot, isa=isa)
+    rng = np.random.default_rng(5)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 4, 8), (2, 6, 8), (2, 6, 3))
+    )
+    ax = (0, 1, 2)
+    y = np.asarray(f(q.at[1, 2, 0].set(jnp.nan), k, v, ax, ax, ax))
+    assert np.isnan(y[1, 2]).all() and np.isfinite(np.delete(y.reshape(8, 3), 6, 0)).all()
+    # Every key masked: -inf fill gives NaN rows (as jax.nn.softmax), a finite fill the
+    # mean of v; the reference agrees.
+    mask = jnp.zeros((1, 1, 6), bool)
+    for fill, want in ((-jnp.inf, None), (-1e30, np.asarray(v).mean(1))):
+        for fn in (f, native.scores_softmax_dot_reference):
+            y = np.asarray(fn(q, k, v, ax, ax, ax, steps=("where",), mask=mask, fill=fill))
+            if want is None:
+                assert np.isnan(y).all()
+            else:
+                np.testing.assert_allclose(y, np.broadcast_to(want[:, None], y.shape), rtol=1e-6)
+    # No keys: 0 / 0. No queries, no batch, no value columns: empty.
+    assert np.isnan(np.asarray(f(q, k[:, :0], v[:, :0], ax, ax, ax))).all()
+    assert f(q[:, :0], k, v, ax, ax, ax).shape == (2, 0, 3)
+    assert f(q[:0], k[:0], v[:0], ax, ax, ax).shape == (0, 4, 3)
+    assert f(q, k, v[..., :0], ax, ax, ax).shape == (2, 4, 0)
+    # Hugging Face's padding bias, finfo.min: those keys get no weight; a row of them
+    # all, the mean of v (the same in the reference).
+    low = float(np.finfo(np.float32).min)
+    bias = jnp.asarray([[[0.0, low, 0.0, low, 0.0, 0.0]], [[low] * 6]], jnp.float32)
+    y = np.asarray(f(q, k, v, ax, ax, ax, steps=("add",), bias=bias))
+    ref = np.asarray(
+        native.scores_softmax_dot_reference(q, k, v, ax, ax, ax, steps=("add",), bias=bias)
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[1], np.broadcast_to(np.asarray(v[1]).mean(0), (4, 3)), rtol=1e-5)
+    # Large scores neither overflow nor change the result (the maximum is subtracted).
+    big = np.asarray(f(q, k, v, ax, ax, ax, steps=("add",), bias=jnp.full((1, 1, 6), 1e4)))
+    np.testing.assert_allclose(big, np.asarray(f(q, k, v, ax, ax, ax)), atol=2e-3)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scores_softmax_dot_under_vmap(isa):
+    rng = np.random.default_rng(6)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in ((3, 2, 5, 8), (3, 2, 7, 8), (3, 2, 7, 4))
+    )
+    ax = (0, 1, 2)
+    f = jax.vmap(lambda q, k, v: native.scores_softmax_dot(q, k, v, ax, ax, ax, isa=isa))
+    got = np.asarray(jax.jit(f)(q, k, v))
+    for i in range(3):
+        want = native.scores_softmax_dot(q[i], k[i], v[i], ax, ax, ax, isa=isa)
+        np.testing.assert_array_equal(got[i], np.asarray(want))
+
+
+def test_scores_softmax_dot_bad_input_names_the_argument():
+    q, k, v = jnp.zeros((2, 3, 4)), jnp.zeros((2, 5, 4)), jnp.zeros((2, 5, 6))
+    ax = (0, 1, 2)
+    cases = [
+        ((q.astype(jnp.float16), k, v, ax, ax, ax), {}, r"q must be a float32 array, got float16"),
+        ((q, k, v, (0, 1), ax, ax), {}, r"q_axes=\(0, 1\) must name each of q's 3 axes once"),
+        ((q, k[:, :, :3], v, ax, ax, ax), {}, r"do not agree: the same batch sizes"),
+        ((q[0, 0], k[0, 0], v[0, 0], (0,), (0,), (0,)), {}, r"q has 1 axes; it takes 2 to 6"),
+        ((q, k, v, ax, ax, ax), {"steps": ("cube",)}, r"steps=\('cube',\) must be distinct names"),
+        ((q, k, v, ax, ax, ax), {"steps": ("div",)}, r"scale is missing but steps"),
+        (
+            (q, k, v, ax, ax, ax),
+            {"steps": ("mul", "div"), "scale": 2.0},
+            r"has both 'mul' and 'div'",
+        ),
+        ((q, k, v, ax, ax, ax), {"bias": jnp.zeros((2, 3, 5))}, r"bias is given but steps"),
+        ((q, k, v, ax, ax, ax), {"steps": ("where",)}, r"give mask exactly when steps has 'where'"),
+    ]
+    for args, kw, pattern in cases:
+        for fn in (native.scores_softmax_dot, native.scores_softmax_dot_reference):
+            with pytest.raises(ValueError, match=pattern):
+                fn(*args, **kw)
+    with pytest.raises(
+        ValueError, match=r"bias \(2, 3, 4\) does not broadcast to the scores \(2, 3, 5\)"
+    ):
+        native.scores_softmax_dot(q, k, v, ax, ax, ax, steps=("add",), bias=jnp.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"scale must be a float32 scalar"):
+        native.scores_softmax_dot(q, k, v, ax, ax, ax, steps=("div",), scale=jnp.ones(2))
+    with pytest.raises(ValueError, match="isa='sse' must be None, 'avx512' or 'avx2'"):
+        native.scores_softmax_dot(q, k, v, ax, ax, ax, isa="sse")

@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -69,6 +70,7 @@ __all__ = [
     "fp8_values",
     "check_kv_format",
     "softmax_dot",
+    "scores_softmax_dot",
     "normalised_dot",
 ]
 
@@ -579,6 +581,226 @@ def softmax_dot(
         perm = (*range(nb), *range(nb + nq, nb + nq + len(ds)), *range(nb, nb + nq))
         y = jnp.transpose(y, perm)
     return y.astype(preferred_element_type) if preferred_element_type is not None else y
+
+
+def apply_score_steps(s, steps):
+    """The elementwise steps between attention's scores dot and its softmax, in order
+    (:func:`scores_softmax_dot`'s ``steps``), as float32 operations on XLA."""
+    for step in steps:
+        kind = step[0]
+        if kind == "mul":
+            s = s * step[1]
+        elif kind == "div":
+            s = s / step[1]
+        elif kind == "add":
+            s = s + step[1]
+        else:
+            c = jnp.asarray(step[1])
+            keep = c if c.dtype == jnp.bool_ else c != jnp.zeros((), c.dtype)
+            s = jnp.where(keep, s, step[2])
+    return s
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoresCfg:
+    axes: tuple  # q_axes, k_axes, v_axes
+    steps: tuple  # names
+    fill: float
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _scores_native(cfg: _ScoresCfg, q, k, v, scale, bias, mask):
+    """The native kernel, differentiable: its derivatives are XLA's formula's."""
+    return native.scores_softmax_dot(
+        q, k, v, *cfg.axes, steps=cfg.steps, scale=scale, bias=bias, mask=mask, fill=cfg.fill
+    )
+
+
+@_scores_native.defjvp
+def _scores_native_jvp(cfg, primals, tangents):
+    def ref(q, k, v, scale, bias, mask):
+        return native.scores_softmax_dot_reference(
+            q, k, v, *cfg.axes, steps=cfg.steps, scale=scale, bias=bias, mask=mask, fill=cfg.fill
+        )
+
+    _, dy = jax.jvp(ref, primals, tangents)
+    return _scores_native(cfg, *primals), dy
+
+
+def _native_steps(steps, s_shape):
+    """``(names, scale, bias, mask, fill)`` for the kernel from ``steps``, or None where
+    it cannot take them: a scale that is not a float32 scalar, a bias or mask that does
+    not broadcast to the scores ``s_shape`` (rank padded with leading 1s), a fill that is
+    not a concrete number."""
+    rank = len(s_shape)
+    scale = bias = mask = None
+    fill = 0.0
+
+    def fits(a):
+        if a.ndim > rank:
+            return None
+        a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+        return a if all(x in (1, n) for x, n in zip(a.shape, s_shape, strict=True)) else None
+
+    for step in steps:
+        x = step[1]
+        if step[0] in ("mul", "div"):
+            x = jnp.asarray(x)
+            if x.shape != () or jnp.dtype(x.dtype) != jnp.float32:
+                return None
+            scale = x
+        elif step[0] == "add":
+            x = jnp.asarray(x)
+            if jnp.dtype(x.dtype) != jnp.float32:
+                return None
+            bias = fits(x)
+            if bias is None:
+                return None
+        else:
+            mask = fits(jnp.asarray(x))
+            try:
+                fill = float(np.asarray(step[2], np.float32))
+            except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+                return None
+            if mask is None or np.ndim(step[2]) != 0:
+                return None
+    return tuple(st[0] for st in steps), scale, bias, mask, fill
+
+
+def _scores_layout(q, k, other, score_dn, dimension_numbers, operand):
+    """The kernel's axis maps ``(q_axes, k_axes, v_axes)`` and whether the product's
+    output puts the values' axis before the queries', or None where the operands are
+    not laid out as one attention: one query, key and d axis each, the softmax over the
+    key axis (the scores' last), and the product contracting it with the batch axes in
+    the scores' order."""
+    (lc, rc), (lb, rb) = score_dn
+    nb = len(lb)
+    qf = [a for a in range(q.ndim) if a not in lc and a not in lb]
+    kf = [a for a in range(k.ndim) if a not in rc and a not in rb]
+    if len(lc) != 1 or len(qf) != 1 or len(kf) != 1 or nb > 4:
+        return None
+    (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
+    of = [a for a in range(other.ndim) if a not in oc and a not in ob]
+    if tuple(pc) != (nb + 1,) or tuple(pb) != tuple(range(nb)) or len(of) != 1:
+        return None
+    axes = ((*lb, qf[0], lc[0]), (*rb, kf[0], rc[0]), (*ob, oc[0], of[0]))
+    return axes, operand == 1
+
+
+def scores_softmax_dot(
+    q,
+    k,
+    other,
+    score_dimension_numbers,
+    dimension_numbers,
+    operand: int = 0,
+    *,
+    steps=(),
+    precision=None,
+    preferred_element_type=None,
+    backend: str | None = None,
+):
+    """``dot_general(jax.nn.softmax(steps(dot_general(q, k, score_dimension_numbers))),
+    other, dimension_numbers)``: attention from its queries and keys, the softmax over
+    the key axis.
+
+    ``steps`` are the elementwise operations a model puts between the scores dot and its
+    softmax, in order: ``("mul", c)`` / ``("div", c)`` with a float32 scalar ``c`` (the
+    ``1 / sqrt(d)`` scale), ``("add", bias)`` with a float32 bias of the scores' rank
+    (each dim its size or 1), ``("where", mask, fill)`` (``jnp.where(mask, s, fill)``).
+    ``jqx.quantized`` sends attention written ``softmax(einsum(q, k) ...) @ v`` here on
+    CPU (docs/guide/run.md#attention). Two implementations, chosen by
+    :func:`jqx.ops.dispatch.choose_scores_softmax_dot`:
+
+    - ``"native"``: ``jqx.kernels.cpu.native.scores_softmax_dot`` (AVX512 or AVX2) on
+      float32 operands laid out as one attention (one query, key and d axis, at most 4
+      batch axes, the scores ``(batch..., query, key)``): it reads q, k and v where
+      they are and writes neither the scores nor the probabilities. Each score is one
+      fused multiply-add chain over d (within ``gamma_D sum |q k|``, as XLA's dot), the
+      steps the same float32 operations, then the softmax and product as
+      :func:`softmax_dot`'s kernel.
+    - ``"xla"``: the scores with ``lax.dot_general``, the steps, then
+      :func:`softmax_dot` (whose own dispatcher picks its kernel or XLA).
+
+    Both are differentiable: the kernel's derivatives are those of XLA's formula.
+
+    Args:
+      q, k: the scores dot's operands.
+      other: the values (the second product's other operand).
+      score_dimension_numbers: ``lax.dot_general``'s for ``q`` and ``k``.
+      dimension_numbers: ``lax.dot_general``'s for the probabilities and ``other``,
+        the probabilities as operand ``operand``.
+      operand: 0 when the probabilities are the product's lhs, 1 when they are the rhs.
+      steps: the elementwise steps, as above.
+      precision, preferred_element_type: as ``lax.dot_general`` (the XLA route).
+      backend: None (the dispatcher's choice), ``"xla"`` or ``"native"``.
+
+    Returns:
+      What ``lax.dot_general`` of the probabilities and ``other`` returns.
+
+    Raises:
+      ValueError: ``operand`` not 0 or 1, an unknown step or ``backend``.
+      RuntimeError: ``backend="native"`` where the kernel cannot run.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jqx.ops.attention import scores_softmax_dot
+        >>> q = jnp.ones((1, 2, 4)); k = jnp.ones((1, 3, 4)); v = jnp.ones((1, 3, 5))
+        >>> dn = (((2,), (2,)), ((0,), (0,)))  # (b, q, d) x (b, k, d) -> (b, q, k)
+        >>> y = scores_softmax_dot(q, k, v, dn, (((2,), (1,)), ((0,), (0,))),
+        ...                        steps=(("div", jnp.float32(2.0)),))
+        >>> y.shape, float(y[0, 0, 0])
+        ((1, 2, 5), 1.0)
+    """
+    if operand not in (0, 1):
+        raise ValueError(
+            f"scores_softmax_dot: operand={operand!r} must be 0 (the probabilities are the "
+            "lhs) or 1."
+        )
+    steps = tuple(steps)
+    for step in steps:
+        n = {"mul": 2, "div": 2, "add": 2, "where": 3}.get(step[0] if step else None)
+        if n is None or len(step) != n:
+            raise ValueError(
+                f"scores_softmax_dot: step {step!r} must be ('mul', c), ('div', c), "
+                "('add', bias) or ('where', mask, fill)."
+            )
+    layout = _scores_layout(q, k, other, score_dimension_numbers, dimension_numbers, operand)
+    prepared = None
+    if layout is not None:
+        s_shape = jax.eval_shape(
+            lambda a, b: jax.lax.dot_general(a, b, score_dimension_numbers), q, k
+        ).shape
+        prepared = _native_steps(steps, s_shape)
+    if backend == "native" and prepared is None:
+        raise RuntimeError(
+            "scores_softmax_dot(backend='native'): the operands are not laid out as one "
+            "attention the kernel takes (one query, key and d axis, the softmax over the "
+            "keys, at most 4 batch axes), or a step's operand does not fit it (float32 "
+            "scale and bias broadcasting to the scores, a concrete fill). Use backend=None "
+            "or 'xla'."
+        )
+    if (
+        prepared is not None
+        and dispatch.choose_scores_softmax_dot(q, k, other, backend) == "native"
+    ):
+        axes, swap = layout
+        names, scale, bias, mask, fill = prepared
+        y = _scores_native(_ScoresCfg(axes, names, fill), q, k, other, scale, bias, mask)
+        if swap:  # dot_general puts the lhs's (other's) free axis first
+            y = jnp.swapaxes(y, -1, -2)
+        return y.astype(preferred_element_type) if preferred_element_type is not None else y
+    s = jax.lax.dot_general(q, k, score_dimension_numbers, precision=precision)
+    s = apply_score_steps(s, steps)
+    return softmax_dot(
+        s,
+        other,
+        dimension_numbers,
+        operand,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        backend=backend,
+    )
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:

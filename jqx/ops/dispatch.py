@@ -63,6 +63,7 @@ __all__ = [
     "SCALED_MATMUL_MIN_CAPABILITY",
     "choose",
     "choose_float_dot",
+    "choose_scores_softmax_dot",
     "current_policy",
     "m_bucket",
     "measured_winner",
@@ -222,6 +223,10 @@ class Policy:
         (``native.softmax_dot``) where it is available; False: XLA's formulation.
       softmax_kernel_max_scores: ...up to this many scores per call (all of them, e.g.
         batch x heads x queries x keys): above it XLA (measured: docs/internals/dispatch.md).
+      scores_kernel: whether a reordered attention whose scores are a dot of q and k
+        (then a scale, a bias, a mask) may run whole on the native kernel
+        (``native.scores_softmax_dot``, :func:`jqx.ops.attention.scores_softmax_dot`),
+        the scores never written; False: the scores on XLA, then as ``softmax_kernel``.
       f32_kernel: whether :func:`jqx.quantized`'s float32 products (no QArray operand;
         :func:`jqx.ops.float_dot_general`) may run on the native float32 GEMM
         (``native.f32_matmul``) where it is available; False: XLA's dot, bit for bit.
@@ -249,6 +254,7 @@ class Policy:
     softmax_reorder: bool | None = None
     softmax_kernel: bool = True
     softmax_kernel_max_scores: int = 1 << 19
+    scores_kernel: bool = True
     f32_kernel: bool = True
     f32_kernel_min_rows: int = 2048
     f32_kernel_min_work: int = 1 << 21
@@ -387,6 +393,38 @@ def choose_softmax_dot(s, other, backend: str | None = None) -> str:
         return "native"
     small = math.prod(s.shape) <= pol.softmax_kernel_max_scores
     return "native" if pol.softmax_kernel and small and reason == "available" and fits else "xla"
+
+
+def choose_scores_softmax_dot(q, k, other, backend: str | None = None) -> str:
+    """``"native"`` or ``"xla"``: who computes
+    :func:`jqx.ops.attention.scores_softmax_dot` for these operands (the dot's ``q`` and
+    ``k`` and the values ``other``).
+
+    The native kernel (``native.scores_softmax_dot``, AVX512 or AVX2) takes float32
+    operands on CPU where its library is available and the policy's ``scores_kernel``
+    allows it, at any size: it reads q, k and v where they are (no transposes), never
+    writes the scores, and took 0.XX-0.XXx XLA's time in MiniLM's attention at batch 1
+    to 256 (docs/internals/dispatch.md). XLA computes the scores otherwise, then
+    :func:`choose_softmax_dot` decides the rest.
+
+    Raises:
+      ValueError: an unknown ``backend``.
+      RuntimeError: ``backend="native"`` where the kernel cannot run these operands.
+    """
+    pol, reason = _gguf_route(backend, "scores_softmax_dot")
+    if reason is None:
+        return "xla"
+    f32 = jnp.dtype(jnp.float32)
+    fits = all(jnp.dtype(a.dtype) == f32 for a in (q, k, other))
+    if backend == "native" and (reason != "available" or not fits):
+        raise RuntimeError(
+            "scores_softmax_dot(backend='native'): the native kernel cannot run this: "
+            + (reason if reason != "available" else f"q {q.dtype}, k {k.dtype}, v {other.dtype}")
+            + " (it takes float32 operands). Use backend=None or 'xla'."
+        )
+    if backend == "native":
+        return "native"
+    return "native" if pol.scores_kernel and reason == "available" and fits else "xla"
 
 
 def float_dot_shape(lhs, rhs, dimension_numbers) -> tuple[int, int, int] | None:

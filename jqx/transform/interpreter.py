@@ -329,6 +329,20 @@ class _SoftmaxMatch:
     axes: tuple[int, ...]
     total: Any  # the reduce_sum's output var: e summed over ``axes``
     scores: Any = None  # s where exp's input is s - max(s) over ``axes``, else None
+    chain: Any = None  # _ScoreChain where s is a dot of q and k then elementwise steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoreChain:
+    """Scores ``s = steps(dot_general(q, k, dn))``: the dot's operands and dimension
+    numbers, and the steps in program order, each ``(kind, atom...)``: ``("mul", c)``,
+    ``("div", c)``, ``("add", bias)``, ``("where", mask, fill)``, or ``("where_not",
+    mask, fill)`` for ``where(mask, fill, s)``."""
+
+    q: Any
+    k: Any
+    dn: Any
+    steps: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +424,80 @@ def _softmax_match(eqns, i, producer, uses, outvars) -> _SoftmaxMatch | None:
     if tuple(sorted(lc if operand == 0 else rc)) != axes:
         return None
     scores = _softmax_scores(eqns, producer, eqns[producer[num]], axes)
-    return _SoftmaxMatch(i, k, operand, axes, total, scores)
+    chain = _score_chain(eqns, producer, scores, axes) if scores is not None else None
+    return _SoftmaxMatch(i, k, operand, axes, total, scores, chain)
+
+
+def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
+    """``s`` as a float32 ``dot_general`` of q and k (one query and one key axis, the
+    key axis last: the softmax's) followed by at most four steps: a multiply or divide
+    by a scalar, an add of a tensor of the scores' rank, a ``jnp.where`` with a scalar
+    fill (its ``jit`` call named ``_where``); else None."""
+    shape = s.aval.shape
+    if not axes or tuple(axes) != (len(shape) - 1,):
+        return None
+
+    def scalar(a):
+        return getattr(a, "aval", None) is not None and a.aval.shape == ()
+
+    steps = []
+    x = s
+    for _ in range(5):
+        if not isinstance(x, jcore.Var) or x not in producer:
+            return None
+        e = eqns[producer[x]]
+        name = e.primitive.name
+        if name == "dot_general":
+            if jnp.dtype(x.aval.dtype) != jnp.float32 or any(
+                jnp.dtype(a.aval.dtype) != jnp.float32 for a in e.invars
+            ):
+                return None
+            q, k = e.invars
+            return _ScoreChain(q, k, e.params["dimension_numbers"], tuple(reversed(steps)))
+        if len(steps) == 4:
+            return None
+        if name in ("mul", "div"):
+            a, b = e.invars
+            if name == "mul" and scalar(a) and not scalar(b):
+                a, b = b, a
+            if not scalar(b) or getattr(a.aval, "shape", None) != shape:
+                return None
+            steps.append((name, b))
+            x = a
+        elif name == "add":
+            a, b = e.invars
+            full = [getattr(u.aval, "shape", None) == shape for u in (a, b)]
+            if full[1] and not full[0]:
+                a, b = b, a
+            elif full[0] and full[1]:
+                # Both full: the one a dot (or a step) made carries the scores.
+                made = [
+                    isinstance(u, jcore.Var)
+                    and u in producer
+                    and eqns[producer[u]].primitive.name in ("dot_general", "mul", "div", "add")
+                    for u in (a, b)
+                ]
+                if made == [False, True]:
+                    a, b = b, a
+                elif made != [True, False]:
+                    return None
+            elif not full[0]:
+                return None
+            steps.append(("add", b))
+            x = a
+        elif name in ("jit", "pjit") and e.params.get("name") == "_where" and len(e.invars) == 3:
+            c, a, b = e.invars  # jnp.where(c, a, b): c nonzero keeps a
+            if getattr(a.aval, "shape", None) == shape and scalar(b):
+                steps.append(("where", c, b))
+                x = a
+            elif getattr(b.aval, "shape", None) == shape and scalar(a):
+                steps.append(("where_not", c, a))
+                x = b
+            else:
+                return None
+        else:
+            return None
+    return None
 
 
 def _softmax_scores(eqns, producer, exp, axes):
@@ -523,6 +610,10 @@ def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
         "preferred_element_type": eqn.params.get("preferred_element_type"),
     }
     backend = "xla" if ctx.backend == "xla" else None
+    if m.chain is not None and backend is None:
+        y = _scores_step(m.chain, other, dn, m.operand, env, kw)
+        if y is not None:
+            return [y]
     s = env.get(m.scores) if m.scores is not None else None
     if (
         s is not None
@@ -533,6 +624,33 @@ def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
         # computed are unused (XLA drops them), and none is written.
         return [attention.softmax_dot(s, other, dn, m.operand, backend="native", **kw)]
     return [attention.normalised_dot(d.numer, d.total, other, dn, m.operand, **kw)]
+
+
+def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
+    """Attention from q and k on the native kernel (:func:`jqx.ops.attention.
+    scores_softmax_dot`) where the dispatcher sends it there and the operands fit; else
+    None (the caller goes on from the scores XLA computed)."""
+    from jqx.ops import attention, dispatch  # noqa: PLC0415 (as in _default_dot)
+
+    q, k = _read(env, c.q), _read(env, c.k)
+    if _is_w(q) or _is_w(k) or dispatch.choose_scores_softmax_dot(q, k, other) != "native":
+        return None
+    steps = []
+    for kind, *atoms in c.steps:
+        vals = [_read(env, a) for a in atoms]
+        if any(_is_w(v) for v in vals):
+            return None
+        if kind == "where_not":
+            cond = jnp.asarray(vals[0])
+            keep = cond if cond.dtype == jnp.bool_ else cond != jnp.zeros((), cond.dtype)
+            steps.append(("where", jnp.logical_not(keep), vals[1]))
+        else:
+            steps.append((kind, *vals))
+    layout = attention._scores_layout(q, k, other, c.dn, dn, operand)
+    s_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, c.dn), q, k).shape
+    if layout is None or attention._native_steps(steps, s_shape) is None:
+        return None
+    return attention.scores_softmax_dot(q, k, other, c.dn, dn, operand, steps=steps, **kw)
 
 
 def _float_dot(ctx: _Ctx, eqn, invals):

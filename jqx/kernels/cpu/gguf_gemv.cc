@@ -1778,3 +1778,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxSoftmaxDot, SoftmaxDotImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ctx<ffi::ThreadPool>());
+
+// jqx_scores_softmax_dot: softmax_dot.h's attention from q and k, on eight-float vectors.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxScoresSoftmaxDot, ScoresSoftmaxDotBody<SdAvx2>,
+                              JQX_SCORES_SOFTMAX_DOT_BINDING);

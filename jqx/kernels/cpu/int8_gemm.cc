@@ -1533,6 +1533,10 @@ extern "C" int jqx_cpu_supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
+// jqx_scores_softmax_dot_avx512: softmax_dot.h's attention from q and k, sixteen floats.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxScoresSoftmaxDotAvx512, ScoresSoftmaxDotBody<SdAvx512>,
+                              JQX_SCORES_SOFTMAX_DOT_BINDING);
+
 // jqx_softmax_dot_avx512: softmax_dot.h's kernel on sixteen-float vectors.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxSoftmaxDotAvx512, SoftmaxDotBody<SdAvx512>,
                               ffi::Ffi::Bind()

@@ -114,6 +114,9 @@ __all__ = [
     "decode_attention_int4_reference",
     "softmax_dot",
     "softmax_dot_reference",
+    "scores_softmax_dot",
+    "scores_softmax_dot_reference",
+    "SCORE_STEPS",
     "f32_matmul",
     "TARGET",
     "W4_TARGET",
@@ -127,6 +130,8 @@ __all__ = [
     "ATTENTION_Q_TARGET",
     "SOFTMAX_DOT_TARGET",
     "SOFTMAX_DOT_AVX512_TARGET",
+    "SCORES_SOFTMAX_DOT_TARGET",
+    "SCORES_SOFTMAX_DOT_AVX512_TARGET",
     "F32_TARGET",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
@@ -156,6 +161,8 @@ GGUF_BLOCK = 32
 ATTENTION_TARGET = "jqx_decode_attention"  # in gguf_gemv.cc, on the same thread pool
 SOFTMAX_DOT_TARGET = "jqx_softmax_dot"  # gguf_gemv.cc: softmax(s) @ v, one pass (AVX2)
 SOFTMAX_DOT_AVX512_TARGET = "jqx_softmax_dot_avx512"  # the same in int8_gemm.cc (AVX512)
+SCORES_SOFTMAX_DOT_TARGET = "jqx_scores_softmax_dot"  # gguf_gemv.cc: attention from q, k (AVX2)
+SCORES_SOFTMAX_DOT_AVX512_TARGET = "jqx_scores_softmax_dot_avx512"  # int8_gemm.cc (AVX512)
 F32_TARGET = "jqx_f32_gemm"  # int8_gemm.cc (f32_gemm.h): the float32 GEMM (AVX512)
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
@@ -211,6 +218,7 @@ _INT8 = _Library(
         FP8_TARGET: "JqxFp8Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
         SOFTMAX_DOT_AVX512_TARGET: "JqxSoftmaxDotAvx512",
+        SCORES_SOFTMAX_DOT_AVX512_TARGET: "JqxScoresSoftmaxDotAvx512",
         F32_TARGET: "JqxF32Gemm",
     },
 )
@@ -226,6 +234,7 @@ _GGUF = _Library(
         ATTENTION_Q_TARGET: "JqxDecodeAttentionQ",
         ATTENTION_INT4_TARGET: "JqxDecodeAttentionInt4",
         SOFTMAX_DOT_TARGET: "JqxSoftmaxDot",
+        SCORES_SOFTMAX_DOT_TARGET: "JqxScoresSoftmaxDot",
     },
 )
 _CONV = _Library(
@@ -1692,6 +1701,238 @@ def softmax_dot_reference(s: jax.Array, v: jax.Array) -> jax.Array:
     _softmax_dot_check(s, v, "softmax_dot_reference")
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
     y = jnp.einsum("gqk,gkd->gqd", e, v, precision=lax.Precision.HIGHEST)
+    return y / jnp.sum(e, axis=-1, keepdims=True)
+
+
+SCORE_STEPS = ("mul", "div", "add", "where")  # scores_softmax_dot's elementwise steps
+_STEP_CODES = {"mul": 1, "div": 2, "add": 3, "where": 4}
+_AT_MAX_BATCH = 4
+
+
+def _nonzero(a: jax.Array) -> jax.Array:
+    """``a != 0`` as bool (bool stays as it is; no dtype promotion)."""
+    return a if jnp.dtype(a.dtype) == jnp.bool_ else a != jnp.zeros((), a.dtype)
+
+
+def _row_major_strides(shape) -> list[int]:
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return st[::-1]
+
+
+def _check_axes(fn, name, a, axes, nb) -> None:
+    if (
+        len(axes) != nb + 2
+        or sorted(axes) != list(range(a.ndim))
+        or any(not isinstance(x, (int, np.integer)) for x in axes)
+    ):
+        raise ValueError(
+            f"{fn}: {name}_axes={tuple(axes)!r} must name each of {name}'s {a.ndim} axes once, "
+            f"as (batch axes ({nb}), row axis, column axis)."
+        )
+
+
+def _score_steps(fn, steps, scale, bias, mask) -> list[str]:
+    steps = list(steps)
+    if any(x not in SCORE_STEPS for x in steps) or len(set(steps)) != len(steps):
+        raise ValueError(f"{fn}: steps={tuple(steps)!r} must be distinct names from {SCORE_STEPS}.")
+    if any(x in ("mul", "div") for x in steps) and ("mul" in steps) == ("div" in steps):
+        raise ValueError(f"{fn}: steps={tuple(steps)!r} has both 'mul' and 'div'; give one.")
+    for name, val, step in (("scale", scale, ("mul", "div")), ("bias", bias, ("add",))):
+        if (val is not None) != any(x in step for x in steps):
+            raise ValueError(
+                f"{fn}: {name} is {'given' if val is not None else 'missing'} but steps "
+                f"{tuple(steps)!r} {'do not use' if val is not None else 'need'} it."
+            )
+    if (mask is not None) != ("where" in steps):
+        raise ValueError(f"{fn}: give mask exactly when steps has 'where'.")
+    return steps
+
+
+def scores_softmax_dot(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_axes,
+    k_axes,
+    v_axes,
+    *,
+    steps=(),
+    scale=None,
+    bias=None,
+    mask=None,
+    fill: float = 0.0,
+    isa: str | None = None,
+) -> jax.Array:
+    """Attention from q and k in one pass, the scores never written:
+    ``softmax(steps(q k^T)) @ v`` per batch index, over float32 operands in any layout.
+
+    For each batch index ``g`` and query row ``i``: ``s[i, j] = sum_d q[g, i, d] k[g, j,
+    d]`` as one fused multiply-add chain over ``d`` from 0 (within ``gamma_D sum_d |q
+    k|``, the bound of XLA's dot), then ``steps`` in order, each the one float32
+    operation XLA would make: ``"mul"`` ``s * scale``, ``"div"`` ``s / scale``, ``"add"``
+    ``s + bias``, ``"where"`` ``where(mask != 0, s, fill)``; then softmax and product
+    with ``v`` exactly as :func:`softmax_dot` (within ``(2 Tk + 8) u max|v|`` of the
+    exact value from the same shifted scores). ``*_axes`` say which axes of each operand
+    are (batch axes..., row, column): the kernel reads them through strides, so the
+    program's layouts (e.g. ``(b, t, h, d)`` projections) need no transposes.
+    ``jqx.quantized`` runs this for attention written ``softmax(q @ k^T ...) @ v``
+    (``jqx.ops.attention.scores_softmax_dot`` decides; docs/guide/run.md#attention).
+
+    Args:
+      q: float32, axes ``q_axes`` = (batch axes, query axis, d axis).
+      k: float32, axes ``k_axes`` = (batch axes, key axis, d axis).
+      v: float32, axes ``v_axes`` = (batch axes, key axis, value axis).
+      q_axes, k_axes, v_axes: the axis maps (at most 4 batch axes, the same sizes).
+      steps: names from ``SCORE_STEPS``, in the program's order.
+      scale: a float32 scalar (array or number) for ``"mul"`` / ``"div"``.
+      bias: float32, the scores' rank (batch..., query, key), each dim its size or 1.
+      mask: the same for ``"where"`` (any dtype; nonzero keeps the score).
+      fill: the score where the mask is 0.
+      isa: None (AVX512 where :func:`available`, else AVX2), ``"avx512"`` or ``"avx2"``.
+
+    Returns:
+      float32 (batch..., query, value).
+
+    Raises:
+      ValueError: dtypes, shapes, axes or steps that do not fit (the message names them).
+      RuntimeError: the kernel is not available here.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> q = jnp.zeros((1, 2, 4)); k = jnp.ones((1, 3, 4))  # equal scores
+        >>> v = jnp.arange(6, dtype=jnp.float32).reshape(1, 3, 2)
+        >>> ax = (0, 1, 2)
+        >>> f = native.scores_softmax_dot if native.gguf_available() else (
+        ...     native.scores_softmax_dot_reference)
+        >>> f(q, k, v, ax, ax, ax)[0].tolist()
+        [[2.0, 3.0], [2.0, 3.0]]
+    """
+    fn = "scores_softmax_dot"
+    nb, (bsz, tq, tk, d, dv) = _scores_check(fn, q, k, v, q_axes, k_axes, v_axes)
+    steps = _score_steps(fn, steps, scale, bias, mask)
+    if isa not in (None, "avx512", "avx2"):
+        raise ValueError(f"{fn}: isa={isa!r} must be None, 'avx512' or 'avx2'.")
+    if isa == "avx512" or (isa is None and available()):
+        target, name = SCORES_SOFTMAX_DOT_AVX512_TARGET, "AVX512"
+        why = None if available() else status()
+    else:
+        target, name = SCORES_SOFTMAX_DOT_TARGET, "AVX2"
+        why = None if gguf_available() else gguf_status()
+    if why is not None:
+        raise RuntimeError(f"the native scores_softmax_dot kernel ({name}) is not available: {why}")
+    s_shape = (*bsz, tq, tk)
+    extra = {}
+    for nm, a in (("bias", bias), ("mask", mask)):
+        if a is None:
+            extra[nm] = (jnp.zeros((0,), jnp.float32), [0] * (nb + 2))
+            continue
+        a = jnp.asarray(a)
+        if a.ndim != nb + 2 or any(x not in (1, n) for x, n in zip(a.shape, s_shape, strict=True)):
+            raise ValueError(
+                f"{fn}: {nm} {tuple(a.shape)} does not broadcast to the scores {s_shape}: "
+                "give it the scores' rank, each dim its size or 1."
+            )
+        if nm == "bias" and jnp.dtype(a.dtype) != jnp.float32:
+            raise ValueError(f"{fn}: bias must be float32, got {a.dtype}.")
+        if nm == "mask":
+            a = _nonzero(a).astype(jnp.float32)
+        st = _row_major_strides(a.shape)
+        extra[nm] = (a, [0 if a.shape[i] == 1 else st[i] for i in range(nb + 2)])
+    if scale is None:
+        sc = jnp.zeros((0,), jnp.float32)
+    else:
+        sc = jnp.asarray(scale)
+        if sc.shape != () or jnp.dtype(sc.dtype) != jnp.float32:
+            raise ValueError(f"{fn}: scale must be a float32 scalar, got {_describe(sc)}.")
+        sc = sc.reshape(1)
+    # y's buffer: (batch0, query, other batch axes..., value) with two or more batch axes
+    # (the (b, q, h, d) order attention's output takes next), else (batch..., query, value).
+    canon = (*bsz, tq, dv)
+    layout = (0, nb, *range(1, nb), nb + 1) if nb >= 2 else tuple(range(nb + 2))
+    phys = tuple(canon[a] for a in layout)
+    pst = _row_major_strides(phys)
+    y_st = [0] * (nb + 2)
+    for pos, a in enumerate(layout):
+        y_st[a] = pst[pos]
+    strides = []
+    for a, axes in ((q, q_axes), (k, k_axes), (v, v_axes)):
+        st = _row_major_strides(a.shape)
+        strides += [st[x] for x in axes]
+    strides += extra["bias"][1] + extra["mask"][1] + y_st
+    out = jax.ShapeDtypeStruct(phys, jnp.float32)
+    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        q,
+        k,
+        v,
+        extra["bias"][0],
+        extra["mask"][0],
+        sc,
+        dims=np.array([nb, *bsz, tq, tk, d, dv], np.int64),
+        strides=np.array(strides, np.int64),
+        ops=np.array([_STEP_CODES[x] for x in steps], np.int64),
+        fill=np.float32(fill),
+    )
+    inverse = tuple(layout.index(a) for a in range(nb + 2))
+    return jnp.transpose(y, inverse) if inverse != tuple(range(nb + 2)) else y
+
+
+def _scores_check(fn, q, k, v, q_axes, k_axes, v_axes):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")) or jnp.dtype(a.dtype) != jnp.float32:
+            got = _describe(a) if hasattr(a, "dtype") else type(a).__name__
+            raise ValueError(
+                f"{fn}: {name} must be a float32 array, got {got}; cast it with "
+                ".astype(jnp.float32)."
+            )
+    nb = q.ndim - 2
+    if nb < 0 or nb > _AT_MAX_BATCH:
+        raise ValueError(
+            f"{fn}: q has {q.ndim} axes; it takes 2 to {_AT_MAX_BATCH + 2} (batch axes, row, "
+            "column): merge batch axes with a reshape."
+        )
+    for name, a, axes in (("q", q, q_axes), ("k", k, k_axes), ("v", v, v_axes)):
+        _check_axes(fn, name, a, tuple(axes), nb)
+    qs = [q.shape[x] for x in q_axes]
+    ks = [k.shape[x] for x in k_axes]
+    vs = [v.shape[x] for x in v_axes]
+    if qs[:nb] != ks[:nb] or qs[:nb] != vs[:nb] or qs[-1] != ks[-1] or ks[-2] != vs[-2]:
+        raise ValueError(
+            f"{fn}: q {tuple(qs)}, k {tuple(ks)} and v {tuple(vs)} (in axes order) do not "
+            "agree: the same batch sizes, q and k the same d, k and v the same keys."
+        )
+    return nb, (tuple(qs[:nb]), qs[-2], ks[-2], qs[-1], vs[-1])
+
+
+def scores_softmax_dot_reference(
+    q, k, v, q_axes, k_axes, v_axes, *, steps=(), scale=None, bias=None, mask=None, fill=0.0
+) -> jax.Array:
+    """Plain-jnp :func:`scores_softmax_dot` on XLA (float32, HIGHEST precision): the
+    scores, the steps, then ``(exp(s - max) @ v) / sum``. Same operands and errors;
+    runs anywhere."""
+    fn = "scores_softmax_dot_reference"
+    nb, _ = _scores_check(fn, q, k, v, q_axes, k_axes, v_axes)
+    steps = _score_steps(fn, steps, scale, bias, mask)
+    qc = jnp.transpose(q, tuple(q_axes))
+    kc = jnp.transpose(k, tuple(k_axes))
+    vc = jnp.transpose(v, tuple(v_axes))
+    b = tuple(range(nb))
+    hi = lax.Precision.HIGHEST
+    s = lax.dot_general(qc, kc, (((nb + 1,), (nb + 1,)), (b, b)), precision=hi)
+    for x in steps:
+        if x == "mul":
+            s = s * jnp.asarray(scale, jnp.float32)
+        elif x == "div":
+            s = s / jnp.asarray(scale, jnp.float32)
+        elif x == "add":
+            s = s + bias
+        else:
+            s = jnp.where(_nonzero(jnp.asarray(mask)), s, jnp.float32(fill))
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
+    y = lax.dot_general(e, vc, (((nb + 1,), (nb,)), (b, b)), precision=hi)
     return y / jnp.sum(e, axis=-1, keepdims=True)
 
 

@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "pool.h"
@@ -56,6 +57,10 @@ struct SdAvx2 {
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void StoreN(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
   static V Keep(V v, M m) { return _mm256_and_ps(v, _mm256_castsi256_ps(m)); }
+  // a where m != 0 (or NaN), else b.
+  static V SelectNonZero(V m, V a, V b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  }
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set(float f) { return _mm256_set1_ps(f); }
   static V Bcast(const float* p) { return _mm256_broadcast_ss(p); }
@@ -102,6 +107,10 @@ struct SdAvx512 {
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void StoreN(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
   static V Keep(V v, M m) { return _mm512_maskz_mov_ps(m, v); }
+  // a where m != 0 (or NaN), else b.
+  static V SelectNonZero(V m, V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_NEQ_UQ), b, a);
+  }
   static V Zero() { return _mm512_setzero_ps(); }
   static V Set(float f) { return _mm512_set1_ps(f); }
   static V Bcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -208,11 +217,11 @@ inline float RowExps(const float* s, int64_t K, float* e) {
   return T::Sum(acc);
 }
 
-// y rows [0, R) (R <= kSdRows), columns [d0, d0 + 2 lanes) cut at D, from the rows'
-// exps e (stride K) and sums.
+// y rows [0, R) (R <= kSdRows, row stride ldy), columns [d0, d0 + 2 lanes) cut at D,
+// from the rows' exps e (stride K) and sums.
 template <class T, int R>
 inline void SoftmaxDotTile(const float* e, int64_t K, const float* v, int64_t D, int64_t d0,
-                           const float* sums, float* y) {
+                           const float* sums, float* y, int64_t ldy) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   const typename T::M m0 = T::Mask(std::min<int64_t>(L, std::max<int64_t>(0, D - d0)));
@@ -232,7 +241,7 @@ inline void SoftmaxDotTile(const float* e, int64_t K, const float* v, int64_t D,
   }
   for (int r = 0; r < R; ++r) {
     const V t = T::Set(sums[r]);
-    float* yr = y + r * D + d0;
+    float* yr = y + r * ldy + d0;
     if (full) {
       T::Store(yr, T::Div(acc[r][0], t));
       T::Store(yr + L, T::Div(acc[r][1], t));
@@ -263,10 +272,10 @@ void SoftmaxDotChunk(const void* ctx, int64_t c) {
     float* yr = y + r * j.D;
     for (int64_t d0 = 0; d0 < j.D; d0 += 2 * T::kLanes) {
       switch (rr) {
-        case 4: SoftmaxDotTile<T, 4>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        case 3: SoftmaxDotTile<T, 3>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        case 2: SoftmaxDotTile<T, 2>(er, j.K, v, j.D, d0, sums + r, yr); break;
-        default: SoftmaxDotTile<T, 1>(er, j.K, v, j.D, d0, sums + r, yr); break;
+        case 4: SoftmaxDotTile<T, 4>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 3: SoftmaxDotTile<T, 3>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 2: SoftmaxDotTile<T, 2>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        default: SoftmaxDotTile<T, 1>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
       }
     }
   }
@@ -312,6 +321,291 @@ xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> s,
   }
   return xla::ffi::Error::Success();
 }
+
+// ---------------------------------------------------------------- the scores too
+//
+// jqx_scores_softmax_dot (AVX2) and jqx_scores_softmax_dot_avx512: attention from q and
+// k, its scores never written. For each batch index g (up to kAtMaxBatch batch dims)
+// and query row i:
+//
+//   s[i, j] = ops(sum_d q[g, i, d] k[g, j, d])   one FMA chain over d = 0..D-1, from 0
+//   y[g, i, :] = sum_j exp(s[i, j] - max_j s[i, :]) v[g, j, :] / sum_j exp(...)
+//
+// ops: the program's elementwise steps between its dot and its softmax, in its order,
+// each one float32 operation as XLA's: kAtMul s * c, kAtDiv s / c (c = scale[0]), kAtAdd
+// s + bias[g, i, j], kAtWhere (mask[g, i, j] != 0 ? s : fill). q, k, v, bias, mask and y
+// are read and written through element strides (attrs), so the program's layouts (e.g.
+// (b, t, h, d) projections) need no transposes; bias and mask broadcast through stride
+// 0. Per chunk (g, a range of query rows): k's rows for g are packed transposed
+// (D x Tk, padded to whole vectors) and v's (Tk x Dv); then per kSdRows rows, the
+// scores (register tiles of rows x kAtBlocks vectors of keys), the ops, RowExps and
+// SoftmaxDotTile as softmax_dot's. Chunks split rows only: the bits do not depend on the
+// number of threads.
+
+constexpr int kAtMaxBatch = 4;
+constexpr int64_t kAtChunksPerThread = 8;  // chunks per thread, at least (where rows allow)
+constexpr int64_t kAtMul = 1, kAtDiv = 2, kAtAdd = 3, kAtWhere = 4;
+
+struct AtOperand {
+  const float* p;
+  int64_t b[kAtMaxBatch];  // element strides of the batch dims
+  int64_t row, col;        // of the (query or key) row and of the column (d, or key)
+};
+
+struct AttentionJob {
+  int nb;
+  int64_t bsz[kAtMaxBatch];
+  int64_t Tq, Tk, D, Dv, qblocks, chunk_rows;
+  AtOperand q, k, v, bias, mask, y;
+  int64_t ops[4];
+  int nops;
+  float scale, fill;
+};
+
+thread_local std::vector<float> t_at_buf;
+
+inline int64_t AtOffset(const AtOperand& o, const int64_t* idx, int nb) {
+  int64_t off = 0;
+  for (int d = 0; d < nb; ++d) off += idx[d] * o.b[d];
+  return off;
+}
+
+// Scores of R rows of q (row stride qrow, column stride qcol) against keys [c0, c0 + NB
+// vectors) of the packed kt (D rows of ldk floats) into s (row stride lds).
+template <class T, int R, int NB>
+inline void ScoreTile(const float* q, int64_t qrow, int64_t qcol, const float* kt, int64_t ldk,
+                      int64_t D, int64_t c0, float* s, int64_t lds) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  V acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = T::Zero();
+  const float* kd = kt + c0;
+  for (int64_t d = 0; d < D; ++d, kd += ldk) {
+    V kv[NB];
+    for (int b = 0; b < NB; ++b) kv[b] = T::Load(kd + b * L);
+    for (int r = 0; r < R; ++r) {
+      const V x = T::Set(q[r * qrow + d * qcol]);
+      for (int b = 0; b < NB; ++b) acc[r][b] = T::Fma(x, kv[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) T::Store(s + r * lds + c0 + b * L, acc[r][b]);
+}
+
+// One row's broadcast operand (bias or mask) at key block k0: its lanes, with stride 0
+// (one value), 1 (a vector, the tail masked) or any other (gathered).
+template <class T>
+inline typename T::V AtRowVector(const float* p, int64_t col, int64_t k0, int64_t Tk) {
+  constexpr int64_t L = T::kLanes;
+  if (col == 0) return T::Set(p[0]);
+  const int64_t n = std::min<int64_t>(L, Tk - k0);
+  if (col == 1) return n == L ? T::Load(p + k0) : T::LoadN(p + k0, T::Mask(n));
+  alignas(64) float tmp[L] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = p[(k0 + j) * col];
+  return T::Load(tmp);
+}
+
+template <class T, int R>
+inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0, const float* kt,
+                          int64_t ldk, const float* vp, float* s, float* e) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  constexpr int NB = L == 16 ? 4 : 2;
+  const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
+  int64_t c0 = 0;
+  for (; c0 + NB * L <= ldk; c0 += NB * L)
+    ScoreTile<T, R, NB>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
+  for (; c0 < ldk; c0 += L) ScoreTile<T, R, 1>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
+  float sums[R];
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * ldk;
+    const int64_t i = i0 + r;
+    for (int o = 0; o < j.nops; ++o) {
+      const int64_t op = j.ops[o];
+      const V c = T::Set(op == kAtWhere ? j.fill : j.scale);
+      const AtOperand& a = op == kAtAdd ? j.bias : j.mask;
+      const float* row = (op == kAtAdd || op == kAtWhere)
+                             ? a.p + AtOffset(a, idx, j.nb) + i * a.row
+                             : nullptr;
+      for (int64_t k0 = 0; k0 < j.Tk; k0 += L) {
+        V x = T::Load(sr + k0);
+        if (op == kAtMul) x = T::Mul(x, c);
+        else if (op == kAtDiv) x = T::Div(x, c);
+        else if (op == kAtAdd) x = T::Add(x, AtRowVector<T>(row, a.col, k0, j.Tk));
+        else x = T::SelectNonZero(AtRowVector<T>(row, a.col, k0, j.Tk), x, c);
+        T::Store(sr + k0, x);
+      }
+    }
+    sums[r] = RowExps<T>(sr, j.Tk, e + r * j.Tk);
+  }
+  float* y = const_cast<float*>(j.y.p) + AtOffset(j.y, idx, j.nb) + i0 * j.y.row;
+  for (int64_t d0 = 0; d0 < j.Dv; d0 += 2 * L)
+    SoftmaxDotTile<T, R>(e, j.Tk, vp, j.Dv, d0, sums, y, j.y.row);
+}
+
+template <class T>
+void AttentionChunk(const void* ctx, int64_t c) {
+  const AttentionJob& j = *static_cast<const AttentionJob*>(ctx);
+  constexpr int64_t L = T::kLanes;
+  int64_t g = c / j.qblocks;
+  const int64_t q0 = (c % j.qblocks) * j.chunk_rows;
+  const int64_t rows = std::min(j.Tq - q0, j.chunk_rows);
+  int64_t idx[kAtMaxBatch] = {};
+  for (int d = j.nb; d-- > 0;) {
+    idx[d] = g % j.bsz[d];
+    g /= j.bsz[d];
+  }
+  const int64_t ldk = (j.Tk + L - 1) / L * L;
+  const size_t need = static_cast<size_t>(j.D * ldk + j.Tk * j.Dv + kSdRows * (ldk + j.Tk));
+  if (t_at_buf.size() < need) t_at_buf.resize(need);
+  float* kt = t_at_buf.data();
+  float* vp = kt + j.D * ldk;
+  float* s = vp + j.Tk * j.Dv;
+  float* e = s + kSdRows * ldk;
+  const float* k = j.k.p + AtOffset(j.k, idx, j.nb);
+  for (int64_t d = 0; d < j.D; ++d) {
+    float* dst = kt + d * ldk;
+    for (int64_t t = 0; t < j.Tk; ++t) dst[t] = k[t * j.k.row + d * j.k.col];
+    std::fill(dst + j.Tk, dst + ldk, 0.0f);
+  }
+  const float* v = j.v.p + AtOffset(j.v, idx, j.nb);
+  for (int64_t t = 0; t < j.Tk; ++t) {
+    if (j.v.col == 1) {
+      std::copy(v + t * j.v.row, v + t * j.v.row + j.Dv, vp + t * j.Dv);
+    } else {
+      for (int64_t d = 0; d < j.Dv; ++d) vp[t * j.Dv + d] = v[t * j.v.row + d * j.v.col];
+    }
+  }
+  for (int64_t r = 0; r < rows; r += kSdRows) {
+    const int64_t i0 = q0 + r;
+    switch (std::min(kSdRows, rows - r)) {
+      case 4: AttentionRows<T, 4>(j, idx, i0, kt, ldk, vp, s, e); break;
+      case 3: AttentionRows<T, 3>(j, idx, i0, kt, ldk, vp, s, e); break;
+      case 2: AttentionRows<T, 2>(j, idx, i0, kt, ldk, vp, s, e); break;
+      default: AttentionRows<T, 1>(j, idx, i0, kt, ldk, vp, s, e); break;
+    }
+  }
+}
+
+// The FFI body, for either vector type. dims: [nb, batch sizes (nb), Tq, Tk, D, Dv];
+// strides: for q, k, v, bias, mask and y in turn, nb batch strides, then the row's and
+// the column's (y's column stride must be 1); ops: the steps (kAtMul ... kAtWhere).
+// bias, mask and scale may be empty where no step reads them.
+template <class T>
+xla::ffi::Error ScoresSoftmaxDotBody(
+    xla::ffi::Buffer<xla::ffi::F32> q, xla::ffi::Buffer<xla::ffi::F32> k,
+    xla::ffi::Buffer<xla::ffi::F32> v, xla::ffi::Buffer<xla::ffi::F32> bias,
+    xla::ffi::Buffer<xla::ffi::F32> mask, xla::ffi::Buffer<xla::ffi::F32> scale,
+    xla::ffi::ResultBuffer<xla::ffi::F32> y, xla::ffi::Span<const int64_t> dims,
+    xla::ffi::Span<const int64_t> strides, xla::ffi::Span<const int64_t> ops, float fill,
+    xla::ffi::ThreadPool xla_pool) {
+  const auto bad = [](const char* why) {
+    return xla::ffi::Error::InvalidArgument(std::string("jqx_scores_softmax_dot: ") + why);
+  };
+  if (dims.size() < 1) return bad("empty dims");
+  const int nb = static_cast<int>(dims[0]);
+  if (nb < 0 || nb > kAtMaxBatch || dims.size() != static_cast<size_t>(nb + 5) ||
+      strides.size() != static_cast<size_t>(6 * (nb + 2)) || ops.size() > 4)
+    return bad("dims, strides or ops of the wrong length");
+  AttentionJob j{};
+  j.nb = nb;
+  int64_t G = 1;
+  for (int d = 0; d < nb; ++d) {
+    j.bsz[d] = dims[1 + d];
+    G *= j.bsz[d];
+  }
+  j.Tq = dims[nb + 1];
+  j.Tk = dims[nb + 2];
+  j.D = dims[nb + 3];
+  j.Dv = dims[nb + 4];
+  for (int64_t x : dims)
+    if (x < 0) return bad("negative dims");
+  xla::ffi::Buffer<xla::ffi::F32>* bufs[5] = {&q, &k, &v, &bias, &mask};
+  AtOperand* operands[6] = {&j.q, &j.k, &j.v, &j.bias, &j.mask, &j.y};
+  // Each operand's sizes (batch..., rows, columns) and the largest element it reads.
+  const int64_t rows[6] = {j.Tq, j.Tk, j.Tk, j.Tq, j.Tq, j.Tq};
+  const int64_t cols[6] = {j.D, j.D, j.Dv, j.Tk, j.Tk, j.Dv};
+  bool uses[6] = {true, true, true, false, false, true};
+  for (size_t o = 0; o < ops.size(); ++o) {
+    if (ops[o] < kAtMul || ops[o] > kAtWhere) return bad("unknown op");
+    if (ops[o] == kAtAdd) uses[3] = true;
+    if (ops[o] == kAtWhere) uses[4] = true;
+    j.ops[o] = ops[o];
+  }
+  j.nops = static_cast<int>(ops.size());
+  const bool scaled = std::any_of(ops.begin(), ops.end(),
+                                  [](int64_t o) { return o == kAtMul || o == kAtDiv; });
+  if (scaled && scale.element_count() < 1) return bad("a scale step without a scale");
+  j.scale = scaled ? scale.typed_data()[0] : 1.0f;
+  j.fill = fill;
+  const bool empty = G == 0 || j.Tq == 0 || j.Dv == 0;
+  for (int o = 0; o < 6; ++o) {
+    const int64_t* st = strides.begin() + o * (nb + 2);
+    AtOperand& a = *operands[o];
+    a.p = o < 5 ? bufs[o]->typed_data() : y->typed_data();
+    int64_t last = 0;
+    for (int d = 0; d < nb; ++d) {
+      a.b[d] = st[d];
+      last += (j.bsz[d] - 1) * st[d];
+    }
+    a.row = st[nb];
+    a.col = st[nb + 1];
+    last += (rows[o] - 1) * a.row + (cols[o] - 1) * a.col;
+    for (int d = 0; d < nb + 2; ++d)
+      if (st[d] < 0) return bad("negative strides");
+    const int64_t n = o < 5 ? static_cast<int64_t>(bufs[o]->element_count())
+                            : static_cast<int64_t>(y->element_count());
+    if (uses[o] && !empty && rows[o] > 0 && cols[o] > 0 && last >= n)
+      return bad("strides reach past an operand's end");
+  }
+  if (j.y.col != 1) return bad("y's column stride must be 1");
+  if (empty) return xla::ffi::Error::Success();
+  if (j.Tk == 0) {  // an empty softmax: 0 / 0
+    for (int64_t g = 0; g < G; ++g) {
+      int64_t idx[kAtMaxBatch] = {}, rem = g;
+      for (int d = nb; d-- > 0;) {
+        idx[d] = rem % j.bsz[d];
+        rem /= j.bsz[d];
+      }
+      for (int64_t i = 0; i < j.Tq; ++i) {
+        float* row = const_cast<float*>(j.y.p) + AtOffset(j.y, idx, nb) + i * j.y.row;
+        std::fill(row, row + j.Dv, NAN);
+      }
+    }
+    return xla::ffi::Error::Success();
+  }
+  // Whole query ranges per chunk (each chunk packs its g's k and v once), halved while
+  // there are fewer than kAtChunksPerThread chunks per thread, down to 16 rows.
+  j.chunk_rows = j.Tq;
+  const int64_t want = kAtChunksPerThread * GetPool()->threads();
+  while (j.chunk_rows > 16 && G * ((j.Tq + j.chunk_rows - 1) / j.chunk_rows) < want)
+    j.chunk_rows = (j.chunk_rows + 1) / 2;
+  j.qblocks = (j.Tq + j.chunk_rows - 1) / j.chunk_rows;
+  const int64_t chunks = G * j.qblocks;
+  XlaPoolScope xla_scope(xla_pool, G * j.Tq > kXlaPoolRows);
+  if (G * j.Tq * j.Tk * (j.D + j.Dv + 8) < (int64_t{1} << 16)) {
+    for (int64_t c = 0; c < chunks; ++c) AttentionChunk<T>(&j, c);
+  } else {
+    GetPool()->Run(AttentionChunk<T>, &j, chunks);
+  }
+  return xla::ffi::Error::Success();
+}
+
+#define JQX_SCORES_SOFTMAX_DOT_BINDING                        \
+  xla::ffi::Ffi::Bind()                                       \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Ret<xla::ffi::Buffer<xla::ffi::F32>>()                 \
+      .Attr<xla::ffi::Span<const int64_t>>("dims")            \
+      .Attr<xla::ffi::Span<const int64_t>>("strides")         \
+      .Attr<xla::ffi::Span<const int64_t>>("ops")             \
+      .Attr<float>("fill")                                    \
+      .Ctx<xla::ffi::ThreadPool>()
 
 }  // namespace
 
