@@ -13,10 +13,14 @@ are shared, so only ratios within one run mean anything):
 
 - ``f32``: ``jax.jit(apply)`` on the float variables, as written (the baseline);
 - ``f32 reordered``: ``jax.jit(jqx.quantized(apply))`` on the same float variables:
-  only the rewrite changes (on CPU the native ``softmax_dot`` kernel computes it where
-  it is available);
+  only the rewrite changes (on CPU the native ``scores_softmax_dot`` kernel computes
+  the whole attention from q and k where it is available);
+- ``f32 reordered, no scores kernel`` / ``w8a8 ...``: the same with
+  ``jqx.ops.policy(scores_kernel=False)``: the scores on XLA, then the native
+  ``softmax_dot`` kernel (up to 2^19 scores) or XLA;
 - ``f32 reordered, XLA`` / ``w8a8 reordered, XLA``: the same with
-  ``jqx.ops.policy(softmax_kernel=False)``: XLA's ``(exp(s - max) @ v) / sum``;
+  ``jqx.ops.policy(softmax_kernel=False, scores_kernel=False)``: XLA's
+  ``(exp(s - max) @ v) / sum``;
 - ``w8a8 as written`` / ``w8a8 reordered``: int8 dynamic-activation, int8-weight
   matmuls (``jqx.int8_dynamic_activation_int8_weight()``), rewrite off / on;
 - ``w8a8 + int8 attention``: ``activation_matmuls="int8"`` as well (q @ k^T and
@@ -33,7 +37,9 @@ Parts:
 - ``kernel``: the native ``softmax_dot`` kernel alone (AVX512 and AVX2 builds, where
   they run) against XLA's ``(exp(s - max) @ v) / sum`` on the same contiguous
   ``(G, Q, K)`` scores and ``(G, K, D)`` values, ``G = batch x 12`` heads, ``D = 32``
-  (MiniLM's attention);
+  (MiniLM's attention); then the native ``scores_softmax_dot`` kernel against XLA's
+  reordered attention from the same ``(b, t, 12, 32)`` q, k, v (scale and padding
+  bias included);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
   ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer) with the
   all-MiniLM-L6-v2 weights (the shipped tiny encoder without them), on random
@@ -72,7 +78,10 @@ import jqx  # noqa: E402
 
 W8A8 = jqx.int8_dynamic_activation_int8_weight()
 AS_WRITTEN = {"softmax_reorder": False}
-XLA_REORDER = {"softmax_kernel": False}  # reordered on XLA, not on the native kernel
+# Reordered on XLA, on neither native kernel; and without the scores kernel (the scores
+# on XLA, then softmax_dot's size rule: its kernel up to 2^19 scores, else XLA).
+XLA_REORDER = {"softmax_kernel": False, "scores_kernel": False}
+NO_SCORES = {"scores_kernel": False}
 
 
 def _compiled(fn, args, **policy):
@@ -110,6 +119,8 @@ def _variants(apply, variables, args) -> tuple[dict, dict]:
     wqr, yqr = _compiled(jqx.quantized(apply), (qvars, *args))
     f32x, y32x = _compiled(jqx.quantized(apply), (variables, *args), **XLA_REORDER)
     wqx, yqx = _compiled(jqx.quantized(apply), (qvars, *args), **XLA_REORDER)
+    f32n, y32n = _compiled(jqx.quantized(apply), (variables, *args), **NO_SCORES)
+    wqn, yqn = _compiled(jqx.quantized(apply), (qvars, *args), **NO_SCORES)
     w8, y8 = _compiled(q8, (qvars, *args))
 
     def diff(a, b):
@@ -121,25 +132,31 @@ def _variants(apply, variables, args) -> tuple[dict, dict]:
     fns = {
         "f32": (f32, (variables, *args)),
         "f32 reordered": (f32r, (variables, *args)),
+        "f32 reordered, no scores kernel": (f32n, (variables, *args)),
         "f32 reordered, XLA": (f32x, (variables, *args)),
         "w8a8 as written": (wq, (qvars, *args)),
         "w8a8 reordered": (wqr, (qvars, *args)),
+        "w8a8 reordered, no scores kernel": (wqn, (qvars, *args)),
         "w8a8 reordered, XLA": (wqx, (qvars, *args)),
         "w8a8 + int8 attention": (w8, (qvars, *args)),
     }
     outs = {
         "f32": y32,
         "f32 reordered": y32r,
+        "f32 reordered, no scores kernel": y32n,
         "f32 reordered, XLA": y32x,
         "w8a8 as written": yq,
         "w8a8 reordered": yqr,
+        "w8a8 reordered, no scores kernel": yqn,
         "w8a8 reordered, XLA": yqx,
         "w8a8 + int8 attention": y8,
     }
     twins = {
         "f32 reordered": y32,
+        "f32 reordered, no scores kernel": y32,
         "f32 reordered, XLA": y32,
         "w8a8 reordered": yq,
+        "w8a8 reordered, no scores kernel": yq,
         "w8a8 reordered, XLA": yq,
         "w8a8 + int8 attention": yq,
     }
@@ -150,13 +167,13 @@ def _variants(apply, variables, args) -> tuple[dict, dict]:
 def _print(res: dict, diffs: dict, base: str = "f32") -> None:
     bw, bc = res[base]
     print(
-        f"  {'variant':24s} {'wall ms':>9s} {'/ f32':>6s} {'cpu ms':>9s} {'/ f32':>6s}"
+        f"  {'variant':32s} {'wall ms':>9s} {'/ f32':>6s} {'cpu ms':>9s} {'/ f32':>6s}"
         f"  {'max|d| f32':>10s}  {'max|d| as written':>17s}"
     )
     for k, (w, c) in res.items():
         d32, dtw = diffs[k]
         d = f"{d32:10.2e}  {dtw:17.2e}" if dtw is not None else f"{d32:10.2e}"
-        print(f"  {k:24s} {1e3 * w:9.1f} {w / bw:6.2f} {1e3 * c:9.1f} {c / bc:6.2f}  {d}")
+        print(f"  {k:32s} {1e3 * w:9.1f} {w / bw:6.2f} {1e3 * c:9.1f} {c / bc:6.2f}  {d}")
 
 
 def _lengths(batch: int, tokens: int) -> np.ndarray:
@@ -181,6 +198,7 @@ def part_bare(batch: int, tokens: int, reps: int) -> None:
         f32, y32 = _compiled(_attention, args)
         f32r, y32r = _compiled(jqx.quantized(_attention), args)
         f32x, y32x = _compiled(jqx.quantized(_attention), args, **XLA_REORDER)
+        f32n, y32n = _compiled(jqx.quantized(_attention), args, **NO_SCORES)
         i8, y8 = _compiled(jqx.quantized(_attention, activation_matmuls="int8"), args)
         print(
             f"\n== einsum, jax.nn.softmax, einsum alone: batch {batch} x {tokens} tokens, "
@@ -189,12 +207,14 @@ def part_bare(batch: int, tokens: int, reps: int) -> None:
         fns = {
             "f32": (f32, args),
             "f32 reordered": (f32r, args),
+            "f32 reordered, no scores kernel": (f32n, args),
             "f32 reordered, XLA": (f32x, args),
             "int8 attention": (i8, args),
         }
         d = {"f32": (0.0, None)}
         for name, y in (
             ("f32 reordered", y32r),
+            ("f32 reordered, no scores kernel", y32n),
             ("f32 reordered, XLA", y32x),
             ("int8 attention", y8),
         ):
@@ -229,6 +249,49 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
         w, c = res[k]
         d = float(jnp.max(jnp.abs(f(*a) - y_xla)))
         print(f"  {k:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
+
+    # The whole attention from (b, t, h, d) q, k, v: XLA's reordered formula (what
+    # jqx.quantized runs without the kernels) against the scores kernel.
+    q, k, v = (
+        jnp.asarray(r.standard_normal((batch, tokens, 12, 32)), jnp.float32) for _ in range(3)
+    )
+    valid = np.arange(tokens)[None] < _lengths(batch, tokens)[:, None]
+    bias = jnp.asarray(np.where(valid, 0.0, np.finfo(np.float32).min)[:, None, None, :])
+    scale = jnp.float32(np.sqrt(32.0))
+    ax = (0, 2, 1, 3)
+
+    def xla_attention(q, k, v, bias):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / scale + bias
+        e = jnp.exp(s - jnp.max(s, -1, keepdims=True))
+        y = jnp.einsum("bhqk,bkhd->bqhd", e, v)
+        return y / jnp.sum(e, -1).transpose(0, 2, 1)[..., None]
+
+    args = (q, k, v, bias)
+    y_xla = jax.jit(xla_attention)(*args).transpose(0, 2, 1, 3)
+    fns = {"xla reordered attention": (jax.jit(xla_attention), args)}
+    for isa, ok in (("avx512", native.available()), ("avx2", native.gguf_available())):
+        if ok:
+            fns[f"scores kernel, {isa}"] = (
+                jax.jit(
+                    lambda q, k, v, b, isa=isa: native.scores_softmax_dot(
+                        q, k, v, ax, ax, ax, steps=("div", "add"), scale=scale, bias=b, isa=isa
+                    ).transpose(0, 2, 1, 3)
+                ),
+                args,
+            )
+    print(
+        f"\n== attention from q, k, v (b, t, h, d) alone: batch {batch}, {tokens} tokens, "
+        "12 heads x 32, scale and padding bias"
+    )
+    res = _round_robin(fns, reps)
+    bw, bc = res["xla reordered attention"]
+    print(
+        f"  {'variant':24s} {'wall ms':>9s} {'/ xla':>6s} {'cpu ms':>9s} {'/ xla':>6s}  max|d| xla"
+    )
+    for name, (f, a) in fns.items():
+        w, c = res[name]
+        d = float(jnp.max(jnp.abs(f(*a).transpose(0, 2, 1, 3) - y_xla)))
+        print(f"  {name:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
 
 
 def _masked(m: nn.Module, variables, x, mask):
