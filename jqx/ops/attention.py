@@ -71,6 +71,7 @@ __all__ = [
     "check_kv_format",
     "softmax_dot",
     "scores_softmax_dot",
+    "scores_route",
     "normalised_dot",
 ]
 
@@ -687,6 +688,65 @@ def _scores_layout(q, k, other, score_dn, dimension_numbers, operand):
     return axes, operand == 1
 
 
+def scores_route(
+    q,
+    k,
+    other,
+    score_dimension_numbers,
+    dimension_numbers,
+    operand: int = 0,
+    steps=(),
+    backend: str | None = None,
+) -> str:
+    """``"native"`` or ``"xla"``: who computes :func:`scores_softmax_dot` for these
+    operands and steps. ``"native"`` needs the operands laid out as one attention the
+    kernel takes (one query, key and d axis, the softmax over the keys, at most 4 batch
+    axes), steps it takes (a float32 scalar scale, a float32 bias and a mask broadcasting
+    to the scores, a concrete fill), and
+    :func:`jqx.ops.dispatch.choose_scores_softmax_dot`'s ``"native"``.
+
+    Raises:
+      ValueError: ``operand`` not 0 or 1, an unknown step or ``backend``.
+      RuntimeError: ``backend="native"`` where the kernel cannot run these.
+    """
+    return _scores_route(
+        q, k, other, score_dimension_numbers, dimension_numbers, operand, steps, backend
+    )[0]
+
+
+def _scores_route(q, k, other, score_dn, dimension_numbers, operand, steps, backend):
+    """:func:`scores_route`, and on the native route the kernel's axis maps and prepared
+    steps (None on the XLA route)."""
+    if operand not in (0, 1):
+        raise ValueError(
+            f"scores_softmax_dot: operand={operand!r} must be 0 (the probabilities are the "
+            "lhs) or 1."
+        )
+    for step in steps:
+        n = {"mul": 2, "div": 2, "add": 2, "where": 3}.get(step[0] if step else None)
+        if n is None or len(step) != n:
+            raise ValueError(
+                f"scores_softmax_dot: step {step!r} must be ('mul', c), ('div', c), "
+                "('add', bias) or ('where', mask, fill)."
+            )
+    layout = _scores_layout(q, k, other, score_dn, dimension_numbers, operand)
+    prepared = None
+    if layout is not None:
+        s_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, score_dn), q, k).shape
+        prepared = _native_steps(tuple(steps), s_shape)
+    if backend == "native" and prepared is None:
+        raise RuntimeError(
+            "scores_softmax_dot(backend='native'): the operands are not laid out as one "
+            "attention the kernel takes (one query, key and d axis, the softmax over the "
+            "keys, at most 4 batch axes), or a step's operand does not fit it (float32 "
+            "scale and bias broadcasting to the scores, a concrete fill). Use backend=None "
+            "or 'xla'."
+        )
+    if prepared is None or dispatch.choose_scores_softmax_dot(q, k, other, backend) != "native":
+        return "xla", None
+    return "native", (layout, prepared)
+
+
 def scores_softmax_dot(
     q,
     k,
@@ -752,40 +812,12 @@ def scores_softmax_dot(
         >>> y.shape, float(y[0, 0, 0])
         ((1, 2, 5), 1.0)
     """
-    if operand not in (0, 1):
-        raise ValueError(
-            f"scores_softmax_dot: operand={operand!r} must be 0 (the probabilities are the "
-            "lhs) or 1."
-        )
     steps = tuple(steps)
-    for step in steps:
-        n = {"mul": 2, "div": 2, "add": 2, "where": 3}.get(step[0] if step else None)
-        if n is None or len(step) != n:
-            raise ValueError(
-                f"scores_softmax_dot: step {step!r} must be ('mul', c), ('div', c), "
-                "('add', bias) or ('where', mask, fill)."
-            )
-    layout = _scores_layout(q, k, other, score_dimension_numbers, dimension_numbers, operand)
-    prepared = None
-    if layout is not None:
-        s_shape = jax.eval_shape(
-            lambda a, b: jax.lax.dot_general(a, b, score_dimension_numbers), q, k
-        ).shape
-        prepared = _native_steps(steps, s_shape)
-    if backend == "native" and prepared is None:
-        raise RuntimeError(
-            "scores_softmax_dot(backend='native'): the operands are not laid out as one "
-            "attention the kernel takes (one query, key and d axis, the softmax over the "
-            "keys, at most 4 batch axes), or a step's operand does not fit it (float32 "
-            "scale and bias broadcasting to the scores, a concrete fill). Use backend=None "
-            "or 'xla'."
-        )
-    if (
-        prepared is not None
-        and dispatch.choose_scores_softmax_dot(q, k, other, backend) == "native"
-    ):
-        axes, swap = layout
-        names, scale, bias, mask, fill = prepared
+    route, native_args = _scores_route(
+        q, k, other, score_dimension_numbers, dimension_numbers, operand, steps, backend
+    )
+    if route == "native":
+        (axes, swap), (names, scale, bias, mask, fill) = native_args
         y = _scores_native(_ScoresCfg(axes, names, fill), q, k, other, scale, bias, mask)
         if swap:  # dot_general puts the lhs's (other's) free axis first
             y = jnp.swapaxes(y, -1, -2)

@@ -485,7 +485,7 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
                 return None
             steps.append(("add", b))
             x = a
-        elif name in ("jit", "pjit") and e.params.get("name") == "_where" and len(e.invars) == 3:
+        elif name in ("jit", "pjit") and _is_jnp_where(e):
             c, a, b = e.invars  # jnp.where(c, a, b): c nonzero keeps a
             if getattr(a.aval, "shape", None) == shape and scalar(b):
                 steps.append(("where", c, b))
@@ -498,6 +498,21 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
         else:
             return None
     return None
+
+
+# What jnp.where's jit call (named "_where") holds: its select and the broadcasts,
+# casts and comparison (a non-bool condition != 0) around it.
+_WHERE_PRIMS = frozenset({"select_n", "broadcast_in_dim", "convert_element_type", "ne"})
+
+
+def _is_jnp_where(eqn) -> bool:
+    """Whether a call eqn is ``jnp.where(c, a, b)``: named ``_where``, three operands,
+    one ``select_n`` and nothing but broadcasts and casts beside it."""
+    inner = _inner_jaxpr(eqn)
+    if eqn.params.get("name") != "_where" or len(eqn.invars) != 3 or inner is None:
+        return False
+    names = [x.primitive.name for x in inner.eqns]
+    return names.count("select_n") == 1 and set(names) <= _WHERE_PRIMS
 
 
 def _softmax_scores(eqns, producer, exp, axes):
@@ -630,10 +645,10 @@ def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
     """Attention from q and k on the native kernel (:func:`jqx.ops.attention.
     scores_softmax_dot`) where the dispatcher sends it there and the operands fit; else
     None (the caller goes on from the scores XLA computed)."""
-    from jqx.ops import attention, dispatch  # noqa: PLC0415 (as in _default_dot)
+    from jqx.ops import attention  # noqa: PLC0415 (as in _default_dot)
 
     q, k = _read(env, c.q), _read(env, c.k)
-    if _is_w(q) or _is_w(k) or dispatch.choose_scores_softmax_dot(q, k, other) != "native":
+    if _is_w(q) or _is_w(k):
         return None
     steps = []
     for kind, *atoms in c.steps:
@@ -646,9 +661,7 @@ def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
             steps.append(("where", jnp.logical_not(keep), vals[1]))
         else:
             steps.append((kind, *vals))
-    layout = attention._scores_layout(q, k, other, c.dn, dn, operand)
-    s_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, c.dn), q, k).shape
-    if layout is None or attention._native_steps(steps, s_shape) is None:
+    if attention.scores_route(q, k, other, c.dn, dn, operand, steps) != "native":
         return None
     return attention.scores_softmax_dot(q, k, other, c.dn, dn, operand, steps=steps, **kw)
 
