@@ -136,6 +136,34 @@ struct SdAvx512 {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return SdAvx2::Sum(_mm256_add_ps(lo, hi));
   }
+  // out[c * ldo + j] = in[j * ldi + c] for a 16 x 16 block (16 rows of 16 floats in,
+  // their columns out): unpacks within 128-bit lanes, then two lane shuffles.
+  static void Transpose16(const float* in, int64_t ldi, float* out, int64_t ldo) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * ldi);
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+      t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+      t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_ps(out + i * ldo, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+      _mm512_storeu_ps(out + (i + 8) * ldo, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
+    }
+  }
   static float HMax(V v) {
     const __m256 lo = _mm512_castps512_ps256(v);
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
@@ -428,13 +456,30 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
       const float* row = (op == kAtAdd || op == kAtWhere)
                              ? a.p + AtOffset(a, idx, j.nb) + i * a.row
                              : nullptr;
-      for (int64_t k0 = 0; k0 < j.Tk; k0 += L) {
-        V x = T::Load(sr + k0);
-        if (op == kAtMul) x = T::Mul(x, c);
-        else if (op == kAtDiv) x = T::Div(x, c);
-        else if (op == kAtAdd) x = T::Add(x, AtRowVector<T>(row, a.col, k0, j.Tk));
-        else x = T::SelectNonZero(AtRowVector<T>(row, a.col, k0, j.Tk), x, c);
-        T::Store(sr + k0, x);
+      // One loop per kind of step (the branch out of the loop); padded lanes past Tk
+      // are computed too and never read.
+      if (op == kAtMul) {
+        for (int64_t k0 = 0; k0 < j.Tk; k0 += L) T::Store(sr + k0, T::Mul(T::Load(sr + k0), c));
+      } else if (op == kAtDiv) {
+        // x / c as x * (1 / c) and one correction (Markstein: the rounded quotient but in
+        // rare double-rounding cases, within the step's bound either way), a division's
+        // cost saved per vector.
+        const V inv = T::Set(1.0f / j.scale);
+        for (int64_t k0 = 0; k0 < j.Tk; k0 += L) {
+          const V x = T::Load(sr + k0);
+          const V q0 = T::Mul(x, inv);
+          T::Store(sr + k0, T::Fma(T::Fnma(q0, c, x), inv, q0));
+        }
+      } else if (op == kAtAdd && a.col == 1) {
+        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+          T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, 1, k0, j.Tk)));
+      } else if (op == kAtAdd) {
+        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+          T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, a.col, k0, j.Tk)));
+      } else {
+        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+          T::Store(sr + k0, T::SelectNonZero(AtRowVector<T>(row, a.col, k0, j.Tk),
+                                             T::Load(sr + k0), c));
       }
     }
     sums[r] = RowExps<T>(sr, j.Tk, e + r * j.Tk);
@@ -464,9 +509,19 @@ void AttentionChunk(const void* ctx, int64_t c) {
   float* s = vp + j.Tk * j.Dv;
   float* e = s + kSdRows * ldk;
   const float* k = j.k.p + AtOffset(j.k, idx, j.nb);
+  int64_t t16 = 0, d16 = 0;  // keys and d's moved in 16 x 16 blocks (AVX512, d contiguous)
+  if constexpr (L == 16) {
+    if (j.k.col == 1) {
+      t16 = j.Tk / 16 * 16;
+      d16 = j.D / 16 * 16;
+      for (int64_t t = 0; t < t16; t += 16)
+        for (int64_t d = 0; d < d16; d += 16)
+          T::Transpose16(k + t * j.k.row + d, j.k.row, kt + d * ldk + t, ldk);
+    }
+  }
   for (int64_t d = 0; d < j.D; ++d) {
     float* dst = kt + d * ldk;
-    for (int64_t t = 0; t < j.Tk; ++t) dst[t] = k[t * j.k.row + d * j.k.col];
+    for (int64_t t = d < d16 ? t16 : 0; t < j.Tk; ++t) dst[t] = k[t * j.k.row + d * j.k.col];
     std::fill(dst + j.Tk, dst + ldk, 0.0f);
   }
   const float* v = j.v.p + AtOffset(j.v, idx, j.nb);
