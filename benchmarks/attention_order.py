@@ -222,6 +222,19 @@ def part_bare(batch: int, tokens: int, reps: int) -> None:
         _print(_round_robin(fns, reps), d)
 
 
+def _print_vs_xla(fns: dict, res: dict, base: str, y_xla, view=lambda y: y) -> None:
+    """Each variant's median times against ``base``'s and its max |difference| from
+    ``y_xla`` (``view`` puts its output in ``y_xla``'s layout)."""
+    bw, bc = res[base]
+    print(
+        f"  {'variant':24s} {'wall ms':>9s} {'/ xla':>6s} {'cpu ms':>9s} {'/ xla':>6s}  max|d| xla"
+    )
+    for name, (f, a) in fns.items():
+        w, c = res[name]
+        d = float(jnp.max(jnp.abs(view(f(*a)) - y_xla)))
+        print(f"  {name:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
+
+
 def part_kernel(batch: int, tokens: int, reps: int) -> None:
     from jqx.kernels.cpu import native
 
@@ -240,15 +253,7 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
     print(
         f"\n== softmax(x) @ v alone: G = {g} (batch {batch} x 12 heads), Q = K = {tokens}, D = 32"
     )
-    res = _round_robin(fns, reps)
-    bw, bc = res["xla softmax(s) @ v"]
-    print(
-        f"  {'variant':24s} {'wall ms':>9s} {'/ xla':>6s} {'cpu ms':>9s} {'/ xla':>6s}  max|d| xla"
-    )
-    for k, (f, a) in fns.items():
-        w, c = res[k]
-        d = float(jnp.max(jnp.abs(f(*a) - y_xla)))
-        print(f"  {k:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
+    _print_vs_xla(fns, _round_robin(fns, reps), "xla softmax(s) @ v", y_xla)
 
     # The whole attention from (b, t, h, d) q, k, v: XLA's reordered formula (what
     # jqx.quantized runs without the kernels) against the scores kernel.
@@ -283,15 +288,13 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
         f"\n== attention from q, k, v (b, t, h, d) alone: batch {batch}, {tokens} tokens, "
         "12 heads x 32, scale and padding bias"
     )
-    res = _round_robin(fns, reps)
-    bw, bc = res["xla reordered attention"]
-    print(
-        f"  {'variant':24s} {'wall ms':>9s} {'/ xla':>6s} {'cpu ms':>9s} {'/ xla':>6s}  max|d| xla"
+    _print_vs_xla(
+        fns,
+        _round_robin(fns, reps),
+        "xla reordered attention",
+        y_xla,
+        lambda y: y.transpose(0, 2, 1, 3),
     )
-    for name, (f, a) in fns.items():
-        w, c = res[name]
-        d = float(jnp.max(jnp.abs(f(*a).transpose(0, 2, 1, 3) - y_xla)))
-        print(f"  {name:24s} {1e3 * w:9.3f} {w / bw:6.2f} {1e3 * c:9.3f} {c / bc:6.2f}  {d:10.2e}")
 
 
 def _masked(m: nn.Module, variables, x, mask):

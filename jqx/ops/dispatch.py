@@ -362,6 +362,28 @@ def _gguf_route(backend: str | None, fn: str) -> tuple[Policy, str | None]:
     return pol, None if backend == "xla" else _gguf_reason(pol, _platform(pol))
 
 
+def _float32_kernel_route(fn: str, backend, **arrays) -> tuple[Policy, str | None, bool]:
+    """For an attention kernel on float32 operands: the policy, the kernels'
+    availability (``_gguf_route``; None when ``backend="xla"``) and whether every array is
+    float32.
+
+    Raises:
+      ValueError: an unknown ``backend``.
+      RuntimeError: ``backend="native"`` where the kernel cannot run these operands.
+    """
+    pol, reason = _gguf_route(backend, fn)
+    f32 = jnp.dtype(jnp.float32)
+    fits = all(jnp.dtype(a.dtype) == f32 for a in arrays.values())
+    if backend == "native" and (reason != "available" or not fits):
+        got = ", ".join(f"{n} {a.dtype}" for n, a in arrays.items())
+        raise RuntimeError(
+            f"{fn}(backend='native'): the native kernel cannot run this: "
+            + (reason if reason != "available" else got)
+            + " (it takes float32 operands). Use backend=None or 'xla'."
+        )
+    return pol, reason, fits
+
+
 def choose_softmax_dot(s, other, backend: str | None = None) -> str:
     """``"native"`` or ``"xla"``: who computes :func:`jqx.ops.attention.softmax_dot` for
     these operands (the scores ``s`` and the other operand of the matmul).
@@ -378,19 +400,9 @@ def choose_softmax_dot(s, other, backend: str | None = None) -> str:
       ValueError: an unknown ``backend``.
       RuntimeError: ``backend="native"`` where the kernel cannot run these operands.
     """
-    pol, reason = _gguf_route(backend, "softmax_dot")
-    if reason is None:
-        return "xla"
-    f32 = jnp.dtype(jnp.float32)
-    fits = jnp.dtype(s.dtype) == f32 and jnp.dtype(other.dtype) == f32
-    if backend == "native" and (reason != "available" or not fits):
-        raise RuntimeError(
-            "softmax_dot(backend='native'): the native kernel cannot run this: "
-            + (reason if reason != "available" else f"s {s.dtype}, other {other.dtype}")
-            + " (it takes float32 operands). Use backend=None or 'xla'."
-        )
-    if backend == "native":
-        return "native"
+    pol, reason, fits = _float32_kernel_route("softmax_dot", backend, s=s, other=other)
+    if reason is None or backend == "native":
+        return "xla" if reason is None else "native"
     small = math.prod(s.shape) <= pol.softmax_kernel_max_scores
     return "native" if pol.softmax_kernel and small and reason == "available" and fits else "xla"
 
@@ -411,19 +423,9 @@ def choose_scores_softmax_dot(q, k, other, backend: str | None = None) -> str:
       ValueError: an unknown ``backend``.
       RuntimeError: ``backend="native"`` where the kernel cannot run these operands.
     """
-    pol, reason = _gguf_route(backend, "scores_softmax_dot")
-    if reason is None:
-        return "xla"
-    f32 = jnp.dtype(jnp.float32)
-    fits = all(jnp.dtype(a.dtype) == f32 for a in (q, k, other))
-    if backend == "native" and (reason != "available" or not fits):
-        raise RuntimeError(
-            "scores_softmax_dot(backend='native'): the native kernel cannot run this: "
-            + (reason if reason != "available" else f"q {q.dtype}, k {k.dtype}, v {other.dtype}")
-            + " (it takes float32 operands). Use backend=None or 'xla'."
-        )
-    if backend == "native":
-        return "native"
+    pol, reason, fits = _float32_kernel_route("scores_softmax_dot", backend, q=q, k=k, v=other)
+    if reason is None or backend == "native":
+        return "xla" if reason is None else "native"
     return "native" if pol.scores_kernel and reason == "available" and fits else "xla"
 
 
