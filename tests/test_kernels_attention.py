@@ -999,3 +999,29 @@ def test_scores_softmax_dot_bad_input_names_the_argument():
         native.scores_softmax_dot(q, k, v, ax, ax, ax, steps=("div",), scale=jnp.ones(2))
     with pytest.raises(ValueError, match="isa='sse' must be None, 'avx512' or 'avx2'"):
         native.scores_softmax_dot(q, k, v, ax, ax, ax, isa="sse")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 1, 5, 1), (1, 3, 1, 1), (2, 3, 5, 19), (1, 1, 1, 1)],
+    ids=["per query", "per head", "full", "one value"],
+)
+def test_scores_softmax_dot_bias_and_mask_broadcast_any_dim(shape, isa):
+    # A bias or mask of size 1 along the keys is one value per row (stride 0), full is
+    # read per element; both against float64 within the bound.
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in ((2, 5, 3, 8), (2, 19, 3, 8), (2, 19, 3, 4))
+    )
+    axes = ((0, 2, 1, 3),) * 3
+    kw = {
+        "steps": ("add", "where"),
+        "bias": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+        "mask": rng.random(shape) > 0.3,
+        "fill": -1e30,
+    }
+    got = np.asarray(native.scores_softmax_dot(q, k, v, *axes, isa=isa, **kw))
+    y64, bound = _scores64(q, k, v, axes, **kw)
+    assert np.all(np.abs(got - y64) <= bound)
