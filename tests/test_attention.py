@@ -246,6 +246,12 @@ def test_scores_softmax_dot_routes_differentiates_and_errors():
     got = jax.jit(jax.grad(loss(None), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    # Steps the kernel does not take (two biases; a multiply and a divide) go to XLA.
+    from jqx.ops.attention import scores_route
+
+    assert scores_route(q, k, v, sdn, dn, operand, steps) == expect
+    for extra in (("add", bias), ("div", jnp.float32(2.0))):
+        assert scores_route(q, k, v, sdn, dn, operand, (*steps, extra)) == "xla"
     with pytest.raises(ValueError, match="operand=2 must be 0"):
         scores_softmax_dot(q, k, v, sdn, dn, 2)
     with pytest.raises(ValueError, match=r"step \('cube', 2\) must be \('mul', c\)"):

@@ -398,6 +398,11 @@ def _own_where(q, k, v, bias):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
 
 
+def _two_biases(q, k, v, bias):  # two additive biases: the kernel takes one
+    s = 0.5 * jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias + jnp.arange(T, dtype=jnp.float32)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
 @pytest.mark.parametrize(
     "fn,route",
     [
@@ -405,8 +410,9 @@ def _own_where(q, k, v, bias):
         (_where_fill_first, "scores"),
         (_soft_capped, "softmax"),
         (_own_where, "softmax"),
+        (_two_biases, "softmax"),
     ],
-    ids=["bert", "where fill first", "soft-capped", "a jit named _where"],
+    ids=["bert", "where fill first", "soft-capped", "a jit named _where", "two biases"],
 )
 def test_score_steps_on_the_kernel_or_from_the_scores(fn, route):
     q, k, v = _qkv(12, 2.0)

@@ -595,10 +595,9 @@ def apply_score_steps(s, steps):
             s = s / step[1]
         elif kind == "add":
             s = s + step[1]
-        else:
+        else:  # as jnp.where: a nonzero (or NaN) mask keeps the score
             c = jnp.asarray(step[1])
-            keep = c if c.dtype == jnp.bool_ else c != jnp.zeros((), c.dtype)
-            s = jnp.where(keep, s, step[2])
+            s = jnp.where(c != jnp.zeros((), c.dtype), s, step[2])
     return s
 
 
@@ -630,9 +629,13 @@ def _scores_native_jvp(cfg, primals, tangents):
 
 def _native_steps(steps, s_shape):
     """``(names, scale, bias, mask, fill)`` for the kernel from ``steps``, or None where
-    it cannot take them: a scale that is not a float32 scalar, a bias or mask that does
-    not broadcast to the scores ``s_shape`` (rank padded with leading 1s), a fill that is
-    not a concrete number."""
+    it cannot take them: a kind of step twice (two biases, say) or both a multiply and a
+    divide, a scale that is not a float32 scalar, a bias or mask that does not broadcast
+    to the scores ``s_shape`` (rank padded with leading 1s), a fill that is not a
+    concrete number."""
+    names = [st[0] for st in steps]
+    if len(set(names)) != len(names) or {"mul", "div"} <= set(names):
+        return None
     rank = len(s_shape)
     scale = bias = mask = None
     fill = 0.0
@@ -665,7 +668,7 @@ def _native_steps(steps, s_shape):
                 return None
             if mask is None or np.ndim(step[2]) != 0:
                 return None
-    return tuple(st[0] for st in steps), scale, bias, mask, fill
+    return tuple(names), scale, bias, mask, fill
 
 
 def _scores_layout(q, k, other, score_dn, dimension_numbers, operand):

@@ -655,10 +655,9 @@ def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
         vals = [_read(env, a) for a in atoms]
         if any(_is_w(v) for v in vals):
             return None
-        if kind == "where_not":
+        if kind == "where_not":  # where(c, fill, s): the score stays where c is 0
             cond = jnp.asarray(vals[0])
-            keep = cond if cond.dtype == jnp.bool_ else cond != jnp.zeros((), cond.dtype)
-            steps.append(("where", jnp.logical_not(keep), vals[1]))
+            steps.append(("where", cond == jnp.zeros((), cond.dtype), vals[1]))
         else:
             steps.append((kind, *vals))
     if attention.scores_route(q, k, other, c.dn, dn, operand, steps) != "native":

@@ -1710,8 +1710,8 @@ _AT_MAX_BATCH = 4
 
 
 def _nonzero(a: jax.Array) -> jax.Array:
-    """``a != 0`` as bool (bool stays as it is; no dtype promotion)."""
-    return a if jnp.dtype(a.dtype) == jnp.bool_ else a != jnp.zeros((), a.dtype)
+    """``a != 0`` as bool, as ``jnp.where`` reads a mask (no dtype promotion)."""
+    return a != jnp.zeros((), a.dtype)
 
 
 def _row_major_strides(shape) -> list[int]:
@@ -1738,7 +1738,7 @@ def _score_steps(fn, steps, scale, bias, mask) -> list[str]:
     steps = list(steps)
     if any(x not in SCORE_STEPS for x in steps) or len(set(steps)) != len(steps):
         raise ValueError(f"{fn}: steps={tuple(steps)!r} must be distinct names from {SCORE_STEPS}.")
-    if any(x in ("mul", "div") for x in steps) and ("mul" in steps) == ("div" in steps):
+    if "mul" in steps and "div" in steps:
         raise ValueError(f"{fn}: steps={tuple(steps)!r} has both 'mul' and 'div'; give one.")
     for name, val, step in (("scale", scale, ("mul", "div")), ("bias", bias, ("add",))):
         if (val is not None) != any(x in step for x in steps):
