@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gelu_check import assert_gelu_within_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1159,3 +1160,99 @@ def test_f32_matmul_bad_input_names_the_argument():
         native.f32_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
     with pytest.raises(ValueError, match=r"a \(3,\) and b \(3, 5\) do not fit"):
         native.f32_matmul(jnp.ones((3,)), jnp.ones((3, 5)))
+
+
+# The epilogue (epilogue.h): a bias, and jax.nn.gelu(approximate=False)'s trace, on each
+# product while its block is in cache. The bias add is XLA's (one rounding) bit for bit;
+# the GELU within the bound tests/_gelu_check.py states.
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", [*F32_EXACT, (300, 800, 70), (5, 1700, 1100)])
+def test_f32_matmul_bias_is_the_add_bit_for_bit_and_gelu_within_bound(m, k, n):
+    rng = np.random.default_rng(m + 3 * k + 5 * n)
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    c = np.asarray(native.f32_matmul(a, b))
+    f = c + np.asarray(bias)  # numpy's float32 add: one rounding
+    np.testing.assert_array_equal(np.asarray(jax.jit(native.f32_matmul)(a, b, bias)), f)
+    assert_gelu_within_bound(f, native.f32_matmul(a, b, bias, "gelu"))
+    assert_gelu_within_bound(c, native.f32_matmul(a, b, activation="gelu"))
+
+
+@needs_native
+@settings(deadline=None, max_examples=15)
+@given(
+    m=st.integers(1, 300),
+    k=st.integers(0, 1700),
+    n=st.integers(1, 200),
+    scale=st.sampled_from([1e-3, 1.0, 8.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_f32_matmul_epilogue_property(m, k, n, scale, seed):
+    """Any shape (edges, k blocks, packed or in place, K = 0) and scale: the bias is the
+    add, the GELU within its bound, of the product without an epilogue."""
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.standard_normal((m, k)) * scale, jnp.float32)
+    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n) * scale, jnp.float32)
+    f = np.asarray(native.f32_matmul(a, b)) + np.asarray(bias)
+    np.testing.assert_array_equal(np.asarray(native.f32_matmul(a, b, bias)), f)
+    assert_gelu_within_bound(f, native.f32_matmul(a, b, bias, "gelu"))
+
+
+@needs_native
+def test_f32_matmul_gelu_over_a_sweep_and_special_values():
+    """Pre-activations over [-14, 14] (every branch of erfc: |x| < 1, < 2, the tail, its
+    underflow) and NaN, infinities, signed zeros, subnormals and the largest floats, in
+    37 columns (both halves of a panel, masked)."""
+    big = np.finfo(np.float32).max
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e-30, 1e-40, -1e-40, big, -big]
+    x = np.concatenate([np.linspace(-14, 14, 100_001), special]).astype(np.float32)
+    a, b = jnp.asarray(x[:, None]), jnp.ones((1, 37), jnp.float32)
+    c = np.asarray(native.f32_matmul(a, b))  # x itself (fma(x, 1, 0): -0 is +0)
+    got = np.asarray(native.f32_matmul(a, b, activation="gelu"))
+    for j in (0, 15, 16, 36):
+        assert_gelu_within_bound(c[:, j], got[:, j])
+    np.testing.assert_array_equal(got, np.repeat(got[:, :1], 37, axis=1))
+    assert got[np.where(x == np.inf)[0][0], 0] == np.inf  # (0.5 inf) * erfc(-inf) = inf
+    assert np.isnan(got[np.where(x == -np.inf)[0][0], 0])  # (-inf) * 0, as in jax
+
+
+@needs_native
+def test_f32_matmul_epilogue_with_k_zero_and_under_vmap():
+    bias = jnp.asarray([1.0, -2.0, 0.5], jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(native.f32_matmul(jnp.zeros((2, 0)), jnp.zeros((0, 3)), bias)),
+        np.tile(np.asarray(bias), (2, 1)),
+    )
+    got = native.f32_matmul(jnp.zeros((2, 0)), jnp.zeros((0, 3)), bias, "gelu")
+    assert_gelu_within_bound(np.tile(np.asarray(bias), (2, 1)), got)
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.standard_normal((3, 40, 50)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((3, 50, 70)), jnp.float32)
+    e = jnp.asarray(rng.standard_normal((3, 70)), jnp.float32)
+
+    def f(a, b, e):
+        return native.f32_matmul(a, b, e, "gelu")
+
+    cases = [
+        (jax.vmap(f, (None, None, 0)), (a[0], b[0], e), [f(a[0], b[0], e[i]) for i in range(3)]),
+        (jax.vmap(f, (0, None, 0)), (a, b[0], e), [f(a[i], b[0], e[i]) for i in range(3)]),
+        (jax.vmap(f), (a, b, e), [f(a[i], b[i], e[i]) for i in range(3)]),
+        (jax.vmap(f, (0, None, None)), (a, b[0], e[0]), [f(a[i], b[0], e[0]) for i in range(3)]),
+    ]
+    for g, args, each in cases:
+        assert str(jax.make_jaxpr(g)(*args)).count("ffi_call") == 1
+        np.testing.assert_array_equal(np.asarray(g(*args)), np.stack(each))
+
+
+def test_f32_matmul_epilogue_bad_input_names_the_argument():
+    a, b = jnp.ones((2, 3)), jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"f32_matmul: bias must be a float32 array, got int32"):
+        native.f32_matmul(a, b, jnp.ones((4,), jnp.int32))
+    with pytest.raises(ValueError, match=r"bias must be \(N,\) = \(4,\).*got \(1, 4\)"):
+        native.f32_matmul(a, b, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"activation must be one of .*'gelu'.*got 'relu'"):
+        native.f32_matmul(a, b, activation="relu")

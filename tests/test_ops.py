@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gelu_check import assert_gelu_within_bound
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
@@ -808,6 +809,60 @@ def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
     )
     with jqx.ops.policy(f32_kernel=False):
         np.testing.assert_array_equal(np.asarray(jqx.ops.float_dot_general(x, w, dn)), exact)
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize(
+    "xs,ws,dn",
+    [
+        ((64, 384), (384, 200), DN),
+        ((2, 40, 6, 64), (6, 64, 100), (((2, 3), (0, 1)), ((), ()))),
+        ((3, 50, 384), (384, 2, 48), (((2,), (0,)), ((), ()))),
+    ],
+)
+def test_float_dot_general_bias_and_gelu(xs, ws, dn):
+    """On the native GEMM the bias is XLA's add bit for bit and the GELU within its bound,
+    both inside the one kernel call; f32_epilogue=False and the XLA route are the ops
+    as a program writes them, bit for bit."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(ws) / 16, jnp.float32)
+    tail = tuple(d for i, d in enumerate(ws) if i not in dn[0][1])
+    bias = jnp.asarray(rng.standard_normal(tail), jnp.float32)
+    fdg = jqx.ops.float_dot_general
+    f = np.asarray(fdg(x, w, dn, backend="native")) + np.asarray(bias)
+    np.testing.assert_array_equal(np.asarray(fdg(x, w, dn, backend="native", bias=bias)), f)
+    fn = jax.jit(lambda x, w, b: fdg(x, w, dn, backend="native", bias=b, activation="gelu"))
+    text = fn.lower(x, w, bias).as_text()
+    assert text.count("jqx_f32_gemm") == 1 and "erf" not in text
+    assert_gelu_within_bound(f, fn(x, w, bias))
+    gelu = functools.partial(jax.nn.gelu, approximate=False)
+    with jqx.ops.policy(f32_epilogue=False):
+        np.testing.assert_array_equal(
+            np.asarray(fdg(x, w, dn, backend="native", bias=bias, activation="gelu")),
+            np.asarray(gelu(fdg(x, w, dn, backend="native") + bias)),
+        )
+    np.testing.assert_array_equal(
+        np.asarray(fdg(x, w, dn, backend="xla", bias=bias, activation="gelu")),
+        np.asarray(gelu(lax.dot_general(x, w, dn) + bias)),
+    )
+
+    # Differentiable: the tangents are XLA's dot, add and GELU's.
+    def loss(backend, x, w, b):
+        return jnp.sum(jnp.sin(fdg(x, w, dn, backend=backend, bias=b, activation="gelu")))
+
+    got = jax.grad(functools.partial(loss, "native"), (0, 1, 2))(x, w, bias)
+    want = jax.grad(functools.partial(loss, "xla"), (0, 1, 2))(x, w, bias)
+    for g, h in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+
+
+def test_float_dot_general_epilogue_bad_input():
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    with pytest.raises(ValueError, match=r"bias has shape \(1, 3\).*rhs's free dims \(3,\)"):
+        jqx.ops.float_dot_general(x, w, DN, bias=jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"activation='relu' must be None or one of \['gelu'\]"):
+        jqx.ops.float_dot_general(x, w, DN, activation="relu")
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())

@@ -2,12 +2,15 @@
 functions, flax.linen and flax.nnx, against the float function run on the
 dequantized parameters."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gelu_check import assert_gelu_within_bound
 from flax import nnx
 from jax import lax
 
@@ -425,6 +428,102 @@ def test_activation_matmuls_quantizes_attention_like_dots():
     assert jaxpr.count("preferred_element_type=int32") >= 1
     with pytest.raises(ValueError, match="activation_matmuls"):
         jqx.quantized(f, activation_matmuls="int4")
+
+
+def _gemm_and_erf_count(f, *args):
+    text = f.lower(*args).as_text()
+    return text.count("jqx_f32_gemm"), text.count("erfc")
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
+    """A Dense layer's bias add, and jax.nn.gelu(approximate=False) after it, run inside
+    the native float32 GEMM: the bias bit for bit (the same bits as the GEMM, then XLA's
+    add), the GELU within its bound; with f32_epilogue=False XLA's ops run after it."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(256)(x), approximate=False)  # bias and GELU
+            h = nn.Dense(64)(h)  # bias only
+            return h + nn.Dense(64, use_bias=False)(x)  # no bias: the plain product
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 64, 128)), jnp.float32)
+    m = M()
+    v = m.init(jax.random.key(0), x)
+    with jqx.ops.policy(f32_kernel_min_rows=128):  # 256 rows here
+        f = jax.jit(jqx.quantized(m.apply))
+        assert _gemm_and_erf_count(f, v, x) == (3, 0)
+        got = np.asarray(f(v, x))
+        with jqx.ops.policy(f32_epilogue=False):
+            g = jax.jit(jqx.quantized(m.apply))
+            assert _gemm_and_erf_count(g, v, x) == (3, 1)
+            unfused = np.asarray(g(v, x))
+    want = np.asarray(m.apply(v, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    # One layer, its pre-activations and its GELU: the bias bit for bit, the GELU bound.
+    p = v["params"]["Dense_0"]
+    pre = jqx.quantized(lambda p, x: x @ p["kernel"] + p["bias"])
+    act = jqx.quantized(lambda p, x: jax.nn.gelu(x @ p["kernel"] + p["bias"], approximate=False))
+    with jqx.ops.policy(f32_kernel_min_rows=128):
+        f_pre = np.asarray(jax.jit(pre)(p, x))
+        y = np.asarray(jax.jit(act)(p, x))
+    gemm = np.asarray(native.f32_matmul(x, p["kernel"]))
+    np.testing.assert_array_equal(f_pre, gemm + np.asarray(p["bias"]))
+    assert_gelu_within_bound(f_pre, y)
+    # Gradients through the epilogue are XLA's ops' (custom_jvp).
+    with jqx.ops.policy(f32_kernel_min_rows=128):
+        grad = jax.grad(lambda v: jqx.quantized(m.apply)(v, x).sum())(v)
+    grad0 = jax.grad(lambda v: m.apply(v, x).sum())(v)
+    chex.assert_trees_all_close(grad, grad0, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+def test_epilogue_only_where_the_chain_is_the_layers_alone():
+    """The bias and GELU fold only where each step's output feeds just the next: a
+    product or pre-activation used again, the tanh GELU, a full-shape add (a residual)
+    and QArray weights keep the ops as written, the same bits as without the epilogue."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((256, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 80)) / 10, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(80), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((256, 80)), jnp.float32)
+    gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+    def twice(w, b, x):
+        y = x @ w
+        return y + b, y
+
+    def pre_twice(w, b, x):
+        f = x @ w + b
+        return gelu(f) + f
+
+    cases = {
+        "product used twice": (twice, (1, 0)),
+        "pre-activation used twice": (pre_twice, (1, 1)),
+        "tanh GELU: the bias only": (lambda w, b, x: jax.nn.gelu(x @ w + b), (1, 0)),
+        "residual, not a bias": (lambda w, b, x: gelu(x @ w + r), (1, 1)),
+        "bias before the product": (lambda w, b, x: gelu((x + 1.0) @ w) + b, (1, 1)),
+    }
+    small = {"f32_kernel_min_rows": 128, "f32_kernel_min_work": 0}
+    for name, (fn, counts) in cases.items():
+        with jqx.ops.policy(**small):
+            f = jax.jit(jqx.quantized(fn))
+            assert _gemm_and_erf_count(f, w, b, x) == counts, name
+            got = f(w, b, x)
+            with jqx.ops.policy(f32_epilogue=False):
+                want = jax.jit(jqx.quantized(fn))(w, b, x)
+        chex.assert_trees_all_equal(got, want)
+    # A quantized weight: the int8 product, then XLA's add and GELU, as before.
+    qw = jqx.quantize_array(w, "int8", granularity=jqx.per_channel(-1))
+    fn = jqx.quantized(lambda w, b, x: gelu(x @ w + b))
+    with jqx.ops.policy(**small):
+        got = np.asarray(jax.jit(fn)(qw, b, x))
+    with jqx.ops.policy(**small, f32_epilogue=False):
+        np.testing.assert_array_equal(got, np.asarray(jax.jit(fn)(qw, b, x)))
+    np.testing.assert_allclose(got, np.asarray(gelu(x @ qw.dequantize() + b)), atol=1e-5)
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())

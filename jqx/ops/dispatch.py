@@ -232,6 +232,11 @@ class Policy:
         (``native.f32_matmul``) where it is available; False: XLA's dot, bit for bit.
       f32_kernel_min_rows: ...from this many rows (the lhs's free elements) on...
       f32_kernel_min_work: ...and this many multiply-adds (rows x K x N).
+      f32_epilogue: whether a float32 product on the native GEMM applies the bias add and
+        GELU that follow it inside the GEMM, on each output block while it is in cache
+        (:func:`jqx.ops.float_dot_general`'s ``bias`` and ``activation``; the bias bit
+        for bit, the GELU within the bound stated there); False: XLA's add and GELU after
+        the GEMM, bit for bit as written.
     """
 
     platform: str | None = None
@@ -258,6 +263,7 @@ class Policy:
     f32_kernel: bool = True
     f32_kernel_min_rows: int = 2048
     f32_kernel_min_work: int = 1 << 21
+    f32_epilogue: bool = True
 
 
 _DEFAULT = Policy()

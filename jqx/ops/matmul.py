@@ -31,7 +31,13 @@ from jqx.core.qarray import (
 from jqx.ops import dispatch
 from jqx.ops.problem import DimensionNumbers, Problem, w_out_scale, x_out_scale
 
-__all__ = ["dot_general", "dynamic_dot_general", "explain", "float_dot_general"]
+__all__ = [
+    "FLOAT_ACTIVATIONS",
+    "dot_general",
+    "dynamic_dot_general",
+    "explain",
+    "float_dot_general",
+]
 
 
 def dot_general(
@@ -90,6 +96,10 @@ def dot_general(
     return jnp.transpose(y, _weight_first(dn, lhs.ndim, x.ndim))
 
 
+# float_dot_general's activations: the function each names, applied by XLA's route.
+FLOAT_ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
 def float_dot_general(
     lhs,
     rhs,
@@ -98,18 +108,31 @@ def float_dot_general(
     preferred_element_type=None,
     *,
     backend: str | None = None,
+    bias=None,
+    activation: str | None = None,
 ) -> jax.Array:
     """``lax.dot_general`` of two float arrays, on the faster of XLA's dot and the native
-    float32 GEMM (:func:`jqx.ops.dispatch.choose_float_dot`).
+    float32 GEMM (:func:`jqx.ops.dispatch.choose_float_dot`), optionally followed by a
+    dense layer's bias and activation.
 
-    :func:`jqx.quantized` sends every product without a QArray operand here. The native
+    :func:`jqx.quantized` sends every product without a QArray operand here (with the
+    bias add and ``jax.nn.gelu(approximate=False)`` it finds right after one). The native
     GEMM (``jqx.native.f32_matmul``) takes float32 products laid out as one matrix
     product (``x @ W``: no batch dims, lhs contracting its last axes, rhs its first) of
     enough rows; it sums each output as one fused multiply-add chain over k, within the
     same bound as XLA's dot, ``gamma_K sum_k |x_k w_k|`` (``gamma_K = K u / (1 - K u)``,
     ``u = 2^-24``), though not always XLA's bits (XLA's order depends on the shape).
     Everything else, and ``policy(f32_kernel=False)`` or ``backend="xla"``, is
-    ``lax.dot_general`` itself. Differentiable (the tangents are XLA dots).
+    ``lax.dot_general`` itself. Differentiable (the tangents are XLA's).
+
+    ``bias`` and ``activation`` make the result ``activation(product + bias)``. On the
+    native GEMM both run inside it, on each output block while it is in cache
+    (``policy(f32_epilogue=False)``: XLA's ops after it): the add is XLA's add bit for
+    bit; ``"gelu"`` is ``jax.nn.gelu(approximate=False)``'s trace, ``(0.5 f) *
+    erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 13
+    ulps of the exact erfc of its float argument (XLA's erfc: up to ~70 ulps in the
+    tail; docs/internals/native-kernels.md). On XLA they are ``y + bias`` and
+    ``jax.nn.gelu(y, approximate=False)``, the program's own ops.
 
     Args:
       lhs, rhs: float arrays.
@@ -118,45 +141,123 @@ def float_dot_general(
       preferred_element_type: output dtype, as for ``lax.dot_general``.
       backend: ``None`` (the measured choice), ``"native"`` (the GEMM for every product
         it takes, any size), ``"xla"`` or ``"pallas"`` (XLA's dot).
+      bias: None, or an array of the shape of the product's last dims, rhs's free dims
+        (a ``Dense`` layer's bias): added to every output row.
+      activation: None, or ``"gelu"`` (``jax.nn.gelu(approximate=False)``).
 
     Returns:
-      ``lax.dot_general``'s result: the same shape and dtype.
+      ``lax.dot_general``'s result (then the bias and activation): its shape and dtype.
 
     Raises:
-      ValueError: an unknown ``backend``.
+      ValueError: an unknown ``backend`` or ``activation``, or a ``bias`` whose shape is
+        not rhs's free dims.
 
     Example:
         >>> import jax.numpy as jnp, jqx
         >>> x, w = jnp.ones((64, 384)), jnp.full((384, 8), 0.5)
         >>> jqx.ops.float_dot_general(x, w, (((1,), (0,)), ((), ())))[0, :2].tolist()
         [192.0, 192.0]
+        >>> y = jqx.ops.float_dot_general(
+        ...     x, w, (((1,), (0,)), ((), ())), bias=jnp.full((8,), -192.0), activation="gelu")
+        >>> y[0, :2].tolist()
+        [0.0, 0.0]
     """
     dn = _normalise(dimension_numbers)
-    if dispatch.choose_float_dot(lhs, rhs, dn, preferred_element_type, backend) == "xla":
-        return lax.dot_general(
+    tail = _check_epilogue(lhs, rhs, dn, bias, activation)
+    route = dispatch.choose_float_dot(lhs, rhs, dn, preferred_element_type, backend)
+    if route == "xla":
+        y = lax.dot_general(
             lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type
         )
-    return _native_f32_dot(lhs, rhs, len(dn[0][0]))
+        return _apply_epilogue(y, bias, activation)
+    c = len(dn[0][0])
+    if bias is None and activation is None:
+        return _native_f32_dot(lhs, rhs, c)
+    if not dispatch.current_policy().f32_epilogue or (
+        bias is not None and jnp.dtype(bias.dtype) != jnp.float32
+    ):
+        return _apply_epilogue(_native_f32_dot(lhs, rhs, c), bias, activation)
+    b = None if bias is None else jnp.reshape(bias, (math.prod(tail),))
+    return _native_f32_dense(lhs, rhs, b, c, activation)
+
+
+def _check_epilogue(lhs, rhs, dn, bias, activation) -> tuple[int, ...]:
+    """rhs's free dims (the product's last dims), after checking ``bias`` has that shape
+    and ``activation`` is known."""
+    if activation is not None and activation not in FLOAT_ACTIVATIONS:
+        raise ValueError(
+            f"float_dot_general: activation={activation!r} must be None or one of "
+            f"{sorted(FLOAT_ACTIVATIONS)}; apply other activations to the result."
+        )
+    (_, rc), (_, rb) = dn
+    tail = tuple(d for i, d in enumerate(jnp.shape(rhs)) if i not in rc and i not in rb)
+    if bias is not None and tuple(jnp.shape(bias)) != tail:
+        raise ValueError(
+            f"float_dot_general: bias has shape {tuple(jnp.shape(bias))}, but a bias is "
+            f"one value per output column, rhs's free dims {tail}; reshape it, or add it "
+            "to the result."
+        )
+    return tail
+
+
+def _apply_epilogue(y, bias, activation):
+    """XLA's route: ``y + bias``, then the activation, as a program writes them."""
+    if bias is not None:
+        y = y + bias
+    if activation is not None:
+        y = FLOAT_ACTIVATIONS[activation](y)
+    return y
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _native_f32_dot(lhs: jax.Array, rhs: jax.Array, c: int) -> jax.Array:
     """``lhs`` (free..., K...) times ``rhs`` (K..., free...) over the ``c`` contracted
     axes, on the native float32 GEMM (the 2-D views copy nothing)."""
+    return _native_f32_call(lhs, rhs, None, c, None)
+
+
+def _native_f32_call(lhs, rhs, bias, c, activation):
     from jqx.kernels.cpu import native  # noqa: PLC0415 (dispatch imports it already)
 
     lead, k = lhs.shape[: lhs.ndim - c], math.prod(lhs.shape[lhs.ndim - c :])
     tail = rhs.shape[c:]
-    y = native.f32_matmul(lhs.reshape(math.prod(lead), k), rhs.reshape(k, math.prod(tail)))
+    y = native.f32_matmul(
+        lhs.reshape(math.prod(lead), k), rhs.reshape(k, math.prod(tail)), bias, activation
+    )
     return y.reshape(*lead, *tail)
+
+
+def _contract_last(lhs, c):
+    return ((tuple(range(lhs.ndim - c, lhs.ndim)), tuple(range(c))), ((), ()))
 
 
 @_native_f32_dot.defjvp
 def _native_f32_dot_jvp(c, primals, tangents):
     lhs, rhs = primals
     dl, dr = tangents
-    dn = ((tuple(range(lhs.ndim - c, lhs.ndim)), tuple(range(c))), ((), ()))
+    dn = _contract_last(lhs, c)
     return _native_f32_dot(lhs, rhs, c), lax.dot_general(dl, rhs, dn) + lax.dot_general(lhs, dr, dn)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _native_f32_dense(lhs, rhs, bias, c: int, activation: str | None) -> jax.Array:
+    """``activation(lhs . rhs + bias)`` (bias flattened to (N,), or None) on the native
+    GEMM, the bias and activation in its epilogue."""
+    return _native_f32_call(lhs, rhs, bias, c, activation)
+
+
+@_native_f32_dense.defjvp
+def _native_f32_dense_jvp(c, activation, primals, tangents):
+    # The reference's tangents: XLA's dot, add and activation.
+    lhs, rhs, bias = primals
+    tail = rhs.shape[c:]
+
+    def ref(lhs, rhs, bias):
+        y = lax.dot_general(lhs, rhs, _contract_last(lhs, c))
+        return _apply_epilogue(y, None if bias is None else bias.reshape(tail), activation)
+
+    _, dy = jax.jvp(ref, primals, tangents)
+    return _native_f32_dense(lhs, rhs, bias, c, activation), dy
 
 
 def explain(

@@ -197,30 +197,41 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
     else:
         plan = _NO_PLAN
     for i, eqn in enumerate(jaxpr.eqns):
-        invals = [_read(env, v) for v in eqn.invars]
-        m = plan.matches.get(i)
-        if m is not None:
-            with eqn.ctx.manager:
-                outs = _softmax_step(ctx, eqn, invals, m, env)
-        elif any(_is_w(x) for x in invals) or (
-            ctx.act_matmuls is not None and eqn.primitive.name in _ACT_MATMUL_PRIMS
-        ):
-            with eqn.ctx.manager:
-                outs = _eval_eqn(ctx, eqn, invals)
-        elif i in plan.calls:  # a call holding a softmax-then-matmul or a float product
-            with eqn.ctx.manager:
-                outs = _eval_eqn(ctx, eqn, invals)
-        elif i in plan.float_dots:
-            with eqn.ctx.manager:
-                outs = [_float_dot(ctx, eqn, invals)]
+        if i in plan.folded:  # computed with its epilogue's last eqn
+            continue
+        ep = plan.epilogues.get(i)
+        if ep is not None:
+            _epilogue_step(ctx, jaxpr.eqns, ep, plan, env)
         else:
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, x in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = x
+            _step(ctx, i, eqn, plan, env)
     return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _step(ctx: _Ctx, i: int, eqn, plan, env) -> None:
+    """Runs eqn ``i`` of a planned jaxpr, its outputs into ``env``."""
+    invals = [_read(env, v) for v in eqn.invars]
+    m = plan.matches.get(i)
+    if m is not None:
+        with eqn.ctx.manager:
+            outs = _softmax_step(ctx, eqn, invals, m, env)
+    elif any(_is_w(x) for x in invals) or (
+        ctx.act_matmuls is not None and eqn.primitive.name in _ACT_MATMUL_PRIMS
+    ):
+        with eqn.ctx.manager:
+            outs = _eval_eqn(ctx, eqn, invals)
+    elif i in plan.calls:  # a call holding a softmax-then-matmul or a float product
+        with eqn.ctx.manager:
+            outs = _eval_eqn(ctx, eqn, invals)
+    elif i in plan.float_dots:
+        with eqn.ctx.manager:
+            outs = [_float_dot(ctx, eqn, invals)]
+    else:
+        with eqn.ctx.manager:
+            ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        outs = ans if eqn.primitive.multiple_results else [ans]
+    for v, x in zip(eqn.outvars, outs, strict=True):
+        if not isinstance(v, jcore.DropVar):
+            env[v] = x
 
 
 def _eval_closed(ctx, closed, args):
@@ -350,6 +361,8 @@ class _Plan:
     matches: dict  # eqn index -> _SoftmaxMatch (both the div and the dot)
     calls: frozenset  # indices of call eqns whose inner jaxpr holds a match or float dot
     float_dots: frozenset = frozenset()  # dot_generals for the native float32 GEMM
+    epilogues: dict = dataclasses.field(default_factory=dict)  # last eqn -> _Epilogue
+    folded: frozenset = frozenset()  # the epilogues' other eqns
 
 
 _NO_PLAN = _Plan({}, frozenset())
@@ -600,7 +613,13 @@ def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None) -> _Plan:
     dots = [i for i in dots if i not in matches]
     if not matches and not calls and not dots:
         return _NO_PLAN
-    return _Plan(matches, frozenset(calls), frozenset(dots))
+    epilogues = {}
+    for i in dots:
+        ep = _epilogue(eqns, i, producer, uses, outvars)
+        if ep is not None:
+            epilogues[ep.last] = ep
+    folded = frozenset(j for ep in epilogues.values() for j in ep.chain)
+    return _Plan(matches, frozenset(calls), frozenset(dots), epilogues, folded)
 
 
 def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
@@ -665,9 +684,10 @@ def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
     return attention.scores_softmax_dot(q, k, other, c.dn, dn, operand, steps=steps, **kw)
 
 
-def _float_dot(ctx: _Ctx, eqn, invals):
+def _float_dot(ctx: _Ctx, eqn, invals, bias=None, activation=None):
     """A float32 product with no QArray operand: XLA's dot or the native float32 GEMM
-    (:func:`jqx.ops.float_dot_general` decides)."""
+    (:func:`jqx.ops.float_dot_general` decides), with the epilogue's bias and activation
+    where one was planned."""
     from jqx import ops  # noqa: PLC0415 (as in _default_dot)
 
     p = eqn.params
@@ -677,8 +697,144 @@ def _float_dot(ctx: _Ctx, eqn, invals):
         precision=p.get("precision"),
         preferred_element_type=p.get("preferred_element_type"),
         backend=ctx.backend,
+        bias=bias,
+        activation=activation,
     )
     return y.astype(eqn.outvars[0].aval.dtype)
+
+
+# --------------------------------------------------------------------------- dense epilogues
+#
+# A Dense layer traces to ``y = dot_general(x, W); f = add(y, reshape(b))`` and, with
+# ``jax.nn.gelu(f, approximate=False)``, to
+#   g = mul 0.5 f; h = neg f; i = mul h 0.70710677; j = erfc i; out = mul g j.
+# Where y and each step's output feed only the next step, the whole chain runs as one
+# jqx.ops.float_dot_general(x, W, bias=b, activation=...) at its last eqn: on the native
+# float32 GEMM the bias and GELU are applied to each output block while it is in cache
+# (the add bit for bit, the GELU within the bound float_dot_general states); on XLA they
+# are the same ops as written.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Epilogue:
+    """A float dot ``dot`` whose output only feeds ``+ bias`` (then, with ``activation``,
+    the GELU's trace), computed whole at eqn ``last``; ``chain``: the others (the dot
+    included), which do not run on their own."""
+
+    dot: int
+    last: int
+    chain: tuple[int, ...]
+    bias: Any  # the var whose value, reshaped to rhs's free dims, is the bias
+    tail: tuple[int, ...]  # rhs's free dims: the bias's shape
+    activation: str | None
+
+
+def _only_use(v, uses, outvars):
+    """The (eqn, operand) index of ``v``'s single use, or None."""
+    us = uses.get(v, ())
+    return us[0] if len(us) == 1 and v not in outvars else None
+
+
+def _scalar_times(eqn, v, value: float) -> bool:
+    """Whether ``eqn`` is ``mul`` of ``v`` and the float32 literal ``value`` (either order)."""
+    if eqn.primitive.name != "mul" or len(eqn.invars) != 2 or v not in eqn.invars:
+        return False
+    c = eqn.invars[1 - eqn.invars.index(v)]
+    if not isinstance(c, jcore.Literal) or np.shape(c.val) != ():
+        return False
+    return np.float32(c.val) == np.float32(value)
+
+
+def _gelu_erf(eqns, f, uses, outvars):
+    """``(last, eqns)`` where ``f`` feeds only ``jax.nn.gelu(f, approximate=False)``'s
+    trace (module comment), else None."""
+    us = uses.get(f, ())
+    if len(us) != 2 or f in outvars:
+        return None
+    by = {eqns[j].primitive.name: j for j, _ in us}
+    if set(by) != {"mul", "neg"} or not _scalar_times(eqns[by["mul"]], f, 0.5):
+        return None
+    g = eqns[by["mul"]].outvars[0]
+    steps = [by["mul"], by["neg"]]
+    v = eqns[by["neg"]].outvars[0]
+    for want in ("mul", "erfc", "mul"):
+        u = _only_use(v, uses, outvars)
+        if u is None or eqns[u[0]].primitive.name != want:
+            return None
+        e = eqns[u[0]]
+        if want == "mul" and len(steps) == 2 and not _scalar_times(e, v, 0.7071067690849304):
+            return None
+        if want == "mul" and len(steps) == 4:  # the last: g times erfc's output
+            if sorted(map(id, e.invars)) != sorted((id(g), id(v))):
+                return None
+            if _only_use(g, uses, outvars) != (u[0], e.invars.index(g)):
+                return None
+            return u[0], tuple(steps)
+        steps.append(u[0])
+        v = e.outvars[0]
+    return None
+
+
+def _bias_var(eqns, producer, b, out_shape, tail):
+    """The var holding a Dense bias of shape ``tail`` that ``b`` (an add's operand)
+    broadcasts onto the product's rows, or None: ``b`` itself where its shape is 1s then
+    ``tail``, the operand of a ``broadcast_in_dim`` onto the last dims."""
+    if not isinstance(b, jcore.Var) or jnp.dtype(b.aval.dtype) != jnp.float32:
+        return None
+    nl = len(out_shape) - len(tail)
+    shape = tuple(b.aval.shape)
+    if len(shape) == len(out_shape) and shape[nl:] == tail and all(d == 1 for d in shape[:nl]):
+        return b
+    e = eqns[producer[b]] if b in producer else None
+    if e is None or e.primitive.name != "broadcast_in_dim" or shape != tuple(out_shape):
+        return None
+    v = e.invars[0]
+    dims = tuple(e.params["broadcast_dimensions"])
+    if not isinstance(v, jcore.Var) or tuple(v.aval.shape) != tail:
+        return None
+    return v if dims == tuple(range(nl, len(out_shape))) else None
+
+
+def _epilogue(eqns, i, producer, uses, outvars) -> _Epilogue | None:
+    """The epilogue of float dot ``eqns[i]`` (module comment), or None."""
+    dot = eqns[i]
+    y = dot.outvars[0]
+    u = _only_use(y, uses, outvars)
+    if u is None or eqns[u[0]].primitive.name != "add":
+        return None
+    k = u[0]
+    add = eqns[k]
+    other = add.invars[1 - u[1]]
+    if other is y:
+        return None
+    (_, rc), (_, rb) = dot.params["dimension_numbers"]
+    rhs = dot.invars[1].aval.shape
+    tail = tuple(d for j, d in enumerate(rhs) if j not in rc and j not in rb)
+    bias = _bias_var(eqns, producer, other, y.aval.shape, tail)
+    f = add.outvars[0]
+    if bias is None or f.aval.shape != y.aval.shape or f.aval.dtype != y.aval.dtype:
+        return None
+    gelu = _gelu_erf(eqns, f, uses, outvars)
+    if gelu is None:
+        return _Epilogue(i, k, (i,), bias, tail, None)
+    last, steps = gelu
+    return _Epilogue(i, last, tuple(sorted((i, k, *steps))), bias, tail, "gelu")
+
+
+def _epilogue_step(ctx: _Ctx, eqns, ep: _Epilogue, plan, env) -> None:
+    """A planned epilogue at its last eqn: one product with bias and activation, or,
+    where an operand is a weight (or activation matmuls are quantized), its eqns in turn."""
+    dot = eqns[ep.dot]
+    invals = [_read(env, v) for v in dot.invars]
+    bias = _read(env, ep.bias)
+    if ctx.act_matmuls is not None or any(_is_w(x) for x in (*invals, bias)):
+        for j in (*ep.chain, ep.last):
+            _step(ctx, j, eqns[j], plan, env)
+        return
+    last = eqns[ep.last]
+    with last.ctx.manager:
+        y = _float_dot(ctx, dot, invals, jnp.reshape(bias, ep.tail), ep.activation)
+    env[last.outvars[0]] = y.astype(last.outvars[0].aval.dtype)
 
 
 def _dot(ctx: _Ctx, eqn, invals):

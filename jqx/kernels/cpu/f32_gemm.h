@@ -40,6 +40,7 @@
 #include <atomic>
 #include <utility>
 
+#include "epilogue.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -159,7 +160,8 @@ class F32PanelBuffer {
 // each block's rows to another buffer (row stride kF32Lda: one base register and
 // constant offsets address a block's rows).
 inline bool F32Tile(const float* A, int64_t K, const float* B, const float* packed, int64_t N,
-                    float* C, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+                    float* C, int64_t r0, int64_t r1, int64_t p0, int64_t p1, const float* bias,
+                    int64_t act) {
   thread_local F32PanelBuffer rows_buf, group_buf;
   float* abuf = rows_buf.get(static_cast<size_t>((r1 - r0 + kF32Rows) * kF32Lda));
   if (abuf == nullptr) return false;
@@ -167,6 +169,8 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
   const int64_t kc = (K + nkb - 1) / nkb;  // even k blocks
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kk = std::min(kc, K - k0);
+    const bool last = k0 + kk == K;  // the epilogue on each block after its last k block
+    const bool epilogue = last && (bias != nullptr || act != kEpNone);
     const int64_t group = std::max<int64_t>(1, kF32GroupBytes / (kk * 32 * 4));
     for (int64_t g0 = p0; g0 < p1; g0 += group) {
       const int64_t g1 = std::min(p1, g0 + group);
@@ -199,8 +203,12 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
         const float* next = first && i + rows < r1 ? A + (i + rows) * K + k0 : nullptr;
         for (int64_t p = g0; p < g1; ++p) {
           const int64_t w = std::min<int64_t>(32, N - p * 32);
-          block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, ldb, kk, C + i * N + p * 32,
-                N, k0 > 0, F32Mask(w), F32Mask(w - 16), p == g0 ? next : nullptr, K);
+          const __mmask16 m0 = F32Mask(w), m1 = F32Mask(w - 16);
+          float* c = C + i * N + p * 32;
+          block(abuf + (i - r0) * kF32Lda, gp + (p - g0) * gstride, ldb, kk, c, N, k0 > 0, m0,
+                m1, p == g0 ? next : nullptr, K);
+          if (epilogue)
+            EpilogueBlock(c, N, rows, bias == nullptr ? nullptr : bias + p * 32, act, m0, m1);
         }
       }
     }
@@ -208,12 +216,20 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
   return true;
 }
 
-// One product: A (M, K) . B (K, N) -> C (M, N), on the pool.
+// One product: A (M, K) . B (K, N) -> C (M, N), on the pool, then the epilogue
+// (epilogue.h: bias, N floats, or null; act) on each output.
 bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N,
-             int64_t threads) {
+             int64_t threads, const float* bias = nullptr, int64_t act = kEpNone) {
   if (M == 0 || N == 0) return true;
   if (K == 0) {
     memset(C, 0, sizeof(float) * M * N);
+    if (bias != nullptr || act != kEpNone) {
+      for (int64_t p = 0; p * 32 < N; ++p) {
+        const int64_t w = std::min<int64_t>(32, N - p * 32);
+        EpilogueBlock(C + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act,
+                      F32Mask(w), F32Mask(w - 16));
+      }
+    }
     return true;
   }
   const int64_t np = (N + 31) / 32;
@@ -260,8 +276,9 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
   auto tile = [&](int64_t i) {
     const int64_t u0 = units * i / chunks, u1 = units * (i + 1) / chunks;
     const bool done =
-        by_rows ? F32Tile(A, K, B, packed, N, C, u0 * kF32Rows, std::min(M, u1 * kF32Rows), 0, np)
-                : F32Tile(A, K, B, packed, N, C, 0, M, u0, u1);
+        by_rows ? F32Tile(A, K, B, packed, N, C, u0 * kF32Rows, std::min(M, u1 * kF32Rows), 0, np,
+                          bias, act)
+                : F32Tile(A, K, B, packed, N, C, 0, M, u0, u1, bias, act);
     if (!done) ok.store(false);
   };
   if (chunks > 1) {
@@ -276,35 +293,45 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
 // ``lead`` dims (its dims before the last two; none unless under jax.vmap, whose
 // "expand_dims" method gives every operand one more leading dim per level, 1 where the
 // operand is not mapped) broadcast against A's first dims: one product per index of
-// C's leading dims. With B's leading dims all 1, A's rows are all one product's.
+// C's leading dims. With B's (and the bias's) leading dims all 1, A's rows are all one
+// product's. ``bias`` (lead..., N), or (lead..., 0) for none, and ``activation`` (an
+// EpAct): the epilogue (epilogue.h).
 xla::ffi::Error F32GemmImpl(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<xla::ffi::F32> b,
+                            xla::ffi::Buffer<xla::ffi::F32> bias,
                             xla::ffi::ResultBuffer<xla::ffi::F32> c, int64_t threads,
-                            xla::ffi::ThreadPool xla_pool) {
+                            int64_t activation, xla::ffi::ThreadPool xla_pool) {
   const auto ad = a.dimensions();
   const auto bd = b.dimensions();
+  const auto ed = bias.dimensions();
   const auto cd = c->dimensions();
   const size_t L = bd.size() >= 2 ? bd.size() - 2 : 0;
   bool shapes_ok = bd.size() >= 2 && ad.size() >= L + 2 && cd.size() == ad.size() &&
-                   bd[L] == ad.back() && cd.back() == bd[L + 1];
-  int64_t batches = 1, b_batches = 1;
+                   bd[L] == ad.back() && cd.back() == bd[L + 1] && ed.size() == L + 1 &&
+                   (ed[L] == bd[L + 1] || ed[L] == 0);
+  int64_t batches = 1, b_batches = 1, e_batches = 1;
   for (size_t d = 0; shapes_ok && d < L; ++d) {
-    const int64_t n = std::max(ad[d], bd[d]);
-    shapes_ok = (ad[d] == n || ad[d] == 1) && (bd[d] == n || bd[d] == 1) && cd[d] == n;
+    const int64_t n = std::max({ad[d], bd[d], ed[d]});
+    shapes_ok = (ad[d] == n || ad[d] == 1) && (bd[d] == n || bd[d] == 1) && cd[d] == n &&
+                (ed[d] == n || ed[d] == 1);
     batches *= n;
     b_batches *= bd[d];
+    e_batches *= ed[d];
   }
   for (size_t d = L; shapes_ok && d + 1 < ad.size(); ++d) shapes_ok = cd[d] == ad[d];
   if (!shapes_ok)
     return xla::ffi::Error::InvalidArgument(
-        "jqx_f32_gemm: expected A (rows..., K), B (K, N), C (rows..., N), with any leading "
-        "dims of B broadcasting against A's");
+        "jqx_f32_gemm: expected A (rows..., K), B (K, N), bias (N,) or (0,), C (rows..., N), "
+        "with any leading dims of B and the bias broadcasting against A's");
+  if (activation != kEpNone && activation != kEpGeluErf)
+    return xla::ffi::Error::InvalidArgument("jqx_f32_gemm: unknown activation");
   XlaPoolScope xla_scope(xla_pool, RowsOf(ad) > kXlaPoolRows);
   const int64_t K = ad.back(), N = bd[L + 1];
   const float* A = a.typed_data();
   const float* B = b.typed_data();
+  const float* E = ed[L] == 0 ? nullptr : bias.typed_data();
   float* C = c->typed_data();
-  if (b_batches == 1) {  // one B: every row of A in one product
-    if (!F32Gemm(A, B, C, RowsOf(cd), K, N, threads))
+  if (b_batches == 1 && (E == nullptr || e_batches == 1)) {  // every row in one product
+    if (!F32Gemm(A, B, C, RowsOf(cd), K, N, threads, E, activation))
       return xla::ffi::Error::Internal("jqx_f32_gemm: out of memory");
     return xla::ffi::Error::Success();
   }
@@ -312,17 +339,20 @@ xla::ffi::Error F32GemmImpl(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<
   for (size_t d = 0; d < L; ++d) a_batches *= ad[d];
   const int64_t M = RowsOf(ad) / std::max<int64_t>(a_batches, 1);
   for (int64_t i = 0; i < batches; ++i) {
-    // C's batch index i, broadcast to A's and B's (a dim of 1 stays at 0).
-    int64_t rem = i, ai = 0, bi = 0, astride = 1, bstride = 1;
+    // C's batch index i, broadcast to A's, B's and the bias's (a dim of 1 stays at 0).
+    int64_t rem = i, ai = 0, bi = 0, ei = 0, astride = 1, bstride = 1, estride = 1;
     for (size_t d = L; d-- > 0;) {
       const int64_t idx = rem % cd[d];
       rem /= cd[d];
       if (ad[d] != 1) ai += idx * astride;
       if (bd[d] != 1) bi += idx * bstride;
+      if (ed[d] != 1) ei += idx * estride;
       astride *= ad[d];
       bstride *= bd[d];
+      estride *= ed[d];
     }
-    if (!F32Gemm(A + ai * M * K, B + bi * K * N, C + i * M * N, M, K, N, threads))
+    if (!F32Gemm(A + ai * M * K, B + bi * K * N, C + i * M * N, M, K, N, threads,
+                 E == nullptr ? nullptr : E + ei * N, activation))
       return xla::ffi::Error::Internal("jqx_f32_gemm: out of memory");
   }
   return xla::ffi::Error::Success();
@@ -334,8 +364,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxF32Gemm, F32GemmImpl,
                               xla::ffi::Ffi::Bind()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
                                   .Ctx<xla::ffi::ThreadPool>());
 
 #endif  // JQX_KERNELS_CPU_F32_GEMM_H_

@@ -133,6 +133,7 @@ __all__ = [
     "SCORES_SOFTMAX_DOT_TARGET",
     "SCORES_SOFTMAX_DOT_AVX512_TARGET",
     "F32_TARGET",
+    "F32_ACTIVATIONS",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
@@ -196,14 +197,20 @@ class _Library:
         return Path(__file__).parent / f"{self.stem}.cc"
 
     def source_bytes(self) -> bytes:
-        """The source and every header beside it that it includes (``pool.h``): the
-        build cache key, so editing a shared header rebuilds the library."""
+        """The source and every header beside it that it includes, directly or through
+        another header (``pool.h``): the build cache key, so editing a shared header
+        rebuilds the library."""
         text = self.src.read_bytes()
-        parts = [text]
-        for name in sorted(set(re.findall(rb'#include "([^"/]+)"', text))):
-            header = self.src.parent / name.decode()
-            if header.exists():
-                parts.append(b"\0" + name + b"\0" + header.read_bytes())
+        parts, seen, todo = [text], set(), [text]
+        while todo:
+            for name in sorted(set(re.findall(rb'#include "([^"/]+)"', todo.pop()))):
+                header = self.src.parent / name.decode()
+                if name in seen or not header.exists():
+                    continue
+                seen.add(name)
+                body = header.read_bytes()
+                parts.append(b"\0" + name + b"\0" + body)
+                todo.append(body)
         return b"".join(parts)
 
 
@@ -1548,8 +1555,16 @@ def decode_attention_reference(
 # ----------------------------------------------------------------- float32 GEMM
 
 
-def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` in float32 on the native AVX512 GEMM (``f32_gemm.h``).
+# The float32 GEMM's epilogues (epilogue.h's EpAct): what runs on each output after the
+# product and the bias. "gelu" is jax.nn.gelu(approximate=False) as jax traces it.
+F32_ACTIVATIONS = {None: 0, "gelu": 1}
+
+
+def f32_matmul(
+    a: jax.Array, b: jax.Array, bias: jax.Array | None = None, activation: str | None = None
+) -> jax.Array:
+    """``a @ b`` in float32 on the native AVX512 GEMM (``f32_gemm.h``), optionally with a
+    dense layer's bias and activation applied to each output block while it is in cache.
 
     ``a`` is (rows..., K) and ``b`` (K, N); the result is (rows..., N). Each output is
     one fused multiply-add chain over ``k = 0..K-1`` starting from 0, an order fixed by
@@ -1563,17 +1578,28 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     :func:`pool_threads`, over chunks of rows or of columns.
     ``jqx.ops.float_dot_general`` (``jqx.quantized`` on float32 products) picks this or
     XLA (docs/internals/dispatch.md). Under ``jax.vmap`` it stays one call: a mapped
-    ``a`` alone joins its rows; a mapped ``b`` runs one product per index.
+    ``a`` alone joins its rows; a mapped ``b`` (or bias) runs one product per index.
+
+    The epilogue, on each product ``c`` (the bits above): with ``bias``, ``f = c +
+    bias[n]``, one float32 add (XLA's ``c + bias``, bit for bit); with ``activation=
+    "gelu"``, ``(0.5 f) * erfc((-f) * 0.70710677)``, ``jax.nn.gelu(f, approximate=False)``
+    as jax traces it, each multiply rounded as there and erfc Cephes' float erfc (with
+    ``exp(-x^2)`` carried to about 1 ulp): within 13 ulps of the exact erfc of its float
+    argument where that is at least ``2^-100`` (docs/internals/native-kernels.md), not
+    XLA's bits. Either way no second pass over the output is made.
 
     Args:
       a: float32 (rows..., K), at least 2-D.
       b: float32 (K, N).
+      bias: None, or float32 (N,): added to every row.
+      activation: None, or ``"gelu"`` (the exact, erf form).
 
     Returns:
       float32 (rows..., N).
 
     Raises:
-      ValueError: a dtype or shape the kernel does not take (the message names it).
+      ValueError: a dtype, shape or activation the kernel does not take (the message
+        names it).
       RuntimeError: the kernel is not available here (:func:`status` says why).
 
     Example:
@@ -1584,7 +1610,8 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
         >>> (native.f32_matmul(a, b) if native.available() else a @ b).tolist()
         [[3.0, 3.0], [12.0, 12.0]]
     """
-    for name, x in (("a", a), ("b", b)):
+    operands = (("a", a), ("b", b)) + ((("bias", bias),) if bias is not None else ())
+    for name, x in operands:
         array = hasattr(x, "shape") and hasattr(x, "dtype")
         if not array or jnp.dtype(x.dtype) != jnp.float32:
             got = _describe(x) if array else type(x).__name__
@@ -1598,13 +1625,25 @@ def f32_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
             "(rows..., K), at least 2-D, and b (K, N) with the same K; reshape the "
             "operands (jqx.ops.float_dot_general takes any dimension numbers)."
         )
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
+        raise ValueError(
+            f"f32_matmul: bias must be (N,) = ({b.shape[1]},), one value per column of b, "
+            f"got {tuple(bias.shape)}; reshape it, or add it after the product."
+        )
+    if activation not in F32_ACTIVATIONS:
+        raise ValueError(
+            f"f32_matmul: activation must be one of {sorted(map(repr, F32_ACTIVATIONS))}, "
+            f"got {activation!r}; apply other activations after the product."
+        )
     if not available():
         raise RuntimeError(f"the native float32 GEMM is not available: {status()}")
     out = jax.ShapeDtypeStruct((*a.shape[:-1], b.shape[1]), jnp.float32)
+    if bias is None:
+        bias = jnp.zeros((0,), jnp.float32)  # the kernel's "no bias"
     # Under vmap each operand gets the mapped axes in front (1 where not mapped): the
     # kernel broadcasts them.
     return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="expand_dims")(
-        a, b, threads=np.int64(_threads())
+        a, b, bias, threads=np.int64(_threads()), activation=np.int64(F32_ACTIVATIONS[activation])
     )
 
 

@@ -1,0 +1,125 @@
+// The epilogue of jqx_f32_gemm (int8_gemm.cc's library, AVX512F): what a dense layer
+// does to its product's outputs, applied to each output block while it is in L1,
+//
+//   y[m, n] = act(c[m, n] + bias[n])     (the add only where a bias is given),
+//
+// with act one of
+//
+// - kEpNone: the identity. y is then the bits of XLA's c + bias (one rounding).
+// - kEpGeluErf: jax.nn.gelu(x, approximate=False) as jax traces it,
+//     (0.5 x) * erfc((-x) * 0.70710677f),
+//   with every multiply rounded as there; only erfc differs from XLA's: ErfcAvx512
+//   below (Cephes' float erfc, with exp(-x^2) carried to ~1 ulp), within 13 ulps of
+//   the exact erfc of that float argument (docs/internals/native-kernels.md states the
+//   measured bound, tests/test_kernels_f32.py checks it).
+
+#ifndef JQX_KERNELS_CPU_EPILOGUE_H_
+#define JQX_KERNELS_CPU_EPILOGUE_H_
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "softmax_dot.h"
+
+namespace {
+
+enum EpAct : int64_t { kEpNone = 0, kEpGeluErf = 1 };
+
+#ifdef __AVX512F__
+
+// c[0] x^(n-1) + ... + c[n-1], Horner with fused multiply-adds.
+template <int n>
+inline __m512 EpPoly(__m512 x, const float (&c)[n]) {
+  __m512 p = _mm512_set1_ps(c[0]);
+#pragma GCC unroll 16
+  for (int i = 1; i < n; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c[i]));
+  return p;
+}
+
+// erfc(x), Cephes' single-precision erfcf: 1 - x T(x^2) for |x| < 1; else
+// exp(-x^2) P(1/x^2) / |x| (|x| < 2) or exp(-x^2) R(1/x^2) / |x|, reflected as 2 - that
+// for x < 0. exp(-x^2) is exp(-p) (1 - e) with p = fl(x^2) and e = x^2 - p exactly (an
+// FMA), so the square's rounding (up to ~87 u at the tail) does not reach the result.
+// erfc is 0 from x ~ 9.3 (where exp(-x^2) leaves the normal floats), 2 from -9.3; a
+// NaN stays NaN.
+inline __m512 ErfcAvx512(__m512 x) {
+  static constexpr float kT[] = {7.853861353153693E-5f,  -8.010193625184903E-4f,
+                                 5.188327685732524E-3f,  -2.685381193529856E-2f,
+                                 1.128358514861418E-1f,  -3.761262582423300E-1f,
+                                 1.128379165726710E+0f};
+  static constexpr float kP[] = {2.326819970068386E-2f,  -1.387039388740657E-1f,
+                                 3.687424674597105E-1f,  -5.824733027278666E-1f,
+                                 6.210004621745983E-1f,  -4.944515323274145E-1f,
+                                 3.404879937665872E-1f,  -2.741127028184656E-1f,
+                                 5.638259427386472E-1f};
+  static constexpr float kR[] = {-1.047766399936249E+1f, 1.297719955372516E+1f,
+                                 -7.495518717768503E+0f, 2.921019019210786E+0f,
+                                 -1.015265279202700E+0f, 4.218463358204948E-1f,
+                                 -2.820767439740514E-1f, 5.641895067754075E-1f};
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 ax = _mm512_abs_ps(x);
+  const __mmask16 small = _mm512_cmp_ps_mask(ax, one, _CMP_LT_OQ);
+  __m512 out = _mm512_setzero_ps();
+  if (small != 0) {
+    const __m512 t = EpPoly(_mm512_mul_ps(x, x), kT);
+    out = _mm512_mask_mov_ps(out, small, _mm512_fnmadd_ps(x, t, one));
+  }
+  if (small != 0xFFFF) {
+    const __m512 p = _mm512_mul_ps(ax, ax);
+    const __m512 e = _mm512_fmsub_ps(ax, ax, p);  // x^2 - p, exact
+    __m512 z = ExpNonPositiveT<SdAvx512>(_mm512_sub_ps(_mm512_setzero_ps(), p));
+    z = _mm512_fnmadd_ps(z, e, z);  // exp(-p - e) ~ exp(-p) (1 - e)
+    const __m512 q = _mm512_div_ps(one, ax);
+    const __m512 y = _mm512_mul_ps(q, q);
+    const __mmask16 mid = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(2.0f), _CMP_LT_OQ) & ~small;
+    const __mmask16 tail = static_cast<__mmask16>(~small & ~mid);
+    __m512 poly = _mm512_setzero_ps();
+    if (mid != 0) poly = _mm512_mask_mov_ps(poly, mid, EpPoly(y, kP));
+    // (NaN lanes fall in the tail: NaN either way.)
+    if (tail != 0) poly = _mm512_mask_mov_ps(poly, tail, EpPoly(y, kR));
+    __m512 r = _mm512_mul_ps(_mm512_mul_ps(z, q), poly);
+    // 0 where exp(-x^2) is below the normal floats (x^2 > 87; x infinite too: e is NaN
+    // there). NaN x: p is NaN, the comparison false, the NaN kept.
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, _mm512_set1_ps(87.0f), _CMP_NGT_UQ), r);
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    r = _mm512_mask_sub_ps(r, neg, _mm512_set1_ps(2.0f), r);
+    out = _mm512_mask_mov_ps(out, static_cast<__mmask16>(~small), r);
+  }
+  return out;
+}
+
+// jax.nn.gelu(x, approximate=False)'s trace: (0.5 x) * erfc((-x) * 0.70710677f).
+inline __m512 GeluErfAvx512(__m512 x) {
+  const __m512 half = _mm512_mul_ps(_mm512_set1_ps(0.5f), x);
+  const __m512 arg = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x),
+                                   _mm512_set1_ps(0.7071067690849304f));
+  return _mm512_mul_ps(half, ErfcAvx512(arg));
+}
+
+// The epilogue on ``rows`` rows (stride ldc) of 32 columns of C in place: the columns
+// of each half that exist are m0 and m1; ``bias`` (or null) holds these 32 columns'.
+inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias, int64_t act,
+                          __mmask16 m0, __mmask16 m1) {
+  const bool add = bias != nullptr;
+  const __m512 b0 = add ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = add ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r, c += ldc) {
+    __m512 y0 = _mm512_maskz_loadu_ps(m0, c), y1 = _mm512_maskz_loadu_ps(m1, c + 16);
+    if (add) {  // (no add of 0 without a bias: -0 stays -0)
+      y0 = _mm512_add_ps(y0, b0);
+      y1 = _mm512_add_ps(y1, b1);
+    }
+    if (act == kEpGeluErf) {
+      y0 = GeluErfAvx512(y0);
+      if (m1 != 0) y1 = GeluErfAvx512(y1);
+    }
+    _mm512_mask_storeu_ps(c, m0, y0);
+    _mm512_mask_storeu_ps(c + 16, m1, y1);
+  }
+}
+
+#endif  // __AVX512F__
+
+}  // namespace
+
+#endif  // JQX_KERNELS_CPU_EPILOGUE_H_
