@@ -13,6 +13,10 @@ Three tables, one process:
   (6 x (x @ W1 (384 x 1536), then @ W2 (1536 x 384))) at 128 to 8192 rows, XLA's dot
   against the native GEMM: products as a model runs them, where XLA's per-call
   overhead does not count (``Policy.f32_kernel_min_rows`` is set from it);
+- epilogue (``--epilogue-repeats``, 0 skips it): a Dense layer with the exact GELU,
+  ``gelu(x @ W + b)``, on XLA, on the native GEMM with XLA's add and GELU after it, and
+  with both inside the GEMM (``native.f32_matmul(x, W, b, "gelu")``), beside torch's
+  ``gelu(addmm(b, x, W))``, on MiniLM's and SmolLM2's MLP shapes;
 - order: the share of outputs where XLA's product and jqx's equal, bit for bit, one
   fused multiply-add chain per output over k = 0..K-1 (jqx's order, always; XLA's
   depends on the shape), for a spread of shapes.
@@ -103,11 +107,54 @@ def _chain(g, rng, repeats: int) -> None:
         print(f"| {m} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.2f} |")
 
 
+EPILOGUE_SHAPES = [(128, 384, 1536), (4096, 384, 1536), (4096, 384, 384), (512, 576, 1536)]
+
+
+def _epilogue(rng, repeats: int) -> None:
+    """gelu(x @ W + b): XLA, native GEMM then XLA's ops, all in the GEMM, and torch."""
+    import torch
+
+    gelu = jax.jit(lambda a, b, c: jax.nn.gelu(a @ b + c, approximate=False))
+    after = jax.jit(lambda a, b, c: jax.nn.gelu(native.f32_matmul(a, b) + c, approximate=False))
+    fused = jax.jit(lambda a, b, c: native.f32_matmul(a, b, c, "gelu"))
+    print(
+        "\n| M x K x N | XLA ms | GEMM, then XLA's add + GELU ms | all in the GEMM ms "
+        "| torch ms | in the GEMM / after it | in the GEMM / torch |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m, k, n in EPILOGUE_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        xj, wj, bj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
+        xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        ops = (xj, wj, bj)
+        runs = {
+            "xla": lambda ops=ops: gelu(*ops).block_until_ready(),
+            "after": lambda ops=ops: after(*ops).block_until_ready(),
+            "fused": lambda ops=ops: fused(*ops).block_until_ready(),
+            "torch": lambda t=(bt, xt, wt): torch.nn.functional.gelu(torch.addmm(*t)),
+        }
+        for run in runs.values():
+            run()
+        times = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                run()  # untimed, as in the table above
+                times[name].append(_once(run))
+        t = {name: 1e3 * min(v) for name, v in times.items()}
+        print(
+            f"| {m} x {k} x {n} | {t['xla']:.2f} | {t['after']:.2f} | {t['fused']:.2f} "
+            f"| {t['torch']:.2f} | {t['fused'] / t['after']:.2f} | {t['fused'] / t['torch']:.2f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--chain-repeats", type=int, default=8)
+    ap.add_argument("--epilogue-repeats", type=int, default=10)
     args = ap.parse_args()
     import torch
 
@@ -162,6 +209,8 @@ def main() -> None:
         )
     if g is not None and args.chain_repeats > 0:
         _chain(g, rng, args.chain_repeats)
+    if g is not None and args.epilogue_repeats > 0:
+        _epilogue(rng, args.epilogue_repeats)
     print("\n| M x K x N | XLA equals one FMA chain per output | jqx native does |")
     print("|---|---|---|")
     for m, k, n in ORDER_SHAPES:
