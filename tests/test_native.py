@@ -948,6 +948,45 @@ def test_w8a8_vnni_empty_reduction():
             np.testing.assert_array_equal(np.asarray(y), np.zeros((3, 5), np.float32))
 
 
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+@pytest.mark.parametrize("amx_mode", [True, False], indirect=True, ids=["amx", "vnni"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 20), (37, 96, 33), (300, 384, 200), (4, 0, 17)])
+def test_w8a8_and_two_level_epilogue(m, k, n, amx_mode):
+    """The bias and GELU as each rescaled output is stored (epilogue.h): the bias is
+    XLA's add on the call's own result, bit for bit; the GELU within its bound; W8A8
+    (every activation mode) and two-level, plain and packed weights, K = 0."""
+    rng = np.random.default_rng(m + 7 * k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    ws = jnp.asarray(rng.random(n) * 0.02, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    calls = [
+        functools.partial(native.w8a8_matmul_vnni, act=act)
+        for act in ("per_token", "per_tensor", jnp.asarray([0.05], jnp.float32))
+    ]
+    calls.append(native.two_level_matmul)
+    for fn in calls:
+        for ww in (w, native.pack_int8(w)):
+            y = np.asarray(fn(x, ww, ws))
+            f = y + np.asarray(bias)
+            np.testing.assert_array_equal(np.asarray(fn(x, ww, ws, bias=bias)), f)
+            assert_gelu_within_bound(f, fn(x, ww, ws, bias=bias, activation="gelu"))
+            assert_gelu_within_bound(y, fn(x, ww, ws, activation="gelu"))
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
+def test_w8a8_epilogue_bad_input_names_the_argument():
+    x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))
+    for fn in (native.w8a8_matmul_vnni, native.two_level_matmul):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"{name}: bias must be \(N,\) = \(4,\)"):
+            fn(x, w, ws, bias=jnp.ones((5,)))
+        with pytest.raises(ValueError, match=rf"{name}: bias must be a float32 array"):
+            fn(x, w, ws, bias=jnp.ones((4,), jnp.float16))
+        with pytest.raises(ValueError, match=rf"{name}: activation must be one of"):
+            fn(x, w, ws, activation="tanh")
+
+
 def _check_operand_errors(fn):
     """The dense fused calls' operand errors: each names the operand and the fix."""
     x, w, ws = jnp.ones((3, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones((4,))

@@ -822,7 +822,7 @@ def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
 )
 def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     """On the native GEMM the bias is XLA's add bit for bit and the GELU within its bound,
-    both inside the one kernel call; f32_epilogue=False and the XLA route are the ops
+    both inside the one kernel call; epilogue=False and the XLA route are the ops
     as a program writes them, bit for bit."""
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
@@ -837,7 +837,7 @@ def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     assert text.count("jqx_f32_gemm") == 1 and "erf" not in text
     assert_gelu_within_bound(f, fn(x, w, bias))
     gelu = functools.partial(jax.nn.gelu, approximate=False)
-    with jqx.ops.policy(f32_epilogue=False):
+    with jqx.ops.policy(epilogue=False):
         np.testing.assert_array_equal(
             np.asarray(fdg(x, w, dn, backend="native", bias=bias, activation="gelu")),
             np.asarray(gelu(fdg(x, w, dn, backend="native") + bias)),
@@ -855,6 +855,48 @@ def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     want = jax.grad(functools.partial(loss, "xla"), (0, 1, 2))(x, w, bias)
     for g, h in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize(
+    "recipe",
+    [jqx.int8_dynamic_activation_int8_weight(), jqx.int8_weight_only()],
+    ids=["w8a8", "int8_weight_only"],
+)
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "packed"])
+def test_dot_general_bias_and_gelu_in_the_int8_kernels(recipe, prepack):
+    """On the VNNI W8A8 and two-level kernels (the packed weight's route here) the bias
+    and GELU run as the outputs are stored: the bias bit for bit on the route's product,
+    the GELU within its bound. Every other route (XLA, the int8 GEMM without an epilogue)
+    and epilogue=False run the program's own ops after the product, bit for bit."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 40, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 80)) / 10, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(80), jnp.float32)
+    q = jqx.quantize({"kernel": w}, recipe, prepack=prepack)["kernel"]
+    dn = (((2,), (0,)), ((), ()))
+    gelu = functools.partial(jax.nn.gelu, approximate=False)
+    for backend in ("xla", None, "native"):
+        dg = functools.partial(jqx.ops.dot_general, x, q, dn, backend=backend)
+        f = np.asarray(dg()) + np.asarray(bias)  # the route's own product, plus the bias
+        np.testing.assert_array_equal(np.asarray(dg(bias=bias)), f)
+        fn = jax.jit(lambda x, b, dg=dg: dg(bias=b, activation="gelu"))
+        text = fn.lower(x, bias).as_text()
+        route = jqx.ops.explain(x, q, dn, backend=backend)
+        if route in ("native.w8a8_vnni", "native.two_level_vnni"):
+            assert text.count("jqx_w8a8_vnni") == 1 and "erf" not in text
+            assert_gelu_within_bound(f, fn(x, bias))
+        else:  # the program's ops, compiled as the program is
+            assert "erf" in text, route
+            ref = jax.jit(lambda x, b, dg=dg: gelu(dg() + b))
+            np.testing.assert_array_equal(np.asarray(fn(x, bias)), np.asarray(ref(x, bias)))
+        with jqx.ops.policy(epilogue=False):
+            np.testing.assert_array_equal(
+                np.asarray(dg(bias=bias, activation="gelu")), np.asarray(gelu(f))
+            )
+    assert prepack == (jqx.ops.explain(x, q, dn) in ("native.w8a8_vnni", "native.two_level_vnni"))
+    with pytest.raises(ValueError, match=r"dot_general: bias has shape \(8,\)"):
+        jqx.ops.dot_general(x, q, dn, bias=jnp.ones((8,)))
 
 
 def test_float_dot_general_epilogue_bad_input():

@@ -439,7 +439,7 @@ def _gemm_and_erf_count(f, *args):
 def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
     """A Dense layer's bias add, and jax.nn.gelu(approximate=False) after it, run inside
     the native float32 GEMM: the bias bit for bit (the same bits as the GEMM, then XLA's
-    add), the GELU within its bound; with f32_epilogue=False XLA's ops run after it."""
+    add), the GELU within its bound; with epilogue=False XLA's ops run after it."""
 
     class M(nn.Module):
         @nn.compact
@@ -455,7 +455,7 @@ def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
         f = jax.jit(jqx.quantized(m.apply))
         assert _gemm_and_erf_count(f, v, x) == (3, 0)
         got = np.asarray(f(v, x))
-        with jqx.ops.policy(f32_epilogue=False):
+        with jqx.ops.policy(epilogue=False):
             g = jax.jit(jqx.quantized(m.apply))
             assert _gemm_and_erf_count(g, v, x) == (3, 1)
             unfused = np.asarray(g(v, x))
@@ -513,7 +513,7 @@ def test_epilogue_only_where_the_chain_is_the_layers_alone():
             f = jax.jit(jqx.quantized(fn))
             assert _gemm_and_erf_count(f, w, b, x) == counts, name
             got = f(w, b, x)
-            with jqx.ops.policy(f32_epilogue=False):
+            with jqx.ops.policy(epilogue=False):
                 want = jax.jit(jqx.quantized(fn))(w, b, x)
         chex.assert_trees_all_equal(got, want)
     # A quantized weight: the int8 product, then XLA's add and GELU, as before.
@@ -521,9 +521,49 @@ def test_epilogue_only_where_the_chain_is_the_layers_alone():
     fn = jqx.quantized(lambda w, b, x: gelu(x @ w + b))
     with jqx.ops.policy(**small):
         got = np.asarray(jax.jit(fn)(qw, b, x))
-    with jqx.ops.policy(**small, f32_epilogue=False):
+    with jqx.ops.policy(**small, epilogue=False):
         np.testing.assert_array_equal(got, np.asarray(jax.jit(fn)(qw, b, x)))
     np.testing.assert_allclose(got, np.asarray(gelu(x @ qw.dequantize() + b)), atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize("recipe", ["w8a8", "int8_weight_only"])
+def test_quantized_dense_bias_and_gelu_in_the_int8_kernel(recipe):
+    """With int8 weights the bias and GELU after a Dense layer run in the VNNI kernel's
+    epilogue (one call per layer, no erfc left to XLA), at every batch size; with
+    epilogue=False XLA's ops run after the kernel. The pre-activations are the same
+    bits either way."""
+    r = {
+        "w8a8": jqx.int8_dynamic_activation_int8_weight(),
+        "int8_weight_only": jqx.int8_weight_only(),
+    }[recipe]
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(128)(x), approximate=False)
+            return nn.Dense(64)(h)
+
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 16, 96)), jnp.float32)
+    m = M()
+    v = jqx.quantize(m.init(jax.random.key(0), x), r)
+    f = jax.jit(jqx.quantized(m.apply))
+    text = f.lower(v, x).as_text()
+    assert text.count("jqx_w8a8_vnni") == 2 and "erfc" not in text
+    with jqx.ops.policy(epilogue=False):
+        g = jax.jit(jqx.quantized(m.apply))
+        assert "erfc" in g.lower(v, x).as_text()
+        unfused = np.asarray(g(v, x))
+    got = np.asarray(f(v, x))
+    # The second layer's int8 input quantization can round a GELU output differently.
+    np.testing.assert_allclose(got, unfused, atol=0.05 * np.abs(unfused).max())
+    p0 = v["params"]["Dense_0"]
+    pre = jax.jit(jqx.quantized(lambda p, x: x @ p["kernel"] + p["bias"]))(p0, x)
+    act = jax.jit(jqx.quantized(lambda p, x: nn.gelu(x @ p["kernel"] + p["bias"], False)))
+    with jqx.ops.policy(epilogue=False):
+        pre_xla = jax.jit(jqx.quantized(lambda p, x: x @ p["kernel"] + p["bias"]))(p0, x)
+    np.testing.assert_array_equal(np.asarray(pre), np.asarray(pre_xla))
+    assert_gelu_within_bound(pre, act(p0, x))
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())

@@ -232,11 +232,12 @@ class Policy:
         (``native.f32_matmul``) where it is available; False: XLA's dot, bit for bit.
       f32_kernel_min_rows: ...from this many rows (the lhs's free elements) on...
       f32_kernel_min_work: ...and this many multiply-adds (rows x K x N).
-      f32_epilogue: whether a float32 product on the native GEMM applies the bias add and
-        GELU that follow it inside the GEMM, on each output block while it is in cache
-        (:func:`jqx.ops.float_dot_general`'s ``bias`` and ``activation``; the bias bit
-        for bit, the GELU within the bound stated there); False: XLA's add and GELU after
-        the GEMM, bit for bit as written.
+      epilogue: whether a product on a native kernel (the float32 GEMM; the AVX512-VNNI
+        W8A8 and int8 weight-only GEMM) applies the bias add and exact GELU that follow
+        it inside the kernel, on each output block while it is in cache
+        (:func:`jqx.ops.float_dot_general`'s and :func:`jqx.ops.dot_general`'s ``bias``
+        and ``activation``; the bias bit for bit, the GELU within the bound stated
+        there); False: XLA's add and GELU after the kernel, bit for bit as written.
     """
 
     platform: str | None = None
@@ -263,7 +264,7 @@ class Policy:
     f32_kernel: bool = True
     f32_kernel_min_rows: int = 2048
     f32_kernel_min_work: int = 1 << 21
-    f32_epilogue: bool = True
+    epilogue: bool = True
 
 
 _DEFAULT = Policy()
@@ -449,6 +450,15 @@ def float_dot_shape(lhs, rhs, dimension_numbers) -> tuple[int, int, int] | None:
         return None
     k = math.prod(lhs.shape[lhs.ndim - c :])
     return math.prod(lhs.shape[: lhs.ndim - c]), k, math.prod(rhs.shape[c:])
+
+
+def epilogue_possible(backend: str | None = None) -> bool:
+    """Whether a product's bias add and exact GELU may run inside a native kernel under
+    the :class:`Policy` in force and ``backend`` (``Policy.epilogue``, the CPU platform,
+    no ``"xla"`` or ``"pallas"`` backend): then :func:`jqx.quantized` hands them to
+    ``jqx.ops`` with the product, and the route chosen for the product decides."""
+    pol = current_policy()
+    return backend not in ("xla", "pallas") and pol.epilogue and _platform(pol) == "cpu"
 
 
 def float_kernel_possible(backend: str | None = None) -> bool:

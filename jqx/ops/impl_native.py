@@ -70,6 +70,7 @@ class W8A8Fused(Implementation):
         self.name = "native.w8a8_vnni" if vnni else "native.w8a8_fused"
         # The VNNI call takes the weight packed ahead; the AVX2 one reads (K, N).
         self.layouts = ("plain", "vnni") if vnni else ("plain",)
+        self.epilogue = vnni  # the VNNI kernel applies a bias and GELU as it stores
 
     def supports(self, p: Problem) -> bool:
         if not (p.int8_codes and p.plain and p.rows >= 1):
@@ -79,6 +80,12 @@ class W8A8Fused(Implementation):
         return p.act_kind == "dynamic" and p.act_granularity in ("per_token", "per_tensor")
 
     def run(self, x, q, p):
+        return self._run(x, q, p, {})
+
+    def run_epilogue(self, x, q, p, bias, activation):
+        return self._run(x, q, p, {"bias": bias, "activation": activation})
+
+    def _run(self, x, q, p, epilogue: dict):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
         ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
@@ -91,7 +98,7 @@ class W8A8Fused(Implementation):
         matmul = _kernels.w8a8_matmul_vnni if self.vnni else _kernels.w8a8_matmul
 
         def kernel(rows):
-            return matmul(rows.astype(jnp.float32), q.qvalue, ws, act=act)
+            return matmul(rows.astype(jnp.float32), q.qvalue, ws, act=act, **epilogue)
 
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 
@@ -124,14 +131,21 @@ class TwoLevelVnni(TwoLevelInt8):
     bit for bit. A plain weight is packed per call."""
 
     name = "native.two_level_vnni"
+    epilogue = True  # a bias and GELU as the kernel stores
 
     def run(self, x, q, p):
+        return self._run(x, q, p, {})
+
+    def run_epilogue(self, x, q, p, bias, activation):
+        return self._run(x, q, p, {"bias": bias, "activation": activation})
+
+    def _run(self, x, q, p, epilogue: dict):
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
         ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
 
         def kernel(rows):
-            return _kernels.two_level_matmul(rows.astype(jnp.float32), q.qvalue, ws)
+            return _kernels.two_level_matmul(rows.astype(jnp.float32), q.qvalue, ws, **epilogue)
 
         return _rows(x, xc, n, kernel).astype(p.out_dtype)
 

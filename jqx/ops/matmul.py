@@ -48,6 +48,8 @@ def dot_general(
     preferred_element_type=None,
     *,
     backend: str | None = None,
+    bias=None,
+    activation: str | None = None,
 ) -> jax.Array:
     """``lax.dot_general`` where either operand may be a :class:`jqx.QArray`.
 
@@ -62,13 +64,22 @@ def dot_general(
         CPU kernels where they compute the product; raises where they are unavailable)
         or ``"pallas"`` (the Pallas kernels where they compute the product). Products a
         kernel does not compute run on XLA. See docs/internals/dispatch.md.
+      bias: None, or an array of the shape of rhs's free dims (a Dense layer's bias),
+        added to the product (``jqx.quantized`` passes the one a program adds).
+      activation: None, or ``"gelu"`` (``jax.nn.gelu(approximate=False)``), applied
+        after the bias. On a kernel that applies both as it stores its outputs (the
+        AVX512-VNNI W8A8 and int8 weight-only GEMM, float32 output) they run there,
+        the add bit for bit and the GELU within :func:`float_dot_general`'s bound
+        (``policy(epilogue=False)``: XLA's ops after it); elsewhere they are XLA's
+        add and ``jax.nn.gelu`` on the product, as a program writes them.
 
     Returns:
       The product, with ``lax.dot_general``'s output layout (batch dims, lhs
-      free dims, rhs free dims). Bias is not added (Flax adds it).
+      free dims, rhs free dims), then the bias and activation where given.
 
     Raises:
-      ValueError: an unknown ``backend``, or contracting dims of different sizes.
+      ValueError: an unknown ``backend`` or ``activation``, a ``bias`` whose shape is
+        not rhs's free dims, or contracting dims of different sizes.
       RuntimeError: ``backend="native"`` where the native kernels cannot run.
 
     Example:
@@ -80,20 +91,23 @@ def dot_general(
     """
     _check_backend(backend)
     dn = _normalise(dimension_numbers)
+    _check_epilogue("dot_general", rhs, dn, bias, activation)
     lq, rq = is_qarray(lhs), is_qarray(rhs)
     if not lq and not rq:
-        return lax.dot_general(
+        y = lax.dot_general(
             lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type
         )
+        return _apply_epilogue(y, bias, activation)
     if lq and rq:
         lhs = lhs.dequantize()  # keep one side quantized; weight x weight is rare
         lq = False
     if rq:
-        return _x_dot_w(jnp.asarray(lhs), rhs, dn, precision, preferred_element_type, backend)
+        x = jnp.asarray(lhs)
+        return _x_dot_w(x, rhs, dn, precision, preferred_element_type, backend, bias, activation)
     # Weight on the left: compute x . W and move W's free dims in front of x's.
     x = jnp.asarray(rhs)
     y = _x_dot_w(x, lhs, _swapped(dn), precision, preferred_element_type, backend)
-    return jnp.transpose(y, _weight_first(dn, lhs.ndim, x.ndim))
+    return _apply_epilogue(jnp.transpose(y, _weight_first(dn, lhs.ndim, x.ndim)), bias, activation)
 
 
 # float_dot_general's activations: the function each names, applied by XLA's route.
@@ -127,7 +141,7 @@ def float_dot_general(
 
     ``bias`` and ``activation`` make the result ``activation(product + bias)``. On the
     native GEMM both run inside it, on each output block while it is in cache
-    (``policy(f32_epilogue=False)``: XLA's ops after it): the add is XLA's add bit for
+    (``policy(epilogue=False)``: XLA's ops after it): the add is XLA's add bit for
     bit; ``"gelu"`` is ``jax.nn.gelu(approximate=False)``'s trace, ``(0.5 f) *
     erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 13
     ulps of the exact erfc of its float argument (XLA's erfc: up to ~70 ulps in the
@@ -163,7 +177,7 @@ def float_dot_general(
         [0.0, 0.0]
     """
     dn = _normalise(dimension_numbers)
-    tail = _check_epilogue(lhs, rhs, dn, bias, activation)
+    tail = _check_epilogue("float_dot_general", rhs, dn, bias, activation)
     route = dispatch.choose_float_dot(lhs, rhs, dn, preferred_element_type, backend)
     if route == "xla":
         y = lax.dot_general(
@@ -173,7 +187,7 @@ def float_dot_general(
     c = len(dn[0][0])
     if bias is None and activation is None:
         return _native_f32_dot(lhs, rhs, c)
-    if not dispatch.current_policy().f32_epilogue or (
+    if not dispatch.current_policy().epilogue or (
         bias is not None and jnp.dtype(bias.dtype) != jnp.float32
     ):
         return _apply_epilogue(_native_f32_dot(lhs, rhs, c), bias, activation)
@@ -181,21 +195,21 @@ def float_dot_general(
     return _native_f32_dense(lhs, rhs, b, c, activation)
 
 
-def _check_epilogue(lhs, rhs, dn, bias, activation) -> tuple[int, ...]:
+def _check_epilogue(name: str, rhs, dn, bias, activation) -> tuple[int, ...]:
     """rhs's free dims (the product's last dims), after checking ``bias`` has that shape
-    and ``activation`` is known."""
+    and ``activation`` is known (errors name ``name``)."""
     if activation is not None and activation not in FLOAT_ACTIVATIONS:
         raise ValueError(
-            f"float_dot_general: activation={activation!r} must be None or one of "
+            f"{name}: activation={activation!r} must be None or one of "
             f"{sorted(FLOAT_ACTIVATIONS)}; apply other activations to the result."
         )
     (_, rc), (_, rb) = dn
-    tail = tuple(d for i, d in enumerate(jnp.shape(rhs)) if i not in rc and i not in rb)
+    shape = tuple(rhs.shape) if is_qarray(rhs) else jnp.shape(rhs)
+    tail = tuple(d for i, d in enumerate(shape) if i not in rc and i not in rb)
     if bias is not None and tuple(jnp.shape(bias)) != tail:
         raise ValueError(
-            f"float_dot_general: bias has shape {tuple(jnp.shape(bias))}, but a bias is "
-            f"one value per output column, rhs's free dims {tail}; reshape it, or add it "
-            "to the result."
+            f"{name}: bias has shape {tuple(jnp.shape(bias))}, but a bias is one value per "
+            f"output column, rhs's free dims {tail}; reshape it, or add it to the result."
         )
     return tail
 
@@ -652,14 +666,24 @@ def _orient(x_shape, x_dtype, q: QArray, dn: DimensionNumbers, precision, pet, b
     return q, dn, None
 
 
-def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, backend):
+def _x_dot_w(
+    x: jax.Array,
+    q: QArray,
+    dn: DimensionNumbers,
+    precision,
+    pet,
+    backend,
+    bias=None,
+    activation: str | None = None,
+):
     q, dn, order, unfolded = _oriented(x.shape, x.dtype, q, dn, precision, pet, backend)
     if order is not None:
         x = jnp.take(x, order, axis=dn[0][0][0])
     flat = _flatten_contraction(x.shape, q, dn)
     if flat is not None:
         x2, q2, dn2, out_shape = flat
-        return _x_dot_w(x.reshape(x2), q2, dn2, precision, pet, backend).reshape(out_shape)
+        y = _x_dot_w(x.reshape(x2), q2, dn2, precision, pet, backend).reshape(out_shape)
+        return _apply_epilogue(y, bias, activation)
     p = describe(tuple(x.shape), x.dtype, q, dn, precision, pet)
     impl = dispatch.choose(p, backend)
     if unfolded is not None and impl.reads_super_scale:
@@ -672,7 +696,19 @@ def _x_dot_w(x: jax.Array, q: QArray, dn: DimensionNumbers, precision, pet, back
         # Only the native GEMM reads the panels; every other path gets the codes back
         # in their (K, N) layout (one reshape and transpose per call).
         q = q.with_code_layout("plain")
-    return impl.run(x, q, p)
+    if bias is None and activation is None:
+        return impl.run(x, q, p)
+    f32 = jnp.dtype(jnp.float32)
+    inside = (
+        impl.epilogue
+        and dispatch.current_policy().epilogue
+        and jnp.dtype(p.out_dtype) == f32
+        and (bias is None or (jnp.dtype(bias.dtype) == f32 and bias.size == q.shape[1]))
+    )
+    if inside:  # the kernel adds the bias and applies the activation as it stores
+        b = None if bias is None else jnp.reshape(bias, (q.shape[1],))
+        return impl.run_epilogue(x, q, p, b, activation)
+    return _apply_epilogue(impl.run(x, q, p), bias, activation)
 
 
 # --------------------------------------------------------------------------- activation x activation

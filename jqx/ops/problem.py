@@ -161,11 +161,18 @@ class Implementation:
     # tensor) was folded for the description, ``run`` gets the weight as stored, with
     # ``super_scale``, and applies the two levels itself (the same float32 scales).
     reads_super_scale: ClassVar[bool] = False
+    # True: ``run_epilogue`` computes ``activation(run(...) + bias)`` inside the kernel
+    # (a float32 (N,) bias, jqx.ops.matmul.FLOAT_ACTIVATIONS' names); else jqx.ops applies
+    # XLA's add and activation to ``run``'s result.
+    epilogue: ClassVar[bool] = False
 
     def supports(self, p: Problem) -> bool:
         raise NotImplementedError
 
     def run(self, x: jax.Array, q: QArray, p: Problem) -> jax.Array:
+        raise NotImplementedError
+
+    def run_epilogue(self, x, q: QArray, p: Problem, bias, activation) -> jax.Array:
         raise NotImplementedError
 
     def __repr__(self) -> str:

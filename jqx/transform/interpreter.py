@@ -135,6 +135,7 @@ class _Ctx:
         act_matmuls: str | None = None,
         softmax_reorder: bool = False,
         float_dots: bool = False,
+        epilogues: bool = False,
     ):
         self.rule = rule
         self.paths = paths
@@ -145,6 +146,8 @@ class _Ctx:
         # Float products (no QArray operand) go to jqx.ops.float_dot_general, which may
         # run them on the native float32 GEMM.
         self.float_dots = float_dots
+        # A product's bias add and exact GELU go to jqx.ops with it (dense epilogues).
+        self.epilogues = epilogues
         self.records: list[tuple[str, jax.Array]] = []
 
     def child(self) -> _Ctx:
@@ -156,11 +159,12 @@ class _Ctx:
             self.act_matmuls,
             self.softmax_reorder,
             self.float_dots,
+            self.epilogues,
         )
 
 
 def _default_dot(backend):
-    def dot(x_or_w_lhs, rhs, dimension_numbers, precision, preferred_element_type):
+    def dot(x_or_w_lhs, rhs, dimension_numbers, precision, preferred_element_type, **epilogue):
         from jqx import ops  # noqa: PLC0415 (ops imports nothing from here; lazy keeps import light)
 
         return ops.dot_general(
@@ -170,6 +174,7 @@ def _default_dot(backend):
             precision=precision,
             preferred_element_type=preferred_element_type,
             backend=backend,
+            **epilogue,
         )
 
     return dot
@@ -192,8 +197,8 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    if ctx.softmax_reorder or ctx.float_dots:
-        plan = _plan(jaxpr, ctx.softmax_reorder, ctx.float_dots, ctx.backend)
+    if ctx.softmax_reorder or ctx.float_dots or ctx.epilogues:
+        plan = _plan(jaxpr, ctx.softmax_reorder, ctx.float_dots, ctx.backend, ctx.epilogues)
     else:
         plan = _NO_PLAN
     for i, eqn in enumerate(jaxpr.eqns):
@@ -580,10 +585,11 @@ def _native_float_dot(eqn, backend) -> bool:
     return choice == "native"
 
 
-def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None) -> _Plan:
-    """Finds every valid softmax-then-matmul in ``jaxpr`` (with ``softmax``) and every
-    float ``dot_general`` for the native float32 GEMM (with ``float_dots``), and the
-    calls holding either (one linear pass)."""
+def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None, epilogues: bool = False) -> _Plan:
+    """Finds every valid softmax-then-matmul in ``jaxpr`` (with ``softmax``), every
+    float ``dot_general`` for the native float32 GEMM (with ``float_dots``), every
+    float32 product's dense epilogue (with ``epilogues``), and the calls holding any
+    (one linear pass)."""
     eqns = jaxpr.eqns
     producer: dict = {}
     uses: dict = {}
@@ -597,29 +603,32 @@ def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None) -> _Plan:
     matches: dict = {}
     calls = []
     dots = []
+    products = []  # float32 dot_generals: their epilogues are looked for
     for i, e in enumerate(eqns):
         name = e.primitive.name
+        if name == "dot_general" and jnp.dtype(e.outvars[0].aval.dtype) == jnp.float32:
+            products.append(i)
         if name == "div" and softmax:
             m = _softmax_match(eqns, i, producer, uses, outvars)
             if m is not None:
                 matches[m.div] = m
                 matches[m.dot] = m
         elif name in _CALLS and _inner_jaxpr(e) is not None:
-            inner = _plan(_inner_jaxpr(e), softmax, float_dots, backend)
-            if inner.matches or inner.calls or inner.float_dots:
+            inner = _plan(_inner_jaxpr(e), softmax, float_dots, backend, epilogues)
+            if inner.matches or inner.calls or inner.float_dots or inner.epilogues:
                 calls.append(i)
         elif float_dots and _native_float_dot(e, backend):
             dots.append(i)
     dots = [i for i in dots if i not in matches]
-    if not matches and not calls and not dots:
-        return _NO_PLAN
-    epilogues = {}
-    for i in dots:
-        ep = _epilogue(eqns, i, producer, uses, outvars)
+    found = {}
+    for i in products if epilogues else ():
+        ep = _epilogue(eqns, i, producer, uses, outvars) if i not in matches else None
         if ep is not None:
-            epilogues[ep.last] = ep
-    folded = frozenset(j for ep in epilogues.values() for j in ep.chain)
-    return _Plan(matches, frozenset(calls), frozenset(dots), epilogues, folded)
+            found[ep.last] = ep
+    if not matches and not calls and not dots and not found:
+        return _NO_PLAN
+    folded = frozenset(j for ep in found.values() for j in ep.chain)
+    return _Plan(matches, frozenset(calls), frozenset(dots), found, folded)
 
 
 def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
@@ -822,19 +831,53 @@ def _epilogue(eqns, i, producer, uses, outvars) -> _Epilogue | None:
 
 
 def _epilogue_step(ctx: _Ctx, eqns, ep: _Epilogue, plan, env) -> None:
-    """A planned epilogue at its last eqn: one product with bias and activation, or,
-    where an operand is a weight (or activation matmuls are quantized), its eqns in turn."""
+    """A planned epilogue at its last eqn: one product with bias and activation (a float
+    product, or x times a QArray weight as laid out); else (a weight on the left, a
+    transposed or traced weight, activation matmuls quantized) its eqns in turn."""
     dot = eqns[ep.dot]
     invals = [_read(env, v) for v in dot.invars]
     bias = _read(env, ep.bias)
-    if ctx.act_matmuls is not None or any(_is_w(x) for x in (*invals, bias)):
-        for j in (*ep.chain, ep.last):
-            _step(ctx, j, eqns[j], plan, env)
-        return
     last = eqns[ep.last]
-    with last.ctx.manager:
-        y = _float_dot(ctx, dot, invals, jnp.reshape(bias, ep.tail), ep.activation)
-    env[last.outvars[0]] = y.astype(last.outvars[0].aval.dtype)
+    floats = not any(_is_w(v) for v in (*invals, bias))
+    if ctx.act_matmuls is None and (floats or _weight_epilogue(ctx, dot, invals, bias)):
+        b = jnp.reshape(bias, ep.tail)
+        p = dot.params
+        with last.ctx.manager:
+            if floats:
+                y = _float_dot(ctx, dot, invals, b, ep.activation)
+            else:  # x . QArray, the kernel's epilogue where it has one (jqx.ops)
+                y = _default_dot(ctx.backend)(
+                    invals[0],
+                    invals[1].base,
+                    p["dimension_numbers"],
+                    p.get("precision"),
+                    p.get("preferred_element_type"),
+                    bias=b,
+                    activation=ep.activation,
+                )
+        env[last.outvars[0]] = y.astype(last.outvars[0].aval.dtype)
+        return
+    for j in (*ep.chain, ep.last):
+        _step(ctx, j, eqns[j], plan, env)
+
+
+def _weight_epilogue(ctx: _Ctx, dot, invals, bias) -> bool:
+    """Whether ``dot`` is float32 ``x . W`` for a QArray weight W as stored (not
+    transposed, no rule of its own): then jqx.ops computes it with the bias and
+    activation, in the kernel's epilogue where it has one, and the result has the
+    program's dtype."""
+    x, w = invals
+    f32 = jnp.dtype(jnp.float32)
+    if _is_w(x) or not _is_w(w) or _is_w(bias) or not is_qarray(w.base):
+        return False
+    if w.perm != tuple(range(len(w.perm))) or (ctx.rule is not None and w.path in ctx.paths):
+        return False
+    pet = dot.params.get("preferred_element_type")
+    return (
+        jnp.dtype(jnp.result_type(x)) == f32
+        and (pet is None or jnp.dtype(pet) == f32)
+        and jnp.dtype(dot.outvars[0].aval.dtype) == f32
+    )
 
 
 def _dot(ctx: _Ctx, eqn, invals):
@@ -1265,6 +1308,7 @@ def quantized(
             act_matmuls=activation_matmuls,
             softmax_reorder=reorder,
             float_dots=dispatch.float_kernel_possible(backend),
+            epilogues=dispatch.epilogue_possible(backend),
         )
 
     inner = _interpret(fn, ctx_factory, None, frozenset())

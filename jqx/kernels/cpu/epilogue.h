@@ -1,5 +1,6 @@
-// The epilogue of jqx_f32_gemm (int8_gemm.cc's library, AVX512F): what a dense layer
-// does to its product's outputs, applied to each output block while it is in L1,
+// The epilogue of jqx_f32_gemm and jqx_w8a8_vnni (int8_gemm.cc's library, AVX512F):
+// what a dense layer does to its product's outputs, applied to each output block while
+// it is in L1 (or, in jqx_w8a8_vnni, to each rescaled vector before it is stored),
 //
 //   y[m, n] = act(c[m, n] + bias[n])     (the add only where a bias is given),
 //
@@ -18,6 +19,8 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+
+#include <algorithm>
 
 #include "softmax_dot.h"
 
@@ -116,6 +119,26 @@ inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias
     _mm512_mask_storeu_ps(c, m0, y0);
     _mm512_mask_storeu_ps(c + 16, m1, y1);
   }
+}
+
+// The epilogue on all of C (M, N), in place (a product with nothing to sum, K = 0).
+inline void EpilogueRows(float* c, int64_t M, int64_t N, const float* bias, int64_t act) {
+  for (int64_t p = 0; p * 32 < N; ++p) {
+    const int64_t w = std::min<int64_t>(32, N - p * 32);
+    const auto mask = [](int64_t n) {
+      return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+    };
+    EpilogueBlock(c + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act, mask(w),
+                  mask(w - 16));
+  }
+}
+
+// One vector of a product's outputs leaving a kernel: y + bias (``b``, where ``add``),
+// then the activation.
+inline __m512 EpilogueVector(__m512 y, bool add, __m512 b, int64_t act) {
+  if (add) y = _mm512_add_ps(y, b);
+  return act == kEpGeluErf ? GeluErfAvx512(y) : y;
 }
 
 #endif  // __AVX512F__

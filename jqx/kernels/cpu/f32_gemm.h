@@ -223,13 +223,7 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
   if (M == 0 || N == 0) return true;
   if (K == 0) {
     memset(C, 0, sizeof(float) * M * N);
-    if (bias != nullptr || act != kEpNone) {
-      for (int64_t p = 0; p * 32 < N; ++p) {
-        const int64_t w = std::min<int64_t>(32, N - p * 32);
-        EpilogueBlock(C + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act,
-                      F32Mask(w), F32Mask(w - 16));
-      }
-    }
+    if (bias != nullptr || act != kEpNone) EpilogueRows(C, M, N, bias, act);
     return true;
   }
   const int64_t np = (N + 31) / 32;

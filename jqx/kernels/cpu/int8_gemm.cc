@@ -42,6 +42,7 @@
 #include <atomic>
 #include <vector>
 
+#include "epilogue.h"
 #include "f32_gemm.h"
 #include "pool.h"
 #include "softmax_dot.h"
@@ -1212,6 +1213,8 @@ struct W8A8Job {
   const int32_t* corr;  // (np * 16): -128 * column sums of the packed weight
   const float* ws;    // (np * 16): weight scales, zero beyond N
   float* y;           // (M, N)
+  const float* bias;  // (np * 16): the epilogue's bias, zero beyond N; or null
+  int64_t act;        // the epilogue's activation (epilogue.h's EpAct)
   int64_t M, K, Kp, N, np;
   int64_t mode;
   float scale;         // static / per tensor: the one activation scale
@@ -1230,30 +1233,40 @@ thread_local std::vector<uint8_t> t_w8a8_a;
 thread_local std::vector<float> t_w8a8_s;
 
 // One row of a W8A8 tile leaving the registers: cols int32 sums (64-byte aligned)
-// to y = (float(sum) * xs) * ws, the XLA path's order.
-inline void RescaleRow(const int32_t* sums, float xs, const float* ws, float* dst, int cols) {
+// to y = (float(sum) * xs) * ws, the XLA path's order; then the epilogue (``bias``, the
+// same columns', or null; ``act``).
+inline void RescaleRow(const int32_t* sums, float xs, const float* ws, float* dst, int cols,
+                       const float* bias, int64_t act) {
   const __m512 sv = _mm512_set1_ps(xs);
   for (int c0 = 0; c0 < cols; c0 += 16) {
     const int m = std::min(16, cols - c0);
     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
     const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums + c0)));
-    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(_mm512_mul_ps(acc, sv), _mm512_loadu_ps(ws + c0)));
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(acc, sv), _mm512_loadu_ps(ws + c0));
+    if (bias != nullptr || act != kEpNone)
+      y = EpilogueVector(y, bias != nullptr,
+                         bias != nullptr ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps(), act);
+    _mm512_mask_storeu_ps(dst + c0, k, y);
   }
 }
 
 // Two code rows of one row of x leaving the registers (kTwoLevel): y = ((float(sum1)
 // + float(sum2) * 2^-8) * s1) * ws, two_level_split's order (the product by 2^-8 is
-// exact, so the add rounds once, as XLA's, fused or not).
+// exact, so the add rounds once, as XLA's, fused or not); then the epilogue.
 inline void RescalePair(const int32_t* sums1, const int32_t* sums2, float s1, const float* ws,
-                        float* dst, int cols) {
+                        float* dst, int cols, const float* bias, int64_t act) {
   const __m512 sv = _mm512_set1_ps(s1), step = _mm512_set1_ps(kTwoLevelStep);
   for (int c0 = 0; c0 < cols; c0 += 16) {
     const int m = std::min(16, cols - c0);
     const __mmask16 k = static_cast<__mmask16>(m == 16 ? 0xFFFF : (1u << m) - 1);
     const __m512 a1 = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums1 + c0)));
     const __m512 a2 = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums2 + c0)));
-    const __m512 y = _mm512_mul_ps(_mm512_add_ps(a1, _mm512_mul_ps(a2, step)), sv);
-    _mm512_mask_storeu_ps(dst + c0, k, _mm512_mul_ps(y, _mm512_loadu_ps(ws + c0)));
+    const __m512 y0 = _mm512_mul_ps(_mm512_add_ps(a1, _mm512_mul_ps(a2, step)), sv);
+    __m512 y = _mm512_mul_ps(y0, _mm512_loadu_ps(ws + c0));
+    if (bias != nullptr || act != kEpNone)
+      y = EpilogueVector(y, bias != nullptr,
+                         bias != nullptr ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps(), act);
+    _mm512_mask_storeu_ps(dst + c0, k, y);
   }
 }
 
@@ -1263,14 +1276,16 @@ inline void RescalePair(const int32_t* sums1, const int32_t* sums2, float s1, co
 inline void RescaleTile(const W8A8Job& j, const int32_t* t, int64_t ts, int nr, const float* xs,
                         int64_t r0, int64_t rb, int64_t p, int cols) {
   const float* ws = j.ws + p * 16;
+  const float* bias = j.bias == nullptr ? nullptr : j.bias + p * 16;
   if (j.levels == 1) {
     for (int r = 0; r < nr; ++r)
-      RescaleRow(t + r * ts, xs[rb + r], ws, j.y + (r0 + rb + r) * j.N + p * 16, cols);
+      RescaleRow(t + r * ts, xs[rb + r], ws, j.y + (r0 + rb + r) * j.N + p * 16, cols, bias,
+                 j.act);
     return;
   }
   for (int r = 0; r < nr; r += 2)
     RescalePair(t + r * ts, t + (r + 1) * ts, xs[rb + r], ws,
-                j.y + (r0 + rb + r) / 2 * j.N + p * 16, cols);
+                j.y + (r0 + rb + r) / 2 * j.N + p * 16, cols, bias, j.act);
 }
 
 // Code rows [r0, r0 + rows) over panels [p0, p1) (p0 a multiple of NB), from the
@@ -1350,13 +1365,14 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
 }
 
 thread_local std::vector<int32_t> t_w8a8_corr;
-thread_local std::vector<float> t_w8a8_ws;
+thread_local std::vector<float> t_w8a8_ws, t_w8a8_bias;
 
 // The body of jqx_w8a8_vnni: ``wp`` is the packed weight, or null (then ``w``
-// (K, N) is packed here, per call).
+// (K, N) is packed here, per call); ``bias`` (N, or null) and ``act``: the epilogue
+// (epilogue.h) on each output after its rescale.
 ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const int8_t* wp,
                     int64_t N, const float* wscale, const float* act_scale, float* Y,
-                    int64_t mode, int64_t threads) {
+                    int64_t mode, int64_t threads, const float* bias, int64_t act) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {  // empty sums: (0 * s) * ws[n], s = 1 for an empty row (or the static one)
     const float s = mode == kStatic ? act_scale[0] : 1.0f;
@@ -1364,6 +1380,7 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
       for (int64_t n = 0; n < N; ++n)
         Y[m * N + n] = mode == kTwoLevel ? ((0.0f + 0.0f * kTwoLevelStep) * s) * wscale[n]
                                          : (0.0f * s) * wscale[n];
+    if (bias != nullptr || act != kEpNone) EpilogueRows(Y, M, N, bias, act);
     return ffi::Error::Success();
   }
   const int64_t Kp = (K + 3) / 4 * 4;
@@ -1391,6 +1408,14 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   int32_t* corr = t_w8a8_corr.data();
   std::copy(wscale, wscale + N, t_w8a8_ws.begin());
   std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
+  const float* bias16 = nullptr;  // the bias, padded as ws
+  if (bias != nullptr) {
+    if (t_w8a8_bias.size() < static_cast<size_t>(np * 16))
+      t_w8a8_bias.resize(static_cast<size_t>(np * 16));
+    std::copy(bias, bias + N, t_w8a8_bias.begin());
+    std::fill(t_w8a8_bias.begin() + N, t_w8a8_bias.begin() + np * 16, 0.0f);
+    bias16 = t_w8a8_bias.data();
+  }
   float scale = 1.0f;
   if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
@@ -1410,7 +1435,8 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     if (t_w8a8_a.size() < static_cast<size_t>(Mc * Kp))
       t_w8a8_a.resize(static_cast<size_t>(Mc * Kp));
     if (t_w8a8_s.size() < static_cast<size_t>(Mc)) t_w8a8_s.resize(static_cast<size_t>(Mc));
-    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, M, K, Kp, N, np, mode, scale, M, levels, amx};
+    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, bias16, act, M, K, Kp, N, np, mode, scale,
+                M, levels, amx};
     const uint8_t* a = t_w8a8_a.data();
     const float* xs = t_w8a8_s.data();
     W8A8Quantize(job, 0, M, t_w8a8_a.data(), t_w8a8_s.data());
@@ -1432,8 +1458,9 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   const int64_t unit = amx ? 32 : MR;
   const int64_t per_thread = std::max<int64_t>(1, Mc / (4 * unit * t_max));
   const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread) / levels;
-  W8A8Job job{X,    Bp,         t_w8a8_corr.data(), t_w8a8_ws.data(), Y,      M, K, Kp,
-              N,    np,         mode,               scale,            chunk_rows, levels, amx};
+  W8A8Job job{X,  Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y,          bias16, act, M,
+              K,  Kp, N,                  np,               mode,       scale,  chunk_rows,
+              levels, amx};
   const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
   if (t_max <= 1) {
     for (int64_t c = 0; c < chunks; ++c) W8A8Chunk(&job, c);
@@ -1445,11 +1472,19 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
 
 // w is the (K, N) weight, or (3-D) the weight already packed
 // (jqx.kernels.cpu.native.pack_int8): (ceil(N/16), ceil(K/4), 64); N is out's.
+// ``bias``: (N,), or (0,) for none; ``activation``: the epilogue's (epilogue.h).
 ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> wscale, ffi::Buffer<ffi::F32> act_scale,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t mode, int64_t threads,
-                        ffi::ThreadPool xla_pool) {
+                        ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int64_t mode,
+                        int64_t threads, int64_t activation, ffi::ThreadPool xla_pool) {
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
+  const auto bd = bias.dimensions();
+  const auto od0 = out->dimensions();
+  if (bd.size() != 1 || od0.size() != 2 || (bd[0] != 0 && bd[0] != od0[1]) ||
+      (activation != kEpNone && activation != kEpGeluErf))
+    return ffi::Error::InvalidArgument(
+        "jqx_w8a8_vnni: the bias must be (N,) or (0,), the activation known");
+  const float* E = bd[0] == 0 ? nullptr : bias.typed_data();
   if (w.dimensions().size() != 3) {
     if (auto err =
             CheckDenseW8A8("jqx_w8a8_vnni", x, w, wscale, act_scale, *out, mode, kTwoLevel);
@@ -1457,7 +1492,7 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
       return err;
     return W8A8Vnni(x.typed_data(), x.dimensions()[0], x.dimensions()[1], w.typed_data(),
                     nullptr, w.dimensions()[1], wscale.typed_data(), act_scale.typed_data(),
-                    out->typed_data(), mode, threads);
+                    out->typed_data(), mode, threads, E, activation);
   }
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -1472,7 +1507,7 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
       (mode == kStatic && act_scale.element_count() != 1))
     return ffi::Error::InvalidArgument("jqx_w8a8_vnni: inconsistent shapes or mode (packed w)");
   return W8A8Vnni(x.typed_data(), M, K, nullptr, w.typed_data(), N, wscale.typed_data(),
-                  act_scale.typed_data(), out->typed_data(), mode, threads);
+                  act_scale.typed_data(), out->typed_data(), mode, threads, E, activation);
 }
 
 }  // namespace
@@ -1491,9 +1526,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW4Gemv, W4GemvImpl,

@@ -133,7 +133,7 @@ __all__ = [
     "SCORES_SOFTMAX_DOT_TARGET",
     "SCORES_SOFTMAX_DOT_AVX512_TARGET",
     "F32_TARGET",
-    "F32_ACTIVATIONS",
+    "EPILOGUE_ACTIVATIONS",
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
@@ -737,8 +737,46 @@ def w8a8_matmul(
     )(x, w, w_scale, s, mode=np.int64(mode))
 
 
+# The epilogues of the float32 GEMM and the VNNI W8A8 GEMM (epilogue.h's EpAct): what
+# runs on each output after the product and the bias. "gelu" is jax.nn.gelu(approximate=
+# False) as jax traces it: (0.5 f) * erfc((-f) * 0.70710677), erfc Cephes' (13 ulps).
+EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1}
+
+
+def _epilogue_args(name: str, bias, n: int, activation) -> tuple[jax.Array, np.int64]:
+    """The kernel's bias operand ((n,), or (0,) for none) and activation code, after
+    checking them (errors name ``name``'s arguments)."""
+    if bias is not None:
+        array = hasattr(bias, "shape") and hasattr(bias, "dtype")
+        if not array or jnp.dtype(bias.dtype) != jnp.float32:
+            got = _describe(bias) if array else type(bias).__name__
+            raise ValueError(
+                f"{name}: bias must be a float32 array, got {got}; cast it with "
+                "jnp.asarray(...).astype(jnp.float32)."
+            )
+        if tuple(bias.shape) != (n,):
+            raise ValueError(
+                f"{name}: bias must be (N,) = ({n},), one value per output column, got "
+                f"{tuple(bias.shape)}; reshape it, or add it after the product."
+            )
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(
+            f"{name}: activation must be one of {sorted(map(repr, EPILOGUE_ACTIVATIONS))}, "
+            f"got {activation!r}; apply other activations after the product."
+        )
+    if bias is None:
+        bias = jnp.zeros((0,), jnp.float32)  # the kernels' "no bias"
+    return bias, np.int64(EPILOGUE_ACTIVATIONS[activation])
+
+
 def w8a8_matmul_vnni(
-    x: jax.Array, w: jax.Array, w_scale: jax.Array, *, act: str | jax.Array = "per_token"
+    x: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    *,
+    act: str | jax.Array = "per_token",
+    bias: jax.Array | None = None,
+    activation: str | None = None,
 ) -> jax.Array:
     """:func:`w8a8_matmul` on the AVX512-VNNI GEMM's tiles (``int8_gemm.cc``).
 
@@ -749,6 +787,11 @@ def w8a8_matmul_vnni(
     sums. The weight is packed per call, as for :func:`int8_matmul`, unless ``w`` is
     already :func:`pack_int8`'s 3-D layout (N is then ``w_scale``'s length). Needs
     :func:`available`.
+
+    ``bias`` (float32 (N,)) and ``activation`` (``"gelu"``): a dense layer's epilogue
+    on each rescaled output before it is stored, as :func:`f32_matmul`'s: ``+ bias[n]``
+    is XLA's add bit for bit, the GELU ``jax.nn.gelu(approximate=False)``'s trace with
+    erfc within 13 ulps.
 
     Raises:
       ValueError: an operand of the wrong dtype or shape (named, with the fix).
@@ -764,18 +807,28 @@ def w8a8_matmul_vnni(
         2.50394
     """
     mode, s = _w8a8_check(x, w, w_scale, act, "w8a8_matmul_vnni", packed_ok=True)
-    return _w8a8_vnni_call(x, w, w_scale, s, mode)
+    e, a = _epilogue_args("w8a8_matmul_vnni", bias, w_scale.shape[0], activation)
+    return _w8a8_vnni_call(x, w, w_scale, s, mode, e, a)
 
 
-def _w8a8_vnni_call(x, w, w_scale, act_scale, mode: int) -> jax.Array:
+def _w8a8_vnni_call(x, w, w_scale, act_scale, mode: int, bias, activation) -> jax.Array:
     """``jqx_w8a8_vnni`` on checked operands (a 3-D ``w``: the kernel takes it as packed,
-    N is ``w_scale``'s length)."""
+    N is ``w_scale``'s length; the epilogue from :func:`_epilogue_args`)."""
     if not available():
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
     m, n = x.shape[0], w_scale.shape[0]
     return jax.ffi.ffi_call(
         W8A8_VNNI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )(x, w, w_scale, act_scale, mode=np.int64(mode), threads=np.int64(_threads()))
+    )(
+        x,
+        w,
+        w_scale,
+        act_scale,
+        bias,
+        mode=np.int64(mode),
+        threads=np.int64(_threads()),
+        activation=activation,
+    )
 
 
 def w8a8_matmul_reference(
@@ -822,7 +875,14 @@ def _ref_int8_codes(v: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((v * c) / (s * c)), -128, 127).astype(jnp.int8)
 
 
-def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+def two_level_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    activation: str | None = None,
+) -> jax.Array:
     """int8 weight-only ``x @ W`` with x split into two int8 levels inside the kernel,
     on the AVX512-VNNI GEMM's tiles (``int8_gemm.cc``, as :func:`w8a8_matmul_vnni`).
 
@@ -837,12 +897,15 @@ def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Arra
     w_scale[n]|`` plus float32 rounding. ``x`` is read once, its codes stay in a
     per-thread buffer; the weight is packed per call unless ``w`` is
     :func:`pack_int8`'s 3-D layout (N is then ``w_scale``'s length). Needs
-    :func:`available`.
+    :func:`available`. ``bias`` and ``activation``: the epilogue, as
+    :func:`w8a8_matmul_vnni`'s.
 
     Args:
       x: float32 (M, K).
       w: int8 (K, N) weight codes, or their :func:`pack_int8` panels.
       w_scale: float32 (N,), one scale per output column.
+      bias: None, or float32 (N,): added to every row.
+      activation: None, or ``"gelu"`` (the exact, erf form).
 
     Returns:
       float32 (M, N).
@@ -860,7 +923,9 @@ def two_level_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Arra
         -0.2
     """
     _w8a8_check(x, w, w_scale, "per_token", "two_level_matmul", packed_ok=True)
-    return _w8a8_vnni_call(x, w, w_scale, jnp.ones((1,), jnp.float32), _TWO_LEVEL_MODE)
+    e, a = _epilogue_args("two_level_matmul", bias, w_scale.shape[0], activation)
+    one = jnp.ones((1,), jnp.float32)
+    return _w8a8_vnni_call(x, w, w_scale, one, _TWO_LEVEL_MODE, e, a)
 
 
 def two_level_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
@@ -1555,11 +1620,6 @@ def decode_attention_reference(
 # ----------------------------------------------------------------- float32 GEMM
 
 
-# The float32 GEMM's epilogues (epilogue.h's EpAct): what runs on each output after the
-# product and the bias. "gelu" is jax.nn.gelu(approximate=False) as jax traces it.
-F32_ACTIVATIONS = {None: 0, "gelu": 1}
-
-
 def f32_matmul(
     a: jax.Array, b: jax.Array, bias: jax.Array | None = None, activation: str | None = None
 ) -> jax.Array:
@@ -1610,8 +1670,7 @@ def f32_matmul(
         >>> (native.f32_matmul(a, b) if native.available() else a @ b).tolist()
         [[3.0, 3.0], [12.0, 12.0]]
     """
-    operands = (("a", a), ("b", b)) + ((("bias", bias),) if bias is not None else ())
-    for name, x in operands:
+    for name, x in (("a", a), ("b", b)):
         array = hasattr(x, "shape") and hasattr(x, "dtype")
         if not array or jnp.dtype(x.dtype) != jnp.float32:
             got = _describe(x) if array else type(x).__name__
@@ -1625,25 +1684,14 @@ def f32_matmul(
             "(rows..., K), at least 2-D, and b (K, N) with the same K; reshape the "
             "operands (jqx.ops.float_dot_general takes any dimension numbers)."
         )
-    if bias is not None and tuple(bias.shape) != (b.shape[1],):
-        raise ValueError(
-            f"f32_matmul: bias must be (N,) = ({b.shape[1]},), one value per column of b, "
-            f"got {tuple(bias.shape)}; reshape it, or add it after the product."
-        )
-    if activation not in F32_ACTIVATIONS:
-        raise ValueError(
-            f"f32_matmul: activation must be one of {sorted(map(repr, F32_ACTIVATIONS))}, "
-            f"got {activation!r}; apply other activations after the product."
-        )
+    bias, act = _epilogue_args("f32_matmul", bias, b.shape[1], activation)
     if not available():
         raise RuntimeError(f"the native float32 GEMM is not available: {status()}")
     out = jax.ShapeDtypeStruct((*a.shape[:-1], b.shape[1]), jnp.float32)
-    if bias is None:
-        bias = jnp.zeros((0,), jnp.float32)  # the kernel's "no bias"
     # Under vmap each operand gets the mapped axes in front (1 where not mapped): the
     # kernel broadcasts them.
     return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="expand_dims")(
-        a, b, bias, threads=np.int64(_threads()), activation=np.int64(F32_ACTIVATIONS[activation])
+        a, b, bias, threads=np.int64(_threads()), activation=act
     )
 
 
