@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     c = enc.config
     print()
     print_stamp()
+    # A kernel that did not build leaves jqx's rows on XLA: say so with the tables.
+    print(f"jqx native kernels: {jqx.ops.native_status()}")
     print(
         f"{enc.name} ({c.num_layers} layers, hidden {c.hidden_size}); batch {args.batch} x {seq} "
         f"tokens; best / median of {args.repeats} interleaved rounds ({args.warm_calls} "

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     args = ap.parse_args(argv)
     print_stamp()
+    # A kernel that did not build leaves every row on XLA: say so first.
+    print(f"jqx native kernels: {jqx.ops.native_status()}")
     enc = minilm.load_tiny() if args.tiny else minilm.load_default()
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, 20000, (args.batch, args.tokens)), jnp.int32)

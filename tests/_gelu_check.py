@@ -40,3 +40,35 @@ def assert_gelu_within_bound(f, got) -> None:
     ok = fin & ~inf
     err = np.abs(got[ok] - want[ok])
     assert np.all(err <= bound[ok]), f"max excess {np.max(err - bound[ok])}"
+
+
+TANH_ULPS = 2  # docs/internals/native-kernels.md
+
+
+def assert_gelu_tanh_within_bound(f, got) -> None:
+    """``got`` is the epilogue's ``jax.nn.gelu(f)`` (tanh form) of the float32
+    pre-activations ``f``: the trace's float32 roundings, with tanh within TANH_ULPS of
+    the exact tanh of its float32 argument."""
+    f = np.asarray(f, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cube = f * (f * f)
+        e = np.float32(0.7978845834732056) * (f + np.float32(0.044714998453855515) * cube)
+        t = np.tanh(e.astype(np.float64))
+        g = 1.0 + t
+        want = f.astype(np.float64) * 0.5 * g
+    got = np.asarray(got, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    u = 2.0**-24
+    half_f = 0.5 * np.abs(f.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        bound = (
+            half_f * ((TANH_ULPS + 0.01) * u * np.abs(t) + 1.01 * u * np.abs(g))
+            + 1.01 * u * np.abs(want)
+            + 2.0**-149
+        )
+    inf = ok & np.isinf(want)
+    np.testing.assert_array_equal(got[inf], want[inf])
+    fin = ok & ~inf
+    err = np.abs(got[fin] - want[fin])
+    assert np.all(err <= bound[fin]), f"max excess {np.max(err - bound[fin])}"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _gelu_check import assert_gelu_within_bound
+from _gelu_check import assert_gelu_tanh_within_bound, assert_gelu_within_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -972,6 +972,7 @@ def test_w8a8_and_two_level_epilogue(m, k, n, amx_mode):
             np.testing.assert_array_equal(np.asarray(fn(x, ww, ws, bias=bias)), f)
             assert_gelu_within_bound(f, fn(x, ww, ws, bias=bias, activation="gelu"))
             assert_gelu_within_bound(y, fn(x, ww, ws, activation="gelu"))
+            assert_gelu_tanh_within_bound(f, fn(x, ww, ws, bias=bias, activation="gelu_tanh"))
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
@@ -1218,6 +1219,7 @@ def test_f32_matmul_bias_is_the_add_bit_for_bit_and_gelu_within_bound(m, k, n):
     np.testing.assert_array_equal(np.asarray(jax.jit(native.f32_matmul)(a, b, bias)), f)
     assert_gelu_within_bound(f, native.f32_matmul(a, b, bias, "gelu"))
     assert_gelu_within_bound(c, native.f32_matmul(a, b, activation="gelu"))
+    assert_gelu_tanh_within_bound(f, native.f32_matmul(a, b, bias, "gelu_tanh"))
 
 
 @needs_native
@@ -1239,6 +1241,7 @@ def test_f32_matmul_epilogue_property(m, k, n, scale, seed):
     f = np.asarray(native.f32_matmul(a, b)) + np.asarray(bias)
     np.testing.assert_array_equal(np.asarray(native.f32_matmul(a, b, bias)), f)
     assert_gelu_within_bound(f, native.f32_matmul(a, b, bias, "gelu"))
+    assert_gelu_tanh_within_bound(f, native.f32_matmul(a, b, bias, "gelu_tanh"))
 
 
 @needs_native
@@ -1257,6 +1260,15 @@ def test_f32_matmul_gelu_over_a_sweep_and_special_values():
     np.testing.assert_array_equal(got, np.repeat(got[:, :1], 37, axis=1))
     assert got[np.where(x == np.inf)[0][0], 0] == np.inf  # (0.5 inf) * erfc(-inf) = inf
     assert np.isnan(got[np.where(x == -np.inf)[0][0], 0])  # (-inf) * 0, as in jax
+    # The tanh form: tanh's branches (|x| < 0.625, the exp form, +-1 far out).
+    got = np.asarray(native.f32_matmul(a, b, activation="gelu_tanh"))
+    for j in (0, 15, 16, 36):
+        assert_gelu_tanh_within_bound(c[:, j], got[:, j])
+    np.testing.assert_array_equal(got, np.repeat(got[:, :1], 37, axis=1))
+    tanh_form = np.asarray(jax.nn.gelu(jnp.asarray(c[:, 0])))  # XLA's: the same at the ends
+    for v in (np.inf, -np.inf, big, -big):
+        i = np.where(x == v)[0][0]
+        np.testing.assert_array_equal(got[i, 0], tanh_form[i])
 
 
 @needs_native

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _gelu_check import assert_gelu_within_bound
+from _gelu_check import assert_gelu_tanh_within_bound, assert_gelu_within_bound
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
@@ -836,6 +836,12 @@ def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     text = fn.lower(x, w, bias).as_text()
     assert text.count("jqx_f32_gemm") == 1 and "erf" not in text
     assert_gelu_within_bound(f, fn(x, w, bias))
+    tanh_form = fdg(x, w, dn, backend="native", bias=bias, activation="gelu_tanh")
+    assert_gelu_tanh_within_bound(f, tanh_form)
+    np.testing.assert_array_equal(
+        np.asarray(fdg(x, w, dn, backend="xla", bias=bias, activation="gelu_tanh")),
+        np.asarray(jax.nn.gelu(lax.dot_general(x, w, dn) + bias)),
+    )
     gelu = functools.partial(jax.nn.gelu, approximate=False)
     with jqx.ops.policy(epilogue=False):
         np.testing.assert_array_equal(
@@ -903,7 +909,9 @@ def test_float_dot_general_epilogue_bad_input():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     with pytest.raises(ValueError, match=r"bias has shape \(1, 3\).*rhs's free dims \(3,\)"):
         jqx.ops.float_dot_general(x, w, DN, bias=jnp.ones((1, 3)))
-    with pytest.raises(ValueError, match=r"activation='relu' must be None or one of \['gelu'\]"):
+    with pytest.raises(
+        ValueError, match=r"activation='relu' must be None or one of \['gelu', 'gelu_tanh'\]"
+    ):
         jqx.ops.float_dot_general(x, w, DN, activation="relu")
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _gelu_check import assert_gelu_within_bound
+from _gelu_check import assert_gelu_tanh_within_bound, assert_gelu_within_bound
 from flax import nnx
 from jax import lax
 
@@ -431,8 +431,9 @@ def test_activation_matmuls_quantizes_attention_like_dots():
 
 
 def _gemm_and_erf_count(f, *args):
+    """The native GEMM calls and the erfc and tanh ops XLA is left with."""
     text = f.lower(*args).as_text()
-    return text.count("jqx_f32_gemm"), text.count("erfc")
+    return text.count("jqx_f32_gemm"), text.count("erfc") + text.count("tanh")
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())
@@ -483,8 +484,9 @@ def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
 @pytest.mark.skipif(not native.available(), reason=native.status())
 def test_epilogue_only_where_the_chain_is_the_layers_alone():
     """The bias and GELU fold only where each step's output feeds just the next: a
-    product or pre-activation used again, the tanh GELU, a full-shape add (a residual)
-    and QArray weights keep the ops as written, the same bits as without the epilogue."""
+    product or pre-activation used again, another activation, a full-shape add (a
+    residual) and a quantized weight on XLA keep the ops as written, the same bits as
+    without the epilogue (the tanh GELU folds: then its bound)."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((256, 96)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((96, 80)) / 10, jnp.float32)
@@ -503,7 +505,7 @@ def test_epilogue_only_where_the_chain_is_the_layers_alone():
     cases = {
         "product used twice": (twice, (1, 0)),
         "pre-activation used twice": (pre_twice, (1, 1)),
-        "tanh GELU: the bias only": (lambda w, b, x: jax.nn.gelu(x @ w + b), (1, 0)),
+        "another activation: the bias only": (lambda w, b, x: jnp.tanh(x @ w + b), (1, 1)),
         "residual, not a bias": (lambda w, b, x: gelu(x @ w + r), (1, 1)),
         "bias before the product": (lambda w, b, x: gelu((x + 1.0) @ w) + b, (1, 1)),
     }
@@ -516,6 +518,12 @@ def test_epilogue_only_where_the_chain_is_the_layers_alone():
             with jqx.ops.policy(epilogue=False):
                 want = jax.jit(jqx.quantized(fn))(w, b, x)
         chex.assert_trees_all_equal(got, want)
+    # The tanh GELU (jax.nn.gelu's default) folds too: within its bound.
+    with jqx.ops.policy(**small):
+        f = jax.jit(jqx.quantized(lambda w, b, x: jax.nn.gelu(x @ w + b)))
+        assert _gemm_and_erf_count(f, w, b, x) == (1, 0)
+        pre = jax.jit(jqx.quantized(lambda w, b, x: x @ w + b))(w, b, x)
+        assert_gelu_tanh_within_bound(pre, f(w, b, x))
     # A quantized weight: the int8 product, then XLA's add and GELU, as before.
     qw = jqx.quantize_array(w, "int8", granularity=jqx.per_channel(-1))
     fn = jqx.quantized(lambda w, b, x: gelu(x @ w + b))

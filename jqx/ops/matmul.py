@@ -66,8 +66,8 @@ def dot_general(
         kernel does not compute run on XLA. See docs/internals/dispatch.md.
       bias: None, or an array of the shape of rhs's free dims (a Dense layer's bias),
         added to the product (``jqx.quantized`` passes the one a program adds).
-      activation: None, or ``"gelu"`` (``jax.nn.gelu(approximate=False)``), applied
-        after the bias. On a kernel that applies both as it stores its outputs (the
+      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``) or
+        ``"gelu_tanh"`` (``jax.nn.gelu``'s tanh form), applied after the bias. On a kernel that applies both as it stores its outputs (the
         AVX512-VNNI W8A8 and int8 weight-only GEMM, float32 output) they run there,
         the add bit for bit and the GELU within :func:`float_dot_general`'s bound
         (``policy(epilogue=False)``: XLA's ops after it); elsewhere they are XLA's
@@ -111,7 +111,10 @@ def dot_general(
 
 
 # float_dot_general's activations: the function each names, applied by XLA's route.
-FLOAT_ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False)}
+FLOAT_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 def float_dot_general(
@@ -145,8 +148,9 @@ def float_dot_general(
     bit; ``"gelu"`` is ``jax.nn.gelu(approximate=False)``'s trace, ``(0.5 f) *
     erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 13
     ulps of the exact erfc of its float argument (XLA's erfc: up to ~70 ulps in the
-    tail; docs/internals/native-kernels.md). On XLA they are ``y + bias`` and
-    ``jax.nn.gelu(y, approximate=False)``, the program's own ops.
+    tail; docs/internals/native-kernels.md); ``"gelu_tanh"`` is ``jax.nn.gelu``'s tanh
+    form (``approximate=True``, flax's default) as traced, tanh within 2 ulps. On XLA
+    they are ``y + bias`` and ``jax.nn.gelu(y, approximate=...)``, the program's own ops.
 
     Args:
       lhs, rhs: float arrays.
@@ -157,7 +161,8 @@ def float_dot_general(
         it takes, any size), ``"xla"`` or ``"pallas"`` (XLA's dot).
       bias: None, or an array of the shape of the product's last dims, rhs's free dims
         (a ``Dense`` layer's bias): added to every output row.
-      activation: None, or ``"gelu"`` (``jax.nn.gelu(approximate=False)``).
+      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``) or
+        ``"gelu_tanh"`` (``jax.nn.gelu(approximate=True)``).
 
     Returns:
       ``lax.dot_general``'s result (then the bias and activation): its shape and dtype.

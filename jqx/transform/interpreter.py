@@ -716,7 +716,10 @@ def _float_dot(ctx: _Ctx, eqn, invals, bias=None, activation=None):
 #
 # A Dense layer traces to ``y = dot_general(x, W); f = add(y, reshape(b))`` and, with
 # ``jax.nn.gelu(f, approximate=False)``, to
-#   g = mul 0.5 f; h = neg f; i = mul h 0.70710677; j = erfc i; out = mul g j.
+#   g = mul 0.5 f; h = neg f; i = mul h 0.70710677; j = erfc i; out = mul g j,
+# with ``jax.nn.gelu(f)`` (the tanh form, flax's default) to
+#   b = integer_pow[y=3] f; c = mul 0.044715 b; d = add f c; e = mul 0.7978846 d;
+#   t = tanh e; g = add 1.0 t; h = mul 0.5 g; out = mul f h.
 # Where y and each step's output feed only the next step, the whole chain runs as one
 # jqx.ops.float_dot_general(x, W, bias=b, activation=...) at its last eqn: on the native
 # float32 GEMM the bias and GELU are applied to each output block while it is in cache
@@ -784,6 +787,55 @@ def _gelu_erf(eqns, f, uses, outvars):
     return None
 
 
+def _gelu_tanh(eqns, f, uses, outvars):
+    """``(last, eqns)`` where ``f`` feeds only ``jax.nn.gelu(f)``'s tanh-form trace
+    (module comment), else None."""
+    us = uses.get(f, ())
+    if len(us) != 3 or f in outvars:
+        return None
+    first = [j for j, _ in us if eqns[j].primitive.name == "integer_pow"]
+    if len(first) != 1 or eqns[first[0]].params.get("y") != 3:
+        return None
+    steps = [first[0]]
+    v = eqns[first[0]].outvars[0]
+    # (primitive, the other operand: a float32 literal's value, or f itself)
+    for want, other in (
+        ("mul", 0.044714998453855515),
+        ("add", f),
+        ("mul", 0.7978845834732056),
+        ("tanh", None),
+        ("add", 1.0),
+        ("mul", 0.5),
+        ("mul", f),
+    ):
+        u = _only_use(v, uses, outvars)
+        if u is None or eqns[u[0]].primitive.name != want:
+            return None
+        e = eqns[u[0]]
+        if other is f:
+            if len(e.invars) != 2 or e.invars[1 - u[1]] is not f:
+                return None
+        elif other is not None and not (
+            _scalar_times(e, v, other) if want == "mul" else _scalar_plus(e, v, other)
+        ):
+            return None
+        steps.append(u[0])
+        v = e.outvars[0]
+    if sorted(j for j, _ in us) != sorted((steps[0], steps[2], steps[-1])):
+        return None
+    return steps[-1], tuple(steps[:-1])
+
+
+def _scalar_plus(eqn, v, value: float) -> bool:
+    """Whether ``eqn`` is ``add`` of ``v`` and the float32 literal ``value``."""
+    if eqn.primitive.name != "add" or len(eqn.invars) != 2 or v not in eqn.invars:
+        return False
+    c = eqn.invars[1 - eqn.invars.index(v)]
+    if not isinstance(c, jcore.Literal) or np.shape(c.val) != ():
+        return False
+    return np.float32(c.val) == np.float32(value)
+
+
 def _bias_var(eqns, producer, b, out_shape, tail):
     """The var holding a Dense bias of shape ``tail`` that ``b`` (an add's operand)
     broadcasts onto the product's rows, or None: ``b`` itself where its shape is 1s then
@@ -823,11 +875,12 @@ def _epilogue(eqns, i, producer, uses, outvars) -> _Epilogue | None:
     f = add.outvars[0]
     if bias is None or f.aval.shape != y.aval.shape or f.aval.dtype != y.aval.dtype:
         return None
-    gelu = _gelu_erf(eqns, f, uses, outvars)
-    if gelu is None:
-        return _Epilogue(i, k, (i,), bias, tail, None)
-    last, steps = gelu
-    return _Epilogue(i, last, tuple(sorted((i, k, *steps))), bias, tail, "gelu")
+    for activation, match in (("gelu", _gelu_erf), ("gelu_tanh", _gelu_tanh)):
+        found = match(eqns, f, uses, outvars)
+        if found is not None:
+            last, steps = found
+            return _Epilogue(i, last, tuple(sorted((i, k, *steps))), bias, tail, activation)
+    return _Epilogue(i, k, (i,), bias, tail, None)
 
 
 def _epilogue_step(ctx: _Ctx, eqns, ep: _Epilogue, plan, env) -> None:

@@ -12,7 +12,11 @@
 //   with every multiply rounded as there; only erfc differs from XLA's: ErfcAvx512
 //   below (Cephes' float erfc, with exp(-x^2) carried to ~1 ulp), within 13 ulps of
 //   the exact erfc of that float argument (docs/internals/native-kernels.md states the
-//   measured bound, tests/test_kernels_f32.py checks it).
+//   measured bound, tests/_gelu_check.py checks it).
+// - kEpGeluTanh: jax.nn.gelu(x) (approximate=True, flax's default) as jax traces it,
+//     x * (0.5 * (1 + tanh(0.79788456f * (x + 0.044715f * (x * (x * x)))))),
+//   each operation rounded as there; only tanh differs: TanhAvx512 below (Cephes'
+//   float tanh), within 2 ulps of the exact tanh of its float argument.
 
 #ifndef JQX_KERNELS_CPU_EPILOGUE_H_
 #define JQX_KERNELS_CPU_EPILOGUE_H_
@@ -26,7 +30,7 @@
 
 namespace {
 
-enum EpAct : int64_t { kEpNone = 0, kEpGeluErf = 1 };
+enum EpAct : int64_t { kEpNone = 0, kEpGeluErf = 1, kEpGeluTanh = 2 };
 
 #ifdef __AVX512F__
 
@@ -99,6 +103,50 @@ inline __m512 GeluErfAvx512(__m512 x) {
   return _mm512_mul_ps(half, ErfcAvx512(arg));
 }
 
+// tanh(x), Cephes' single-precision tanhf: x + x^3 P(x^2) for |x| < 0.625; else
+// (1 - t) / (1 + t) with t = exp(-2 |x|) (at most 0.29: no cancellation), with x's
+// sign. Past |x| = 43.5 t stays exp(-87) and the result is +-1; NaN stays NaN.
+inline __m512 TanhAvx512(__m512 x) {
+  static constexpr float kP[] = {-5.70498872745E-3f, 2.06390887954E-2f, -5.37397155531E-2f,
+                                 1.33314422036E-1f, -3.33332819422E-1f};
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 ax = _mm512_abs_ps(x);
+  const __mmask16 small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+  __m512 out = _mm512_setzero_ps();
+  if (small != 0) {
+    const __m512 z = _mm512_mul_ps(x, x);
+    const __m512 p = EpPoly(z, kP);
+    out = _mm512_mask_mov_ps(out, small, _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x));
+  }
+  if (small != 0xFFFF) {
+    const __m512 t =
+        ExpNonPositiveT<SdAvx512>(_mm512_mul_ps(_mm512_set1_ps(-2.0f), ax));  // NaN kept
+    const __m512 r = _mm512_div_ps(_mm512_sub_ps(one, t), _mm512_add_ps(one, t));
+    // x's sign onto r (r >= 0, or NaN), in integer ops (AVX512F has no float and/or)
+    const __m512i sign =
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    const __m512 signed_r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+    out = _mm512_mask_mov_ps(out, static_cast<__mmask16>(~small), signed_r);
+  }
+  return out;
+}
+
+// jax.nn.gelu(x) (tanh form)'s trace, each operation rounded as there.
+inline __m512 GeluTanhAvx512(__m512 x) {
+  const __m512 cube = _mm512_mul_ps(x, _mm512_mul_ps(x, x));
+  const __m512 inner = _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044714998453855515f), cube));
+  const __m512 t = TanhAvx512(_mm512_mul_ps(_mm512_set1_ps(0.7978845834732056f), inner));
+  const __m512 h = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+  return _mm512_mul_ps(x, h);
+}
+
+// The activation ``act`` on one vector.
+inline __m512 EpActivation(__m512 y, int64_t act) {
+  if (act == kEpGeluErf) return GeluErfAvx512(y);
+  if (act == kEpGeluTanh) return GeluTanhAvx512(y);
+  return y;
+}
+
 // The epilogue on ``rows`` rows (stride ldc) of 32 columns of C in place: the columns
 // of each half that exist are m0 and m1; ``bias`` (or null) holds these 32 columns'.
 inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias, int64_t act,
@@ -112,9 +160,9 @@ inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias
       y0 = _mm512_add_ps(y0, b0);
       y1 = _mm512_add_ps(y1, b1);
     }
-    if (act == kEpGeluErf) {
-      y0 = GeluErfAvx512(y0);
-      if (m1 != 0) y1 = GeluErfAvx512(y1);
+    if (act != kEpNone) {
+      y0 = EpActivation(y0, act);
+      if (m1 != 0) y1 = EpActivation(y1, act);
     }
     _mm512_mask_storeu_ps(c, m0, y0);
     _mm512_mask_storeu_ps(c + 16, m1, y1);
@@ -138,7 +186,7 @@ inline void EpilogueRows(float* c, int64_t M, int64_t N, const float* bias, int6
 // then the activation.
 inline __m512 EpilogueVector(__m512 y, bool add, __m512 b, int64_t act) {
   if (add) y = _mm512_add_ps(y, b);
-  return act == kEpGeluErf ? GeluErfAvx512(y) : y;
+  return EpActivation(y, act);
 }
 
 #endif  // __AVX512F__

@@ -739,8 +739,9 @@ def w8a8_matmul(
 
 # The epilogues of the float32 GEMM and the VNNI W8A8 GEMM (epilogue.h's EpAct): what
 # runs on each output after the product and the bias. "gelu" is jax.nn.gelu(approximate=
-# False) as jax traces it: (0.5 f) * erfc((-f) * 0.70710677), erfc Cephes' (13 ulps).
-EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1}
+# False) as jax traces it: (0.5 f) * erfc((-f) * 0.70710677), erfc Cephes' (13 ulps);
+# "gelu_tanh" jax.nn.gelu(approximate=True)'s trace, tanh Cephes' (2 ulps).
+EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
 
 
 def _epilogue_args(name: str, bias, n: int, activation) -> tuple[jax.Array, np.int64]:
@@ -791,7 +792,8 @@ def w8a8_matmul_vnni(
     ``bias`` (float32 (N,)) and ``activation`` (``"gelu"``): a dense layer's epilogue
     on each rescaled output before it is stored, as :func:`f32_matmul`'s: ``+ bias[n]``
     is XLA's add bit for bit, the GELU ``jax.nn.gelu(approximate=False)``'s trace with
-    erfc within 13 ulps.
+    erfc within 13 ulps (``"gelu_tanh"``: ``jax.nn.gelu``'s tanh form, tanh within 2
+    ulps).
 
     Raises:
       ValueError: an operand of the wrong dtype or shape (named, with the fix).
@@ -905,7 +907,7 @@ def two_level_matmul(
       w: int8 (K, N) weight codes, or their :func:`pack_int8` panels.
       w_scale: float32 (N,), one scale per output column.
       bias: None, or float32 (N,): added to every row.
-      activation: None, or ``"gelu"`` (the exact, erf form).
+      activation: None, ``"gelu"`` (the exact, erf form) or ``"gelu_tanh"``.
 
     Returns:
       float32 (M, N).
@@ -1646,13 +1648,16 @@ def f32_matmul(
     as jax traces it, each multiply rounded as there and erfc Cephes' float erfc (with
     ``exp(-x^2)`` carried to about 1 ulp): within 13 ulps of the exact erfc of its float
     argument where that is at least ``2^-100`` (docs/internals/native-kernels.md), not
-    XLA's bits. Either way no second pass over the output is made.
+    XLA's bits; with ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax
+    traces it, each operation rounded as there and tanh Cephes' float tanh, within 2
+    ulps of the exact tanh of its float argument. Either way no second pass over the
+    output is made.
 
     Args:
       a: float32 (rows..., K), at least 2-D.
       b: float32 (K, N).
       bias: None, or float32 (N,): added to every row.
-      activation: None, or ``"gelu"`` (the exact, erf form).
+      activation: None, ``"gelu"`` (the exact, erf form) or ``"gelu_tanh"``.
 
     Returns:
       float32 (rows..., N).
