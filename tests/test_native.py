@@ -574,6 +574,26 @@ def test_missing_compiler_is_reported_not_raised(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_build_warns_once_and_is_reported(tmp_path):
+    """A compiler that runs and fails (a broken toolchain or source) is said once, as a
+    RuntimeWarning; status() keeps the message; the products run on XLA."""
+    out = _run(
+        """
+        import warnings
+        from jqx.kernels.cpu import native
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            print(native.available(), native.available())
+        print(len(w)); print(w[0].message); print(native.status().splitlines()[0])
+        """,
+        {"JQX_CACHE_DIR": str(tmp_path), "CXX": "/bin/false"},
+    )
+    ok, count, message, reason = out.splitlines()
+    assert ok == "False False" and count == "1"
+    assert "int8_gemm.cc failed to build" in message and "JQX_NATIVE=0" in message
+    assert reason == "compiling int8_gemm.cc failed:"
+
+
 # ----------------------------------------------------------------- W8A8, quantization fused
 # native.w8a8_matmul (conv_int8.cc's AVX2 library) and native.w8a8_matmul_vnni (the
 # AVX512-VNNI GEMM's library): the activation quantization inside the kernel,

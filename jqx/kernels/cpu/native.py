@@ -84,6 +84,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -306,6 +307,10 @@ def _build(lib: _Library) -> Path:
     return out
 
 
+class _BuildError(RuntimeError):
+    """The compiler ran and failed: a broken toolchain or source, not a missing feature."""
+
+
 def _compile(cxx: str, lib: _Library, include: str, cache: Path, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
@@ -317,7 +322,7 @@ def _compile(cxx: str, lib: _Library, include: str, cache: Path, out: Path) -> N
             timeout=600,
         )
         if r.returncode != 0:
-            raise RuntimeError(f"compiling {lib.src.name} failed:\n{r.stderr[-2000:]}")
+            raise _BuildError(f"compiling {lib.src.name} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: never a half-written library under `out`
     finally:
         if os.path.exists(tmp):
@@ -372,6 +377,17 @@ def _available(lib: _Library) -> bool:
                     lib.ok, lib.reason = True, "available"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     lib.ok, lib.reason = False, str(e)
+                    if isinstance(e, _BuildError):
+                        # Not a CPU or machine without the means: said once, loudly,
+                        # since every product then runs on XLA, slower.
+                        warnings.warn(
+                            f"jqx: the native CPU kernels of {lib.src.name} failed to build, so "
+                            "XLA runs the products they would run; the compiler's message is "
+                            "in jqx.kernels.cpu.native.status() (and its siblings); set "
+                            "JQX_NATIVE=0 to turn the kernels off.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
     return bool(lib.ok)
 
 
