@@ -780,15 +780,16 @@ def test_choose_float_dot_routing():
         choose(x, w, DN, backend="gpu")
 
 
+# Float products the native GEMM takes as laid out: x @ W, two contracted dims, a 3-D W.
+FLOAT_DOT_CASES = [
+    ((64, 384), (384, 200), DN),
+    ((2, 40, 6, 64), (6, 64, 100), (((2, 3), (0, 1)), ((), ()))),
+    ((3, 50, 384), (384, 2, 48), (((2,), (0,)), ((), ()))),
+]
+
+
 @pytest.mark.skipif(not native.available(), reason=native.status())
-@pytest.mark.parametrize(
-    "xs,ws,dn",
-    [
-        ((64, 384), (384, 200), DN),
-        ((2, 40, 6, 64), (6, 64, 100), (((2, 3), (0, 1)), ((), ()))),
-        ((3, 50, 384), (384, 2, 48), (((2,), (0,)), ((), ()))),
-    ],
-)
+@pytest.mark.parametrize("xs,ws,dn", FLOAT_DOT_CASES)
 def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
@@ -812,14 +813,7 @@ def test_float_dot_general_native_within_bound_and_xla_bit_for_bit(xs, ws, dn):
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())
-@pytest.mark.parametrize(
-    "xs,ws,dn",
-    [
-        ((64, 384), (384, 200), DN),
-        ((2, 40, 6, 64), (6, 64, 100), (((2, 3), (0, 1)), ((), ()))),
-        ((3, 50, 384), (384, 2, 48), (((2,), (0,)), ((), ()))),
-    ],
-)
+@pytest.mark.parametrize("xs,ws,dn", FLOAT_DOT_CASES)
 def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     """On the native GEMM the bias is XLA's add bit for bit and the GELU within its bound,
     both inside the one kernel call; epilogue=False and the XLA route are the ops

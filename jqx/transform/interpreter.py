@@ -747,9 +747,10 @@ def _only_use(v, uses, outvars):
     return us[0] if len(us) == 1 and v not in outvars else None
 
 
-def _scalar_times(eqn, v, value: float) -> bool:
-    """Whether ``eqn`` is ``mul`` of ``v`` and the float32 literal ``value`` (either order)."""
-    if eqn.primitive.name != "mul" or len(eqn.invars) != 2 or v not in eqn.invars:
+def _scalar_op(eqn, name: str, v, value: float) -> bool:
+    """Whether ``eqn`` is ``name`` (``mul``, ``add``) of ``v`` and the float32 literal
+    ``value``, in either order."""
+    if eqn.primitive.name != name or len(eqn.invars) != 2 or v not in eqn.invars:
         return False
     c = eqn.invars[1 - eqn.invars.index(v)]
     if not isinstance(c, jcore.Literal) or np.shape(c.val) != ():
@@ -764,7 +765,7 @@ def _gelu_erf(eqns, f, uses, outvars):
     if len(us) != 2 or f in outvars:
         return None
     by = {eqns[j].primitive.name: j for j, _ in us}
-    if set(by) != {"mul", "neg"} or not _scalar_times(eqns[by["mul"]], f, 0.5):
+    if set(by) != {"mul", "neg"} or not _scalar_op(eqns[by["mul"]], "mul", f, 0.5):
         return None
     g = eqns[by["mul"]].outvars[0]
     steps = [by["mul"], by["neg"]]
@@ -774,7 +775,7 @@ def _gelu_erf(eqns, f, uses, outvars):
         if u is None or eqns[u[0]].primitive.name != want:
             return None
         e = eqns[u[0]]
-        if want == "mul" and len(steps) == 2 and not _scalar_times(e, v, 0.7071067690849304):
+        if want == "mul" and len(steps) == 2 and not _scalar_op(e, "mul", v, 0.7071067690849304):
             return None
         if want == "mul" and len(steps) == 4:  # the last: g times erfc's output
             if sorted(map(id, e.invars)) != sorted((id(g), id(v))):
@@ -815,25 +816,13 @@ def _gelu_tanh(eqns, f, uses, outvars):
         if other is f:
             if len(e.invars) != 2 or e.invars[1 - u[1]] is not f:
                 return None
-        elif other is not None and not (
-            _scalar_times(e, v, other) if want == "mul" else _scalar_plus(e, v, other)
-        ):
+        elif other is not None and not _scalar_op(e, want, v, other):
             return None
         steps.append(u[0])
         v = e.outvars[0]
     if sorted(j for j, _ in us) != sorted((steps[0], steps[2], steps[-1])):
         return None
     return steps[-1], tuple(steps[:-1])
-
-
-def _scalar_plus(eqn, v, value: float) -> bool:
-    """Whether ``eqn`` is ``add`` of ``v`` and the float32 literal ``value``."""
-    if eqn.primitive.name != "add" or len(eqn.invars) != 2 or v not in eqn.invars:
-        return False
-    c = eqn.invars[1 - eqn.invars.index(v)]
-    if not isinstance(c, jcore.Literal) or np.shape(c.val) != ():
-        return False
-    return np.float32(c.val) == np.float32(value)
 
 
 def _bias_var(eqns, producer, b, out_shape, tail):

@@ -173,12 +173,8 @@ inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias
 inline void EpilogueRows(float* c, int64_t M, int64_t N, const float* bias, int64_t act) {
   for (int64_t p = 0; p * 32 < N; ++p) {
     const int64_t w = std::min<int64_t>(32, N - p * 32);
-    const auto mask = [](int64_t n) {
-      return n >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
-    };
-    EpilogueBlock(c + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act, mask(w),
-                  mask(w - 16));
+    EpilogueBlock(c + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act,
+                  SdAvx512::Mask(w), SdAvx512::Mask(std::max<int64_t>(w - 16, 0)));
   }
 }
 

@@ -760,17 +760,22 @@ def w8a8_matmul(
 EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
 
 
+def _check_float32(fn: str, arg: str, x) -> None:
+    """A ValueError naming ``fn``'s argument ``arg`` unless ``x`` is a float32 array."""
+    array = hasattr(x, "shape") and hasattr(x, "dtype")
+    if not array or jnp.dtype(x.dtype) != jnp.float32:
+        got = _describe(x) if array else type(x).__name__
+        raise ValueError(
+            f"{fn}: {arg} must be a float32 array, got {got}; cast it with "
+            "jnp.asarray(...).astype(jnp.float32)."
+        )
+
+
 def _epilogue_args(name: str, bias, n: int, activation) -> tuple[jax.Array, np.int64]:
     """The kernel's bias operand ((n,), or (0,) for none) and activation code, after
     checking them (errors name ``name``'s arguments)."""
     if bias is not None:
-        array = hasattr(bias, "shape") and hasattr(bias, "dtype")
-        if not array or jnp.dtype(bias.dtype) != jnp.float32:
-            got = _describe(bias) if array else type(bias).__name__
-            raise ValueError(
-                f"{name}: bias must be a float32 array, got {got}; cast it with "
-                "jnp.asarray(...).astype(jnp.float32)."
-            )
+        _check_float32(name, "bias", bias)
         if tuple(bias.shape) != (n,):
             raise ValueError(
                 f"{name}: bias must be (N,) = ({n},), one value per output column, got "
@@ -1691,14 +1696,8 @@ def f32_matmul(
         >>> (native.f32_matmul(a, b) if native.available() else a @ b).tolist()
         [[3.0, 3.0], [12.0, 12.0]]
     """
-    for name, x in (("a", a), ("b", b)):
-        array = hasattr(x, "shape") and hasattr(x, "dtype")
-        if not array or jnp.dtype(x.dtype) != jnp.float32:
-            got = _describe(x) if array else type(x).__name__
-            raise ValueError(
-                f"f32_matmul: {name} must be a float32 array, got {got}; cast it with "
-                "jnp.asarray(...).astype(jnp.float32)."
-            )
+    _check_float32("f32_matmul", "a", a)
+    _check_float32("f32_matmul", "b", b)
     if a.ndim < 2 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
         raise ValueError(
             f"f32_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} do not fit: a is "
