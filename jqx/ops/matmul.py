@@ -67,11 +67,12 @@ def dot_general(
       bias: None, or an array of the shape of rhs's free dims (a Dense layer's bias),
         added to the product (``jqx.quantized`` passes the one a program adds).
       activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``) or
-        ``"gelu_tanh"`` (``jax.nn.gelu``'s tanh form), applied after the bias. On a kernel that applies both as it stores its outputs (the
-        AVX512-VNNI W8A8 and int8 weight-only GEMM, float32 output) they run there,
-        the add bit for bit and the GELU within :func:`float_dot_general`'s bound
-        (``policy(epilogue=False)``: XLA's ops after it); elsewhere they are XLA's
-        add and ``jax.nn.gelu`` on the product, as a program writes them.
+        ``"gelu_tanh"`` (``jax.nn.gelu``'s tanh form), applied after the bias. On a
+        kernel that applies both as it stores its outputs (the AVX512-VNNI W8A8 and int8
+        weight-only GEMM, float32 output) they run there, the add bit for bit and the
+        GELU within :func:`float_dot_general`'s bound (``policy(epilogue=False)``:
+        XLA's ops after it); elsewhere they are XLA's add and ``jax.nn.gelu`` on the
+        product, as a program writes them.
 
     Returns:
       The product, with ``lax.dot_general``'s output layout (batch dims, lhs
@@ -92,6 +93,7 @@ def dot_general(
     _check_backend(backend)
     dn = _normalise(dimension_numbers)
     _check_epilogue("dot_general", rhs, dn, bias, activation)
+    bias = None if bias is None else jnp.asarray(bias)
     lq, rq = is_qarray(lhs), is_qarray(rhs)
     if not lq and not rq:
         y = lax.dot_general(
@@ -133,7 +135,7 @@ def float_dot_general(
     dense layer's bias and activation.
 
     :func:`jqx.quantized` sends every product without a QArray operand here (with the
-    bias add and ``jax.nn.gelu(approximate=False)`` it finds right after one). The native
+    bias add and ``jax.nn.gelu``, either form, it finds right after one). The native
     GEMM (``jqx.native.f32_matmul``) takes float32 products laid out as one matrix
     product (``x @ W``: no batch dims, lhs contracting its last axes, rhs its first) of
     enough rows; it sums each output as one fused multiply-add chain over k, within the
@@ -183,6 +185,7 @@ def float_dot_general(
     """
     dn = _normalise(dimension_numbers)
     tail = _check_epilogue("float_dot_general", rhs, dn, bias, activation)
+    bias = None if bias is None else jnp.asarray(bias)
     route = dispatch.choose_float_dot(lhs, rhs, dn, preferred_element_type, backend)
     if route == "xla":
         y = lax.dot_general(
