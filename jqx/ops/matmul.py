@@ -148,7 +148,7 @@ def float_dot_general(
     native GEMM both run inside it, on each output block while it is in cache
     (``policy(epilogue=False)``: XLA's ops after it): the add is XLA's add bit for
     bit; ``"gelu"`` is ``jax.nn.gelu(approximate=False)``'s trace, ``(0.5 f) *
-    erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 13
+    erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 8
     ulps of the exact erfc of its float argument (XLA's erfc: up to ~70 ulps in the
     tail; docs/internals/native-kernels.md); ``"gelu_tanh"`` is ``jax.nn.gelu``'s tanh
     form (``approximate=True``, flax's default) as traced, tanh within 2 ulps. On XLA

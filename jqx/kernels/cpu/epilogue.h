@@ -10,7 +10,7 @@
 // - kEpGeluErf: jax.nn.gelu(x, approximate=False) as jax traces it,
 //     (0.5 x) * erfc((-x) * 0.70710677f),
 //   with every multiply rounded as there; only erfc differs from XLA's: ErfcAvx512
-//   below (Cephes' float erfc, with exp(-x^2) carried to ~1 ulp), within 13 ulps of
+//   below (Cephes' float erfc, with exp(-x^2) carried to ~1 ulp), within 8 ulps of
 //   the exact erfc of that float argument (docs/internals/native-kernels.md states the
 //   measured bound, tests/_gelu_check.py checks it).
 // - kEpGeluTanh: jax.nn.gelu(x) (approximate=True, flax's default) as jax traces it,
@@ -43,17 +43,24 @@ inline __m512 EpPoly(__m512 x, const float (&c)[n]) {
   return p;
 }
 
-// erfc(x), Cephes' single-precision erfcf: 1 - x T(x^2) for |x| < 1; else
-// exp(-x^2) P(1/x^2) / |x| (|x| < 2) or exp(-x^2) R(1/x^2) / |x|, reflected as 2 - that
-// for x < 0. exp(-x^2) is exp(-p) (1 - e) with p = fl(x^2) and e = x^2 - p exactly (an
-// FMA), so the square's rounding (up to ~87 u at the tail) does not reach the result.
-// erfc is 0 from x ~ 9.3 (where exp(-x^2) leaves the normal floats), 2 from -9.3; a
-// NaN stays NaN.
+// erfc(x): Cephes' single-precision erfcf, and one more piece where it cancels.
+// - |x| < 0.5: 1 - x T(x^2) (Cephes' erf; erfc > 0.47 there, so little cancels).
+// - 0.5 <= |x| < 1: exp(-x^2) N(|x| - 0.75), N a degree-7 fit of erfc(x) exp(x^2) on
+//   [0.5, 1] (relative error 7e-10). Cephes' 1 - x T(x^2) lost up to 12 ulps there.
+// - 1 <= |x| < 2: exp(-x^2) P(1/x^2) / |x|; beyond, exp(-x^2) R(1/x^2) / |x|.
+// - x < 0: 2 - erfc(|x|).
+// exp(-x^2) is exp(-p) (1 - e) with p = fl(x^2) and e = x^2 - p exactly (an FMA), so
+// the square's rounding (up to ~87 u at the tail) does not reach the result. erfc is 0
+// from x ~ 9.3 (where exp(-x^2) leaves the normal floats), 2 from -9.3; NaN stays NaN.
 inline __m512 ErfcAvx512(__m512 x) {
   static constexpr float kT[] = {7.853861353153693E-5f,  -8.010193625184903E-4f,
                                  5.188327685732524E-3f,  -2.685381193529856E-2f,
                                  1.128358514861418E-1f,  -3.761262582423300E-1f,
                                  1.128379165726710E+0f};
+  static constexpr float kN[] = {-0.0061851818989024235f, 0.0145977486872177f,
+                                 -0.03189097099579181f,   0.06677843948810437f,
+                                 -0.12983617144237414f,   0.23095828315457695f,
+                                 -0.36797269114211834f,   0.5069376499966746f};
   static constexpr float kP[] = {2.326819970068386E-2f,  -1.387039388740657E-1f,
                                  3.687424674597105E-1f,  -5.824733027278666E-1f,
                                  6.210004621745983E-1f,  -4.944515323274145E-1f,
@@ -65,7 +72,7 @@ inline __m512 ErfcAvx512(__m512 x) {
                                  -2.820767439740514E-1f, 5.641895067754075E-1f};
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 ax = _mm512_abs_ps(x);
-  const __mmask16 small = _mm512_cmp_ps_mask(ax, one, _CMP_LT_OQ);
+  const __mmask16 small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.5f), _CMP_LT_OQ);
   __m512 out = _mm512_setzero_ps();
   if (small != 0) {
     const __m512 t = EpPoly(_mm512_mul_ps(x, x), kT);
@@ -76,21 +83,29 @@ inline __m512 ErfcAvx512(__m512 x) {
     const __m512 e = _mm512_fmsub_ps(ax, ax, p);  // x^2 - p, exact
     __m512 z = ExpNonPositiveT<SdAvx512>(_mm512_sub_ps(_mm512_setzero_ps(), p));
     z = _mm512_fnmadd_ps(z, e, z);  // exp(-p - e) ~ exp(-p) (1 - e)
-    const __m512 q = _mm512_div_ps(one, ax);
-    const __m512 y = _mm512_mul_ps(q, q);
-    const __mmask16 mid = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(2.0f), _CMP_LT_OQ) & ~small;
-    const __mmask16 tail = static_cast<__mmask16>(~small & ~mid);
-    __m512 poly = _mm512_setzero_ps();
-    if (mid != 0) poly = _mm512_mask_mov_ps(poly, mid, EpPoly(y, kP));
-    // (NaN lanes fall in the tail: NaN either way.)
-    if (tail != 0) poly = _mm512_mask_mov_ps(poly, tail, EpPoly(y, kR));
-    __m512 r = _mm512_mul_ps(_mm512_mul_ps(z, q), poly);
+    const __mmask16 big = static_cast<__mmask16>(~small);
+    const __mmask16 near = _mm512_cmp_ps_mask(ax, one, _CMP_LT_OQ) & big;
+    const __mmask16 mid = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(2.0f), _CMP_LT_OQ) & big & ~near;
+    const __mmask16 tail = static_cast<__mmask16>(big & ~near & ~mid);  // (and NaN lanes)
+    __m512 r = _mm512_setzero_ps();
+    if (near != 0) {
+      const __m512 n = EpPoly(_mm512_sub_ps(ax, _mm512_set1_ps(0.75f)), kN);
+      r = _mm512_mask_mov_ps(r, near, _mm512_mul_ps(z, n));
+    }
+    if ((mid | tail) != 0) {
+      const __m512 q = _mm512_div_ps(one, ax);
+      const __m512 y = _mm512_mul_ps(q, q);
+      __m512 poly = _mm512_setzero_ps();
+      if (mid != 0) poly = _mm512_mask_mov_ps(poly, mid, EpPoly(y, kP));
+      if (tail != 0) poly = _mm512_mask_mov_ps(poly, tail, EpPoly(y, kR));
+      r = _mm512_mask_mov_ps(r, mid | tail, _mm512_mul_ps(_mm512_mul_ps(z, q), poly));
+    }
     // 0 where exp(-x^2) is below the normal floats (x^2 > 87; x infinite too: e is NaN
     // there). NaN x: p is NaN, the comparison false, the NaN kept.
     r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(p, _mm512_set1_ps(87.0f), _CMP_NGT_UQ), r);
     const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     r = _mm512_mask_sub_ps(r, neg, _mm512_set1_ps(2.0f), r);
-    out = _mm512_mask_mov_ps(out, static_cast<__mmask16>(~small), r);
+    out = _mm512_mask_mov_ps(out, big, r);
   }
   return out;
 }
