@@ -993,6 +993,10 @@ def test_w8a8_and_two_level_epilogue(m, k, n, amx_mode):
             assert_gelu_within_bound(f, fn(x, ww, ws, bias=bias, activation="gelu"))
             assert_gelu_within_bound(y, fn(x, ww, ws, activation="gelu"))
             assert_gelu_tanh_within_bound(f, fn(x, ww, ws, bias=bias, activation="gelu_tanh"))
+            relu = np.asarray(jax.jit(jax.nn.relu)(f))
+            np.testing.assert_array_equal(
+                np.asarray(fn(x, ww, ws, bias=bias, activation="relu")), relu
+            )
 
 
 @pytest.mark.skipif(not native.available(), reason=f"native int8 GEMM: {native.status()}")
@@ -1240,6 +1244,8 @@ def test_f32_matmul_bias_is_the_add_bit_for_bit_and_gelu_within_bound(m, k, n):
     assert_gelu_within_bound(f, native.f32_matmul(a, b, bias, "gelu"))
     assert_gelu_within_bound(c, native.f32_matmul(a, b, activation="gelu"))
     assert_gelu_tanh_within_bound(f, native.f32_matmul(a, b, bias, "gelu_tanh"))
+    relu = np.asarray(jax.jit(jax.nn.relu)(f))  # XLA's max(f, 0): bit for bit
+    np.testing.assert_array_equal(np.asarray(native.f32_matmul(a, b, bias, "relu")), relu)
 
 
 @needs_native
@@ -1289,6 +1295,12 @@ def test_f32_matmul_gelu_over_a_sweep_and_special_values():
     for v in (np.inf, -np.inf, big, -big):
         i = np.where(x == v)[0][0]
         np.testing.assert_array_equal(got[i, 0], tanh_form[i])
+    # ReLU: XLA's max(x, 0) bit for bit, signed zeros and NaN's sign included.
+    x2 = np.concatenate([x, [-np.nan]]).astype(np.float32)
+    c2 = np.asarray(native.f32_matmul(jnp.asarray(x2[:, None]), b))
+    got = np.asarray(native.f32_matmul(jnp.asarray(x2[:, None]), b, activation="relu"))
+    want = np.asarray(jax.jit(jax.nn.relu)(c2))
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 @needs_native
@@ -1325,5 +1337,5 @@ def test_f32_matmul_epilogue_bad_input_names_the_argument():
         native.f32_matmul(a, b, jnp.ones((4,), jnp.int32))
     with pytest.raises(ValueError, match=r"bias must be \(N,\) = \(4,\).*got \(1, 4\)"):
         native.f32_matmul(a, b, jnp.ones((1, 4)))
-    with pytest.raises(ValueError, match=r"activation must be one of .*'gelu'.*got 'relu'"):
-        native.f32_matmul(a, b, activation="relu")
+    with pytest.raises(ValueError, match=r"activation must be one of .*'relu'.*got 'silu'"):
+        native.f32_matmul(a, b, activation="silu")

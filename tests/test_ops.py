@@ -832,6 +832,10 @@ def test_float_dot_general_bias_and_gelu(xs, ws, dn):
     assert_gelu_within_bound(f, fn(x, w, bias))
     tanh_form = fdg(x, w, dn, backend="native", bias=bias, activation="gelu_tanh")
     assert_gelu_tanh_within_bound(f, tanh_form)
+    np.testing.assert_array_equal(  # ReLU: bit for bit
+        np.asarray(fdg(x, w, dn, backend="native", bias=bias, activation="relu")),
+        np.asarray(jax.jit(jax.nn.relu)(f)),
+    )
     np.testing.assert_array_equal(
         np.asarray(fdg(x, w, dn, backend="xla", bias=bias, activation="gelu_tanh")),
         np.asarray(jax.nn.gelu(lax.dot_general(x, w, dn) + bias)),
@@ -904,9 +908,10 @@ def test_float_dot_general_epilogue_bad_input():
     with pytest.raises(ValueError, match=r"bias has shape \(1, 3\).*rhs's free dims \(3,\)"):
         jqx.ops.float_dot_general(x, w, DN, bias=jnp.ones((1, 3)))
     with pytest.raises(
-        ValueError, match=r"activation='relu' must be None or one of \['gelu', 'gelu_tanh'\]"
+        ValueError,
+        match=r"activation='silu' must be None or one of \['gelu', 'gelu_tanh', 'relu'\]",
     ):
-        jqx.ops.float_dot_general(x, w, DN, activation="relu")
+        jqx.ops.float_dot_general(x, w, DN, activation="silu")
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())

@@ -506,6 +506,7 @@ def test_epilogue_only_where_the_chain_is_the_layers_alone():
         "product used twice": (twice, (1, 0)),
         "pre-activation used twice": (pre_twice, (1, 1)),
         "another activation: the bias only": (lambda w, b, x: jnp.tanh(x @ w + b), (1, 1)),
+        "ReLU: folded, bit for bit": (lambda w, b, x: jax.nn.relu(x @ w + b), (1, 0)),
         "residual, not a bias": (lambda w, b, x: gelu(x @ w + r), (1, 1)),
         "bias before the product": (lambda w, b, x: gelu((x + 1.0) @ w) + b, (1, 1)),
     }

@@ -66,13 +66,13 @@ def dot_general(
         kernel does not compute run on XLA. See docs/internals/dispatch.md.
       bias: None, or an array of the shape of rhs's free dims (a Dense layer's bias),
         added to the product (``jqx.quantized`` passes the one a program adds).
-      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``) or
-        ``"gelu_tanh"`` (``jax.nn.gelu``'s tanh form), applied after the bias. On a
-        kernel that applies both as it stores its outputs (the AVX512-VNNI W8A8 and int8
-        weight-only GEMM, float32 output) they run there, the add bit for bit and the
-        GELU within :func:`float_dot_general`'s bound (``policy(epilogue=False)``:
-        XLA's ops after it); elsewhere they are XLA's add and ``jax.nn.gelu`` on the
-        product, as a program writes them.
+      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``),
+        ``"gelu_tanh"`` (``jax.nn.gelu``'s tanh form) or ``"relu"``, applied after the
+        bias. On a kernel that applies both as it stores its outputs (the AVX512-VNNI
+        W8A8 and int8 weight-only GEMM, float32 output) they run there, the add and
+        ReLU bit for bit and the GELU within :func:`float_dot_general`'s bound
+        (``policy(epilogue=False)``: XLA's ops after it); elsewhere they are XLA's add
+        and activation on the product, as a program writes them.
 
     Returns:
       The product, with ``lax.dot_general``'s output layout (batch dims, lhs
@@ -116,6 +116,7 @@ def dot_general(
 FLOAT_ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
 }
 
 
@@ -151,8 +152,10 @@ def float_dot_general(
     erfc((-f) * 0.70710677)``, with every multiply rounded as there and erfc within 8
     ulps of the exact erfc of its float argument (XLA's erfc: up to ~70 ulps in the
     tail; docs/internals/native-kernels.md); ``"gelu_tanh"`` is ``jax.nn.gelu``'s tanh
-    form (``approximate=True``, flax's default) as traced, tanh within 2 ulps. On XLA
-    they are ``y + bias`` and ``jax.nn.gelu(y, approximate=...)``, the program's own ops.
+    form (``approximate=True``, flax's default) as traced, tanh within 2 ulps;
+    ``"relu"`` is ``jax.nn.relu``, bit for bit. On XLA they are ``y + bias`` and the
+    activation (``jax.nn.gelu(y, approximate=...)``, ``jax.nn.relu(y)``), the program's
+    own ops.
 
     Args:
       lhs, rhs: float arrays.
@@ -163,8 +166,9 @@ def float_dot_general(
         it takes, any size), ``"xla"`` or ``"pallas"`` (XLA's dot).
       bias: None, or an array of the shape of the product's last dims, rhs's free dims
         (a ``Dense`` layer's bias): added to every output row.
-      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``) or
-        ``"gelu_tanh"`` (``jax.nn.gelu(approximate=True)``).
+      activation: None, ``"gelu"`` (``jax.nn.gelu(approximate=False)``),
+        ``"gelu_tanh"`` (``jax.nn.gelu(approximate=True)``) or ``"relu"``
+        (``jax.nn.relu``).
 
     Returns:
       ``lax.dot_general``'s result (then the bias and activation): its shape and dtype.

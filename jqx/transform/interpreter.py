@@ -719,7 +719,8 @@ def _float_dot(ctx: _Ctx, eqn, invals, bias=None, activation=None):
 #   g = mul 0.5 f; h = neg f; i = mul h 0.70710677; j = erfc i; out = mul g j,
 # with ``jax.nn.gelu(f)`` (the tanh form, flax's default) to
 #   b = integer_pow[y=3] f; c = mul 0.044715 b; d = add f c; e = mul 0.7978846 d;
-#   t = tanh e; g = add 1.0 t; h = mul 0.5 g; out = mul f h.
+#   t = tanh e; g = add 1.0 t; h = mul 0.5 g; out = mul f h,
+# with ``jax.nn.relu(f)`` to a custom_jvp call of ``max(f, 0.0)`` (inside a jit).
 # Where y and each step's output feed only the next step, the whole chain runs as one
 # jqx.ops.float_dot_general(x, W, bias=b, activation=...) at its last eqn: on the native
 # float32 GEMM the bias and GELU are applied to each output block while it is in cache
@@ -825,6 +826,25 @@ def _gelu_tanh(eqns, f, uses, outvars):
     return steps[-1], tuple(steps[:-1])
 
 
+def _relu(eqns, f, uses, outvars):
+    """``(last, ())`` where ``f``'s one use is ``jax.nn.relu(f)``: a ``custom_jvp_call``
+    whose body, through ``jit`` calls of one eqn each, is ``max(f, 0.0)``; else None."""
+    u = _only_use(f, uses, outvars)
+    if u is None:
+        return None
+    e, v = eqns[u[0]], f
+    while e.primitive.name in ("custom_jvp_call", "jit", "pjit"):
+        inner = _inner_jaxpr(e)
+        if inner is None or len(e.invars) != 1 or e.invars[0] is not v:
+            return None
+        if len(inner.eqns) != 1 or len(inner.invars) != 1 or len(inner.outvars) != 1:
+            return None
+        v, e = inner.invars[0], inner.eqns[0]
+        if e.outvars[0] is not inner.outvars[0]:
+            return None
+    return (u[0], ()) if _scalar_op(e, "max", v, 0.0) else None
+
+
 def _bias_var(eqns, producer, b, out_shape, tail):
     """The var holding a Dense bias of shape ``tail`` that ``b`` (an add's operand)
     broadcasts onto the product's rows, or None: ``b`` itself where its shape is 1s then
@@ -864,7 +884,7 @@ def _epilogue(eqns, i, producer, uses, outvars) -> _Epilogue | None:
     f = add.outvars[0]
     if bias is None or f.aval.shape != y.aval.shape or f.aval.dtype != y.aval.dtype:
         return None
-    for activation, match in (("gelu", _gelu_erf), ("gelu_tanh", _gelu_tanh)):
+    for activation, match in (("gelu", _gelu_erf), ("gelu_tanh", _gelu_tanh), ("relu", _relu)):
         found = match(eqns, f, uses, outvars)
         if found is not None:
             last, steps = found

@@ -17,6 +17,8 @@
 //     x * (0.5 * (1 + tanh(0.79788456f * (x + 0.044715f * (x * (x * x)))))),
 //   each operation rounded as there; only tanh differs: TanhAvx512 below (Cephes'
 //   float tanh), within 2 ulps of the exact tanh of its float argument.
+// - kEpRelu: jax.nn.relu(x), max(x, 0) as XLA computes it, bit for bit: x where x > 0
+//   or NaN, else +0 (-0 too).
 
 #ifndef JQX_KERNELS_CPU_EPILOGUE_H_
 #define JQX_KERNELS_CPU_EPILOGUE_H_
@@ -30,7 +32,7 @@
 
 namespace {
 
-enum EpAct : int64_t { kEpNone = 0, kEpGeluErf = 1, kEpGeluTanh = 2 };
+enum EpAct : int64_t { kEpNone = 0, kEpGeluErf = 1, kEpGeluTanh = 2, kEpRelu = 3 };
 
 #ifdef __AVX512F__
 
@@ -159,6 +161,8 @@ inline __m512 GeluTanhAvx512(__m512 x) {
 inline __m512 EpActivation(__m512 y, int64_t act) {
   if (act == kEpGeluErf) return GeluErfAvx512(y);
   if (act == kEpGeluTanh) return GeluTanhAvx512(y);
+  if (act == kEpRelu)  // y where !(y <= 0): y > 0 or NaN; else +0
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NLE_UQ), y);
   return y;
 }
 

@@ -316,7 +316,7 @@ xla::ffi::Error F32GemmImpl(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<
     return xla::ffi::Error::InvalidArgument(
         "jqx_f32_gemm: expected A (rows..., K), B (K, N), bias (N,) or (0,), C (rows..., N), "
         "with any leading dims of B and the bias broadcasting against A's");
-  if (activation < kEpNone || activation > kEpGeluTanh)
+  if (activation < kEpNone || activation > kEpRelu)
     return xla::ffi::Error::InvalidArgument("jqx_f32_gemm: unknown activation");
   XlaPoolScope xla_scope(xla_pool, RowsOf(ad) > kXlaPoolRows);
   const int64_t K = ad.back(), N = bd[L + 1];

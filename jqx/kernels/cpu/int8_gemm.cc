@@ -1481,7 +1481,7 @@ ffi::Error W8A8VnniImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   const auto bd = bias.dimensions();
   const auto od0 = out->dimensions();
   if (bd.size() != 1 || od0.size() != 2 || (bd[0] != 0 && bd[0] != od0[1]) ||
-      (activation < kEpNone || activation > kEpGeluTanh))
+      (activation < kEpNone || activation > kEpRelu))
     return ffi::Error::InvalidArgument(
         "jqx_w8a8_vnni: the bias must be (N,) or (0,), the activation known");
   const float* E = bd[0] == 0 ? nullptr : bias.typed_data();

@@ -756,8 +756,9 @@ def w8a8_matmul(
 # The epilogues of the float32 GEMM and the VNNI W8A8 GEMM (epilogue.h's EpAct): what
 # runs on each output after the product and the bias. "gelu" is jax.nn.gelu(approximate=
 # False) as jax traces it: (0.5 f) * erfc((-f) * 0.70710677), erfc Cephes' with one more piece (8 ulps);
-# "gelu_tanh" jax.nn.gelu(approximate=True)'s trace, tanh Cephes' (2 ulps).
-EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
+# "gelu_tanh" jax.nn.gelu(approximate=True)'s trace, tanh Cephes' (2 ulps); "relu"
+# jax.nn.relu, XLA's max(x, 0) bit for bit.
+EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 def _check_float32(fn: str, arg: str, x) -> None:
@@ -814,7 +815,7 @@ def w8a8_matmul_vnni(
     on each rescaled output before it is stored, as :func:`f32_matmul`'s: ``+ bias[n]``
     is XLA's add bit for bit, the GELU ``jax.nn.gelu(approximate=False)``'s trace with
     erfc within 8 ulps (``"gelu_tanh"``: ``jax.nn.gelu``'s tanh form, tanh within 2
-    ulps).
+    ulps; ``"relu"``: ``jax.nn.relu``, bit for bit).
 
     Raises:
       ValueError: an operand of the wrong dtype or shape (named, with the fix).
@@ -928,7 +929,7 @@ def two_level_matmul(
       w: int8 (K, N) weight codes, or their :func:`pack_int8` panels.
       w_scale: float32 (N,), one scale per output column.
       bias: None, or float32 (N,): added to every row.
-      activation: None, ``"gelu"`` (the exact, erf form) or ``"gelu_tanh"``.
+      activation: None, ``"gelu"`` (the exact, erf form), ``"gelu_tanh"`` or ``"relu"``.
 
     Returns:
       float32 (M, N).
@@ -1672,14 +1673,15 @@ def f32_matmul(
     argument where that is at least ``2^-100`` (docs/internals/native-kernels.md), not
     XLA's bits; with ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax
     traces it, each operation rounded as there and tanh Cephes' float tanh, within 2
-    ulps of the exact tanh of its float argument. Either way no second pass over the
-    output is made.
+    ulps of the exact tanh of its float argument; with ``activation="relu"``,
+    ``jax.nn.relu(f)`` bit for bit (``f`` where ``f > 0`` or NaN, else +0). Either way
+    no second pass over the output is made.
 
     Args:
       a: float32 (rows..., K), at least 2-D.
       b: float32 (K, N).
       bias: None, or float32 (N,): added to every row.
-      activation: None, ``"gelu"`` (the exact, erf form) or ``"gelu_tanh"``.
+      activation: None, ``"gelu"`` (the exact, erf form), ``"gelu_tanh"`` or ``"relu"``.
 
     Returns:
       float32 (rows..., N).
