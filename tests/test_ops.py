@@ -903,6 +903,12 @@ def test_dot_general_bias_and_gelu_in_the_int8_kernels(recipe, prepack):
         jqx.ops.dot_general(x, q, dn, bias=jnp.ones((8,)))
 
 
+def test_activation_names_are_the_kernels():
+    """jqx.ops and the native kernels name the same activations (the kernels cannot
+    import jqx.ops, so each keeps its table)."""
+    assert set(jqx.ops.matmul.FLOAT_ACTIVATIONS) == set(native.EPILOGUE_ACTIVATIONS) - {None}
+
+
 def test_float_dot_general_epilogue_bad_input():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     with pytest.raises(ValueError, match=r"bias has shape \(1, 3\).*rhs's free dims \(3,\)"):

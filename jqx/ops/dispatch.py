@@ -233,11 +233,12 @@ class Policy:
       f32_kernel_min_rows: ...from this many rows (the lhs's free elements) on...
       f32_kernel_min_work: ...and this many multiply-adds (rows x K x N).
       epilogue: whether a product on a native kernel (the float32 GEMM; the AVX512-VNNI
-        W8A8 and int8 weight-only GEMM) applies the bias add and exact GELU that follow
-        it inside the kernel, on each output block while it is in cache
-        (:func:`jqx.ops.float_dot_general`'s and :func:`jqx.ops.dot_general`'s ``bias``
-        and ``activation``; the bias bit for bit, the GELU within the bound stated
-        there); False: XLA's add and GELU after the kernel, bit for bit as written.
+        W8A8 and int8 weight-only GEMM) applies the bias add and activation (GELU,
+        either form, or ReLU) that follow it inside the kernel, on each output block
+        while it is in cache (:func:`jqx.ops.float_dot_general`'s and
+        :func:`jqx.ops.dot_general`'s ``bias`` and ``activation``; the bias and ReLU
+        bit for bit, the GELU within the bound stated there); False: XLA's add and
+        activation after the kernel, bit for bit as written.
     """
 
     platform: str | None = None
@@ -453,7 +454,7 @@ def float_dot_shape(lhs, rhs, dimension_numbers) -> tuple[int, int, int] | None:
 
 
 def epilogue_possible(backend: str | None = None) -> bool:
-    """Whether a product's bias add and exact GELU may run inside a native kernel under
+    """Whether a product's bias add and activation may run inside a native kernel under
     the :class:`Policy` in force and ``backend`` (``Policy.epilogue``, the CPU platform,
     no ``"xla"`` or ``"pallas"`` backend): then :func:`jqx.quantized` hands them to
     ``jqx.ops`` with the product, and the route chosen for the product decides."""

@@ -79,13 +79,7 @@ class W8A8Fused(Implementation):
             return True
         return p.act_kind == "dynamic" and p.act_granularity in ("per_token", "per_tensor")
 
-    def run(self, x, q, p):
-        return self._run(x, q, p, {})
-
-    def run_epilogue(self, x, q, p, bias, activation):
-        return self._run(x, q, p, {"bias": bias, "activation": activation})
-
-    def _run(self, x, q, p, epilogue: dict):
+    def run(self, x, q, p, **epilogue):  # epilogue: bias=, activation= (VNNI only)
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
         ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
@@ -133,13 +127,7 @@ class TwoLevelVnni(TwoLevelInt8):
     name = "native.two_level_vnni"
     epilogue = True  # a bias and GELU as the kernel stores
 
-    def run(self, x, q, p):
-        return self._run(x, q, p, {})
-
-    def run_epilogue(self, x, q, p, bias, activation):
-        return self._run(x, q, p, {"bias": bias, "activation": activation})
-
-    def _run(self, x, q, p, epilogue: dict):
+    def run(self, x, q, p, **epilogue):  # epilogue: bias=, activation=
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
         ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)

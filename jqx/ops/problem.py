@@ -161,9 +161,10 @@ class Implementation:
     # tensor) was folded for the description, ``run`` gets the weight as stored, with
     # ``super_scale``, and applies the two levels itself (the same float32 scales).
     reads_super_scale: ClassVar[bool] = False
-    # True: ``run_epilogue`` computes ``activation(run(...) + bias)`` inside the kernel
-    # (a float32 (N,) bias, jqx.ops.matmul.FLOAT_ACTIVATIONS' names); else jqx.ops applies
-    # XLA's add and activation to ``run``'s result.
+    # True: ``run`` also takes ``bias=`` (float32 (N,)) and ``activation=``
+    # (jqx.ops.matmul.FLOAT_ACTIVATIONS' names) and applies them inside the kernel, as
+    # ``run_epilogue`` asks; else jqx.ops applies XLA's add and activation to ``run``'s
+    # result.
     epilogue: ClassVar[bool] = False
 
     def supports(self, p: Problem) -> bool:
@@ -173,7 +174,10 @@ class Implementation:
         raise NotImplementedError
 
     def run_epilogue(self, x, q: QArray, p: Problem, bias, activation) -> jax.Array:
-        raise NotImplementedError
+        """``activation(run(x, q, p) + bias)`` computed by the kernel (``epilogue``)."""
+        if not self.epilogue:
+            raise NotImplementedError(f"{self.name} has no epilogue")
+        return self.run(x, q, p, bias=bias, activation=activation)
 
     def __repr__(self) -> str:
         return f"<jqx.ops implementation {self.name}>"

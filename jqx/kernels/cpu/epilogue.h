@@ -166,25 +166,24 @@ inline __m512 EpActivation(__m512 y, int64_t act) {
   return y;
 }
 
+// One vector of a product's outputs leaving a kernel: y + bias[0..15] (the lanes of
+// ``m``; no add without a bias, so -0 stays -0), then the activation.
+inline __m512 EpilogueVector(__m512 y, const float* bias, __mmask16 m, int64_t act) {
+  if (bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias));
+  return EpActivation(y, act);
+}
+
 // The epilogue on ``rows`` rows (stride ldc) of 32 columns of C in place: the columns
 // of each half that exist are m0 and m1; ``bias`` (or null) holds these 32 columns'.
 inline void EpilogueBlock(float* c, int64_t ldc, int64_t rows, const float* bias, int64_t act,
                           __mmask16 m0, __mmask16 m1) {
-  const bool add = bias != nullptr;
-  const __m512 b0 = add ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
-  const __m512 b1 = add ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r, c += ldc) {
-    __m512 y0 = _mm512_maskz_loadu_ps(m0, c), y1 = _mm512_maskz_loadu_ps(m1, c + 16);
-    if (add) {  // (no add of 0 without a bias: -0 stays -0)
-      y0 = _mm512_add_ps(y0, b0);
-      y1 = _mm512_add_ps(y1, b1);
-    }
-    if (act != kEpNone) {
-      y0 = EpActivation(y0, act);
-      if (m1 != 0) y1 = EpActivation(y1, act);
-    }
-    _mm512_mask_storeu_ps(c, m0, y0);
-    _mm512_mask_storeu_ps(c + 16, m1, y1);
+    _mm512_mask_storeu_ps(c, m0, EpilogueVector(_mm512_maskz_loadu_ps(m0, c), bias, m0, act));
+    if (m1 != 0)
+      _mm512_mask_storeu_ps(
+          c + 16, m1,
+          EpilogueVector(_mm512_maskz_loadu_ps(m1, c + 16),
+                         bias == nullptr ? nullptr : bias + 16, m1, act));
   }
 }
 
@@ -195,13 +194,6 @@ inline void EpilogueRows(float* c, int64_t M, int64_t N, const float* bias, int6
     EpilogueBlock(c + p * 32, N, M, bias == nullptr ? nullptr : bias + p * 32, act,
                   SdAvx512::Mask(w), SdAvx512::Mask(std::max<int64_t>(w - 16, 0)));
   }
-}
-
-// One vector of a product's outputs leaving a kernel: y + bias (``b``, where ``add``),
-// then the activation.
-inline __m512 EpilogueVector(__m512 y, bool add, __m512 b, int64_t act) {
-  if (add) y = _mm512_add_ps(y, b);
-  return EpActivation(y, act);
 }
 
 #endif  // __AVX512F__

@@ -1244,8 +1244,7 @@ inline void RescaleRow(const int32_t* sums, float xs, const float* ws, float* ds
     const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(sums + c0)));
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(acc, sv), _mm512_loadu_ps(ws + c0));
     if (bias != nullptr || act != kEpNone)
-      y = EpilogueVector(y, bias != nullptr,
-                         bias != nullptr ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps(), act);
+      y = EpilogueVector(y, bias == nullptr ? nullptr : bias + c0, k, act);
     _mm512_mask_storeu_ps(dst + c0, k, y);
   }
 }
@@ -1264,8 +1263,7 @@ inline void RescalePair(const int32_t* sums1, const int32_t* sums2, float s1, co
     const __m512 y0 = _mm512_mul_ps(_mm512_add_ps(a1, _mm512_mul_ps(a2, step)), sv);
     __m512 y = _mm512_mul_ps(y0, _mm512_loadu_ps(ws + c0));
     if (bias != nullptr || act != kEpNone)
-      y = EpilogueVector(y, bias != nullptr,
-                         bias != nullptr ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps(), act);
+      y = EpilogueVector(y, bias == nullptr ? nullptr : bias + c0, k, act);
     _mm512_mask_storeu_ps(dst + c0, k, y);
   }
 }

@@ -755,9 +755,10 @@ def w8a8_matmul(
 
 # The epilogues of the float32 GEMM and the VNNI W8A8 GEMM (epilogue.h's EpAct): what
 # runs on each output after the product and the bias. "gelu" is jax.nn.gelu(approximate=
-# False) as jax traces it: (0.5 f) * erfc((-f) * 0.70710677), erfc Cephes' with one more piece (8 ulps);
-# "gelu_tanh" jax.nn.gelu(approximate=True)'s trace, tanh Cephes' (2 ulps); "relu"
-# jax.nn.relu, XLA's max(x, 0) bit for bit.
+# False) as jax traces it, (0.5 f) * erfc((-f) * 0.70710677), jqx's erfc (8 ulps);
+# "gelu_tanh" jax.nn.gelu(approximate=True)'s trace, Cephes' tanh (2 ulps); "relu"
+# jax.nn.relu, XLA's max(x, 0) bit for bit. jqx.ops.matmul.FLOAT_ACTIVATIONS names the
+# same (a test keeps the two equal).
 EPILOGUE_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
@@ -811,8 +812,9 @@ def w8a8_matmul_vnni(
     already :func:`pack_int8`'s 3-D layout (N is then ``w_scale``'s length). Needs
     :func:`available`.
 
-    ``bias`` (float32 (N,)) and ``activation`` (``"gelu"``): a dense layer's epilogue
-    on each rescaled output before it is stored, as :func:`f32_matmul`'s: ``+ bias[n]``
+    ``bias`` (float32 (N,)) and ``activation`` (``"gelu"``, ``"gelu_tanh"``,
+    ``"relu"``): a dense layer's epilogue on each rescaled output before it is stored,
+    as :func:`f32_matmul`'s: ``+ bias[n]``
     is XLA's add bit for bit, the GELU ``jax.nn.gelu(approximate=False)``'s trace with
     erfc within 8 ulps (``"gelu_tanh"``: ``jax.nn.gelu``'s tanh form, tanh within 2
     ulps; ``"relu"``: ``jax.nn.relu``, bit for bit).
@@ -1669,9 +1671,8 @@ def f32_matmul(
     "gelu"``, ``(0.5 f) * erfc((-f) * 0.70710677)``, ``jax.nn.gelu(f, approximate=False)``
     as jax traces it, each multiply rounded as there and erfc Cephes' float erfc (with
     ``exp(-x^2)`` carried to about 1 ulp, and a fit of its own on [0.5, 1)): within 8
-    ulps of the exact erfc of its float
-    argument where that is at least ``2^-100`` (docs/internals/native-kernels.md), not
-    XLA's bits; with ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax
+    ulps of the exact erfc of its float argument where that is at least ``2^-100``
+    (docs/internals/native-kernels.md), not XLA's bits; with ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax
     traces it, each operation rounded as there and tanh Cephes' float tanh, within 2
     ulps of the exact tanh of its float argument; with ``activation="relu"``,
     ``jax.nn.relu(f)`` bit for bit (``f`` where ``f > 0`` or NaN, else +0). Either way
