@@ -26,6 +26,7 @@ from jqx.ops.matmul import dynamic_dot_general as dynamic_dot_general
 from jqx.ops.matmul import explain as explain
 from jqx.ops.matmul import float_dot_general as float_dot_general
 from jqx.ops.matmul import gguf_layout as gguf_layout
+from jqx.ops.matmul import mlp as mlp
 
 __all__ = [
     "Policy",
@@ -37,6 +38,7 @@ __all__ = [
     "explain_conv",
     "float_dot_general",
     "gguf_layout",
+    "mlp",
     "native_status",
     "policy",
     "prepack",

@@ -239,6 +239,13 @@ class Policy:
         :func:`jqx.ops.dot_general`'s ``bias`` and ``activation``; the bias and ReLU
         bit for bit, the GELU within the bound stated there); False: XLA's add and
         activation after the kernel, bit for bit as written.
+      mlp_kernel: whether two int8 dense layers in a row (:func:`jqx.ops.mlp`, and the
+        ``Dense -> activation -> Dense`` chains :func:`jqx.quantized` finds) run as one
+        call of the AVX512-VNNI kernel (``native.w8a8_mlp``) where both products would
+        run on it with their epilogues (needs ``epilogue``); the same bits, the hidden
+        activations never written. False: two calls.
+      mlp_kernel_min_rows: ...from this many rows of x on (below it the two calls'
+        split of the weights' columns over the threads is faster).
     """
 
     platform: str | None = None
@@ -266,6 +273,8 @@ class Policy:
     f32_kernel_min_rows: int = 2048
     f32_kernel_min_work: int = 1 << 21
     epilogue: bool = True
+    mlp_kernel: bool = True
+    mlp_kernel_min_rows: int = 256
 
 
 _DEFAULT = Policy()

@@ -207,6 +207,156 @@ def float_dot_general(
     return _native_f32_dense(lhs, rhs, b, c, activation)
 
 
+def mlp(
+    x,
+    w1,
+    w2,
+    *,
+    bias1=None,
+    activation: str | None = None,
+    bias2=None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Two dense layers, ``activation(x @ w1 + bias1) @ w2 + bias2``: a transformer's
+    feed-forward block. Either weight may be a :class:`jqx.QArray`.
+
+    The result is that of :func:`dot_general` (or, for a float weight,
+    :func:`float_dot_general`) called twice, each with its bias and activation, bit for
+    bit. Where both weights are int8 in the native GEMM's panels (as
+    :func:`jqx.quantize` packs them on a CPU with AVX512-VNNI), both W8A8 with the
+    same activation quantization (dynamic per token, or static) or both int8
+    weight-only, the dispatcher sends both products to the AVX512-VNNI GEMM, and x has
+    at least ``policy().mlp_kernel_min_rows`` rows, both layers run in one call
+    (``native.w8a8_mlp``): each chunk of rows goes through both on one thread, its
+    hidden rows kept in cache. The hidden activations (rows x F floats) are never
+    written to an array, which saves their memory traffic and XLA's buffer for them
+    (:func:`jqx.quantized` runs every such Dense -> activation -> Dense chain this way;
+    ``policy(mlp_kernel=False)`` turns it off).
+
+    Args:
+      x: the activations, (..., K).
+      w1: the first weight, (K, F): an array or a QArray.
+      w2: the second weight, (F, N).
+      bias1: None, or the first layer's bias, (F,).
+      activation: None, ``"gelu"``, ``"gelu_tanh"`` or ``"relu"`` (as
+        :func:`dot_general`'s), between the layers.
+      bias2: None, or the second layer's bias, (N,).
+      backend: as :func:`dot_general`'s, for both products.
+
+    Returns:
+      (..., N).
+
+    Raises:
+      ValueError: weights that are not 2-D or whose sizes do not chain (x's K, w1's F,
+        w2's N), a bias of the wrong shape, an unknown activation or backend.
+
+    Example:
+        >>> import jax.numpy as jnp, jqx
+        >>> spec = jqx.int8_dynamic_activation_int8_weight()
+        >>> w1 = spec.quantize_weight(jnp.ones((8, 16)))
+        >>> w2 = spec.quantize_weight(jnp.ones((16, 4)))
+        >>> y = jqx.ops.mlp(jnp.ones((3, 8)), w1, w2, activation="relu")
+        >>> y.shape, round(float(y[0, 0]), 3)
+        ((3, 4), 128.0)
+    """
+    _check_backend(backend)
+    shapes = [tuple(w.shape) if is_qarray(w) else jnp.shape(w) for w in (w1, w2)]
+    kx = jnp.shape(x)[-1] if jnp.ndim(x) else None
+    if (
+        len(shapes[0]) != 2
+        or len(shapes[1]) != 2
+        or shapes[0][0] != kx
+        or shapes[1][0] != shapes[0][1]
+    ):
+        raise ValueError(
+            f"jqx.ops.mlp: x {tuple(jnp.shape(x))}, w1 {shapes[0]} and w2 {shapes[1]} do not "
+            "chain: w1 must be (K, F) for x's last dim K, and w2 (F, N); transpose Flax "
+            "kernels stored (out, in)."
+        )
+    dn1 = (((jnp.ndim(x) - 1,), (0,)), ((), ()))
+    _check_epilogue("jqx.ops.mlp", w1, dn1, bias1, activation)
+    _check_epilogue("jqx.ops.mlp", w2, dn1, bias2, None)
+    fused = _mlp_kernel_args(x, w1, w2, bias1, bias2, backend)
+    if fused is not None:
+        from jqx.kernels.cpu import native  # noqa: PLC0415 (dispatch imports it already)
+
+        (s1, s2, act) = fused
+        b1 = None if bias1 is None else jnp.asarray(bias1, jnp.float32)
+        b2 = None if bias2 is None else jnp.asarray(bias2, jnp.float32)
+        rows = jnp.asarray(x).reshape(-1, shapes[0][0]).astype(jnp.float32)
+        y = native.w8a8_mlp(
+            rows,
+            w1.qvalue,
+            s1,
+            w2.qvalue,
+            s2,
+            act=act,
+            bias1=b1,
+            activation=activation,
+            bias2=b2,
+        )
+        return y.reshape(*jnp.shape(x)[:-1], shapes[1][1])
+
+    def dense(v, w, b, a):
+        dn = (((jnp.ndim(v) - 1,), (0,)), ((), ()))
+        if is_qarray(w):
+            return dot_general(v, w, dn, backend=backend, bias=b, activation=a)
+        return float_dot_general(v, w, dn, backend=backend, bias=b, activation=a)
+
+    return dense(dense(x, w1, bias1, activation), w2, bias2, None)
+
+
+def _mlp_kernel_args(x, w1, w2, bias1, bias2, backend):
+    """``(w1 scales, w2 scales, act)`` for ``native.w8a8_mlp`` where :func:`mlp`'s two
+    products would each run on the same AVX512-VNNI kernel family with the bias and
+    activation in its epilogue (so one fused call gives their bits), else None."""
+    pol = dispatch.current_policy()
+    if not (pol.mlp_kernel and pol.epilogue) or backend in ("xla", "pallas"):
+        return None
+    if not (is_qarray(w1) and is_qarray(w2)):
+        return None
+    f32 = jnp.dtype(jnp.float32)
+    if jnp.dtype(jnp.result_type(x)) != f32:
+        return None
+    shape = tuple(jnp.shape(x))
+    rows = math.prod(shape[:-1])
+    if rows < pol.mlp_kernel_min_rows:
+        return None
+    for b in (bias1, bias2):
+        if b is not None and jnp.dtype(jnp.result_type(b)) != f32:
+            return None
+    from jqx.ops import impl_native  # noqa: PLC0415 (dispatch imports it already)
+
+    h_shape = (*shape[:-1], w1.shape[1])
+    impls = []
+    for xs, q in ((shape, w1), (h_shape, w2)):
+        if q.code_layout != "vnni" or q.in_scale is not None:
+            return None
+        p = describe(xs, f32, q, (((len(xs) - 1,), (0,)), ((), ())))
+        if jnp.dtype(p.out_dtype) != f32:
+            return None
+        impls.append((dispatch.choose(p, backend), p))
+    (i1, p1), (i2, p2) = impls
+    if i1 is impl_native.TWO_LEVEL_VNNI and i2 is impl_native.TWO_LEVEL_VNNI:
+        act = "two_level"
+    elif i1 is impl_native.W8A8_VNNI and i2 is impl_native.W8A8_VNNI:
+        kinds = {(p.act_kind, p.act_granularity) for p in (p1, p2)}
+        if kinds == {("dynamic", "per_token")}:
+            act = "per_token"
+        elif {k for k, _ in kinds} == {"static"}:
+            act = tuple(q.act_scale.astype(jnp.float32).reshape(1) for q in (w1, w2))
+        else:
+            return None
+    else:
+        return None
+
+    def scales(q):
+        n = q.shape[1]
+        return jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+
+    return scales(w1), scales(w2), act
+
+
 def _check_epilogue(name: str, rhs, dn, bias, activation) -> tuple[int, ...]:
     """rhs's free dims (the product's last dims), after checking ``bias`` has that shape
     and ``activation`` is known (errors name ``name``)."""

@@ -1348,6 +1348,16 @@ void W8A8Quantize(const W8A8Job& j, int64_t r0, int64_t rows, uint8_t* a, float*
   }
 }
 
+// Rows of x per chunk of a call of Mc code rows on up to t_max threads: up to 8 row
+// blocks of code rows (48; on the AMX tiles 4 blocks of 32), fewer when that leaves
+// under 4 chunks per thread; rows are the only split, so the result does not depend
+// on it. MR and 32 are even: a chunk holds whole pairs of code rows.
+inline int64_t ChunkRows(int64_t Mc, int64_t t_max, int64_t levels, bool amx) {
+  const int64_t unit = amx ? 32 : MR;
+  const int64_t per_thread = std::max<int64_t>(1, Mc / (4 * unit * t_max));
+  return unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread) / levels;
+}
+
 void W8A8Chunk(const void* ctx, int64_t chunk) {
   const W8A8Job& j = *static_cast<const W8A8Job*>(ctx);
   const int64_t r0 = chunk * j.chunk_rows;
@@ -1362,8 +1372,36 @@ void W8A8Chunk(const void* ctx, int64_t chunk) {
   W8A8Panels(j, t_w8a8_a.data(), t_w8a8_s.data(), r0 * j.levels, code_rows, 0, j.np);
 }
 
-thread_local std::vector<int32_t> t_w8a8_corr;
-thread_local std::vector<float> t_w8a8_ws, t_w8a8_bias;
+// The weight side of a call, per calling thread, kept across calls: -128 * the
+// column sums of the packed panels, and the scales and the bias padded with zeros to
+// whole panels (np * 16), as the rescale reads them.
+struct W8A8Side {
+  std::vector<int32_t> corr;
+  std::vector<float> ws, bias;
+};
+
+// ``n`` floats from ``src`` into ``v``, zeros up to np * 16; null for a null src.
+inline const float* PadPanels(std::vector<float>& v, const float* src, int64_t n, int64_t np) {
+  if (src == nullptr) return nullptr;
+  if (v.size() < static_cast<size_t>(np * 16)) v.resize(static_cast<size_t>(np * 16));
+  std::copy(src, src + n, v.begin());
+  std::fill(v.begin() + n, v.begin() + np * 16, 0.0f);
+  return v.data();
+}
+
+// ``side``'s buffers for a packed (np panels) weight with scales ``wscale`` and
+// ``bias`` (null: none); a job's weight-side fields (corr: the sums still to compute).
+inline void PrepareSide(W8A8Side& side, const int8_t* bp, int64_t N, const float* wscale,
+                        const float* bias, W8A8Job& j) {
+  if (side.corr.size() < static_cast<size_t>(j.np * 16))
+    side.corr.resize(static_cast<size_t>(j.np * 16));
+  j.bp = bp;
+  j.corr = side.corr.data();
+  j.ws = PadPanels(side.ws, wscale, N, j.np);
+  j.bias = PadPanels(side.bias, bias, N, j.np);
+}
+
+thread_local W8A8Side t_w8a8_side;
 
 // The body of jqx_w8a8_vnni: ``wp`` is the packed weight, or null (then ``w``
 // (K, N) is packed here, per call); ``bias`` (N, or null) and ``act``: the epilogue
@@ -1399,29 +1437,19 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     Parallel(tp, [&](int64_t i) { PackRows(w, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
     Bp = buf;
   }
-  if (t_w8a8_corr.size() < static_cast<size_t>(np * 16))
-    t_w8a8_corr.resize(static_cast<size_t>(np * 16));
-  if (t_w8a8_ws.size() < static_cast<size_t>(np * 16))
-    t_w8a8_ws.resize(static_cast<size_t>(np * 16));
-  int32_t* corr = t_w8a8_corr.data();
-  std::copy(wscale, wscale + N, t_w8a8_ws.begin());
-  std::fill(t_w8a8_ws.begin() + N, t_w8a8_ws.begin() + np * 16, 0.0f);
-  const float* bias16 = nullptr;  // the bias, padded as ws
-  if (bias != nullptr) {
-    if (t_w8a8_bias.size() < static_cast<size_t>(np * 16))
-      t_w8a8_bias.resize(static_cast<size_t>(np * 16));
-    std::copy(bias, bias + N, t_w8a8_bias.begin());
-    std::fill(t_w8a8_bias.begin() + N, t_w8a8_bias.begin() + np * 16, 0.0f);
-    bias16 = t_w8a8_bias.data();
-  }
   float scale = 1.0f;
   if (mode == kStatic) scale = act_scale[0];
   if (mode == kPerTensor) scale = DynamicScale(RowAbsMax(X, M * K));
+  const bool amx = UseAmx();
+  // The job's fields but the chunking (set below) and the weight side (PrepareSide).
+  W8A8Job job{X, nullptr, nullptr, nullptr, Y, nullptr, act, M, K, Kp, N, np, mode, scale,
+              M, levels, amx};
+  PrepareSide(t_w8a8_side, Bp, N, wscale, bias, job);
+  int32_t* corr = t_w8a8_side.corr.data();
   // Per panel, -128 * its column sums: only code rows on the VNNI registers (plus 128)
   // read them; rows on the AMX tiles are signed (AmxCodeRows). Every chunk's code rows
   // but the last are a multiple of 32 on the tiles, so the sums are needed only where
   // the tiles do not run or Mc leaves rows over a multiple of 16.
-  const bool amx = UseAmx();
   const bool need_sums = !amx || Mc % 16 != 0;
   const auto col_sums = [&](int64_t q0, int64_t q1) {
     if (need_sums) PanelSums(Bp + q0 * kq_n * 64, q1 - q0, q1 - q0, kq_n, corr + q0 * 16);
@@ -1433,8 +1461,6 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
     if (t_w8a8_a.size() < static_cast<size_t>(Mc * Kp))
       t_w8a8_a.resize(static_cast<size_t>(Mc * Kp));
     if (t_w8a8_s.size() < static_cast<size_t>(Mc)) t_w8a8_s.resize(static_cast<size_t>(Mc));
-    W8A8Job job{X, Bp, corr, t_w8a8_ws.data(), Y, bias16, act, M, K, Kp, N, np, mode, scale,
-                M, levels, amx};
     const uint8_t* a = t_w8a8_a.data();
     const float* xs = t_w8a8_s.data();
     W8A8Quantize(job, 0, M, t_w8a8_a.data(), t_w8a8_s.data());
@@ -1449,23 +1475,130 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   }
   const int64_t tc = std::min<int64_t>(t_max, np);
   if (need_sums) Parallel(tc, [&](int64_t i) { col_sums(np * i / tc, np * (i + 1) / tc); });
-  // Chunks of up to 8 row blocks of code rows (48; on the AMX tiles 4 blocks of
-  // 32), fewer when that leaves under 4 chunks per thread; rows are the only
-  // split, so the result does not depend on it. MR and 32 are even: a chunk
-  // holds whole pairs of code rows.
-  const int64_t unit = amx ? 32 : MR;
-  const int64_t per_thread = std::max<int64_t>(1, Mc / (4 * unit * t_max));
-  const int64_t chunk_rows = unit * std::min<int64_t>(unit == MR ? 8 : 4, per_thread) / levels;
-  W8A8Job job{X,  Bp, t_w8a8_corr.data(), t_w8a8_ws.data(), Y,          bias16, act, M,
-              K,  Kp, N,                  np,               mode,       scale,  chunk_rows,
-              levels, amx};
-  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+  job.chunk_rows = ChunkRows(Mc, t_max, levels, amx);
+  const int64_t chunks = (M + job.chunk_rows - 1) / job.chunk_rows;
   if (t_max <= 1) {
     for (int64_t c = 0; c < chunks; ++c) W8A8Chunk(&job, c);
   } else {
     GetPool()->Run(W8A8Chunk, &job, chunks);
   }
   return ffi::Error::Success();
+}
+
+// jqx_w8a8_mlp: two dense layers in one call, y = (act(x . w1 + b1)) . w2 + b2, each
+// product as jqx_w8a8_vnni computes it (same mode for both: per-row dynamic W8A8, a
+// static scale each, or int8 weight-only's two levels), so y equals the two calls'
+// result bit for bit. Each chunk of rows runs both layers: its hidden rows (chunk x F
+// floats) go to a per-thread buffer, are quantized again from there and multiplied
+// by w2 while they are in cache. Neither the hidden activations nor their codes are
+// ever written to memory XLA allocates: the call's only output is y. Both weights come
+// packed (pack_int8's panels).
+struct MlpJob {
+  W8A8Job s1, s2;      // the two layers; x, y and M are set per chunk
+  int64_t chunk_rows;  // rows of x per chunk
+  int64_t M;
+};
+
+thread_local std::vector<float> t_mlp_h;
+thread_local W8A8Side t_mlp_side2;
+
+void MlpChunk(const void* ctx, int64_t chunk) {
+  const MlpJob& m = *static_cast<const MlpJob*>(ctx);
+  const int64_t r0 = chunk * m.chunk_rows;
+  const int64_t rows = std::min(m.M, r0 + m.chunk_rows) - r0;
+  const int64_t code_rows = rows * m.s1.levels;
+  const size_t codes = static_cast<size_t>(code_rows * std::max(m.s1.Kp, m.s2.Kp));
+  if (t_w8a8_a.size() < codes) t_w8a8_a.resize(codes);
+  if (t_w8a8_s.size() < static_cast<size_t>(code_rows))
+    t_w8a8_s.resize(static_cast<size_t>(code_rows));
+  if (t_mlp_h.size() < static_cast<size_t>(rows * m.s1.N))
+    t_mlp_h.resize(static_cast<size_t>(rows * m.s1.N));
+  W8A8Job j1 = m.s1;
+  j1.x += r0 * j1.K;
+  j1.y = t_mlp_h.data();
+  j1.M = rows;
+  W8A8Quantize(j1, 0, rows, t_w8a8_a.data(), t_w8a8_s.data());
+  W8A8Panels(j1, t_w8a8_a.data(), t_w8a8_s.data(), 0, code_rows, 0, j1.np);
+  W8A8Job j2 = m.s2;
+  j2.x = t_mlp_h.data();
+  j2.y += r0 * j2.N;
+  j2.M = rows;
+  W8A8Quantize(j2, 0, rows, t_w8a8_a.data(), t_w8a8_s.data());
+  W8A8Panels(j2, t_w8a8_a.data(), t_w8a8_s.data(), 0, code_rows, 0, j2.np);
+}
+
+// The body of jqx_w8a8_mlp on checked operands: x (M, K), packed w1 (K -> F) and w2
+// (F -> N), their scales, static activation scales (kStatic), biases (null: none),
+// ``act``: the activation between the layers.
+ffi::Error W8A8Mlp(const float* X, int64_t M, int64_t K, int64_t F, int64_t N,
+                   const int8_t* w1, const float* ws1, const float* as1, const float* b1,
+                   const int8_t* w2, const float* ws2, const float* as2, const float* b2,
+                   float* Y, int64_t mode, int64_t threads, int64_t act) {
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t levels = mode == kTwoLevel ? 2 : 1;
+  const int64_t Mc = M * levels;
+  const int64_t K1p = (K + 3) / 4 * 4, Fp = (F + 3) / 4 * 4;
+  const int64_t np1 = (F + 15) / 16, np2 = (N + 15) / 16;
+  threads = std::min<int64_t>(threads, GetPool()->threads());
+  const int64_t work = std::max(Mc * F * K1p, Mc * N * Fp);
+  const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  const bool amx = UseAmx();
+  const float sc1 = mode == kStatic ? as1[0] : 1.0f, sc2 = mode == kStatic ? as2[0] : 1.0f;
+  MlpJob job{{X, nullptr, nullptr, nullptr, nullptr, nullptr, act, M, K, K1p, F, np1, mode,
+              sc1, M, levels, amx},
+             {nullptr, nullptr, nullptr, nullptr, Y, nullptr, kEpNone, M, F, Fp, N, np2, mode,
+              sc2, M, levels, amx},
+             ChunkRows(Mc, t_max, levels, amx),
+             M};
+  PrepareSide(t_w8a8_side, w1, F, ws1, b1, job.s1);
+  PrepareSide(t_mlp_side2, w2, N, ws2, b2, job.s2);
+  if (!amx || Mc % 16 != 0) {  // the column sums, as W8A8Vnni needs them
+    const int64_t tc = std::min<int64_t>(t_max, np1 + np2);
+    int32_t* corr[2] = {t_w8a8_side.corr.data(), t_mlp_side2.corr.data()};
+    Parallel(tc, [&](int64_t i) {
+      for (int64_t q = (np1 + np2) * i / tc; q < (np1 + np2) * (i + 1) / tc; ++q) {
+        const int s = q < np1 ? 0 : 1;
+        const W8A8Job& j = s == 0 ? job.s1 : job.s2;
+        const int64_t p = s == 0 ? q : q - np1;
+        PanelSums(j.bp + p * (j.Kp / 4) * 64, 1, 1, j.Kp / 4, corr[s] + p * 16);
+      }
+    });
+  }
+  const int64_t chunks = (M + job.chunk_rows - 1) / job.chunk_rows;
+  if (t_max <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) MlpChunk(&job, c);
+  } else {
+    GetPool()->Run(MlpChunk, &job, chunks);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error W8A8MlpImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w1,
+                       ffi::Buffer<ffi::F32> ws1, ffi::Buffer<ffi::F32> as1,
+                       ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::S8> w2,
+                       ffi::Buffer<ffi::F32> ws2, ffi::Buffer<ffi::F32> as2,
+                       ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> out, int64_t mode,
+                       int64_t threads, int64_t activation, ffi::ThreadPool xla_pool) {
+  XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
+  const auto xd = x.dimensions(), d1 = w1.dimensions(), d2 = w2.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || d1.size() != 3 || d2.size() != 3 || od.size() != 2 ||
+      ws1.dimensions().size() != 1 || ws2.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "jqx_w8a8_mlp: expected x (M, K), packed w1 and w2, scales (F) and (N), out (M, N)");
+  const int64_t M = xd[0], K = xd[1], F = ws1.dimensions()[0], N = od[1];
+  const int64_t e1 = b1.dimensions()[0], e2 = b2.dimensions()[0];
+  if (od[0] != M || K == 0 || F == 0 || d1[0] != (F + 15) / 16 || d1[1] != (K + 3) / 4 ||
+      d1[2] != 64 || d2[0] != (N + 15) / 16 || d2[1] != (F + 3) / 4 || d2[2] != 64 ||
+      ws2.dimensions()[0] != N || (e1 != 0 && e1 != F) || (e2 != 0 && e2 != N) ||
+      (mode != kStatic && mode != kPerSample && mode != kTwoLevel) ||
+      (mode == kStatic && (as1.element_count() != 1 || as2.element_count() != 1)) ||
+      activation < kEpNone || activation > kEpRelu)
+    return ffi::Error::InvalidArgument("jqx_w8a8_mlp: inconsistent shapes, mode or activation");
+  return W8A8Mlp(x.typed_data(), M, K, F, N, w1.typed_data(), ws1.typed_data(),
+                 as1.typed_data(), e1 == 0 ? nullptr : b1.typed_data(), w2.typed_data(),
+                 ws2.typed_data(), as2.typed_data(), e2 == 0 ? nullptr : b2.typed_data(),
+                 out->typed_data(), mode, threads, activation);
 }
 
 // w is the (K, N) weight, or (3-D) the weight already packed
@@ -1520,6 +1653,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxInt8Gemm, Int8GemmImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Vnni, W8A8VnniImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxW8A8Mlp, W8A8MlpImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

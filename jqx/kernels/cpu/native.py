@@ -138,6 +138,7 @@ __all__ = [
     "CONV_INT8_TARGET",
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
+    "W8A8_MLP_TARGET",
     "pack_int8",
     "unpack_int8",
     "packed_shape",
@@ -171,6 +172,7 @@ ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit K
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
 W8A8_TARGET = "jqx_w8a8_gemm"  # conv_int8.cc: W8A8 (M, K) x (K, N), activations quantized inside
 W8A8_VNNI_TARGET = "jqx_w8a8_vnni"  # int8_gemm.cc: the same on the VNNI tiles (AVX512)
+W8A8_MLP_TARGET = "jqx_w8a8_mlp"  # int8_gemm.cc: two such dense layers in one call
 _W8A8_MODES = {"static": 0, "per_tensor": 1, "per_token": 2}  # the kernel's `mode`
 _TWO_LEVEL_MODE = 3  # jqx_w8a8_vnni's kTwoLevel: int8 weight-only's two-level split
 
@@ -225,6 +227,7 @@ _INT8 = _Library(
         W4_TARGET: "JqxW4Gemv",
         FP8_TARGET: "JqxFp8Gemv",
         W8A8_VNNI_TARGET: "JqxW8A8Vnni",
+        W8A8_MLP_TARGET: "JqxW8A8Mlp",
         SOFTMAX_DOT_AVX512_TARGET: "JqxSoftmaxDotAvx512",
         SCORES_SOFTMAX_DOT_AVX512_TARGET: "JqxScoresSoftmaxDotAvx512",
         F32_TARGET: "JqxF32Gemm",
@@ -854,6 +857,124 @@ def _w8a8_vnni_call(x, w, w_scale, act_scale, mode: int, bias, activation) -> ja
         mode=np.int64(mode),
         threads=np.int64(_threads()),
         activation=activation,
+    )
+
+
+def w8a8_mlp(
+    x: jax.Array,
+    w1: jax.Array,
+    w1_scale: jax.Array,
+    w2: jax.Array,
+    w2_scale: jax.Array,
+    *,
+    act: str | tuple = "per_token",
+    bias1: jax.Array | None = None,
+    activation: str | None = None,
+    bias2: jax.Array | None = None,
+) -> jax.Array:
+    """Two int8 dense layers in one call: ``act`` ``"per_token"`` or a static pair
+    ``(scale1, scale2)`` gives ``w8a8_matmul_vnni(w8a8_matmul_vnni(x, w1, w1_scale,
+    act=..., bias=bias1, activation=activation), w2, w2_scale, act=..., bias=bias2)``;
+    ``"two_level"`` gives the same with :func:`two_level_matmul` (int8 weight-only).
+    The result equals those two calls' bit for bit (``int8_gemm.cc``).
+
+    Each chunk of rows runs both layers on one thread: its hidden rows (F floats each)
+    stay in a per-thread buffer, are quantized again from there and multiplied by
+    ``w2`` while in cache. The hidden activations are never written to memory XLA
+    allocates (a transformer's (rows, 4 x hidden) intermediate: 25 MB for
+    all-MiniLM-L6-v2 at batch 32 x 128). Needs :func:`available`.
+
+    Args:
+      x: float32 (M, K).
+      w1, w2: the two weights as :func:`pack_int8` panels: ``packed_shape(K, F)`` and
+        ``packed_shape(F, N)``.
+      w1_scale, w2_scale: float32 (F,) and (N,), one scale per output column.
+      act: ``"per_token"`` (dynamic W8A8), ``"two_level"`` (int8 weight-only), or a
+        pair of float32 one-element arrays, each layer's static activation scale.
+      bias1, activation: the first layer's epilogue (as :func:`w8a8_matmul_vnni`'s).
+      bias2: None, or float32 (N,): the second layer's bias.
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: an operand of the wrong dtype or shape, an unknown ``act`` or
+        ``activation``, K or F of 0 (named, with the fix).
+      RuntimeError: the kernel is not available here (:func:`status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x = jnp.array([[3.0, -1.0]])
+        >>> w1, w2 = jnp.array([[2], [1]], jnp.int8), jnp.array([[1, -1]], jnp.int8)
+        >>> s1, s2 = jnp.array([0.5]), jnp.array([1.0, 2.0])
+        >>> if native.available():
+        ...     y = native.w8a8_mlp(x, native.pack_int8(w1), s1, native.pack_int8(w2), s2)
+        ... else:
+        ...     y = native.w8a8_matmul_reference(native.w8a8_matmul_reference(x, w1, s1), w2, s2)
+        >>> [round(v, 4) for v in y[0].tolist()]  # h = 212 * (3 / 127) * 0.5; its code 127
+        [2.5039, -5.0079]
+    """
+    fn = "w8a8_mlp"
+    _check_float32(fn, "x", x)
+    if x.ndim != 2:
+        raise ValueError(f"{fn}: x must be float32 (M, K), got {_describe(x)}; reshape to 2-D.")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not hasattr(w, "ndim") or w.ndim != 3:
+            raise ValueError(
+                f"{fn}: {name} must be pack_int8's 3-D panels, got "
+                f"{_describe(w) if hasattr(w, 'shape') else type(w).__name__}; pack the "
+                "(K, N) int8 codes with pack_int8."
+            )
+    if x.shape[1] == 0 or (hasattr(w1_scale, "shape") and w1_scale.shape[:1] == (0,)):
+        raise ValueError(
+            f"{fn}: K={x.shape[1]} and F={getattr(w1_scale, 'shape', ('?',))[0]} must be "
+            "positive; run an empty layer with w8a8_matmul_vnni."
+        )
+    if isinstance(act, str) and act == "two_level":
+        a1 = a2 = "per_token"
+        mode = _TWO_LEVEL_MODE
+    elif isinstance(act, str):
+        if act != "per_token":
+            raise ValueError(
+                f"{fn}: act={act!r} must be 'per_token', 'two_level' or a pair of static "
+                "scales; a per-tensor scale over the hidden rows needs them all (run two "
+                "w8a8_matmul_vnni calls)."
+            )
+        a1 = a2 = act
+        mode = _W8A8_MODES["per_token"]
+    elif isinstance(act, (tuple, list)) and len(act) == 2:
+        a1, a2 = act
+        mode = _W8A8_MODES["static"]
+    else:
+        raise ValueError(
+            f"{fn}: act={act!r} must be 'per_token', 'two_level' or a pair (scale1, "
+            "scale2) of float32 one-element arrays."
+        )
+    _, s1 = _w8a8_check(x, w1, w1_scale, a1, fn, packed_ok=True)
+    f = w1_scale.shape[0]
+    h = jax.ShapeDtypeStruct((x.shape[0], f), jnp.float32)
+    _, s2 = _w8a8_check(h, w2, w2_scale, a2, fn, packed_ok=True)
+    e1, code = _epilogue_args(fn, bias1, f, activation)
+    e2, _ = _epilogue_args(fn, bias2, w2_scale.shape[0], None)
+    if not available():
+        raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
+    m, n = x.shape[0], w2_scale.shape[0]
+    return jax.ffi.ffi_call(
+        W8A8_MLP_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )(
+        x,
+        w1,
+        w1_scale,
+        s1,
+        e1,
+        w2,
+        w2_scale,
+        s2,
+        e2,
+        mode=np.int64(mode),
+        threads=np.int64(_threads()),
+        activation=code,
     )
 
 
