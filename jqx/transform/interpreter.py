@@ -205,7 +205,10 @@ def _eval_jaxpr(ctx: _Ctx, jaxpr, consts, args) -> list:
         if i in plan.folded:  # computed with its epilogue's last eqn
             continue
         ep = plan.epilogues.get(i)
-        if ep is not None:
+        mlp = plan.mlps.get(i)
+        if mlp is not None:
+            _mlp_step(ctx, jaxpr.eqns, mlp, plan, env)
+        elif ep is not None:
             _epilogue_step(ctx, jaxpr.eqns, ep, plan, env)
         else:
             _step(ctx, i, eqn, plan, env)
@@ -367,7 +370,8 @@ class _Plan:
     calls: frozenset  # indices of call eqns whose inner jaxpr holds a match or float dot
     float_dots: frozenset = frozenset()  # dot_generals for the native float32 GEMM
     epilogues: dict = dataclasses.field(default_factory=dict)  # last eqn -> _Epilogue
-    folded: frozenset = frozenset()  # the epilogues' other eqns
+    folded: frozenset = frozenset()  # the epilogues' and MLPs' other eqns
+    mlps: dict = dataclasses.field(default_factory=dict)  # last eqn -> _Mlp
 
 
 _NO_PLAN = _Plan({}, frozenset())
@@ -625,10 +629,16 @@ def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None, epilogues: bool 
         ep = _epilogue(eqns, i, producer, uses, outvars) if i not in matches else None
         if ep is not None:
             found[ep.last] = ep
-    if not matches and not calls and not dots and not found:
+    mlps = _mlps(eqns, found, uses, outvars)
+    for m in mlps.values():
+        for ep in (m.first, m.second):
+            if ep is not None:
+                found.pop(ep.last)
+    if not matches and not calls and not dots and not found and not mlps:
         return _NO_PLAN
     folded = frozenset(j for ep in found.values() for j in ep.chain)
-    return _Plan(matches, frozenset(calls), frozenset(dots), found, folded)
+    folded |= frozenset(j for m in mlps.values() for j in m.chain)
+    return _Plan(matches, frozenset(calls), frozenset(dots), found, folded, mlps)
 
 
 def _softmax_step(ctx: _Ctx, eqn, invals, m: _SoftmaxMatch, env) -> list:
@@ -940,6 +950,144 @@ def _weight_epilogue(ctx: _Ctx, dot, invals, bias) -> bool:
         and (pet is None or jnp.dtype(pet) == f32)
         and jnp.dtype(dot.outvars[0].aval.dtype) == f32
     )
+
+
+# --------------------------------------------------------------------------- MLPs
+#
+# A transformer's feed-forward block: a Dense layer with its epilogue (bias, then
+# optionally an activation), whose output feeds only a second float32 product
+# ``h . W2`` (then, optionally, its bias). Both are ``x @ W`` (x's last axis against a
+# 2-D weight's first). Where both weights are QArrays as stored, the pair runs as one
+# jqx.ops.mlp call at the last eqn: one native call where both products run on the
+# AVX512-VNNI kernel, else the two products with their epilogues, as
+# _epilogue_step computes them.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mlp:
+    """Dense ``first`` (an _Epilogue) feeding only dot ``dot2`` and its bias-only
+    epilogue ``second`` (or None), computed whole at eqn ``last``; ``chain``: the
+    others."""
+
+    first: _Epilogue
+    links: tuple[int, ...]  # copies between the two (a no-op dropout's, flax's)
+    dot2: int
+    second: _Epilogue | None
+    last: int
+    chain: tuple[int, ...]
+
+
+def _plain_dense(eqn) -> bool:
+    """Whether dot ``eqn`` contracts its lhs's last axis with a 2-D rhs's first, with
+    no batch dims."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars
+    return (
+        len(rhs.aval.shape) == 2
+        and tuple(lc) == (len(lhs.aval.shape) - 1,)
+        and tuple(rc) == (0,)
+        and not lb
+        and not rb
+    )
+
+
+def _mlps(eqns, found: dict, uses, outvars) -> dict:
+    """The MLPs among the planned epilogues ``found`` (module comment), by last eqn."""
+    by_dot = {ep.dot: ep for ep in found.values()}
+    out = {}
+    for ep in found.values():
+        if not _plain_dense(eqns[ep.dot]):
+            continue
+        u = _only_use(eqns[ep.last].outvars[0], uses, outvars)
+        links = []
+        while u is not None and _is_copy(eqns[u[0]]):
+            links.append(u[0])
+            u = _only_use(eqns[u[0]].outvars[0], uses, outvars)
+        if u is None or u[1] != 0 or eqns[u[0]].primitive.name != "dot_general":
+            continue
+        d2 = u[0]
+        e2 = eqns[d2]
+        if not _plain_dense(e2) or jnp.dtype(e2.outvars[0].aval.dtype) != jnp.float32:
+            continue
+        second = by_dot.get(d2)
+        if second is not None and second.activation is not None:
+            continue  # the kernel's second layer adds a bias only
+        last = second.last if second is not None else d2
+        chain = (*ep.chain, ep.last, *links, *(second.chain if second is not None else (d2,)))
+        out[last] = _Mlp(
+            ep, tuple(links), d2, second, last, tuple(sorted(j for j in chain if j != last))
+        )
+    return out
+
+
+def _is_copy(eqn) -> bool:
+    """Whether ``eqn`` returns its one operand unchanged: ``copy``, or a
+    ``convert_element_type`` to the operand's own dtype."""
+    if len(eqn.invars) != 1 or not isinstance(eqn.invars[0], jcore.Var):
+        return False
+    if eqn.primitive.name in ("copy", "copy_p"):
+        return True
+    return (
+        eqn.primitive.name == "convert_element_type"
+        and jnp.dtype(eqn.params["new_dtype"]) == jnp.dtype(eqn.invars[0].aval.dtype)
+        and not eqn.params.get("sharding")
+    )
+
+
+def _mlp_step(ctx: _Ctx, eqns, m: _Mlp, plan, env) -> None:
+    """A planned MLP at its last eqn: one jqx.ops.mlp call where both weights are
+    QArrays as stored (no rule of their own, activation matmuls not quantized); else its
+    two epilogues (or the second dot alone) in turn."""
+    d1, d2 = eqns[m.first.dot], eqns[m.dot2]
+    x, w1 = (_read(env, v) for v in d1.invars)
+    w2 = _read(env, d2.invars[1])
+    b1 = _read(env, m.first.bias)
+    b2 = _read(env, m.second.bias) if m.second is not None else None
+    last = eqns[m.last]
+
+    def stored(w):
+        return (
+            _is_w(w)
+            and is_qarray(w.base)
+            and w.perm == tuple(range(len(w.perm)))
+            and not (ctx.rule is not None and w.path in ctx.paths)
+        )
+
+    f32 = jnp.dtype(jnp.float32)
+    if (
+        ctx.act_matmuls is None
+        and not _is_w(x)
+        and stored(w1)
+        and stored(w2)
+        and not any(_is_w(b) for b in (b1, b2))
+        and jnp.dtype(jnp.result_type(x)) == f32
+        and all(
+            jnp.dtype(d.params.get("preferred_element_type") or f32) == f32
+            and jnp.dtype(d.outvars[0].aval.dtype) == f32
+            for d in (d1, d2)
+        )
+    ):
+        from jqx import ops  # noqa: PLC0415 (as in _default_dot)
+
+        with last.ctx.manager:
+            y = ops.mlp(
+                x,
+                w1.base,
+                w2.base,
+                bias1=jnp.reshape(b1, m.first.tail),
+                activation=m.first.activation,
+                bias2=None if b2 is None else jnp.reshape(b2, m.second.tail),
+                backend=ctx.backend,
+            )
+        env[last.outvars[0]] = y.astype(last.outvars[0].aval.dtype)
+        return
+    _epilogue_step(ctx, eqns, m.first, plan, env)
+    for j in m.links:
+        _step(ctx, j, eqns[j], plan, env)
+    if m.second is not None:
+        _epilogue_step(ctx, eqns, m.second, plan, env)
+    else:
+        _step(ctx, m.dot2, d2, plan, env)
 
 
 def _dot(ctx: _Ctx, eqn, invals):
