@@ -1339,3 +1339,128 @@ def test_f32_matmul_epilogue_bad_input_names_the_argument():
         native.f32_matmul(a, b, jnp.ones((1, 4)))
     with pytest.raises(ValueError, match=r"activation must be one of .*'relu'.*got 'silu'"):
         native.f32_matmul(a, b, activation="silu")
+
+
+# --------------------------------------------------------------------------- w8a8_mlp
+
+
+def _mlp_two_calls(x, p1, s1, p2, s2, act, b1, activation, b2):
+    """native.w8a8_mlp's definition: the two single-layer kernel calls."""
+    if act == "two_level":
+        h = native.two_level_matmul(x, p1, s1, bias=b1, activation=activation)
+        return native.two_level_matmul(h, p2, s2, bias=b2)
+    a1, a2 = (act, act) if isinstance(act, str) else act
+    h = native.w8a8_matmul_vnni(x, p1, s1, act=a1, bias=b1, activation=activation)
+    return native.w8a8_matmul_vnni(h, p2, s2, act=a2, bias=b2)
+
+
+def _mlp_operands(rng, m, k, f, n, scale=1.0):
+    x = jnp.asarray(rng.standard_normal((m, k)) * scale, jnp.float32)
+    w1 = jnp.asarray(rng.integers(-127, 128, (k, f)), jnp.int8)
+    w2 = jnp.asarray(rng.integers(-127, 128, (f, n)), jnp.int8)
+    s1 = jnp.asarray(rng.random(f) * 0.02 / np.sqrt(k), jnp.float32)
+    s2 = jnp.asarray(rng.random(n) * 0.02 / np.sqrt(f), jnp.float32)
+    b1 = jnp.asarray(rng.standard_normal(f), jnp.float32)
+    b2 = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    return x, native.pack_int8(w1), s1, native.pack_int8(w2), s2, b1, b2
+
+
+_MLP_ACTS = ["per_token", "two_level", "static"]
+
+
+def _mlp_act(name):
+    if name == "static":
+        return (jnp.asarray([0.02], jnp.float32), jnp.asarray([0.01], jnp.float32))
+    return name
+
+
+@needs_native
+@pytest.mark.parametrize("amx_mode", [True, False], indirect=True, ids=["amx", "vnni"])
+@pytest.mark.parametrize("m,k,f,n", [(1, 2, 1, 2), (5, 7, 33, 17), (97, 64, 130, 50), (300, 384, 1536, 384)])
+def test_w8a8_mlp_equals_the_two_calls(m, k, f, n, amx_mode):
+    """Both layers in one call give the two single-layer calls' bits: every activation
+    mode (per row, two-level, static), every epilogue, with and without biases, edge
+    panels and a partial last chunk."""
+    rng = np.random.default_rng(m + 3 * k + 5 * f + n)
+    x, p1, s1, p2, s2, b1, b2 = _mlp_operands(rng, m, k, f, n)
+    for name in _MLP_ACTS:
+        act = _mlp_act(name)
+        for activation in (None, "gelu", "gelu_tanh", "relu"):
+            for bb1, bb2 in ((b1, b2), (None, None)):
+                y = native.w8a8_mlp(
+                    x, p1, s1, p2, s2, act=act, bias1=bb1, activation=activation, bias2=bb2
+                )
+                want = _mlp_two_calls(x, p1, s1, p2, s2, act, bb1, activation, bb2)
+                np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+@needs_native
+@settings(deadline=None, max_examples=12)
+@given(
+    m=st.integers(1, 400),
+    k=st.integers(1, 300),
+    f=st.integers(1, 300),
+    n=st.integers(1, 100),
+    act=st.sampled_from(_MLP_ACTS),
+    activation=st.sampled_from([None, "gelu", "relu"]),
+    scale=st.sampled_from([1e-3, 1.0, 50.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_w8a8_mlp_property(m, k, f, n, act, activation, scale, seed):
+    """Any shapes and scale: the two calls' bits, and within the float reference's
+    bound (test_ops' mlp tests bound jqx.ops.mlp against float32 math)."""
+    rng = np.random.default_rng(seed)
+    x, p1, s1, p2, s2, b1, b2 = _mlp_operands(rng, m, k, f, n, scale)
+    a = _mlp_act(act)
+    y = native.w8a8_mlp(x, p1, s1, p2, s2, act=a, bias1=b1, activation=activation, bias2=b2)
+    want = _mlp_two_calls(x, p1, s1, p2, s2, a, b1, activation, b2)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+@needs_native
+def test_w8a8_mlp_special_values_and_vmap():
+    """NaN and inf rows reach the output as the two calls give them (a static scale
+    keeps a NaN row NaN); under vmap each batch element is one call."""
+    rng = np.random.default_rng(0)
+    x, p1, s1, p2, s2, b1, b2 = _mlp_operands(rng, 20, 16, 40, 8)
+    x = x.at[3, 2].set(jnp.nan).at[7, 0].set(jnp.inf).at[9].set(0.0)
+    for name in _MLP_ACTS:
+        act = _mlp_act(name)
+        y = native.w8a8_mlp(x, p1, s1, p2, s2, act=act, bias1=b1, activation="gelu", bias2=b2)
+        want = _mlp_two_calls(x, p1, s1, p2, s2, act, b1, "gelu", b2)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    xs = jnp.stack([x, 2 * x]).at[:, 3].set(1.0).at[:, 7].set(1.0)
+
+    def one(v):
+        return native.w8a8_mlp(v, p1, s1, p2, s2, bias1=b1, activation="relu", bias2=b2)
+
+    got = jax.vmap(one)(xs)
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(one(xs[i])))
+
+
+@needs_native
+def test_w8a8_mlp_bad_input_names_the_argument():
+    rng = np.random.default_rng(0)
+    x, p1, s1, p2, s2, b1, b2 = _mlp_operands(rng, 3, 8, 16, 4)
+    call = functools.partial(native.w8a8_mlp, x, p1, s1, p2, s2)
+    with pytest.raises(ValueError, match="w8a8_mlp: x must be a float32 array"):
+        native.w8a8_mlp(x.astype(jnp.bfloat16), p1, s1, p2, s2)
+    with pytest.raises(ValueError, match="w8a8_mlp: w1 must be pack_int8's 3-D panels"):
+        native.w8a8_mlp(x, jnp.ones((8, 16), jnp.int8), s1, p2, s2)
+    with pytest.raises(ValueError, match=r"a packed w must be int8 packed_shape\(K, N\).*layer 2"):
+        native.w8a8_mlp(x, p1, s1, native.pack_int8(jnp.ones((12, 4), jnp.int8)), s2)
+    with pytest.raises(ValueError, match="w8a8_mlp: w_scale must be float32.*w1_scale"):
+        native.w8a8_mlp(x, p1, s1.astype(jnp.float16), p2, s2)
+    with pytest.raises(ValueError, match="act='per_tensor' must be 'per_token', 'two_level'"):
+        call(act="per_tensor")
+    with pytest.raises(ValueError, match="act=3 must be 'per_token', 'two_level' or a pair"):
+        call(act=3)
+    with pytest.raises(ValueError, match=r"w8a8_mlp: bias must be \(N,\) = \(16,\)"):
+        call(bias1=b2)
+    with pytest.raises(ValueError, match=r"w8a8_mlp: bias must be \(N,\) = \(4,\)"):
+        call(bias2=b1)
+    with pytest.raises(ValueError, match="w8a8_mlp: activation must be one of"):
+        call(activation="tanh")
+    with pytest.raises(ValueError, match="K=0 and F=16 must be positive"):
+        native.w8a8_mlp(jnp.ones((3, 0)), native.pack_int8(jnp.ones((0, 16), jnp.int8)), s1, p2, s2)

@@ -937,3 +937,152 @@ def test_float_dot_general_native_is_differentiable():
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
     jvp = jax.jvp(lambda x: native_dot(x, w, DN), (x,), (jnp.ones_like(x),))[1]
     np.testing.assert_allclose(np.asarray(jvp), np.asarray(jnp.ones_like(x) @ w), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- mlp
+
+_MLP_SPECS = {
+    "w8a8": jqx.int8_dynamic_activation_int8_weight,
+    "w8a8_static": jqx.int8_static_activation_int8_weight,
+    "int8_weight_only": jqx.int8_weight_only,
+}
+
+
+def _mlp_case(spec: str, seed=0, lead=(3, 100), k=64, f=256, n=48):
+    """x, float weights and biases, and the weights quantized with ``spec`` (packed
+    for the native GEMM: "vnni", as jqx.quantize packs them where it runs)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
+    w1 = jnp.asarray(rng.standard_normal((k, f)) / np.sqrt(k), jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((f, n)) / np.sqrt(f), jnp.float32)
+    b1 = jnp.asarray(rng.standard_normal(f) * 0.5, jnp.float32)
+    b2 = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    qs = []
+    for w, amax in ((w1, 4.5), (w2, 3.0)):
+        q = _MLP_SPECS[spec]().quantize_weight(w)
+        if spec == "w8a8_static":
+            q = q.replace(act_scale=jnp.asarray([amax / 127], jnp.float32))
+        qs.append(jqx.ops.prepack(q, layout="vnni"))
+    return x, w1, w2, b1, b2, qs
+
+
+def _mlp_bound(x, w1, w2, b1, spec, activation):
+    """|jqx.ops.mlp - float32 MLP| <= this, per output, for x's rows: each layer's
+    activation quantization error (half a step per element, a whole step of the second
+    level for int8 weight-only, the clip beyond a static scale), times the weight's
+    magnitudes, the first layer's through the activation's slope (<= 1.13 for GELU),
+    the weights' own rounding (half a step per element), and float32 rounding."""
+    xr = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    slope = 1.13 if activation in ("gelu", "gelu_tanh") else 1.0
+
+    def layer(v, w, static_amax):
+        w = np.asarray(w, np.float64)
+        ws = np.max(np.abs(w), axis=0) / 127  # per-channel weight step
+        amax = np.max(np.abs(v), axis=1, keepdims=True)
+        if spec == "int8_weight_only":
+            step = amax / 127 / 256 * 2
+        elif spec == "w8a8_static":
+            step = np.full_like(amax, static_amax / 127)
+        else:
+            step = amax / 127
+        err_x = np.broadcast_to(step / 2, v.shape)
+        if spec == "w8a8_static":  # and the clip beyond the static scale's range
+            err_x = err_x + np.maximum(np.abs(v) - 127.5 * step, 0)
+        absw = np.abs(w) + ws / 2
+        return err_x @ absw + np.sum(np.abs(v), 1, keepdims=True) * (ws / 2), np.abs(v) @ absw
+
+    h = np.asarray(x, np.float64).reshape(-1, x.shape[-1]) @ np.asarray(w1, np.float64)
+    h = h + np.asarray(b1, np.float64)
+    e1, mag1 = layer(xr, w1, 4.5)
+    h_ref = np.asarray(
+        jqx.ops.matmul.FLOAT_ACTIVATIONS[activation](jnp.asarray(h)) if activation else h,
+        np.float64,
+    )
+    hv = np.abs(h_ref) + slope * e1  # the hidden rows as computed, at most this large
+    e2, mag2 = layer(hv, w2, 3.0)
+    e = slope * e1 @ (np.abs(np.asarray(w2, np.float64))) + e2
+    return e + 1e-5 * (mag1 @ np.abs(np.asarray(w2, np.float64)) + mag2) + 1e-5
+
+
+@pytest.mark.parametrize("spec", list(_MLP_SPECS))
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu"])
+def test_mlp_is_the_two_products_and_within_the_float_bound(spec, activation):
+    """jqx.ops.mlp gives dot_general twice, each with its epilogue, bit for bit (one
+    native call where both run on the VNNI kernel, two otherwise: both checked), and
+    is within the quantization bound of the float32 MLP."""
+    x, w1, w2, b1, b2, (q1, q2) = _mlp_case(spec)
+    dn = (((2,), (0,)), ((), ()))
+
+    def two(x):
+        h = jqx.ops.dot_general(x, q1, dn, bias=b1, activation=activation)
+        return jqx.ops.dot_general(h, q2, dn, bias=b2)
+
+    def one(x):
+        return jqx.ops.mlp(x, q1, q2, bias1=b1, activation=activation, bias2=b2)
+
+    want = jax.jit(two)(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(one)(x)), np.asarray(want))
+    with jqx.ops.policy(mlp_kernel=False):
+        np.testing.assert_array_equal(np.asarray(jax.jit(one)(x)), np.asarray(want))
+    h = x @ w1 + b1
+    ref = (jqx.ops.matmul.FLOAT_ACTIVATIONS[activation](h) if activation else h) @ w2 + b2
+    bound = _mlp_bound(x, w1, w2, b1, spec, activation)
+    err = np.abs(np.asarray(want, np.float64) - np.asarray(ref, np.float64)).reshape(bound.shape)
+    assert np.all(err <= bound), float(np.max(err / bound))
+    assert np.max(err) > 0  # the bound is not vacuous: the quantized MLP differs
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize("spec", list(_MLP_SPECS))
+def test_mlp_runs_as_one_native_call_where_both_products_take_the_kernel(spec):
+    """The fused call is made exactly when both products run on the VNNI kernel with
+    their epilogues and x has mlp_kernel_min_rows rows: not below it, not for a plain
+    layout, a float weight, backend="xla", policy(mlp_kernel=False) or
+    policy(epilogue=False)."""
+    x, w1, w2, b1, b2, (q1, q2) = _mlp_case(spec)
+
+    def calls(x, a=q1, b=q2, **kw):
+        f = functools.partial(jqx.ops.mlp, bias1=b1, activation="gelu", bias2=b2, **kw)
+        return jax.jit(lambda x: f(x, a, b)).lower(x).as_text().count("jqx_w8a8_mlp")
+
+    assert calls(x) == 1
+    assert calls(x[:, :80]) == 0  # 240 rows, below 256
+    with jqx.ops.policy(mlp_kernel_min_rows=200):
+        assert calls(x[:, :80]) == 1
+    assert calls(x, a=q1.with_code_layout("plain")) == 0
+    assert calls(x, b=w2) == 0
+    assert calls(x, backend="xla") == 0
+    for off in ({"mlp_kernel": False}, {"epilogue": False}):
+        with jqx.ops.policy(**off):
+            assert calls(x) == 0
+
+
+def test_mlp_with_float_weights_is_float_dot_general_twice():
+    x, w1, w2, b1, b2, (q1, _) = _mlp_case("w8a8")
+    dn = (((2,), (0,)), ((), ()))
+    y = jqx.ops.mlp(x, w1, w2, bias1=b1, activation="relu", bias2=b2)
+    h = jqx.ops.float_dot_general(x, w1, dn, bias=b1, activation="relu")
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(jqx.ops.float_dot_general(h, w2, dn, bias=b2))
+    )
+    mixed = jqx.ops.mlp(x, q1, w2)  # one quantized weight: two calls, no biases
+    np.testing.assert_array_equal(
+        np.asarray(mixed),
+        np.asarray(jqx.ops.float_dot_general(jqx.ops.dot_general(x, q1, dn), w2, dn)),
+    )
+
+
+def test_mlp_bad_input_names_the_argument():
+    x, w1, w2, b1, b2, (q1, q2) = _mlp_case("w8a8", lead=(4,))
+    with pytest.raises(ValueError, match=r"jqx.ops.mlp: x \(4, 64\), w1 \(64, 256\) and w2 \(64, 256\) do not chain"):
+        jqx.ops.mlp(x, q1, q1)
+    with pytest.raises(ValueError, match="do not chain"):
+        jqx.ops.mlp(x, w1[None], w2)
+    with pytest.raises(ValueError, match=r"jqx.ops.mlp: bias has shape \(48,\).*\(256,\)"):
+        jqx.ops.mlp(x, q1, q2, bias1=b2)
+    with pytest.raises(ValueError, match=r"jqx.ops.mlp: bias has shape \(256,\).*\(48,\)"):
+        jqx.ops.mlp(x, q1, q2, bias2=b1)
+    with pytest.raises(ValueError, match="activation='swish' must be None or one of"):
+        jqx.ops.mlp(x, q1, q2, activation="swish")
+    with pytest.raises(ValueError, match="backend"):
+        jqx.ops.mlp(x, q1, q2, backend="gpu")

@@ -576,6 +576,54 @@ def test_quantized_dense_bias_and_gelu_in_the_int8_kernel(recipe):
 
 
 @pytest.mark.skipif(not native.available(), reason=native.status())
+@pytest.mark.parametrize("recipe", ["w8a8", "int8_weight_only"])
+def test_quantized_mlp_runs_as_one_native_call(recipe):
+    """Dense -> activation -> Dense (through a no-op dropout's copies) runs as one
+    jqx.ops.mlp call, one native call of both layers: the same bits as the two layers'
+    calls (policy(mlp_kernel=False)). A hidden activation used again, a second layer
+    with an activation of its own, and activation_matmuls keep two calls."""
+    r = {
+        "w8a8": jqx.int8_dynamic_activation_int8_weight(),
+        "int8_weight_only": jqx.int8_weight_only(),
+    }[recipe]
+
+    class M(nn.Module):
+        kind: str
+
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(128)(x)
+            h = nn.relu(h) if self.kind == "relu" else nn.gelu(h, approximate=False)
+            h = nn.Dropout(0.1, deterministic=True)(h)
+            y = nn.Dense(64)(h)
+            if self.kind == "hidden used again":
+                return y + h[..., :64]
+            if self.kind == "second activation":
+                return nn.gelu(y)
+            return x[..., :64] + y
+
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((4, 80, 96)), jnp.float32)
+    cases = {"gelu": 1, "relu": 1, "hidden used again": 0, "second activation": 0}
+    for kind, fused in cases.items():
+        m = M(kind)
+        v = jqx.quantize(m.init(jax.random.key(0), x), r)
+        f = jax.jit(jqx.quantized(m.apply))
+        assert f.lower(v, x).as_text().count("jqx_w8a8_mlp") == fused, kind
+        got = np.asarray(f(v, x))
+        with jqx.ops.policy(mlp_kernel=False):
+            g = jax.jit(jqx.quantized(m.apply))
+            assert "jqx_w8a8_mlp" not in g.lower(v, x).as_text()
+            np.testing.assert_array_equal(got, np.asarray(g(v, x)), err_msg=kind)
+        np.testing.assert_allclose(
+            got, np.asarray(m.apply(jqx.dequantize(v), x)), atol=0.05, err_msg=kind
+        )
+    m = M("gelu")
+    v = jqx.quantize(m.init(jax.random.key(0), x), r)
+    f = jax.jit(jqx.quantized(m.apply, activation_matmuls="int8"))
+    assert "jqx_w8a8_mlp" not in f.lower(v, x).as_text()
+
+
+@pytest.mark.skipif(not native.available(), reason=native.status())
 def test_float_products_run_on_the_native_gemm_within_the_bound():
     """jqx.quantized sends float32 products (no QArray operand) to
     jqx.ops.float_dot_general: nn.Dense, nn.DenseGeneral and `@` inside an inner jit run

@@ -951,10 +951,19 @@ def w8a8_mlp(
             f"{fn}: act={act!r} must be 'per_token', 'two_level' or a pair (scale1, "
             "scale2) of float32 one-element arrays."
         )
-    _, s1 = _w8a8_check(x, w1, w1_scale, a1, fn, packed_ok=True)
+    layers = []
+    for i, (v, w, ws, a) in enumerate(((x, w1, w1_scale, a1), (None, w2, w2_scale, a2)), 1):
+        if v is None:  # the hidden activations, (M, F)
+            v = jax.ShapeDtypeStruct((x.shape[0], w1_scale.shape[0]), jnp.float32)
+        try:
+            layers.append(_w8a8_check(v, w, ws, a, fn, packed_ok=True)[1])
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (layer {i}: w is w{i}, w_scale is w{i}_scale"
+                + (", x is the hidden activations (M, F))" if i == 2 else ")")
+            ) from None
+    s1, s2 = layers
     f = w1_scale.shape[0]
-    h = jax.ShapeDtypeStruct((x.shape[0], f), jnp.float32)
-    _, s2 = _w8a8_check(h, w2, w2_scale, a2, fn, packed_ok=True)
     e1, code = _epilogue_args(fn, bias1, f, activation)
     e2, _ = _epilogue_args(fn, bias2, w2_scale.shape[0], None)
     if not available():
