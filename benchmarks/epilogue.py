@@ -1,26 +1,38 @@
-"""Dense layers' bias and GELU inside the native kernels, on and off, in whole models.
+"""Dense layers' bias and GELU inside the native kernels, and two-layer MLPs as one
+native call, on and off, in whole models.
 
     python benchmarks/epilogue.py                    # MiniLM ports at batch 32 x 128
     python benchmarks/epilogue.py --batch 1 --repeats 30
+    python benchmarks/epilogue.py --switch mlp_kernel  # Dense -> GELU -> Dense in one call
     python benchmarks/epilogue.py --tiny             # the shipped tiny encoder, quick
 
-Under ``jqx.quantized`` a product whose only use is ``+ bias`` (then, optionally,
-``jax.nn.gelu(approximate=False)``) runs as one call whose kernel applies both as it
-stores its outputs: the native float32 GEMM, and the AVX512-VNNI W8A8 and int8
-weight-only kernels (docs/internals/dispatch.md). ``jqx.ops.policy(epilogue=False)``
-runs XLA's add and GELU after the kernel instead. This times both on the ordinary
-BERT ports of ``jqx_demo.bert`` (``plain``, ``linen``) with the all-MiniLM-L6-v2
-weights: float32 parameters, W8A8 dynamic and int8 weight-only (packed for the
-kernels, as ``jqx.quantize`` makes them), one call of each variant per round, best
-and median of ``--repeats`` rounds, and the ratio of the times with the epilogue to
-those without (best). ``max |diff|``: the largest difference between the two outputs
-(the GELU's erfc, and what the next layer's int8 quantization makes of it).
+``--switch epilogue`` (default): under ``jqx.quantized`` a product whose only use is
+``+ bias`` (then, optionally, ``jax.nn.gelu(approximate=False)``) runs as one call whose
+kernel applies both as it stores its outputs: the native float32 GEMM, and the
+AVX512-VNNI W8A8 and int8 weight-only kernels (docs/internals/dispatch.md).
+``jqx.ops.policy(epilogue=False)`` runs XLA's add and GELU after the kernel instead.
+
+``--switch mlp_kernel``: a Dense layer with its epilogue whose output feeds only a
+second Dense layer runs both as one call of the VNNI kernel (``jqx.ops.mlp``,
+``native.w8a8_mlp``), the hidden activations kept per thread;
+``jqx.ops.policy(mlp_kernel=False)`` makes two calls. Only the int8 recipes (float32
+products do not pair).
+
+Both are timed on the ordinary BERT ports of ``jqx_demo.bert`` (``plain``, ``linen``)
+with the all-MiniLM-L6-v2 weights: float32 parameters, W8A8 dynamic and int8
+weight-only (packed for the kernels, as ``jqx.quantize`` makes them), one call of each
+variant per round, best and median of ``--repeats`` rounds, and the ratio of the times
+with the switch on to those with it off (best). ``max |diff|``: the largest difference
+between the two outputs (with the epilogue, the GELU's erfc and what the next layer's
+int8 quantization makes of it; for ``mlp_kernel`` it must be 0). ``faults``: minor page
+faults per call, on / off (median; the process's ``getrusage``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -42,12 +54,19 @@ RECIPES = {
 }
 
 
-def _fn(apply, epilogue: bool):
+SWITCHES = ("epilogue", "mlp_kernel")  # jqx.ops.Policy fields
+
+
+def _fn(apply, switch: str, on: bool):
     def run(v, ids, mask):
-        with jqx.ops.policy(epilogue=epilogue):  # read while tracing
+        with jqx.ops.policy(**{switch: on}):  # read while tracing
             return jqx.quantized(apply)(v, ids, mask)
 
     return jax.jit(run)
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main(argv=None) -> int:
@@ -57,13 +76,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--ports", default="plain,linen")
     ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
+    ap.add_argument("--switch", choices=SWITCHES, default="epilogue", help="the policy field")
     args = ap.parse_args(argv)
+    recipes = {k: r for k, r in RECIPES.items() if r is not None or args.switch == "epilogue"}
     print_stamp()
     # A kernel that did not build leaves every row on XLA: say so first.
     print(f"jqx native kernels: {jqx.ops.native_status()}")
     enc = minilm.load_tiny() if args.tiny else minilm.load_default()
     rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1000, 20000, (args.batch, args.tokens)), jnp.int32)
+    # Token ids inside the vocabulary (the tiny encoder's has 2048: beyond it, NaN rows).
+    vocab = enc.config.vocab_size
+    ids = jnp.asarray(
+        rng.integers(vocab // 30, vocab * 2 // 3, (args.batch, args.tokens)), jnp.int32
+    )
     lengths = rng.integers(args.tokens // 2, args.tokens + 1, args.batch)
     mask = jnp.asarray(np.arange(args.tokens)[None, :] < lengths[:, None], jnp.int32)
     print(
@@ -71,30 +96,33 @@ def main(argv=None) -> int:
         f"{args.tokens} tokens; best / median of {args.repeats} interleaved rounds; "
         f"1-min load average {os.getloadavg()[0]:.1f} at the start\n"
     )
-    print("| port | recipe | epilogue on ms | off ms | on / off | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print(f"| port | recipe | {args.switch} on ms | off ms | on / off | max abs diff | faults |")
+    print("|---|---|---|---|---|---|---|")
     for port in args.ports.split(","):
         p = bert.load_port(port, enc)
         runs = {}
-        for name, recipe in RECIPES.items():
+        for name, recipe in recipes.items():
             v = p.variables if recipe is None else jqx.quantize(p.variables, recipe)
             for on in (True, False):
-                f = _fn(p.module.apply, on)
+                f = _fn(p.module.apply, args.switch, on)
                 runs[name, on] = lambda f=f, v=v: jax.block_until_ready(f(v, ids, mask))
         outs = {k: np.asarray(run()) for k, run in runs.items()}  # compile, warm
         times = {k: [] for k in runs}
+        faults = {k: [] for k in runs}
         for _ in range(args.repeats):
             for k, run in runs.items():
-                t = time.perf_counter()
+                f0, t = _minflt(), time.perf_counter()
                 run()
                 times[k].append(time.perf_counter() - t)
-        for name in RECIPES:
+                faults[k].append(_minflt() - f0)
+        for name in recipes:
             on, off = times[name, True], times[name, False]
             diff = float(np.max(np.abs(outs[name, True] - outs[name, False])))
+            flt = " / ".join(f"{statistics.median(faults[name, o]):.0f}" for o in (True, False))
             print(
                 f"| {port} | {name} | {1e3 * min(on):.1f} / {1e3 * statistics.median(on):.1f} "
                 f"| {1e3 * min(off):.1f} / {1e3 * statistics.median(off):.1f} "
-                f"| {min(on) / min(off):.2f} | {diff:.2g} |"
+                f"| {min(on) / min(off):.2f} | {diff:.2g} | {flt} |"
             )
     return 0
 

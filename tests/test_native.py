@@ -1376,7 +1376,9 @@ def _mlp_act(name):
 
 @needs_native
 @pytest.mark.parametrize("amx_mode", [True, False], indirect=True, ids=["amx", "vnni"])
-@pytest.mark.parametrize("m,k,f,n", [(1, 2, 1, 2), (5, 7, 33, 17), (97, 64, 130, 50), (300, 384, 1536, 384)])
+@pytest.mark.parametrize(
+    "m,k,f,n", [(1, 2, 1, 2), (5, 7, 33, 17), (97, 64, 130, 50), (300, 384, 1536, 384)]
+)
 def test_w8a8_mlp_equals_the_two_calls(m, k, f, n, amx_mode):
     """Both layers in one call give the two single-layer calls' bits: every activation
     mode (per row, two-level, static), every epilogue, with and without biases, edge

@@ -1074,7 +1074,10 @@ def test_mlp_with_float_weights_is_float_dot_general_twice():
 
 def test_mlp_bad_input_names_the_argument():
     x, w1, w2, b1, b2, (q1, q2) = _mlp_case("w8a8", lead=(4,))
-    with pytest.raises(ValueError, match=r"jqx.ops.mlp: x \(4, 64\), w1 \(64, 256\) and w2 \(64, 256\) do not chain"):
+    with pytest.raises(
+        ValueError,
+        match=r"jqx.ops.mlp: x \(4, 64\), w1 \(64, 256\) and w2 \(64, 256\) do not chain",
+    ):
         jqx.ops.mlp(x, q1, q1)
     with pytest.raises(ValueError, match="do not chain"):
         jqx.ops.mlp(x, w1[None], w2)

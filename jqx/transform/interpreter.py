@@ -995,8 +995,9 @@ def _mlps(eqns, found: dict, uses, outvars) -> dict:
     """The MLPs among the planned epilogues ``found`` (module comment), by last eqn."""
     by_dot = {ep.dot: ep for ep in found.values()}
     out = {}
-    for ep in found.values():
-        if not _plain_dense(eqns[ep.dot]):
+    taken = set()  # epilogues in an MLP already: a chain of three Dense layers pairs once
+    for ep in sorted(found.values(), key=lambda e: e.dot):
+        if ep.dot in taken or not _plain_dense(eqns[ep.dot]):
             continue
         u = _only_use(eqns[ep.last].outvars[0], uses, outvars)
         links = []
@@ -1012,6 +1013,7 @@ def _mlps(eqns, found: dict, uses, outvars) -> dict:
         second = by_dot.get(d2)
         if second is not None and second.activation is not None:
             continue  # the kernel's second layer adds a bias only
+        taken.update((ep.dot, d2))
         last = second.last if second is not None else d2
         chain = (*ep.chain, ep.last, *links, *(second.chain if second is not None else (d2,)))
         out[last] = _Mlp(
