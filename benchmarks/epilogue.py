@@ -14,9 +14,8 @@ AVX512-VNNI W8A8 and int8 weight-only kernels (docs/internals/dispatch.md).
 
 ``--switch mlp_kernel``: a Dense layer with its epilogue whose output feeds only a
 second Dense layer runs both as one call of the VNNI kernel (``jqx.ops.mlp``,
-``native.w8a8_mlp``), the hidden activations kept per thread;
-``jqx.ops.policy(mlp_kernel=False)`` makes two calls. Only the int8 recipes (float32
-products do not pair).
+``native.w8a8_mlp``; float32: ``native.f32_mlp``), the hidden activations kept per
+thread; ``jqx.ops.policy(mlp_kernel=False)`` makes two calls.
 
 Both are timed on the ordinary BERT ports of ``jqx_demo.bert`` (``plain``, ``linen``)
 with the all-MiniLM-L6-v2 weights: float32 parameters, W8A8 dynamic and int8
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="use the shipped tiny encoder")
     ap.add_argument("--switch", choices=SWITCHES, default="epilogue", help="the policy field")
     args = ap.parse_args(argv)
-    recipes = {k: r for k, r in RECIPES.items() if r is not None or args.switch == "epilogue"}
+    recipes = RECIPES
     print_stamp()
     # A kernel that did not build leaves every row on XLA: say so first.
     print(f"jqx native kernels: {jqx.ops.native_status()}")

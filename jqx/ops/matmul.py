@@ -228,7 +228,9 @@ def mlp(
     weight-only, the dispatcher sends both products to the AVX512-VNNI GEMM, and x has
     at least ``policy().mlp_kernel_min_rows`` rows, both layers run in one call
     (``native.w8a8_mlp``): each chunk of rows goes through both on one thread, its
-    hidden rows kept in cache. The hidden activations (rows x F floats) are never
+    hidden rows kept in cache. Likewise two float32 weights whose products both go to
+    the native float32 GEMM (:func:`float_dot_general`'s choice) run as one
+    ``native.f32_mlp`` call (differentiable: the tangents are XLA's). The hidden activations (rows x F floats) are never
     written to an array, which saves their memory traffic and XLA's buffer for them
     (:func:`jqx.quantized` runs every such Dense -> activation -> Dense chain this way;
     ``policy(mlp_kernel=False)`` turns it off).
@@ -276,6 +278,11 @@ def mlp(
     dn1 = (((jnp.ndim(x) - 1,), (0,)), ((), ()))
     _check_epilogue("jqx.ops.mlp", w1, dn1, bias1, activation)
     _check_epilogue("jqx.ops.mlp", w2, dn1, bias2, None)
+    if _mlp_float_kernel(x, w1, w2, bias1, bias2, backend):
+        b1, b2 = (None if b is None else jnp.asarray(b) for b in (bias1, bias2))
+        x = jnp.asarray(x)
+        y = _native_f32_mlp(x.reshape(-1, shapes[0][0]), w1, w2, b1, b2, activation)
+        return y.reshape(*x.shape[:-1], shapes[1][1])
     fused = _mlp_kernel_args(x, w1, w2, bias1, bias2, backend)
     if fused is not None:
         from jqx.kernels.cpu import native  # noqa: PLC0415 (dispatch imports it already)
@@ -304,6 +311,46 @@ def mlp(
         return float_dot_general(v, w, dn, backend=backend, bias=b, activation=a)
 
     return dense(dense(x, w1, bias1, activation), w2, bias2, None)
+
+
+def _mlp_float_kernel(x, w1, w2, bias1, bias2, backend) -> bool:
+    """Whether :func:`mlp`'s two float products both go to the native float32 GEMM with
+    their epilogues there, from ``mlp_kernel_min_rows`` rows: then one
+    ``native.f32_mlp`` call gives their bits."""
+    pol = dispatch.current_policy()
+    if not (pol.mlp_kernel and pol.epilogue) or is_qarray(w1) or is_qarray(w2):
+        return False
+    f32 = jnp.dtype(jnp.float32)
+    if any(b is not None and jnp.dtype(jnp.result_type(b)) != f32 for b in (bias1, bias2)):
+        return False
+    shape = tuple(jnp.shape(x))
+    if math.prod(shape[:-1]) < pol.mlp_kernel_min_rows:
+        return False
+    dn = (((len(shape) - 1,), (0,)), ((), ()))
+    h = jax.ShapeDtypeStruct((*shape[:-1], jnp.shape(w1)[1]), jnp.result_type(x))
+    x = jax.ShapeDtypeStruct(shape, jnp.result_type(x))
+    return all(
+        dispatch.choose_float_dot(a, w, dn, None, backend) == "native"
+        for a, w in ((x, w1), (h, w2))
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _native_f32_mlp(x, w1, w2, b1, b2, activation):
+    """``native.f32_mlp`` on (rows, K) x: :func:`mlp`'s two float products in one call
+    (their bits); the tangents are XLA's dots, adds and activation."""
+    from jqx.kernels.cpu import native  # noqa: PLC0415 (dispatch imports it already)
+
+    return native.f32_mlp(x, w1, w2, bias1=b1, activation=activation, bias2=b2)
+
+
+@_native_f32_mlp.defjvp
+def _native_f32_mlp_jvp(activation, primals, tangents):
+    def ref(x, w1, w2, b1, b2):
+        return _apply_epilogue(_apply_epilogue(x @ w1, b1, activation) @ w2, b2, None)
+
+    _, dy = jax.jvp(ref, primals, tangents)
+    return _native_f32_mlp(*primals, activation), dy
 
 
 def _mlp_kernel_args(x, w1, w2, bias1, bias2, backend):

@@ -957,10 +957,10 @@ def _weight_epilogue(ctx: _Ctx, dot, invals, bias) -> bool:
 # A transformer's feed-forward block: a Dense layer with its epilogue (bias, then
 # optionally an activation), whose output feeds only a second float32 product
 # ``h . W2`` (then, optionally, its bias). Both are ``x @ W`` (x's last axis against a
-# 2-D weight's first). Where both weights are QArrays as stored, the pair runs as one
-# jqx.ops.mlp call at the last eqn: one native call where both products run on the
-# AVX512-VNNI kernel, else the two products with their epilogues, as
-# _epilogue_step computes them.
+# 2-D weight's first). Where both weights are float arrays, or QArrays as stored, the
+# pair runs as one jqx.ops.mlp call at the last eqn: one native call where both
+# products run on the native float32 GEMM or both on the AVX512-VNNI kernel, else the
+# two products with their epilogues, as _epilogue_step computes them.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1038,8 +1038,8 @@ def _is_copy(eqn) -> bool:
 
 def _mlp_step(ctx: _Ctx, eqns, m: _Mlp, plan, env) -> None:
     """A planned MLP at its last eqn: one jqx.ops.mlp call where both weights are
-    QArrays as stored (no rule of their own, activation matmuls not quantized); else its
-    two epilogues (or the second dot alone) in turn."""
+    float arrays, or QArrays as stored (no rule of their own), and activation matmuls
+    are not quantized; else its two epilogues (or the second dot alone) in turn."""
     d1, d2 = eqns[m.first.dot], eqns[m.dot2]
     x, w1 = (_read(env, v) for v in d1.invars)
     w2 = _read(env, d2.invars[1])
@@ -1056,12 +1056,11 @@ def _mlp_step(ctx: _Ctx, eqns, m: _Mlp, plan, env) -> None:
         )
 
     f32 = jnp.dtype(jnp.float32)
+    floats = not any(_is_w(v) for v in (x, w1, w2, b1, b2))
+    quantized = not any(_is_w(v) for v in (x, b1, b2)) and stored(w1) and stored(w2)
     if (
         ctx.act_matmuls is None
-        and not _is_w(x)
-        and stored(w1)
-        and stored(w2)
-        and not any(_is_w(b) for b in (b1, b2))
+        and (floats or quantized)
         and jnp.dtype(jnp.result_type(x)) == f32
         and all(
             jnp.dtype(d.params.get("preferred_element_type") or f32) == f32
@@ -1074,8 +1073,8 @@ def _mlp_step(ctx: _Ctx, eqns, m: _Mlp, plan, env) -> None:
         with last.ctx.manager:
             y = ops.mlp(
                 x,
-                w1.base,
-                w2.base,
+                w1 if floats else w1.base,
+                w2 if floats else w2.base,
                 bias1=jnp.reshape(b1, m.first.tail),
                 activation=m.first.activation,
                 bias2=None if b2 is None else jnp.reshape(b2, m.second.tail),

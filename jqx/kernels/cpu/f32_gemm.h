@@ -216,6 +216,22 @@ inline bool F32Tile(const float* A, int64_t K, const float* B, const float* pack
   return true;
 }
 
+// B (K, N) packed into ``buf`` (np panels of 32 columns, [panel][k][32]) by the pool's
+// threads (up to t).
+inline void F32PackAll(const float* B, int64_t K, int64_t N, float* buf, int64_t t) {
+  const int64_t np = (N + 31) / 32;
+  const int64_t pack_chunks = std::max<int64_t>(1, std::min<int64_t>(np, t));
+  auto pack = [&](int64_t i) {
+    const int64_t q0 = np * i / pack_chunks, q1 = np * (i + 1) / pack_chunks;
+    F32PackPanels(B, N, 0, K, q0, q1, buf + q0 * K * 32);
+  };
+  if (pack_chunks > 1) {
+    GetPool()->ForEach(pack_chunks, pack);
+  } else {
+    pack(0);
+  }
+}
+
 // One product: A (M, K) . B (K, N) -> C (M, N), on the pool, then the epilogue
 // (epilogue.h: bias, N floats, or null; act) on each output.
 bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N,
@@ -239,16 +255,7 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
     thread_local F32PanelBuffer panels;
     float* buf = panels.get(static_cast<size_t>(np * K * 32));
     if (buf == nullptr) return false;
-    const int64_t pack_chunks = std::min<int64_t>(np, t);
-    auto pack = [&](int64_t i) {
-      const int64_t q0 = np * i / pack_chunks, q1 = np * (i + 1) / pack_chunks;
-      F32PackPanels(B, N, 0, K, q0, q1, buf + q0 * K * 32);
-    };
-    if (pack_chunks > 1) {
-      pool->ForEach(pack_chunks, pack);
-    } else {
-      pack(0);
-    }
+    F32PackAll(B, K, N, buf, t);
     packed = buf;
   }
   const int64_t nb = (M + kF32Rows - 1) / kF32Rows;  // row blocks
@@ -281,6 +288,81 @@ bool F32Gemm(const float* A, const float* B, float* C, int64_t M, int64_t K, int
     tile(0);
   }
   return ok.load();
+}
+
+constexpr int64_t kF32MlpBlocks = 4;  // row blocks per chunk of jqx_f32_mlp (56 rows)
+
+// jqx_f32_mlp: two float32 dense layers in one call, Y = (act(X . B1 + b1)) . B2 + b2,
+// X (M, K), B1 (K, F), B2 (F, N). Both weights are packed up front; then each chunk of
+// kF32MlpBlocks row blocks runs on one thread: F32Tile for its rows of the first
+// product (and its epilogue) into a per-thread buffer of rows x F floats (56 x 1536:
+// 344 KB, in L2), then F32Tile from that buffer for its rows of the second. Every
+// output is the same fused multiply-add chain over k as F32Gemm's (the chains depend
+// on K alone), so Y is two F32Gemm calls' result bit for bit; the hidden activations
+// never go to memory XLA allocates.
+bool F32Mlp(const float* X, const float* B1, const float* B2, float* Y, int64_t M, int64_t K,
+            int64_t F, int64_t N, int64_t threads, const float* b1, int64_t act, const float* b2) {
+  if (M == 0 || N == 0) return true;
+  Pool* pool = GetPool();
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, pool->threads()));
+  const int64_t work = M * F * std::max(K, N);
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  const int64_t np1 = (F + 31) / 32, np2 = (N + 31) / 32;
+  thread_local F32PanelBuffer panels1, panels2;
+  float* p1 = panels1.get(static_cast<size_t>(np1 * K * 32));
+  float* p2 = panels2.get(static_cast<size_t>(np2 * F * 32));
+  if (p1 == nullptr || p2 == nullptr) return false;
+  if (K > 0) F32PackAll(B1, K, F, p1, t);
+  F32PackAll(B2, F, N, p2, t);
+  const int64_t rows = kF32MlpBlocks * kF32Rows;
+  const int64_t chunks = (M + rows - 1) / rows;
+  std::atomic<bool> ok{true};
+  auto chunk = [&](int64_t c) {
+    thread_local F32PanelBuffer hidden;
+    const int64_t r0 = c * rows, n = std::min(M, r0 + rows) - r0;
+    float* h = hidden.get(static_cast<size_t>(n * F));
+    if (h == nullptr) {
+      ok.store(false);
+      return;
+    }
+    if (K == 0) {  // empty sums, as F32Gemm's
+      memset(h, 0, sizeof(float) * n * F);
+      if (b1 != nullptr || act != kEpNone) EpilogueRows(h, n, F, b1, act);
+    } else if (!F32Tile(X + r0 * K, K, nullptr, p1, F, h, 0, n, 0, np1, b1, act)) {
+      ok.store(false);
+      return;
+    }
+    if (!F32Tile(h, F, nullptr, p2, N, Y + r0 * N, 0, n, 0, np2, b2, kEpNone)) ok.store(false);
+  };
+  if (t > 1 && chunks > 1) {
+    pool->ForEach(chunks, chunk);
+  } else {
+    for (int64_t c = 0; c < chunks; ++c) chunk(c);
+  }
+  return ok.load();
+}
+
+// X (M, K), B1 (K, F), B2 (F, N), biases (F,) / (N,) or (0,), Y (M, N).
+xla::ffi::Error F32MlpImpl(xla::ffi::Buffer<xla::ffi::F32> x, xla::ffi::Buffer<xla::ffi::F32> b1,
+                           xla::ffi::Buffer<xla::ffi::F32> e1, xla::ffi::Buffer<xla::ffi::F32> b2,
+                           xla::ffi::Buffer<xla::ffi::F32> e2,
+                           xla::ffi::ResultBuffer<xla::ffi::F32> y, int64_t threads,
+                           int64_t activation, xla::ffi::ThreadPool xla_pool) {
+  const auto xd = x.dimensions(), d1 = b1.dimensions(), d2 = b2.dimensions();
+  const auto f1 = e1.dimensions(), f2 = e2.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || d1.size() != 2 || d2.size() != 2 || yd.size() != 2 || f1.size() != 1 ||
+      f2.size() != 1 || d1[0] != xd[1] || d2[0] != d1[1] || yd[0] != xd[0] || yd[1] != d2[1] ||
+      (f1[0] != 0 && f1[0] != d1[1]) || (f2[0] != 0 && f2[0] != d2[1]) || d1[1] == 0 ||
+      activation < kEpNone || activation > kEpRelu)
+    return xla::ffi::Error::InvalidArgument(
+        "jqx_f32_mlp: expected X (M, K), B1 (K, F), bias (F,) or (0,), B2 (F, N), bias (N,) or "
+        "(0,), Y (M, N), F > 0, a known activation");
+  XlaPoolScope xla_scope(xla_pool, xd[0] > kXlaPoolRows);
+  if (!F32Mlp(x.typed_data(), b1.typed_data(), b2.typed_data(), y->typed_data(), xd[0], xd[1],
+              d1[1], d2[1], threads, f1[0] == 0 ? nullptr : e1.typed_data(), activation,
+              f2[0] == 0 ? nullptr : e2.typed_data()))
+    return xla::ffi::Error::Internal("jqx_f32_mlp: out of memory");
+  return xla::ffi::Error::Success();
 }
 
 // A (lead..., rows..., K) . B (lead..., K, N) -> C (lead..., rows..., N), where B's
@@ -356,6 +438,18 @@ xla::ffi::Error F32GemmImpl(xla::ffi::Buffer<xla::ffi::F32> a, xla::ffi::Buffer<
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxF32Gemm, F32GemmImpl,
                               xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
+                                  .Ctx<xla::ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqxF32Mlp, F32MlpImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()

@@ -139,6 +139,7 @@ __all__ = [
     "W8A8_TARGET",
     "W8A8_VNNI_TARGET",
     "W8A8_MLP_TARGET",
+    "F32_MLP_TARGET",
     "pack_int8",
     "unpack_int8",
     "packed_shape",
@@ -167,6 +168,7 @@ SOFTMAX_DOT_AVX512_TARGET = "jqx_softmax_dot_avx512"  # the same in int8_gemm.cc
 SCORES_SOFTMAX_DOT_TARGET = "jqx_scores_softmax_dot"  # gguf_gemv.cc: attention from q, k (AVX2)
 SCORES_SOFTMAX_DOT_AVX512_TARGET = "jqx_scores_softmax_dot_avx512"  # int8_gemm.cc (AVX512)
 F32_TARGET = "jqx_f32_gemm"  # int8_gemm.cc (f32_gemm.h): the float32 GEMM (AVX512)
+F32_MLP_TARGET = "jqx_f32_mlp"  # the same library: two float32 dense layers in one call
 ATTENTION_Q_TARGET = "jqx_decode_attention_q"  # the same over an int8 / fp8 quantized cache
 ATTENTION_INT4_TARGET = "jqx_decode_attention_int4"  # the same over the 4-bit KIVI cache
 CONV_INT8_TARGET = "jqx_conv_int8"  # conv_int8.cc: W8A8 NHWC x HWIO convolution (AVX2)
@@ -231,6 +233,7 @@ _INT8 = _Library(
         SOFTMAX_DOT_AVX512_TARGET: "JqxSoftmaxDotAvx512",
         SCORES_SOFTMAX_DOT_AVX512_TARGET: "JqxScoresSoftmaxDotAvx512",
         F32_TARGET: "JqxF32Gemm",
+        F32_MLP_TARGET: "JqxF32Mlp",
     },
 )
 _GGUF = _Library(
@@ -1846,6 +1849,69 @@ def f32_matmul(
     # kernel broadcasts them.
     return jax.ffi.ffi_call(F32_TARGET, out, vmap_method="expand_dims")(
         a, b, bias, threads=np.int64(_threads()), activation=act
+    )
+
+
+def f32_mlp(
+    x: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    *,
+    bias1: jax.Array | None = None,
+    activation: str | None = None,
+    bias2: jax.Array | None = None,
+) -> jax.Array:
+    """Two float32 dense layers in one call: ``f32_matmul(f32_matmul(x, w1, bias1,
+    activation), w2, bias2)``, bit for bit (``f32_gemm.h``'s ``jqx_f32_mlp``).
+
+    Both weights are packed once per call; each chunk of 56 rows then runs both
+    products on one thread, its hidden rows (F floats each) in a per-thread buffer, in
+    cache. Every output is the same fused multiply-add chain over k as
+    :func:`f32_matmul`'s, so the result is the same bits; the hidden activations are
+    never written to memory XLA allocates. Needs :func:`available`.
+
+    Args:
+      x: float32 (M, K).
+      w1: float32 (K, F), F > 0.
+      w2: float32 (F, N).
+      bias1, activation: the first layer's epilogue (as :func:`f32_matmul`'s).
+      bias2: None, or float32 (N,).
+
+    Returns:
+      float32 (M, N).
+
+    Raises:
+      ValueError: a dtype, shape or activation the kernel does not take (named).
+      RuntimeError: the kernel is not available here (:func:`status`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jqx.kernels.cpu import native
+        >>> x, w1, w2 = jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.ones((4, 1))
+        >>> y = native.f32_mlp(x, w1, w2) if native.available() else (x @ w1) @ w2
+        >>> y.tolist()
+        [[12.0], [12.0]]
+    """
+    fn = "f32_mlp"
+    for name, a in (("x", x), ("w1", w1), ("w2", w2)):
+        _check_float32(fn, name, a)
+    if x.ndim != 2 or w1.ndim != 2 or w2.ndim != 2 or x.shape[1] != w1.shape[0]:
+        raise ValueError(
+            f"{fn}: x {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} must "
+            "be (M, K), (K, F) and (F, N); reshape the rows to 2-D."
+        )
+    if w2.shape[0] != w1.shape[1] or w1.shape[1] == 0:
+        raise ValueError(
+            f"{fn}: w2 {tuple(w2.shape)} must be (F, N) for w1's F={w1.shape[1]}, and F > 0 "
+            "(an empty hidden layer: run f32_matmul twice)."
+        )
+    e1, code = _epilogue_args(fn, bias1, w1.shape[1], activation)
+    e2, _ = _epilogue_args(fn, bias2, w2.shape[1], None)
+    if not available():
+        raise RuntimeError(f"the native float32 GEMM is not available: {status()}")
+    out = jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(F32_MLP_TARGET, out, vmap_method="sequential")(
+        x, w1, e1, w2, e2, threads=np.int64(_threads()), activation=code
     )
 
 
