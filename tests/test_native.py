@@ -1466,3 +1466,100 @@ def test_w8a8_mlp_bad_input_names_the_argument():
         call(activation="tanh")
     with pytest.raises(ValueError, match="K=0 and F=16 must be positive"):
         native.w8a8_mlp(jnp.ones((3, 0)), native.pack_int8(jnp.ones((0, 16), jnp.int8)), s1, p2, s2)
+
+
+# --------------------------------------------------------------------------- f32_mlp
+
+
+def _f32_mlp_operands(rng, m, k, f, n, scale=1.0):
+    def arr(*shape, s=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * s, jnp.float32)
+
+    return arr(m, k, s=scale), arr(k, f), arr(f, n), arr(f), arr(n)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "m,k,f,n",
+    [
+        (1, 2, 1, 2),
+        (5, 7, 33, 17),
+        (97, 64, 130, 50),
+        (300, 384, 1536, 384),
+        (70, 0, 20, 5),
+        (60, 800, 40, 1100),
+    ],
+)
+def test_f32_mlp_equals_two_gemm_calls(m, k, f, n):
+    """Both float32 layers in one call give two f32_matmul calls' bits: every epilogue,
+    with and without biases, edge panels and blocks, k blocks (K, F > 768), K = 0."""
+    x, w1, w2, b1, b2 = _f32_mlp_operands(np.random.default_rng(m + k + f + n), m, k, f, n)
+    for activation in (None, "gelu", "gelu_tanh", "relu"):
+        for bb1, bb2 in ((b1, b2), (None, None)):
+            y = native.f32_mlp(x, w1, w2, bias1=bb1, activation=activation, bias2=bb2)
+            want = native.f32_matmul(native.f32_matmul(x, w1, bb1, activation), w2, bb2)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+@needs_native
+@settings(deadline=None, max_examples=10)
+@given(
+    m=st.integers(1, 300),
+    k=st.integers(0, 900),
+    f=st.integers(1, 300),
+    n=st.integers(1, 100),
+    activation=st.sampled_from([None, "gelu", "relu"]),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_f32_mlp_property(m, k, f, n, activation, scale, seed):
+    """Any shapes and scale: the two GEMM calls' bits, and within the float32 GEMM's
+    bound (f32_matmul's tests) of the float64 MLP: |y - y64| <= gamma_F sum_f |h_f
+    w2[f, n]| + sum_f |w2[f, n]| * slope * (gamma_K sum_k |x_k w1[k, f]| + the
+    activation's few ulps)."""
+    x, w1, w2, b1, b2 = _f32_mlp_operands(np.random.default_rng(seed), m, k, f, n, scale)
+    y = native.f32_mlp(x, w1, w2, bias1=b1, activation=activation, bias2=b2)
+    want = native.f32_matmul(native.f32_matmul(x, w1, b1, activation), w2, b2)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    x64, w164, w264 = (np.asarray(a, np.float64) for a in (x, w1, w2))
+    pre = x64 @ w164 + np.asarray(b1, np.float64)
+    act = {
+        None: lambda v: v,
+        "relu": lambda v: np.maximum(v, 0),
+        "gelu": lambda v: np.asarray(jax.nn.gelu(jnp.asarray(v), approximate=False), np.float64),
+    }[activation]
+    h = act(pre)
+    ref = h @ w264 + np.asarray(b2, np.float64)
+    u = 2.0**-24
+
+    def gamma(kk):
+        return kk * u / (1 - kk * u)
+
+    # The first layer's error, through the activation (slope <= 1.13), plus its ulps.
+    e1 = gamma(k) * (np.abs(x64) @ np.abs(w164)) + 2 * u * np.abs(pre)
+    e1 = 1.13 * e1 + 16 * u * np.abs(h) + 1e-37
+    bound = gamma(f + 1) * (np.abs(h) + e1) @ np.abs(w264) + e1 @ np.abs(w264)
+    bound = bound + u * np.abs(ref) + 1e-30
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= bound)
+
+
+@needs_native
+def test_f32_mlp_vmap_and_bad_input():
+    x, w1, w2, b1, b2 = _f32_mlp_operands(np.random.default_rng(1), 9, 8, 16, 4)
+    xs = jnp.stack([x, -2 * x])
+    got = jax.vmap(lambda v: native.f32_mlp(v, w1, w2, bias1=b1, activation="gelu"))(xs)
+    for i in range(2):
+        want = native.f32_mlp(xs[i], w1, w2, bias1=b1, activation="gelu")
+        np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
+    with pytest.raises(ValueError, match="f32_mlp: w1 must be a float32 array"):
+        native.f32_mlp(x, w1.astype(jnp.bfloat16), w2)
+    with pytest.raises(ValueError, match=r"f32_mlp: x \(9, 8\), w1 \(16, 4\) and w2"):
+        native.f32_mlp(x, w2, w2)
+    with pytest.raises(ValueError, match=r"f32_mlp: w2 \(8, 16\) must be \(F, N\) for w1's F=16"):
+        native.f32_mlp(x, w1, w1)
+    with pytest.raises(ValueError, match="and F > 0"):
+        native.f32_mlp(x, w1[:, :0], w2[:0])
+    with pytest.raises(ValueError, match=r"f32_mlp: bias must be \(N,\) = \(16,\)"):
+        native.f32_mlp(x, w1, w2, bias1=b2)
+    with pytest.raises(ValueError, match="f32_mlp: activation must be one of"):
+        native.f32_mlp(x, w1, w2, activation="silu")

@@ -4,6 +4,7 @@ from the activation rounding error)."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1057,14 +1058,31 @@ def test_mlp_runs_as_one_native_call_where_both_products_take_the_kernel(spec):
             assert calls(x) == 0
 
 
-def test_mlp_with_float_weights_is_float_dot_general_twice():
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_mlp_with_float_weights_is_float_dot_general_twice(activation):
+    """Float weights: float_dot_general twice, bit for bit; where both products take
+    the native float32 GEMM (here from 128 rows), one jqx_f32_mlp call; its gradients
+    are XLA's."""
     x, w1, w2, b1, b2, (q1, _) = _mlp_case("w8a8")
     dn = (((2,), (0,)), ((), ()))
-    y = jqx.ops.mlp(x, w1, w2, bias1=b1, activation="relu", bias2=b2)
-    h = jqx.ops.float_dot_general(x, w1, dn, bias=b1, activation="relu")
-    np.testing.assert_array_equal(
-        np.asarray(y), np.asarray(jqx.ops.float_dot_general(h, w2, dn, bias=b2))
-    )
+
+    def two(x, w1, w2):
+        h = jqx.ops.float_dot_general(x, w1, dn, bias=b1, activation=activation)
+        return jqx.ops.float_dot_general(h, w2, dn, bias=b2)
+
+    def one(x, w1, w2):
+        return jqx.ops.mlp(x, w1, w2, bias1=b1, activation=activation, bias2=b2)
+
+    small = {"f32_kernel_min_rows": 128, "f32_kernel_min_work": 0}
+    want = jax.grad(lambda *a: two(*a).sum(), argnums=(0, 1, 2))(x, w1, w2)
+    for pol in ({}, small, {**small, "mlp_kernel": False}):
+        with jqx.ops.policy(**pol):  # read while tracing: a new function each time
+            f, g = jax.jit(lambda *a: one(*a)), jax.jit(lambda *a: two(*a))
+            np.testing.assert_array_equal(np.asarray(f(x, w1, w2)), np.asarray(g(x, w1, w2)))
+            fused = f.lower(x, w1, w2).as_text().count("jqx_f32_mlp")
+            assert fused == (pol == small and native.available()), pol
+            grads = jax.grad(lambda *a: one(*a).sum(), argnums=(0, 1, 2))(x, w1, w2)
+        chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-4)
     mixed = jqx.ops.mlp(x, q1, w2)  # one quantized weight: two calls, no biases
     np.testing.assert_array_equal(
         np.asarray(mixed),

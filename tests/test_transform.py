@@ -452,7 +452,8 @@ def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 64, 128)), jnp.float32)
     m = M()
     v = m.init(jax.random.key(0), x)
-    with jqx.ops.policy(f32_kernel_min_rows=128):  # 256 rows here
+    # 256 rows here; mlp_kernel=False: each layer its own GEMM call (the MLP below).
+    with jqx.ops.policy(f32_kernel_min_rows=128, mlp_kernel=False):
         f = jax.jit(jqx.quantized(m.apply))
         assert _gemm_and_erf_count(f, v, x) == (3, 0)
         got = np.asarray(f(v, x))
@@ -460,6 +461,12 @@ def test_dense_bias_and_gelu_run_in_the_gemm_epilogue():
             g = jax.jit(jqx.quantized(m.apply))
             assert _gemm_and_erf_count(g, v, x) == (3, 1)
             unfused = np.asarray(g(v, x))
+    # With the MLP kernel the first two layers are one jqx_f32_mlp call: the same bits.
+    with jqx.ops.policy(f32_kernel_min_rows=128):
+        h = jax.jit(jqx.quantized(m.apply))
+        assert _gemm_and_erf_count(h, v, x) == (1, 0)
+        assert h.lower(v, x).as_text().count("jqx_f32_mlp") == 1
+        np.testing.assert_array_equal(np.asarray(h(v, x)), got)
     want = np.asarray(m.apply(v, x))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5 * np.abs(want).max())
