@@ -1368,6 +1368,16 @@ def _mlp_operands(rng, m, k, f, n, scale=1.0):
 _MLP_ACTS = ["per_token", "two_level", "static"]
 
 
+def _assert_mlp_epilogues(fused, two_calls, b1, b2):
+    """``fused(bias1, activation, bias2)`` equals ``two_calls(...)`` bit for bit for
+    every activation, with and without the biases."""
+    for activation in (None, "gelu", "gelu_tanh", "relu"):
+        for e1, e2 in ((b1, b2), (None, None)):
+            np.testing.assert_array_equal(
+                np.asarray(fused(e1, activation, e2)), np.asarray(two_calls(e1, activation, e2))
+            )
+
+
 def _mlp_act(name):
     if name == "static":
         return (jnp.asarray([0.02], jnp.float32), jnp.asarray([0.01], jnp.float32))
@@ -1387,13 +1397,14 @@ def test_w8a8_mlp_equals_the_two_calls(m, k, f, n, amx_mode):
     x, p1, s1, p2, s2, b1, b2 = _mlp_operands(rng, m, k, f, n)
     for name in _MLP_ACTS:
         act = _mlp_act(name)
-        for activation in (None, "gelu", "gelu_tanh", "relu"):
-            for bb1, bb2 in ((b1, b2), (None, None)):
-                y = native.w8a8_mlp(
-                    x, p1, s1, p2, s2, act=act, bias1=bb1, activation=activation, bias2=bb2
-                )
-                want = _mlp_two_calls(x, p1, s1, p2, s2, act, bb1, activation, bb2)
-                np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+        _assert_mlp_epilogues(
+            lambda e1, a, e2, act=act: native.w8a8_mlp(
+                x, p1, s1, p2, s2, act=act, bias1=e1, activation=a, bias2=e2
+            ),
+            lambda e1, a, e2, act=act: _mlp_two_calls(x, p1, s1, p2, s2, act, e1, a, e2),
+            b1,
+            b2,
+        )
 
 
 @needs_native
@@ -1494,11 +1505,12 @@ def test_f32_mlp_equals_two_gemm_calls(m, k, f, n):
     """Both float32 layers in one call give two f32_matmul calls' bits: every epilogue,
     with and without biases, edge panels and blocks, k blocks (K, F > 768), K = 0."""
     x, w1, w2, b1, b2 = _f32_mlp_operands(np.random.default_rng(m + k + f + n), m, k, f, n)
-    for activation in (None, "gelu", "gelu_tanh", "relu"):
-        for bb1, bb2 in ((b1, b2), (None, None)):
-            y = native.f32_mlp(x, w1, w2, bias1=bb1, activation=activation, bias2=bb2)
-            want = native.f32_matmul(native.f32_matmul(x, w1, bb1, activation), w2, bb2)
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    _assert_mlp_epilogues(
+        lambda e1, a, e2: native.f32_mlp(x, w1, w2, bias1=e1, activation=a, bias2=e2),
+        lambda e1, a, e2: native.f32_matmul(native.f32_matmul(x, w1, e1, a), w2, e2),
+        b1,
+        b2,
+    )
 
 
 @needs_native
