@@ -638,6 +638,21 @@ def test_quantized_mlp_runs_as_one_native_call(recipe):
     f = jax.jit(jqx.quantized(m.apply, activation_matmuls="int8"))
     assert "jqx_w8a8_mlp" not in f.lower(v, x).as_text()
 
+    # Inside a jit call of the program's own (the interpreter enters it).
+    def fn(p, x):
+        @jax.jit
+        def ffn(x):
+            h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+            return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+        return ffn(x) * 2.0
+
+    f = jax.jit(jqx.quantized(fn))
+    assert f.lower(v["params"], x).as_text().count("jqx_w8a8_mlp") == 1
+    with jqx.ops.policy(mlp_kernel=False):
+        want = jax.jit(jqx.quantized(fn))(v["params"], x)
+    np.testing.assert_array_equal(np.asarray(f(v["params"], x)), np.asarray(want))
+
 
 @pytest.mark.skipif(not native.available(), reason=native.status())
 def test_float_products_run_on_the_native_gemm_within_the_bound():

@@ -230,10 +230,11 @@ def mlp(
     (``native.w8a8_mlp``): each chunk of rows goes through both on one thread, its
     hidden rows kept in cache. Likewise two float32 weights whose products both go to
     the native float32 GEMM (:func:`float_dot_general`'s choice) run as one
-    ``native.f32_mlp`` call (differentiable: the tangents are XLA's). The hidden activations (rows x F floats) are never
-    written to an array, which saves their memory traffic and XLA's buffer for them
-    (:func:`jqx.quantized` runs every such Dense -> activation -> Dense chain this way;
-    ``policy(mlp_kernel=False)`` turns it off).
+    ``native.f32_mlp`` call (differentiable: the tangents are XLA's). The hidden
+    activations (rows x F floats) are never written to an array, which saves their
+    memory traffic and XLA's buffer for them (:func:`jqx.quantized` runs every such
+    Dense -> activation -> Dense chain this way; ``policy(mlp_kernel=False)`` turns it
+    off).
 
     Args:
       x: the activations, (..., K).

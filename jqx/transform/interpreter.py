@@ -619,7 +619,7 @@ def _plan(jaxpr, softmax: bool, float_dots: bool, backend=None, epilogues: bool 
                 matches[m.dot] = m
         elif name in _CALLS and _inner_jaxpr(e) is not None:
             inner = _plan(_inner_jaxpr(e), softmax, float_dots, backend, epilogues)
-            if inner.matches or inner.calls or inner.float_dots or inner.epilogues:
+            if inner.matches or inner.calls or inner.float_dots or inner.epilogues or inner.mlps:
                 calls.append(i)
         elif float_dots and _native_float_dot(e, backend):
             dots.append(i)
