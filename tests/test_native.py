@@ -1354,7 +1354,7 @@ def _mlp_two_calls(x, p1, s1, p2, s2, act, b1, activation, b2):
     return native.w8a8_matmul_vnni(h, p2, s2, act=a2, bias=b2)
 
 
-def _mlp_operands(rng, m, k, f, n, scale=1.0):
+def _mlp_operands(rng, m, k, f, n, scale=1.0, pack=True):
     x = jnp.asarray(rng.standard_normal((m, k)) * scale, jnp.float32)
     w1 = jnp.asarray(rng.integers(-127, 128, (k, f)), jnp.int8)
     w2 = jnp.asarray(rng.integers(-127, 128, (f, n)), jnp.int8)
@@ -1362,7 +1362,9 @@ def _mlp_operands(rng, m, k, f, n, scale=1.0):
     s2 = jnp.asarray(rng.random(n) * 0.02 / np.sqrt(f), jnp.float32)
     b1 = jnp.asarray(rng.standard_normal(f), jnp.float32)
     b2 = jnp.asarray(rng.standard_normal(n), jnp.float32)
-    return x, native.pack_int8(w1), s1, native.pack_int8(w2), s2, b1, b2
+    if pack:
+        w1, w2 = native.pack_int8(w1), native.pack_int8(w2)
+    return x, w1, s1, w2, s2, b1, b2
 
 
 _MLP_ACTS = ["per_token", "two_level", "static"]
@@ -1405,6 +1407,16 @@ def test_w8a8_mlp_equals_the_two_calls(m, k, f, n, amx_mode):
             b1,
             b2,
         )
+    # Plain (K, N) codes, packed in the call: the same bits.
+    _, w1, _, w2, _, _, _ = _mlp_operands(
+        np.random.default_rng(m + 3 * k + 5 * f + n), m, k, f, n, pack=False
+    )
+    for name in _MLP_ACTS:
+        act = _mlp_act(name)
+        want = native.w8a8_mlp(x, p1, s1, p2, s2, act=act, bias1=b1, activation="gelu")
+        for a, b in ((w1, p2), (p1, w2), (w1, w2)):
+            got = native.w8a8_mlp(x, a, s1, b, s2, act=act, bias1=b1, activation="gelu")
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @needs_native
@@ -1459,8 +1471,8 @@ def test_w8a8_mlp_bad_input_names_the_argument():
     call = functools.partial(native.w8a8_mlp, x, p1, s1, p2, s2)
     with pytest.raises(ValueError, match="w8a8_mlp: x must be a float32 array"):
         native.w8a8_mlp(x.astype(jnp.bfloat16), p1, s1, p2, s2)
-    with pytest.raises(ValueError, match="w8a8_mlp: w1 must be pack_int8's 3-D panels"):
-        native.w8a8_mlp(x, jnp.ones((8, 16), jnp.int8), s1, p2, s2)
+    with pytest.raises(ValueError, match=r"w8a8_mlp: w must be int8 \(K, N\).*layer 1"):
+        native.w8a8_mlp(x, jnp.ones((9, 16), jnp.int8), s1, p2, s2)
     with pytest.raises(ValueError, match=r"a packed w must be int8 packed_shape\(K, N\).*layer 2"):
         native.w8a8_mlp(x, p1, s1, native.pack_int8(jnp.ones((12, 4), jnp.int8)), s2)
     with pytest.raises(ValueError, match="w8a8_mlp: w_scale must be float32.*w1_scale"):

@@ -1037,8 +1037,8 @@ def test_mlp_is_the_two_products_and_within_the_float_bound(spec, activation):
 @pytest.mark.parametrize("spec", list(_MLP_SPECS))
 def test_mlp_runs_as_one_native_call_where_both_products_take_the_kernel(spec):
     """The fused call is made exactly when both products run on the VNNI kernel with
-    their epilogues and x has mlp_kernel_min_rows rows: not below it, not for a plain
-    layout, a float weight, backend="xla", policy(mlp_kernel=False) or
+    their epilogues and x has mlp_kernel_min_rows rows (packed weights or plain): not
+    below it, not for a float weight, backend="xla", policy(mlp_kernel=False) or
     policy(epilogue=False)."""
     x, w1, w2, b1, b2, (q1, q2) = _mlp_case(spec)
 
@@ -1050,7 +1050,14 @@ def test_mlp_runs_as_one_native_call_where_both_products_take_the_kernel(spec):
     assert calls(x[:, :80]) == 0  # 240 rows, below 256
     with jqx.ops.policy(mlp_kernel_min_rows=200):
         assert calls(x[:, :80]) == 1
-    assert calls(x, a=q1.with_code_layout("plain")) == 0
+    plain1, plain2 = q1.with_code_layout("plain"), q2.with_code_layout("plain")
+    # Fused where the dispatcher sends the plain weight's product to the kernel (W8A8 at
+    # this small size stays on XLA, int8 weight-only does not).
+    route = jqx.ops.explain(x, plain1, (((2,), (0,)), ((), ())))
+    assert calls(x, a=plain1) == (route in ("native.w8a8_vnni", "native.two_level_vnni"))
+    with jqx.ops.policy(native_min_work=0):  # on the kernel: packed in the call
+        assert calls(x, a=plain1) == 1
+        assert calls(x, a=plain1, b=plain2) == 1
     assert calls(x, b=w2) == 0
     assert calls(x, backend="xla") == 0
     for off in ({"mlp_kernel": False}, {"epilogue": False}):

@@ -222,9 +222,9 @@ def mlp(
 
     The result is that of :func:`dot_general` (or, for a float weight,
     :func:`float_dot_general`) called twice, each with its bias and activation, bit for
-    bit. Where both weights are int8 in the native GEMM's panels (as
-    :func:`jqx.quantize` packs them on a CPU with AVX512-VNNI), both W8A8 with the
-    same activation quantization (dynamic per token, or static) or both int8
+    bit. Where both weights are int8 (in the native GEMM's panels, as
+    :func:`jqx.quantize` packs them on a CPU with AVX512-VNNI, or plain), both W8A8 with
+    the same activation quantization (dynamic per token, or static) or both int8
     weight-only, the dispatcher sends both products to the AVX512-VNNI GEMM, and x has
     at least ``policy().mlp_kernel_min_rows`` rows, both layers run in one call
     (``native.w8a8_mlp``): each chunk of rows goes through both on one thread, its
@@ -378,7 +378,7 @@ def _mlp_kernel_args(x, w1, w2, bias1, bias2, backend):
     h_shape = (*shape[:-1], w1.shape[1])
     impls = []
     for xs, q in ((shape, w1), (h_shape, w2)):
-        if q.code_layout != "vnni" or q.in_scale is not None:
+        if q.code_layout not in ("plain", "vnni") or q.in_scale is not None:
             return None
         p = describe(xs, f32, q, (((len(xs) - 1,), (0,)), ((), ())))
         if jnp.dtype(p.out_dtype) != f32:

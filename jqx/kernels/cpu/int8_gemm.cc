@@ -627,6 +627,18 @@ void Parallel(int64_t t, F f) {
   GetPool()->ForEach(t, f);
 }
 
+// The (K, N) int8 weight ``w`` packed into ``buf`` (pack_int8's panels) by up to t_max
+// threads splitting the k range; null when out of memory.
+inline const int8_t* PackWeight(const int8_t* w, int64_t K, int64_t N, PackBuffer& buf,
+                                int64_t t_max) {
+  const int64_t Kp = (K + 3) / 4 * 4, kq_n = Kp / 4, np = (N + 15) / 16;
+  int8_t* out = buf.get(static_cast<size_t>(np * kq_n * 64));
+  if (out == nullptr) return nullptr;
+  const int64_t tp = std::max<int64_t>(1, std::min<int64_t>(t_max, kq_n));
+  Parallel(tp, [&](int64_t i) { PackRows(w, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, out); });
+  return out;
+}
+
 constexpr int64_t kPanelSplitWork = int64_t{1} << 17;
 // jqx_w8a8_vnni splits the panels (not the rows) over the threads up to this
 // many rows of x (decode sizes).
@@ -640,7 +652,6 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int64_t nmb = (M + MR - 1) / MR;
   const int64_t np = (N + 15) / 16;
-  const int64_t kq_n = Kp / 4;
   // Small products are not worth a thread each (~2M multiply-adds minimum).
   const int64_t work = M * N * Kp;
   threads = std::min<int64_t>(threads, GetPool()->threads());
@@ -656,13 +667,10 @@ ffi::Error Int8Gemm(const uint8_t* A, int64_t M, int64_t Kp, const int8_t* B, in
   }
   if (Bp == nullptr) {
     // Pack B once per call (this thread's buffer, reused across calls),
-    // threads splitting the k-quads.
+    // threads splitting the k-quads (Kp is K rounded up to 4).
     thread_local PackBuffer packed;
-    int8_t* buf = packed.get(static_cast<size_t>(np * kq_n * 64));
-    if (buf == nullptr) return ffi::Error::Internal("jqx_int8_gemm: out of memory");
-    const int64_t tp = std::min<int64_t>(t_max, kq_n);
-    Parallel(tp, [&](int64_t i) { PackRows(B, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
-    Bp = buf;
+    Bp = PackWeight(B, K, N, packed, t_max);
+    if (Bp == nullptr) return ffi::Error::Internal("jqx_int8_gemm: out of memory");
   }
   // Many row blocks: threads split the rows. Few (decode-like M): the panels,
   // over every thread from kPanelSplitWork multiply-adds on: each panel is
@@ -1428,14 +1436,10 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
   threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, Mc * N * Kp / (1 << 21)));
   const int8_t* Bp = wp;
-  if (Bp == nullptr) {
-    // The packed weight, per call.
+  if (Bp == nullptr) {  // the packed weight, per call
     thread_local PackBuffer packed;
-    int8_t* buf = packed.get(static_cast<size_t>(np * kq_n * 64));
-    if (buf == nullptr) return ffi::Error::Internal("jqx_w8a8_vnni: out of memory");
-    const int64_t tp = std::min<int64_t>(t_max, kq_n);
-    Parallel(tp, [&](int64_t i) { PackRows(w, K, N, Kp, kq_n * i / tp, kq_n * (i + 1) / tp, buf); });
-    Bp = buf;
+    Bp = PackWeight(w, K, N, packed, t_max);
+    if (Bp == nullptr) return ffi::Error::Internal("jqx_w8a8_vnni: out of memory");
   }
   float scale = 1.0f;
   if (mode == kStatic) scale = act_scale[0];
@@ -1491,8 +1495,8 @@ ffi::Error W8A8Vnni(const float* X, int64_t M, int64_t K, const int8_t* w, const
 // result bit for bit. Each chunk of rows runs both layers: its hidden rows (chunk x F
 // floats) go to a per-thread buffer, are quantized again from there and multiplied
 // by w2 while they are in cache. Neither the hidden activations nor their codes are
-// ever written to memory XLA allocates: the call's only output is y. Both weights come
-// packed (pack_int8's panels).
+// ever written to memory XLA allocates: the call's only output is y. Each weight comes
+// packed (pack_int8's panels) or as (K, N) codes, packed here per call.
 struct MlpJob {
   W8A8Job s1, s2;      // the two layers; x, y and M are set per chunk
   int64_t chunk_rows;  // rows of x per chunk
@@ -1527,13 +1531,15 @@ void MlpChunk(const void* ctx, int64_t chunk) {
   W8A8Panels(j2, t_w8a8_a.data(), t_w8a8_s.data(), 0, code_rows, 0, j2.np);
 }
 
-// The body of jqx_w8a8_mlp on checked operands: x (M, K), packed w1 (K -> F) and w2
-// (F -> N), their scales, static activation scales (kStatic), biases (null: none),
-// ``act``: the activation between the layers.
+// The body of jqx_w8a8_mlp on checked operands: x (M, K), w1 (K -> F) and w2 (F -> N)
+// packed, or null and their (K, N) codes in plain1 / plain2, their scales, static
+// activation scales (kStatic), biases (null: none), ``act``: the activation between the
+// layers.
 ffi::Error W8A8Mlp(const float* X, int64_t M, int64_t K, int64_t F, int64_t N,
-                   const int8_t* w1, const float* ws1, const float* as1, const float* b1,
-                   const int8_t* w2, const float* ws2, const float* as2, const float* b2,
-                   float* Y, int64_t mode, int64_t threads, int64_t act) {
+                   const int8_t* w1, const int8_t* plain1, const float* ws1, const float* as1,
+                   const float* b1, const int8_t* w2, const int8_t* plain2, const float* ws2,
+                   const float* as2, const float* b2, float* Y, int64_t mode, int64_t threads,
+                   int64_t act) {
   if (M == 0 || N == 0) return ffi::Error::Success();
   const int64_t levels = mode == kTwoLevel ? 2 : 1;
   const int64_t Mc = M * levels;
@@ -1542,6 +1548,12 @@ ffi::Error W8A8Mlp(const float* X, int64_t M, int64_t K, int64_t F, int64_t N,
   threads = std::min<int64_t>(threads, GetPool()->threads());
   const int64_t work = std::max(Mc * F * K1p, Mc * N * Fp);
   const int64_t t_max = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 21)));
+  if (w1 == nullptr || w2 == nullptr) {  // plain (K, N) codes: packed per call
+    thread_local PackBuffer packed1, packed2;
+    if (w1 == nullptr) w1 = PackWeight(plain1, K, F, packed1, t_max);
+    if (w2 == nullptr) w2 = PackWeight(plain2, F, N, packed2, t_max);
+    if (w1 == nullptr || w2 == nullptr) return ffi::Error::Internal("jqx_w8a8_mlp: out of memory");
+  }
   const bool amx = UseAmx();
   const float sc1 = mode == kStatic ? as1[0] : 1.0f, sc2 = mode == kStatic ? as2[0] : 1.0f;
   MlpJob job{{X, nullptr, nullptr, nullptr, nullptr, nullptr, act, M, K, K1p, F, np1, mode,
@@ -1582,23 +1594,31 @@ ffi::Error W8A8MlpImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w1,
   XlaPoolScope xla_scope(xla_pool, RowsOf(x.dimensions()) > kXlaPoolRows);
   const auto xd = x.dimensions(), d1 = w1.dimensions(), d2 = w2.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || d1.size() != 3 || d2.size() != 3 || od.size() != 2 ||
-      ws1.dimensions().size() != 1 || ws2.dimensions().size() != 1)
+  if (xd.size() != 2 || (d1.size() != 3 && d1.size() != 2) || (d2.size() != 3 && d2.size() != 2) ||
+      od.size() != 2 || ws1.dimensions().size() != 1 || ws2.dimensions().size() != 1)
     return ffi::Error::InvalidArgument(
-        "jqx_w8a8_mlp: expected x (M, K), packed w1 and w2, scales (F) and (N), out (M, N)");
+        "jqx_w8a8_mlp: expected x (M, K), w1 and w2 packed or (K, N), scales (F) and (N), out "
+        "(M, N)");
   const int64_t M = xd[0], K = xd[1], F = ws1.dimensions()[0], N = od[1];
   const int64_t e1 = b1.dimensions()[0], e2 = b2.dimensions()[0];
-  if (od[0] != M || K == 0 || F == 0 || d1[0] != (F + 15) / 16 || d1[1] != (K + 3) / 4 ||
-      d1[2] != 64 || d2[0] != (N + 15) / 16 || d2[1] != (F + 3) / 4 || d2[2] != 64 ||
+  // A weight is (K, N) codes, or pack_int8's (ceil(N/16), ceil(K/4), 64) panels.
+  const auto fits = [](const auto& d, int64_t k, int64_t n) {
+    return d.size() == 2 ? d[0] == k && d[1] == n
+                         : d[0] == (n + 15) / 16 && d[1] == (k + 3) / 4 && d[2] == 64;
+  };
+  if (od[0] != M || K == 0 || F == 0 || !fits(d1, K, F) || !fits(d2, F, N) ||
       ws2.dimensions()[0] != N || (e1 != 0 && e1 != F) || (e2 != 0 && e2 != N) ||
       (mode != kStatic && mode != kPerSample && mode != kTwoLevel) ||
       (mode == kStatic && (as1.element_count() != 1 || as2.element_count() != 1)) ||
       activation < kEpNone || activation > kEpRelu)
     return ffi::Error::InvalidArgument("jqx_w8a8_mlp: inconsistent shapes, mode or activation");
-  return W8A8Mlp(x.typed_data(), M, K, F, N, w1.typed_data(), ws1.typed_data(),
-                 as1.typed_data(), e1 == 0 ? nullptr : b1.typed_data(), w2.typed_data(),
-                 ws2.typed_data(), as2.typed_data(), e2 == 0 ? nullptr : b2.typed_data(),
-                 out->typed_data(), mode, threads, activation);
+  const bool packed1 = d1.size() == 3, packed2 = d2.size() == 3;
+  return W8A8Mlp(x.typed_data(), M, K, F, N, packed1 ? w1.typed_data() : nullptr,
+                 packed1 ? nullptr : w1.typed_data(), ws1.typed_data(), as1.typed_data(),
+                 e1 == 0 ? nullptr : b1.typed_data(), packed2 ? w2.typed_data() : nullptr,
+                 packed2 ? nullptr : w2.typed_data(), ws2.typed_data(), as2.typed_data(),
+                 e2 == 0 ? nullptr : b2.typed_data(), out->typed_data(), mode, threads,
+                 activation);
 }
 
 // w is the (K, N) weight, or (3-D) the weight already packed

@@ -879,7 +879,8 @@ def w8a8_mlp(
     ``(scale1, scale2)`` gives ``w8a8_matmul_vnni(w8a8_matmul_vnni(x, w1, w1_scale,
     act=..., bias=bias1, activation=activation), w2, w2_scale, act=..., bias=bias2)``;
     ``"two_level"`` gives the same with :func:`two_level_matmul` (int8 weight-only).
-    The result equals those two calls' bit for bit (``int8_gemm.cc``).
+    The result equals those two calls' bit for bit (``int8_gemm.cc``), packed weights or
+    plain.
 
     Each chunk of rows runs both layers on one thread: its hidden rows (F floats each)
     stay in a per-thread buffer, are quantized again from there and multiplied by
@@ -889,8 +890,9 @@ def w8a8_mlp(
 
     Args:
       x: float32 (M, K).
-      w1, w2: the two weights as :func:`pack_int8` panels: ``packed_shape(K, F)`` and
-        ``packed_shape(F, N)``.
+      w1, w2: the two weights' int8 codes, (K, F) and (F, N), or their :func:`pack_int8`
+        panels (``packed_shape(K, F)``, ``packed_shape(F, N)``; a plain weight is packed
+        per call, as :func:`w8a8_matmul_vnni` packs it).
       w1_scale, w2_scale: float32 (F,) and (N,), one scale per output column.
       act: ``"per_token"`` (dynamic W8A8), ``"two_level"`` (int8 weight-only), or a
         pair of float32 one-element arrays, each layer's static activation scale.
@@ -912,7 +914,7 @@ def w8a8_mlp(
         >>> w1, w2 = jnp.array([[2], [1]], jnp.int8), jnp.array([[1, -1]], jnp.int8)
         >>> s1, s2 = jnp.array([0.5]), jnp.array([1.0, 2.0])
         >>> if native.available():
-        ...     y = native.w8a8_mlp(x, native.pack_int8(w1), s1, native.pack_int8(w2), s2)
+        ...     y = native.w8a8_mlp(x, native.pack_int8(w1), s1, w2, s2)
         ... else:
         ...     y = native.w8a8_matmul_reference(native.w8a8_matmul_reference(x, w1, s1), w2, s2)
         >>> [round(v, 4) for v in y[0].tolist()]  # h = 212 * (3 / 127) * 0.5; its code 127
@@ -922,13 +924,6 @@ def w8a8_mlp(
     _check_float32(fn, "x", x)
     if x.ndim != 2:
         raise ValueError(f"{fn}: x must be float32 (M, K), got {_describe(x)}; reshape to 2-D.")
-    for name, w in (("w1", w1), ("w2", w2)):
-        if not hasattr(w, "ndim") or w.ndim != 3:
-            raise ValueError(
-                f"{fn}: {name} must be pack_int8's 3-D panels, got "
-                f"{_describe(w) if hasattr(w, 'shape') else type(w).__name__}; pack the "
-                "(K, N) int8 codes with pack_int8."
-            )
     if x.shape[1] == 0 or (hasattr(w1_scale, "shape") and w1_scale.shape[:1] == (0,)):
         raise ValueError(
             f"{fn}: K={x.shape[1]} and F={getattr(w1_scale, 'shape', ('?',))[0]} must be "
