@@ -239,13 +239,15 @@ class Policy:
         :func:`jqx.ops.dot_general`'s ``bias`` and ``activation``; the bias and ReLU
         bit for bit, the GELU within the bound stated there); False: XLA's add and
         activation after the kernel, bit for bit as written.
-      mlp_kernel: whether two int8 dense layers in a row (:func:`jqx.ops.mlp`, and the
+      mlp_kernel: whether two dense layers in a row (:func:`jqx.ops.mlp`, and the
         ``Dense -> activation -> Dense`` chains :func:`jqx.quantized` finds) run as one
-        call of the AVX512-VNNI kernel (``native.w8a8_mlp``) where both products would
-        run on it with their epilogues (needs ``epilogue``); the same bits, the hidden
-        activations never written. False: two calls.
-      mlp_kernel_min_rows: ...from this many rows of x on (below it the two calls'
-        split of the weights' columns over the threads is faster).
+        native call where both products would run on the same kernel with their
+        epilogues (needs ``epilogue``): the AVX512-VNNI kernel for int8 weights
+        (``native.w8a8_mlp``), the float32 GEMM for float32 ones (``native.f32_mlp``);
+        the same bits, the hidden activations never written. False: two calls.
+      mlp_kernel_min_rows: ...from this many rows of x on (below it the int8 calls'
+        split of the weights' columns over the threads is faster; float32 products take
+        the GEMM only from ``f32_kernel_min_rows``).
     """
 
     platform: str | None = None

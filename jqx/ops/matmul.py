@@ -314,19 +314,26 @@ def mlp(
     return dense(dense(x, w1, bias1, activation), w2, bias2, None)
 
 
+def _mlp_fusable(x, bias1, bias2, backend) -> bool:
+    """What both of :func:`mlp`'s one-call routes need: the policy's ``mlp_kernel`` and
+    ``epilogue``, no ``"xla"`` or ``"pallas"`` backend, float32 x and biases, and at
+    least ``mlp_kernel_min_rows`` rows."""
+    pol = dispatch.current_policy()
+    if not (pol.mlp_kernel and pol.epilogue) or backend in ("xla", "pallas"):
+        return False
+    f32 = jnp.dtype(jnp.float32)
+    if any(b is not None and jnp.dtype(jnp.result_type(b)) != f32 for b in (x, bias1, bias2)):
+        return False
+    return math.prod(jnp.shape(x)[:-1]) >= pol.mlp_kernel_min_rows
+
+
 def _mlp_float_kernel(x, w1, w2, bias1, bias2, backend) -> bool:
     """Whether :func:`mlp`'s two float products both go to the native float32 GEMM with
     their epilogues there, from ``mlp_kernel_min_rows`` rows: then one
     ``native.f32_mlp`` call gives their bits."""
-    pol = dispatch.current_policy()
-    if not (pol.mlp_kernel and pol.epilogue) or is_qarray(w1) or is_qarray(w2):
-        return False
-    f32 = jnp.dtype(jnp.float32)
-    if any(b is not None and jnp.dtype(jnp.result_type(b)) != f32 for b in (bias1, bias2)):
+    if is_qarray(w1) or is_qarray(w2) or not _mlp_fusable(x, bias1, bias2, backend):
         return False
     shape = tuple(jnp.shape(x))
-    if math.prod(shape[:-1]) < pol.mlp_kernel_min_rows:
-        return False
     dn = (((len(shape) - 1,), (0,)), ((), ()))
     h = jax.ShapeDtypeStruct((*shape[:-1], jnp.shape(w1)[1]), jnp.result_type(x))
     x = jax.ShapeDtypeStruct(shape, jnp.result_type(x))
@@ -358,21 +365,10 @@ def _mlp_kernel_args(x, w1, w2, bias1, bias2, backend):
     """``(w1 scales, w2 scales, act)`` for ``native.w8a8_mlp`` where :func:`mlp`'s two
     products would each run on the same AVX512-VNNI kernel family with the bias and
     activation in its epilogue (so one fused call gives their bits), else None."""
-    pol = dispatch.current_policy()
-    if not (pol.mlp_kernel and pol.epilogue) or backend in ("xla", "pallas"):
-        return None
-    if not (is_qarray(w1) and is_qarray(w2)):
+    if not (is_qarray(w1) and is_qarray(w2)) or not _mlp_fusable(x, bias1, bias2, backend):
         return None
     f32 = jnp.dtype(jnp.float32)
-    if jnp.dtype(jnp.result_type(x)) != f32:
-        return None
     shape = tuple(jnp.shape(x))
-    rows = math.prod(shape[:-1])
-    if rows < pol.mlp_kernel_min_rows:
-        return None
-    for b in (bias1, bias2):
-        if b is not None and jnp.dtype(jnp.result_type(b)) != f32:
-            return None
     from jqx.ops import impl_native  # noqa: PLC0415 (dispatch imports it already)
 
     h_shape = (*shape[:-1], w1.shape[1])

@@ -939,17 +939,26 @@ def _weight_epilogue(ctx: _Ctx, dot, invals, bias) -> bool:
     activation, in the kernel's epilogue where it has one, and the result has the
     program's dtype."""
     x, w = invals
-    f32 = jnp.dtype(jnp.float32)
-    if _is_w(x) or not _is_w(w) or _is_w(bias) or not is_qarray(w.base):
+    if _is_w(x) or _is_w(bias) or not _stored_qarray(ctx, w):
         return False
-    if w.perm != tuple(range(len(w.perm))) or (ctx.rule is not None and w.path in ctx.paths):
-        return False
-    pet = dot.params.get("preferred_element_type")
+    return jnp.dtype(jnp.result_type(x)) == jnp.float32 and _float32_product(dot)
+
+
+def _stored_qarray(ctx: _Ctx, w) -> bool:
+    """Whether ``w`` is a QArray weight as stored: not transposed, no rule of its own."""
     return (
-        jnp.dtype(jnp.result_type(x)) == f32
-        and (pet is None or jnp.dtype(pet) == f32)
-        and jnp.dtype(dot.outvars[0].aval.dtype) == f32
+        _is_w(w)
+        and is_qarray(w.base)
+        and w.perm == tuple(range(len(w.perm)))
+        and not (ctx.rule is not None and w.path in ctx.paths)
     )
+
+
+def _float32_product(dot) -> bool:
+    """Whether ``dot`` computes and returns float32 (no other preferred element type)."""
+    pet = dot.params.get("preferred_element_type")
+    f32 = jnp.dtype(jnp.float32)
+    return (pet is None or jnp.dtype(pet) == f32) and jnp.dtype(dot.outvars[0].aval.dtype) == f32
 
 
 # --------------------------------------------------------------------------- MLPs
@@ -1046,27 +1055,18 @@ def _mlp_step(ctx: _Ctx, eqns, m: _Mlp, plan, env) -> None:
     b1 = _read(env, m.first.bias)
     b2 = _read(env, m.second.bias) if m.second is not None else None
     last = eqns[m.last]
-
-    def stored(w):
-        return (
-            _is_w(w)
-            and is_qarray(w.base)
-            and w.perm == tuple(range(len(w.perm)))
-            and not (ctx.rule is not None and w.path in ctx.paths)
-        )
-
-    f32 = jnp.dtype(jnp.float32)
     floats = not any(_is_w(v) for v in (x, w1, w2, b1, b2))
-    quantized = not any(_is_w(v) for v in (x, b1, b2)) and stored(w1) and stored(w2)
+    quantized = (
+        not any(_is_w(v) for v in (x, b1, b2))
+        and _stored_qarray(ctx, w1)
+        and _stored_qarray(ctx, w2)
+    )
     if (
         ctx.act_matmuls is None
         and (floats or quantized)
-        and jnp.dtype(jnp.result_type(x)) == f32
-        and all(
-            jnp.dtype(d.params.get("preferred_element_type") or f32) == f32
-            and jnp.dtype(d.outvars[0].aval.dtype) == f32
-            for d in (d1, d2)
-        )
+        and jnp.dtype(jnp.result_type(x)) == jnp.float32
+        and _float32_product(d1)
+        and _float32_product(d2)
     ):
         from jqx import ops  # noqa: PLC0415 (as in _default_dot)
 

@@ -846,21 +846,29 @@ def w8a8_matmul_vnni(
 def _w8a8_vnni_call(x, w, w_scale, act_scale, mode: int, bias, activation) -> jax.Array:
     """``jqx_w8a8_vnni`` on checked operands (a 3-D ``w``: the kernel takes it as packed,
     N is ``w_scale``'s length; the epilogue from :func:`_epilogue_args`)."""
+    return _vnni_call(W8A8_VNNI_TARGET, w_scale.shape[0], mode, activation)(
+        x, w, w_scale, act_scale, bias
+    )
+
+
+def _vnni_call(target: str, n: int, mode: int, activation):
+    """``target`` (``jqx_w8a8_vnni``, ``jqx_w8a8_mlp``) as a call on its operands, x
+    first: float32 (rows of x, ``n``), one call per index under ``vmap``."""
     if not available():
         raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
-    m, n = x.shape[0], w_scale.shape[0]
-    return jax.ffi.ffi_call(
-        W8A8_VNNI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )(
-        x,
-        w,
-        w_scale,
-        act_scale,
-        bias,
-        mode=np.int64(mode),
-        threads=np.int64(_threads()),
-        activation=activation,
-    )
+
+    def call(x, *operands):
+        return jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
+        )(
+            x,
+            *operands,
+            mode=np.int64(mode),
+            threads=np.int64(_threads()),
+            activation=activation,
+        )
+
+    return call
 
 
 def w8a8_mlp(
@@ -964,24 +972,8 @@ def w8a8_mlp(
     f = w1_scale.shape[0]
     e1, code = _epilogue_args(fn, bias1, f, activation)
     e2, _ = _epilogue_args(fn, bias2, w2_scale.shape[0], None)
-    if not available():
-        raise RuntimeError(f"the native int8 GEMM is not available: {status()}")
-    m, n = x.shape[0], w2_scale.shape[0]
-    return jax.ffi.ffi_call(
-        W8A8_MLP_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )(
-        x,
-        w1,
-        w1_scale,
-        s1,
-        e1,
-        w2,
-        w2_scale,
-        s2,
-        e2,
-        mode=np.int64(mode),
-        threads=np.int64(_threads()),
-        activation=code,
+    return _vnni_call(W8A8_MLP_TARGET, w2_scale.shape[0], mode, code)(
+        x, w1, w1_scale, s1, e1, w2, w2_scale, s2, e2
     )
 
 
@@ -1800,9 +1792,10 @@ def f32_matmul(
     as jax traces it, each multiply rounded as there and erfc Cephes' float erfc (with
     ``exp(-x^2)`` carried to about 1 ulp, and a fit of its own on [0.5, 1)): within 8
     ulps of the exact erfc of its float argument where that is at least ``2^-100``
-    (docs/internals/native-kernels.md), not XLA's bits; with ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax
-    traces it, each operation rounded as there and tanh Cephes' float tanh, within 2
-    ulps of the exact tanh of its float argument; with ``activation="relu"``,
+    (docs/internals/native-kernels.md), not XLA's bits; with
+    ``activation="gelu_tanh"``, ``jax.nn.gelu(f)``'s tanh form as jax traces it, each
+    operation rounded as there and tanh Cephes' float tanh, within 2 ulps of the exact
+    tanh of its float argument; with ``activation="relu"``,
     ``jax.nn.relu(f)`` bit for bit (``f`` where ``f > 0`` or NaN, else +0). Either way
     no second pass over the output is made.
 
