@@ -65,6 +65,22 @@ def _once(f) -> float:
     return time.perf_counter() - t
 
 
+def _best(runs: dict, repeats: int) -> dict:
+    """Best seconds of each of ``runs`` (name -> call), after one warm-up call each, over
+    ``repeats`` interleaved rounds, so machine load hits all alike. Each timed call
+    follows an untimed one: right after another engine's call, a call also pays for that
+    engine's threads, which spin on for a while (torch's OpenMP pool, XLA's, jqx's); a
+    user runs one engine in a loop."""
+    for run in runs.values():  # compile, warm
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            run()
+            times[name].append(_once(run))
+    return {name: min(t) for name, t in times.items()}
+
+
 def _fma_chain(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """One fused multiply-add per k, in order, rounded to float32 each step (float64
     holds each float32 product exactly; the float64 sum is rounded once more, which
@@ -96,14 +112,8 @@ def _chain(g, rng, repeats: int) -> None:
             "xla": lambda x=x: fx(x).block_until_ready(),
             "jqx": lambda x=x: fn(x).block_until_ready(),
         }
-        for run in runs.values():
-            run()
-        times = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, run in runs.items():
-                run()
-                times[name].append(_once(run))
-        a, b = min(times["xla"]), min(times["jqx"])
+        best = _best(runs, repeats)
+        a, b = best["xla"], best["jqx"]
         print(f"| {m} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.2f} |")
 
 
@@ -135,14 +145,7 @@ def _epilogue(rng, repeats: int) -> None:
             "fused": lambda ops=ops: fused(*ops).block_until_ready(),
             "torch": lambda t=(bt, xt, wt): torch.nn.functional.gelu(torch.addmm(*t)),
         }
-        for run in runs.values():
-            run()
-        times = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, run in runs.items():
-                run()  # untimed, as in the table above
-                times[name].append(_once(run))
-        t = {name: 1e3 * min(v) for name, v in times.items()}
+        t = {name: 1e3 * v for name, v in _best(runs, repeats).items()}
         print(
             f"| {m} x {k} x {n} | {t['xla']:.2f} | {t['after']:.2f} | {t['fused']:.2f} "
             f"| {t['torch']:.2f} | {t['fused'] / t['after']:.2f} | {t['fused'] / t['torch']:.2f} |"
@@ -181,17 +184,7 @@ def main() -> None:
         }
         if g is not None:
             runs["jqx"] = lambda xj=xj, wj=wj: g(xj, wj).block_until_ready()
-        for run in runs.values():  # compile, warm
-            run()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so load hits all alike
-            for name, run in runs.items():
-                # One untimed call first: right after another engine's call, a call also
-                # pays for that engine's threads, which spin on for a while (torch's
-                # OpenMP pool, XLA's, jqx's); a user runs one engine in a loop.
-                run()
-                times[name].append(_once(run))
-        best = {name: min(t) for name, t in times.items()}
+        best = _best(runs, args.repeats)
         fl = 2 * m * k * n
         jqx_cells = (
             (
