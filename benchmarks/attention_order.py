@@ -41,7 +41,8 @@ Parts:
   reordered attention from the same ``(b, t, 12, 32)`` q, k, v (scale and padding
   bias included);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
-  ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer) with the
+  ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer; ``sdpa``:
+  ``jax.nn.dot_product_attention``) with the
   all-MiniLM-L6-v2 weights (the shipped tiny encoder without them), on random
   token ids with every sequence padded to a different length.
 

@@ -11,10 +11,11 @@ The same all-MiniLM-L6-v2 weights run as
   after ``torch.ao.quantization.quantize_dynamic`` (int8 ``nn.Linear``);
 - ONNX Runtime: that torch model exported by ``torch.onnx.export``, in float32
   and after ``onnxruntime.quantization.quantize_dynamic(per_channel=True)``;
-- jqx and qwix on two Flax ports written the ordinary way
-  (:mod:`jqx_demo.bert`): ``plain`` (einsum -> softmax -> einsum) and
-  ``linen`` (``nn.MultiHeadDotProductAttention``), and, with
-  ``--ports plain,linen,tuned``, on jqx's own tuned port (:mod:`jqx_demo.minilm`).
+- jqx and qwix on three Flax ports written the ordinary way
+  (:mod:`jqx_demo.bert`): ``plain`` (einsum -> softmax -> einsum), ``linen``
+  (``nn.MultiHeadDotProductAttention``) and ``sdpa`` (``plain``'s layers with
+  ``jax.nn.dot_product_attention``), and, with ``--ports plain,linen,sdpa,tuned``,
+  on jqx's own tuned port (:mod:`jqx_demo.minilm`).
   jqx: float32 (``jax.jit(apply)``, and the same float32 parameters through
   ``jax.jit(jqx.quantized(apply))``), W8A8 int8 dynamic, int8 weight-only (as
   ``jqx.quantize`` makes them: packed once for the native int8 GEMM where it runs), and,
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch / ORT threads (default 2)")
     ap.add_argument(
         "--ports",
-        default="plain,linen",
-        help="Flax ports for jqx and qwix: plain, linen, tuned (comma-separated)",
+        default="plain,linen,sdpa",
+        help="Flax ports for jqx and qwix: plain, linen, sdpa, tuned (comma-separated)",
     )
     ap.add_argument("--no-qwix", action="store_true", help="skip the qwix rows")
     ap.add_argument(
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     ports = [p for p in args.ports.split(",") if p]
     bad = [p for p in ports if p not in (*bert.PORTS, "tuned")]
     if bad:
-        ap.error(f"--ports={args.ports!r}: unknown {bad}; choose from plain, linen, tuned")
+        ap.error(f"--ports={args.ports!r}: unknown {bad}; choose from {(*bert.PORTS, 'tuned')}")
     t_start = time.perf_counter()
 
     if args.tiny or not minilm.weights_available():

@@ -9,6 +9,8 @@ PyTorch and ONNX Runtime:
 - :class:`PlainBert`: attention as Flax BERT ports write it, ``einsum(q, k)``,
   then ``softmax``, then ``einsum`` with ``v``; ``nn.Dense`` projections;
   erf-GELU; post-LayerNorm.
+- ``sdpa``: :class:`PlainBert` with ``attention="dot_product_attention"``: the same
+  layers, attention by ``jax.nn.dot_product_attention`` (JAX's own attention function).
 - :class:`LinenBert`: built from Flax's own layers,
   ``nn.MultiHeadDotProductAttention`` (its projections are
   ``nn.DenseGeneral`` with 3-D kernels), ``nn.Dense``, ``nn.LayerNorm``,
@@ -53,7 +55,8 @@ __all__ = [
     "torch_bert",
 ]
 
-PORTS = ("plain", "linen")
+PORTS = ("plain", "linen", "sdpa")
+ATTENTION = ("einsum", "dot_product_attention")  # PlainBert's ``attention``
 
 
 def _key_bias(attention_mask: jax.Array, dtype) -> jax.Array:
@@ -80,6 +83,7 @@ class _Embeddings(nn.Module):
 
 class _PlainSelfAttention(nn.Module):
     config: BertConfig
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, bias):
@@ -89,9 +93,12 @@ class _PlainSelfAttention(nn.Module):
         q = nn.Dense(h, name="query")(x).reshape(b, t, nh, hd)
         k = nn.Dense(h, name="key")(x).reshape(b, t, nh, hd)
         v = nn.Dense(h, name="value")(x).reshape(b, t, nh, hd)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(hd)) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
+        if self.attention == "dot_product_attention":
+            ctx = jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(b, t, h)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.float32(np.sqrt(hd)) + bias
+            probs = jax.nn.softmax(scores, axis=-1)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(
             x + nn.Dense(h, name="output")(ctx)
         )
@@ -99,11 +106,12 @@ class _PlainSelfAttention(nn.Module):
 
 class _PlainLayer(nn.Module):
     config: BertConfig
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, bias):
         c = self.config
-        x = _PlainSelfAttention(c, name="attention")(x, bias)
+        x = _PlainSelfAttention(c, self.attention, name="attention")(x, bias)
         y = nn.gelu(nn.Dense(c.intermediate_size, name="intermediate")(x), approximate=False)
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(
             x + nn.Dense(c.hidden_size, name="output")(y)
@@ -114,7 +122,9 @@ class PlainBert(nn.Module):
     """BERT sentence encoder with softmax-then-einsum attention: ``(ids, mask) -> (B, H)``.
 
     The way Flax BERT ports write attention: scores by ``einsum``, additive
-    key mask, ``jax.nn.softmax``, ``einsum`` with the values.
+    key mask, ``jax.nn.softmax``, ``einsum`` with the values. With
+    ``attention="dot_product_attention"`` (the ``sdpa`` port) the same layers call
+    ``jax.nn.dot_product_attention(q, k, v, bias=...)`` instead (same parameters).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -127,16 +137,19 @@ class PlainBert(nn.Module):
     """
 
     config: BertConfig = MINILM_L6
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
         c = self.config
+        if self.attention not in ATTENTION:
+            raise ValueError(f"PlainBert: attention={self.attention!r} is not one of {ATTENTION}.")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = _Embeddings(c, name="embeddings")(input_ids, token_type_ids)
         bias = _key_bias(attention_mask, x.dtype)
         for i in range(c.num_layers):
-            x = _PlainLayer(c, name=f"layer_{i}")(x, bias)
+            x = _PlainLayer(c, self.attention, name=f"layer_{i}")(x, bias)
         return mean_pool(x, attention_mask)
 
 
@@ -308,10 +321,12 @@ def linen_variables(variables: dict[str, Any], config: BertConfig = MINILM_L6) -
 
 
 def load_port(port: str, enc: Encoder | None = None) -> Encoder:
-    """One of the ordinary ports (``"plain"`` or ``"linen"``) with ``enc``'s weights.
+    """One of the ordinary ports (``"plain"``, ``"linen"`` or ``"sdpa"``) with ``enc``'s
+    weights.
 
     Args:
-      port: ``"plain"`` (:class:`PlainBert`) or ``"linen"`` (:class:`LinenBert`).
+      port: ``"plain"`` (:class:`PlainBert`), ``"linen"`` (:class:`LinenBert`) or
+        ``"sdpa"`` (:class:`PlainBert` with ``jax.nn.dot_product_attention``).
       enc: the :mod:`jqx_demo.minilm` encoder whose weights and tokenizer to use;
         default :func:`jqx_demo.minilm.load_default`.
 
@@ -326,12 +341,13 @@ def load_port(port: str, enc: Encoder | None = None) -> Encoder:
     if port not in PORTS:
         raise ValueError(f"port={port!r} is not a BERT port here; use one of {PORTS}.")
     enc = minilm.load_default() if enc is None else enc
-    cls, convert = (PlainBert, plain_variables) if port == "plain" else (LinenBert, linen_variables)
+    if port == "linen":
+        module, convert = LinenBert(enc.config), linen_variables
+    else:
+        attention = "einsum" if port == "plain" else "dot_product_attention"
+        module, convert = PlainBert(enc.config, attention), plain_variables
     return Encoder(
-        f"{enc.name} ({port})",
-        cls(enc.config),
-        convert(enc.variables, enc.config),
-        enc.tokenizer,
+        f"{enc.name} ({port})", module, convert(enc.variables, enc.config), enc.tokenizer
     )
 
 

@@ -184,6 +184,14 @@ def _scores_case(layout, seed=0):
     return q, k, v, sdn, dn, 0 if p_lhs else 1, bias
 
 
+def _scores_bound(s_abs, s, v, d, keys):
+    """|y - y64| for attention from float32 scores: each score within d u sum|q k|
+    (``s_abs``, scaled) and one rounding of its steps, carried through exp to p and y,
+    plus the row sum's, dot's and division's rounding ((2 keys + 8) u max|v|)."""
+    delta = 2 * (d * U * s_abs.max() + 2 * U * np.abs(s[s > -1e29]).max())
+    return ((2 * keys + 8) * U + 2 * np.expm1(2 * delta)) * np.abs(np.asarray(v)).max()
+
+
 @pytest.mark.parametrize("layout", list(SCORES_LAYOUTS))
 @pytest.mark.parametrize("backend", ["xla", "native"])
 def test_scores_softmax_dot_layouts(layout, backend):
@@ -208,15 +216,81 @@ def test_scores_softmax_dot_layouts(layout, backend):
     out = batch + ("qd" if p_lhs else "dq")
     ref = np.einsum(f"{batch}qk,{vs}->{out}", e / e.sum(-1, keepdims=True), v64)
     assert got.shape == ref.shape
-    s_abs = np.einsum(f"{qs},{ks}->{batch}qk", np.abs(q64), np.abs(k64))
-    delta = 2 * (4 * U * s_abs.max() / 2.0 + 2 * U * np.abs(s[s > -1e29]).max())
-    assert np.abs(got - ref).max() <= ((2 * 7 + 8) * U + 2 * np.expm1(2 * delta)) * np.abs(v).max()
+    s_abs = np.einsum(f"{qs},{ks}->{batch}qk", np.abs(q64), np.abs(k64)) / 2.0
+    assert np.abs(got - ref).max() <= _scores_bound(s_abs, s, v, d=4, keys=7)
     if backend == "xla":  # the scores and steps on XLA, then softmax_dot: the same bits
         from jqx.ops.attention import apply_score_steps, softmax_dot
 
         s32 = apply_score_steps(jax.lax.dot_general(q, k, sdn), steps)
         want = jax.jit(lambda s, v: softmax_dot(s, v, dn, operand, backend="xla"))(s32, v)
         np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.mark.parametrize("operand", [0, 1], ids=["p lhs", "v lhs"])
+@pytest.mark.parametrize("backend", ["xla", "native"])
+def test_scores_softmax_dot_transposed_scores_and_unit_axes(operand, backend):
+    """jax.nn.dot_product_attention's layout: q (b, t, h, 1, d), scores dot (b, h, t, 1,
+    s), then the scale, a transpose to (1, b, h, t, s), a bias and a mask in that layout;
+    the product with v (b, s, h, d) from either side."""
+    from jqx.ops.attention import apply_score_steps, scores_route, scores_softmax_dot, softmax_dot
+
+    if backend == "native" and not native.gguf_available():
+        pytest.skip(native.gguf_status())
+    b, t, s_, h, d = 2, 5, 7, 3, 4
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((b, t, h, 1, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s_, h, d)), jnp.float32) for _ in range(2))
+    bias = jnp.asarray(rng.standard_normal((1, b, 1, 1, s_)), jnp.float32)
+    mask = jnp.asarray(rng.random((b, 1, 1, s_)) > 0.3).at[:, ..., 0].set(True)
+    sdn = (((4,), (3,)), ((0, 2), (0, 2)))
+    perm = (3, 0, 1, 2, 4)
+    steps = (("mul", jnp.float32(0.5)), ("transpose", perm), ("add", bias), ("where", mask, -1e30))
+    # The probabilities (1, b, h, t, s) contract s with v's and batch (b, h).
+    pdn = (((4,), (1,)), ((1, 2), (0, 2)))
+    dn = pdn if operand == 0 else ((pdn[0][1], pdn[0][0]), (pdn[1][1], pdn[1][0]))
+    route = "native" if backend == "native" else "xla"
+    assert scores_route(q, k, v, sdn, dn, operand, steps, backend) == route
+    f = jax.jit(
+        lambda q, k, v: scores_softmax_dot(q, k, v, sdn, dn, operand, steps=steps, backend=backend)
+    )
+    got = np.asarray(f(q, k, v))
+    s32 = apply_score_steps(jax.lax.dot_general(q, k, sdn), steps)
+    want = jax.jit(lambda s, v: softmax_dot(s, v, dn, operand, backend="xla"))(s32, v)
+    assert got.shape == want.shape == ((b, h, 1, t, d) if operand == 0 else (b, h, d, 1, t))
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    s64 = 0.5 * np.einsum("bthgd,bshd->gbhts", q64, k64) + np.asarray(bias, np.float64)
+    s64 = np.where(np.asarray(mask)[None], s64, -1e30)
+    p64 = np.exp(s64 - s64.max(-1, keepdims=True))
+    p64 /= p64.sum(-1, keepdims=True)
+    ref = np.einsum("gbhts,bshd->bhgtd" if operand == 0 else "gbhts,bshd->bhdgt", p64, v64)
+    s_abs = 0.5 * np.einsum("bthgd,bshd->gbhts", np.abs(q64), np.abs(k64))
+    assert np.abs(got - ref).max() <= _scores_bound(s_abs, s64, v, d=d, keys=s_)
+    if backend == "xla":  # the scores and steps on XLA, then softmax_dot: the same bits
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+    # Gradients through the kernel are XLA's formula's.
+    def loss(backend):
+        return lambda q: jnp.sum(
+            scores_softmax_dot(q, k, v, sdn, dn, operand, steps=steps, backend=backend) ** 2
+        )
+
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(loss(backend))(q)),
+        np.asarray(jax.grad(loss("xla"))(q)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # A permutation that is not one of the scores' axes, or a second free axis above
+    # size 1: XLA computes it, and "native" says why it cannot.
+    for bad in (
+        (("transpose", (1, 0, 2, 3)),),
+        (("transpose", perm), ("add", jnp.zeros((2, 3, 1, 1, 1, 7)))),
+    ):
+        assert scores_route(q, k, v, sdn, dn, operand, bad) == "xla"
+        with pytest.raises(RuntimeError, match="not laid out as one attention"):
+            scores_softmax_dot(q, k, v, sdn, dn, operand, steps=bad, backend="native")
+    with pytest.raises(ValueError, match=r"or \('transpose', permutation\)"):
+        scores_softmax_dot(q, k, v, sdn, dn, operand, steps=(("transpose",),))
 
 
 def test_scores_softmax_dot_routes_differentiates_and_errors():

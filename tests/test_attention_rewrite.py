@@ -403,6 +403,22 @@ def _two_biases(q, k, v, bias):  # two additive biases: the kernel takes one
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
 
 
+def _sdpa_bias(q, k, v, bias):  # scores (b, h, t, 1, s), transposed before the softmax
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
+def _sdpa_mask(q, k, v, bias):  # its jnp.where, batched by vmap, transposes the scores
+    return jax.nn.dot_product_attention(q, k, v, mask=bias == 0, scale=0.5)
+
+
+def _sdpa_causal(q, k, v, bias):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) scores
+    return jax.nn.dot_product_attention(q, k[:, :, :2], v[:, :, :2], bias=bias)
+
+
 @pytest.mark.parametrize(
     "fn,route",
     [
@@ -411,8 +427,22 @@ def _two_biases(q, k, v, bias):  # two additive biases: the kernel takes one
         (_soft_capped, "softmax"),
         (_own_where, "softmax"),
         (_two_biases, "softmax"),
+        (_sdpa_bias, "scores"),
+        (_sdpa_mask, "scores"),
+        (_sdpa_causal, "scores"),
+        (_sdpa_gqa, "softmax"),
     ],
-    ids=["bert", "where fill first", "soft-capped", "a jit named _where", "two biases"],
+    ids=[
+        "bert",
+        "where fill first",
+        "soft-capped",
+        "a jit named _where",
+        "two biases",
+        "dot_product_attention bias",
+        "dot_product_attention mask",
+        "dot_product_attention causal",
+        "dot_product_attention grouped",
+    ],
 )
 def test_score_steps_on_the_kernel_or_from_the_scores(fn, route):
     q, k, v = _qkv(12, 2.0)

@@ -1,10 +1,14 @@
 """The ordinary BERT ports (jqx_demo.bert) match the tuned MiniLM port, float and quantized."""
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jqx
+from jqx.kernels.cpu import native
 from jqx_demo import bert, minilm
 
 SENTENCES = minilm.load_sentences(6) + ["Short.", "A somewhat longer sentence, with punctuation!"]
@@ -72,6 +76,22 @@ def test_quantized_ports_select_every_matmul_and_stay_close(tiny, port):
         assert _cos(np.asarray(fwd(q, ids, mask)), ref).min() > bound
 
 
+@pytest.mark.parametrize("port", bert.PORTS)
+def test_every_port_attention_runs_on_the_scores_kernel(tiny, port):
+    # However the attention is written (einsum and jax.nn.softmax, flax.linen's layer,
+    # jax.nn.dot_product_attention), jqx.quantized runs it on the native kernel from q
+    # and k where that kernel is built.
+    if not native.gguf_available():
+        pytest.skip(native.gguf_status())
+    p = bert.load_port(port, tiny)
+    ids, mask = p.tokenize(SENTENCES)
+    q = jqx.quantize(p.variables, jqx.int8_dynamic_activation_int8_weight())
+    text = str(jax.make_jaxpr(jqx.quantized(p.module.apply))(q, ids, mask))
+    targets = (native.SCORES_SOFTMAX_DOT_TARGET, native.SCORES_SOFTMAX_DOT_AVX512_TARGET)
+    calls = re.findall(r"\bjqx_\w+", text)
+    assert sum(c in targets for c in calls) == tiny.config.num_layers
+
+
 def test_variables_are_the_tuned_arrays(tiny):
     v = bert.linen_variables(tiny.variables, tiny.config)["params"]["layer_1"]["attention"]
     k = np.asarray(tiny.variables["params"]["bert"]["layer_1"]["query"]["kernel"])
@@ -89,8 +109,11 @@ def test_hf_state_dict_round_trips(tiny):
 
 
 def test_errors_teach(tiny):
-    with pytest.raises(ValueError, match=r"port='bart'.*\('plain', 'linen'\)"):
+    with pytest.raises(ValueError, match=r"port='bart'.*\('plain', 'linen', 'sdpa'\)"):
         bert.load_port("bart", tiny)
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"attention='flash' is not one of \('einsum'"):
+        bert.PlainBert(tiny.config, "flash").init(jax.random.key(0), ids, ids)
     with pytest.raises(ValueError, match="minilm.load_tiny"):
         bert.plain_variables({"params": {}}, tiny.config)
     with pytest.raises(ValueError, match="num_layers=6"):

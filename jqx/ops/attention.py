@@ -585,7 +585,7 @@ def softmax_dot(
 
 
 def apply_score_steps(s, steps):
-    """The elementwise steps between attention's scores dot and its softmax, in order
+    """The steps between attention's scores dot and its softmax, in order
     (:func:`scores_softmax_dot`'s ``steps``), as float32 operations on XLA."""
     for step in steps:
         kind = step[0]
@@ -595,6 +595,8 @@ def apply_score_steps(s, steps):
             s = s / step[1]
         elif kind == "add":
             s = s + step[1]
+        elif kind == "transpose":
+            s = jnp.transpose(s, step[1])
         else:  # as jnp.where: a nonzero (or NaN) mask keeps the score
             c = jnp.asarray(step[1])
             s = jnp.where(c != jnp.zeros((), c.dtype), s, step[2])
@@ -671,6 +673,115 @@ def _native_steps(steps, s_shape):
     return tuple(names), scale, bias, mask, fill
 
 
+@dataclasses.dataclass(frozen=True)
+class _Canonical:
+    """One attention rewritten for the kernel (:func:`_canonical`): its operands, and
+    how the product's output maps back to the original's (``extra`` unit axes appended,
+    then ``perm``; None where nothing changed)."""
+
+    q: jax.Array
+    k: jax.Array
+    score_dn: tuple
+    dn: tuple
+    steps: tuple
+    extra: int = 0
+    perm: tuple | None = None
+
+    def finish(self, y):
+        if self.perm is None:
+            return y
+        y = y.reshape(y.shape + (1,) * self.extra)
+        return jnp.transpose(y, self.perm) if self.perm != tuple(range(y.ndim)) else y
+
+
+def _canonical(q, k, other, score_dn, dimension_numbers, operand, steps) -> _Canonical | None:
+    """The same attention without ``("transpose", perm)`` steps and with at most one free
+    axis of size above 1 on q and on k kept as their free axis (the rest, of size 1,
+    squeezed): what ``jax.nn.dot_product_attention`` traces to (its scores ``(b, h, q, 1,
+    k)``, transposed before the softmax) in the kernel's form. The steps' operands are
+    moved to the scores dot's own layout and the product's dimension numbers follow the
+    probabilities there. None where that cannot be done: a perm or operand that does not
+    fit, more than one free axis of size above 1, or a squeezed axis the product
+    contracts or batches. Unchanged (``perm`` None) without transposes or unit axes."""
+    (lc, rc), (lb, rb) = score_dn
+    nb = len(lb)
+    qf = [a for a in range(q.ndim) if a not in lc and a not in lb]
+    kf = [a for a in range(k.ndim) if a not in rc and a not in rb]
+    r = nb + len(qf) + len(kf)  # the scores dot's rank
+    layout = list(range(r))  # the scores' axis i is the dot's axis layout[i]
+    moved = []
+    for step in steps:
+        if step[0] == "transpose":
+            p = tuple(int(a) for a in step[1])
+            if sorted(p) != list(range(r)):
+                return None
+            layout = [layout[a] for a in p]
+        elif step[0] in ("add", "where"):
+            x = jnp.asarray(step[1])
+            if x.ndim > r:
+                return None
+            x = x.reshape((1,) * (r - x.ndim) + x.shape)
+            moved.append((step[0], jnp.transpose(x, np.argsort(layout)), *step[2:]))
+        else:
+            moved.append(step)
+
+    def squeezable(x, free):  # free axes of size 1 beside the one kept
+        big = [a for a in free if x.shape[a] != 1]
+        if len(big) > 1:
+            return None
+        if len(free) <= 1:
+            return []
+        keep = big[0] if big else free[-1]
+        return [a for a in free if a != keep]
+
+    dq, dk = squeezable(q, qf), squeezable(k, kf)
+    if dq is None or dk is None:
+        return None
+    if not dq and not dk and layout == list(range(r)):
+        return _Canonical(q, k, score_dn, dimension_numbers, tuple(steps))
+    # The scores dot's axes dropped: q's free axes come after the batch ones, k's last.
+    drop = [nb + qf.index(a) for a in dq] + [nb + len(qf) + kf.index(a) for a in dk]
+    (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
+    pc, pb = [layout[a] for a in pc], [layout[a] for a in pb]
+    if set(drop) & set(pc + pb):
+        return None
+
+    def renumber(axes, gone):
+        return tuple(a - sum(g < a for g in gone) for a in axes)
+
+    def squeeze(x):
+        return jnp.squeeze(x, tuple(drop)) if drop else x
+
+    steps2 = tuple(
+        (st[0], squeeze(jnp.asarray(st[1])), *st[2:]) if st[0] in ("add", "where") else st
+        for st in moved
+    )
+    sdn = (
+        (renumber(lc, dq), renumber(rc, dk)),
+        (renumber(lb, dq), renumber(rb, dk)),
+    )
+    pc2, pb2 = renumber(pc, drop), renumber(pb, drop)
+    dn = ((pc2, oc), (pb2, ob)) if operand == 0 else ((oc, pc2), (ob, pb2))
+    # The output's axes by name: the batch pairs, the other operand's free axes, and the
+    # probabilities' free axes named by the scores' axis they are.
+    (spc, spb), _ = _p_dims(dimension_numbers, operand)
+    of = [("o", a) for a in range(other.ndim) if a not in oc and a not in ob]
+    sf = [("s", a) for a in range(r) if a not in spc and a not in spb]
+    kept = [
+        ("s", a)
+        for d, a in sorted((layout[a], a) for a in range(r))
+        if d not in pc and d not in pb and d not in drop
+    ]
+    bat = [("b", i) for i in range(len(pb))]
+    orig = bat + (sf + of if operand == 0 else of + sf)
+    new = bat + (kept + of if operand == 0 else of + kept)
+    new += [("s", a) for a in range(r) if layout[a] in drop]
+    perm = tuple(new.index(n) for n in orig)
+    return _Canonical(
+        jnp.squeeze(q, tuple(dq)), jnp.squeeze(k, tuple(dk)), sdn, dn, steps2, len(drop), perm
+    )
+
+
 def _scores_layout(q, k, other, score_dn, dimension_numbers, operand):
     """The kernel's axis maps ``(q_axes, k_axes, v_axes)`` and whether the product's
     output puts the values' axis before the queries', or None where the operands are
@@ -726,17 +837,21 @@ def _scores_route(q, k, other, score_dn, dimension_numbers, operand, steps, back
             "lhs) or 1."
         )
     for step in steps:
-        n = {"mul": 2, "div": 2, "add": 2, "where": 3}.get(step[0] if step else None)
-        if n is None or len(step) != n:
+        n = {"mul": 2, "div": 2, "add": 2, "where": 3, "transpose": 2}
+        if n.get(step[0] if step else None) != len(step):
             raise ValueError(
                 f"scores_softmax_dot: step {step!r} must be ('mul', c), ('div', c), "
-                "('add', bias) or ('where', mask, fill)."
+                "('add', bias), ('where', mask, fill) or ('transpose', permutation)."
             )
-    layout = _scores_layout(q, k, other, score_dn, dimension_numbers, operand)
-    prepared = None
+    canon = _canonical(q, k, other, score_dn, dimension_numbers, operand, steps)
+    layout = prepared = None
+    if canon is not None:
+        layout = _scores_layout(canon.q, canon.k, other, canon.score_dn, canon.dn, operand)
     if layout is not None:
-        s_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, score_dn), q, k).shape
-        prepared = _native_steps(tuple(steps), s_shape)
+        s_shape = jax.eval_shape(
+            lambda a, b: jax.lax.dot_general(a, b, canon.score_dn), canon.q, canon.k
+        ).shape
+        prepared = _native_steps(canon.steps, s_shape)
     if backend == "native" and prepared is None:
         raise RuntimeError(
             "scores_softmax_dot(backend='native'): the operands are not laid out as one "
@@ -747,7 +862,7 @@ def _scores_route(q, k, other, score_dn, dimension_numbers, operand, steps, back
         )
     if prepared is None or dispatch.choose_scores_softmax_dot(q, k, other, backend) != "native":
         return "xla", None
-    return "native", (layout, prepared)
+    return "native", (canon, layout, prepared)
 
 
 def scores_softmax_dot(
@@ -767,17 +882,21 @@ def scores_softmax_dot(
     other, dimension_numbers)``: attention from its queries and keys, the softmax over
     the key axis.
 
-    ``steps`` are the elementwise operations a model puts between the scores dot and its
-    softmax, in order: ``("mul", c)`` / ``("div", c)`` with a float32 scalar ``c`` (the
-    ``1 / sqrt(d)`` scale), ``("add", bias)`` with a float32 bias of the scores' rank
-    (each dim its size or 1), ``("where", mask, fill)`` (``jnp.where(mask, s, fill)``).
-    ``jqx.quantized`` sends attention written ``softmax(einsum(q, k) ...) @ v`` here on
-    CPU (docs/guide/run.md#attention). Two implementations, chosen by
-    :func:`jqx.ops.dispatch.choose_scores_softmax_dot`:
+    ``steps`` are the operations a model puts between the scores dot and its softmax, in
+    order: ``("mul", c)`` / ``("div", c)`` with a float32 scalar ``c`` (the ``1 /
+    sqrt(d)`` scale), ``("add", bias)`` with a float32 bias of the scores' rank at that
+    step (each dim its size or 1), ``("where", mask, fill)`` (``jnp.where(mask, s,
+    fill)``), ``("transpose", permutation)`` (``jnp.transpose(s, permutation)``; the
+    softmax is over the last axis after every step). ``jqx.quantized`` sends attention
+    written ``softmax(einsum(q, k) ...) @ v`` here on CPU, and
+    ``jax.nn.dot_product_attention``'s XLA form (docs/guide/run.md#attention). Two
+    implementations, chosen by :func:`jqx.ops.dispatch.choose_scores_softmax_dot`:
 
     - ``"native"``: ``jqx.kernels.cpu.native.scores_softmax_dot`` (AVX512 or AVX2) on
       float32 operands laid out as one attention (one query, key and d axis, at most 4
-      batch axes, the scores ``(batch..., query, key)``): it reads q, k and v where
+      batch axes, the scores ``(batch..., query, key)``; transposes of the scores are
+      undone by moving the steps' operands and the product's axes instead, and q's or
+      k's extra free axes of size 1 squeezed): it reads q, k and v where
       they are and writes neither the scores nor the probabilities. Each score is one
       fused multiply-add chain over d (within ``gamma_D sum |q k|``, as XLA's dot), the
       steps the same float32 operations, then the softmax and product as
@@ -820,10 +939,12 @@ def scores_softmax_dot(
         q, k, other, score_dimension_numbers, dimension_numbers, operand, steps, backend
     )
     if route == "native":
-        (axes, swap), (names, scale, bias, mask, fill) = native_args
-        y = _scores_native(_ScoresCfg(axes, names, fill), q, k, other, scale, bias, mask)
+        canon, (axes, swap), (names, scale, bias, mask, fill) = native_args
+        cfg = _ScoresCfg(axes, names, fill)
+        y = _scores_native(cfg, canon.q, canon.k, other, scale, bias, mask)
         if swap:  # dot_general puts the lhs's (other's) free axis first
             y = jnp.swapaxes(y, -1, -2)
+        y = canon.finish(y)
         return y.astype(preferred_element_type) if preferred_element_type is not None else y
     s = jax.lax.dot_general(q, k, score_dimension_numbers, precision=precision)
     s = apply_score_steps(s, steps)

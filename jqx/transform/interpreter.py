@@ -355,8 +355,8 @@ class _SoftmaxMatch:
 class _ScoreChain:
     """Scores ``s = steps(dot_general(q, k, dn))``: the dot's operands and dimension
     numbers, and the steps in program order, each ``(kind, atom...)``: ``("mul", c)``,
-    ``("div", c)``, ``("add", bias)``, ``("where", mask, fill)``, or ``("where_not",
-    mask, fill)`` for ``where(mask, fill, s)``."""
+    ``("div", c)``, ``("add", bias)``, ``("where", mask, fill)``, ``("where_not",
+    mask, fill)`` for ``where(mask, fill, s)``, or ``("transpose", permutation)``."""
 
     q: Any
     k: Any
@@ -451,10 +451,12 @@ def _softmax_match(eqns, i, producer, uses, outvars) -> _SoftmaxMatch | None:
 
 
 def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
-    """``s`` as a float32 ``dot_general`` of q and k (one query and one key axis, the
-    key axis last: the softmax's) followed by at most four steps: a multiply or divide
-    by a scalar, an add of a tensor of the scores' rank, a ``jnp.where`` with a scalar
-    fill (its ``jit`` call named ``_where``); else None."""
+    """``s`` as a float32 ``dot_general`` of q and k (the softmax over the last axis)
+    followed by at most four elementwise steps: a multiply or divide by a scalar, an add
+    of a tensor of the scores' rank, a ``jnp.where`` with a scalar fill (its ``jit`` call
+    named ``_where``); and up to two transposes between them
+    (``jax.nn.dot_product_attention`` transposes its scores); else None. Whether the
+    kernel takes the layout is :func:`jqx.ops.attention.scores_route`'s to say."""
     shape = s.aval.shape
     if not axes or tuple(axes) != (len(shape) - 1,):
         return None
@@ -464,11 +466,16 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
 
     steps = []
     x = s
-    for _ in range(5):
+    for _ in range(7):
         if not isinstance(x, jcore.Var) or x not in producer:
             return None
         e = eqns[producer[x]]
         name = e.primitive.name
+        shape = x.aval.shape  # the scores' layout at this step
+        if name == "transpose" and sum(st[0] == "transpose" for st in steps) < 2:
+            steps.append(("transpose", tuple(e.params["permutation"])))
+            x = e.invars[0]
+            continue
         if name == "dot_general":
             if jnp.dtype(x.aval.dtype) != jnp.float32 or any(
                 jnp.dtype(a.aval.dtype) != jnp.float32 for a in e.invars
@@ -476,7 +483,7 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
                 return None
             q, k = e.invars
             return _ScoreChain(q, k, e.params["dimension_numbers"], tuple(reversed(steps)))
-        if len(steps) == 4:
+        if sum(st[0] != "transpose" for st in steps) == 4:
             return None
         if name in ("mul", "div"):
             a, b = e.invars
@@ -509,32 +516,63 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
             x = a
         elif name in ("jit", "pjit") and _is_jnp_where(e):
             c, a, b = e.invars  # jnp.where(c, a, b): c nonzero keeps a
-            if getattr(a.aval, "shape", None) == shape and scalar(b):
+            moves = _where_transposes(e)  # under vmap the call may transpose the scores
+            if 0 in moves or len(moves) > 1:
+                return None
+
+            def moved(j, u):  # u's shape as the select sees it
+                shape_u = getattr(u.aval, "shape", None)
+                return shape_u if j not in moves else tuple(shape_u[d] for d in moves[j])
+
+            if moved(1, a) == shape and scalar(b):
                 steps.append(("where", c, b))
                 x = a
-            elif getattr(b.aval, "shape", None) == shape and scalar(a):
+            elif moved(2, b) == shape and scalar(a):
                 steps.append(("where_not", c, a))
                 x = b
             else:
                 return None
+            if moves:
+                steps.append(("transpose", next(iter(moves.values()))))
         else:
             return None
     return None
 
 
 # What jnp.where's jit call (named "_where") holds: its select and the broadcasts,
-# casts and comparison (a non-bool condition != 0) around it.
-_WHERE_PRIMS = frozenset({"select_n", "broadcast_in_dim", "convert_element_type", "ne"})
+# casts and comparison (a non-bool condition != 0) around it, and, where vmap batched
+# the call (jax.nn.dot_product_attention's masks), a transpose of an operand.
+_WHERE_PRIMS = frozenset(
+    {"select_n", "broadcast_in_dim", "convert_element_type", "ne", "transpose"}
+)
 
 
 def _is_jnp_where(eqn) -> bool:
     """Whether a call eqn is ``jnp.where(c, a, b)``: named ``_where``, three operands,
-    one ``select_n`` and nothing but broadcasts and casts beside it."""
+    one ``select_n`` and nothing but broadcasts and casts beside it, and transposes only
+    of operands as they enter the select (:func:`_where_transposes`)."""
     inner = _inner_jaxpr(eqn)
     if eqn.params.get("name") != "_where" or len(eqn.invars) != 3 or inner is None:
         return False
     names = [x.primitive.name for x in inner.eqns]
-    return names.count("select_n") == 1 and set(names) <= _WHERE_PRIMS
+    if names.count("select_n") != 1 or not set(names) <= _WHERE_PRIMS:
+        return False
+    return names.count("transpose") == len(_where_transposes(eqn))
+
+
+def _where_transposes(eqn) -> dict:
+    """``{operand index: permutation}`` for each transpose in a ``_where`` call that takes
+    one of the call's operands straight into the select (the only transposes
+    :func:`_is_jnp_where` allows)."""
+    inner = _inner_jaxpr(eqn)
+    sel = next(x for x in inner.eqns if x.primitive.name == "select_n")
+    args = {v: j for j, v in enumerate(inner.invars)}
+    out = {}
+    for x in inner.eqns:
+        u = x.invars[0] if x.primitive.name == "transpose" else None
+        if isinstance(u, jcore.Var) and u in args and x.outvars[0] in sel.invars[1:]:
+            out[args[u]] = tuple(x.params["permutation"])
+    return out
 
 
 def _softmax_scores(eqns, producer, exp, axes):
@@ -690,6 +728,9 @@ def _scores_step(c: _ScoreChain, other, dn, operand, env, kw):
         return None
     steps = []
     for kind, *atoms in c.steps:
+        if kind == "transpose":
+            steps.append((kind, atoms[0]))
+            continue
         vals = [_read(env, a) for a in atoms]
         if any(_is_w(v) for v in vals):
             return None
