@@ -520,14 +520,13 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
             if 0 in moves or len(moves) > 1:
                 return None
 
-            def moved(j, u):  # u's shape as the select sees it
-                shape_u = getattr(u.aval, "shape", None)
-                return shape_u if j not in moves else tuple(shape_u[d] for d in moves[j])
-
-            if moved(1, a) == shape and scalar(b):
+            seen = [getattr(u.aval, "shape", None) for u in (a, b)]  # as the select sees them
+            for j, perm in moves.items():
+                seen[j - 1] = tuple(seen[j - 1][d] for d in perm)
+            if seen[0] == shape and scalar(b):
                 steps.append(("where", c, b))
                 x = a
-            elif moved(2, b) == shape and scalar(a):
+            elif seen[1] == shape and scalar(a):
                 steps.append(("where_not", c, a))
                 x = b
             else:
