@@ -1,9 +1,10 @@
-"""Dense layers' bias and GELU inside the native kernels, and two-layer MLPs as one
-native call, on and off, in whole models.
+"""Dense layers' bias and GELU inside the native kernels, two-layer MLPs as one native
+call, and attention from q and k on the native kernel, on and off, in whole models.
 
     python benchmarks/epilogue.py                    # MiniLM ports at batch 32 x 128
     python benchmarks/epilogue.py --batch 1 --repeats 30
     python benchmarks/epilogue.py --switch mlp_kernel  # Dense -> GELU -> Dense in one call
+    python benchmarks/epilogue.py --switch scores_kernel --ports plain,linen,sdpa
     python benchmarks/epilogue.py --tiny             # the shipped tiny encoder, quick
 
 ``--switch epilogue`` (default): under ``jqx.quantized`` a product whose only use is
@@ -17,13 +18,22 @@ second Dense layer runs both as one call of the VNNI kernel (``jqx.ops.mlp``,
 ``native.w8a8_mlp``; float32: ``native.f32_mlp``), the hidden activations kept per
 thread; ``jqx.ops.policy(mlp_kernel=False)`` makes two calls.
 
-Both are timed on the ordinary BERT ports of ``jqx_demo.bert`` (``plain``, ``linen``)
+``--switch scores_kernel``: attention's scores, softmax and product with the values in
+one native call from q and k (``jqx.ops.attention.scores_softmax_dot``; the scores are
+never written); ``jqx.ops.policy(scores_kernel=False)``: XLA's scores dot and steps,
+then the softmax kernel from the scores. On the ``sdpa`` port
+(``jax.nn.dot_product_attention``) "off" is what ``jqx.quantized`` ran before it
+recognised that function's transposed scores.
+
+All are timed on the ordinary BERT ports of ``jqx_demo.bert`` (``plain``, ``linen``;
+``sdpa`` on request)
 with the all-MiniLM-L6-v2 weights: float32 parameters, W8A8 dynamic and int8
 weight-only (packed for the kernels, as ``jqx.quantize`` makes them), one call of each
 variant per round, best and median of ``--repeats`` rounds, and the ratio of the times
 with the switch on to those with it off (best). ``max |diff|``: the largest difference
 between the two outputs (with the epilogue, the GELU's erfc and what the next layer's
-int8 quantization makes of it; for ``mlp_kernel`` it must be 0). ``faults``: minor page
+int8 quantization makes of it; for ``mlp_kernel`` it must be 0; for ``scores_kernel``,
+the scores' rounding). ``faults``: minor page
 faults per call, on / off (median; the process's ``getrusage``).
 """
 
@@ -53,7 +63,7 @@ RECIPES = {
 }
 
 
-SWITCHES = ("epilogue", "mlp_kernel")  # jqx.ops.Policy fields
+SWITCHES = ("epilogue", "mlp_kernel", "scores_kernel")  # jqx.ops.Policy fields
 
 
 def _fn(apply, switch: str, on: bool):
