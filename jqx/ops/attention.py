@@ -749,11 +749,13 @@ def _canonical(q, k, other, score_dn, dimension_numbers, operand, steps) -> _Can
     def renumber(axes, gone):
         return tuple(a - sum(g < a for g in gone) for a in axes)
 
-    def squeeze(x):
-        return jnp.squeeze(x, tuple(drop)) if drop else x
-
+    operands = [jnp.asarray(st[1]) for st in moved if st[0] in ("add", "where")]
+    if any(x.shape[d] != 1 for x in operands for d in drop):
+        return None  # an operand that does not broadcast to the scores
     steps2 = tuple(
-        (st[0], squeeze(jnp.asarray(st[1])), *st[2:]) if st[0] in ("add", "where") else st
+        (st[0], jnp.squeeze(jnp.asarray(st[1]), tuple(drop)), *st[2:])
+        if st[0] in ("add", "where")
+        else st
         for st in moved
     )
     sdn = (
