@@ -415,6 +415,14 @@ def _sdpa_causal(q, k, v, bias):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
+def _sdpa_unmasked(q, k, v, bias):  # its maximum taken before the transpose
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def _sdpa_unbatched(q, k, v, bias):  # (t, h, d) operands: a unit batch axis added
+    return jax.nn.dot_product_attention(q[1], k[1], v[1], bias=bias[1, 0])
+
+
 def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) scores
     return jax.nn.dot_product_attention(q, k[:, :, :2], v[:, :, :2], bias=bias)
 
@@ -430,6 +438,8 @@ def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) s
         (_sdpa_bias, "scores"),
         (_sdpa_mask, "scores"),
         (_sdpa_causal, "scores"),
+        (_sdpa_unmasked, "scores"),
+        (_sdpa_unbatched, "scores"),
         (_sdpa_gqa, "softmax"),
     ],
     ids=[
@@ -441,6 +451,8 @@ def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) s
         "dot_product_attention bias",
         "dot_product_attention mask",
         "dot_product_attention causal",
+        "dot_product_attention unmasked",
+        "dot_product_attention unbatched",
         "dot_product_attention grouped",
     ],
 )
@@ -464,3 +476,32 @@ def test_score_steps_on_the_kernel_or_from_the_scores(fn, route):
     g0 = jax.grad(lambda q: jnp.sum(fn(q, k, v, bias) ** 2))(q)
     atol = 1e-5 * float(jnp.max(jnp.abs(g0)))  # float32 gradients of sharp softmaxes
     np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=atol)
+
+
+def test_a_maximum_moved_from_other_axes_is_not_the_softmax_maximum():
+    # dot_product_attention takes the maximum before its transpose and moves it after;
+    # a maximum moved to other axes than the scores' is not theirs: the attention is
+    # still reordered (valid for any row constant), but not sent to the kernels, which
+    # subtract the row's own maximum.
+    r = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(r.standard_normal((4, 4, 4, 4)), jnp.float32) for _ in range(3))
+
+    def fn(q, k, v):
+        s0 = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        s = jnp.swapaxes(s0, 0, 1)  # (h, b, q, k)
+        m = jnp.swapaxes(jnp.max(s0, -1), 1, 2)[..., None]  # (b, q, h, 1): not s's rows
+        e = jnp.exp(s - jax.lax.stop_gradient(m))
+        return jnp.einsum("hbqk,bkhd->bqhd", e / jnp.sum(e, -1, keepdims=True), v)
+
+    def right(q, k, v):  # the same with the maximum moved as the scores were
+        s0 = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        m = jnp.swapaxes(jnp.max(s0, -1), 0, 1)[..., None]
+        e = jnp.exp(jnp.swapaxes(s0, 0, 1) - jax.lax.stop_gradient(m))
+        return jnp.einsum("hbqk,bkhd->bqhd", e / jnp.sum(e, -1, keepdims=True), v)
+
+    with jqx.ops.policy(**REORDER):
+        assert _route(fn, q, k, v) == "xla"
+        assert _route(right, q, k, v) == _expect("scores")
+        for f in (fn, right):
+            y, y0 = jax.jit(jqx.quantized(f))(q, k, v), jax.jit(f)(q, k, v)
+            assert float(jnp.max(jnp.abs(y - y0))) <= 1e-5 * float(jnp.max(jnp.abs(v)))

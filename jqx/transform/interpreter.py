@@ -577,7 +577,9 @@ def _where_transposes(eqn) -> dict:
 def _softmax_scores(eqns, producer, exp, axes):
     """The scores ``s`` when exp's input is ``s - max(s)`` over ``axes`` as
     ``jax.nn.softmax`` traces it (``reduce_max``, optionally ``max(-inf, .)``,
-    ``broadcast_in_dim``, optionally ``stop_gradient``, ``sub``); else None."""
+    ``broadcast_in_dim``, optionally ``stop_gradient``, ``sub``); else None. The maximum
+    may also be taken before a transpose that made ``s`` and transposed after it, as
+    ``jax.nn.dot_product_attention`` without a bias or mask traces (the same values)."""
 
     def made_by(v, *names):
         if not isinstance(v, jcore.Var) or v not in producer:
@@ -598,6 +600,9 @@ def _softmax_scores(eqns, producer, exp, axes):
     if tuple(e.params["broadcast_dimensions"]) != keep:
         return None
     top = e.invars[0]
+    moved = made_by(top, "transpose")  # the maximum of s's transposed operand, moved
+    if moved is not None:
+        top = moved.invars[0]
     e = made_by(top, "max")
     if e is not None:  # jnp.max(..., initial=-inf): max(-inf, reduce_max(s))
         lit = [a for a in e.invars if isinstance(a, jcore.Literal)]
@@ -606,7 +611,20 @@ def _softmax_scores(eqns, producer, exp, axes):
             return None
         top = var[0]
     e = made_by(top, "reduce_max")
-    if e is None or e.invars[0] is not s or tuple(sorted(e.params["axes"])) != axes:
+    if e is None:
+        return None
+    if moved is None:
+        return s if e.invars[0] is s and tuple(sorted(e.params["axes"])) == axes else None
+    # s = transpose(s0, perm) and the maximum reduce_max(s0) over perm's images of
+    # ``axes``, transposed into s's order of the kept axes.
+    t = made_by(s, "transpose")
+    if t is None or e.invars[0] is not t.invars[0]:
+        return None
+    perm = t.params["permutation"]
+    if tuple(sorted(e.params["axes"])) != tuple(sorted(perm[a] for a in axes)):
+        return None
+    left = sorted(perm[d] for d in keep)  # the maximum's axes, s0's order
+    if [left[j] for j in moved.params["permutation"]] != [perm[d] for d in keep]:
         return None
     return s
 
