@@ -523,15 +523,15 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
             seen = [getattr(u.aval, "shape", None) for u in (a, b)]  # as the select sees them
             for j, perm in moves.items():
                 seen[j - 1] = tuple(seen[j - 1][d] for d in perm)
-            if seen[0] == shape and scalar(b):
+            if seen[0] == shape and scalar(b) and set(moves) <= {1}:
                 steps.append(("where", c, b))
                 x = a
-            elif seen[1] == shape and scalar(a):
+            elif seen[1] == shape and scalar(a) and set(moves) <= {2}:
                 steps.append(("where_not", c, a))
                 x = b
             else:
                 return None
-            if moves:
+            if moves:  # the scores' own transpose, before the select
                 steps.append(("transpose", next(iter(moves.values()))))
         else:
             return None
