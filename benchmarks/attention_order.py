@@ -2,6 +2,7 @@
 
     python benchmarks/attention_order.py                    # all parts at BERT shapes
     python benchmarks/attention_order.py --part bare        # the attention alone
+    python benchmarks/attention_order.py --part sdpa        # jax.nn.dot_product_attention
     python benchmarks/attention_order.py --part block --repeats 9
     python benchmarks/attention_order.py --part model --batch 32 --tokens 128
 
@@ -31,6 +32,9 @@ Parts:
 - ``bare``: the attention alone (``einsum``, additive padding mask,
   ``jax.nn.softmax``, ``einsum``) on random q, k, v: ``f32``, ``f32 reordered`` and
   ``int8 attention`` (``activation_matmuls="int8"``);
+- ``sdpa``: ``jax.nn.dot_product_attention`` alone (a padding bias, causal, and causal
+  with grouped queries: 8 query heads over 2 and over 1 key heads; head size 64), the
+  same variants but int8 attention;
 - ``block``: one ``flax.linen.MultiHeadDotProductAttention`` with a padding mask on
   ``(batch, tokens, heads x head_dim)`` activations, at BERT-base (12 x 64), MiniLM
   (12 x 32) and 6 x 64 heads;
@@ -186,6 +190,25 @@ def _attention(q, k, v, bias):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
 
 
+def _alone(fn, args, title: str, reps: int, int8: bool = True) -> None:
+    """One attention function alone: as written, reordered (the kernels), without the
+    scores kernel, on XLA, and (``int8``) with int8 attention products."""
+    f32, y32 = _compiled(fn, args)
+    variants = {
+        "f32 reordered": _compiled(jqx.quantized(fn), args),
+        "f32 reordered, no scores kernel": _compiled(jqx.quantized(fn), args, **NO_SCORES),
+        "f32 reordered, XLA": _compiled(jqx.quantized(fn), args, **XLA_REORDER),
+    }
+    if int8:
+        variants["int8 attention"] = _compiled(jqx.quantized(fn, activation_matmuls="int8"), args)
+    print(f"\n== {title}")
+    fns = {"f32": (f32, args), **{name: (f, args) for name, (f, _) in variants.items()}}
+    d = {"f32": (0.0, None)}
+    for name, (_, y) in variants.items():
+        d[name] = (float(jnp.max(jnp.abs(y - y32))), None)
+    _print(_round_robin(fns, reps), d)
+
+
 def part_bare(batch: int, tokens: int, reps: int) -> None:
     r = np.random.default_rng(2)
     valid = np.arange(tokens)[None] < _lengths(batch, tokens)[:, None]
@@ -195,32 +218,54 @@ def part_bare(batch: int, tokens: int, reps: int) -> None:
             jnp.asarray(r.standard_normal((batch, tokens, heads, hd)), jnp.float32)
             for _ in range(3)
         )
-        args = (q, k, v, bias)
-        f32, y32 = _compiled(_attention, args)
-        f32r, y32r = _compiled(jqx.quantized(_attention), args)
-        f32x, y32x = _compiled(jqx.quantized(_attention), args, **XLA_REORDER)
-        f32n, y32n = _compiled(jqx.quantized(_attention), args, **NO_SCORES)
-        i8, y8 = _compiled(jqx.quantized(_attention, activation_matmuls="int8"), args)
-        print(
-            f"\n== einsum, jax.nn.softmax, einsum alone: batch {batch} x {tokens} tokens, "
-            f"{heads} heads x {hd}, additive padding mask"
+        _alone(
+            _attention,
+            (q, k, v, bias),
+            f"einsum, jax.nn.softmax, einsum alone: batch {batch} x {tokens} tokens, "
+            f"{heads} heads x {hd}, additive padding mask",
+            reps,
         )
-        fns = {
-            "f32": (f32, args),
-            "f32 reordered": (f32r, args),
-            "f32 reordered, no scores kernel": (f32n, args),
-            "f32 reordered, XLA": (f32x, args),
-            "int8 attention": (i8, args),
-        }
-        d = {"f32": (0.0, None)}
-        for name, y in (
-            ("f32 reordered", y32r),
-            ("f32 reordered, no scores kernel", y32n),
-            ("f32 reordered, XLA", y32x),
-            ("int8 attention", y8),
-        ):
-            d[name] = (float(jnp.max(jnp.abs(y - y32))), None)
-        _print(_round_robin(fns, reps), d)
+
+
+def part_sdpa(batch: int, tokens: int, reps: int) -> None:
+    """``jax.nn.dot_product_attention`` alone: a padding bias, causal, and grouped
+    queries (8 query heads over 2 and over 1 key heads), head size 64."""
+    r = np.random.default_rng(3)
+    valid = np.arange(tokens)[None] < _lengths(batch, tokens)[:, None]
+    bias = jnp.asarray(np.where(valid, 0.0, np.finfo(np.float32).min)[:, None, None, :])
+    q = jnp.asarray(r.standard_normal((batch, tokens, 8, 64)), jnp.float32)
+    kv = [jnp.asarray(r.standard_normal((batch, tokens, 8, 64)), jnp.float32) for _ in "kv"]
+    forms = (
+        (
+            "padding bias, 8 heads",
+            8,
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias),
+        ),
+        (
+            "causal, 8 heads",
+            8,
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        ),
+        (
+            "causal, 8 query heads over 2 key heads",
+            2,
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        ),
+        (
+            "causal, 8 query heads over 1 key head",
+            1,
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        ),
+    )
+    for title, heads, fn in forms:
+        args = (q, kv[0][:, :, :heads], kv[1][:, :, :heads])
+        _alone(
+            fn,
+            args,
+            f"jax.nn.dot_product_attention alone: batch {batch} x {tokens} tokens, {title}",
+            reps,
+            int8=False,
+        )
 
 
 def _print_vs_xla(fns: dict, res: dict, base: str, y_xla, view=lambda y: y) -> None:
@@ -346,7 +391,9 @@ def part_model(batch: int, tokens: int, reps: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "bare", "kernel", "block", "model"), default="all")
+    ap.add_argument(
+        "--part", choices=("all", "bare", "sdpa", "kernel", "block", "model"), default="all"
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
@@ -366,6 +413,8 @@ def main(argv=None) -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     if a.part in ("all", "bare"):
         part_bare(a.batch, a.tokens, a.repeats)
+    if a.part in ("all", "sdpa"):
+        part_sdpa(a.batch, a.tokens, a.repeats)
     if a.part in ("all", "kernel"):
         part_kernel(a.batch, a.tokens, a.repeats)
     if a.part in ("all", "block"):

@@ -226,19 +226,21 @@ def test_scores_softmax_dot_layouts(layout, backend):
         np.testing.assert_array_equal(got, np.asarray(want))
 
 
+@pytest.mark.parametrize("group", [1, 3], ids=["heads", "grouped queries"])
 @pytest.mark.parametrize("operand", [0, 1], ids=["p lhs", "v lhs"])
 @pytest.mark.parametrize("backend", ["xla", "native"])
-def test_scores_softmax_dot_transposed_scores_and_unit_axes(operand, backend):
-    """jax.nn.dot_product_attention's layout: q (b, t, h, 1, d), scores dot (b, h, t, 1,
-    s), then the scale, a transpose to (1, b, h, t, s), a bias and a mask in that layout;
-    the product with v (b, s, h, d) from either side."""
+def test_scores_softmax_dot_transposed_scores_and_unit_axes(operand, backend, group):
+    """jax.nn.dot_product_attention's layout: q (b, t, h, g, d), scores dot (b, h, t, g,
+    s), then the scale, a transpose to (g, b, h, t, s), a bias and a mask in that layout;
+    the product with v (b, s, h, d) from either side. g = 1: a unit axis squeezed; g = 3:
+    grouped queries, the kernel reading k and v at stride 0 along g."""
     from jqx.ops.attention import apply_score_steps, scores_route, scores_softmax_dot, softmax_dot
 
     if backend == "native" and not native.gguf_available():
         pytest.skip(native.gguf_status())
     b, t, s_, h, d = 2, 5, 7, 3, 4
     rng = np.random.default_rng(3)
-    q = jnp.asarray(rng.standard_normal((b, t, h, 1, d)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, h, group, d)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, s_, h, d)), jnp.float32) for _ in range(2))
     bias = jnp.asarray(rng.standard_normal((1, b, 1, 1, s_)), jnp.float32)
     mask = jnp.asarray(rng.random((b, 1, 1, s_)) > 0.3).at[:, ..., 0].set(True)
@@ -256,7 +258,8 @@ def test_scores_softmax_dot_transposed_scores_and_unit_axes(operand, backend):
     got = np.asarray(f(q, k, v))
     s32 = apply_score_steps(jax.lax.dot_general(q, k, sdn), steps)
     want = jax.jit(lambda s, v: softmax_dot(s, v, dn, operand, backend="xla"))(s32, v)
-    assert got.shape == want.shape == ((b, h, 1, t, d) if operand == 0 else (b, h, d, 1, t))
+    want_shape = (b, h, group, t, d) if operand == 0 else (b, h, d, group, t)
+    assert got.shape == want.shape == want_shape
     q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
     s64 = 0.5 * np.einsum("bthgd,bshd->gbhts", q64, k64) + np.asarray(bias, np.float64)
     s64 = np.where(np.asarray(mask)[None], s64, -1e30)

@@ -427,6 +427,10 @@ def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) s
     return jax.nn.dot_product_attention(q, k[:, :, :2], v[:, :, :2], bias=bias)
 
 
+def _sdpa_gqa_unmasked(q, k, v, bias):  # one key head for all four query heads
+    return jax.nn.dot_product_attention(q, k[:, :, :1], v[:, :, :1])
+
+
 @pytest.mark.parametrize(
     "fn,route",
     [
@@ -440,7 +444,8 @@ def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) s
         (_sdpa_causal, "scores"),
         (_sdpa_unmasked, "scores"),
         (_sdpa_unbatched, "scores"),
-        (_sdpa_gqa, "softmax"),
+        (_sdpa_gqa, "scores"),
+        (_sdpa_gqa_unmasked, "scores"),
     ],
     ids=[
         "bert",
@@ -454,6 +459,7 @@ def _sdpa_gqa(q, k, v, bias):  # two query heads per key head: (b, h, t, 2, s) s
         "dot_product_attention unmasked",
         "dot_product_attention unbatched",
         "dot_product_attention grouped",
+        "dot_product_attention one key head",
     ],
 )
 def test_score_steps_on_the_kernel_or_from_the_scores(fn, route):

@@ -979,6 +979,7 @@ def test_scores_softmax_dot_bad_input_names_the_argument():
         ((q.astype(jnp.float16), k, v, ax, ax, ax), {}, r"q must be a float32 array, got float16"),
         ((q, k, v, (0, 1), ax, ax), {}, r"q_axes=\(0, 1\) must name each of q's 3 axes once"),
         ((q, k[:, :, :3], v, ax, ax, ax), {}, r"do not agree: the same batch sizes"),
+        ((q, jnp.zeros((3, 5, 4)), v, ax, ax, ax), {}, r"the same batch sizes \(or 1"),
         ((q[0, 0], k[0, 0], v[0, 0], (0,), (0,), (0,)), {}, r"q has 1 axes; it takes 2 to 6"),
         ((q, k, v, ax, ax, ax), {"steps": ("cube",)}, r"steps=\('cube',\) must be distinct names"),
         ((q, k, v, ax, ax, ax), {"steps": ("div",)}, r"scale is missing but steps"),
@@ -1028,3 +1029,28 @@ def test_scores_softmax_dot_bias_and_mask_broadcast_any_dim(shape, isa):
     got = np.asarray(native.scores_softmax_dot(q, k, v, *axes, isa=isa, **kw))
     y64, bound = _scores64(q, k, v, axes, **kw)
     assert np.all(np.abs(got - y64) <= bound)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scores_softmax_dot_broadcasts_batch_axes_of_size_one(isa):
+    # Grouped queries: k and v with a batch axis of size 1 are read at stride 0 for
+    # each of q's groups: the kernel's result on the broadcast copies, bit for bit, and
+    # within the float64 bound; the reference broadcasts too.
+    rng = np.random.default_rng(8)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in ((2, 6, 3, 8), (2, 9, 1, 8), (2, 9, 1, 4))
+    )
+    axes = ((0, 2, 1, 3),) * 3  # (b, g, t, d): g = 3 queries per key head
+    kw = {"steps": ("mul",), "scale": jnp.float32(0.5)}
+    got = np.asarray(
+        jax.jit(lambda *a: native.scores_softmax_dot(*a, *axes, isa=isa, **kw))(q, k, v)
+    )
+    assert got.shape == (2, 3, 6, 4)  # (b, g, t, dv)
+    kb, vb = (jnp.broadcast_to(a, a.shape[:2] + (3, a.shape[3])) for a in (k, v))
+    want = native.scores_softmax_dot(q, kb, vb, *axes, isa=isa, **kw)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    y64, bound = _scores64(q, kb, vb, axes, **kw)
+    assert np.all(np.abs(got - y64) <= bound)
+    ref = native.scores_softmax_dot_reference(q, k, v, *axes, **kw)
+    np.testing.assert_allclose(np.asarray(ref), got, rtol=0, atol=float(np.max(bound)))

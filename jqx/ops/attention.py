@@ -675,15 +675,17 @@ def _native_steps(steps, s_shape):
 
 @dataclasses.dataclass(frozen=True)
 class _Canonical:
-    """One attention rewritten for the kernel (:func:`_canonical`): its operands, and
-    how the product's output maps back to the original's (``extra`` unit axes appended,
-    then ``perm``; None where nothing changed)."""
+    """One attention rewritten for the kernel (:func:`_canonical`): its operands, the
+    scores' shape, and how the product's output maps back to the original's (``extra``
+    unit axes appended, then ``perm``; None where nothing changed)."""
 
     q: jax.Array
     k: jax.Array
+    other: jax.Array
     score_dn: tuple
     dn: tuple
     steps: tuple
+    s_shape: tuple
     extra: int = 0
     perm: tuple | None = None
 
@@ -695,19 +697,27 @@ class _Canonical:
 
 
 def _canonical(q, k, other, score_dn, dimension_numbers, operand, steps) -> _Canonical | None:
-    """The same attention without ``("transpose", perm)`` steps and with at most one free
-    axis of size above 1 on q and on k kept as their free axis (the rest, of size 1,
-    squeezed): what ``jax.nn.dot_product_attention`` traces to (its scores ``(b, h, q, 1,
-    k)``, transposed before the softmax) in the kernel's form. The steps' operands are
-    moved to the scores dot's own layout and the product's dimension numbers follow the
-    probabilities there. None where that cannot be done: a perm or operand that does not
-    fit, more than one free axis of size above 1, or a squeezed axis the product
-    contracts or batches. Unchanged (``perm`` None) without transposes or unit axes."""
+    """The same attention in the kernel's form: no ``("transpose", perm)`` steps, one
+    free axis on q and on k. What ``jax.nn.dot_product_attention`` traces to (scores
+    ``(b, h, q, g, k)``, transposed before the softmax) becomes that form:
+
+    - the transposes are undone by moving the later steps' operands (bias, mask) to the
+      scores dot's own layout and mapping the product's axes through them;
+    - q's and k's extra free axes of size 1 are squeezed;
+    - a second free axis of q above size 1 (grouped queries: ``g`` query heads share a
+      key head) becomes a batch axis, k and v read at stride 0 along it (a unit axis
+      each); the larger free axis stays the queries'.
+
+    The kernel's output is then reshaped and transposed to the product's. None where
+    that cannot be done: a perm or operand that does not fit, more free axes than that,
+    or an axis moved that the product contracts or batches. Unchanged (``perm`` None)
+    without transposes, unit axes or grouped queries."""
     (lc, rc), (lb, rb) = score_dn
     nb = len(lb)
     qf = [a for a in range(q.ndim) if a not in lc and a not in lb]
     kf = [a for a in range(k.ndim) if a not in rc and a not in rb]
     r = nb + len(qf) + len(kf)  # the scores dot's rank
+    dshape = (*(q.shape[a] for a in lb), *(q.shape[a] for a in qf), *(k.shape[a] for a in kf))
     layout = list(range(r))  # the scores' axis i is the dot's axis layout[i]
     moved = []
     for step in steps:
@@ -725,63 +735,82 @@ def _canonical(q, k, other, score_dn, dimension_numbers, operand, steps) -> _Can
         else:
             moved.append(step)
 
-    def squeezable(x, free):  # free axes of size 1 beside the one kept
+    def roles(x, free, promote: bool):  # (kept, squeezed, made batch) free axes
         big = [a for a in free if x.shape[a] != 1]
-        if len(big) > 1:
+        if not free:
+            return None, [], []
+        if len(big) > (2 if promote else 1):
             return None
-        if len(free) <= 1:
-            return []
-        keep = big[0] if big else free[-1]
-        return [a for a in free if a != keep]
+        keep = max(big, key=lambda a: x.shape[a]) if big else free[-1]
+        return keep, [a for a in free if a != keep and a not in big], [a for a in big if a != keep]
 
-    dq, dk = squeezable(q, qf), squeezable(k, kf)
-    if dq is None or dk is None:
+    qroles, kroles = roles(q, qf, True), roles(k, kf, False)
+    if qroles is None or kroles is None:
         return None
-    if not dq and not dk and layout == list(range(r)):
-        return _Canonical(q, k, score_dn, dimension_numbers, tuple(steps))
-    # The scores dot's axes dropped: q's free axes come after the batch ones, k's last.
-    drop = [nb + qf.index(a) for a in dq] + [nb + len(qf) + kf.index(a) for a in dk]
+    (qkeep, dq, gq), (_, dk, _) = qroles, kroles
+    if not dq and not dk and not gq and layout == list(range(r)):
+        return _Canonical(q, k, other, score_dn, dimension_numbers, tuple(steps), dshape)
+    # The scores dot's axes: q's free axes come after the batch ones, k's last.
+    qdot = {a: nb + j for j, a in enumerate(qf)}
+    drop = [qdot[a] for a in dq] + [nb + len(qf) + kf.index(a) for a in dk]
+    promoted = [qdot[a] for a in gq]
+    order = [d for d in range(r) if d not in drop and d not in promoted]
+    order = order[:nb] + promoted + order[nb:]  # the kernel's scores axes, in the dot's
     (pc, pb), (oc, ob) = _p_dims(dimension_numbers, operand)
     pc, pb = [layout[a] for a in pc], [layout[a] for a in pb]
-    if set(drop) & set(pc + pb):
+    if set(drop + promoted) & set(pc + pb):
         return None
-
-    def renumber(axes, gone):
-        return tuple(a - sum(g < a for g in gone) for a in axes)
-
     operands = [jnp.asarray(st[1]) for st in moved if st[0] in ("add", "where")]
     if any(x.shape[d] != 1 for x in operands for d in drop):
         return None  # an operand that does not broadcast to the scores
+
+    def to_kernel(x):  # a steps operand, from the dot's layout to the kernel's scores'
+        x = jnp.transpose(x, order + drop)
+        return x.reshape(x.shape[: len(order)])
+
     steps2 = tuple(
-        (st[0], jnp.squeeze(jnp.asarray(st[1]), tuple(drop)), *st[2:])
-        if st[0] in ("add", "where")
-        else st
+        (st[0], to_kernel(jnp.asarray(st[1])), *st[2:]) if st[0] in ("add", "where") else st
         for st in moved
     )
+
+    def renumber(axes, gone):
+        return [a - sum(g < a for g in gone) for a in axes]
+
+    # q keeps its axes but the squeezed ones; the promoted axes join its batch axes, and
+    # k and v get a unit axis (at the end) for each.
+    q2 = jnp.squeeze(q, tuple(dq))
+    k2 = jnp.squeeze(k, tuple(dk))
+    k2 = k2.reshape(k2.shape + (1,) * len(gq))
+    v2 = other.reshape(other.shape + (1,) * len(gq))
+    kn, vn = k2.ndim - len(gq), other.ndim
     sdn = (
-        (renumber(lc, dq), renumber(rc, dk)),
-        (renumber(lb, dq), renumber(rb, dk)),
+        (tuple(renumber(lc, dq)), tuple(renumber(rc, dk))),
+        (
+            tuple(renumber(list(lb) + gq, dq)),
+            tuple(renumber(rb, dk)) + tuple(range(kn, kn + len(gq))),
+        ),
     )
-    pc2, pb2 = renumber(pc, drop), renumber(pb, drop)
-    dn = ((pc2, oc), (pb2, ob)) if operand == 0 else ((oc, pc2), (ob, pb2))
+    pc2 = tuple(order.index(a) for a in pc)
+    pb2 = tuple(order.index(a) for a in pb + promoted)
+    oc2, ob2 = tuple(oc), tuple(ob) + tuple(range(vn, vn + len(gq)))
+    dn = ((pc2, oc2), (pb2, ob2)) if operand == 0 else ((oc2, pc2), (ob2, pb2))
     # The output's axes by name: the batch pairs, the other operand's free axes, and the
     # probabilities' free axes named by the scores' axis they are.
+    inv = {d: a for a, d in enumerate(layout)}
     (spc, spb), _ = _p_dims(dimension_numbers, operand)
     of = [("o", a) for a in range(other.ndim) if a not in oc and a not in ob]
     sf = [("s", a) for a in range(r) if a not in spc and a not in spb]
-    kept = [
-        ("s", a)
-        for d, a in sorted((layout[a], a) for a in range(r))
-        if d not in pc and d not in pb and d not in drop
-    ]
     bat = [("b", i) for i in range(len(pb))]
     orig = bat + (sf + of if operand == 0 else of + sf)
-    new = bat + (kept + of if operand == 0 else of + kept)
-    new += [("s", a) for a in range(r) if layout[a] in drop]
+    kept = [("s", inv[qdot[qkeep]])] if qkeep is not None else []
+    new = bat + [("s", inv[d]) for d in promoted]
+    new += kept + of if operand == 0 else of + kept
+    new += [("s", inv[d]) for d in drop]
+    if sorted(new) != sorted(orig):
+        return None  # a probabilities' free axis that is not q's
     perm = tuple(new.index(n) for n in orig)
-    return _Canonical(
-        jnp.squeeze(q, tuple(dq)), jnp.squeeze(k, tuple(dk)), sdn, dn, steps2, len(drop), perm
-    )
+    s_shape = tuple(dshape[d] for d in order)
+    return _Canonical(q2, k2, v2, sdn, dn, steps2, s_shape, len(drop), perm)
 
 
 def _scores_layout(q, k, other, score_dn, dimension_numbers, operand):
@@ -848,12 +877,9 @@ def _scores_route(q, k, other, score_dn, dimension_numbers, operand, steps, back
     canon = _canonical(q, k, other, score_dn, dimension_numbers, operand, steps)
     layout = prepared = None
     if canon is not None:
-        layout = _scores_layout(canon.q, canon.k, other, canon.score_dn, canon.dn, operand)
+        layout = _scores_layout(canon.q, canon.k, canon.other, canon.score_dn, canon.dn, operand)
     if layout is not None:
-        s_shape = jax.eval_shape(
-            lambda a, b: jax.lax.dot_general(a, b, canon.score_dn), canon.q, canon.k
-        ).shape
-        prepared = _native_steps(canon.steps, s_shape)
+        prepared = _native_steps(canon.steps, canon.s_shape)
     if backend == "native" and prepared is None:
         raise RuntimeError(
             "scores_softmax_dot(backend='native'): the operands are not laid out as one "
@@ -943,7 +969,7 @@ def scores_softmax_dot(
     if route == "native":
         canon, (axes, swap), (names, scale, bias, mask, fill) = native_args
         cfg = _ScoresCfg(axes, names, fill)
-        y = _scores_native(cfg, canon.q, canon.k, other, scale, bias, mask)
+        y = _scores_native(cfg, canon.q, canon.k, canon.other, scale, bias, mask)
         if swap:  # dot_general puts the lhs's (other's) free axis first
             y = jnp.swapaxes(y, -1, -2)
         y = canon.finish(y)

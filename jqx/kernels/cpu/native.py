@@ -2080,7 +2080,9 @@ def scores_softmax_dot(
       q: float32, axes ``q_axes`` = (batch axes, query axis, d axis).
       k: float32, axes ``k_axes`` = (batch axes, key axis, d axis).
       v: float32, axes ``v_axes`` = (batch axes, key axis, value axis).
-      q_axes, k_axes, v_axes: the axis maps (at most 4 batch axes, the same sizes).
+      q_axes, k_axes, v_axes: the axis maps (at most 4 batch axes, the same sizes or 1:
+        an operand's batch axis of size 1 is read for every index of the others', as
+        grouped-query attention's keys and values are for the group's queries).
       steps: names from ``SCORE_STEPS``, in the program's order.
       scale: a float32 scalar (array or number) for ``"mul"`` / ``"div"``.
       bias: float32, the scores' rank (batch..., query, key), each dim its size or 1.
@@ -2156,7 +2158,8 @@ def scores_softmax_dot(
     strides = []
     for a, axes in ((q, q_axes), (k, k_axes), (v, v_axes)):
         st = _row_major_strides(a.shape)
-        strides += [st[x] for x in axes]
+        # A batch axis of size 1 where another operand's is larger is read at stride 0.
+        strides += [0 if i < nb and a.shape[x] == 1 else st[x] for i, x in enumerate(axes)]
     strides += extra["bias"][1] + extra["mask"][1] + y_st
     out = jax.ShapeDtypeStruct(phys, jnp.float32)
     y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
@@ -2194,12 +2197,15 @@ def _scores_check(fn, q, k, v, q_axes, k_axes, v_axes):
     qs = [q.shape[x] for x in q_axes]
     ks = [k.shape[x] for x in k_axes]
     vs = [v.shape[x] for x in v_axes]
-    if qs[:nb] != ks[:nb] or qs[:nb] != vs[:nb] or qs[-1] != ks[-1] or ks[-2] != vs[-2]:
+    bsz = tuple(max(sizes) for sizes in zip(qs[:nb], ks[:nb], vs[:nb], strict=True))
+    broadcast = all(n in (1, b) for x in (qs, ks, vs) for n, b in zip(x[:nb], bsz, strict=True))
+    if not broadcast or qs[-1] != ks[-1] or ks[-2] != vs[-2]:
         raise ValueError(
             f"{fn}: q {tuple(qs)}, k {tuple(ks)} and v {tuple(vs)} (in axes order) do not "
-            "agree: the same batch sizes, q and k the same d, k and v the same keys."
+            "agree: the same batch sizes (or 1, broadcast), q and k the same d, k and v "
+            "the same keys."
         )
-    return nb, (tuple(qs[:nb]), qs[-2], ks[-2], qs[-1], vs[-1])
+    return nb, (bsz, qs[-2], ks[-2], qs[-1], vs[-1])
 
 
 def scores_softmax_dot_reference(
@@ -2209,11 +2215,12 @@ def scores_softmax_dot_reference(
     scores, the steps, then ``(exp(s - max) @ v) / sum``. Same operands and errors;
     runs anywhere."""
     fn = "scores_softmax_dot_reference"
-    nb, _ = _scores_check(fn, q, k, v, q_axes, k_axes, v_axes)
     steps = _score_steps(fn, steps, scale, bias, mask)
-    qc = jnp.transpose(q, tuple(q_axes))
-    kc = jnp.transpose(k, tuple(k_axes))
-    vc = jnp.transpose(v, tuple(v_axes))
+    nb, (bsz, *_) = _scores_check(fn, q, k, v, q_axes, k_axes, v_axes)
+    qc, kc, vc = (
+        jnp.broadcast_to(jnp.transpose(a, tuple(ax)), (*bsz, *(a.shape[x] for x in ax[nb:])))
+        for a, ax in ((q, q_axes), (k, k_axes), (v, v_axes))
+    )
     b = tuple(range(nb))
     hi = lax.Precision.HIGHEST
     s = lax.dot_general(qc, kc, (((nb + 1,), (nb + 1,)), (b, b)), precision=hi)
