@@ -415,6 +415,10 @@ def _sdpa_causal(q, k, v, bias):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
 
+def _sdpa_causal_and_mask(q, k, v, bias):  # two masks and-ed: the whole mask is read
+    return jax.nn.dot_product_attention(q, k, v, mask=bias == 0, is_causal=True)
+
+
 def _sdpa_unmasked(q, k, v, bias):  # its maximum taken before the transpose
     return jax.nn.dot_product_attention(q, k, v)
 
@@ -442,6 +446,7 @@ def _sdpa_gqa_unmasked(q, k, v, bias):  # one key head for all four query heads
         (_sdpa_bias, "scores"),
         (_sdpa_mask, "scores"),
         (_sdpa_causal, "scores"),
+        (_sdpa_causal_and_mask, "scores"),
         (_sdpa_unmasked, "scores"),
         (_sdpa_unbatched, "scores"),
         (_sdpa_gqa, "scores"),
@@ -456,6 +461,7 @@ def _sdpa_gqa_unmasked(q, k, v, bias):  # one key head for all four query heads
         "dot_product_attention bias",
         "dot_product_attention mask",
         "dot_product_attention causal",
+        "dot_product_attention causal and mask",
         "dot_product_attention unmasked",
         "dot_product_attention unbatched",
         "dot_product_attention grouped",
@@ -511,3 +517,25 @@ def test_a_maximum_moved_from_other_axes_is_not_the_softmax_maximum():
         for f in (fn, right):
             y, y0 = jax.jit(jqx.quantized(f))(q, k, v), jax.jit(f)(q, k, v)
             assert float(jnp.max(jnp.abs(y - y0))) <= 1e-5 * float(jnp.max(jnp.abs(v)))
+
+
+@pytest.mark.parametrize(
+    "fn,mask_shape",
+    [(_sdpa_mask, (B, 1, 1, T)), (_sdpa_causal, (1, 1, T, T))],
+    ids=["mask", "causal"],
+)
+def test_dot_product_attention_masks_reach_the_kernel_unbroadcast(fn, mask_shape):
+    # jax.nn.dot_product_attention and-s its mask into an all-true scores-sized tensor;
+    # the kernel gets the mask itself (read at stride 0), not the (b, h, q, k) copy.
+    if not native.gguf_available():
+        pytest.skip(native.gguf_status())
+    q, k, v = _qkv(3)
+    bias = jnp.zeros((B, 1, 1, T)).at[1, ..., 11:].set(-1.0)
+    with jqx.ops.policy(**REORDER):
+        jaxpr = jax.make_jaxpr(jqx.quantized(fn))(q, k, v, bias)
+    calls = [  # the kernel's differentiable wrapper (a custom_jvp call)
+        e for e in jaxpr.jaxpr.eqns if "scores_softmax_dot" in str(e.params.get("call_jaxpr", ""))
+    ]
+    assert len(calls) == 1
+    masks = [v.aval.shape for v in calls[0].invars if v.aval.dtype == jnp.bool_]
+    assert masks == [mask_shape]

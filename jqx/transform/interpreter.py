@@ -523,6 +523,7 @@ def _score_chain(eqns, producer, s, axes) -> _ScoreChain | None:
             seen = [getattr(u.aval, "shape", None) for u in (a, b)]  # as the select sees them
             for j, perm in moves.items():
                 seen[j - 1] = tuple(seen[j - 1][d] for d in perm)
+            c = _small_mask(eqns, producer, c)
             if seen[0] == shape and scalar(b) and set(moves) <= {1}:
                 steps.append(("where", c, b))
                 x = a
@@ -548,15 +549,64 @@ _WHERE_PRIMS = frozenset(
 
 def _is_jnp_where(eqn) -> bool:
     """Whether a call eqn is ``jnp.where(c, a, b)``: named ``_where``, three operands,
-    one ``select_n`` and nothing but broadcasts and casts beside it, and transposes only
-    of operands as they enter the select (:func:`_where_transposes`)."""
+    one ``select_n`` and nothing but broadcasts and casts beside it, transposes only of
+    operands as they enter the select (:func:`_where_transposes`), and the condition
+    broadcast as numpy broadcasts (trailing axes aligned), as the steps read it."""
     inner = _inner_jaxpr(eqn)
     if eqn.params.get("name") != "_where" or len(eqn.invars) != 3 or inner is None:
         return False
     names = [x.primitive.name for x in inner.eqns]
     if names.count("select_n") != 1 or not set(names) <= _WHERE_PRIMS:
         return False
-    return names.count("transpose") == len(_where_transposes(eqn))
+    if names.count("transpose") != len(_where_transposes(eqn)):
+        return False
+    made = {v: x for x in inner.eqns for v in x.outvars}
+    v = next(x for x in inner.eqns if x.primitive.name == "select_n").invars[0]
+    while v is not inner.invars[0]:  # the condition's way into the select
+        x = made.get(v) if isinstance(v, jcore.Var) else None
+        if x is None or x.primitive.name not in ("broadcast_in_dim", "ne", "convert_element_type"):
+            return False
+        if x.primitive.name == "broadcast_in_dim":
+            lo = len(x.outvars[0].aval.shape) - len(x.invars[0].aval.shape)
+            if tuple(x.params["broadcast_dimensions"]) != tuple(
+                range(lo, len(x.outvars[0].aval.shape))
+            ):
+                return False
+        v = x.invars[0]
+    return True
+
+
+def _all_true(eqns, producer, v) -> bool:
+    """Whether ``v`` is a broadcast (of broadcasts) of the literal ``True``."""
+    while isinstance(v, jcore.Var) and v in producer:
+        e = eqns[producer[v]]
+        if e.primitive.name != "broadcast_in_dim":
+            return False
+        v = e.invars[0]
+    return isinstance(v, jcore.Literal) and v.aval.dtype == jnp.bool_ and bool(v.val)
+
+
+def _small_mask(eqns, producer, c):
+    """A where step's mask without ``and``s with all-true tensors (how
+    ``jax.nn.dot_product_attention`` combines its masks: ``ones_like(scores) & mask``):
+    the smaller operand, which broadcasts the same way (numpy's rules), so the kernel
+    reads the mask at stride 0 instead of a whole scores-sized tensor."""
+    while isinstance(c, jcore.Var) and c in producer:
+        e = eqns[producer[c]]
+        if e.primitive.name != "and" or len(e.invars) != 2:
+            break
+        x, y = e.invars
+        if _all_true(eqns, producer, y):
+            x, y = y, x
+        if not _all_true(eqns, producer, x) or getattr(y.aval, "dtype", None) != jnp.bool_:
+            break
+        big, small = c.aval.shape, y.aval.shape
+        if len(small) > len(big) or any(
+            n not in (1, m) for n, m in zip(small[::-1], big[::-1], strict=False)
+        ):
+            break
+        c = y
+    return c
 
 
 def _where_transposes(eqn) -> dict:
