@@ -923,8 +923,9 @@ def scores_softmax_dot(
     - ``"native"``: ``jqx.kernels.cpu.native.scores_softmax_dot`` (AVX512 or AVX2) on
       float32 operands laid out as one attention (one query, key and d axis, at most 4
       batch axes, the scores ``(batch..., query, key)``; transposes of the scores are
-      undone by moving the steps' operands and the product's axes instead, and q's or
-      k's extra free axes of size 1 squeezed): it reads q, k and v where
+      undone by moving the steps' operands and the product's axes instead, q's or k's
+      extra free axes of size 1 squeezed, and a second query axis (grouped queries)
+      made a batch axis along which k and v are read at stride 0): it reads q, k and v where
       they are and writes neither the scores nor the probabilities. Each score is one
       fused multiply-add chain over d (within ``gamma_D sum |q k|``, as XLA's dot), the
       steps the same float32 operations, then the softmax and product as
