@@ -37,6 +37,13 @@ def _kernel_scale(scale: jax.Array, read: tuple) -> jax.Array:
     return scale.astype(jnp.float32)
 
 
+def column_scales(q: QArray) -> jax.Array:
+    """An int8 weight's per-column scales as the VNNI kernels take them
+    (``native.w8a8_matmul_vnni``, ``two_level_matmul``, ``w8a8_mlp``): float32 (N,)."""
+    n = q.shape[1]
+    return jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+
+
 def _int8_gemm(codes, q: QArray, xc: int) -> jax.Array:
     """int32 ``codes . q.qvalue`` through the VNNI GEMM (``q``'s codes in either layout:
     the ``"vnni"`` panels skip the per-call packing)."""
@@ -82,7 +89,7 @@ class W8A8Fused(Implementation):
     def run(self, x, q, p, **epilogue):  # epilogue: bias=, activation= (VNNI only)
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+        ws = column_scales(q)
         if p.act_kind == "static":
             act = q.act_scale.astype(jnp.float32).reshape(1)
         else:
@@ -130,7 +137,7 @@ class TwoLevelVnni(TwoLevelInt8):
     def run(self, x, q, p, **epilogue):  # epilogue: bias=, activation=
         xc = p.dimension_numbers[0][0][0]
         n = q.shape[1]
-        ws = jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
+        ws = column_scales(q)
 
         def kernel(rows):
             return _kernels.two_level_matmul(rows.astype(jnp.float32), q.qvalue, ws, **epilogue)

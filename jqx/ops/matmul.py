@@ -393,12 +393,7 @@ def _mlp_kernel_args(x, w1, w2, bias1, bias2, backend):
             return None
     else:
         return None
-
-    def scales(q):
-        n = q.shape[1]
-        return jnp.broadcast_to(q.scale.astype(jnp.float32), (1, n)).reshape(n)
-
-    return scales(w1), scales(w2), act
+    return impl_native.column_scales(w1), impl_native.column_scales(w2), act
 
 
 def _check_epilogue(name: str, rhs, dn, bias, activation) -> tuple[int, ...]:

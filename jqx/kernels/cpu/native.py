@@ -2215,8 +2215,8 @@ def scores_softmax_dot_reference(
     scores, the steps, then ``(exp(s - max) @ v) / sum``. Same operands and errors;
     runs anywhere."""
     fn = "scores_softmax_dot_reference"
-    steps = _score_steps(fn, steps, scale, bias, mask)
     nb, (bsz, *_) = _scores_check(fn, q, k, v, q_axes, k_axes, v_axes)
+    steps = _score_steps(fn, steps, scale, bias, mask)
     qc, kc, vc = (
         jnp.broadcast_to(jnp.transpose(a, tuple(ax)), (*bsz, *(a.shape[x] for x in ax[nb:])))
         for a, ax in ((q, q_axes), (k, k_axes), (v, v_axes))
