@@ -958,6 +958,55 @@ def test_scores_softmax_dot_nan_masked_and_empty(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_scores_softmax_dot_trailing_masked_keys(isa):
+    # Keys a where step masks past every row of a tile are skipped (causal attention,
+    # right padding). The result must be the whole rows': the same steps with the mask
+    # as an additive bias of 0 / fill (s + fill rounds to fill for these fills; nothing
+    # is skipped on that route) give the same bits, and float64 bounds the error.
+    f = functools.partial(native.scores_softmax_dot, isa=isa)
+    rng = np.random.default_rng(11)
+    b, h, tq, tk, d, dv = 2, 3, 37, 70, 24, 20
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in ((b, tq, h, d), (b, tk, h, d), (b, tk, h, dv))
+    )
+    axes = ((0, 2, 1, 3),) * 3
+    causal = np.tri(tq, tk, tk - tq, dtype=bool)[None, None]  # a cache: the last tq keys new
+    lengths = np.asarray([tk, 23])[:, None, None, None]
+    padding = np.arange(tk)[None, None, None] < lengths  # (b, 1, 1, tk), right padding
+    none_kept = causal & (np.arange(tq) >= 5)[None, None, :, None]  # rows 0-4 keep no key
+    masks = {"causal": causal, "padding": padding, "both": causal & padding, "empty": none_kept}
+    scale = jnp.float32(np.sqrt(d))
+    low = float(np.finfo(np.float32).min)
+    for name, mask in masks.items():
+        for fill in (-1e30, low, -np.inf):
+            where = f(q, k, v, *axes, steps=("div", "where"), scale=scale, mask=mask, fill=fill)
+            bias = np.where(mask, 0.0, fill).astype(np.float32)
+            add = f(q, k, v, *axes, steps=("div", "add"), scale=scale, bias=bias)
+            np.testing.assert_array_equal(np.asarray(where), np.asarray(add), err_msg=name)
+            if fill == -np.inf and name == "empty":
+                assert np.isnan(np.asarray(where)[:, :, :5]).all()  # -inf - -inf, as jax
+                continue
+            kw = {"steps": ("div", "where"), "scale": scale, "mask": mask, "fill": fill}
+            y64, bound = _scores64(q, k, v, axes, **kw)
+            assert np.all(np.abs(np.asarray(where) - y64) <= bound), (name, fill)
+    # A fill whose exp is not 0 beside the kept scores: those keys carry weight, and the
+    # rows run whole.
+    kw = {"steps": ("div", "where"), "scale": scale, "mask": causal, "fill": -3.0}
+    y64, bound = _scores64(q, k, v, axes, **kw)
+    assert np.all(np.abs(np.asarray(f(q, k, v, *axes, **kw)) - y64) <= bound)
+    # An inf in v at a key masked for all but the last row: 0 * inf is NaN, as on XLA,
+    # in that value column of every row of that (batch, head) (inf in the last row's).
+    v_inf = v.at[0, tk - 1, 1, 0].set(jnp.inf)
+    kw = {"steps": ("div", "where"), "scale": scale, "mask": causal, "fill": -1e30}
+    got = np.asarray(f(q, k, v_inf, *axes, **kw))  # (b, h, tq, dv)
+    ref = np.asarray(native.scores_softmax_dot_reference(q, k, v_inf, *axes, **kw))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[0, 1, :-1, 0]).all() and np.isinf(got[0, 1, -1, 0])
+    assert np.isfinite(got).sum() == got.size - tq
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_scores_softmax_dot_under_vmap(isa):
     rng = np.random.default_rng(6)
     q, k, v = (

@@ -213,30 +213,38 @@ struct SoftmaxDotJob {
 
 thread_local std::vector<float> t_sd_exp;
 
-// The exps exp(s - max(s)) of one row of scores s into e (K floats), and their sum.
-// s - max is one IEEE subtraction, as in jax.nn.softmax, so the exps' inputs are the
-// bits XLA's softmax exponentiates. A NaN (or +inf) in the row makes its exps, and so
-// its outputs, NaN whichever lane the maximum keeps; a row of -inf gives NaN too
-// (-inf - -inf), as jax.nn.softmax does.
+// The largest of a row's K scores and ``floor`` (the scores past K, where a caller cut
+// the row: all ``floor``). A NaN score may or may not survive (its exp makes the row
+// NaN anyway).
 template <class T>
-inline float RowExps(const float* s, int64_t K, float* e) {
+inline float RowMax(const float* s, int64_t K, float floor) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   const int64_t tail = K % L;
-  const typename T::M mt = T::Mask(tail);
-  V mx = T::Set(-INFINITY);
+  V mx = T::Set(floor);
   int64_t k = 0;
   for (; k + L <= K; k += L) mx = T::Max(mx, T::Load(s + k));
-  if (tail) mx = T::Max(mx, T::LoadNOr(s + k, mt, -INFINITY));
-  const V m = T::Set(T::HMax(mx));
+  if (tail) mx = T::Max(mx, T::LoadNOr(s + k, T::Mask(tail), floor));
+  return T::HMax(mx);
+}
+
+// The exps exp(s - m) of one row's K scores into e, and their sum.
+template <class T>
+inline float RowExpsFrom(const float* s, int64_t K, float max, float* e) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  const int64_t tail = K % L;
+  const V m = T::Set(max);
   V acc = T::Zero();
-  for (k = 0; k + L <= K; k += L) {
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
     const V p = SoftmaxExp<T>(T::Sub(T::Load(s + k), m));
     T::Store(e + k, p);
     acc = T::Add(acc, p);
   }
   if (tail) {
     // Masked-off lanes load 0: zeroed before they reach the sum.
+    const typename T::M mt = T::Mask(tail);
     const V x = T::Sub(T::LoadN(s + k, mt), m);
     const V p = T::Keep(SoftmaxExp<T>(x), mt);
     T::StoreN(e + k, mt, p);
@@ -245,11 +253,21 @@ inline float RowExps(const float* s, int64_t K, float* e) {
   return T::Sum(acc);
 }
 
+// The exps exp(s - max(s)) of one row of scores s into e (K floats), and their sum.
+// s - max is one IEEE subtraction, as in jax.nn.softmax, so the exps' inputs are the
+// bits XLA's softmax exponentiates. A NaN (or +inf) in the row makes its exps, and so
+// its outputs, NaN whichever lane the maximum keeps; a row of -inf gives NaN too
+// (-inf - -inf), as jax.nn.softmax does.
+template <class T>
+inline float RowExps(const float* s, int64_t K, float* e) {
+  return RowExpsFrom<T>(s, K, RowMax<T>(s, K, -INFINITY), e);
+}
+
 // y rows [0, R) (R <= kSdRows, row stride ldy), columns [d0, d0 + 2 lanes) cut at D,
-// from the rows' exps e (stride K) and sums.
+// from the rows' exps e (row stride lde) of keys [0, K) and sums.
 template <class T, int R>
-inline void SoftmaxDotTile(const float* e, int64_t K, const float* v, int64_t D, int64_t d0,
-                           const float* sums, float* y, int64_t ldy) {
+inline void SoftmaxDotTile(const float* e, int64_t lde, int64_t K, const float* v, int64_t D,
+                           int64_t d0, const float* sums, float* y, int64_t ldy) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   const typename T::M m0 = T::Mask(std::min<int64_t>(L, std::max<int64_t>(0, D - d0)));
@@ -262,7 +280,7 @@ inline void SoftmaxDotTile(const float* e, int64_t K, const float* v, int64_t D,
     const V v0 = full ? T::Load(vk) : T::LoadN(vk, m0);
     const V v1 = full ? T::Load(vk + L) : T::LoadN(vk + L, m1);
     for (int r = 0; r < R; ++r) {
-      const V p = T::Bcast(e + r * K + k);
+      const V p = T::Bcast(e + r * lde + k);
       acc[r][0] = T::Fma(p, v0, acc[r][0]);
       acc[r][1] = T::Fma(p, v1, acc[r][1]);
     }
@@ -300,10 +318,10 @@ void SoftmaxDotChunk(const void* ctx, int64_t c) {
     float* yr = y + r * j.D;
     for (int64_t d0 = 0; d0 < j.D; d0 += 2 * T::kLanes) {
       switch (rr) {
-        case 4: SoftmaxDotTile<T, 4>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        case 3: SoftmaxDotTile<T, 3>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        case 2: SoftmaxDotTile<T, 2>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        default: SoftmaxDotTile<T, 1>(er, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 4: SoftmaxDotTile<T, 4>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 3: SoftmaxDotTile<T, 3>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 2: SoftmaxDotTile<T, 2>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        default: SoftmaxDotTile<T, 1>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
       }
     }
   }
@@ -367,8 +385,10 @@ xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> s,
 // 0. Per chunk (g, a range of query rows): k's rows for g are packed transposed
 // (D x Tk, padded to whole vectors) and v's (Tk x Dv); then per kSdRows rows, the
 // scores (register tiles of rows x kAtBlocks vectors of keys), the ops, RowExps and
-// SoftmaxDotTile as softmax_dot's. Chunks split rows only: the bits do not depend on the
-// number of threads.
+// SoftmaxDotTile as softmax_dot's. Keys that a where step masks past every row of a
+// tile are skipped where that is exact (AttentionRows: causal attention computes about
+// half the scores). Chunks split rows only: the bits do not depend on the number of
+// threads.
 
 constexpr int kAtMaxBatch = 4;
 constexpr int64_t kAtChunksPerThread = 8;  // chunks per thread, at least (where rows allow)
@@ -434,18 +454,68 @@ inline typename T::V AtRowVector(const float* p, int64_t col, int64_t k0, int64_
   return T::Load(tmp);
 }
 
+// 1 + the index of the last key a row's mask keeps (nonzero or NaN, as the where step
+// reads it; col is the mask's key stride, 0 when broadcast), 0 when it keeps none.
+inline int64_t AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
+  if (col == 0) return row[0] == 0.0f ? 0 : Tk;
+  for (int64_t k = Tk; k-- > 0;)
+    if (!(row[k * col] == 0.0f)) return k + 1;
+  return 0;
+}
+
+// 1 + the index of the last row of the packed values vp (Tk x Dv) holding an inf or a
+// NaN, 0 when every value is finite.
+template <class T>
+inline int64_t AtNonFiniteRows(const float* vp, int64_t Tk, int64_t Dv) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  const typename T::M mt = T::Mask(Dv % L);
+  for (int64_t t = Tk; t-- > 0;) {
+    const float* r = vp + t * Dv;
+    V z = T::Zero();  // x - x: 0 for a finite x, NaN for inf and NaN
+    int64_t d = 0;
+    for (; d + L <= Dv; d += L) z = T::Add(z, T::Sub(T::Load(r + d), T::Load(r + d)));
+    if (d < Dv) z = T::Add(z, T::Sub(T::LoadN(r + d, mt), T::LoadN(r + d, mt)));
+    if (!(T::Sum(z) == 0.0f)) return t + 1;
+  }
+  return 0;
+}
+
+// R query rows from i0: their scores against the packed keys kt (D x ldk), the steps,
+// the softmax and the product with the packed values vp, into y. s and e: R x ldk and
+// R x Tk floats of scratch. vbad: AtNonFiniteRows of vp, -1 until first needed.
+//
+// Trailing masked keys (causal attention, right padding, a cache's unwritten slots):
+// where the last step is the where and its fill is below +inf, every score past the
+// last key that some row of the tile keeps is ``fill`` whatever q and k hold. Those
+// scores are not computed; each row's maximum takes ``fill`` in. When fill - max gives
+// an exp of exactly 0 in every row (the usual -1e30, finfo.min or -inf fills), those
+// keys add 0 to the sums and 0 * v to the products, so they are skipped too, up to the
+// last row of v holding an inf or a NaN (0 * inf is NaN, as on XLA). Otherwise the
+// scores are written as ``fill`` and the rows run whole. Either way the result is the
+// whole rows' bit for bit. A row keeping no key at all (uniform weights) runs whole.
 template <class T, int R>
 inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0, const float* kt,
-                          int64_t ldk, const float* vp, float* s, float* e) {
+                          int64_t ldk, const float* vp, float* s, float* e, int64_t* vbad) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   constexpr int NB = L == 16 ? 4 : 2;
+  int64_t live = j.Tk;  // the keys whose scores are computed
+  if (j.nops > 0 && j.ops[j.nops - 1] == kAtWhere && j.fill < INFINITY) {
+    const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
+    live = 0;
+    for (int r = 0; r < R && live < j.Tk; ++r) {
+      const int64_t n = AtKeptKeys(m + r * j.mask.row, j.mask.col, j.Tk);
+      live = n == 0 ? j.Tk : std::max(live, n);
+    }
+  }
+  const int64_t live_ld = (live + L - 1) / L * L;
   const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
   int64_t c0 = 0;
-  for (; c0 + NB * L <= ldk; c0 += NB * L)
+  for (; c0 + NB * L <= live_ld; c0 += NB * L)
     ScoreTile<T, R, NB>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
-  for (; c0 < ldk; c0 += L) ScoreTile<T, R, 1>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
-  float sums[R];
+  for (; c0 < live_ld; c0 += L)
+    ScoreTile<T, R, 1>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * ldk;
     const int64_t i = i0 + r;
@@ -456,37 +526,63 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
       const float* row = (op == kAtAdd || op == kAtWhere)
                              ? a.p + AtOffset(a, idx, j.nb) + i * a.row
                              : nullptr;
-      // One loop per kind of step (the branch out of the loop); padded lanes past Tk
-      // are computed too and never read.
+      // One loop per kind of step (the branch out of the loop); padded lanes past the
+      // live keys are computed too and never read.
       if (op == kAtMul) {
-        for (int64_t k0 = 0; k0 < j.Tk; k0 += L) T::Store(sr + k0, T::Mul(T::Load(sr + k0), c));
+        for (int64_t k0 = 0; k0 < live; k0 += L) T::Store(sr + k0, T::Mul(T::Load(sr + k0), c));
       } else if (op == kAtDiv) {
         // x / c as x * (1 / c) and one correction (Markstein: the rounded quotient but in
         // rare double-rounding cases, within the step's bound either way), a division's
         // cost saved per vector.
         const V inv = T::Set(1.0f / j.scale);
-        for (int64_t k0 = 0; k0 < j.Tk; k0 += L) {
+        for (int64_t k0 = 0; k0 < live; k0 += L) {
           const V x = T::Load(sr + k0);
           const V q0 = T::Mul(x, inv);
           T::Store(sr + k0, T::Fma(T::Fnma(q0, c, x), inv, q0));
         }
       } else if (op == kAtAdd && a.col == 1) {
-        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+        for (int64_t k0 = 0; k0 < live; k0 += L)
           T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, 1, k0, j.Tk)));
       } else if (op == kAtAdd) {
-        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+        for (int64_t k0 = 0; k0 < live; k0 += L)
           T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, a.col, k0, j.Tk)));
       } else {
-        for (int64_t k0 = 0; k0 < j.Tk; k0 += L)
+        for (int64_t k0 = 0; k0 < live; k0 += L)
           T::Store(sr + k0, T::SelectNonZero(AtRowVector<T>(row, a.col, k0, j.Tk),
                                              T::Load(sr + k0), c));
       }
     }
-    sums[r] = RowExps<T>(sr, j.Tk, e + r * j.Tk);
+  }
+  float sums[R], maxes[R];
+  int64_t keys = j.Tk;  // the keys the exps and the product run over
+  if (live < j.Tk) {
+    bool zero = true;  // exp(fill - max) == 0 in every row
+    for (int r = 0; r < R; ++r) {
+      maxes[r] = RowMax<T>(s + r * ldk, live, j.fill);
+      alignas(64) float x[L];
+      T::Store(x, SoftmaxExp<T>(T::Sub(T::Set(j.fill), T::Set(maxes[r]))));
+      zero = zero && x[0] == 0.0f;
+    }
+    if (zero) {
+      if (*vbad < 0) *vbad = AtNonFiniteRows<T>(vp, j.Tk, j.Dv);
+      keys = std::max(live, *vbad);
+    } else {
+      for (int r = 0; r < R; ++r) std::fill(s + r * ldk + live, s + r * ldk + j.Tk, j.fill);
+      live = j.Tk;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* er = e + r * j.Tk;
+    if (live < j.Tk) {
+      sums[r] = RowExpsFrom<T>(s + r * ldk, live, maxes[r], er);
+      std::fill(er + live, er + keys, 0.0f);  // exp(fill - max), as checked
+    } else {
+      sums[r] = RowExps<T>(s + r * ldk, j.Tk, er);
+    }
   }
   float* y = const_cast<float*>(j.y.p) + AtOffset(j.y, idx, j.nb) + i0 * j.y.row;
   for (int64_t d0 = 0; d0 < j.Dv; d0 += 2 * L)
-    SoftmaxDotTile<T, R>(e, j.Tk, vp, j.Dv, d0, sums, y, j.y.row);
+    SoftmaxDotTile<T, R>(e, j.Tk, keys, vp, j.Dv, d0, sums, y, j.y.row);
 }
 
 template <class T>
@@ -532,13 +628,14 @@ void AttentionChunk(const void* ctx, int64_t c) {
       for (int64_t d = 0; d < j.Dv; ++d) vp[t * j.Dv + d] = v[t * j.v.row + d * j.v.col];
     }
   }
+  int64_t vbad = -1;
   for (int64_t r = 0; r < rows; r += kSdRows) {
     const int64_t i0 = q0 + r;
     switch (std::min(kSdRows, rows - r)) {
-      case 4: AttentionRows<T, 4>(j, idx, i0, kt, ldk, vp, s, e); break;
-      case 3: AttentionRows<T, 3>(j, idx, i0, kt, ldk, vp, s, e); break;
-      case 2: AttentionRows<T, 2>(j, idx, i0, kt, ldk, vp, s, e); break;
-      default: AttentionRows<T, 1>(j, idx, i0, kt, ldk, vp, s, e); break;
+      case 4: AttentionRows<T, 4>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
+      case 3: AttentionRows<T, 3>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
+      case 2: AttentionRows<T, 2>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
+      default: AttentionRows<T, 1>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
     }
   }
 }
