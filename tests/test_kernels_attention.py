@@ -975,13 +975,22 @@ def test_scores_softmax_dot_trailing_masked_keys(isa):
     lengths = np.asarray([tk, 23])[:, None, None, None]
     padding = np.arange(tk)[None, None, None] < lengths  # (b, 1, 1, tk), right padding
     none_kept = causal & (np.arange(tq) >= 5)[None, None, :, None]  # rows 0-4 keep no key
-    masks = {"causal": causal, "padding": padding, "both": causal & padding, "empty": none_kept}
+    # A float mask: nonzero and NaN keep a key, as in the where step.
+    diagonal = np.eye(tq, tk, tk - tq, dtype=bool)[None, None]
+    floats = np.where(diagonal, np.nan, np.where(causal, 2.5, 0.0)).astype(np.float32)
+    masks = {
+        "causal": causal,
+        "padding": padding,
+        "both": causal & padding,
+        "empty": none_kept,
+        "float": floats,
+    }
     scale = jnp.float32(np.sqrt(d))
     low = float(np.finfo(np.float32).min)
     for name, mask in masks.items():
         for fill in (-1e30, low, -np.inf):
             where = f(q, k, v, *axes, steps=("div", "where"), scale=scale, mask=mask, fill=fill)
-            bias = np.where(mask, 0.0, fill).astype(np.float32)
+            bias = np.where(mask != 0, 0.0, fill).astype(np.float32)
             add = f(q, k, v, *axes, steps=("div", "add"), scale=scale, bias=bias)
             np.testing.assert_array_equal(np.asarray(where), np.asarray(add), err_msg=name)
             if fill == -np.inf and name == "empty":

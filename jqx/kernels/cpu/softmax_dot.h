@@ -79,6 +79,10 @@ struct SdAvx2 {
   static V ZeroBelow(V p, V x, float lo) {  // p where !(x < lo) (NaN kept), else 0
     return _mm256_and_ps(p, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
   }
+  static unsigned NonZeroBits(V v) {  // bit i: lane i != 0 (or NaN)
+    return static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+  }
   static float Sum(V v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -130,6 +134,9 @@ struct SdAvx512 {
   }
   static V ZeroBelow(V p, V x, float lo) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), p);
+  }
+  static unsigned NonZeroBits(V v) {
+    return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
   }
   static float Sum(V v) {  // the same pairwise order as SdAvx2::Sum on each half
     const __m256 lo = _mm512_castps512_ps256(v);
@@ -456,9 +463,18 @@ inline typename T::V AtRowVector(const float* p, int64_t col, int64_t k0, int64_
 
 // 1 + the index of the last key a row's mask keeps (nonzero or NaN, as the where step
 // reads it; col is the mask's key stride, 0 when broadcast), 0 when it keeps none.
+template <class T>
 inline int64_t AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
+  constexpr int64_t L = T::kLanes;
   if (col == 0) return row[0] == 0.0f ? 0 : Tk;
-  for (int64_t k = Tk; k-- > 0;)
+  int64_t k = Tk;
+  if (col == 1) {  // whole vectors from the end
+    for (; k >= L; k -= L) {
+      const unsigned bits = T::NonZeroBits(T::Load(row + k - L));
+      if (bits) return k - L + 32 - __builtin_clz(bits);
+    }
+  }
+  while (k-- > 0)
     if (!(row[k * col] == 0.0f)) return k + 1;
   return 0;
 }
@@ -505,7 +521,7 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
     const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
     live = 0;
     for (int r = 0; r < R && live < j.Tk; ++r) {
-      const int64_t n = AtKeptKeys(m + r * j.mask.row, j.mask.col, j.Tk);
+      const int64_t n = AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk);
       live = n == 0 ? j.Tk : std::max(live, n);
     }
   }
@@ -590,7 +606,9 @@ void AttentionChunk(const void* ctx, int64_t c) {
   const AttentionJob& j = *static_cast<const AttentionJob*>(ctx);
   constexpr int64_t L = T::kLanes;
   int64_t g = c / j.qblocks;
-  const int64_t q0 = (c % j.qblocks) * j.chunk_rows;
+  // The last query rows first: with causal masks they keep the most keys, and the
+  // lighter chunks left for the end even out the threads' loads.
+  const int64_t q0 = (j.qblocks - 1 - c % j.qblocks) * j.chunk_rows;
   const int64_t rows = std::min(j.Tq - q0, j.chunk_rows);
   int64_t idx[kAtMaxBatch] = {};
   for (int d = j.nb; d-- > 0;) {
