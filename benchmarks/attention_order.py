@@ -45,7 +45,9 @@ Parts:
   ``(G, Q, K)`` scores and ``(G, K, D)`` values, ``G = batch x 12`` heads, ``D = 32``
   (MiniLM's attention); then the native ``scores_softmax_dot`` kernel against XLA's
   reordered attention from the same ``(b, t, 12, 32)`` q, k, v (scale and padding
-  bias included);
+  bias included); then the kernel with a causal and a right-padding mask given as a
+  ``where`` step (the keys masked past every row of a tile skipped) against the same
+  mask as an additive bias of 0 / -1e30 (the same bits, every key computed);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
   ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer; ``sdpa``:
   ``jax.nn.dot_product_attention``) with the
@@ -357,6 +359,43 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
         y_xla,
         lambda y: y.transpose(0, 2, 1, 3),
     )
+
+    # Masked keys skipped: a where mask (the kernel skips the keys masked past every row
+    # of a tile) against the same mask as an additive bias of 0 / -1e30 (the same bits;
+    # nothing skipped), causal and right padding.
+    causal = np.tri(tokens, tokens, 0, dtype=bool)[None, None]
+    masks = {"causal": causal, "padding": valid[:, None, None, :]}
+    for isa, ok in (("avx512", native.available()), ("avx2", native.gguf_available())):
+        if not ok:
+            continue
+        fns = {}
+        for name, m in masks.items():
+            where = functools.partial(
+                native.scores_softmax_dot, steps=("div", "where"), scale=scale, fill=-1e30
+            )
+            add = functools.partial(native.scores_softmax_dot, steps=("div", "add"), scale=scale)
+            bias_m = jnp.asarray(np.where(m, 0.0, -1e30).astype(np.float32))
+            fns[f"{name}, additive (all keys)"] = (
+                jax.jit(lambda q, k, v, b, f=add, isa=isa: f(q, k, v, ax, ax, ax, bias=b, isa=isa)),
+                (q, k, v, bias_m),
+            )
+            fns[f"{name}, where (skips)"] = (
+                jax.jit(
+                    lambda q, k, v, mk, f=where, isa=isa: f(q, k, v, ax, ax, ax, mask=mk, isa=isa)
+                ),
+                (q, k, v, jnp.asarray(m)),
+            )
+        res = _round_robin(fns, reps)
+        print(
+            f"\n== scores kernel ({isa}) with masked keys: batch {batch}, {tokens} tokens, "
+            f"12 heads x 32 (padding lengths {_lengths(batch, tokens).min()}..{tokens})"
+        )
+        for name in masks:
+            (aw, ac), (ww, wc) = res[f"{name}, additive (all keys)"], res[f"{name}, where (skips)"]
+            print(
+                f"  {name:8s} additive {1e3 * aw:8.2f} ms   where {1e3 * ww:8.2f} ms   "
+                f"where / additive {ww / aw:5.2f} (cpu {wc / ac:5.2f})"
+            )
 
 
 def _masked(m: nn.Module, variables, x, mask):
