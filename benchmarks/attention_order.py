@@ -45,9 +45,10 @@ Parts:
   ``(G, Q, K)`` scores and ``(G, K, D)`` values, ``G = batch x 12`` heads, ``D = 32``
   (MiniLM's attention); then the native ``scores_softmax_dot`` kernel against XLA's
   reordered attention from the same ``(b, t, 12, 32)`` q, k, v (scale and padding
-  bias included); then the kernel with a causal and a right-padding mask given as a
-  ``where`` step (the keys masked past every row of a tile skipped) against the same
-  mask as an additive bias of 0 / -1e30 (the same bits, every key computed);
+  bias included); then the kernel with a causal and a right-padding mask given last,
+  as a ``where`` step or an additive bias of 0 / -1e30 (the keys masked past every row
+  of a tile skipped), against the same scores with a division by 1 after the bias
+  (the same bits, every key computed);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
   ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer; ``sdpa``:
   ``jax.nn.dot_product_attention``) with the
@@ -360,41 +361,56 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
         lambda y: y.transpose(0, 2, 1, 3),
     )
 
-    # Masked keys skipped: a where mask (the kernel skips the keys masked past every row
-    # of a tile) against the same mask as an additive bias of 0 / -1e30 (the same bits;
-    # nothing skipped), causal and right padding.
+    # Masked keys skipped: the mask as the last step, a where or an additive bias of 0 /
+    # -1e30 (the kernel skips the keys masked past every row of a tile), against the
+    # same scores with a division by 1 after the bias (the same bits; every key
+    # computed), causal and right padding. q is scaled beforehand.
     causal = np.tri(tokens, tokens, 0, dtype=bool)[None, None]
     masks = {"causal": causal, "padding": valid[:, None, None, :]}
+    qs = q / scale
+    one = jnp.float32(1.0)
     for isa, ok in (("avx512", native.available()), ("avx2", native.gguf_available())):
         if not ok:
             continue
         fns = {}
         for name, m in masks.items():
-            where = functools.partial(
-                native.scores_softmax_dot, steps=("div", "where"), scale=scale, fill=-1e30
-            )
-            add = functools.partial(native.scores_softmax_dot, steps=("div", "add"), scale=scale)
             bias_m = jnp.asarray(np.where(m, 0.0, -1e30).astype(np.float32))
-            fns[f"{name}, additive (all keys)"] = (
-                jax.jit(lambda q, k, v, b, f=add, isa=isa: f(q, k, v, ax, ax, ax, bias=b, isa=isa)),
-                (q, k, v, bias_m),
-            )
-            fns[f"{name}, where (skips)"] = (
+            kernel = functools.partial(native.scores_softmax_dot, isa=isa)
+            fns[f"{name} whole"] = (
                 jax.jit(
-                    lambda q, k, v, mk, f=where, isa=isa: f(q, k, v, ax, ax, ax, mask=mk, isa=isa)
+                    lambda q, k, v, b, f=kernel: f(
+                        q, k, v, ax, ax, ax, steps=("add", "div"), scale=one, bias=b
+                    )
                 ),
-                (q, k, v, jnp.asarray(m)),
+                (qs, k, v, bias_m),
+            )
+            fns[f"{name} where"] = (
+                jax.jit(
+                    lambda q, k, v, m, f=kernel: f(
+                        q, k, v, ax, ax, ax, steps=("where",), mask=m, fill=-1e30
+                    )
+                ),
+                (qs, k, v, jnp.asarray(m)),
+            )
+            fns[f"{name} additive"] = (
+                jax.jit(
+                    lambda q, k, v, b, f=kernel: f(q, k, v, ax, ax, ax, steps=("add",), bias=b)
+                ),
+                (qs, k, v, bias_m),
             )
         res = _round_robin(fns, reps)
         print(
             f"\n== scores kernel ({isa}) with masked keys: batch {batch}, {tokens} tokens, "
-            f"12 heads x 32 (padding lengths {_lengths(batch, tokens).min()}..{tokens})"
+            f"12 heads x 32 (padding lengths {_lengths(batch, tokens).min()}..{tokens}); "
+            "median ms, and / whole"
         )
         for name in masks:
-            (aw, ac), (ww, wc) = res[f"{name}, additive (all keys)"], res[f"{name}, where (skips)"]
+            (w0, c0), (w1, c1), (w2, c2) = (
+                res[f"{name} {x}"] for x in ("whole", "where", "additive")
+            )
             print(
-                f"  {name:8s} additive {1e3 * aw:8.2f} ms   where {1e3 * ww:8.2f} ms   "
-                f"where / additive {ww / aw:5.2f} (cpu {wc / ac:5.2f})"
+                f"  {name:8s} whole {1e3 * w0:7.2f}   where {1e3 * w1:7.2f} ({w1 / w0:4.2f}, "
+                f"cpu {c1 / c0:4.2f})   additive {1e3 * w2:7.2f} ({w2 / w0:4.2f}, cpu {c2 / c0:4.2f})"
             )
 
 

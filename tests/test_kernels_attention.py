@@ -949,6 +949,13 @@ def test_scores_softmax_dot_nan_masked_and_empty(isa):
     )
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y[1], np.broadcast_to(np.asarray(v[1]).mean(0), (4, 3)), rtol=1e-5)
+    # A -inf bias before the division: -inf / c is -inf (no weight), not NaN.
+    inf_bias = jnp.asarray([[[0.0, -np.inf, 0.0, -np.inf, 0.0, 0.0]]], jnp.float32)
+    kw = {"steps": ("add", "div"), "scale": jnp.float32(2.0), "bias": inf_bias}
+    y = np.asarray(f(q, k, v, ax, ax, ax, **kw))
+    ref = np.asarray(native.scores_softmax_dot_reference(q, k, v, ax, ax, ax, **kw))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     # Large scores neither overflow nor change the result (the maximum is subtracted)
     # beyond the rounding of s + 1e4: half a spacing per score, through exp, to y.
     big = np.asarray(f(q, k, v, ax, ax, ax, steps=("add",), bias=jnp.full((1, 1, 6), 1e4)))
@@ -1013,6 +1020,68 @@ def test_scores_softmax_dot_trailing_masked_keys(isa):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     assert np.isnan(got[0, 1, :-1, 0]).all() and np.isinf(got[0, 1, -1, 0])
     assert np.isfinite(got).sum() == got.size - tq
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_scores_softmax_dot_trailing_additive_masks(isa):
+    # An additive mask (the add step last, after the scale): trailing keys whose biases
+    # are far below every score's reach are skipped. Against the same scores with a
+    # division by 1 after the add (nothing skipped) bit for bit, and float64.
+    f = functools.partial(native.scores_softmax_dot, isa=isa)
+    rng = np.random.default_rng(12)
+    b, h, tq, tk, d, dv = 2, 3, 37, 70, 24, 20
+    q = rng.standard_normal((b, tq, h, d))
+    q = jnp.asarray(3.0 * q / np.linalg.norm(q, axis=-1, keepdims=True), jnp.float32)
+    k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, tk, h, d), (b, tk, h, dv))
+    )
+    axes = ((0, 2, 1, 3),) * 3
+    causal = np.tri(tq, tk, tk - tq, dtype=bool)[None, None]
+    lengths = np.asarray([tk, 23])[:, None, None, None]
+    padding = np.arange(tk)[None, None, None] < lengths
+    none_kept = causal & (np.arange(tq) >= 5)[None, None, :, None]
+    # |scores| <= |q| max|k| (all rows of q have norm 3) per (batch, head): beta, the
+    # kernel's threshold for a skipped key's bias, is -(2 S + 200).
+    s_max = 3.0 * np.linalg.norm(np.asarray(k), axis=-1).max(1) * 1.001**2  # (b, h)
+    beta = -(2 * s_max + 200)[:, :, None, None]
+    # Live biases just above beta: the skipped keys' scores would carry weight, so the
+    # check after the live scores fails and the kernel computes the rest.
+    near = np.where(np.arange(tk) < 40, beta + 1, beta - 1)
+    low = float(np.finfo(np.float32).min)
+    biases = {
+        "causal -1e30": np.where(causal, 0.0, -1e30),
+        "causal finfo.min": np.where(causal, 0.0, low),
+        "padding -10000": np.where(padding, 0.0, -10000.0),
+        "both -inf": np.where(causal & padding, 0.0, -np.inf),
+        "empty rows -1e30": np.where(none_kept, 0.0, -1e30),
+        "near the threshold": near,
+    }
+    one = jnp.float32(1.0)
+    for name, bias in biases.items():
+        bias = jnp.asarray(bias, jnp.float32)
+        add = f(q, k, v, *axes, steps=("add",), bias=bias)
+        whole = f(q, k, v, *axes, steps=("add", "div"), scale=one, bias=bias)
+        np.testing.assert_array_equal(np.asarray(add), np.asarray(whole), err_msg=name)
+        if name == "both -inf":
+            continue  # rows of -inf scores beside finite ones: as the whole route
+        rows = slice(5, None) if name.startswith("empty") else slice(None)
+        if name.startswith("empty"):  # s - 1e30 rounds to -1e30: v's mean
+            mean = np.broadcast_to(np.asarray(v).mean(1)[:, :, None], (b, h, 5, dv))
+            np.testing.assert_allclose(np.asarray(add)[:, :, :5], mean, 1e-5, 1e-6)
+        y64, bound = _scores64(q[:, rows], k, v, axes, steps=("add",), bias=bias[:, :, rows])
+        assert np.all(np.abs(np.asarray(add)[:, :, rows] - y64) <= bound), name
+    # The common form, the scale first: within the float64 bound.
+    bias = jnp.asarray(np.where(causal & padding, 0.0, low), jnp.float32)
+    kw = {"steps": ("div", "add"), "scale": jnp.float32(np.sqrt(d)), "bias": bias}
+    y64, bound = _scores64(q, k, v, axes, **kw)
+    assert np.all(np.abs(np.asarray(f(q, k, v, *axes, **kw)) - y64) <= bound)
+    # NaN in q: that row is NaN, the others as the whole route.
+    qn = q.at[1, 3, 2, 0].set(jnp.nan)
+    bias = jnp.asarray(np.where(causal, 0.0, -1e30), jnp.float32)
+    add = np.asarray(f(qn, k, v, *axes, steps=("add",), bias=bias))
+    whole = np.asarray(f(qn, k, v, *axes, steps=("add", "div"), scale=one, bias=bias))
+    np.testing.assert_array_equal(add, whole)
+    assert np.isnan(add[1, 2, 3]).all() and np.isnan(add).sum() == dv
 
 
 @pytest.mark.parametrize("isa", ISAS)

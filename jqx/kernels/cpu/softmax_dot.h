@@ -83,6 +83,10 @@ struct SdAvx2 {
     return static_cast<unsigned>(
         _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
   }
+  static unsigned AboveBits(V v, float beta) {  // bit i: lane i > beta (or NaN)
+    return static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(beta), _CMP_NLE_UQ)));
+  }
   static float Sum(V v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -137,6 +141,9 @@ struct SdAvx512 {
   }
   static unsigned NonZeroBits(V v) {
     return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  }
+  static unsigned AboveBits(V v, float beta) {
+    return _mm512_cmp_ps_mask(v, _mm512_set1_ps(beta), _CMP_NLE_UQ);
   }
   static float Sum(V v) {  // the same pairwise order as SdAvx2::Sum on each half
     const __m256 lo = _mm512_castps512_ps256(v);
@@ -415,7 +422,14 @@ struct AttentionJob {
   int64_t ops[4];
   int nops;
   float scale, fill;
+  // Trailing masked keys that may be skipped (AttentionRows): kAtSkipWhere where the
+  // last step is the where (fill below +inf); kAtSkipAdd where it is the add and every
+  // step before it a mul or div (scale_abs: the factor's magnitude, 1 without one).
+  int skip;
+  double scale_abs;
 };
+
+constexpr int kAtSkipNone = 0, kAtSkipWhere = 1, kAtSkipAdd = 2;
 
 thread_local std::vector<float> t_at_buf;
 
@@ -497,41 +511,40 @@ inline int64_t AtNonFiniteRows(const float* vp, int64_t Tk, int64_t Dv) {
   return 0;
 }
 
-// R query rows from i0: their scores against the packed keys kt (D x ldk), the steps,
-// the softmax and the product with the packed values vp, into y. s and e: R x ldk and
-// R x Tk floats of scratch. vbad: AtNonFiniteRows of vp, -1 until first needed.
-//
-// Trailing masked keys (causal attention, right padding, a cache's unwritten slots):
-// where the last step is the where and its fill is below +inf, every score past the
-// last key that some row of the tile keeps is ``fill`` whatever q and k hold. Those
-// scores are not computed; each row's maximum takes ``fill`` in. When fill - max gives
-// an exp of exactly 0 in every row (the usual -1e30, finfo.min or -inf fills), those
-// keys add 0 to the sums and 0 * v to the products, so they are skipped too, up to the
-// last row of v holding an inf or a NaN (0 * inf is NaN, as on XLA). Otherwise the
-// scores are written as ``fill`` and the rows run whole. Either way the result is the
-// whole rows' bit for bit. A row keeping no key at all (uniform weights) runs whole.
+// The largest Euclidean norm of the packed keys kt (D x ldk, zero past Tk), with a
+// margin of 1e-3 for its float32 rounding; +inf when a key holds an inf or a NaN.
+template <class T>
+inline double AtKeyNormMax(const float* kt, int64_t ldk, int64_t D) {
+  using V = typename T::V;
+  constexpr int64_t L = T::kLanes;
+  V mx = T::Zero(), bad = T::Zero();
+  for (int64_t c0 = 0; c0 < ldk; c0 += L) {
+    V acc = T::Zero();
+    for (int64_t d = 0; d < D; ++d) {
+      const V x = T::Load(kt + d * ldk + c0);
+      acc = T::Fma(x, x, acc);
+    }
+    bad = T::Add(bad, T::Sub(acc, acc));  // NaN once a sum is inf or NaN
+    mx = T::Max(mx, acc);
+  }
+  if (!(T::Sum(bad) == 0.0f)) return INFINITY;
+  return std::sqrt(double{T::HMax(mx)}) * 1.001;
+}
+
+// Row i's scores against keys [c_from, c_to) (whole vectors, c_to <= ldk) of the packed
+// kt, then the steps on them, into s (R x ldk).
 template <class T, int R>
-inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0, const float* kt,
-                          int64_t ldk, const float* vp, float* s, float* e, int64_t* vbad) {
+inline void AtScoresAndSteps(const AttentionJob& j, const int64_t* idx, int64_t i0,
+                             const float* kt, int64_t ldk, float* s, int64_t c_from,
+                             int64_t c_to) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   constexpr int NB = L == 16 ? 4 : 2;
-  int64_t live = j.Tk;  // the keys whose scores are computed
-  if (j.nops > 0 && j.ops[j.nops - 1] == kAtWhere && j.fill < INFINITY) {
-    const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
-    live = 0;
-    for (int r = 0; r < R && live < j.Tk; ++r) {
-      const int64_t n = AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk);
-      live = n == 0 ? j.Tk : std::max(live, n);
-    }
-  }
-  const int64_t live_ld = (live + L - 1) / L * L;
   const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
-  int64_t c0 = 0;
-  for (; c0 + NB * L <= live_ld; c0 += NB * L)
+  int64_t c0 = c_from;
+  for (; c0 + NB * L <= c_to; c0 += NB * L)
     ScoreTile<T, R, NB>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
-  for (; c0 < live_ld; c0 += L)
-    ScoreTile<T, R, 1>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
+  for (; c0 < c_to; c0 += L) ScoreTile<T, R, 1>(q, j.q.row, j.q.col, kt, ldk, j.D, c0, s, ldk);
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * ldk;
     const int64_t i = i0 + r;
@@ -542,48 +555,149 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
       const float* row = (op == kAtAdd || op == kAtWhere)
                              ? a.p + AtOffset(a, idx, j.nb) + i * a.row
                              : nullptr;
-      // One loop per kind of step (the branch out of the loop); padded lanes past the
-      // live keys are computed too and never read.
+      // One loop per kind of step (the branch out of the loop); padded lanes past Tk
+      // are computed too and never read.
       if (op == kAtMul) {
-        for (int64_t k0 = 0; k0 < live; k0 += L) T::Store(sr + k0, T::Mul(T::Load(sr + k0), c));
+        for (int64_t k0 = c_from; k0 < c_to; k0 += L)
+          T::Store(sr + k0, T::Mul(T::Load(sr + k0), c));
       } else if (op == kAtDiv) {
         // x / c as x * (1 / c) and one correction (Markstein: the rounded quotient but in
         // rare double-rounding cases, within the step's bound either way), a division's
-        // cost saved per vector.
+        // cost saved per vector. Where x * (1 / c) is not finite (x inf or NaN, c 0) it is
+        // the quotient itself (the correction would be inf - inf).
         const V inv = T::Set(1.0f / j.scale);
-        for (int64_t k0 = 0; k0 < live; k0 += L) {
+        for (int64_t k0 = c_from; k0 < c_to; k0 += L) {
           const V x = T::Load(sr + k0);
           const V q0 = T::Mul(x, inv);
-          T::Store(sr + k0, T::Fma(T::Fnma(q0, c, x), inv, q0));
+          const V y = T::Fma(T::Fnma(q0, c, x), inv, q0);
+          T::Store(sr + k0, T::SelectNonZero(T::Sub(q0, q0), q0, y));
         }
       } else if (op == kAtAdd && a.col == 1) {
-        for (int64_t k0 = 0; k0 < live; k0 += L)
+        for (int64_t k0 = c_from; k0 < c_to; k0 += L)
           T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, 1, k0, j.Tk)));
       } else if (op == kAtAdd) {
-        for (int64_t k0 = 0; k0 < live; k0 += L)
+        for (int64_t k0 = c_from; k0 < c_to; k0 += L)
           T::Store(sr + k0, T::Add(T::Load(sr + k0), AtRowVector<T>(row, a.col, k0, j.Tk)));
       } else {
-        for (int64_t k0 = 0; k0 < live; k0 += L)
+        for (int64_t k0 = c_from; k0 < c_to; k0 += L)
           T::Store(sr + k0, T::SelectNonZero(AtRowVector<T>(row, a.col, k0, j.Tk),
                                              T::Load(sr + k0), c));
       }
     }
   }
+}
+
+// 1 + the index of the last key whose bias in a row (key stride col) is above beta (or
+// NaN), 0 when none is.
+template <class T>
+inline int64_t AtBiasKeptKeys(const float* row, int64_t col, int64_t Tk, float beta) {
+  constexpr int64_t L = T::kLanes;
+  if (col == 0) return row[0] <= beta ? 0 : Tk;
+  int64_t k = Tk;
+  if (col == 1) {  // whole vectors from the end
+    for (; k >= L; k -= L) {
+      const unsigned bits = T::AboveBits(T::Load(row + k - L), beta);
+      if (bits) return k - L + 32 - __builtin_clz(bits);
+    }
+  }
+  while (k-- > 0)
+    if (!(row[k * col] <= beta)) return k + 1;
+  return 0;
+}
+
+// Per-chunk facts AttentionRows computes when it first needs them (-1 until then).
+struct AtChunkFacts {
+  int64_t vbad = -1;       // AtNonFiniteRows of the packed values
+  double key_norm = -1.0;  // AtKeyNormMax of the packed keys
+};
+
+// R query rows from i0: their scores against the packed keys kt (D x ldk), the steps,
+// the softmax and the product with the packed values vp, into y. s and e: R x ldk and
+// R x Tk floats of scratch.
+//
+// Trailing masked keys (causal attention, right padding, a cache's unwritten slots) are
+// skipped where that gives the whole rows' result bit for bit:
+// - The where step last (j.skip == kAtSkipWhere): every score past the last key that
+//   some row of the tile keeps is ``fill`` whatever q and k hold, so those scores are
+//   not computed; each row's maximum takes ``fill`` in.
+// - The add step last, after multiplies or divides only (kAtSkipAdd: an additive mask,
+//   ``s + finfo.min`` or ``s - 10000``): before the add, row r's scores are at most
+//   S_r = |factor| |q_r| max_j |k_j| in magnitude (Cauchy-Schwarz, with a margin for
+//   rounding). The tile's trailing keys whose biases are all at most beta = -(2 max_r
+//   S_r + 200) are not computed. Once the computed scores' maximum m_r is known,
+//   S_r + beta < m_r - 100 in every row (with a margin for rounding) proves each
+//   skipped score below m_r - 100: not the maximum, and its exp is 0. Otherwise the
+//   rest of the scores are computed.
+// Then, when exp(skipped score - max) is exactly 0 in every row (always, for the add
+// case; for the where case with the usual -1e30, finfo.min or -inf fills), those keys
+// add 0 to the sums and 0 * v to the products, so the exps and the product skip them
+// too, up to the last row of v holding an inf or a NaN (0 * inf is NaN, as on XLA).
+// Otherwise the scores are written as ``fill`` and the rows run whole. A row keeping no
+// key at all (uniform weights) runs whole.
+template <class T, int R>
+inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0, const float* kt,
+                          int64_t ldk, const float* vp, float* s, float* e, AtChunkFacts* facts) {
+  constexpr int64_t L = T::kLanes;
+  int64_t live = j.Tk;  // the keys whose scores are computed
+  double bound[R] = {}, beta = 0.0;
+  if (j.skip == kAtSkipWhere) {
+    const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
+    live = 0;
+    for (int r = 0; r < R && live < j.Tk; ++r) {
+      const int64_t n = AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk);
+      live = n == 0 ? j.Tk : std::max(live, n);
+    }
+  } else if (j.skip == kAtSkipAdd) {
+    if (facts->key_norm < 0) facts->key_norm = AtKeyNormMax<T>(kt, ldk, j.D);
+    const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
+    double most = 0.0;
+    for (int r = 0; r < R; ++r) {
+      double qq = 0.0;
+      for (int64_t d = 0; d < j.D; ++d) {
+        const double x = q[r * j.q.row + d * j.q.col];
+        qq += x * x;
+      }
+      bound[r] = j.scale_abs * std::sqrt(qq) * 1.001 * facts->key_norm;
+      most = std::max(most, bound[r]);
+    }
+    beta = -(2.0 * most + 200.0);
+    if (std::isfinite(beta) && beta > -3.0e38) {  // NaN q: no skipping
+      const float* b = j.bias.p + AtOffset(j.bias, idx, j.nb) + i0 * j.bias.row;
+      live = 0;
+      for (int r = 0; r < R && live < j.Tk; ++r) {
+        const int64_t n = AtBiasKeptKeys<T>(b + r * j.bias.row, j.bias.col, j.Tk,
+                                         static_cast<float>(beta));
+        live = n == 0 ? j.Tk : std::max(live, n);
+      }
+    }
+  }
+  const int64_t live_ld = (live + L - 1) / L * L;
+  AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, 0, live_ld);
   float sums[R], maxes[R];
   int64_t keys = j.Tk;  // the keys the exps and the product run over
   if (live < j.Tk) {
-    bool zero = true;  // exp(fill - max) == 0 in every row
+    bool zero = true;  // exp(skipped score - max) == 0 in every row
     for (int r = 0; r < R; ++r) {
-      maxes[r] = RowMax<T>(s + r * ldk, live, j.fill);
-      alignas(64) float x[L];
-      T::Store(x, SoftmaxExp<T>(T::Sub(T::Set(j.fill), T::Set(maxes[r]))));
-      zero = zero && x[0] == 0.0f;
+      if (j.skip == kAtSkipWhere) {
+        maxes[r] = RowMax<T>(s + r * ldk, live, j.fill);
+        alignas(64) float x[L];
+        T::Store(x, SoftmaxExp<T>(T::Sub(T::Set(j.fill), T::Set(maxes[r]))));
+        zero = zero && x[0] == 0.0f;
+      } else {
+        maxes[r] = RowMax<T>(s + r * ldk, live, -INFINITY);
+        // (false for NaN; the margin covers the roundings of s + bias and s - max)
+        const double m = maxes[r];
+        zero = zero && bound[r] + beta + 1e-6 * (std::fabs(beta) + std::fabs(m)) < m - 100.0;
+      }
     }
     if (zero) {
-      if (*vbad < 0) *vbad = AtNonFiniteRows<T>(vp, j.Tk, j.Dv);
-      keys = std::max(live, *vbad);
-    } else {
+      if (facts->vbad < 0) facts->vbad = AtNonFiniteRows<T>(vp, j.Tk, j.Dv);
+      keys = std::max(live, facts->vbad);
+    } else if (j.skip == kAtSkipWhere) {
       for (int r = 0; r < R; ++r) std::fill(s + r * ldk + live, s + r * ldk + j.Tk, j.fill);
+      live = j.Tk;
+    } else {
+      AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, live_ld, ldk);
       live = j.Tk;
     }
   }
@@ -591,7 +705,7 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
     float* er = e + r * j.Tk;
     if (live < j.Tk) {
       sums[r] = RowExpsFrom<T>(s + r * ldk, live, maxes[r], er);
-      std::fill(er + live, er + keys, 0.0f);  // exp(fill - max), as checked
+      std::fill(er + live, er + keys, 0.0f);  // exp(skipped score - max), as checked
     } else {
       sums[r] = RowExps<T>(s + r * ldk, j.Tk, er);
     }
@@ -646,14 +760,14 @@ void AttentionChunk(const void* ctx, int64_t c) {
       for (int64_t d = 0; d < j.Dv; ++d) vp[t * j.Dv + d] = v[t * j.v.row + d * j.v.col];
     }
   }
-  int64_t vbad = -1;
+  AtChunkFacts facts;
   for (int64_t r = 0; r < rows; r += kSdRows) {
     const int64_t i0 = q0 + r;
     switch (std::min(kSdRows, rows - r)) {
-      case 4: AttentionRows<T, 4>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
-      case 3: AttentionRows<T, 3>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
-      case 2: AttentionRows<T, 2>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
-      default: AttentionRows<T, 1>(j, idx, i0, kt, ldk, vp, s, e, &vbad); break;
+      case 4: AttentionRows<T, 4>(j, idx, i0, kt, ldk, vp, s, e, &facts); break;
+      case 3: AttentionRows<T, 3>(j, idx, i0, kt, ldk, vp, s, e, &facts); break;
+      case 2: AttentionRows<T, 2>(j, idx, i0, kt, ldk, vp, s, e, &facts); break;
+      default: AttentionRows<T, 1>(j, idx, i0, kt, ldk, vp, s, e, &facts); break;
     }
   }
 }
@@ -709,6 +823,14 @@ xla::ffi::Error ScoresSoftmaxDotBody(
   if (scaled && scale.element_count() < 1) return bad("a scale step without a scale");
   j.scale = scaled ? scale.typed_data()[0] : 1.0f;
   j.fill = fill;
+  j.skip = kAtSkipNone;
+  j.scale_abs = 1.0;
+  if (j.nops > 0 && j.ops[j.nops - 1] == kAtWhere && fill < INFINITY) j.skip = kAtSkipWhere;
+  if (j.nops > 0 && j.ops[j.nops - 1] == kAtAdd &&
+      std::all_of(j.ops, j.ops + j.nops - 1, [](int64_t o) { return o == kAtMul || o == kAtDiv; })) {
+    j.skip = kAtSkipAdd;
+    if (scaled) j.scale_abs = std::fabs(ops[0] == kAtMul ? double{j.scale} : 1.0 / j.scale);
+  }
   const bool empty = G == 0 || j.Tq == 0 || j.Dv == 0;
   for (int o = 0; o < 6; ++o) {
     const int64_t* st = strides.begin() + o * (nb + 2);
