@@ -45,10 +45,10 @@ Parts:
   ``(G, Q, K)`` scores and ``(G, K, D)`` values, ``G = batch x 12`` heads, ``D = 32``
   (MiniLM's attention); then the native ``scores_softmax_dot`` kernel against XLA's
   reordered attention from the same ``(b, t, 12, 32)`` q, k, v (scale and padding
-  bias included); then the kernel with a causal and a right-padding mask given last,
-  as a ``where`` step or an additive bias of 0 / -1e30 (the keys masked past every row
-  of a tile skipped), against the same scores with a division by 1 after the bias
-  (the same bits, every key computed);
+  bias included); then the kernel with a causal, a right-padding and a sliding-window
+  mask given last, as a ``where`` step or an additive bias of 0 / -1e30 (the keys
+  masked at either end of every row of a tile skipped), against the same scores with a
+  division by 1 after the bias (the same bits, every key computed);
 - ``model``: the ordinary BERT ports of ``jqx_demo.bert`` (``plain``: einsum,
   ``jax.nn.softmax``, einsum; ``linen``: Flax's attention layer; ``sdpa``:
   ``jax.nn.dot_product_attention``) with the
@@ -362,11 +362,13 @@ def part_kernel(batch: int, tokens: int, reps: int) -> None:
     )
 
     # Masked keys skipped: the mask as the last step, a where or an additive bias of 0 /
-    # -1e30 (the kernel skips the keys masked past every row of a tile), against the
-    # same scores with a division by 1 after the bias (the same bits; every key
-    # computed), causal and right padding. q is scaled beforehand.
+    # -1e30 (the kernel skips the keys masked at either end of every row of a tile),
+    # against the same scores with a division by 1 after the bias (the same bits; every
+    # key computed): causal, right padding, and a causal sliding window of tokens / 8
+    # keys. q is scaled beforehand.
     causal = np.tri(tokens, tokens, 0, dtype=bool)[None, None]
-    masks = {"causal": causal, "padding": valid[:, None, None, :]}
+    window = causal & ~np.tri(tokens, tokens, -max(tokens // 8, 1), dtype=bool)[None, None]
+    masks = {"causal": causal, "padding": valid[:, None, None, :], "window": window}
     qs = q / scale
     one = jnp.float32(1.0)
     for isa, ok in (("avx512", native.available()), ("avx2", native.gguf_available())):

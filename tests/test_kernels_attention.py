@@ -985,12 +985,18 @@ def test_scores_softmax_dot_trailing_masked_keys(isa):
     # A float mask: nonzero and NaN keep a key, as in the where step.
     diagonal = np.eye(tq, tk, tk - tq, dtype=bool)[None, None]
     floats = np.where(diagonal, np.nan, np.where(causal, 2.5, 0.0)).astype(np.float32)
+    starts = np.asarray([0, 41])[:, None, None, None]
+    left = np.arange(tk)[None, None, None] >= starts  # (b, 1, 1, tk), left padding
+    offset = np.arange(tk)[None, :] - (np.arange(tq)[:, None] + tk - tq)
+    window = ((offset <= 0) & (offset > -20))[None, None]  # a sliding window of 20 keys
     masks = {
         "causal": causal,
         "padding": padding,
         "both": causal & padding,
         "empty": none_kept,
         "float": floats,
+        "left": left,
+        "window": window,
     }
     scale = jnp.float32(np.sqrt(d))
     low = float(np.finfo(np.float32).min)
@@ -1020,6 +1026,14 @@ def test_scores_softmax_dot_trailing_masked_keys(isa):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     assert np.isnan(got[0, 1, :-1, 0]).all() and np.isinf(got[0, 1, -1, 0])
     assert np.isfinite(got).sum() == got.size - tq
+    # The same before the keys a sliding window keeps: NaN in that column of every row
+    # that does not keep the key (all but the first 20 rows' windows, here every row).
+    v_inf = v.at[0, 2, 1, 0].set(jnp.inf)
+    kw = {"steps": ("div", "where"), "scale": scale, "mask": window, "fill": -1e30}
+    got = np.asarray(f(q, k, v_inf, *axes, **kw))
+    ref = np.asarray(native.scores_softmax_dot_reference(q, k, v_inf, *axes, **kw))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[0, 1, :, 0]).all() and np.isfinite(got).sum() == got.size - tq
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -1040,6 +1054,9 @@ def test_scores_softmax_dot_trailing_additive_masks(isa):
     lengths = np.asarray([tk, 23])[:, None, None, None]
     padding = np.arange(tk)[None, None, None] < lengths
     none_kept = causal & (np.arange(tq) >= 5)[None, None, :, None]
+    left = np.arange(tk)[None, None, None] >= np.asarray([0, 41])[:, None, None, None]
+    offset = np.arange(tk)[None, :] - (np.arange(tq)[:, None] + tk - tq)
+    window = ((offset <= 0) & (offset > -20))[None, None]
     # |scores| <= |q| max|k| (all rows of q have norm 3) per (batch, head): beta, the
     # kernel's threshold for a skipped key's bias, is -(2 S + 200).
     s_max = 3.0 * np.linalg.norm(np.asarray(k), axis=-1).max(1) * 1.001**2  # (b, h)
@@ -1054,7 +1071,10 @@ def test_scores_softmax_dot_trailing_additive_masks(isa):
         "padding -10000": np.where(padding, 0.0, -10000.0),
         "both -inf": np.where(causal & padding, 0.0, -np.inf),
         "empty rows -1e30": np.where(none_kept, 0.0, -1e30),
+        "left padding finfo.min": np.where(left, 0.0, low),
+        "window -1e30": np.where(window, 0.0, -1e30),
         "near the threshold": near,
+        "near, reversed": near[..., ::-1],
     }
     one = jnp.float32(1.0)
     for name, bias in biases.items():

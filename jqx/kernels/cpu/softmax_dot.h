@@ -278,10 +278,10 @@ inline float RowExps(const float* s, int64_t K, float* e) {
 }
 
 // y rows [0, R) (R <= kSdRows, row stride ldy), columns [d0, d0 + 2 lanes) cut at D,
-// from the rows' exps e (row stride lde) of keys [0, K) and sums.
+// from the rows' exps e (row stride lde) of keys [kfrom, K) and sums.
 template <class T, int R>
-inline void SoftmaxDotTile(const float* e, int64_t lde, int64_t K, const float* v, int64_t D,
-                           int64_t d0, const float* sums, float* y, int64_t ldy) {
+inline void SoftmaxDotTile(const float* e, int64_t lde, int64_t kfrom, int64_t K, const float* v,
+                           int64_t D, int64_t d0, const float* sums, float* y, int64_t ldy) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
   const typename T::M m0 = T::Mask(std::min<int64_t>(L, std::max<int64_t>(0, D - d0)));
@@ -289,8 +289,8 @@ inline void SoftmaxDotTile(const float* e, int64_t lde, int64_t K, const float* 
   const bool full = d0 + 2 * L <= D;
   V acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = T::Zero();
-  const float* vk = v + d0;
-  for (int64_t k = 0; k < K; ++k, vk += D) {
+  const float* vk = v + kfrom * D + d0;
+  for (int64_t k = kfrom; k < K; ++k, vk += D) {
     const V v0 = full ? T::Load(vk) : T::LoadN(vk, m0);
     const V v1 = full ? T::Load(vk + L) : T::LoadN(vk + L, m1);
     for (int r = 0; r < R; ++r) {
@@ -332,10 +332,10 @@ void SoftmaxDotChunk(const void* ctx, int64_t c) {
     float* yr = y + r * j.D;
     for (int64_t d0 = 0; d0 < j.D; d0 += 2 * T::kLanes) {
       switch (rr) {
-        case 4: SoftmaxDotTile<T, 4>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        case 3: SoftmaxDotTile<T, 3>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        case 2: SoftmaxDotTile<T, 2>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
-        default: SoftmaxDotTile<T, 1>(er, j.K, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 4: SoftmaxDotTile<T, 4>(er, j.K, 0, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 3: SoftmaxDotTile<T, 3>(er, j.K, 0, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        case 2: SoftmaxDotTile<T, 2>(er, j.K, 0, j.K, v, j.D, d0, sums + r, yr, j.D); break;
+        default: SoftmaxDotTile<T, 1>(er, j.K, 0, j.K, v, j.D, d0, sums + r, yr, j.D); break;
       }
     }
   }
@@ -475,40 +475,62 @@ inline typename T::V AtRowVector(const float* p, int64_t col, int64_t k0, int64_
   return T::Load(tmp);
 }
 
-// 1 + the index of the last key a row's mask keeps (nonzero or NaN, as the where step
-// reads it; col is the mask's key stride, 0 when broadcast), 0 when it keeps none.
+// [first, last + 1) of the keys a row's mask keeps (nonzero or NaN, as the where step
+// reads it; col is the mask's key stride, 0 when broadcast); {0, 0} when it keeps none.
+struct AtKeys {
+  int64_t lo, hi;
+};
+
 template <class T>
-inline int64_t AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
+inline AtKeys AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
   constexpr int64_t L = T::kLanes;
-  if (col == 0) return row[0] == 0.0f ? 0 : Tk;
-  int64_t k = Tk;
+  if (col == 0) return row[0] == 0.0f ? AtKeys{0, 0} : AtKeys{0, Tk};
+  int64_t hi = 0, k = Tk;
   if (col == 1) {  // whole vectors from the end
-    for (; k >= L; k -= L) {
+    for (; k >= L && hi == 0; k -= L) {
       const unsigned bits = T::NonZeroBits(T::Load(row + k - L));
-      if (bits) return k - L + 32 - __builtin_clz(bits);
+      if (bits) hi = k - L + 32 - __builtin_clz(bits);
     }
   }
-  while (k-- > 0)
-    if (!(row[k * col] == 0.0f)) return k + 1;
-  return 0;
+  while (hi == 0 && k-- > 0)
+    if (!(row[k * col] == 0.0f)) hi = k + 1;
+  if (hi == 0) return {0, 0};
+  int64_t lo = 0;
+  if (col == 1) {  // whole vectors from the start
+    for (; lo + L <= hi; lo += L) {
+      const unsigned bits = T::NonZeroBits(T::Load(row + lo));
+      if (bits) return {lo + __builtin_ctz(bits), hi};
+    }
+  }
+  while (row[lo * col] == 0.0f) ++lo;  // stops at hi - 1 at the latest
+  return {lo, hi};
 }
 
-// 1 + the index of the last row of the packed values vp (Tk x Dv) holding an inf or a
-// NaN, 0 when every value is finite.
+// Whether row t of the packed values vp (Tk x Dv) holds an inf or a NaN.
 template <class T>
-inline int64_t AtNonFiniteRows(const float* vp, int64_t Tk, int64_t Dv) {
+inline bool AtNonFiniteRow(const float* vp, int64_t t, int64_t Dv) {
   using V = typename T::V;
   constexpr int64_t L = T::kLanes;
-  const typename T::M mt = T::Mask(Dv % L);
-  for (int64_t t = Tk; t-- > 0;) {
-    const float* r = vp + t * Dv;
-    V z = T::Zero();  // x - x: 0 for a finite x, NaN for inf and NaN
-    int64_t d = 0;
-    for (; d + L <= Dv; d += L) z = T::Add(z, T::Sub(T::Load(r + d), T::Load(r + d)));
-    if (d < Dv) z = T::Add(z, T::Sub(T::LoadN(r + d, mt), T::LoadN(r + d, mt)));
-    if (!(T::Sum(z) == 0.0f)) return t + 1;
+  const float* r = vp + t * Dv;
+  V z = T::Zero();  // x - x: 0 for a finite x, NaN for inf and NaN
+  int64_t d = 0;
+  for (; d + L <= Dv; d += L) z = T::Add(z, T::Sub(T::Load(r + d), T::Load(r + d)));
+  if (d < Dv) {
+    const typename T::M mt = T::Mask(Dv - d);
+    z = T::Add(z, T::Sub(T::LoadN(r + d, mt), T::LoadN(r + d, mt)));
   }
-  return 0;
+  return !(T::Sum(z) == 0.0f);
+}
+
+// [first, last + 1) of the rows of vp holding an inf or a NaN; {Tk, 0} when none does.
+template <class T>
+inline AtKeys AtNonFiniteRows(const float* vp, int64_t Tk, int64_t Dv) {
+  int64_t hi = Tk;
+  while (hi > 0 && !AtNonFiniteRow<T>(vp, hi - 1, Dv)) --hi;
+  if (hi == 0) return {Tk, 0};
+  int64_t lo = 0;
+  while (!AtNonFiniteRow<T>(vp, lo, Dv)) ++lo;
+  return {lo, hi};
 }
 
 // The largest Euclidean norm of the packed keys kt (D x ldk, zero past Tk), with a
@@ -587,27 +609,36 @@ inline void AtScoresAndSteps(const AttentionJob& j, const int64_t* idx, int64_t 
   }
 }
 
-// 1 + the index of the last key whose bias in a row (key stride col) is above beta (or
-// NaN), 0 when none is.
+// [first, last + 1) of the keys whose bias in a row (key stride col) is above beta (or
+// NaN); {0, 0} when none is.
 template <class T>
-inline int64_t AtBiasKeptKeys(const float* row, int64_t col, int64_t Tk, float beta) {
+inline AtKeys AtBiasKeptKeys(const float* row, int64_t col, int64_t Tk, float beta) {
   constexpr int64_t L = T::kLanes;
-  if (col == 0) return row[0] <= beta ? 0 : Tk;
-  int64_t k = Tk;
+  if (col == 0) return row[0] <= beta ? AtKeys{0, 0} : AtKeys{0, Tk};
+  int64_t hi = 0, k = Tk;
   if (col == 1) {  // whole vectors from the end
-    for (; k >= L; k -= L) {
+    for (; k >= L && hi == 0; k -= L) {
       const unsigned bits = T::AboveBits(T::Load(row + k - L), beta);
-      if (bits) return k - L + 32 - __builtin_clz(bits);
+      if (bits) hi = k - L + 32 - __builtin_clz(bits);
     }
   }
-  while (k-- > 0)
-    if (!(row[k * col] <= beta)) return k + 1;
-  return 0;
+  while (hi == 0 && k-- > 0)
+    if (!(row[k * col] <= beta)) hi = k + 1;
+  if (hi == 0) return {0, 0};
+  int64_t lo = 0;
+  if (col == 1) {  // whole vectors from the start
+    for (; lo + L <= hi; lo += L) {
+      const unsigned bits = T::AboveBits(T::Load(row + lo), beta);
+      if (bits) return {lo + __builtin_ctz(bits), hi};
+    }
+  }
+  while (row[lo * col] <= beta) ++lo;  // stops at hi - 1 at the latest
+  return {lo, hi};
 }
 
 // Per-chunk facts AttentionRows computes when it first needs them (-1 until then).
 struct AtChunkFacts {
-  int64_t vbad = -1;       // AtNonFiniteRows of the packed values
+  AtKeys vbad = {-1, -1};  // AtNonFiniteRows of the packed values
   double key_norm = -1.0;  // AtKeyNormMax of the packed keys
 };
 
@@ -615,38 +646,53 @@ struct AtChunkFacts {
 // the softmax and the product with the packed values vp, into y. s and e: R x ldk and
 // R x Tk floats of scratch.
 //
-// Trailing masked keys (causal attention, right padding, a cache's unwritten slots) are
-// skipped where that gives the whole rows' result bit for bit:
-// - The where step last (j.skip == kAtSkipWhere): every score past the last key that
-//   some row of the tile keeps is ``fill`` whatever q and k hold, so those scores are
-//   not computed; each row's maximum takes ``fill`` in.
+// Masked keys at either end of the tile's rows (causal attention, right or left padding,
+// a sliding window, a cache's unwritten slots) are skipped where that gives the whole
+// rows' result bit for bit. The computed keys run from the first key some row of the
+// tile keeps (down to a whole vector, so that the sums' lanes stay the whole rows') to
+// the last:
+// - The where step last (j.skip == kAtSkipWhere): every score outside them is ``fill``
+//   whatever q and k hold, so those scores are not computed; each row's maximum takes
+//   ``fill`` in.
 // - The add step last, after multiplies or divides only (kAtSkipAdd: an additive mask,
 //   ``s + finfo.min`` or ``s - 10000``): before the add, row r's scores are at most
 //   S_r = |factor| |q_r| max_j |k_j| in magnitude (Cauchy-Schwarz, with a margin for
-//   rounding). The tile's trailing keys whose biases are all at most beta = -(2 max_r
-//   S_r + 200) are not computed. Once the computed scores' maximum m_r is known,
+//   rounding). The tile's keys at either end whose biases are all at most beta =
+//   -(2 max_r S_r + 200) are not computed. Once the computed scores' maximum m_r is known,
 //   S_r + beta < m_r - 100 in every row (with a margin for rounding) proves each
 //   skipped score below m_r - 100: not the maximum, and its exp is 0. Otherwise the
 //   rest of the scores are computed.
 // Then, when exp(skipped score - max) is exactly 0 in every row (always, for the add
 // case; for the where case with the usual -1e30, finfo.min or -inf fills), those keys
 // add 0 to the sums and 0 * v to the products, so the exps and the product skip them
-// too, up to the last row of v holding an inf or a NaN (0 * inf is NaN, as on XLA).
+// too, but for the rows of v holding an inf or a NaN (0 * inf is NaN, as on XLA).
 // Otherwise the scores are written as ``fill`` and the rows run whole. A row keeping no
 // key at all (uniform weights) runs whole.
 template <class T, int R>
 inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0, const float* kt,
                           int64_t ldk, const float* vp, float* s, float* e, AtChunkFacts* facts) {
   constexpr int64_t L = T::kLanes;
-  int64_t live = j.Tk;  // the keys whose scores are computed
+  int64_t lo = 0, hi = j.Tk;  // the keys whose scores are computed
   double bound[R] = {}, beta = 0.0;
+  // The tile's kept keys: from the first any row keeps to the last; all of them where a
+  // row keeps none.
+  const auto tile_keys = [&](auto kept) {
+    lo = j.Tk;
+    hi = 0;
+    for (int r = 0; r < R; ++r) {
+      const AtKeys k = kept(r);
+      if (k.hi == 0) {
+        lo = 0;
+        hi = j.Tk;
+        return;
+      }
+      lo = std::min(lo, k.lo);
+      hi = std::max(hi, k.hi);
+    }
+  };
   if (j.skip == kAtSkipWhere) {
     const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
-    live = 0;
-    for (int r = 0; r < R && live < j.Tk; ++r) {
-      const int64_t n = AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk);
-      live = n == 0 ? j.Tk : std::max(live, n);
-    }
+    tile_keys([&](int r) { return AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk); });
   } else if (j.skip == kAtSkipAdd) {
     if (facts->key_norm < 0) facts->key_norm = AtKeyNormMax<T>(kt, ldk, j.D);
     const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
@@ -663,56 +709,62 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
     beta = -(2.0 * most + 200.0);
     if (std::isfinite(beta) && beta > -3.0e38) {  // NaN q: no skipping
       const float* b = j.bias.p + AtOffset(j.bias, idx, j.nb) + i0 * j.bias.row;
-      live = 0;
-      for (int r = 0; r < R && live < j.Tk; ++r) {
-        const int64_t n = AtBiasKeptKeys<T>(b + r * j.bias.row, j.bias.col, j.Tk,
-                                         static_cast<float>(beta));
-        live = n == 0 ? j.Tk : std::max(live, n);
-      }
+      const float fb = static_cast<float>(beta);
+      tile_keys([&](int r) { return AtBiasKeptKeys<T>(b + r * j.bias.row, j.bias.col, j.Tk, fb); });
     }
   }
-  const int64_t live_ld = (live + L - 1) / L * L;
-  AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, 0, live_ld);
+  lo = lo / L * L;  // whole vectors: the sums' lanes stay those of the whole rows
+  const int64_t hi_ld = (hi + L - 1) / L * L;
+  AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, lo, hi_ld);
   float sums[R], maxes[R];
-  int64_t keys = j.Tk;  // the keys the exps and the product run over
-  if (live < j.Tk) {
+  int64_t kfrom = 0, kto = j.Tk;  // the keys the product with v runs over
+  if (lo > 0 || hi < j.Tk) {
     bool zero = true;  // exp(skipped score - max) == 0 in every row
     for (int r = 0; r < R; ++r) {
       if (j.skip == kAtSkipWhere) {
-        maxes[r] = RowMax<T>(s + r * ldk, live, j.fill);
+        maxes[r] = RowMax<T>(s + r * ldk + lo, hi - lo, j.fill);
         alignas(64) float x[L];
         T::Store(x, SoftmaxExp<T>(T::Sub(T::Set(j.fill), T::Set(maxes[r]))));
         zero = zero && x[0] == 0.0f;
       } else {
-        maxes[r] = RowMax<T>(s + r * ldk, live, -INFINITY);
+        maxes[r] = RowMax<T>(s + r * ldk + lo, hi - lo, -INFINITY);
         // (false for NaN; the margin covers the roundings of s + bias and s - max)
         const double m = maxes[r];
         zero = zero && bound[r] + beta + 1e-6 * (std::fabs(beta) + std::fabs(m)) < m - 100.0;
       }
     }
     if (zero) {
-      if (facts->vbad < 0) facts->vbad = AtNonFiniteRows<T>(vp, j.Tk, j.Dv);
-      keys = std::max(live, facts->vbad);
+      if (facts->vbad.hi < 0) facts->vbad = AtNonFiniteRows<T>(vp, j.Tk, j.Dv);
+      kfrom = std::min(lo, facts->vbad.lo);
+      kto = std::max(hi, facts->vbad.hi);
     } else if (j.skip == kAtSkipWhere) {
-      for (int r = 0; r < R; ++r) std::fill(s + r * ldk + live, s + r * ldk + j.Tk, j.fill);
-      live = j.Tk;
+      for (int r = 0; r < R; ++r) {
+        std::fill(s + r * ldk, s + r * ldk + lo, j.fill);
+        std::fill(s + r * ldk + hi, s + r * ldk + j.Tk, j.fill);
+      }
+      lo = 0;
+      hi = j.Tk;
     } else {
-      AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, live_ld, ldk);
-      live = j.Tk;
+      AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, 0, lo);
+      AtScoresAndSteps<T, R>(j, idx, i0, kt, ldk, s, hi_ld, ldk);
+      lo = 0;
+      hi = j.Tk;
     }
   }
   for (int r = 0; r < R; ++r) {
     float* er = e + r * j.Tk;
-    if (live < j.Tk) {
-      sums[r] = RowExpsFrom<T>(s + r * ldk, live, maxes[r], er);
-      std::fill(er + live, er + keys, 0.0f);  // exp(skipped score - max), as checked
+    if (lo > 0 || hi < j.Tk) {
+      sums[r] = RowExpsFrom<T>(s + r * ldk + lo, hi - lo, maxes[r], er + lo);
+      // exp(skipped score - max), as checked, where v's infs and NaNs need the zeros
+      std::fill(er + kfrom, er + lo, 0.0f);
+      std::fill(er + hi, er + kto, 0.0f);
     } else {
       sums[r] = RowExps<T>(s + r * ldk, j.Tk, er);
     }
   }
   float* y = const_cast<float*>(j.y.p) + AtOffset(j.y, idx, j.nb) + i0 * j.y.row;
   for (int64_t d0 = 0; d0 < j.Dv; d0 += 2 * L)
-    SoftmaxDotTile<T, R>(e, j.Tk, keys, vp, j.Dv, d0, sums, y, j.y.row);
+    SoftmaxDotTile<T, R>(e, j.Tk, kfrom, kto, vp, j.Dv, d0, sums, y, j.y.row);
 }
 
 template <class T>
