@@ -35,8 +35,8 @@ Parts:
 - ``sdpa``: ``jax.nn.dot_product_attention`` alone (no mask, a padding bias, a padding
   ``mask=``, causal, and causal with grouped queries: 8 query heads over 2 and over 1
   key heads; head size 64), the same variants but int8 attention. The kernel skips
-  keys masked past every row of its tile (padding ``mask=``, causal), so those forms
-  run faster than the unmasked one;
+  keys masked at either end of every row of its tile (padding ``mask=``, causal), so
+  those forms run faster than the unmasked one;
 - ``block``: one ``flax.linen.MultiHeadDotProductAttention`` with a padding mask on
   ``(batch, tokens, heads x head_dim)`` activations, at BERT-base (12 x 64), MiniLM
   (12 x 32) and 6 x 64 heads;

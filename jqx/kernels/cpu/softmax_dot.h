@@ -400,9 +400,9 @@ xla::ffi::Error SoftmaxDotBody(xla::ffi::Buffer<xla::ffi::F32> s,
 // (D x Tk, padded to whole vectors) and v's (Tk x Dv); then per kSdRows rows, the
 // scores (register tiles of rows x kAtBlocks vectors of keys), the ops, RowExps and
 // SoftmaxDotTile as softmax_dot's. Keys that the last step (a where, or an additive
-// bias after the scale) masks past every row of a tile are skipped where that is exact
-// (AttentionRows: causal attention computes about half the scores). Chunks split rows
-// only: the bits do not depend on the number of threads.
+// bias after the scale) masks at either end of every row of a tile are skipped where
+// that is exact (AttentionRows: causal attention computes about half the scores).
+// Chunks split rows only: the bits do not depend on the number of threads.
 
 constexpr int kAtMaxBatch = 4;
 constexpr int64_t kAtChunksPerThread = 8;  // chunks per thread, at least (where rows allow)
