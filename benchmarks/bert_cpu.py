@@ -8,7 +8,7 @@
 
 The same all-MiniLM-L6-v2 weights run as
 
-- PyTorch: a ``transformers`` ``BertModel`` (eager attention) in float32 and
+- PyTorch: a ``transformers`` ``BertModel`` (its default attention) in float32 and
   after ``torch.ao.quantization.quantize_dynamic`` (int8 ``nn.Linear``);
 - ONNX Runtime: that torch model exported by ``torch.onnx.export``, in float32
   and after ``onnxruntime.quantization.quantize_dynamic(per_channel=True)``;

@@ -965,9 +965,9 @@ def test_scores_softmax_dot_nan_masked_and_empty(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_scores_softmax_dot_trailing_masked_keys(isa):
-    # Keys a where step masks past every row of a tile are skipped (causal attention,
-    # right padding). The result must be the whole rows': the same steps with the mask
+def test_scores_softmax_dot_skips_masked_keys(isa):
+    # Keys a where step masks at either end of every row of a tile are skipped (causal
+    # attention, padding, sliding windows). The result must be the whole rows': the same steps with the mask
     # as an additive bias of 0 / fill (s + fill rounds to fill for these fills; nothing
     # is skipped on that route) give the same bits, and float64 bounds the error.
     f = functools.partial(native.scores_softmax_dot, isa=isa)
@@ -1037,9 +1037,9 @@ def test_scores_softmax_dot_trailing_masked_keys(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_scores_softmax_dot_trailing_additive_masks(isa):
-    # An additive mask (the add step last, after the scale): trailing keys whose biases
-    # are far below every score's reach are skipped. Against the same scores with a
+def test_scores_softmax_dot_skips_additively_masked_keys(isa):
+    # An additive mask (the add step last, after the scale): keys at either end whose
+    # biases are far below every score's reach are skipped. Against the same scores with a
     # division by 1 after the add (nothing skipped) bit for bit, and float64.
     f = functools.partial(native.scores_softmax_dot, isa=isa)
     rng = np.random.default_rng(12)

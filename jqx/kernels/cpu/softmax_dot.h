@@ -675,11 +675,12 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
   int64_t lo = 0, hi = j.Tk;  // the keys whose scores are computed
   double bound[R] = {}, beta = 0.0;
   // The tile's kept keys: from the first any row keeps to the last; all of them where a
-  // row keeps none.
-  const auto tile_keys = [&](auto kept) {
+  // row keeps none. A mask or bias broadcast over the query rows (row stride 0, as
+  // padding is) is read once.
+  const auto tile_keys = [&](int64_t row_stride, auto kept) {
     lo = j.Tk;
     hi = 0;
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < (row_stride == 0 ? 1 : R); ++r) {
       const AtKeys k = kept(r);
       if (k.hi == 0) {
         lo = 0;
@@ -692,7 +693,8 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
   };
   if (j.skip == kAtSkipWhere) {
     const float* m = j.mask.p + AtOffset(j.mask, idx, j.nb) + i0 * j.mask.row;
-    tile_keys([&](int r) { return AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk); });
+    tile_keys(j.mask.row,
+              [&](int r) { return AtKeptKeys<T>(m + r * j.mask.row, j.mask.col, j.Tk); });
   } else if (j.skip == kAtSkipAdd) {
     if (facts->key_norm < 0) facts->key_norm = AtKeyNormMax<T>(kt, ldk, j.D);
     const float* q = j.q.p + AtOffset(j.q, idx, j.nb) + i0 * j.q.row;
@@ -710,7 +712,9 @@ inline void AttentionRows(const AttentionJob& j, const int64_t* idx, int64_t i0,
     if (std::isfinite(beta) && beta > -3.0e38) {  // NaN q: no skipping
       const float* b = j.bias.p + AtOffset(j.bias, idx, j.nb) + i0 * j.bias.row;
       const float fb = static_cast<float>(beta);
-      tile_keys([&](int r) { return AtBiasKeptKeys<T>(b + r * j.bias.row, j.bias.col, j.Tk, fb); });
+      tile_keys(j.bias.row, [&](int r) {
+        return AtBiasKeptKeys<T>(b + r * j.bias.row, j.bias.col, j.Tk, fb);
+      });
     }
   }
   lo = lo / L * L;  // whole vectors: the sums' lanes stay those of the whole rows
