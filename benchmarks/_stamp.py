@@ -12,6 +12,13 @@ Example:
     True
     >>> stamp_line(s).startswith("command: `python benchmarks/quantize.py --n 256`")
     True
+
+The environment variables that change what a benchmark measures (:data:`ENV_PREFIXES`:
+XLA's and JAX's flags, jqx's switches, glibc's malloc settings, thread counts) are part
+of the command, as a shell prefix, so the stamped command reruns the same thing:
+
+    >>> stamp(["x.py"], environ={"XLA_FLAGS": "--a=1 --b", "HOME": "/h"})["command"]
+    "XLA_FLAGS='--a=1 --b' python x.py"
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from pathlib import Path
 FIELDS = ("command", "commit", "jax", "jaxlib", "cpu", "cores", "avx512_vnni", "date")
 
 _ROOT = Path(__file__).resolve().parent.parent
+
+# Environment variables that change a benchmark's numbers: named in the stamped command.
+ENV_PREFIXES = ("XLA_", "JAX_", "JQX_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_", "TF_CPP_")
 
 
 def _git(*args: str) -> str | None:
@@ -74,11 +84,27 @@ def _cpuinfo() -> tuple[str, bool | None]:
     return model or platform.machine() or "unknown", "avx512_vnni" in flags.split()
 
 
-def stamp(argv: list[str] | None = None) -> dict[str, str]:
-    """What ran (command line), from which commit, on what software and CPU, and when.
+def env_prefix(environ=None) -> str:
+    """The variables of ``environ`` (default ``os.environ``) whose names start with one of
+    :data:`ENV_PREFIXES`, as a sorted, shell-quoted ``NAME=value `` prefix ("" if none).
+
+    Example:
+        >>> env_prefix({"JQX_REUSE_HOST_MEMORY": "1", "PATH": "/bin", "OMP_NUM_THREADS": "2"})
+        'JQX_REUSE_HOST_MEMORY=1 OMP_NUM_THREADS=2 '
+    """
+    environ = os.environ if environ is None else environ
+    names = sorted(n for n in environ if n.startswith(ENV_PREFIXES))
+    return "".join(f"{n}={shlex.quote(environ[n])} " for n in names)
+
+
+def stamp(argv: list[str] | None = None, environ=None) -> dict[str, str]:
+    """What ran (command line, with the environment that changes it), from which commit,
+    on what software and CPU, and when.
 
     Args:
       argv: the script's command line; default ``sys.argv``.
+      environ: the environment whose :func:`env_prefix` leads the command; default
+        ``os.environ``.
 
     Returns:
       A dict with the keys of :data:`FIELDS`, every value a string.
@@ -96,7 +122,7 @@ def stamp(argv: list[str] | None = None) -> dict[str, str]:
             argv[0] = Path(argv[0]).name
     cpu, vnni = _cpuinfo()
     return {
-        "command": "python " + shlex.join(argv),
+        "command": env_prefix(environ) + "python " + shlex.join(argv),
         "commit": git_commit(),
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),

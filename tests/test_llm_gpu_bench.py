@@ -43,7 +43,8 @@ def test_smoke_run_every_format_and_int4_xla_equals_pallas(bench, tmp_path, caps
     names = [r["format"] for r in result["rows"]]
     assert names == list(bench.DEFAULT_FORMATS)
     assert [r["format"] for r in json.loads(path.read_text())["rows"]] == names
-    assert out.startswith("command: `python ")  # the stamp line comes first
+    # The stamp line comes first (the suite's XLA_FLAGS lead its command).
+    assert out.startswith("command: `") and "python " in out.splitlines()[0]
     rows = {r["format"]: r for r in result["rows"]}
     for r in rows.values():
         assert f"| {r['label']} |" in out
