@@ -37,7 +37,7 @@ FIELDS = ("command", "commit", "jax", "jaxlib", "cpu", "cores", "avx512_vnni", "
 _ROOT = Path(__file__).resolve().parent.parent
 
 # Environment variables that change a benchmark's numbers: named in the stamped command.
-ENV_PREFIXES = ("XLA_", "JAX_", "JQX_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_", "TF_CPP_")
+ENV_PREFIXES = ("XLA_", "JAX_", "JQX_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_")
 
 
 def _git(*args: str) -> str | None:

@@ -5,6 +5,7 @@
     python benchmarks/bert_cpu.py --batch 256      # throughput
     python benchmarks/bert_cpu.py --tiny           # the shipped tiny encoder, quick
     python benchmarks/bert_cpu.py --padded         # real sentences padded to 128
+    python benchmarks/bert_cpu.py --batch 256 --chunk 32   # JAX rows 32 rows at a time
 
 The same all-MiniLM-L6-v2 weights run as
 
@@ -103,6 +104,29 @@ def _minflt() -> int:
 # ---------------------------------------------------------------- engines
 
 
+def jit_apply(apply, chunk: int | None = None):
+    """``jax.jit(apply)`` for ``apply(variables, ids, mask)``; with ``chunk``, the batch runs
+    ``chunk`` rows at a time inside the one jitted program (``jax.lax.map`` over the whole
+    chunks, then the remaining rows), so XLA's temporaries are those of ``chunk`` rows."""
+    if chunk is None:
+        return jax.jit(apply)
+
+    def by_chunks(variables, ids, mask):
+        b = ids.shape[0]
+        whole = b - b % chunk
+        parts = []
+        if whole:
+            n = whole // chunk
+            stacked = (ids[:whole].reshape(n, chunk, -1), mask[:whole].reshape(n, chunk, -1))
+            out = jax.lax.map(lambda a: apply(variables, *a), stacked)
+            parts.append(out.reshape(whole, *out.shape[2:]))
+        if whole < b:
+            parts.append(apply(variables, ids[whole:], mask[whole:]))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+    return jax.jit(by_chunks)
+
+
 def jax_runner(fwd, variables) -> Runner:
     def run(ids, mask):
         return np.asarray(jax.block_until_ready(fwd(variables, ids, mask)))
@@ -110,12 +134,12 @@ def jax_runner(fwd, variables) -> Runner:
     return run
 
 
-def jqx_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
+def jqx_variants(enc: minilm.Encoder, port: str, chunk: int | None = None) -> dict[str, Runner]:
     """jqx float32 (plain jit, and through jqx.quantized), W8A8 dynamic and int8
-    weight-only on one port."""
+    weight-only on one port (``chunk``: see :func:`jit_apply`)."""
     p = enc if port == "tuned" else bert.load_port(port, enc)
-    fwd = jax.jit(p.module.apply)
-    fwd_q = jax.jit(jqx.quantized(p.module.apply))
+    fwd = jit_apply(p.module.apply, chunk)
+    fwd_q = jit_apply(jqx.quantized(p.module.apply), chunk)
     w8a8 = jqx.quantize(p.variables, jqx.int8_dynamic_activation_int8_weight())
     w8 = jqx.quantize(p.variables, jqx.int8_weight_only())
     out = {
@@ -135,8 +159,9 @@ def jqx_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
     return out
 
 
-def qwix_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
-    """qwix W8A8 and int8 weight-only (``PtqProvider``), as benchmarks/minilm.py drives it."""
+def qwix_variants(enc: minilm.Encoder, port: str, chunk: int | None = None) -> dict[str, Runner]:
+    """qwix W8A8 and int8 weight-only (``PtqProvider``), as benchmarks/minilm.py drives it
+    (``chunk``: see :func:`jit_apply`)."""
     import qwix
 
     p = enc if port == "tuned" else bert.load_port(port, enc)
@@ -150,7 +175,7 @@ def qwix_variants(enc: minilm.Encoder, port: str) -> dict[str, Runner]:
         qm = qwix.quantize_model(p.module, qwix.PtqProvider([rule]))
         abstract = jax.eval_shape(qm.init, jax.random.key(0), ids, ids)
         qp = qwix.quantize_params(p.variables["params"], abstract["params"])
-        out[name] = jax_runner(jax.jit(qm.apply), {"params": qp})
+        out[name] = jax_runner(jit_apply(qm.apply, chunk), {"params": qp})
     return out
 
 
@@ -251,7 +276,16 @@ def main(argv=None) -> int:
         help="untimed calls of each engine before its timed one in every round "
         "(default 1 at batch <= 8, else 0)",
     )
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="run the JAX rows (jqx, qwix) this many batch rows at a time inside their "
+        "jitted program (jax.lax.map): XLA's temporaries shrink to a chunk's",
+    )
     args = ap.parse_args(argv)
+    if args.chunk is not None and not 1 <= args.chunk <= args.batch:
+        ap.error(f"--chunk={args.chunk}: give a number of rows from 1 to --batch ({args.batch})")
     if args.warm_calls is None:
         args.warm_calls = 1 if args.batch <= 8 else 0
     if args.warm_calls < 0:
@@ -287,11 +321,11 @@ def main(argv=None) -> int:
             f"ONNX Runtime rows skipped ({e.name} not installed; pip install 'jqx[bench]')"
         )
     for port in ports:
-        variants.update({(port, k): v for k, v in jqx_variants(enc, port).items()})
+        variants.update({(port, k): v for k, v in jqx_variants(enc, port, args.chunk).items()})
         if args.no_qwix:
             continue
         try:
-            variants.update({(port, k): v for k, v in qwix_variants(enc, port).items()})
+            variants.update({(port, k): v for k, v in qwix_variants(enc, port, args.chunk).items()})
         except ImportError:
             notes.append(f"qwix rows on {port} skipped (pip install qwix)")
         except Exception as e:  # a port qwix cannot intercept is a finding, not a crash
@@ -357,6 +391,11 @@ def main(argv=None) -> int:
         f"{args.threads} threads, XLA {jax.default_backend()} as is; {os.cpu_count()} cores; "
         f"1-min load average {min(load):.1f}-{max(load):.1f} during the timed rounds; "
         f"cos on {len(sents)} sentences; timed on {timed_on}"
+        + (
+            f"; JAX rows run {args.chunk} batch rows at a time (--chunk)"
+            if args.chunk is not None
+            else ""
+        )
     )
     for n in notes:
         print("note:", n)
