@@ -3,10 +3,7 @@ at a time in one program, with the same embeddings as the whole batch."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import _benchmarks  # tests/_benchmarks.py
 import jax
 import numpy as np
 import pytest
@@ -14,23 +11,10 @@ import pytest
 import jqx
 from jqx_demo import bert, minilm
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "jqx_benchmarks_bert_cpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "bert_cpu.py")
-        module = importlib.util.module_from_spec(spec)
-        path = list(sys.path)
-        sys.path.insert(0, str(ROOT / "benchmarks"))  # as running the script does (_stamp)
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path[:] = path
-        sys.modules[name] = module
-    return sys.modules[name]
+    return _benchmarks.load("bert_cpu")
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7])

@@ -3,10 +3,10 @@ reran it, environment included, and never this machine's paths."""
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 from pathlib import Path
 
+import _benchmarks  # tests/_benchmarks.py
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,11 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def stamp_mod():
-    path = ROOT / "benchmarks" / "_stamp.py"
-    spec = importlib.util.spec_from_file_location("jqx_bench_stamp", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmarks.load("_stamp")
 
 
 def test_command_names_the_variables_that_change_the_numbers(stamp_mod):

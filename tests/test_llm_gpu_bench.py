@@ -6,30 +6,16 @@ must produce a row, and the int4 rows through XLA and through the Pallas W4A16 k
 codes and scales.
 """
 
-import importlib.util
 import json
-import pathlib
-import sys
 
+import _benchmarks  # tests/_benchmarks.py
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "jqx_benchmarks_llm_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "llm_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while it loads
-        path = list(sys.path)
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path[:] = path  # the script puts benchmarks/ first to import _stamp
-    return sys.modules[name]
+    return _benchmarks.load("llm_gpu")
 
 
 def test_smoke_run_every_format_and_int4_xla_equals_pallas(bench, tmp_path, capsys):
