@@ -475,35 +475,54 @@ inline typename T::V AtRowVector(const float* p, int64_t col, int64_t k0, int64_
   return T::Load(tmp);
 }
 
-// [first, last + 1) of the keys a row's mask keeps (nonzero or NaN, as the where step
-// reads it; col is the mask's key stride, 0 when broadcast); {0, 0} when it keeps none.
+// [first, last + 1) of a row's keys: those a mask or bias keeps (AttentionRows), or
+// the rows of v holding an inf or a NaN.
 struct AtKeys {
   int64_t lo, hi;
 };
 
-template <class T>
-inline AtKeys AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
+// [first, last + 1) of the keys of a row (key stride col, 0 when broadcast) that
+// ``keep(x)`` keeps; {0, 0} when it keeps none. ``bits(v)`` is keep on a vector of L
+// keys, bit i for lane i. Whole vectors are read from both ends where col is 1.
+template <class T, class Bits, class Keep>
+inline AtKeys AtRowKeptKeys(const float* row, int64_t col, int64_t Tk, Bits bits, Keep keep) {
   constexpr int64_t L = T::kLanes;
-  if (col == 0) return row[0] == 0.0f ? AtKeys{0, 0} : AtKeys{0, Tk};
+  if (col == 0) return keep(row[0]) ? AtKeys{0, Tk} : AtKeys{0, 0};
   int64_t hi = 0, k = Tk;
   if (col == 1) {  // whole vectors from the end
     for (; k >= L && hi == 0; k -= L) {
-      const unsigned bits = T::NonZeroBits(T::Load(row + k - L));
-      if (bits) hi = k - L + 32 - __builtin_clz(bits);
+      const unsigned b = bits(T::Load(row + k - L));
+      if (b) hi = k - L + 32 - __builtin_clz(b);
     }
   }
   while (hi == 0 && k-- > 0)
-    if (!(row[k * col] == 0.0f)) hi = k + 1;
+    if (keep(row[k * col])) hi = k + 1;
   if (hi == 0) return {0, 0};
   int64_t lo = 0;
   if (col == 1) {  // whole vectors from the start
     for (; lo + L <= hi; lo += L) {
-      const unsigned bits = T::NonZeroBits(T::Load(row + lo));
-      if (bits) return {lo + __builtin_ctz(bits), hi};
+      const unsigned b = bits(T::Load(row + lo));
+      if (b) return {lo + __builtin_ctz(b), hi};
     }
   }
-  while (row[lo * col] == 0.0f) ++lo;  // stops at hi - 1 at the latest
+  while (!keep(row[lo * col])) ++lo;  // stops at hi - 1 at the latest
   return {lo, hi};
+}
+
+// The keys a row's mask keeps: nonzero or NaN, as the where step reads it.
+template <class T>
+inline AtKeys AtKeptKeys(const float* row, int64_t col, int64_t Tk) {
+  return AtRowKeptKeys<T>(
+      row, col, Tk, [](typename T::V v) { return T::NonZeroBits(v); },
+      [](float x) { return !(x == 0.0f); });
+}
+
+// The keys whose bias in a row is above beta (or NaN).
+template <class T>
+inline AtKeys AtBiasKeptKeys(const float* row, int64_t col, int64_t Tk, float beta) {
+  return AtRowKeptKeys<T>(
+      row, col, Tk, [beta](typename T::V v) { return T::AboveBits(v, beta); },
+      [beta](float x) { return !(x <= beta); });
 }
 
 // Whether row t of the packed values vp (Tk x Dv) holds an inf or a NaN.
@@ -607,33 +626,6 @@ inline void AtScoresAndSteps(const AttentionJob& j, const int64_t* idx, int64_t 
       }
     }
   }
-}
-
-// [first, last + 1) of the keys whose bias in a row (key stride col) is above beta (or
-// NaN); {0, 0} when none is.
-template <class T>
-inline AtKeys AtBiasKeptKeys(const float* row, int64_t col, int64_t Tk, float beta) {
-  constexpr int64_t L = T::kLanes;
-  if (col == 0) return row[0] <= beta ? AtKeys{0, 0} : AtKeys{0, Tk};
-  int64_t hi = 0, k = Tk;
-  if (col == 1) {  // whole vectors from the end
-    for (; k >= L && hi == 0; k -= L) {
-      const unsigned bits = T::AboveBits(T::Load(row + k - L), beta);
-      if (bits) hi = k - L + 32 - __builtin_clz(bits);
-    }
-  }
-  while (hi == 0 && k-- > 0)
-    if (!(row[k * col] <= beta)) hi = k + 1;
-  if (hi == 0) return {0, 0};
-  int64_t lo = 0;
-  if (col == 1) {  // whole vectors from the start
-    for (; lo + L <= hi; lo += L) {
-      const unsigned bits = T::AboveBits(T::Load(row + lo), beta);
-      if (bits) return {lo + __builtin_ctz(bits), hi};
-    }
-  }
-  while (row[lo * col] <= beta) ++lo;  // stops at hi - 1 at the latest
-  return {lo, hi};
 }
 
 // Per-chunk facts AttentionRows computes when it first needs them (-1 until then).
